@@ -1,0 +1,193 @@
+//! `firn` subcommands. `serve` runs the daemon; the others talk to it over the HTTP API,
+//! except `remote`, which works on the configured object store directly (for checks,
+//! drills and benchmarks) and needs no daemon.
+
+mod remote;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+use crate::daemon::config::Config;
+use crate::daemon::status::Status;
+use crate::remote::limit::{Policy, Rate};
+
+#[derive(Parser)]
+#[command(name = "firn", version, about = "firn: an edge storage gateway")]
+struct Cli {
+    /// The config file (TOML). Without one, every key has its default.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway until Ctrl-C.
+    Serve,
+    /// Show what the running gateway is doing.
+    Status {
+        /// Print the API's JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show or change the bandwidth limits of the running gateway.
+    Bandwidth {
+        /// Base upload limit, e.g. 10MiB (per second) or unlimited.
+        #[arg(long)]
+        upload: Option<String>,
+        /// Base download limit.
+        #[arg(long)]
+        download: Option<String>,
+    },
+    /// Work on the configured object store directly.
+    #[command(subcommand)]
+    Remote(remote::RemoteCommand),
+    /// Print a new random master key (64 hex digits) for [keys] source = "env" or "file".
+    Keygen,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("firn: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Keygen = cli.command {
+        println!("{}", *crate::seal::MasterKey::generate().to_hex());
+        return Ok(());
+    }
+    let config = Config::load(cli.config.as_deref())?;
+    let rt = runtime()?;
+    match cli.command {
+        Command::Serve => rt.block_on(crate::daemon::serve(config)),
+        Command::Status { json } => {
+            let client = ApiClient::new(&config)?;
+            let status: serde_json::Value = rt.block_on(client.get("status"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                let status: Status = serde_json::from_value(status)?;
+                print!("{}", status.render());
+            }
+            Ok(())
+        }
+        Command::Bandwidth { upload, download } => {
+            let client = ApiClient::new(&config)?;
+            let mut policy: Policy = rt.block_on(client.get("bandwidth"))?;
+            if upload.is_some() || download.is_some() {
+                let parse = |text: String| Rate::try_from(text).map_err(anyhow::Error::msg);
+                if let Some(up) = upload {
+                    policy.upload = parse(up)?;
+                }
+                if let Some(down) = download {
+                    policy.download = parse(down)?;
+                }
+                policy = rt.block_on(client.put("bandwidth", &policy))?;
+            }
+            println!("upload {}, download {}", policy.upload, policy.download);
+            for w in &policy.schedule {
+                println!(
+                    "  {} {}-{}: upload {}, download {}",
+                    String::from(w.days),
+                    String::from(w.start),
+                    String::from(w.end),
+                    w.upload,
+                    w.download
+                );
+            }
+            Ok(())
+        }
+        Command::Remote(command) => rt.block_on(remote::run(&config, command)),
+        Command::Keygen => Ok(()),
+    }
+}
+
+/// The management API as the CLI sees it: address from the config, token from the data
+/// directory.
+struct ApiClient {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    fn new(config: &Config) -> anyhow::Result<ApiClient> {
+        let token_path = config.local.data_dir.join(crate::daemon::TOKEN_FILE);
+        let token = read_token(&token_path)?;
+        Ok(ApiClient {
+            base: format!("http://{}/api/v1", config.http.listen),
+            token,
+            http: reqwest::Client::new(),
+        })
+    }
+
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> anyhow::Result<T> {
+        let response = request.bearer_auth(&self.token).send().await.map_err(|e| {
+            anyhow::anyhow!(
+                "firn is not answering at {} ({e}); is `firn serve` running with this config?",
+                self.base
+            )
+        })?;
+        let status = response.status();
+        let body = response.text().await?;
+        if !status.is_success() {
+            let message = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+                .unwrap_or(body);
+            bail!("{status}: {message}");
+        }
+        serde_json::from_str(&body).context("unexpected answer from the API")
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.send(self.http.get(format!("{}/{path}", self.base)))
+            .await
+    }
+
+    async fn put<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        self.send(self.http.put(format!("{}/{path}", self.base)).json(body))
+            .await
+    }
+}
+
+fn read_token(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path)
+        .map(|t| t.trim().to_string())
+        .with_context(|| {
+            format!(
+                "cannot read the API token from {} (it is made at the first `firn serve`)",
+                path.display()
+            )
+        })
+}

@@ -1,0 +1,181 @@
+//! `firn remote`: put, get, list and delete objects on the configured store through the full
+//! remote stack (retries, checksums, limits), without a daemon.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::Subcommand;
+use futures::{StreamExt, TryStreamExt};
+
+use crate::daemon::config::Config;
+use crate::remote::{Meta, Remote};
+use crate::size::Human;
+
+#[derive(Subcommand)]
+pub enum RemoteCommand {
+    /// Upload a file to KEY, or a directory tree under the prefix KEY/.
+    Put {
+        source: PathBuf,
+        key: String,
+        /// Objects in flight at once.
+        #[arg(long, default_value_t = 16)]
+        jobs: usize,
+    },
+    /// Download KEY to a file, or every object under PREFIX/ (ending in /) into a directory.
+    Get {
+        key: String,
+        destination: PathBuf,
+        #[arg(long, default_value_t = 16)]
+        jobs: usize,
+    },
+    /// List the objects under a prefix.
+    Ls {
+        #[arg(default_value = "")]
+        prefix: String,
+    },
+    /// Delete one object.
+    Rm { key: String },
+}
+
+pub async fn run(config: &Config, command: RemoteCommand) -> anyhow::Result<()> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let stack = crate::daemon::open_remote(config, &mut registry)?;
+    let remote = stack.remote;
+    match command {
+        RemoteCommand::Put { source, key, jobs } => put(remote, &source, &key, jobs).await,
+        RemoteCommand::Get {
+            key,
+            destination,
+            jobs,
+        } => get(remote, &key, &destination, jobs).await,
+        RemoteCommand::Ls { prefix } => {
+            for object in remote.list(&prefix).await? {
+                println!("{:>14}  {}", object.size, object.key);
+            }
+            Ok(())
+        }
+        RemoteCommand::Rm { key } => Ok(remote.delete(&key).await?),
+    }
+}
+
+fn files_under(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?
+        {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                pending.push(entry.path());
+            } else if kind.is_file() {
+                files.push(entry.path());
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn report(verb: &str, objects: usize, bytes: u64, started: Instant) {
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "{verb} {objects} objects, {} in {seconds:.2}s ({:.1} MiB/s)",
+        Human(bytes),
+        bytes as f64 / (1 << 20) as f64 / seconds.max(1e-9)
+    );
+}
+
+async fn put(remote: Arc<dyn Remote>, source: &Path, key: &str, jobs: usize) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let meta =
+        std::fs::metadata(source).with_context(|| format!("cannot read {}", source.display()))?;
+    let uploads: Vec<(PathBuf, String)> = if meta.is_dir() {
+        let prefix = key.trim_end_matches('/');
+        files_under(source)?
+            .into_iter()
+            .map(|file| {
+                let rel = file
+                    .strip_prefix(source)
+                    .unwrap_or(&file)
+                    .to_string_lossy()
+                    .into_owned();
+                let key = if prefix.is_empty() {
+                    rel
+                } else {
+                    format!("{prefix}/{rel}")
+                };
+                (file, key)
+            })
+            .collect()
+    } else {
+        vec![(source.to_path_buf(), key.to_string())]
+    };
+    let count = uploads.len();
+    let bytes = futures::stream::iter(uploads)
+        .map(|(file, key)| {
+            let remote = remote.clone();
+            async move {
+                let body = tokio::fs::read(&file)
+                    .await
+                    .with_context(|| format!("cannot read {}", file.display()))?;
+                let n = body.len() as u64;
+                remote.put(&key, Bytes::from(body), Meta::new()).await?;
+                anyhow::Ok(n)
+            }
+        })
+        .buffer_unordered(jobs.max(1))
+        .try_fold(0u64, |total, n| async move { Ok(total + n) })
+        .await?;
+    report("uploaded", count, bytes, started);
+    Ok(())
+}
+
+async fn get(
+    remote: Arc<dyn Remote>,
+    key: &str,
+    destination: &Path,
+    jobs: usize,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let downloads: Vec<(String, PathBuf)> = if key.ends_with('/') || key.is_empty() {
+        remote
+            .list(key)
+            .await?
+            .into_iter()
+            .map(|object| {
+                let rel = object.key[key.len()..].to_string();
+                (object.key, destination.join(rel))
+            })
+            .collect()
+    } else {
+        vec![(key.to_string(), destination.to_path_buf())]
+    };
+    if downloads.is_empty() {
+        bail!("no objects under {key:?}");
+    }
+    let count = downloads.len();
+    let bytes = futures::stream::iter(downloads)
+        .map(|(key, file)| {
+            let remote = remote.clone();
+            async move {
+                let object = remote.get(&key).await?;
+                if let Some(parent) = file.parent() {
+                    tokio::fs::create_dir_all(parent).await?;
+                }
+                tokio::fs::write(&file, &object.body)
+                    .await
+                    .with_context(|| format!("cannot write {}", file.display()))?;
+                anyhow::Ok(object.body.len() as u64)
+            }
+        })
+        .buffer_unordered(jobs.max(1))
+        .try_fold(0u64, |total, n| async move { Ok(total + n) })
+        .await?;
+    report("downloaded", count, bytes, started);
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! The HTTP API (axum): `/healthz` and `/metrics` open on the listen address, everything
+//! under `/api/v1` behind the bearer token and recorded in the audit log.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use super::Gateway;
+use super::status::{Status, disk_space};
+use crate::remote::limit::Policy;
+
+type Shared = State<Arc<Gateway>>;
+
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    let api = Router::new()
+        .route("/status", get(status))
+        .route("/bandwidth", get(get_bandwidth).put(put_bandwidth))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(gateway.clone(), audit))
+        .layer(middleware::from_fn_with_state(
+            gateway.clone(),
+            require_token,
+        ));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .nest("/api/v1", api)
+        .fallback(not_found)
+        .with_state(gateway)
+}
+
+/// A JSON error body: `{"error": "..."}`.
+pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "no such route")
+}
+
+async fn require_token(State(gateway): Shared, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !bool::from(presented.as_bytes().ct_eq(gateway.token.as_bytes())) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token (it is in the data directory's api-token file)",
+        );
+    }
+    next.run(request).await
+}
+
+async fn audit(State(gateway): Shared, request: Request, next: Next) -> Response {
+    let method = request.method().to_string();
+    let path = request.uri().path().to_string();
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.to_string());
+    let response = next.run(request).await;
+    let record = json!({
+        "time": chrono::Utc::now().to_rfc3339(),
+        "method": method,
+        "path": format!("/api/v1{path}"),
+        "peer": peer,
+        "status": response.status().as_u16(),
+    });
+    let gateway = gateway.clone();
+    let _ = tokio::task::spawn_blocking(move || gateway.audit(&record)).await;
+    response
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn metrics(State(gateway): Shared) -> Response {
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode_registry(&mut text, &gateway.registry)
+    {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    }
+    // Gauges read at scrape time, written by hand: they have no state to keep.
+    let health = gateway
+        .health
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .reachable;
+    let (free, total) = disk_space(gateway.data_dir());
+    text += &format!(
+        "# HELP firn_uptime_seconds Seconds since the daemon started.\n# TYPE firn_uptime_seconds gauge\nfirn_uptime_seconds {}\n",
+        gateway.started.elapsed().as_secs()
+    );
+    text += &format!(
+        "# HELP firn_remote_up Whether the last probe of the object store succeeded.\n# TYPE firn_remote_up gauge\nfirn_remote_up {}\n",
+        u8::from(health)
+    );
+    text += &format!(
+        "# HELP firn_local_free_bytes Free bytes on the data directory's file system.\n# TYPE firn_local_free_bytes gauge\nfirn_local_free_bytes {free}\n"
+    );
+    text += &format!(
+        "# HELP firn_local_total_bytes Size of the data directory's file system.\n# TYPE firn_local_total_bytes gauge\nfirn_local_total_bytes {total}\n"
+    );
+    text += "# EOF\n";
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+async fn status(State(gateway): Shared) -> Json<Status> {
+    Json(Status::of(&gateway).await)
+}
+
+async fn get_bandwidth(State(gateway): Shared) -> Json<Policy> {
+    Json(gateway.remote.limiter.policy())
+}
+
+async fn put_bandwidth(State(gateway): Shared, body: axum::body::Bytes) -> Response {
+    match serde_json::from_slice::<Policy>(&body) {
+        Ok(policy) => {
+            gateway.remote.limiter.set_policy(policy.clone());
+            tracing::info!(?policy, "bandwidth policy changed");
+            Json(policy).into_response()
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, format!("bandwidth policy: {e}")),
+    }
+}

@@ -1,0 +1,308 @@
+//! The one TOML file. Every key is optional; the defaults run a trial gateway with the
+//! bucket in a local directory. docs/config.md lists every key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::remote::faults::FaultSettings;
+use crate::remote::limit::Policy;
+use crate::seal::KeySource;
+use crate::size::ByteSize;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub remote: RemoteConfig,
+    pub local: LocalConfig,
+    pub http: HttpConfig,
+    pub keys: KeySource,
+    /// Fault injection for drills; absent in production.
+    pub faults: Option<FaultSettings>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RemoteKind {
+    Local,
+    S3,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteConfig {
+    pub kind: RemoteKind,
+    /// kind = "local": the directory that stands in for the bucket.
+    /// Default: `bucket` inside the data directory.
+    pub path: Option<PathBuf>,
+    /// kind = "s3": endpoint URL; default AWS S3 for the region.
+    pub endpoint: Option<String>,
+    pub bucket: Option<String>,
+    pub region: String,
+    /// Key prefix inside the bucket for everything this gateway writes.
+    pub prefix: String,
+    /// Path-style URLs (`endpoint/bucket/key`), which Garage, MinIO and Ceph expect.
+    pub path_style: bool,
+    /// Otherwise from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or ~/.aws/credentials.
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// Send a SHA-256 checksum with every upload for the store to verify.
+    pub checksum: bool,
+    pub multipart_threshold: ByteSize,
+    pub part_size: ByteSize,
+    pub part_concurrency: usize,
+    pub request_timeout_secs: u64,
+    /// How long a request is retried through errors and outages before it fails.
+    pub retry_for_secs: u64,
+    pub bandwidth: Policy,
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        RemoteConfig {
+            kind: RemoteKind::Local,
+            path: None,
+            endpoint: None,
+            bucket: None,
+            region: "us-east-1".to_string(),
+            prefix: String::new(),
+            path_style: true,
+            access_key_id: None,
+            secret_access_key: None,
+            checksum: true,
+            multipart_threshold: ByteSize(32 << 20),
+            part_size: ByteSize(16 << 20),
+            part_concurrency: 8,
+            request_timeout_secs: 60,
+            retry_for_secs: 300,
+            bandwidth: Policy::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalConfig {
+    pub data_dir: PathBuf,
+    /// Most local space firn may use for its caches and spools; default: no limit of its own.
+    pub max_bytes: Option<ByteSize>,
+    /// Space firn leaves free on the data directory's file system.
+    pub min_free: ByteSize,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        LocalConfig {
+            data_dir: PathBuf::from("firn-data"),
+            max_bytes: None,
+            min_free: ByteSize(1 << 30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7420)),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// The config at `path`, or the defaults when `path` is `None`.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let Some(path) = path else {
+            return Ok(Config::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config = Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        // Relative paths in a config file are relative to the file, not to where firn runs.
+        Ok(config.relative_to(path.parent().unwrap_or(Path::new("."))))
+    }
+
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let r = &self.remote;
+        if r.kind == RemoteKind::S3 && r.bucket.as_deref().unwrap_or("").is_empty() {
+            return Err("[remote] bucket is required when kind = \"s3\"".to_string());
+        }
+        if let Some(endpoint) = &r.endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(format!(
+                "[remote] endpoint {endpoint:?} must start with http:// or https://"
+            ));
+        }
+        if r.part_size.0 < 5 << 20 {
+            return Err("[remote] part_size must be at least 5MiB (the S3 minimum)".to_string());
+        }
+        if r.part_concurrency == 0 {
+            return Err("[remote] part_concurrency must be at least 1".to_string());
+        }
+        if let Some(faults) = &self.faults {
+            for (name, rate) in [
+                ("error_rate", faults.error_rate),
+                ("truncate_rate", faults.truncate_rate),
+            ] {
+                if !(0.0..=1.0).contains(&rate) {
+                    return Err(format!("[faults] {name} must be between 0.0 and 1.0"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn relative_to(mut self, base: &Path) -> Config {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.local.data_dir);
+        if let Some(p) = self.remote.path.as_mut() {
+            fix(p);
+        }
+        if let KeySource::File { file } = &mut self.keys {
+            fix(file);
+        }
+        self
+    }
+
+    pub fn bucket_dir(&self) -> PathBuf {
+        self.remote
+            .path
+            .clone()
+            .unwrap_or_else(|| self.local.data_dir.join("bucket"))
+    }
+
+    pub fn retry_for(&self) -> Duration {
+        Duration::from_secs(self.remote.retry_for_secs)
+    }
+
+    /// Where the remote is, for people: the directory or `endpoint/bucket/prefix`.
+    pub fn remote_target(&self) -> String {
+        let r = &self.remote;
+        match r.kind {
+            RemoteKind::Local => format!("directory {}", self.bucket_dir().display()),
+            RemoteKind::S3 => {
+                let endpoint = r
+                    .endpoint
+                    .clone()
+                    .unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", r.region));
+                let mut target = format!("{endpoint} bucket {}", r.bucket.as_deref().unwrap_or(""));
+                if !r.prefix.is_empty() {
+                    target.push_str(&format!(" prefix {}", r.prefix));
+                }
+                target
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_the_trial_default() {
+        let c = Config::parse("").expect("defaults");
+        assert_eq!(c.remote.kind, RemoteKind::Local);
+        assert_eq!(c.http.listen.to_string(), "127.0.0.1:7420");
+        assert_eq!(c.keys, KeySource::Dev);
+        assert_eq!(c.bucket_dir(), PathBuf::from("firn-data/bucket"));
+    }
+
+    #[test]
+    fn a_full_config_parses() {
+        let c = Config::parse(
+            r#"
+            [remote]
+            kind = "s3"
+            endpoint = "http://127.0.0.1:3900"
+            bucket = "edge"
+            region = "garage"
+            prefix = "site-7"
+            multipart_threshold = "64MiB"
+            [remote.bandwidth]
+            upload = "10MiB"
+            [[remote.bandwidth.schedule]]
+            days = "sat,sun"
+            start = "00:00"
+            end = "24:00"
+            upload = "unlimited"
+            [local]
+            data_dir = "/var/lib/firn"
+            max_bytes = "100GiB"
+            [http]
+            listen = "127.0.0.1:9000"
+            [keys]
+            source = "file"
+            file = "/etc/firn/master.key"
+            [faults]
+            error_rate = 0.1
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(c.remote.kind, RemoteKind::S3);
+        assert_eq!(c.remote.multipart_threshold, ByteSize(64 << 20));
+        assert_eq!(c.remote.bandwidth.upload.0, 10 << 20);
+        assert_eq!(c.local.max_bytes, Some(ByteSize(100 << 30)));
+        assert!(matches!(c.keys, KeySource::File { .. }));
+        assert!(
+            c.remote_target()
+                .contains("http://127.0.0.1:3900 bucket edge prefix site-7")
+        );
+    }
+
+    #[test]
+    fn mistakes_name_the_key() {
+        let cases = [
+            ("[remote]\nkindd = \"s3\"", "kindd"),
+            ("[remote]\nkind = \"ftp\"", "ftp"),
+            ("[remote]\nkind = \"s3\"", "bucket"),
+            ("[local]\nmax_bytes = \"lots\"", "lots"),
+            ("[http]\nlisten = \"localhost\"", "listen"),
+            ("[keys]\nsource = \"env\"\nfile = \"x\"", "file"),
+            ("[remote.bandwidth]\nupload = \"fast\"", "fast"),
+            ("[faults]\nerror_rate = 2.0", "error_rate"),
+            ("[remote]\nendpoint = \"127.0.0.1:3900\"", "endpoint"),
+            ("[nbd]\n", "nbd"),
+        ];
+        for (text, expected) in cases {
+            let message = Config::parse(text).expect_err(text);
+            assert!(message.contains(expected), "{text:?} gave {message:?}");
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! The daemon: config, start-up wiring, the HTTP API, metrics and the audit log. The only
+//! layer that knows every other one.
+
+pub mod api;
+pub mod config;
+pub mod status;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use prometheus_client::registry::Registry;
+
+use crate::local::log::Log;
+use crate::local::meta::MetaStore;
+use crate::remote::dir::DirStore;
+use crate::remote::faults::FaultPlan;
+use crate::remote::limit::Limiter;
+use crate::remote::metered::RemoteMetrics;
+use crate::remote::retry::RetryPolicy;
+use crate::remote::s3::{S3Options, S3Store};
+use crate::remote::{self, Remote};
+use crate::seal::{KeySource, MasterKey, Sealer};
+use config::{Config, RemoteKind};
+
+pub const TOKEN_FILE: &str = "api-token";
+const PROBE_KEY_PREFIX: &str = "firn-probe/";
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+const PROBE_EVERY: Duration = Duration::from_secs(15);
+
+/// The backend `config` names, without wrappers.
+pub fn open_backend(config: &Config) -> anyhow::Result<Arc<dyn Remote>> {
+    let r = &config.remote;
+    Ok(match r.kind {
+        RemoteKind::Local => {
+            let dir = config.bucket_dir();
+            Arc::new(
+                DirStore::open(&dir)
+                    .with_context(|| format!("[remote] path: cannot use {}", dir.display()))?,
+            )
+        }
+        RemoteKind::S3 => {
+            let (access_key_id, secret_access_key) = s3_credentials(config);
+            let options = S3Options {
+                endpoint: r.endpoint.clone(),
+                bucket: r.bucket.clone().unwrap_or_default(),
+                region: r.region.clone(),
+                prefix: r.prefix.clone(),
+                path_style: r.path_style,
+                access_key_id,
+                secret_access_key,
+                checksum: r.checksum,
+                multipart_threshold: r.multipart_threshold.0 as usize,
+                part_size: r.part_size.0 as usize,
+                part_concurrency: r.part_concurrency,
+                request_timeout: Duration::from_secs(r.request_timeout_secs),
+            };
+            Arc::new(
+                S3Store::new(&options)
+                    .with_context(|| format!("[remote] {}", config.remote_target()))?,
+            )
+        }
+    })
+}
+
+/// Credentials from the config, else the AWS environment variables (which the S3 client
+/// reads itself), else the shared credentials file.
+fn s3_credentials(config: &Config) -> (Option<String>, Option<String>) {
+    let r = &config.remote;
+    if r.access_key_id.is_some() || std::env::var_os("AWS_ACCESS_KEY_ID").is_some() {
+        return (r.access_key_id.clone(), r.secret_access_key.clone());
+    }
+    let Some(home) = std::env::var_os("HOME") else {
+        return (None, None);
+    };
+    let path = std::env::var_os("AWS_SHARED_CREDENTIALS_FILE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(&home).join(".aws/credentials"));
+    let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".to_string());
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return (None, None);
+    };
+    let (mut id, mut secret, mut in_profile) = (None, None, false);
+    for line in text.lines().map(str::trim) {
+        if let Some(section) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            in_profile = section.trim() == profile;
+        } else if in_profile && let Some((k, v)) = line.split_once('=') {
+            match k.trim() {
+                "aws_access_key_id" => id = Some(v.trim().to_string()),
+                "aws_secret_access_key" => secret = Some(v.trim().to_string()),
+                _ => {}
+            }
+        }
+    }
+    (id, secret)
+}
+
+/// The remote as the daemon and the CLI use it: the backend with every wrapper.
+pub fn open_remote(config: &Config, registry: &mut Registry) -> anyhow::Result<remote::Stack> {
+    let backend = open_backend(config)?;
+    let policy = RetryPolicy {
+        give_up_after: config.retry_for(),
+        ..RetryPolicy::default()
+    };
+    let limiter = Arc::new(Limiter::new(config.remote.bandwidth.clone()));
+    let metrics = Arc::new(RemoteMetrics::new(registry));
+    let faults = config.faults.clone().map(|f| Arc::new(FaultPlan::new(f)));
+    Ok(remote::stack(backend, policy, limiter, metrics, faults))
+}
+
+/// What the last health probe of the remote found.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteHealth {
+    pub reachable: bool,
+    pub last_error: Option<String>,
+    pub checked: Option<Instant>,
+}
+
+/// Asks the remote a question that needs the bucket and the credentials to be right.
+pub async fn probe(remote: &dyn Remote) -> Result<(), remote::Error> {
+    match tokio::time::timeout(PROBE_TIMEOUT, remote.list(PROBE_KEY_PREFIX)).await {
+        Ok(outcome) => outcome.map(|_| ()),
+        Err(_) => Err(remote::Error::Transient {
+            op: "list",
+            key: PROBE_KEY_PREFIX.to_string(),
+            message: format!("no answer within {PROBE_TIMEOUT:?}"),
+        }),
+    }
+}
+
+/// Everything a running gateway holds.
+pub struct Gateway {
+    pub config: Config,
+    pub started: Instant,
+    pub remote: remote::Stack,
+    pub sealer: Arc<Sealer>,
+    pub meta: MetaStore,
+    pub gateway_id: String,
+    pub token: String,
+    pub registry: Registry,
+    pub health: RwLock<RemoteHealth>,
+    audit: Mutex<Log>,
+    _lock: nix::fcntl::Flock<File>,
+}
+
+/// Holds the data directory for this process alone.
+fn lock_data_dir(data_dir: &Path) -> anyhow::Result<nix::fcntl::Flock<File>> {
+    let path = data_dir.join("lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        anyhow::anyhow!(
+            "data directory {} is in use by another firn process ({errno}); stop it first or set [local] data_dir",
+            data_dir.display()
+        )
+    })
+}
+
+fn read_or_create_token(data_dir: &Path) -> anyhow::Result<(String, bool)> {
+    let path = data_dir.join(TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => return Ok((token.trim().to_string(), false)),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    let mut bytes = [0u8; 24];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+    let token = hex::encode(bytes);
+    crate::seal::keys::write_private(&path, token.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok((token, true))
+}
+
+impl Gateway {
+    /// Opens the data directory, the keys and the remote. Fails with a message that names
+    /// what to fix; an unreachable remote is not a failure (the gateway works offline).
+    pub async fn open(config: Config) -> anyhow::Result<Arc<Gateway>> {
+        let data_dir = config.local.data_dir.clone();
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("[local] data_dir: cannot create {}", data_dir.display()))?;
+        let lock = lock_data_dir(&data_dir)?;
+
+        let master = MasterKey::load(&config.keys, &data_dir)?;
+        let sealer = Arc::new(Sealer::new(&master));
+        drop(master);
+        crate::seal::keys::check_key(&sealer, &data_dir)?;
+
+        let meta = MetaStore::open(data_dir.join("meta.redb"))?;
+        let gateway_id = match meta.get("gateway", "id")? {
+            Some(id) => String::from_utf8_lossy(&id).into_owned(),
+            None => {
+                let mut bytes = [0u8; 8];
+                rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+                let id = format!("gw-{}", hex::encode(bytes));
+                meta.put("gateway", "id", id.as_bytes())?;
+                id
+            }
+        };
+        let (audit, _) = Log::open(data_dir.join("audit.log"))?;
+        let (token, new_token) = read_or_create_token(&data_dir)?;
+        if new_token {
+            println!(
+                "API token (shown once; the CLI reads it from {}):",
+                data_dir.join(TOKEN_FILE).display()
+            );
+            println!("  {token}");
+        }
+
+        let mut registry = Registry::default();
+        let remote = open_remote(&config, &mut registry)?;
+        let health = match probe(remote.probe.as_ref()).await {
+            Ok(()) => RemoteHealth {
+                reachable: true,
+                last_error: None,
+                checked: Some(Instant::now()),
+            },
+            Err(e @ (remote::Error::Permanent { .. } | remote::Error::BadKey { .. })) => {
+                bail!(
+                    "remote {}: {e}. Check the [remote] section (bucket, region, credentials)",
+                    config.remote_target()
+                )
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "remote {} is unreachable ({e}); serving from local disk, uploads wait until it answers",
+                    config.remote_target()
+                );
+                RemoteHealth {
+                    reachable: false,
+                    last_error: Some(e.to_string()),
+                    checked: Some(Instant::now()),
+                }
+            }
+        };
+        Ok(Arc::new(Gateway {
+            config,
+            started: Instant::now(),
+            remote,
+            sealer,
+            meta,
+            gateway_id,
+            token,
+            registry,
+            health: RwLock::new(health),
+            audit: Mutex::new(audit),
+            _lock: lock,
+        }))
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.config.local.data_dir
+    }
+
+    pub fn dev_keys(&self) -> bool {
+        self.config.keys == KeySource::Dev
+    }
+
+    /// Appends one management call to the audit log and makes it durable.
+    pub fn audit(&self, record: &serde_json::Value) {
+        let line = record.to_string();
+        let mut log = self.audit.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = log.append(line.as_bytes()).and_then(|_| log.sync()) {
+            tracing::error!("audit log: {e}");
+        }
+    }
+
+    async fn watch_remote(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(PROBE_EVERY).await;
+            let outcome = probe(self.remote.probe.as_ref()).await;
+            let mut health = self.health.write().unwrap_or_else(|e| e.into_inner());
+            if health.reachable != outcome.is_ok() {
+                match &outcome {
+                    Ok(()) => {
+                        tracing::info!("remote {} is reachable again", self.config.remote_target())
+                    }
+                    Err(e) => {
+                        tracing::warn!("remote {} is unreachable: {e}", self.config.remote_target())
+                    }
+                }
+            }
+            *health = RemoteHealth {
+                reachable: outcome.is_ok(),
+                last_error: outcome.err().map(|e| e.to_string()),
+                checked: Some(Instant::now()),
+            };
+        }
+    }
+}
+
+/// `firn serve`: runs until Ctrl-C or SIGTERM.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let listen = config.http.listen;
+    let gateway = Gateway::open(config).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("[http] listen: cannot bind {listen}"))?;
+    print_banner(&gateway, listen);
+    tokio::spawn(gateway.clone().watch_remote());
+    let app = api::router(gateway.clone());
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await
+    .context("HTTP server")?;
+    println!("firn stopped");
+    Ok(())
+}
+
+fn print_banner(gateway: &Gateway, listen: std::net::SocketAddr) {
+    let health = gateway
+        .health
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    println!(
+        "firn {} ({})",
+        env!("CARGO_PKG_VERSION"),
+        gateway.gateway_id
+    );
+    println!("  data directory  {}", gateway.data_dir().display());
+    println!(
+        "  remote          {} ({})",
+        gateway.config.remote_target(),
+        if health.reachable {
+            "reachable"
+        } else {
+            "UNREACHABLE: working offline"
+        }
+    );
+    if gateway.dev_keys() {
+        println!(
+            "  keys            DEVELOPMENT MODE: the master key is stored in {}; anyone with this disk can read the data. Set [keys] source for production.",
+            gateway.data_dir().join("dev-master-key").display()
+        );
+        tracing::warn!("development key mode: the master key is kept in the data directory");
+    } else {
+        println!(
+            "  keys            master key from {:?}, not stored on this disk",
+            gateway.config.keys
+        );
+    }
+    println!(
+        "  HTTP API        http://{listen}/api/v1/ (bearer token in {})",
+        gateway.data_dir().join(TOKEN_FILE).display()
+    );
+    println!("  metrics         http://{listen}/metrics");
+    println!("  health          http://{listen}/healthz");
+    println!("Press Ctrl-C to stop.");
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::warn!("cannot watch SIGTERM: {e}");
+            let _ = ctrl_c.await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+    println!("stopping");
+}

@@ -1,0 +1,10 @@
+//! firn: an edge storage gateway.
+//!
+//! The modules follow the layers of DESIGN.md, bottom up; ARCHITECTURE.md walks them.
+
+pub mod cli;
+pub mod daemon;
+pub mod local;
+pub mod remote;
+pub mod seal;
+pub mod size;

@@ -1,0 +1,486 @@
+//! The metadata store: the gateway's small structured state (volume and share records, chunk
+//! maps, job progress, upload queues) in one file on the local disk.
+//!
+//! It is a thin layer over redb. redb was chosen because it is an embedded transactional
+//! key-value store that gives what this state needs and nothing to operate: ACID transactions,
+//! crash safety by construction (copy-on-write B-trees; a commit switches to the new tree with
+//! one atomic, fsynced write, so a crash leaves the last committed state), and pure Rust, so
+//! there is no C library to build, cross-compile or audit.
+//!
+//! The API is deliberately small and untyped so any engine can use it: named tables of UTF-8
+//! keys and byte values, with JSON helpers on top. Keys sort bytewise, so a scheme such as
+//! `<volume>/<zero-padded chunk index>` lists in order with [`MetaStore::list`]. A table that
+//! was never written reads as empty. Every commit is durable when it returns. Writes are
+//! serialized (one write transaction at a time, the others wait); reads never wait and see the
+//! last committed state.
+
+use std::path::{Path, PathBuf};
+
+use redb::{
+    Database, ReadableDatabase, ReadableTable, StorageError, TableDefinition, TableError,
+    WriteTransaction,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::sync_parent_dir;
+
+/// The one table shape this store uses: every table maps string keys to byte values.
+type TableDef<'a> = TableDefinition<'a, &'static str, &'static [u8]>;
+
+/// What can go wrong with the metadata store. Every message names the store's file.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("metadata store {}: {source}", .path.display())]
+    Store {
+        path: PathBuf,
+        #[source]
+        source: redb::Error,
+    },
+
+    #[error("metadata store {}: cannot sync its directory after creating it: {source}", .path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error(
+        "metadata store {}: table {table:?}, key {key:?}: cannot {action} the value as JSON: {source}",
+        .path.display()
+    )]
+    Json {
+        path: PathBuf,
+        table: String,
+        key: String,
+        action: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    #[error("metadata store {}: table names must not be empty", .path.display())]
+    EmptyTableName { path: PathBuf },
+}
+
+/// The gateway's metadata store. Cheap to share behind an `Arc`: every method takes `&self`.
+#[derive(Debug)]
+pub struct MetaStore {
+    path: PathBuf,
+    db: Database,
+}
+
+impl MetaStore {
+    /// Opens the store at `path`, creating an empty one if the file does not exist.
+    ///
+    /// Only one process may have a store open; a second gets an error naming the file. After a
+    /// crash, redb checks and repairs the file here, which takes a little longer than usual.
+    pub fn open(path: impl AsRef<Path>) -> Result<MetaStore, MetaError> {
+        let path = path.as_ref().to_path_buf();
+        let existed = path.exists();
+        let db = Database::create(&path).map_err(|e| store_error(&path, e))?;
+        if !existed {
+            sync_parent_dir(&path).map_err(|source| MetaError::Create {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(MetaStore { path, db })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The value stored under `key` in `table`, if any.
+    pub fn get(&self, table: &str, key: &str) -> Result<Option<Vec<u8>>, MetaError> {
+        let definition = table_definition(&self.path, table)?;
+        let read = self
+            .db
+            .begin_read()
+            .map_err(|e| store_error(&self.path, e))?;
+        let table = match read.open_table(definition) {
+            Ok(table) => table,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(store_error(&self.path, e)),
+        };
+        get_from(&table, key).map_err(|e| store_error(&self.path, e))
+    }
+
+    /// Every entry of `table` whose key starts with `prefix`, in key order. An empty prefix
+    /// lists the whole table.
+    pub fn list(&self, table: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, MetaError> {
+        let definition = table_definition(&self.path, table)?;
+        let read = self
+            .db
+            .begin_read()
+            .map_err(|e| store_error(&self.path, e))?;
+        let table = match read.open_table(definition) {
+            Ok(table) => table,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(store_error(&self.path, e)),
+        };
+        list_from(&table, prefix).map_err(|e| store_error(&self.path, e))
+    }
+
+    /// Stores `value` under `key`, replacing any previous value, and commits.
+    pub fn put(&self, table: &str, key: &str, value: &[u8]) -> Result<(), MetaError> {
+        self.transaction(|tx| tx.put(table, key, value))
+    }
+
+    /// Removes `key` and commits. Returns whether it was there.
+    pub fn delete(&self, table: &str, key: &str) -> Result<bool, MetaError> {
+        self.transaction(|tx| tx.delete(table, key))
+    }
+
+    /// The value under `key`, decoded from JSON.
+    pub fn get_json<T: DeserializeOwned>(
+        &self,
+        table: &str,
+        key: &str,
+    ) -> Result<Option<T>, MetaError> {
+        let bytes = self.get(table, key)?;
+        bytes
+            .map(|bytes| decode_json(&self.path, table, key, &bytes))
+            .transpose()
+    }
+
+    /// Stores `value` under `key` as JSON and commits.
+    pub fn put_json<T: Serialize + ?Sized>(
+        &self,
+        table: &str,
+        key: &str,
+        value: &T,
+    ) -> Result<(), MetaError> {
+        self.transaction(|tx| tx.put_json(table, key, value))
+    }
+
+    /// Runs `body` in one write transaction: if it returns `Ok`, all its writes are committed
+    /// together, durably; if it returns `Err` (or panics), none of them happen.
+    ///
+    /// The error type is the caller's, so an engine can return its own errors from `body`.
+    pub fn transaction<T, E>(
+        &self,
+        body: impl FnOnce(&mut MetaTransaction<'_>) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<MetaError>,
+    {
+        let write = self
+            .db
+            .begin_write()
+            .map_err(|e| store_error(&self.path, e))?;
+        let mut tx = MetaTransaction {
+            path: &self.path,
+            write,
+        };
+        // On error, dropping the transaction aborts it.
+        let value = body(&mut tx)?;
+        tx.write.commit().map_err(|e| store_error(&self.path, e))?;
+        Ok(value)
+    }
+}
+
+/// A write transaction in progress; see [`MetaStore::transaction`]. Reads through it see its own
+/// uncommitted writes.
+pub struct MetaTransaction<'s> {
+    path: &'s Path,
+    write: WriteTransaction,
+}
+
+impl MetaTransaction<'_> {
+    pub fn get(&self, table: &str, key: &str) -> Result<Option<Vec<u8>>, MetaError> {
+        let table = self.open(table)?;
+        get_from(&table, key).map_err(|e| store_error(self.path, e))
+    }
+
+    pub fn list(&self, table: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, MetaError> {
+        let table = self.open(table)?;
+        list_from(&table, prefix).map_err(|e| store_error(self.path, e))
+    }
+
+    pub fn put(&mut self, table: &str, key: &str, value: &[u8]) -> Result<(), MetaError> {
+        let mut table = self.open(table)?;
+        table
+            .insert(key, value)
+            .map_err(|e| store_error(self.path, e))?;
+        Ok(())
+    }
+
+    /// Removes `key`; returns whether it was there.
+    pub fn delete(&mut self, table: &str, key: &str) -> Result<bool, MetaError> {
+        let mut table = self.open(table)?;
+        let removed = table.remove(key).map_err(|e| store_error(self.path, e))?;
+        Ok(removed.is_some())
+    }
+
+    pub fn get_json<T: DeserializeOwned>(
+        &self,
+        table: &str,
+        key: &str,
+    ) -> Result<Option<T>, MetaError> {
+        let bytes = self.get(table, key)?;
+        bytes
+            .map(|bytes| decode_json(self.path, table, key, &bytes))
+            .transpose()
+    }
+
+    pub fn put_json<T: Serialize + ?Sized>(
+        &mut self,
+        table: &str,
+        key: &str,
+        value: &T,
+    ) -> Result<(), MetaError> {
+        let bytes = serde_json::to_vec(value).map_err(|source| MetaError::Json {
+            path: self.path.to_path_buf(),
+            table: table.to_string(),
+            key: key.to_string(),
+            action: "encode",
+            source,
+        })?;
+        self.put(table, key, &bytes)
+    }
+
+    // Opening a table in a write transaction creates it if needed; an empty table reads the same
+    // as a missing one, so callers cannot tell.
+    fn open(&self, table: &str) -> Result<redb::Table<'_, &'static str, &'static [u8]>, MetaError> {
+        let definition = table_definition(self.path, table)?;
+        self.write
+            .open_table(definition)
+            .map_err(|e| store_error(self.path, e))
+    }
+}
+
+fn table_definition<'a>(path: &Path, table: &'a str) -> Result<TableDef<'a>, MetaError> {
+    // redb panics on an empty table name; names come from our own code, but an error is kinder.
+    if table.is_empty() {
+        return Err(MetaError::EmptyTableName {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(TableDefinition::new(table))
+}
+
+fn get_from(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<Vec<u8>>, StorageError> {
+    Ok(table.get(key)?.map(|value| value.value().to_vec()))
+}
+
+fn list_from(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    prefix: &str,
+) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+    let mut entries = Vec::new();
+    // Keys with the prefix sort together, starting at the prefix itself.
+    for entry in table.range(prefix..)? {
+        let (key, value) = entry?;
+        let key = key.value();
+        if !key.starts_with(prefix) {
+            break;
+        }
+        entries.push((key.to_string(), value.value().to_vec()));
+    }
+    Ok(entries)
+}
+
+fn decode_json<T: DeserializeOwned>(
+    path: &Path,
+    table: &str,
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, MetaError> {
+    serde_json::from_slice(bytes).map_err(|source| MetaError::Json {
+        path: path.to_path_buf(),
+        table: table.to_string(),
+        key: key.to_string(),
+        action: "decode",
+        source,
+    })
+}
+
+fn store_error(path: &Path, source: impl Into<redb::Error>) -> MetaError {
+    MetaError::Store {
+        path: path.to_path_buf(),
+        source: source.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    fn open_temp() -> (tempfile::TempDir, MetaStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MetaStore::open(dir.path().join("meta.redb")).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn put_get_delete() {
+        let (_dir, store) = open_temp();
+        assert_eq!(store.get("volumes", "v1").unwrap(), None);
+        store.put("volumes", "v1", b"first").unwrap();
+        store.put("volumes", "v1", b"second").unwrap();
+        assert_eq!(
+            store.get("volumes", "v1").unwrap(),
+            Some(b"second".to_vec())
+        );
+        assert!(store.delete("volumes", "v1").unwrap());
+        assert!(!store.delete("volumes", "v1").unwrap());
+        assert_eq!(store.get("volumes", "v1").unwrap(), None);
+    }
+
+    #[test]
+    fn missing_table_reads_as_empty() {
+        let (_dir, store) = open_temp();
+        assert_eq!(store.get("never", "k").unwrap(), None);
+        assert!(store.list("never", "").unwrap().is_empty());
+        assert!(!store.delete("never", "k").unwrap());
+    }
+
+    #[test]
+    fn tables_are_separate() {
+        let (_dir, store) = open_temp();
+        store.put("a", "k", b"in a").unwrap();
+        store.put("b", "k", b"in b").unwrap();
+        assert_eq!(store.get("a", "k").unwrap(), Some(b"in a".to_vec()));
+        assert_eq!(store.get("b", "k").unwrap(), Some(b"in b".to_vec()));
+    }
+
+    #[test]
+    fn list_returns_prefix_matches_in_key_order() {
+        let (_dir, store) = open_temp();
+        for key in [
+            "vol2/0002",
+            "vol1/0010",
+            "vol1/0001",
+            "vol10/0000",
+            "vol1",
+            "vol0/9",
+        ] {
+            store.put("chunks", key, key.as_bytes()).unwrap();
+        }
+        let keys = |prefix| -> Vec<String> {
+            store
+                .list("chunks", prefix)
+                .unwrap()
+                .into_iter()
+                .map(|(key, value)| {
+                    assert_eq!(key.as_bytes(), value.as_slice());
+                    key
+                })
+                .collect()
+        };
+        assert_eq!(keys("vol1/"), ["vol1/0001", "vol1/0010"]);
+        assert_eq!(
+            keys("vol1"),
+            ["vol1", "vol1/0001", "vol1/0010", "vol10/0000"]
+        );
+        assert_eq!(keys("vol3"), Vec::<String>::new());
+        assert_eq!(keys("").len(), 6);
+    }
+
+    #[test]
+    fn data_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.redb");
+        let store = MetaStore::open(&path).unwrap();
+        store.put("t", "k", b"kept").unwrap();
+        drop(store);
+        let store = MetaStore::open(&path).unwrap();
+        assert_eq!(store.get("t", "k").unwrap(), Some(b"kept".to_vec()));
+    }
+
+    #[test]
+    fn second_open_is_refused_while_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.redb");
+        let _store = MetaStore::open(&path).unwrap();
+        let err = MetaStore::open(&path).unwrap_err();
+        assert!(err.to_string().contains("meta.redb"), "{err}");
+    }
+
+    #[test]
+    fn transaction_commits_all_writes_together() {
+        let (_dir, store) = open_temp();
+        store.put("queue", "old", b"x").unwrap();
+        let moved = store
+            .transaction(|tx| {
+                tx.put("map", "chunk/1", b"hash-1")?;
+                tx.put("map", "chunk/2", b"hash-2")?;
+                // Reads see the transaction's own writes.
+                assert_eq!(tx.list("map", "chunk/")?.len(), 2);
+                tx.delete("queue", "old")
+            })
+            .unwrap();
+        assert!(moved);
+        assert_eq!(store.list("map", "").unwrap().len(), 2);
+        assert_eq!(store.get("queue", "old").unwrap(), None);
+    }
+
+    #[test]
+    fn failed_transaction_changes_nothing() {
+        let (_dir, store) = open_temp();
+        store.put("t", "a", b"before").unwrap();
+        // The caller's own error type, as an engine would use.
+        let result: Result<(), Box<dyn std::error::Error>> = store.transaction(|tx| {
+            tx.put("t", "a", b"after")?;
+            tx.put("t", "b", b"new")?;
+            Err("refused by the engine".into())
+        });
+        assert_eq!(result.unwrap_err().to_string(), "refused by the engine");
+        assert_eq!(store.get("t", "a").unwrap(), Some(b"before".to_vec()));
+        assert_eq!(store.get("t", "b").unwrap(), None);
+        // The store is still writable afterwards.
+        store.put("t", "b", b"later").unwrap();
+    }
+
+    #[test]
+    fn json_round_trip_and_bad_json_error() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Volume {
+            size: u64,
+            mode: String,
+        }
+        let (_dir, store) = open_temp();
+        let volume = Volume {
+            size: 1 << 30,
+            mode: "cached".into(),
+        };
+        store.put_json("volumes", "v1", &volume).unwrap();
+        assert_eq!(
+            store.get_json::<Volume>("volumes", "v1").unwrap(),
+            Some(volume)
+        );
+        assert_eq!(store.get_json::<Volume>("volumes", "v2").unwrap(), None);
+
+        store.put("volumes", "broken", b"{not json").unwrap();
+        let err = store.get_json::<Volume>("volumes", "broken").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MetaError::Json {
+                    action: "decode",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("\"broken\""), "{err}");
+    }
+
+    #[test]
+    fn empty_table_name_is_an_error() {
+        let (_dir, store) = open_temp();
+        assert!(matches!(
+            store.get("", "k"),
+            Err(MetaError::EmptyTableName { .. })
+        ));
+        assert!(matches!(
+            store.put("", "k", b"v"),
+            Err(MetaError::EmptyTableName { .. })
+        ));
+    }
+}

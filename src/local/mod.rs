@@ -1,0 +1,26 @@
+//! The local layer owns the gateway's own disk: everything firn keeps on the machine it runs on,
+//! as opposed to what it keeps in the bucket.
+//!
+//! - [`log`]: append-only logs with a checksum per record and explicit fsync points, for data
+//!   that must survive a crash between being accepted and being moved on.
+//! - [`meta`]: the metadata store, a transactional key-value store on redb.
+//!
+//! Each on-disk format here is described, with what a crash leaves behind, in `docs/format.md`.
+//! This layer knows nothing of the bucket, of sealing, or of the engines that use it.
+
+pub mod log;
+pub mod meta;
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+
+/// Makes a new directory entry at `path` durable: a created file's own fsync does not cover the
+/// directory that names it, so without this a crash could lose the file as a whole.
+pub(crate) fn sync_parent_dir(path: &Path) -> io::Result<()> {
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    File::open(parent)?.sync_all()
+}

@@ -1,0 +1,182 @@
+//! The fault injector, for tests and for drills: a share of requests fail, every request can
+//! be slowed, whole-object reads can come back truncated, and an outage window makes every
+//! request fail until it ends. All settings can be changed while running.
+//!
+//! A failed put fails before or after the inner put at random, so callers also meet the case
+//! where the object was stored but the answer was lost.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use super::{Error, Meta, Object, ObjectInfo, Remote, Result};
+
+/// What to inject; the `[faults]` config section has the same fields.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultSettings {
+    /// Share of requests, 0.0 to 1.0, that fail with a transient error.
+    #[serde(default)]
+    pub error_rate: f64,
+    /// Added to every request.
+    #[serde(default)]
+    pub latency_ms: u64,
+    /// Share of whole-object reads, 0.0 to 1.0, whose body is cut short.
+    #[serde(default)]
+    pub truncate_rate: f64,
+}
+
+#[derive(Debug, Default)]
+pub struct FaultPlan {
+    settings: Mutex<FaultSettings>,
+    outage_until: Mutex<Option<Instant>>,
+    injected: std::sync::atomic::AtomicU64,
+}
+
+impl FaultPlan {
+    pub fn new(settings: FaultSettings) -> Self {
+        FaultPlan {
+            settings: Mutex::new(settings),
+            ..Default::default()
+        }
+    }
+
+    pub fn settings(&self) -> FaultSettings {
+        self.settings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set(&self, settings: FaultSettings) {
+        *self.settings.lock().unwrap_or_else(|e| e.into_inner()) = settings;
+    }
+
+    /// Every request fails from now until `duration` has passed.
+    pub fn outage(&self, duration: Duration) {
+        *self.outage_until.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Instant::now() + duration);
+    }
+
+    pub fn end_outage(&self) {
+        *self.outage_until.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Faults injected so far.
+    pub fn injected(&self) -> u64 {
+        self.injected.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn in_outage(&self) -> bool {
+        matches!(*self.outage_until.lock().unwrap_or_else(|e| e.into_inner()), Some(until) if Instant::now() < until)
+    }
+
+    fn roll(&self, rate: f64) -> bool {
+        let hit = rate > 0.0 && rand::rng().random_bool(rate.clamp(0.0, 1.0));
+        if hit {
+            self.injected
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        hit
+    }
+}
+
+#[derive(Debug)]
+pub struct Faulty {
+    inner: Arc<dyn Remote>,
+    plan: Arc<FaultPlan>,
+}
+
+impl Faulty {
+    pub fn new(inner: Arc<dyn Remote>, plan: Arc<FaultPlan>) -> Self {
+        Faulty { inner, plan }
+    }
+
+    /// Latency, then the outage, then the dice. `Err` means: fail this request.
+    async fn before(&self, op: &'static str, key: &str) -> Result<FaultSettings> {
+        let settings = self.plan.settings();
+        if settings.latency_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(settings.latency_ms)).await;
+        }
+        if self.plan.in_outage() {
+            self.plan
+                .injected
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(injected(op, key, "outage"));
+        }
+        Ok(settings)
+    }
+}
+
+fn injected(op: &'static str, key: &str, what: &str) -> Error {
+    Error::Transient {
+        op,
+        key: key.to_string(),
+        message: format!("injected {what}"),
+    }
+}
+
+#[async_trait]
+impl Remote for Faulty {
+    async fn put(&self, key: &str, body: Bytes, meta: Meta) -> Result<()> {
+        let s = self.before("put", key).await?;
+        if self.plan.roll(s.error_rate) {
+            if rand::rng().random_bool(0.5) {
+                self.inner.put(key, body, meta).await?;
+                return Err(injected("put", key, "error after the put"));
+            }
+            return Err(injected("put", key, "error"));
+        }
+        self.inner.put(key, body, meta).await
+    }
+
+    async fn get(&self, key: &str) -> Result<Object> {
+        let s = self.before("get", key).await?;
+        if self.plan.roll(s.error_rate) {
+            return Err(injected("get", key, "error"));
+        }
+        let mut object = self.inner.get(key).await?;
+        if !object.body.is_empty() && self.plan.roll(s.truncate_rate) {
+            let keep = rand::rng().random_range(0..object.body.len());
+            object.body.truncate(keep);
+        }
+        Ok(object)
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+        let s = self.before("get_range", key).await?;
+        if self.plan.roll(s.error_rate) {
+            return Err(injected("get_range", key, "error"));
+        }
+        self.inner.get_range(key, range).await
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        let s = self.before("head", key).await?;
+        if self.plan.roll(s.error_rate) {
+            return Err(injected("head", key, "error"));
+        }
+        self.inner.head(key).await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        let s = self.before("list", prefix).await?;
+        if self.plan.roll(s.error_rate) {
+            return Err(injected("list", prefix, "error"));
+        }
+        self.inner.list(prefix).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let s = self.before("delete", key).await?;
+        if self.plan.roll(s.error_rate) {
+            return Err(injected("delete", key, "error"));
+        }
+        self.inner.delete(key).await
+    }
+}

@@ -1,0 +1,109 @@
+//! Retries with capped exponential backoff and jitter, so callers ride out flaky links and
+//! outages. Only errors marked retryable are retried; the rest return at once.
+
+use std::future::Future;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rand::Rng;
+
+use super::{Error, Meta, Object, ObjectInfo, Remote, Result};
+
+/// Reads that fail verification are retried this many times, not until the deadline.
+const CORRUPT_RETRIES: u32 = 5;
+
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub first_backoff: Duration,
+    pub max_backoff: Duration,
+    /// After this long since the first attempt, the last error is returned.
+    pub give_up_after: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            first_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+            give_up_after: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Retrying {
+    inner: Arc<dyn Remote>,
+    policy: RetryPolicy,
+}
+
+impl Retrying {
+    pub fn new(inner: Arc<dyn Remote>, policy: RetryPolicy) -> Self {
+        Retrying { inner, policy }
+    }
+
+    async fn run<T, F, Fut>(&self, mut attempt: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let started = Instant::now();
+        let mut backoff = self.policy.first_backoff;
+        let mut corrupt_reads = 0;
+        loop {
+            let outcome = attempt().await;
+            if let Err(Error::Corrupt { .. }) = outcome {
+                // A torn response reads well the next time; a rotten object never does.
+                corrupt_reads += 1;
+                if corrupt_reads > CORRUPT_RETRIES {
+                    return outcome;
+                }
+            }
+            match outcome {
+                Err(e)
+                    if e.is_retryable()
+                        && started.elapsed() + backoff < self.policy.give_up_after =>
+                {
+                    // "Equal jitter": half fixed, half random, so a fleet of callers that
+                    // failed together does not retry together.
+                    let half = backoff / 2;
+                    let jitter = rand::rng().random_range(Duration::ZERO..=half);
+                    tracing::debug!(error = %e, wait = ?(half + jitter), "retrying");
+                    tokio::time::sleep(half + jitter).await;
+                    backoff = (backoff * 2).min(self.policy.max_backoff);
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Remote for Retrying {
+    async fn put(&self, key: &str, body: Bytes, meta: Meta) -> Result<()> {
+        self.run(|| self.inner.put(key, body.clone(), meta.clone()))
+            .await
+    }
+
+    async fn get(&self, key: &str) -> Result<Object> {
+        self.run(|| self.inner.get(key)).await
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+        self.run(|| self.inner.get_range(key, range.clone())).await
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        self.run(|| self.inner.head(key)).await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        self.run(|| self.inner.list(prefix)).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        self.run(|| self.inner.delete(key)).await
+    }
+}

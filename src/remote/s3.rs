@@ -1,0 +1,317 @@
+//! An S3-compatible bucket (AWS S3, Garage, MinIO, Ceph RGW, ...) through `object_store`.
+//!
+//! Puts larger than the multipart threshold go up as concurrent parts. With `checksum` on,
+//! every PUT and every part carries `x-amz-checksum-sha256`, which the store verifies before
+//! it accepts the bytes.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path;
+use object_store::{
+    Attribute, Attributes, ClientOptions, GetOptions, ObjectStore, ObjectStoreExt,
+    PutMultipartOptions, PutOptions, PutPayload, RetryConfig,
+};
+
+use super::{Error, Meta, Object, ObjectInfo, Remote, Result, check_key};
+
+/// Everything needed to reach a bucket. Credentials come from here when set, otherwise from
+/// the usual AWS environment variables.
+#[derive(Debug, Clone)]
+pub struct S3Options {
+    pub endpoint: Option<String>,
+    pub bucket: String,
+    pub region: String,
+    /// Prepended to every key, without a trailing `/` (empty for none).
+    pub prefix: String,
+    pub path_style: bool,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub checksum: bool,
+    pub multipart_threshold: usize,
+    pub part_size: usize,
+    pub part_concurrency: usize,
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct S3Store {
+    store: Arc<AmazonS3>,
+    prefix: String,
+    multipart_threshold: usize,
+    part_size: usize,
+    part_concurrency: usize,
+}
+
+impl S3Store {
+    pub fn new(options: &S3Options) -> Result<S3Store> {
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(&options.bucket)
+            .with_region(&options.region)
+            .with_virtual_hosted_style_request(!options.path_style)
+            .with_client_options(
+                ClientOptions::new()
+                    .with_timeout(options.request_timeout)
+                    .with_connect_timeout(Duration::from_secs(5))
+                    .with_allow_http(true),
+            )
+            // A few quick retries for a dropped connection inside one request; riding out
+            // an outage is the `retry` wrapper's job, so it shows in firn's own metrics.
+            .with_retry(RetryConfig {
+                max_retries: 2,
+                retry_timeout: Duration::from_secs(20),
+                ..RetryConfig::default()
+            });
+        if let Some(endpoint) = &options.endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        if let Some(id) = &options.access_key_id {
+            builder = builder.with_access_key_id(id);
+        }
+        if let Some(secret) = &options.secret_access_key {
+            builder = builder.with_secret_access_key(secret);
+        }
+        if options.checksum {
+            builder = builder.with_checksum_algorithm(object_store::aws::Checksum::SHA256);
+        }
+        let store = builder.build().map_err(|e| Error::Permanent {
+            op: "configure",
+            key: options.bucket.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(S3Store {
+            store: Arc::new(store),
+            prefix: options.prefix.trim_matches('/').to_string(),
+            multipart_threshold: options.multipart_threshold,
+            part_size: options.part_size.max(5 << 20),
+            part_concurrency: options.part_concurrency.max(1),
+        })
+    }
+
+    fn path(&self, key: &str) -> Result<Path> {
+        check_key(key)?;
+        Ok(Path::from(self.full_key(key)))
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        if self.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}/{key}", self.prefix)
+        }
+    }
+
+    fn strip_prefix<'a>(&self, full: &'a str) -> &'a str {
+        if self.prefix.is_empty() {
+            full
+        } else {
+            full.strip_prefix(&self.prefix)
+                .and_then(|k| k.strip_prefix('/'))
+                .unwrap_or(full)
+        }
+    }
+
+    async fn put_multipart(&self, path: &Path, key: &str, body: Bytes, meta: Meta) -> Result<()> {
+        let options = PutMultipartOptions {
+            attributes: attributes(meta),
+            ..Default::default()
+        };
+        let mut upload = self
+            .store
+            .put_multipart_opts(path, options)
+            .await
+            .map_err(|e| s3_error("put", key, e))?;
+        let mut parts = (0..body.len())
+            .step_by(self.part_size)
+            .map(|start| body.slice(start..(start + self.part_size).min(body.len())));
+        let mut in_flight = FuturesUnordered::new();
+        let outcome: std::result::Result<(), object_store::Error> = async {
+            loop {
+                while in_flight.len() < self.part_concurrency {
+                    match parts.next() {
+                        Some(part) => in_flight.push(upload.put_part(PutPayload::from(part))),
+                        None => break,
+                    }
+                }
+                match in_flight.next().await {
+                    Some(done) => done?,
+                    None => return Ok(()),
+                }
+            }
+        }
+        .await;
+        drop(in_flight);
+        match outcome {
+            Ok(()) => {
+                upload
+                    .complete()
+                    .await
+                    .map_err(|e| s3_error("put", key, e))?;
+                Ok(())
+            }
+            Err(e) => {
+                // Leave no half-uploaded parts behind to be billed for.
+                let _ = upload.abort().await;
+                Err(s3_error("put", key, e))
+            }
+        }
+    }
+}
+
+fn attributes(meta: Meta) -> Attributes {
+    let mut attributes = Attributes::new();
+    for (name, value) in meta {
+        attributes.insert(Attribute::Metadata(name.into()), value.into());
+    }
+    attributes
+}
+
+/// Maps `object_store` errors to what a caller can act on: gone, retry, or give up.
+fn s3_error(op: &'static str, key: &str, e: object_store::Error) -> Error {
+    use object_store::Error as E;
+    match e {
+        E::NotFound { .. } => Error::NotFound {
+            key: key.to_string(),
+        },
+        E::Generic { .. } => {
+            let message = error_chain(&e);
+            // A few answers mean the configuration is wrong and waiting will not fix it.
+            let permanent = [
+                "NoSuchBucket",
+                "AccessDenied",
+                "InvalidAccessKeyId",
+                "SignatureDoesNotMatch",
+            ]
+            .iter()
+            .any(|code| message.contains(code));
+            if permanent {
+                Error::Permanent {
+                    op,
+                    key: key.to_string(),
+                    message,
+                }
+            } else {
+                Error::Transient {
+                    op,
+                    key: key.to_string(),
+                    message,
+                }
+            }
+        }
+        other => Error::Permanent {
+            op,
+            key: key.to_string(),
+            message: error_chain(&other),
+        },
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = s.source();
+    }
+    message
+}
+
+#[async_trait]
+impl Remote for S3Store {
+    async fn put(&self, key: &str, body: Bytes, meta: Meta) -> Result<()> {
+        let path = self.path(key)?;
+        if body.len() > self.multipart_threshold {
+            return self.put_multipart(&path, key, body, meta).await;
+        }
+        let options = PutOptions {
+            attributes: attributes(meta),
+            ..Default::default()
+        };
+        self.store
+            .put_opts(&path, PutPayload::from(body), options)
+            .await
+            .map_err(|e| s3_error("put", key, e))?;
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Object> {
+        let path = self.path(key)?;
+        let result = self
+            .store
+            .get_opts(&path, GetOptions::default())
+            .await
+            .map_err(|e| s3_error("get", key, e))?;
+        let mut meta = Meta::new();
+        for (attribute, value) in result.attributes.iter() {
+            if let Attribute::Metadata(name) = attribute {
+                meta.insert(name.to_string(), value.as_ref().to_string());
+            }
+        }
+        let body = result.bytes().await.map_err(|e| s3_error("get", key, e))?;
+        Ok(Object { body, meta })
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+        let path = self.path(key)?;
+        if range.start == range.end {
+            return Ok(Bytes::new());
+        }
+        self.store
+            .get_range(&path, range)
+            .await
+            .map_err(|e| s3_error("get_range", key, e))
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        let path = self.path(key)?;
+        match self.store.head(&path).await {
+            Ok(meta) => Ok(Some(ObjectInfo {
+                key: key.to_string(),
+                size: meta.size,
+            })),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(s3_error("head", key, e)),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        let full = self.full_key(prefix);
+        // object_store lists whole path segments; list the enclosing "directory" and filter.
+        let dir = match full.rfind('/') {
+            Some(i) => Some(Path::from(&full[..i])),
+            None => None,
+        };
+        let mut stream = self.store.list(dir.as_ref());
+        let mut found = Vec::new();
+        while let Some(item) = stream.next().await {
+            let meta = item.map_err(|e| s3_error("list", prefix, e))?;
+            let key = self.strip_prefix(meta.location.as_ref());
+            if key.starts_with(prefix) {
+                found.push(ObjectInfo {
+                    key: key.to_string(),
+                    size: meta.size,
+                });
+            }
+        }
+        found.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(found)
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path(key)?;
+        match self.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(s3_error("delete", key, e)),
+        }
+    }
+}

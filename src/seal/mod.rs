@@ -1,0 +1,234 @@
+//! How firn seals its own objects: zstd compression, then XChaCha20-Poly1305 authenticated
+//! encryption under a data key derived from the master key; and content addresses by keyed
+//! BLAKE3, so equal chunks dedupe without revealing their equality to anyone without the key.
+//!
+//! The sealed format is in docs/format.md ("Sealed object"). A `context` (for example the
+//! object's role and name) is bound into every seal as associated data: a sealed object
+//! moved to another name or role fails to open.
+
+pub mod keys;
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use rand::RngCore;
+
+pub use keys::{KeySource, MasterKey};
+
+const MAGIC: &[u8; 4] = b"FRNS";
+const VERSION: u8 = 1;
+const ALGORITHM_XCHACHA20_POLY1305: u8 = 1;
+const FLAG_ZSTD: u8 = 1;
+const NONCE_LEN: usize = 24;
+/// magic, version, algorithm, flags, reserved, key id (u32), plain length (u64), nonce.
+pub const HEADER_LEN: usize = 4 + 1 + 1 + 1 + 1 + 4 + 8 + NONCE_LEN;
+const TAG_LEN: usize = 16;
+/// Nothing firn seals is larger; a header claiming more is refused before any allocation.
+pub const MAX_PLAIN_LEN: u64 = 1 << 30;
+const ZSTD_LEVEL: i32 = 3;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SealError {
+    #[error("not a sealed object (bad magic or shorter than a header)")]
+    NotSealed,
+    #[error("sealed with format version {0}, this firn reads version {VERSION}")]
+    Version(u8),
+    #[error("unknown algorithm {0}")]
+    Algorithm(u8),
+    #[error("sealed with key id {0}, which this gateway does not have")]
+    UnknownKey(u32),
+    #[error("authentication failed: wrong key, wrong context, or the object was altered")]
+    Authentication,
+    #[error("claims {0} bytes of content, more than the {MAX_PLAIN_LEN} allowed")]
+    TooLarge(u64),
+    #[error("content does not decompress to its recorded length: {0}")]
+    Decompress(String),
+}
+
+/// A 32-byte keyed-BLAKE3 content address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Address(pub [u8; 32]);
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+/// Seals and opens with the keys derived from one master key.
+pub struct Sealer {
+    cipher: XChaCha20Poly1305,
+    address_key: [u8; 32],
+    key_id: u32,
+}
+
+impl std::fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sealer")
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sealer {
+    pub fn new(master: &MasterKey) -> Sealer {
+        let data_key = master.derive("firn seal data key v1");
+        Sealer {
+            cipher: XChaCha20Poly1305::new((&*data_key).into()),
+            address_key: *master.derive("firn content address key v1"),
+            key_id: 0,
+        }
+    }
+
+    /// The content address of `plain`: equal content, equal address, under this key only.
+    pub fn address(&self, plain: &[u8]) -> Address {
+        Address(*blake3::keyed_hash(&self.address_key, plain).as_bytes())
+    }
+
+    pub fn seal(&self, context: &[u8], plain: &[u8]) -> Vec<u8> {
+        // Compress only when it pays; random or already-compressed data is stored as is.
+        let compressed = zstd::bulk::compress(plain, ZSTD_LEVEL)
+            .ok()
+            .filter(|c| c.len() < plain.len());
+        let (flags, body) = match &compressed {
+            Some(c) => (FLAG_ZSTD, c.as_slice()),
+            None => (0, plain),
+        };
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::rng().fill_bytes(&mut nonce);
+        let mut header = Vec::with_capacity(HEADER_LEN + body.len() + TAG_LEN);
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&[VERSION, ALGORITHM_XCHACHA20_POLY1305, flags, 0]);
+        header.extend_from_slice(&self.key_id.to_le_bytes());
+        header.extend_from_slice(&(plain.len() as u64).to_le_bytes());
+        header.extend_from_slice(&nonce);
+        let aad = [header.as_slice(), context].concat();
+        let ciphertext = self
+            .cipher
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: body,
+                    aad: &aad,
+                },
+            )
+            // XChaCha20-Poly1305 fails only for messages beyond 256 GiB.
+            .unwrap_or_else(|_| unreachable!("message within XChaCha20-Poly1305 limits"));
+        header.extend_from_slice(&ciphertext);
+        header
+    }
+
+    pub fn open(&self, context: &[u8], sealed: &[u8]) -> Result<Vec<u8>, SealError> {
+        if sealed.len() < HEADER_LEN + TAG_LEN || &sealed[..4] != MAGIC {
+            return Err(SealError::NotSealed);
+        }
+        let (header, ciphertext) = sealed.split_at(HEADER_LEN);
+        if header[4] != VERSION {
+            return Err(SealError::Version(header[4]));
+        }
+        if header[5] != ALGORITHM_XCHACHA20_POLY1305 {
+            return Err(SealError::Algorithm(header[5]));
+        }
+        let flags = header[6];
+        let key_id = u32::from_le_bytes(header[8..12].try_into().unwrap_or_default());
+        if key_id != self.key_id {
+            return Err(SealError::UnknownKey(key_id));
+        }
+        let plain_len = u64::from_le_bytes(header[12..20].try_into().unwrap_or_default());
+        if plain_len > MAX_PLAIN_LEN {
+            return Err(SealError::TooLarge(plain_len));
+        }
+        let nonce = XNonce::from_slice(&header[20..HEADER_LEN]);
+        let aad = [header, context].concat();
+        let body = self
+            .cipher
+            .decrypt(
+                nonce,
+                Payload {
+                    msg: ciphertext,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| SealError::Authentication)?;
+        if flags & FLAG_ZSTD == 0 {
+            return Ok(body);
+        }
+        let plain = zstd::bulk::decompress(&body, plain_len as usize)
+            .map_err(|e| SealError::Decompress(e.to_string()))?;
+        if plain.len() as u64 != plain_len {
+            return Err(SealError::Decompress(format!(
+                "{} bytes, header says {plain_len}",
+                plain.len()
+            )));
+        }
+        Ok(plain)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sealer(seed: u8) -> Sealer {
+        Sealer::new(&MasterKey::from_bytes([seed; 32]))
+    }
+
+    #[test]
+    fn round_trips_compressible_and_random_data() {
+        let s = sealer(1);
+        let mut random = vec![0u8; 100_000];
+        rand::rng().fill_bytes(&mut random);
+        for plain in [Vec::new(), vec![7u8; 1 << 20], random, b"x".to_vec()] {
+            let sealed = s.seal(b"chunk", &plain);
+            assert_eq!(s.open(b"chunk", &sealed), Ok(plain.clone()));
+            assert_ne!(&sealed[HEADER_LEN..], plain.as_slice());
+        }
+        let sealed = s.seal(b"chunk", &vec![0u8; 1 << 20]);
+        assert!(
+            sealed.len() < 1000,
+            "zeros compress: {} bytes",
+            sealed.len()
+        );
+    }
+
+    #[test]
+    fn wrong_key_context_or_any_flipped_bit_fails() {
+        let plain = b"the quick brown fox jumps over the lazy dog".repeat(10);
+        let sealed = sealer(1).seal(b"commit/1", &plain);
+        assert_eq!(
+            sealer(2).open(b"commit/1", &sealed),
+            Err(SealError::Authentication)
+        );
+        assert_eq!(
+            sealer(1).open(b"commit/2", &sealed),
+            Err(SealError::Authentication)
+        );
+        for i in 0..sealed.len() {
+            let mut bad = sealed.clone();
+            bad[i] ^= 0x10;
+            assert!(
+                sealer(1).open(b"commit/1", &bad).is_err(),
+                "flip at byte {i} accepted"
+            );
+        }
+        for n in 0..sealed.len() {
+            assert!(
+                sealer(1).open(b"commit/1", &sealed[..n]).is_err(),
+                "truncation to {n} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn addresses_are_keyed() {
+        assert_eq!(sealer(1).address(b"a"), sealer(1).address(b"a"));
+        assert_ne!(sealer(1).address(b"a"), sealer(1).address(b"b"));
+        assert_ne!(sealer(1).address(b"a"), sealer(2).address(b"a"));
+        assert_ne!(sealer(1).address(b"a").0, *blake3::hash(b"a").as_bytes());
+    }
+
+    #[test]
+    fn two_seals_of_the_same_content_differ() {
+        let s = sealer(3);
+        assert_ne!(s.seal(b"", b"same"), s.seal(b"", b"same"));
+    }
+}

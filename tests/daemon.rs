@@ -1,0 +1,319 @@
+//! `firn serve`, `firn status` and the HTTP API, run as a user would: the real binary, a
+//! config file, signals.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const FIRN: &str = env!("CARGO_BIN_EXE_firn");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+struct Daemon {
+    child: Child,
+    port: u16,
+    stdout: Vec<String>,
+}
+
+impl Daemon {
+    /// Starts `firn serve` and waits for its banner.
+    fn start(config: &Path, port: u16, env: &[(&str, &str)]) -> Daemon {
+        let mut child = Command::new(FIRN)
+            .args(["serve", "--config"])
+            .arg(config)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn firn");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut stdout = Vec::new();
+        for line in lines.by_ref() {
+            let line = line.expect("read stdout");
+            let done = line.starts_with("Press Ctrl-C");
+            stdout.push(line);
+            if done {
+                break;
+            }
+        }
+        assert!(
+            stdout.iter().any(|l| l.starts_with("Press Ctrl-C")),
+            "firn did not start: {stdout:?}"
+        );
+        // Keep draining stdout so the daemon never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Daemon {
+            child,
+            port,
+            stdout,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// SIGTERM, and the exit status.
+    fn stop(mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("kill");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "firn ignored SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_config(dir: &Path, port: u16, extra: &str) -> PathBuf {
+    let path = dir.join("firn.toml");
+    std::fs::write(
+        &path,
+        format!("[local]\ndata_dir = \"data\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n{extra}"),
+    )
+    .expect("write config");
+    path
+}
+
+fn firn(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(FIRN).args(args).output().expect("run firn");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn serve_status_api_and_clean_stop() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = write_config(dir.path(), port, "");
+    let config_arg = config.to_str().expect("utf-8");
+    let daemon = Daemon::start(&config, port, &[]);
+    let banner = daemon.stdout.join("\n");
+    assert!(banner.contains("DEVELOPMENT MODE"), "{banner}");
+    assert!(
+        banner.contains(&format!("http://127.0.0.1:{port}/metrics")),
+        "{banner}"
+    );
+    let token = std::fs::read_to_string(dir.path().join("data/api-token")).expect("token file");
+    assert!(
+        banner.contains(token.trim()),
+        "the first start shows the token"
+    );
+
+    let http = reqwest::Client::new();
+    let health = http
+        .get(daemon.url("/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), 200);
+
+    let anonymous = http
+        .get(daemon.url("/api/v1/status"))
+        .send()
+        .await
+        .expect("status");
+    assert_eq!(anonymous.status(), 401);
+    let wrong = http
+        .get(daemon.url("/api/v1/status"))
+        .bearer_auth("nope")
+        .send()
+        .await
+        .expect("status");
+    assert_eq!(wrong.status(), 401);
+    let status: serde_json::Value = http
+        .get(daemon.url("/api/v1/status"))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(status["remote"]["reachable"], true);
+    assert!(status["local"]["free_bytes"].as_u64().expect("free") > 0);
+    assert!(status["local"]["used_bytes"].as_u64().expect("used") > 0);
+
+    let (ok, out, err) = firn(&["status", "--config", config_arg]);
+    assert!(ok, "firn status failed: {err}");
+    assert!(
+        out.contains("reachable") && out.contains("local space"),
+        "{out}"
+    );
+
+    let (ok, out, err) = firn(&["bandwidth", "--config", config_arg, "--upload", "20MiB"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("upload 20MiB/s"), "{out}");
+    let (_, out, _) = firn(&["status", "--config", config_arg, "--json"]);
+    assert!(out.contains("\"upload_limit\": \"20MiB/s\""), "{out}");
+    let bad = http
+        .put(daemon.url("/api/v1/bandwidth"))
+        .bearer_auth(token.trim())
+        .body("{\"upload\": \"warp speed\"}")
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(bad.status(), 400);
+    let message = bad.text().await.expect("body");
+    assert!(message.contains("warp speed"), "{message}");
+
+    let metrics = http
+        .get(daemon.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("firn_remote_up 1"), "{metrics}");
+    assert!(
+        metrics.contains("firn_remote_requests_total{op=\"list\"}")
+            || metrics.contains("firn_uptime_seconds"),
+        "{metrics}"
+    );
+
+    // A second daemon on the same data directory is refused with a reason.
+    let (ok, _, err) = firn(&["serve", "--config", config_arg]);
+    assert!(!ok);
+    assert!(err.contains("in use by another firn"), "{err}");
+
+    let status = daemon.stop();
+    assert!(status.success(), "firn exited with {status}");
+
+    // Every API call above is in the audit log, fsynced, with its status.
+    let (mut log, _) =
+        firn::local::log::Log::open(dir.path().join("data/audit.log")).expect("audit log");
+    let records: Vec<String> = log
+        .iter()
+        .expect("iter")
+        .map(|r| String::from_utf8(r.expect("record").payload).expect("utf-8"))
+        .collect();
+    assert!(
+        records.iter().any(|r| r.contains("\"status\":401")),
+        "{records:?}"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r.contains("\"method\":\"PUT\"") && r.contains("bandwidth")),
+        "{records:?}"
+    );
+
+    // The second start reuses the token and does not show it again.
+    let daemon = Daemon::start(&config, port, &[]);
+    assert!(!daemon.stdout.join("\n").contains(token.trim()));
+    assert!(daemon.stop().success());
+}
+
+#[test]
+fn config_mistakes_get_one_clear_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        ("[remote]\nkind = \"s3\"\nbuckett = \"x\"\n", "buckett"),
+        ("[local]\nmax_bytes = \"plenty\"\n", "plenty"),
+        ("[http]\nlisten = \"everywhere\"\n", "listen"),
+        ("[remote]\nkind = \"s3\"\n", "bucket"),
+        ("not toml at all [", "firn.toml"),
+        (
+            "[keys]\nsource = \"env\"\nenv = \"FIRN_TEST_UNSET_KEY\"\n",
+            "FIRN_TEST_UNSET_KEY",
+        ),
+    ];
+    for (text, expected) in cases {
+        let path = dir.path().join("firn.toml");
+        std::fs::write(&path, text).expect("write");
+        let (ok, _, err) = firn(&["serve", "--config", path.to_str().expect("utf-8")]);
+        assert!(!ok, "{text:?} was accepted");
+        assert!(err.contains(expected), "{text:?}: {err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+            "{text:?}: {err}"
+        );
+        let errors = err.lines().filter(|l| l.starts_with("firn: ")).count();
+        assert_eq!(errors, 1, "{text:?}: not one clear message: {err}");
+    }
+    let (ok, _, err) = firn(&["status", "--config", "/nonexistent/firn.toml"]);
+    assert!(!ok && err.contains("/nonexistent/firn.toml"), "{err}");
+}
+
+#[test]
+fn an_unreachable_endpoint_is_named_and_the_gateway_keeps_working() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let dead = free_port();
+    let config = write_config(
+        dir.path(),
+        port,
+        &format!(
+            "[remote]\nkind = \"s3\"\nendpoint = \"http://127.0.0.1:{dead}\"\nbucket = \"b\"\naccess_key_id = \"k\"\nsecret_access_key = \"s\"\n"
+        ),
+    );
+    let daemon = Daemon::start(&config, port, &[]);
+    let banner = daemon.stdout.join("\n");
+    assert!(
+        banner.contains(&format!("http://127.0.0.1:{dead}")),
+        "{banner}"
+    );
+    assert!(banner.contains("UNREACHABLE"), "{banner}");
+    let (ok, out, err) = firn(&["status", "--config", config.to_str().expect("utf-8")]);
+    assert!(ok, "{err}");
+    assert!(out.contains("UNREACHABLE"), "{out}");
+    assert!(daemon.stop().success());
+}
+
+#[test]
+fn a_wrong_master_key_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = write_config(dir.path(), port, "[keys]\nsource = \"env\"\n");
+    let key_a = "11".repeat(32);
+    let key_b = "22".repeat(32);
+    let daemon = Daemon::start(&config, port, &[("FIRN_MASTER_KEY", &key_a)]);
+    assert!(!daemon.stdout.join("\n").contains("DEVELOPMENT MODE"));
+    assert!(daemon.stop().success());
+    assert!(
+        !dir.path().join("data/dev-master-key").exists(),
+        "no key material on disk"
+    );
+
+    let out = Command::new(FIRN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("FIRN_MASTER_KEY", &key_b)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("not the one the data directory"), "{err}");
+
+    let daemon = Daemon::start(&config, port, &[("FIRN_MASTER_KEY", &key_a)]);
+    assert!(daemon.stop().success());
+}
