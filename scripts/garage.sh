@@ -6,10 +6,14 @@
 #
 # Everything binds to 127.0.0.1 on free ports, so several instances can coexist.
 # `source <dir>/env` exports FIRN_TEST_S3_{ENDPOINT,BUCKET,REGION,ACCESS_KEY_ID,
-# SECRET_ACCESS_KEY} and GARAGE_PID (plus GARAGE_CONFIG, GARAGE_ADMIN_ENDPOINT).
+# SECRET_ACCESS_KEY} and GARAGE_PID (plus GARAGE_CONFIG_FILE, so a plain
+# `garage status` works, and GARAGE_ADMIN_ENDPOINT).
 # Garage and the setup commands log to <dir>/garage.log (GARAGE_RUST_LOG sets its RUST_LOG).
 set -euo pipefail
 unset AWS_CA_BUNDLE # breaks S3 clients talking plain HTTP
+# garage reads these; ours come from the config file
+unset GARAGE_CONFIG_FILE GARAGE_RPC_HOST GARAGE_RPC_SECRET GARAGE_RPC_SECRET_FILE \
+    GARAGE_ADMIN_TOKEN GARAGE_ADMIN_TOKEN_FILE GARAGE_METRICS_TOKEN GARAGE_METRICS_TOKEN_FILE
 
 BUCKET=firn-test
 REGION=garage
@@ -86,7 +90,7 @@ EOF
     )
 
     : >"$log"
-    RUST_LOG=${GARAGE_RUST_LOG:-garage=info} "$bin" -c "$cfg" server </dev/null >>"$log" 2>&1 &
+    NO_COLOR=1 RUST_LOG=${GARAGE_RUST_LOG:-garage=info} "$bin" -c "$cfg" server </dev/null >>"$log" 2>&1 &
     pid=$!
     echo "$pid" >"$dir/garage.pid"
 
@@ -141,7 +145,7 @@ EOF
         echo "export FIRN_TEST_S3_ACCESS_KEY_ID=$key_id"
         echo "export FIRN_TEST_S3_SECRET_ACCESS_KEY=$key_secret"
         echo "export GARAGE_PID=$pid"
-        echo "export GARAGE_CONFIG=$(printf %q "$cfg")"
+        echo "export GARAGE_CONFIG_FILE=$(printf %q "$cfg")"
         echo "export GARAGE_ADMIN_ENDPOINT=http://127.0.0.1:$admin"
     } >"$dir/env.tmp"
     chmod 600 "$dir/env.tmp"

@@ -77,9 +77,19 @@ fn crash_child_writer() {
     writeln!(out).unwrap();
     let started = Instant::now();
     while seq < stop_at {
-        for _ in 0..1 + mix(seq ^ 0xabcd) % 8 {
+        let h = mix(seq ^ 0xabcd);
+        // Most batches are quick, so most kills land in a sync. A slow batch (a writer waiting
+        // on its input) stays a while with a record half written, where the buffer last
+        // spilled into the file, so kills also land on torn records.
+        let (batch, pause) = if h % 4 == 0 {
+            (10 + h % 30, Duration::from_micros(300))
+        } else {
+            (1 + h % 8, Duration::ZERO)
+        };
+        for _ in 0..batch {
             assert_eq!(log.append(&expected_payload(seq)).unwrap(), seq);
             seq += 1;
+            thread::sleep(pause);
         }
         log.sync().unwrap();
         // Only now, after the sync returned, may the parent count on these records.
@@ -215,7 +225,7 @@ fn run_and_kill(path: &Path, rng: &mut Rng, report: &mut Report) -> u64 {
                 Err(_) => break,
             }
         }
-        thread::sleep(Duration::from_micros(rng.below(2_000)));
+        thread::sleep(Duration::from_micros(rng.below(10_000)));
     }
 
     child.kill().unwrap();

@@ -413,6 +413,9 @@ fn scan(path: &Path, file: &File, file_len: u64) -> Result<Scan, LogError> {
             reason: "file is shorter than the 16-byte header",
         });
     }
+    // A freshly created file is positioned after its header.
+    let mut file = file;
+    file.seek(SeekFrom::Start(0)).map_err(read_error)?;
     let mut reader = BufReader::with_capacity(64 << 10, file);
     let mut header = [0u8; FILE_HEADER_LEN as usize];
     reader.read_exact(&mut header).map_err(read_error)?;
@@ -750,11 +753,11 @@ mod tests {
     /// How many records, starting at `starts` and with the last ending at `end`, lie wholly
     /// before byte `cut`.
     fn whole_records_before(starts: &[u64], end: u64, cut: u64) -> usize {
+        let ends = starts.iter().skip(1).chain(std::iter::once(&end));
         starts
             .iter()
-            .skip(1)
-            .chain(std::iter::once(&end))
-            .take_while(|&&record_end| record_end <= cut)
+            .zip(ends)
+            .take_while(|&(_, &record_end)| record_end <= cut)
             .count()
     }
 
