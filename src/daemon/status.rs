@@ -65,8 +65,8 @@ pub fn used_bytes(dir: &Path) -> u64 {
 pub fn disk_space(dir: &Path) -> (u64, u64) {
     match nix::sys::statvfs::statvfs(dir) {
         Ok(s) => {
-            let unit = s.fragment_size() as u64;
-            (s.blocks_available() as u64 * unit, s.blocks() as u64 * unit)
+            let unit = s.fragment_size();
+            (s.blocks_available() * unit, s.blocks() * unit)
         }
         Err(_) => (0, 0),
     }

@@ -287,10 +287,7 @@ impl Remote for S3Store {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         let full = self.full_key(prefix);
         // object_store lists whole path segments; list the enclosing "directory" and filter.
-        let dir = match full.rfind('/') {
-            Some(i) => Some(Path::from(&full[..i])),
-            None => None,
-        };
+        let dir = full.rfind('/').map(|i| Path::from(&full[..i]));
         let mut stream = self.store.list(dir.as_ref());
         let mut found = Vec::new();
         while let Some(item) = stream.next().await {

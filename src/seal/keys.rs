@@ -17,10 +17,11 @@ use zeroize::Zeroizing;
 use super::Sealer;
 
 /// Where the `[keys]` section says the master key comes from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "source", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum KeySource {
     /// A key generated at first start and kept in the data directory. For trying firn out.
+    #[default]
     Dev,
     /// 64 hex digits in an environment variable.
     Env {
@@ -35,12 +36,6 @@ pub enum KeySource {
         #[serde(default = "default_passphrase_env")]
         env: String,
     },
-}
-
-impl Default for KeySource {
-    fn default() -> Self {
-        KeySource::Dev
-    }
 }
 
 fn default_key_env() -> String {
