@@ -4,7 +4,9 @@
 
 pub mod cli;
 pub mod daemon;
+pub mod engines;
 pub mod local;
+pub mod protocols;
 pub mod remote;
 pub mod seal;
 pub mod size;

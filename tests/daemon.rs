@@ -1,112 +1,12 @@
 //! `firn serve`, `firn status` and the HTTP API, run as a user would: the real binary, a
 //! config file, signals.
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const FIRN: &str = env!("CARGO_BIN_EXE_firn");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-struct Daemon {
-    child: Child,
-    port: u16,
-    stdout: Vec<String>,
-}
-
-impl Daemon {
-    /// Starts `firn serve` and waits for its banner.
-    fn start(config: &Path, port: u16, env: &[(&str, &str)]) -> Daemon {
-        let mut child = Command::new(FIRN)
-            .args(["serve", "--config"])
-            .arg(config)
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn firn");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let mut stdout = Vec::new();
-        for line in lines.by_ref() {
-            let line = line.expect("read stdout");
-            let done = line.starts_with("Press Ctrl-C");
-            stdout.push(line);
-            if done {
-                break;
-            }
-        }
-        assert!(
-            stdout.iter().any(|l| l.starts_with("Press Ctrl-C")),
-            "firn did not start: {stdout:?}"
-        );
-        // Keep draining stdout so the daemon never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Daemon {
-            child,
-            port,
-            stdout,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    /// SIGTERM, and the exit status.
-    fn stop(mut self) -> std::process::ExitStatus {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("kill");
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "firn ignored SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn write_config(dir: &Path, port: u16, extra: &str) -> PathBuf {
-    let path = dir.join("firn.toml");
-    std::fs::write(
-        &path,
-        format!("[local]\ndata_dir = \"data\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n{extra}"),
-    )
-    .expect("write config");
-    path
-}
-
-fn firn(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(FIRN).args(args).output().expect("run firn");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::{Daemon, FIRN, firn, free_port, write_config};
 
 #[tokio::test]
 async fn serve_status_api_and_clean_stop() {
@@ -216,6 +116,7 @@ async fn serve_status_api_and_clean_stop() {
         .expect("iter")
         .map(|r| String::from_utf8(r.expect("record").payload).expect("utf-8"))
         .collect();
+    drop(log); // it holds the log's writer lock
     assert!(
         records.iter().any(|r| r.contains("\"status\":401")),
         "{records:?}"
@@ -316,4 +217,61 @@ fn a_wrong_master_key_is_refused_at_start() {
 
     let daemon = Daemon::start(&config, port, &[("FIRN_MASTER_KEY", &key_a)]);
     assert!(daemon.stop().success());
+}
+
+#[test]
+fn remote_cli_rides_out_a_drilled_outage_and_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        dir.path(),
+        free_port(),
+        "[faults]\nerror_rate = 0.3\noutage_secs = 2\n",
+    );
+    let config = config.to_str().expect("utf-8");
+    let source = dir.path().join("source");
+    std::fs::create_dir_all(source.join("sub")).expect("mkdir");
+    for i in 0..20 {
+        std::fs::write(
+            source.join("sub").join(format!("f{i}")),
+            vec![i as u8; 1000 * i],
+        )
+        .expect("write");
+    }
+    let started = Instant::now();
+    let (ok, out, err) = firn(&[
+        "remote",
+        "--config",
+        config,
+        "put",
+        source.to_str().expect("utf-8"),
+        "tree",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("uploaded 20 objects"), "{out}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "finished inside the outage"
+    );
+    let back = dir.path().join("back");
+    let (ok, out, err) = firn(&[
+        "remote",
+        "--config",
+        config,
+        "get",
+        "tree/",
+        back.to_str().expect("utf-8"),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("downloaded 20 objects"), "{out}");
+    for i in 0..20 {
+        let name = format!("sub/f{i}");
+        assert_eq!(
+            std::fs::read(back.join(&name)).expect("read back"),
+            std::fs::read(source.join(&name)).expect("read source"),
+            "{name}"
+        );
+    }
+    let (ok, out, _) = firn(&["remote", "--config", config, "ls", "tree/sub/f1"]);
+    assert!(ok);
+    assert_eq!(out.lines().count(), 11, "f1, f10..f19: {out}");
 }

@@ -179,6 +179,7 @@ async fn thirty_percent_injected_errors_lose_nothing() {
                 latency_ms: 0,
                 // On top of the errors: torn reads, retried a bounded number of times.
                 truncate_rate: 0.15,
+                outage_secs: 0,
             }),
         );
         let r = &stack.remote;

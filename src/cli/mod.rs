@@ -43,11 +43,36 @@ enum Command {
         #[arg(long)]
         download: Option<String>,
     },
+    /// Create, list, show and delete block volumes (served over NBD).
+    #[command(subcommand)]
+    Volume(VolumeCommand),
     /// Work on the configured object store directly.
     #[command(subcommand)]
     Remote(remote::RemoteCommand),
     /// Print a new random master key (64 hex digits) for [keys] source = "env" or "file".
     Keygen,
+}
+
+#[derive(Subcommand)]
+enum VolumeCommand {
+    /// Create a volume.
+    Create {
+        name: String,
+        /// Size, e.g. 10G or 512MiB; a multiple of 4 KiB.
+        #[arg(long)]
+        size: String,
+        /// local: kept on this gateway's disk only (scratch).
+        #[arg(long, default_value = "local")]
+        mode: String,
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// List volumes.
+    List,
+    /// Show one volume.
+    Show { name: String },
+    /// Delete a volume and its data.
+    Delete { name: String },
 }
 
 pub fn main() -> ExitCode {
@@ -120,9 +145,61 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Volume(command) => {
+            let client = ApiClient::new(&config)?;
+            rt.block_on(volume(&client, command))
+        }
         Command::Remote(command) => rt.block_on(remote::run(&config, command)),
         Command::Keygen => Ok(()),
     }
+}
+
+async fn volume(client: &ApiClient, command: VolumeCommand) -> anyhow::Result<()> {
+    use serde_json::{Value, json};
+    let line = |v: &Value| {
+        format!(
+            "{:<24} {:>12} {:<6} {}",
+            v["name"].as_str().unwrap_or("?"),
+            v["size"]
+                .as_u64()
+                .map(|s| crate::size::Human(s).to_string())
+                .unwrap_or_default(),
+            v["mode"].as_str().unwrap_or("?"),
+            if v["read_only"].as_bool().unwrap_or(false) {
+                "read-only"
+            } else {
+                ""
+            }
+        )
+    };
+    match command {
+        VolumeCommand::Create {
+            name,
+            size,
+            mode,
+            read_only,
+        } => {
+            let size = crate::size::parse_size(&size)?;
+            let body = json!({ "name": name, "size": size, "mode": mode, "read_only": read_only });
+            let created: Value = client.post("volumes", &body).await?;
+            println!("created {}", line(&created).trim_end());
+        }
+        VolumeCommand::List => {
+            let volumes: Vec<Value> = client.get("volumes").await?;
+            for v in &volumes {
+                println!("{}", line(v).trim_end());
+            }
+        }
+        VolumeCommand::Show { name } => {
+            let v: Value = client.get(&format!("volumes/{name}")).await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        VolumeCommand::Delete { name } => {
+            client.delete(&format!("volumes/{name}")).await?;
+            println!("deleted {name}");
+        }
+    }
+    Ok(())
 }
 
 /// The management API as the CLI sees it: address from the config, token from the data
@@ -163,7 +240,23 @@ impl ApiClient {
                 .unwrap_or(body);
             bail!("{status}: {message}");
         }
-        serde_json::from_str(&body).context("unexpected answer from the API")
+        let body = if body.is_empty() { "null" } else { &body };
+        serde_json::from_str(body).context("unexpected answer from the API")
+    }
+
+    async fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        self.send(self.http.post(format!("{}/{path}", self.base)).json(body))
+            .await
+    }
+
+    async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        self.send::<serde_json::Value>(self.http.delete(format!("{}/{path}", self.base)))
+            .await?;
+        Ok(())
     }
 
     async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {

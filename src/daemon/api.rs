@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -15,7 +15,9 @@ use subtle::ConstantTimeEq;
 
 use super::Gateway;
 use super::status::{Status, disk_space};
+use crate::engines::volume::Mode;
 use crate::remote::limit::Policy;
+use crate::size::ByteSize;
 
 type Shared = State<Arc<Gateway>>;
 
@@ -23,12 +25,15 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     let api = Router::new()
         .route("/status", get(status))
         .route("/bandwidth", get(get_bandwidth).put(put_bandwidth))
+        .route("/volumes", get(list_volumes).post(create_volume))
+        .route("/volumes/{name}", get(show_volume).delete(delete_volume))
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(gateway.clone(), audit))
+        // The audit layer wraps the token check, so refused calls are recorded too.
         .layer(middleware::from_fn_with_state(
             gateway.clone(),
             require_token,
-        ));
+        ))
+        .layer(middleware::from_fn_with_state(gateway.clone(), audit));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -140,5 +145,78 @@ async fn put_bandwidth(State(gateway): Shared, body: axum::body::Bytes) -> Respo
             Json(policy).into_response()
         }
         Err(e) => error(StatusCode::BAD_REQUEST, format!("bandwidth policy: {e}")),
+    }
+}
+
+/// `POST /api/v1/volumes`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateVolume {
+    name: String,
+    size: ByteSize,
+    #[serde(default = "default_mode")]
+    mode: Mode,
+    #[serde(default)]
+    read_only: bool,
+}
+
+fn default_mode() -> Mode {
+    Mode::Local
+}
+
+async fn list_volumes(State(gateway): Shared) -> Response {
+    match gateway.volumes.list() {
+        Ok(volumes) => Json(volumes).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn create_volume(State(gateway): Shared, body: axum::body::Bytes) -> Response {
+    let request: CreateVolume = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("volume: {e}")),
+    };
+    let volumes = gateway.volumes.clone();
+    let created = tokio::task::spawn_blocking(move || {
+        volumes.create(
+            &request.name,
+            request.size.0,
+            request.mode,
+            request.read_only,
+        )
+    })
+    .await;
+    match created {
+        Ok(Ok(info)) => (StatusCode::CREATED, Json(info)).into_response(),
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn show_volume(State(gateway): Shared, Path(name): Path<String>) -> Response {
+    match gateway.volumes.get(&name) {
+        Ok(Some(info)) => Json(info).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no volume named {name:?}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn delete_volume(State(gateway): Shared, Path(name): Path<String>) -> Response {
+    if gateway.exports.in_use(&name) {
+        return error(
+            StatusCode::CONFLICT,
+            format!("volume {name:?} is attached by an NBD client; disconnect it first"),
+        );
+    }
+    match gateway.volumes.get(&name) {
+        Ok(Some(_)) => {}
+        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no volume named {name:?}")),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+    let volumes = gateway.volumes.clone();
+    match tokio::task::spawn_blocking(move || volumes.delete(&name)).await {
+        Ok(Ok(_)) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

@@ -18,6 +18,7 @@ pub struct Config {
     pub remote: RemoteConfig,
     pub local: LocalConfig,
     pub http: HttpConfig,
+    pub nbd: NbdConfig,
     pub keys: KeySource,
     /// Fault injection for drills; absent in production.
     pub faults: Option<FaultSettings>,
@@ -116,6 +117,74 @@ impl Default for HttpConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NbdConfig {
+    /// TCP address of the NBD server; empty to serve only the Unix socket.
+    pub listen: String,
+    /// The Unix socket; default `nbd.sock` in the data directory.
+    pub socket: Option<PathBuf>,
+    /// Client addresses (CIDR) allowed over TCP; the Unix socket is guarded by its mode.
+    pub allow: Vec<String>,
+}
+
+impl Default for NbdConfig {
+    fn default() -> Self {
+        NbdConfig {
+            listen: "127.0.0.1:10809".to_string(),
+            socket: None,
+            allow: vec!["127.0.0.0/8".to_string(), "::1/128".to_string()],
+        }
+    }
+}
+
+/// An address block such as `10.0.0.0/8`, for allowlists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let bad = || format!("invalid address block {text:?}: expected e.g. 10.0.0.0/8 or ::1/128");
+        let (addr, prefix) = text.split_once('/').unwrap_or((text, ""));
+        let network: std::net::IpAddr = addr.trim().parse().map_err(|_| bad())?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = if prefix.is_empty() {
+            max
+        } else {
+            prefix.trim().parse().map_err(|_| bad())?
+        };
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(Cidr { network, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.network, ip) {
+            (std::net::IpAddr::V4(n), std::net::IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (std::net::IpAddr::V6(n), std::net::IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config file {path}: {source}")]
@@ -171,6 +240,15 @@ impl Config {
         if r.part_concurrency == 0 {
             return Err("[remote] part_concurrency must be at least 1".to_string());
         }
+        if !self.nbd.listen.is_empty() && self.nbd.listen.parse::<SocketAddr>().is_err() {
+            return Err(format!(
+                "[nbd] listen {:?} is not an address such as 127.0.0.1:10809",
+                self.nbd.listen
+            ));
+        }
+        for block in &self.nbd.allow {
+            Cidr::parse(block).map_err(|e| format!("[nbd] allow: {e}"))?;
+        }
         if let Some(faults) = &self.faults {
             for (name, rate) in [
                 ("error_rate", faults.error_rate),
@@ -194,10 +272,20 @@ impl Config {
         if let Some(p) = self.remote.path.as_mut() {
             fix(p);
         }
+        if let Some(p) = self.nbd.socket.as_mut() {
+            fix(p);
+        }
         if let KeySource::File { file } = &mut self.keys {
             fix(file);
         }
         self
+    }
+
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.nbd
+            .socket
+            .clone()
+            .unwrap_or_else(|| self.local.data_dir.join("nbd.sock"))
     }
 
     pub fn bucket_dir(&self) -> PathBuf {
@@ -287,6 +375,22 @@ mod tests {
     }
 
     #[test]
+    fn address_blocks_match() {
+        let lo = Cidr::parse("127.0.0.0/8").expect("valid");
+        assert!(lo.contains("127.1.2.3".parse().expect("ip")));
+        assert!(lo.contains("::ffff:127.0.0.1".parse().expect("ip")));
+        assert!(!lo.contains("10.0.0.1".parse().expect("ip")));
+        let one = Cidr::parse("::1").expect("valid");
+        assert!(one.contains("::1".parse().expect("ip")));
+        assert!(!one.contains("::2".parse().expect("ip")));
+        assert!(
+            Cidr::parse("0.0.0.0/0")
+                .expect("valid")
+                .contains("8.8.8.8".parse().expect("ip"))
+        );
+    }
+
+    #[test]
     fn mistakes_name_the_key() {
         let cases = [
             ("[remote]\nkindd = \"s3\"", "kindd"),
@@ -298,7 +402,9 @@ mod tests {
             ("[remote.bandwidth]\nupload = \"fast\"", "fast"),
             ("[faults]\nerror_rate = 2.0", "error_rate"),
             ("[remote]\nendpoint = \"127.0.0.1:3900\"", "endpoint"),
-            ("[nbd]\n", "nbd"),
+            ("[nbd]\nallow = [\"10.0.0.0/33\"]", "10.0.0.0/33"),
+            ("[nbd]\nlisten = \"nowhere\"", "listen"),
+            ("[ndb]\n", "ndb"),
         ];
         for (text, expected) in cases {
             let message = Config::parse(text).expect_err(text);

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod config;
+pub mod nbd;
 pub mod status;
 
 use std::fs::File;
@@ -13,8 +14,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use prometheus_client::registry::Registry;
 
+use crate::engines::volume::catalog::Catalog;
 use crate::local::log::Log;
 use crate::local::meta::MetaStore;
+use crate::protocols::nbd::NbdServer;
 use crate::remote::dir::DirStore;
 use crate::remote::faults::FaultPlan;
 use crate::remote::limit::Limiter;
@@ -136,7 +139,9 @@ pub struct Gateway {
     pub started: Instant,
     pub remote: remote::Stack,
     pub sealer: Arc<Sealer>,
-    pub meta: MetaStore,
+    pub meta: Arc<MetaStore>,
+    pub volumes: Arc<Catalog>,
+    pub exports: Arc<nbd::VolumeExports>,
     pub gateway_id: String,
     pub token: String,
     pub registry: Registry,
@@ -192,7 +197,7 @@ impl Gateway {
         drop(master);
         crate::seal::keys::check_key(&sealer, &data_dir)?;
 
-        let meta = MetaStore::open(data_dir.join("meta.redb"))?;
+        let meta = Arc::new(MetaStore::open(data_dir.join("meta.redb"))?);
         let gateway_id = match meta.get("gateway", "id")? {
             Some(id) => String::from_utf8_lossy(&id).into_owned(),
             None => {
@@ -204,6 +209,18 @@ impl Gateway {
             }
         };
         let (audit, _) = Log::open(data_dir.join("audit.log"))?;
+        let volumes = Arc::new(Catalog::new(
+            meta.clone(),
+            data_dir.join("volumes"),
+            sealer.clone(),
+        )?);
+        let allow = config
+            .nbd
+            .allow
+            .iter()
+            .map(|block| config::Cidr::parse(block).map_err(anyhow::Error::msg))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let exports = Arc::new(nbd::VolumeExports::new(volumes.clone(), allow));
         let (token, new_token) = read_or_create_token(&data_dir)?;
         if new_token {
             println!(
@@ -245,6 +262,8 @@ impl Gateway {
             remote,
             sealer,
             meta,
+            volumes,
+            exports,
             gateway_id,
             token,
             registry,
@@ -302,16 +321,43 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("[http] listen: cannot bind {listen}"))?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let nbd = NbdServer::new(gateway.exports.clone(), stopped.clone());
+    let socket_path = gateway.config.nbd_socket();
+    let unix = NbdServer::bind_unix(&socket_path)
+        .with_context(|| format!("[nbd] socket: cannot bind {}", socket_path.display()))?;
+    let nbd_listen = gateway.config.nbd.listen.clone();
+    let tcp = if nbd_listen.is_empty() {
+        None
+    } else {
+        Some(
+            tokio::net::TcpListener::bind(&nbd_listen)
+                .await
+                .with_context(|| format!("[nbd] listen: cannot bind {nbd_listen}"))?,
+        )
+    };
+    let stop_requested = shutdown_signal()?;
     print_banner(&gateway, listen);
     tokio::spawn(gateway.clone().watch_remote());
+    tokio::spawn(nbd.clone().serve_unix(unix));
+    if let Some(tcp) = tcp {
+        tokio::spawn(nbd.clone().serve_tcp(tcp));
+    }
     let app = api::router(gateway.clone());
-    axum::serve(
+    let mut http_stopped = stopped.clone();
+    let http = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
-    .with_graceful_shutdown(shutdown_signal())
-    .await
-    .context("HTTP server")?;
+    .with_graceful_shutdown(async move {
+        let _ = http_stopped.changed().await;
+    });
+    let http = tokio::spawn(async move { http.await });
+    stop_requested.await;
+    let _ = stop.send(true);
+    // NBD clients get ESHUTDOWN for new requests and a moment to finish; HTTP drains.
+    let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
+    let _ = std::fs::remove_file(&socket_path);
     println!("firn stopped");
     Ok(())
 }
@@ -353,24 +399,32 @@ fn print_banner(gateway: &Gateway, listen: std::net::SocketAddr) {
         "  HTTP API        http://{listen}/api/v1/ (bearer token in {})",
         gateway.data_dir().join(TOKEN_FILE).display()
     );
+    if !gateway.config.nbd.listen.is_empty() {
+        println!(
+            "  NBD             nbd://{}/<volume>",
+            gateway.config.nbd.listen
+        );
+    }
+    println!(
+        "  NBD (unix)      nbd+unix:///<volume>?socket={}",
+        gateway.config.nbd_socket().display()
+    );
     println!("  metrics         http://{listen}/metrics");
     println!("  health          http://{listen}/healthz");
     println!("Press Ctrl-C to stop.");
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(e) => {
-            tracing::warn!("cannot watch SIGTERM: {e}");
-            let _ = ctrl_c.await;
-            return;
+/// Resolves at the first Ctrl-C or SIGTERM. Call it before announcing readiness: the
+/// handlers are installed when it is called, not when it is first polled.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
-    }
-    println!("stopping");
+        println!("stopping");
+    })
 }

@@ -61,7 +61,7 @@ pub enum LogError {
     UnsupportedVersion { path: PathBuf, found: u32 },
 
     #[error(
-        "log {}: is already open for writing by another process or handle; stop the other writer first",
+        "log {}: already open for writing by another process or handle; stop the other writer first",
         .path.display()
     )]
     Locked { path: PathBuf },
@@ -125,7 +125,7 @@ pub struct Record {
 #[derive(Debug)]
 pub struct Log {
     path: PathBuf,
-    // Declared before `lock` so that dropping a Log flushes buffered records before unlocking.
+    // Declared before `_lock` so that dropping a Log flushes buffered records before unlocking.
     writer: BufWriter<File>,
     // Flock's drop panics if unlocking fails, which flock(2) only does for a bad descriptor;
     // this one stays open for the life of the Log.
@@ -451,7 +451,8 @@ fn scan(path: &Path, file: &File, file_len: u64) -> Result<Scan, LogError> {
         let mut crc = crc32c::crc32c(&len_bytes);
         let mut left = len as usize;
         while left > 0 {
-            let part = &mut chunk[..left.min(8 << 10)];
+            let part_len = left.min(chunk.len());
+            let part = &mut chunk[..part_len];
             reader.read_exact(part).map_err(read_error)?;
             crc = crc32c::crc32c_append(crc, part);
             left -= part.len();
@@ -684,6 +685,23 @@ mod tests {
         assert_eq!(recovery.bytes_dropped, 104);
         assert_eq!(recovery.damage, Some(TailDamage::LengthTooLarge));
         assert_eq!(fs::metadata(&path).unwrap().len(), end);
+    }
+
+    #[test]
+    fn zero_filled_tail_is_dropped() {
+        // What some file systems show after power loss: the new length made it to disk, the
+        // data did not. A zero header never passes, because crc32c of a zero length is not 0.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("zeros.log");
+        let (_, end) = write_log(&path, &sample_payloads(3));
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(end + 4096).unwrap();
+        drop(file);
+
+        let (_, recovery) = Log::open(&path).unwrap();
+        assert_eq!(recovery.records, 3);
+        assert_eq!(recovery.bytes_dropped, 4096);
+        assert_eq!(recovery.damage, Some(TailDamage::BadChecksum));
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct FaultSettings {
     /// Share of whole-object reads, 0.0 to 1.0, whose body is cut short.
     #[serde(default)]
     pub truncate_rate: f64,
+    /// Every request fails for this many seconds from start: a drill of an uplink outage.
+    #[serde(default)]
+    pub outage_secs: u64,
 }
 
 #[derive(Debug, Default)]
@@ -40,10 +43,14 @@ pub struct FaultPlan {
 
 impl FaultPlan {
     pub fn new(settings: FaultSettings) -> Self {
-        FaultPlan {
-            settings: Mutex::new(settings),
+        let plan = FaultPlan {
+            settings: Mutex::new(settings.clone()),
             ..Default::default()
+        };
+        if settings.outage_secs > 0 {
+            plan.outage(Duration::from_secs(settings.outage_secs));
         }
+        plan
     }
 
     pub fn settings(&self) -> FaultSettings {

@@ -58,6 +58,7 @@ impl std::fmt::Display for Address {
 pub struct Sealer {
     cipher: XChaCha20Poly1305,
     address_key: [u8; 32],
+    volume_root: zeroize::Zeroizing<[u8; 32]>,
     key_id: u32,
 }
 
@@ -75,8 +76,18 @@ impl Sealer {
         Sealer {
             cipher: XChaCha20Poly1305::new((&*data_key).into()),
             address_key: *master.derive("firn content address key v1"),
+            volume_root: master.derive("firn volume sector key v1"),
             key_id: 0,
         }
+    }
+
+    /// The 512-bit AES-256-XTS key (two AES-256 keys) for one volume's local sectors.
+    pub fn volume_key(&self, volume_id: &str) -> zeroize::Zeroizing<[u8; 64]> {
+        let mut key = zeroize::Zeroizing::new([0u8; 64]);
+        let mut hasher = blake3::Hasher::new_keyed(&self.volume_root);
+        hasher.update(volume_id.as_bytes());
+        hasher.finalize_xof().fill(key.as_mut());
+        key
     }
 
     /// The content address of `plain`: equal content, equal address, under this key only.
@@ -224,6 +235,15 @@ mod tests {
         assert_ne!(sealer(1).address(b"a"), sealer(1).address(b"b"));
         assert_ne!(sealer(1).address(b"a"), sealer(2).address(b"a"));
         assert_ne!(sealer(1).address(b"a").0, *blake3::hash(b"a").as_bytes());
+    }
+
+    #[test]
+    fn volume_keys_differ_per_volume_and_master() {
+        assert_eq!(*sealer(1).volume_key("a"), *sealer(1).volume_key("a"));
+        assert_ne!(*sealer(1).volume_key("a"), *sealer(1).volume_key("b"));
+        assert_ne!(*sealer(1).volume_key("a"), *sealer(2).volume_key("a"));
+        let key = sealer(1).volume_key("a");
+        assert_ne!(key[..32], key[32..], "the two XTS halves differ");
     }
 
     #[test]

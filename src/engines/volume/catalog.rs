@@ -1,0 +1,573 @@
+//! The volume catalog: which volumes exist, and the one open handle of each. It owns the
+//! `volumes` table of the metadata store (key: the volume's name; value: its [`VolumeInfo`] as
+//! JSON) and the volume files in its directory (`<id>.img`, format in `local.rs`).
+//!
+//! Crash safety: `create` makes the file (durably) before the entry, and `delete` removes the
+//! entry before the file, so a crash at any point leaves at most a file no entry names (an
+//! orphan, which wastes space but not much: a new file is sparse), never an entry without its
+//! file. Orphans are not swept automatically; a file in the directory that no entry names can
+//! be removed while the daemon is stopped.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+use super::Mode;
+use super::local::{self, LocalVolume, LocalVolumeError};
+use crate::local::meta::{MetaError, MetaStore};
+use crate::local::sync_parent_dir;
+use crate::seal::Sealer;
+
+const TABLE: &str = "volumes";
+const MAX_NAME_LEN: usize = 64;
+/// The version of the local volume file format (see `local.rs`) this code writes and reads.
+pub const LOCAL_FORMAT: u32 = 1;
+
+/// One volume, as the catalog records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub name: String,
+    /// Random, never reused: names the file and derives the key, so a volume deleted and
+    /// created again under the same name gets a new file and a new key.
+    pub id: String,
+    pub size: u64,
+    pub mode: Mode,
+    pub read_only: bool,
+    /// RFC 3339, UTC.
+    pub created: String,
+    /// The version of the volume's on-disk format.
+    pub format: u32,
+}
+
+/// Why a catalog operation failed. Every message names the volume.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error(
+        "volume name {name:?} is not valid: {reason}; use 1 to {MAX_NAME_LEN} of A-Z a-z 0-9 . _ -, not starting with . or -"
+    )]
+    InvalidName { name: String, reason: &'static str },
+
+    #[error(
+        "volume {name:?}: size {size} is not valid: it must be a positive multiple of {} bytes, at most {}",
+        local::SECTOR_SIZE,
+        local::MAX_SIZE
+    )]
+    InvalidSize { name: String, size: u64 },
+
+    #[error("volume {name:?} already exists")]
+    Exists { name: String },
+
+    #[error("no volume named {name:?}")]
+    NotFound { name: String },
+
+    #[error("volume {name:?} has format version {format}; this firn reads version {LOCAL_FORMAT}")]
+    Format { name: String, format: u32 },
+
+    #[error("volume {name:?}: {source}")]
+    File {
+        name: String,
+        #[source]
+        source: LocalVolumeError,
+    },
+
+    #[error("volume {name:?}: cannot remove its file {}: {source}; remove it by hand", .path.display())]
+    Remove {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("volume directory {}: {source}", .path.display())]
+    Directory {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    // Boxed: a `MetaError` is large, and every result of the catalog would carry its size.
+    #[error("volume {name:?}: {source}")]
+    Meta {
+        name: String,
+        #[source]
+        source: Box<MetaError>,
+    },
+
+    #[error("listing volumes: {source}")]
+    List {
+        #[source]
+        source: Box<MetaError>,
+    },
+}
+
+/// The volumes of this gateway. Every method takes `&self`; share it behind an `Arc`.
+pub struct Catalog {
+    meta: Arc<MetaStore>,
+    dir: PathBuf,
+    sealer: Arc<Sealer>,
+    /// Open volumes by id. All users of a volume must share one `LocalVolume`, whose locks
+    /// keep partial-sector writes from different connections from losing each other.
+    open: Mutex<HashMap<String, Weak<LocalVolume>>>,
+}
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Catalog")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Catalog {
+    /// The catalog over `meta`'s `volumes` table, keeping volume files in `volumes_dir`
+    /// (created if missing).
+    pub fn new(
+        meta: Arc<MetaStore>,
+        volumes_dir: impl Into<PathBuf>,
+        sealer: Arc<Sealer>,
+    ) -> Result<Catalog, CatalogError> {
+        let dir = volumes_dir.into();
+        if !dir.is_dir() {
+            let directory_error = |source| CatalogError::Directory {
+                path: dir.clone(),
+                source,
+            };
+            std::fs::create_dir_all(&dir).map_err(directory_error)?;
+            // Volume files are synced into this directory; the directory must survive too.
+            sync_parent_dir(&dir).map_err(directory_error)?;
+        }
+        Ok(Catalog {
+            meta,
+            dir,
+            sealer,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Creates an all-zero volume. Its file is sparse, so this is quick whatever the size.
+    pub fn create(
+        &self,
+        name: &str,
+        size: u64,
+        mode: Mode,
+        read_only: bool,
+    ) -> Result<VolumeInfo, CatalogError> {
+        check_name(name)?;
+        if size == 0 || size % local::SECTOR_SIZE != 0 || size > local::MAX_SIZE {
+            return Err(CatalogError::InvalidSize {
+                name: name.to_string(),
+                size,
+            });
+        }
+        // Checked again when the entry is written; this spares creating a file in vain.
+        if self.get(name)?.is_some() {
+            return Err(CatalogError::Exists {
+                name: name.to_string(),
+            });
+        }
+        let mut id = [0u8; 16];
+        rand::rng().fill_bytes(&mut id);
+        let info = VolumeInfo {
+            name: name.to_string(),
+            id: hex::encode(id),
+            size,
+            mode,
+            read_only,
+            created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            format: LOCAL_FORMAT,
+        };
+        let path = self.path(&info);
+        match mode {
+            Mode::Local => {
+                let key = self.sealer.volume_key(&info.id);
+                LocalVolume::create(&path, size, &key).map_err(|source| CatalogError::File {
+                    name: name.to_string(),
+                    source,
+                })?;
+            }
+        }
+        let inserted = self.meta.transaction(|tx| {
+            if tx.get(TABLE, name)?.is_some() {
+                return Ok(false);
+            }
+            tx.put_json(TABLE, name, &info)?;
+            Ok(true)
+        });
+        let failure = match inserted {
+            Ok(true) => return Ok(info),
+            Ok(false) => CatalogError::Exists {
+                name: name.to_string(),
+            },
+            Err(source) => meta_error(name, source),
+        };
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(
+                volume = name,
+                path = %path.display(),
+                "cannot remove the file of a volume whose creation failed: {e}"
+            );
+        }
+        Err(failure)
+    }
+
+    /// Every volume, in name order.
+    pub fn list(&self) -> Result<Vec<VolumeInfo>, CatalogError> {
+        let entries = self
+            .meta
+            .list(TABLE, "")
+            .map_err(|source| CatalogError::List {
+                source: Box::new(source),
+            })?;
+        entries
+            .into_iter()
+            .map(|(name, bytes)| {
+                serde_json::from_slice(&bytes).map_err(|source| {
+                    let error = MetaError::Json {
+                        path: self.meta.path().to_path_buf(),
+                        table: TABLE.to_string(),
+                        key: name.clone(),
+                        action: "decode",
+                        source,
+                    };
+                    meta_error(&name, error)
+                })
+            })
+            .collect()
+    }
+
+    pub fn get(&self, name: &str) -> Result<Option<VolumeInfo>, CatalogError> {
+        self.meta
+            .get_json(TABLE, name)
+            .map_err(|source| meta_error(name, source))
+    }
+
+    /// Removes the volume: its entry, then its file. Handles already open keep working on the
+    /// unlinked file until dropped, so callers should stop serving the volume first.
+    pub fn delete(&self, name: &str) -> Result<VolumeInfo, CatalogError> {
+        let removed = self.meta.transaction(|tx| {
+            let info: Option<VolumeInfo> = tx.get_json(TABLE, name)?;
+            if info.is_some() {
+                tx.delete(TABLE, name)?;
+            }
+            Ok(info)
+        });
+        let info = match removed {
+            Ok(Some(info)) => info,
+            Ok(None) => {
+                return Err(CatalogError::NotFound {
+                    name: name.to_string(),
+                });
+            }
+            Err(source) => return Err(meta_error(name, source)),
+        };
+        self.open_volumes().remove(&info.id);
+        let path = self.path(&info);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            // A crash or an operator got there first; the volume is gone either way.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(CatalogError::Remove {
+                    name: name.to_string(),
+                    path,
+                    source,
+                });
+            }
+        }
+        Ok(info)
+    }
+
+    /// The volume, open for I/O. While a handle is alive, every `open` returns the same one.
+    pub fn open(&self, name: &str) -> Result<Arc<LocalVolume>, CatalogError> {
+        let info = self.get(name)?.ok_or_else(|| CatalogError::NotFound {
+            name: name.to_string(),
+        })?;
+        if info.format != LOCAL_FORMAT {
+            return Err(CatalogError::Format {
+                name: name.to_string(),
+                format: info.format,
+            });
+        }
+        // Held while opening, so two concurrent first opens cannot make two handles.
+        let mut open = self.open_volumes();
+        if let Some(volume) = open.get(&info.id).and_then(Weak::upgrade) {
+            return Ok(volume);
+        }
+        let volume = match info.mode {
+            Mode::Local => {
+                let key = self.sealer.volume_key(&info.id);
+                LocalVolume::open(self.path(&info), info.size, &key, info.read_only).map_err(
+                    |source| CatalogError::File {
+                        name: name.to_string(),
+                        source,
+                    },
+                )?
+            }
+        };
+        let volume = Arc::new(volume);
+        open.retain(|_, handle| handle.strong_count() > 0);
+        open.insert(info.id, Arc::downgrade(&volume));
+        Ok(volume)
+    }
+
+    /// Where the volume's file is.
+    pub fn path(&self, info: &VolumeInfo) -> PathBuf {
+        self.dir.join(format!("{}.img", info.id))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn open_volumes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Weak<LocalVolume>>> {
+        // The map stays consistent whatever a panicking holder was doing.
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn meta_error(name: &str, source: MetaError) -> CatalogError {
+    CatalogError::Meta {
+        name: name.to_string(),
+        source: Box::new(source),
+    }
+}
+
+fn check_name(name: &str) -> Result<(), CatalogError> {
+    let reason = if name.is_empty() {
+        "it is empty"
+    } else if name.len() > MAX_NAME_LEN {
+        "it is too long"
+    } else if name.starts_with(['.', '-']) {
+        "it starts with . or -"
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        "it has a character outside the allowed set"
+    } else {
+        return Ok(());
+    };
+    Err(CatalogError::InvalidName {
+        // Names come from clients; keep a hostile one from flooding the message.
+        name: name.chars().take(2 * MAX_NAME_LEN).collect(),
+        reason,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engines::volume::{BlockDevice, BlockError};
+    use crate::seal::MasterKey;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        meta: Arc<MetaStore>,
+        catalog: Catalog,
+    }
+
+    fn sealer(seed: u8) -> Arc<Sealer> {
+        Arc::new(Sealer::new(&MasterKey::from_bytes([seed; 32])))
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Arc::new(MetaStore::open(dir.path().join("meta.redb")).unwrap());
+        let catalog = Catalog::new(meta.clone(), dir.path().join("volumes"), sealer(1)).unwrap();
+        Fixture { dir, meta, catalog }
+    }
+
+    fn files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn create_list_get_open() {
+        let f = fixture();
+        assert!(f.catalog.list().unwrap().is_empty());
+        let info = f
+            .catalog
+            .create("db-1", 1 << 30, Mode::Local, false)
+            .unwrap();
+        assert_eq!(info.name, "db-1");
+        assert_eq!(info.size, 1 << 30);
+        assert_eq!(info.id.len(), 32);
+        assert_eq!(info.format, LOCAL_FORMAT);
+        assert!(chrono::DateTime::parse_from_rfc3339(&info.created).is_ok());
+        assert_eq!(files(f.catalog.dir()), [format!("{}.img", info.id)]);
+        assert_eq!(
+            std::fs::metadata(f.catalog.path(&info)).unwrap().len(),
+            1 << 30
+        );
+        f.catalog.create("a.b_c", 4096, Mode::Local, true).unwrap();
+        let names: Vec<String> = f
+            .catalog
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        assert_eq!(names, ["a.b_c", "db-1"]);
+        assert_eq!(f.catalog.get("db-1").unwrap(), Some(info.clone()));
+        assert_eq!(f.catalog.get("nope").unwrap(), None);
+
+        let volume = f.catalog.open("db-1").unwrap();
+        assert_eq!(volume.size(), 1 << 30);
+        assert!(!volume.read_only());
+        volume.write(4096, b"hello", true).unwrap();
+        // One handle per volume while it is open.
+        assert!(Arc::ptr_eq(&volume, &f.catalog.open("db-1").unwrap()));
+        let read_only = f.catalog.open("a.b_c").unwrap();
+        assert!(matches!(
+            read_only.write(0, b"x", false),
+            Err(BlockError::ReadOnly)
+        ));
+    }
+
+    #[test]
+    fn data_survives_reopening_the_catalog_and_needs_the_master_key() {
+        let f = fixture();
+        f.catalog.create("v", 1 << 20, Mode::Local, false).unwrap();
+        let volume = f.catalog.open("v").unwrap();
+        volume.write(100, b"kept across restarts", false).unwrap();
+        volume.flush().unwrap();
+        drop(volume);
+        let Fixture { dir, meta, catalog } = f;
+        drop(catalog);
+
+        let again = Catalog::new(meta.clone(), dir.path().join("volumes"), sealer(1)).unwrap();
+        let mut buf = [0u8; 20];
+        again.open("v").unwrap().read(100, &mut buf).unwrap();
+        assert_eq!(&buf, b"kept across restarts");
+
+        let other = Catalog::new(meta, dir.path().join("volumes"), sealer(2)).unwrap();
+        other.open("v").unwrap().read(100, &mut buf).unwrap();
+        assert_ne!(&buf, b"kept across restarts");
+    }
+
+    #[test]
+    fn duplicate_names_are_refused_without_leaving_files() {
+        let f = fixture();
+        let first = f.catalog.create("v", 4096, Mode::Local, false).unwrap();
+        let err = f.catalog.create("v", 8192, Mode::Local, false).unwrap_err();
+        assert!(matches!(err, CatalogError::Exists { .. }), "{err}");
+        assert!(err.to_string().contains("\"v\""), "{err}");
+        assert_eq!(files(f.catalog.dir()), [format!("{}.img", first.id)]);
+        assert_eq!(f.catalog.get("v").unwrap(), Some(first));
+    }
+
+    #[test]
+    fn bad_names_and_sizes_are_refused() {
+        let f = fixture();
+        let long = "x".repeat(65);
+        for name in [
+            "",
+            ".hidden",
+            "-flag",
+            "a/b",
+            "a b",
+            "vol\u{e9}",
+            "..",
+            &long,
+        ] {
+            let err = f
+                .catalog
+                .create(name, 4096, Mode::Local, false)
+                .unwrap_err();
+            assert!(
+                matches!(err, CatalogError::InvalidName { .. }),
+                "{name:?}: {err}"
+            );
+        }
+        f.catalog
+            .create(&"x".repeat(64), 4096, Mode::Local, false)
+            .unwrap();
+        f.catalog
+            .create("0.9_a-", 4096, Mode::Local, false)
+            .unwrap();
+        for size in [0, 100, 4097, 1 << 63, u64::MAX] {
+            let err = f
+                .catalog
+                .create("sized", size, Mode::Local, false)
+                .unwrap_err();
+            assert!(
+                matches!(err, CatalogError::InvalidSize { .. }),
+                "{size}: {err}"
+            );
+            assert!(err.to_string().contains("\"sized\""), "{err}");
+        }
+        assert_eq!(files(f.catalog.dir()).len(), 2);
+    }
+
+    #[test]
+    fn a_failed_create_leaves_neither_entry_nor_file() {
+        let f = fixture();
+        // Valid for the catalog, too large for the file system.
+        let err = f
+            .catalog
+            .create("huge", local::MAX_SIZE, Mode::Local, false)
+            .unwrap_err();
+        assert!(matches!(err, CatalogError::File { .. }), "{err}");
+        assert!(err.to_string().contains("\"huge\""), "{err}");
+        assert_eq!(f.catalog.get("huge").unwrap(), None);
+        assert!(files(f.catalog.dir()).is_empty());
+    }
+
+    #[test]
+    fn delete_removes_entry_then_file() {
+        let f = fixture();
+        let info = f.catalog.create("v", 4096, Mode::Local, false).unwrap();
+        let volume = f.catalog.open("v").unwrap();
+        assert_eq!(f.catalog.delete("v").unwrap(), info);
+        assert_eq!(f.catalog.get("v").unwrap(), None);
+        assert!(files(f.catalog.dir()).is_empty());
+        assert!(matches!(
+            f.catalog.delete("v"),
+            Err(CatalogError::NotFound { .. })
+        ));
+        assert!(matches!(
+            f.catalog.open("v"),
+            Err(CatalogError::NotFound { .. })
+        ));
+        // The same name again is a new volume with a new file and key.
+        let again = f.catalog.create("v", 4096, Mode::Local, false).unwrap();
+        assert_ne!(again.id, info.id);
+        assert!(!Arc::ptr_eq(&volume, &f.catalog.open("v").unwrap()));
+
+        // An entry whose file is already gone still deletes.
+        std::fs::remove_file(f.catalog.path(&again)).unwrap();
+        f.catalog.delete("v").unwrap();
+    }
+
+    #[test]
+    fn a_missing_file_or_unknown_format_is_a_clear_error() {
+        let f = fixture();
+        let info = f.catalog.create("v", 4096, Mode::Local, false).unwrap();
+        std::fs::remove_file(f.catalog.path(&info)).unwrap();
+        let err = f.catalog.open("v").unwrap_err();
+        assert!(matches!(err, CatalogError::File { .. }), "{err}");
+        assert!(err.to_string().contains(&info.id), "{err}");
+
+        let future = VolumeInfo {
+            format: LOCAL_FORMAT + 1,
+            ..info
+        };
+        f.meta.put_json(TABLE, "v", &future).unwrap();
+        assert!(matches!(
+            f.catalog.open("v"),
+            Err(CatalogError::Format { .. })
+        ));
+        f.meta.put(TABLE, "broken", b"{").unwrap();
+        let err = f.catalog.list().unwrap_err();
+        assert!(err.to_string().contains("\"broken\""), "{err}");
+        assert!(f.dir.path().exists());
+    }
+}

@@ -1,0 +1,96 @@
+//! Block volumes. [`BlockDevice`] is the one trait the NBD door talks to; the volumes behind
+//! it (today the local volume, next the cached and stored ones) implement it.
+
+pub mod catalog;
+pub mod local;
+
+use serde::{Deserialize, Serialize};
+
+/// Why a block request failed. Each maps to one NBD error code.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The request reaches past the end of the device, or is malformed (EINVAL).
+    #[error("{0}")]
+    Invalid(String),
+    /// The device is read-only (EPERM).
+    #[error("read-only volume")]
+    ReadOnly,
+    /// Out of local space (ENOSPC).
+    #[error("no space left: {0}")]
+    NoSpace(String),
+    /// Anything else the disk or store reported (EIO).
+    #[error("I/O error: {0}")]
+    Io(String),
+}
+
+impl From<std::io::Error> for BlockError {
+    fn from(e: std::io::Error) -> Self {
+        if e.raw_os_error() == Some(nix::libc::ENOSPC) {
+            BlockError::NoSpace(e.to_string())
+        } else {
+            BlockError::Io(e.to_string())
+        }
+    }
+}
+
+pub type BlockResult<T> = Result<T, BlockError>;
+
+/// What a stretch of the device holds, for block status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u64,
+    /// Not allocated: reads return zeros and cost no space.
+    pub hole: bool,
+    /// Reads return zeros (true of every hole).
+    pub zero: bool,
+}
+
+/// A block device as the protocol doors see it.
+///
+/// Methods block (they do disk I/O); callers run them on blocking threads. Offsets and
+/// lengths are in bytes; callers check them against `size()` before calling, and
+/// implementations check again.
+///
+/// The contract:
+/// - `write` is acknowledged once the data is in the volume's local store (page cache);
+///   with `fua` it returns only after the data is on stable storage.
+/// - `flush` returns only when every write acknowledged before it was called is on stable
+///   storage. After a crash, all of that reads back unchanged.
+/// - Every aligned 4 KiB sector is written atomically: after a crash it holds its old or its
+///   new content, never a mix.
+/// - `trim` and `write_zeroes` are metadata operations (they punch holes), so their cost does
+///   not grow with the length; after `trim` the range reads as zeros.
+pub trait BlockDevice: Send + Sync {
+    fn size(&self) -> u64;
+    fn read_only(&self) -> bool;
+    /// Preferred I/O size: requests aligned to it avoid read-modify-write.
+    fn preferred_block_size(&self) -> u32 {
+        4096
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()>;
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()>;
+    fn flush(&self) -> BlockResult<()>;
+    fn trim(&self, offset: u64, length: u64) -> BlockResult<()>;
+    /// With `may_trim`, the range may become a hole (NBD's default); without, it stays
+    /// allocated (NBD_CMD_FLAG_NO_HOLE).
+    fn write_zeroes(&self, offset: u64, length: u64, may_trim: bool) -> BlockResult<()>;
+    /// The extents covering `offset..offset + length`, in order, at least one.
+    fn extents(&self, offset: u64, length: u64) -> BlockResult<Vec<Extent>>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Kept on the local disk only: scratch space.
+    Local,
+}
+
+/// Checks that `offset..offset + length` lies inside a device of `size` bytes.
+pub fn check_range(offset: u64, length: u64, size: u64) -> BlockResult<()> {
+    match offset.checked_add(length) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(BlockError::Invalid(format!(
+            "range {offset}+{length} is outside the {size}-byte volume"
+        ))),
+    }
+}

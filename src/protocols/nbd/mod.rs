@@ -1,0 +1,9 @@
+//! The NBD door: a fixed-newstyle NBD server over [`BlockDevice`]. It knows the protocol and
+//! the block-device trait, nothing of volumes' storage or of the object store.
+//!
+//! [`BlockDevice`]: crate::engines::volume::BlockDevice
+
+pub mod proto;
+pub mod server;
+
+pub use server::{ExportInfo, Exports, NbdServer, OpenError, Peer};

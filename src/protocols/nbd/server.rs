@@ -1,0 +1,792 @@
+//! Negotiation and transmission for one NBD connection, and the accept loops.
+//!
+//! Each connection has a reader (parses requests, reads write payloads), a task per request
+//! (runs it on a blocking thread; replies may go out of order, matched by cookie) and a
+//! writer (sends replies in the order they finish). Memory per connection is bounded by a
+//! byte budget for requests in flight; anything malformed ends that connection and nothing
+//! else.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use super::proto::*;
+use crate::engines::volume::{BlockDevice, BlockError, Extent};
+
+/// Largest READ or WRITE payload; advertised as the maximum block size.
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// Bytes of requests in flight per connection (payloads and read buffers).
+const IN_FLIGHT_BUDGET_KIB: usize = 64 << 10;
+/// An option longer than this is not a mistake but an attack; the connection ends.
+const MAX_OPTION_LEN: u32 = 64 << 10;
+/// After shutdown begins, how long a quiet connection is kept for a client's last requests.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Who is connecting.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    Tcp(SocketAddr),
+    Unix,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExportInfo {
+    pub name: String,
+    pub description: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("no export named {0:?}")]
+    Unknown(String),
+    #[error("{0}")]
+    Denied(String),
+    #[error("export {name:?} cannot be opened: {message}")]
+    Failed { name: String, message: String },
+}
+
+/// Where the server finds its exports; the daemon implements it over the volume catalog.
+pub trait Exports: Send + Sync {
+    fn list(&self) -> Vec<ExportInfo>;
+    fn open(&self, name: &str, peer: &Peer) -> Result<Arc<dyn BlockDevice>, OpenError>;
+}
+
+pub struct NbdServer {
+    exports: Arc<dyn Exports>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// What negotiation settled for one connection.
+struct Session {
+    device: Arc<dyn BlockDevice>,
+    structured: bool,
+    base_allocation: bool,
+    shutting_down: AtomicBool,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+type ConnResult<T> = Result<T, ConnectionError>;
+
+fn violation<T>(message: impl Into<String>) -> ConnResult<T> {
+    Err(ConnectionError::Protocol(message.into()))
+}
+
+impl NbdServer {
+    pub fn new(exports: Arc<dyn Exports>, shutdown: watch::Receiver<bool>) -> Arc<NbdServer> {
+        Arc::new(NbdServer { exports, shutdown })
+    }
+
+    pub async fn serve_tcp(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, addr)) => {
+                        let _ = stream.set_nodelay(true);
+                        tokio::spawn(self.clone().connection(stream, Peer::Tcp(addr)));
+                    }
+                    Err(e) => {
+                        tracing::warn!("nbd: accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    pub async fn serve_unix(self: Arc<Self>, listener: tokio::net::UnixListener) {
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        tokio::spawn(self.clone().connection(stream, Peer::Unix));
+                    }
+                    Err(e) => {
+                        tracing::warn!("nbd: accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Binds the Unix socket, replacing a stale one left by a crash.
+    pub fn bind_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let listener = tokio::net::UnixListener::bind(path)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        Ok(listener)
+    }
+
+    async fn connection<S>(self: Arc<Self>, stream: S, peer: Peer)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut stream = stream;
+        let session = match self.negotiate(&mut stream, &peer).await {
+            Ok(Some(session)) => session,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::info!(?peer, "nbd: negotiation ended: {e}");
+                return;
+            }
+        };
+        if let Err(e) = self.transmission(stream, Arc::new(session)).await {
+            tracing::info!(?peer, "nbd: connection closed: {e}");
+        }
+    }
+
+    async fn negotiate<S>(&self, io: &mut S, peer: &Peer) -> ConnResult<Option<Session>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut hello = Vec::with_capacity(18);
+        hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+        hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        io.write_all(&hello).await?;
+        io.flush().await?;
+        let client_flags = io.read_u32().await?;
+        if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+            return violation(format!("unknown client flags {client_flags:#x}"));
+        }
+        let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+        let mut structured = false;
+        let mut base_allocation = false;
+
+        loop {
+            if io.read_u64().await? != IHAVEOPT {
+                return violation("option without IHAVEOPT");
+            }
+            let option = io.read_u32().await?;
+            let length = io.read_u32().await?;
+            if length > MAX_OPTION_LEN {
+                return violation(format!("option {option} claims {length} bytes"));
+            }
+            let mut data = vec![0u8; length as usize];
+            io.read_exact(&mut data).await?;
+            if *self.shutdown.borrow() {
+                reply(io, option, REP_ERR_SHUTDOWN, b"server shutting down").await?;
+                continue;
+            }
+            match option {
+                OPT_EXPORT_NAME => {
+                    // No way to report an error here: the protocol says close.
+                    let name = String::from_utf8(data).map_err(|_| {
+                        ConnectionError::Protocol("export name is not UTF-8".into())
+                    })?;
+                    let device = match self.exports.open(&name, peer) {
+                        Ok(device) => device,
+                        Err(e) => return violation(e.to_string()),
+                    };
+                    let mut b = Vec::with_capacity(10 + 124);
+                    b.extend_from_slice(&device.size().to_be_bytes());
+                    b.extend_from_slice(
+                        &transmission_flags(device.as_ref(), structured).to_be_bytes(),
+                    );
+                    if !no_zeroes {
+                        b.extend_from_slice(&[0u8; 124]);
+                    }
+                    io.write_all(&b).await?;
+                    io.flush().await?;
+                    return Ok(Some(Session::new(device, structured, base_allocation)));
+                }
+                OPT_ABORT => {
+                    reply(io, option, REP_ACK, &[]).await?;
+                    return Ok(None);
+                }
+                OPT_LIST => {
+                    if !data.is_empty() {
+                        reply(io, option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data").await?;
+                        continue;
+                    }
+                    for export in self.exports.list() {
+                        let mut b = Vec::new();
+                        b.extend_from_slice(&(export.name.len() as u32).to_be_bytes());
+                        b.extend_from_slice(export.name.as_bytes());
+                        b.extend_from_slice(export.description.as_bytes());
+                        reply(io, option, REP_SERVER, &b).await?;
+                    }
+                    reply(io, option, REP_ACK, &[]).await?;
+                }
+                OPT_STARTTLS => {
+                    reply(
+                        io,
+                        option,
+                        REP_ERR_UNSUP,
+                        b"TLS is not configured on this server",
+                    )
+                    .await?;
+                }
+                OPT_INFO | OPT_GO => {
+                    let Some((name, requests)) = parse_info_request(&data) else {
+                        reply(
+                            io,
+                            option,
+                            REP_ERR_INVALID,
+                            b"malformed NBD_OPT_INFO/GO request",
+                        )
+                        .await?;
+                        continue;
+                    };
+                    let device = match self.exports.open(&name, peer) {
+                        Ok(device) => device,
+                        Err(e) => {
+                            let code = match e {
+                                OpenError::Unknown(_) => REP_ERR_UNKNOWN,
+                                OpenError::Denied(_) => REP_ERR_POLICY,
+                                OpenError::Failed { .. } => REP_ERR_UNKNOWN,
+                            };
+                            reply(io, option, code, e.to_string().as_bytes()).await?;
+                            continue;
+                        }
+                    };
+                    let mut export = Vec::with_capacity(12);
+                    export.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+                    export.extend_from_slice(&device.size().to_be_bytes());
+                    export.extend_from_slice(
+                        &transmission_flags(device.as_ref(), structured).to_be_bytes(),
+                    );
+                    reply(io, option, REP_INFO, &export).await?;
+                    let mut sizes = Vec::with_capacity(14);
+                    sizes.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+                    sizes.extend_from_slice(&1u32.to_be_bytes());
+                    sizes.extend_from_slice(&device.preferred_block_size().to_be_bytes());
+                    sizes.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
+                    reply(io, option, REP_INFO, &sizes).await?;
+                    if requests.contains(&INFO_NAME) {
+                        let mut b = INFO_NAME.to_be_bytes().to_vec();
+                        b.extend_from_slice(name.as_bytes());
+                        reply(io, option, REP_INFO, &b).await?;
+                    }
+                    if requests.contains(&INFO_DESCRIPTION) {
+                        let description = self
+                            .exports
+                            .list()
+                            .into_iter()
+                            .find(|e| e.name == name)
+                            .map(|e| e.description)
+                            .unwrap_or_default();
+                        let mut b = INFO_DESCRIPTION.to_be_bytes().to_vec();
+                        b.extend_from_slice(description.as_bytes());
+                        reply(io, option, REP_INFO, &b).await?;
+                    }
+                    reply(io, option, REP_ACK, &[]).await?;
+                    if option == OPT_GO {
+                        return Ok(Some(Session::new(device, structured, base_allocation)));
+                    }
+                }
+                OPT_STRUCTURED_REPLY => {
+                    if !data.is_empty() {
+                        reply(
+                            io,
+                            option,
+                            REP_ERR_INVALID,
+                            b"NBD_OPT_STRUCTURED_REPLY takes no data",
+                        )
+                        .await?;
+                        continue;
+                    }
+                    structured = true;
+                    reply(io, option, REP_ACK, &[]).await?;
+                }
+                OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                    let set = option == OPT_SET_META_CONTEXT;
+                    if set && !structured {
+                        reply(
+                            io,
+                            option,
+                            REP_ERR_INVALID,
+                            b"negotiate structured replies first",
+                        )
+                        .await?;
+                        continue;
+                    }
+                    let Some((name, queries)) = parse_meta_request(&data) else {
+                        reply(
+                            io,
+                            option,
+                            REP_ERR_INVALID,
+                            b"malformed meta context request",
+                        )
+                        .await?;
+                        continue;
+                    };
+                    if !self.exports.list().iter().any(|e| e.name == name) {
+                        let message = format!("no export named {name:?}");
+                        reply(io, option, REP_ERR_UNKNOWN, message.as_bytes()).await?;
+                        continue;
+                    }
+                    let selected = if set {
+                        queries.iter().any(|q| q == BASE_ALLOCATION)
+                    } else {
+                        queries.is_empty()
+                            || queries.iter().any(|q| q == BASE_ALLOCATION || q == "base:")
+                    };
+                    if selected {
+                        let mut b = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+                        b.extend_from_slice(BASE_ALLOCATION.as_bytes());
+                        reply(io, option, REP_META_CONTEXT, &b).await?;
+                    }
+                    if set {
+                        base_allocation = selected;
+                    }
+                    reply(io, option, REP_ACK, &[]).await?;
+                }
+                _ => {
+                    reply(io, option, REP_ERR_UNSUP, b"option not supported").await?;
+                }
+            }
+        }
+    }
+
+    async fn transmission<S>(&self, stream: S, session: Arc<Session>) -> ConnResult<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut reader, writer) = tokio::io::split(stream);
+        let (replies, mut outbox) = mpsc::unbounded_channel::<Vec<u8>>();
+        let writer_task = tokio::spawn(async move {
+            let mut writer = BufWriter::with_capacity(256 << 10, writer);
+            while let Some(reply) = outbox.recv().await {
+                writer.write_all(&reply).await?;
+                if outbox.is_empty() {
+                    writer.flush().await?;
+                }
+            }
+            writer.flush().await?;
+            writer.shutdown().await
+        });
+        let budget = Arc::new(Semaphore::new(IN_FLIGHT_BUDGET_KIB));
+        let mut shutdown = self.shutdown.clone();
+        let outcome: ConnResult<()> = async {
+            loop {
+                let mut header = [0u8; REQUEST_LEN];
+                let read = async {
+                    if session.shutting_down.load(Ordering::Relaxed) {
+                        match tokio::time::timeout(SHUTDOWN_GRACE, reader.read_exact(&mut header))
+                            .await
+                        {
+                            Ok(r) => r,
+                            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+                        }
+                    } else {
+                        reader.read_exact(&mut header).await
+                    }
+                };
+                tokio::select! {
+                    r = read => match r {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Ok(()),
+                        Err(e) => return Err(e.into()),
+                    },
+                    _ = shutdown.changed(), if !session.shutting_down.load(Ordering::Relaxed) => {
+                        session.shutting_down.store(true, Ordering::Relaxed);
+                        continue;
+                    }
+                }
+                let Some(request) = Request::parse(&header) else {
+                    return violation("bad request magic");
+                };
+                if request.kind == CMD_DISC {
+                    return Ok(());
+                }
+                let mut payload = Vec::new();
+                if request.kind == CMD_WRITE {
+                    if request.length > MAX_PAYLOAD {
+                        return violation(format!(
+                            "write of {} bytes exceeds the {MAX_PAYLOAD}-byte maximum",
+                            request.length
+                        ));
+                    }
+                    payload = vec![0u8; request.length as usize];
+                    reader.read_exact(&mut payload).await?;
+                }
+                let cost = match request.kind {
+                    CMD_READ | CMD_WRITE => (request.length.min(MAX_PAYLOAD) as usize)
+                        .div_ceil(1024)
+                        .max(1),
+                    _ => 1,
+                };
+                let permit = budget
+                    .clone()
+                    .acquire_many_owned(cost as u32)
+                    .await
+                    .map_err(|_| ConnectionError::Protocol("budget closed".into()))?;
+                let session = session.clone();
+                let replies = replies.clone();
+                tokio::spawn(async move {
+                    let reply =
+                        tokio::task::spawn_blocking(move || execute(&session, request, payload))
+                            .await
+                            .unwrap_or_else(|_| simple_reply(EIO, request.cookie));
+                    let _ = replies.send(reply);
+                    drop(permit);
+                });
+            }
+        }
+        .await;
+        // Let requests in flight finish and their replies go out before closing.
+        let _ = budget.acquire_many(IN_FLIGHT_BUDGET_KIB as u32).await;
+        drop(replies);
+        match writer_task.await {
+            Ok(Ok(())) | Ok(Err(_)) | Err(_) => {}
+        }
+        outcome
+    }
+}
+
+impl Session {
+    fn new(device: Arc<dyn BlockDevice>, structured: bool, base_allocation: bool) -> Session {
+        Session {
+            device,
+            structured,
+            base_allocation,
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+}
+
+fn transmission_flags(device: &dyn BlockDevice, structured: bool) -> u16 {
+    let mut flags = TFLAG_HAS_FLAGS
+        | TFLAG_SEND_FLUSH
+        | TFLAG_SEND_FUA
+        | TFLAG_SEND_TRIM
+        | TFLAG_SEND_WRITE_ZEROES
+        | TFLAG_SEND_FAST_ZERO
+        | TFLAG_SEND_CACHE
+        // One device object serves every connection and flush syncs the whole file, so a
+        // flush on any connection covers writes completed on all of them.
+        | TFLAG_CAN_MULTI_CONN;
+    if structured {
+        flags |= TFLAG_SEND_DF;
+    }
+    if device.read_only() {
+        flags |= TFLAG_READ_ONLY;
+    }
+    flags
+}
+
+async fn reply<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    option: u32,
+    kind: u32,
+    data: &[u8],
+) -> ConnResult<()> {
+    let mut b = Vec::with_capacity(20 + data.len());
+    b.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
+    b.extend_from_slice(&option.to_be_bytes());
+    b.extend_from_slice(&kind.to_be_bytes());
+    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    b.extend_from_slice(data);
+    io.write_all(&b).await?;
+    io.flush().await?;
+    Ok(())
+}
+
+/// A byte cursor over an option's data; every read is bounds-checked.
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Some(head)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn string(&mut self, len: u32) -> Option<String> {
+        if len > 4096 {
+            return None;
+        }
+        self.take(len as usize)
+            .and_then(|b| String::from_utf8(b.to_vec()).ok())
+    }
+}
+
+/// NBD_OPT_INFO/GO data: name length, name, number of requests, requests. Exact length.
+fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
+    let mut c = Cursor(data);
+    let len = c.u32()?;
+    let name = c.string(len)?;
+    let count = c.u16()?;
+    let requests = (0..count).map(|_| c.u16()).collect::<Option<Vec<u16>>>()?;
+    c.0.is_empty().then_some((name, requests))
+}
+
+/// NBD_OPT_{LIST,SET}_META_CONTEXT data: export name, number of queries, queries.
+fn parse_meta_request(data: &[u8]) -> Option<(String, Vec<String>)> {
+    let mut c = Cursor(data);
+    let len = c.u32()?;
+    let name = c.string(len)?;
+    let count = c.u32()?;
+    if count as usize > data.len() / 4 {
+        return None;
+    }
+    let mut queries = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let len = c.u32()?;
+        queries.push(c.string(len)?);
+    }
+    c.0.is_empty().then_some((name, queries))
+}
+
+fn error_code(e: &BlockError) -> u32 {
+    match e {
+        BlockError::Invalid(_) => EINVAL,
+        BlockError::ReadOnly => EPERM,
+        BlockError::NoSpace(_) => ENOSPC,
+        BlockError::Io(_) => EIO,
+    }
+}
+
+fn in_range(offset: u64, length: u64, size: u64) -> bool {
+    offset.checked_add(length).is_some_and(|end| end <= size)
+}
+
+/// Runs one request against the device and returns the whole reply.
+fn execute(session: &Session, r: Request, payload: Vec<u8>) -> Vec<u8> {
+    let fail = |code: u32, message: &str| {
+        if session.structured && matches!(r.kind, CMD_READ | CMD_BLOCK_STATUS) {
+            error_chunk(r.cookie, code, message)
+        } else {
+            simple_reply(code, r.cookie)
+        }
+    };
+    if session.shutting_down.load(Ordering::Relaxed) {
+        return fail(ESHUTDOWN, "server is shutting down");
+    }
+    let allowed = match r.kind {
+        CMD_READ => CMD_FLAG_DF,
+        CMD_WRITE => CMD_FLAG_FUA,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+        CMD_TRIM => CMD_FLAG_FUA,
+        CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+        CMD_FLUSH | CMD_CACHE => 0,
+        _ => return fail(EINVAL, "unknown command"),
+    };
+    if r.flags & !allowed != 0 {
+        return fail(EINVAL, "flag not valid for this command");
+    }
+    let device = session.device.as_ref();
+    let (offset, length, size) = (r.offset, u64::from(r.length), device.size());
+    let writes = matches!(r.kind, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM);
+    if writes && device.read_only() {
+        return fail(EPERM, "read-only export");
+    }
+    if !in_range(offset, length, size) {
+        // The protocol asks for ENOSPC when a write runs past the end, EINVAL otherwise.
+        let code = if matches!(r.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
+            ENOSPC
+        } else {
+            EINVAL
+        };
+        return fail(code, "request runs past the end of the export");
+    }
+    let fua = r.flags & CMD_FLAG_FUA != 0;
+    let outcome = match r.kind {
+        CMD_READ => {
+            if r.length > MAX_PAYLOAD {
+                let code = if r.flags & CMD_FLAG_DF != 0 {
+                    EOVERFLOW
+                } else {
+                    EINVAL
+                };
+                return fail(code, "read larger than the maximum block size");
+            }
+            return match read_reply(session, r) {
+                Ok(reply) => reply,
+                Err(e) => fail(error_code(&e), &e.to_string()),
+            };
+        }
+        CMD_WRITE => device.write(offset, &payload, fua),
+        CMD_FLUSH => device.flush(),
+        CMD_TRIM => device
+            .trim(offset, length)
+            .and_then(|()| if fua { device.flush() } else { Ok(()) }),
+        CMD_WRITE_ZEROES => {
+            let no_hole = r.flags & CMD_FLAG_NO_HOLE != 0;
+            if no_hole && r.flags & CMD_FLAG_FAST_ZERO != 0 {
+                // Zeroes that must stay allocated are written, which is not fast.
+                return fail(ENOTSUP, "zeroing without holes is not fast");
+            }
+            device
+                .write_zeroes(offset, length, !no_hole)
+                .and_then(|()| if fua { device.flush() } else { Ok(()) })
+        }
+        CMD_CACHE => Ok(()),
+        CMD_BLOCK_STATUS => {
+            if !(session.structured && session.base_allocation) {
+                return fail(EINVAL, "no meta context negotiated");
+            }
+            if length == 0 {
+                return fail(EINVAL, "block status of zero length");
+            }
+            return match device.extents(offset, length) {
+                Ok(extents) => block_status_reply(r, &extents),
+                Err(e) => fail(error_code(&e), &e.to_string()),
+            };
+        }
+        _ => Err(BlockError::Invalid("unknown command".into())),
+    };
+    match outcome {
+        Ok(()) => simple_reply(0, r.cookie),
+        Err(e) => fail(error_code(&e), &e.to_string()),
+    }
+}
+
+fn read_reply(session: &Session, r: Request) -> Result<Vec<u8>, BlockError> {
+    let device = session.device.as_ref();
+    let length = r.length as usize;
+    if !session.structured {
+        let mut reply = simple_reply(0, r.cookie);
+        reply.resize(16 + length, 0);
+        device.read(r.offset, &mut reply[16..])?;
+        return Ok(reply);
+    }
+    if r.flags & CMD_FLAG_DF != 0 || length == 0 {
+        return data_chunk(device, r.cookie, r.offset, length, true);
+    }
+    // Holes go back as NBD_REPLY_TYPE_OFFSET_HOLE: no zeros on the wire.
+    let extents = device.extents(r.offset, u64::from(r.length))?;
+    let mut reply = Vec::new();
+    let mut offset = r.offset;
+    let end = r.offset + u64::from(r.length);
+    for extent in extents {
+        if offset >= end {
+            break;
+        }
+        let len = extent.length.min(end - offset);
+        if extent.zero && len >= 4096 {
+            let mut chunk = chunk_header(0, REPLY_TYPE_OFFSET_HOLE, r.cookie, 12);
+            chunk.extend_from_slice(&offset.to_be_bytes());
+            chunk.extend_from_slice(&(len as u32).to_be_bytes());
+            reply.extend_from_slice(&chunk);
+        } else {
+            reply.extend_from_slice(&data_chunk(device, r.cookie, offset, len as usize, false)?);
+        }
+        offset += len;
+    }
+    if offset < end {
+        reply.extend_from_slice(&data_chunk(
+            device,
+            r.cookie,
+            offset,
+            (end - offset) as usize,
+            false,
+        )?);
+    }
+    reply.extend_from_slice(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, r.cookie, 0));
+    Ok(reply)
+}
+
+fn data_chunk(
+    device: &dyn BlockDevice,
+    cookie: u64,
+    offset: u64,
+    len: usize,
+    done: bool,
+) -> Result<Vec<u8>, BlockError> {
+    let flags = if done { REPLY_FLAG_DONE } else { 0 };
+    let mut chunk = chunk_header(flags, REPLY_TYPE_OFFSET_DATA, cookie, 8 + len as u32);
+    chunk.extend_from_slice(&offset.to_be_bytes());
+    let start = chunk.len();
+    chunk.resize(start + len, 0);
+    device.read(offset, &mut chunk[start..])?;
+    Ok(chunk)
+}
+
+fn block_status_reply(r: Request, extents: &[Extent]) -> Vec<u8> {
+    let limit = if r.flags & CMD_FLAG_REQ_ONE != 0 {
+        1
+    } else {
+        extents.len().clamp(1, 1 << 16)
+    };
+    let mut descriptors = Vec::with_capacity(limit * 8);
+    for extent in extents.iter().take(limit) {
+        let length = extent.length.min(u64::from(u32::MAX) & !4095) as u32;
+        if length == 0 {
+            continue;
+        }
+        let mut flags = 0;
+        if extent.hole {
+            flags |= STATE_HOLE;
+        }
+        if extent.zero {
+            flags |= STATE_ZERO;
+        }
+        descriptors.extend_from_slice(&length.to_be_bytes());
+        descriptors.extend_from_slice(&flags.to_be_bytes());
+    }
+    if descriptors.is_empty() {
+        // Extents shorter than the request are allowed; an empty answer is not.
+        descriptors.extend_from_slice(&r.length.to_be_bytes());
+        descriptors.extend_from_slice(&0u32.to_be_bytes());
+    }
+    let mut reply = chunk_header(
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_BLOCK_STATUS,
+        r.cookie,
+        4 + descriptors.len() as u32,
+    );
+    reply.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
+    reply.extend_from_slice(&descriptors);
+    reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn option_parsers_never_panic(data in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = parse_info_request(&data);
+            let _ = parse_meta_request(&data);
+        }
+    }
+
+    #[test]
+    fn info_request_needs_exact_length() {
+        let mut data = 4u32.to_be_bytes().to_vec();
+        data.extend_from_slice(b"disk");
+        data.extend_from_slice(&1u16.to_be_bytes());
+        data.extend_from_slice(&INFO_NAME.to_be_bytes());
+        assert_eq!(
+            parse_info_request(&data),
+            Some(("disk".to_string(), vec![INFO_NAME]))
+        );
+        data.push(0);
+        assert_eq!(parse_info_request(&data), None);
+        assert_eq!(parse_info_request(&data[..9]), None);
+    }
+}

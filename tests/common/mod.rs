@@ -1,0 +1,126 @@
+//! Running the real `firn` binary in tests: a daemon with a config file, and one-shot
+//! commands.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const FIRN: &str = env!("CARGO_BIN_EXE_firn");
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+pub struct Daemon {
+    pub child: Child,
+    pub port: u16,
+    pub stdout: Vec<String>,
+}
+
+impl Daemon {
+    /// Starts `firn serve` and waits for its banner.
+    pub fn start(config: &Path, port: u16, env: &[(&str, &str)]) -> Daemon {
+        let mut child = Command::new(FIRN)
+            .args(["serve", "--config"])
+            .arg(config)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn firn");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut stdout = Vec::new();
+        for line in lines.by_ref() {
+            let line = line.expect("read stdout");
+            let done = line.starts_with("Press Ctrl-C");
+            stdout.push(line);
+            if done {
+                break;
+            }
+        }
+        assert!(
+            stdout.iter().any(|l| l.starts_with("Press Ctrl-C")),
+            "firn did not start: {stdout:?}"
+        );
+        // Keep draining stdout so the daemon never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Daemon {
+            child,
+            port,
+            stdout,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("kill");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "firn ignored SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn write_config(dir: &Path, port: u16, extra: &str) -> PathBuf {
+    let path = dir.join("firn.toml");
+    // Tests run side by side: every daemon gets its own NBD port too.
+    let nbd = if extra.contains("[nbd]") {
+        String::new()
+    } else {
+        format!("[nbd]\nlisten = \"127.0.0.1:{}\"\n", free_port())
+    };
+    std::fs::write(
+        &path,
+        format!(
+            "[local]\ndata_dir = \"data\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n{nbd}{extra}"
+        ),
+    )
+    .expect("write config");
+    path
+}
+
+pub fn firn(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(FIRN).args(args).output().expect("run firn");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+impl Daemon {
+    /// kill -9: no chance to flush or clean up.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,475 @@
+//! The NBD door with real clients (nbdinfo, nbdcopy, qemu-img, qemu-io, fio), with hostile
+//! input from a raw socket, and across kill -9.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Daemon, firn, free_port};
+
+struct Gateway {
+    daemon: Option<Daemon>,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    http_port: u16,
+    nbd_port: u16,
+}
+
+impl Gateway {
+    fn start() -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (http_port, nbd_port) = (free_port(), free_port());
+        let config = dir.path().join("firn.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[local]\ndata_dir = \"data\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[nbd]\nlisten = \"127.0.0.1:{nbd_port}\"\n"
+            ),
+        )
+        .expect("config");
+        let daemon = Daemon::start(&config, http_port, &[]);
+        Gateway {
+            daemon: Some(daemon),
+            dir,
+            config,
+            http_port,
+            nbd_port,
+        }
+    }
+
+    fn restart(&mut self) {
+        self.daemon = Some(Daemon::start(&self.config, self.http_port, &[]));
+    }
+
+    fn kill9(&mut self) {
+        self.daemon.take().expect("running").kill9();
+    }
+
+    fn firn(&self, args: &[&str]) -> String {
+        let mut full = args.to_vec();
+        let config = self.config.to_str().expect("utf-8");
+        full.extend(["--config", config]);
+        let (ok, out, err) = firn(&full);
+        assert!(ok, "firn {args:?}: {err}");
+        out
+    }
+
+    fn tcp(&self, export: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{export}", self.nbd_port)
+    }
+
+    fn unix(&self, export: &str) -> String {
+        format!(
+            "nbd+unix:///{export}?socket={}",
+            self.dir.path().join("data/nbd.sock").display()
+        )
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} (is it installed? scripts/test installs it): {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn random_file(path: &Path, len: usize) {
+    let mut data = vec![0u8; len];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut data);
+    std::fs::write(path, data).expect("write");
+}
+
+#[test]
+fn real_clients_interoperate() {
+    let g = Gateway::start();
+    g.firn(&["volume", "create", "disk", "--size", "64M"]);
+    assert!(g.firn(&["volume", "list"]).contains("disk"));
+
+    let list = run("nbdinfo", &["--list", &g.tcp("")]);
+    assert!(list.contains("export=\"disk\""), "{list}");
+    let info = run("nbdinfo", &[&g.tcp("disk")]);
+    assert!(info.contains("export-size: 67108864"), "{info}");
+    assert!(info.contains("can_multi_conn: true"), "{info}");
+    assert!(info.contains("block_size_preferred: 4096"), "{info}");
+
+    // A missing export is refused with a reason, not a dropped connection.
+    let out = Command::new("nbdinfo")
+        .arg(g.tcp("nope"))
+        .output()
+        .expect("nbdinfo");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    // libnbd reports NBD_REP_ERR_UNKNOWN as ENOENT.
+    assert!(
+        err.contains("server replied with error") && err.contains("No such file"),
+        "{err}"
+    );
+
+    // nbdcopy round trip over the Unix socket and back over TCP.
+    let source = g.path("source.img");
+    random_file(&source, 64 << 20);
+    run(
+        "nbdcopy",
+        &[source.to_str().expect("utf-8"), &g.unix("disk")],
+    );
+    let back = g.path("back.img");
+    run("nbdcopy", &[&g.tcp("disk"), back.to_str().expect("utf-8")]);
+    assert!(
+        std::fs::read(&source).expect("source") == std::fs::read(&back).expect("back"),
+        "nbdcopy round trip differs"
+    );
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            source.to_str().expect("utf-8"),
+            &g.tcp("disk"),
+        ],
+    );
+
+    // Trim and write-zeroes show up as holes in the map; reads see zeros there.
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "discard 0 4M",
+            "-c",
+            "write -z -u 8M 1M",
+            "-c",
+            "write -z 12M 1M",
+            &g.tcp("disk"),
+        ],
+    );
+    let map = run("nbdinfo", &["--map", &g.tcp("disk")]);
+    let first = map.lines().next().unwrap_or_default();
+    assert!(
+        first.split_whitespace().take(2).collect::<Vec<_>>() == ["0", "4194304"]
+            && first.contains("hole"),
+        "{map}"
+    );
+    assert!(
+        map.lines()
+            .any(|l| l.trim_start().starts_with("8388608") && l.contains("hole")),
+        "{map}"
+    );
+    // Zeroes written without permission to unmap (NBD_CMD_FLAG_NO_HOLE) stay allocated.
+    let covering = |at: u64| {
+        map.lines()
+            .find(|l| {
+                let f: Vec<u64> = l
+                    .split_whitespace()
+                    .take(2)
+                    .filter_map(|n| n.parse().ok())
+                    .collect();
+                f.len() == 2 && f[0] <= at && at < f[0] + f[1]
+            })
+            .unwrap_or_default()
+    };
+    assert!(
+        covering(12 << 20).contains("data") && covering(8 << 20).contains("hole"),
+        "{map}"
+    );
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0 0 4M",
+            "-c",
+            "read -P 0 8M 1M",
+            "-c",
+            "read -P 0 12M 1M",
+            &g.tcp("disk"),
+        ],
+    );
+
+    // qemu-io: patterns, unaligned I/O, FUA, flush.
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 1000 5000",
+            "-c",
+            "write -f -P 0xcd 20M 64k",
+            "-c",
+            "flush",
+            "-c",
+            "read -P 0xab 1000 5000",
+            "-c",
+            "read -P 0xcd 20M 64k",
+            &g.unix("disk"),
+        ],
+    );
+
+    // fio verifying its own writes over several connections.
+    run(
+        "fio",
+        &[
+            "--name=verify",
+            "--ioengine=nbd",
+            &format!("--uri={}", g.tcp("disk")),
+            "--rw=randwrite",
+            "--bs=4k,64k",
+            "--size=32M",
+            "--iodepth=16",
+            "--numjobs=2",
+            "--offset_increment=32M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--group_reporting",
+        ],
+    );
+}
+
+/// A raw NBD client for what polite clients never send.
+struct Raw {
+    s: TcpStream,
+}
+
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+
+impl Raw {
+    fn connect(port: u16) -> Raw {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut hello = [0u8; 18];
+        s.read_exact(&mut hello).expect("hello");
+        assert_eq!(&hello[..8], b"NBDMAGIC");
+        s.write_all(&3u32.to_be_bytes()).expect("flags");
+        Raw { s }
+    }
+
+    fn option(&mut self, option: u32, data: &[u8]) {
+        let mut b = IHAVEOPT.to_be_bytes().to_vec();
+        b.extend_from_slice(&option.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        self.s.write_all(&b).expect("option");
+    }
+
+    /// (reply type, data) of one option reply.
+    fn option_reply(&mut self) -> (u32, Vec<u8>) {
+        let mut h = [0u8; 20];
+        self.s.read_exact(&mut h).expect("option reply");
+        let kind = u32::from_be_bytes(h[12..16].try_into().expect("4"));
+        let len = u32::from_be_bytes(h[16..20].try_into().expect("4"));
+        let mut data = vec![0u8; len as usize];
+        self.s.read_exact(&mut data).expect("option reply data");
+        (kind, data)
+    }
+
+    /// NBD_OPT_GO for `name`, without structured replies; returns the export size.
+    fn go(&mut self, name: &str) -> Result<u64, (u32, String)> {
+        let mut data = (name.len() as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(name.as_bytes());
+        data.extend_from_slice(&0u16.to_be_bytes());
+        self.option(7, &data);
+        let mut size = 0;
+        loop {
+            let (kind, data) = self.option_reply();
+            match kind {
+                1 => return Ok(size),
+                3 if data[..2] == [0, 0] => {
+                    size = u64::from_be_bytes(data[2..10].try_into().expect("8"))
+                }
+                3 => {}
+                k => return Err((k, String::from_utf8_lossy(&data).into_owned())),
+            }
+        }
+    }
+
+    fn request(&mut self, flags: u16, kind: u16, offset: u64, length: u32, payload: &[u8]) {
+        let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&7u64.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&length.to_be_bytes());
+        b.extend_from_slice(payload);
+        self.s.write_all(&b).expect("request");
+    }
+
+    /// The error of a simple reply, and `data_len` bytes of data when it succeeded.
+    fn reply(&mut self, data_len: usize) -> (u32, Vec<u8>) {
+        let mut h = [0u8; 16];
+        self.s.read_exact(&mut h).expect("reply");
+        assert_eq!(h[..4], 0x6744_6698u32.to_be_bytes());
+        let error = u32::from_be_bytes(h[4..8].try_into().expect("4"));
+        let mut data = vec![0u8; if error == 0 { data_len } else { 0 }];
+        self.s.read_exact(&mut data).expect("data");
+        (error, data)
+    }
+
+    /// True when the server closed the connection.
+    fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.s.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+#[test]
+fn hostile_input_gets_the_spec_errors_and_changes_nothing() {
+    let g = Gateway::start();
+    g.firn(&["volume", "create", "disk", "--size", "1M"]);
+    g.firn(&["volume", "create", "frozen", "--size", "1M", "--read-only"]);
+    let pattern: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+
+    let mut c = Raw::connect(g.nbd_port);
+    assert_eq!(
+        c.go("nope").expect_err("unknown export").0,
+        0x8000_0006,
+        "NBD_REP_ERR_UNKNOWN"
+    );
+    assert_eq!(c.go("disk").expect("go"), 1 << 20);
+    c.request(0, 1, 0, 8192, &pattern);
+    assert_eq!(c.reply(0).0, 0);
+    c.request(0, 0, 1 << 20, 1, &[]);
+    assert_eq!(c.reply(1).0, 22, "read past the end: EINVAL");
+    c.request(0, 0, u64::MAX - 10, 100, &[]);
+    assert_eq!(c.reply(100).0, 22, "offset overflow: EINVAL");
+    c.request(0, 1, (1 << 20) - 10, 20, &[0xee; 20]);
+    assert_eq!(c.reply(0).0, 28, "write past the end: ENOSPC");
+    c.request(0, 6, (1 << 20) - 4096, 8192, &[]);
+    assert_eq!(c.reply(0).0, 28, "write zeroes past the end: ENOSPC");
+    c.request(0, 99, 0, 4096, &[]);
+    assert_eq!(c.reply(0).0, 22, "unknown command: EINVAL");
+    c.request(1 << 9, 0, 0, 4096, &[]);
+    assert_eq!(c.reply(4096).0, 22, "unknown flag: EINVAL");
+    c.request(0, 7, 0, 4096, &[]);
+    assert_eq!(
+        c.reply(0).0,
+        22,
+        "block status without a meta context: EINVAL"
+    );
+    c.request(0x12, 6, 0, 4096, &[]);
+    assert_eq!(
+        c.reply(0).0,
+        95,
+        "fast zero that must stay allocated: ENOTSUP"
+    );
+    c.request(0, 0, 0, 8192, &[]);
+    assert_eq!(
+        c.reply(8192),
+        (0, pattern.clone()),
+        "nothing above changed the data"
+    );
+    // A write larger than the advertised maximum ends the connection.
+    c.request(0, 1, 0, 64 << 20, &[]);
+    assert!(c.closed());
+
+    let mut c = Raw::connect(g.nbd_port);
+    assert_eq!(c.go("frozen").expect("go"), 1 << 20);
+    c.request(0, 1, 0, 4096, &[1; 4096]);
+    assert_eq!(c.reply(0).0, 1, "write to a read-only export: EPERM");
+    c.request(0, 4, 0, 4096, &[]);
+    assert_eq!(c.reply(0).0, 1, "trim on a read-only export: EPERM");
+
+    // Garbage where a request header belongs ends that connection only.
+    let mut c = Raw::connect(g.nbd_port);
+    c.go("disk").expect("go");
+    c.s.write_all(&[0x42; 28]).expect("garbage");
+    assert!(c.closed());
+
+    // An absurd option length, and a truncated option, end the negotiation.
+    let mut c = Raw::connect(g.nbd_port);
+    let mut b = IHAVEOPT.to_be_bytes().to_vec();
+    b.extend_from_slice(&7u32.to_be_bytes());
+    b.extend_from_slice(&u32::MAX.to_be_bytes());
+    c.s.write_all(&b).expect("option");
+    assert!(c.closed());
+    let mut c = Raw::connect(g.nbd_port);
+    c.s.write_all(&IHAVEOPT.to_be_bytes()[..5])
+        .expect("partial");
+    drop(c);
+
+    // Unknown options are refused politely and negotiation goes on.
+    let mut c = Raw::connect(g.nbd_port);
+    c.option(4242, b"whatever");
+    assert_eq!(c.option_reply().0, 0x8000_0001, "NBD_REP_ERR_UNSUP");
+    c.option(7, &[0, 0, 0, 200, b'x']);
+    assert_eq!(
+        c.option_reply().0,
+        0x8000_0003,
+        "malformed GO: NBD_REP_ERR_INVALID"
+    );
+    assert_eq!(c.go("disk").expect("go"), 1 << 20);
+    c.request(0, 0, 0, 8192, &[]);
+    assert_eq!(
+        c.reply(8192),
+        (0, pattern),
+        "the daemon kept serving and the data is intact"
+    );
+
+    let info = run("nbdinfo", &[&g.tcp("disk")]);
+    assert!(info.contains("export-size: 1048576"), "{info}");
+}
+
+#[test]
+fn flushed_writes_survive_kill_9() {
+    let mut g = Gateway::start();
+    g.firn(&["volume", "create", "disk", "--size", "16M"]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 0 4M",
+            "-c",
+            "flush",
+            "-c",
+            "write -f -P 0xa5 4M 1M",
+            &g.tcp("disk"),
+        ],
+    );
+    g.kill9();
+    g.restart();
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x5a 0 4M",
+            "-c",
+            "read -P 0xa5 4M 1M",
+            "-c",
+            "read -P 0 5M 11M",
+            &g.tcp("disk"),
+        ],
+    );
+    let raw = std::fs::read_dir(g.path("data/volumes")).expect("volumes dir");
+    for entry in raw {
+        let bytes = std::fs::read(entry.expect("entry").path()).expect("read");
+        assert!(
+            !bytes.windows(64).any(|w| w.iter().all(|&b| b == 0x5a)),
+            "plaintext on disk"
+        );
+    }
+}
