@@ -241,6 +241,7 @@ fn real_clients_interoperate() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--group_reporting",
         ],
     );
