@@ -474,3 +474,82 @@ fn flushed_writes_survive_kill_9() {
         );
     }
 }
+
+/// Undoes, in reverse order, what the ext4 test set up, even when it fails halfway.
+struct Teardown(Vec<Box<dyn FnOnce()>>);
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        while let Some(undo) = self.0.pop() {
+            undo();
+        }
+    }
+}
+
+#[test]
+fn ext4_through_qemu_storage_daemon_fuse_and_a_loop_device() {
+    let g = Gateway::start();
+    g.firn(&["volume", "create", "fs", "--size", "256M"]);
+    let image = g.path("fuse-image");
+    std::fs::write(&image, b"").expect("mountpoint file");
+    let mut teardown = Teardown(Vec::new());
+    let mut qsd = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=nbd,node-name=n0,server.type=unix,server.path={},export=fs",
+            g.path("data/nbd.sock").display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=fuse,id=e0,node-name=n0,mountpoint={},writable=on",
+            image.display()
+        ))
+        .spawn()
+        .expect("qemu-storage-daemon (from qemu-utils)");
+    let started = std::time::Instant::now();
+    while std::fs::metadata(&image).map(|m| m.len()).unwrap_or(0) != 256 << 20 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the FUSE export did not appear"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    teardown.0.push(Box::new(move || {
+        let _ = qsd.kill();
+        let _ = qsd.wait();
+    }));
+    let image_arg = image.to_str().expect("utf-8").to_string();
+    let loop_dev = run("losetup", &["-f", "--show", &image_arg])
+        .trim()
+        .to_string();
+    let detach = loop_dev.clone();
+    teardown.0.push(Box::new(move || {
+        let _ = Command::new("losetup").args(["-d", &detach]).status();
+    }));
+    run("mkfs.ext4", &["-q", &loop_dev]);
+    let mnt = g.path("mnt");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    let mnt_arg = mnt.to_str().expect("utf-8").to_string();
+    run("mount", &[&loop_dev, &mnt_arg]);
+    let unmount = mnt_arg.clone();
+    teardown.0.push(Box::new(move || {
+        let _ = Command::new("umount").arg(&unmount).status();
+    }));
+    let mut files = Vec::new();
+    for i in 0..8 {
+        let mut data = vec![0u8; 1 << (12 + i)];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut data);
+        std::fs::write(mnt.join(format!("f{i}")), &data).expect("write through ext4");
+        files.push(data);
+    }
+    run("umount", &[&mnt_arg]);
+    run("e2fsck", &["-fn", &loop_dev]);
+    run("mount", &[&loop_dev, &mnt_arg]);
+    for (i, data) in files.iter().enumerate() {
+        assert!(
+            std::fs::read(mnt.join(format!("f{i}"))).expect("read back") == *data,
+            "f{i} differs"
+        );
+    }
+    drop(teardown);
+}

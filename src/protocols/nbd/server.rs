@@ -775,6 +775,192 @@ mod tests {
         }
     }
 
+    /// A device in memory, for driving the server with arbitrary bytes.
+    struct MemDevice {
+        data: std::sync::Mutex<Vec<u8>>,
+        read_only: bool,
+    }
+
+    impl BlockDevice for MemDevice {
+        fn size(&self) -> u64 {
+            self.data.lock().expect("lock").len() as u64
+        }
+        fn read_only(&self) -> bool {
+            self.read_only
+        }
+        fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+            let data = self.data.lock().expect("lock");
+            buf.copy_from_slice(&data[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn write(&self, offset: u64, src: &[u8], _fua: bool) -> Result<(), BlockError> {
+            let mut data = self.data.lock().expect("lock");
+            data[offset as usize..offset as usize + src.len()].copy_from_slice(src);
+            Ok(())
+        }
+        fn flush(&self) -> Result<(), BlockError> {
+            Ok(())
+        }
+        fn trim(&self, offset: u64, length: u64) -> Result<(), BlockError> {
+            self.write_zeroes(offset, length, true)
+        }
+        fn write_zeroes(
+            &self,
+            offset: u64,
+            length: u64,
+            _may_trim: bool,
+        ) -> Result<(), BlockError> {
+            let mut data = self.data.lock().expect("lock");
+            data[offset as usize..(offset + length) as usize].fill(0);
+            Ok(())
+        }
+        fn extents(&self, _offset: u64, length: u64) -> Result<Vec<Extent>, BlockError> {
+            Ok(vec![Extent {
+                length,
+                hole: false,
+                zero: false,
+            }])
+        }
+    }
+
+    struct OneExport(Arc<MemDevice>);
+
+    impl Exports for OneExport {
+        fn list(&self) -> Vec<ExportInfo> {
+            vec![ExportInfo {
+                name: "disk".into(),
+                description: String::new(),
+            }]
+        }
+        fn open(&self, name: &str, _peer: &Peer) -> Result<Arc<dyn BlockDevice>, OpenError> {
+            if name == "disk" {
+                Ok(self.0.clone())
+            } else {
+                Err(OpenError::Unknown(name.into()))
+            }
+        }
+    }
+
+    const SIZE: usize = 64 << 10;
+
+    /// Feeds `input` to one connection and returns the device's content afterwards; fails
+    /// if the server panics or does not finish.
+    fn drive(input: Vec<u8>, read_only: bool) -> Vec<u8> {
+        let pattern: Vec<u8> = (0..SIZE).map(|i| (i % 253) as u8).collect();
+        let device = Arc::new(MemDevice {
+            data: std::sync::Mutex::new(pattern),
+            read_only,
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let (_stop, stopped) = watch::channel(false);
+            let server = NbdServer::new(Arc::new(OneExport(device.clone())), stopped);
+            let (mut client, server_side) = tokio::io::duplex(1 << 20);
+            let task = tokio::spawn(server.connection(server_side, Peer::Unix));
+            let finished = tokio::time::timeout(Duration::from_secs(10), async move {
+                client.write_all(&input).await.ok();
+                client.shutdown().await.ok();
+                let mut sink = Vec::new();
+                client.read_to_end(&mut sink).await.ok();
+                task.await
+            })
+            .await;
+            assert!(
+                matches!(finished, Ok(Ok(()))),
+                "the connection did not end cleanly: {finished:?}"
+            );
+        });
+        Arc::try_unwrap(device)
+            .ok()
+            .expect("device released")
+            .data
+            .into_inner()
+            .expect("lock")
+    }
+
+    /// A well-formed opening: client flags, structured replies, base:allocation, GO "disk".
+    fn opening() -> Vec<u8> {
+        let option = |b: &mut Vec<u8>, option: u32, data: &[u8]| {
+            b.extend_from_slice(&IHAVEOPT.to_be_bytes());
+            b.extend_from_slice(&option.to_be_bytes());
+            b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            b.extend_from_slice(data);
+        };
+        let mut b = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+            .to_be_bytes()
+            .to_vec();
+        option(&mut b, OPT_STRUCTURED_REPLY, &[]);
+        let mut meta = 4u32.to_be_bytes().to_vec();
+        meta.extend_from_slice(b"disk");
+        meta.extend_from_slice(&1u32.to_be_bytes());
+        meta.extend_from_slice(&(BASE_ALLOCATION.len() as u32).to_be_bytes());
+        meta.extend_from_slice(BASE_ALLOCATION.as_bytes());
+        option(&mut b, OPT_SET_META_CONTEXT, &meta);
+        let mut go = 4u32.to_be_bytes().to_vec();
+        go.extend_from_slice(b"disk");
+        go.extend_from_slice(&0u16.to_be_bytes());
+        option(&mut b, OPT_GO, &go);
+        b
+    }
+
+    fn request_strategy() -> impl Strategy<Value = Vec<u8>> {
+        (
+            any::<u16>(),
+            0u16..10,
+            prop_oneof![0u64..(SIZE as u64 + 8192), any::<u64>()],
+            prop_oneof![0u32..70_000, any::<u32>()],
+            any::<u8>(),
+        )
+            .prop_map(|(flags, kind, offset, length, fill)| {
+                let r = Request {
+                    flags: flags & 0x3f,
+                    kind,
+                    cookie: u64::from(fill),
+                    offset,
+                    length,
+                };
+                let mut b = r.encode().to_vec();
+                if kind == CMD_WRITE && length < 70_000 {
+                    b.resize(b.len() + length as usize, fill);
+                }
+                b
+            })
+    }
+
+    proptest! {
+        // PROPTEST_CASES raises the number of cases; scripts/fuzz-nbd runs many more.
+
+        #[test]
+        fn random_bytes_never_crash_or_write(input in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let pristine: Vec<u8> = (0..SIZE).map(|i| (i % 253) as u8).collect();
+            prop_assert_eq!(drive(input.clone(), false), pristine.clone());
+            let mut after_opening = opening();
+            after_opening.extend_from_slice(&input);
+            // Random bytes after a good opening may form a valid write by chance; a
+            // read-only export must stay unchanged whatever arrives.
+            prop_assert_eq!(drive(after_opening, true), pristine);
+        }
+
+        #[test]
+        fn random_requests_leave_a_read_only_export_unchanged(
+            requests in proptest::collection::vec(request_strategy(), 1..40),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let pristine: Vec<u8> = (0..SIZE).map(|i| (i % 253) as u8).collect();
+            let mut input = opening();
+            for r in &requests {
+                input.extend_from_slice(r);
+            }
+            prop_assert_eq!(drive(input.clone(), true), pristine.clone());
+            // The same stream cut anywhere: a truncated packet ends the connection cleanly.
+            let at = cut.index(input.len());
+            prop_assert_eq!(drive(input[..at].to_vec(), true), pristine);
+        }
+    }
+
     #[test]
     fn info_request_needs_exact_length() {
         let mut data = 4u32.to_be_bytes().to_vec();
