@@ -145,6 +145,25 @@ fn real_clients_interoperate() {
             &g.tcp("disk"),
         ],
     );
+    let info = run("qemu-img", &["info", "-f", "raw", &g.unix("disk")]);
+    assert!(info.contains("virtual size: 64 MiB"), "{info}");
+    let converted = g.path("converted.img");
+    let converted_arg = converted.to_str().expect("utf-8");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &g.tcp("disk"),
+            converted_arg,
+        ],
+    );
+    assert!(
+        std::fs::read(&converted).expect("converted") == std::fs::read(&source).expect("source")
+    );
 
     // Trim and write-zeroes show up as holes in the map; reads see zeros there.
     run(
