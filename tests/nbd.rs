@@ -572,3 +572,112 @@ fn ext4_through_qemu_storage_daemon_fuse_and_a_loop_device() {
     }
     drop(teardown);
 }
+
+/// A CA and a server certificate for 127.0.0.1, made with the openssl command.
+fn make_certificates(dir: &Path) {
+    let sh = |script: &str| {
+        let out = Command::new("sh")
+            .arg("-ec")
+            .arg(script)
+            .current_dir(dir)
+            .output()
+            .expect("sh");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sh(
+        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+          -keyout ca-key.pem -out ca-cert.pem -days 2 -subj /CN=firn-test-ca 2>/dev/null
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+          -keyout server-key.pem -out server.csr -subj /CN=127.0.0.1 2>/dev/null
+        printf 'subjectAltName=IP:127.0.0.1\\nextendedKeyUsage=serverAuth\\n' > ext.cnf
+        openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+          -out server-cert.pem -days 2 -extfile ext.cnf 2>/dev/null",
+    );
+}
+
+#[test]
+fn x509_tls_is_required_and_works_with_libnbd_and_qemu() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = dir.path().join("pki");
+    std::fs::create_dir(&pki).expect("mkdir");
+    make_certificates(&pki);
+    let (http_port, nbd_port) = (free_port(), free_port());
+    let config = dir.path().join("firn.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[local]\ndata_dir = \"data\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[nbd]\nlisten = \"127.0.0.1:{nbd_port}\"\ntls = \"x509\"\ntls_cert = \"pki/server-cert.pem\"\ntls_key = \"pki/server-key.pem\"\n"
+        ),
+    )
+    .expect("config");
+    let daemon = Daemon::start(&config, http_port, &[]);
+    assert!(daemon.stdout.join("\n").contains("x509 required"));
+    let config_arg = config.to_str().expect("utf-8");
+    let (ok, _, err) = firn(&[
+        "volume", "create", "disk", "--size", "8M", "--config", config_arg,
+    ]);
+    assert!(ok, "{err}");
+
+    let pki_arg = pki.to_str().expect("utf-8");
+    let tls_uri = format!("nbds://127.0.0.1:{nbd_port}/disk?tls-certificates={pki_arg}");
+    let info = run("nbdinfo", &[&tls_uri]);
+    assert!(info.contains("export-size: 8388608"), "{info}");
+    let image_opts = format!(
+        "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={nbd_port},export=disk,tls-creds=tls0"
+    );
+    let creds = format!("tls-creds-x509,id=tls0,dir={pki_arg},endpoint=client");
+    run(
+        "qemu-io",
+        &[
+            "--object",
+            &creds,
+            "--image-opts",
+            &image_opts,
+            "-c",
+            "write -P 0x77 0 1M",
+            "-c",
+            "read -P 0x77 0 1M",
+        ],
+    );
+    let back = dir.path().join("back.img");
+    run("nbdcopy", &[&tls_uri, back.to_str().expect("utf-8")]);
+    let data = std::fs::read(&back).expect("back");
+    assert!(data[..1 << 20].iter().all(|&b| b == 0x77) && data[1 << 20..].iter().all(|&b| b == 0));
+
+    // Plain connections are refused; so is a client that does not trust the certificate.
+    let plain = Command::new("nbdinfo")
+        .arg(format!("nbd://127.0.0.1:{nbd_port}/disk"))
+        .output()
+        .expect("nbdinfo");
+    assert!(!plain.status.success(), "a plain connection was served");
+    let unix = Command::new("nbdinfo")
+        .arg(format!(
+            "nbd+unix:///disk?socket={}",
+            dir.path().join("data/nbd.sock").display()
+        ))
+        .output()
+        .expect("nbdinfo");
+    assert!(
+        !unix.status.success(),
+        "a plain Unix-socket connection was served"
+    );
+    let other = dir.path().join("other-pki");
+    std::fs::create_dir(&other).expect("mkdir");
+    make_certificates(&other);
+    let untrusted = Command::new("nbdinfo")
+        .arg(format!(
+            "nbds://127.0.0.1:{nbd_port}/disk?tls-certificates={}",
+            other.display()
+        ))
+        .output()
+        .expect("nbdinfo");
+    assert!(
+        !untrusted.status.success(),
+        "a client trusting another CA connected"
+    );
+    assert!(daemon.stop().success());
+}

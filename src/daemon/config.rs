@@ -126,6 +126,19 @@ pub struct NbdConfig {
     pub socket: Option<PathBuf>,
     /// Client addresses (CIDR) allowed over TCP; the Unix socket is guarded by its mode.
     pub allow: Vec<String>,
+    /// `"off"`, or `"x509"`: every client must upgrade with STARTTLS (nbds:// URIs).
+    pub tls: NbdTls,
+    /// PEM certificate chain and private key for `tls = "x509"`.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NbdTls {
+    #[default]
+    Off,
+    X509,
 }
 
 impl Default for NbdConfig {
@@ -134,6 +147,9 @@ impl Default for NbdConfig {
             listen: "127.0.0.1:10809".to_string(),
             socket: None,
             allow: vec!["127.0.0.0/8".to_string(), "::1/128".to_string()],
+            tls: NbdTls::Off,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -246,6 +262,11 @@ impl Config {
                 self.nbd.listen
             ));
         }
+        if self.nbd.tls == NbdTls::X509
+            && (self.nbd.tls_cert.is_none() || self.nbd.tls_key.is_none())
+        {
+            return Err("[nbd] tls = \"x509\" needs tls_cert and tls_key (PEM files)".to_string());
+        }
         for block in &self.nbd.allow {
             Cidr::parse(block).map_err(|e| format!("[nbd] allow: {e}"))?;
         }
@@ -272,7 +293,14 @@ impl Config {
         if let Some(p) = self.remote.path.as_mut() {
             fix(p);
         }
-        if let Some(p) = self.nbd.socket.as_mut() {
+        for p in [
+            &mut self.nbd.socket,
+            &mut self.nbd.tls_cert,
+            &mut self.nbd.tls_key,
+        ]
+        .into_iter()
+        .flatten()
+        {
             fix(p);
         }
         if let KeySource::File { file } = &mut self.keys {
@@ -405,6 +433,8 @@ mod tests {
             ("[nbd]\nallow = [\"10.0.0.0/33\"]", "10.0.0.0/33"),
             ("[nbd]\nlisten = \"nowhere\"", "listen"),
             ("[ndb]\n", "ndb"),
+            ("[nbd]\ntls = \"x509\"", "tls_cert"),
+            ("[nbd]\ntls = \"psk\"", "psk"),
         ];
         for (text, expected) in cases {
             let message = Config::parse(text).expect_err(text);

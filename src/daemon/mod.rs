@@ -322,7 +322,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("[http] listen: cannot bind {listen}"))?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let nbd = NbdServer::new(gateway.exports.clone(), stopped.clone());
+    let tls = match (
+        &gateway.config.nbd.tls,
+        &gateway.config.nbd.tls_cert,
+        &gateway.config.nbd.tls_key,
+    ) {
+        (config::NbdTls::X509, Some(cert), Some(key)) => Some(nbd::tls_acceptor(cert, key)?),
+        _ => None,
+    };
+    let tls_on = tls.is_some();
+    let nbd = NbdServer::new(gateway.exports.clone(), stopped.clone(), tls);
     let socket_path = gateway.config.nbd_socket();
     let unix = NbdServer::bind_unix(&socket_path)
         .with_context(|| format!("[nbd] socket: cannot bind {}", socket_path.display()))?;
@@ -337,7 +346,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         )
     };
     let stop_requested = shutdown_signal()?;
-    print_banner(&gateway, listen);
+    print_banner(&gateway, listen, tls_on);
     tokio::spawn(gateway.clone().watch_remote());
     tokio::spawn(nbd.clone().serve_unix(unix));
     if let Some(tcp) = tcp {
@@ -362,7 +371,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_banner(gateway: &Gateway, listen: std::net::SocketAddr) {
+fn print_banner(gateway: &Gateway, listen: std::net::SocketAddr, nbd_tls: bool) {
     let health = gateway
         .health
         .read()
@@ -409,6 +418,9 @@ fn print_banner(gateway: &Gateway, listen: std::net::SocketAddr) {
         "  NBD (unix)      nbd+unix:///<volume>?socket={}",
         gateway.config.nbd_socket().display()
     );
+    if nbd_tls {
+        println!("  NBD TLS         x509 required (nbds:// URIs); plain connections are refused");
+    }
     println!("  metrics         http://{listen}/metrics");
     println!("  health          http://{listen}/healthz");
     println!("Press Ctrl-C to stop.");

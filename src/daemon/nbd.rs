@@ -78,3 +78,38 @@ impl Exports for VolumeExports {
         Ok(volume)
     }
 }
+
+/// The TLS acceptor for `[nbd] tls = "x509"`: the certificate chain and key from PEM files.
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use anyhow::Context;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| {
+            format!(
+                "[nbd] tls_cert: cannot read certificates from {}",
+                cert.display()
+            )
+        })?;
+    if chain.is_empty() {
+        anyhow::bail!("[nbd] tls_cert: no certificate in {}", cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(key).with_context(|| {
+        format!(
+            "[nbd] tls_key: cannot read a private key from {}",
+            key.display()
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context("[nbd] tls_cert and tls_key do not make a usable certificate")?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}

@@ -59,6 +59,23 @@ pub trait Exports: Send + Sync {
 pub struct NbdServer {
     exports: Arc<dyn Exports>,
     shutdown: watch::Receiver<bool>,
+    /// When set, clients must upgrade with NBD_OPT_STARTTLS before anything else.
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// Where a connection stands with TLS during option haggling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tls {
+    NotConfigured,
+    Required,
+    Active,
+}
+
+/// How option haggling ended.
+enum Negotiated {
+    Session(Session),
+    Abort,
+    StartTls,
 }
 
 /// What negotiation settled for one connection.
@@ -84,8 +101,16 @@ fn violation<T>(message: impl Into<String>) -> ConnResult<T> {
 }
 
 impl NbdServer {
-    pub fn new(exports: Arc<dyn Exports>, shutdown: watch::Receiver<bool>) -> Arc<NbdServer> {
-        Arc::new(NbdServer { exports, shutdown })
+    pub fn new(
+        exports: Arc<dyn Exports>,
+        shutdown: watch::Receiver<bool>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Arc<NbdServer> {
+        Arc::new(NbdServer {
+            exports,
+            shutdown,
+            tls,
+        })
     }
 
     pub async fn serve_tcp(self: Arc<Self>, listener: tokio::net::TcpListener) {
@@ -141,38 +166,63 @@ impl NbdServer {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let mut stream = stream;
-        let session = match self.negotiate(&mut stream, &peer).await {
-            Ok(Some(session)) => session,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::info!(?peer, "nbd: negotiation ended: {e}");
-                return;
-            }
-        };
-        if let Err(e) = self.transmission(stream, Arc::new(session)).await {
-            tracing::info!(?peer, "nbd: connection closed: {e}");
+        if let Err(e) = self.clone().serve_connection(stream, &peer).await {
+            tracing::info!(?peer, "nbd: connection ended: {e}");
         }
     }
 
-    async fn negotiate<S>(&self, io: &mut S, peer: &Peer) -> ConnResult<Option<Session>>
+    async fn serve_connection<S>(self: Arc<Self>, mut stream: S, peer: &Peer) -> ConnResult<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let no_zeroes = hello(&mut stream).await?;
+        let Some(acceptor) = self.tls.clone() else {
+            return self
+                .finish(stream, peer, no_zeroes, Tls::NotConfigured)
+                .await;
+        };
+        match self
+            .options(&mut stream, peer, no_zeroes, Tls::Required)
+            .await?
+        {
+            Negotiated::StartTls => {}
+            Negotiated::Abort => return Ok(()),
+            Negotiated::Session(_) => return violation("a session without TLS"),
+        }
+        let stream = acceptor.accept(stream).await?;
+        self.finish(stream, peer, no_zeroes, Tls::Active).await
+    }
+
+    /// Option haggling to the end, then transmission.
+    async fn finish<S>(
+        &self,
+        mut stream: S,
+        peer: &Peer,
+        no_zeroes: bool,
+        tls: Tls,
+    ) -> ConnResult<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        match self.options(&mut stream, peer, no_zeroes, tls).await? {
+            Negotiated::Session(session) => self.transmission(stream, Arc::new(session)).await,
+            Negotiated::Abort => Ok(()),
+            Negotiated::StartTls => violation("STARTTLS without TLS configured"),
+        }
+    }
+
+    async fn options<S>(
+        &self,
+        io: &mut S,
+        peer: &Peer,
+        no_zeroes: bool,
+        tls: Tls,
+    ) -> ConnResult<Negotiated>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let mut hello = Vec::with_capacity(18);
-        hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
-        hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-        io.write_all(&hello).await?;
-        io.flush().await?;
-        let client_flags = io.read_u32().await?;
-        if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-            return violation(format!("unknown client flags {client_flags:#x}"));
-        }
-        let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
         let mut structured = false;
         let mut base_allocation = false;
-
         loop {
             if io.read_u64().await? != IHAVEOPT {
                 return violation("option without IHAVEOPT");
@@ -186,6 +236,19 @@ impl NbdServer {
             io.read_exact(&mut data).await?;
             if *self.shutdown.borrow() {
                 reply(io, option, REP_ERR_SHUTDOWN, b"server shutting down").await?;
+                continue;
+            }
+            if tls == Tls::Required && !matches!(option, OPT_STARTTLS | OPT_ABORT) {
+                if option == OPT_EXPORT_NAME {
+                    return violation("NBD_OPT_EXPORT_NAME before the TLS this server requires");
+                }
+                reply(
+                    io,
+                    option,
+                    REP_ERR_TLS_REQD,
+                    b"this server requires TLS (connect with nbds://)",
+                )
+                .await?;
                 continue;
             }
             match option {
@@ -208,11 +271,15 @@ impl NbdServer {
                     }
                     io.write_all(&b).await?;
                     io.flush().await?;
-                    return Ok(Some(Session::new(device, structured, base_allocation)));
+                    return Ok(Negotiated::Session(Session::new(
+                        device,
+                        structured,
+                        base_allocation,
+                    )));
                 }
                 OPT_ABORT => {
                     reply(io, option, REP_ACK, &[]).await?;
-                    return Ok(None);
+                    return Ok(Negotiated::Abort);
                 }
                 OPT_LIST => {
                     if !data.is_empty() {
@@ -228,15 +295,33 @@ impl NbdServer {
                     }
                     reply(io, option, REP_ACK, &[]).await?;
                 }
-                OPT_STARTTLS => {
-                    reply(
-                        io,
-                        option,
-                        REP_ERR_UNSUP,
-                        b"TLS is not configured on this server",
-                    )
-                    .await?;
-                }
+                OPT_STARTTLS => match tls {
+                    Tls::NotConfigured => {
+                        reply(
+                            io,
+                            option,
+                            REP_ERR_UNSUP,
+                            b"TLS is not configured on this server",
+                        )
+                        .await?;
+                    }
+                    Tls::Active => {
+                        reply(io, option, REP_ERR_INVALID, b"TLS is already active").await?;
+                    }
+                    Tls::Required if !data.is_empty() => {
+                        reply(
+                            io,
+                            option,
+                            REP_ERR_INVALID,
+                            b"NBD_OPT_STARTTLS takes no data",
+                        )
+                        .await?;
+                    }
+                    Tls::Required => {
+                        reply(io, option, REP_ACK, &[]).await?;
+                        return Ok(Negotiated::StartTls);
+                    }
+                },
                 OPT_INFO | OPT_GO => {
                     let Some((name, requests)) = parse_info_request(&data) else {
                         reply(
@@ -292,7 +377,11 @@ impl NbdServer {
                     }
                     reply(io, option, REP_ACK, &[]).await?;
                     if option == OPT_GO {
-                        return Ok(Some(Session::new(device, structured, base_allocation)));
+                        return Ok(Negotiated::Session(Session::new(
+                            device,
+                            structured,
+                            base_allocation,
+                        )));
                     }
                 }
                 OPT_STRUCTURED_REPLY => {
@@ -454,6 +543,22 @@ impl NbdServer {
         }
         outcome
     }
+}
+
+/// The server's greeting and the client's flags; returns whether the client asked for
+/// NBD_FLAG_C_NO_ZEROES.
+async fn hello<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) -> ConnResult<bool> {
+    let mut hello = Vec::with_capacity(18);
+    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    io.write_all(&hello).await?;
+    io.flush().await?;
+    let client_flags = io.read_u32().await?;
+    if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        return violation(format!("unknown client flags {client_flags:#x}"));
+    }
+    Ok(client_flags & FLAG_C_NO_ZEROES != 0)
 }
 
 impl Session {
@@ -857,7 +962,7 @@ mod tests {
             .expect("runtime");
         rt.block_on(async {
             let (_stop, stopped) = watch::channel(false);
-            let server = NbdServer::new(Arc::new(OneExport(device.clone())), stopped);
+            let server = NbdServer::new(Arc::new(OneExport(device.clone())), stopped, None);
             let (mut client, server_side) = tokio::io::duplex(1 << 20);
             let task = tokio::spawn(server.connection(server_side, Peer::Unix));
             let finished = tokio::time::timeout(Duration::from_secs(10), async move {
