@@ -150,7 +150,8 @@ pub fn simple_reply(error: u32, cookie: u64) -> Vec<u8> {
 
 /// The 20-byte header of a structured reply chunk whose payload is `length` bytes.
 pub fn chunk_header(flags: u16, kind: u16, cookie: u64, length: u32) -> Vec<u8> {
-    let mut b = Vec::with_capacity(20 + length as usize);
+    // Room for small payloads only: data chunks are built in the caller's buffer.
+    let mut b = Vec::with_capacity(20 + (length as usize).min(64));
     b.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
     b.extend_from_slice(&flags.to_be_bytes());
     b.extend_from_slice(&kind.to_be_bytes());
