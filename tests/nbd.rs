@@ -681,3 +681,42 @@ fn x509_tls_is_required_and_works_with_libnbd_and_qemu() {
     );
     assert!(daemon.stop().success());
 }
+
+#[test]
+fn trim_and_zeroing_a_2_tib_volume_is_metadata_not_io() {
+    let g = Gateway::start();
+    g.firn(&["volume", "create", "huge", "--size", "2T"]);
+    let mut c = Raw::connect(g.nbd_port);
+    let size = c.go("huge").expect("go");
+    assert_eq!(size, 2 << 40);
+    let marks = [0u64, 1 << 30, size / 2 + 4096, size - 4096];
+    for &at in &marks {
+        c.request(0, 1, at, 4096, &[0xee; 4096]);
+        assert_eq!(c.reply(0).0, 0);
+    }
+    // The largest request length is just under 4 GiB: 512 requests cover 2 TiB.
+    let step = 1u64 << 32;
+    for (kind, name) in [(4u16, "trim"), (6u16, "write zeroes")] {
+        let started = std::time::Instant::now();
+        let mut offset = 0;
+        while offset < size {
+            let len = (size - offset).min(step - 4096);
+            c.request(0, kind, offset, len as u32, &[]);
+            assert_eq!(c.reply(0).0, 0, "{name} at {offset}");
+            offset += len;
+        }
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(1),
+            "{name} of 2 TiB took {took:?}"
+        );
+    }
+    for &at in &marks {
+        c.request(0, 0, at, 4096, &[]);
+        assert_eq!(
+            c.reply(4096),
+            (0, vec![0; 4096]),
+            "offset {at} reads as zeros"
+        );
+    }
+}
