@@ -720,3 +720,50 @@ fn trim_and_zeroing_a_2_tib_volume_is_metadata_not_io() {
         );
     }
 }
+
+#[test]
+fn per_volume_allowlists_replace_the_server_wide_one() {
+    let g = Gateway::start();
+    g.firn(&["volume", "create", "open", "--size", "1M"]);
+    g.firn(&[
+        "volume",
+        "create",
+        "fenced",
+        "--size",
+        "1M",
+        "--allow",
+        "10.9.9.0/24",
+    ]);
+    let (ok, _, err) = firn(&[
+        "volume",
+        "create",
+        "bad",
+        "--size",
+        "1M",
+        "--allow",
+        "10.0.0.0/99",
+        "--config",
+        g.config.to_str().expect("utf-8"),
+    ]);
+    assert!(!ok && err.contains("10.0.0.0/99"), "{err}");
+    assert!(
+        g.firn(&["volume", "show", "fenced"])
+            .contains("10.9.9.0/24")
+    );
+
+    let mut c = Raw::connect(g.nbd_port);
+    let (code, message) = c
+        .go("fenced")
+        .expect_err("127.0.0.1 is not in the volume's list");
+    assert_eq!(code, 0x8000_0002, "NBD_REP_ERR_POLICY");
+    assert!(
+        message.contains("not in the volume's allow list"),
+        "{message}"
+    );
+    assert_eq!(
+        c.go("open").expect("the server-wide list allows loopback"),
+        1 << 20
+    );
+    // The Unix socket is guarded by its file mode, not by address lists.
+    run("nbdinfo", &[&g.unix("fenced")]);
+}

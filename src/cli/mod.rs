@@ -66,6 +66,9 @@ enum VolumeCommand {
         mode: String,
         #[arg(long)]
         read_only: bool,
+        /// Address block (CIDR) whose NBD clients may attach; repeat for more. Default: [nbd] allow.
+        #[arg(long)]
+        allow: Vec<String>,
     },
     /// List volumes.
     List,
@@ -178,9 +181,10 @@ async fn volume(client: &ApiClient, command: VolumeCommand) -> anyhow::Result<()
             size,
             mode,
             read_only,
+            allow,
         } => {
             let size = crate::size::parse_size(&size)?;
-            let body = json!({ "name": name, "size": size, "mode": mode, "read_only": read_only });
+            let body = json!({ "name": name, "size": size, "mode": mode, "read_only": read_only, "allow": allow });
             let created: Value = client.post("volumes", &body).await?;
             println!("created {}", line(&created).trim_end());
         }

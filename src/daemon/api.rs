@@ -158,6 +158,9 @@ struct CreateVolume {
     mode: Mode,
     #[serde(default)]
     read_only: bool,
+    /// Address blocks whose NBD clients may attach, instead of `[nbd] allow`.
+    #[serde(default)]
+    allow: Vec<String>,
 }
 
 fn default_mode() -> Mode {
@@ -176,13 +179,19 @@ async fn create_volume(State(gateway): Shared, body: axum::body::Bytes) -> Respo
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("volume: {e}")),
     };
+    for block in &request.allow {
+        if let Err(e) = crate::daemon::config::Cidr::parse(block) {
+            return error(StatusCode::BAD_REQUEST, format!("volume allow: {e}"));
+        }
+    }
     let volumes = gateway.volumes.clone();
     let created = tokio::task::spawn_blocking(move || {
-        volumes.create(
+        volumes.create_with_allow(
             &request.name,
             request.size.0,
             request.mode,
             request.read_only,
+            request.allow,
         )
     })
     .await;

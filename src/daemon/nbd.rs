@@ -54,20 +54,32 @@ impl Exports for VolumeExports {
     }
 
     fn open(&self, name: &str, peer: &Peer) -> Result<Arc<dyn BlockDevice>, OpenError> {
-        if let Peer::Tcp(addr) = peer
-            && !self.allow.iter().any(|block| block.contains(addr.ip()))
-        {
-            return Err(OpenError::Denied(format!(
-                "client {} is not in [nbd] allow",
-                addr.ip()
-            )));
+        let Some(info) = self.catalog.get(name).ok().flatten() else {
+            return Err(OpenError::Unknown(name.to_string()));
+        };
+        if let Peer::Tcp(addr) = peer {
+            // A volume's own list replaces the server-wide one; entries were checked when
+            // the volume was made.
+            let own: Vec<Cidr> = info
+                .allow
+                .iter()
+                .filter_map(|b| Cidr::parse(b).ok())
+                .collect();
+            let (blocks, which) = if info.allow.is_empty() {
+                (&self.allow, "[nbd] allow")
+            } else {
+                (&own, "the volume's allow list")
+            };
+            if !blocks.iter().any(|block| block.contains(addr.ip())) {
+                return Err(OpenError::Denied(format!(
+                    "client {} is not in {which}",
+                    addr.ip()
+                )));
+            }
         }
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(volume) = open.get(name).and_then(Weak::upgrade) {
             return Ok(volume);
-        }
-        if self.catalog.get(name).ok().flatten().is_none() {
-            return Err(OpenError::Unknown(name.to_string()));
         }
         let volume = self.catalog.open(name).map_err(|e| OpenError::Failed {
             name: name.to_string(),

@@ -40,6 +40,10 @@ pub struct VolumeInfo {
     pub created: String,
     /// The version of the volume's on-disk format.
     pub format: u32,
+    /// Address blocks (CIDR) whose network clients may attach; empty means the server-wide
+    /// list. Kept as text: the engine stores it, the door enforces it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
 }
 
 /// Why a catalog operation failed. Every message names the volume.
@@ -155,6 +159,18 @@ impl Catalog {
         mode: Mode,
         read_only: bool,
     ) -> Result<VolumeInfo, CatalogError> {
+        self.create_with_allow(name, size, mode, read_only, Vec::new())
+    }
+
+    /// `create`, with the volume's own client allowlist, recorded in the same entry.
+    pub fn create_with_allow(
+        &self,
+        name: &str,
+        size: u64,
+        mode: Mode,
+        read_only: bool,
+        allow: Vec<String>,
+    ) -> Result<VolumeInfo, CatalogError> {
         check_name(name)?;
         if size == 0 || size % local::SECTOR_SIZE != 0 || size > local::MAX_SIZE {
             return Err(CatalogError::InvalidSize {
@@ -178,6 +194,7 @@ impl Catalog {
             read_only,
             created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             format: LOCAL_FORMAT,
+            allow,
         };
         let path = self.path(&info);
         match mode {
