@@ -767,3 +767,29 @@ fn per_volume_allowlists_replace_the_server_wide_one() {
     // The Unix socket is guarded by its file mode, not by address lists.
     run("nbdinfo", &[&g.unix("fenced")]);
 }
+
+#[test]
+fn an_attached_volume_cannot_be_deleted() {
+    let g = Gateway::start();
+    g.firn(&["volume", "create", "busy", "--size", "1M"]);
+    let mut c = Raw::connect(g.nbd_port);
+    c.go("busy").expect("go");
+    let config = g.config.to_str().expect("utf-8");
+    let (ok, _, err) = firn(&["volume", "delete", "busy", "--config", config]);
+    assert!(!ok && err.contains("attached"), "{err}");
+    c.request(0, 2, 0, 0, &[]); // NBD_CMD_DISC
+    drop(c);
+    let started = std::time::Instant::now();
+    loop {
+        let (ok, _, err) = firn(&["volume", "delete", "busy", "--config", config]);
+        if ok {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still attached: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!g.firn(&["volume", "list"]).contains("busy"));
+}
