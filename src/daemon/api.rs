@@ -211,7 +211,7 @@ async fn show_volume(State(gateway): Shared, Path(name): Path<String>) -> Respon
 }
 
 async fn delete_volume(State(gateway): Shared, Path(name): Path<String>) -> Response {
-    if gateway.exports.in_use(&name) {
+    if gateway.volumes.in_use(&name).unwrap_or(false) {
         return error(
             StatusCode::CONFLICT,
             format!("volume {name:?} is attached by an NBD client; disconnect it first"),

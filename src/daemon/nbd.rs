@@ -1,36 +1,22 @@
-//! The NBD door's exports: the volume catalog, one shared device per open volume (so every
-//! connection to a volume sees the same data and one flush covers them all), and the TCP
-//! client allowlist.
+//! The NBD door's exports: the volume catalog (which hands every connection to a volume the
+//! same device, so one flush covers them all) and the TCP client allowlists.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 
 use crate::daemon::config::Cidr;
 use crate::engines::volume::BlockDevice;
 use crate::engines::volume::catalog::Catalog;
-use crate::engines::volume::local::LocalVolume;
 use crate::protocols::nbd::{ExportInfo, Exports, OpenError, Peer};
 use crate::size::Human;
 
 pub struct VolumeExports {
     catalog: Arc<Catalog>,
     allow: Vec<Cidr>,
-    open: Mutex<HashMap<String, Weak<LocalVolume>>>,
 }
 
 impl VolumeExports {
     pub fn new(catalog: Arc<Catalog>, allow: Vec<Cidr>) -> Self {
-        VolumeExports {
-            catalog,
-            allow,
-            open: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Whether a client has the volume open now.
-    pub fn in_use(&self, name: &str) -> bool {
-        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        open.get(name).is_some_and(|w| w.strong_count() > 0)
+        VolumeExports { catalog, allow }
     }
 }
 
@@ -77,16 +63,10 @@ impl Exports for VolumeExports {
                 )));
             }
         }
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(volume) = open.get(name).and_then(Weak::upgrade) {
-            return Ok(volume);
-        }
         let volume = self.catalog.open(name).map_err(|e| OpenError::Failed {
             name: name.to_string(),
             message: e.to_string(),
         })?;
-        open.retain(|_, w| w.strong_count() > 0);
-        open.insert(name.to_string(), Arc::downgrade(&volume));
         Ok(volume)
     }
 }

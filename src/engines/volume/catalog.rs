@@ -330,6 +330,17 @@ impl Catalog {
         Ok(volume)
     }
 
+    /// Whether a handle from `open` is alive for the volume (a client has it attached).
+    pub fn in_use(&self, name: &str) -> Result<bool, CatalogError> {
+        let Some(info) = self.get(name)? else {
+            return Ok(false);
+        };
+        let open = self.open_volumes();
+        Ok(open
+            .get(&info.id)
+            .is_some_and(|handle| handle.strong_count() > 0))
+    }
+
     /// Where the volume's file is.
     pub fn path(&self, info: &VolumeInfo) -> PathBuf {
         self.dir.join(format!("{}.img", info.id))
