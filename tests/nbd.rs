@@ -599,87 +599,178 @@ fn make_certificates(dir: &Path) {
     );
 }
 
+/// A gateway whose `[nbd]` section ends with `nbd_extra`, for the TLS tests; `prepare` runs
+/// in its directory before the start. It has one 8 MiB volume, `disk`.
+struct TlsGateway {
+    dir: tempfile::TempDir,
+    daemon: Daemon,
+    nbd_port: u16,
+}
+
+impl TlsGateway {
+    fn start(nbd_extra: &str, prepare: impl FnOnce(&Path)) -> TlsGateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        prepare(dir.path());
+        let (http_port, nbd_port) = (free_port(), free_port());
+        let config = dir.path().join("firn.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[local]\ndata_dir = \"data\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[nbd]\nlisten = \"127.0.0.1:{nbd_port}\"\n{nbd_extra}"
+            ),
+        )
+        .expect("config");
+        let daemon = Daemon::start(&config, http_port, &[]);
+        let config_arg = config.to_str().expect("utf-8");
+        let (ok, _, err) = firn(&[
+            "volume", "create", "disk", "--size", "8M", "--config", config_arg,
+        ]);
+        assert!(ok, "{err}");
+        TlsGateway {
+            dir,
+            daemon,
+            nbd_port,
+        }
+    }
+
+    /// qemu-io on `disk` with the TLS credentials object `creds` (id tls0).
+    fn qemu_io(&self, creds: &str, commands: &[&str]) {
+        let image_opts = format!(
+            "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={},export=disk,tls-creds=tls0",
+            self.nbd_port
+        );
+        let mut args = vec!["--object", creds, "--image-opts", &image_opts];
+        for command in commands {
+            args.extend(["-c", command]);
+        }
+        run("qemu-io", &args);
+    }
+
+    /// Reads the whole of `disk` with nbdcopy.
+    fn read_back(&self, uri: &str) -> Vec<u8> {
+        let back = self.dir.path().join("back.img");
+        run("nbdcopy", &[uri, back.to_str().expect("utf-8")]);
+        std::fs::read(&back).expect("back")
+    }
+
+    /// Asserts that nbdinfo cannot attach with any of these URIs.
+    fn refuses(&self, uris: &[String]) {
+        for uri in uris {
+            let out = Command::new("nbdinfo").arg(uri).output().expect("nbdinfo");
+            assert!(!out.status.success(), "{uri} was served");
+        }
+    }
+
+    fn plain_uris(&self) -> Vec<String> {
+        vec![
+            format!("nbd://127.0.0.1:{}/disk", self.nbd_port),
+            format!(
+                "nbd+unix:///disk?socket={}",
+                self.dir.path().join("data/nbd.sock").display()
+            ),
+        ]
+    }
+}
+
 #[test]
 fn x509_tls_is_required_and_works_with_libnbd_and_qemu() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pki = dir.path().join("pki");
-    std::fs::create_dir(&pki).expect("mkdir");
-    make_certificates(&pki);
-    let (http_port, nbd_port) = (free_port(), free_port());
-    let config = dir.path().join("firn.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[local]\ndata_dir = \"data\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[nbd]\nlisten = \"127.0.0.1:{nbd_port}\"\ntls = \"x509\"\ntls_cert = \"pki/server-cert.pem\"\ntls_key = \"pki/server-key.pem\"\n"
-        ),
-    )
-    .expect("config");
-    let daemon = Daemon::start(&config, http_port, &[]);
-    assert!(daemon.stdout.join("\n").contains("x509 required"));
-    let config_arg = config.to_str().expect("utf-8");
-    let (ok, _, err) = firn(&[
-        "volume", "create", "disk", "--size", "8M", "--config", config_arg,
-    ]);
-    assert!(ok, "{err}");
-
-    let pki_arg = pki.to_str().expect("utf-8");
-    let tls_uri = format!("nbds://127.0.0.1:{nbd_port}/disk?tls-certificates={pki_arg}");
+    let g = TlsGateway::start(
+        "tls = \"x509\"\ntls_cert = \"pki/server-cert.pem\"\ntls_key = \"pki/server-key.pem\"\n",
+        |dir| {
+            std::fs::create_dir(dir.join("pki")).expect("mkdir");
+            make_certificates(&dir.join("pki"));
+        },
+    );
+    assert!(g.daemon.stdout.join("\n").contains("x509 required"));
+    let pki = g.dir.path().join("pki");
+    let tls_uri = format!(
+        "nbds://127.0.0.1:{}/disk?tls-certificates={}",
+        g.nbd_port,
+        pki.display()
+    );
     let info = run("nbdinfo", &[&tls_uri]);
     assert!(info.contains("export-size: 8388608"), "{info}");
-    let image_opts = format!(
-        "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={nbd_port},export=disk,tls-creds=tls0"
+    let creds = format!(
+        "tls-creds-x509,id=tls0,dir={},endpoint=client",
+        pki.display()
     );
-    let creds = format!("tls-creds-x509,id=tls0,dir={pki_arg},endpoint=client");
-    run(
-        "qemu-io",
-        &[
-            "--object",
-            &creds,
-            "--image-opts",
-            &image_opts,
-            "-c",
-            "write -P 0x77 0 1M",
-            "-c",
-            "read -P 0x77 0 1M",
-        ],
-    );
-    let back = dir.path().join("back.img");
-    run("nbdcopy", &[&tls_uri, back.to_str().expect("utf-8")]);
-    let data = std::fs::read(&back).expect("back");
+    g.qemu_io(&creds, &["write -P 0x77 0 1M", "read -P 0x77 0 1M"]);
+    let data = g.read_back(&tls_uri);
     assert!(data[..1 << 20].iter().all(|&b| b == 0x77) && data[1 << 20..].iter().all(|&b| b == 0));
 
     // Plain connections are refused; so is a client that does not trust the certificate.
-    let plain = Command::new("nbdinfo")
-        .arg(format!("nbd://127.0.0.1:{nbd_port}/disk"))
-        .output()
-        .expect("nbdinfo");
-    assert!(!plain.status.success(), "a plain connection was served");
-    let unix = Command::new("nbdinfo")
-        .arg(format!(
-            "nbd+unix:///disk?socket={}",
-            dir.path().join("data/nbd.sock").display()
-        ))
-        .output()
-        .expect("nbdinfo");
-    assert!(
-        !unix.status.success(),
-        "a plain Unix-socket connection was served"
-    );
-    let other = dir.path().join("other-pki");
+    let other = g.dir.path().join("other-pki");
     std::fs::create_dir(&other).expect("mkdir");
     make_certificates(&other);
-    let untrusted = Command::new("nbdinfo")
-        .arg(format!(
-            "nbds://127.0.0.1:{nbd_port}/disk?tls-certificates={}",
-            other.display()
-        ))
-        .output()
-        .expect("nbdinfo");
+    let mut refused = g.plain_uris();
+    refused.push(format!(
+        "nbds://127.0.0.1:{}/disk?tls-certificates={}",
+        g.nbd_port,
+        other.display()
+    ));
+    g.refuses(&refused);
+    assert!(g.daemon.stop().success());
+}
+
+#[test]
+fn psk_tls_is_required_and_works_with_libnbd_and_qemu() {
+    use std::os::unix::fs::PermissionsExt;
+    let g = TlsGateway::start("tls = \"psk\"\n", |_| {});
+    assert!(g.daemon.stdout.join("\n").contains("PSK required"));
+    // The first start wrote a private key file in psktool's format.
+    let keys = g.dir.path().join("data/nbd-psk/keys.psk");
+    let mode = std::fs::metadata(&keys)
+        .expect("key file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the PSK file must be private");
+    let text = std::fs::read_to_string(&keys).expect("key file");
     assert!(
-        !untrusted.status.success(),
-        "a client trusting another CA connected"
+        text.starts_with("firn:") && text.trim_end().len() == 5 + 64,
+        "{text:?}"
     );
-    assert!(daemon.stop().success());
+
+    let port = g.nbd_port;
+    let tls_uri = format!(
+        "nbds://firn@127.0.0.1:{port}/disk?tls-psk-file={}",
+        keys.display()
+    );
+    let info = run("nbdinfo", &[&tls_uri]);
+    assert!(
+        info.contains("with TLS") && info.contains("export-size: 8388608"),
+        "{info}"
+    );
+
+    // qemu reads the same file as `keys.psk` in its credentials directory.
+    let creds = format!(
+        "tls-creds-psk,id=tls0,dir={},username=firn,endpoint=client",
+        g.dir.path().join("data/nbd-psk").display()
+    );
+    g.qemu_io(&creds, &["write -P 0x3c 4096 1M", "read -P 0x3c 4096 1M"]);
+    let data = g.read_back(&tls_uri);
+    assert!(data[..4096].iter().all(|&b| b == 0));
+    assert!(data[4096..4096 + (1 << 20)].iter().all(|&b| b == 0x3c));
+    assert!(data[4096 + (1 << 20)..].iter().all(|&b| b == 0));
+
+    // Refused: plain TCP, plain Unix socket, a wrong key, an unknown identity.
+    let wrong = g.dir.path().join("wrong.psk");
+    std::fs::write(&wrong, format!("firn:{}\n", "ab".repeat(32))).expect("write");
+    let stranger = g.dir.path().join("stranger.psk");
+    std::fs::write(&stranger, text.replacen("firn:", "mallory:", 1)).expect("write");
+    let mut refused = g.plain_uris();
+    refused.push(format!(
+        "nbds://firn@127.0.0.1:{port}/disk?tls-psk-file={}",
+        wrong.display()
+    ));
+    refused.push(format!(
+        "nbds://mallory@127.0.0.1:{port}/disk?tls-psk-file={}",
+        stranger.display()
+    ));
+    g.refuses(&refused);
+    // Those refusals ended only their own connections.
+    let info = run("nbdinfo", &[&tls_uri]);
+    assert!(info.contains("export-size: 8388608"), "{info}");
+    assert!(g.daemon.stop().success());
 }
 
 #[test]

@@ -126,11 +126,14 @@ pub struct NbdConfig {
     pub socket: Option<PathBuf>,
     /// Client addresses (CIDR) allowed over TCP; the Unix socket is guarded by its mode.
     pub allow: Vec<String>,
-    /// `"off"`, or `"x509"`: every client must upgrade with STARTTLS (nbds:// URIs).
+    /// `"off"`, `"psk"` or `"x509"`: every client must upgrade with STARTTLS (nbds:// URIs).
     pub tls: NbdTls,
     /// PEM certificate chain and private key for `tls = "x509"`.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Keys for `tls = "psk"`, `identity:hexkey` lines; written with a fresh key for the
+    /// identity `firn` when missing. Default `nbd-psk/keys.psk` in the data directory.
+    pub tls_psk_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -138,6 +141,7 @@ pub struct NbdConfig {
 pub enum NbdTls {
     #[default]
     Off,
+    Psk,
     X509,
 }
 
@@ -150,6 +154,7 @@ impl Default for NbdConfig {
             tls: NbdTls::Off,
             tls_cert: None,
             tls_key: None,
+            tls_psk_file: None,
         }
     }
 }
@@ -297,6 +302,7 @@ impl Config {
             &mut self.nbd.socket,
             &mut self.nbd.tls_cert,
             &mut self.nbd.tls_key,
+            &mut self.nbd.tls_psk_file,
         ]
         .into_iter()
         .flatten()
@@ -314,6 +320,13 @@ impl Config {
             .socket
             .clone()
             .unwrap_or_else(|| self.local.data_dir.join("nbd.sock"))
+    }
+
+    pub fn nbd_psk_file(&self) -> PathBuf {
+        self.nbd
+            .tls_psk_file
+            .clone()
+            .unwrap_or_else(|| self.local.data_dir.join("nbd-psk").join("keys.psk"))
     }
 
     pub fn bucket_dir(&self) -> PathBuf {
@@ -434,7 +447,7 @@ mod tests {
             ("[nbd]\nlisten = \"nowhere\"", "listen"),
             ("[ndb]\n", "ndb"),
             ("[nbd]\ntls = \"x509\"", "tls_cert"),
-            ("[nbd]\ntls = \"psk\"", "psk"),
+            ("[nbd]\ntls = \"rsa\"", "rsa"),
         ];
         for (text, expected) in cases {
             let message = Config::parse(text).expect_err(text);

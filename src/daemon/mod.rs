@@ -17,7 +17,7 @@ use prometheus_client::registry::Registry;
 use crate::engines::volume::catalog::Catalog;
 use crate::local::log::Log;
 use crate::local::meta::MetaStore;
-use crate::protocols::nbd::NbdServer;
+use crate::protocols::nbd::{NbdServer, TlsAcceptor};
 use crate::remote::dir::DirStore;
 use crate::remote::faults::FaultPlan;
 use crate::remote::limit::Limiter;
@@ -322,15 +322,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("[http] listen: cannot bind {listen}"))?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let tls = match (
-        &gateway.config.nbd.tls,
-        &gateway.config.nbd.tls_cert,
-        &gateway.config.nbd.tls_key,
-    ) {
-        (config::NbdTls::X509, Some(cert), Some(key)) => Some(nbd::tls_acceptor(cert, key)?),
+    let nbd_config = &gateway.config.nbd;
+    let tls = match (nbd_config.tls, &nbd_config.tls_cert, &nbd_config.tls_key) {
+        (config::NbdTls::X509, Some(cert), Some(key)) => {
+            Some(TlsAcceptor::X509(nbd::tls_acceptor(cert, key)?))
+        }
+        (config::NbdTls::Psk, _, _) => Some(TlsAcceptor::Psk(nbd::psk_acceptor(
+            &gateway.config.nbd_psk_file(),
+        )?)),
         _ => None,
     };
-    let tls_on = tls.is_some();
     let nbd = NbdServer::new(gateway.exports.clone(), stopped.clone(), tls);
     let socket_path = gateway.config.nbd_socket();
     let unix = NbdServer::bind_unix(&socket_path)
@@ -346,7 +347,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         )
     };
     let stop_requested = shutdown_signal()?;
-    print_banner(&gateway, listen, tls_on);
+    print_banner(&gateway, listen);
     tokio::spawn(gateway.clone().watch_remote());
     tokio::spawn(nbd.clone().serve_unix(unix));
     if let Some(tcp) = tcp {
@@ -371,7 +372,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_banner(gateway: &Gateway, listen: std::net::SocketAddr, nbd_tls: bool) {
+fn print_banner(gateway: &Gateway, listen: std::net::SocketAddr) {
     let health = gateway
         .health
         .read()
@@ -418,8 +419,16 @@ fn print_banner(gateway: &Gateway, listen: std::net::SocketAddr, nbd_tls: bool) 
         "  NBD (unix)      nbd+unix:///<volume>?socket={}",
         gateway.config.nbd_socket().display()
     );
-    if nbd_tls {
-        println!("  NBD TLS         x509 required (nbds:// URIs); plain connections are refused");
+    match gateway.config.nbd.tls {
+        config::NbdTls::Off => {}
+        config::NbdTls::X509 => println!(
+            "  NBD TLS         x509 required (nbds:// URIs); plain connections are refused"
+        ),
+        config::NbdTls::Psk => println!(
+            "  NBD TLS         PSK required (nbds://{}@.../<volume>?tls-psk-file={}); plain connections are refused",
+            nbd::PSK_IDENTITY,
+            gateway.config.nbd_psk_file().display()
+        ),
     }
     println!("  metrics         http://{listen}/metrics");
     println!("  health          http://{listen}/healthz");

@@ -105,3 +105,127 @@ pub fn tls_acceptor(
         .context("[nbd] tls_cert and tls_key do not make a usable certificate")?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
+
+/// The identity of the key firn writes when `[nbd] tls = "psk"` starts without a key file.
+pub const PSK_IDENTITY: &str = "firn";
+
+/// The TLS acceptor for `[nbd] tls = "psk"`: TLS 1.3 with the keys in `path`, in the format
+/// of GnuTLS's psktool (`identity:hexkey` per line), which libnbd's `tls-psk-file=` and
+/// qemu's `tls-creds-psk` read. A missing file is made with one fresh 256-bit key.
+pub fn psk_acceptor(path: &std::path::Path) -> anyhow::Result<Arc<openssl::ssl::SslAcceptor>> {
+    use anyhow::Context;
+    use openssl::ssl::{SslAcceptor, SslMethod, SslVersion};
+    let keys = read_or_make_psk_file(path)?;
+    let mut builder = SslAcceptor::mozilla_modern_v5(SslMethod::tls_server())
+        .context("OpenSSL: TLS 1.3 server")?;
+    builder.set_min_proto_version(Some(SslVersion::TLS1_3))?;
+    builder.set_psk_server_callback(move |_ssl, identity, out| {
+        // An unknown identity gets no key (0), and the handshake fails.
+        let key = identity.and_then(|id| keys.iter().find(|(name, _)| name.as_bytes() == id));
+        Ok(match key {
+            Some((_, key)) if key.len() <= out.len() => {
+                out[..key.len()].copy_from_slice(key);
+                key.len()
+            }
+            _ => 0,
+        })
+    });
+    Ok(Arc::new(builder.build()))
+}
+
+type PskKeys = Vec<(String, zeroize::Zeroizing<Vec<u8>>)>;
+
+fn read_or_make_psk_file(path: &std::path::Path) -> anyhow::Result<PskKeys> {
+    use anyhow::Context;
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => zeroize::Zeroizing::new(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = zeroize::Zeroizing::new([0u8; 32]);
+            rand::fill(&mut key[..]);
+            let text = zeroize::Zeroizing::new(format!("{PSK_IDENTITY}:{}\n", hex::encode(*key)));
+            if let Some(dir) = path.parent() {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .with_context(|| {
+                        format!("[nbd] tls_psk_file: cannot create {}", dir.display())
+                    })?;
+            }
+            crate::seal::keys::write_private(path, text.as_bytes())
+                .with_context(|| format!("[nbd] tls_psk_file: cannot write {}", path.display()))?;
+            text
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("[nbd] tls_psk_file: cannot read {}", path.display()));
+        }
+    };
+    parse_psk_keys(&text).map_err(|e| anyhow::anyhow!("[nbd] tls_psk_file {}: {e}", path.display()))
+}
+
+/// Parses `identity:hexkey` lines; blank lines and `#` comments are skipped.
+fn parse_psk_keys(text: &str) -> Result<PskKeys, String> {
+    let mut keys = PskKeys::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((identity, key)) = line.rsplit_once(':') else {
+            return Err(format!("line {}: not identity:hexkey", n + 1));
+        };
+        let key = hex::decode(key).map_err(|_| format!("line {}: the key is not hex", n + 1))?;
+        if identity.is_empty() || key.len() < 16 || key.len() > 64 {
+            return Err(format!(
+                "line {}: needs an identity and a key of 16 to 64 bytes",
+                n + 1
+            ));
+        }
+        keys.push((identity.to_string(), zeroize::Zeroizing::new(key)));
+    }
+    if keys.is_empty() {
+        return Err("no keys".to_string());
+    }
+    Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn psk_files_parse_and_bad_ones_are_named() {
+        let keys = parse_psk_keys("# keys\nfirn:00112233445566778899aabbccddeeff\n\nalice:0011223344556677889900112233445566778899\n").unwrap();
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys[0].0, "firn");
+        assert_eq!(keys[1].1.len(), 20);
+        for (text, expected) in [
+            ("", "no keys"),
+            ("firn", "identity:hexkey"),
+            ("firn:zz", "not hex"),
+            ("firn:0011", "16 to 64"),
+            (":00112233445566778899aabbccddeeff", "identity"),
+        ] {
+            let message = parse_psk_keys(text).err().unwrap();
+            assert!(message.contains(expected), "{text:?} gave {message:?}");
+        }
+    }
+
+    #[test]
+    fn a_missing_psk_file_is_made_private_and_read_back() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("psk").join("keys.psk");
+        let made = read_or_make_psk_file(&path).unwrap();
+        assert_eq!(made.len(), 1);
+        assert_eq!(made[0].0, PSK_IDENTITY);
+        assert_eq!(made[0].1.len(), 32);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let again = read_or_make_psk_file(&path).unwrap();
+        assert_eq!(*again[0].1, *made[0].1, "a second start must keep the key");
+        psk_acceptor(&path).unwrap();
+    }
+}

@@ -6,4 +6,4 @@
 pub mod proto;
 pub mod server;
 
-pub use server::{ExportInfo, Exports, NbdServer, OpenError, Peer};
+pub use server::{ExportInfo, Exports, NbdServer, OpenError, Peer, TlsAcceptor};

@@ -65,7 +65,17 @@ pub struct NbdServer {
     exports: Arc<dyn Exports>,
     shutdown: watch::Receiver<bool>,
     /// When set, clients must upgrade with NBD_OPT_STARTTLS before anything else.
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<TlsAcceptor>,
+}
+
+/// How NBD_OPT_STARTTLS upgrades a connection.
+#[derive(Clone)]
+pub enum TlsAcceptor {
+    /// Certificates, with rustls.
+    X509(tokio_rustls::TlsAcceptor),
+    /// Pre-shared keys, with OpenSSL: rustls has no external PSKs, and libnbd and qemu use
+    /// GnuTLS's PSK scheme (an identity and a key, TLS 1.3).
+    Psk(Arc<openssl::ssl::SslAcceptor>),
 }
 
 /// Where a connection stands with TLS during option haggling.
@@ -109,7 +119,7 @@ impl NbdServer {
     pub fn new(
         exports: Arc<dyn Exports>,
         shutdown: watch::Receiver<bool>,
-        tls: Option<tokio_rustls::TlsAcceptor>,
+        tls: Option<TlsAcceptor>,
     ) -> Arc<NbdServer> {
         Arc::new(NbdServer {
             exports,
@@ -194,8 +204,25 @@ impl NbdServer {
             Negotiated::Abort => return Ok(()),
             Negotiated::Session(_) => return violation("a session without TLS"),
         }
-        let stream = acceptor.accept(stream).await?;
-        self.finish(stream, peer, no_zeroes, Tls::Active).await
+        match acceptor {
+            TlsAcceptor::X509(acceptor) => {
+                let stream = acceptor.accept(stream).await?;
+                self.finish(stream, peer, no_zeroes, Tls::Active).await
+            }
+            TlsAcceptor::Psk(acceptor) => {
+                let handshake = |e: &dyn std::fmt::Display| {
+                    ConnectionError::Protocol(format!("TLS handshake: {e}"))
+                };
+                let ssl = openssl::ssl::Ssl::new(acceptor.context()).map_err(|e| handshake(&e))?;
+                let mut stream =
+                    tokio_openssl::SslStream::new(ssl, stream).map_err(|e| handshake(&e))?;
+                std::pin::Pin::new(&mut stream)
+                    .accept()
+                    .await
+                    .map_err(|e| handshake(&e))?;
+                self.finish(stream, peer, no_zeroes, Tls::Active).await
+            }
+        }
     }
 
     /// Option haggling to the end, then transmission.
