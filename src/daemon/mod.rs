@@ -214,6 +214,11 @@ impl Gateway {
             data_dir.join("volumes"),
             sealer.clone(),
         )?);
+        // Nothing serves yet, so no volume can be half made: a file without an entry is what
+        // a crash during create or delete left.
+        for path in volumes.sweep_orphans()? {
+            tracing::warn!(path = %path.display(), "removed a volume file no volume names (left by a crash)");
+        }
         let allow = config
             .nbd
             .allow

@@ -5,8 +5,8 @@
 //! Crash safety: `create` makes the file (durably) before the entry, and `delete` removes the
 //! entry before the file, so a crash at any point leaves at most a file no entry names (an
 //! orphan, which wastes space but not much: a new file is sparse), never an entry without its
-//! file. Orphans are not swept automatically; a file in the directory that no entry names can
-//! be removed while the daemon is stopped.
+//! file. The daemon sweeps orphans at start, before anything can create a volume
+//! ([`Catalog::sweep_orphans`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -228,6 +228,43 @@ impl Catalog {
             );
         }
         Err(failure)
+    }
+
+    /// Removes volume files that no entry names: what a crash in the middle of `create` or
+    /// `delete` leaves behind. Only files named like a volume's (`<32 hex digits>.img`) are
+    /// touched. Call it only while nothing else can create a volume, at start. Returns what
+    /// it removed.
+    pub fn sweep_orphans(&self) -> Result<Vec<PathBuf>, CatalogError> {
+        let known: std::collections::HashSet<String> =
+            self.list()?.into_iter().map(|info| info.id).collect();
+        let directory_error = |source| CatalogError::Directory {
+            path: self.dir.clone(),
+            source,
+        };
+        let mut removed = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(directory_error)? {
+            let path = entry.map_err(directory_error)?.path();
+            let Some(id) = path
+                .file_name()
+                .and_then(|name| name.to_str())
+                .and_then(|name| name.strip_suffix(".img"))
+            else {
+                continue;
+            };
+            let volume_like = id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit());
+            if !volume_like || known.contains(id) {
+                continue;
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => removed.push(path),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(directory_error(source)),
+            }
+        }
+        if !removed.is_empty() {
+            sync_parent_dir(&removed[0]).map_err(directory_error)?;
+        }
+        Ok(removed)
     }
 
     /// Every volume, in name order.
@@ -573,6 +610,31 @@ mod tests {
         // An entry whose file is already gone still deletes.
         std::fs::remove_file(f.catalog.path(&again)).unwrap();
         f.catalog.delete("v").unwrap();
+    }
+
+    #[test]
+    fn sweeping_removes_only_files_no_entry_names() {
+        let f = fixture();
+        let kept = f.catalog.create("kept", 8192, Mode::Local, false).unwrap();
+        f.catalog
+            .open("kept")
+            .unwrap()
+            .write(0, &[7u8; 4096], true)
+            .unwrap();
+        // What a crash between the file and the entry of `create` leaves.
+        let orphan = f.catalog.dir().join(format!("{}.img", "ab".repeat(16)));
+        std::fs::write(&orphan, b"").unwrap();
+        // Not named like a volume file: left alone.
+        let stranger = f.catalog.dir().join("notes.img");
+        std::fs::write(&stranger, b"mine").unwrap();
+        let removed = f.catalog.sweep_orphans().unwrap();
+        assert_eq!(removed, vec![orphan.clone()]);
+        assert!(!orphan.exists() && stranger.exists());
+        assert!(f.catalog.path(&kept).exists());
+        let mut buf = [0u8; 4096];
+        f.catalog.open("kept").unwrap().read(0, &mut buf).unwrap();
+        assert_eq!(buf, [7u8; 4096]);
+        assert!(f.catalog.sweep_orphans().unwrap().is_empty());
     }
 
     #[test]
