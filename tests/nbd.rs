@@ -470,7 +470,9 @@ fn flushed_writes_survive_kill_9() {
     );
     g.kill9();
     // What a kill during `volume create` leaves: a file no volume names. The start sweeps it.
-    let orphan = g.path("data/volumes").join(format!("{}.img", "0f".repeat(16)));
+    let orphan = g
+        .path("data/volumes")
+        .join(format!("{}.img", "0f".repeat(16)));
     std::fs::write(&orphan, [1u8; 4096]).expect("orphan");
     g.restart();
     assert!(!orphan.exists(), "the start left an orphan volume file");

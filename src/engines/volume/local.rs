@@ -45,12 +45,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use nix::errno::Errno;
-use openssl::cipher_ctx::CipherCtx;
 use nix::fcntl::{FallocateFlags, fallocate};
 use nix::unistd::{Whence, lseek};
+use openssl::cipher_ctx::CipherCtx;
 
 use super::{BlockDevice, BlockError, BlockResult, Extent, check_range};
 use crate::local::sync_parent_dir;
+use nix::libc;
+use std::os::fd::AsRawFd;
 
 /// The unit of encryption and of atomic writes.
 pub const SECTOR_SIZE: u64 = 4096;
@@ -252,16 +254,77 @@ impl LocalVolume {
         }
     }
 
-    /// Reads and decrypts one sector, under its lock.
-    fn load_sector(&self, sector: u64, plain: &mut [u8; SECTOR]) -> BlockResult<()> {
+    /// Reads and decrypts one sector, under its lock; `Ok(false)` if `wait` is `No` and
+    /// the sector is not in memory.
+    fn load_sector(&self, sector: u64, plain: &mut [u8; SECTOR], wait: Wait) -> BlockResult<bool> {
         {
             let _guard = self.lock_sector(sector);
-            self.file
-                .read_exact_at(plain, sector * SECTOR_SIZE)
-                .map_err(|e| self.io_error("read", e))?;
+            if !self.pread(plain, sector * SECTOR_SIZE, wait)? {
+                return Ok(false);
+            }
         }
         self.cipher.open_sectors(plain, sector);
-        Ok(())
+        Ok(true)
+    }
+
+    /// Fills `buf` from the file at `offset`. With `Wait::No`, one `preadv2(RWF_NOWAIT)`,
+    /// which reads only from the page cache: `Ok(false)` if not all of `buf` was there (or the
+    /// file system cannot say), and the caller retries with waiting.
+    fn pread(&self, buf: &mut [u8], offset: u64, wait: Wait) -> BlockResult<bool> {
+        if wait == Wait::Yes {
+            self.file
+                .read_exact_at(buf, offset)
+                .map_err(|e| self.io_error("read", e))?;
+            return Ok(true);
+        }
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: the one iovec covers exactly `buf`, which outlives the call; the kernel
+        // writes only within it.
+        let read = unsafe {
+            libc::preadv2(
+                self.file.as_raw_fd(),
+                &iov,
+                1,
+                off_t(offset)?,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if read >= 0 {
+            return Ok(read as usize == buf.len());
+        }
+        match Errno::last() {
+            Errno::EAGAIN | Errno::EOPNOTSUPP | Errno::EINVAL => Ok(false),
+            errno => Err(self.io_error("read", errno.into())),
+        }
+    }
+
+    /// `read`, waiting for the disk or not; `Ok(false)` if not waiting and the data is not
+    /// all in memory.
+    fn read_with(&self, offset: u64, buf: &mut [u8], wait: Wait) -> BlockResult<bool> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        let span = Span::new(offset, buf.len() as u64);
+        if !span.whole.is_empty() {
+            // Whole sectors go straight into the caller's buffer and are decrypted there.
+            let at = span.whole_at as usize;
+            let len = (span.whole.end - span.whole.start) as usize * SECTOR;
+            let bytes = &mut buf[at..at + len];
+            if !self.pread(bytes, span.whole.start * SECTOR_SIZE, wait)? {
+                return Ok(false);
+            }
+            self.cipher.open_sectors(bytes, span.whole.start);
+        }
+        for piece in [span.head, span.tail].into_iter().flatten() {
+            let mut sector = [0u8; SECTOR];
+            if !self.load_sector(piece.sector, &mut sector, wait)? {
+                return Ok(false);
+            }
+            let at = piece.at as usize;
+            buf[at..at + piece.len].copy_from_slice(&sector[piece.start..piece.start + piece.len]);
+        }
+        Ok(true)
     }
 
     /// Read-modify-write of part of one sector: `data` (or zeros) goes at `piece.start`.
@@ -359,25 +422,15 @@ impl BlockDevice for LocalVolume {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
-        check_range(offset, buf.len() as u64, self.size)?;
-        let span = Span::new(offset, buf.len() as u64);
-        if !span.whole.is_empty() {
-            // Whole sectors go straight into the caller's buffer and are decrypted there.
-            let at = span.whole_at as usize;
-            let len = (span.whole.end - span.whole.start) as usize * SECTOR;
-            let bytes = &mut buf[at..at + len];
-            self.file
-                .read_exact_at(bytes, span.whole.start * SECTOR_SIZE)
-                .map_err(|e| self.io_error("read", e))?;
-            self.cipher.open_sectors(bytes, span.whole.start);
+        self.read_with(offset, buf, Wait::Yes).map(|_| ())
+    }
+
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Option<BlockResult<()>> {
+        match self.read_with(offset, buf, Wait::No) {
+            Ok(true) => Some(Ok(())),
+            Ok(false) => None,
+            Err(e) => Some(Err(e)),
         }
-        for piece in [span.head, span.tail].into_iter().flatten() {
-            let mut sector = [0u8; SECTOR];
-            self.load_sector(piece.sector, &mut sector)?;
-            let at = piece.at as usize;
-            buf[at..at + piece.len].copy_from_slice(&sector[piece.start..piece.start + piece.len]);
-        }
-        Ok(())
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()> {
@@ -598,6 +651,13 @@ fn with_scratch<T>(body: impl FnOnce(&mut [u8]) -> T) -> T {
     })
 }
 
+/// Whether a read may wait for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    Yes,
+    No,
+}
+
 fn off_t(value: u64) -> BlockResult<i64> {
     i64::try_from(value).map_err(|_| BlockError::Invalid(format!("offset {value} is too large")))
 }
@@ -729,10 +789,10 @@ mod tests {
 
     #[test]
     fn sector_cipher_matches_xts_mode() {
-        use rand::RngCore;
         use aes::Aes256;
         use aes::cipher::KeyInit;
         use aes::cipher::generic_array::GenericArray;
+        use rand::RngCore;
         use xts_mode::{Xts128, get_tweak_default};
         let mut rng = rand::rng();
         for _ in 0..8 {
@@ -758,6 +818,45 @@ mod tests {
                 assert_eq!(actual, plain);
             }
         }
+    }
+
+    #[test]
+    fn cached_reads_answer_from_memory_and_decline_otherwise() {
+        let (_dir, path, volume) = create(64 * S);
+        let data = pattern(9, 3 * S as usize + 100);
+        volume.write(S - 50, &data, false).unwrap();
+        volume.flush().unwrap();
+        let expected = read(&volume, S - 50, data.len());
+        assert_eq!(expected, data);
+        let mut buf = vec![0xAA; data.len()];
+        assert!(matches!(volume.read_cached(S - 50, &mut buf), Some(Ok(()))));
+        assert_eq!(buf, data);
+
+        // Out of the page cache (written back above, so dropping it is allowed).
+        let file = File::open(&path).unwrap();
+        nix::fcntl::posix_fadvise(
+            &file,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .unwrap();
+        assert!(
+            volume.read_cached(S - 50, &mut buf).is_none(),
+            "a read from disk was answered as cached"
+        );
+        assert_eq!(read(&volume, S - 50, data.len()), data);
+        let mut again = vec![0xAA; data.len()];
+        assert!(matches!(
+            volume.read_cached(S - 50, &mut again),
+            Some(Ok(()))
+        ));
+        assert_eq!(again, data);
+        // Out of range is an error, cached or not.
+        assert!(matches!(
+            volume.read_cached(64 * S - 1, &mut [0u8; 2]),
+            Some(Err(BlockError::Invalid(_)))
+        ));
     }
 
     #[test]

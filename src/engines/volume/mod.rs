@@ -47,11 +47,14 @@ pub struct Extent {
 
 /// A block device as the protocol doors see it.
 ///
-/// Methods block (they do disk I/O); callers run them on blocking threads. Offsets and
-/// lengths are in bytes; callers check them against `size()` before calling, and
-/// implementations check again.
+/// Methods block (they do disk I/O), except `read_cached`; async callers run them on blocking
+/// threads, or on their own task only where they accept a short wait (a small write into the
+/// page cache). Offsets and lengths are in bytes; callers check them against `size()` before
+/// calling, and implementations check again.
 ///
 /// The contract:
+/// - `read` fills every byte of its buffer when it succeeds (callers may hand it a buffer
+///   holding older bytes, and send whatever it holds afterwards).
 /// - `write` is acknowledged once the data is in the volume's local store (page cache);
 ///   with `fua` it returns only after the data is on stable storage.
 /// - `flush` returns only when every write acknowledged before it was called is on stable
@@ -68,6 +71,14 @@ pub trait BlockDevice: Send + Sync {
         4096
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()>;
+    /// `read`, if it can finish without waiting for the disk (the data is in memory); or
+    /// `None`, with `buf` left in no particular state, if it would have to wait. Async
+    /// callers answer cached reads in place with it and hand the rest to a blocking thread.
+    /// The default never answers.
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Option<BlockResult<()>> {
+        let _ = (offset, buf);
+        None
+    }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()>;
     fn flush(&self) -> BlockResult<()>;
     fn trim(&self, offset: u64, length: u64) -> BlockResult<()>;

@@ -8,8 +8,8 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -76,7 +76,11 @@ impl Buffers {
         if !(POOLED_MIN..=POOLED_MAX).contains(&capacity) {
             return Vec::with_capacity(capacity);
         }
-        let reused = self.free.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let reused = self
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
         reused.unwrap_or_default()
     }
 
@@ -625,15 +629,19 @@ impl NbdServer {
                     }
                 }
                 if is_small(&request) {
-                    // Small reads and writes land in the page cache in microseconds: run them
-                    // here and skip the hand-off to a blocking thread, which costs more.
-                    let reply = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        execute(&session, request, payload)
+                    // Small writes land in the page cache, and small reads of cached data come
+                    // from it, in microseconds: run them here and skip the hand-off to a
+                    // blocking thread, which costs more. A read that would wait for the disk
+                    // is not run here (Wait::No) and goes to a thread below.
+                    let inline = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        execute(&session, request, std::mem::take(&mut payload), Wait::No)
                     }))
-                    .unwrap_or_else(|_| simple_reply(EIO, request.cookie));
-                    let _ = replies.send(reply);
-                    drop(permit);
-                    continue;
+                    .unwrap_or_else(|_| Some(simple_reply(EIO, request.cookie)));
+                    if let Some(reply) = inline {
+                        let _ = replies.send(reply);
+                        drop(permit);
+                        continue;
+                    }
                 }
                 let worker = workers
                     .clone()
@@ -645,9 +653,11 @@ impl NbdServer {
                 // One hop to a blocking thread, which sends the reply itself.
                 tokio::task::spawn_blocking(move || {
                     let reply = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        execute(&session, request, payload)
+                        execute(&session, request, payload, Wait::Yes)
                     }))
-                    .unwrap_or_else(|_| simple_reply(EIO, request.cookie));
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| simple_reply(EIO, request.cookie));
                     let _ = replies.send(reply);
                     drop((permit, worker));
                 });
@@ -807,7 +817,9 @@ fn in_range(offset: u64, length: u64, size: u64) -> bool {
 }
 
 /// Runs one request against the device and returns the whole reply.
-fn execute(session: &Session, r: Request, payload: Vec<u8>) -> Vec<u8> {
+/// Runs one request and builds its reply. With `Wait::No` a read that would wait for the disk
+/// is not run, and the answer is `None`; every other request runs either way.
+fn execute(session: &Session, r: Request, payload: Vec<u8>, wait: Wait) -> Option<Vec<u8>> {
     let fail = |code: u32, message: &str| {
         if session.structured && matches!(r.kind, CMD_READ | CMD_BLOCK_STATUS) {
             error_chunk(r.cookie, code, message)
@@ -816,7 +828,7 @@ fn execute(session: &Session, r: Request, payload: Vec<u8>) -> Vec<u8> {
         }
     };
     if session.shutting_down.load(Ordering::Relaxed) {
-        return fail(ESHUTDOWN, "server is shutting down");
+        return Some(fail(ESHUTDOWN, "server is shutting down"));
     }
     let allowed = match r.kind {
         CMD_READ => CMD_FLAG_DF,
@@ -825,16 +837,16 @@ fn execute(session: &Session, r: Request, payload: Vec<u8>) -> Vec<u8> {
         CMD_TRIM => CMD_FLAG_FUA,
         CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
         CMD_FLUSH | CMD_CACHE => 0,
-        _ => return fail(EINVAL, "unknown command"),
+        _ => return Some(fail(EINVAL, "unknown command")),
     };
     if r.flags & !allowed != 0 {
-        return fail(EINVAL, "flag not valid for this command");
+        return Some(fail(EINVAL, "flag not valid for this command"));
     }
     let device = session.device.as_ref();
     let (offset, length, size) = (r.offset, u64::from(r.length), device.size());
     let writes = matches!(r.kind, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM);
     if writes && device.read_only() {
-        return fail(EPERM, "read-only export");
+        return Some(fail(EPERM, "read-only export"));
     }
     if !in_range(offset, length, size) {
         // The protocol asks for ENOSPC when a write runs past the end, EINVAL otherwise.
@@ -843,7 +855,7 @@ fn execute(session: &Session, r: Request, payload: Vec<u8>) -> Vec<u8> {
         } else {
             EINVAL
         };
-        return fail(code, "request runs past the end of the export");
+        return Some(fail(code, "request runs past the end of the export"));
     }
     let fua = r.flags & CMD_FLAG_FUA != 0;
     let outcome = match r.kind {
@@ -854,11 +866,11 @@ fn execute(session: &Session, r: Request, payload: Vec<u8>) -> Vec<u8> {
                 } else {
                     EINVAL
                 };
-                return fail(code, "read larger than the maximum block size");
+                return Some(fail(code, "read larger than the maximum block size"));
             }
-            return match read_reply(session, r) {
+            return match read_reply(session, r, wait) {
                 Ok(reply) => reply,
-                Err(e) => fail(error_code(&e), &e.to_string()),
+                Err(e) => Some(fail(error_code(&e), &e.to_string())),
             };
         }
         CMD_WRITE => {
@@ -874,7 +886,7 @@ fn execute(session: &Session, r: Request, payload: Vec<u8>) -> Vec<u8> {
             let no_hole = r.flags & CMD_FLAG_NO_HOLE != 0;
             if no_hole && r.flags & CMD_FLAG_FAST_ZERO != 0 {
                 // Zeroes that must stay allocated are written, which is not fast.
-                return fail(ENOTSUP, "zeroing without holes is not fast");
+                return Some(fail(ENOTSUP, "zeroing without holes is not fast"));
             }
             device
                 .write_zeroes(offset, length, !no_hole)
@@ -883,32 +895,53 @@ fn execute(session: &Session, r: Request, payload: Vec<u8>) -> Vec<u8> {
         CMD_CACHE => Ok(()),
         CMD_BLOCK_STATUS => {
             if !(session.structured && session.base_allocation) {
-                return fail(EINVAL, "no meta context negotiated");
+                return Some(fail(EINVAL, "no meta context negotiated"));
             }
             if length == 0 {
-                return fail(EINVAL, "block status of zero length");
+                return Some(fail(EINVAL, "block status of zero length"));
             }
-            return match device.extents(offset, length) {
+            return Some(match device.extents(offset, length) {
                 Ok(extents) => block_status_reply(r, &extents),
                 Err(e) => fail(error_code(&e), &e.to_string()),
-            };
+            });
         }
         _ => Err(BlockError::Invalid("unknown command".into())),
     };
-    match outcome {
+    Some(match outcome {
         Ok(()) => simple_reply(0, r.cookie),
         Err(e) => fail(error_code(&e), &e.to_string()),
-    }
+    })
 }
 
-fn read_reply(session: &Session, r: Request) -> Result<Vec<u8>, BlockError> {
+/// Whether a request may wait for the disk: not on the connection's own task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    Yes,
+    No,
+}
+
+fn read_reply(session: &Session, r: Request, wait: Wait) -> Result<Option<Vec<u8>>, BlockError> {
     let device = session.device.as_ref();
     let length = r.length as usize;
+    // Reads without holes: the reply is a header and the data.
+    let whole = |header: &[u8]| -> Result<Option<Vec<u8>>, BlockError> {
+        let mut reply = BUFFERS.take_filled(header.len() + length);
+        reply[..header.len()].copy_from_slice(header);
+        let data = &mut reply[header.len()..];
+        match wait {
+            Wait::Yes => device.read(r.offset, data)?,
+            Wait::No => match device.read_cached(r.offset, data) {
+                Some(result) => result?,
+                None => {
+                    BUFFERS.give(reply);
+                    return Ok(None);
+                }
+            },
+        }
+        Ok(Some(reply))
+    };
     if !session.structured {
-        let mut reply = BUFFERS.take_filled(16 + length);
-        reply[..16].copy_from_slice(&simple_reply(0, r.cookie));
-        device.read(r.offset, &mut reply[16..])?;
-        return Ok(reply);
+        return whole(&simple_reply(0, r.cookie));
     }
     // Small reads go back as one data chunk: looking for holes costs more than the zeros.
     let extents = if r.flags & CMD_FLAG_DF != 0 || length < SPARSE_READ_MIN {
@@ -917,14 +950,11 @@ fn read_reply(session: &Session, r: Request) -> Result<Vec<u8>, BlockError> {
         device.extents(r.offset, u64::from(r.length))?
     };
     if !extents.iter().any(|e| e.zero) {
-        let data_at = CHUNK_HEADER_LEN + 8;
-        let mut reply = BUFFERS.take_filled(data_at + length);
-        let header = data_chunk_header(r.cookie, r.offset, length, true);
-        reply[..data_at].copy_from_slice(&header);
-        device.read(r.offset, &mut reply[data_at..])?;
-        return Ok(reply);
+        return whole(&data_chunk_header(r.cookie, r.offset, length, true));
     }
-    // Holes go back as NBD_REPLY_TYPE_OFFSET_HOLE: no zeros on the wire.
+    // Holes go back as NBD_REPLY_TYPE_OFFSET_HOLE: no zeros on the wire. Reads this long
+    // never run on the connection's task.
+    debug_assert_eq!(wait, Wait::Yes);
     let mut reply = BUFFERS.take(length + 32 * (extents.len() + 2));
     let mut offset = r.offset;
     let end = r.offset + u64::from(r.length);
@@ -953,12 +983,9 @@ fn read_reply(session: &Session, r: Request) -> Result<Vec<u8>, BlockError> {
         )?;
     }
     reply.extend_from_slice(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, r.cookie, 0));
-    Ok(reply)
+    Ok(Some(reply))
 }
 
-const CHUNK_HEADER_LEN: usize = 20;
-
-/// Appends an OFFSET_DATA chunk, reading the data straight into `reply`.
 /// The header of an NBD_REPLY_TYPE_OFFSET_DATA chunk, with the offset that starts its data.
 fn data_chunk_header(cookie: u64, offset: u64, len: usize, done: bool) -> Vec<u8> {
     let flags = if done { REPLY_FLAG_DONE } else { 0 };
@@ -967,6 +994,7 @@ fn data_chunk_header(cookie: u64, offset: u64, len: usize, done: bool) -> Vec<u8
     header
 }
 
+/// Appends an OFFSET_DATA chunk, reading the data straight into `reply`.
 fn push_data_chunk(
     reply: &mut Vec<u8>,
     device: &dyn BlockDevice,
