@@ -451,6 +451,49 @@ fn hostile_input_gets_the_spec_errors_and_changes_nothing() {
 }
 
 #[test]
+fn requests_during_a_stop_get_eshutdown_and_the_stop_waits_for_clients() {
+    let mut g = Gateway::start();
+    g.firn(&["volume", "create", "disk", "--size", "1M"]);
+    let mut c = Raw::connect(g.nbd_port);
+    c.go("disk").expect("go");
+    c.request(0, 1, 0, 4096, &[0x11; 4096]);
+    assert_eq!(c.reply(0).0, 0, "a write before the stop");
+
+    let mut daemon = g.daemon.take().expect("running");
+    let pid = nix::unistd::Pid::from_raw(daemon.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    std::thread::sleep(Duration::from_millis(300));
+    // The daemon is stopping but waits for this client, which gets ESHUTDOWN (108) for
+    // new requests, and nothing is written.
+    assert!(
+        daemon.child.try_wait().expect("wait").is_none(),
+        "exited under a client"
+    );
+    c.request(0, 1, 4096, 4096, &[0x22; 4096]);
+    assert_eq!(c.reply(0).0, 108, "a write during the stop");
+    c.request(0, 0, 0, 4096, &[]);
+    assert_eq!(c.reply(4096).0, 108, "a read during the stop");
+    c.request(0, 2, 0, 0, &[]); // NBD_CMD_DISC
+    let status = daemon.child.wait().expect("wait");
+    assert!(status.success(), "the stop failed: {status:?}");
+
+    g.restart();
+    let mut c = Raw::connect(g.nbd_port);
+    c.go("disk").expect("go");
+    c.request(0, 0, 0, 8192, &[]);
+    let (error, data) = c.reply(8192);
+    assert_eq!(error, 0);
+    assert!(
+        data[..4096].iter().all(|&b| b == 0x11),
+        "the write before the stop"
+    );
+    assert!(
+        data[4096..].iter().all(|&b| b == 0),
+        "a write refused with ESHUTDOWN landed"
+    );
+}
+
+#[test]
 fn flushed_writes_survive_kill_9() {
     let mut g = Gateway::start();
     g.firn(&["volume", "create", "disk", "--size", "16M"]);

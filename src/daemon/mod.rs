@@ -319,6 +319,9 @@ impl Gateway {
     }
 }
 
+/// How long a stop waits for HTTP requests and NBD connections to end.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
 /// `firn serve`: runs until Ctrl-C or SIGTERM.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let listen = config.http.listen;
@@ -371,7 +374,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     stop_requested.await;
     let _ = stop.send(true);
     // NBD clients get ESHUTDOWN for new requests and a moment to finish; HTTP drains.
-    let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
+    let drained = async {
+        let _ = http.await;
+        nbd.drained().await;
+    };
+    if tokio::time::timeout(STOP_GRACE, drained).await.is_err() {
+        tracing::warn!("stopping with clients still connected after {STOP_GRACE:?}");
+    }
     let _ = std::fs::remove_file(&socket_path);
     println!("firn stopped");
     Ok(())

@@ -130,6 +130,9 @@ pub struct NbdServer {
     shutdown: watch::Receiver<bool>,
     /// When set, clients must upgrade with NBD_OPT_STARTTLS before anything else.
     tls: Option<TlsAcceptor>,
+    /// Every connection holds a clone; `drained` reports when the last one is gone.
+    alive: Mutex<Option<mpsc::Sender<()>>>,
+    drained: tokio::sync::Mutex<mpsc::Receiver<()>>,
 }
 
 /// How NBD_OPT_STARTTLS upgrades a connection.
@@ -185,11 +188,25 @@ impl NbdServer {
         shutdown: watch::Receiver<bool>,
         tls: Option<TlsAcceptor>,
     ) -> Arc<NbdServer> {
+        let (alive, drained) = mpsc::channel(1);
         Arc::new(NbdServer {
             exports,
             shutdown,
             tls,
+            alive: Mutex::new(Some(alive)),
+            drained: tokio::sync::Mutex::new(drained),
         })
+    }
+
+    /// After shutdown was signalled: resolves when every connection has ended. Connections
+    /// answer new requests with ESHUTDOWN and close once quiet for `SHUTDOWN_GRACE`.
+    pub async fn drained(&self) {
+        self.alive
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        // No message is ever sent: this returns None once every sender is dropped.
+        let _ = self.drained.lock().await.recv().await;
     }
 
     pub async fn serve_tcp(self: Arc<Self>, listener: tokio::net::TcpListener) {
@@ -245,6 +262,11 @@ impl NbdServer {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let _alive = self
+            .alive
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         if let Err(e) = self.clone().serve_connection(stream, &peer).await {
             tracing::info!(?peer, "nbd: connection ended: {e}");
         }
