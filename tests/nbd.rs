@@ -555,6 +555,79 @@ impl Drop for Teardown {
 }
 
 #[test]
+fn a_full_disk_gives_enospc_and_the_rest_keeps_working() {
+    // The data directory on a 32 MiB ext4 file system, holding a 64 MiB sparse volume.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("small-fs.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(32 << 20))
+        .expect("image");
+    let image_arg = image.to_str().expect("utf-8");
+    run("mkfs.ext4", &["-q", "-m", "0", image_arg]);
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    let mnt_arg = mnt.to_str().expect("utf-8").to_string();
+    run("mount", &["-o", "loop", image_arg, &mnt_arg]);
+    let mut teardown = Teardown(Vec::new());
+    teardown.0.push(Box::new(move || {
+        let _ = Command::new("umount").arg(&mnt_arg).status();
+    }));
+    let (http_port, nbd_port) = (free_port(), free_port());
+    let config = dir.path().join("firn.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[local]\ndata_dir = \"mnt/data\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[nbd]\nlisten = \"127.0.0.1:{nbd_port}\"\n"
+        ),
+    )
+    .expect("config");
+    let daemon = Daemon::start(&config, http_port, &[]);
+    let config_arg = config.to_str().expect("utf-8");
+    let (ok, _, err) = firn(&[
+        "volume", "create", "big", "--size", "64M", "--config", config_arg,
+    ]);
+    assert!(ok, "{err}");
+
+    let mut c = Raw::connect(nbd_port);
+    c.go("big").expect("go");
+    c.request(1, 1, 0, 4096, &[0x5e; 4096]); // FUA write
+    assert_eq!(c.reply(0).0, 0);
+    // Fill with 1 MiB writes until the file system is full: ENOSPC (28), not a dropped
+    // connection or a crash.
+    let chunk = vec![0xc3u8; 1 << 20];
+    let mut full_at = None;
+    for mib in 1..64u64 {
+        c.request(0, 1, mib << 20, 1 << 20, &chunk);
+        match c.reply(0).0 {
+            0 => {}
+            28 => {
+                full_at = Some(mib);
+                break;
+            }
+            other => panic!("write at {mib} MiB: error {other}, expected ENOSPC"),
+        }
+    }
+    let full_at = full_at.expect("a 64 MiB volume filled a 32 MiB disk without ENOSPC");
+    assert!(full_at > 8, "full after only {full_at} MiB");
+    // Data written before is intact, on this connection and on a new one.
+    c.request(0, 0, 0, 4096, &[]);
+    assert_eq!(c.reply(4096), (0, vec![0x5e; 4096]));
+    c.request(0, 0, 1 << 20, 4096, &[]);
+    assert_eq!(c.reply(4096), (0, vec![0xc3; 4096]));
+    let info = run("nbdinfo", &[&format!("nbd://127.0.0.1:{nbd_port}/big")]);
+    assert!(info.contains("export-size: 67108864"), "{info}");
+    // Trimming gives the space back, and writes work again.
+    c.request(0, 4, 1 << 20, (full_at as u32 - 1) << 20, &[]); // NBD_CMD_TRIM
+    assert_eq!(c.reply(0).0, 0);
+    c.request(1, 1, full_at << 20, 1 << 20, &chunk);
+    assert_eq!(c.reply(0).0, 0, "a write after the trim freed space");
+    c.request(0, 0, full_at << 20, 4096, &[]);
+    assert_eq!(c.reply(4096), (0, vec![0xc3; 4096]));
+    drop(c);
+    assert!(daemon.stop().success());
+}
+
+#[test]
 fn ext4_through_qemu_storage_daemon_fuse_and_a_loop_device() {
     let g = Gateway::start();
     g.firn(&["volume", "create", "fs", "--size", "256M"]);
