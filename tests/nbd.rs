@@ -72,6 +72,20 @@ impl Gateway {
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+
+    /// GET /metrics (it needs no token).
+    fn metrics(&self) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.http_port)).expect("connect");
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: firn\r\n\r\n")
+            .expect("request");
+        let mut response = String::new();
+        s.read_to_string(&mut response).expect("response");
+        assert!(
+            response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+            "{response}"
+        );
+        response
+    }
 }
 
 fn run(program: &str, args: &[&str]) -> String {
@@ -264,6 +278,30 @@ fn real_clients_interoperate() {
             "--group_reporting",
         ],
     );
+
+    // What moved shows in /metrics: at least the nbdcopy round trip of 64 MiB each way.
+    let metrics = g.metrics();
+    for (name, at_least) in [
+        ("firn_nbd_bytes_total{direction=\"write\"}", 64 << 20),
+        ("firn_nbd_bytes_total{direction=\"read\"}", 64 << 20),
+        ("firn_nbd_requests_total{command=\"write\"}", 64),
+        ("firn_nbd_requests_total{command=\"flush\"}", 1),
+        ("firn_nbd_connections_opened_total", 5),
+    ] {
+        let value = metric(&metrics, name);
+        assert!(value >= at_least as f64, "{name} = {value}\n{metrics}");
+    }
+    assert_eq!(
+        metric(&metrics, "firn_nbd_errors_total{command=\"write\"}"),
+        0.0
+    );
+}
+
+/// One sample's value from an OpenMetrics text, which must have it.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in\n{text}"))
 }
 
 /// A raw NBD client for what polite clients never send.
@@ -448,6 +486,9 @@ fn hostile_input_gets_the_spec_errors_and_changes_nothing() {
 
     let info = run("nbdinfo", &[&g.tcp("disk")]);
     assert!(info.contains("export-size: 1048576"), "{info}");
+    let metrics = g.metrics();
+    assert!(metric(&metrics, "firn_nbd_errors_total{command=\"read\"}") >= 3.0);
+    assert!(metric(&metrics, "firn_nbd_errors_total{command=\"write\"}") >= 2.0);
 }
 
 #[test]

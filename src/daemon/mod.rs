@@ -17,7 +17,7 @@ use prometheus_client::registry::Registry;
 use crate::engines::volume::catalog::Catalog;
 use crate::local::log::Log;
 use crate::local::meta::MetaStore;
-use crate::protocols::nbd::{NbdServer, TlsAcceptor};
+use crate::protocols::nbd::{NbdMetrics, NbdServer, TlsAcceptor};
 use crate::remote::dir::DirStore;
 use crate::remote::faults::FaultPlan;
 use crate::remote::limit::Limiter;
@@ -145,6 +145,7 @@ pub struct Gateway {
     pub gateway_id: String,
     pub token: String,
     pub registry: Registry,
+    pub nbd_metrics: Arc<NbdMetrics>,
     pub health: RwLock<RemoteHealth>,
     audit: Mutex<Log>,
     _lock: nix::fcntl::Flock<File>,
@@ -237,6 +238,7 @@ impl Gateway {
 
         let mut registry = Registry::default();
         let remote = open_remote(&config, &mut registry)?;
+        let nbd_metrics = Arc::new(NbdMetrics::new(&mut registry));
         let health = match probe(remote.probe.as_ref()).await {
             Ok(()) => RemoteHealth {
                 reachable: true,
@@ -272,6 +274,7 @@ impl Gateway {
             gateway_id,
             token,
             registry,
+            nbd_metrics,
             health: RwLock::new(health),
             audit: Mutex::new(audit),
             _lock: lock,
@@ -340,7 +343,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         )?)),
         _ => None,
     };
-    let nbd = NbdServer::new(gateway.exports.clone(), stopped.clone(), tls);
+    let nbd = NbdServer::new(
+        gateway.exports.clone(),
+        stopped.clone(),
+        tls,
+        gateway.nbd_metrics.clone(),
+    );
     let socket_path = gateway.config.nbd_socket();
     let unix = NbdServer::bind_unix(&socket_path)
         .with_context(|| format!("[nbd] socket: cannot bind {}", socket_path.display()))?;

@@ -3,7 +3,9 @@
 //!
 //! [`BlockDevice`]: crate::engines::volume::BlockDevice
 
+pub mod metrics;
 pub mod proto;
 pub mod server;
 
+pub use metrics::NbdMetrics;
 pub use server::{ExportInfo, Exports, NbdServer, OpenError, Peer, TlsAcceptor};

@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{Semaphore, mpsc, watch};
 
+use super::NbdMetrics;
 use super::proto::*;
 use crate::engines::volume::{BlockDevice, BlockError, Extent};
 
@@ -130,6 +131,7 @@ pub struct NbdServer {
     shutdown: watch::Receiver<bool>,
     /// When set, clients must upgrade with NBD_OPT_STARTTLS before anything else.
     tls: Option<TlsAcceptor>,
+    metrics: Arc<NbdMetrics>,
     /// Every connection holds a clone; `drained` reports when the last one is gone.
     alive: Mutex<Option<mpsc::Sender<()>>>,
     drained: tokio::sync::Mutex<mpsc::Receiver<()>>,
@@ -163,6 +165,7 @@ enum Negotiated {
 /// What negotiation settled for one connection.
 struct Session {
     device: Arc<dyn BlockDevice>,
+    metrics: Arc<NbdMetrics>,
     structured: bool,
     base_allocation: bool,
     shutting_down: AtomicBool,
@@ -187,12 +190,14 @@ impl NbdServer {
         exports: Arc<dyn Exports>,
         shutdown: watch::Receiver<bool>,
         tls: Option<TlsAcceptor>,
+        metrics: Arc<NbdMetrics>,
     ) -> Arc<NbdServer> {
         let (alive, drained) = mpsc::channel(1);
         Arc::new(NbdServer {
             exports,
             shutdown,
             tls,
+            metrics,
             alive: Mutex::new(Some(alive)),
             drained: tokio::sync::Mutex::new(drained),
         })
@@ -267,6 +272,7 @@ impl NbdServer {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
+        let _counted = self.metrics.connection();
         if let Err(e) = self.clone().serve_connection(stream, &peer).await {
             tracing::info!(?peer, "nbd: connection ended: {e}");
         }
@@ -391,6 +397,7 @@ impl NbdServer {
                     io.flush().await?;
                     return Ok(Negotiated::Session(Session::new(
                         device,
+                        self.metrics.clone(),
                         structured,
                         base_allocation,
                     )));
@@ -497,6 +504,7 @@ impl NbdServer {
                     if option == OPT_GO {
                         return Ok(Negotiated::Session(Session::new(
                             device,
+                            self.metrics.clone(),
                             structured,
                             base_allocation,
                         )));
@@ -713,9 +721,15 @@ async fn hello<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) -> ConnResult<bool
 }
 
 impl Session {
-    fn new(device: Arc<dyn BlockDevice>, structured: bool, base_allocation: bool) -> Session {
+    fn new(
+        device: Arc<dyn BlockDevice>,
+        metrics: Arc<NbdMetrics>,
+        structured: bool,
+        base_allocation: bool,
+    ) -> Session {
         Session {
             device,
+            metrics,
             structured,
             base_allocation,
             shutting_down: AtomicBool::new(false),
@@ -842,7 +856,15 @@ fn in_range(offset: u64, length: u64, size: u64) -> bool {
 /// Runs one request and builds its reply. With `Wait::No` a read that would wait for the disk
 /// is not run, and the answer is `None`; every other request runs either way.
 fn execute(session: &Session, r: Request, payload: Vec<u8>, wait: Wait) -> Option<Vec<u8>> {
+    let reply = run_request(session, r, payload, wait)?;
+    // Counted once it ran: a read declined with Wait::No runs again.
+    session.metrics.request(r.kind);
+    Some(reply)
+}
+
+fn run_request(session: &Session, r: Request, payload: Vec<u8>, wait: Wait) -> Option<Vec<u8>> {
     let fail = |code: u32, message: &str| {
+        session.metrics.error(r.kind);
         if session.structured && matches!(r.kind, CMD_READ | CMD_BLOCK_STATUS) {
             error_chunk(r.cookie, code, message)
         } else {
@@ -891,12 +913,19 @@ fn execute(session: &Session, r: Request, payload: Vec<u8>, wait: Wait) -> Optio
                 return Some(fail(code, "read larger than the maximum block size"));
             }
             return match read_reply(session, r, wait) {
-                Ok(reply) => reply,
+                Ok(Some(reply)) => {
+                    session.metrics.read(r.length);
+                    Some(reply)
+                }
+                Ok(None) => None,
                 Err(e) => Some(fail(error_code(&e), &e.to_string())),
             };
         }
         CMD_WRITE => {
             let written = device.write(offset, &payload, fua);
+            if written.is_ok() {
+                session.metrics.written(r.length);
+            }
             BUFFERS.give(payload);
             written
         }
@@ -1164,7 +1193,12 @@ mod tests {
             .expect("runtime");
         rt.block_on(async {
             let (_stop, stopped) = watch::channel(false);
-            let server = NbdServer::new(Arc::new(OneExport(device.clone())), stopped, None);
+            let server = NbdServer::new(
+                Arc::new(OneExport(device.clone())),
+                stopped,
+                None,
+                Arc::new(NbdMetrics::default()),
+            );
             let (mut client, server_side) = tokio::io::duplex(1 << 20);
             let task = tokio::spawn(server.connection(server_side, Peer::Unix));
             let finished = tokio::time::timeout(Duration::from_secs(10), async move {
