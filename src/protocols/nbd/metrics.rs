@@ -31,7 +31,7 @@ const COMMANDS: [(u16, &str); 8] = [
     (u16::MAX, "other"),
 ];
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct NbdMetrics {
     connections: Gauge,
     connections_total: Counter,
@@ -39,6 +39,7 @@ pub struct NbdMetrics {
     errors: Vec<Counter>,
     read_bytes: Counter,
     written_bytes: Counter,
+    panics: Counter,
 }
 
 impl NbdMetrics {
@@ -68,6 +69,7 @@ impl NbdMetrics {
                 .collect(),
             read_bytes,
             written_bytes,
+            panics: Counter::default(),
         };
         registry.register(
             "firn_nbd_connections",
@@ -88,6 +90,11 @@ impl NbdMetrics {
             "firn_nbd_errors",
             "NBD requests answered with an error, by command",
             errors,
+        );
+        registry.register(
+            "firn_nbd_panics",
+            "NBD requests that hit a bug and were answered with EIO (should stay 0)",
+            metrics.panics.clone(),
         );
         registry.register(
             "firn_nbd_bytes",
@@ -117,6 +124,15 @@ impl NbdMetrics {
 
     pub(super) fn error(&self, command: u16) {
         self.errors[Self::slot(command)].inc();
+    }
+
+    pub(super) fn panicked(&self) {
+        self.panics.inc();
+    }
+
+    /// Requests that panicked since the start.
+    pub fn panics(&self) -> u64 {
+        self.panics.get()
     }
 
     pub(super) fn read(&self, bytes: u32) {

@@ -663,11 +663,8 @@ impl NbdServer {
                     // from it, in microseconds: run them here and skip the hand-off to a
                     // blocking thread, which costs more. A read that would wait for the disk
                     // is not run here (Wait::No) and goes to a thread below.
-                    let inline = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        execute(&session, request, std::mem::take(&mut payload), Wait::No)
-                    }))
-                    .unwrap_or_else(|_| Some(simple_reply(EIO, request.cookie)));
-                    if let Some(reply) = inline {
+                    let payload = std::mem::take(&mut payload);
+                    if let Some(reply) = execute_guarded(&session, request, payload, Wait::No) {
                         let _ = replies.send(reply);
                         drop(permit);
                         continue;
@@ -682,12 +679,8 @@ impl NbdServer {
                 let replies = replies.clone();
                 // One hop to a blocking thread, which sends the reply itself.
                 tokio::task::spawn_blocking(move || {
-                    let reply = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        execute(&session, request, payload, Wait::Yes)
-                    }))
-                    .ok()
-                    .flatten()
-                    .unwrap_or_else(|| simple_reply(EIO, request.cookie));
+                    let reply = execute_guarded(&session, request, payload, Wait::Yes)
+                        .unwrap_or_else(|| simple_reply(EIO, request.cookie));
                     let _ = replies.send(reply);
                     drop((permit, worker));
                 });
@@ -853,6 +846,16 @@ fn in_range(offset: u64, length: u64, size: u64) -> bool {
 }
 
 /// Runs one request against the device and returns the whole reply.
+/// `execute`, with a panic (a bug) answered as EIO for that request alone, logged and counted.
+fn execute_guarded(session: &Session, r: Request, payload: Vec<u8>, wait: Wait) -> Option<Vec<u8>> {
+    let run = std::panic::AssertUnwindSafe(|| execute(session, r, payload, wait));
+    std::panic::catch_unwind(run).unwrap_or_else(|_| {
+        session.metrics.panicked();
+        tracing::error!(command = r.kind, "nbd: a request panicked; answered EIO");
+        Some(simple_reply(EIO, r.cookie))
+    })
+}
+
 /// Runs one request and builds its reply. With `Wait::No` a read that would wait for the disk
 /// is not run, and the answer is `None`; every other request runs either way.
 fn execute(session: &Session, r: Request, payload: Vec<u8>, wait: Wait) -> Option<Vec<u8>> {
@@ -1159,6 +1162,85 @@ mod tests {
         }
     }
 
+    /// A device whose `read_cached` scribbles over the buffer and declines every other time.
+    struct Forgetful {
+        inner: MemDevice,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl BlockDevice for Forgetful {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+            self.inner.read(offset, buf)
+        }
+        fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Option<Result<(), BlockError>> {
+            if self.calls.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+                buf.fill(0xEE);
+                return None;
+            }
+            Some(self.inner.read(offset, buf))
+        }
+        fn write(&self, offset: u64, src: &[u8], fua: bool) -> Result<(), BlockError> {
+            self.inner.write(offset, src, fua)
+        }
+        fn flush(&self) -> Result<(), BlockError> {
+            Ok(())
+        }
+        fn trim(&self, offset: u64, length: u64) -> Result<(), BlockError> {
+            self.inner.trim(offset, length)
+        }
+        fn write_zeroes(&self, offset: u64, length: u64, t: bool) -> Result<(), BlockError> {
+            self.inner.write_zeroes(offset, length, t)
+        }
+        fn extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>, BlockError> {
+            self.inner.extents(offset, length)
+        }
+    }
+
+    #[test]
+    fn declined_and_pooled_reads_send_only_the_devices_bytes() {
+        let content: Vec<u8> = (0..1usize << 20).map(|i| (i % 251) as u8).collect();
+        let device = Arc::new(Forgetful {
+            inner: MemDevice {
+                data: std::sync::Mutex::new(content.clone()),
+                read_only: false,
+            },
+            calls: Default::default(),
+        });
+        let metrics = Arc::new(NbdMetrics::new(&mut Default::default()));
+        for structured in [false, true] {
+            let session = Session::new(device.clone(), metrics.clone(), structured, false);
+            let header = if structured { 20 + 8 } else { 16 };
+            for (offset, length) in [(0u64, 4096u32), (777, 10_000), (4096, 256 << 10)] {
+                let request = Request {
+                    flags: 0,
+                    kind: CMD_READ,
+                    cookie: 9,
+                    offset,
+                    length,
+                };
+                let range = offset as usize..offset as usize + length as usize;
+                // Declined, then answered from "memory"; both replies carry the device's bytes.
+                let declined = execute(&session, request, Vec::new(), Wait::No);
+                assert!(declined.is_none(), "a declined read was answered");
+                let reply = execute(&session, request, Vec::new(), Wait::Yes).expect("reply");
+                assert_eq!(&reply[header..], &content[range.clone()]);
+                let cached = execute(&session, request, Vec::new(), Wait::No).expect("cached");
+                assert_eq!(&cached[header..], &content[range.clone()]);
+                // Buffers go back to the pool holding bytes a later reply must not show.
+                for mut used in [reply, cached] {
+                    used.fill(0xAB);
+                    BUFFERS.give(used);
+                }
+            }
+        }
+    }
+
     struct OneExport(Arc<MemDevice>);
 
     impl Exports for OneExport {
@@ -1193,11 +1275,12 @@ mod tests {
             .expect("runtime");
         rt.block_on(async {
             let (_stop, stopped) = watch::channel(false);
+            let metrics = Arc::new(NbdMetrics::new(&mut Default::default()));
             let server = NbdServer::new(
                 Arc::new(OneExport(device.clone())),
                 stopped,
                 None,
-                Arc::new(NbdMetrics::default()),
+                metrics.clone(),
             );
             let (mut client, server_side) = tokio::io::duplex(1 << 20);
             let task = tokio::spawn(server.connection(server_side, Peer::Unix));
@@ -1213,6 +1296,7 @@ mod tests {
                 matches!(finished, Ok(Ok(()))),
                 "the connection did not end cleanly: {finished:?}"
             );
+            assert_eq!(metrics.panics(), 0, "a request panicked");
         });
         Arc::try_unwrap(device)
             .ok()
