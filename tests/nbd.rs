@@ -903,6 +903,13 @@ fn psk_tls_is_required_and_works_with_libnbd_and_qemu() {
         info.contains("with TLS") && info.contains("export-size: 8388608"),
         "{info}"
     );
+    let unix_uri = format!(
+        "nbds+unix://firn@/disk?socket={}&tls-psk-file={}",
+        g.dir.path().join("data/nbd.sock").display(),
+        keys.display()
+    );
+    let info = run("nbdinfo", &[&unix_uri]);
+    assert!(info.contains("with TLS"), "{info}");
 
     // qemu reads the same file as `keys.psk` in its credentials directory.
     let creds = format!(
