@@ -19,18 +19,32 @@ struct Gateway {
     nbd_port: u16,
 }
 
+/// Writes `dir/firn.toml` with fresh HTTP and NBD ports, the data in `data_dir` (relative to
+/// `dir`) and `nbd_extra` ending the `[nbd]` section; returns it and the two ports.
+fn write_nbd_config(dir: &Path, data_dir: &str, nbd_extra: &str) -> (PathBuf, u16, u16) {
+    let (http_port, nbd_port) = (free_port(), free_port());
+    let config = dir.join("firn.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[local]\ndata_dir = \"{data_dir}\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[nbd]\nlisten = \"127.0.0.1:{nbd_port}\"\n{nbd_extra}"
+        ),
+    )
+    .expect("config");
+    (config, http_port, nbd_port)
+}
+
+/// `firn volume create NAME --size SIZE` against the gateway of `config`.
+fn create_volume(config: &Path, name: &str, size: &str) {
+    let config = config.to_str().expect("utf-8");
+    let (ok, _, err) = firn(&["volume", "create", name, "--size", size, "--config", config]);
+    assert!(ok, "volume create {name}: {err}");
+}
+
 impl Gateway {
     fn start() -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (http_port, nbd_port) = (free_port(), free_port());
-        let config = dir.path().join("firn.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[local]\ndata_dir = \"data\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[nbd]\nlisten = \"127.0.0.1:{nbd_port}\"\n"
-            ),
-        )
-        .expect("config");
+        let (config, http_port, nbd_port) = write_nbd_config(dir.path(), "data", "");
         let daemon = Daemon::start(&config, http_port, &[]);
         Gateway {
             daemon: Some(daemon),
@@ -613,21 +627,9 @@ fn a_full_disk_gives_enospc_and_the_rest_keeps_working() {
     teardown.0.push(Box::new(move || {
         let _ = Command::new("umount").arg(&mnt_arg).status();
     }));
-    let (http_port, nbd_port) = (free_port(), free_port());
-    let config = dir.path().join("firn.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[local]\ndata_dir = \"mnt/data\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[nbd]\nlisten = \"127.0.0.1:{nbd_port}\"\n"
-        ),
-    )
-    .expect("config");
+    let (config, http_port, nbd_port) = write_nbd_config(dir.path(), "mnt/data", "");
     let daemon = Daemon::start(&config, http_port, &[]);
-    let config_arg = config.to_str().expect("utf-8");
-    let (ok, _, err) = firn(&[
-        "volume", "create", "big", "--size", "64M", "--config", config_arg,
-    ]);
-    assert!(ok, "{err}");
+    create_volume(&config, "big", "64M");
 
     let mut c = Raw::connect(nbd_port);
     c.go("big").expect("go");
@@ -774,21 +776,9 @@ impl TlsGateway {
     fn start(nbd_extra: &str, prepare: impl FnOnce(&Path)) -> TlsGateway {
         let dir = tempfile::tempdir().expect("tempdir");
         prepare(dir.path());
-        let (http_port, nbd_port) = (free_port(), free_port());
-        let config = dir.path().join("firn.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[local]\ndata_dir = \"data\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[nbd]\nlisten = \"127.0.0.1:{nbd_port}\"\n{nbd_extra}"
-            ),
-        )
-        .expect("config");
+        let (config, http_port, nbd_port) = write_nbd_config(dir.path(), "data", nbd_extra);
         let daemon = Daemon::start(&config, http_port, &[]);
-        let config_arg = config.to_str().expect("utf-8");
-        let (ok, _, err) = firn(&[
-            "volume", "create", "disk", "--size", "8M", "--config", config_arg,
-        ]);
-        assert!(ok, "{err}");
+        create_volume(&config, "disk", "8M");
         TlsGateway {
             dir,
             daemon,
