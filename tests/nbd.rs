@@ -34,6 +34,15 @@ fn write_nbd_config(dir: &Path, data_dir: &str, nbd_extra: &str) -> (PathBuf, u1
     (config, http_port, nbd_port)
 }
 
+/// `firn ARGS --config CONFIG`; panics unless it succeeds.
+fn firn_at(config: &Path, args: &[&str]) -> String {
+    let mut full = args.to_vec();
+    full.extend(["--config", config.to_str().expect("utf-8")]);
+    let (ok, out, err) = firn(&full);
+    assert!(ok, "firn {args:?}: {err}");
+    out
+}
+
 /// `firn volume create NAME --size SIZE` against the gateway of `config`.
 fn create_volume(config: &Path, name: &str, size: &str) {
     let config = config.to_str().expect("utf-8");
@@ -64,12 +73,7 @@ impl Gateway {
     }
 
     fn firn(&self, args: &[&str]) -> String {
-        let mut full = args.to_vec();
-        let config = self.config.to_str().expect("utf-8");
-        full.extend(["--config", config]);
-        let (ok, out, err) = firn(&full);
-        assert!(ok, "firn {args:?}: {err}");
-        out
+        firn_at(&self.config, args)
     }
 
     fn tcp(&self, export: &str) -> String {
@@ -764,10 +768,37 @@ fn make_certificates(dir: &Path) {
     );
 }
 
+/// A client certificate for `name` signed by the CA in `ca_dir`, laid out in `dir` as libnbd's
+/// `tls-certificates=` and qemu's `tls-creds-x509` read it (ca-cert.pem, client-cert.pem,
+/// client-key.pem).
+fn make_client_certificate(dir: &Path, ca_dir: &Path, name: &str) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    std::fs::copy(ca_dir.join("ca-cert.pem"), dir.join("ca-cert.pem")).expect("copy CA");
+    let out = Command::new("sh")
+        .arg("-ec")
+        .arg(format!(
+            "openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+              -keyout client-key.pem -out client.csr -subj /CN={name} 2>/dev/null
+            printf 'extendedKeyUsage=clientAuth\\n' > client-ext.cnf
+            openssl x509 -req -in client.csr -CA {ca}/ca-cert.pem -CAkey {ca}/ca-key.pem \
+              -CAcreateserial -out client-cert.pem -days 2 -extfile client-ext.cnf 2>/dev/null",
+            ca = ca_dir.display()
+        ))
+        .current_dir(dir)
+        .output()
+        .expect("sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A gateway whose `[nbd]` section ends with `nbd_extra`, for the TLS tests; `prepare` runs
 /// in its directory before the start. It has one 8 MiB volume, `disk`.
 struct TlsGateway {
     dir: tempfile::TempDir,
+    config: PathBuf,
     daemon: Daemon,
     nbd_port: u16,
 }
@@ -781,9 +812,14 @@ impl TlsGateway {
         create_volume(&config, "disk", "8M");
         TlsGateway {
             dir,
+            config,
             daemon,
             nbd_port,
         }
+    }
+
+    fn firn(&self, args: &[&str]) -> String {
+        firn_at(&self.config, args)
     }
 
     /// qemu-io on `disk` with the TLS credentials object `creds` (id tls0).
@@ -934,6 +970,125 @@ fn psk_tls_is_required_and_works_with_libnbd_and_qemu() {
 }
 
 #[test]
+fn x509_client_certificates_name_the_clients_a_volume_admits() {
+    let g = TlsGateway::start(
+        "tls = \"x509\"\ntls_cert = \"pki/server-cert.pem\"\ntls_key = \"pki/server-key.pem\"\ntls_client_ca = \"pki/ca-cert.pem\"\n",
+        |dir| {
+            std::fs::create_dir(dir.join("pki")).expect("mkdir");
+            make_certificates(&dir.join("pki"));
+        },
+    );
+    let root = g.dir.path();
+    let pki = root.join("pki");
+    make_client_certificate(&root.join("alice"), &pki, "alice");
+    make_client_certificate(&root.join("bob"), &pki, "bob");
+    // Trusts the server but has no certificate of its own.
+    std::fs::create_dir(root.join("anonymous")).expect("mkdir");
+    std::fs::copy(pki.join("ca-cert.pem"), root.join("anonymous/ca-cert.pem")).expect("copy");
+    // A certificate for "alice" from an authority the server does not trust.
+    std::fs::create_dir(root.join("rogue-ca")).expect("mkdir");
+    make_certificates(&root.join("rogue-ca"));
+    make_client_certificate(&root.join("forged"), &root.join("rogue-ca"), "alice");
+    std::fs::copy(pki.join("ca-cert.pem"), root.join("forged/ca-cert.pem")).expect("copy");
+
+    g.firn(&[
+        "volume", "create", "private", "--size", "1M", "--client", "alice",
+    ]);
+    assert!(g.firn(&["volume", "show", "private"]).contains("alice"));
+    let uri = |who: &str, export: &str| {
+        format!(
+            "nbds://127.0.0.1:{}/{export}?tls-certificates={}",
+            g.nbd_port,
+            root.join(who).display()
+        )
+    };
+    let info = run("nbdinfo", &[&uri("alice", "private")]);
+    assert!(info.contains("export-size: 1048576"), "{info}");
+    run("nbdinfo", &[&uri("bob", "disk")]);
+    let out = Command::new("nbdinfo")
+        .arg(uri("bob", "private"))
+        .output()
+        .expect("nbdinfo");
+    assert!(!out.status.success(), "bob may not open private");
+    g.refuses(&[
+        uri("anonymous", "disk"),
+        uri("forged", "private"),
+        uri("forged", "disk"),
+    ]);
+
+    // qemu presents the client certificate in its credentials directory.
+    let creds = format!(
+        "tls-creds-x509,id=tls0,dir={},endpoint=client",
+        root.join("alice").display()
+    );
+    let image_opts = format!(
+        "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={},export=private,tls-creds=tls0",
+        g.nbd_port
+    );
+    run(
+        "qemu-io",
+        &[
+            "--object",
+            &creds,
+            "--image-opts",
+            &image_opts,
+            "-c",
+            "write -P 0x5a 0 64k",
+            "-c",
+            "read -P 0x5a 0 64k",
+        ],
+    );
+    // The refusals ended only their own connections.
+    run("nbdinfo", &[&uri("alice", "private")]);
+    assert!(g.daemon.stop().success());
+}
+
+#[test]
+fn psk_identities_name_the_clients_a_volume_admits() {
+    let g = TlsGateway::start("tls = \"psk\"\ntls_psk_file = \"psk/keys.psk\"\n", |dir| {
+        std::fs::create_dir(dir.join("psk")).expect("mkdir");
+        std::fs::write(
+            dir.join("psk/keys.psk"),
+            format!("firn:{}\nalice:{}\n", "11".repeat(32), "22".repeat(32)),
+        )
+        .expect("write keys");
+    });
+    g.firn(&[
+        "volume", "create", "private", "--size", "1M", "--client", "alice",
+    ]);
+    let keys = g.dir.path().join("psk/keys.psk");
+    let uri = |who: &str, export: &str| {
+        format!(
+            "nbds://{who}@127.0.0.1:{}/{export}?tls-psk-file={}",
+            g.nbd_port,
+            keys.display()
+        )
+    };
+    run("nbdinfo", &[&uri("alice", "private")]);
+    run("nbdinfo", &[&uri("firn", "disk")]);
+    let out = Command::new("nbdinfo")
+        .arg(uri("firn", "private"))
+        .output()
+        .expect("nbdinfo");
+    assert!(!out.status.success(), "firn may not open private");
+    // A bad identity is refused when the volume is made, naming the field.
+    let (ok, _, err) = firn(&[
+        "volume",
+        "create",
+        "bad",
+        "--size",
+        "1M",
+        "--client",
+        "a:b",
+        "--config",
+        g.config.to_str().expect("utf-8"),
+    ]);
+    assert!(!ok && err.contains("volume clients"), "{err}");
+    run("nbdinfo", &[&uri("alice", "private")]);
+    assert!(g.daemon.stop().success());
+}
+
+#[test]
 fn trim_and_zeroing_a_2_tib_volume_is_metadata_not_io() {
     let g = Gateway::start();
     g.firn(&["volume", "create", "huge", "--size", "2T"]);
@@ -1017,6 +1172,15 @@ fn per_volume_allowlists_replace_the_server_wide_one() {
     );
     // The Unix socket is guarded by its file mode, not by address lists.
     run("nbdinfo", &[&g.unix("fenced")]);
+
+    // A volume that names its TLS clients admits nobody over a plain connection.
+    g.firn(&[
+        "volume", "create", "named", "--size", "1M", "--client", "alice",
+    ]);
+    let mut c = Raw::connect(g.nbd_port);
+    let (code, message) = c.go("named").expect_err("no TLS, no identity");
+    assert_eq!(code, 0x8000_0002, "NBD_REP_ERR_POLICY");
+    assert!(message.contains("only named TLS clients"), "{message}");
 }
 
 #[test]

@@ -69,6 +69,10 @@ enum VolumeCommand {
         /// Address block (CIDR) whose NBD clients may attach; repeat for more. Default: [nbd] allow.
         #[arg(long)]
         allow: Vec<String>,
+        /// TLS identity (PSK identity or client certificate common name) that may attach;
+        /// repeat for more. Default: any client the door admits.
+        #[arg(long = "client")]
+        clients: Vec<String>,
     },
     /// List volumes.
     List,
@@ -182,9 +186,10 @@ async fn volume(client: &ApiClient, command: VolumeCommand) -> anyhow::Result<()
             mode,
             read_only,
             allow,
+            clients,
         } => {
             let size = crate::size::parse_size(&size)?;
-            let body = json!({ "name": name, "size": size, "mode": mode, "read_only": read_only, "allow": allow });
+            let body = json!({ "name": name, "size": size, "mode": mode, "read_only": read_only, "allow": allow, "clients": clients });
             let created: Value = client.post("volumes", &body).await?;
             println!("created {}", line(&created).trim_end());
         }

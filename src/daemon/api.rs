@@ -161,6 +161,9 @@ struct CreateVolume {
     /// Address blocks whose NBD clients may attach, instead of `[nbd] allow`.
     #[serde(default)]
     allow: Vec<String>,
+    /// TLS identities (PSK identity or certificate common name) that may attach.
+    #[serde(default)]
+    clients: Vec<String>,
 }
 
 fn default_mode() -> Mode {
@@ -184,14 +187,20 @@ async fn create_volume(State(gateway): Shared, body: axum::body::Bytes) -> Respo
             return error(StatusCode::BAD_REQUEST, format!("volume allow: {e}"));
         }
     }
+    for client in &request.clients {
+        if let Err(e) = crate::daemon::nbd::check_identity(client) {
+            return error(StatusCode::BAD_REQUEST, format!("volume clients: {e}"));
+        }
+    }
     let volumes = gateway.volumes.clone();
     let created = tokio::task::spawn_blocking(move || {
-        volumes.create_with_allow(
+        volumes.create_with_access(
             &request.name,
             request.size.0,
             request.mode,
             request.read_only,
             request.allow,
+            request.clients,
         )
     })
     .await;

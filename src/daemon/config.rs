@@ -131,6 +131,10 @@ pub struct NbdConfig {
     /// PEM certificate chain and private key for `tls = "x509"`.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// With `tls = "x509"`: PEM certificates of the authorities whose client certificates
+    /// are accepted. When set, every client must present one (mutual TLS); its subject's
+    /// common name is the client's identity, which volumes may name (`--client`).
+    pub tls_client_ca: Option<PathBuf>,
     /// Keys for `tls = "psk"`, `identity:hexkey` lines; written with a fresh key for the
     /// identity `firn` when missing. Default `nbd-psk/keys.psk` in the data directory.
     pub tls_psk_file: Option<PathBuf>,
@@ -154,6 +158,7 @@ impl Default for NbdConfig {
             tls: NbdTls::Off,
             tls_cert: None,
             tls_key: None,
+            tls_client_ca: None,
             tls_psk_file: None,
         }
     }
@@ -272,6 +277,9 @@ impl Config {
         {
             return Err("[nbd] tls = \"x509\" needs tls_cert and tls_key (PEM files)".to_string());
         }
+        if self.nbd.tls_client_ca.is_some() && self.nbd.tls != NbdTls::X509 {
+            return Err("[nbd] tls_client_ca needs tls = \"x509\"".to_string());
+        }
         for block in &self.nbd.allow {
             Cidr::parse(block).map_err(|e| format!("[nbd] allow: {e}"))?;
         }
@@ -302,6 +310,7 @@ impl Config {
             &mut self.nbd.socket,
             &mut self.nbd.tls_cert,
             &mut self.nbd.tls_key,
+            &mut self.nbd.tls_client_ca,
             &mut self.nbd.tls_psk_file,
         ]
         .into_iter()
@@ -447,6 +456,7 @@ mod tests {
             ("[nbd]\nlisten = \"nowhere\"", "listen"),
             ("[ndb]\n", "ndb"),
             ("[nbd]\ntls = \"x509\"", "tls_cert"),
+            ("[nbd]\ntls_client_ca = \"ca.pem\"", "tls_client_ca needs"),
             ("[nbd]\ntls = \"rsa\"", "rsa"),
         ];
         for (text, expected) in cases {

@@ -335,9 +335,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let nbd_config = &gateway.config.nbd;
     let tls = match (nbd_config.tls, &nbd_config.tls_cert, &nbd_config.tls_key) {
-        (config::NbdTls::X509, Some(cert), Some(key)) => {
-            Some(TlsAcceptor::X509(nbd::tls_acceptor(cert, key)?))
-        }
+        (config::NbdTls::X509, Some(cert), Some(key)) => Some(TlsAcceptor::X509(
+            nbd::tls_acceptor(cert, key, nbd_config.tls_client_ca.as_deref())?,
+        )),
         (config::NbdTls::Psk, _, _) => Some(TlsAcceptor::Psk(nbd::psk_acceptor(
             &gateway.config.nbd_psk_file(),
         )?)),

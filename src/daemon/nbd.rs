@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::daemon::config::Cidr;
 use crate::engines::volume::BlockDevice;
 use crate::engines::volume::catalog::Catalog;
-use crate::protocols::nbd::{ExportInfo, Exports, OpenError, Peer};
+use crate::protocols::nbd::{Client, ExportInfo, Exports, OpenError, Peer};
 use crate::size::Human;
 
 pub struct VolumeExports {
@@ -39,11 +39,27 @@ impl Exports for VolumeExports {
             .collect()
     }
 
-    fn open(&self, name: &str, peer: &Peer) -> Result<Arc<dyn BlockDevice>, OpenError> {
+    fn open(&self, name: &str, client: &Client) -> Result<Arc<dyn BlockDevice>, OpenError> {
         let Some(info) = self.catalog.get(name).ok().flatten() else {
             return Err(OpenError::Unknown(name.to_string()));
         };
-        if let Peer::Tcp(addr) = peer {
+        if !info.clients.is_empty() {
+            // TLS names the client; without TLS no identity is known and nobody qualifies.
+            match &client.identity {
+                Some(id) if info.clients.iter().any(|c| c == id) => {}
+                Some(id) => {
+                    return Err(OpenError::Denied(format!(
+                        "client identity {id:?} is not among the volume's clients"
+                    )));
+                }
+                None => {
+                    return Err(OpenError::Denied(
+                        "the volume admits only named TLS clients; connect with TLS".to_string(),
+                    ));
+                }
+            }
+        }
+        if let Peer::Tcp(addr) = &client.peer {
             // A volume's own list replaces the server-wide one; entries were checked when
             // the volume was made.
             let own: Vec<Cidr> = info
@@ -71,10 +87,29 @@ impl Exports for VolumeExports {
     }
 }
 
-/// The TLS acceptor for `[nbd] tls = "x509"`: the certificate chain and key from PEM files.
+/// Checks a TLS client identity as a volume's `clients` entry: what a PSK file or a
+/// certificate's common name can hold, printable and short.
+pub fn check_identity(identity: &str) -> Result<(), String> {
+    if identity.is_empty() || identity.len() > 255 {
+        return Err(format!("{identity:?} must be 1 to 255 bytes"));
+    }
+    if identity.chars().any(|c| c.is_control()) {
+        return Err(format!("{identity:?} has a control character"));
+    }
+    if identity.contains(':') {
+        // A PSK file line is `identity:hexkey`; its identity cannot hold a colon.
+        return Err(format!("{identity:?} has a colon"));
+    }
+    Ok(())
+}
+
+/// The TLS acceptor for `[nbd] tls = "x509"`: the certificate chain and key from PEM files,
+/// and, with `client_ca`, mutual TLS: every client must present a certificate that one of
+/// those authorities signed.
 pub fn tls_acceptor(
     cert: &std::path::Path,
     key: &std::path::Path,
+    client_ca: Option<&std::path::Path>,
 ) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     use anyhow::Context;
     use rustls_pki_types::pem::PemObject;
@@ -97,10 +132,40 @@ pub fn tls_acceptor(
         )
     })?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_no_client_auth()
+        .context("TLS protocol versions")?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            let cas = CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .with_context(|| {
+                    format!(
+                        "[nbd] tls_client_ca: cannot read certificates from {}",
+                        path.display()
+                    )
+                })?;
+            for ca in cas {
+                roots.add(ca).with_context(|| {
+                    format!(
+                        "[nbd] tls_client_ca: a bad certificate in {}",
+                        path.display()
+                    )
+                })?;
+            }
+            if roots.is_empty() {
+                anyhow::bail!("[nbd] tls_client_ca: no certificate in {}", path.display());
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .context("[nbd] tls_client_ca: cannot verify clients with it")?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder
         .with_single_cert(chain, key)
         .context("[nbd] tls_cert and tls_key do not make a usable certificate")?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
@@ -119,12 +184,15 @@ pub fn psk_acceptor(path: &std::path::Path) -> anyhow::Result<Arc<openssl::ssl::
     let mut builder = SslAcceptor::mozilla_modern_v5(SslMethod::tls_server())
         .context("OpenSSL: TLS 1.3 server")?;
     builder.set_min_proto_version(Some(SslVersion::TLS1_3))?;
-    builder.set_psk_server_callback(move |_ssl, identity, out| {
+    let slot = crate::protocols::nbd::psk_identity_slot()?;
+    builder.set_psk_server_callback(move |ssl, identity, out| {
         // An unknown identity gets no key (0), and the handshake fails.
         let key = identity.and_then(|id| keys.iter().find(|(name, _)| name.as_bytes() == id));
         Ok(match key {
-            Some((_, key)) if key.len() <= out.len() => {
+            Some((name, key)) if key.len() <= out.len() => {
                 out[..key.len()].copy_from_slice(key);
+                // The connection learns who it serves from here (volumes' `clients`).
+                ssl.set_ex_data(slot, name.clone());
                 key.len()
             }
             _ => 0,

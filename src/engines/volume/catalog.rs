@@ -44,6 +44,10 @@ pub struct VolumeInfo {
     /// list. Kept as text: the engine stores it, the door enforces it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<String>,
+    /// TLS client identities (PSK identities or certificate common names) that may attach;
+    /// empty means any client the door admits. The door enforces it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<String>,
 }
 
 /// Why a catalog operation failed. Every message names the volume.
@@ -159,17 +163,19 @@ impl Catalog {
         mode: Mode,
         read_only: bool,
     ) -> Result<VolumeInfo, CatalogError> {
-        self.create_with_allow(name, size, mode, read_only, Vec::new())
+        self.create_with_access(name, size, mode, read_only, Vec::new(), Vec::new())
     }
 
-    /// `create`, with the volume's own client allowlist, recorded in the same entry.
-    pub fn create_with_allow(
+    /// `create`, with the volume's own client address allowlist and the TLS identities that
+    /// may attach, recorded in the same entry.
+    pub fn create_with_access(
         &self,
         name: &str,
         size: u64,
         mode: Mode,
         read_only: bool,
         allow: Vec<String>,
+        clients: Vec<String>,
     ) -> Result<VolumeInfo, CatalogError> {
         check_name(name)?;
         if size == 0 || size % local::SECTOR_SIZE != 0 || size > local::MAX_SIZE {
@@ -195,6 +201,7 @@ impl Catalog {
             created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             format: LOCAL_FORMAT,
             allow,
+            clients,
         };
         let path = self.path(&info);
         match mode {

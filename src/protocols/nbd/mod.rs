@@ -8,4 +8,6 @@ pub mod proto;
 pub mod server;
 
 pub use metrics::NbdMetrics;
-pub use server::{ExportInfo, Exports, NbdServer, OpenError, Peer, TlsAcceptor};
+pub use server::{
+    Client, ExportInfo, Exports, NbdServer, OpenError, Peer, TlsAcceptor, psk_identity_slot,
+};

@@ -104,6 +104,38 @@ pub enum Peer {
     Unix,
 }
 
+/// Who is connecting, and under which TLS identity (a PSK identity or the common name of a
+/// client certificate), once TLS has named one.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub peer: Peer,
+    pub identity: Option<String>,
+}
+
+/// Where the PSK server callback leaves the identity it found a key for, so the connection
+/// can learn who it serves after the handshake.
+pub fn psk_identity_slot()
+-> Result<openssl::ex_data::Index<openssl::ssl::Ssl, String>, openssl::error::ErrorStack> {
+    static SLOT: std::sync::OnceLock<openssl::ex_data::Index<openssl::ssl::Ssl, String>> =
+        std::sync::OnceLock::new();
+    if let Some(slot) = SLOT.get() {
+        return Ok(*slot);
+    }
+    let slot = openssl::ssl::Ssl::new_ex_index()?;
+    // A racing caller may have set it first; either index works, and the first one stays.
+    Ok(*SLOT.get_or_init(|| slot))
+}
+
+/// The common name of a client certificate's subject.
+fn certificate_name(der: &[u8]) -> Option<String> {
+    let cert = openssl::x509::X509::from_der(der).ok()?;
+    let entry = cert
+        .subject_name()
+        .entries_by_nid(openssl::nid::Nid::COMMONNAME)
+        .next()?;
+    entry.data().to_string().ok()
+}
+
 #[derive(Debug, Clone)]
 pub struct ExportInfo {
     pub name: String,
@@ -123,7 +155,7 @@ pub enum OpenError {
 /// Where the server finds its exports; the daemon implements it over the volume catalog.
 pub trait Exports: Send + Sync {
     fn list(&self) -> Vec<ExportInfo>;
-    fn open(&self, name: &str, peer: &Peer) -> Result<Arc<dyn BlockDevice>, OpenError>;
+    fn open(&self, name: &str, client: &Client) -> Result<Arc<dyn BlockDevice>, OpenError>;
 }
 
 pub struct NbdServer {
@@ -283,13 +315,17 @@ impl NbdServer {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let no_zeroes = hello(&mut stream).await?;
+        let mut client = Client {
+            peer: peer.clone(),
+            identity: None,
+        };
         let Some(acceptor) = self.tls.clone() else {
             return self
-                .finish(stream, peer, no_zeroes, Tls::NotConfigured)
+                .finish(stream, &client, no_zeroes, Tls::NotConfigured)
                 .await;
         };
         match self
-            .options(&mut stream, peer, no_zeroes, Tls::Required)
+            .options(&mut stream, &client, no_zeroes, Tls::Required)
             .await?
         {
             Negotiated::StartTls => {}
@@ -299,7 +335,15 @@ impl NbdServer {
         match acceptor {
             TlsAcceptor::X509(acceptor) => {
                 let stream = acceptor.accept(stream).await?;
-                self.finish(stream, peer, no_zeroes, Tls::Active).await
+                // Present only when the acceptor asks for client certificates, and then
+                // verified by it; the first is the client's own.
+                client.identity = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .and_then(|cert| certificate_name(cert));
+                self.finish(stream, &client, no_zeroes, Tls::Active).await
             }
             TlsAcceptor::Psk(acceptor) => {
                 let handshake = |e: &dyn std::fmt::Display| {
@@ -312,7 +356,9 @@ impl NbdServer {
                     .accept()
                     .await
                     .map_err(|e| handshake(&e))?;
-                self.finish(stream, peer, no_zeroes, Tls::Active).await
+                let slot = psk_identity_slot().map_err(|e| handshake(&e))?;
+                client.identity = stream.ssl().ex_data(slot).cloned();
+                self.finish(stream, &client, no_zeroes, Tls::Active).await
             }
         }
     }
@@ -321,14 +367,14 @@ impl NbdServer {
     async fn finish<S>(
         &self,
         mut stream: S,
-        peer: &Peer,
+        client: &Client,
         no_zeroes: bool,
         tls: Tls,
     ) -> ConnResult<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        match self.options(&mut stream, peer, no_zeroes, tls).await? {
+        match self.options(&mut stream, client, no_zeroes, tls).await? {
             Negotiated::Session(session) => self.transmission(stream, Arc::new(session)).await,
             Negotiated::Abort => Ok(()),
             Negotiated::StartTls => violation("STARTTLS without TLS configured"),
@@ -338,7 +384,7 @@ impl NbdServer {
     async fn options<S>(
         &self,
         io: &mut S,
-        peer: &Peer,
+        client: &Client,
         no_zeroes: bool,
         tls: Tls,
     ) -> ConnResult<Negotiated>
@@ -381,7 +427,7 @@ impl NbdServer {
                     let name = String::from_utf8(data).map_err(|_| {
                         ConnectionError::Protocol("export name is not UTF-8".into())
                     })?;
-                    let device = match self.exports.open(&name, peer) {
+                    let device = match self.exports.open(&name, client) {
                         Ok(device) => device,
                         Err(e) => return violation(e.to_string()),
                     };
@@ -458,7 +504,7 @@ impl NbdServer {
                         .await?;
                         continue;
                     };
-                    let device = match self.exports.open(&name, peer) {
+                    let device = match self.exports.open(&name, client) {
                         Ok(device) => device,
                         Err(e) => {
                             let code = match e {
@@ -1250,7 +1296,7 @@ mod tests {
                 description: String::new(),
             }]
         }
-        fn open(&self, name: &str, _peer: &Peer) -> Result<Arc<dyn BlockDevice>, OpenError> {
+        fn open(&self, name: &str, _client: &Client) -> Result<Arc<dyn BlockDevice>, OpenError> {
             if name == "disk" {
                 Ok(self.0.clone())
             } else {
