@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Daemon, firn, free_port};
+use common::{Daemon, FIRN, firn, free_port};
 
 struct Gateway {
     daemon: Option<Daemon>,
@@ -970,6 +970,50 @@ fn psk_tls_is_required_and_works_with_libnbd_and_qemu() {
 }
 
 #[test]
+fn tls_turns_on_when_an_allowlist_reaches_beyond_this_machine() {
+    // Loopback plus a site network: PSK is required of every client, loopback included.
+    let remote = "allow = [\"127.0.0.0/8\", \"10.20.0.0/16\"]\n";
+    let g = TlsGateway::start(remote, |_| {});
+    assert!(g.daemon.stdout.join("\n").contains("PSK required"));
+    g.refuses(&g.plain_uris());
+    let keys = g.dir.path().join("data/nbd-psk/keys.psk");
+    let info = run(
+        "nbdinfo",
+        &[&format!(
+            "nbds://firn@127.0.0.1:{}/disk?tls-psk-file={}",
+            g.nbd_port,
+            keys.display()
+        )],
+    );
+    assert!(info.contains("export-size: 8388608"), "{info}");
+    assert!(g.daemon.stop().success());
+
+    // Turning TLS off for such a list must be said explicitly.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, _, _) = write_nbd_config(dir.path(), "data", &format!("tls = \"off\"\n{remote}"));
+    let out = Command::new(FIRN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "started with plain text for 10.20.0.0/16"
+    );
+    assert!(err.contains("allow_plaintext"), "{err}");
+    let (config, http_port, nbd_port) = write_nbd_config(
+        dir.path(),
+        "data",
+        &format!("tls = \"off\"\nallow_plaintext = true\n{remote}"),
+    );
+    let daemon = Daemon::start(&config, http_port, &[]);
+    create_volume(&config, "disk", "1M");
+    run("nbdinfo", &[&format!("nbd://127.0.0.1:{nbd_port}/disk")]);
+    assert!(daemon.stop().success());
+}
+
+#[test]
 fn x509_client_certificates_name_the_clients_a_volume_admits() {
     let g = TlsGateway::start(
         "tls = \"x509\"\ntls_cert = \"pki/server-cert.pem\"\ntls_key = \"pki/server-key.pem\"\ntls_client_ca = \"pki/ca-cert.pem\"\n",
@@ -1138,7 +1182,7 @@ fn per_volume_allowlists_replace_the_server_wide_one() {
         "--size",
         "1M",
         "--allow",
-        "10.9.9.0/24",
+        "127.0.0.2/32",
     ]);
     let (ok, _, err) = firn(&[
         "volume",
@@ -1154,7 +1198,7 @@ fn per_volume_allowlists_replace_the_server_wide_one() {
     assert!(!ok && err.contains("10.0.0.0/99"), "{err}");
     assert!(
         g.firn(&["volume", "show", "fenced"])
-            .contains("10.9.9.0/24")
+            .contains("127.0.0.2/32")
     );
 
     let mut c = Raw::connect(g.nbd_port);
@@ -1172,6 +1216,20 @@ fn per_volume_allowlists_replace_the_server_wide_one() {
     );
     // The Unix socket is guarded by its file mode, not by address lists.
     run("nbdinfo", &[&g.unix("fenced")]);
+
+    // Without TLS a volume's own list stays on this machine too.
+    let (ok, _, err) = firn(&[
+        "volume",
+        "create",
+        "far",
+        "--size",
+        "1M",
+        "--allow",
+        "10.9.9.0/24",
+        "--config",
+        g.config.to_str().expect("utf-8"),
+    ]);
+    assert!(!ok && err.contains("NBD TLS is off"), "{err}");
 
     // A volume that names its TLS clients admits nobody over a plain connection.
     g.firn(&[

@@ -183,8 +183,13 @@ async fn create_volume(State(gateway): Shared, body: axum::body::Bytes) -> Respo
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("volume: {e}")),
     };
     for block in &request.allow {
-        if let Err(e) = crate::daemon::config::Cidr::parse(block) {
-            return error(StatusCode::BAD_REQUEST, format!("volume allow: {e}"));
+        let checked = crate::daemon::config::Cidr::parse(block)
+            .and_then(|cidr| gateway.exports.check_volume_allow(&cidr));
+        if let Err(e) = checked {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("volume allow {block:?}: {e}"),
+            );
         }
     }
     for client in &request.clients {

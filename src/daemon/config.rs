@@ -126,8 +126,14 @@ pub struct NbdConfig {
     pub socket: Option<PathBuf>,
     /// Client addresses (CIDR) allowed over TCP; the Unix socket is guarded by its mode.
     pub allow: Vec<String>,
-    /// `"off"`, `"psk"` or `"x509"`: every client must upgrade with STARTTLS (nbds:// URIs).
+    /// `"auto"`, `"off"`, `"psk"` or `"x509"`: with psk or x509 every client must upgrade
+    /// with STARTTLS (nbds:// URIs); auto is psk when `allow` admits any address beyond this
+    /// machine, off otherwise.
     pub tls: NbdTls,
+    /// Serve plain NBD to clients beyond this machine (tls = "off" with a non-loopback
+    /// `allow`): anyone who can reach the port, or spoof an allowed address, could then read
+    /// and write the volumes. Only for a network trusted as much as this machine.
+    pub allow_plaintext: bool,
     /// PEM certificate chain and private key for `tls = "x509"`.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -144,6 +150,7 @@ pub struct NbdConfig {
 #[serde(rename_all = "lowercase")]
 pub enum NbdTls {
     #[default]
+    Auto,
     Off,
     Psk,
     X509,
@@ -155,7 +162,8 @@ impl Default for NbdConfig {
             listen: "127.0.0.1:10809".to_string(),
             socket: None,
             allow: vec!["127.0.0.0/8".to_string(), "::1/128".to_string()],
-            tls: NbdTls::Off,
+            tls: NbdTls::Auto,
+            allow_plaintext: false,
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
@@ -186,6 +194,14 @@ impl Cidr {
             return Err(bad());
         }
         Ok(Cidr { network, prefix })
+    }
+
+    /// Whether every address in the block is this machine's own (loopback).
+    pub fn is_loopback_only(&self) -> bool {
+        match self.network {
+            std::net::IpAddr::V4(n) => n.is_loopback() && self.prefix >= 8,
+            std::net::IpAddr::V6(n) => n.is_loopback() && self.prefix == 128,
+        }
     }
 
     pub fn contains(&self, ip: std::net::IpAddr) -> bool {
@@ -281,7 +297,16 @@ impl Config {
             return Err("[nbd] tls_client_ca needs tls = \"x509\"".to_string());
         }
         for block in &self.nbd.allow {
-            Cidr::parse(block).map_err(|e| format!("[nbd] allow: {e}"))?;
+            let cidr = Cidr::parse(block).map_err(|e| format!("[nbd] allow: {e}"))?;
+            if !cidr.is_loopback_only() && self.nbd.tls == NbdTls::Off && !self.nbd.allow_plaintext
+            {
+                return Err(format!(
+                    "[nbd] allow {block:?} admits clients beyond this machine, but tls = \"off\": \
+                     they could read and write every volume unauthenticated and unencrypted. \
+                     Use tls = \"psk\" (or \"auto\", the default), or set allow_plaintext = true \
+                     for a network you trust as much as this machine"
+                ));
+            }
         }
         if let Some(faults) = &self.faults {
             for (name, rate) in [
@@ -322,6 +347,28 @@ impl Config {
             fix(file);
         }
         self
+    }
+
+    /// The NBD door's TLS mode, with `auto` settled: PSK as soon as `[nbd] allow` admits an
+    /// address beyond this machine.
+    pub fn nbd_tls(&self) -> NbdTls {
+        match self.nbd.tls {
+            NbdTls::Auto => {
+                let remote = self
+                    .nbd
+                    .allow
+                    .iter()
+                    .any(|b| Cidr::parse(b).is_ok_and(|c| !c.is_loopback_only()));
+                if remote { NbdTls::Psk } else { NbdTls::Off }
+            }
+            tls => tls,
+        }
+    }
+
+    /// Whether NBD clients beyond this machine may attach: always over TLS, in plain text
+    /// only where `allow_plaintext` says so.
+    pub fn nbd_remote_allowed(&self) -> bool {
+        self.nbd_tls() != NbdTls::Off || self.nbd.allow_plaintext
     }
 
     pub fn nbd_socket(&self) -> PathBuf {
@@ -458,10 +505,31 @@ mod tests {
             ("[nbd]\ntls = \"x509\"", "tls_cert"),
             ("[nbd]\ntls_client_ca = \"ca.pem\"", "tls_client_ca needs"),
             ("[nbd]\ntls = \"rsa\"", "rsa"),
+            (
+                "[nbd]\ntls = \"off\"\nallow = [\"127.0.0.0/8\", \"10.0.0.0/8\"]",
+                "allow_plaintext",
+            ),
         ];
         for (text, expected) in cases {
             let message = Config::parse(text).expect_err(text);
             assert!(message.contains(expected), "{text:?} gave {message:?}");
         }
+    }
+
+    #[test]
+    fn tls_turns_on_by_itself_for_clients_beyond_this_machine() {
+        let parse = |text: &str| Config::parse(text).expect(text);
+        let default = parse("");
+        assert_eq!(default.nbd_tls(), NbdTls::Off);
+        assert!(!default.nbd_remote_allowed());
+        let remote = parse("[nbd]\nallow = [\"127.0.0.1/32\", \"192.168.7.0/24\"]");
+        assert_eq!(remote.nbd_tls(), NbdTls::Psk);
+        assert!(remote.nbd_remote_allowed());
+        let trusted =
+            parse("[nbd]\ntls = \"off\"\nallow_plaintext = true\nallow = [\"192.168.7.0/24\"]");
+        assert_eq!(trusted.nbd_tls(), NbdTls::Off);
+        assert!(trusted.nbd_remote_allowed());
+        let x509 = parse("[nbd]\ntls = \"x509\"\ntls_cert = \"c\"\ntls_key = \"k\"");
+        assert_eq!(x509.nbd_tls(), NbdTls::X509);
     }
 }

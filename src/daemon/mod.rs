@@ -226,7 +226,11 @@ impl Gateway {
             .iter()
             .map(|block| config::Cidr::parse(block).map_err(anyhow::Error::msg))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let exports = Arc::new(nbd::VolumeExports::new(volumes.clone(), allow));
+        let exports = Arc::new(nbd::VolumeExports::new(
+            volumes.clone(),
+            allow,
+            config.nbd_remote_allowed(),
+        ));
         let (token, new_token) = read_or_create_token(&data_dir)?;
         if new_token {
             println!(
@@ -334,7 +338,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("[http] listen: cannot bind {listen}"))?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let nbd_config = &gateway.config.nbd;
-    let tls = match (nbd_config.tls, &nbd_config.tls_cert, &nbd_config.tls_key) {
+    let tls = match (
+        gateway.config.nbd_tls(),
+        &nbd_config.tls_cert,
+        &nbd_config.tls_key,
+    ) {
         (config::NbdTls::X509, Some(cert), Some(key)) => Some(TlsAcceptor::X509(
             nbd::tls_acceptor(cert, key, nbd_config.tls_client_ca.as_deref())?,
         )),
@@ -441,8 +449,8 @@ fn print_banner(gateway: &Gateway, listen: std::net::SocketAddr) {
         "  NBD (unix)      nbd+unix:///<volume>?socket={}",
         gateway.config.nbd_socket().display()
     );
-    match gateway.config.nbd.tls {
-        config::NbdTls::Off => {}
+    match gateway.config.nbd_tls() {
+        config::NbdTls::Off | config::NbdTls::Auto => {}
         config::NbdTls::X509 => println!(
             "  NBD TLS         x509 required (nbds:// URIs); plain connections are refused"
         ),

@@ -12,11 +12,30 @@ use crate::size::Human;
 pub struct VolumeExports {
     catalog: Arc<Catalog>,
     allow: Vec<Cidr>,
+    /// Whether clients beyond this machine may attach at all: TLS is on, or plain text was
+    /// allowed explicitly (`[nbd] allow_plaintext`).
+    remote: bool,
 }
 
 impl VolumeExports {
-    pub fn new(catalog: Arc<Catalog>, allow: Vec<Cidr>) -> Self {
-        VolumeExports { catalog, allow }
+    pub fn new(catalog: Arc<Catalog>, allow: Vec<Cidr>, remote: bool) -> Self {
+        VolumeExports {
+            catalog,
+            allow,
+            remote,
+        }
+    }
+
+    /// Why `block`, for a volume's own allowlist, is refused on this server, if it is.
+    pub fn check_volume_allow(&self, block: &Cidr) -> Result<(), String> {
+        if self.remote || block.is_loopback_only() {
+            return Ok(());
+        }
+        Err(
+            "it admits clients beyond this machine, but NBD TLS is off; set [nbd] tls = \"psk\" \
+             (or allow_plaintext = true for a network you trust as much as this machine)"
+                .to_string(),
+        )
     }
 }
 
@@ -60,6 +79,14 @@ impl Exports for VolumeExports {
             }
         }
         if let Peer::Tcp(addr) = &client.peer {
+            // A volume made under another config may name remote blocks; plain text still
+            // stays on this machine unless the config allows it.
+            if !self.remote && !is_loopback(addr.ip()) {
+                return Err(OpenError::Denied(format!(
+                    "client {} is beyond this machine and NBD TLS is off",
+                    addr.ip()
+                )));
+            }
             // A volume's own list replaces the server-wide one; entries were checked when
             // the volume was made.
             let own: Vec<Cidr> = info
@@ -84,6 +111,15 @@ impl Exports for VolumeExports {
             message: e.to_string(),
         })?;
         Ok(volume)
+    }
+}
+
+fn is_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+        v4 => v4.is_loopback(),
     }
 }
 
@@ -262,6 +298,61 @@ fn parse_psk_keys(text: &str) -> Result<PskKeys, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Exports over a fresh catalog holding `volumes` (name, own allowlist).
+    fn exports(dir: &std::path::Path, volumes: &[(&str, &[&str])], remote: bool) -> VolumeExports {
+        use crate::engines::volume::Mode;
+        let meta = Arc::new(crate::local::meta::MetaStore::open(dir.join("meta.redb")).unwrap());
+        let sealer = Arc::new(crate::seal::Sealer::new(
+            &crate::seal::MasterKey::from_bytes([7; 32]),
+        ));
+        let catalog = Arc::new(Catalog::new(meta, dir.join("volumes"), sealer).unwrap());
+        for (name, allow) in volumes {
+            let allow = allow.iter().map(|b| b.to_string()).collect();
+            catalog
+                .create_with_access(name, 1 << 20, Mode::Local, false, allow, Vec::new())
+                .unwrap();
+        }
+        let everyone = vec![Cidr::parse("0.0.0.0/0").unwrap()];
+        VolumeExports::new(catalog, everyone, remote)
+    }
+
+    fn tcp(ip: &str) -> Client {
+        Client {
+            peer: Peer::Tcp(std::net::SocketAddr::new(ip.parse().unwrap(), 5000)),
+            identity: None,
+        }
+    }
+
+    #[test]
+    fn plain_text_stays_on_this_machine_unless_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        // A volume made under a config that allowed remote clients, then served without TLS.
+        let local_only = exports(dir.path(), &[("old", &["10.0.0.0/8"])], false);
+        let denied = local_only.open("old", &tcp("10.1.2.3")).err().unwrap();
+        assert!(denied.to_string().contains("TLS is off"), "{denied}");
+        assert!(
+            local_only.open("old", &tcp("127.0.0.1")).is_err(),
+            "not in its list"
+        );
+        let blocks = ["10.9.0.0/16", "0.0.0.0/0", "::/0", "127.0.0.0/7"];
+        for block in blocks {
+            let cidr = Cidr::parse(block).unwrap();
+            assert!(local_only.check_volume_allow(&cidr).is_err(), "{block}");
+        }
+        for block in ["127.0.0.2/32", "127.0.0.0/8", "::1/128"] {
+            let cidr = Cidr::parse(block).unwrap();
+            assert!(local_only.check_volume_allow(&cidr).is_ok(), "{block}");
+        }
+        drop(local_only);
+
+        let dir = tempfile::tempdir().unwrap();
+        let remote = exports(dir.path(), &[("old", &["10.0.0.0/8"])], true);
+        assert!(remote.open("old", &tcp("10.1.2.3")).is_ok());
+        assert!(remote.open("old", &tcp("::ffff:10.1.2.3")).is_ok());
+        let cidr = Cidr::parse("10.9.0.0/16").unwrap();
+        assert!(remote.check_volume_allow(&cidr).is_ok());
+    }
 
     #[test]
     fn psk_files_parse_and_bad_ones_are_named() {
