@@ -490,3 +490,54 @@ fn synced_log_records_survive_power_loss() {
             .expect("power cut");
     }
 }
+
+/// A failed fdatasync loses the pages it could not write and the kernel reports it once, so
+/// a retried FLUSH would succeed over lost writes. The volume keeps the error: after one
+/// failed FLUSH, every FLUSH and WRITE fails until the volume is opened again.
+#[test]
+fn a_failed_flush_fails_every_later_flush_and_write_until_reopened() {
+    let g = Gateway::start();
+    g.firn(&["volume", "create", "disk", "--size", "8M"]);
+    let file = fs::read_dir(g.backing_data().join("volumes"))
+        .expect("volumes dir")
+        .next()
+        .expect("the volume's file")
+        .expect("entry")
+        .file_name();
+    let mut client = Client::connect(&g.uri("disk"));
+    client.write(0, &[1; 4096]).expect("write");
+    client.flush().expect("flush");
+    client.write(4096, &[2; 4096]).expect("write");
+    g.mount.fail_next_fsync(file.to_str().expect("utf-8"));
+    let first = client.flush().expect_err("the injected fsync error");
+    assert!(first.contains("Input/output error"), "{first}");
+    let again = client.flush().expect_err("a retried flush must fail too");
+    assert!(again.contains("Input/output error"), "{again}");
+    client
+        .write(8192, &[3; 4096])
+        .expect_err("a write after a failed flush must fail");
+    assert_eq!(client.read(0, 4096), vec![1; 4096], "reads go on");
+    drop(client);
+
+    // Once its last client is gone the volume is opened anew and works again; the write the
+    // failed flush lost is gone, as the client was told.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut client = loop {
+        let mut client = Client::connect(&g.uri("disk"));
+        if client.flush().is_ok() {
+            break client;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the volume was not reopened after its clients left"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    client
+        .write(8192, &[4; 4096])
+        .expect("write after reopening");
+    client.flush().expect("flush after reopening");
+    assert_eq!(client.read(0, 4096), vec![1; 4096]);
+    assert_eq!(client.read(4096, 4096), vec![0; 4096]);
+    assert_eq!(client.read(8192, 4096), vec![4; 4096]);
+}
