@@ -102,6 +102,54 @@ fn the_file_system_forgets_exactly_what_was_not_synced() {
     assert_ne!(after, synced, "seed 7 keeps some pages");
 }
 
+/// The harness's directory operations: a creation, rename or removal is durable once its
+/// directory is fsynced (a creation or rename also with an fsync of the file itself); a power
+/// cut undoes the rest.
+#[test]
+fn the_file_system_forgets_directory_changes_no_fsync_covered() {
+    let (_dir, mut mount) = mounted();
+    let root = mount.path().to_path_buf();
+    let sync_dir = |path: &std::path::Path| {
+        fs::File::open(path)
+            .and_then(|d| d.sync_all())
+            .expect("fsync dir")
+    };
+    fs::create_dir(root.join("d")).expect("mkdir");
+    fs::write(root.join("d/synced-dir"), b"a").expect("create");
+    fs::File::create(root.join("d/removed"))
+        .and_then(|mut f| f.write_all(b"b").and_then(|()| f.sync_all()))
+        .expect("create, write and fsync");
+    sync_dir(&root.join("d"));
+    sync_dir(&root);
+    fs::File::create(root.join("d/synced-file"))
+        .and_then(|f| f.sync_all())
+        .expect("create and fsync");
+    fs::write(root.join("d/unsynced"), b"c").expect("create");
+    fs::rename(root.join("d/synced-dir"), root.join("d/renamed")).expect("rename");
+    fs::remove_file(root.join("d/removed")).expect("unlink");
+    let names = |root: &std::path::Path| {
+        let mut names: Vec<String> = fs::read_dir(root.join("d"))
+            .expect("readdir")
+            .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names(&root), ["renamed", "synced-file", "unsynced"]);
+    let report = mount.power_cut(PowerCut::LoseAll).expect("power cut");
+    assert_eq!(report.entries_undone, 3, "{report:?}");
+    assert_eq!(names(&root), ["removed", "synced-dir", "synced-file"]);
+    assert_eq!(fs::read(root.join("d/removed")).expect("read"), b"b");
+    // Its name was synced, its data was not.
+    assert_eq!(fs::read(root.join("d/synced-dir")).expect("read"), b"");
+    // The file system's own bookkeeping is not visible.
+    assert_eq!(
+        fs::read_dir(&root).expect("readdir").count(),
+        1,
+        "only d at the root"
+    );
+}
+
 /// A gateway whose data directory is on a power-loss mount. The NBD socket and the bucket
 /// directory live outside it (the mount has no Unix sockets; the bucket is not under test).
 struct Gateway {
@@ -151,7 +199,9 @@ impl Gateway {
     /// kill -9, then the power cut; the daemon is not restarted.
     fn crash(&mut self, cut: PowerCut) -> CutReport {
         self.daemon.take().expect("running").kill9();
-        self.mount.power_cut(cut).expect("power cut")
+        let report = self.mount.power_cut(cut).expect("power cut");
+        eprintln!("power cut ({cut:?}): {report:?}");
+        report
     }
 
     fn firn(&self, args: &[&str]) -> String {

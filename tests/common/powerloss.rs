@@ -12,16 +12,26 @@
 //! size changes, as a disk that had written some of its cache back would; then it mounts
 //! again over the backing directory.
 //!
-//! Simplification: directory operations (create, mkdir, rename, unlink, rmdir) and metadata
-//! (mode, owner, times) pass straight through to the backing directory, so they are durable at
-//! once; a missing fsync of a directory is not caught. Unix sockets, symlinks, hard links and
-//! extended attributes are not supported (put sockets outside the mount). SEEK_DATA/SEEK_HOLE
-//! get the kernel's fallback (the whole file is data). File locks are the kernel's, local to
-//! the mount. Memory grows with the unsynced pages: it is for tests.
+//! Directory operations (create, mkdir, rename, unlink, rmdir) are done on the backing
+//! directory at once, and remembered until they are durable: a removed entry waits in a
+//! hidden trash folder. One is durable once every directory whose entries it changed was
+//! fsynced; a creation or rename is also durable once the file itself (or anything below a
+//! created directory) is fsynced, as ext4 and XFS commit a new name with the file's fsync.
+//! A power cut undoes the rest, newest first (`LoseSome` keeps a random oldest part of them,
+//! as a journal commits in order). Metadata (mode, owner, times) passes straight through and
+//! is durable at once. Unix sockets, symlinks, hard links and extended attributes are not
+//! supported (put sockets outside the mount). SEEK_DATA/SEEK_HOLE get the kernel's fallback
+//! (the whole file is data). File locks are the kernel's, local to the mount. Memory grows
+//! with the unsynced pages: it is for tests.
 //!
 //! [`PowerLossMount::fail_next_fsync`] injects a write-back error: the next fsync of a file
 //! of that name returns EIO and its unsynced pages are dropped, as the kernel does when it
 //! cannot write a dirty page back (it marks the page clean and reports the error once).
+//!
+//! Use: `PowerLossMount::mount(backing, mountpoint)` (it serves from threads of the test
+//! process), put the daemon's `data_dir` under `path()`, work, kill -9 the daemon,
+//! `power_cut(..)`, start the daemon again and check. Needs /dev/fuse and fusermount3
+//! (Debian's fuse3; scripts/test installs it). tests/powerloss.rs shows it for local volumes.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -42,6 +52,8 @@ use nix::libc;
 use rand::{Rng, SeedableRng};
 
 const PAGE: u64 = 4096;
+/// Where removed files wait, in the backing directory, until their removal is durable.
+const TRASH: &str = ".powerloss-trash";
 /// Attributes and entries are never cached by the kernel: sizes change under it.
 const TTL: Duration = Duration::ZERO;
 
@@ -51,16 +63,21 @@ pub enum PowerCut {
     /// Nothing: every unsynced change is lost.
     LoseAll,
     /// Each unsynced page, and each file's size change, reached the disk or not, at random
-    /// (probability 1/2), from this seed.
+    /// (probability 1/2), and a random oldest part of the pending directory operations did,
+    /// from this seed.
     LoseSome(u64),
 }
 
 /// What a power cut dropped.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CutReport {
+    /// Files with unsynced changes.
     pub files: usize,
     pub pages_lost: usize,
     pub pages_kept: usize,
+    /// Directory operations undone, and those that could not be (see [`PowerCut`]).
+    pub entries_undone: usize,
+    pub entries_not_undone: usize,
 }
 
 /// The mounted file system. Dropping it unmounts (keeping unsynced changes, as a clean
@@ -164,6 +181,23 @@ impl PowerLossMount {
                     }
                 }
             }
+            // A journaling file system commits directory operations in order: a prefix of
+            // the pending ones survives.
+            let pending = std::mem::take(&mut state.pending);
+            let survive = match cut {
+                PowerCut::LoseAll => 0,
+                PowerCut::LoseSome(_) => rng.random_range(0..=pending.len()),
+            };
+            for op in &pending[..survive] {
+                state.empty_trash(op);
+            }
+            for op in pending[survive..].iter().rev() {
+                if undo(&state.root, &op.undo) {
+                    report.entries_undone += 1;
+                } else {
+                    report.entries_not_undone += 1;
+                }
+            }
         }
         self.start()?;
         Ok(report)
@@ -179,15 +213,18 @@ impl PowerLossMount {
 
 impl Drop for PowerLossMount {
     fn drop(&mut self) {
-        if let Ok(mut state) = self.state.lock() {
-            for node in state.nodes.values_mut() {
-                let dirty = std::mem::take(&mut node.dirty);
-                if let Some(file) = node.file.as_ref() {
-                    let _ = dirty.write_back(file);
-                }
+        let _ = self.unmount();
+        let mut state = lock(&self.state);
+        for node in state.nodes.values_mut() {
+            let dirty = std::mem::take(&mut node.dirty);
+            if let Some(file) = node.file.as_ref() {
+                let _ = dirty.write_back(file);
             }
         }
-        let _ = self.unmount();
+        for op in std::mem::take(&mut state.pending) {
+            state.empty_trash(&op);
+        }
+        let _ = fs::remove_dir_all(state.root.join(TRASH));
     }
 }
 
@@ -265,15 +302,42 @@ struct State {
     nodes: HashMap<u64, Node>,
     by_path: HashMap<PathBuf, u64>,
     next_ino: u64,
+    /// Directory operations not yet durable, oldest first.
+    pending: Vec<Pending>,
+    trashed: u64,
+}
+
+/// A directory operation (already done on the backing directory) that no fsync has made
+/// durable yet, and how a power cut undoes it.
+struct Pending {
+    /// The inode it created, moved or removed.
+    subject: u64,
+    /// The directories whose entries it changed; it is durable once each was fsynced.
+    dirs: Vec<u64>,
+    undo: Undo,
+    /// A removed file or directory, kept in the trash until the removal is durable.
+    trash: Option<PathBuf>,
+}
+
+enum Undo {
+    /// Remove what was created here.
+    Remove(PathBuf),
+    /// Move `from` back to `to`.
+    Move { from: PathBuf, to: PathBuf },
 }
 
 impl State {
     fn new(root: &Path) -> State {
+        // Left by a test that did not finish: the removals it holds never happened.
+        let _ = fs::remove_dir_all(root.join(TRASH));
+        let _ = fs::create_dir(root.join(TRASH));
         let mut state = State {
             root: root.to_path_buf(),
             nodes: HashMap::new(),
             by_path: HashMap::new(),
             next_ino: 2,
+            pending: Vec::new(),
+            trashed: 0,
         };
         state.nodes.insert(
             1,
@@ -536,13 +600,136 @@ impl State {
         }
     }
 
-    /// Forgets the name `relative`; the inode (and its open backing file) stays.
-    fn unlinked(&mut self, relative: &Path) {
-        if let Some(ino) = self.by_path.remove(relative) {
-            if let Some(node) = self.nodes.get_mut(&ino) {
-                node.path = PathBuf::from(format!(".unlinked-{ino}"));
+    /// The inode of the directory holding `relative`.
+    fn parent_ino(&mut self, relative: &Path) -> u64 {
+        let parent = relative.parent().unwrap_or(Path::new("")).to_path_buf();
+        self.ino_of(&parent)
+    }
+
+    /// Something was created at `relative`: a file or a directory.
+    fn created(&mut self, relative: &Path) -> u64 {
+        let ino = self.ino_of(relative);
+        let parent = self.parent_ino(relative);
+        self.pending.push(Pending {
+            subject: ino,
+            dirs: vec![parent],
+            undo: Undo::Remove(relative.to_path_buf()),
+            trash: None,
+        });
+        ino
+    }
+
+    /// Removes the name `relative` (a file or an empty directory) by moving it to the trash;
+    /// the inode (and its open backing file) stays.
+    fn remove(&mut self, relative: &Path) -> Result<(), Errno> {
+        self.trashed += 1;
+        let trash = Path::new(TRASH).join(self.trashed.to_string());
+        fs::rename(self.backing(relative), self.backing(&trash))?;
+        let parent = self.parent_ino(relative);
+        let subject = self.by_path.remove(relative).unwrap_or(0);
+        if let Some(node) = self.nodes.get_mut(&subject) {
+            node.path = trash.clone();
+        }
+        self.pending.push(Pending {
+            subject,
+            dirs: vec![parent],
+            undo: Undo::Move {
+                from: trash.clone(),
+                to: relative.to_path_buf(),
+            },
+            trash: Some(trash),
+        });
+        Ok(())
+    }
+
+    fn rename(&mut self, from: &Path, to: &Path) -> Result<(), Errno> {
+        if from == to {
+            return Ok(());
+        }
+        if fs::symlink_metadata(self.backing(to)).is_ok() {
+            self.remove(to)?;
+        }
+        if let Err(e) = fs::rename(self.backing(from), self.backing(to)) {
+            // Put the replaced entry back, as a failed rename leaves it.
+            if let Some(Pending {
+                undo: Undo::Move { .. },
+                ..
+            }) = self.pending.last()
+            {
+                let undone = self.pending.pop().expect("just checked");
+                undo(&self.root, &undone.undo);
+            }
+            return Err(e.into());
+        }
+        let mut dirs = vec![self.parent_ino(from), self.parent_ino(to)];
+        dirs.dedup();
+        self.renamed(from, to);
+        self.pending.push(Pending {
+            subject: self.by_path.get(to).copied().unwrap_or(0),
+            dirs,
+            undo: Undo::Move {
+                from: to.to_path_buf(),
+                to: from.to_path_buf(),
+            },
+            trash: None,
+        });
+        Ok(())
+    }
+
+    /// fsync of a directory: what it did to that directory's entries is durable.
+    fn synced_dir(&mut self, dir: u64) {
+        for op in &mut self.pending {
+            op.dirs.retain(|&d| d != dir);
+        }
+        self.settle(|op| op.dirs.is_empty());
+    }
+
+    /// fsync of a file: its own creation and renames are durable, and so are the creations of
+    /// the directories above it, as a journaling file system (ext4, XFS) commits them with it.
+    fn synced_file(&mut self, ino: u64) {
+        let Some(node) = self.nodes.get(&ino) else {
+            return;
+        };
+        let mut covered = vec![ino];
+        let mut path = node.path.clone();
+        while path.pop() {
+            if let Some(&dir) = self.by_path.get(&path) {
+                covered.push(dir);
             }
         }
+        self.settle(|op| covered.contains(&op.subject) && op.trash.is_none());
+    }
+
+    /// Makes the pending operations that `durable` picks final.
+    fn settle(&mut self, durable: impl Fn(&Pending) -> bool) {
+        let (done, pending) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|op| durable(op));
+        self.pending = pending;
+        for op in done {
+            self.empty_trash(&op);
+        }
+    }
+
+    fn empty_trash(&self, op: &Pending) {
+        if let Some(trash) = &op.trash {
+            let path = self.backing(trash);
+            let _ = fs::remove_file(&path).or_else(|_| fs::remove_dir_all(&path));
+        }
+    }
+}
+
+/// Undoes one directory operation on the backing directory; false if that did not work
+/// (a later, durable operation changed the same names).
+fn undo(root: &Path, undo: &Undo) -> bool {
+    match undo {
+        Undo::Remove(relative) => {
+            let path = root.join(relative);
+            fs::remove_file(&path)
+                .or_else(|_| fs::remove_dir_all(&path))
+                .is_ok()
+        }
+        Undo::Move { from, to } => fs::rename(root.join(from), root.join(to)).is_ok(),
     }
 }
 
@@ -578,6 +765,7 @@ impl Filesystem for PowerLossFs {
         let relative = {
             let state = self.state();
             match state.child(parent, name) {
+                Ok(path) if path == Path::new(TRASH) => return reply.error(Errno::ENOENT),
                 Ok(path) if fs::symlink_metadata(state.backing(&path)).is_ok() => path,
                 Ok(_) => return reply.error(Errno::ENOENT),
                 Err(e) => return reply.error(e),
@@ -642,11 +830,12 @@ impl Filesystem for PowerLossFs {
         reply: ReplyEntry,
     ) {
         let relative = {
-            let state = self.state();
+            let mut state = self.state();
             let result = state.child(parent, name).and_then(|relative| {
                 fs::DirBuilder::new()
                     .mode(mode & !umask & 0o7777)
                     .create(state.backing(&relative))?;
+                state.created(&relative);
                 Ok(relative)
             });
             match result {
@@ -660,9 +849,10 @@ impl Filesystem for PowerLossFs {
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let mut state = self.state();
         let result = state.child(parent, name).and_then(|relative| {
-            fs::remove_file(state.backing(&relative))?;
-            state.unlinked(&relative);
-            Ok(())
+            if fs::symlink_metadata(state.backing(&relative))?.is_dir() {
+                return Err(Errno::EISDIR);
+            }
+            state.remove(&relative)
         });
         empty(reply, result);
     }
@@ -670,9 +860,14 @@ impl Filesystem for PowerLossFs {
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let mut state = self.state();
         let result = state.child(parent, name).and_then(|relative| {
-            fs::remove_dir(state.backing(&relative))?;
-            state.unlinked(&relative);
-            Ok(())
+            let path = state.backing(&relative);
+            if !fs::symlink_metadata(&path)?.is_dir() {
+                return Err(Errno::ENOTDIR);
+            }
+            if fs::read_dir(&path)?.next().is_some() {
+                return Err(Errno::ENOTEMPTY);
+            }
+            state.remove(&relative)
         });
         empty(reply, result);
     }
@@ -694,10 +889,7 @@ impl Filesystem for PowerLossFs {
             }
             let from = state.child(parent, name)?;
             let to = state.child(newparent, newname)?;
-            fs::rename(state.backing(&from), state.backing(&to))?;
-            state.unlinked(&to);
-            state.renamed(&from, &to);
-            Ok(())
+            state.rename(&from, &to)
         })();
         empty(reply, result);
     }
@@ -786,6 +978,9 @@ impl Filesystem for PowerLossFs {
             return reply.error(Errno::EIO);
         }
         let result = state.fsync(ino);
+        if result.is_ok() {
+            state.synced_file(ino.0);
+        }
         empty(reply, result);
     }
 
@@ -817,6 +1012,9 @@ impl Filesystem for PowerLossFs {
             let mut names: Vec<(OsString, FileType)> = Vec::new();
             for entry in fs::read_dir(state.backing(&dir))? {
                 let entry = entry?;
+                if dir.as_os_str().is_empty() && entry.file_name() == TRASH {
+                    continue;
+                }
                 let kind = FileType::from_std(entry.file_type()?).ok_or(Errno::EIO)?;
                 names.push((entry.file_name(), kind));
             }
@@ -850,10 +1048,13 @@ impl Filesystem for PowerLossFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let state = self.state();
+        let mut state = self.state();
         let result = state
             .node(ino)
             .and_then(|node| Ok(File::open(state.backing(&node.path))?.sync_all()?));
+        if result.is_ok() {
+            state.synced_dir(ino.0);
+        }
         empty(reply, result);
     }
 
@@ -898,7 +1099,7 @@ impl Filesystem for PowerLossFs {
                 .create_new(flags & libc::O_EXCL != 0)
                 .mode(mode & !umask & 0o7777)
                 .open(state.backing(&relative))?;
-            let ino = INodeNo(state.ino_of(&relative));
+            let ino = INodeNo(state.created(&relative));
             let node = state.node_mut(ino)?;
             node.file = Some(file);
             node.dirty = Dirty::default();
