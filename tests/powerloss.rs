@@ -232,9 +232,10 @@ h.connect_uri(sys.argv[1])
 for line in sys.stdin:
     cmd = line.split()
     try:
-        if cmd[0] == "write":
+        if cmd[0] in ("write", "writefua"):
+            flags = nbd.CMD_FLAG_FUA if cmd[0] == "writefua" else 0
             with open(cmd[2], "rb") as f:
-                h.pwrite(f.read(), int(cmd[1]))
+                h.pwrite(f.read(), int(cmd[1]), flags)
         elif cmd[0] == "trim":
             h.trim(int(cmd[2]), int(cmd[1]))
         elif cmd[0] == "flush":
@@ -290,10 +291,19 @@ impl Client {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), String> {
+        self.write_with("write", offset, data)
+    }
+
+    /// A write with NBD_CMD_FLAG_FUA.
+    fn write_fua(&mut self, offset: u64, data: &[u8]) -> Result<(), String> {
+        self.write_with("writefua", offset, data)
+    }
+
+    fn write_with(&mut self, command: &str, offset: u64, data: &[u8]) -> Result<(), String> {
         self.writes += 1;
         let path = self.scratch.path().join(format!("w{}", self.writes));
         fs::write(&path, data).expect("write the request's data");
-        self.send(&format!("write {offset} {}", path.display()))
+        self.send(&format!("{command} {offset} {}", path.display()))
     }
 
     fn trim(&mut self, offset: u64, length: u64) -> Result<(), String> {
@@ -341,6 +351,14 @@ impl Model {
         self.latest[offset as usize..][..data.len()].copy_from_slice(data);
     }
 
+    /// A FUA write is on stable storage when acknowledged, whatever follows.
+    fn write_fua(&mut self, client: &mut Client, offset: u64, data: &[u8]) {
+        client.write_fua(offset, data).expect("FUA write");
+        let range = offset as usize..offset as usize + data.len();
+        self.latest[range.clone()].copy_from_slice(data);
+        self.flushed[range].copy_from_slice(data);
+    }
+
     fn trim(&mut self, client: &mut Client, offset: u64, length: u64) {
         client.trim(offset, length).expect("trim");
         self.latest[offset as usize..][..length as usize].fill(0);
@@ -376,8 +394,8 @@ impl Model {
 }
 
 /// DESIGN.md's promise, against a disk that loses its cache: after kill -9 and a power cut,
-/// every write acknowledged before the last completed FLUSH reads back unchanged, and every
-/// 4 KiB sector holds its old or its new content. Twice, so the volume also works after
+/// every write acknowledged before the last completed FLUSH (and every FUA write) reads back
+/// unchanged, and every 4 KiB sector holds its old or its new content. Twice, so the volume also works after
 /// recovering from a cut.
 #[test]
 fn flushed_volume_writes_survive_power_loss() {
@@ -407,6 +425,7 @@ fn flushed_volume_writes_survive_power_loss() {
             );
         }
         model.trim(&mut client, MIB, MIB / 2);
+        model.write_fua(&mut client, 24 * MIB, &random(64 << 10, &mut rng));
         model.write(&mut client, 20 * MIB + 3000, &random(5000, &mut rng));
         assert!(g.mount.dirty_pages() > 0, "the mount holds unsynced pages");
 
