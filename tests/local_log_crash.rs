@@ -7,8 +7,8 @@
 //! once.
 //!
 //! A SIGKILL loses the process, not the page cache, so this checks framing, recovery and
-//! continued writes after recovery; it cannot show that fsync reached the disk (that needs
-//! power-loss emulation). Set `FIRN_LOG_CRASH_SEED` to replay a run.
+//! continued writes after recovery; it cannot show that fsync reached the disk (tests/powerloss.rs
+//! does, on a file system that loses unsynced pages). Set `FIRN_LOG_CRASH_SEED` to replay a run.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::ExitStatusExt;

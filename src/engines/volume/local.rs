@@ -35,6 +35,11 @@
 //! 4096-byte aligned block write whole (the same assumption dm-crypt makes). A hole punch
 //! either happened or not. `flush` and `fua` are `fdatasync`, which covers block allocations
 //! and punched holes as well as data.
+//!
+//! A failed `fdatasync` is final for the open volume: the kernel may have dropped the pages it
+//! could not write and cleared the error, so a retried flush would succeed over lost writes.
+//! The first such error is kept, and every later flush and write (reads go on) fails with it
+//! until the volume is opened again, which happens when its last client disconnects.
 
 use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
@@ -42,7 +47,7 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use nix::errno::Errno;
 use nix::fcntl::{FallocateFlags, fallocate};
@@ -116,6 +121,10 @@ pub struct LocalVolume {
     read_only: bool,
     cipher: SectorCipher,
     stripes: Box<[Mutex<()>]>,
+    /// The first failed `fdatasync`, kept: after one, the kernel may have dropped the dirty
+    /// pages and cleared the error, so a later flush would succeed over lost writes. Every
+    /// later flush and write fails instead, until the volume is opened anew.
+    write_back_error: OnceLock<String>,
 }
 
 impl std::fmt::Debug for LocalVolume {
@@ -214,6 +223,7 @@ impl LocalVolume {
             read_only,
             cipher: SectorCipher::new(key),
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            write_back_error: OnceLock::new(),
         }
     }
 
@@ -241,7 +251,20 @@ impl LocalVolume {
         if self.read_only {
             Err(BlockError::ReadOnly)
         } else {
-            Ok(())
+            self.check_write_back()
+        }
+    }
+
+    /// Fails once a flush has failed (see `write_back_error`).
+    fn check_write_back(&self) -> BlockResult<()> {
+        match self.write_back_error.get() {
+            None => Ok(()),
+            Some(first) => Err(BlockError::Io(format!(
+                "local volume {}: an earlier flush failed ({first}), so writes acknowledged \
+                 before it may be lost; it refuses writes and flushes until it is reopened \
+                 (disconnect every client of the volume)",
+                self.path.display()
+            ))),
         }
     }
 
@@ -453,7 +476,11 @@ impl BlockDevice for LocalVolume {
     }
 
     fn flush(&self) -> BlockResult<()> {
-        self.file.sync_data().map_err(|e| self.io_error("flush", e))
+        self.check_write_back()?;
+        self.file.sync_data().map_err(|e| {
+            let _ = self.write_back_error.set(e.to_string());
+            self.io_error("flush", e)
+        })
     }
 
     /// The contract promises that a trimmed range reads as zeros, so this is

@@ -59,6 +59,8 @@ pub struct Extent {
 ///   with `fua` it returns only after the data is on stable storage.
 /// - `flush` returns only when every write acknowledged before it was called is on stable
 ///   storage. After a crash, all of that reads back unchanged.
+/// - A failed `flush` (or FUA write) is sticky: since the failure may have lost acknowledged
+///   writes, every later `flush` and write fails too, until the device is opened anew.
 /// - Every aligned 4 KiB sector is written atomically: after a crash it holds its old or its
 ///   new content, never a mix.
 /// - `trim` and `write_zeroes` are metadata operations (they punch holes), so their cost does
