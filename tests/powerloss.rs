@@ -153,13 +153,15 @@ fn the_file_system_forgets_directory_changes_no_fsync_covered() {
 /// A gateway whose data directory is on a power-loss mount. The NBD socket and the bucket
 /// directory live outside it (the mount has no Unix sockets; the bucket is not under test).
 struct Gateway {
+    // Dropped in this order: the daemon (its files keep the mount busy), the mount, the
+    // directory holding it.
+    daemon: Option<Daemon>,
+    mount: PowerLossMount,
     /// Holds the backing directory, the mountpoint, the config and the socket.
     dir: tempfile::TempDir,
-    mount: PowerLossMount,
     config: PathBuf,
     http_port: u16,
     nbd_port: u16,
-    daemon: Option<Daemon>,
 }
 
 impl Gateway {
