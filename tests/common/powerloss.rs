@@ -207,13 +207,28 @@ impl PowerLossMount {
         let Some(session) = self.session.take() else {
             return Ok(());
         };
-        session.umount_and_join()
+        session.umount_and_join().map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "unmount {}: {e} (is a process still using it?)",
+                    self.mountpoint.display()
+                ),
+            )
+        })
     }
 }
 
 impl Drop for PowerLossMount {
     fn drop(&mut self) {
-        let _ = self.unmount();
+        if self.unmount().is_err() {
+            // Still busy (a test failed with a process using it): detach it, so no dead
+            // mount is left behind once that process ends.
+            let _ = std::process::Command::new("fusermount3")
+                .args(["-u", "-z"])
+                .arg(&self.mountpoint)
+                .status();
+        }
         let mut state = lock(&self.state);
         for node in state.nodes.values_mut() {
             let dirty = std::mem::take(&mut node.dirty);
