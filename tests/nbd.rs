@@ -1044,3 +1044,91 @@ fn an_attached_volume_cannot_be_deleted() {
     }
     assert!(!g.firn(&["volume", "list"]).contains("busy"));
 }
+
+/// The resident memory of a process (VmRSS), in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib << 10
+}
+
+#[test]
+fn a_client_that_never_reads_its_replies_cannot_grow_memory() {
+    // The server's per-connection budget (two maximum reads and 1 MiB), and room for what
+    // else moves: the writer's buffer, threads, the other client.
+    const BUDGET: u64 = 65 << 20;
+    const SLACK: u64 = 40 << 20;
+    let g = Gateway::start();
+    g.firn(&["volume", "create", "big", "--size", "4G"]);
+    let pid = g.daemon.as_ref().expect("running").child.id();
+    let before = rss(pid);
+
+    let mut c = Raw::connect(g.nbd_port);
+    assert_eq!(c.go("big").expect("go"), 4 << 30);
+    let mut stream = c.s.try_clone().expect("clone");
+    // 32 MiB READs (simple replies: every byte of data goes back), as fast as the socket
+    // takes them, and not one reply read.
+    let sender = std::thread::spawn(move || {
+        let mut sent = 0u64;
+        loop {
+            let offset = (sent % 128) << 25;
+            let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
+            b.extend_from_slice(&0u16.to_be_bytes());
+            b.extend_from_slice(&0u16.to_be_bytes());
+            b.extend_from_slice(&sent.to_be_bytes());
+            b.extend_from_slice(&offset.to_be_bytes());
+            b.extend_from_slice(&(32u32 << 20).to_be_bytes());
+            if stream.write_all(&b).is_err() {
+                return sent;
+            }
+            sent += 1;
+        }
+    });
+
+    let started = std::time::Instant::now();
+    let mut peak = before;
+    let mut other_client_served = false;
+    while started.elapsed() < Duration::from_secs(10) {
+        peak = peak.max(rss(pid));
+        // Stop at once past the bound: without it memory grows by gigabytes a second.
+        if peak > before + BUDGET + SLACK {
+            break;
+        }
+        if !other_client_served && started.elapsed() > Duration::from_secs(4) {
+            // Another client is served meanwhile, on the same volume.
+            run(
+                "timeout",
+                &[
+                    "30",
+                    "qemu-io",
+                    "-f",
+                    "raw",
+                    &g.tcp("big"),
+                    "-c",
+                    "read -P 0 1G 1M",
+                ],
+            );
+            other_client_served = true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.s.shutdown(std::net::Shutdown::Both).expect("shutdown");
+    let sent = sender.join().expect("sender");
+    assert!(
+        peak <= before + BUDGET + SLACK,
+        "firn grew from {} MiB to {} MiB for a client that does not read ({sent} requests sent)",
+        before >> 20,
+        peak >> 20
+    );
+    assert!(other_client_served, "the other client was not served");
+    assert!(sent > 2, "the client could not send requests");
+    // The daemon lives on.
+    run(
+        "qemu-io",
+        &["-f", "raw", &g.tcp("big"), "-c", "read -P 0 0 4k"],
+    );
+}

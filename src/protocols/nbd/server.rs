@@ -3,8 +3,8 @@
 //! Each connection has a reader (parses requests, reads write payloads), a task per request
 //! (runs it on a blocking thread; replies may go out of order, matched by cookie) and a
 //! writer (sends replies in the order they finish). Memory per connection is bounded by a
-//! byte budget for requests in flight; anything malformed ends that connection and nothing
-//! else.
+//! byte budget that a request holds from its header until its reply is written to the
+//! socket; anything malformed ends that connection and nothing else.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use super::NbdMetrics;
 use super::proto::*;
@@ -26,8 +26,12 @@ pub const MAX_PAYLOAD: u32 = 32 << 20;
 const WORKERS_PER_CONNECTION: usize = 16;
 /// Reads at least this long are answered with holes as OFFSET_HOLE chunks.
 const SPARSE_READ_MIN: usize = 64 << 10;
-/// Bytes of requests in flight per connection (payloads and read buffers).
-const IN_FLIGHT_BUDGET_KIB: usize = 64 << 10;
+/// Bytes a connection's requests may hold, in KiB: payloads, and replies until they are
+/// written to the socket. Room for two maximum-size reads with their chunk headers. A client
+/// that never reads its socket stops being read from once this is spent.
+const IN_FLIGHT_BUDGET_KIB: usize = ((2 * MAX_PAYLOAD as usize) >> 10) + 1024;
+/// Extents in one block status reply (8 bytes each); clients ask again for the rest.
+const MAX_STATUS_DESCRIPTORS: usize = 8192;
 /// An option longer than this is not a mistake but an attack; the connection ends.
 const MAX_OPTION_LEN: u32 = 64 << 10;
 /// After shutdown begins, how long a quiet connection is kept for a client's last requests.
@@ -579,12 +583,17 @@ impl NbdServer {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (mut reader, writer) = tokio::io::split(stream);
-        let (replies, mut outbox) = mpsc::unbounded_channel::<Vec<u8>>();
+        // Unbounded, but every reply in it holds its share of the budget (`Outgoing`), so
+        // the bytes queued here are bounded by the budget too.
+        let (replies, mut outbox) = mpsc::unbounded_channel::<Outgoing>();
         let writer_task = tokio::spawn(async move {
             let mut writer = BufWriter::with_capacity(256 << 10, writer);
-            while let Some(reply) = outbox.recv().await {
+            while let Some(Outgoing { reply, permit }) = outbox.recv().await {
                 writer.write_all(&reply).await?;
                 BUFFERS.give(reply);
+                // Only now, with the bytes handed to the socket (or in the writer's own
+                // fixed buffer), may the reader take requests for them again.
+                drop(permit);
                 if outbox.is_empty() {
                     writer.flush().await?;
                 }
@@ -635,16 +644,10 @@ impl NbdServer {
                     ));
                 }
                 // Take the budget before reading a payload, so a fast sender waits here
-                // instead of filling memory.
-                let cost = match request.kind {
-                    CMD_READ | CMD_WRITE => (request.length.min(MAX_PAYLOAD) as usize)
-                        .div_ceil(1024)
-                        .max(1),
-                    _ => 1,
-                };
+                // instead of filling memory; it is given back when the reply is written.
                 let permit = budget
                     .clone()
-                    .acquire_many_owned(cost as u32)
+                    .acquire_many_owned(budget_cost_kib(&request))
                     .await
                     .map_err(|_| ConnectionError::Protocol("budget closed".into()))?;
                 let mut payload = Vec::new();
@@ -665,8 +668,7 @@ impl NbdServer {
                     // is not run here (Wait::No) and goes to a thread below.
                     let payload = std::mem::take(&mut payload);
                     if let Some(reply) = execute_guarded(&session, request, payload, Wait::No) {
-                        let _ = replies.send(reply);
-                        drop(permit);
+                        let _ = replies.send(Outgoing { reply, permit });
                         continue;
                     }
                 }
@@ -681,8 +683,8 @@ impl NbdServer {
                 tokio::task::spawn_blocking(move || {
                     let reply = execute_guarded(&session, request, payload, Wait::Yes)
                         .unwrap_or_else(|| simple_reply(EIO, request.cookie));
-                    let _ = replies.send(reply);
-                    drop((permit, worker));
+                    drop(worker);
+                    let _ = replies.send(Outgoing { reply, permit });
                 });
             }
         }
@@ -728,6 +730,30 @@ impl Session {
             shutting_down: AtomicBool::new(false),
         }
     }
+}
+
+/// A reply on its way to the socket, with the budget its request took.
+struct Outgoing {
+    reply: Vec<u8>,
+    permit: OwnedSemaphorePermit,
+}
+
+/// What a request may hold of the connection's budget, in KiB: the most its payload and its
+/// reply can take, whatever the outcome (an error chunk's message included).
+fn budget_cost_kib(r: &Request) -> u32 {
+    // A simple reply, or an error chunk with its message (error_chunk caps it at 4 KiB).
+    const ERROR_REPLY: usize = 32 + 4096;
+    let bytes = match r.kind {
+        CMD_WRITE => r.length.min(MAX_PAYLOAD) as usize + ERROR_REPLY,
+        CMD_READ => {
+            // Data, and the headers of at most one chunk per 4 KiB (holes) plus the ends.
+            let length = r.length.min(MAX_PAYLOAD) as usize;
+            length + (length / 4096 + 4) * 32 + ERROR_REPLY
+        }
+        CMD_BLOCK_STATUS => 32 + MAX_STATUS_DESCRIPTORS * 8 + ERROR_REPLY,
+        _ => ERROR_REPLY,
+    };
+    bytes.div_ceil(1024) as u32
 }
 
 /// Whether a request is cheap enough to run on the connection's own task.
@@ -1067,7 +1093,7 @@ fn block_status_reply(r: Request, extents: &[Extent]) -> Vec<u8> {
     let limit = if r.flags & CMD_FLAG_REQ_ONE != 0 {
         1
     } else {
-        extents.len().clamp(1, 1 << 16)
+        extents.len().clamp(1, MAX_STATUS_DESCRIPTORS)
     };
     let mut descriptors = Vec::with_capacity(limit * 8);
     for extent in extents.iter().take(limit) {
