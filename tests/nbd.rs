@@ -43,8 +43,13 @@ fn create_volume(config: &Path, name: &str, size: &str) {
 
 impl Gateway {
     fn start() -> Gateway {
+        Gateway::start_with("")
+    }
+
+    /// A gateway whose `[nbd]` section ends with `nbd_extra`.
+    fn start_with(nbd_extra: &str) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (config, http_port, nbd_port) = write_nbd_config(dir.path(), "data", "");
+        let (config, http_port, nbd_port) = write_nbd_config(dir.path(), "data", nbd_extra);
         let daemon = Daemon::start(&config, http_port, &[]);
         Gateway {
             daemon: Some(daemon),
@@ -1131,4 +1136,150 @@ fn a_client_that_never_reads_its_replies_cannot_grow_memory() {
         "qemu-io",
         &["-f", "raw", &g.tcp("big"), "-c", "read -P 0 0 4k"],
     );
+}
+
+/// Whether the server closed `s` without a word (not even its greeting), within 5 s.
+fn closed_at_once(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut b = [0u8; 1];
+    matches!(s.read(&mut b), Ok(0) | Err(_))
+}
+
+#[test]
+fn connections_beyond_the_caps_are_refused_and_silent_peers_dropped() {
+    let g = Gateway::start_with(
+        "max_connections = 4\nmax_connections_per_address = 3\nnegotiation_timeout_secs = 3\n",
+    );
+    g.firn(&["volume", "create", "disk", "--size", "1M"]);
+    // Three silent peers from 127.0.0.1: each gets the greeting, and says nothing.
+    let started = std::time::Instant::now();
+    let mut idle: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", g.nbd_port)).expect("connect");
+            let mut hello = [0u8; 18];
+            s.read_exact(&mut hello).expect("greeting");
+            s
+        })
+        .collect();
+    // A fourth from the same address is closed as it arrives; so is a client that would have
+    // been served.
+    let mut fourth = TcpStream::connect(("127.0.0.1", g.nbd_port)).expect("connect");
+    assert!(
+        closed_at_once(&mut fourth),
+        "a 4th connection from one address was served"
+    );
+    let out = Command::new("nbdinfo")
+        .arg(g.tcp("disk"))
+        .output()
+        .expect("nbdinfo");
+    assert!(
+        !out.status.success(),
+        "nbdinfo got past the per-address cap"
+    );
+    // The Unix socket fills the last place of the total; one more there is refused.
+    let socket = g.path("data/nbd.sock");
+    let mut unix = std::os::unix::net::UnixStream::connect(&socket).expect("unix");
+    let mut hello = [0u8; 18];
+    unix.read_exact(&mut hello)
+        .expect("greeting over the Unix socket");
+    let mut over = std::os::unix::net::UnixStream::connect(&socket).expect("unix");
+    over.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    assert!(
+        matches!(over.read(&mut hello), Ok(0) | Err(_)),
+        "a connection past max_connections was served"
+    );
+
+    // The silent peers are dropped once the negotiation deadline passes, and not before.
+    for s in &mut idle {
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut b = [0u8; 1];
+        assert!(
+            matches!(s.read(&mut b), Ok(0) | Err(_)),
+            "a silent peer was kept"
+        );
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(2500) && waited < Duration::from_secs(9),
+        "silent peers dropped after {waited:?}, not after the 3 s deadline"
+    );
+    drop(unix);
+    // Their places are free again: a real client connects.
+    let info = run("nbdinfo", &[&g.tcp("disk")]);
+    assert!(info.contains("export-size: 1048576"), "{info}");
+    let metrics = g.metrics();
+    assert!(metric(&metrics, "firn_nbd_refused_total{reason=\"too_many\"}") >= 3.0);
+    assert!(metric(&metrics, "firn_nbd_refused_total{reason=\"timeout\"}") >= 3.0);
+}
+
+#[test]
+fn peers_see_only_what_their_allowlists_admit() {
+    // Loopback is in no list at first: not even the greeting.
+    let g = Gateway::start_with("allow = [\"10.1.0.0/16\"]\n");
+    g.firn(&["volume", "create", "other", "--size", "1M"]);
+    g.firn(&[
+        "volume",
+        "create",
+        "fenced",
+        "--size",
+        "1M",
+        "--allow",
+        "10.9.9.0/24",
+    ]);
+    let mut s = TcpStream::connect(("127.0.0.1", g.nbd_port)).expect("connect");
+    assert!(closed_at_once(&mut s), "a peer in no allowlist was served");
+    assert!(
+        metric(
+            &g.metrics(),
+            "firn_nbd_refused_total{reason=\"not_allowed\"}"
+        ) >= 1.0,
+        "the refusal was not counted"
+    );
+
+    // A volume of its own admits the peer, which then sees that volume and nothing else.
+    g.firn(&[
+        "volume",
+        "create",
+        "mine",
+        "--size",
+        "1M",
+        "--allow",
+        "127.0.0.1/32",
+    ]);
+    let list = run("nbdinfo", &["--list", &g.tcp("")]);
+    assert!(list.contains("export=\"mine\""), "{list}");
+    for hidden in ["other", "fenced"] {
+        assert!(
+            !list.contains(hidden),
+            "{hidden} listed to a peer that may not open it:\n{list}"
+        );
+    }
+    // Meta contexts of an export the peer may not open answer like an unknown export.
+    let mut c = Raw::connect(g.nbd_port);
+    for (name, known) in [
+        ("mine", true),
+        ("other", false),
+        ("fenced", false),
+        ("nope", false),
+    ] {
+        let mut data = (name.len() as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(name.as_bytes());
+        data.extend_from_slice(&0u32.to_be_bytes());
+        c.option(9, &data); // NBD_OPT_LIST_META_CONTEXT
+        let (kind, _) = c.option_reply();
+        if known {
+            assert_eq!(kind, 4, "NBD_REP_META_CONTEXT for {name}");
+            assert_eq!(c.option_reply().0, 1, "NBD_REP_ACK");
+        } else {
+            assert_eq!(kind, 0x8000_0006, "NBD_REP_ERR_UNKNOWN for {name}");
+        }
+    }
+    // The Unix socket is guarded by its mode: it lists every volume.
+    let list = run("nbdinfo", &["--list", &g.unix("")]);
+    for name in ["mine", "other", "fenced"] {
+        assert!(list.contains(&format!("export=\"{name}\"")), "{list}");
+    }
 }

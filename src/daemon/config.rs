@@ -134,6 +134,12 @@ pub struct NbdConfig {
     /// Keys for `tls = "psk"`, `identity:hexkey` lines; written with a fresh key for the
     /// identity `firn` when missing. Default `nbd-psk/keys.psk` in the data directory.
     pub tls_psk_file: Option<PathBuf>,
+    /// Connections open at once, both sockets together; more are closed as they arrive.
+    pub max_connections: usize,
+    /// TCP connections open at once from one client address.
+    pub max_connections_per_address: usize,
+    /// Seconds from connect to the end of negotiation (TLS handshake included).
+    pub negotiation_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -155,6 +161,9 @@ impl Default for NbdConfig {
             tls_cert: None,
             tls_key: None,
             tls_psk_file: None,
+            max_connections: 128,
+            max_connections_per_address: 32,
+            negotiation_timeout_secs: 10,
         }
     }
 }
@@ -271,6 +280,21 @@ impl Config {
             && (self.nbd.tls_cert.is_none() || self.nbd.tls_key.is_none())
         {
             return Err("[nbd] tls = \"x509\" needs tls_cert and tls_key (PEM files)".to_string());
+        }
+        for (key, value) in [
+            ("max_connections", self.nbd.max_connections as u64),
+            (
+                "max_connections_per_address",
+                self.nbd.max_connections_per_address as u64,
+            ),
+            (
+                "negotiation_timeout_secs",
+                self.nbd.negotiation_timeout_secs,
+            ),
+        ] {
+            if value == 0 {
+                return Err(format!("[nbd] {key} must be at least 1"));
+            }
         }
         for block in &self.nbd.allow {
             Cidr::parse(block).map_err(|e| format!("[nbd] allow: {e}"))?;
@@ -448,6 +472,11 @@ mod tests {
             ("[ndb]\n", "ndb"),
             ("[nbd]\ntls = \"x509\"", "tls_cert"),
             ("[nbd]\ntls = \"rsa\"", "rsa"),
+            ("[nbd]\nmax_connections = 0", "max_connections"),
+            (
+                "[nbd]\nnegotiation_timeout_secs = 0",
+                "negotiation_timeout_secs",
+            ),
         ];
         for (text, expected) in cases {
             let message = Config::parse(text).expect_err(text);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::daemon::config::Cidr;
 use crate::engines::volume::BlockDevice;
-use crate::engines::volume::catalog::Catalog;
+use crate::engines::volume::catalog::{Catalog, VolumeInfo};
 use crate::protocols::nbd::{ExportInfo, Exports, OpenError, Peer};
 use crate::size::Human;
 
@@ -18,14 +18,40 @@ impl VolumeExports {
     pub fn new(catalog: Arc<Catalog>, allow: Vec<Cidr>) -> Self {
         VolumeExports { catalog, allow }
     }
+
+    /// Whether `peer` may open the volume `info`; if not, why.
+    fn may_open(&self, info: &VolumeInfo, peer: &Peer) -> Result<(), String> {
+        let Peer::Tcp(addr) = peer else {
+            // The Unix socket is guarded by its file mode, not by address lists.
+            return Ok(());
+        };
+        // A volume's own list replaces the server-wide one; entries were checked when the
+        // volume was made.
+        let own: Vec<Cidr> = info
+            .allow
+            .iter()
+            .filter_map(|b| Cidr::parse(b).ok())
+            .collect();
+        let (blocks, which) = if info.allow.is_empty() {
+            (&self.allow, "[nbd] allow")
+        } else {
+            (&own, "the volume's allow list")
+        };
+        if blocks.iter().any(|block| block.contains(addr.ip())) {
+            Ok(())
+        } else {
+            Err(format!("client {} is not in {which}", addr.ip()))
+        }
+    }
 }
 
 impl Exports for VolumeExports {
-    fn list(&self) -> Vec<ExportInfo> {
+    fn list(&self, peer: &Peer) -> Vec<ExportInfo> {
         self.catalog
             .list()
             .unwrap_or_default()
             .into_iter()
+            .filter(|v| self.may_open(v, peer).is_ok())
             .map(|v| ExportInfo {
                 description: format!(
                     "firn {:?} volume, {}{}",
@@ -43,31 +69,29 @@ impl Exports for VolumeExports {
         let Some(info) = self.catalog.get(name).ok().flatten() else {
             return Err(OpenError::Unknown(name.to_string()));
         };
-        if let Peer::Tcp(addr) = peer {
-            // A volume's own list replaces the server-wide one; entries were checked when
-            // the volume was made.
-            let own: Vec<Cidr> = info
-                .allow
-                .iter()
-                .filter_map(|b| Cidr::parse(b).ok())
-                .collect();
-            let (blocks, which) = if info.allow.is_empty() {
-                (&self.allow, "[nbd] allow")
-            } else {
-                (&own, "the volume's allow list")
-            };
-            if !blocks.iter().any(|block| block.contains(addr.ip())) {
-                return Err(OpenError::Denied(format!(
-                    "client {} is not in {which}",
-                    addr.ip()
-                )));
-            }
-        }
+        self.may_open(&info, peer).map_err(OpenError::Denied)?;
         let volume = self.catalog.open(name).map_err(|e| OpenError::Failed {
             name: name.to_string(),
             message: e.to_string(),
         })?;
         Ok(volume)
+    }
+
+    /// The server-wide list, or any volume's own list: a peer in neither can open nothing.
+    fn admits(&self, peer: &Peer) -> bool {
+        let Peer::Tcp(addr) = peer else {
+            return true;
+        };
+        let ip = addr.ip();
+        self.allow.iter().any(|block| block.contains(ip))
+            || self
+                .catalog
+                .list()
+                .unwrap_or_default()
+                .iter()
+                .flat_map(|v| v.allow.iter())
+                .filter_map(|b| Cidr::parse(b).ok())
+                .any(|block| block.contains(ip))
     }
 }
 

@@ -8,4 +8,4 @@ pub mod proto;
 pub mod server;
 
 pub use metrics::NbdMetrics;
-pub use server::{ExportInfo, Exports, NbdServer, OpenError, Peer, TlsAcceptor};
+pub use server::{ExportInfo, Exports, Limits, NbdServer, OpenError, Peer, TlsAcceptor};

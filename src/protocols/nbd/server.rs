@@ -6,7 +6,8 @@
 //! byte budget that a request holds from its header until its reply is written to the
 //! socket; anything malformed ends that connection and nothing else.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -16,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use super::NbdMetrics;
+use super::metrics::Refusal;
 use super::proto::*;
 use crate::engines::volume::{BlockDevice, BlockError, Extent};
 
@@ -126,8 +128,65 @@ pub enum OpenError {
 
 /// Where the server finds its exports; the daemon implements it over the volume catalog.
 pub trait Exports: Send + Sync {
-    fn list(&self) -> Vec<ExportInfo>;
+    /// The exports `peer` may open; no other export is shown to it.
+    fn list(&self, peer: &Peer) -> Vec<ExportInfo>;
     fn open(&self, name: &str, peer: &Peer) -> Result<Arc<dyn BlockDevice>, OpenError>;
+    /// Whether `peer` may open any export at all (or could, once one is made for it); a peer
+    /// that may not is refused as it connects, before it costs more than the accept.
+    fn admits(&self, peer: &Peer) -> bool;
+}
+
+/// What one client can hold of the server: connections and time.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections open at once, both sockets together.
+    pub max_connections: usize,
+    /// TCP connections open at once from one address.
+    pub max_connections_per_address: usize,
+    /// From accept to the end of option haggling, the TLS handshake included.
+    pub negotiation_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 128,
+            max_connections_per_address: 32,
+            negotiation_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Connections open now, in total and by TCP address.
+#[derive(Default)]
+struct Open {
+    total: usize,
+    by_address: HashMap<IpAddr, usize>,
+}
+
+/// One connection's place in [`Open`], given back when dropped.
+struct Slot {
+    server: Arc<NbdServer>,
+    address: Option<IpAddr>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self
+            .server
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        open.total -= 1;
+        if let Some(address) = self.address
+            && let Some(count) = open.by_address.get_mut(&address)
+        {
+            *count -= 1;
+            if *count == 0 {
+                open.by_address.remove(&address);
+            }
+        }
+    }
 }
 
 pub struct NbdServer {
@@ -136,6 +195,8 @@ pub struct NbdServer {
     /// When set, clients must upgrade with NBD_OPT_STARTTLS before anything else.
     tls: Option<TlsAcceptor>,
     metrics: Arc<NbdMetrics>,
+    limits: Limits,
+    open: Mutex<Open>,
     /// Every connection holds a clone; `drained` reports when the last one is gone.
     alive: Mutex<Option<mpsc::Sender<()>>>,
     drained: tokio::sync::Mutex<mpsc::Receiver<()>>,
@@ -195,6 +256,7 @@ impl NbdServer {
         shutdown: watch::Receiver<bool>,
         tls: Option<TlsAcceptor>,
         metrics: Arc<NbdMetrics>,
+        limits: Limits,
     ) -> Arc<NbdServer> {
         let (alive, drained) = mpsc::channel(1);
         Arc::new(NbdServer {
@@ -202,6 +264,8 @@ impl NbdServer {
             shutdown,
             tls,
             metrics,
+            limits,
+            open: Mutex::new(Open::default()),
             alive: Mutex::new(Some(alive)),
             drained: tokio::sync::Mutex::new(drained),
         })
@@ -224,8 +288,21 @@ impl NbdServer {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, addr)) => {
+                        // Refused peers cost one accept and one close: no task, no buffer,
+                        // no log line (a flood of them would fill the disk).
+                        let peer = Peer::Tcp(addr);
+                        if !self.exports.admits(&peer) {
+                            self.metrics.refused(Refusal::NotAllowed);
+                            tracing::debug!(%addr, "nbd: refused: in no allowlist");
+                            continue;
+                        }
+                        let Some(slot) = self.slot(Some(addr.ip())) else {
+                            self.metrics.refused(Refusal::TooMany);
+                            tracing::debug!(%addr, "nbd: refused: too many connections");
+                            continue;
+                        };
                         let _ = stream.set_nodelay(true);
-                        tokio::spawn(self.clone().connection(stream, Peer::Tcp(addr)));
+                        tokio::spawn(self.clone().connection(stream, peer, slot));
                     }
                     Err(e) => {
                         tracing::warn!("nbd: accept: {e}");
@@ -243,7 +320,11 @@ impl NbdServer {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        tokio::spawn(self.clone().connection(stream, Peer::Unix));
+                        let Some(slot) = self.slot(None) else {
+                            self.metrics.refused(Refusal::TooMany);
+                            continue;
+                        };
+                        tokio::spawn(self.clone().connection(stream, Peer::Unix, slot));
                     }
                     Err(e) => {
                         tracing::warn!("nbd: accept: {e}");
@@ -253,6 +334,26 @@ impl NbdServer {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+
+    /// A place for one more connection (from `address`, for TCP), if the limits leave one.
+    fn slot(self: &Arc<Self>, address: Option<IpAddr>) -> Option<Slot> {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if open.total >= self.limits.max_connections {
+            return None;
+        }
+        if let Some(address) = address {
+            let count = open.by_address.entry(address).or_default();
+            if *count >= self.limits.max_connections_per_address {
+                return None;
+            }
+            *count += 1;
+        }
+        open.total += 1;
+        Some(Slot {
+            server: self.clone(),
+            address,
+        })
     }
 
     /// Binds the Unix socket, replacing a stale one left by a crash.
@@ -267,7 +368,7 @@ impl NbdServer {
         Ok(listener)
     }
 
-    async fn connection<S>(self: Arc<Self>, stream: S, peer: Peer)
+    async fn connection<S>(self: Arc<Self>, stream: S, peer: Peer, _slot: Slot)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -286,14 +387,20 @@ impl NbdServer {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let no_zeroes = hello(&mut stream).await?;
+        // Negotiation, the TLS handshake included, ends by this instant or the connection
+        // does: a peer that connects and stays silent must not keep its place.
+        let deadline = tokio::time::Instant::now() + self.limits.negotiation_timeout;
+        let no_zeroes = self.in_time(deadline, hello(&mut stream)).await?;
         let Some(acceptor) = self.tls.clone() else {
             return self
-                .finish(stream, peer, no_zeroes, Tls::NotConfigured)
+                .finish(stream, peer, no_zeroes, Tls::NotConfigured, deadline)
                 .await;
         };
         match self
-            .options(&mut stream, peer, no_zeroes, Tls::Required)
+            .in_time(
+                deadline,
+                self.options(&mut stream, peer, no_zeroes, Tls::Required),
+            )
             .await?
         {
             Negotiated::StartTls => {}
@@ -302,8 +409,10 @@ impl NbdServer {
         }
         match acceptor {
             TlsAcceptor::X509(acceptor) => {
-                let stream = acceptor.accept(stream).await?;
-                self.finish(stream, peer, no_zeroes, Tls::Active).await
+                let accept = async { Ok(acceptor.accept(stream).await?) };
+                let stream = self.in_time(deadline, accept).await?;
+                self.finish(stream, peer, no_zeroes, Tls::Active, deadline)
+                    .await
             }
             TlsAcceptor::Psk(acceptor) => {
                 let handshake = |e: &dyn std::fmt::Display| {
@@ -312,11 +421,33 @@ impl NbdServer {
                 let ssl = openssl::ssl::Ssl::new(acceptor.context()).map_err(|e| handshake(&e))?;
                 let mut stream =
                     tokio_openssl::SslStream::new(ssl, stream).map_err(|e| handshake(&e))?;
-                std::pin::Pin::new(&mut stream)
-                    .accept()
+                let accept = async {
+                    std::pin::Pin::new(&mut stream)
+                        .accept()
+                        .await
+                        .map_err(|e| handshake(&e))
+                };
+                self.in_time(deadline, accept).await?;
+                self.finish(stream, peer, no_zeroes, Tls::Active, deadline)
                     .await
-                    .map_err(|e| handshake(&e))?;
-                self.finish(stream, peer, no_zeroes, Tls::Active).await
+            }
+        }
+    }
+
+    /// `step`, or a timeout error once `deadline` has passed.
+    async fn in_time<T>(
+        &self,
+        deadline: tokio::time::Instant,
+        step: impl std::future::Future<Output = ConnResult<T>>,
+    ) -> ConnResult<T> {
+        match tokio::time::timeout_at(deadline, step).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                self.metrics.refused(Refusal::Timeout);
+                violation(format!(
+                    "negotiation not finished within {:?}",
+                    self.limits.negotiation_timeout
+                ))
             }
         }
     }
@@ -328,11 +459,13 @@ impl NbdServer {
         peer: &Peer,
         no_zeroes: bool,
         tls: Tls,
+        deadline: tokio::time::Instant,
     ) -> ConnResult<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        match self.options(&mut stream, peer, no_zeroes, tls).await? {
+        let options = self.options(&mut stream, peer, no_zeroes, tls);
+        match self.in_time(deadline, options).await? {
             Negotiated::Session(session) => self.transmission(stream, Arc::new(session)).await,
             Negotiated::Abort => Ok(()),
             Negotiated::StartTls => violation("STARTTLS without TLS configured"),
@@ -415,7 +548,7 @@ impl NbdServer {
                         reply(io, option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data").await?;
                         continue;
                     }
-                    for export in self.exports.list() {
+                    for export in self.exports.list(peer) {
                         let mut b = Vec::new();
                         b.extend_from_slice(&(export.name.len() as u32).to_be_bytes());
                         b.extend_from_slice(export.name.as_bytes());
@@ -495,7 +628,7 @@ impl NbdServer {
                     if requests.contains(&INFO_DESCRIPTION) {
                         let description = self
                             .exports
-                            .list()
+                            .list(peer)
                             .into_iter()
                             .find(|e| e.name == name)
                             .map(|e| e.description)
@@ -550,7 +683,8 @@ impl NbdServer {
                         .await?;
                         continue;
                     };
-                    if !self.exports.list().iter().any(|e| e.name == name) {
+                    // An export this peer may not open answers as if it did not exist.
+                    if !self.exports.list(peer).iter().any(|e| e.name == name) {
                         let message = format!("no export named {name:?}");
                         reply(io, option, REP_ERR_UNKNOWN, message.as_bytes()).await?;
                         continue;
@@ -1270,7 +1404,7 @@ mod tests {
     struct OneExport(Arc<MemDevice>);
 
     impl Exports for OneExport {
-        fn list(&self) -> Vec<ExportInfo> {
+        fn list(&self, _peer: &Peer) -> Vec<ExportInfo> {
             vec![ExportInfo {
                 name: "disk".into(),
                 description: String::new(),
@@ -1282,6 +1416,9 @@ mod tests {
             } else {
                 Err(OpenError::Unknown(name.into()))
             }
+        }
+        fn admits(&self, _peer: &Peer) -> bool {
+            true
         }
     }
 
@@ -1307,9 +1444,11 @@ mod tests {
                 stopped,
                 None,
                 metrics.clone(),
+                Limits::default(),
             );
             let (mut client, server_side) = tokio::io::duplex(1 << 20);
-            let task = tokio::spawn(server.connection(server_side, Peer::Unix));
+            let slot = server.slot(None).expect("a free slot");
+            let task = tokio::spawn(server.connection(server_side, Peer::Unix, slot));
             let finished = tokio::time::timeout(Duration::from_secs(10), async move {
                 client.write_all(&input).await.ok();
                 client.shutdown().await.ok();
