@@ -52,8 +52,13 @@ fn create_volume(config: &Path, name: &str, size: &str) {
 
 impl Gateway {
     fn start() -> Gateway {
+        Gateway::start_with("")
+    }
+
+    /// A gateway whose `[nbd]` section ends with `nbd_extra`.
+    fn start_with(nbd_extra: &str) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (config, http_port, nbd_port) = write_nbd_config(dir.path(), "data", "");
+        let (config, http_port, nbd_port) = write_nbd_config(dir.path(), "data", nbd_extra);
         let daemon = Daemon::start(&config, http_port, &[]);
         Gateway {
             daemon: Some(daemon),
@@ -1265,4 +1270,238 @@ fn an_attached_volume_cannot_be_deleted() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(!g.firn(&["volume", "list"]).contains("busy"));
+}
+
+/// The resident memory of a process (VmRSS), in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib << 10
+}
+
+#[test]
+fn a_client_that_never_reads_its_replies_cannot_grow_memory() {
+    // The server's per-connection budget (two maximum reads and 1 MiB), and room for what
+    // else moves: the writer's buffer, threads, the other client.
+    const BUDGET: u64 = 65 << 20;
+    const SLACK: u64 = 40 << 20;
+    let g = Gateway::start();
+    g.firn(&["volume", "create", "big", "--size", "4G"]);
+    let pid = g.daemon.as_ref().expect("running").child.id();
+    let before = rss(pid);
+
+    let mut c = Raw::connect(g.nbd_port);
+    assert_eq!(c.go("big").expect("go"), 4 << 30);
+    let mut stream = c.s.try_clone().expect("clone");
+    // 32 MiB READs (simple replies: every byte of data goes back), as fast as the socket
+    // takes them, and not one reply read.
+    let sender = std::thread::spawn(move || {
+        let mut sent = 0u64;
+        loop {
+            let offset = (sent % 128) << 25;
+            let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
+            b.extend_from_slice(&0u16.to_be_bytes());
+            b.extend_from_slice(&0u16.to_be_bytes());
+            b.extend_from_slice(&sent.to_be_bytes());
+            b.extend_from_slice(&offset.to_be_bytes());
+            b.extend_from_slice(&(32u32 << 20).to_be_bytes());
+            if stream.write_all(&b).is_err() {
+                return sent;
+            }
+            sent += 1;
+        }
+    });
+
+    let started = std::time::Instant::now();
+    let mut peak = before;
+    let mut other_client_served = false;
+    while started.elapsed() < Duration::from_secs(10) {
+        peak = peak.max(rss(pid));
+        // Stop at once past the bound: without it memory grows by gigabytes a second.
+        if peak > before + BUDGET + SLACK {
+            break;
+        }
+        if !other_client_served && started.elapsed() > Duration::from_secs(4) {
+            // Another client is served meanwhile, on the same volume.
+            run(
+                "timeout",
+                &[
+                    "30",
+                    "qemu-io",
+                    "-f",
+                    "raw",
+                    &g.tcp("big"),
+                    "-c",
+                    "read -P 0 1G 1M",
+                ],
+            );
+            other_client_served = true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.s.shutdown(std::net::Shutdown::Both).expect("shutdown");
+    let sent = sender.join().expect("sender");
+    assert!(
+        peak <= before + BUDGET + SLACK,
+        "firn grew from {} MiB to {} MiB for a client that does not read ({sent} requests sent)",
+        before >> 20,
+        peak >> 20
+    );
+    assert!(other_client_served, "the other client was not served");
+    assert!(sent > 2, "the client could not send requests");
+    // The daemon lives on.
+    run(
+        "qemu-io",
+        &["-f", "raw", &g.tcp("big"), "-c", "read -P 0 0 4k"],
+    );
+}
+
+/// Whether the server closed `s` without a word (not even its greeting), within 5 s.
+fn closed_at_once(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut b = [0u8; 1];
+    matches!(s.read(&mut b), Ok(0) | Err(_))
+}
+
+#[test]
+fn connections_beyond_the_caps_are_refused_and_silent_peers_dropped() {
+    let g = Gateway::start_with(
+        "max_connections = 4\nmax_connections_per_address = 3\nnegotiation_timeout_secs = 3\n",
+    );
+    g.firn(&["volume", "create", "disk", "--size", "1M"]);
+    // Three silent peers from 127.0.0.1: each gets the greeting, and says nothing.
+    let started = std::time::Instant::now();
+    let mut idle: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", g.nbd_port)).expect("connect");
+            let mut hello = [0u8; 18];
+            s.read_exact(&mut hello).expect("greeting");
+            s
+        })
+        .collect();
+    // A fourth from the same address is closed as it arrives; so is a client that would have
+    // been served.
+    let mut fourth = TcpStream::connect(("127.0.0.1", g.nbd_port)).expect("connect");
+    assert!(
+        closed_at_once(&mut fourth),
+        "a 4th connection from one address was served"
+    );
+    let out = Command::new("nbdinfo")
+        .arg(g.tcp("disk"))
+        .output()
+        .expect("nbdinfo");
+    assert!(
+        !out.status.success(),
+        "nbdinfo got past the per-address cap"
+    );
+    // The Unix socket fills the last place of the total; one more there is refused.
+    let socket = g.path("data/nbd.sock");
+    let mut unix = std::os::unix::net::UnixStream::connect(&socket).expect("unix");
+    let mut hello = [0u8; 18];
+    unix.read_exact(&mut hello)
+        .expect("greeting over the Unix socket");
+    let mut over = std::os::unix::net::UnixStream::connect(&socket).expect("unix");
+    over.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    assert!(
+        matches!(over.read(&mut hello), Ok(0) | Err(_)),
+        "a connection past max_connections was served"
+    );
+
+    // The silent peers are dropped once the negotiation deadline passes, and not before.
+    for s in &mut idle {
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut b = [0u8; 1];
+        assert!(
+            matches!(s.read(&mut b), Ok(0) | Err(_)),
+            "a silent peer was kept"
+        );
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(2500) && waited < Duration::from_secs(9),
+        "silent peers dropped after {waited:?}, not after the 3 s deadline"
+    );
+    drop(unix);
+    // Their places are free again: a real client connects.
+    let info = run("nbdinfo", &[&g.tcp("disk")]);
+    assert!(info.contains("export-size: 1048576"), "{info}");
+    let metrics = g.metrics();
+    assert!(metric(&metrics, "firn_nbd_refused_total{reason=\"too_many\"}") >= 3.0);
+    assert!(metric(&metrics, "firn_nbd_refused_total{reason=\"timeout\"}") >= 3.0);
+}
+
+#[test]
+fn peers_see_only_what_their_allowlists_admit() {
+    // Loopback is in no list at first: not even the greeting.
+    let g = Gateway::start_with("allow = [\"127.0.0.2/32\"]\n");
+    g.firn(&["volume", "create", "other", "--size", "1M"]);
+    g.firn(&[
+        "volume",
+        "create",
+        "fenced",
+        "--size",
+        "1M",
+        "--allow",
+        "127.0.0.3/32",
+    ]);
+    let mut s = TcpStream::connect(("127.0.0.1", g.nbd_port)).expect("connect");
+    assert!(closed_at_once(&mut s), "a peer in no allowlist was served");
+    assert!(
+        metric(
+            &g.metrics(),
+            "firn_nbd_refused_total{reason=\"not_allowed\"}"
+        ) >= 1.0,
+        "the refusal was not counted"
+    );
+
+    // A volume of its own admits the peer, which then sees that volume and nothing else.
+    g.firn(&[
+        "volume",
+        "create",
+        "mine",
+        "--size",
+        "1M",
+        "--allow",
+        "127.0.0.1/32",
+    ]);
+    let list = run("nbdinfo", &["--list", &g.tcp("")]);
+    assert!(list.contains("export=\"mine\""), "{list}");
+    for hidden in ["other", "fenced"] {
+        assert!(
+            !list.contains(hidden),
+            "{hidden} listed to a peer that may not open it:\n{list}"
+        );
+    }
+    // Meta contexts of an export the peer may not open answer like an unknown export.
+    let mut c = Raw::connect(g.nbd_port);
+    for (name, known) in [
+        ("mine", true),
+        ("other", false),
+        ("fenced", false),
+        ("nope", false),
+    ] {
+        let mut data = (name.len() as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(name.as_bytes());
+        data.extend_from_slice(&0u32.to_be_bytes());
+        c.option(9, &data); // NBD_OPT_LIST_META_CONTEXT
+        let (kind, _) = c.option_reply();
+        if known {
+            assert_eq!(kind, 4, "NBD_REP_META_CONTEXT for {name}");
+            assert_eq!(c.option_reply().0, 1, "NBD_REP_ACK");
+        } else {
+            assert_eq!(kind, 0x8000_0006, "NBD_REP_ERR_UNKNOWN for {name}");
+        }
+    }
+    // The Unix socket is guarded by its mode: it lists every volume.
+    let list = run("nbdinfo", &["--list", &g.unix("")]);
+    for name in ["mine", "other", "fenced"] {
+        assert!(list.contains(&format!("export=\"{name}\"")), "{list}");
+    }
 }

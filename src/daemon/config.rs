@@ -144,6 +144,12 @@ pub struct NbdConfig {
     /// Keys for `tls = "psk"`, `identity:hexkey` lines; written with a fresh key for the
     /// identity `firn` when missing. Default `nbd-psk/keys.psk` in the data directory.
     pub tls_psk_file: Option<PathBuf>,
+    /// Connections open at once, both sockets together; more are closed as they arrive.
+    pub max_connections: usize,
+    /// TCP connections open at once from one client address.
+    pub max_connections_per_address: usize,
+    /// Seconds from connect to the end of negotiation (TLS handshake included).
+    pub negotiation_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -168,6 +174,9 @@ impl Default for NbdConfig {
             tls_key: None,
             tls_client_ca: None,
             tls_psk_file: None,
+            max_connections: 128,
+            max_connections_per_address: 32,
+            negotiation_timeout_secs: 10,
         }
     }
 }
@@ -295,6 +304,21 @@ impl Config {
         }
         if self.nbd.tls_client_ca.is_some() && self.nbd.tls != NbdTls::X509 {
             return Err("[nbd] tls_client_ca needs tls = \"x509\"".to_string());
+        }
+        for (key, value) in [
+            ("max_connections", self.nbd.max_connections as u64),
+            (
+                "max_connections_per_address",
+                self.nbd.max_connections_per_address as u64,
+            ),
+            (
+                "negotiation_timeout_secs",
+                self.nbd.negotiation_timeout_secs,
+            ),
+        ] {
+            if value == 0 {
+                return Err(format!("[nbd] {key} must be at least 1"));
+            }
         }
         for block in &self.nbd.allow {
             let cidr = Cidr::parse(block).map_err(|e| format!("[nbd] allow: {e}"))?;
@@ -508,6 +532,11 @@ mod tests {
             (
                 "[nbd]\ntls = \"off\"\nallow = [\"127.0.0.0/8\", \"10.0.0.0/8\"]",
                 "allow_plaintext",
+            ),
+            ("[nbd]\nmax_connections = 0", "max_connections"),
+            (
+                "[nbd]\nnegotiation_timeout_secs = 0",
+                "negotiation_timeout_secs",
             ),
         ];
         for (text, expected) in cases {

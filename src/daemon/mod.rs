@@ -17,7 +17,7 @@ use prometheus_client::registry::Registry;
 use crate::engines::volume::catalog::Catalog;
 use crate::local::log::Log;
 use crate::local::meta::MetaStore;
-use crate::protocols::nbd::{NbdMetrics, NbdServer, TlsAcceptor};
+use crate::protocols::nbd::{Limits as NbdLimits, NbdMetrics, NbdServer, TlsAcceptor};
 use crate::remote::dir::DirStore;
 use crate::remote::faults::FaultPlan;
 use crate::remote::limit::Limiter;
@@ -356,6 +356,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         stopped.clone(),
         tls,
         gateway.nbd_metrics.clone(),
+        NbdLimits {
+            max_connections: nbd_config.max_connections,
+            max_connections_per_address: nbd_config.max_connections_per_address,
+            negotiation_timeout: std::time::Duration::from_secs(
+                nbd_config.negotiation_timeout_secs,
+            ),
+        },
     );
     let socket_path = gateway.config.nbd_socket();
     let unix = NbdServer::bind_unix(&socket_path)

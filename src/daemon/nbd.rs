@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::daemon::config::Cidr;
 use crate::engines::volume::BlockDevice;
-use crate::engines::volume::catalog::Catalog;
+use crate::engines::volume::catalog::{Catalog, VolumeInfo};
 use crate::protocols::nbd::{Client, ExportInfo, Exports, OpenError, Peer};
 use crate::size::Human;
 
@@ -37,14 +37,64 @@ impl VolumeExports {
                 .to_string(),
         )
     }
+
+    /// Whether `client` may open the volume `info`; if not, why.
+    fn may_open(&self, info: &VolumeInfo, client: &Client) -> Result<(), String> {
+        if !info.clients.is_empty() {
+            // TLS names the client; without TLS no identity is known and nobody qualifies.
+            match &client.identity {
+                Some(id) if info.clients.iter().any(|c| c == id) => {}
+                Some(id) => {
+                    return Err(format!(
+                        "client identity {id:?} is not among the volume's clients"
+                    ));
+                }
+                None => {
+                    return Err(
+                        "the volume admits only named TLS clients; connect with TLS".to_string()
+                    );
+                }
+            }
+        }
+        let Peer::Tcp(addr) = &client.peer else {
+            // The Unix socket is guarded by its file mode, not by address lists.
+            return Ok(());
+        };
+        // A volume made under another config may name remote blocks; plain text still stays
+        // on this machine unless the config allows it.
+        if !self.remote && !is_loopback(addr.ip()) {
+            return Err(format!(
+                "client {} is beyond this machine and NBD TLS is off",
+                addr.ip()
+            ));
+        }
+        // A volume's own list replaces the server-wide one; entries were checked when the
+        // volume was made.
+        let own: Vec<Cidr> = info
+            .allow
+            .iter()
+            .filter_map(|b| Cidr::parse(b).ok())
+            .collect();
+        let (blocks, which) = if info.allow.is_empty() {
+            (&self.allow, "[nbd] allow")
+        } else {
+            (&own, "the volume's allow list")
+        };
+        if blocks.iter().any(|block| block.contains(addr.ip())) {
+            Ok(())
+        } else {
+            Err(format!("client {} is not in {which}", addr.ip()))
+        }
+    }
 }
 
 impl Exports for VolumeExports {
-    fn list(&self) -> Vec<ExportInfo> {
+    fn list(&self, client: &Client) -> Vec<ExportInfo> {
         self.catalog
             .list()
             .unwrap_or_default()
             .into_iter()
+            .filter(|v| self.may_open(v, client).is_ok())
             .map(|v| ExportInfo {
                 description: format!(
                     "firn {:?} volume, {}{}",
@@ -62,55 +112,32 @@ impl Exports for VolumeExports {
         let Some(info) = self.catalog.get(name).ok().flatten() else {
             return Err(OpenError::Unknown(name.to_string()));
         };
-        if !info.clients.is_empty() {
-            // TLS names the client; without TLS no identity is known and nobody qualifies.
-            match &client.identity {
-                Some(id) if info.clients.iter().any(|c| c == id) => {}
-                Some(id) => {
-                    return Err(OpenError::Denied(format!(
-                        "client identity {id:?} is not among the volume's clients"
-                    )));
-                }
-                None => {
-                    return Err(OpenError::Denied(
-                        "the volume admits only named TLS clients; connect with TLS".to_string(),
-                    ));
-                }
-            }
-        }
-        if let Peer::Tcp(addr) = &client.peer {
-            // A volume made under another config may name remote blocks; plain text still
-            // stays on this machine unless the config allows it.
-            if !self.remote && !is_loopback(addr.ip()) {
-                return Err(OpenError::Denied(format!(
-                    "client {} is beyond this machine and NBD TLS is off",
-                    addr.ip()
-                )));
-            }
-            // A volume's own list replaces the server-wide one; entries were checked when
-            // the volume was made.
-            let own: Vec<Cidr> = info
-                .allow
-                .iter()
-                .filter_map(|b| Cidr::parse(b).ok())
-                .collect();
-            let (blocks, which) = if info.allow.is_empty() {
-                (&self.allow, "[nbd] allow")
-            } else {
-                (&own, "the volume's allow list")
-            };
-            if !blocks.iter().any(|block| block.contains(addr.ip())) {
-                return Err(OpenError::Denied(format!(
-                    "client {} is not in {which}",
-                    addr.ip()
-                )));
-            }
-        }
+        self.may_open(&info, client).map_err(OpenError::Denied)?;
         let volume = self.catalog.open(name).map_err(|e| OpenError::Failed {
             name: name.to_string(),
             message: e.to_string(),
         })?;
         Ok(volume)
+    }
+
+    /// The server-wide list, or any volume's own list: a peer in neither can open nothing.
+    fn admits(&self, peer: &Peer) -> bool {
+        let Peer::Tcp(addr) = peer else {
+            return true;
+        };
+        let ip = addr.ip();
+        if !self.remote && !is_loopback(ip) {
+            return false;
+        }
+        self.allow.iter().any(|block| block.contains(ip))
+            || self
+                .catalog
+                .list()
+                .unwrap_or_default()
+                .iter()
+                .flat_map(|v| v.allow.iter())
+                .filter_map(|b| Cidr::parse(b).ok())
+                .any(|block| block.contains(ip))
     }
 }
 

@@ -15,6 +15,22 @@ struct CommandLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// Why a connection was refused or dropped before transmission.
+#[derive(Debug, Clone, Copy)]
+pub enum Refusal {
+    /// No allowlist admits the peer's address.
+    NotAllowed,
+    /// `[nbd] max_connections` or `max_connections_per_address` reached.
+    TooMany,
+    /// Negotiation (TLS handshake included) took longer than `[nbd] negotiation_timeout_secs`.
+    Timeout,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
     direction: &'static str,
 }
@@ -40,6 +56,8 @@ pub struct NbdMetrics {
     read_bytes: Counter,
     written_bytes: Counter,
     panics: Counter,
+    /// Indexed by `Refusal as usize`.
+    refused: Vec<Counter>,
 }
 
 impl NbdMetrics {
@@ -47,6 +65,7 @@ impl NbdMetrics {
         let requests = Family::<CommandLabels, Counter>::default();
         let errors = Family::<CommandLabels, Counter>::default();
         let bytes = Family::<DirectionLabels, Counter>::default();
+        let refused = Family::<ReasonLabels, Counter>::default();
         // One statement each: `get_or_create` holds the family's lock until the statement
         // ends, and a second one in the same statement would wait for it forever.
         let read_bytes = bytes
@@ -70,6 +89,10 @@ impl NbdMetrics {
             read_bytes,
             written_bytes,
             panics: Counter::default(),
+            refused: ["not_allowed", "too_many", "timeout"]
+                .into_iter()
+                .map(|reason| refused.get_or_create(&ReasonLabels { reason }).clone())
+                .collect(),
         };
         registry.register(
             "firn_nbd_connections",
@@ -97,6 +120,12 @@ impl NbdMetrics {
             metrics.panics.clone(),
         );
         registry.register(
+            "firn_nbd_refused",
+            "NBD connections refused at accept (not_allowed, too_many) or dropped for not \
+             finishing negotiation in time (timeout)",
+            refused,
+        );
+        registry.register(
             "firn_nbd_bytes",
             "Bytes read and written by NBD clients",
             bytes,
@@ -116,6 +145,10 @@ impl NbdMetrics {
         self.connections.inc();
         self.connections_total.inc();
         ConnectionGuard(self)
+    }
+
+    pub(super) fn refused(&self, why: Refusal) {
+        self.refused[why as usize].inc();
     }
 
     pub(super) fn request(&self, command: u16) {

@@ -9,5 +9,5 @@ pub mod server;
 
 pub use metrics::NbdMetrics;
 pub use server::{
-    Client, ExportInfo, Exports, NbdServer, OpenError, Peer, TlsAcceptor, psk_identity_slot,
+    Client, ExportInfo, Exports, Limits, NbdServer, OpenError, Peer, TlsAcceptor, psk_identity_slot,
 };

@@ -3,19 +3,21 @@
 //! Each connection has a reader (parses requests, reads write payloads), a task per request
 //! (runs it on a blocking thread; replies may go out of order, matched by cookie) and a
 //! writer (sends replies in the order they finish). Memory per connection is bounded by a
-//! byte budget for requests in flight; anything malformed ends that connection and nothing
-//! else.
+//! byte budget that a request holds from its header until its reply is written to the
+//! socket; anything malformed ends that connection and nothing else.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use super::NbdMetrics;
+use super::metrics::Refusal;
 use super::proto::*;
 use crate::engines::volume::{BlockDevice, BlockError, Extent};
 
@@ -26,8 +28,12 @@ pub const MAX_PAYLOAD: u32 = 32 << 20;
 const WORKERS_PER_CONNECTION: usize = 16;
 /// Reads at least this long are answered with holes as OFFSET_HOLE chunks.
 const SPARSE_READ_MIN: usize = 64 << 10;
-/// Bytes of requests in flight per connection (payloads and read buffers).
-const IN_FLIGHT_BUDGET_KIB: usize = 64 << 10;
+/// Bytes a connection's requests may hold, in KiB: payloads, and replies until they are
+/// written to the socket. Room for two maximum-size reads with their chunk headers. A client
+/// that never reads its socket stops being read from once this is spent.
+const IN_FLIGHT_BUDGET_KIB: usize = ((2 * MAX_PAYLOAD as usize) >> 10) + 1024;
+/// Extents in one block status reply (8 bytes each); clients ask again for the rest.
+const MAX_STATUS_DESCRIPTORS: usize = 8192;
 /// An option longer than this is not a mistake but an attack; the connection ends.
 const MAX_OPTION_LEN: u32 = 64 << 10;
 /// After shutdown begins, how long a quiet connection is kept for a client's last requests.
@@ -154,8 +160,65 @@ pub enum OpenError {
 
 /// Where the server finds its exports; the daemon implements it over the volume catalog.
 pub trait Exports: Send + Sync {
-    fn list(&self) -> Vec<ExportInfo>;
+    /// The exports `client` may open; no other export is shown to it.
+    fn list(&self, client: &Client) -> Vec<ExportInfo>;
     fn open(&self, name: &str, client: &Client) -> Result<Arc<dyn BlockDevice>, OpenError>;
+    /// Whether `peer` may open any export at all (or could, once one is made for it); a peer
+    /// that may not is refused as it connects, before it costs more than the accept.
+    fn admits(&self, peer: &Peer) -> bool;
+}
+
+/// What one client can hold of the server: connections and time.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections open at once, both sockets together.
+    pub max_connections: usize,
+    /// TCP connections open at once from one address.
+    pub max_connections_per_address: usize,
+    /// From accept to the end of option haggling, the TLS handshake included.
+    pub negotiation_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 128,
+            max_connections_per_address: 32,
+            negotiation_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Connections open now, in total and by TCP address.
+#[derive(Default)]
+struct Open {
+    total: usize,
+    by_address: HashMap<IpAddr, usize>,
+}
+
+/// One connection's place in [`Open`], given back when dropped.
+struct Slot {
+    server: Arc<NbdServer>,
+    address: Option<IpAddr>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self
+            .server
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        open.total -= 1;
+        if let Some(address) = self.address
+            && let Some(count) = open.by_address.get_mut(&address)
+        {
+            *count -= 1;
+            if *count == 0 {
+                open.by_address.remove(&address);
+            }
+        }
+    }
 }
 
 pub struct NbdServer {
@@ -164,6 +227,8 @@ pub struct NbdServer {
     /// When set, clients must upgrade with NBD_OPT_STARTTLS before anything else.
     tls: Option<TlsAcceptor>,
     metrics: Arc<NbdMetrics>,
+    limits: Limits,
+    open: Mutex<Open>,
     /// Every connection holds a clone; `drained` reports when the last one is gone.
     alive: Mutex<Option<mpsc::Sender<()>>>,
     drained: tokio::sync::Mutex<mpsc::Receiver<()>>,
@@ -223,6 +288,7 @@ impl NbdServer {
         shutdown: watch::Receiver<bool>,
         tls: Option<TlsAcceptor>,
         metrics: Arc<NbdMetrics>,
+        limits: Limits,
     ) -> Arc<NbdServer> {
         let (alive, drained) = mpsc::channel(1);
         Arc::new(NbdServer {
@@ -230,6 +296,8 @@ impl NbdServer {
             shutdown,
             tls,
             metrics,
+            limits,
+            open: Mutex::new(Open::default()),
             alive: Mutex::new(Some(alive)),
             drained: tokio::sync::Mutex::new(drained),
         })
@@ -252,8 +320,21 @@ impl NbdServer {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, addr)) => {
+                        // Refused peers cost one accept and one close: no task, no buffer,
+                        // no log line (a flood of them would fill the disk).
+                        let peer = Peer::Tcp(addr);
+                        if !self.exports.admits(&peer) {
+                            self.metrics.refused(Refusal::NotAllowed);
+                            tracing::debug!(%addr, "nbd: refused: in no allowlist");
+                            continue;
+                        }
+                        let Some(slot) = self.slot(Some(addr.ip())) else {
+                            self.metrics.refused(Refusal::TooMany);
+                            tracing::debug!(%addr, "nbd: refused: too many connections");
+                            continue;
+                        };
                         let _ = stream.set_nodelay(true);
-                        tokio::spawn(self.clone().connection(stream, Peer::Tcp(addr)));
+                        tokio::spawn(self.clone().connection(stream, peer, slot));
                     }
                     Err(e) => {
                         tracing::warn!("nbd: accept: {e}");
@@ -271,7 +352,11 @@ impl NbdServer {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        tokio::spawn(self.clone().connection(stream, Peer::Unix));
+                        let Some(slot) = self.slot(None) else {
+                            self.metrics.refused(Refusal::TooMany);
+                            continue;
+                        };
+                        tokio::spawn(self.clone().connection(stream, Peer::Unix, slot));
                     }
                     Err(e) => {
                         tracing::warn!("nbd: accept: {e}");
@@ -281,6 +366,26 @@ impl NbdServer {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+
+    /// A place for one more connection (from `address`, for TCP), if the limits leave one.
+    fn slot(self: &Arc<Self>, address: Option<IpAddr>) -> Option<Slot> {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if open.total >= self.limits.max_connections {
+            return None;
+        }
+        if let Some(address) = address {
+            let count = open.by_address.entry(address).or_default();
+            if *count >= self.limits.max_connections_per_address {
+                return None;
+            }
+            *count += 1;
+        }
+        open.total += 1;
+        Some(Slot {
+            server: self.clone(),
+            address,
+        })
     }
 
     /// Binds the Unix socket, replacing a stale one left by a crash.
@@ -295,7 +400,7 @@ impl NbdServer {
         Ok(listener)
     }
 
-    async fn connection<S>(self: Arc<Self>, stream: S, peer: Peer)
+    async fn connection<S>(self: Arc<Self>, stream: S, peer: Peer, _slot: Slot)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -314,18 +419,24 @@ impl NbdServer {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let no_zeroes = hello(&mut stream).await?;
+        // Negotiation, the TLS handshake included, ends by this instant or the connection
+        // does: a peer that connects and stays silent must not keep its place.
+        let deadline = tokio::time::Instant::now() + self.limits.negotiation_timeout;
+        let no_zeroes = self.in_time(deadline, hello(&mut stream)).await?;
         let mut client = Client {
             peer: peer.clone(),
             identity: None,
         };
         let Some(acceptor) = self.tls.clone() else {
             return self
-                .finish(stream, &client, no_zeroes, Tls::NotConfigured)
+                .finish(stream, &client, no_zeroes, Tls::NotConfigured, deadline)
                 .await;
         };
         match self
-            .options(&mut stream, &client, no_zeroes, Tls::Required)
+            .in_time(
+                deadline,
+                self.options(&mut stream, &client, no_zeroes, Tls::Required),
+            )
             .await?
         {
             Negotiated::StartTls => {}
@@ -334,7 +445,8 @@ impl NbdServer {
         }
         match acceptor {
             TlsAcceptor::X509(acceptor) => {
-                let stream = acceptor.accept(stream).await?;
+                let accept = async { Ok(acceptor.accept(stream).await?) };
+                let stream = self.in_time(deadline, accept).await?;
                 // Present only when the acceptor asks for client certificates, and then
                 // verified by it; the first is the client's own.
                 client.identity = stream
@@ -343,7 +455,8 @@ impl NbdServer {
                     .peer_certificates()
                     .and_then(|chain| chain.first())
                     .and_then(|cert| certificate_name(cert));
-                self.finish(stream, &client, no_zeroes, Tls::Active).await
+                self.finish(stream, &client, no_zeroes, Tls::Active, deadline)
+                    .await
             }
             TlsAcceptor::Psk(acceptor) => {
                 let handshake = |e: &dyn std::fmt::Display| {
@@ -352,13 +465,35 @@ impl NbdServer {
                 let ssl = openssl::ssl::Ssl::new(acceptor.context()).map_err(|e| handshake(&e))?;
                 let mut stream =
                     tokio_openssl::SslStream::new(ssl, stream).map_err(|e| handshake(&e))?;
-                std::pin::Pin::new(&mut stream)
-                    .accept()
-                    .await
-                    .map_err(|e| handshake(&e))?;
+                let accept = async {
+                    std::pin::Pin::new(&mut stream)
+                        .accept()
+                        .await
+                        .map_err(|e| handshake(&e))
+                };
+                self.in_time(deadline, accept).await?;
                 let slot = psk_identity_slot().map_err(|e| handshake(&e))?;
                 client.identity = stream.ssl().ex_data(slot).cloned();
-                self.finish(stream, &client, no_zeroes, Tls::Active).await
+                self.finish(stream, &client, no_zeroes, Tls::Active, deadline)
+                    .await
+            }
+        }
+    }
+
+    /// `step`, or a timeout error once `deadline` has passed.
+    async fn in_time<T>(
+        &self,
+        deadline: tokio::time::Instant,
+        step: impl std::future::Future<Output = ConnResult<T>>,
+    ) -> ConnResult<T> {
+        match tokio::time::timeout_at(deadline, step).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                self.metrics.refused(Refusal::Timeout);
+                violation(format!(
+                    "negotiation not finished within {:?}",
+                    self.limits.negotiation_timeout
+                ))
             }
         }
     }
@@ -370,11 +505,13 @@ impl NbdServer {
         client: &Client,
         no_zeroes: bool,
         tls: Tls,
+        deadline: tokio::time::Instant,
     ) -> ConnResult<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        match self.options(&mut stream, client, no_zeroes, tls).await? {
+        let options = self.options(&mut stream, client, no_zeroes, tls);
+        match self.in_time(deadline, options).await? {
             Negotiated::Session(session) => self.transmission(stream, Arc::new(session)).await,
             Negotiated::Abort => Ok(()),
             Negotiated::StartTls => violation("STARTTLS without TLS configured"),
@@ -457,7 +594,7 @@ impl NbdServer {
                         reply(io, option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data").await?;
                         continue;
                     }
-                    for export in self.exports.list() {
+                    for export in self.exports.list(client) {
                         let mut b = Vec::new();
                         b.extend_from_slice(&(export.name.len() as u32).to_be_bytes());
                         b.extend_from_slice(export.name.as_bytes());
@@ -537,7 +674,7 @@ impl NbdServer {
                     if requests.contains(&INFO_DESCRIPTION) {
                         let description = self
                             .exports
-                            .list()
+                            .list(client)
                             .into_iter()
                             .find(|e| e.name == name)
                             .map(|e| e.description)
@@ -592,7 +729,8 @@ impl NbdServer {
                         .await?;
                         continue;
                     };
-                    if !self.exports.list().iter().any(|e| e.name == name) {
+                    // An export this peer may not open answers as if it did not exist.
+                    if !self.exports.list(client).iter().any(|e| e.name == name) {
                         let message = format!("no export named {name:?}");
                         reply(io, option, REP_ERR_UNKNOWN, message.as_bytes()).await?;
                         continue;
@@ -625,12 +763,17 @@ impl NbdServer {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (mut reader, writer) = tokio::io::split(stream);
-        let (replies, mut outbox) = mpsc::unbounded_channel::<Vec<u8>>();
+        // Unbounded, but every reply in it holds its share of the budget (`Outgoing`), so
+        // the bytes queued here are bounded by the budget too.
+        let (replies, mut outbox) = mpsc::unbounded_channel::<Outgoing>();
         let writer_task = tokio::spawn(async move {
             let mut writer = BufWriter::with_capacity(256 << 10, writer);
-            while let Some(reply) = outbox.recv().await {
+            while let Some(Outgoing { reply, permit }) = outbox.recv().await {
                 writer.write_all(&reply).await?;
                 BUFFERS.give(reply);
+                // Only now, with the bytes handed to the socket (or in the writer's own
+                // fixed buffer), may the reader take requests for them again.
+                drop(permit);
                 if outbox.is_empty() {
                     writer.flush().await?;
                 }
@@ -681,16 +824,10 @@ impl NbdServer {
                     ));
                 }
                 // Take the budget before reading a payload, so a fast sender waits here
-                // instead of filling memory.
-                let cost = match request.kind {
-                    CMD_READ | CMD_WRITE => (request.length.min(MAX_PAYLOAD) as usize)
-                        .div_ceil(1024)
-                        .max(1),
-                    _ => 1,
-                };
+                // instead of filling memory; it is given back when the reply is written.
                 let permit = budget
                     .clone()
-                    .acquire_many_owned(cost as u32)
+                    .acquire_many_owned(budget_cost_kib(&request))
                     .await
                     .map_err(|_| ConnectionError::Protocol("budget closed".into()))?;
                 let mut payload = Vec::new();
@@ -711,8 +848,7 @@ impl NbdServer {
                     // is not run here (Wait::No) and goes to a thread below.
                     let payload = std::mem::take(&mut payload);
                     if let Some(reply) = execute_guarded(&session, request, payload, Wait::No) {
-                        let _ = replies.send(reply);
-                        drop(permit);
+                        let _ = replies.send(Outgoing { reply, permit });
                         continue;
                     }
                 }
@@ -727,8 +863,8 @@ impl NbdServer {
                 tokio::task::spawn_blocking(move || {
                     let reply = execute_guarded(&session, request, payload, Wait::Yes)
                         .unwrap_or_else(|| simple_reply(EIO, request.cookie));
-                    let _ = replies.send(reply);
-                    drop((permit, worker));
+                    drop(worker);
+                    let _ = replies.send(Outgoing { reply, permit });
                 });
             }
         }
@@ -774,6 +910,30 @@ impl Session {
             shutting_down: AtomicBool::new(false),
         }
     }
+}
+
+/// A reply on its way to the socket, with the budget its request took.
+struct Outgoing {
+    reply: Vec<u8>,
+    permit: OwnedSemaphorePermit,
+}
+
+/// What a request may hold of the connection's budget, in KiB: the most its payload and its
+/// reply can take, whatever the outcome (an error chunk's message included).
+fn budget_cost_kib(r: &Request) -> u32 {
+    // A simple reply, or an error chunk with its message (error_chunk caps it at 4 KiB).
+    const ERROR_REPLY: usize = 32 + 4096;
+    let bytes = match r.kind {
+        CMD_WRITE => r.length.min(MAX_PAYLOAD) as usize + ERROR_REPLY,
+        CMD_READ => {
+            // Data, and the headers of at most one chunk per 4 KiB (holes) plus the ends.
+            let length = r.length.min(MAX_PAYLOAD) as usize;
+            length + (length / 4096 + 4) * 32 + ERROR_REPLY
+        }
+        CMD_BLOCK_STATUS => 32 + MAX_STATUS_DESCRIPTORS * 8 + ERROR_REPLY,
+        _ => ERROR_REPLY,
+    };
+    bytes.div_ceil(1024) as u32
 }
 
 /// Whether a request is cheap enough to run on the connection's own task.
@@ -1113,7 +1273,7 @@ fn block_status_reply(r: Request, extents: &[Extent]) -> Vec<u8> {
     let limit = if r.flags & CMD_FLAG_REQ_ONE != 0 {
         1
     } else {
-        extents.len().clamp(1, 1 << 16)
+        extents.len().clamp(1, MAX_STATUS_DESCRIPTORS)
     };
     let mut descriptors = Vec::with_capacity(limit * 8);
     for extent in extents.iter().take(limit) {
@@ -1290,7 +1450,7 @@ mod tests {
     struct OneExport(Arc<MemDevice>);
 
     impl Exports for OneExport {
-        fn list(&self) -> Vec<ExportInfo> {
+        fn list(&self, _client: &Client) -> Vec<ExportInfo> {
             vec![ExportInfo {
                 name: "disk".into(),
                 description: String::new(),
@@ -1302,6 +1462,9 @@ mod tests {
             } else {
                 Err(OpenError::Unknown(name.into()))
             }
+        }
+        fn admits(&self, _peer: &Peer) -> bool {
+            true
         }
     }
 
@@ -1327,9 +1490,11 @@ mod tests {
                 stopped,
                 None,
                 metrics.clone(),
+                Limits::default(),
             );
             let (mut client, server_side) = tokio::io::duplex(1 << 20);
-            let task = tokio::spawn(server.connection(server_side, Peer::Unix));
+            let slot = server.slot(None).expect("a free slot");
+            let task = tokio::spawn(server.connection(server_side, Peer::Unix, slot));
             let finished = tokio::time::timeout(Duration::from_secs(10), async move {
                 client.write_all(&input).await.ok();
                 client.shutdown().await.ok();
