@@ -1115,6 +1115,17 @@ fn psk_identities_name_the_clients_a_volume_admits() {
     };
     run("nbdinfo", &[&uri("alice", "private")]);
     run("nbdinfo", &[&uri("firn", "disk")]);
+    // Each identity is shown only what it may open.
+    let list = run("nbdinfo", &["--list", &uri("alice", "")]);
+    assert!(
+        list.contains("export=\"private\"") && list.contains("export=\"disk\""),
+        "{list}"
+    );
+    let list = run("nbdinfo", &["--list", &uri("firn", "")]);
+    assert!(
+        !list.contains("private") && list.contains("export=\"disk\""),
+        "{list}"
+    );
     let out = Command::new("nbdinfo")
         .arg(uri("firn", "private"))
         .output()
