@@ -15,6 +15,8 @@ use firn::remote::s3::{S3Options, S3Store};
 use firn::remote::{self, Error, Meta, Remote};
 use rand::RngCore;
 
+mod common;
+
 struct Backend {
     name: &'static str,
     store: Arc<dyn Remote>,
@@ -308,4 +310,326 @@ async fn hostile_keys_are_refused_by_every_backend() {
             );
         }
     }
+}
+
+/// Names that S3 tools are known to mangle: percent-escapes, URL delimiters, spaces, unicode.
+const AWKWARD_NAMES: &[&str] = &[
+    "50%.csv",
+    "a#b.txt",
+    "tilde~x",
+    "br[a]ck",
+    "caret^x",
+    "pipe|x",
+    "back\\slash",
+    "<angle>",
+    "quote\"d",
+    "with space",
+    "plus+sign",
+    "amp&q?x=1",
+    "%2F-looks-escaped",
+    "%25",
+    "curly{}`tick",
+    "semi;colon:at@dollar$",
+    "'apostrophe',comma",
+    "ünïcödé/日本語.txt",
+    "emoji-😀",
+];
+
+/// Every key under `prefix/` as boto3 lists it (its own decoding of the wire format), sorted.
+fn boto3_keys(prefix: &str) -> Vec<String> {
+    let script = r#"
+import json, os, sys, boto3
+s3 = boto3.client("s3", endpoint_url=os.environ["FIRN_TEST_S3_ENDPOINT"],
+    region_name=os.environ.get("FIRN_TEST_S3_REGION", "garage"),
+    aws_access_key_id=os.environ["FIRN_TEST_S3_ACCESS_KEY_ID"],
+    aws_secret_access_key=os.environ["FIRN_TEST_S3_SECRET_ACCESS_KEY"])
+keys = []
+for page in s3.get_paginator("list_objects_v2").paginate(
+        Bucket=os.environ["FIRN_TEST_S3_BUCKET"], Prefix=sys.argv[1]):
+    keys += [o["Key"] for o in page.get("Contents", [])]
+print(json.dumps(sorted(keys)))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, prefix])
+        .env_remove("AWS_CA_BUNDLE")
+        .output()
+        .expect("run python3 (python3-boto3)");
+    assert!(
+        out.status.success(),
+        "boto3 listing failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("boto3 printed JSON")
+}
+
+/// Every file under `root`, as `/`-separated relative names, sorted.
+fn files_in(root: &std::path::Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read_dir") {
+            let entry = entry.expect("entry");
+            if entry.file_type().expect("type").is_dir() {
+                pending.push(entry.path());
+            } else {
+                let rel = entry.path();
+                let rel = rel.strip_prefix(root).expect("under root");
+                found.push(rel.to_str().expect("utf-8").to_string());
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+#[tokio::test]
+async fn object_names_are_kept_verbatim() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = dir.path().join("bucket");
+    let mut list = vec![(
+        "dir",
+        Arc::new(DirStore::open(&bucket).expect("dir store")) as Arc<dyn Remote>,
+        String::new(),
+    )];
+    if let Some(options) = s3_options() {
+        let prefix = options.prefix.clone();
+        list.push((
+            "s3",
+            Arc::new(S3Store::new(&options).expect("s3 store")),
+            prefix,
+        ));
+    }
+    for (name, store, store_prefix) in list {
+        let stack = stacked(&store, None);
+        let r = &stack.remote;
+        let mut expected: Vec<String> =
+            AWKWARD_NAMES.iter().map(|n| format!("names/{n}")).collect();
+        expected.sort();
+        for key in &expected {
+            r.put(key, Bytes::from(key.clone()), Meta::new())
+                .await
+                .unwrap_or_else(|e| panic!("{name}: put {key:?}: {e}"));
+        }
+        let listed: Vec<String> = r
+            .list("names/")
+            .await
+            .unwrap_or_else(|e| panic!("{name}: list: {e}"))
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        assert_eq!(listed, expected, "{name}: firn's own listing");
+        for key in &expected {
+            let object = r
+                .get(key)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: get {key:?}: {e}"));
+            assert_eq!(object.body, key.as_bytes(), "{name}: body of {key:?}");
+            assert!(
+                r.head(key).await.expect("head").is_some(),
+                "{name}: {key:?}"
+            );
+        }
+        // What every other tool sees: the same names, not escaped ones.
+        let outside: Vec<String> = if name == "dir" {
+            files_in(&bucket.join("names"))
+                .into_iter()
+                .map(|n| format!("names/{n}"))
+                .collect()
+        } else {
+            boto3_keys(&format!("{store_prefix}/names/"))
+                .into_iter()
+                .map(|k| k[store_prefix.len() + 1..].to_string())
+                .collect()
+        };
+        assert_eq!(
+            outside, expected,
+            "{name}: names as another tool lists them"
+        );
+        for key in &expected {
+            r.delete(key).await.expect("delete");
+        }
+        assert!(r.list("names/").await.expect("list").is_empty(), "{name}");
+    }
+}
+
+#[test]
+fn the_cli_copies_awkward_names_both_ways() {
+    let Some(options) = s3_options() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = dir.path().join("source");
+    for name in AWKWARD_NAMES {
+        let file = source.join(name);
+        std::fs::create_dir_all(file.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&file, name.as_bytes()).expect("write");
+    }
+    let config = dir.path().join("firn.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[local]\ndata_dir = \"{}\"\n[remote]\nkind = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\nprefix = \"{}\"\n",
+            dir.path().join("data").display(),
+            options.endpoint.as_deref().expect("endpoint"),
+            options.bucket,
+            options.region,
+            options.access_key_id.as_deref().expect("key id"),
+            options.secret_access_key.as_deref().expect("secret"),
+            options.prefix,
+        ),
+    )
+    .expect("config");
+    let config = config.to_str().expect("utf-8");
+    let (ok, out, err) = common::firn(&[
+        "remote",
+        "--config",
+        config,
+        "put",
+        source.to_str().expect("utf-8"),
+        "cli",
+    ]);
+    assert!(ok, "put: {out}{err}");
+    let mut expected: Vec<String> = AWKWARD_NAMES.iter().map(|n| n.to_string()).collect();
+    expected.sort();
+    let listed: Vec<String> = boto3_keys(&format!("{}/cli/", options.prefix))
+        .into_iter()
+        .map(|k| k[options.prefix.len() + "/cli/".len()..].to_string())
+        .collect();
+    assert_eq!(listed, expected, "as boto3 lists them");
+    let back = dir.path().join("back");
+    let (ok, out, err) = common::firn(&[
+        "remote",
+        "--config",
+        config,
+        "get",
+        "cli/",
+        back.to_str().expect("utf-8"),
+    ]);
+    assert!(ok, "get: {out}{err}");
+    assert_eq!(files_in(&back), expected);
+    for name in AWKWARD_NAMES {
+        assert_eq!(
+            std::fs::read(back.join(name)).expect("read back"),
+            name.as_bytes(),
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_object_without_its_digest_is_corrupt() {
+    for b in backends() {
+        let stack = stacked(&b.store, None);
+        // Stored behind firn's back: the bytes are fine, the digest is gone.
+        b.store
+            .put("nodigest/a", random_bytes(1000), Meta::new())
+            .await
+            .expect("raw put");
+        match stack.remote.get("nodigest/a").await {
+            Err(Error::Corrupt { key, reason }) => {
+                assert_eq!(key, "nodigest/a");
+                assert!(reason.contains("firn-blake3"), "{reason}");
+            }
+            other => panic!("{}: expected Corrupt, got {other:?}", b.name),
+        }
+    }
+}
+
+#[tokio::test]
+async fn ranges_are_exact_or_errors() {
+    for b in backends() {
+        let stack = stacked(&b.store, None);
+        let body = random_bytes(100);
+        stack
+            .remote
+            .put("range/a", body.clone(), Meta::new())
+            .await
+            .expect("put");
+        for r in [&b.store, &stack.remote] {
+            assert_eq!(
+                r.get_range("range/a", 90..100).await.expect("tail"),
+                body.slice(90..)
+            );
+            assert!(
+                r.get_range("range/a", 100..100)
+                    .await
+                    .expect("empty")
+                    .is_empty()
+            );
+            for bad in [90..101, 100..101, 150..200, 0..1000] {
+                match r.get_range("range/a", bad.clone()).await {
+                    Err(Error::Permanent { message, .. }) => {
+                        assert!(message.contains("100 bytes"), "{message}")
+                    }
+                    other => panic!("{}: range {bad:?} gave {other:?}", b.name),
+                }
+            }
+        }
+        // Torn ranged responses never reach the caller: they are caught and read again.
+        let torn = stacked(
+            &b.store,
+            Some(FaultSettings {
+                truncate_rate: 0.5,
+                ..FaultSettings::default()
+            }),
+        );
+        for start in 0..40u64 {
+            let got = torn
+                .remote
+                .get_range("range/a", start..start + 50)
+                .await
+                .unwrap_or_else(|e| panic!("{}: torn range: {e}", b.name));
+            assert_eq!(
+                got,
+                body.slice(start as usize..start as usize + 50),
+                "{}",
+                b.name
+            );
+        }
+        assert!(torn.faults.as_ref().expect("faults").injected() > 5);
+    }
+}
+
+#[tokio::test]
+async fn a_read_in_parts_never_mixes_two_versions() {
+    let Some(options) = s3_options() else { return };
+    let store: Arc<dyn Remote> = Arc::new(S3Store::new(&options).expect("s3 store"));
+    // 16 MiB: four parts of 5 MiB (the test store's part size), each version one byte value.
+    let versions: Vec<Bytes> = (1..=4u8).map(|v| Bytes::from(vec![v; 16 << 20])).collect();
+    store
+        .put("mix/a", versions[0].clone(), Meta::new())
+        .await
+        .expect("put");
+    let writer = {
+        let (store, versions) = (store.clone(), versions.clone());
+        tokio::spawn(async move {
+            for round in 0..24 {
+                let body = versions[round % versions.len()].clone();
+                store
+                    .put("mix/a", body, Meta::new())
+                    .await
+                    .expect("overwrite");
+            }
+        })
+    };
+    let (mut whole, mut refused) = (0, 0);
+    while !writer.is_finished() {
+        match store.get("mix/a").await {
+            Ok(object) => {
+                assert_eq!(object.body.len(), 16 << 20);
+                let first = object.body[0];
+                assert!(
+                    object.body.iter().all(|&b| b == first),
+                    "a read mixed two versions of the object"
+                );
+                whole += 1;
+            }
+            Err(Error::Transient { message, .. }) => {
+                assert!(message.contains("changed"), "{message}");
+                refused += 1;
+            }
+            Err(e) => panic!("get: {e}"),
+        }
+    }
+    writer.await.expect("writer");
+    eprintln!("{whole} whole reads, {refused} refused because the object changed");
+    assert!(whole > 0);
 }

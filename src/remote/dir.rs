@@ -21,6 +21,8 @@ use super::{Error, Meta, Object, ObjectInfo, Remote, Result, check_key};
 /// Where puts are staged before their rename; never listed, never a valid key.
 const STAGING: &str = ".firn-staging";
 const XATTR_PREFIX: &str = "user.firn.";
+/// A file name's limit on Linux file systems; each key segment is one file name.
+const MAX_NAME_BYTES: usize = 255;
 
 /// Cheap to clone: clones share the directory and the staging counter.
 #[derive(Debug, Clone)]
@@ -53,6 +55,15 @@ impl DirStore {
             return Err(Error::BadKey {
                 key: key.to_string(),
                 reason: format!("{STAGING} is reserved"),
+            });
+        }
+        if let Some(long) = key.split('/').find(|s| s.len() > MAX_NAME_BYTES) {
+            return Err(Error::BadKey {
+                key: key.to_string(),
+                reason: format!(
+                    "segment of {} bytes; a directory store allows {MAX_NAME_BYTES} per segment",
+                    long.len()
+                ),
             });
         }
         Ok(self.root.join(key))
@@ -116,7 +127,7 @@ impl DirStore {
         let io_err = |e: io::Error| local_error("get_range", key, e);
         let mut file = File::open(&path).map_err(io_err)?;
         let size = file.metadata().map_err(io_err)?.len();
-        let range = clamp_range(key, range, size)?;
+        let range = check_range(key, range, size)?;
         file.seek(SeekFrom::Start(range.start)).map_err(io_err)?;
         let mut body = vec![0; (range.end - range.start) as usize];
         file.read_exact(&mut body).map_err(io_err)?;
@@ -191,18 +202,12 @@ impl DirStore {
     }
 }
 
-pub(super) fn clamp_range(key: &str, range: Range<u64>, size: u64) -> Result<Range<u64>> {
-    if range.start > range.end || range.start > size {
-        return Err(Error::Permanent {
-            op: "get_range",
-            key: key.to_string(),
-            message: format!(
-                "range {}..{} outside the object's {size} bytes",
-                range.start, range.end
-            ),
-        });
+/// The range as asked, or an error when the object cannot supply every byte of it.
+pub(super) fn check_range(key: &str, range: Range<u64>, size: u64) -> Result<Range<u64>> {
+    if range.start > range.end || range.end > size {
+        return Err(super::bad_range(key, &range, Some(size)));
     }
-    Ok(range.start..range.end.min(size))
+    Ok(range)
 }
 
 fn local_error(op: &'static str, key: &str, e: io::Error) -> Error {

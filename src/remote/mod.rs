@@ -114,6 +114,19 @@ pub fn check_key(key: &str) -> Result<()> {
     Ok(())
 }
 
+/// A range the object cannot supply: the caller's mistake, not worth a retry.
+pub(crate) fn bad_range(key: &str, range: &Range<u64>, size: Option<u64>) -> Error {
+    let size = match size {
+        Some(size) => format!("the object's {size} bytes"),
+        None => "any object (it ends before it starts)".to_string(),
+    };
+    Error::Permanent {
+        op: "get_range",
+        key: key.to_string(),
+        message: format!("range {}..{} is outside {size}", range.start, range.end),
+    }
+}
+
 /// The remote as configured: a backend with the standard wrappers stacked on it, outermost
 /// first: metrics, bandwidth limit, retries, verification, fault injection (only for drills).
 pub struct Stack {
