@@ -567,11 +567,11 @@ async fn ranges_are_exact_or_errors() {
         let torn = stacked(
             &b.store,
             Some(FaultSettings {
-                truncate_rate: 0.5,
+                truncate_rate: 0.2,
                 ..FaultSettings::default()
             }),
         );
-        for start in 0..40u64 {
+        for start in 0..50u64 {
             let got = torn
                 .remote
                 .get_range("range/a", start..start + 50)
@@ -584,7 +584,7 @@ async fn ranges_are_exact_or_errors() {
                 b.name
             );
         }
-        assert!(torn.faults.as_ref().expect("faults").injected() > 5);
+        assert!(torn.faults.as_ref().expect("faults").injected() > 2);
     }
 }
 
