@@ -633,3 +633,157 @@ async fn a_read_in_parts_never_mixes_two_versions() {
     eprintln!("{whole} whole reads, {refused} refused because the object changed");
     assert!(whole > 0);
 }
+
+#[tokio::test]
+async fn symlinks_planted_in_the_bucket_are_never_followed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = dir.path().join("bucket");
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside).expect("mkdir");
+    std::fs::write(outside.join("secret"), b"not for the bucket").expect("write");
+    let store: Arc<dyn Remote> = Arc::new(DirStore::open(&bucket).expect("dir store"));
+    let stack = stacked(&store, None);
+    let r = &stack.remote;
+    r.put("real/a", Bytes::from_static(b"a"), Meta::new())
+        .await
+        .expect("put");
+    std::os::unix::fs::symlink(&outside, bucket.join("dirlink")).expect("symlink");
+    std::os::unix::fs::symlink(outside.join("secret"), bucket.join("filelink")).expect("symlink");
+    std::os::unix::fs::symlink(&outside, bucket.join("real/inner")).expect("symlink");
+    for key in ["dirlink/secret", "filelink", "real/inner/secret"] {
+        for outcome in [
+            store.get(key).await.map(|o| o.body),
+            store.get_range(key, 0..4).await,
+        ] {
+            assert!(outcome.is_err(), "{key}: read through a link: {outcome:?}");
+        }
+        assert!(
+            !matches!(store.head(key).await, Ok(Some(_))),
+            "{key}: head saw through a link"
+        );
+        if key != "filelink" {
+            assert!(
+                store
+                    .put(key, Bytes::from_static(b"overwrite"), Meta::new())
+                    .await
+                    .is_err(),
+                "{key}: put through a link"
+            );
+        }
+        store.delete(key).await.ok();
+    }
+    // A put onto a link replaces the link itself (the rename never follows it).
+    std::os::unix::fs::symlink(outside.join("secret"), bucket.join("filelink")).expect("symlink");
+    store
+        .put("filelink", Bytes::from_static(b"mine"), Meta::new())
+        .await
+        .expect("put replaces a link");
+    assert!(
+        std::fs::symlink_metadata(bucket.join("filelink"))
+            .expect("stat")
+            .is_file()
+    );
+    store.delete("filelink").await.expect("delete");
+    assert!(
+        store
+            .put("dirlink/new", Bytes::from_static(b"x"), Meta::new())
+            .await
+            .is_err()
+    );
+    // Nothing outside changed, and listings show no link or what is behind one.
+    assert_eq!(
+        std::fs::read(outside.join("secret")).expect("still there"),
+        b"not for the bucket"
+    );
+    assert_eq!(files_in(&outside), ["secret"]);
+    let listed: Vec<String> = store
+        .list("")
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(listed, ["real/a"]);
+    assert!(store.list("dirlink/").await.expect("list").is_empty());
+    assert_eq!(r.get("real/a").await.expect("get").body, &b"a"[..]);
+}
+
+#[test]
+fn opening_removes_only_staging_files_of_dead_writers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = dir.path().join("bucket");
+    DirStore::open(&bucket).expect("first open");
+    let staging = bucket.join(".firn-staging");
+    // A live writer (a child that sleeps) and a dead one (a child that has exited).
+    let mut live = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("sleep");
+    let mut dead = std::process::Command::new("true").spawn().expect("true");
+    let dead_pid = dead.id();
+    dead.wait().expect("wait");
+    let live_file = staging.join(format!("{}-0", live.id()));
+    let dead_file = staging.join(format!("{dead_pid}-0"));
+    std::fs::write(&live_file, b"in flight").expect("write");
+    std::fs::write(&dead_file, b"left by a crash").expect("write");
+    DirStore::open(&bucket).expect("second open");
+    let live_survived = live_file.exists();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(live.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill sleep");
+    live.wait().expect("wait");
+    assert!(live_survived, "a live writer's staging file was deleted");
+    assert!(!dead_file.exists(), "a dead writer's staging file was kept");
+}
+
+#[test]
+fn a_put_fsyncs_every_directory_it_created() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = dir.path().join("bucket");
+    std::fs::create_dir_all(bucket.join("a")).expect("mkdir");
+    let source = dir.path().join("object");
+    std::fs::write(&source, b"x").expect("write");
+    let config = dir.path().join("firn.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[local]\ndata_dir = \"{}\"\n[remote]\nkind = \"local\"\npath = \"{}\"\n",
+            dir.path().join("data").display(),
+            bucket.display()
+        ),
+    )
+    .expect("config");
+    let trace = dir.path().join("trace");
+    let status = std::process::Command::new("strace")
+        .args(["-f", "-y", "-e", "trace=fsync,fdatasync", "-o"])
+        .arg(&trace)
+        .arg(common::FIRN)
+        .args(["remote", "--config"])
+        .arg(&config)
+        .args(["put"])
+        .arg(&source)
+        .arg("a/b/c/d/object")
+        .status()
+        .expect("run strace (package strace)");
+    assert!(status.success());
+    let trace = std::fs::read_to_string(&trace).expect("trace");
+    let synced: Vec<&str> = trace
+        .lines()
+        .filter_map(|l| l.split_once("sync(")?.1.split_once('<')?.1.split_once('>'))
+        .map(|(path, _)| path)
+        .collect();
+    let bucket = std::fs::canonicalize(&bucket).expect("canonical");
+    // a existed; a/b, a/b/c and a/b/c/d were created: their parents, and the object's
+    // directory after the rename, must reach the disk.
+    for dir in ["a", "a/b", "a/b/c", "a/b/c/d"] {
+        let want = bucket.join(dir);
+        assert!(
+            synced.iter().any(|p| std::path::Path::new(p) == want),
+            "{} never fsynced; fsynced: {synced:?}",
+            want.display()
+        );
+    }
+    assert!(bucket.join("a/b/c/d/object").is_file());
+}
