@@ -62,7 +62,7 @@ fn backends() -> Vec<Backend> {
     if let Some(options) = s3_options() {
         list.push(Backend {
             name: "s3",
-            store: Arc::new(S3Store::new(&options).expect("s3 store")),
+            store: Arc::new(S3Store::new(&options, unlimited()).expect("s3 store")),
             _dir: None,
         });
     }
@@ -82,6 +82,10 @@ fn stacked(backend: &Arc<dyn Remote>, faults: Option<FaultSettings>) -> remote::
         Arc::new(RemoteMetrics::new(&mut registry)),
         faults.map(|f| Arc::new(FaultPlan::new(f))),
     )
+}
+
+fn unlimited() -> Arc<Limiter> {
+    Arc::new(Limiter::new(Policy::default()))
 }
 
 fn random_bytes(n: usize) -> Bytes {
@@ -395,7 +399,7 @@ async fn object_names_are_kept_verbatim() {
         let prefix = options.prefix.clone();
         list.push((
             "s3",
-            Arc::new(S3Store::new(&options).expect("s3 store")),
+            Arc::new(S3Store::new(&options, unlimited()).expect("s3 store")),
             prefix,
         ));
     }
@@ -591,7 +595,7 @@ async fn ranges_are_exact_or_errors() {
 #[tokio::test]
 async fn a_read_in_parts_never_mixes_two_versions() {
     let Some(options) = s3_options() else { return };
-    let store: Arc<dyn Remote> = Arc::new(S3Store::new(&options).expect("s3 store"));
+    let store: Arc<dyn Remote> = Arc::new(S3Store::new(&options, unlimited()).expect("s3 store"));
     // 16 MiB: four parts of 5 MiB (the test store's part size), each version one byte value.
     let versions: Vec<Bytes> = (1..=4u8).map(|v| Bytes::from(vec![v; 16 << 20])).collect();
     store
@@ -786,4 +790,133 @@ fn a_put_fsyncs_every_directory_it_created() {
         );
     }
     assert!(bucket.join("a/b/c/d/object").is_file());
+}
+
+/// A TCP relay in front of the S3 server that records when each byte towards the server
+/// arrived: "measured at the store".
+struct Relay {
+    endpoint: String,
+    /// (when, bytes) for every read from the client side.
+    sent: Arc<std::sync::Mutex<Vec<(Instant, usize)>>>,
+}
+
+async fn relay_to(upstream: &str) -> Relay {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = upstream
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind relay");
+    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+    let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = sent.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let up = async {
+                    let mut buf = vec![0u8; 64 << 10];
+                    while let Ok(n) = client_read.read(&mut buf).await {
+                        if n == 0 || server_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        log.lock().expect("log").push((Instant::now(), n));
+                    }
+                    let _ = server_write.shutdown().await;
+                };
+                let down = async {
+                    let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                    let _ = client_write.shutdown().await;
+                };
+                tokio::join!(up, down);
+            });
+        }
+    });
+    Relay { endpoint, sent }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_limit_holds_at_the_store_through_errors() {
+    let Some(mut options) = s3_options() else {
+        return;
+    };
+    let relay = relay_to(options.endpoint.as_deref().expect("endpoint")).await;
+    options.endpoint = Some(relay.endpoint.clone());
+    const RATE: u64 = 8 << 20;
+    let limiter = Arc::new(Limiter::new(
+        toml::from_str(&format!("upload = \"{RATE}/s\"")).expect("policy"),
+    ));
+    let backend: Arc<dyn Remote> =
+        Arc::new(S3Store::new(&options, limiter.clone()).expect("s3 store"));
+    let mut registry = prometheus_client::registry::Registry::default();
+    let stack = remote::stack(
+        backend,
+        RetryPolicy {
+            first_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(200),
+            give_up_after: Duration::from_secs(120),
+        },
+        limiter,
+        Arc::new(RemoteMetrics::new(&mut registry)),
+        Some(Arc::new(FaultPlan::new(FaultSettings {
+            error_rate: 0.3,
+            ..FaultSettings::default()
+        }))),
+    );
+    // Sixteen single-part objects and two of three parts, all in flight at once: 72 MiB.
+    let objects: Vec<(String, Bytes)> = (0..18)
+        .map(|i| {
+            let size = if i < 2 { 15 << 20 } else { 3 << 20 };
+            (format!("limited/{i}"), random_bytes(size))
+        })
+        .collect();
+    futures::future::try_join_all(
+        objects
+            .iter()
+            .map(|(key, body)| stack.remote.put(key, body.clone(), Meta::new())),
+    )
+    .await
+    .expect("puts through errors");
+    let sent = relay.sent.lock().expect("log").clone();
+    let total: usize = sent.iter().map(|(_, n)| n).sum();
+    // From the first byte to arrive to the last: the bytes after the first read, over the time.
+    let (first, last) = (sent[0].0, sent[sent.len() - 1].0);
+    let took = last.duration_since(first).as_secs_f64();
+    let rate = (total - sent[0].1) as f64 / took;
+    // Any one second holds no more than a second's worth, plus the burst allowance.
+    let mut worst = 0usize;
+    for (i, (at, _)) in sent.iter().enumerate() {
+        let window: usize = sent[i..]
+            .iter()
+            .take_while(|(t, _)| t.duration_since(*at) < Duration::from_secs(1))
+            .map(|(_, n)| n)
+            .sum();
+        worst = worst.max(window);
+    }
+    let injected = stack.faults.as_ref().expect("faults").injected();
+    eprintln!(
+        "{total} bytes at the store in {took:.2}s = {:.3} of the limit; busiest second {:.3}; {injected} faults",
+        rate / RATE as f64,
+        worst as f64 / RATE as f64
+    );
+    assert!(injected >= 1, "no fault injected");
+    assert!(
+        total >= 72 << 20,
+        "the store saw {total} bytes, less than the data"
+    );
+    assert!(
+        (rate / RATE as f64 - 1.0).abs() < 0.05,
+        "{rate:.0} B/s at the store, limit {RATE}"
+    );
+    assert!(
+        (worst as f64) < RATE as f64 * 1.3,
+        "{worst} bytes in one second at the store, limit {RATE}/s"
+    );
 }

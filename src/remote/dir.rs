@@ -14,9 +14,10 @@
 
 use std::ffi::{CStr, OsStr};
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Write};
 use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +30,7 @@ use nix::sys::stat::{Mode, SFlag, fstatat, mkdirat};
 use nix::unistd::{UnlinkatFlags, unlinkat};
 use xattr::FileExt;
 
+use super::limit::{Direction, Limiter, SLICE};
 use super::{Error, Meta, Object, ObjectInfo, Remote, Result, check_key};
 
 /// Where puts are staged before their rename; never listed, never a valid key.
@@ -41,6 +43,8 @@ const MAX_NAME_BYTES: usize = 255;
 #[derive(Debug, Clone)]
 pub struct DirStore {
     root_path: Arc<PathBuf>,
+    /// Charged for every slice written or read, as the bytes move.
+    limiter: Option<Arc<Limiter>>,
     root: Arc<OwnedFd>,
     next_staging: Arc<AtomicU64>,
 }
@@ -102,6 +106,7 @@ impl DirStore {
         }
         Ok(DirStore {
             root_path: Arc::new(root_path),
+            limiter: None,
             root: Arc::new(root),
             next_staging: Arc::new(AtomicU64::new(0)),
         })
@@ -109,6 +114,30 @@ impl DirStore {
 
     pub fn root(&self) -> &Path {
         &self.root_path
+    }
+
+    /// Bytes written and read pass `limiter` (the embedded default honours the bandwidth
+    /// policy like a remote bucket does).
+    pub fn with_limiter(mut self, limiter: Arc<Limiter>) -> Self {
+        self.limiter = Some(limiter);
+        self
+    }
+
+    /// Waits for the limiter; called on blocking threads, which run inside the runtime.
+    fn charge(&self, direction: Direction, bytes: usize) {
+        if let Some(limiter) = &self.limiter {
+            tokio::runtime::Handle::current().block_on(limiter.acquire(direction, bytes as u64));
+        }
+    }
+
+    /// Reads `len` bytes at `offset`, slice by slice through the limiter.
+    fn read_at(&self, file: &File, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        let mut body = vec![0; len as usize];
+        for (i, chunk) in body.chunks_mut(SLICE).enumerate() {
+            self.charge(Direction::Download, chunk.len());
+            file.read_exact_at(chunk, offset + (i * SLICE) as u64)?;
+        }
+        Ok(body)
     }
 
     /// The key's segments, checked.
@@ -201,7 +230,10 @@ impl DirStore {
             )
             .map_err(io_from)?;
             let mut file = File::from(fd);
-            file.write_all(body)?;
+            for chunk in body.chunks(SLICE) {
+                self.charge(Direction::Upload, chunk.len());
+                file.write_all(chunk)?;
+            }
             for (name, value) in meta {
                 file.set_xattr(format!("{XATTR_PREFIX}{name}"), value.as_bytes())?;
             }
@@ -220,9 +252,9 @@ impl DirStore {
     fn get_blocking(&self, key: &str) -> Result<Object> {
         let segments = self.segments(key)?;
         let io_err = |e: io::Error| local_error("get", key, e);
-        let mut file = self.open_object(&segments).map_err(io_err)?;
-        let mut body = Vec::new();
-        file.read_to_end(&mut body).map_err(io_err)?;
+        let file = self.open_object(&segments).map_err(io_err)?;
+        let size = file.metadata().map_err(io_err)?.len();
+        let body = self.read_at(&file, 0, size).map_err(io_err)?;
         Ok(Object {
             body: Bytes::from(body),
             meta: read_meta(&file).map_err(io_err)?,
@@ -232,12 +264,12 @@ impl DirStore {
     fn get_range_blocking(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
         let segments = self.segments(key)?;
         let io_err = |e: io::Error| local_error("get_range", key, e);
-        let mut file = self.open_object(&segments).map_err(io_err)?;
+        let file = self.open_object(&segments).map_err(io_err)?;
         let size = file.metadata().map_err(io_err)?.len();
         let range = check_range(key, range, size)?;
-        file.seek(SeekFrom::Start(range.start)).map_err(io_err)?;
-        let mut body = vec![0; (range.end - range.start) as usize];
-        file.read_exact(&mut body).map_err(io_err)?;
+        let body = self
+            .read_at(&file, range.start, range.end - range.start)
+            .map_err(io_err)?;
         Ok(Bytes::from(body))
     }
 

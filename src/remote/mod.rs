@@ -128,11 +128,12 @@ pub(crate) fn bad_range(key: &str, range: &Range<u64>, size: Option<u64>) -> Err
 }
 
 /// The remote as configured: a backend with the standard wrappers stacked on it, outermost
-/// first: metrics, bandwidth limit, retries, verification, fault injection (only for drills).
+/// first: metrics, retries, verification, fault injection (only for drills). The bandwidth
+/// limiter is inside the backend, where its bytes move (see `limit`).
 pub struct Stack {
     pub remote: Arc<dyn Remote>,
-    /// The backend (through the fault injector, when drilling) without retries or limits:
-    /// for health probes that must answer quickly.
+    /// The backend (through the fault injector, when drilling) without retries: for health
+    /// probes that must answer quickly (they move no object data, so no limit holds them).
     pub probe: Arc<dyn Remote>,
     pub limiter: Arc<limit::Limiter>,
     pub metrics: Arc<metered::RemoteMetrics>,
@@ -153,7 +154,6 @@ pub fn stack(
     let probe = remote.clone();
     remote = Arc::new(verify::Verified::new(remote));
     remote = Arc::new(retry::Retrying::new(remote, retry));
-    remote = Arc::new(limit::Limited::new(remote, limiter.clone()));
     remote = Arc::new(metered::Metered::new(remote, metrics.clone()));
     Stack {
         remote,

@@ -12,12 +12,19 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use http_body_util::BodyExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::client::{
+    HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse,
+    HttpResponseBody, HttpService,
+};
 use object_store::path::Path;
 use object_store::{
     Attribute, Attributes, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt,
     PutMultipartOptions, PutOptions, PutPayload, RetryConfig,
 };
+
+use super::limit::{Direction, Limiter, Throttled};
 
 use super::{Error, Meta, Object, ObjectInfo, Remote, Result, bad_range, check_key};
 
@@ -53,8 +60,13 @@ pub struct S3Store {
 }
 
 impl S3Store {
-    pub fn new(options: &S3Options) -> Result<S3Store> {
+    /// `limiter` throttles every byte this store sends or receives.
+    pub fn new(options: &S3Options, limiter: Arc<Limiter>) -> Result<S3Store> {
         let mut builder = AmazonS3Builder::from_env()
+            .with_http_connector(LimitedConnector {
+                limiter,
+                read_timeout: options.request_timeout,
+            })
             .with_bucket_name(&options.bucket)
             .with_region(&options.region)
             .with_virtual_hosted_style_request(!options.path_style)
@@ -203,6 +215,95 @@ fn attributes(meta: Meta) -> Attributes {
         attributes.insert(Attribute::Metadata(name.into()), value.into());
     }
     attributes
+}
+
+/// object_store's HTTP client, with the bandwidth limiter in every request and response body.
+/// It is built here rather than from object_store's `ClientOptions` because a throttled body
+/// can take longer than any fixed request timeout: the timeout applies to each read instead.
+#[derive(Debug)]
+struct LimitedConnector {
+    limiter: Arc<Limiter>,
+    read_timeout: Duration,
+}
+
+impl HttpConnector for LimitedConnector {
+    fn connect(&self, _options: &ClientOptions) -> object_store::Result<HttpClient> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .read_timeout(self.read_timeout)
+            .build()
+            .map_err(|e| object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(e),
+            })?;
+        Ok(HttpClient::new(LimitedHttp {
+            client,
+            limiter: self.limiter.clone(),
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct LimitedHttp {
+    client: reqwest::Client,
+    limiter: Arc<Limiter>,
+}
+
+#[async_trait]
+impl HttpService for LimitedHttp {
+    async fn call(&self, request: HttpRequest) -> std::result::Result<HttpResponse, HttpError> {
+        let (parts, body) = request.into_parts();
+        // Object data is charged: PUT bodies (objects and parts) and GET answers other than
+        // listings. Listings, HEADs and multipart bookkeeping pass free, so health probes and
+        // listings still answer while a direction is paused.
+        let listing = parts.uri.query().is_some_and(|q| q.contains("list-type"));
+        let charge_up = (parts.method == http::Method::PUT).then(|| self.limiter.clone());
+        let charge_down =
+            (parts.method == http::Method::GET && !listing).then(|| self.limiter.clone());
+        let url = reqwest::Url::parse(&parts.uri.to_string())
+            .map_err(|e| HttpError::new(HttpErrorKind::Unknown, e))?;
+        let mut outgoing = reqwest::Request::new(parts.method, url);
+        *outgoing.headers_mut() = parts.headers;
+        *outgoing.body_mut() = Some(reqwest::Body::wrap(Throttled::new(
+            body,
+            charge_up,
+            Direction::Upload,
+        )));
+        let response = self.client.execute(outgoing).await.map_err(http_error)?;
+        let (parts, body) = http::Response::<reqwest::Body>::from(response).into_parts();
+        let body = Throttled::new(body, charge_down, Direction::Download).map_err(http_error);
+        Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(body)))
+    }
+}
+
+/// What object_store's own retries need to know about a failed request.
+fn http_error(e: reqwest::Error) -> HttpError {
+    let mut kind = if e.is_timeout() {
+        HttpErrorKind::Timeout
+    } else if e.is_connect() {
+        HttpErrorKind::Connect
+    } else if e.is_decode() {
+        HttpErrorKind::Decode
+    } else if e.is_request() || e.is_body() {
+        HttpErrorKind::Request
+    } else {
+        HttpErrorKind::Unknown
+    };
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            match io.kind() {
+                K::TimedOut => kind = HttpErrorKind::Timeout,
+                K::ConnectionAborted | K::ConnectionReset | K::BrokenPipe | K::UnexpectedEof => {
+                    kind = HttpErrorKind::Interrupted
+                }
+                _ => {}
+            }
+        }
+        source = s.source();
+    }
+    HttpError::new(kind, e.without_url())
 }
 
 /// Maps `object_store` errors to what a caller can act on: gone, retry, or give up.
