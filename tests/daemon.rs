@@ -84,6 +84,20 @@ async fn serve_status_api_and_clean_stop() {
     assert_eq!(bad.status(), 400);
     let message = bad.text().await.expect("body");
     assert!(message.contains("warp speed"), "{message}");
+    // Zero is not a synonym for unlimited any more; "paused" is explicit.
+    let zero = http
+        .put(daemon.url("/api/v1/bandwidth"))
+        .bearer_auth(token.trim())
+        .body("{\"upload\": \"0\"}")
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(zero.status(), 400);
+    let message = zero.text().await.expect("body");
+    assert!(message.contains("paused"), "{message}");
+    let (ok, out, err) = firn(&["bandwidth", "--config", config_arg, "--upload", "paused"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("upload paused"), "{out}");
 
     let metrics = http
         .get(daemon.url("/metrics"))

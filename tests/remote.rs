@@ -15,6 +15,8 @@ use firn::remote::s3::{S3Options, S3Store};
 use firn::remote::{self, Error, Meta, Remote};
 use rand::RngCore;
 
+mod common;
+
 struct Backend {
     name: &'static str,
     store: Arc<dyn Remote>,
@@ -60,7 +62,7 @@ fn backends() -> Vec<Backend> {
     if let Some(options) = s3_options() {
         list.push(Backend {
             name: "s3",
-            store: Arc::new(S3Store::new(&options).expect("s3 store")),
+            store: Arc::new(S3Store::new(&options, unlimited()).expect("s3 store")),
             _dir: None,
         });
     }
@@ -80,6 +82,10 @@ fn stacked(backend: &Arc<dyn Remote>, faults: Option<FaultSettings>) -> remote::
         Arc::new(RemoteMetrics::new(&mut registry)),
         faults.map(|f| Arc::new(FaultPlan::new(f))),
     )
+}
+
+fn unlimited() -> Arc<Limiter> {
+    Arc::new(Limiter::new(Policy::default()))
 }
 
 fn random_bytes(n: usize) -> Bytes {
@@ -308,4 +314,609 @@ async fn hostile_keys_are_refused_by_every_backend() {
             );
         }
     }
+}
+
+/// Names that S3 tools are known to mangle: percent-escapes, URL delimiters, spaces, unicode.
+const AWKWARD_NAMES: &[&str] = &[
+    "50%.csv",
+    "a#b.txt",
+    "tilde~x",
+    "br[a]ck",
+    "caret^x",
+    "pipe|x",
+    "back\\slash",
+    "<angle>",
+    "quote\"d",
+    "with space",
+    "plus+sign",
+    "amp&q?x=1",
+    "%2F-looks-escaped",
+    "%25",
+    "curly{}`tick",
+    "semi;colon:at@dollar$",
+    "'apostrophe',comma",
+    "ünïcödé/日本語.txt",
+    "emoji-😀",
+];
+
+/// Every key under `prefix/` as boto3 lists it (its own decoding of the wire format), sorted.
+fn boto3_keys(prefix: &str) -> Vec<String> {
+    let script = r#"
+import json, os, sys, boto3
+s3 = boto3.client("s3", endpoint_url=os.environ["FIRN_TEST_S3_ENDPOINT"],
+    region_name=os.environ.get("FIRN_TEST_S3_REGION", "garage"),
+    aws_access_key_id=os.environ["FIRN_TEST_S3_ACCESS_KEY_ID"],
+    aws_secret_access_key=os.environ["FIRN_TEST_S3_SECRET_ACCESS_KEY"])
+keys = []
+for page in s3.get_paginator("list_objects_v2").paginate(
+        Bucket=os.environ["FIRN_TEST_S3_BUCKET"], Prefix=sys.argv[1]):
+    keys += [o["Key"] for o in page.get("Contents", [])]
+print(json.dumps(sorted(keys)))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, prefix])
+        .env_remove("AWS_CA_BUNDLE")
+        .output()
+        .expect("run python3 (python3-boto3)");
+    assert!(
+        out.status.success(),
+        "boto3 listing failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("boto3 printed JSON")
+}
+
+/// Every file under `root`, as `/`-separated relative names, sorted.
+fn files_in(root: &std::path::Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read_dir") {
+            let entry = entry.expect("entry");
+            if entry.file_type().expect("type").is_dir() {
+                pending.push(entry.path());
+            } else {
+                let rel = entry.path();
+                let rel = rel.strip_prefix(root).expect("under root");
+                found.push(rel.to_str().expect("utf-8").to_string());
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+#[tokio::test]
+async fn object_names_are_kept_verbatim() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = dir.path().join("bucket");
+    let mut list = vec![(
+        "dir",
+        Arc::new(DirStore::open(&bucket).expect("dir store")) as Arc<dyn Remote>,
+        String::new(),
+    )];
+    if let Some(options) = s3_options() {
+        let prefix = options.prefix.clone();
+        list.push((
+            "s3",
+            Arc::new(S3Store::new(&options, unlimited()).expect("s3 store")),
+            prefix,
+        ));
+    }
+    for (name, store, store_prefix) in list {
+        let stack = stacked(&store, None);
+        let r = &stack.remote;
+        let mut expected: Vec<String> =
+            AWKWARD_NAMES.iter().map(|n| format!("names/{n}")).collect();
+        expected.sort();
+        for key in &expected {
+            r.put(key, Bytes::from(key.clone()), Meta::new())
+                .await
+                .unwrap_or_else(|e| panic!("{name}: put {key:?}: {e}"));
+        }
+        let listed: Vec<String> = r
+            .list("names/")
+            .await
+            .unwrap_or_else(|e| panic!("{name}: list: {e}"))
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        assert_eq!(listed, expected, "{name}: firn's own listing");
+        for key in &expected {
+            let object = r
+                .get(key)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: get {key:?}: {e}"));
+            assert_eq!(object.body, key.as_bytes(), "{name}: body of {key:?}");
+            assert!(
+                r.head(key).await.expect("head").is_some(),
+                "{name}: {key:?}"
+            );
+        }
+        // What every other tool sees: the same names, not escaped ones.
+        let outside: Vec<String> = if name == "dir" {
+            files_in(&bucket.join("names"))
+                .into_iter()
+                .map(|n| format!("names/{n}"))
+                .collect()
+        } else {
+            boto3_keys(&format!("{store_prefix}/names/"))
+                .into_iter()
+                .map(|k| k[store_prefix.len() + 1..].to_string())
+                .collect()
+        };
+        assert_eq!(
+            outside, expected,
+            "{name}: names as another tool lists them"
+        );
+        for key in &expected {
+            r.delete(key).await.expect("delete");
+        }
+        assert!(r.list("names/").await.expect("list").is_empty(), "{name}");
+    }
+}
+
+#[test]
+fn the_cli_copies_awkward_names_both_ways() {
+    let Some(options) = s3_options() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = dir.path().join("source");
+    for name in AWKWARD_NAMES {
+        let file = source.join(name);
+        std::fs::create_dir_all(file.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&file, name.as_bytes()).expect("write");
+    }
+    let config = dir.path().join("firn.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[local]\ndata_dir = \"{}\"\n[remote]\nkind = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\nprefix = \"{}\"\n",
+            dir.path().join("data").display(),
+            options.endpoint.as_deref().expect("endpoint"),
+            options.bucket,
+            options.region,
+            options.access_key_id.as_deref().expect("key id"),
+            options.secret_access_key.as_deref().expect("secret"),
+            options.prefix,
+        ),
+    )
+    .expect("config");
+    let config = config.to_str().expect("utf-8");
+    let (ok, out, err) = common::firn(&[
+        "remote",
+        "--config",
+        config,
+        "put",
+        source.to_str().expect("utf-8"),
+        "cli",
+    ]);
+    assert!(ok, "put: {out}{err}");
+    let mut expected: Vec<String> = AWKWARD_NAMES.iter().map(|n| n.to_string()).collect();
+    expected.sort();
+    let listed: Vec<String> = boto3_keys(&format!("{}/cli/", options.prefix))
+        .into_iter()
+        .map(|k| k[options.prefix.len() + "/cli/".len()..].to_string())
+        .collect();
+    assert_eq!(listed, expected, "as boto3 lists them");
+    let back = dir.path().join("back");
+    let (ok, out, err) = common::firn(&[
+        "remote",
+        "--config",
+        config,
+        "get",
+        "cli/",
+        back.to_str().expect("utf-8"),
+    ]);
+    assert!(ok, "get: {out}{err}");
+    assert_eq!(files_in(&back), expected);
+    for name in AWKWARD_NAMES {
+        assert_eq!(
+            std::fs::read(back.join(name)).expect("read back"),
+            name.as_bytes(),
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_object_without_its_digest_is_corrupt() {
+    for b in backends() {
+        let stack = stacked(&b.store, None);
+        // Stored behind firn's back: the bytes are fine, the digest is gone.
+        b.store
+            .put("nodigest/a", random_bytes(1000), Meta::new())
+            .await
+            .expect("raw put");
+        match stack.remote.get("nodigest/a").await {
+            Err(Error::Corrupt { key, reason }) => {
+                assert_eq!(key, "nodigest/a");
+                assert!(reason.contains("firn-blake3"), "{reason}");
+            }
+            other => panic!("{}: expected Corrupt, got {other:?}", b.name),
+        }
+    }
+}
+
+#[tokio::test]
+async fn ranges_are_exact_or_errors() {
+    for b in backends() {
+        let stack = stacked(&b.store, None);
+        let body = random_bytes(100);
+        stack
+            .remote
+            .put("range/a", body.clone(), Meta::new())
+            .await
+            .expect("put");
+        for r in [&b.store, &stack.remote] {
+            assert_eq!(
+                r.get_range("range/a", 90..100).await.expect("tail"),
+                body.slice(90..)
+            );
+            assert!(
+                r.get_range("range/a", 100..100)
+                    .await
+                    .expect("empty")
+                    .is_empty()
+            );
+            for bad in [90..101, 100..101, 150..200, 0..1000] {
+                match r.get_range("range/a", bad.clone()).await {
+                    Err(Error::Permanent { message, .. }) => {
+                        assert!(message.contains("100 bytes"), "{message}")
+                    }
+                    other => panic!("{}: range {bad:?} gave {other:?}", b.name),
+                }
+            }
+        }
+        // Torn ranged responses never reach the caller: they are caught and read again.
+        let torn = stacked(
+            &b.store,
+            Some(FaultSettings {
+                truncate_rate: 0.2,
+                ..FaultSettings::default()
+            }),
+        );
+        for start in 0..50u64 {
+            let got = torn
+                .remote
+                .get_range("range/a", start..start + 50)
+                .await
+                .unwrap_or_else(|e| panic!("{}: torn range: {e}", b.name));
+            assert_eq!(
+                got,
+                body.slice(start as usize..start as usize + 50),
+                "{}",
+                b.name
+            );
+        }
+        assert!(torn.faults.as_ref().expect("faults").injected() > 2);
+    }
+}
+
+#[tokio::test]
+async fn a_read_in_parts_never_mixes_two_versions() {
+    let Some(options) = s3_options() else { return };
+    let store: Arc<dyn Remote> = Arc::new(S3Store::new(&options, unlimited()).expect("s3 store"));
+    // 16 MiB: four parts of 5 MiB (the test store's part size), each version one byte value.
+    let versions: Vec<Bytes> = (1..=4u8).map(|v| Bytes::from(vec![v; 16 << 20])).collect();
+    store
+        .put("mix/a", versions[0].clone(), Meta::new())
+        .await
+        .expect("put");
+    let writer = {
+        let (store, versions) = (store.clone(), versions.clone());
+        tokio::spawn(async move {
+            for round in 0..24 {
+                let body = versions[round % versions.len()].clone();
+                store
+                    .put("mix/a", body, Meta::new())
+                    .await
+                    .expect("overwrite");
+            }
+        })
+    };
+    let (mut whole, mut refused) = (0, 0);
+    while !writer.is_finished() {
+        match store.get("mix/a").await {
+            Ok(object) => {
+                assert_eq!(object.body.len(), 16 << 20);
+                let first = object.body[0];
+                assert!(
+                    object.body.iter().all(|&b| b == first),
+                    "a read mixed two versions of the object"
+                );
+                whole += 1;
+            }
+            Err(Error::Transient { message, .. }) => {
+                assert!(message.contains("changed"), "{message}");
+                refused += 1;
+            }
+            Err(e) => panic!("get: {e}"),
+        }
+    }
+    writer.await.expect("writer");
+    eprintln!("{whole} whole reads, {refused} refused because the object changed");
+    assert!(whole > 0);
+}
+
+#[tokio::test]
+async fn symlinks_planted_in_the_bucket_are_never_followed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = dir.path().join("bucket");
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside).expect("mkdir");
+    std::fs::write(outside.join("secret"), b"not for the bucket").expect("write");
+    let store: Arc<dyn Remote> = Arc::new(DirStore::open(&bucket).expect("dir store"));
+    let stack = stacked(&store, None);
+    let r = &stack.remote;
+    r.put("real/a", Bytes::from_static(b"a"), Meta::new())
+        .await
+        .expect("put");
+    std::os::unix::fs::symlink(&outside, bucket.join("dirlink")).expect("symlink");
+    std::os::unix::fs::symlink(outside.join("secret"), bucket.join("filelink")).expect("symlink");
+    std::os::unix::fs::symlink(&outside, bucket.join("real/inner")).expect("symlink");
+    for key in ["dirlink/secret", "filelink", "real/inner/secret"] {
+        for outcome in [
+            store.get(key).await.map(|o| o.body),
+            store.get_range(key, 0..4).await,
+        ] {
+            assert!(outcome.is_err(), "{key}: read through a link: {outcome:?}");
+        }
+        assert!(
+            !matches!(store.head(key).await, Ok(Some(_))),
+            "{key}: head saw through a link"
+        );
+        if key != "filelink" {
+            assert!(
+                store
+                    .put(key, Bytes::from_static(b"overwrite"), Meta::new())
+                    .await
+                    .is_err(),
+                "{key}: put through a link"
+            );
+        }
+        store.delete(key).await.ok();
+    }
+    // A put onto a link replaces the link itself (the rename never follows it).
+    std::os::unix::fs::symlink(outside.join("secret"), bucket.join("filelink")).expect("symlink");
+    store
+        .put("filelink", Bytes::from_static(b"mine"), Meta::new())
+        .await
+        .expect("put replaces a link");
+    assert!(
+        std::fs::symlink_metadata(bucket.join("filelink"))
+            .expect("stat")
+            .is_file()
+    );
+    store.delete("filelink").await.expect("delete");
+    assert!(
+        store
+            .put("dirlink/new", Bytes::from_static(b"x"), Meta::new())
+            .await
+            .is_err()
+    );
+    // Nothing outside changed, and listings show no link or what is behind one.
+    assert_eq!(
+        std::fs::read(outside.join("secret")).expect("still there"),
+        b"not for the bucket"
+    );
+    assert_eq!(files_in(&outside), ["secret"]);
+    let listed: Vec<String> = store
+        .list("")
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(listed, ["real/a"]);
+    assert!(store.list("dirlink/").await.expect("list").is_empty());
+    assert_eq!(r.get("real/a").await.expect("get").body, &b"a"[..]);
+}
+
+#[test]
+fn opening_removes_only_staging_files_of_dead_writers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = dir.path().join("bucket");
+    DirStore::open(&bucket).expect("first open");
+    let staging = bucket.join(".firn-staging");
+    // A live writer (a child that sleeps) and a dead one (a child that has exited).
+    let mut live = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("sleep");
+    let mut dead = std::process::Command::new("true").spawn().expect("true");
+    let dead_pid = dead.id();
+    dead.wait().expect("wait");
+    let live_file = staging.join(format!("{}-0", live.id()));
+    let dead_file = staging.join(format!("{dead_pid}-0"));
+    std::fs::write(&live_file, b"in flight").expect("write");
+    std::fs::write(&dead_file, b"left by a crash").expect("write");
+    DirStore::open(&bucket).expect("second open");
+    let live_survived = live_file.exists();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(live.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill sleep");
+    live.wait().expect("wait");
+    assert!(live_survived, "a live writer's staging file was deleted");
+    assert!(!dead_file.exists(), "a dead writer's staging file was kept");
+}
+
+#[test]
+fn a_put_fsyncs_every_directory_it_created() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = dir.path().join("bucket");
+    std::fs::create_dir_all(bucket.join("a")).expect("mkdir");
+    let source = dir.path().join("object");
+    std::fs::write(&source, b"x").expect("write");
+    let config = dir.path().join("firn.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[local]\ndata_dir = \"{}\"\n[remote]\nkind = \"local\"\npath = \"{}\"\n",
+            dir.path().join("data").display(),
+            bucket.display()
+        ),
+    )
+    .expect("config");
+    let trace = dir.path().join("trace");
+    let status = std::process::Command::new("strace")
+        .args(["-f", "-y", "-e", "trace=fsync,fdatasync", "-o"])
+        .arg(&trace)
+        .arg(common::FIRN)
+        .args(["remote", "--config"])
+        .arg(&config)
+        .args(["put"])
+        .arg(&source)
+        .arg("a/b/c/d/object")
+        .status()
+        .expect("run strace (package strace)");
+    assert!(status.success());
+    let trace = std::fs::read_to_string(&trace).expect("trace");
+    let synced: Vec<&str> = trace
+        .lines()
+        .filter_map(|l| l.split_once("sync(")?.1.split_once('<')?.1.split_once('>'))
+        .map(|(path, _)| path)
+        .collect();
+    let bucket = std::fs::canonicalize(&bucket).expect("canonical");
+    // a existed; a/b, a/b/c and a/b/c/d were created: their parents, and the object's
+    // directory after the rename, must reach the disk.
+    for dir in ["a", "a/b", "a/b/c", "a/b/c/d"] {
+        let want = bucket.join(dir);
+        assert!(
+            synced.iter().any(|p| std::path::Path::new(p) == want),
+            "{} never fsynced; fsynced: {synced:?}",
+            want.display()
+        );
+    }
+    assert!(bucket.join("a/b/c/d/object").is_file());
+}
+
+/// A TCP relay in front of the S3 server that records when each byte towards the server
+/// arrived: "measured at the store".
+struct Relay {
+    endpoint: String,
+    /// (when, bytes) for every read from the client side.
+    sent: Arc<std::sync::Mutex<Vec<(Instant, usize)>>>,
+}
+
+async fn relay_to(upstream: &str) -> Relay {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = upstream
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind relay");
+    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+    let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = sent.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let up = async {
+                    let mut buf = vec![0u8; 64 << 10];
+                    while let Ok(n) = client_read.read(&mut buf).await {
+                        if n == 0 || server_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        log.lock().expect("log").push((Instant::now(), n));
+                    }
+                    let _ = server_write.shutdown().await;
+                };
+                let down = async {
+                    let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                    let _ = client_write.shutdown().await;
+                };
+                tokio::join!(up, down);
+            });
+        }
+    });
+    Relay { endpoint, sent }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_limit_holds_at_the_store_through_errors() {
+    let Some(mut options) = s3_options() else {
+        return;
+    };
+    let relay = relay_to(options.endpoint.as_deref().expect("endpoint")).await;
+    options.endpoint = Some(relay.endpoint.clone());
+    const RATE: u64 = 8 << 20;
+    let limiter = Arc::new(Limiter::new(
+        toml::from_str(&format!("upload = \"{RATE}/s\"")).expect("policy"),
+    ));
+    let backend: Arc<dyn Remote> =
+        Arc::new(S3Store::new(&options, limiter.clone()).expect("s3 store"));
+    let mut registry = prometheus_client::registry::Registry::default();
+    let stack = remote::stack(
+        backend,
+        RetryPolicy {
+            first_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(200),
+            give_up_after: Duration::from_secs(120),
+        },
+        limiter,
+        Arc::new(RemoteMetrics::new(&mut registry)),
+        Some(Arc::new(FaultPlan::new(FaultSettings {
+            error_rate: 0.3,
+            ..FaultSettings::default()
+        }))),
+    );
+    // Sixteen single-part objects and two of three parts, all in flight at once: 72 MiB.
+    let objects: Vec<(String, Bytes)> = (0..18)
+        .map(|i| {
+            let size = if i < 2 { 15 << 20 } else { 3 << 20 };
+            (format!("limited/{i}"), random_bytes(size))
+        })
+        .collect();
+    futures::future::try_join_all(
+        objects
+            .iter()
+            .map(|(key, body)| stack.remote.put(key, body.clone(), Meta::new())),
+    )
+    .await
+    .expect("puts through errors");
+    let sent = relay.sent.lock().expect("log").clone();
+    let total: usize = sent.iter().map(|(_, n)| n).sum();
+    // From the first byte to arrive to the last: the bytes after the first read, over the time.
+    let (first, last) = (sent[0].0, sent[sent.len() - 1].0);
+    let took = last.duration_since(first).as_secs_f64();
+    let rate = (total - sent[0].1) as f64 / took;
+    // Any one second holds no more than a second's worth, plus the burst allowance.
+    let mut worst = 0usize;
+    for (i, (at, _)) in sent.iter().enumerate() {
+        let window: usize = sent[i..]
+            .iter()
+            .take_while(|(t, _)| t.duration_since(*at) < Duration::from_secs(1))
+            .map(|(_, n)| n)
+            .sum();
+        worst = worst.max(window);
+    }
+    let injected = stack.faults.as_ref().expect("faults").injected();
+    eprintln!(
+        "{total} bytes at the store in {took:.2}s = {:.3} of the limit; busiest second {:.3}; {injected} faults",
+        rate / RATE as f64,
+        worst as f64 / RATE as f64
+    );
+    assert!(injected >= 1, "no fault injected");
+    assert!(
+        total >= 72 << 20,
+        "the store saw {total} bytes, less than the data"
+    );
+    assert!(
+        (rate / RATE as f64 - 1.0).abs() < 0.05,
+        "{rate:.0} B/s at the store, limit {RATE}"
+    );
+    assert!(
+        (worst as f64) < RATE as f64 * 1.3,
+        "{worst} bytes in one second at the store, limit {RATE}/s"
+    );
 }

@@ -99,19 +99,27 @@ async fn put(remote: Arc<dyn Remote>, source: &Path, key: &str, jobs: usize) -> 
         files_under(source)?
             .into_iter()
             .map(|file| {
+                // A name that is not UTF-8 has no S3 spelling; refuse it rather than store
+                // a mangled one.
                 let rel = file
                     .strip_prefix(source)
                     .unwrap_or(&file)
-                    .to_string_lossy()
-                    .into_owned();
+                    .to_str()
+                    .with_context(|| {
+                        format!(
+                            "{} is not valid UTF-8, so it cannot be an object name: rename it",
+                            file.display()
+                        )
+                    })?
+                    .to_string();
                 let key = if prefix.is_empty() {
                     rel
                 } else {
                     format!("{prefix}/{rel}")
                 };
-                (file, key)
+                anyhow::Ok((file, key))
             })
-            .collect()
+            .collect::<anyhow::Result<_>>()?
     } else {
         vec![(source.to_path_buf(), key.to_string())]
     };

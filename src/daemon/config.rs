@@ -486,7 +486,10 @@ mod tests {
         .expect("valid");
         assert_eq!(c.remote.kind, RemoteKind::S3);
         assert_eq!(c.remote.multipart_threshold, ByteSize(64 << 20));
-        assert_eq!(c.remote.bandwidth.upload.0, 10 << 20);
+        assert_eq!(
+            c.remote.bandwidth.upload,
+            crate::remote::limit::Rate::PerSecond(10 << 20)
+        );
         assert_eq!(c.local.max_bytes, Some(ByteSize(100 << 30)));
         assert!(matches!(c.keys, KeySource::File { .. }));
         assert!(
@@ -521,6 +524,12 @@ mod tests {
             ("[http]\nlisten = \"localhost\"", "listen"),
             ("[keys]\nsource = \"env\"\nfile = \"x\"", "file"),
             ("[remote.bandwidth]\nupload = \"fast\"", "fast"),
+            ("[remote.bandwidth]\nupload = \"0\"", "paused"),
+            ("[remote.bandwidth]\ndownload = \"0.4\"", "paused"),
+            (
+                "[[remote.bandwidth.schedule]]\ndays = \"daily\"\nstart = \"71582789:00\"\nend = \"24:00\"",
+                "71582789",
+            ),
             ("[faults]\nerror_rate = 2.0", "error_rate"),
             ("[remote]\nendpoint = \"127.0.0.1:3900\"", "endpoint"),
             ("[nbd]\nallow = [\"10.0.0.0/33\"]", "10.0.0.0/33"),

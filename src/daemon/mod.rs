@@ -34,14 +34,16 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 const PROBE_EVERY: Duration = Duration::from_secs(15);
 
 /// The backend `config` names, without wrappers.
-pub fn open_backend(config: &Config) -> anyhow::Result<Arc<dyn Remote>> {
+/// The configured store, with `limiter` where its bytes move.
+pub fn open_backend(config: &Config, limiter: Arc<Limiter>) -> anyhow::Result<Arc<dyn Remote>> {
     let r = &config.remote;
     Ok(match r.kind {
         RemoteKind::Local => {
             let dir = config.bucket_dir();
             Arc::new(
                 DirStore::open(&dir)
-                    .with_context(|| format!("[remote] path: cannot use {}", dir.display()))?,
+                    .with_context(|| format!("[remote] path: cannot use {}", dir.display()))?
+                    .with_limiter(limiter),
             )
         }
         RemoteKind::S3 => {
@@ -61,7 +63,7 @@ pub fn open_backend(config: &Config) -> anyhow::Result<Arc<dyn Remote>> {
                 request_timeout: Duration::from_secs(r.request_timeout_secs),
             };
             Arc::new(
-                S3Store::new(&options)
+                S3Store::new(&options, limiter)
                     .with_context(|| format!("[remote] {}", config.remote_target()))?,
             )
         }
@@ -102,12 +104,12 @@ fn s3_credentials(config: &Config) -> (Option<String>, Option<String>) {
 
 /// The remote as the daemon and the CLI use it: the backend with every wrapper.
 pub fn open_remote(config: &Config, registry: &mut Registry) -> anyhow::Result<remote::Stack> {
-    let backend = open_backend(config)?;
+    let limiter = Arc::new(Limiter::new(config.remote.bandwidth.clone()));
+    let backend = open_backend(config, limiter.clone())?;
     let policy = RetryPolicy {
         give_up_after: config.retry_for(),
         ..RetryPolicy::default()
     };
-    let limiter = Arc::new(Limiter::new(config.remote.bandwidth.clone()));
     let metrics = Arc::new(RemoteMetrics::new(registry));
     let faults = config.faults.clone().map(|f| Arc::new(FaultPlan::new(f)));
     Ok(remote::stack(backend, policy, limiter, metrics, faults))

@@ -4,50 +4,144 @@
 //! neither fsyncs (an acknowledged put could vanish in a power cut) nor stores user metadata.
 //! Each object is a file at `<root>/<key>`; its metadata lives in `user.firn.*` extended
 //! attributes of the file, so data and metadata are replaced together by one rename.
+//!
+//! Every path is resolved beneath the root one segment at a time with `O_NOFOLLOW`, from a
+//! descriptor of the root opened once: a symlink planted in the bucket directory is refused,
+//! never followed out of it. A put is staged in `.firn-staging/<pid>-<n>`, fsynced, renamed
+//! into place, and then every directory it touched is fsynced: the one holding the object
+//! and the parent of each directory the put created. At open, staging files whose process is
+//! gone are removed; those of live processes (another firn on the same directory) are left.
 
-use std::fs::{self, File};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::ffi::{CStr, OsStr};
+use std::fs::File;
+use std::io::{self, Write};
 use std::ops::Range;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, openat, renameat};
+use nix::sys::stat::{Mode, SFlag, fstatat, mkdirat};
+use nix::unistd::{UnlinkatFlags, unlinkat};
 use xattr::FileExt;
 
+use super::limit::{Direction, Limiter, SLICE};
 use super::{Error, Meta, Object, ObjectInfo, Remote, Result, check_key};
 
 /// Where puts are staged before their rename; never listed, never a valid key.
 const STAGING: &str = ".firn-staging";
 const XATTR_PREFIX: &str = "user.firn.";
+/// A file name's limit on Linux file systems; each key segment is one file name.
+const MAX_NAME_BYTES: usize = 255;
 
-/// Cheap to clone: clones share the directory and the staging counter.
+/// Cheap to clone: clones share the root descriptor and the staging counter.
 #[derive(Debug, Clone)]
 pub struct DirStore {
-    root: Arc<PathBuf>,
+    root_path: Arc<PathBuf>,
+    /// Charged for every slice written or read, as the bytes move.
+    limiter: Option<Arc<Limiter>>,
+    root: Arc<OwnedFd>,
     next_staging: Arc<AtomicU64>,
+}
+
+fn dir_flags() -> OFlag {
+    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
+}
+
+fn io_from(errno: Errno) -> io::Error {
+    io::Error::from_raw_os_error(errno as i32)
+}
+
+/// Opens `name` inside `dir` as a directory, refusing a symlink.
+fn open_dir(dir: impl AsFd, name: &OsStr) -> io::Result<OwnedFd> {
+    openat(dir, name, dir_flags(), Mode::empty()).map_err(io_from)
+}
+
+/// Whether a staging file's writer may still be running: its name starts with its PID.
+fn writer_alive(name: &str) -> bool {
+    let Some(pid) = name.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    // Signal 0 only checks for existence; EPERM means it exists under another user.
+    !matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+        Err(Errno::ESRCH)
+    )
 }
 
 impl DirStore {
     pub fn open(root: impl Into<PathBuf>) -> io::Result<DirStore> {
-        let root = root.into();
-        fs::create_dir_all(root.join(STAGING))?;
-        // Leftovers of puts interrupted by a crash: never renamed, so never visible.
-        for entry in fs::read_dir(root.join(STAGING))? {
-            let _ = fs::remove_file(entry?.path());
+        let root_path = root.into();
+        std::fs::create_dir_all(root_path.join(STAGING))?;
+        let root = nix::fcntl::open(
+            &root_path,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io_from)?;
+        let staging = open_dir(&root, OsStr::new(STAGING))?;
+        // Leftovers of puts interrupted by a crash: never renamed, so never visible. Files of
+        // a process still running (a second firn on this directory) are its puts in flight.
+        let me = std::process::id().to_string();
+        let mut dir = nix::dir::Dir::from_fd(staging.try_clone()?).map_err(io_from)?;
+        for entry in dir.iter() {
+            let entry = entry.map_err(io_from)?;
+            let Ok(name) = entry.file_name().to_str() else {
+                continue;
+            };
+            if name == "." || name == ".." || name.split('-').next() == Some(me.as_str()) {
+                continue;
+            }
+            if !writer_alive(name) {
+                let _ = unlinkat(&staging, name, UnlinkatFlags::NoRemoveDir);
+            }
         }
         Ok(DirStore {
+            root_path: Arc::new(root_path),
+            limiter: None,
             root: Arc::new(root),
             next_staging: Arc::new(AtomicU64::new(0)),
         })
     }
 
     pub fn root(&self) -> &Path {
-        &self.root
+        &self.root_path
     }
 
-    fn path(&self, key: &str) -> Result<PathBuf> {
+    /// Bytes written and read pass `limiter` (the embedded default honours the bandwidth
+    /// policy like a remote bucket does).
+    pub fn with_limiter(mut self, limiter: Arc<Limiter>) -> Self {
+        self.limiter = Some(limiter);
+        self
+    }
+
+    /// Waits for the limiter; called on blocking threads, which run inside the runtime.
+    fn charge(&self, direction: Direction, bytes: usize) {
+        if let Some(limiter) = &self.limiter {
+            tokio::runtime::Handle::current().block_on(limiter.acquire(direction, bytes as u64));
+        }
+    }
+
+    /// Reads `len` bytes at `offset`, slice by slice through the limiter.
+    fn read_at(&self, file: &File, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        let mut body = vec![0; len as usize];
+        for (i, chunk) in body.chunks_mut(SLICE).enumerate() {
+            self.charge(Direction::Download, chunk.len());
+            file.read_exact_at(chunk, offset + (i * SLICE) as u64)?;
+        }
+        Ok(body)
+    }
+
+    /// The key's segments, checked.
+    fn segments<'k>(&self, key: &'k str) -> Result<Vec<&'k str>> {
         check_key(key)?;
         if key == STAGING || key.starts_with(&format!("{STAGING}/")) {
             return Err(Error::BadKey {
@@ -55,72 +149,143 @@ impl DirStore {
                 reason: format!("{STAGING} is reserved"),
             });
         }
-        Ok(self.root.join(key))
+        if let Some(long) = key.split('/').find(|s| s.len() > MAX_NAME_BYTES) {
+            return Err(Error::BadKey {
+                key: key.to_string(),
+                reason: format!(
+                    "segment of {} bytes; a directory store allows {MAX_NAME_BYTES} per segment",
+                    long.len()
+                ),
+            });
+        }
+        Ok(key.split('/').collect())
+    }
+
+    /// Walks down `dirs` from the root without following links: the descriptor of the last
+    /// one. A symlink on the way is `ELOOP` or `ENOTDIR`.
+    fn walk(&self, dirs: &[&str]) -> io::Result<OwnedFd> {
+        let mut fd = self.root.try_clone()?;
+        for segment in dirs {
+            fd = open_dir(&fd, OsStr::new(segment))?;
+        }
+        Ok(fd)
+    }
+
+    /// Like `walk`, creating what is missing; fsyncs the parent of every directory created.
+    fn walk_creating(&self, dirs: &[&str]) -> io::Result<OwnedFd> {
+        let mut fd = self.root.try_clone()?;
+        for segment in dirs {
+            let name = OsStr::new(segment);
+            let next = match open_dir(&fd, name) {
+                Ok(next) => next,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    match mkdirat(&fd, name, Mode::from_bits_truncate(0o755)) {
+                        Ok(()) => {
+                            // The new entry is durable only once its parent is synced.
+                            nix::unistd::fsync(&fd).map_err(io_from)?;
+                        }
+                        Err(Errno::EEXIST) => {} // made by a concurrent put
+                        Err(e) => return Err(io_from(e)),
+                    }
+                    open_dir(&fd, name)?
+                }
+                Err(e) => return Err(e),
+            };
+            fd = next;
+        }
+        Ok(fd)
+    }
+
+    /// The file of an object, opened read-only without following a link at any step.
+    fn open_object(&self, segments: &[&str]) -> io::Result<File> {
+        let (leaf, dirs) = segments.split_last().ok_or(io::ErrorKind::InvalidInput)?;
+        let dir = self.walk(dirs)?;
+        let fd = openat(
+            &dir,
+            OsStr::new(leaf),
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+            Mode::empty(),
+        )
+        .map_err(io_from)?;
+        let file = File::from(fd);
+        if !file.metadata()?.is_file() {
+            // A directory or a device where an object should be: not an object.
+            return Err(io::ErrorKind::NotFound.into());
+        }
+        Ok(file)
     }
 
     fn put_blocking(&self, key: &str, body: &[u8], meta: &Meta) -> Result<()> {
-        let path = self.path(key)?;
+        let segments = self.segments(key)?;
         let io_err = |e: io::Error| local_error("put", key, e);
         let n = self.next_staging.fetch_add(1, Ordering::Relaxed);
-        let staged = self
-            .root
-            .join(STAGING)
-            .join(format!("{}-{n}", std::process::id()));
+        let staged = format!("{}-{n}", std::process::id());
+        let staging = open_dir(&*self.root, OsStr::new(STAGING)).map_err(io_err)?;
         let result = (|| {
-            let mut file = File::create(&staged)?;
-            file.write_all(body)?;
+            let fd = openat(
+                &staging,
+                staged.as_str(),
+                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o644),
+            )
+            .map_err(io_from)?;
+            let mut file = File::from(fd);
+            for chunk in body.chunks(SLICE) {
+                self.charge(Direction::Upload, chunk.len());
+                file.write_all(chunk)?;
+            }
             for (name, value) in meta {
                 file.set_xattr(format!("{XATTR_PREFIX}{name}"), value.as_bytes())?;
             }
             file.sync_all()?;
-            let parent = path.parent().unwrap_or(self.root.as_path());
-            fs::create_dir_all(parent)?;
-            fs::rename(&staged, &path)?;
-            File::open(parent)?.sync_all()
+            let (leaf, dirs) = segments.split_last().ok_or(io::ErrorKind::InvalidInput)?;
+            let parent = self.walk_creating(dirs)?;
+            renameat(&staging, staged.as_str(), &parent, OsStr::new(leaf)).map_err(io_from)?;
+            nix::unistd::fsync(&parent).map_err(io_from)
         })();
         if result.is_err() {
-            let _ = fs::remove_file(&staged);
+            let _ = unlinkat(&staging, staged.as_str(), UnlinkatFlags::NoRemoveDir);
         }
         result.map_err(io_err)
     }
 
     fn get_blocking(&self, key: &str) -> Result<Object> {
-        let path = self.path(key)?;
+        let segments = self.segments(key)?;
         let io_err = |e: io::Error| local_error("get", key, e);
-        let mut file = File::open(&path).map_err(io_err)?;
-        let mut body = Vec::new();
-        file.read_to_end(&mut body).map_err(io_err)?;
-        let mut meta = Meta::new();
-        for name in file.list_xattr().map_err(io_err)? {
-            let Some(name) = name.to_str().and_then(|n| n.strip_prefix(XATTR_PREFIX)) else {
-                continue;
-            };
-            if let Some(value) = file
-                .get_xattr(format!("{XATTR_PREFIX}{name}"))
-                .map_err(io_err)?
-            {
-                meta.insert(
-                    name.to_string(),
-                    String::from_utf8_lossy(&value).into_owned(),
-                );
-            }
-        }
+        let file = self.open_object(&segments).map_err(io_err)?;
+        let size = file.metadata().map_err(io_err)?.len();
+        let body = self.read_at(&file, 0, size).map_err(io_err)?;
         Ok(Object {
             body: Bytes::from(body),
-            meta,
+            meta: read_meta(&file).map_err(io_err)?,
         })
     }
 
     fn get_range_blocking(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
-        let path = self.path(key)?;
+        let segments = self.segments(key)?;
         let io_err = |e: io::Error| local_error("get_range", key, e);
-        let mut file = File::open(&path).map_err(io_err)?;
+        let file = self.open_object(&segments).map_err(io_err)?;
         let size = file.metadata().map_err(io_err)?.len();
-        let range = clamp_range(key, range, size)?;
-        file.seek(SeekFrom::Start(range.start)).map_err(io_err)?;
-        let mut body = vec![0; (range.end - range.start) as usize];
-        file.read_exact(&mut body).map_err(io_err)?;
+        let range = check_range(key, range, size)?;
+        let body = self
+            .read_at(&file, range.start, range.end - range.start)
+            .map_err(io_err)?;
         Ok(Bytes::from(body))
+    }
+
+    fn head_blocking(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        let segments = self.segments(key)?;
+        match self.open_object(&segments) {
+            Ok(file) => Ok(Some(ObjectInfo {
+                key: key.to_string(),
+                size: file
+                    .metadata()
+                    .map_err(|e| local_error("head", key, e))?
+                    .len(),
+            })),
+            Err(e) if gone(&e) => Ok(None),
+            Err(e) => Err(local_error("head", key, e)),
+        }
     }
 
     fn list_blocking(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
@@ -130,40 +295,51 @@ impl DirStore {
             None => "",
         };
         let start = if dir_part.is_empty() {
-            self.root.to_path_buf()
+            self.root.try_clone()
         } else {
-            self.path(dir_part)?
+            let segments = self.segments(dir_part)?;
+            self.walk(&segments)
+        };
+        let start = match start {
+            Ok(fd) => fd,
+            Err(e) if gone(&e) => return Ok(Vec::new()),
+            Err(e) => return Err(local_error("list", prefix, e)),
         };
         let mut found = Vec::new();
-        let mut pending = vec![start];
-        while let Some(dir) = pending.pop() {
-            let entries = match fs::read_dir(&dir) {
-                Ok(entries) => entries,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) if e.kind() == io::ErrorKind::NotADirectory => continue,
-                Err(e) => return Err(local_error("list", prefix, e)),
-            };
-            for entry in entries {
-                let entry = entry.map_err(|e| local_error("list", prefix, e))?;
-                let path = entry.path();
-                let Ok(rel) = path.strip_prefix(self.root.as_path()) else {
-                    continue;
-                };
-                let Some(key) = rel.to_str() else { continue };
-                if key == STAGING {
+        let mut pending = vec![(start, dir_part.to_string())];
+        while let Some((fd, path)) = pending.pop() {
+            let listing =
+                nix::dir::Dir::from_fd(fd.try_clone().map_err(|e| local_error("list", prefix, e))?);
+            let mut listing = listing.map_err(|e| local_error("list", prefix, io_from(e)))?;
+            for entry in listing.iter() {
+                let entry = entry.map_err(|e| local_error("list", prefix, io_from(e)))?;
+                let name: &CStr = entry.file_name();
+                let Ok(name) = name.to_str() else { continue };
+                if name == "." || name == ".." || (path.is_empty() && name == STAGING) {
                     continue;
                 }
-                let kind = entry.file_type().map_err(|e| local_error("list", key, e))?;
-                if kind.is_dir() {
-                    pending.push(path);
-                } else if kind.is_file() && key.starts_with(prefix) {
-                    let size = entry
-                        .metadata()
-                        .map_err(|e| local_error("list", key, e))?
-                        .len();
+                let key = if path.is_empty() {
+                    name.to_string()
+                } else {
+                    format!("{path}/{name}")
+                };
+                // Never follow: a symlink is neither an object nor a directory of objects.
+                let stat = match fstatat(&fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+                    Ok(stat) => stat,
+                    Err(Errno::ENOENT) => continue, // deleted while we looked
+                    Err(e) => return Err(local_error("list", &key, io_from(e))),
+                };
+                let kind = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT;
+                if kind == SFlag::S_IFDIR {
+                    match open_dir(&fd, OsStr::new(name)) {
+                        Ok(sub) => pending.push((sub, key)),
+                        Err(e) if gone(&e) => {}
+                        Err(e) => return Err(local_error("list", &key, e)),
+                    }
+                } else if kind == SFlag::S_IFREG && key.starts_with(prefix) {
                     found.push(ObjectInfo {
-                        key: key.to_string(),
-                        size,
+                        key,
+                        size: stat.st_size as u64,
                     });
                 }
             }
@@ -173,41 +349,101 @@ impl DirStore {
     }
 
     fn delete_blocking(&self, key: &str) -> Result<()> {
-        let path = self.path(key)?;
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(local_error("delete", key, e)),
+        let segments = self.segments(key)?;
+        let (leaf, dirs) = segments.split_last().ok_or_else(|| Error::BadKey {
+            key: key.to_string(),
+            reason: "empty key".to_string(),
+        })?;
+        // Keep each directory's descriptor, to prune the ones the delete leaves empty.
+        let mut fds = vec![
+            self.root
+                .try_clone()
+                .map_err(|e| local_error("delete", key, e))?,
+        ];
+        for segment in dirs {
+            match open_dir(&fds[fds.len() - 1], OsStr::new(segment)) {
+                Ok(fd) => fds.push(fd),
+                Err(e) if gone(&e) => return Ok(()),
+                Err(e) => return Err(local_error("delete", key, e)),
+            }
         }
+        let parent = &fds[fds.len() - 1];
+        // unlinkat removes a symlink itself, never its target.
+        match unlinkat(parent, OsStr::new(leaf), UnlinkatFlags::NoRemoveDir) {
+            Ok(()) => {}
+            Err(Errno::ENOENT) => return Ok(()),
+            Err(e) => return Err(local_error("delete", key, io_from(e))),
+        }
+        let _ = nix::unistd::fsync(parent);
         // Prune directories the delete left empty, so the tree mirrors the key space.
-        let mut dir = path.parent();
-        while let Some(d) = dir {
-            if d == self.root.as_path() || fs::remove_dir(d).is_err() {
+        for depth in (0..dirs.len()).rev() {
+            if unlinkat(
+                &fds[depth],
+                OsStr::new(dirs[depth]),
+                UnlinkatFlags::RemoveDir,
+            )
+            .is_err()
+            {
                 break;
             }
-            dir = d.parent();
         }
         Ok(())
     }
 }
 
-pub(super) fn clamp_range(key: &str, range: Range<u64>, size: u64) -> Result<Range<u64>> {
-    if range.start > range.end || range.start > size {
-        return Err(Error::Permanent {
-            op: "get_range",
-            key: key.to_string(),
-            message: format!(
-                "range {}..{} outside the object's {size} bytes",
-                range.start, range.end
-            ),
-        });
+fn read_meta(file: &File) -> io::Result<Meta> {
+    let mut meta = Meta::new();
+    for name in file.list_xattr()? {
+        let Some(name) = name.to_str().and_then(|n| n.strip_prefix(XATTR_PREFIX)) else {
+            continue;
+        };
+        if let Some(value) = file.get_xattr(format!("{XATTR_PREFIX}{name}"))? {
+            meta.insert(
+                name.to_string(),
+                String::from_utf8_lossy(&value).into_owned(),
+            );
+        }
     }
-    Ok(range.start..range.end.min(size))
+    Ok(meta)
+}
+
+/// Not there, as far as a key is concerned: missing, or a link or file where a directory
+/// should be.
+fn gone(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error().map(Errno::from_raw),
+        Some(Errno::ENOENT | Errno::ENOTDIR)
+    ) || e.kind() == io::ErrorKind::NotFound
+}
+
+/// The range as asked, or an error when the object cannot supply every byte of it.
+pub(super) fn check_range(key: &str, range: Range<u64>, size: u64) -> Result<Range<u64>> {
+    if range.start > range.end || range.end > size {
+        return Err(super::bad_range(key, &range, Some(size)));
+    }
+    Ok(range)
 }
 
 fn local_error(op: &'static str, key: &str, e: io::Error) -> Error {
-    match e.kind() {
-        io::ErrorKind::NotFound => Error::NotFound {
+    match e.raw_os_error().map(Errno::from_raw) {
+        Some(Errno::ENOTDIR) if op == "put" => Error::Permanent {
+            op,
+            key: key.to_string(),
+            message: "a file in the bucket directory is in the way of a directory this key \
+                      needs: move it"
+                .to_string(),
+        },
+        Some(Errno::ENOENT | Errno::ENOTDIR) => Error::NotFound {
+            key: key.to_string(),
+        },
+        Some(Errno::ELOOP) => Error::Permanent {
+            op,
+            key: key.to_string(),
+            message: "a symbolic link in the bucket directory is in the way; the directory \
+                      store never follows links: remove it"
+                .to_string(),
+        },
+        _ if e.kind() == io::ErrorKind::NotFound => Error::NotFound {
             key: key.to_string(),
         },
         _ => Error::Permanent {
@@ -242,16 +478,8 @@ impl Remote for DirStore {
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
-        let path = self.path(key)?;
-        match tokio::fs::metadata(&path).await {
-            Ok(m) if m.is_file() => Ok(Some(ObjectInfo {
-                key: key.to_string(),
-                size: m.len(),
-            })),
-            Ok(_) => Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(local_error("head", key, e)),
-        }
+        let (this, key) = (self.clone(), key.to_string());
+        blocking(move || this.head_blocking(&key)).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {

@@ -1,5 +1,5 @@
 //! The fault injector, for tests and for drills: a share of requests fail, every request can
-//! be slowed, whole-object reads can come back truncated, and an outage window makes every
+//! be slowed, reads (whole or ranged) can come back truncated, and an outage window makes every
 //! request fail until it ends. All settings can be changed while running.
 //!
 //! A failed put fails before or after the inner put at random, so callers also meet the case
@@ -26,7 +26,7 @@ pub struct FaultSettings {
     /// Added to every request.
     #[serde(default)]
     pub latency_ms: u64,
-    /// Share of whole-object reads, 0.0 to 1.0, whose body is cut short.
+    /// Share of reads (whole or ranged), 0.0 to 1.0, whose body is cut short.
     #[serde(default)]
     pub truncate_rate: f64,
     /// Every request fails for this many seconds from start: a drill of an uplink outage.
@@ -160,7 +160,12 @@ impl Remote for Faulty {
         if self.plan.roll(s.error_rate) {
             return Err(injected("get_range", key, "error"));
         }
-        self.inner.get_range(key, range).await
+        let mut body = self.inner.get_range(key, range).await?;
+        if !body.is_empty() && self.plan.roll(s.truncate_rate) {
+            let keep = rand::rng().random_range(0..body.len());
+            body.truncate(keep);
+        }
+        Ok(body)
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {

@@ -1,38 +1,62 @@
 //! The bandwidth limiter: one token bucket for uploads and one for downloads, with a base
 //! rate and an optional weekly schedule of windows that override it (say 10 MiB/s up on
-//! weekdays 08:00 to 18:00, unlimited otherwise). The policy can be replaced while running.
+//! weekdays 08:00 to 18:00, unlimited otherwise). A rate is a number of bytes per second,
+//! `unlimited`, or `paused`. The policy can be replaced while running.
 //!
-//! A transfer takes its tokens up front and may drive the bucket into debt; the next caller
-//! waits the debt out. Over many transfers the rate holds; a single large transfer waits
-//! first and then goes at link speed.
+//! The limiter is not a wrapper around whole requests: it sits where bytes move. The S3
+//! backend's HTTP client ([`Throttled`] bodies) charges every request and response body in
+//! slices as they go over the wire, so parts in parallel share the rate, and every retry (the
+//! client's own and firn's) pays again. The directory store charges each slice it writes or
+//! reads. A slice may drive its bucket into debt; the next slice waits the debt out. Every wait
+//! re-reads the policy (and is woken when it changes), so a new limit, a pause or its end takes
+//! effect at once.
 
 use std::fmt;
-use std::ops::Range;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{Datelike, Timelike};
 use serde::{Deserialize, Serialize};
 
-use super::{Meta, Object, ObjectInfo, Remote, Result};
-use crate::size::{Human, parse_size};
+use crate::size::parse_size;
 
-/// Bytes per second; zero means unlimited.
+/// A limit on one direction.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct Rate(pub u64);
+pub enum Rate {
+    #[default]
+    Unlimited,
+    /// Nothing moves until the policy changes or a window ends.
+    Paused,
+    /// Bytes per second, at least 1.
+    PerSecond(u64),
+}
 
 impl TryFrom<String> for Rate {
     type Error = String;
     fn try_from(text: String) -> std::result::Result<Self, String> {
         let t = text.trim();
         if t.eq_ignore_ascii_case("unlimited") {
-            return Ok(Rate(0));
+            return Ok(Rate::Unlimited);
         }
-        let t = t.strip_suffix("/s").unwrap_or(t);
-        parse_size(t).map(Rate).map_err(|e| e.to_string())
+        if t.eq_ignore_ascii_case("paused") {
+            return Ok(Rate::Paused);
+        }
+        let number = t.strip_suffix("/s").unwrap_or(t);
+        match parse_size(number) {
+            // "0" (or "0.4", which rounds to it) used to mean unlimited: ask which is meant.
+            Ok(0) => Err(format!(
+                "rate {t:?} is zero: write \"paused\" to stop transfers or \"unlimited\" for no limit"
+            )),
+            Ok(n) => Ok(Rate::PerSecond(n)),
+            Err(e) => Err(format!(
+                "{e}: a rate is a size per second (\"10MiB\", \"512KiB/s\"), \"unlimited\" or \"paused\""
+            )),
+        }
     }
 }
 
@@ -44,11 +68,13 @@ impl From<Rate> for String {
 
 impl fmt::Display for Rate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            0 => write!(f, "unlimited"),
-            n if n % (1 << 20) == 0 => write!(f, "{}MiB/s", n >> 20),
-            n if n % (1 << 10) == 0 => write!(f, "{}KiB/s", n >> 10),
-            n => write!(f, "{}/s", Human(n)),
+        match *self {
+            Rate::Unlimited => write!(f, "unlimited"),
+            Rate::Paused => write!(f, "paused"),
+            Rate::PerSecond(n) if n % (1 << 20) == 0 => write!(f, "{}MiB/s", n >> 20),
+            Rate::PerSecond(n) if n % (1 << 10) == 0 => write!(f, "{}KiB/s", n >> 10),
+            // Exact, so the text reads back as the same rate.
+            Rate::PerSecond(n) => write!(f, "{n}/s"),
         }
     }
 }
@@ -117,7 +143,8 @@ impl TryFrom<String> for TimeOfDay {
         let bad = || format!("invalid time {text:?}: expected HH:MM, 00:00 to 24:00");
         let (h, m) = text.trim().split_once(':').ok_or_else(bad)?;
         let (h, m): (u32, u32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
-        if m >= 60 || h * 60 + m > 24 * 60 {
+        // Compare before multiplying: a large hour would wrap around into the day.
+        if h > 24 || m >= 60 || h * 60 + m > 24 * 60 {
             return Err(bad());
         }
         Ok(TimeOfDay(h * 60 + m))
@@ -178,6 +205,10 @@ impl Policy {
 
 /// How far ahead of the rate a bucket may run after a quiet spell.
 const BURST: Duration = Duration::from_millis(250);
+/// The most one charge takes at once; larger bodies are charged (and sent) slice by slice.
+pub const SLICE: usize = 64 << 10;
+/// A paused or waiting transfer looks at the clock (for schedule windows) at least this often.
+const RECHECK: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 struct Bucket {
@@ -190,6 +221,8 @@ pub struct Limiter {
     policy: RwLock<Policy>,
     upload: Mutex<Bucket>,
     download: Mutex<Bucket>,
+    /// Wakes every waiter when the policy changes.
+    changed: tokio::sync::Notify,
 }
 
 impl Limiter {
@@ -204,6 +237,7 @@ impl Limiter {
             policy: RwLock::new(policy),
             upload: bucket(),
             download: bucket(),
+            changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -216,6 +250,7 @@ impl Limiter {
 
     pub fn set_policy(&self, policy: Policy) {
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = policy;
+        self.changed.notify_waiters();
     }
 
     pub fn rate_now(&self, direction: Direction) -> Rate {
@@ -227,83 +262,143 @@ impl Limiter {
             .rate_at(direction, now.weekday().num_days_from_monday(), minute)
     }
 
-    /// Waits until `bytes` more may pass in `direction` under the rate in force.
+    /// Waits until `bytes` more may pass in `direction`, slice by slice, under the rate in
+    /// force at each slice.
     pub async fn acquire(&self, direction: Direction, bytes: u64) {
-        let rate = self.rate_now(direction).0;
-        if rate == 0 || bytes == 0 {
-            return;
+        let mut left = bytes;
+        while left > 0 {
+            let slice = left.min(SLICE as u64);
+            self.acquire_slice(direction, slice).await;
+            left -= slice;
         }
+    }
+
+    async fn acquire_slice(&self, direction: Direction, bytes: u64) {
         let bucket = match direction {
             Direction::Upload => &self.upload,
             Direction::Download => &self.download,
         };
-        let wait = {
-            let mut b = bucket.lock().unwrap_or_else(|e| e.into_inner());
-            let now = Instant::now();
-            let rate = rate as f64;
-            let refill = now.duration_since(b.last).as_secs_f64() * rate;
-            b.tokens = (b.tokens + refill).min(rate * BURST.as_secs_f64());
-            b.last = now;
-            b.tokens -= bytes as f64;
-            if b.tokens < 0.0 {
-                Duration::from_secs_f64(-b.tokens / rate)
-            } else {
-                Duration::ZERO
+        loop {
+            // Register for a policy change before reading the policy, so none is missed.
+            let changed = self.changed.notified();
+            let wait = match self.rate_now(direction) {
+                Rate::Unlimited => {
+                    let mut b = bucket.lock().unwrap_or_else(|e| e.into_inner());
+                    b.tokens = 0.0;
+                    b.last = Instant::now();
+                    return;
+                }
+                Rate::Paused => RECHECK,
+                Rate::PerSecond(rate) => {
+                    let mut b = bucket.lock().unwrap_or_else(|e| e.into_inner());
+                    let now = Instant::now();
+                    let rate = rate as f64;
+                    let refill = now.duration_since(b.last).as_secs_f64() * rate;
+                    b.tokens = (b.tokens + refill).min(rate * BURST.as_secs_f64());
+                    b.last = now;
+                    if b.tokens >= 0.0 {
+                        // Paid from the bucket, perhaps into debt that later slices wait out.
+                        b.tokens -= bytes as f64;
+                        return;
+                    }
+                    Duration::from_secs_f64(-b.tokens / rate).min(RECHECK)
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = changed => {}
             }
-        };
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
         }
     }
 }
 
-#[derive(Debug)]
-pub struct Limited {
-    inner: Arc<dyn Remote>,
-    limiter: Arc<Limiter>,
+/// An HTTP body (request or response) whose bytes pass the limiter in slices as they are
+/// polled: the wire never runs ahead of the rate by more than a slice and the burst.
+pub struct Throttled<B> {
+    inner: B,
+    /// `None`: a body that passes free (listings, protocol messages).
+    limiter: Option<Arc<Limiter>>,
+    direction: Direction,
+    /// Taken from the inner body, not yet charged.
+    pending: Bytes,
+    /// Charged (or being charged), to go out when `wait` is done.
+    ready: Option<Bytes>,
+    /// `Mutex` only to make the body `Sync` (HTTP clients ask for it); it is never contended.
+    wait: Option<Mutex<Pin<Box<dyn Future<Output = ()> + Send>>>>,
 }
 
-impl Limited {
-    pub fn new(inner: Arc<dyn Remote>, limiter: Arc<Limiter>) -> Self {
-        Limited { inner, limiter }
+impl<B> Throttled<B> {
+    pub fn new(inner: B, limiter: Option<Arc<Limiter>>, direction: Direction) -> Self {
+        Throttled {
+            inner,
+            limiter,
+            direction,
+            pending: Bytes::new(),
+            ready: None,
+            wait: None,
+        }
     }
 }
 
-#[async_trait]
-impl Remote for Limited {
-    async fn put(&self, key: &str, body: Bytes, meta: Meta) -> Result<()> {
-        self.limiter
-            .acquire(Direction::Upload, body.len() as u64)
-            .await;
-        self.inner.put(key, body, meta).await
+impl<B> http_body::Body for Throttled<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::result::Result<http_body::Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(wait) = &mut this.wait {
+                let wait = wait.get_mut().unwrap_or_else(|e| e.into_inner());
+                if wait.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.wait = None;
+                if let Some(slice) = this.ready.take() {
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(slice))));
+                }
+            }
+            if !this.pending.is_empty() {
+                let slice = this.pending.split_to(this.pending.len().min(SLICE));
+                let Some(limiter) = this.limiter.clone() else {
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(slice))));
+                };
+                let (direction, n) = (this.direction, slice.len() as u64);
+                this.ready = Some(slice);
+                this.wait = Some(Mutex::new(Box::pin(async move {
+                    limiter.acquire(direction, n).await
+                })));
+                continue;
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => this.pending = data,
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                other => return other,
+            }
+        }
     }
 
-    async fn get(&self, key: &str) -> Result<Object> {
-        let object = self.inner.get(key).await?;
-        self.limiter
-            .acquire(Direction::Download, object.body.len() as u64)
-            .await;
-        Ok(object)
+    fn is_end_stream(&self) -> bool {
+        self.pending.is_empty() && self.ready.is_none() && self.inner.is_end_stream()
     }
 
-    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
-        let body = self.inner.get_range(key, range).await?;
-        self.limiter
-            .acquire(Direction::Download, body.len() as u64)
-            .await;
-        Ok(body)
-    }
-
-    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
-        self.inner.head(key).await
-    }
-
-    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
-        self.inner.list(prefix).await
-    }
-
-    async fn delete(&self, key: &str) -> Result<()> {
-        self.inner.delete(key).await
+    fn size_hint(&self) -> http_body::SizeHint {
+        let held = (self.pending.len() + self.ready.as_ref().map_or(0, |r| r.len())) as u64;
+        let inner = self.inner.size_hint();
+        let mut hint = http_body::SizeHint::new();
+        hint.set_lower(inner.lower() + held);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + held);
+        }
+        hint
     }
 }
 
@@ -313,6 +408,10 @@ mod tests {
 
     fn policy(toml_text: &str) -> Policy {
         toml::from_str(toml_text).expect("valid policy")
+    }
+
+    fn rate(n: u64) -> Rate {
+        Rate::PerSecond(n)
     }
 
     #[test]
@@ -327,17 +426,21 @@ mod tests {
             upload = "10MiB"
             "#,
         );
-        let up = |day, minute| p.rate_at(Direction::Upload, day, minute).0;
-        assert_eq!(up(0, 8 * 60), 10 << 20, "Monday 08:00 is in the window");
+        let up = |day, minute| p.rate_at(Direction::Upload, day, minute);
+        assert_eq!(
+            up(0, 8 * 60),
+            rate(10 << 20),
+            "Monday 08:00 is in the window"
+        );
         assert_eq!(
             up(4, 17 * 60 + 59),
-            10 << 20,
+            rate(10 << 20),
             "Friday 17:59 is in the window"
         );
-        assert_eq!(up(4, 18 * 60), 0, "the window ends at 18:00");
-        assert_eq!(up(5, 12 * 60), 0, "Saturday is outside");
-        assert_eq!(up(2, 7 * 60 + 59), 0, "before the window");
-        assert_eq!(p.rate_at(Direction::Download, 0, 9 * 60).0, 0);
+        assert_eq!(up(4, 18 * 60), Rate::Unlimited, "the window ends at 18:00");
+        assert_eq!(up(5, 12 * 60), Rate::Unlimited, "Saturday is outside");
+        assert_eq!(up(2, 7 * 60 + 59), Rate::Unlimited, "before the window");
+        assert_eq!(p.rate_at(Direction::Download, 0, 9 * 60), Rate::Unlimited);
     }
 
     #[test]
@@ -351,6 +454,29 @@ mod tests {
         let again: Policy =
             serde_json::from_str(&serde_json::to_string(&p).expect("json")).expect("round trip");
         assert_eq!(p, again);
+        let p = policy("upload = \"paused\"\ndownload = \"1000/s\"");
+        assert_eq!(p.upload, Rate::Paused);
+        assert_eq!(p.download, rate(1000));
+        let again: Policy =
+            serde_json::from_str(&serde_json::to_string(&p).expect("json")).expect("round trip");
+        assert_eq!(p, again);
+    }
+
+    #[test]
+    fn zero_rates_and_wrapping_hours_are_refused() {
+        for text in ["0", "0.4", "0MiB", "0/s", "0.0001KiB"] {
+            let err = Rate::try_from(text.to_string()).expect_err(text);
+            assert!(err.contains("paused"), "{text}: {err}");
+        }
+        for text in ["71582789:00", "4294967295:00", "24:01", "99:00"] {
+            assert!(
+                TimeOfDay::try_from(text.to_string()).is_err(),
+                "{text} accepted"
+            );
+        }
+        assert!(TimeOfDay::try_from("24:00".to_string()).is_ok());
+        let err = toml::from_str::<Policy>("upload = \"0\"").expect_err("zero");
+        assert!(err.to_string().contains("paused"), "{err}");
     }
 
     #[tokio::test]
@@ -370,5 +496,36 @@ mod tests {
         let started = Instant::now();
         limiter.acquire(Direction::Download, 1 << 30).await;
         assert!(started.elapsed() < Duration::from_millis(50));
+    }
+
+    #[tokio::test]
+    async fn a_pause_holds_until_the_policy_changes() {
+        let limiter = Arc::new(Limiter::new(policy("upload = \"paused\"")));
+        let waiter = {
+            let limiter = limiter.clone();
+            tokio::spawn(async move {
+                limiter.acquire(Direction::Upload, 1).await;
+                Instant::now()
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiter.is_finished(), "a paused upload went through");
+        let changed = Instant::now();
+        limiter.set_policy(policy("upload = \"unlimited\""));
+        let passed = waiter.await.expect("waiter");
+        assert!(passed.duration_since(changed) < Duration::from_millis(100));
+
+        // A slow limit that is lifted: the wait ends at once, not when the debt is paid.
+        limiter.set_policy(policy("upload = \"1KiB\""));
+        let waiter = {
+            let limiter = limiter.clone();
+            tokio::spawn(async move { limiter.acquire(Direction::Upload, 1 << 20).await })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiter.is_finished());
+        let changed = Instant::now();
+        limiter.set_policy(policy("upload = \"unlimited\""));
+        waiter.await.expect("waiter");
+        assert!(changed.elapsed() < Duration::from_millis(100));
     }
 }

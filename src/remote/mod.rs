@@ -114,12 +114,26 @@ pub fn check_key(key: &str) -> Result<()> {
     Ok(())
 }
 
+/// A range the object cannot supply: the caller's mistake, not worth a retry.
+pub(crate) fn bad_range(key: &str, range: &Range<u64>, size: Option<u64>) -> Error {
+    let size = match size {
+        Some(size) => format!("the object's {size} bytes"),
+        None => "any object (it ends before it starts)".to_string(),
+    };
+    Error::Permanent {
+        op: "get_range",
+        key: key.to_string(),
+        message: format!("range {}..{} is outside {size}", range.start, range.end),
+    }
+}
+
 /// The remote as configured: a backend with the standard wrappers stacked on it, outermost
-/// first: metrics, bandwidth limit, retries, verification, fault injection (only for drills).
+/// first: metrics, retries, verification, fault injection (only for drills). The bandwidth
+/// limiter is inside the backend, where its bytes move (see `limit`).
 pub struct Stack {
     pub remote: Arc<dyn Remote>,
-    /// The backend (through the fault injector, when drilling) without retries or limits:
-    /// for health probes that must answer quickly.
+    /// The backend (through the fault injector, when drilling) without retries: for health
+    /// probes that must answer quickly (they move no object data, so no limit holds them).
     pub probe: Arc<dyn Remote>,
     pub limiter: Arc<limit::Limiter>,
     pub metrics: Arc<metered::RemoteMetrics>,
@@ -140,7 +154,6 @@ pub fn stack(
     let probe = remote.clone();
     remote = Arc::new(verify::Verified::new(remote));
     remote = Arc::new(retry::Retrying::new(remote, retry));
-    remote = Arc::new(limit::Limited::new(remote, limiter.clone()));
     remote = Arc::new(metered::Metered::new(remote, metrics.clone()));
     Stack {
         remote,

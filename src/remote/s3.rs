@@ -12,14 +12,24 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use http_body_util::BodyExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::client::{
+    HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse,
+    HttpResponseBody, HttpService,
+};
 use object_store::path::Path;
 use object_store::{
     Attribute, Attributes, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt,
     PutMultipartOptions, PutOptions, PutPayload, RetryConfig,
 };
 
-use super::{Error, Meta, Object, ObjectInfo, Remote, Result, check_key};
+use super::limit::{Direction, Limiter, Throttled};
+
+use super::{Error, Meta, Object, ObjectInfo, Remote, Result, bad_range, check_key};
+
+/// S3's limit on an object name, in bytes of UTF-8.
+const MAX_KEY_BYTES: usize = 1024;
 
 /// Everything needed to reach a bucket. Credentials come from here when set, otherwise from
 /// the usual AWS environment variables.
@@ -50,8 +60,13 @@ pub struct S3Store {
 }
 
 impl S3Store {
-    pub fn new(options: &S3Options) -> Result<S3Store> {
+    /// `limiter` throttles every byte this store sends or receives.
+    pub fn new(options: &S3Options, limiter: Arc<Limiter>) -> Result<S3Store> {
         let mut builder = AmazonS3Builder::from_env()
+            .with_http_connector(LimitedConnector {
+                limiter,
+                read_timeout: options.request_timeout,
+            })
             .with_bucket_name(&options.bucket)
             .with_region(&options.region)
             .with_virtual_hosted_style_request(!options.path_style)
@@ -90,18 +105,43 @@ impl S3Store {
             key: options.bucket.clone(),
             message: e.to_string(),
         })?;
+        let prefix = options.prefix.trim_matches('/').to_string();
+        if !prefix.is_empty() {
+            check_key(&prefix).map_err(|e| Error::Permanent {
+                op: "configure",
+                key: prefix.clone(),
+                message: format!("remote.prefix is not a valid key prefix: {e}"),
+            })?;
+        }
         Ok(S3Store {
             store: Arc::new(store),
-            prefix: options.prefix.trim_matches('/').to_string(),
+            prefix,
             multipart_threshold: options.multipart_threshold,
             part_size: options.part_size.max(5 << 20),
             part_concurrency: options.part_concurrency.max(1),
         })
     }
 
+    /// The object's name in the bucket, verbatim. `Path::from` would percent-encode `%`, `#`,
+    /// `~` and friends (storing `50%.csv` as `50%25.csv`); `Path::parse` keeps the name as
+    /// given and the client encodes it only on the wire, so every S3 tool sees the same name.
     fn path(&self, key: &str) -> Result<Path> {
         check_key(key)?;
-        Ok(Path::from(self.full_key(key)))
+        let full = self.full_key(key);
+        if full.len() > MAX_KEY_BYTES {
+            return Err(Error::BadKey {
+                key: key.to_string(),
+                reason: format!(
+                    "with the prefix {:?} the name is {} bytes, S3 allows {MAX_KEY_BYTES}",
+                    self.prefix,
+                    full.len()
+                ),
+            });
+        }
+        Path::parse(&full).map_err(|e| Error::BadKey {
+            key: key.to_string(),
+            reason: e.to_string(),
+        })
     }
 
     fn full_key(&self, key: &str) -> String {
@@ -177,12 +217,107 @@ fn attributes(meta: Meta) -> Attributes {
     attributes
 }
 
+/// object_store's HTTP client, with the bandwidth limiter in every request and response body.
+/// It is built here rather than from object_store's `ClientOptions` because a throttled body
+/// can take longer than any fixed request timeout: the timeout applies to each read instead.
+#[derive(Debug)]
+struct LimitedConnector {
+    limiter: Arc<Limiter>,
+    read_timeout: Duration,
+}
+
+impl HttpConnector for LimitedConnector {
+    fn connect(&self, _options: &ClientOptions) -> object_store::Result<HttpClient> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .read_timeout(self.read_timeout)
+            .build()
+            .map_err(|e| object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(e),
+            })?;
+        Ok(HttpClient::new(LimitedHttp {
+            client,
+            limiter: self.limiter.clone(),
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct LimitedHttp {
+    client: reqwest::Client,
+    limiter: Arc<Limiter>,
+}
+
+#[async_trait]
+impl HttpService for LimitedHttp {
+    async fn call(&self, request: HttpRequest) -> std::result::Result<HttpResponse, HttpError> {
+        let (parts, body) = request.into_parts();
+        // Object data is charged: PUT bodies (objects and parts) and GET answers other than
+        // listings. Listings, HEADs and multipart bookkeeping pass free, so health probes and
+        // listings still answer while a direction is paused.
+        let listing = parts.uri.query().is_some_and(|q| q.contains("list-type"));
+        let charge_up = (parts.method == http::Method::PUT).then(|| self.limiter.clone());
+        let charge_down =
+            (parts.method == http::Method::GET && !listing).then(|| self.limiter.clone());
+        let url = reqwest::Url::parse(&parts.uri.to_string())
+            .map_err(|e| HttpError::new(HttpErrorKind::Unknown, e))?;
+        let mut outgoing = reqwest::Request::new(parts.method, url);
+        *outgoing.headers_mut() = parts.headers;
+        *outgoing.body_mut() = Some(reqwest::Body::wrap(Throttled::new(
+            body,
+            charge_up,
+            Direction::Upload,
+        )));
+        let response = self.client.execute(outgoing).await.map_err(http_error)?;
+        let (parts, body) = http::Response::<reqwest::Body>::from(response).into_parts();
+        let body = Throttled::new(body, charge_down, Direction::Download).map_err(http_error);
+        Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(body)))
+    }
+}
+
+/// What object_store's own retries need to know about a failed request.
+fn http_error(e: reqwest::Error) -> HttpError {
+    let mut kind = if e.is_timeout() {
+        HttpErrorKind::Timeout
+    } else if e.is_connect() {
+        HttpErrorKind::Connect
+    } else if e.is_decode() {
+        HttpErrorKind::Decode
+    } else if e.is_request() || e.is_body() {
+        HttpErrorKind::Request
+    } else {
+        HttpErrorKind::Unknown
+    };
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            match io.kind() {
+                K::TimedOut => kind = HttpErrorKind::Timeout,
+                K::ConnectionAborted | K::ConnectionReset | K::BrokenPipe | K::UnexpectedEof => {
+                    kind = HttpErrorKind::Interrupted
+                }
+                _ => {}
+            }
+        }
+        source = s.source();
+    }
+    HttpError::new(kind, e.without_url())
+}
+
 /// Maps `object_store` errors to what a caller can act on: gone, retry, or give up.
 fn s3_error(op: &'static str, key: &str, e: object_store::Error) -> Error {
     use object_store::Error as E;
     match e {
         E::NotFound { .. } => Error::NotFound {
             key: key.to_string(),
+        },
+        // If-Match failed: the object was overwritten during a read in parts.
+        E::Precondition { .. } => Error::Transient {
+            op,
+            key: key.to_string(),
+            message: "the object changed while it was read; reading it again".to_string(),
         },
         E::Generic { .. } => {
             let message = error_chain(&e);
@@ -278,15 +413,36 @@ impl Remote for S3Store {
             }
         }
         let size = result.meta.size;
+        let etag = result.meta.e_tag.clone();
         let head = result.bytes().await.map_err(|e| s3_error("get", key, e))?;
         if head.len() as u64 >= size {
             return Ok(Object { body: head, meta });
         }
+        // The other parts must come from the same version of the object: with If-Match on
+        // the first part's ETag an overwrite in between fails the read (and the retry reads
+        // the new version whole) instead of mixing two bodies.
+        let Some(etag) = etag else {
+            return Err(Error::Permanent {
+                op: "get",
+                key: key.to_string(),
+                message:
+                    "the store sent no ETag, so a large object cannot be read consistently in parts"
+                        .to_string(),
+            });
+        };
         let ranges = (head.len() as u64..size)
             .step_by(self.part_size)
             .map(|start| start..(start + self.part_size as u64).min(size));
         let parts: Vec<Bytes> = futures::stream::iter(ranges)
-            .map(|range| self.store.get_range(&path, range))
+            .map(|range| {
+                let options = GetOptions {
+                    range: Some(GetRange::Bounded(range)),
+                    if_match: Some(etag.clone()),
+                    ..Default::default()
+                };
+                let path = &path;
+                async move { self.store.get_opts(path, options).await?.bytes().await }
+            })
             .buffered(self.part_concurrency)
             .collect::<Vec<_>>()
             .await
@@ -298,8 +454,6 @@ impl Remote for S3Store {
         for part in parts {
             body.extend_from_slice(&part);
         }
-        // A part that changed under us (an overwrite mid-download) shows as a size mismatch
-        // here, or as a digest mismatch in the verify wrapper.
         if body.len() as u64 != size {
             return Err(Error::Transient {
                 op: "get",
@@ -315,13 +469,60 @@ impl Remote for S3Store {
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
         let path = self.path(key)?;
-        if range.start == range.end {
-            return Ok(Bytes::new());
+        if range.start > range.end {
+            return Err(bad_range(key, &range, None));
         }
-        self.store
-            .get_range(&path, range)
+        if range.start == range.end {
+            return match self.head(key).await? {
+                Some(info) if range.end <= info.size => Ok(Bytes::new()),
+                Some(info) => Err(bad_range(key, &range, Some(info.size))),
+                None => Err(Error::NotFound {
+                    key: key.to_string(),
+                }),
+            };
+        }
+        let options = GetOptions {
+            range: Some(GetRange::Bounded(range.clone())),
+            ..Default::default()
+        };
+        let result = match self.store.get_opts(&path, options).await {
+            Ok(result) => result,
+            Err(e @ object_store::Error::NotFound { .. }) => {
+                return Err(s3_error("get_range", key, e));
+            }
+            Err(e) => {
+                // S3 answers 416 to a range that starts past the end; tell that apart from
+                // a failure worth retrying.
+                if let Ok(Some(info)) = self.head(key).await
+                    && range.end > info.size
+                {
+                    return Err(bad_range(key, &range, Some(info.size)));
+                }
+                return Err(s3_error("get_range", key, e));
+            }
+        };
+        // S3 shortens a range that runs past the end; firn's callers asked for every byte.
+        if range.end > result.meta.size {
+            return Err(bad_range(key, &range, Some(result.meta.size)));
+        }
+        let body = result
+            .bytes()
             .await
-            .map_err(|e| s3_error("get_range", key, e))
+            .map_err(|e| s3_error("get_range", key, e))?;
+        if body.len() as u64 != range.end - range.start {
+            return Err(Error::Transient {
+                op: "get_range",
+                key: key.to_string(),
+                message: format!(
+                    "read {} of the {} bytes of range {}..{}",
+                    body.len(),
+                    range.end - range.start,
+                    range.start,
+                    range.end
+                ),
+            });
+        }
+        Ok(body)
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
@@ -339,7 +540,13 @@ impl Remote for S3Store {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         let full = self.full_key(prefix);
         // object_store lists whole path segments; list the enclosing "directory" and filter.
-        let dir = full.rfind('/').map(|i| Path::from(&full[..i]));
+        let dir = match full.rfind('/') {
+            Some(i) => Some(Path::parse(&full[..i]).map_err(|e| Error::BadKey {
+                key: prefix.to_string(),
+                reason: e.to_string(),
+            })?),
+            None => None,
+        };
         let mut stream = self.store.list(dir.as_ref());
         let mut found = Vec::new();
         while let Some(item) = stream.next().await {

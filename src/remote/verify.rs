@@ -2,8 +2,13 @@
 //! metadata (`firn-blake3`), and every whole-object get recomputes it before the bytes go
 //! further. A torn response or a rotted object becomes `Error::Corrupt`, never data.
 //!
-//! Ranged reads are not checked here: a digest covers the whole object. firn's own ranged
-//! reads are of sealed objects, whose AEAD tags check each read.
+//! Every object written through this wrapper carries the digest, so a whole-object read that
+//! finds none is `Corrupt` too (its metadata was lost or it was not written by firn).
+//!
+//! Ranged reads are checked for length: a range returns exactly the bytes asked for, or an
+//! error. Their content is not checked here, because a digest of the whole object cannot
+//! vouch for a slice without reading the rest; firn's own ranged reads are of sealed objects,
+//! whose AEAD tags check each read.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -46,23 +51,43 @@ impl Remote for Verified {
 
     async fn get(&self, key: &str) -> Result<Object> {
         let mut object = self.inner.get(key).await?;
-        if let Some(expected) = object.meta.remove(DIGEST_META) {
-            let actual = digest(object.body.clone()).await;
-            if actual != expected {
-                return Err(Error::Corrupt {
-                    key: key.to_string(),
-                    reason: format!(
-                        "BLAKE3 of the {} bytes read is {actual}, the object was written with {expected}",
-                        object.body.len()
-                    ),
-                });
-            }
+        let Some(expected) = object.meta.remove(DIGEST_META) else {
+            return Err(Error::Corrupt {
+                key: key.to_string(),
+                reason: format!(
+                    "no {DIGEST_META} digest in its metadata: it was not written by firn, or \
+                     its metadata was lost; write it again through firn"
+                ),
+            });
+        };
+        let actual = digest(object.body.clone()).await;
+        if actual != expected {
+            return Err(Error::Corrupt {
+                key: key.to_string(),
+                reason: format!(
+                    "BLAKE3 of the {} bytes read is {actual}, the object was written with {expected}",
+                    object.body.len()
+                ),
+            });
         }
         Ok(object)
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
-        self.inner.get_range(key, range).await
+        let wanted = range.end.saturating_sub(range.start);
+        let body = self.inner.get_range(key, range.clone()).await?;
+        if body.len() as u64 != wanted {
+            return Err(Error::Corrupt {
+                key: key.to_string(),
+                reason: format!(
+                    "range {}..{} returned {} bytes, not {wanted}",
+                    range.start,
+                    range.end,
+                    body.len()
+                ),
+            });
+        }
+        Ok(body)
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
