@@ -1067,6 +1067,12 @@ fn run_request(session: &Session, r: Request, payload: Vec<u8>, wait: Wait) -> O
     if writes && device.read_only() {
         return Some(fail(EPERM, "read-only export"));
     }
+    if length == 0 && r.kind != CMD_FLUSH {
+        // The protocol leaves zero lengths unspecified (the server "SHOULD NOT disconnect");
+        // a structured read has no valid success reply for them (an empty data chunk is out
+        // of bounds for libnbd). So every command with a range refuses them, as nbdkit does.
+        return Some(fail(EINVAL, "zero-length request"));
+    }
     if !in_range(offset, length, size) {
         // The protocol asks for ENOSPC when a write runs past the end, EINVAL otherwise.
         let code = if matches!(r.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
@@ -1122,9 +1128,6 @@ fn run_request(session: &Session, r: Request, payload: Vec<u8>, wait: Wait) -> O
         CMD_BLOCK_STATUS => {
             if !(session.structured && session.base_allocation) {
                 return Some(fail(EINVAL, "no meta context negotiated"));
-            }
-            if length == 0 {
-                return Some(fail(EINVAL, "block status of zero length"));
             }
             return Some(match device.extents(offset, length) {
                 Ok(extents) => block_status_reply(r, &extents),
