@@ -1379,3 +1379,19 @@ fn odd_requests_from_libnbd_get_clean_errors_and_the_connection_lives() {
     let metrics = g.metrics();
     assert_eq!(metric(&metrics, "firn_nbd_panics_total"), 0.0);
 }
+
+#[test]
+fn a_peer_silent_in_the_tls_handshake_is_dropped_at_the_deadline() {
+    let g = TlsGateway::start("tls = \"psk\"\nnegotiation_timeout_secs = 2\n", |_| {});
+    let started = std::time::Instant::now();
+    let mut c = Raw::connect(g.nbd_port);
+    c.option(5, &[]); // NBD_OPT_STARTTLS
+    assert_eq!(c.option_reply().0, 1, "NBD_REP_ACK");
+    // No ClientHello follows: the server waits in the handshake until the deadline.
+    assert!(c.closed(), "the silent peer was kept");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(8),
+        "dropped after {waited:?}, not at the 2 s deadline"
+    );
+}
