@@ -1516,3 +1516,115 @@ fn peers_see_only_what_their_allowlists_admit() {
         assert!(list.contains(&format!("export=\"{name}\"")), "{list}");
     }
 }
+
+/// Odd requests through libnbd's Python bindings with strict mode off, as a new user would
+/// send them: each must get its own clean error, and the next request on the same
+/// connection must still succeed. Prints `name errno` (0 for success) per case.
+const ODD_REQUESTS: &str = r#"
+import errno, sys
+import nbd
+
+uri, structured = sys.argv[1], sys.argv[2] == "1"
+h = nbd.NBD()
+h.set_strict_mode(0)
+h.set_request_structured_replies(structured)
+h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+h.connect_uri(uri)
+assert h.get_structured_replies_negotiated() == structured
+size = h.get_size()
+pattern = bytes((i * 7) % 251 for i in range(8192))
+h.pwrite(pattern, 0)
+top = 2**64 - 1
+cases = [
+    ("read-zero", lambda: h.pread(0, 0)),
+    ("read-zero-at-end", lambda: h.pread(0, size)),
+    ("write-zero", lambda: h.pwrite(b"", 4096)),
+    ("trim-zero", lambda: h.trim(0, 4096)),
+    ("zero-zero", lambda: h.zero(0, 4096)),
+    ("cache-zero", lambda: h.cache(0, 4096)),
+    ("read-past-end", lambda: h.pread(8192, size - 4096)),
+    ("read-offset-overflows", lambda: h.pread(4096, top - 100)),
+    ("read-at-top", lambda: h.pread(1, top)),
+    ("write-past-end", lambda: h.pwrite(b"x" * 8192, size - 4096)),
+    ("write-offset-overflows", lambda: h.pwrite(b"x" * 10, top - 4)),
+    ("trim-past-end", lambda: h.trim(8192, size - 4096)),
+    ("trim-offset-overflows", lambda: h.trim(4096, top - 100)),
+    ("zero-past-end", lambda: h.zero(8192, size - 4096)),
+    ("zero-offset-overflows", lambda: h.zero(4096, top - 100)),
+    ("cache-past-end", lambda: h.cache(8192, size - 4096)),
+    ("cache-offset-overflows", lambda: h.cache(4096, top - 100)),
+]
+if structured:
+    extents = lambda *args: 0
+    cases += [
+        ("block-status-zero", lambda: h.block_status(0, 0, extents)),
+        ("block-status-past-end", lambda: h.block_status(8192, size - 4096, extents)),
+        ("block-status-offset-overflows", lambda: h.block_status(4096, top - 100, extents)),
+    ]
+for name, request in cases:
+    try:
+        request()
+        outcome = 0
+    except nbd.Error as e:
+        outcome = e.errnum
+    # The connection lives on and still reads what was written.
+    if h.pread(8192, 0) != pattern:
+        sys.exit(f"after {name}: the next read returned other data")
+    print(name, outcome, flush=True)
+h.shutdown()
+"#;
+
+#[test]
+fn odd_requests_from_libnbd_get_clean_errors_and_the_connection_lives() {
+    let g = Gateway::start();
+    g.firn(&["volume", "create", "disk", "--size", "1M"]);
+    const EINVAL: i32 = 22;
+    const ENOSPC: i32 = 28;
+    for structured in ["1", "0"] {
+        let out = run(
+            "/usr/bin/python3",
+            &["-c", ODD_REQUESTS, &g.tcp("disk"), structured],
+        );
+        let outcomes: Vec<(String, i32)> = out
+            .lines()
+            .map(|line| {
+                let (name, code) = line.split_once(' ').expect("name errno");
+                (name.to_string(), code.parse().expect("errno"))
+            })
+            .collect();
+        let expected_count = if structured == "1" { 20 } else { 17 };
+        assert_eq!(outcomes.len(), expected_count, "{out}");
+        for (name, code) in &outcomes {
+            // Writes past the end are ENOSPC (the protocol says so), everything else EINVAL.
+            let expected = if name.starts_with("write-") && name != "write-zero"
+                || name.starts_with("zero-") && name != "zero-zero"
+            {
+                ENOSPC
+            } else {
+                EINVAL
+            };
+            assert_eq!(
+                *code, expected,
+                "{name} (structured replies: {structured}) answered errno {code}"
+            );
+        }
+    }
+    let metrics = g.metrics();
+    assert_eq!(metric(&metrics, "firn_nbd_panics_total"), 0.0);
+}
+
+#[test]
+fn a_peer_silent_in_the_tls_handshake_is_dropped_at_the_deadline() {
+    let g = TlsGateway::start("tls = \"psk\"\nnegotiation_timeout_secs = 2\n", |_| {});
+    let started = std::time::Instant::now();
+    let mut c = Raw::connect(g.nbd_port);
+    c.option(5, &[]); // NBD_OPT_STARTTLS
+    assert_eq!(c.option_reply().0, 1, "NBD_REP_ACK");
+    // No ClientHello follows: the server waits in the handshake until the deadline.
+    assert!(c.closed(), "the silent peer was kept");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(8),
+        "dropped after {waited:?}, not at the 2 s deadline"
+    );
+}

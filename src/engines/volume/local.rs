@@ -47,7 +47,7 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
 
 use nix::errno::Errno;
 use nix::fcntl::{FallocateFlags, fallocate};
@@ -247,6 +247,17 @@ impl LocalVolume {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// `lock_sector`, or `None` if another thread holds it: the holder may be waiting for
+    /// the disk (a read-modify-write reads the sector), and a caller that must not wait
+    /// declines instead.
+    fn try_lock_sector(&self, sector: u64) -> Option<MutexGuard<'_, ()>> {
+        match self.stripes[(sector % LOCK_STRIPES as u64) as usize].try_lock() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
     fn check_writable(&self) -> BlockResult<()> {
         if self.read_only {
             Err(BlockError::ReadOnly)
@@ -278,10 +289,16 @@ impl LocalVolume {
     }
 
     /// Reads and decrypts one sector, under its lock; `Ok(false)` if `wait` is `No` and
-    /// the sector is not in memory.
+    /// the sector is not in memory or its lock is held.
     fn load_sector(&self, sector: u64, plain: &mut [u8; SECTOR], wait: Wait) -> BlockResult<bool> {
         {
-            let _guard = self.lock_sector(sector);
+            let _guard = match wait {
+                Wait::Yes => self.lock_sector(sector),
+                Wait::No => match self.try_lock_sector(sector) {
+                    Some(guard) => guard,
+                    None => return Ok(false),
+                },
+            };
             if !self.pread(plain, sector * SECTOR_SIZE, wait)? {
                 return Ok(false);
             }
@@ -884,6 +901,34 @@ mod tests {
             volume.read_cached(64 * S - 1, &mut [0u8; 2]),
             Some(Err(BlockError::Invalid(_)))
         ));
+    }
+
+    #[test]
+    fn cached_reads_decline_a_partial_sector_whose_lock_is_held() {
+        let (_dir, _path, volume) = create(64 * S);
+        let volume = Arc::new(volume);
+        volume.write(0, &pattern(3, 8 * S as usize), false).unwrap();
+        let mut buf = vec![0u8; 100];
+        assert!(
+            matches!(volume.read_cached(S + 10, &mut buf), Some(Ok(()))),
+            "in memory and unlocked: answered"
+        );
+        // A read-modify-write of sector 1 holds its lock while it reads the disk: a cached
+        // read of part of that sector must decline at once, not wait for it.
+        let held = volume.lock_sector(1);
+        let reader = volume.clone();
+        let (done, answered) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 100];
+            let _ = done.send(reader.read_cached(S + 10, &mut buf).is_some());
+        });
+        let outcome = answered.recv_timeout(std::time::Duration::from_secs(5));
+        drop(held);
+        assert_eq!(outcome, Ok(false), "a cached read waited for a sector lock");
+        // Whole sectors take no lock: still answered.
+        let mut whole = vec![0u8; S as usize];
+        let _held = volume.lock_sector(1);
+        assert!(matches!(volume.read_cached(S, &mut whole), Some(Ok(()))));
     }
 
     #[test]

@@ -841,11 +841,11 @@ impl NbdServer {
                         return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
                     }
                 }
-                if is_small(&request) {
-                    // Small writes land in the page cache, and small reads of cached data come
-                    // from it, in microseconds: run them here and skip the hand-off to a
-                    // blocking thread, which costs more. A read that would wait for the disk
-                    // is not run here (Wait::No) and goes to a thread below.
+                if runs_inline(&request, session.device.preferred_block_size()) {
+                    // Whole-block writes land in the page cache, and small reads of cached
+                    // data come from it, in microseconds: run them here and skip the hand-off
+                    // to a blocking thread, which costs more. A read that would wait for the
+                    // disk is not run here (Wait::No) and goes to a thread below.
                     let payload = std::mem::take(&mut payload);
                     if let Some(reply) = execute_guarded(&session, request, payload, Wait::No) {
                         let _ = replies.send(Outgoing { reply, permit });
@@ -936,12 +936,24 @@ fn budget_cost_kib(r: &Request) -> u32 {
     bytes.div_ceil(1024) as u32
 }
 
-/// Whether a request is cheap enough to run on the connection's own task.
-fn is_small(r: &Request) -> bool {
+/// Whether a request may run on the connection's own task, an async worker that every
+/// connection and the HTTP API share: only what is small and cannot wait for the disk
+/// (decision 0002). Reads are tried with `read_cached`, which declines rather than wait (for
+/// the disk or for a lock held by a request that does). Writes must be whole blocks of the
+/// device's preferred size: the device then neither reads the disk nor takes a lock (its
+/// contract), and the data lands in the page cache. A partial block is a read-modify-write
+/// under a lock, so it goes to a blocking thread, as does FUA (a sync).
+fn runs_inline(r: &Request, block: u32) -> bool {
     const INLINE_MAX: u32 = 16 << 10;
+    let block = block.max(1);
     match r.kind {
         CMD_READ => r.length <= INLINE_MAX,
-        CMD_WRITE => r.length <= INLINE_MAX && r.flags & CMD_FLAG_FUA == 0,
+        CMD_WRITE => {
+            r.length <= INLINE_MAX
+                && r.flags & CMD_FLAG_FUA == 0
+                && r.offset % u64::from(block) == 0
+                && r.length % block == 0
+        }
         _ => false,
     }
 }
@@ -1101,6 +1113,12 @@ fn run_request(session: &Session, r: Request, payload: Vec<u8>, wait: Wait) -> O
     if writes && device.read_only() {
         return Some(fail(EPERM, "read-only export"));
     }
+    if length == 0 && r.kind != CMD_FLUSH {
+        // The protocol leaves zero lengths unspecified (the server "SHOULD NOT disconnect");
+        // a structured read has no valid success reply for them (an empty data chunk is out
+        // of bounds for libnbd). So every command with a range refuses them, as nbdkit does.
+        return Some(fail(EINVAL, "zero-length request"));
+    }
     if !in_range(offset, length, size) {
         // The protocol asks for ENOSPC when a write runs past the end, EINVAL otherwise.
         let code = if matches!(r.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
@@ -1156,9 +1174,6 @@ fn run_request(session: &Session, r: Request, payload: Vec<u8>, wait: Wait) -> O
         CMD_BLOCK_STATUS => {
             if !(session.structured && session.base_allocation) {
                 return Some(fail(EINVAL, "no meta context negotiated"));
-            }
-            if length == 0 {
-                return Some(fail(EINVAL, "block status of zero length"));
             }
             return Some(match device.extents(offset, length) {
                 Ok(extents) => block_status_reply(r, &extents),
@@ -1447,7 +1462,7 @@ mod tests {
         }
     }
 
-    struct OneExport(Arc<MemDevice>);
+    struct OneExport(Arc<dyn BlockDevice>);
 
     impl Exports for OneExport {
         fn list(&self, _client: &Client) -> Vec<ExportInfo> {
@@ -1469,6 +1484,142 @@ mod tests {
     }
 
     const SIZE: usize = 64 << 10;
+
+    /// A device whose writes of part of a block wait until the gate opens: a slow disk
+    /// under a read-modify-write.
+    struct SlowPartialWrites {
+        inner: MemDevice,
+        open: std::sync::Mutex<bool>,
+        opened: std::sync::Condvar,
+    }
+
+    impl BlockDevice for SlowPartialWrites {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+            self.inner.read(offset, buf)
+        }
+        fn write(&self, offset: u64, src: &[u8], fua: bool) -> Result<(), BlockError> {
+            if offset % 4096 != 0 || src.len() % 4096 != 0 {
+                let open = self.open.lock().expect("lock");
+                drop(self.opened.wait_while(open, |open| !*open).expect("wait"));
+            }
+            self.inner.write(offset, src, fua)
+        }
+        fn flush(&self) -> Result<(), BlockError> {
+            Ok(())
+        }
+        fn trim(&self, offset: u64, length: u64) -> Result<(), BlockError> {
+            self.inner.trim(offset, length)
+        }
+        fn write_zeroes(&self, offset: u64, length: u64, t: bool) -> Result<(), BlockError> {
+            self.inner.write_zeroes(offset, length, t)
+        }
+        fn extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>, BlockError> {
+            self.inner.extents(offset, length)
+        }
+    }
+
+    #[test]
+    fn a_partial_block_write_waits_off_the_connections_task() {
+        let device = Arc::new(SlowPartialWrites {
+            inner: MemDevice {
+                data: std::sync::Mutex::new(vec![0u8; SIZE]),
+                read_only: false,
+            },
+            open: std::sync::Mutex::new(false),
+            opened: std::sync::Condvar::new(),
+        });
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let replies = rt.block_on(async {
+            let (_stop, stopped) = watch::channel(false);
+            let metrics = Arc::new(NbdMetrics::new(&mut Default::default()));
+            let server = NbdServer::new(
+                Arc::new(OneExport(device.clone())),
+                stopped,
+                None,
+                metrics,
+                Limits::default(),
+            );
+            let (mut client, server_side) = tokio::io::duplex(1 << 20);
+            let slot = server.slot(None).expect("a free slot");
+            tokio::spawn(server.connection(server_side, Peer::Unix, slot));
+            // GO without structured replies; then a small unaligned write (cookie 1), which
+            // waits for the "disk", and a read (cookie 2) behind it.
+            let mut input = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+                .to_be_bytes()
+                .to_vec();
+            input.extend_from_slice(&IHAVEOPT.to_be_bytes());
+            input.extend_from_slice(&OPT_GO.to_be_bytes());
+            input.extend_from_slice(&10u32.to_be_bytes());
+            input.extend_from_slice(&4u32.to_be_bytes());
+            input.extend_from_slice(b"disk");
+            input.extend_from_slice(&0u16.to_be_bytes());
+            let write = Request {
+                flags: 0,
+                kind: CMD_WRITE,
+                cookie: 1,
+                offset: 100,
+                length: 10,
+            };
+            input.extend_from_slice(&write.encode());
+            input.extend_from_slice(&[7u8; 10]);
+            let read = Request {
+                flags: 0,
+                kind: CMD_READ,
+                cookie: 2,
+                offset: 8192,
+                length: 4096,
+            };
+            input.extend_from_slice(&read.encode());
+            client.write_all(&input).await.expect("send");
+            let mut seen = Vec::new();
+            let find = |seen: &[u8], cookie: u64| {
+                let reply = simple_reply(0, cookie);
+                seen.windows(reply.len()).any(|w| w == reply)
+            };
+            // The read is answered while the write still waits.
+            let read_first = tokio::time::timeout(Duration::from_secs(3), async {
+                let mut b = [0u8; 4096];
+                while !find(&seen, 2) {
+                    let n = client.read(&mut b).await.expect("receive");
+                    assert!(n > 0, "the server hung up");
+                    seen.extend_from_slice(&b[..n]);
+                }
+            })
+            .await;
+            let wrote_before = find(&seen, 1);
+            *device.open.lock().expect("lock") = true;
+            device.opened.notify_all();
+            let wrote = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut b = [0u8; 4096];
+                while !find(&seen, 1) {
+                    let n = client.read(&mut b).await.expect("receive");
+                    assert!(n > 0, "the server hung up");
+                    seen.extend_from_slice(&b[..n]);
+                }
+            })
+            .await;
+            (read_first.is_ok(), wrote_before, wrote.is_ok())
+        });
+        assert_eq!(
+            replies,
+            (true, false, true),
+            "(read answered while the write waited, write answered early, write answered)"
+        );
+        assert_eq!(
+            &device.inner.data.lock().expect("lock")[100..110],
+            &[7u8; 10]
+        );
+    }
 
     /// Feeds `input` to one connection and returns the device's content afterwards; fails
     /// if the server panics or does not finish.
