@@ -979,7 +979,7 @@ fn trim_and_zeroing_a_2_tib_volume_is_metadata_not_io() {
 
 #[test]
 fn per_volume_allowlists_replace_the_server_wide_one() {
-    let g = Gateway::start();
+    let g = Gateway::start_with("allow_plaintext_remote = true\n");
     g.firn(&["volume", "create", "open", "--size", "1M"]);
     g.firn(&[
         "volume",
@@ -1218,7 +1218,7 @@ fn connections_beyond_the_caps_are_refused_and_silent_peers_dropped() {
 #[test]
 fn peers_see_only_what_their_allowlists_admit() {
     // Loopback is in no list at first: not even the greeting.
-    let g = Gateway::start_with("allow = [\"10.1.0.0/16\"]\n");
+    let g = Gateway::start_with("allow = [\"10.1.0.0/16\"]\nallow_plaintext_remote = true\n");
     g.firn(&["volume", "create", "other", "--size", "1M"]);
     g.firn(&[
         "volume",
@@ -1393,5 +1393,99 @@ fn a_peer_silent_in_the_tls_handshake_is_dropped_at_the_deadline() {
     assert!(
         waited >= Duration::from_millis(1500) && waited < Duration::from_secs(8),
         "dropped after {waited:?}, not at the 2 s deadline"
+    );
+}
+
+/// Runs `firn serve` on `config`, which must refuse to start; returns what it said.
+fn serve_refuses(config: &Path) -> String {
+    let mut child = Command::new(common::FIRN)
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn firn");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("firn serve started with {}", config.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("stderr");
+    stderr
+}
+
+#[test]
+fn plaintext_nbd_stays_on_loopback_unless_the_config_says_otherwise() {
+    // A server-wide list beyond loopback without TLS: no start, and the message says why
+    // and what to set.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, _, _) = write_nbd_config(dir.path(), "data", "allow = [\"10.0.0.0/8\"]\n");
+    let said = serve_refuses(&config);
+    assert!(
+        said.contains("[nbd] allow admits 10.0.0.0/8")
+            && said.contains("tls = \"psk\"")
+            && said.contains("allow_plaintext_remote = true"),
+        "{said}"
+    );
+
+    // The default serves loopback, and refuses a volume list beyond it.
+    let g = Gateway::start();
+    let config_arg = g.config.to_str().expect("utf-8");
+    let (ok, _, err) = firn(&[
+        "volume",
+        "create",
+        "far",
+        "--size",
+        "1M",
+        "--allow",
+        "10.9.0.0/16",
+        "--config",
+        config_arg,
+    ]);
+    assert!(!ok && err.contains("allow_plaintext_remote"), "{err}");
+    g.firn(&[
+        "volume",
+        "create",
+        "near",
+        "--size",
+        "1M",
+        "--allow",
+        "127.0.0.1/32",
+    ]);
+    run("nbdinfo", &[&g.tcp("near")]);
+    drop(g);
+
+    // Opting out explicitly allows both.
+    let mut g = Gateway::start_with("allow = [\"10.0.0.0/8\"]\nallow_plaintext_remote = true\n");
+    g.firn(&[
+        "volume",
+        "create",
+        "far",
+        "--size",
+        "1M",
+        "--allow",
+        "10.9.0.0/16",
+    ]);
+    // Turning the opt-out off again with that volume still there: no start, naming it.
+    g.daemon.take().expect("running").stop();
+    let (config, _, _) = write_nbd_config(g.dir.path(), "data", "");
+    let said = serve_refuses(&config);
+    assert!(
+        said.contains("volume \"far\"'s allow list admits 10.9.0.0/16"),
+        "{said}"
     );
 }

@@ -183,6 +183,10 @@ async fn create_volume(State(gateway): Shared, body: axum::body::Bytes) -> Respo
         if let Err(e) = crate::daemon::config::Cidr::parse(block) {
             return error(StatusCode::BAD_REQUEST, format!("volume allow: {e}"));
         }
+        let whose = format!("volume {:?}'s allow list", request.name);
+        if let Err(e) = gateway.config.nbd.check_exposure(block, &whose) {
+            return error(StatusCode::BAD_REQUEST, e);
+        }
     }
     let volumes = gateway.volumes.clone();
     let created = tokio::task::spawn_blocking(move || {

@@ -134,12 +134,34 @@ pub struct NbdConfig {
     /// Keys for `tls = "psk"`, `identity:hexkey` lines; written with a fresh key for the
     /// identity `firn` when missing. Default `nbd-psk/keys.psk` in the data directory.
     pub tls_psk_file: Option<PathBuf>,
+    /// With `tls = "off"`, whether allowlists may admit addresses beyond loopback: plain NBD
+    /// has no authentication and no encryption, so this must be said explicitly.
+    pub allow_plaintext_remote: bool,
     /// Connections open at once, both sockets together; more are closed as they arrive.
     pub max_connections: usize,
     /// TCP connections open at once from one client address.
     pub max_connections_per_address: usize,
     /// Seconds from connect to the end of negotiation (TLS handshake included).
     pub negotiation_timeout_secs: u64,
+}
+
+impl NbdConfig {
+    /// The exposure rule: with `tls = "off"`, an allowlist (`whose`) may admit loopback only,
+    /// unless `allow_plaintext_remote` opts out.
+    pub fn check_exposure(&self, block: &str, whose: &str) -> Result<(), String> {
+        if self.tls != NbdTls::Off || self.allow_plaintext_remote {
+            return Ok(());
+        }
+        if Cidr::parse(block)?.is_loopback_only() {
+            return Ok(());
+        }
+        Err(format!(
+            "{whose} admits {block}, beyond loopback, while [nbd] tls = \"off\": any host there \
+             could read and write volumes with no authentication and no encryption. Set \
+             [nbd] tls = \"psk\" (or \"x509\"), or set [nbd] allow_plaintext_remote = true to \
+             accept that"
+        ))
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -161,6 +183,7 @@ impl Default for NbdConfig {
             tls_cert: None,
             tls_key: None,
             tls_psk_file: None,
+            allow_plaintext_remote: false,
             max_connections: 128,
             max_connections_per_address: 32,
             negotiation_timeout_secs: 10,
@@ -190,6 +213,18 @@ impl Cidr {
             return Err(bad());
         }
         Ok(Cidr { network, prefix })
+    }
+
+    /// Whether every address in the block is a loopback address.
+    pub fn is_loopback_only(&self) -> bool {
+        let v4_loopback = |n: std::net::Ipv4Addr, prefix: u8| prefix >= 8 && n.octets()[0] == 127;
+        match self.network {
+            std::net::IpAddr::V4(n) => v4_loopback(n, self.prefix),
+            std::net::IpAddr::V6(n) => match n.to_ipv4_mapped() {
+                Some(v4) => self.prefix >= 96 && v4_loopback(v4, self.prefix - 96),
+                None => self.prefix == 128 && n.is_loopback(),
+            },
+        }
     }
 
     pub fn contains(&self, ip: std::net::IpAddr) -> bool {
@@ -298,6 +333,7 @@ impl Config {
         }
         for block in &self.nbd.allow {
             Cidr::parse(block).map_err(|e| format!("[nbd] allow: {e}"))?;
+            self.nbd.check_exposure(block, "[nbd] allow")?;
         }
         if let Some(faults) = &self.faults {
             for (name, rate) in [
@@ -456,6 +492,24 @@ mod tests {
     }
 
     #[test]
+    fn plaintext_nbd_admits_loopback_only_unless_told_otherwise() {
+        for block in [
+            "127.0.0.0/8",
+            "127.0.0.1",
+            "127.9.0.0/16",
+            "::1/128",
+            "::ffff:127.0.0.1",
+        ] {
+            let c = format!("[nbd]\nallow = [\"{block}\"]");
+            assert!(Config::parse(&c).is_ok(), "{block} is loopback");
+        }
+        for extra in ["tls = \"psk\"", "allow_plaintext_remote = true"] {
+            let c = format!("[nbd]\nallow = [\"10.0.0.0/8\", \"::/0\"]\n{extra}");
+            assert!(Config::parse(&c).is_ok(), "{extra} allows any address");
+        }
+    }
+
+    #[test]
     fn mistakes_name_the_key() {
         let cases = [
             ("[remote]\nkindd = \"s3\"", "kindd"),
@@ -473,6 +527,10 @@ mod tests {
             ("[nbd]\ntls = \"x509\"", "tls_cert"),
             ("[nbd]\ntls = \"rsa\"", "rsa"),
             ("[nbd]\nmax_connections = 0", "max_connections"),
+            ("[nbd]\nallow = [\"10.0.0.0/8\"]", "allow_plaintext_remote"),
+            ("[nbd]\nallow = [\"0.0.0.0/0\"]", "beyond loopback"),
+            ("[nbd]\nallow = [\"127.0.0.0/7\"]", "beyond loopback"),
+            ("[nbd]\nallow = [\"::/0\"]", "beyond loopback"),
             (
                 "[nbd]\nnegotiation_timeout_secs = 0",
                 "negotiation_timeout_secs",

@@ -220,6 +220,17 @@ impl Gateway {
         for path in volumes.sweep_orphans()? {
             tracing::warn!(path = %path.display(), "removed a volume file no volume names (left by a crash)");
         }
+        // The exposure rule holds for the lists volumes were made with, too: they may
+        // predate a change of [nbd] tls.
+        for volume in volumes.list()? {
+            for block in &volume.allow {
+                let whose = format!("volume {:?}'s allow list", volume.name);
+                config
+                    .nbd
+                    .check_exposure(block, &whose)
+                    .map_err(anyhow::Error::msg)?;
+            }
+        }
         let allow = config
             .nbd
             .allow
