@@ -207,9 +207,13 @@ impl Cidr {
 
     /// Whether every address in the block is this machine's own (loopback).
     pub fn is_loopback_only(&self) -> bool {
+        let v4 = |n: std::net::Ipv4Addr, prefix: u8| n.is_loopback() && prefix >= 8;
         match self.network {
-            std::net::IpAddr::V4(n) => n.is_loopback() && self.prefix >= 8,
-            std::net::IpAddr::V6(n) => n.is_loopback() && self.prefix == 128,
+            std::net::IpAddr::V4(n) => v4(n, self.prefix),
+            std::net::IpAddr::V6(n) => match n.to_ipv4_mapped() {
+                Some(mapped) => self.prefix >= 96 && v4(mapped, self.prefix - 96),
+                None => n.is_loopback() && self.prefix == 128,
+            },
         }
     }
 
@@ -551,6 +555,28 @@ mod tests {
         for (text, expected) in cases {
             let message = Config::parse(text).expect_err(text);
             assert!(message.contains(expected), "{text:?} gave {message:?}");
+        }
+    }
+
+    #[test]
+    fn loopback_blocks_are_told_apart() {
+        for block in [
+            "127.0.0.0/8",
+            "127.0.0.1",
+            "127.9.0.0/16",
+            "::1/128",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(Cidr::parse(block).unwrap().is_loopback_only(), "{block}");
+        }
+        for block in [
+            "127.0.0.0/7",
+            "0.0.0.0/0",
+            "::/0",
+            "10.0.0.0/8",
+            "::ffff:0.0.0.0/96",
+        ] {
+            assert!(!Cidr::parse(block).unwrap().is_loopback_only(), "{block}");
         }
     }
 
