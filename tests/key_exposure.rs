@@ -1,0 +1,238 @@
+//! Keys must not leave the daemon's memory through its process: the key variables are gone
+//! from /proc/PID/environ, a crash writes no core file, and other processes of the same
+//! user cannot read the daemon's /proc entries.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Daemon, FIRN, firn, free_port, write_config};
+
+const NOBODY: u32 = 65534;
+
+/// Starts `firn serve` from `command` (its arguments and environment already set) and waits
+/// for its banner, as `Daemon::start` does.
+fn start(mut command: Command, port: u16) -> Daemon {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn firn");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut stdout = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.expect("read stdout");
+        let done = line.starts_with("Press Ctrl-C");
+        stdout.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        stdout.iter().any(|l| l.starts_with("Press Ctrl-C")),
+        "firn did not start: {stdout:?}"
+    );
+    std::thread::spawn(move || for _ in lines {});
+    Daemon {
+        child,
+        port,
+        stdout,
+    }
+}
+
+fn serve(config: &Path) -> Command {
+    let mut command = Command::new(FIRN);
+    command.args(["serve", "--config"]).arg(config);
+    command
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle.as_bytes())
+}
+
+/// The test's own user: /proc/self belongs to it.
+fn my_uid() -> u32 {
+    std::fs::metadata("/proc/self")
+        .expect("stat /proc/self")
+        .uid()
+}
+
+fn is_root() -> bool {
+    my_uid() == 0
+}
+
+#[test]
+fn key_variables_are_wiped_from_proc_environ() {
+    let (ok, key, err) = firn(&["keygen"]);
+    assert!(ok, "{err}");
+    let key = key.trim().to_string();
+    assert_eq!(key.len(), 64);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = write_config(dir.path(), port, "[keys]\nsource = \"env\"\n");
+
+    let mut command = serve(&config);
+    command
+        .env("FIRN_MASTER_KEY", &key)
+        .env("FIRN_TEST_MARKER", "still-here");
+    let daemon = start(command, port);
+    let environ = std::fs::read(format!("/proc/{}/environ", daemon.child.id()))
+        .expect("read the daemon's /proc/PID/environ (the suite runs as root or as its user)");
+    // The file is read whole: other variables are still there.
+    assert!(contains(&environ, "FIRN_TEST_MARKER=still-here"));
+    assert!(!contains(&environ, &key), "the master key is in environ");
+    assert!(
+        !contains(&environ, "FIRN_MASTER_KEY"),
+        "the variable is in environ"
+    );
+    assert!(daemon.stop().success());
+
+    // The key taken out of the environment is the one used: the same key opens the data
+    // directory again, another one does not.
+    let mut command = serve(&config);
+    command.env("FIRN_MASTER_KEY", &key);
+    assert!(start(command, port).stop().success());
+    let out = serve(&config)
+        .env("FIRN_MASTER_KEY", "33".repeat(32))
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+
+    // The passphrase source, under a variable name of the config's choosing.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = write_config(
+        dir.path(),
+        port,
+        "[keys]\nsource = \"passphrase\"\nenv = \"MY_FIRN_PHRASE\"\n",
+    );
+    let phrase = "correct horse battery staple 7f3a";
+    let mut command = serve(&config);
+    command
+        .env("MY_FIRN_PHRASE", phrase)
+        .env("FIRN_PASSPHRASE", "unused but secret 91c2");
+    let daemon = start(command, port);
+    let environ =
+        std::fs::read(format!("/proc/{}/environ", daemon.child.id())).expect("read environ");
+    assert!(!contains(&environ, phrase), "the passphrase is in environ");
+    assert!(!contains(&environ, "unused but secret 91c2"));
+    assert!(!contains(&environ, "MY_FIRN_PHRASE"));
+    assert!(daemon.stop().success());
+    let mut command = serve(&config);
+    command.env("MY_FIRN_PHRASE", phrase);
+    assert!(
+        start(command, port).stop().success(),
+        "same phrase, same key"
+    );
+}
+
+#[test]
+fn a_crash_writes_no_core_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = write_config(dir.path(), port, "");
+    // Raise the core limit as far as this user may, so that only firn itself can keep a
+    // core from being written; core_pattern "core" (the kernel's default) puts it in the
+    // working directory.
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg("ulimit -c \"$(ulimit -H -c)\"; exec \"$0\" \"$@\"")
+        .arg(FIRN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .current_dir(dir.path());
+    let mut daemon = start(command, port);
+    let pid = daemon.child.id();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("a core limit line");
+    let numbers: Vec<&str> = core.split_whitespace().skip(4).take(2).collect();
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGABRT,
+    )
+    .expect("kill");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = daemon.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "still running");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.signal(), Some(nix::libc::SIGABRT), "{status:?}");
+    assert!(!status.core_dumped(), "the kernel dumped core");
+    let cores: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("core"))
+        .collect();
+    assert!(cores.is_empty(), "core files: {cores:?}");
+    // Soft and hard limits both 0: nothing in the process can raise it again.
+    assert_eq!(numbers, ["0", "0"], "{core}");
+}
+
+/// PR_SET_DUMPABLE 0 makes the daemon's /proc files root's, so another process of the
+/// daemon's own (non-root) user can neither read its environment or memory nor attach to
+/// it. Observable only from root (to start the daemon as another user) or from a non-root
+/// user (who is then that other process).
+#[test]
+fn other_processes_of_the_same_user_cannot_read_the_daemon() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = write_config(dir.path(), port, "[keys]\nsource = \"env\"\n");
+    let key = "5a".repeat(32);
+    let mut command = serve(&config);
+    command.env("FIRN_MASTER_KEY", &key);
+    let user = if is_root() {
+        // The daemon runs as nobody, in a directory nobody can write.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+            .expect("chmod");
+        command.uid(NOBODY).gid(NOBODY);
+        NOBODY
+    } else {
+        my_uid()
+    };
+    let daemon = start(command, port);
+    let pid = daemon.child.id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let uid_line = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .expect("Uid line");
+    assert!(
+        uid_line.split_whitespace().nth(1) == Some(&user.to_string()),
+        "{uid_line}"
+    );
+    for file in ["environ", "mem", "maps"] {
+        let owner = std::fs::metadata(format!("/proc/{pid}/{file}"))
+            .expect("stat")
+            .uid();
+        assert_eq!(owner, 0, "/proc/{pid}/{file} belongs to {owner}, not root");
+    }
+    // And as that user: reading the environment is refused.
+    let mut reader = Command::new("cat");
+    reader.arg(format!("/proc/{pid}/environ"));
+    if is_root() {
+        reader.uid(NOBODY).gid(NOBODY);
+    }
+    let out = reader.output().expect("run cat");
+    assert!(
+        !out.status.success(),
+        "a process of the same user read the environment: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(daemon.stop().success());
+}
