@@ -236,3 +236,43 @@ fn other_processes_of_the_same_user_cannot_read_the_daemon() {
     );
     assert!(daemon.stop().success());
 }
+
+/// Without the right to lock memory (RLIMIT_MEMLOCK 0, and not root), the daemon warns once
+/// and works: locking keeps keys out of swap, it is not a condition to serve.
+#[test]
+fn refused_memory_locking_is_one_warning_not_a_failure() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = write_config(dir.path(), port, "[keys]\nsource = \"env\"\n");
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg("ulimit -l 0 && exec \"$0\" \"$@\" 2>firn.err")
+        .arg(FIRN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .current_dir(dir.path())
+        .env("FIRN_MASTER_KEY", "6b".repeat(32));
+    if is_root() {
+        // Root may lock memory whatever the limit says; nobody may not.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+            .expect("chmod");
+        command.uid(NOBODY).gid(NOBODY);
+    }
+    let daemon = start(command, port);
+    // A volume brings one more key; it is made and served with locking refused.
+    let config = config.to_str().expect("utf-8");
+    let (ok, _, err) = firn(&[
+        "volume", "create", "v", "--size", "1MiB", "--config", config,
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = firn(&["volume", "show", "v", "--config", config]);
+    assert!(ok && out.contains('v'), "{out}{err}");
+    assert!(daemon.stop().success());
+    let log = std::fs::read_to_string(dir.path().join("firn.err")).expect("stderr log");
+    assert_eq!(
+        log.matches("cannot lock key memory").count(),
+        1,
+        "one warning expected: {log}"
+    );
+}

@@ -102,7 +102,12 @@ impl Sealer {
 
     /// The content address of `plain`: equal content, equal address, under this key only.
     pub fn address(&self, plain: &[u8]) -> Address {
-        Address(*blake3::keyed_hash(&self.address_key, plain).as_bytes())
+        let mut hasher = blake3::Hasher::new_keyed(&self.address_key);
+        hasher.update(plain);
+        let address = Address(*hasher.finalize().as_bytes());
+        // The hasher's state began as the key: wipe it, as `keyed_hash` would not.
+        zeroize::Zeroize::zeroize(&mut hasher);
+        address
     }
 
     pub fn seal(&self, context: &[u8], plain: &[u8]) -> Vec<u8> {
