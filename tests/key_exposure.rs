@@ -51,6 +51,25 @@ fn serve(config: &Path) -> Command {
     command
 }
 
+/// The firn binary at a path `nobody` can run: FIRN itself when every folder above it lets
+/// others through, else a link or copy inside `dir` (the suite may be cloned under /root).
+fn firn_for_nobody(dir: &Path) -> std::path::PathBuf {
+    let binary = Path::new(FIRN);
+    let open_to_others = binary
+        .ancestors()
+        .skip(1)
+        .all(|folder| std::fs::metadata(folder).is_ok_and(|m| m.permissions().mode() & 0o001 != 0));
+    if open_to_others {
+        return binary.to_path_buf();
+    }
+    let copy = dir.join("firn");
+    if std::fs::hard_link(binary, &copy).is_err() {
+        std::fs::copy(binary, &copy).expect("copy firn");
+    }
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    copy
+}
+
 fn contains(haystack: &[u8], needle: &str) -> bool {
     haystack
         .windows(needle.len())
@@ -195,16 +214,18 @@ fn other_processes_of_the_same_user_cannot_read_the_daemon() {
     let config = write_config(dir.path(), port, "[keys]\nsource = \"env\"\n");
     let key = "5a".repeat(32);
     let mut command = serve(&config);
-    command.env("FIRN_MASTER_KEY", &key);
     let user = if is_root() {
         // The daemon runs as nobody, in a directory nobody can write.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
             .expect("chmod");
+        command = Command::new(firn_for_nobody(dir.path()));
+        command.args(["serve", "--config"]).arg(&config);
         command.uid(NOBODY).gid(NOBODY);
         NOBODY
     } else {
         my_uid()
     };
+    command.env("FIRN_MASTER_KEY", &key);
     let daemon = start(command, port);
     let pid = daemon.child.id();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
@@ -234,6 +255,8 @@ fn other_processes_of_the_same_user_cannot_read_the_daemon() {
         "a process of the same user read the environment: {:?}",
         String::from_utf8_lossy(&out.stdout)
     );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Permission denied"), "{err}");
     assert!(daemon.stop().success());
 }
 
@@ -244,11 +267,16 @@ fn refused_memory_locking_is_one_warning_not_a_failure() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let config = write_config(dir.path(), port, "[keys]\nsource = \"env\"\n");
+    let binary = if is_root() {
+        firn_for_nobody(dir.path())
+    } else {
+        FIRN.into()
+    };
     let mut command = Command::new("sh");
     command
         .arg("-c")
         .arg("ulimit -l 0 && exec \"$0\" \"$@\" 2>firn.err")
-        .arg(FIRN)
+        .arg(binary)
         .args(["serve", "--config"])
         .arg(&config)
         .current_dir(dir.path())

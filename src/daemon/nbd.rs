@@ -254,7 +254,7 @@ fn read_or_make_psk_file(path: &std::path::Path) -> anyhow::Result<PskKeys> {
             let (head, tail) = line.split_at_mut(PSK_IDENTITY.len() + 1);
             head[..PSK_IDENTITY.len()].copy_from_slice(PSK_IDENTITY.as_bytes());
             head[PSK_IDENTITY.len()] = b':';
-            let _ = hex::encode_to_slice(*key, &mut tail[..64]);
+            let _ = hex::encode_to_slice(&key[..], &mut tail[..64]);
             tail[64] = b'\n';
             let text = zeroize::Zeroizing::new(
                 String::from_utf8(std::mem::take(&mut *line)).unwrap_or_default(),

@@ -95,7 +95,7 @@ impl MasterKey {
     pub fn to_hex(&self) -> Zeroizing<String> {
         let mut text = Zeroizing::new(vec![0u8; 64]);
         // 64 bytes for 32: the lengths match, so this cannot fail.
-        let _ = hex::encode_to_slice(*self.0, &mut text);
+        let _ = hex::encode_to_slice(&self.0[..], &mut text);
         // Hex digits are ASCII, so this takes the buffer over without a copy.
         Zeroizing::new(String::from_utf8(std::mem::take(&mut *text)).unwrap_or_default())
     }
