@@ -304,3 +304,162 @@ fn refused_memory_locking_is_one_warning_not_a_failure() {
         "one warning expected: {log}"
     );
 }
+
+/// Every writable mapping of process `pid` (where a key can have been put), with its
+/// `VmFlags`, from /proc/PID/smaps and /proc/PID/mem.
+fn memory_of(pid: u32) -> Vec<(usize, Vec<u8>, Vec<String>)> {
+    use std::os::unix::fs::FileExt;
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("read smaps");
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("open mem");
+    let mut mappings: Vec<(usize, usize, bool, Vec<String>)> = Vec::new();
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or_default();
+        if let Some((start, end)) = first.split_once('-')
+            && let (Ok(start), Ok(end)) = (
+                usize::from_str_radix(start, 16),
+                usize::from_str_radix(end, 16),
+            )
+        {
+            let readable = words.next().is_some_and(|perms| perms.starts_with("rw"));
+            // [vvar] and the like cannot be read through mem.
+            let special = line.contains("[vvar") || line.contains("[vsyscall]");
+            mappings.push((start, end, readable && !special, Vec::new()));
+        } else if let Some(flags) = line.strip_prefix("VmFlags:")
+            && let Some(last) = mappings.last_mut()
+        {
+            last.3 = flags.split_whitespace().map(str::to_string).collect();
+        }
+    }
+    let mut memory = Vec::new();
+    for (start, end, readable, flags) in mappings {
+        if !readable {
+            continue;
+        }
+        let mut bytes = vec![0u8; end - start];
+        if mem.read_exact_at(&mut bytes, start as u64).is_ok() {
+            memory.push((start, bytes, flags));
+        }
+    }
+    memory
+}
+
+/// Where `needle` occurs in `memory`: each hit's address and whether its mapping is left
+/// out of core dumps ("dd").
+fn find(memory: &[(usize, Vec<u8>, Vec<String>)], needle: &[u8]) -> Vec<(usize, bool)> {
+    let mut hits = Vec::new();
+    for (start, bytes, flags) in memory {
+        let dontdump = flags.iter().any(|f| f == "dd");
+        for (at, window) in bytes.windows(needle.len()).enumerate() {
+            if window[0] == needle[0] && window == needle {
+                hits.push((start + at, dontdump));
+            }
+        }
+    }
+    hits
+}
+
+/// Reads the running daemon's whole memory (root can, whatever the dumpable flag says) and
+/// looks for its keys: the master key, raw or in hex, must be nowhere (it is dropped once
+/// the subkeys are derived, and every buffer it passed through was wiped); the subkeys and
+/// the NBD pre-shared key must be found, and only in pages left out of core dumps.
+#[test]
+fn no_stray_copy_of_a_key_is_left_in_the_daemons_memory() {
+    if !is_root() {
+        // Another user's process of the same uid may not read a non-dumpable process:
+        // that is the protection, and it leaves nothing to scan.
+        eprintln!("not root: the daemon's memory cannot be read, which the other tests check");
+        return;
+    }
+    let (ok, key_hex, err) = firn(&["keygen"]);
+    assert!(ok, "{err}");
+    let key_hex = key_hex.trim().to_string();
+    let mut master = [0u8; 32];
+    hex::decode_to_slice(&key_hex, &mut master).expect("keygen prints hex");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = write_config(
+        dir.path(),
+        port,
+        &format!(
+            "[keys]\nsource = \"env\"\n[nbd]\nlisten = \"127.0.0.1:{}\"\ntls = \"psk\"\n",
+            free_port()
+        ),
+    );
+    let mut command = serve(&config);
+    command.env("FIRN_MASTER_KEY", &key_hex);
+    let daemon = start(command, port);
+
+    let memory = memory_of(daemon.child.id());
+    let scanned: usize = memory.iter().map(|(_, bytes, _)| bytes.len()).sum();
+    assert!(scanned > 1 << 20, "only {scanned} bytes read");
+    assert_eq!(find(&memory, &master), [], "the master key, raw");
+    assert_eq!(
+        find(&memory, key_hex.as_bytes()),
+        [],
+        "the master key, in hex"
+    );
+    assert_eq!(
+        find(&memory, key_hex.to_uppercase().as_bytes()),
+        [],
+        "the master key, in upper-case hex"
+    );
+    for context in [
+        "firn seal data key v1",
+        "firn content address key v1",
+        "firn volume sector key v1",
+    ] {
+        let subkey = blake3::derive_key(context, &master);
+        let hits = find(&memory, &subkey);
+        assert!(
+            !hits.is_empty(),
+            "{context}: not found, so the scan sees nothing"
+        );
+        assert!(
+            hits.iter().all(|&(_, dontdump)| dontdump),
+            "{context}: copies outside key pages at {hits:x?}"
+        );
+    }
+    let psk_file =
+        std::fs::read_to_string(dir.path().join("data/nbd-psk/keys.psk")).expect("psk file");
+    let psk_hex = psk_file
+        .trim()
+        .rsplit_once(':')
+        .map(|(_, key)| key.to_string())
+        .expect("identity:key");
+    let psk = hex::decode(&psk_hex).expect("hex");
+    let hits = find(&memory, &psk);
+    assert!(!hits.is_empty(), "the PSK is not found");
+    assert!(
+        hits.iter().all(|&(_, dontdump)| dontdump),
+        "PSK copies outside key pages at {hits:x?}"
+    );
+    assert_eq!(find(&memory, psk_hex.as_bytes()), [], "the PSK file's text");
+    assert!(daemon.stop().success());
+
+    // A passphrase: neither it nor the key Argon2id makes of it stays behind.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = write_config(dir.path(), port, "[keys]\nsource = \"passphrase\"\n");
+    let phrase = "a passphrase to look for 0c7d52";
+    let mut command = serve(&config);
+    command.env("FIRN_PASSPHRASE", phrase);
+    let daemon = start(command, port);
+    let memory = memory_of(daemon.child.id());
+    let salt = std::fs::read_to_string(dir.path().join("data/passphrase.salt")).expect("salt");
+    let params = argon2::Params::new(64 * 1024, 3, 1, Some(32)).expect("params");
+    let mut master = [0u8; 32];
+    argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+        .hash_password_into(phrase.as_bytes(), salt.trim().as_bytes(), &mut master)
+        .expect("argon2");
+    assert_eq!(find(&memory, phrase.as_bytes()), [], "the passphrase");
+    assert_eq!(find(&memory, &master), [], "the stretched master key");
+    let subkey = blake3::derive_key("firn seal data key v1", &master);
+    let hits = find(&memory, &subkey);
+    assert!(
+        !hits.is_empty(),
+        "the data key is not found: docs' parameters changed?"
+    );
+    assert!(hits.iter().all(|&(_, dontdump)| dontdump), "{hits:x?}");
+    assert!(daemon.stop().success());
+}

@@ -246,8 +246,8 @@ fn read_or_make_psk_file(path: &std::path::Path) -> anyhow::Result<PskKeys> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => zeroize::Zeroizing::new(text),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut key = crate::seal::Secret::<32>::zeroed();
-            rand::fill(&mut key[..]);
+            let key =
+                crate::seal::Secret::<32>::new_with(|key| crate::seal::secret::fill_random(key));
             // Written into a buffer of the final size: a growing String would leave
             // copies of the key behind in the memory it gives back.
             let mut line = zeroize::Zeroizing::new(vec![0u8; PSK_IDENTITY.len() + 1 + 64 + 1]);

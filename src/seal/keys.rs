@@ -16,7 +16,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use super::Sealer;
 use super::environment;
-use super::secret::Secret;
+use super::secret::{Secret, fill_random};
 
 /// Where the `[keys]` section says the master key comes from.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,7 +89,7 @@ impl MasterKey {
     }
 
     pub fn generate() -> Self {
-        MasterKey(Secret::new_with(|key| rand::rng().fill_bytes(key)))
+        MasterKey(Secret::new_with(|key| fill_random(key)))
     }
 
     pub fn to_hex(&self) -> Zeroizing<String> {

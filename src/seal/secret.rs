@@ -226,6 +226,16 @@ impl Drop for Pages {
     }
 }
 
+/// Fills `key` from the kernel's random source, straight into the caller's buffer. Not
+/// `rand::rng()`: a user-space generator keeps a block of its output in the heap after the
+/// call, and so a copy of any key drawn from it.
+pub fn fill_random(key: &mut [u8]) {
+    use rand::{RngCore, TryRngCore};
+    // getrandom(2) fails only before the kernel's pool is first seeded (it waits then) or
+    // without the syscall at all (Linux before 3.17); `rand::rng()` panics the same way.
+    rand::rngs::OsRng.unwrap_err().fill_bytes(key);
+}
+
 fn page_size() -> usize {
     // SAFETY: sysconf reads a constant of the system; it takes no pointers.
     let size = unsafe { nix::libc::sysconf(nix::libc::_SC_PAGESIZE) };
