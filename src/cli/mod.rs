@@ -112,6 +112,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     let config = Config::load(cli.config.as_deref())?;
+    if let Command::Serve = cli.command {
+        // While the process has one thread: the runtime below starts the others.
+        crate::daemon::process::harden(&config.keys);
+    }
     let rt = runtime()?;
     match cli.command {
         Command::Serve => rt.block_on(crate::daemon::serve(config)),

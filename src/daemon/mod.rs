@@ -4,6 +4,7 @@
 pub mod api;
 pub mod config;
 pub mod nbd;
+pub mod process;
 pub mod status;
 
 use std::fs::File;

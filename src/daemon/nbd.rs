@@ -253,7 +253,8 @@ pub fn psk_acceptor(path: &std::path::Path) -> anyhow::Result<Arc<openssl::ssl::
         let key = identity.and_then(|id| keys.iter().find(|(name, _)| name.as_bytes() == id));
         Ok(match key {
             Some((name, key)) if key.len() <= out.len() => {
-                out[..key.len()].copy_from_slice(key);
+                // OpenSSL's own buffer from here; it wipes it after the handshake.
+                out[..key.len()].copy_from_slice(key.as_bytes());
                 // The connection learns who it serves from here (volumes' `clients`).
                 ssl.set_ex_data(slot, name.clone());
                 key.len()
@@ -264,16 +265,27 @@ pub fn psk_acceptor(path: &std::path::Path) -> anyhow::Result<Arc<openssl::ssl::
     Ok(Arc::new(builder.build()))
 }
 
-type PskKeys = Vec<(String, zeroize::Zeroizing<Vec<u8>>)>;
+/// Identity and key; the keys stay in locked memory for as long as the acceptor lives.
+type PskKeys = Vec<(String, crate::seal::SecretBuf)>;
 
 fn read_or_make_psk_file(path: &std::path::Path) -> anyhow::Result<PskKeys> {
     use anyhow::Context;
     let text = match std::fs::read_to_string(path) {
         Ok(text) => zeroize::Zeroizing::new(text),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut key = zeroize::Zeroizing::new([0u8; 32]);
-            rand::fill(&mut key[..]);
-            let text = zeroize::Zeroizing::new(format!("{PSK_IDENTITY}:{}\n", hex::encode(*key)));
+            let key =
+                crate::seal::Secret::<32>::new_with(|key| crate::seal::secret::fill_random(key));
+            // Written into a buffer of the final size: a growing String would leave
+            // copies of the key behind in the memory it gives back.
+            let mut line = zeroize::Zeroizing::new(vec![0u8; PSK_IDENTITY.len() + 1 + 64 + 1]);
+            let (head, tail) = line.split_at_mut(PSK_IDENTITY.len() + 1);
+            head[..PSK_IDENTITY.len()].copy_from_slice(PSK_IDENTITY.as_bytes());
+            head[PSK_IDENTITY.len()] = b':';
+            let _ = hex::encode_to_slice(&key[..], &mut tail[..64]);
+            tail[64] = b'\n';
+            let text = zeroize::Zeroizing::new(
+                String::from_utf8(std::mem::take(&mut *line)).unwrap_or_default(),
+            );
             if let Some(dir) = path.parent() {
                 use std::os::unix::fs::DirBuilderExt;
                 std::fs::DirBuilder::new()
@@ -307,14 +319,21 @@ fn parse_psk_keys(text: &str) -> Result<PskKeys, String> {
         let Some((identity, key)) = line.rsplit_once(':') else {
             return Err(format!("line {}: not identity:hexkey", n + 1));
         };
-        let key = hex::decode(key).map_err(|_| format!("line {}: the key is not hex", n + 1))?;
-        if identity.is_empty() || key.len() < 16 || key.len() > 64 {
+        let not_hex = || format!("line {}: the key is not hex", n + 1);
+        if key.len() % 2 != 0 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(not_hex());
+        }
+        let len = key.len() / 2;
+        if identity.is_empty() || !(16..=64).contains(&len) {
             return Err(format!(
                 "line {}: needs an identity and a key of 16 to 64 bytes",
                 n + 1
             ));
         }
-        keys.push((identity.to_string(), zeroize::Zeroizing::new(key)));
+        // Decoded straight into locked memory: no heap copy of the key to wipe.
+        let key = crate::seal::SecretBuf::new_with(len, |bytes| hex::decode_to_slice(key, bytes))
+            .map_err(|_| not_hex())?;
+        keys.push((identity.to_string(), key));
     }
     if keys.is_empty() {
         return Err("no keys".to_string());
@@ -411,7 +430,11 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         let again = read_or_make_psk_file(&path).unwrap();
-        assert_eq!(*again[0].1, *made[0].1, "a second start must keep the key");
+        assert_eq!(
+            again[0].1.as_bytes(),
+            made[0].1.as_bytes(),
+            "a second start must keep the key"
+        );
         psk_acceptor(&path).unwrap();
     }
 }

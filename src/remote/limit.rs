@@ -492,10 +492,11 @@ mod tests {
             (0.4..0.8).contains(&took),
             "took {took:.3}s, expected about 0.5s"
         );
-        // Downloads are not limited by this policy.
+        // Downloads are not limited by this policy: a gibibyte passes at once (at 4 MiB/s it
+        // would take minutes; the bound allows for a loaded machine).
         let started = Instant::now();
         limiter.acquire(Direction::Download, 1 << 30).await;
-        assert!(started.elapsed() < Duration::from_millis(50));
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 
     #[tokio::test]

@@ -12,9 +12,11 @@ use std::path::{Path, PathBuf};
 
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::Sealer;
+use super::environment;
+use super::secret::{Secret, fill_random};
 
 /// Where the `[keys]` section says the master key comes from.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,35 +78,45 @@ pub enum KeyError {
     Argon2(String),
 }
 
-/// 32 bytes, wiped from memory when dropped.
-pub struct MasterKey(Zeroizing<[u8; 32]>);
+/// 32 bytes in locked memory that core dumps leave out, wiped when dropped (`Secret`).
+/// Every source fills it in place, so no other copy of the key outlives loading.
+pub struct MasterKey(Secret<32>);
 
 impl MasterKey {
+    /// For tests and tools: the caller's `bytes` are a copy this type cannot wipe.
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        MasterKey(Zeroizing::new(bytes))
+        MasterKey(Secret::new_with(|key| *key = bytes))
     }
 
     pub fn generate() -> Self {
-        let mut bytes = Zeroizing::new([0u8; 32]);
-        rand::rng().fill_bytes(bytes.as_mut());
-        MasterKey(bytes)
+        MasterKey(Secret::new_with(|key| fill_random(key)))
     }
 
     pub fn to_hex(&self) -> Zeroizing<String> {
-        Zeroizing::new(hex::encode(*self.0))
+        let mut text = Zeroizing::new(vec![0u8; 64]);
+        // 64 bytes for 32: the lengths match, so this cannot fail.
+        let _ = hex::encode_to_slice(&self.0[..], &mut text);
+        // Hex digits are ASCII, so this takes the buffer over without a copy.
+        Zeroizing::new(String::from_utf8(std::mem::take(&mut *text)).unwrap_or_default())
     }
 
-    fn from_hex(text: &str, what: &str) -> Result<Self, KeyError> {
-        let mut bytes = Zeroizing::new([0u8; 32]);
-        hex::decode_to_slice(text.trim(), bytes.as_mut()).map_err(|_| KeyError::BadKey {
+    fn from_hex(text: &[u8], what: &str) -> Result<Self, KeyError> {
+        let mut key = Secret::zeroed();
+        hex::decode_to_slice(text.trim_ascii(), &mut *key).map_err(|_| KeyError::BadKey {
             what: what.to_string(),
         })?;
-        Ok(MasterKey(bytes))
+        Ok(MasterKey(key))
     }
 
     /// A subkey for one purpose; `context` names the purpose and its version.
-    pub fn derive(&self, context: &str) -> Zeroizing<[u8; 32]> {
-        Zeroizing::new(blake3::derive_key(context, self.0.as_ref()))
+    pub fn derive(&self, context: &str) -> Secret<32> {
+        Secret::new_with(|key| {
+            // The same bytes as `blake3::derive_key`, written straight into the secret.
+            let mut hasher = blake3::Hasher::new_derive_key(context);
+            hasher.update(&*self.0);
+            hasher.finalize_xof().fill(key);
+            hasher.zeroize();
+        })
     }
 
     /// Loads the master key from `source`. `data_dir` is where the dev key and the
@@ -113,21 +125,19 @@ impl MasterKey {
         match source {
             KeySource::Dev => load_dev(data_dir),
             KeySource::Env { env } => {
-                let text = Zeroizing::new(
-                    std::env::var(env).map_err(|_| KeyError::EnvMissing(env.clone()))?,
-                );
-                MasterKey::from_hex(&text, &format!("environment variable {env}"))
+                let text =
+                    environment::variable(env).ok_or_else(|| KeyError::EnvMissing(env.clone()))?;
+                MasterKey::from_hex(text.as_bytes(), &format!("environment variable {env}"))
             }
             KeySource::File { file } => load_file(file, data_dir),
             KeySource::Passphrase { env } => {
-                let phrase = Zeroizing::new(std::env::var(env).unwrap_or_default());
-                if phrase.is_empty() {
-                    return Err(KeyError::PassphraseMissing(env.clone()));
-                }
+                let phrase = environment::variable(env)
+                    .filter(|phrase| !phrase.is_empty())
+                    .ok_or_else(|| KeyError::PassphraseMissing(env.clone()))?;
                 let salt = read_or_create(&data_dir.join("passphrase.salt"), || {
                     let mut salt = [0u8; 16];
                     rand::rng().fill_bytes(&mut salt);
-                    hex::encode(salt)
+                    Zeroizing::new(hex::encode(salt))
                 })?;
                 stretch(phrase.as_bytes(), salt.trim().as_bytes())
             }
@@ -137,8 +147,11 @@ impl MasterKey {
 
 fn load_dev(data_dir: &Path) -> Result<MasterKey, KeyError> {
     let path = data_dir.join("dev-master-key");
-    let text = read_or_create(&path, || MasterKey::generate().to_hex().to_string())?;
-    MasterKey::from_hex(&text, &format!("development key file {}", path.display()))
+    let text = read_or_create(&path, || MasterKey::generate().to_hex())?;
+    MasterKey::from_hex(
+        text.as_bytes(),
+        &format!("development key file {}", path.display()),
+    )
 }
 
 fn load_file(file: &Path, data_dir: &Path) -> Result<MasterKey, KeyError> {
@@ -155,35 +168,41 @@ fn load_file(file: &Path, data_dir: &Path) -> Result<MasterKey, KeyError> {
     let bytes = Zeroizing::new(fs::read(file).map_err(file_error)?);
     let what = format!("file {}", file.display());
     if bytes.len() == 32 {
-        let mut key = [0u8; 32];
-        key.copy_from_slice(&bytes);
-        return Ok(MasterKey::from_bytes(key));
+        return Ok(MasterKey(Secret::new_with(|key| {
+            key.copy_from_slice(&bytes)
+        })));
     }
-    let text = std::str::from_utf8(&bytes).map_err(|_| KeyError::BadKey { what: what.clone() })?;
-    MasterKey::from_hex(text, &what)
+    MasterKey::from_hex(&bytes, &what)
 }
 
 /// Argon2id with 64 MiB of memory and 3 passes: about a quarter second here, and costly to
-/// guess at scale.
+/// guess at scale. The 64 MiB are wiped after: their first blocks would let a guess be
+/// checked without paying for the stretching. (They are too large to lock; they live for
+/// the quarter second only.)
 fn stretch(phrase: &[u8], salt: &[u8]) -> Result<MasterKey, KeyError> {
     let params = argon2::Params::new(64 * 1024, 3, 1, Some(32))
         .map_err(|e| KeyError::Argon2(e.to_string()))?;
+    let mut memory = Zeroizing::new(vec![argon2::Block::default(); params.block_count()]);
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
-    let mut key = Zeroizing::new([0u8; 32]);
+    let mut key = Secret::zeroed();
     argon
-        .hash_password_into(phrase, salt, key.as_mut())
+        .hash_password_into_with_memory(phrase, salt, &mut *key, memory.as_mut_slice())
         .map_err(|e| KeyError::Argon2(e.to_string()))?;
     Ok(MasterKey(key))
 }
 
 /// Reads a small text file, or creates it (mode 0600, fsynced) with `make()`'s content.
-fn read_or_create(path: &Path, make: impl FnOnce() -> String) -> Result<String, KeyError> {
+/// Both are wiped when dropped: the development key is such a file.
+fn read_or_create(
+    path: &Path,
+    make: impl FnOnce() -> Zeroizing<String>,
+) -> Result<Zeroizing<String>, KeyError> {
     let store_error = |source| KeyError::Store {
         path: path.to_path_buf(),
         source,
     };
     match fs::read_to_string(path) {
-        Ok(text) => return Ok(text),
+        Ok(text) => return Ok(Zeroizing::new(text)),
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(store_error(e)),
         Err(_) => {}
     }
@@ -294,10 +313,21 @@ mod tests {
     }
 
     #[test]
+    fn derived_keys_are_blake3_derive_key() {
+        // Written into locked memory by hand; must stay the bytes existing data was
+        // sealed with.
+        let master = MasterKey::from_bytes([5; 32]);
+        assert_eq!(
+            *master.derive("firn seal data key v1"),
+            blake3::derive_key("firn seal data key v1", &[5; 32])
+        );
+    }
+
+    #[test]
     fn bad_hex_keys_are_refused() {
         for text in ["", "abc", &"zz".repeat(32), &"00".repeat(31)] {
             assert!(
-                MasterKey::from_hex(text, "test").is_err(),
+                MasterKey::from_hex(text.as_bytes(), "test").is_err(),
                 "{text:?} accepted"
             );
         }

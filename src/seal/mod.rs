@@ -6,13 +6,16 @@
 //! object's role and name) is bound into every seal as associated data: a sealed object
 //! moved to another name or role fails to open.
 
+pub mod environment;
 pub mod keys;
+pub mod secret;
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use rand::RngCore;
 
 pub use keys::{KeySource, MasterKey};
+pub use secret::{Secret, SecretBuf};
 
 const MAGIC: &[u8; 4] = b"FRNS";
 const VERSION: u8 = 1;
@@ -54,11 +57,11 @@ impl std::fmt::Display for Address {
     }
 }
 
-/// Seals and opens with the keys derived from one master key.
+/// Seals and opens with the keys derived from one master key, each kept in a `Secret`.
 pub struct Sealer {
-    cipher: XChaCha20Poly1305,
-    address_key: [u8; 32],
-    volume_root: zeroize::Zeroizing<[u8; 32]>,
+    data_key: Secret<32>,
+    address_key: Secret<32>,
+    volume_root: Secret<32>,
     key_id: u32,
 }
 
@@ -72,27 +75,39 @@ impl std::fmt::Debug for Sealer {
 
 impl Sealer {
     pub fn new(master: &MasterKey) -> Sealer {
-        let data_key = master.derive("firn seal data key v1");
         Sealer {
-            cipher: XChaCha20Poly1305::new((&*data_key).into()),
-            address_key: *master.derive("firn content address key v1"),
+            data_key: master.derive("firn seal data key v1"),
+            address_key: master.derive("firn content address key v1"),
             volume_root: master.derive("firn volume sector key v1"),
             key_id: 0,
         }
     }
 
+    /// The AEAD keyed for one call. Keying XChaCha20-Poly1305 is a copy of 32 bytes, and
+    /// the copy is wiped when the cipher drops, so the data key itself stays in its
+    /// `Secret` rather than in a long-lived cipher object in ordinary memory.
+    fn cipher(&self) -> XChaCha20Poly1305 {
+        XChaCha20Poly1305::new((&*self.data_key).into())
+    }
+
     /// The 512-bit AES-256-XTS key (two AES-256 keys) for one volume's local sectors.
-    pub fn volume_key(&self, volume_id: &str) -> zeroize::Zeroizing<[u8; 64]> {
-        let mut key = zeroize::Zeroizing::new([0u8; 64]);
-        let mut hasher = blake3::Hasher::new_keyed(&self.volume_root);
-        hasher.update(volume_id.as_bytes());
-        hasher.finalize_xof().fill(key.as_mut());
-        key
+    pub fn volume_key(&self, volume_id: &str) -> Secret<64> {
+        Secret::new_with(|key| {
+            let mut hasher = blake3::Hasher::new_keyed(&self.volume_root);
+            hasher.update(volume_id.as_bytes());
+            hasher.finalize_xof().fill(key);
+            zeroize::Zeroize::zeroize(&mut hasher);
+        })
     }
 
     /// The content address of `plain`: equal content, equal address, under this key only.
     pub fn address(&self, plain: &[u8]) -> Address {
-        Address(*blake3::keyed_hash(&self.address_key, plain).as_bytes())
+        let mut hasher = blake3::Hasher::new_keyed(&self.address_key);
+        hasher.update(plain);
+        let address = Address(*hasher.finalize().as_bytes());
+        // The hasher's state began as the key: wipe it, as `keyed_hash` would not.
+        zeroize::Zeroize::zeroize(&mut hasher);
+        address
     }
 
     pub fn seal(&self, context: &[u8], plain: &[u8]) -> Vec<u8> {
@@ -114,7 +129,7 @@ impl Sealer {
         header.extend_from_slice(&nonce);
         let aad = [header.as_slice(), context].concat();
         let ciphertext = self
-            .cipher
+            .cipher()
             .encrypt(
                 XNonce::from_slice(&nonce),
                 Payload {
@@ -151,7 +166,7 @@ impl Sealer {
         let nonce = XNonce::from_slice(&header[20..HEADER_LEN]);
         let aad = [header, context].concat();
         let body = self
-            .cipher
+            .cipher()
             .decrypt(
                 nonce,
                 Payload {

@@ -576,8 +576,12 @@ impl BlockDevice for LocalVolume {
 /// An OpenSSL context is not shareable while in use, and setting a key expands it, so the
 /// contexts, keyed once, wait in a pool (one per direction) as long as the volume is open;
 /// there are never more of them than threads working on the volume at once.
+///
+/// The key sits in a `Secret` (locked, out of core dumps). The contexts hold OpenSSL's
+/// expansion of it (the AES round keys) in ordinary memory, which OpenSSL wipes when a
+/// context is freed, at the volume's close.
 struct SectorCipher {
-    key: zeroize::Zeroizing<[u8; 64]>,
+    key: crate::seal::Secret<64>,
     encrypters: Mutex<Vec<CipherCtx>>,
     decrypters: Mutex<Vec<CipherCtx>>,
 }
@@ -591,7 +595,7 @@ enum Direction {
 impl SectorCipher {
     fn new(key: &[u8; 64]) -> SectorCipher {
         SectorCipher {
-            key: zeroize::Zeroizing::new(*key),
+            key: crate::seal::Secret::new_with(|ours| ours.copy_from_slice(key)),
             encrypters: Mutex::new(Vec::new()),
             decrypters: Mutex::new(Vec::new()),
         }

@@ -1,0 +1,44 @@
+//! What `firn serve` does to its own process first, so that keys and plaintext cannot reach
+//! disk or other users through it: no core dumps, and key variables out of the environment.
+//! Key memory itself is `seal::Secret`'s concern (locked, out of dumps, wiped).
+
+use crate::seal::KeySource;
+use crate::seal::environment;
+
+/// The variables whose values are taken out of the environment at start, whatever
+/// `[keys]` says: a key left in the environment is readable in /proc/PID/environ and is
+/// inherited by every child.
+const KEY_VARIABLES: [&str; 2] = ["FIRN_MASTER_KEY", "FIRN_PASSPHRASE"];
+
+/// Takes the key variables out of the environment, then turns core dumps off. Must run
+/// while the process has one thread (before the async runtime starts); it says so in the
+/// log and goes on otherwise, as it does when the kernel refuses a step.
+pub fn harden(keys: &KeySource) {
+    let mut names: Vec<&str> = KEY_VARIABLES.to_vec();
+    if let KeySource::Env { env } | KeySource::Passphrase { env } = keys
+        && !names.contains(&env.as_str())
+    {
+        names.push(env);
+    }
+    // Before core dumps are turned off: a process that is not dumpable may lose access to
+    // parts of its own /proc entry, which `take` reads.
+    if let Err(e) = environment::take(&names) {
+        tracing::warn!("{e}; /proc/PID/environ may show the key to its readers");
+    }
+    forbid_core_dumps();
+}
+
+/// No core file (RLIMIT_CORE 0, hard limit too, so nothing in the process can raise it),
+/// and not dumpable (PR_SET_DUMPABLE 0), which also covers core handlers that ignore the
+/// limit (a `|program` core_pattern) and makes /proc/PID/environ, mem, maps and the like
+/// owned by root, so other processes of the same non-root user cannot read them, nor
+/// ptrace this one.
+fn forbid_core_dumps() {
+    use nix::sys::resource::{Resource, setrlimit};
+    if let Err(e) = setrlimit(Resource::RLIMIT_CORE, 0, 0) {
+        tracing::warn!("cannot set RLIMIT_CORE to 0 ({e}): a crash may write a core file");
+    }
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!("cannot clear the dumpable flag ({e}): a crash may write a core file");
+    }
+}
