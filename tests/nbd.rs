@@ -1307,25 +1307,7 @@ fn a_client_that_never_reads_its_replies_cannot_grow_memory() {
 
     let mut c = Raw::connect(g.nbd_port);
     assert_eq!(c.go("big").expect("go"), 4 << 30);
-    let mut stream = c.s.try_clone().expect("clone");
-    // 32 MiB READs (simple replies: every byte of data goes back), as fast as the socket
-    // takes them, and not one reply read.
-    let sender = std::thread::spawn(move || {
-        let mut sent = 0u64;
-        loop {
-            let offset = (sent % 128) << 25;
-            let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
-            b.extend_from_slice(&0u16.to_be_bytes());
-            b.extend_from_slice(&0u16.to_be_bytes());
-            b.extend_from_slice(&sent.to_be_bytes());
-            b.extend_from_slice(&offset.to_be_bytes());
-            b.extend_from_slice(&(32u32 << 20).to_be_bytes());
-            if stream.write_all(&b).is_err() {
-                return sent;
-            }
-            sent += 1;
-        }
-    });
+    let sender = flood_with_reads(&c);
 
     let started = std::time::Instant::now();
     let mut peak = before;
@@ -1356,6 +1338,7 @@ fn a_client_that_never_reads_its_replies_cannot_grow_memory() {
     }
     c.s.shutdown(std::net::Shutdown::Both).expect("shutdown");
     let sent = sender.join().expect("sender");
+    drop(c); // the client exits: its socket closes with replies unread
     assert!(
         peak <= before + BUDGET + SLACK,
         "firn grew from {} MiB to {} MiB for a client that does not read ({sent} requests sent)",
@@ -1364,11 +1347,112 @@ fn a_client_that_never_reads_its_replies_cannot_grow_memory() {
     );
     assert!(other_client_served, "the other client was not served");
     assert!(sent > 2, "the client could not send requests");
+    // The client is gone, so is its connection: the requests still buffered are not run
+    // (the send timeout, a minute by default, plays no part in this).
+    assert!(
+        connections_drop_to_zero(&g, Duration::from_secs(5)),
+        "the connection of a client that left is still served"
+    );
     // The daemon lives on.
     run(
         "qemu-io",
         &["-f", "raw", &g.tcp("big"), "-c", "read -P 0 0 4k"],
     );
+}
+
+/// 32 MiB READs on `c`'s socket (simple replies: every byte of data goes back), as fast as
+/// the socket takes them, and not one reply read; returns how many were sent.
+fn flood_with_reads(c: &Raw) -> std::thread::JoinHandle<u64> {
+    let mut stream = c.s.try_clone().expect("clone");
+    std::thread::spawn(move || {
+        let mut sent = 0u64;
+        loop {
+            let offset = (sent % 128) << 25;
+            let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
+            b.extend_from_slice(&0u16.to_be_bytes());
+            b.extend_from_slice(&0u16.to_be_bytes());
+            b.extend_from_slice(&sent.to_be_bytes());
+            b.extend_from_slice(&offset.to_be_bytes());
+            b.extend_from_slice(&(32u32 << 20).to_be_bytes());
+            if stream.write_all(&b).is_err() {
+                return sent;
+            }
+            sent += 1;
+        }
+    })
+}
+
+/// Whether `firn_nbd_connections` reaches 0 within `limit`.
+fn connections_drop_to_zero(g: &Gateway, limit: Duration) -> bool {
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
+        if metric(&g.metrics(), "firn_nbd_connections") == 0.0 {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn clients_that_stop_reading_share_one_memory_budget_and_are_dropped() {
+    const MEMORY: u64 = 192 << 20;
+    const SLACK: u64 = 40 << 20;
+    const CLIENTS: usize = 6; // 6 connections' own budgets: 390 MiB
+    let g = Gateway::start_with("memory = \"192MiB\"\nsend_timeout_secs = 3\n");
+    g.firn(&["volume", "create", "big", "--size", "4G"]);
+    let pid = g.daemon.as_ref().expect("running").child.id();
+    let before = rss(pid);
+    let clients: Vec<Raw> = (0..CLIENTS)
+        .map(|_| {
+            let mut c = Raw::connect(g.nbd_port);
+            assert_eq!(c.go("big").expect("go"), 4 << 30);
+            c
+        })
+        .collect();
+    let senders: Vec<_> = clients.iter().map(flood_with_reads).collect();
+    let started = std::time::Instant::now();
+    let mut peak = before;
+    // Before the send timeout: every stalled client holds what it could take.
+    while started.elapsed() < Duration::from_millis(2500) {
+        peak = peak.max(rss(pid));
+        if peak > before + MEMORY + SLACK {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        peak <= before + MEMORY + SLACK,
+        "{CLIENTS} clients that do not read took firn from {} MiB to {} MiB",
+        before >> 20,
+        peak >> 20
+    );
+    // Clients that take nothing for the send timeout lose their connections, and with them
+    // the memory, though their sockets stay open.
+    assert!(
+        connections_drop_to_zero(&g, Duration::from_secs(15)),
+        "stalled clients kept their connections"
+    );
+    run(
+        "timeout",
+        &[
+            "30",
+            "qemu-io",
+            "-f",
+            "raw",
+            &g.tcp("big"),
+            "-c",
+            "read -P 0 1G 1M",
+        ],
+    );
+    for (c, sender) in clients.iter().zip(senders) {
+        // The server has closed these already.
+        let _ = c.s.shutdown(std::net::Shutdown::Both);
+        assert!(
+            sender.join().expect("sender") > 0,
+            "a client could not send"
+        );
+    }
 }
 
 /// Whether the server closed `s` without a word (not even its greeting), within 5 s.

@@ -150,6 +150,10 @@ pub struct NbdConfig {
     pub max_connections_per_address: usize,
     /// Seconds from connect to the end of negotiation (TLS handshake included).
     pub negotiation_timeout_secs: u64,
+    /// Bytes of requests and replies in flight, all connections together.
+    pub memory: ByteSize,
+    /// Seconds a reply may wait for a client that takes none of it; then the connection ends.
+    pub send_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -177,6 +181,8 @@ impl Default for NbdConfig {
             max_connections: 128,
             max_connections_per_address: 32,
             negotiation_timeout_secs: 10,
+            memory: ByteSize(1 << 30),
+            send_timeout_secs: 60,
         }
     }
 }
@@ -319,10 +325,18 @@ impl Config {
                 "negotiation_timeout_secs",
                 self.nbd.negotiation_timeout_secs,
             ),
+            ("send_timeout_secs", self.nbd.send_timeout_secs),
         ] {
             if value == 0 {
                 return Err(format!("[nbd] {key} must be at least 1"));
             }
+        }
+        let min_memory = crate::protocols::nbd::server::MIN_MEMORY as u64;
+        if self.nbd.memory.0 < min_memory {
+            return Err(format!(
+                "[nbd] memory must be at least {} (two connections' requests in flight)",
+                crate::size::Human(min_memory)
+            ));
         }
         for block in &self.nbd.allow {
             let cidr = Cidr::parse(block).map_err(|e| format!("[nbd] allow: {e}"))?;
@@ -547,6 +561,8 @@ mod tests {
                 "allow_plaintext",
             ),
             ("[nbd]\nmax_connections = 0", "max_connections"),
+            ("[nbd]\nmemory = \"64MiB\"", "memory must be at least"),
+            ("[nbd]\nsend_timeout_secs = 0", "send_timeout_secs"),
             (
                 "[nbd]\nnegotiation_timeout_secs = 0",
                 "negotiation_timeout_secs",

@@ -365,6 +365,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             negotiation_timeout: std::time::Duration::from_secs(
                 nbd_config.negotiation_timeout_secs,
             ),
+            memory: usize::try_from(nbd_config.memory.0).unwrap_or(usize::MAX),
+            send_timeout: std::time::Duration::from_secs(nbd_config.send_timeout_secs),
         },
     );
     let socket_path = gateway.config.nbd_socket();

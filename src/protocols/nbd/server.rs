@@ -177,6 +177,12 @@ pub struct Limits {
     pub max_connections_per_address: usize,
     /// From accept to the end of option haggling, the TLS handshake included.
     pub negotiation_timeout: Duration,
+    /// Bytes of requests and replies in flight, all connections together; at least twice a
+    /// connection's own budget, so one request always fits.
+    pub memory: usize,
+    /// How long a reply may wait for the client to take any of it before the connection is
+    /// closed (and its share of `memory` given back).
+    pub send_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -185,9 +191,14 @@ impl Default for Limits {
             max_connections: 128,
             max_connections_per_address: 32,
             negotiation_timeout: Duration::from_secs(10),
+            memory: 1 << 30,
+            send_timeout: Duration::from_secs(60),
         }
     }
 }
+
+/// The least `Limits::memory` may be: two connections' budgets.
+pub const MIN_MEMORY: usize = 2 * (IN_FLIGHT_BUDGET_KIB << 10);
 
 /// Connections open now, in total and by TCP address.
 #[derive(Default)]
@@ -228,6 +239,8 @@ pub struct NbdServer {
     tls: Option<TlsAcceptor>,
     metrics: Arc<NbdMetrics>,
     limits: Limits,
+    /// `limits.memory`, in KiB: taken with a connection's own budget, given back with it.
+    memory: Arc<Semaphore>,
     open: Mutex<Open>,
     /// Every connection holds a clone; `drained` reports when the last one is gone.
     alive: Mutex<Option<mpsc::Sender<()>>>,
@@ -296,6 +309,7 @@ impl NbdServer {
             shutdown,
             tls,
             metrics,
+            memory: Arc::new(Semaphore::new(limits.memory.max(MIN_MEMORY) >> 10)),
             limits,
             open: Mutex::new(Open::default()),
             alive: Mutex::new(Some(alive)),
@@ -766,16 +780,27 @@ impl NbdServer {
         // Unbounded, but every reply in it holds its share of the budget (`Outgoing`), so
         // the bytes queued here are bounded by the budget too.
         let (replies, mut outbox) = mpsc::unbounded_channel::<Outgoing>();
+        let send_timeout = self.limits.send_timeout;
         let writer_task = tokio::spawn(async move {
             let mut writer = BufWriter::with_capacity(256 << 10, writer);
-            while let Some(Outgoing { reply, permit }) = outbox.recv().await {
-                writer.write_all(&reply).await?;
+            // A client that takes nothing for `send_timeout` loses its connection, so the
+            // memory its replies hold comes back; a slow one that keeps taking bytes stays.
+            let stalled =
+                || std::io::Error::new(std::io::ErrorKind::TimedOut, "client stopped reading");
+            while let Some(Outgoing { reply, permits }) = outbox.recv().await {
+                for piece in reply.chunks(256 << 10) {
+                    tokio::time::timeout(send_timeout, writer.write_all(piece))
+                        .await
+                        .map_err(|_| stalled())??;
+                }
                 BUFFERS.give(reply);
                 // Only now, with the bytes handed to the socket (or in the writer's own
                 // fixed buffer), may the reader take requests for them again.
-                drop(permit);
+                drop(permits);
                 if outbox.is_empty() {
-                    writer.flush().await?;
+                    tokio::time::timeout(send_timeout, writer.flush())
+                        .await
+                        .map_err(|_| stalled())??;
                 }
             }
             writer.flush().await?;
@@ -800,6 +825,9 @@ impl NbdServer {
                     }
                 };
                 tokio::select! {
+                    // The writer is gone (the client left or stopped reading): nothing more
+                    // this connection runs can reach it.
+                    _ = replies.closed() => return Ok(()),
                     r = read => match r {
                         Ok(_) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
@@ -823,13 +851,18 @@ impl NbdServer {
                         request.length
                     ));
                 }
-                // Take the budget before reading a payload, so a fast sender waits here
-                // instead of filling memory; it is given back when the reply is written.
-                let permit = budget
-                    .clone()
-                    .acquire_many_owned(budget_cost_kib(&request))
-                    .await
-                    .map_err(|_| ConnectionError::Protocol("budget closed".into()))?;
+                // Take the budgets (this connection's, then the server's) before reading a
+                // payload, so a fast sender waits here instead of filling memory; they are
+                // given back when the reply is written.
+                let cost = budget_cost_kib(&request);
+                let permits = tokio::select! {
+                    _ = replies.closed() => return Ok(()),
+                    permits = async {
+                        let own = budget.clone().acquire_many_owned(cost).await;
+                        let shared = self.memory.clone().acquire_many_owned(cost).await;
+                        own.and_then(|own| shared.map(|shared| (own, shared)))
+                    } => permits.map_err(|_| ConnectionError::Protocol("budget closed".into()))?,
+                };
                 let mut payload = Vec::new();
                 if request.kind == CMD_WRITE {
                     payload = BUFFERS.take(request.length as usize);
@@ -848,7 +881,7 @@ impl NbdServer {
                     // disk is not run here (Wait::No) and goes to a thread below.
                     let payload = std::mem::take(&mut payload);
                     if let Some(reply) = execute_guarded(&session, request, payload, Wait::No) {
-                        let _ = replies.send(Outgoing { reply, permit });
+                        let _ = replies.send(Outgoing { reply, permits });
                         continue;
                     }
                 }
@@ -864,7 +897,7 @@ impl NbdServer {
                     let reply = execute_guarded(&session, request, payload, Wait::Yes)
                         .unwrap_or_else(|| simple_reply(EIO, request.cookie));
                     drop(worker);
-                    let _ = replies.send(Outgoing { reply, permit });
+                    let _ = replies.send(Outgoing { reply, permits });
                 });
             }
         }
@@ -912,10 +945,11 @@ impl Session {
     }
 }
 
-/// A reply on its way to the socket, with the budget its request took.
+/// A reply on its way to the socket, with the budgets its request took (the connection's
+/// and the server's).
 struct Outgoing {
     reply: Vec<u8>,
-    permit: OwnedSemaphorePermit,
+    permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
 /// What a request may hold of the connection's budget, in KiB: the most its payload and its
