@@ -108,6 +108,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     let config = Config::load(cli.config.as_deref())?;
+    if let Command::Serve = cli.command {
+        crate::daemon::process::harden();
+    }
     let rt = runtime()?;
     match cli.command {
         Command::Serve => rt.block_on(crate::daemon::serve(config)),

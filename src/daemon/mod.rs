@@ -4,9 +4,11 @@
 pub mod api;
 pub mod config;
 pub mod nbd;
+pub mod process;
 pub mod status;
 
 use std::fs::File;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -158,6 +160,7 @@ fn lock_data_dir(data_dir: &Path) -> anyhow::Result<nix::fcntl::Flock<File>> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
@@ -189,7 +192,11 @@ impl Gateway {
     /// what to fix; an unreachable remote is not a failure (the gateway works offline).
     pub async fn open(config: Config) -> anyhow::Result<Arc<Gateway>> {
         let data_dir = config.local.data_dir.clone();
-        std::fs::create_dir_all(&data_dir)
+        // Keys (in dev mode), the token, the catalog and the audit log live here.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&data_dir)
             .with_context(|| format!("[local] data_dir: cannot create {}", data_dir.display()))?;
         let lock = lock_data_dir(&data_dir)?;
 
@@ -199,9 +206,27 @@ impl Gateway {
         crate::seal::keys::check_key(&sealer, &data_dir)?;
 
         let meta = Arc::new(MetaStore::open(data_dir.join("meta.redb"))?);
+        let volumes = Arc::new(Catalog::new(
+            meta.clone(),
+            data_dir.join("volumes"),
+            sealer.clone(),
+        )?);
         let gateway_id = match meta.get("gateway", "id")? {
             Some(id) => String::from_utf8_lossy(&id).into_owned(),
             None => {
+                // A metadata store without a gateway id was made just now. Volume files
+                // beside it belong to a catalog that is gone: refuse, before writing anything
+                // that would make the next start take this store for the real one.
+                let unnamed = volumes.unnamed_files()?;
+                if !unnamed.is_empty() {
+                    bail!(
+                        "the metadata store {} is new (missing, or replaced by an empty one), but {} holds {} volume file(s) it does not name, e.g. {}. Restore meta.redb from a backup (or put the moved one back); or, to start without these volumes, move the .img files out of that folder. Nothing was changed",
+                        meta.path().display(),
+                        volumes.dir().display(),
+                        unnamed.len(),
+                        unnamed[0].display()
+                    );
+                }
                 let mut bytes = [0u8; 8];
                 rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
                 let id = format!("gw-{}", hex::encode(bytes));
@@ -210,15 +235,22 @@ impl Gateway {
             }
         };
         let (audit, _) = Log::open(data_dir.join("audit.log"))?;
-        let volumes = Arc::new(Catalog::new(
-            meta.clone(),
-            data_dir.join("volumes"),
-            sealer.clone(),
-        )?);
-        // Nothing serves yet, so no volume can be half made: a file without an entry is what
-        // a crash during create or delete left.
-        for path in volumes.sweep_orphans()? {
-            tracing::warn!(path = %path.display(), "removed a volume file no volume names (left by a crash)");
+        // Nothing serves yet, so no volume can be half made.
+        let recovered = volumes.recover()?;
+        for path in &recovered.removed {
+            tracing::warn!(path = %path.display(), "removed the file of a volume create or delete that a crash interrupted");
+        }
+        for (from, to) in &recovered.quarantined {
+            tracing::warn!(
+                "volume file {} is named by no volume (the metadata store may be older than the volumes); moved it to {}. Restore the metadata store that names it to get the volume back",
+                from.display(),
+                to.display()
+            );
+            println!(
+                "WARNING: volume file {} is named by no volume; moved to {}",
+                from.display(),
+                to.display()
+            );
         }
         let allow = config
             .nbd

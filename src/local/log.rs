@@ -20,7 +20,7 @@ use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::iter::FusedIterator;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -369,6 +369,8 @@ fn create(path: &Path) -> Result<File, LogError> {
         .write(true)
         .create(true)
         .truncate(true)
+        // Logs hold what the gateway was told (the audit log: who did what).
+        .mode(0o600)
         .open(&temp_path)
         .and_then(|mut file| {
             file.write_all(&header)?;

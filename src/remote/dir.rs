@@ -8,6 +8,7 @@
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::ops::Range;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -67,7 +68,13 @@ impl DirStore {
             .join(STAGING)
             .join(format!("{}-{n}", std::process::id()));
         let result = (|| {
-            let mut file = File::create(&staged)?;
+            // Sealed, but still nobody else's business.
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&staged)?;
             file.write_all(body)?;
             for (name, value) in meta {
                 file.set_xattr(format!("{XATTR_PREFIX}{name}"), value.as_bytes())?;
