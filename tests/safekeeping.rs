@@ -205,3 +205,251 @@ fn the_data_directory_and_its_files_are_private() {
         assert_eq!(mode(&file), 0o600, "{}", file.display());
     }
 }
+
+/// Undoes, in reverse order, what a test set up, even when it fails halfway.
+struct Teardown(Vec<Box<dyn FnOnce()>>);
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        while let Some(undo) = self.0.pop() {
+            undo();
+        }
+    }
+}
+
+fn run(program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A small tmpfs at `dir/mnt`, unmounted when the returned guard drops.
+fn small_tmpfs(dir: &Path, size: &str) -> (PathBuf, Teardown) {
+    let mnt = dir.join("mnt");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    let mnt_arg = mnt.to_str().expect("utf-8").to_string();
+    run(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={size}"),
+            "tmpfs",
+            &mnt_arg,
+        ],
+    );
+    let teardown = Teardown(vec![Box::new(move || {
+        let _ = Command::new("umount").arg(&mnt_arg).status();
+    })]);
+    (mnt, teardown)
+}
+
+/// Fills the file system holding `path` with one file there, until it is full.
+fn fill(path: &Path) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).expect("filler");
+    let chunk = vec![0x55u8; 64 << 10];
+    loop {
+        match file.write(&chunk) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(28) => break,
+            Err(e) => panic!("fill: {e}"),
+        }
+    }
+    let _ = file.sync_all();
+}
+
+/// Every record of the audit log, as JSON.
+fn audit_records(data: &Path) -> Vec<serde_json::Value> {
+    let (mut log, _) = firn::local::log::Log::open(data.join("audit.log")).expect("audit log");
+    log.iter()
+        .expect("iter")
+        .map(|r| serde_json::from_slice(&r.expect("record").payload).expect("json"))
+        .collect()
+}
+
+#[test]
+fn changes_are_refused_while_the_audit_log_cannot_be_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_mnt, _teardown) = small_tmpfs(dir.path(), "32m");
+    let port = free_port();
+    let config = write_config(dir.path(), port, "")
+        .to_str()
+        .expect("utf-8")
+        .to_string();
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, text.replace("\"data\"", "\"mnt/data\"")).expect("config");
+    let daemon = Daemon::start(Path::new(&config), port, &[]);
+    let bandwidth = |rate: &str| firn(&["bandwidth", "--config", &config, "--upload", rate]);
+    // A read: it still answers while the audit log cannot be written.
+    let upload_limit = || {
+        let (ok, out, err) = firn(&["status", "--config", &config, "--json"]);
+        assert!(ok, "{err}");
+        out.lines()
+            .find(|l| l.contains("\"upload_limit\""))
+            .map(|l| l.split('"').nth(3).unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    let (ok, _, err) = bandwidth("20MiB");
+    assert!(ok, "{err}");
+
+    let filler = dir.path().join("mnt/filler");
+    fill(&filler);
+    // The log's last page may still have room for a few records.
+    let mut successes = 1;
+    let mut refused = false;
+    for mib in 21..80 {
+        let (ok, _, err) = bandwidth(&format!("{mib}MiB"));
+        if ok {
+            successes += 1;
+            continue;
+        }
+        assert!(err.contains("audit log cannot be written"), "{err}");
+        assert_eq!(
+            upload_limit(),
+            format!("{}MiB/s", mib - 1),
+            "the refused change was made"
+        );
+        refused = true;
+        break;
+    }
+    assert!(refused, "changes went through unaudited on a full disk");
+
+    // Once the disk has room again, so does the audit log: no restart needed.
+    std::fs::remove_file(&filler).expect("rm filler");
+    let (ok, _, err) = bandwidth("7MiB");
+    assert!(ok, "{err}");
+    successes += 1;
+    assert_eq!(upload_limit(), "7MiB/s");
+    assert!(daemon.stop().success());
+
+    let records = audit_records(&dir.path().join("mnt/data"));
+    let puts = |phase: &str| -> Vec<serde_json::Value> {
+        records
+            .iter()
+            .filter(|r| r["method"] == "PUT" && r["phase"] == phase)
+            .cloned()
+            .collect()
+    };
+    let (intents, outcomes) = (puts("intent"), puts("outcome"));
+    // Every change made has its intent on disk; an outcome may miss when the disk filled
+    // between the two.
+    assert_eq!(intents.len(), successes, "{records:?}");
+    assert!(outcomes.len() + 1 >= successes, "{records:?}");
+    for outcome in &outcomes {
+        assert_eq!(outcome["status"], 200);
+        assert!(
+            intents.iter().any(|i| i["call"] == outcome["call"]),
+            "no intent before {outcome}"
+        );
+    }
+}
+
+#[test]
+fn a_damaged_audit_record_is_kept_aside_and_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = write_config(dir.path(), port, "");
+    let config_arg = config.to_str().expect("utf-8");
+    let data = dir.path().join("data");
+    let daemon = Daemon::start(&config, port, &[]);
+    for _ in 0..10 {
+        let (ok, _, err) = firn(&["status", "--config", config_arg]);
+        assert!(ok, "{err}");
+    }
+    assert!(daemon.stop().success());
+    let log = data.join("audit.log");
+    let original = std::fs::read(&log).expect("read");
+    let middle = original.len() / 2;
+    let mut damaged = original.clone();
+    damaged[middle] ^= 0x40;
+    std::fs::write(&log, &damaged).expect("damage");
+
+    let daemon = Daemon::start(&config, port, &[]);
+    let banner = daemon.stdout.join("\n");
+    assert!(
+        banner.contains("WARNING: audit log") && banner.contains("damaged"),
+        "{banner}"
+    );
+    assert!(daemon.stop().success());
+    let aside: Vec<PathBuf> = std::fs::read_dir(&data)
+        .expect("ls")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("audit.log.damaged-"))
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    let kept = std::fs::read(&aside[0]).expect("read aside");
+    assert!(
+        kept.len() >= original.len() - middle,
+        "{} bytes",
+        kept.len()
+    );
+    assert_eq!(kept[..], damaged[damaged.len() - kept.len()..]);
+    // The records before the damage are still in the log.
+    let now = std::fs::read(&log).expect("read");
+    let cut = damaged.len() - kept.len();
+    assert_eq!(now[..cut], original[..cut]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_calls_are_counted_not_written_one_by_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = write_config(dir.path(), port, "");
+    let daemon = Daemon::start(&config, port, &[]);
+    let http = reqwest::Client::new();
+    let long = format!("/api/v1/{}", "x".repeat(8000));
+    let calls = 2000;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let (http, url) = (http.clone(), daemon.url(&long));
+        tasks.push(tokio::spawn(async move {
+            for _ in (worker..calls).step_by(8) {
+                let status = http
+                    .get(&url)
+                    .bearer_auth("wrong")
+                    .send()
+                    .await
+                    .expect("get")
+                    .status();
+                assert_eq!(status, 401);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("worker");
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    let before = std::fs::metadata(dir.path().join("data/audit.log"))
+        .expect("stat")
+        .len();
+    assert!(daemon.stop().success());
+
+    let records = audit_records(&dir.path().join("data"));
+    let refused: Vec<&serde_json::Value> = records.iter().filter(|r| r["status"] == 401).collect();
+    let counted: u64 = refused.iter().filter_map(|r| r["count"].as_u64()).sum();
+    assert_eq!(counted, calls as u64, "{refused:?}");
+    assert!(
+        refused.len() as u64 <= seconds + 2,
+        "{} records for {calls} refused calls in {seconds} s",
+        refused.len()
+    );
+    for record in &refused {
+        assert!(record.to_string().len() < 1024, "{record}");
+        assert_eq!(record["path_bytes"], long.len());
+    }
+    assert!(before < 64 << 10, "the audit log grew to {before} bytes");
+}

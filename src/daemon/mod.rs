@@ -2,6 +2,7 @@
 //! layer that knows every other one.
 
 pub mod api;
+pub mod audit;
 pub mod config;
 pub mod nbd;
 pub mod process;
@@ -10,14 +11,13 @@ pub mod status;
 use std::fs::File;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use prometheus_client::registry::Registry;
 
 use crate::engines::volume::catalog::Catalog;
-use crate::local::log::Log;
 use crate::local::meta::MetaStore;
 use crate::protocols::nbd::{NbdMetrics, NbdServer, TlsAcceptor};
 use crate::remote::dir::DirStore;
@@ -149,7 +149,8 @@ pub struct Gateway {
     pub registry: Registry,
     pub nbd_metrics: Arc<NbdMetrics>,
     pub health: RwLock<RemoteHealth>,
-    audit: Mutex<Log>,
+    pub audit: audit::Audit,
+    calls: std::sync::atomic::AtomicU64,
     _lock: nix::fcntl::Flock<File>,
 }
 
@@ -234,7 +235,8 @@ impl Gateway {
                 id
             }
         };
-        let (audit, _) = Log::open(data_dir.join("audit.log"))?;
+        let (audit, recovery) = audit::Audit::open(&data_dir.join("audit.log"))?;
+        audit::report_recovery(audit.path(), &recovery);
         // Nothing serves yet, so no volume can be half made.
         let recovered = volumes.recover()?;
         for path in &recovered.removed {
@@ -308,7 +310,8 @@ impl Gateway {
             registry,
             nbd_metrics,
             health: RwLock::new(health),
-            audit: Mutex::new(audit),
+            audit,
+            calls: std::sync::atomic::AtomicU64::new(0),
             _lock: lock,
         }))
     }
@@ -321,12 +324,18 @@ impl Gateway {
         self.config.keys == KeySource::Dev
     }
 
-    /// Appends one management call to the audit log and makes it durable.
-    pub fn audit(&self, record: &serde_json::Value) {
-        let line = record.to_string();
-        let mut log = self.audit.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = log.append(line.as_bytes()).and_then(|_| log.sync()) {
-            tracing::error!("audit log: {e}");
+    /// A number for the next API call, so its intent and outcome records pair up.
+    pub fn next_call(&self) -> u64 {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Writes the counts of refused calls every second.
+    async fn flush_refused_calls(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(audit::REFUSED_EVERY).await;
+            let gateway = self.clone();
+            let _ = tokio::task::spawn_blocking(move || gateway.audit.flush_refused()).await;
         }
     }
 
@@ -397,6 +406,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let stop_requested = shutdown_signal()?;
     print_banner(&gateway, listen);
     tokio::spawn(gateway.clone().watch_remote());
+    tokio::spawn(gateway.clone().flush_refused_calls());
     tokio::spawn(nbd.clone().serve_unix(unix));
     if let Some(tcp) = tcp {
         tokio::spawn(nbd.clone().serve_tcp(tcp));
@@ -422,6 +432,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::warn!("stopping with clients still connected after {STOP_GRACE:?}");
     }
     let _ = std::fs::remove_file(&socket_path);
+    // The last second's refused calls: wait out the interval so they are recorded.
+    tokio::time::sleep(audit::REFUSED_EVERY).await;
+    gateway.audit.flush_refused();
     println!("firn stopped");
     Ok(())
 }
