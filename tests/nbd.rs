@@ -628,6 +628,14 @@ fn a_full_disk_gives_enospc_and_the_rest_keeps_working() {
         let _ = Command::new("umount").arg(&mnt_arg).status();
     }));
     let (config, http_port, nbd_port) = write_nbd_config(dir.path(), "mnt/data", "");
+    // The file system's own ENOSPC is the point here, not [local] min_free (tested in
+    // tests/safekeeping.rs), whose default is larger than this disk.
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replace("[local]\n", "[local]\nmin_free = \"0\"\n"),
+    )
+    .expect("config");
     let daemon = Daemon::start(&config, http_port, &[]);
     create_volume(&config, "big", "64M");
 

@@ -453,3 +453,133 @@ async fn refused_calls_are_counted_not_written_one_by_one() {
     }
     assert!(before < 64 << 10, "the audit log grew to {before} bytes");
 }
+
+/// Runs qemu-io commands against an NBD URI; its output, whatever the outcome.
+fn qemu_io(uri: &str, commands: &[String]) -> String {
+    let mut args = vec!["-f".to_string(), "raw".to_string()];
+    for c in commands {
+        args.push("-c".to_string());
+        args.push(c.clone());
+    }
+    args.push(uri.to_string());
+    let out = Command::new("qemu-io")
+        .args(&args)
+        .output()
+        .expect("qemu-io (scripts/test installs qemu-utils)");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn free_bytes(path: &Path) -> u64 {
+    let stat = nix::sys::statvfs::statvfs(path).expect("statvfs");
+    stat.blocks_available() * stat.fragment_size()
+}
+
+/// A gateway whose data directory is `data_dir` (relative to `dir`), `[local]` extended by
+/// `local`, with volume `v` of `size`; its Unix NBD URI.
+fn space_gateway(dir: &Path, data_dir: &str, local: &str, size: &str) -> (Daemon, PathBuf, String) {
+    let port = free_port();
+    let config = write_config(dir, port, "");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let text = text.replace(
+        "data_dir = \"data\"\n",
+        &format!("data_dir = \"{data_dir}\"\n{local}\n"),
+    );
+    std::fs::write(&config, text).expect("config");
+    let daemon = Daemon::start(&config, port, &[]);
+    create_volume(&config, "v", size);
+    let uri = format!(
+        "nbd+unix:///v?socket={}",
+        dir.join(data_dir).join("nbd.sock").display()
+    );
+    (daemon, config, uri)
+}
+
+/// Writes 1 MiB at each MiB up to `mib`; how many succeeded and how many got ENOSPC.
+fn fill_volume(uri: &str, mib: u64) -> (usize, usize) {
+    let commands: Vec<String> = (0..mib)
+        .map(|i| format!("write -P 0xc3 {}M 1M", i))
+        .collect();
+    let out = qemu_io(uri, &commands);
+    let wrote = out.matches("wrote 1048576/1048576").count();
+    let full = out.matches("No space left on device").count();
+    assert_eq!(wrote + full, mib as usize, "{out}");
+    (wrote, full)
+}
+
+/// After the limit: overwriting written data works, metadata and the audit log too.
+fn the_rest_keeps_working(uri: &str, config: &Path) {
+    let out = qemu_io(
+        uri,
+        &[
+            "write -P 0x5e 0 64k".to_string(),
+            "read -P 0x5e 0 64k".to_string(),
+        ],
+    );
+    assert!(
+        out.contains("wrote 65536/65536") && out.contains("read 65536/65536"),
+        "{out}"
+    );
+    create_volume(config, "more", "1M");
+}
+
+/// The create of [`the_rest_keeps_working`] is in the audit log (read after the stop).
+fn the_create_was_audited(data: &Path) {
+    let records = audit_records(data);
+    assert!(
+        records
+            .iter()
+            .any(|r| r["method"] == "POST" && r["phase"] == "outcome" && r["status"] == 201),
+        "{records:?}"
+    );
+}
+
+#[test]
+fn min_free_keeps_room_for_metadata_and_the_audit_log() {
+    // The data directory on a 32 MiB ext4 file system, holding a 64 MiB sparse volume.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("small-fs.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(32 << 20))
+        .expect("image");
+    let image_arg = image.to_str().expect("utf-8");
+    run("mkfs.ext4", &["-q", "-m", "0", image_arg]);
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    let mnt_arg = mnt.to_str().expect("utf-8").to_string();
+    run("mount", &["-o", "loop", image_arg, &mnt_arg]);
+    let _teardown = Teardown(vec![Box::new(move || {
+        let _ = Command::new("umount").arg(&mnt_arg).status();
+    })]);
+    let (daemon, config, uri) =
+        space_gateway(dir.path(), "mnt/data", "min_free = \"12MiB\"", "64M");
+    let (wrote, full) = fill_volume(&uri, 40);
+    assert!(full > 0 && wrote > 4, "wrote {wrote} MiB, {full} refused");
+    let free = free_bytes(&mnt);
+    assert!(free >= 11 << 20, "only {free} bytes left free");
+    the_rest_keeps_working(&uri, &config);
+    assert!(daemon.stop().success());
+    the_create_was_audited(&mnt.join("data"));
+}
+
+#[test]
+fn max_bytes_caps_the_data_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (daemon, config, uri) = space_gateway(
+        dir.path(),
+        "data",
+        "min_free = \"0\"\nmax_bytes = \"16MiB\"",
+        "64M",
+    );
+    let (wrote, full) = fill_volume(&uri, 40);
+    assert!(full > 0 && wrote > 4, "wrote {wrote} MiB, {full} refused");
+    let data = dir.path().join("data");
+    let used = firn::local::space::used_bytes(&data);
+    assert!(used <= 16 << 20, "the data directory holds {used} bytes");
+    the_rest_keeps_working(&uri, &config);
+    assert!(daemon.stop().success());
+    the_create_was_audited(&data);
+}

@@ -207,11 +207,15 @@ impl Gateway {
         crate::seal::keys::check_key(&sealer, &data_dir)?;
 
         let meta = Arc::new(MetaStore::open(data_dir.join("meta.redb"))?);
-        let volumes = Arc::new(Catalog::new(
-            meta.clone(),
-            data_dir.join("volumes"),
-            sealer.clone(),
-        )?);
+        let space = Arc::new(crate::local::space::SpaceBudget::new(
+            &data_dir,
+            config.local.min_free.0,
+            config.local.max_bytes.map(|m| m.0),
+        ));
+        let volumes = Arc::new(
+            Catalog::new(meta.clone(), data_dir.join("volumes"), sealer.clone())?
+                .with_space_budget(space),
+        );
         let gateway_id = match meta.get("gateway", "id")? {
             Some(id) => String::from_utf8_lossy(&id).into_owned(),
             None => {

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::Mode;
 use super::local::{self, LocalVolume, LocalVolumeError};
 use crate::local::meta::{MetaError, MetaStore};
+use crate::local::space::SpaceBudget;
 use crate::local::sync_parent_dir;
 use crate::seal::Sealer;
 
@@ -157,6 +158,7 @@ pub struct Catalog {
     meta: Arc<MetaStore>,
     dir: PathBuf,
     sealer: Arc<Sealer>,
+    space: Option<Arc<SpaceBudget>>,
     /// Open volumes by id. All users of a volume must share one `LocalVolume`, whose locks
     /// keep partial-sector writes from different connections from losing each other.
     open: Mutex<HashMap<String, Weak<LocalVolume>>>,
@@ -197,8 +199,15 @@ impl Catalog {
             meta,
             dir,
             sealer,
+            space: None,
             open: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Volumes opened from now on take new space only as `budget` allows.
+    pub fn with_space_budget(mut self, budget: Arc<SpaceBudget>) -> Catalog {
+        self.space = Some(budget);
+        self
     }
 
     /// Creates an all-zero volume. Its file is sparse, so this is quick whatever the size.
@@ -502,12 +511,17 @@ impl Catalog {
         let volume = match info.mode {
             Mode::Local => {
                 let key = self.sealer.volume_key(&info.id);
-                LocalVolume::open(self.path(&info), info.size, &key, info.read_only).map_err(
-                    |source| CatalogError::File {
-                        name: name.to_string(),
-                        source,
-                    },
-                )?
+                let mut volume =
+                    LocalVolume::open(self.path(&info), info.size, &key, info.read_only).map_err(
+                        |source| CatalogError::File {
+                            name: name.to_string(),
+                            source,
+                        },
+                    )?;
+                if let Some(budget) = &self.space {
+                    volume.set_space_budget(budget.clone());
+                }
+                volume
             }
         };
         let volume = Arc::new(volume);
