@@ -576,13 +576,23 @@ fn flushed_writes_survive_kill_9() {
         ],
     );
     g.kill9();
-    // What a kill during `volume create` leaves: a file no volume names. The start sweeps it.
+    // A file no volume names (and no intent explains): the start moves it to quarantine.
     let orphan = g
         .path("data/volumes")
         .join(format!("{}.img", "0f".repeat(16)));
     std::fs::write(&orphan, [1u8; 4096]).expect("orphan");
     g.restart();
-    assert!(!orphan.exists(), "the start left an orphan volume file");
+    assert!(
+        !orphan.exists(),
+        "the start left an unnamed volume file in place"
+    );
+    let quarantined = g
+        .path("data/volumes/quarantine")
+        .join(format!("{}.img", "0f".repeat(16)));
+    assert!(
+        quarantined.exists(),
+        "the unnamed file was not kept in quarantine"
+    );
     run(
         "qemu-io",
         &[
@@ -599,7 +609,11 @@ fn flushed_writes_survive_kill_9() {
     );
     let raw = std::fs::read_dir(g.path("data/volumes")).expect("volumes dir");
     for entry in raw {
-        let bytes = std::fs::read(entry.expect("entry").path()).expect("read");
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            continue; // quarantine/
+        }
+        let bytes = std::fs::read(&path).expect("read");
         assert!(
             !bytes.windows(64).any(|w| w.iter().all(|&b| b == 0x5a)),
             "plaintext on disk"
@@ -637,6 +651,14 @@ fn a_full_disk_gives_enospc_and_the_rest_keeps_working() {
         let _ = Command::new("umount").arg(&mnt_arg).status();
     }));
     let (config, http_port, nbd_port) = write_nbd_config(dir.path(), "mnt/data", "");
+    // The file system's own ENOSPC is the point here, not [local] min_free (tested in
+    // tests/safekeeping.rs), whose default is larger than this disk.
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replace("[local]\n", "[local]\nmin_free = \"0\"\n"),
+    )
+    .expect("config");
     let daemon = Daemon::start(&config, http_port, &[]);
     create_volume(&config, "big", "64M");
 

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Path, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -14,6 +14,7 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use super::Gateway;
+use super::audit::Call;
 use super::status::{Status, disk_space};
 use crate::engines::volume::Mode;
 use crate::remote::limit::Policy;
@@ -28,11 +29,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/volumes", get(list_volumes).post(create_volume))
         .route("/volumes/{name}", get(show_volume).delete(delete_volume))
         .fallback(not_found)
-        // The audit layer wraps the token check, so refused calls are recorded too.
-        .layer(middleware::from_fn_with_state(
-            gateway.clone(),
-            require_token,
-        ))
+        // One layer checks the token and records the call, so refused calls are recorded too.
         .layer(middleware::from_fn_with_state(gateway.clone(), audit));
     Router::new()
         .route("/healthz", get(healthz))
@@ -51,40 +48,77 @@ async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "no such route")
 }
 
-async fn require_token(State(gateway): Shared, request: Request, next: Next) -> Response {
+fn token_ok(gateway: &Gateway, request: &Request) -> bool {
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if !bool::from(presented.as_bytes().ct_eq(gateway.token.as_bytes())) {
+    bool::from(presented.as_bytes().ct_eq(gateway.token.as_bytes()))
+}
+
+/// Checks the token and records the call. A change (any method but GET and HEAD) is
+/// recorded before it runs and refused with 503 if that fails; it then runs to the end even
+/// if the client hangs up, and its outcome is recorded. Calls with a bad token are counted
+/// (see `Audit::refused`).
+async fn audit(State(gateway): Shared, request: Request, next: Next) -> Response {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.to_string());
+    let call = Call::new(
+        request.method().as_str(),
+        &format!("/api/v1{}", request.uri().path()),
+        peer,
+    );
+    if !token_ok(&gateway, &request) {
+        gateway.audit.refused("token", call, 401);
         return error(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token (it is in the data directory's api-token file)",
         );
     }
-    next.run(request).await
-}
-
-async fn audit(State(gateway): Shared, request: Request, next: Next) -> Response {
-    let method = request.method().to_string();
-    let path = request.uri().path().to_string();
-    let peer = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.to_string());
-    let response = next.run(request).await;
-    let record = json!({
-        "time": chrono::Utc::now().to_rfc3339(),
-        "method": method,
-        "path": format!("/api/v1{path}"),
-        "peer": peer,
-        "status": response.status().as_u16(),
+    let change = !matches!(*request.method(), Method::GET | Method::HEAD);
+    let id = gateway.next_call();
+    if change {
+        let (g, c) = (gateway.clone(), call.clone());
+        let recorded = tokio::task::spawn_blocking(move || g.audit.intent(id, &c)).await;
+        let failure = match recorded {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(e) = failure {
+            tracing::error!("audit log: {e}; refusing {} {}", call.method, call.path);
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the audit log cannot be written ({e}); changes are refused until it can. Check the disk of the data directory"
+                ),
+            );
+        }
+    }
+    // Its own task: a client that hangs up cannot stop a change halfway, nor its record.
+    let task = tokio::spawn(async move {
+        let response = next.run(request).await;
+        let status = response.status().as_u16();
+        let recorded = tokio::task::spawn_blocking(move || {
+            if let Err(e) = gateway.audit.outcome(id, &call, status, change) {
+                tracing::error!(
+                    "audit log: {e}; the outcome of {} {} is not recorded",
+                    call.method,
+                    call.path
+                );
+            }
+        });
+        let _ = recorded.await;
+        response
     });
-    let gateway = gateway.clone();
-    let _ = tokio::task::spawn_blocking(move || gateway.audit(&record)).await;
-    response
+    match task.await {
+        Ok(response) => response,
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 async fn healthz() -> &'static str {

@@ -2,21 +2,22 @@
 //! layer that knows every other one.
 
 pub mod api;
+pub mod audit;
 pub mod config;
 pub mod nbd;
 pub mod process;
 pub mod status;
 
 use std::fs::File;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use prometheus_client::registry::Registry;
 
 use crate::engines::volume::catalog::Catalog;
-use crate::local::log::Log;
 use crate::local::meta::MetaStore;
 use crate::protocols::nbd::{Limits as NbdLimits, NbdMetrics, NbdServer, TlsAcceptor};
 use crate::remote::dir::DirStore;
@@ -150,7 +151,8 @@ pub struct Gateway {
     pub registry: Registry,
     pub nbd_metrics: Arc<NbdMetrics>,
     pub health: RwLock<RemoteHealth>,
-    audit: Mutex<Log>,
+    pub audit: audit::Audit,
+    calls: std::sync::atomic::AtomicU64,
     _lock: nix::fcntl::Flock<File>,
 }
 
@@ -161,6 +163,7 @@ fn lock_data_dir(data_dir: &Path) -> anyhow::Result<nix::fcntl::Flock<File>> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
@@ -192,7 +195,11 @@ impl Gateway {
     /// what to fix; an unreachable remote is not a failure (the gateway works offline).
     pub async fn open(config: Config) -> anyhow::Result<Arc<Gateway>> {
         let data_dir = config.local.data_dir.clone();
-        std::fs::create_dir_all(&data_dir)
+        // Keys (in dev mode), the token, the catalog and the audit log live here.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&data_dir)
             .with_context(|| format!("[local] data_dir: cannot create {}", data_dir.display()))?;
         let lock = lock_data_dir(&data_dir)?;
 
@@ -202,9 +209,31 @@ impl Gateway {
         crate::seal::keys::check_key(&sealer, &data_dir)?;
 
         let meta = Arc::new(MetaStore::open(data_dir.join("meta.redb"))?);
+        let space = Arc::new(crate::local::space::SpaceBudget::new(
+            &data_dir,
+            config.local.min_free.0,
+            config.local.max_bytes.map(|m| m.0),
+        ));
+        let volumes = Arc::new(
+            Catalog::new(meta.clone(), data_dir.join("volumes"), sealer.clone())?
+                .with_space_budget(space),
+        );
         let gateway_id = match meta.get("gateway", "id")? {
             Some(id) => String::from_utf8_lossy(&id).into_owned(),
             None => {
+                // A metadata store without a gateway id was made just now. Volume files
+                // beside it belong to a catalog that is gone: refuse, before writing anything
+                // that would make the next start take this store for the real one.
+                let unnamed = volumes.unnamed_files()?;
+                if !unnamed.is_empty() {
+                    bail!(
+                        "the metadata store {} is new (missing, or replaced by an empty one), but {} holds {} volume file(s) it does not name, e.g. {}. Restore meta.redb from a backup (or put the moved one back); or, to start without these volumes, move the .img files out of that folder. Nothing was changed",
+                        meta.path().display(),
+                        volumes.dir().display(),
+                        unnamed.len(),
+                        unnamed[0].display()
+                    );
+                }
                 let mut bytes = [0u8; 8];
                 rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
                 let id = format!("gw-{}", hex::encode(bytes));
@@ -212,16 +241,24 @@ impl Gateway {
                 id
             }
         };
-        let (audit, _) = Log::open(data_dir.join("audit.log"))?;
-        let volumes = Arc::new(Catalog::new(
-            meta.clone(),
-            data_dir.join("volumes"),
-            sealer.clone(),
-        )?);
-        // Nothing serves yet, so no volume can be half made: a file without an entry is what
-        // a crash during create or delete left.
-        for path in volumes.sweep_orphans()? {
-            tracing::warn!(path = %path.display(), "removed a volume file no volume names (left by a crash)");
+        let (audit, recovery) = audit::Audit::open(&data_dir.join("audit.log"))?;
+        audit::report_recovery(audit.path(), &recovery);
+        // Nothing serves yet, so no volume can be half made.
+        let recovered = volumes.recover()?;
+        for path in &recovered.removed {
+            tracing::warn!(path = %path.display(), "removed the file of a volume create or delete that a crash interrupted");
+        }
+        for (from, to) in &recovered.quarantined {
+            tracing::warn!(
+                "volume file {} is named by no volume (the metadata store may be older than the volumes); moved it to {}. Restore the metadata store that names it to get the volume back",
+                from.display(),
+                to.display()
+            );
+            println!(
+                "WARNING: volume file {} is named by no volume; moved to {}",
+                from.display(),
+                to.display()
+            );
         }
         let allow = config
             .nbd
@@ -283,7 +320,8 @@ impl Gateway {
             registry,
             nbd_metrics,
             health: RwLock::new(health),
-            audit: Mutex::new(audit),
+            audit,
+            calls: std::sync::atomic::AtomicU64::new(0),
             _lock: lock,
         }))
     }
@@ -296,12 +334,18 @@ impl Gateway {
         self.config.keys == KeySource::Dev
     }
 
-    /// Appends one management call to the audit log and makes it durable.
-    pub fn audit(&self, record: &serde_json::Value) {
-        let line = record.to_string();
-        let mut log = self.audit.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = log.append(line.as_bytes()).and_then(|_| log.sync()) {
-            tracing::error!("audit log: {e}");
+    /// A number for the next API call, so its intent and outcome records pair up.
+    pub fn next_call(&self) -> u64 {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Writes the counts of refused calls every second.
+    async fn flush_refused_calls(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(audit::REFUSED_EVERY).await;
+            let gateway = self.clone();
+            let _ = tokio::task::spawn_blocking(move || gateway.audit.flush_refused()).await;
         }
     }
 
@@ -385,6 +429,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let stop_requested = shutdown_signal()?;
     print_banner(&gateway, listen);
     tokio::spawn(gateway.clone().watch_remote());
+    tokio::spawn(gateway.clone().flush_refused_calls());
     tokio::spawn(nbd.clone().serve_unix(unix));
     if let Some(tcp) = tcp {
         tokio::spawn(nbd.clone().serve_tcp(tcp));
@@ -410,6 +455,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::warn!("stopping with clients still connected after {STOP_GRACE:?}");
     }
     let _ = std::fs::remove_file(&socket_path);
+    // The last second's refused calls: wait out the interval so they are recorded.
+    tokio::time::sleep(audit::REFUSED_EVERY).await;
+    gateway.audit.flush_refused();
     println!("firn stopped");
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! What `firn serve` does to its own process first, so that keys and plaintext cannot reach
-//! disk or other users through it: no core dumps, and key variables out of the environment.
+//! disk or other users through it: files and sockets for its user alone (umask 077), no core
+//! dumps, and key variables out of the environment.
 //! Key memory itself is `seal::Secret`'s concern (locked, out of dumps, wiped).
 
 use crate::seal::KeySource;
@@ -10,10 +11,13 @@ use crate::seal::environment;
 /// inherited by every child.
 const KEY_VARIABLES: [&str; 2] = ["FIRN_MASTER_KEY", "FIRN_PASSPHRASE"];
 
-/// Takes the key variables out of the environment, then turns core dumps off. Must run
-/// while the process has one thread (before the async runtime starts); it says so in the
-/// log and goes on otherwise, as it does when the kernel refuses a step.
+/// Sets the umask, takes the key variables out of the environment, then turns core dumps off.
+/// Must run while the process has one thread (before the async runtime starts); it says so in
+/// the log and goes on otherwise, as it does when the kernel refuses a step.
 pub fn harden(keys: &KeySource) {
+    // Everything firn creates (the catalog, logs, the NBD socket before its mode is set, the
+    // local bucket's folders) is its user's alone; modes given explicitly still apply.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let mut names: Vec<&str> = KEY_VARIABLES.to_vec();
     if let KeySource::Env { env } | KeySource::Passphrase { env } = keys
         && !names.contains(&env.as_str())

@@ -20,7 +20,7 @@ use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::iter::FusedIterator;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -90,7 +90,7 @@ pub enum LogError {
 }
 
 /// What [`Log::open`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recovery {
     /// Valid records kept; the next append gets this sequence number.
     pub records: u64,
@@ -98,6 +98,9 @@ pub struct Recovery {
     pub bytes_dropped: u64,
     /// Why the valid log ended before the end of the file, if it did.
     pub damage: Option<TailDamage>,
+    /// Where the dropped bytes were kept (`<log>.damaged-<nanoseconds since 1970>`), if any
+    /// were dropped.
+    pub kept_aside: Option<PathBuf>,
 }
 
 /// The first thing that ended the valid part of a log during recovery.
@@ -164,7 +167,11 @@ impl Log {
             .len();
         let scan = scan(&path, &file, file_len)?;
         let bytes_dropped = file_len - scan.end;
+        let mut kept_aside = None;
         if bytes_dropped > 0 {
+            // Damage in the middle (not a torn tail) would take synced records with it: keep
+            // every dropped byte, so nothing is lost without a trace.
+            kept_aside = Some(keep_aside(&path, &file, scan.end, bytes_dropped)?);
             // Synced before any new append, so a crash cannot leave new records behind garbage.
             file.set_len(scan.end)
                 .and_then(|()| file.sync_all())
@@ -178,6 +185,7 @@ impl Log {
             records: scan.records,
             bytes_dropped,
             damage: scan.damage,
+            kept_aside,
         };
         let log = Log {
             path,
@@ -369,6 +377,8 @@ fn create(path: &Path) -> Result<File, LogError> {
         .write(true)
         .create(true)
         .truncate(true)
+        // Logs hold what the gateway was told (the audit log: who did what).
+        .mode(0o600)
         .open(&temp_path)
         .and_then(|mut file| {
             file.write_all(&header)?;
@@ -382,6 +392,37 @@ fn create(path: &Path) -> Result<File, LogError> {
         })
         .map_err(|e| io_error(path, "create", e))?;
     Ok(file)
+}
+
+/// Copies the `len` bytes at `from` into a new file beside the log, durably, and returns it.
+fn keep_aside(path: &Path, file: &File, from: u64, len: u64) -> Result<PathBuf, LogError> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut name = OsString::from(path.as_os_str());
+    name.push(format!(".damaged-{nanos}"));
+    let aside = PathBuf::from(name);
+    let copied = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&aside)
+        .and_then(|mut out| {
+            let mut reader = file.try_clone()?;
+            reader.seek(SeekFrom::Start(from))?;
+            let copied = io::copy(&mut reader.take(len), &mut out)?;
+            if copied != len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("copied {copied} of {len} bytes"),
+                ));
+            }
+            out.sync_all()?;
+            sync_parent_dir(&aside)
+        });
+    copied.map_err(|e| io_error(path, "keep the damaged tail aside before cutting it", e))?;
+    Ok(aside)
 }
 
 fn lock(path: &Path, file: &File) -> Result<Flock<File>, LogError> {
@@ -553,7 +594,8 @@ mod tests {
             Recovery {
                 records: 0,
                 bytes_dropped: 0,
-                damage: None
+                damage: None,
+                kept_aside: None,
             }
         );
         for (i, payload) in payloads.iter().enumerate() {
@@ -628,12 +670,20 @@ mod tests {
             } else {
                 TailDamage::TornPayload
             };
+            // Every dropped byte is kept beside the log.
+            let aside = recovery.kept_aside.clone().expect("kept aside");
+            assert_eq!(
+                fs::read(&aside).unwrap(),
+                full[last_start as usize..cut as usize],
+                "cut at {cut}"
+            );
             assert_eq!(
                 recovery,
                 Recovery {
                     records: 4,
                     bytes_dropped: cut - last_start,
-                    damage: Some(expected_damage)
+                    damage: Some(expected_damage),
+                    kept_aside: Some(aside),
                 },
                 "cut at {cut}"
             );

@@ -14,6 +14,7 @@
 //! serialized (one write transaction at a time, the others wait); reads never wait and see the
 //! last committed state.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use redb::{
@@ -38,7 +39,7 @@ pub enum MetaError {
         source: redb::Error,
     },
 
-    #[error("metadata store {}: cannot sync its directory after creating it: {source}", .path.display())]
+    #[error("metadata store {}: cannot create it: {source}", .path.display())]
     Create {
         path: PathBuf,
         #[source]
@@ -77,6 +78,19 @@ impl MetaStore {
     pub fn open(path: impl AsRef<Path>) -> Result<MetaStore, MetaError> {
         let path = path.as_ref().to_path_buf();
         let existed = path.exists();
+        if !existed {
+            // redb would create it with the process umask; the catalog is no one else's.
+            // redb initializes an empty file as a new database.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|source| MetaError::Create {
+                    path: path.clone(),
+                    source,
+                })?;
+        }
         let db = Database::create(&path).map_err(|e| store_error(&path, e))?;
         if !existed {
             sync_parent_dir(&path).map_err(|source| MetaError::Create {

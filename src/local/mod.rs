@@ -4,12 +4,14 @@
 //! - [`log`]: append-only logs with a checksum per record and explicit fsync points, for data
 //!   that must survive a crash between being accepted and being moved on.
 //! - [`meta`]: the metadata store, a transactional key-value store on redb.
+//! - [`space`]: the local space limits that volume writes ask before taking space.
 //!
 //! Each on-disk format here is described, with what a crash leaves behind, in `docs/format.md`.
 //! This layer knows nothing of the bucket, of sealing, or of the engines that use it.
 
 pub mod log;
 pub mod meta;
+pub mod space;
 
 use std::fs::File;
 use std::io;

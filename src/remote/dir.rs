@@ -179,7 +179,7 @@ impl DirStore {
             let next = match open_dir(&fd, name) {
                 Ok(next) => next,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    match mkdirat(&fd, name, Mode::from_bits_truncate(0o755)) {
+                    match mkdirat(&fd, name, Mode::from_bits_truncate(0o700)) {
                         Ok(()) => {
                             // The new entry is durable only once its parent is synced.
                             nix::unistd::fsync(&fd).map_err(io_from)?;
@@ -226,7 +226,8 @@ impl DirStore {
                 &staging,
                 staged.as_str(),
                 OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
-                Mode::from_bits_truncate(0o644),
+                // Sealed, but still nobody else's business.
+                Mode::from_bits_truncate(0o600),
             )
             .map_err(io_from)?;
             let mut file = File::from(fd);

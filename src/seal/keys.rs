@@ -74,6 +74,12 @@ pub enum KeyError {
         "the master key is not the one the data directory {0} was created with (its key check does not open). Start with the original key; a new key cannot read the existing data"
     )]
     WrongKey(PathBuf),
+    #[error(
+        "the key check {} is missing, but the data directory {} already holds data (meta.redb or volume files), so the master key cannot be verified. Restore the keycheck file from a backup of this data directory; firn writes a new key check only into a fresh data directory",
+        .0.join(KEY_CHECK_FILE).display(),
+        .0.display()
+    )]
+    KeyCheckMissing(PathBuf),
     #[error("passphrase stretching failed: {0}")]
     Argon2(String),
 }
@@ -234,7 +240,10 @@ const KEY_CHECK_CONTEXT: &[u8] = b"firn keycheck";
 const KEY_CHECK_TEXT: &[u8] = b"firn: this data directory's master key";
 
 /// Proves `sealer` holds the key this data directory was made with: opens the sealed
-/// canary written at first start (writing it if this is the first start).
+/// canary written at first start. The canary is written only into a fresh data directory
+/// (no metadata store, no volume files): where data exists without a key check, any key
+/// would pass a new one, and a wrong key would then read volumes as garbage and mix two
+/// keys in them.
 pub fn check_key(sealer: &Sealer, data_dir: &Path) -> Result<(), KeyError> {
     let path = data_dir.join(KEY_CHECK_FILE);
     let store_error = |source| KeyError::Store {
@@ -247,10 +256,26 @@ pub fn check_key(sealer: &Sealer, data_dir: &Path) -> Result<(), KeyError> {
             _ => Err(KeyError::WrongKey(data_dir.to_path_buf())),
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if !is_fresh(data_dir).map_err(store_error)? {
+                return Err(KeyError::KeyCheckMissing(data_dir.to_path_buf()));
+            }
             write_private(&path, &sealer.seal(KEY_CHECK_CONTEXT, KEY_CHECK_TEXT))
                 .map_err(store_error)
         }
         Err(e) => Err(store_error(e)),
+    }
+}
+
+/// Whether the data directory holds nothing the master key protects yet: no metadata store
+/// and nothing in the volume directory.
+fn is_fresh(data_dir: &Path) -> std::io::Result<bool> {
+    if fs::symlink_metadata(data_dir.join("meta.redb")).is_ok() {
+        return Ok(false);
+    }
+    match fs::read_dir(data_dir.join("volumes")) {
+        Ok(mut entries) => Ok(entries.next().is_none()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e),
     }
 }
 
@@ -284,6 +309,24 @@ mod tests {
             check_key(&wrong, dir.path()),
             Err(KeyError::WrongKey(_))
         ));
+    }
+
+    #[test]
+    fn a_missing_key_check_is_written_only_into_a_fresh_data_dir() {
+        let key = Sealer::new(&MasterKey::from_bytes([1; 32]));
+        for existing in ["meta.redb", "volumes/0123.img"] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            fs::create_dir(dir.path().join("volumes")).expect("mkdir");
+            fs::write(dir.path().join(existing), b"data").expect("write");
+            let err = check_key(&key, dir.path()).expect_err(existing);
+            assert!(matches!(err, KeyError::KeyCheckMissing(_)), "{err}");
+            assert!(err.to_string().contains("Restore the keycheck"), "{err}");
+            assert!(!dir.path().join(KEY_CHECK_FILE).exists());
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::create_dir(dir.path().join("volumes")).expect("mkdir");
+        check_key(&key, dir.path()).expect("an empty volume directory is fresh");
+        assert!(dir.path().join(KEY_CHECK_FILE).exists());
     }
 
     #[test]

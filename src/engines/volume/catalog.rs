@@ -1,14 +1,20 @@
 //! The volume catalog: which volumes exist, and the one open handle of each. It owns the
 //! `volumes` table of the metadata store (key: the volume's name; value: its [`VolumeInfo`] as
-//! JSON) and the volume files in its directory (`<id>.img`, format in `local.rs`).
+//! JSON), the `volume-intents` table (key: a volume id; value: an [`Intent`] as JSON) and the
+//! volume files in its directory (`<id>.img`, format in `local.rs`).
 //!
-//! Crash safety: `create` makes the file (durably) before the entry, and `delete` removes the
-//! entry before the file, so a crash at any point leaves at most a file no entry names (an
-//! orphan, which wastes space but not much: a new file is sparse), never an entry without its
-//! file. The daemon sweeps orphans at start, before anything can create a volume
-//! ([`Catalog::sweep_orphans`]).
+//! Crash safety: `create` records its intent, makes the file (durably), then writes the entry
+//! and drops the intent in one transaction; `delete` removes the entry and records its intent
+//! in one transaction, then removes the file and drops the intent. So a crash at any point
+//! leaves at most a file that no entry but an intent names (an orphan), never an entry without
+//! its file. At start, before anything can create a volume, [`Catalog::recover`] finishes
+//! what intents record, and moves any other file no entry names into `quarantine/`: such a
+//! file is not a crash artifact but a volume whose entry was lost (a missing, damaged or
+//! older metadata store), and deleting it would lose the volume. The daemon refuses to start
+//! at all when the metadata store is new but volume files exist ([`Catalog::unnamed_files`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
@@ -18,10 +24,14 @@ use serde::{Deserialize, Serialize};
 use super::Mode;
 use super::local::{self, LocalVolume, LocalVolumeError};
 use crate::local::meta::{MetaError, MetaStore};
+use crate::local::space::SpaceBudget;
 use crate::local::sync_parent_dir;
 use crate::seal::Sealer;
 
 const TABLE: &str = "volumes";
+const INTENTS: &str = "volume-intents";
+/// Where files no entry or intent names are moved, inside the volume directory.
+pub const QUARANTINE: &str = "quarantine";
 const MAX_NAME_LEN: usize = 64;
 /// The version of the local volume file format (see `local.rs`) this code writes and reads.
 pub const LOCAL_FORMAT: u32 = 1;
@@ -48,6 +58,34 @@ pub struct VolumeInfo {
     /// empty means any client the door admits. The door enforces it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub clients: Vec<String>,
+}
+
+/// A change to the volume files in progress, recorded before it starts so that a crash in
+/// the middle leaves a file the catalog knows about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    /// `create` or `delete`.
+    pub op: IntentOp,
+    pub name: String,
+    /// RFC 3339, UTC.
+    pub time: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IntentOp {
+    Create,
+    Delete,
+}
+
+/// What [`Catalog::recover`] did at start.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Files of creates or deletes a crash interrupted, removed as their intents asked.
+    pub removed: Vec<PathBuf>,
+    /// Files that no entry or intent names, moved into the quarantine folder (old path, new
+    /// path).
+    pub quarantined: Vec<(PathBuf, PathBuf)>,
 }
 
 /// Why a catalog operation failed. Every message names the volume.
@@ -104,6 +142,14 @@ pub enum CatalogError {
         source: Box<MetaError>,
     },
 
+    #[error("volume {name:?}: cannot move its file {} into quarantine: {source}", .path.display())]
+    Quarantine {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
     #[error("listing volumes: {source}")]
     List {
         #[source]
@@ -116,6 +162,7 @@ pub struct Catalog {
     meta: Arc<MetaStore>,
     dir: PathBuf,
     sealer: Arc<Sealer>,
+    space: Option<Arc<SpaceBudget>>,
     /// Open volumes by id. All users of a volume must share one `LocalVolume`, whose locks
     /// keep partial-sector writes from different connections from losing each other.
     open: Mutex<HashMap<String, Weak<LocalVolume>>>,
@@ -143,7 +190,12 @@ impl Catalog {
                 path: dir.clone(),
                 source,
             };
-            std::fs::create_dir_all(&dir).map_err(directory_error)?;
+            // Only the gateway's user has any business in here.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(directory_error)?;
             // Volume files are synced into this directory; the directory must survive too.
             sync_parent_dir(&dir).map_err(directory_error)?;
         }
@@ -151,8 +203,15 @@ impl Catalog {
             meta,
             dir,
             sealer,
+            space: None,
             open: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Volumes opened from now on take new space only as `budget` allows.
+    pub fn with_space_budget(mut self, budget: Arc<SpaceBudget>) -> Catalog {
+        self.space = Some(budget);
+        self
     }
 
     /// Creates an all-zero volume. Its file is sparse, so this is quick whatever the size.
@@ -204,13 +263,20 @@ impl Catalog {
             clients,
         };
         let path = self.path(&info);
+        self.meta
+            .put_json(INTENTS, &info.id, &intent(IntentOp::Create, name))
+            .map_err(|source| meta_error(name, source))?;
         match mode {
             Mode::Local => {
                 let key = self.sealer.volume_key(&info.id);
-                LocalVolume::create(&path, size, &key).map_err(|source| CatalogError::File {
-                    name: name.to_string(),
-                    source,
-                })?;
+                if let Err(source) = LocalVolume::create(&path, size, &key) {
+                    // Nothing was left at `path`; a stale intent would be cleared at start.
+                    let _ = self.meta.delete(INTENTS, &info.id);
+                    return Err(CatalogError::File {
+                        name: name.to_string(),
+                        source,
+                    });
+                }
             }
         }
         let inserted = self.meta.transaction(|tx| {
@@ -218,6 +284,7 @@ impl Catalog {
                 return Ok(false);
             }
             tx.put_json(TABLE, name, &info)?;
+            tx.delete(INTENTS, &info.id)?;
             Ok(true)
         });
         let failure = match inserted {
@@ -227,28 +294,122 @@ impl Catalog {
             },
             Err(source) => meta_error(name, source),
         };
-        if let Err(e) = std::fs::remove_file(&path) {
-            tracing::warn!(
+        match std::fs::remove_file(&path) {
+            // The intent goes only with the file: if either stays, the next start finishes.
+            Ok(()) => {
+                let _ = self.meta.delete(INTENTS, &info.id);
+            }
+            Err(e) => tracing::warn!(
                 volume = name,
                 path = %path.display(),
                 "cannot remove the file of a volume whose creation failed: {e}"
-            );
+            ),
         }
         Err(failure)
     }
 
-    /// Removes volume files that no entry names: what a crash in the middle of `create` or
-    /// `delete` leaves behind. Only files named like a volume's (`<32 hex digits>.img`) are
-    /// touched. Call it only while nothing else can create a volume, at start. Returns what
-    /// it removed.
-    pub fn sweep_orphans(&self) -> Result<Vec<PathBuf>, CatalogError> {
-        let known: std::collections::HashSet<String> =
-            self.list()?.into_iter().map(|info| info.id).collect();
+    /// Volume-like files (`<32 hex digits>.img`) in the volume directory that no entry names,
+    /// in name order. The daemon asks this of a new metadata store: any file then is a volume
+    /// whose catalog was lost, not an orphan.
+    pub fn unnamed_files(&self) -> Result<Vec<PathBuf>, CatalogError> {
+        let known: HashSet<String> = self.list()?.into_iter().map(|info| info.id).collect();
+        let mut files: Vec<PathBuf> = self
+            .volume_files()?
+            .into_iter()
+            .filter(|(id, _)| !known.contains(id))
+            .map(|(_, path)| path)
+            .collect();
+        files.sort();
+        Ok(files)
+    }
+
+    /// Finishes what a crash interrupted and sets aside what the catalog does not know. Call
+    /// it only while nothing else can create or delete a volume, at start.
+    ///
+    /// A file that an intent names and no entry does is removed (a create that never wrote
+    /// its entry, or a delete that never removed its file); every intent is then dropped. A
+    /// file that neither names is never deleted: it is moved to `quarantine/`, from where an
+    /// operator can restore it (with the metadata store that names it).
+    pub fn recover(&self) -> Result<Recovered, CatalogError> {
+        let known: HashSet<String> = self.list()?.into_iter().map(|info| info.id).collect();
+        let intents = self
+            .meta
+            .list(INTENTS, "")
+            .map_err(|source| CatalogError::List {
+                source: Box::new(source),
+            })?;
         let directory_error = |source| CatalogError::Directory {
             path: self.dir.clone(),
             source,
         };
-        let mut removed = Vec::new();
+        let mut recovered = Recovered::default();
+        let mut intended = HashSet::new();
+        for (id, bytes) in &intents {
+            let name = serde_json::from_slice::<Intent>(bytes)
+                .map(|i| i.name)
+                .unwrap_or_default();
+            intended.insert(id.clone());
+            if known.contains(id) {
+                continue;
+            }
+            let path = self.dir.join(format!("{id}.img"));
+            match std::fs::remove_file(&path) {
+                Ok(()) => recovered.removed.push(path),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(CatalogError::Remove { name, path, source }),
+            }
+        }
+        if !recovered.removed.is_empty() {
+            sync_parent_dir(&recovered.removed[0]).map_err(directory_error)?;
+        }
+        for (id, _) in &intents {
+            self.meta
+                .delete(INTENTS, id)
+                .map_err(|source| meta_error(id, source))?;
+        }
+        for (id, path) in self.volume_files()? {
+            if known.contains(&id) || intended.contains(&id) {
+                continue;
+            }
+            let moved = self.quarantine(&id, &path)?;
+            recovered.quarantined.push((path, moved));
+        }
+        Ok(recovered)
+    }
+
+    /// Moves a volume file into the quarantine folder, durably, under a name not yet taken.
+    fn quarantine(&self, id: &str, path: &Path) -> Result<PathBuf, CatalogError> {
+        let quarantine_error = |source| CatalogError::Quarantine {
+            name: id.to_string(),
+            path: path.to_path_buf(),
+            source,
+        };
+        let folder = self.dir.join(QUARANTINE);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&folder)
+            .map_err(quarantine_error)?;
+        let mut target = folder.join(format!("{id}.img"));
+        let mut n = 1;
+        while target.exists() {
+            target = folder.join(format!("{id}.img.{n}"));
+            n += 1;
+        }
+        std::fs::rename(path, &target).map_err(quarantine_error)?;
+        sync_parent_dir(&target)
+            .and_then(|()| sync_parent_dir(path))
+            .map_err(quarantine_error)?;
+        Ok(target)
+    }
+
+    /// The volume-like files of the volume directory, with their ids.
+    fn volume_files(&self) -> Result<Vec<(String, PathBuf)>, CatalogError> {
+        let directory_error = |source| CatalogError::Directory {
+            path: self.dir.clone(),
+            source,
+        };
+        let mut files = Vec::new();
         for entry in std::fs::read_dir(&self.dir).map_err(directory_error)? {
             let path = entry.map_err(directory_error)?.path();
             let Some(id) = path
@@ -258,20 +419,11 @@ impl Catalog {
             else {
                 continue;
             };
-            let volume_like = id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit());
-            if !volume_like || known.contains(id) {
-                continue;
-            }
-            match std::fs::remove_file(&path) {
-                Ok(()) => removed.push(path),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(directory_error(source)),
+            if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) && path.is_file() {
+                files.push((id.to_string(), path));
             }
         }
-        if !removed.is_empty() {
-            sync_parent_dir(&removed[0]).map_err(directory_error)?;
-        }
-        Ok(removed)
+        Ok(files)
     }
 
     /// Every volume, in name order.
@@ -310,8 +462,9 @@ impl Catalog {
     pub fn delete(&self, name: &str) -> Result<VolumeInfo, CatalogError> {
         let removed = self.meta.transaction(|tx| {
             let info: Option<VolumeInfo> = tx.get_json(TABLE, name)?;
-            if info.is_some() {
+            if let Some(info) = &info {
                 tx.delete(TABLE, name)?;
+                tx.put_json(INTENTS, &info.id, &intent(IntentOp::Delete, name))?;
             }
             Ok(info)
         });
@@ -330,6 +483,7 @@ impl Catalog {
             Ok(()) => {}
             // A crash or an operator got there first; the volume is gone either way.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // The intent stays, so the next start removes the file.
             Err(source) => {
                 return Err(CatalogError::Remove {
                     name: name.to_string(),
@@ -337,6 +491,10 @@ impl Catalog {
                     source,
                 });
             }
+        }
+        // The entry is gone; a stale intent only makes the next start look for the file.
+        if let Err(e) = self.meta.delete(INTENTS, &info.id) {
+            tracing::warn!(volume = name, "cannot drop the delete intent: {e}");
         }
         Ok(info)
     }
@@ -360,12 +518,17 @@ impl Catalog {
         let volume = match info.mode {
             Mode::Local => {
                 let key = self.sealer.volume_key(&info.id);
-                LocalVolume::open(self.path(&info), info.size, &key, info.read_only).map_err(
-                    |source| CatalogError::File {
-                        name: name.to_string(),
-                        source,
-                    },
-                )?
+                let mut volume =
+                    LocalVolume::open(self.path(&info), info.size, &key, info.read_only).map_err(
+                        |source| CatalogError::File {
+                            name: name.to_string(),
+                            source,
+                        },
+                    )?;
+                if let Some(budget) = &self.space {
+                    volume.set_space_budget(budget.clone());
+                }
+                volume
             }
         };
         let volume = Arc::new(volume);
@@ -397,6 +560,14 @@ impl Catalog {
     fn open_volumes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Weak<LocalVolume>>> {
         // The map stays consistent whatever a panicking holder was doing.
         self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn intent(op: IntentOp, name: &str) -> Intent {
+    Intent {
+        op,
+        name: name.to_string(),
+        time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     }
 }
 
@@ -620,7 +791,7 @@ mod tests {
     }
 
     #[test]
-    fn sweeping_removes_only_files_no_entry_names() {
+    fn recovery_removes_intended_orphans_and_quarantines_the_rest() {
         let f = fixture();
         let kept = f.catalog.create("kept", 8192, Mode::Local, false).unwrap();
         f.catalog
@@ -628,20 +799,68 @@ mod tests {
             .unwrap()
             .write(0, &[7u8; 4096], true)
             .unwrap();
-        // What a crash between the file and the entry of `create` leaves.
-        let orphan = f.catalog.dir().join(format!("{}.img", "ab".repeat(16)));
+        // Creates and deletes leave no intent behind.
+        let gone = f.catalog.create("gone", 4096, Mode::Local, false).unwrap();
+        f.catalog.delete("gone").unwrap();
+        assert!(f.meta.list(INTENTS, "").unwrap().is_empty());
+        assert!(!f.catalog.path(&gone).exists());
+        // What a crash between the file and the entry of `create` leaves: an intent and a file.
+        let crashed = "ab".repeat(16);
+        let orphan = f.catalog.dir().join(format!("{crashed}.img"));
         std::fs::write(&orphan, b"").unwrap();
+        f.meta
+            .put_json(INTENTS, &crashed, &intent(IntentOp::Create, "crashed"))
+            .unwrap();
+        // A file no entry and no intent names: a volume whose entry was lost.
+        let lost = f.catalog.dir().join(format!("{}.img", "cd".repeat(16)));
+        std::fs::write(&lost, b"data of a volume").unwrap();
         // Not named like a volume file: left alone.
         let stranger = f.catalog.dir().join("notes.img");
         std::fs::write(&stranger, b"mine").unwrap();
-        let removed = f.catalog.sweep_orphans().unwrap();
-        assert_eq!(removed, vec![orphan.clone()]);
-        assert!(!orphan.exists() && stranger.exists());
+        assert_eq!(
+            f.catalog.unnamed_files().unwrap(),
+            vec![orphan.clone(), lost.clone()]
+        );
+
+        let recovered = f.catalog.recover().unwrap();
+        assert_eq!(recovered.removed, vec![orphan.clone()]);
+        let moved = f
+            .catalog
+            .dir()
+            .join(QUARANTINE)
+            .join(format!("{}.img", "cd".repeat(16)));
+        assert_eq!(recovered.quarantined, vec![(lost.clone(), moved.clone())]);
+        assert!(!orphan.exists() && !lost.exists() && stranger.exists());
+        assert_eq!(std::fs::read(&moved).unwrap(), b"data of a volume");
+        assert!(f.meta.list(INTENTS, "").unwrap().is_empty());
         assert!(f.catalog.path(&kept).exists());
         let mut buf = [0u8; 4096];
         f.catalog.open("kept").unwrap().read(0, &mut buf).unwrap();
         assert_eq!(buf, [7u8; 4096]);
-        assert!(f.catalog.sweep_orphans().unwrap().is_empty());
+        assert_eq!(f.catalog.recover().unwrap(), Recovered::default());
+
+        // A second lost file of the same id does not overwrite the first in quarantine.
+        std::fs::write(&lost, b"again").unwrap();
+        let again = f.catalog.recover().unwrap();
+        assert_eq!(again.quarantined[0].1, moved.with_extension("img.1"));
+        assert_eq!(std::fs::read(&moved).unwrap(), b"data of a volume");
+    }
+
+    #[test]
+    fn a_delete_whose_file_stays_is_finished_at_recovery() {
+        let f = fixture();
+        let info = f.catalog.create("v", 4096, Mode::Local, false).unwrap();
+        // What a crash between the entry's removal and the file's leaves.
+        f.meta
+            .transaction(|tx| {
+                tx.delete(TABLE, "v")?;
+                tx.put_json(INTENTS, &info.id, &intent(IntentOp::Delete, "v"))
+            })
+            .unwrap();
+        let recovered = f.catalog.recover().unwrap();
+        assert_eq!(recovered.removed, vec![f.catalog.path(&info)]);
+        assert!(recovered.quarantined.is_empty());
+        assert!(!f.catalog.path(&info).exists());
     }
 
     #[test]

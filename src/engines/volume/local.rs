@@ -47,7 +47,7 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
 
 use nix::errno::Errno;
 use nix::fcntl::{FallocateFlags, fallocate};
@@ -55,6 +55,7 @@ use nix::unistd::{Whence, lseek};
 use openssl::cipher_ctx::CipherCtx;
 
 use super::{BlockDevice, BlockError, BlockResult, Extent, check_range};
+use crate::local::space::SpaceBudget;
 use crate::local::sync_parent_dir;
 use nix::libc;
 use std::os::fd::AsRawFd;
@@ -125,6 +126,8 @@ pub struct LocalVolume {
     /// pages and cleared the error, so a later flush would succeed over lost writes. Every
     /// later flush and write fails instead, until the volume is opened anew.
     write_back_error: OnceLock<String>,
+    /// Asked before a write may take new space (`[local] min_free`, `max_bytes`).
+    space: Option<Arc<SpaceBudget>>,
 }
 
 impl std::fmt::Debug for LocalVolume {
@@ -224,7 +227,35 @@ impl LocalVolume {
             cipher: SectorCipher::new(key),
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             write_back_error: OnceLock::new(),
+            space: None,
         }
+    }
+
+    /// Makes writes that would take new space beyond `budget` fail with ENOSPC.
+    pub fn set_space_budget(&mut self, budget: Arc<SpaceBudget>) {
+        self.space = Some(budget);
+    }
+
+    /// ENOSPC if writing `offset..offset + length` may take space the budget does not allow.
+    /// Sectors already allocated take none, so overwriting them works at the limit too.
+    fn check_space(&self, offset: u64, length: u64) -> BlockResult<()> {
+        let Some(space) = &self.space else {
+            return Ok(());
+        };
+        if length == 0 || space.allows(length) {
+            return Ok(());
+        }
+        let start = offset / SECTOR_SIZE * SECTOR_SIZE;
+        let end = (offset + length).div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
+        let data = self.seek(start, Whence::SeekData)?;
+        let hole = self.seek(start, Whence::SeekHole)?.unwrap_or(self.size);
+        if data == Some(start) && hole >= end {
+            return Ok(());
+        }
+        Err(BlockError::NoSpace(format!(
+            "local volume {}: the data directory reached [local] min_free or max_bytes",
+            self.path.display()
+        )))
     }
 
     pub fn path(&self) -> &Path {
@@ -476,6 +507,7 @@ impl BlockDevice for LocalVolume {
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()> {
         self.check_writable()?;
         check_range(offset, data.len() as u64, self.size)?;
+        self.check_space(offset, data.len() as u64)?;
         let span = Span::new(offset, data.len() as u64);
         if !span.whole.is_empty() {
             let at = span.whole_at as usize;
@@ -509,6 +541,9 @@ impl BlockDevice for LocalVolume {
     fn write_zeroes(&self, offset: u64, length: u64, may_trim: bool) -> BlockResult<()> {
         self.check_writable()?;
         check_range(offset, length, self.size)?;
+        if !may_trim {
+            self.check_space(offset, length)?;
+        }
         let span = Span::new(offset, length);
         if !span.whole.is_empty() {
             if may_trim {

@@ -1,0 +1,260 @@
+//! The audit log: every `/api` call, in `<data dir>/audit.log` (a local log of JSON records,
+//! format in docs/format.md). It fails closed: a change is recorded (its intent) before it is
+//! made and refused while the log cannot be written; its outcome is recorded after. Records
+//! are capped in size, and calls refused for a bad token are counted, not written one by one,
+//! so whoever can reach the port cannot fill the disk through it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::local::log::{Log, LogError, Recovery};
+
+/// The most bytes of a path (or a method) one record keeps.
+pub const MAX_PATH_BYTES: usize = 256;
+const MAX_METHOD_BYTES: usize = 16;
+/// At most one record per this interval for each cause of refusal.
+pub const REFUSED_EVERY: Duration = Duration::from_secs(1);
+
+/// What one record says about a call, capped.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub method: String,
+    pub path: String,
+    /// The path's length in bytes, when it was cut to [`MAX_PATH_BYTES`].
+    pub path_bytes: Option<usize>,
+    pub peer: Option<String>,
+}
+
+impl Call {
+    pub fn new(method: &str, path: &str, peer: Option<String>) -> Call {
+        let (path, path_bytes) = if path.len() > MAX_PATH_BYTES {
+            (cut(path, MAX_PATH_BYTES).to_string(), Some(path.len()))
+        } else {
+            (path.to_string(), None)
+        };
+        Call {
+            method: cut(method, MAX_METHOD_BYTES).to_string(),
+            path,
+            path_bytes,
+            peer,
+        }
+    }
+
+    fn record(&self) -> serde_json::Map<String, Value> {
+        let mut record = serde_json::Map::new();
+        record.insert("time".into(), now().into());
+        record.insert("method".into(), self.method.clone().into());
+        record.insert("path".into(), self.path.clone().into());
+        if let Some(len) = self.path_bytes {
+            record.insert("path_bytes".into(), len.into());
+        }
+        record.insert("peer".into(), self.peer.clone().into());
+        record
+    }
+}
+
+fn cut(text: &str, max: usize) -> &str {
+    let mut end = max.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Refused calls of one cause since the last record of that cause.
+struct Refusals {
+    written: Instant,
+    pending: u64,
+    sample: Option<(Call, u16)>,
+}
+
+pub struct Audit {
+    path: PathBuf,
+    /// `None` after a write failed: the next call reopens the log, whose recovery finds out
+    /// what reached the disk.
+    log: Mutex<Option<Log>>,
+    refused: Mutex<HashMap<&'static str, Refusals>>,
+}
+
+impl std::fmt::Debug for Audit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Audit").field("path", &self.path).finish()
+    }
+}
+
+impl Audit {
+    /// Opens (or creates) the audit log. The recovery report says whether a damaged tail was
+    /// set aside.
+    pub fn open(path: &Path) -> Result<(Audit, Recovery), LogError> {
+        let (log, recovery) = Log::open(path)?;
+        let audit = Audit {
+            path: path.to_path_buf(),
+            log: Mutex::new(Some(log)),
+            refused: Mutex::new(HashMap::new()),
+        };
+        Ok((audit, recovery))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The intent of a change, before it is made. An error means the change must not be made.
+    pub fn intent(&self, id: u64, call: &Call) -> Result<(), LogError> {
+        let mut record = call.record();
+        record.insert("call".into(), id.into());
+        record.insert("phase".into(), "intent".into());
+        self.write(&Value::Object(record))
+    }
+
+    /// The outcome of a change whose intent was recorded, or a read.
+    pub fn outcome(&self, id: u64, call: &Call, status: u16, change: bool) -> Result<(), LogError> {
+        let mut record = call.record();
+        record.insert("call".into(), id.into());
+        if change {
+            record.insert("phase".into(), "outcome".into());
+        }
+        record.insert("status".into(), status.into());
+        self.write(&Value::Object(record))
+    }
+
+    /// A call refused before it ran (`cause` names why). At most one record per
+    /// [`REFUSED_EVERY`] for each cause; it carries `count`, the refused calls it stands for,
+    /// and describes the latest of them.
+    pub fn refused(&self, cause: &'static str, call: Call, status: u16) {
+        let mut refused = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = refused.entry(cause).or_insert(Refusals {
+            written: Instant::now() - REFUSED_EVERY,
+            pending: 0,
+            sample: None,
+        });
+        entry.pending += 1;
+        entry.sample = Some((call, status));
+        if entry.written.elapsed() >= REFUSED_EVERY {
+            self.write_refusals(cause, entry);
+        }
+    }
+
+    /// Writes the counts of refused calls not yet recorded. Called every [`REFUSED_EVERY`]
+    /// and at stop.
+    pub fn flush_refused(&self) {
+        let mut refused = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
+        for (cause, entry) in refused.iter_mut() {
+            if entry.pending > 0 && entry.written.elapsed() >= REFUSED_EVERY {
+                self.write_refusals(cause, entry);
+            }
+        }
+    }
+
+    fn write_refusals(&self, cause: &str, entry: &mut Refusals) {
+        let Some((call, status)) = entry.sample.take() else {
+            return;
+        };
+        let mut record = call.record();
+        record.insert("status".into(), status.into());
+        record.insert("refused".into(), cause.into());
+        record.insert("count".into(), entry.pending.into());
+        entry.written = Instant::now();
+        match self.write(&Value::Object(record)) {
+            Ok(()) => entry.pending = 0,
+            // Kept: the count is written with the next record of this cause.
+            Err(e) => {
+                entry.sample = Some((call, status));
+                tracing::error!("audit log: {e}");
+            }
+        }
+    }
+
+    /// Appends one record and syncs it.
+    fn write(&self, record: &Value) -> Result<(), LogError> {
+        let line = record.to_string();
+        let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        let open = match log.as_mut() {
+            Some(open) => open,
+            None => {
+                let (reopened, recovery) = Log::open(&self.path)?;
+                report_recovery(&self.path, &recovery);
+                log.insert(reopened)
+            }
+        };
+        let written = open.append(line.as_bytes()).and_then(|_| open.sync());
+        if written.is_err() {
+            // Poisoned now; drop it (and its lock) so the next call starts from what the disk
+            // holds.
+            *log = None;
+        }
+        written
+    }
+}
+
+/// Says, loudly, that the log's tail did not check out and where it was kept.
+pub fn report_recovery(path: &Path, recovery: &Recovery) {
+    if recovery.bytes_dropped == 0 {
+        return;
+    }
+    let message = format!(
+        "audit log {}: {} bytes after record {} did not check out ({:?}); they were moved to {}",
+        path.display(),
+        recovery.bytes_dropped,
+        recovery.records,
+        recovery.damage,
+        recovery
+            .kept_aside
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "nowhere".to_string()),
+    );
+    tracing::warn!("{message}");
+    println!("WARNING: {message}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_paths_and_methods_are_cut_at_a_character_boundary() {
+        let path = format!("/api/v1/{}", "é".repeat(1000));
+        let call = Call::new(&"X".repeat(100), &path, None);
+        assert!(call.path.len() <= MAX_PATH_BYTES && path.starts_with(&call.path));
+        assert_eq!(call.path_bytes, Some(path.len()));
+        assert_eq!(call.method.len(), MAX_METHOD_BYTES);
+        let short = Call::new("GET", "/api/v1/status", None);
+        assert_eq!(
+            (short.path.as_str(), short.path_bytes),
+            ("/api/v1/status", None)
+        );
+    }
+
+    #[test]
+    fn a_failed_write_is_an_error_and_the_next_one_reopens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.log");
+        let (audit, _) = Audit::open(&path).expect("open");
+        let call = Call::new("PUT", "/api/v1/bandwidth", None);
+        audit.intent(1, &call).expect("intent");
+        // Poison it as a failed write would.
+        *audit.log.lock().expect("lock") = None;
+        audit.outcome(1, &call, 200, true).expect("reopened");
+        let (mut log, _) = {
+            drop(audit);
+            Log::open(&path).expect("open")
+        };
+        let records: Vec<Value> = log
+            .iter()
+            .expect("iter")
+            .map(|r| serde_json::from_slice(&r.expect("record").payload).expect("json"))
+            .collect();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0]["phase"], "intent");
+        assert_eq!(records[1]["status"], 200);
+    }
+}
