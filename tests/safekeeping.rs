@@ -605,3 +605,89 @@ fn max_bytes_caps_the_data_directory() {
     assert!(daemon.stop().success());
     the_create_was_audited(&data);
 }
+
+/// `Name: value` of /proc/PID/status.
+fn proc_status(pid: u32, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in {status}"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn keys_stay_out_of_the_environment_core_dumps_and_swap() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::process::CommandExt;
+    // The daemon runs as nobody, so that /proc shows what another user could see.
+    const NOBODY: u32 = 65534;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).expect("chown");
+    let port = free_port();
+    let config = write_config(dir.path(), port, "[keys]\nsource = \"env\"\n");
+    let key = "5a".repeat(32);
+    let mut child = Command::new(FIRN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("FIRN_MASTER_KEY", &key)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn firn");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let banner: Vec<String> = lines
+        .by_ref()
+        .map(|l| l.expect("line"))
+        .take_while(|l| !l.starts_with("Press Ctrl-C"))
+        .collect();
+    std::thread::spawn(move || for _ in lines {});
+    let daemon = Daemon {
+        child,
+        port,
+        stdout: banner,
+    };
+    let pid = daemon.child.id();
+
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
+    assert!(
+        !String::from_utf8_lossy(&environ).contains(&key),
+        "the master key is in /proc/{pid}/environ"
+    );
+    // Not dumpable: the kernel gives its /proc files to root, not to the user it runs as.
+    assert_eq!(
+        proc_status(pid, "Uid").split_whitespace().next(),
+        Some("65534")
+    );
+    let owner = std::fs::metadata(format!("/proc/{pid}/environ"))
+        .expect("stat")
+        .uid();
+    assert_eq!(
+        owner, 0,
+        "/proc/{pid} belongs to its user: the process is dumpable"
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let core: Vec<&str> = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max core file size"))
+        .expect("core limit")
+        .split_whitespace()
+        .collect();
+    assert_eq!(core[..2], ["0", "0"], "{limits}");
+    // The key pages are locked in memory.
+    let locked = proc_status(pid, "VmLck");
+    let locked_kb: u64 = locked
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("VmLck");
+    assert!(locked_kb >= 4, "VmLck: {locked}");
+
+    // And the key still works: a volume can be made and the daemon stops cleanly.
+    create_volume(&config, "v", "1M");
+    assert!(daemon.stop().success());
+}

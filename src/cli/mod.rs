@@ -109,7 +109,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let config = Config::load(cli.config.as_deref())?;
     if let Command::Serve = cli.command {
-        crate::daemon::process::harden();
+        // SAFETY: no thread exists yet: the runtime is built below, and neither clap, the
+        // config loader nor tracing's subscriber starts one.
+        unsafe { crate::daemon::process::harden(&config.keys) };
     }
     let rt = runtime()?;
     match cli.command {

@@ -10,11 +10,14 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use std::sync::{Mutex, PoisonError};
+
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::Sealer;
+use super::locked::Locked;
 
 /// Where the `[keys]` section says the master key comes from.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,35 +85,47 @@ pub enum KeyError {
     Argon2(String),
 }
 
-/// 32 bytes, wiped from memory when dropped.
-pub struct MasterKey(Zeroizing<[u8; 32]>);
+/// 32 bytes in locked memory kept out of core dumps, wiped when dropped.
+pub struct MasterKey(Locked<32>);
 
 impl MasterKey {
-    pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        MasterKey(Zeroizing::new(bytes))
+    pub fn from_bytes(mut bytes: [u8; 32]) -> Self {
+        let mut key = Locked::zeroed();
+        key.bytes_mut().copy_from_slice(&bytes);
+        bytes.zeroize();
+        MasterKey(key)
     }
 
     pub fn generate() -> Self {
-        let mut bytes = Zeroizing::new([0u8; 32]);
-        rand::rng().fill_bytes(bytes.as_mut());
-        MasterKey(bytes)
+        let mut key = Locked::zeroed();
+        rand::rng().fill_bytes(key.bytes_mut());
+        MasterKey(key)
     }
 
     pub fn to_hex(&self) -> Zeroizing<String> {
-        Zeroizing::new(hex::encode(*self.0))
+        Zeroizing::new(hex::encode(self.0.bytes()))
     }
 
     fn from_hex(text: &str, what: &str) -> Result<Self, KeyError> {
-        let mut bytes = Zeroizing::new([0u8; 32]);
-        hex::decode_to_slice(text.trim(), bytes.as_mut()).map_err(|_| KeyError::BadKey {
+        let mut key = Locked::zeroed();
+        hex::decode_to_slice(text.trim(), key.bytes_mut()).map_err(|_| KeyError::BadKey {
             what: what.to_string(),
         })?;
-        Ok(MasterKey(bytes))
+        Ok(MasterKey(key))
     }
 
     /// A subkey for one purpose; `context` names the purpose and its version.
     pub fn derive(&self, context: &str) -> Zeroizing<[u8; 32]> {
-        Zeroizing::new(blake3::derive_key(context, self.0.as_ref()))
+        Zeroizing::new(blake3::derive_key(context, self.0.bytes()))
+    }
+
+    /// A subkey for one purpose, straight into locked memory.
+    pub fn derive_locked(&self, context: &str) -> Locked<32> {
+        let mut key = Locked::zeroed();
+        let mut derived = blake3::derive_key(context, self.0.bytes());
+        key.bytes_mut().copy_from_slice(&derived);
+        derived.zeroize();
+        key
     }
 
     /// Loads the master key from `source`. `data_dir` is where the dev key and the
@@ -119,21 +134,19 @@ impl MasterKey {
         match source {
             KeySource::Dev => load_dev(data_dir),
             KeySource::Env { env } => {
-                let text = Zeroizing::new(
-                    std::env::var(env).map_err(|_| KeyError::EnvMissing(env.clone()))?,
-                );
+                let text = env_secret(env).ok_or_else(|| KeyError::EnvMissing(env.clone()))?;
                 MasterKey::from_hex(&text, &format!("environment variable {env}"))
             }
             KeySource::File { file } => load_file(file, data_dir),
             KeySource::Passphrase { env } => {
-                let phrase = Zeroizing::new(std::env::var(env).unwrap_or_default());
+                let phrase = env_secret(env).unwrap_or_default();
                 if phrase.is_empty() {
                     return Err(KeyError::PassphraseMissing(env.clone()));
                 }
                 let salt = read_or_create(&data_dir.join("passphrase.salt"), || {
                     let mut salt = [0u8; 16];
                     rand::rng().fill_bytes(&mut salt);
-                    hex::encode(salt)
+                    Zeroizing::new(hex::encode(salt))
                 })?;
                 stretch(phrase.as_bytes(), salt.trim().as_bytes())
             }
@@ -141,9 +154,56 @@ impl MasterKey {
     }
 }
 
+/// Secrets taken out of the environment at start ([`take_env_secret`]), by variable name.
+static TAKEN: Mutex<Vec<(String, Zeroizing<String>)>> = Mutex::new(Vec::new());
+
+/// Reads the variable `name` and removes it from the process environment, including the
+/// original bytes that /proc/PID/environ shows; [`MasterKey::load`] then finds the value
+/// here. Does nothing if the variable is not set.
+///
+/// # Safety
+///
+/// No other thread may exist (nor read or write the environment): call it at the start of
+/// `main`, before any runtime or thread is started.
+pub unsafe fn take_env_secret(name: &str) {
+    let Some(value) = std::env::var_os(name) else {
+        return;
+    };
+    let value = Zeroizing::new(value.to_string_lossy().into_owned());
+    if let Ok(c_name) = std::ffi::CString::new(name) {
+        // SAFETY: single-threaded (the caller's promise), so nothing changes the environment
+        // while we look. `getenv` returns a pointer to the value's bytes, NUL-terminated,
+        // inside the block the kernel set up at exec (which /proc/PID/environ reads) or a
+        // copy libc made; either way writable memory of `strlen` bytes that we own. Zeroing it
+        // in place leaves the environment well formed ("NAME=" followed by NULs).
+        unsafe {
+            let ptr = nix::libc::getenv(c_name.as_ptr());
+            if !ptr.is_null() {
+                let len = nix::libc::strlen(ptr);
+                std::slice::from_raw_parts_mut(ptr.cast::<u8>(), len).zeroize();
+            }
+        }
+    }
+    // SAFETY: single-threaded (the caller's promise): no other thread reads the environment.
+    unsafe { std::env::remove_var(name) };
+    TAKEN
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push((name.to_string(), value));
+}
+
+/// The secret in environment variable `name`: taken at start, or read now.
+fn env_secret(name: &str) -> Option<Zeroizing<String>> {
+    let mut taken = TAKEN.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(at) = taken.iter().position(|(n, _)| n == name) {
+        return Some(taken.swap_remove(at).1);
+    }
+    std::env::var(name).ok().map(Zeroizing::new)
+}
+
 fn load_dev(data_dir: &Path) -> Result<MasterKey, KeyError> {
     let path = data_dir.join("dev-master-key");
-    let text = read_or_create(&path, || MasterKey::generate().to_hex().to_string())?;
+    let text = read_or_create(&path, || MasterKey::generate().to_hex())?;
     MasterKey::from_hex(&text, &format!("development key file {}", path.display()))
 }
 
@@ -161,9 +221,9 @@ fn load_file(file: &Path, data_dir: &Path) -> Result<MasterKey, KeyError> {
     let bytes = Zeroizing::new(fs::read(file).map_err(file_error)?);
     let what = format!("file {}", file.display());
     if bytes.len() == 32 {
-        let mut key = [0u8; 32];
-        key.copy_from_slice(&bytes);
-        return Ok(MasterKey::from_bytes(key));
+        let mut key = Locked::zeroed();
+        key.bytes_mut().copy_from_slice(&bytes);
+        return Ok(MasterKey(key));
     }
     let text = std::str::from_utf8(&bytes).map_err(|_| KeyError::BadKey { what: what.clone() })?;
     MasterKey::from_hex(text, &what)
@@ -175,21 +235,24 @@ fn stretch(phrase: &[u8], salt: &[u8]) -> Result<MasterKey, KeyError> {
     let params = argon2::Params::new(64 * 1024, 3, 1, Some(32))
         .map_err(|e| KeyError::Argon2(e.to_string()))?;
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
-    let mut key = Zeroizing::new([0u8; 32]);
+    let mut key = Locked::zeroed();
     argon
-        .hash_password_into(phrase, salt, key.as_mut())
+        .hash_password_into(phrase, salt, key.bytes_mut())
         .map_err(|e| KeyError::Argon2(e.to_string()))?;
     Ok(MasterKey(key))
 }
 
 /// Reads a small text file, or creates it (mode 0600, fsynced) with `make()`'s content.
-fn read_or_create(path: &Path, make: impl FnOnce() -> String) -> Result<String, KeyError> {
+fn read_or_create(
+    path: &Path,
+    make: impl FnOnce() -> Zeroizing<String>,
+) -> Result<Zeroizing<String>, KeyError> {
     let store_error = |source| KeyError::Store {
         path: path.to_path_buf(),
         source,
     };
     match fs::read_to_string(path) {
-        Ok(text) => return Ok(text),
+        Ok(text) => return Ok(Zeroizing::new(text)),
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(store_error(e)),
         Err(_) => {}
     }

@@ -7,6 +7,7 @@
 //! moved to another name or role fails to open.
 
 pub mod keys;
+pub mod locked;
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
@@ -57,8 +58,8 @@ impl std::fmt::Display for Address {
 /// Seals and opens with the keys derived from one master key.
 pub struct Sealer {
     cipher: XChaCha20Poly1305,
-    address_key: [u8; 32],
-    volume_root: zeroize::Zeroizing<[u8; 32]>,
+    address_key: locked::Locked<32>,
+    volume_root: locked::Locked<32>,
     key_id: u32,
 }
 
@@ -75,8 +76,8 @@ impl Sealer {
         let data_key = master.derive("firn seal data key v1");
         Sealer {
             cipher: XChaCha20Poly1305::new((&*data_key).into()),
-            address_key: *master.derive("firn content address key v1"),
-            volume_root: master.derive("firn volume sector key v1"),
+            address_key: master.derive_locked("firn content address key v1"),
+            volume_root: master.derive_locked("firn volume sector key v1"),
             key_id: 0,
         }
     }
@@ -84,7 +85,7 @@ impl Sealer {
     /// The 512-bit AES-256-XTS key (two AES-256 keys) for one volume's local sectors.
     pub fn volume_key(&self, volume_id: &str) -> zeroize::Zeroizing<[u8; 64]> {
         let mut key = zeroize::Zeroizing::new([0u8; 64]);
-        let mut hasher = blake3::Hasher::new_keyed(&self.volume_root);
+        let mut hasher = blake3::Hasher::new_keyed(self.volume_root.bytes());
         hasher.update(volume_id.as_bytes());
         hasher.finalize_xof().fill(key.as_mut());
         key
@@ -92,7 +93,7 @@ impl Sealer {
 
     /// The content address of `plain`: equal content, equal address, under this key only.
     pub fn address(&self, plain: &[u8]) -> Address {
-        Address(*blake3::keyed_hash(&self.address_key, plain).as_bytes())
+        Address(*blake3::keyed_hash(self.address_key.bytes(), plain).as_bytes())
     }
 
     pub fn seal(&self, context: &[u8], plain: &[u8]) -> Vec<u8> {
