@@ -143,12 +143,13 @@ impl Audit {
         }
     }
 
-    /// Writes the counts of refused calls not yet recorded. Called every [`REFUSED_EVERY`]
-    /// and at stop.
-    pub fn flush_refused(&self) {
+    /// Writes the counts of refused calls not yet recorded, of causes with no record in the
+    /// last [`REFUSED_EVERY`] (of all causes with `now`, at stop). Called every
+    /// [`REFUSED_EVERY`].
+    pub fn flush_refused(&self, now: bool) {
         let mut refused = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
         for (cause, entry) in refused.iter_mut() {
-            if entry.pending > 0 && entry.written.elapsed() >= REFUSED_EVERY {
+            if entry.pending > 0 && (now || entry.written.elapsed() >= REFUSED_EVERY) {
                 self.write_refusals(cause, entry);
             }
         }

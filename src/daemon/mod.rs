@@ -202,6 +202,16 @@ impl Gateway {
             .create(&data_dir)
             .with_context(|| format!("[local] data_dir: cannot create {}", data_dir.display()))?;
         let lock = lock_data_dir(&data_dir)?;
+        if let Ok(meta) = std::fs::metadata(&data_dir) {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(
+                    "data directory {} can be entered by other users (mode {:o}); chmod 700 it",
+                    data_dir.display(),
+                    meta.permissions().mode() & 0o777
+                );
+            }
+        }
 
         let master = MasterKey::load(&config.keys, &data_dir)?;
         let sealer = Arc::new(Sealer::new(&master));
@@ -345,7 +355,7 @@ impl Gateway {
         loop {
             tokio::time::sleep(audit::REFUSED_EVERY).await;
             let gateway = self.clone();
-            let _ = tokio::task::spawn_blocking(move || gateway.audit.flush_refused()).await;
+            let _ = tokio::task::spawn_blocking(move || gateway.audit.flush_refused(false)).await;
         }
     }
 
@@ -455,9 +465,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::warn!("stopping with clients still connected after {STOP_GRACE:?}");
     }
     let _ = std::fs::remove_file(&socket_path);
-    // The last second's refused calls: wait out the interval so they are recorded.
-    tokio::time::sleep(audit::REFUSED_EVERY).await;
-    gateway.audit.flush_refused();
+    // The last second's refused calls.
+    gateway.audit.flush_refused(true);
     println!("firn stopped");
     Ok(())
 }

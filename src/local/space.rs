@@ -4,7 +4,8 @@
 //! no; the metadata store and the logs never ask, so they keep working in the space the
 //! limits hold back.
 //!
-//! Measuring is a `statvfs` and a walk of the data directory; a measurement is reused for
+//! Measuring is a `statvfs`, and a walk of the data directory when `max_bytes` is set; a
+//! measurement is reused for
 //! [`FRESH`], counting what it granted since, and taken again at once when that count would
 //! cross a limit, so the limits hold to within the writes in flight.
 
@@ -96,11 +97,16 @@ impl SpaceBudget {
         free_ok && max_ok
     }
 
-    /// (free bytes on the file system, bytes the data directory takes).
+    /// (free bytes on the file system, bytes the data directory takes). The directory is
+    /// walked only when `max_bytes` is set: it may hold the local bucket, and many files.
     pub fn measure(&self) -> io::Result<(u64, u64)> {
         let stat = nix::sys::statvfs::statvfs(&self.data_dir)?;
         let free = stat.blocks_available() * stat.fragment_size();
-        Ok((free, used_bytes(&self.data_dir)))
+        let used = match self.max_bytes {
+            Some(_) => used_bytes(&self.data_dir),
+            None => 0,
+        };
+        Ok((free, used))
     }
 }
 
