@@ -567,13 +567,24 @@ fn flushed_writes_survive_kill_9() {
         ],
     );
     g.kill9();
-    // What a kill during `volume create` leaves: a file no volume names. The start sweeps it.
+    // A file no volume (and no create or delete intent) names: the start moves it to
+    // quarantine, never deletes it.
     let orphan = g
         .path("data/volumes")
         .join(format!("{}.img", "0f".repeat(16)));
     std::fs::write(&orphan, [1u8; 4096]).expect("orphan");
     g.restart();
-    assert!(!orphan.exists(), "the start left an orphan volume file");
+    assert!(
+        !orphan.exists(),
+        "the start left an unnamed volume file in place"
+    );
+    let quarantined = g
+        .path("data/volumes/quarantine")
+        .join(format!("{}.img", "0f".repeat(16)));
+    assert_eq!(
+        std::fs::read(&quarantined).expect("quarantined"),
+        [1u8; 4096]
+    );
     run(
         "qemu-io",
         &[
@@ -590,7 +601,11 @@ fn flushed_writes_survive_kill_9() {
     );
     let raw = std::fs::read_dir(g.path("data/volumes")).expect("volumes dir");
     for entry in raw {
-        let bytes = std::fs::read(entry.expect("entry").path()).expect("read");
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            continue;
+        }
+        let bytes = std::fs::read(path).expect("read");
         assert!(
             !bytes.windows(64).any(|w| w.iter().all(|&b| b == 0x5a)),
             "plaintext on disk"
