@@ -576,7 +576,8 @@ fn flushed_writes_survive_kill_9() {
         ],
     );
     g.kill9();
-    // A file no volume names (and no intent explains): the start moves it to quarantine.
+    // A file no volume (and no create or delete intent) names: the start moves it to
+    // quarantine, never deletes it.
     let orphan = g
         .path("data/volumes")
         .join(format!("{}.img", "0f".repeat(16)));
@@ -589,9 +590,9 @@ fn flushed_writes_survive_kill_9() {
     let quarantined = g
         .path("data/volumes/quarantine")
         .join(format!("{}.img", "0f".repeat(16)));
-    assert!(
-        quarantined.exists(),
-        "the unnamed file was not kept in quarantine"
+    assert_eq!(
+        std::fs::read(&quarantined).expect("quarantined"),
+        [1u8; 4096]
     );
     run(
         "qemu-io",
@@ -611,9 +612,9 @@ fn flushed_writes_survive_kill_9() {
     for entry in raw {
         let path = entry.expect("entry").path();
         if path.is_dir() {
-            continue; // quarantine/
+            continue;
         }
-        let bytes = std::fs::read(&path).expect("read");
+        let bytes = std::fs::read(path).expect("read");
         assert!(
             !bytes.windows(64).any(|w| w.iter().all(|&b| b == 0x5a)),
             "plaintext on disk"

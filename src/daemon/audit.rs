@@ -126,9 +126,10 @@ impl Audit {
         self.write(&Value::Object(record))
     }
 
-    /// A call refused before it ran (`cause` names why). At most one record per
-    /// [`REFUSED_EVERY`] for each cause; it carries `count`, the refused calls it stands for,
-    /// and describes the latest of them.
+    /// A call refused before it ran (`cause` names why). Only counted here, in memory, so a
+    /// flood costs no disk I/O: [`Audit::flush_refused`] writes at most one record per
+    /// [`REFUSED_EVERY`] for each cause, carrying `count`, the refused calls it stands for,
+    /// and describing the latest of them.
     pub fn refused(&self, cause: &'static str, call: Call, status: u16) {
         let mut refused = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
         let entry = refused.entry(cause).or_insert(Refusals {
@@ -138,9 +139,6 @@ impl Audit {
         });
         entry.pending += 1;
         entry.sample = Some((call, status));
-        if entry.written.elapsed() >= REFUSED_EVERY {
-            self.write_refusals(cause, entry);
-        }
     }
 
     /// Writes the counts of refused calls not yet recorded, of causes with no record in the
@@ -233,6 +231,42 @@ mod tests {
             (short.path.as_str(), short.path_bytes),
             ("/api/v1/status", None)
         );
+    }
+
+    #[test]
+    fn refused_calls_become_one_record_per_interval_with_their_count() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.log");
+        let (audit, _) = Audit::open(&path).expect("open");
+        for i in 0..100 {
+            audit.refused(
+                "token",
+                Call::new("GET", &format!("/api/v1/{i}"), None),
+                401,
+            );
+        }
+        audit.flush_refused(false);
+        for _ in 0..5 {
+            audit.refused("token", Call::new("GET", "/api/v1/x", None), 401);
+        }
+        // Within the interval: nothing more is written until it is over (or at stop).
+        audit.flush_refused(false);
+        audit.flush_refused(true);
+        audit.flush_refused(true);
+        drop(audit);
+        let (mut log, _) = Log::open(&path).expect("open");
+        let records: Vec<Value> = log
+            .iter()
+            .expect("iter")
+            .map(|r| serde_json::from_slice(&r.expect("record").payload).expect("json"))
+            .collect();
+        assert_eq!(records.len(), 2, "{records:?}");
+        assert_eq!(
+            (records[0]["count"].as_u64(), records[1]["count"].as_u64()),
+            (Some(100), Some(5))
+        );
+        assert_eq!(records[0]["path"], "/api/v1/99");
+        assert_eq!(records[1]["refused"], "token");
     }
 
     #[test]
