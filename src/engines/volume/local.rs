@@ -52,6 +52,7 @@ use openssl::cipher_ctx::CipherCtx;
 use super::{BlockDevice, BlockError, BlockResult, Extent, check_range};
 use crate::local::space::SpaceBudget;
 use crate::local::sync_parent_dir;
+use crate::seal::locked::Locked;
 use nix::libc;
 use std::os::fd::AsRawFd;
 
@@ -568,7 +569,8 @@ impl BlockDevice for LocalVolume {
 /// contexts, keyed once, wait in a pool (one per direction) as long as the volume is open;
 /// there are never more of them than threads working on the volume at once.
 struct SectorCipher {
-    key: zeroize::Zeroizing<[u8; 64]>,
+    /// Locked against swap and left out of core dumps, like every key firn holds.
+    key: Locked<64>,
     encrypters: Mutex<Vec<CipherCtx>>,
     decrypters: Mutex<Vec<CipherCtx>>,
 }
@@ -581,8 +583,10 @@ enum Direction {
 
 impl SectorCipher {
     fn new(key: &[u8; 64]) -> SectorCipher {
+        let mut locked = Locked::zeroed();
+        locked.bytes_mut().copy_from_slice(key);
         SectorCipher {
-            key: zeroize::Zeroizing::new(*key),
+            key: locked,
             encrypters: Mutex::new(Vec::new()),
             decrypters: Mutex::new(Vec::new()),
         }
@@ -604,7 +608,7 @@ impl SectorCipher {
 
     fn keyed_context(&self, direction: Direction) -> CipherCtx {
         let cipher = openssl::cipher::Cipher::aes_256_xts();
-        let key = Some(&self.key[..]);
+        let key = Some(&self.key.bytes()[..]);
         // Failing here means OpenSSL cannot allocate or lacks AES-XTS: nothing a volume can
         // work around. (It also refuses a key whose halves are equal, which a derived volume
         // key has with probability 2^-256.)
