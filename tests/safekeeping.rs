@@ -691,3 +691,54 @@ fn keys_stay_out_of_the_environment_core_dumps_and_swap() {
     create_volume(&config, "v", "1M");
     assert!(daemon.stop().success());
 }
+
+#[test]
+fn a_client_that_hangs_up_cannot_make_a_change_unrecorded() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = write_config(dir.path(), port, "");
+    let config_arg = config.to_str().expect("utf-8");
+    let daemon = Daemon::start(&config, port, &[]);
+    let token = std::fs::read_to_string(dir.path().join("data/api-token")).expect("token");
+    // Each client sends a whole create and hangs up after a moment, often while it runs.
+    for i in 0..100u64 {
+        let body = format!("{{\"name\": \"h{i}\", \"size\": \"1M\"}}");
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        write!(
+            s,
+            "POST /api/v1/volumes HTTP/1.1\r\nHost: firn\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n{body}",
+            token.trim(),
+            body.len()
+        )
+        .expect("send");
+        std::thread::sleep(Duration::from_micros(200 * (i % 10)));
+        drop(s);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, out, err) = firn(&["volume", "list", "--config", config_arg]);
+    assert!(ok, "{err}");
+    let made = out.lines().filter(|l| l.starts_with('h')).count();
+    assert!(daemon.stop().success());
+    let records = audit_records(&dir.path().join("data"));
+    let post = |r: &&serde_json::Value| r["method"] == "POST";
+    let intents = records
+        .iter()
+        .filter(post)
+        .filter(|r| r["phase"] == "intent")
+        .count();
+    let created = records
+        .iter()
+        .filter(post)
+        .filter(|r| r["status"] == 201)
+        .count();
+    assert!(made > 0, "no create got through");
+    assert_eq!(
+        created, made,
+        "{made} volumes made, {created} recorded as created"
+    );
+    assert!(
+        intents >= made,
+        "{made} volumes made, {intents} intents recorded"
+    );
+}
