@@ -126,6 +126,10 @@ pub struct LocalVolume {
     /// pages and cleared the error, so a later flush would succeed over lost writes. Every
     /// later flush and write fails instead, until the volume is opened anew.
     write_back_error: OnceLock<String>,
+    /// Held across an `fdatasync` and the recording of its error: the kernel reports a
+    /// write-back error to one `fdatasync` only, so a flush racing with the one that got it
+    /// must not succeed before it is recorded.
+    sync: Mutex<()>,
     /// Asked before a write may take new space (`[local] min_free`, `max_bytes`).
     space: Option<Arc<SpaceBudget>>,
 }
@@ -227,6 +231,7 @@ impl LocalVolume {
             cipher: SectorCipher::new(key),
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             write_back_error: OnceLock::new(),
+            sync: Mutex::new(()),
             space: None,
         }
     }
@@ -525,6 +530,7 @@ impl BlockDevice for LocalVolume {
     }
 
     fn flush(&self) -> BlockResult<()> {
+        let _one_at_a_time = self.sync.lock().unwrap_or_else(PoisonError::into_inner);
         self.check_write_back()?;
         self.file.sync_data().map_err(|e| {
             let _ = self.write_back_error.set(e.to_string());
