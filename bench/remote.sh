@@ -14,8 +14,10 @@ large_size=${1:-1G}
 small_count=${2:-2000}
 
 cargo build --release --quiet
-firn=$PWD/target/release/firn
 work=$(mktemp -d -t firn-bench-remote.XXXXXX)
+# A copy, so a build in a shared target directory cannot swap the binary mid-run.
+cp "${CARGO_TARGET_DIR:-$PWD/target}/release/firn" "$work/firn"
+firn=$work/firn
 cleanup() {
     bash scripts/garage.sh stop "$work/garage" >/dev/null 2>&1 || true
     rm -rf "$work"

@@ -920,3 +920,101 @@ async fn an_upload_limit_holds_at_the_store_through_errors() {
         "{worst} bytes in one second at the store, limit {RATE}/s"
     );
 }
+
+/// Runs `firn` under /usr/bin/time: success, and the peak RSS in MiB.
+fn firn_peak_rss(args: &[&str]) -> (bool, String, u64) {
+    let report = tempfile::NamedTempFile::new().expect("tempfile");
+    let out = std::process::Command::new("/usr/bin/time")
+        .args(["-f", "%M", "-o"])
+        .arg(report.path())
+        .arg(common::FIRN)
+        .args(args)
+        .env_remove("AWS_CA_BUNDLE")
+        .output()
+        .expect("run /usr/bin/time (package time)");
+    let text = std::fs::read_to_string(report.path()).expect("time report");
+    let kib: u64 = text
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no peak RSS in {text:?}"));
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), output, kib / 1024)
+}
+
+#[test]
+fn large_files_stream_through_bounded_memory() {
+    let Some(options) = s3_options() else { return };
+    // 4 GiB in the suite; FIRN_TEST_LARGE_GIB=20 for the full-size check.
+    let gib: u64 = std::env::var("FIRN_TEST_LARGE_GIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = dir.path().join("large.bin");
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::create(&source).expect("create");
+        file.set_len(gib << 30).expect("sparse file");
+        // Marks at the start, across a part boundary, in the middle and at the very end.
+        for at in [0, (16 << 20) - 3, (gib << 30) / 2, (gib << 30) - 4096] {
+            file.write_all_at(&random_bytes(4096), at).expect("mark");
+        }
+    }
+    let config = dir.path().join("firn.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[local]\ndata_dir = \"{}\"\n[remote]\nkind = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\nprefix = \"{}\"\npart_size = \"16MiB\"\npart_concurrency = 8\n",
+            dir.path().join("data").display(),
+            options.endpoint.as_deref().expect("endpoint"),
+            options.bucket,
+            options.region,
+            options.access_key_id.as_deref().expect("key id"),
+            options.secret_access_key.as_deref().expect("secret"),
+            options.prefix,
+        ),
+    )
+    .expect("config");
+    let config = config.to_str().expect("utf-8");
+    // Parts of 16 MiB, 8 in flight, a few read ahead or being written: well under 400 MiB.
+    const BOUND_MIB: u64 = 400;
+    let (ok, out, put_rss) = firn_peak_rss(&[
+        "remote",
+        "--config",
+        config,
+        "put",
+        source.to_str().expect("utf-8"),
+        "large/file.bin",
+    ]);
+    assert!(ok, "put: {out}");
+    let back = dir.path().join("back.bin");
+    let (ok, out, get_rss) = firn_peak_rss(&[
+        "remote",
+        "--config",
+        config,
+        "get",
+        "large/file.bin",
+        back.to_str().expect("utf-8"),
+    ]);
+    assert!(ok, "get: {out}");
+    eprintln!("{gib} GiB: peak RSS {put_rss} MiB to put, {get_rss} MiB to get");
+    let same = std::process::Command::new("cmp")
+        .arg(&source)
+        .arg(&back)
+        .status()
+        .expect("cmp");
+    assert!(same.success(), "the download differs from the file");
+    assert!(
+        put_rss < BOUND_MIB,
+        "put of {gib} GiB peaked at {put_rss} MiB"
+    );
+    assert!(
+        get_rss < BOUND_MIB,
+        "get of {gib} GiB peaked at {get_rss} MiB"
+    );
+}

@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+use async_trait::async_trait;
 use bytes::Bytes;
 use clap::Subcommand;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::daemon::config::Config;
-use crate::remote::{Meta, Remote};
+use crate::remote::{Body, Error, FileBody, Meta, Remote, Sink};
 use crate::size::Human;
 
 #[derive(Subcommand)]
@@ -128,11 +129,11 @@ async fn put(remote: Arc<dyn Remote>, source: &Path, key: &str, jobs: usize) -> 
         .map(|(file, key)| {
             let remote = remote.clone();
             async move {
-                let body = tokio::fs::read(&file)
-                    .await
+                // Read a part at a time as the upload needs it, never whole.
+                let body = FileBody::open(&file)
                     .with_context(|| format!("cannot read {}", file.display()))?;
-                let n = body.len() as u64;
-                remote.put(&key, Bytes::from(body), Meta::new()).await?;
+                let n = body.len();
+                remote.put_body(&key, Arc::new(body), Meta::new()).await?;
                 anyhow::Ok(n)
             }
         })
@@ -171,14 +172,19 @@ async fn get(
         .map(|(key, file)| {
             let remote = remote.clone();
             async move {
-                let object = remote.get(&key).await?;
                 if let Some(parent) = file.parent() {
-                    tokio::fs::create_dir_all(parent).await?;
+                    tokio::fs::create_dir_all(parent)
+                        .await
+                        .with_context(|| format!("cannot create {}", parent.display()))?;
                 }
-                tokio::fs::write(&file, &object.body)
-                    .await
-                    .with_context(|| format!("cannot write {}", file.display()))?;
-                anyhow::Ok(object.body.len() as u64)
+                let sink = FileSink::create(&file)?;
+                match remote.get_to(&key, &sink).await {
+                    Ok(fetched) => sink.finish(fetched.size),
+                    Err(e) => {
+                        sink.discard();
+                        Err(e.into())
+                    }
+                }
             }
         })
         .buffer_unordered(jobs.max(1))
@@ -186,4 +192,65 @@ async fn get(
         .await?;
     report("downloaded", count, bytes, started);
     Ok(())
+}
+
+/// A download in progress: parts go straight into a temporary file beside the destination
+/// (positional writes, so a retry overwrites from the start), renamed into place only when
+/// the whole object has arrived and passed verification.
+struct FileSink {
+    file: Arc<std::fs::File>,
+    temporary: PathBuf,
+    destination: PathBuf,
+}
+
+impl FileSink {
+    fn create(destination: &Path) -> anyhow::Result<FileSink> {
+        let name = destination
+            .file_name()
+            .with_context(|| format!("{} names no file", destination.display()))?;
+        let mut temporary_name = std::ffi::OsString::from(".");
+        temporary_name.push(name);
+        temporary_name.push(format!(".firn-{}", std::process::id()));
+        let temporary = destination.with_file_name(temporary_name);
+        let file = std::fs::File::create(&temporary)
+            .with_context(|| format!("cannot write {}", temporary.display()))?;
+        Ok(FileSink {
+            file: Arc::new(file),
+            temporary,
+            destination: destination.to_path_buf(),
+        })
+    }
+
+    /// Cuts what an earlier, longer attempt left and moves the file into place.
+    fn finish(&self, size: u64) -> anyhow::Result<u64> {
+        let done = self
+            .file
+            .set_len(size)
+            .and_then(|()| std::fs::rename(&self.temporary, &self.destination));
+        if let Err(e) = done {
+            self.discard();
+            return Err(e).with_context(|| format!("cannot write {}", self.destination.display()));
+        }
+        Ok(size)
+    }
+
+    fn discard(&self) {
+        let _ = std::fs::remove_file(&self.temporary);
+    }
+}
+
+#[async_trait]
+impl Sink for FileSink {
+    async fn write(&self, offset: u64, bytes: Bytes) -> crate::remote::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || file.write_all_at(&bytes, offset))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+            .map_err(|e| Error::Permanent {
+                op: "write",
+                key: self.temporary.display().to_string(),
+                message: e.to_string(),
+            })
+    }
 }
