@@ -16,7 +16,9 @@ small_count=${2:-2000}
 cargo build --release --quiet
 work=$(mktemp -d -t firn-bench-remote.XXXXXX)
 # A copy, so a build in a shared target directory cannot swap the binary mid-run.
-cp "${CARGO_TARGET_DIR:-$PWD/target}/release/firn" "$work/firn"
+target_dir=$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+cp "$target_dir/release/firn" "$work/firn"
 firn=$work/firn
 cleanup() {
     bash scripts/garage.sh stop "$work/garage" >/dev/null 2>&1 || true
