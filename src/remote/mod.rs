@@ -97,8 +97,11 @@ impl Body for FileBody {
     async fn read(&self, range: Range<u64>) -> Result<Bytes> {
         use std::os::unix::fs::FileExt;
         let file = self.file.clone();
+        // Allocated here, on a runtime worker, not on the blocking thread: glibc gives each
+        // thread that allocates its own arena, and a part-sized buffer freed into one of the
+        // many blocking threads' arenas stays in the process's memory.
+        let mut buf = vec![0; (range.end - range.start) as usize];
         let outcome = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0; (range.end - range.start) as usize];
             file.read_exact_at(&mut buf, range.start).map(|()| buf)
         })
         .await
