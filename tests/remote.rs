@@ -1018,3 +1018,70 @@ fn large_files_stream_through_bounded_memory() {
         "get of {gib} GiB peaked at {get_rss} MiB"
     );
 }
+
+#[test]
+fn many_large_files_share_one_memory_budget() {
+    let Some(options) = s3_options() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = dir.path().join("many");
+    std::fs::create_dir_all(&source).expect("mkdir");
+    // Five files of 20 parts each, all allowed in flight by --jobs 16.
+    for i in 0..5u64 {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::create(source.join(format!("f{i}"))).expect("create");
+        file.set_len(320 << 20).expect("sparse file");
+        file.write_all_at(&random_bytes(4096), i * (50 << 20))
+            .expect("mark");
+    }
+    let config = dir.path().join("firn.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[local]\ndata_dir = \"{}\"\n[remote]\nkind = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\nprefix = \"{}\"\npart_size = \"16MiB\"\npart_concurrency = 8\n",
+            dir.path().join("data").display(),
+            options.endpoint.as_deref().expect("endpoint"),
+            options.bucket,
+            options.region,
+            options.access_key_id.as_deref().expect("key id"),
+            options.secret_access_key.as_deref().expect("secret"),
+            options.prefix,
+        ),
+    )
+    .expect("config");
+    let config = config.to_str().expect("utf-8");
+    // One large object's worth (8 parts in flight, a few read ahead), not five of them.
+    const BOUND_MIB: u64 = 400;
+    let (ok, out, put_rss) = firn_peak_rss(&[
+        "remote",
+        "--config",
+        config,
+        "put",
+        "--jobs",
+        "16",
+        source.to_str().expect("utf-8"),
+        "many",
+    ]);
+    assert!(ok, "put: {out}");
+    let back = dir.path().join("back");
+    let (ok, out, get_rss) = firn_peak_rss(&[
+        "remote",
+        "--config",
+        config,
+        "get",
+        "--jobs",
+        "16",
+        "many/",
+        back.to_str().expect("utf-8"),
+    ]);
+    assert!(ok, "get: {out}");
+    eprintln!("5 x 320 MiB, 16 jobs: peak RSS {put_rss} MiB to put, {get_rss} MiB to get");
+    let same = std::process::Command::new("diff")
+        .arg("-rq")
+        .arg(&source)
+        .arg(&back)
+        .status()
+        .expect("diff");
+    assert!(same.success(), "the downloads differ from the files");
+    assert!(put_rss < BOUND_MIB, "put peaked at {put_rss} MiB");
+    assert!(get_rss < BOUND_MIB, "get peaked at {get_rss} MiB");
+}

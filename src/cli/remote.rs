@@ -46,12 +46,14 @@ pub async fn run(config: &Config, command: RemoteCommand) -> anyhow::Result<()> 
     let stack = crate::daemon::open_remote(config, &mut registry)?;
     let remote = stack.remote;
     match command {
-        RemoteCommand::Put { source, key, jobs } => put(remote, &source, &key, jobs).await,
+        RemoteCommand::Put { source, key, jobs } => {
+            put(remote, &source, &key, jobs, &Budget::new(config)).await
+        }
         RemoteCommand::Get {
             key,
             destination,
             jobs,
-        } => get(remote, &key, &destination, jobs).await,
+        } => get(remote, &key, &destination, jobs, &Budget::new(config)).await,
         RemoteCommand::Ls { prefix } => {
             for object in remote.list(&prefix).await? {
                 println!("{:>14}  {}", object.size, object.key);
@@ -91,7 +93,41 @@ fn report(verb: &str, objects: usize, bytes: u64, started: Instant) {
     );
 }
 
-async fn put(remote: Arc<dyn Remote>, source: &Path, key: &str, jobs: usize) -> anyhow::Result<()> {
+/// How much memory the objects in flight may hold. One object holds at most its size, and at
+/// most its parts in flight and read ahead; large objects take turns, so `--jobs` multiplies
+/// only small objects and memory stays near one large object's worth.
+struct Budget {
+    /// One permit per KiB.
+    kib: tokio::sync::Semaphore,
+    cap_kib: u32,
+}
+
+impl Budget {
+    fn new(config: &Config) -> Budget {
+        let remote = &config.remote;
+        let per_object = remote.part_size.0 * (remote.part_concurrency as u64 + 3);
+        let cap_kib = per_object.div_ceil(1024).clamp(1, u32::MAX as u64 >> 4) as u32;
+        Budget {
+            kib: tokio::sync::Semaphore::new(cap_kib as usize),
+            cap_kib,
+        }
+    }
+
+    /// Held while the object is in flight. (`None` only if the semaphore were closed, which
+    /// it never is.)
+    async fn admit(&self, size: u64) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        let kib = size.div_ceil(1024).clamp(1, self.cap_kib as u64) as u32;
+        self.kib.acquire_many(kib).await.ok()
+    }
+}
+
+async fn put(
+    remote: Arc<dyn Remote>,
+    source: &Path,
+    key: &str,
+    jobs: usize,
+    budget: &Budget,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let meta =
         std::fs::metadata(source).with_context(|| format!("cannot read {}", source.display()))?;
@@ -133,6 +169,7 @@ async fn put(remote: Arc<dyn Remote>, source: &Path, key: &str, jobs: usize) -> 
                 let body = FileBody::open(&file)
                     .with_context(|| format!("cannot read {}", file.display()))?;
                 let n = body.len();
+                let _memory = budget.admit(n).await;
                 remote.put_body(&key, Arc::new(body), Meta::new()).await?;
                 anyhow::Ok(n)
             }
@@ -149,29 +186,31 @@ async fn get(
     key: &str,
     destination: &Path,
     jobs: usize,
+    budget: &Budget,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
-    let downloads: Vec<(String, PathBuf)> = if key.ends_with('/') || key.is_empty() {
+    let downloads: Vec<(String, PathBuf, u64)> = if key.ends_with('/') || key.is_empty() {
         remote
             .list(key)
             .await?
             .into_iter()
             .map(|object| {
                 let rel = object.key[key.len()..].to_string();
-                (object.key, destination.join(rel))
+                (object.key, destination.join(rel), object.size)
             })
             .collect()
     } else {
-        vec![(key.to_string(), destination.to_path_buf())]
+        vec![(key.to_string(), destination.to_path_buf(), u64::MAX)]
     };
     if downloads.is_empty() {
         bail!("no objects under {key:?}");
     }
     let count = downloads.len();
     let bytes = futures::stream::iter(downloads)
-        .map(|(key, file)| {
+        .map(|(key, file, size)| {
             let remote = remote.clone();
             async move {
+                let _memory = budget.admit(size).await;
                 if let Some(parent) = file.parent() {
                     tokio::fs::create_dir_all(parent)
                         .await
