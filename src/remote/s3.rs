@@ -429,12 +429,16 @@ impl Remote for S3Store {
                     key: key.to_string(),
                 });
             }
-            // An empty object has no byte 0 to ask for.
-            Err(_) => self
-                .store
-                .get_opts(&path, GetOptions::default())
-                .await
-                .map_err(|e| s3_error("get", key, e))?,
+            // An empty object has no byte 0 to ask for; ask for it whole. Any other failure
+            // stays a failure (a whole GET of a large object would not fit in memory).
+            Err(e) => match self.head(key).await {
+                Ok(Some(info)) if info.size == 0 => self
+                    .store
+                    .get_opts(&path, GetOptions::default())
+                    .await
+                    .map_err(|e| s3_error("get", key, e))?,
+                _ => return Err(s3_error("get", key, e)),
+            },
         };
         let mut meta = Meta::new();
         for (attribute, value) in result.attributes.iter() {
