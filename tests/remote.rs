@@ -1085,3 +1085,82 @@ fn many_large_files_share_one_memory_budget() {
     assert!(put_rss < BOUND_MIB, "put peaked at {put_rss} MiB");
     assert!(get_rss < BOUND_MIB, "get peaked at {get_rss} MiB");
 }
+
+/// An upload body that records every byte the store reads from it.
+#[derive(Debug)]
+struct CountedBody {
+    body: Bytes,
+    read: Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[async_trait::async_trait]
+impl remote::Body for CountedBody {
+    fn len(&self) -> u64 {
+        self.body.len() as u64
+    }
+
+    async fn read(&self, range: std::ops::Range<u64>) -> remote::Result<Bytes> {
+        self.read.fetch_add(
+            range.end - range.start,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok(self.body.slice(range.start as usize..range.end as usize))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_directory_store_holds_its_limit_through_errors() {
+    const RATE: u64 = 4 << 20;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limiter = Arc::new(Limiter::new(
+        toml::from_str(&format!("upload = \"{RATE}/s\"")).expect("policy"),
+    ));
+    let store: Arc<dyn Remote> = Arc::new(
+        DirStore::open(dir.path().join("bucket"))
+            .expect("dir store")
+            .with_limiter(limiter),
+    );
+    // Retries over injected errors, straight on the store: every body read is a write.
+    let plan = Arc::new(FaultPlan::new(FaultSettings {
+        error_rate: 0.3,
+        ..FaultSettings::default()
+    }));
+    let faulty: Arc<dyn Remote> = Arc::new(firn::remote::faults::Faulty::new(store, plan.clone()));
+    let r = firn::remote::retry::Retrying::new(
+        faulty,
+        RetryPolicy {
+            first_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(200),
+            give_up_after: Duration::from_secs(60),
+        },
+    );
+    let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let started = Instant::now();
+    futures::future::try_join_all((0..24).map(|i| {
+        let body = Arc::new(CountedBody {
+            body: random_bytes(1 << 20),
+            read: read.clone(),
+        });
+        let r = &r;
+        async move {
+            r.put_body(&format!("dirlimit/{i}"), body, Meta::new())
+                .await
+        }
+    }))
+    .await
+    .expect("puts through errors");
+    let took = started.elapsed().as_secs_f64();
+    let written = read.load(std::sync::atomic::Ordering::Relaxed);
+    let rate = written as f64 / took;
+    eprintln!(
+        "{written} bytes written in {took:.2}s = {:.3} of the limit; {} faults",
+        rate / RATE as f64,
+        plan.injected()
+    );
+    assert!(plan.injected() >= 1, "no fault injected");
+    assert!(written >= 24 << 20);
+    assert!(
+        (rate / RATE as f64 - 1.0).abs() < 0.05,
+        "{rate:.0} B/s written, limit {RATE}"
+    );
+}
