@@ -14,8 +14,12 @@ large_size=${1:-1G}
 small_count=${2:-2000}
 
 cargo build --release --quiet
-firn=$PWD/target/release/firn
 work=$(mktemp -d -t firn-bench-remote.XXXXXX)
+# A copy, so a build in a shared target directory cannot swap the binary mid-run.
+target_dir=$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+cp "$target_dir/release/firn" "$work/firn"
+firn=$work/firn
 cleanup() {
     bash scripts/garage.sh stop "$work/garage" >/dev/null 2>&1 || true
     rm -rf "$work"

@@ -920,3 +920,247 @@ async fn an_upload_limit_holds_at_the_store_through_errors() {
         "{worst} bytes in one second at the store, limit {RATE}/s"
     );
 }
+
+/// Runs `firn` under /usr/bin/time: success, and the peak RSS in MiB.
+fn firn_peak_rss(args: &[&str]) -> (bool, String, u64) {
+    let report = tempfile::NamedTempFile::new().expect("tempfile");
+    let out = std::process::Command::new("/usr/bin/time")
+        .args(["-f", "%M", "-o"])
+        .arg(report.path())
+        .arg(common::FIRN)
+        .args(args)
+        .env_remove("AWS_CA_BUNDLE")
+        .output()
+        .expect("run /usr/bin/time (package time)");
+    let text = std::fs::read_to_string(report.path()).expect("time report");
+    let kib: u64 = text
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no peak RSS in {text:?}"));
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), output, kib / 1024)
+}
+
+#[test]
+fn large_files_stream_through_bounded_memory() {
+    let Some(options) = s3_options() else { return };
+    // 4 GiB in the suite; FIRN_TEST_LARGE_GIB=20 for the full-size check.
+    let gib: u64 = std::env::var("FIRN_TEST_LARGE_GIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = dir.path().join("large.bin");
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::create(&source).expect("create");
+        file.set_len(gib << 30).expect("sparse file");
+        // Marks at the start, across a part boundary, in the middle and at the very end.
+        for at in [0, (16 << 20) - 3, (gib << 30) / 2, (gib << 30) - 4096] {
+            file.write_all_at(&random_bytes(4096), at).expect("mark");
+        }
+    }
+    let config = dir.path().join("firn.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[local]\ndata_dir = \"{}\"\n[remote]\nkind = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\nprefix = \"{}\"\npart_size = \"16MiB\"\npart_concurrency = 8\n",
+            dir.path().join("data").display(),
+            options.endpoint.as_deref().expect("endpoint"),
+            options.bucket,
+            options.region,
+            options.access_key_id.as_deref().expect("key id"),
+            options.secret_access_key.as_deref().expect("secret"),
+            options.prefix,
+        ),
+    )
+    .expect("config");
+    let config = config.to_str().expect("utf-8");
+    // Parts of 16 MiB, 8 in flight, a few read ahead or being written: well under 400 MiB.
+    const BOUND_MIB: u64 = 400;
+    let (ok, out, put_rss) = firn_peak_rss(&[
+        "remote",
+        "--config",
+        config,
+        "put",
+        source.to_str().expect("utf-8"),
+        "large/file.bin",
+    ]);
+    assert!(ok, "put: {out}");
+    let back = dir.path().join("back.bin");
+    let (ok, out, get_rss) = firn_peak_rss(&[
+        "remote",
+        "--config",
+        config,
+        "get",
+        "large/file.bin",
+        back.to_str().expect("utf-8"),
+    ]);
+    assert!(ok, "get: {out}");
+    eprintln!("{gib} GiB: peak RSS {put_rss} MiB to put, {get_rss} MiB to get");
+    let same = std::process::Command::new("cmp")
+        .arg(&source)
+        .arg(&back)
+        .status()
+        .expect("cmp");
+    assert!(same.success(), "the download differs from the file");
+    assert!(
+        put_rss < BOUND_MIB,
+        "put of {gib} GiB peaked at {put_rss} MiB"
+    );
+    assert!(
+        get_rss < BOUND_MIB,
+        "get of {gib} GiB peaked at {get_rss} MiB"
+    );
+}
+
+#[test]
+fn many_large_files_share_one_memory_budget() {
+    let Some(options) = s3_options() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = dir.path().join("many");
+    std::fs::create_dir_all(&source).expect("mkdir");
+    // Five files of 20 parts each, all allowed in flight by --jobs 16.
+    for i in 0..5u64 {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::create(source.join(format!("f{i}"))).expect("create");
+        file.set_len(320 << 20).expect("sparse file");
+        file.write_all_at(&random_bytes(4096), i * (50 << 20))
+            .expect("mark");
+    }
+    let config = dir.path().join("firn.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[local]\ndata_dir = \"{}\"\n[remote]\nkind = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\nprefix = \"{}\"\npart_size = \"16MiB\"\npart_concurrency = 8\n",
+            dir.path().join("data").display(),
+            options.endpoint.as_deref().expect("endpoint"),
+            options.bucket,
+            options.region,
+            options.access_key_id.as_deref().expect("key id"),
+            options.secret_access_key.as_deref().expect("secret"),
+            options.prefix,
+        ),
+    )
+    .expect("config");
+    let config = config.to_str().expect("utf-8");
+    // One large object's worth (8 parts in flight, a few read ahead), not five of them.
+    const BOUND_MIB: u64 = 400;
+    let (ok, out, put_rss) = firn_peak_rss(&[
+        "remote",
+        "--config",
+        config,
+        "put",
+        "--jobs",
+        "16",
+        source.to_str().expect("utf-8"),
+        "many",
+    ]);
+    assert!(ok, "put: {out}");
+    let back = dir.path().join("back");
+    let (ok, out, get_rss) = firn_peak_rss(&[
+        "remote",
+        "--config",
+        config,
+        "get",
+        "--jobs",
+        "16",
+        "many/",
+        back.to_str().expect("utf-8"),
+    ]);
+    assert!(ok, "get: {out}");
+    eprintln!("5 x 320 MiB, 16 jobs: peak RSS {put_rss} MiB to put, {get_rss} MiB to get");
+    let same = std::process::Command::new("diff")
+        .arg("-rq")
+        .arg(&source)
+        .arg(&back)
+        .status()
+        .expect("diff");
+    assert!(same.success(), "the downloads differ from the files");
+    assert!(put_rss < BOUND_MIB, "put peaked at {put_rss} MiB");
+    assert!(get_rss < BOUND_MIB, "get peaked at {get_rss} MiB");
+}
+
+/// An upload body that records every byte the store reads from it.
+#[derive(Debug)]
+struct CountedBody {
+    body: Bytes,
+    read: Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[async_trait::async_trait]
+impl remote::Body for CountedBody {
+    fn len(&self) -> u64 {
+        self.body.len() as u64
+    }
+
+    async fn read(&self, range: std::ops::Range<u64>) -> remote::Result<Bytes> {
+        self.read.fetch_add(
+            range.end - range.start,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok(self.body.slice(range.start as usize..range.end as usize))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_directory_store_holds_its_limit_through_errors() {
+    const RATE: u64 = 4 << 20;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limiter = Arc::new(Limiter::new(
+        toml::from_str(&format!("upload = \"{RATE}/s\"")).expect("policy"),
+    ));
+    let store: Arc<dyn Remote> = Arc::new(
+        DirStore::open(dir.path().join("bucket"))
+            .expect("dir store")
+            .with_limiter(limiter),
+    );
+    // Retries over injected errors, straight on the store: every body read is a write.
+    let plan = Arc::new(FaultPlan::new(FaultSettings {
+        error_rate: 0.3,
+        ..FaultSettings::default()
+    }));
+    let faulty: Arc<dyn Remote> = Arc::new(firn::remote::faults::Faulty::new(store, plan.clone()));
+    let r = firn::remote::retry::Retrying::new(
+        faulty,
+        RetryPolicy {
+            first_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(200),
+            give_up_after: Duration::from_secs(60),
+        },
+    );
+    let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let started = Instant::now();
+    futures::future::try_join_all((0..24).map(|i| {
+        let body = Arc::new(CountedBody {
+            body: random_bytes(1 << 20),
+            read: read.clone(),
+        });
+        let r = &r;
+        async move {
+            r.put_body(&format!("dirlimit/{i}"), body, Meta::new())
+                .await
+        }
+    }))
+    .await
+    .expect("puts through errors");
+    let took = started.elapsed().as_secs_f64();
+    let written = read.load(std::sync::atomic::Ordering::Relaxed);
+    let rate = written as f64 / took;
+    eprintln!(
+        "{written} bytes written in {took:.2}s = {:.3} of the limit; {} faults",
+        rate / RATE as f64,
+        plan.injected()
+    );
+    assert!(plan.injected() >= 1, "no fault injected");
+    assert!(written >= 24 << 20);
+    assert!(
+        (rate / RATE as f64 - 1.0).abs() < 0.05,
+        "{rate:.0} B/s written, limit {RATE}"
+    );
+}

@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+use async_trait::async_trait;
 use bytes::Bytes;
 use clap::Subcommand;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::daemon::config::Config;
-use crate::remote::{Meta, Remote};
+use crate::remote::{Body, Error, FileBody, Meta, Remote, Sink};
 use crate::size::Human;
 
 #[derive(Subcommand)]
@@ -45,12 +46,14 @@ pub async fn run(config: &Config, command: RemoteCommand) -> anyhow::Result<()> 
     let stack = crate::daemon::open_remote(config, &mut registry)?;
     let remote = stack.remote;
     match command {
-        RemoteCommand::Put { source, key, jobs } => put(remote, &source, &key, jobs).await,
+        RemoteCommand::Put { source, key, jobs } => {
+            put(remote, &source, &key, jobs, &Budget::new(config)).await
+        }
         RemoteCommand::Get {
             key,
             destination,
             jobs,
-        } => get(remote, &key, &destination, jobs).await,
+        } => get(remote, &key, &destination, jobs, &Budget::new(config)).await,
         RemoteCommand::Ls { prefix } => {
             for object in remote.list(&prefix).await? {
                 println!("{:>14}  {}", object.size, object.key);
@@ -90,7 +93,41 @@ fn report(verb: &str, objects: usize, bytes: u64, started: Instant) {
     );
 }
 
-async fn put(remote: Arc<dyn Remote>, source: &Path, key: &str, jobs: usize) -> anyhow::Result<()> {
+/// How much memory the objects in flight may hold. One object holds at most its size, and at
+/// most its parts in flight and read ahead; large objects take turns, so `--jobs` multiplies
+/// only small objects and memory stays near one large object's worth.
+struct Budget {
+    /// One permit per KiB.
+    kib: tokio::sync::Semaphore,
+    cap_kib: u32,
+}
+
+impl Budget {
+    fn new(config: &Config) -> Budget {
+        let remote = &config.remote;
+        let per_object = remote.part_size.0 * (remote.part_concurrency as u64 + 3);
+        let cap_kib = per_object.div_ceil(1024).clamp(1, u32::MAX as u64 >> 4) as u32;
+        Budget {
+            kib: tokio::sync::Semaphore::new(cap_kib as usize),
+            cap_kib,
+        }
+    }
+
+    /// Held while the object is in flight. (`None` only if the semaphore were closed, which
+    /// it never is.)
+    async fn admit(&self, size: u64) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        let kib = size.div_ceil(1024).clamp(1, self.cap_kib as u64) as u32;
+        self.kib.acquire_many(kib).await.ok()
+    }
+}
+
+async fn put(
+    remote: Arc<dyn Remote>,
+    source: &Path,
+    key: &str,
+    jobs: usize,
+    budget: &Budget,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let meta =
         std::fs::metadata(source).with_context(|| format!("cannot read {}", source.display()))?;
@@ -128,11 +165,12 @@ async fn put(remote: Arc<dyn Remote>, source: &Path, key: &str, jobs: usize) -> 
         .map(|(file, key)| {
             let remote = remote.clone();
             async move {
-                let body = tokio::fs::read(&file)
-                    .await
+                // Read a part at a time as the upload needs it, never whole.
+                let body = FileBody::open(&file)
                     .with_context(|| format!("cannot read {}", file.display()))?;
-                let n = body.len() as u64;
-                remote.put(&key, Bytes::from(body), Meta::new()).await?;
+                let n = body.len();
+                let _memory = budget.admit(n).await;
+                remote.put_body(&key, Arc::new(body), Meta::new()).await?;
                 anyhow::Ok(n)
             }
         })
@@ -148,37 +186,44 @@ async fn get(
     key: &str,
     destination: &Path,
     jobs: usize,
+    budget: &Budget,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
-    let downloads: Vec<(String, PathBuf)> = if key.ends_with('/') || key.is_empty() {
+    let downloads: Vec<(String, PathBuf, u64)> = if key.ends_with('/') || key.is_empty() {
         remote
             .list(key)
             .await?
             .into_iter()
             .map(|object| {
                 let rel = object.key[key.len()..].to_string();
-                (object.key, destination.join(rel))
+                (object.key, destination.join(rel), object.size)
             })
             .collect()
     } else {
-        vec![(key.to_string(), destination.to_path_buf())]
+        vec![(key.to_string(), destination.to_path_buf(), u64::MAX)]
     };
     if downloads.is_empty() {
         bail!("no objects under {key:?}");
     }
     let count = downloads.len();
     let bytes = futures::stream::iter(downloads)
-        .map(|(key, file)| {
+        .map(|(key, file, size)| {
             let remote = remote.clone();
             async move {
-                let object = remote.get(&key).await?;
+                let _memory = budget.admit(size).await;
                 if let Some(parent) = file.parent() {
-                    tokio::fs::create_dir_all(parent).await?;
+                    tokio::fs::create_dir_all(parent)
+                        .await
+                        .with_context(|| format!("cannot create {}", parent.display()))?;
                 }
-                tokio::fs::write(&file, &object.body)
-                    .await
-                    .with_context(|| format!("cannot write {}", file.display()))?;
-                anyhow::Ok(object.body.len() as u64)
+                let sink = FileSink::create(&file)?;
+                match remote.get_to(&key, &sink).await {
+                    Ok(fetched) => sink.finish(fetched.size),
+                    Err(e) => {
+                        sink.discard();
+                        Err(e.into())
+                    }
+                }
             }
         })
         .buffer_unordered(jobs.max(1))
@@ -186,4 +231,65 @@ async fn get(
         .await?;
     report("downloaded", count, bytes, started);
     Ok(())
+}
+
+/// A download in progress: parts go straight into a temporary file beside the destination
+/// (positional writes, so a retry overwrites from the start), renamed into place only when
+/// the whole object has arrived and passed verification.
+struct FileSink {
+    file: Arc<std::fs::File>,
+    temporary: PathBuf,
+    destination: PathBuf,
+}
+
+impl FileSink {
+    fn create(destination: &Path) -> anyhow::Result<FileSink> {
+        let name = destination
+            .file_name()
+            .with_context(|| format!("{} names no file", destination.display()))?;
+        let mut temporary_name = std::ffi::OsString::from(".");
+        temporary_name.push(name);
+        temporary_name.push(format!(".firn-{}", std::process::id()));
+        let temporary = destination.with_file_name(temporary_name);
+        let file = std::fs::File::create(&temporary)
+            .with_context(|| format!("cannot write {}", temporary.display()))?;
+        Ok(FileSink {
+            file: Arc::new(file),
+            temporary,
+            destination: destination.to_path_buf(),
+        })
+    }
+
+    /// Cuts what an earlier, longer attempt left and moves the file into place.
+    fn finish(&self, size: u64) -> anyhow::Result<u64> {
+        let done = self
+            .file
+            .set_len(size)
+            .and_then(|()| std::fs::rename(&self.temporary, &self.destination));
+        if let Err(e) = done {
+            self.discard();
+            return Err(e).with_context(|| format!("cannot write {}", self.destination.display()));
+        }
+        Ok(size)
+    }
+
+    fn discard(&self) {
+        let _ = std::fs::remove_file(&self.temporary);
+    }
+}
+
+#[async_trait]
+impl Sink for FileSink {
+    async fn write(&self, offset: u64, bytes: Bytes) -> crate::remote::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || file.write_all_at(&bytes, offset))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+            .map_err(|e| Error::Permanent {
+                op: "write",
+                key: self.temporary.display().to_string(),
+                message: e.to_string(),
+            })
+    }
 }

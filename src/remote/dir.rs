@@ -31,13 +31,15 @@ use nix::unistd::{UnlinkatFlags, unlinkat};
 use xattr::FileExt;
 
 use super::limit::{Direction, Limiter, SLICE};
-use super::{Error, Meta, Object, ObjectInfo, Remote, Result, check_key};
+use super::{Body, Error, Fetched, Meta, ObjectInfo, Remote, Result, Sink, check_key};
 
 /// Where puts are staged before their rename; never listed, never a valid key.
 const STAGING: &str = ".firn-staging";
 const XATTR_PREFIX: &str = "user.firn.";
 /// A file name's limit on Linux file systems; each key segment is one file name.
 const MAX_NAME_BYTES: usize = 255;
+/// Objects are written and read in slices of this size, never whole.
+const READ_SLICE: u64 = 4 << 20;
 
 /// Cheap to clone: clones share the root descriptor and the staging counter.
 #[derive(Debug, Clone)]
@@ -215,12 +217,14 @@ impl DirStore {
         Ok(file)
     }
 
-    fn put_blocking(&self, key: &str, body: &[u8], meta: &Meta) -> Result<()> {
+    /// Reads the body a slice at a time (each through the limiter) into a staging file.
+    fn put_blocking(&self, key: &str, body: &dyn Body, meta: &Meta) -> Result<()> {
         let segments = self.segments(key)?;
         let io_err = |e: io::Error| local_error("put", key, e);
         let n = self.next_staging.fetch_add(1, Ordering::Relaxed);
         let staged = format!("{}-{n}", std::process::id());
         let staging = open_dir(&*self.root, OsStr::new(STAGING)).map_err(io_err)?;
+        let runtime = tokio::runtime::Handle::current();
         let result = (|| {
             let fd = openat(
                 &staging,
@@ -229,37 +233,46 @@ impl DirStore {
                 // Sealed, but still nobody else's business.
                 Mode::from_bits_truncate(0o600),
             )
-            .map_err(io_from)?;
+            .map_err(|e| io_err(io_from(e)))?;
             let mut file = File::from(fd);
-            for chunk in body.chunks(SLICE) {
-                self.charge(Direction::Upload, chunk.len());
-                file.write_all(chunk)?;
+            let len = body.len();
+            let mut offset = 0;
+            while offset < len {
+                let end = (offset + READ_SLICE).min(len);
+                let bytes = runtime.block_on(body.read(offset..end))?;
+                for chunk in bytes.chunks(SLICE) {
+                    self.charge(Direction::Upload, chunk.len());
+                    file.write_all(chunk).map_err(io_err)?;
+                }
+                offset = end;
             }
-            for (name, value) in meta {
-                file.set_xattr(format!("{XATTR_PREFIX}{name}"), value.as_bytes())?;
-            }
-            file.sync_all()?;
-            let (leaf, dirs) = segments.split_last().ok_or(io::ErrorKind::InvalidInput)?;
-            let parent = self.walk_creating(dirs)?;
-            renameat(&staging, staged.as_str(), &parent, OsStr::new(leaf)).map_err(io_from)?;
-            nix::unistd::fsync(&parent).map_err(io_from)
+            let finish = || {
+                for (name, value) in meta {
+                    file.set_xattr(format!("{XATTR_PREFIX}{name}"), value.as_bytes())?;
+                }
+                file.sync_all()?;
+                let (leaf, dirs) = segments.split_last().ok_or(io::ErrorKind::InvalidInput)?;
+                let parent = self.walk_creating(dirs)?;
+                renameat(&staging, staged.as_str(), &parent, OsStr::new(leaf)).map_err(io_from)?;
+                nix::unistd::fsync(&parent).map_err(io_from)
+            };
+            finish().map_err(io_err)
         })();
         if result.is_err() {
             let _ = unlinkat(&staging, staged.as_str(), UnlinkatFlags::NoRemoveDir);
         }
-        result.map_err(io_err)
+        result
     }
 
-    fn get_blocking(&self, key: &str) -> Result<Object> {
+    /// The object's open file, size and metadata: later reads see this version, whatever
+    /// renames happen meanwhile.
+    fn open_blocking(&self, key: &str) -> Result<(File, u64, Meta)> {
         let segments = self.segments(key)?;
         let io_err = |e: io::Error| local_error("get", key, e);
         let file = self.open_object(&segments).map_err(io_err)?;
         let size = file.metadata().map_err(io_err)?.len();
-        let body = self.read_at(&file, 0, size).map_err(io_err)?;
-        Ok(Object {
-            body: Bytes::from(body),
-            meta: read_meta(&file).map_err(io_err)?,
-        })
+        let meta = read_meta(&file).map_err(io_err)?;
+        Ok((file, size, meta))
     }
 
     fn get_range_blocking(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
@@ -463,14 +476,32 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 
 #[async_trait]
 impl Remote for DirStore {
-    async fn put(&self, key: &str, body: Bytes, meta: Meta) -> Result<()> {
+    async fn put_body(&self, key: &str, body: Arc<dyn Body>, meta: Meta) -> Result<()> {
         let (this, key) = (self.clone(), key.to_string());
-        blocking(move || this.put_blocking(&key, &body, &meta)).await
+        blocking(move || this.put_blocking(&key, &*body, &meta)).await
     }
 
-    async fn get(&self, key: &str) -> Result<Object> {
-        let (this, key) = (self.clone(), key.to_string());
-        blocking(move || this.get_blocking(&key)).await
+    async fn get_to(&self, key: &str, sink: &dyn Sink) -> Result<Fetched> {
+        let (this, owned_key) = (self.clone(), key.to_string());
+        let (file, size, meta) = blocking(move || this.open_blocking(&owned_key)).await?;
+        let file = Arc::new(file);
+        if size == 0 {
+            // Even an empty object starts the sink over (a retry after a longer attempt).
+            sink.write(0, Bytes::new()).await?;
+        }
+        let mut offset = 0;
+        while offset < size {
+            let end = (offset + READ_SLICE).min(size);
+            let (this, file, owned_key) = (self.clone(), file.clone(), key.to_string());
+            let bytes = blocking(move || {
+                this.read_at(&file, offset, end - offset)
+                    .map_err(|e| local_error("get", &owned_key, e))
+            })
+            .await?;
+            sink.write(offset, Bytes::from(bytes)).await?;
+            offset = end;
+        }
+        Ok(Fetched { size, meta })
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{Error, Meta, Object, ObjectInfo, Remote, Result};
+use super::{Body, Error, Fetched, Meta, ObjectInfo, Remote, Result, Sink};
 
 /// What to inject; the `[faults]` config section has the same fields.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -120,6 +120,23 @@ impl Faulty {
     }
 }
 
+/// Passes on the first `keep` bytes of an object and drops the rest.
+struct Truncating<'a> {
+    inner: &'a dyn Sink,
+    keep: u64,
+}
+
+#[async_trait]
+impl Sink for Truncating<'_> {
+    async fn write(&self, offset: u64, mut bytes: Bytes) -> Result<()> {
+        if offset >= self.keep {
+            return Ok(());
+        }
+        bytes.truncate((self.keep - offset).min(bytes.len() as u64) as usize);
+        self.inner.write(offset, bytes).await
+    }
+}
+
 fn injected(op: &'static str, key: &str, what: &str) -> Error {
     Error::Transient {
         op,
@@ -130,29 +147,33 @@ fn injected(op: &'static str, key: &str, what: &str) -> Error {
 
 #[async_trait]
 impl Remote for Faulty {
-    async fn put(&self, key: &str, body: Bytes, meta: Meta) -> Result<()> {
+    async fn put_body(&self, key: &str, body: Arc<dyn Body>, meta: Meta) -> Result<()> {
         let s = self.before("put", key).await?;
         if self.plan.roll(s.error_rate) {
             if rand::rng().random_bool(0.5) {
-                self.inner.put(key, body, meta).await?;
+                self.inner.put_body(key, body, meta).await?;
                 return Err(injected("put", key, "error after the put"));
             }
             return Err(injected("put", key, "error"));
         }
-        self.inner.put(key, body, meta).await
+        self.inner.put_body(key, body, meta).await
     }
 
-    async fn get(&self, key: &str) -> Result<Object> {
+    async fn get_to(&self, key: &str, sink: &dyn Sink) -> Result<Fetched> {
         let s = self.before("get", key).await?;
         if self.plan.roll(s.error_rate) {
             return Err(injected("get", key, "error"));
         }
-        let mut object = self.inner.get(key).await?;
-        if !object.body.is_empty() && self.plan.roll(s.truncate_rate) {
-            let keep = rand::rng().random_range(0..object.body.len());
-            object.body.truncate(keep);
+        if !self.plan.roll(s.truncate_rate) {
+            return self.inner.get_to(key, sink).await;
         }
-        Ok(object)
+        // A torn response: the bytes stop short, and the caller is not told.
+        let size = self.inner.head(key).await?.map_or(0, |info| info.size);
+        let cut = Truncating {
+            inner: sink,
+            keep: rand::rng().random_range(0..size.max(1)),
+        };
+        self.inner.get_to(key, &cut).await
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {

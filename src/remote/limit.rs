@@ -279,8 +279,11 @@ impl Limiter {
             Direction::Download => &self.download,
         };
         loop {
-            // Register for a policy change before reading the policy, so none is missed.
+            // Register for a policy change before reading the policy, so none is missed
+            // (a `Notified` counts only once enabled or polled).
             let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             let wait = match self.rate_now(direction) {
                 Rate::Unlimited => {
                     let mut b = bucket.lock().unwrap_or_else(|e| e.into_inner());

@@ -14,7 +14,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use super::{Meta, Object, ObjectInfo, Remote, Result};
+use super::{Body, Fetched, Meta, ObjectInfo, Remote, Result, Sink};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabels {
@@ -121,17 +121,18 @@ impl Metered {
 
 #[async_trait]
 impl Remote for Metered {
-    async fn put(&self, key: &str, body: Bytes, meta: Meta) -> Result<()> {
+    async fn put_body(&self, key: &str, body: Arc<dyn Body>, meta: Meta) -> Result<()> {
         let n = body.len();
-        self.observe("put", self.inner.put(key, body, meta)).await?;
-        self.count_bytes("upload", n);
+        self.observe("put", self.inner.put_body(key, body, meta))
+            .await?;
+        self.count_bytes("upload", n as usize);
         Ok(())
     }
 
-    async fn get(&self, key: &str) -> Result<Object> {
-        let object = self.observe("get", self.inner.get(key)).await?;
-        self.count_bytes("download", object.body.len());
-        Ok(object)
+    async fn get_to(&self, key: &str, sink: &dyn Sink) -> Result<Fetched> {
+        let fetched = self.observe("get", self.inner.get_to(key, sink)).await?;
+        self.count_bytes("download", fetched.size as usize);
+        Ok(fetched)
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {

@@ -31,11 +31,119 @@ pub struct Object {
     pub meta: Meta,
 }
 
+/// What a streamed read tells besides the bytes: the object's size and user metadata.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub size: u64,
+    pub meta: Meta,
+}
+
 /// What a listing or a HEAD tells about an object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
     pub key: String,
     pub size: u64,
+}
+
+/// An upload's bytes: its length and any slice of it, read when needed (a part at a time)
+/// and read again for a retry, so an upload never has to hold the whole object.
+#[async_trait]
+pub trait Body: Send + Sync + std::fmt::Debug {
+    fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Exactly the bytes of `range`, which lies within `0..len()`.
+    async fn read(&self, range: Range<u64>) -> Result<Bytes>;
+}
+
+#[async_trait]
+impl Body for Bytes {
+    fn len(&self) -> u64 {
+        Bytes::len(self) as u64
+    }
+
+    async fn read(&self, range: Range<u64>) -> Result<Bytes> {
+        Ok(self.slice(range.start as usize..range.end as usize))
+    }
+}
+
+/// A local file as an upload body, read slice by slice with positional reads.
+#[derive(Debug)]
+pub struct FileBody {
+    file: Arc<std::fs::File>,
+    len: u64,
+    path: std::path::PathBuf,
+}
+
+impl FileBody {
+    pub fn open(path: &std::path::Path) -> std::io::Result<FileBody> {
+        let file = std::fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        Ok(FileBody {
+            file: Arc::new(file),
+            len,
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+#[async_trait]
+impl Body for FileBody {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    async fn read(&self, range: Range<u64>) -> Result<Bytes> {
+        use std::os::unix::fs::FileExt;
+        let file = self.file.clone();
+        // Allocated here, on a runtime worker, not on the blocking thread: glibc gives each
+        // thread that allocates its own arena, and a part-sized buffer freed into one of the
+        // many blocking threads' arenas stays in the process's memory.
+        let mut buf = vec![0; (range.end - range.start) as usize];
+        let outcome = tokio::task::spawn_blocking(move || {
+            file.read_exact_at(&mut buf, range.start).map(|()| buf)
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        outcome.map(Bytes::from).map_err(|e| Error::Permanent {
+            op: "read",
+            key: self.path.display().to_string(),
+            message: format!("{e} (was the file changed during the upload?)"),
+        })
+    }
+}
+
+/// Where a streamed read goes. The bytes come in order: each `write` starts where the last
+/// one ended, except that a write at offset 0 starts the object over (a retry).
+#[async_trait]
+pub trait Sink: Send + Sync {
+    async fn write(&self, offset: u64, bytes: Bytes) -> Result<()>;
+}
+
+/// Collects an object in memory, for [`Remote::get`].
+#[derive(Default)]
+struct MemorySink {
+    body: std::sync::Mutex<bytes::BytesMut>,
+}
+
+#[async_trait]
+impl Sink for MemorySink {
+    async fn write(&self, offset: u64, bytes: Bytes) -> Result<()> {
+        let mut body = self.body.lock().unwrap_or_else(|e| e.into_inner());
+        if offset == 0 {
+            body.clear();
+        }
+        if offset != body.len() as u64 {
+            return Err(Error::Permanent {
+                op: "get",
+                key: String::new(),
+                message: format!("write at {offset} after {} bytes", body.len()),
+            });
+        }
+        body.extend_from_slice(&bytes);
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,10 +182,35 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// An object store as firn uses it. Keys are `/`-separated relative paths without empty,
 /// `.` or `..` segments. A `put` is atomic: readers see the old object or the whole new one.
+///
+/// Bodies stream both ways: [`Remote::put_body`] reads its body a slice or part at a time,
+/// [`Remote::get_to`] hands the object to a sink in order; memory stays bounded by the part
+/// size times the part concurrency whatever the object's size. `put` and `get` are the
+/// in-memory forms for small objects; wrappers implement only the streaming ones.
 #[async_trait]
 pub trait Remote: Send + Sync + std::fmt::Debug {
-    async fn put(&self, key: &str, body: Bytes, meta: Meta) -> Result<()>;
-    async fn get(&self, key: &str) -> Result<Object>;
+    async fn put_body(&self, key: &str, body: Arc<dyn Body>, meta: Meta) -> Result<()>;
+    /// The whole object into `sink`, in order; its size and metadata.
+    async fn get_to(&self, key: &str, sink: &dyn Sink) -> Result<Fetched>;
+
+    async fn put(&self, key: &str, body: Bytes, meta: Meta) -> Result<()> {
+        self.put_body(key, Arc::new(body), meta).await
+    }
+
+    async fn get(&self, key: &str) -> Result<Object> {
+        let sink = MemorySink::default();
+        let fetched = self.get_to(key, &sink).await?;
+        let body = sink
+            .body
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .freeze();
+        Ok(Object {
+            body,
+            meta: fetched.meta,
+        })
+    }
+
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes>;
     /// `Ok(None)` when the object does not exist.
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>>;

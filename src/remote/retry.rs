@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rand::Rng;
 
-use super::{Error, Meta, Object, ObjectInfo, Remote, Result};
+use super::{Body, Error, Fetched, Meta, ObjectInfo, Remote, Result, Sink};
 
 /// Reads that fail verification are retried this many times, not until the deadline.
 const CORRUPT_RETRIES: u32 = 5;
@@ -82,13 +82,14 @@ impl Retrying {
 
 #[async_trait]
 impl Remote for Retrying {
-    async fn put(&self, key: &str, body: Bytes, meta: Meta) -> Result<()> {
-        self.run(|| self.inner.put(key, body.clone(), meta.clone()))
+    async fn put_body(&self, key: &str, body: Arc<dyn Body>, meta: Meta) -> Result<()> {
+        self.run(|| self.inner.put_body(key, body.clone(), meta.clone()))
             .await
     }
 
-    async fn get(&self, key: &str) -> Result<Object> {
-        self.run(|| self.inner.get(key)).await
+    /// A retry starts the object over: the sink sees a write at offset 0 again.
+    async fn get_to(&self, key: &str, sink: &dyn Sink) -> Result<Fetched> {
+        self.run(|| self.inner.get_to(key, sink)).await
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {

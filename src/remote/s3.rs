@@ -11,7 +11,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use futures::stream::FuturesUnordered;
 use http_body_util::BodyExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::client::{
@@ -26,7 +25,7 @@ use object_store::{
 
 use super::limit::{Direction, Limiter, Throttled};
 
-use super::{Error, Meta, Object, ObjectInfo, Remote, Result, bad_range, check_key};
+use super::{Body, Error, Fetched, Meta, ObjectInfo, Remote, Result, Sink, bad_range, check_key};
 
 /// S3's limit on an object name, in bytes of UTF-8.
 const MAX_KEY_BYTES: usize = 1024;
@@ -162,7 +161,15 @@ impl S3Store {
         }
     }
 
-    async fn put_multipart(&self, path: &Path, key: &str, body: Bytes, meta: Meta) -> Result<()> {
+    /// Parts are read from the body as they are needed: a few ahead of the uploads, so
+    /// memory stays near (concurrency + 2) parts whatever the object's size.
+    async fn put_multipart(
+        &self,
+        path: &Path,
+        key: &str,
+        body: Arc<dyn Body>,
+        meta: Meta,
+    ) -> Result<()> {
         let options = PutMultipartOptions {
             attributes: attributes(meta),
             ..Default::default()
@@ -172,20 +179,30 @@ impl S3Store {
             .put_multipart_opts(path, options)
             .await
             .map_err(|e| s3_error("put", key, e))?;
-        let mut parts = (0..body.len())
-            .step_by(self.part_size)
-            .map(|start| body.slice(start..(start + self.part_size).min(body.len())));
-        let mut in_flight = FuturesUnordered::new();
-        let outcome: std::result::Result<(), object_store::Error> = async {
+        let len = body.len();
+        let part = self.part_size as u64;
+        let mut reads = futures::stream::iter((0..len).step_by(self.part_size))
+            .map(|start| {
+                let body = body.clone();
+                async move { body.read(start..(start + part).min(len)).await }
+            })
+            .buffered(2);
+        // Each part uploads on its own task, so parts keep moving while the next is read;
+        // dropping the set (on an error) aborts the rest.
+        let mut in_flight = tokio::task::JoinSet::new();
+        let outcome: Result<()> = async {
             loop {
-                while in_flight.len() < self.part_concurrency {
-                    match parts.next() {
-                        Some(part) => in_flight.push(upload.put_part(PutPayload::from(part))),
-                        None => break,
-                    }
+                if in_flight.len() < self.part_concurrency
+                    && let Some(data) = reads.next().await
+                {
+                    // Parts are numbered in the order put_part is called: in body order.
+                    in_flight.spawn(upload.put_part(PutPayload::from(data?)));
+                    continue;
                 }
-                match in_flight.next().await {
-                    Some(done) => done?,
+                match in_flight.join_next().await {
+                    Some(done) => done
+                        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+                        .map_err(|e| s3_error("put", key, e))?,
                     None => return Ok(()),
                 }
             }
@@ -203,8 +220,19 @@ impl S3Store {
             Err(e) => {
                 // Leave no half-uploaded parts behind to be billed for.
                 let _ = upload.abort().await;
-                Err(s3_error("put", key, e))
+                Err(e)
             }
+        }
+    }
+}
+
+/// Downloads of a large object's parts, oldest first; dropped early, it aborts the rest.
+struct InOrder<T>(std::collections::VecDeque<tokio::task::JoinHandle<T>>);
+
+impl<T> Drop for InOrder<T> {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
         }
     }
 }
@@ -368,26 +396,28 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 #[async_trait]
 impl Remote for S3Store {
-    async fn put(&self, key: &str, body: Bytes, meta: Meta) -> Result<()> {
+    async fn put_body(&self, key: &str, body: Arc<dyn Body>, meta: Meta) -> Result<()> {
         let path = self.path(key)?;
-        if body.len() > self.multipart_threshold {
+        if body.len() > self.multipart_threshold as u64 {
             return self.put_multipart(&path, key, body, meta).await;
         }
         let options = PutOptions {
             attributes: attributes(meta),
             ..Default::default()
         };
+        let data = body.read(0..body.len()).await?;
         self.store
-            .put_opts(&path, PutPayload::from(body), options)
+            .put_opts(&path, PutPayload::from(data), options)
             .await
             .map_err(|e| s3_error("put", key, e))?;
         Ok(())
     }
 
-    async fn get(&self, key: &str) -> Result<Object> {
+    async fn get_to(&self, key: &str, sink: &dyn Sink) -> Result<Fetched> {
         let path = self.path(key)?;
         // The first part comes with the object's size and metadata; a large object's other
-        // parts follow as concurrent ranged GETs, as the parts of a large put go up.
+        // parts follow as concurrent ranged GETs, as the parts of a large put go up, and go
+        // to the sink in order as they arrive (at most `part_concurrency` held at once).
         let first = GetOptions {
             range: Some(GetRange::Bounded(0..self.part_size as u64)),
             ..Default::default()
@@ -399,12 +429,16 @@ impl Remote for S3Store {
                     key: key.to_string(),
                 });
             }
-            // An empty object has no byte 0 to ask for.
-            Err(_) => self
-                .store
-                .get_opts(&path, GetOptions::default())
-                .await
-                .map_err(|e| s3_error("get", key, e))?,
+            // An empty object has no byte 0 to ask for; ask for it whole. Any other failure
+            // stays a failure (a whole GET of a large object would not fit in memory).
+            Err(e) => match self.head(key).await {
+                Ok(Some(info)) if info.size == 0 => self
+                    .store
+                    .get_opts(&path, GetOptions::default())
+                    .await
+                    .map_err(|e| s3_error("get", key, e))?,
+                _ => return Err(s3_error("get", key, e)),
+            },
         };
         let mut meta = Meta::new();
         for (attribute, value) in result.attributes.iter() {
@@ -415,56 +449,57 @@ impl Remote for S3Store {
         let size = result.meta.size;
         let etag = result.meta.e_tag.clone();
         let head = result.bytes().await.map_err(|e| s3_error("get", key, e))?;
-        if head.len() as u64 >= size {
-            return Ok(Object { body: head, meta });
-        }
-        // The other parts must come from the same version of the object: with If-Match on
-        // the first part's ETag an overwrite in between fails the read (and the retry reads
-        // the new version whole) instead of mixing two bodies.
-        let Some(etag) = etag else {
-            return Err(Error::Permanent {
-                op: "get",
-                key: key.to_string(),
-                message:
-                    "the store sent no ETag, so a large object cannot be read consistently in parts"
+        let mut offset = head.len() as u64;
+        sink.write(0, head).await?;
+        if offset < size {
+            // The other parts must come from the same version of the object: with If-Match
+            // on the first part's ETag an overwrite in between fails the read (and the retry
+            // reads the new version whole) instead of mixing two bodies.
+            let Some(etag) = etag else {
+                return Err(Error::Permanent {
+                    op: "get",
+                    key: key.to_string(),
+                    message: "the store sent no ETag, so a large object cannot be read \
+                              consistently in parts"
                         .to_string(),
-            });
-        };
-        let ranges = (head.len() as u64..size)
-            .step_by(self.part_size)
-            .map(|start| start..(start + self.part_size as u64).min(size));
-        let parts: Vec<Bytes> = futures::stream::iter(ranges)
-            .map(|range| {
+                });
+            };
+            let ranges = (offset..size)
+                .step_by(self.part_size)
+                .map(|start| start..(start + self.part_size as u64).min(size));
+            // Each part downloads on its own task, so parts keep arriving while the sink
+            // writes; they are taken in order, and the guard aborts the rest on an error.
+            let mut ranges = ranges.map(|range| {
                 let options = GetOptions {
                     range: Some(GetRange::Bounded(range)),
                     if_match: Some(etag.clone()),
                     ..Default::default()
                 };
-                let path = &path;
-                async move { self.store.get_opts(path, options).await?.bytes().await }
-            })
-            .buffered(self.part_concurrency)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| s3_error("get", key, e))?;
-        let mut body = bytes::BytesMut::with_capacity(size as usize);
-        body.extend_from_slice(&head);
-        for part in parts {
-            body.extend_from_slice(&part);
+                let (store, path) = (self.store.clone(), path.clone());
+                tokio::spawn(async move { store.get_opts(&path, options).await?.bytes().await })
+            });
+            let mut parts = InOrder(std::collections::VecDeque::new());
+            parts.0.extend(ranges.by_ref().take(self.part_concurrency));
+            while let Some(next) = parts.0.front_mut() {
+                let part = next
+                    .await
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+                    .map_err(|e| s3_error("get", key, e))?;
+                parts.0.pop_front();
+                parts.0.extend(ranges.next());
+                let n = part.len() as u64;
+                sink.write(offset, part).await?;
+                offset += n;
+            }
         }
-        if body.len() as u64 != size {
+        if offset != size {
             return Err(Error::Transient {
                 op: "get",
                 key: key.to_string(),
-                message: format!("read {} of {size} bytes", body.len()),
+                message: format!("read {offset} of {size} bytes"),
             });
         }
-        Ok(Object {
-            body: body.freeze(),
-            meta,
-        })
+        Ok(Fetched { size, meta })
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {

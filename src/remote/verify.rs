@@ -11,14 +11,17 @@
 //! whose AEAD tags check each read.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{Error, Meta, Object, ObjectInfo, Remote, Result};
+use super::{Body, Error, Fetched, Meta, ObjectInfo, Remote, Result, Sink};
 
 pub const DIGEST_META: &str = "firn-blake3";
+
+/// How much of a body is hashed per read when the digest is computed before an upload.
+const HASH_SLICE: u64 = 8 << 20;
 
 #[derive(Debug)]
 pub struct Verified {
@@ -31,27 +34,85 @@ impl Verified {
     }
 }
 
-/// Hashing a large body takes a while; keep it off the async workers.
-async fn digest(body: Bytes) -> String {
-    let hash = |body: &[u8]| blake3::hash(body).to_hex().to_string();
-    if body.len() < 1 << 20 {
-        return hash(&body);
+/// Feeds `bytes` to `hasher`; a large slice is hashed off the async workers.
+async fn hash_into(hasher: blake3::Hasher, bytes: Bytes) -> blake3::Hasher {
+    let small = bytes.len() < 1 << 20;
+    let update = move |mut hasher: blake3::Hasher| {
+        hasher.update(&bytes);
+        hasher
+    };
+    if small {
+        return update(hasher);
     }
-    tokio::task::spawn_blocking(move || hash(&body))
+    tokio::task::spawn_blocking(move || update(hasher))
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
+/// Hashes a read as it passes to the caller's sink.
+struct Hashing<'a> {
+    inner: &'a dyn Sink,
+    key: &'a str,
+    /// The hasher (taken while a slice is hashed) and the offset it has reached.
+    state: Mutex<(Option<blake3::Hasher>, u64)>,
+}
+
+#[async_trait]
+impl Sink for Hashing<'_> {
+    async fn write(&self, offset: u64, bytes: Bytes) -> Result<()> {
+        let hasher = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if offset == 0 {
+                *state = (Some(blake3::Hasher::new()), 0);
+            }
+            if offset != state.1 {
+                return Err(Error::Transient {
+                    op: "get",
+                    key: self.key.to_string(),
+                    message: format!("bytes at {offset} arrived after {}", state.1),
+                });
+            }
+            state.0.take().unwrap_or_default()
+        };
+        let n = bytes.len() as u64;
+        let hasher = hash_into(hasher, bytes.clone()).await;
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = (Some(hasher), offset + n);
+        self.inner.write(offset, bytes).await
+    }
+}
+
 #[async_trait]
 impl Remote for Verified {
-    async fn put(&self, key: &str, body: Bytes, mut meta: Meta) -> Result<()> {
-        meta.insert(DIGEST_META.to_string(), digest(body.clone()).await);
-        self.inner.put(key, body, meta).await
+    async fn put_body(&self, key: &str, body: Arc<dyn Body>, mut meta: Meta) -> Result<()> {
+        // The digest goes into the metadata, which S3 takes before the first byte, so the body
+        // is read once to hash it (a slice at a time) and again to send it.
+        let mut hasher = blake3::Hasher::new();
+        let len = body.len();
+        let mut offset = 0;
+        while offset < len {
+            let end = (offset + HASH_SLICE).min(len);
+            hasher = hash_into(hasher, body.read(offset..end).await?).await;
+            offset = end;
+        }
+        meta.insert(
+            DIGEST_META.to_string(),
+            hasher.finalize().to_hex().to_string(),
+        );
+        self.inner.put_body(key, body, meta).await
     }
 
-    async fn get(&self, key: &str) -> Result<Object> {
-        let mut object = self.inner.get(key).await?;
-        let Some(expected) = object.meta.remove(DIGEST_META) else {
+    async fn get_to(&self, key: &str, sink: &dyn Sink) -> Result<Fetched> {
+        let hashing = Hashing {
+            inner: sink,
+            key,
+            state: Mutex::new((Some(blake3::Hasher::new()), 0)),
+        };
+        let mut fetched = self.inner.get_to(key, &hashing).await?;
+        let (hasher, read) = hashing
+            .state
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some(expected) = fetched.meta.remove(DIGEST_META) else {
             return Err(Error::Corrupt {
                 key: key.to_string(),
                 reason: format!(
@@ -60,17 +121,22 @@ impl Remote for Verified {
                 ),
             });
         };
-        let actual = digest(object.body.clone()).await;
+        if read != fetched.size {
+            return Err(Error::Corrupt {
+                key: key.to_string(),
+                reason: format!("read {read} of its {} bytes", fetched.size),
+            });
+        }
+        let actual = hasher.unwrap_or_default().finalize().to_hex().to_string();
         if actual != expected {
             return Err(Error::Corrupt {
                 key: key.to_string(),
                 reason: format!(
-                    "BLAKE3 of the {} bytes read is {actual}, the object was written with {expected}",
-                    object.body.len()
+                    "BLAKE3 of the {read} bytes read is {actual}, the object was written with {expected}"
                 ),
             });
         }
-        Ok(object)
+        Ok(fetched)
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
