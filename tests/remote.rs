@@ -726,11 +726,18 @@ fn opening_removes_only_staging_files_of_dead_writers() {
     let mut dead = std::process::Command::new("true").spawn().expect("true");
     let dead_pid = dead.id();
     dead.wait().expect("wait");
-    let live_file = staging.join(format!("{}-0", live.id()));
-    let dead_file = staging.join(format!("{dead_pid}-0"));
+    let live_file = staging.join(format!("{}-00000000000000aa-0", live.id()));
+    let dead_file = staging.join(format!("{dead_pid}-00000000000000bb-0"));
+    // Left by an earlier process that had this one's PID (as PID 1 in a container has).
+    let earlier_self = staging.join(format!("{}-00000000000000cc-0", std::process::id()));
     std::fs::write(&live_file, b"in flight").expect("write");
     std::fs::write(&dead_file, b"left by a crash").expect("write");
+    std::fs::write(&earlier_self, b"left by a crash").expect("write");
     DirStore::open(&bucket).expect("second open");
+    assert!(
+        !earlier_self.exists(),
+        "an earlier process's staging file was kept"
+    );
     let live_survived = live_file.exists();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(live.id() as i32),

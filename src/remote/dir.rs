@@ -7,10 +7,11 @@
 //!
 //! Every path is resolved beneath the root one segment at a time with `O_NOFOLLOW`, from a
 //! descriptor of the root opened once: a symlink planted in the bucket directory is refused,
-//! never followed out of it. A put is staged in `.firn-staging/<pid>-<n>`, fsynced, renamed
-//! into place, and then every directory it touched is fsynced: the one holding the object
-//! and the parent of each directory the put created. At open, staging files whose process is
-//! gone are removed; those of live processes (another firn on the same directory) are left.
+//! never followed out of it. A put is staged in `.firn-staging/<pid>-<random>-<n>`, fsynced,
+//! renamed into place, and then every directory it touched is fsynced: the one holding the
+//! object and the parent of each directory the put created. At open, staging files whose
+//! process is gone (or was an earlier process with this one's PID) are removed; those of other
+//! live processes (another firn on the same directory) are left.
 
 use std::ffi::{CStr, OsStr};
 use std::fs::File;
@@ -64,13 +65,25 @@ fn open_dir(dir: impl AsFd, name: &OsStr) -> io::Result<OwnedFd> {
     openat(dir, name, dir_flags(), Mode::empty()).map_err(io_from)
 }
 
-/// Whether a staging file's writer may still be running: its name starts with its PID.
+/// This process's staging prefix, `<pid>-<random>`: the random part tells this process's
+/// puts from those of an earlier one that had the same PID (a daemon that is PID 1 in its
+/// container has it at every start).
+fn staging_prefix() -> &'static str {
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PREFIX.get_or_init(|| format!("{}-{:016x}", std::process::id(), rand::random::<u64>()))
+}
+
+/// Whether a staging file's writer may still be running: its name is `<pid>-<random>-<n>`,
+/// and that process exists and, if it is this one, the name is this process's.
 fn writer_alive(name: &str) -> bool {
     let Some(pid) = name.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
         return false;
     };
     if pid <= 0 {
         return false;
+    }
+    if pid == std::process::id() as i32 {
+        return name.starts_with(&format!("{}-", staging_prefix()));
     }
     // Signal 0 only checks for existence; EPERM means it exists under another user.
     !matches!(
@@ -92,14 +105,13 @@ impl DirStore {
         let staging = open_dir(&root, OsStr::new(STAGING))?;
         // Leftovers of puts interrupted by a crash: never renamed, so never visible. Files of
         // a process still running (a second firn on this directory) are its puts in flight.
-        let me = std::process::id().to_string();
         let mut dir = nix::dir::Dir::from_fd(staging.try_clone()?).map_err(io_from)?;
         for entry in dir.iter() {
             let entry = entry.map_err(io_from)?;
             let Ok(name) = entry.file_name().to_str() else {
                 continue;
             };
-            if name == "." || name == ".." || name.split('-').next() == Some(me.as_str()) {
+            if name == "." || name == ".." {
                 continue;
             }
             if !writer_alive(name) {
@@ -222,7 +234,7 @@ impl DirStore {
         let segments = self.segments(key)?;
         let io_err = |e: io::Error| local_error("put", key, e);
         let n = self.next_staging.fetch_add(1, Ordering::Relaxed);
-        let staged = format!("{}-{n}", std::process::id());
+        let staged = format!("{}-{n}", staging_prefix());
         let staging = open_dir(&*self.root, OsStr::new(STAGING)).map_err(io_err)?;
         let runtime = tokio::runtime::Handle::current();
         let result = (|| {
