@@ -256,7 +256,9 @@ struct LimitedConnector {
 
 impl HttpConnector for LimitedConnector {
     fn connect(&self, _options: &ClientOptions) -> object_store::Result<HttpClient> {
+        // HTTP/1.1 only, as object_store's own client does: S3 endpoints speak nothing else.
         let client = reqwest::Client::builder()
+            .http1_only()
             .connect_timeout(Duration::from_secs(5))
             .read_timeout(self.read_timeout)
             .build()
