@@ -956,11 +956,12 @@ fn firn_peak_rss(args: &[&str]) -> (bool, String, u64) {
 #[test]
 fn large_files_stream_through_bounded_memory() {
     let Some(options) = s3_options() else { return };
-    // 4 GiB in the suite; FIRN_TEST_LARGE_GIB=20 for the full-size check.
+    // 1 GiB in the suite (enough: a whole-object buffer alone would pass the bound, and the
+    // download takes real disk); FIRN_TEST_LARGE_GIB=20 for the full-size check.
     let gib: u64 = std::env::var("FIRN_TEST_LARGE_GIB")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(4);
+        .unwrap_or(1);
     let dir = tempfile::tempdir().expect("tempdir");
     let source = dir.path().join("large.bin");
     {
