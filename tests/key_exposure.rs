@@ -4,46 +4,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{Daemon, FIRN, firn, free_port, write_config};
 
 const NOBODY: u32 = 65534;
-
-/// Starts `firn serve` from `command` (its arguments and environment already set) and waits
-/// for its banner, as `Daemon::start` does.
-fn start(mut command: Command, port: u16) -> Daemon {
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn firn");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let mut stdout = Vec::new();
-    for line in lines.by_ref() {
-        let line = line.expect("read stdout");
-        let done = line.starts_with("Press Ctrl-C");
-        stdout.push(line);
-        if done {
-            break;
-        }
-    }
-    assert!(
-        stdout.iter().any(|l| l.starts_with("Press Ctrl-C")),
-        "firn did not start: {stdout:?}"
-    );
-    std::thread::spawn(move || for _ in lines {});
-    Daemon {
-        child,
-        port,
-        stdout,
-    }
-}
 
 fn serve(config: &Path) -> Command {
     let mut command = Command::new(FIRN);
@@ -101,7 +70,7 @@ fn key_variables_are_wiped_from_proc_environ() {
     command
         .env("FIRN_MASTER_KEY", &key)
         .env("FIRN_TEST_MARKER", "still-here");
-    let daemon = start(command, port);
+    let daemon = Daemon::spawn(command, port);
     let environ = std::fs::read(format!("/proc/{}/environ", daemon.child.id()))
         .expect("read the daemon's /proc/PID/environ (the suite runs as root or as its user)");
     // The file is read whole: other variables are still there.
@@ -117,7 +86,7 @@ fn key_variables_are_wiped_from_proc_environ() {
     // directory again, another one does not.
     let mut command = serve(&config);
     command.env("FIRN_MASTER_KEY", &key);
-    assert!(start(command, port).stop().success());
+    assert!(Daemon::spawn(command, port).stop().success());
     let out = serve(&config)
         .env("FIRN_MASTER_KEY", "33".repeat(32))
         .output()
@@ -137,7 +106,7 @@ fn key_variables_are_wiped_from_proc_environ() {
     command
         .env("MY_FIRN_PHRASE", phrase)
         .env("FIRN_PASSPHRASE", "unused but secret 91c2");
-    let daemon = start(command, port);
+    let daemon = Daemon::spawn(command, port);
     let environ =
         std::fs::read(format!("/proc/{}/environ", daemon.child.id())).expect("read environ");
     assert!(!contains(&environ, phrase), "the passphrase is in environ");
@@ -147,7 +116,7 @@ fn key_variables_are_wiped_from_proc_environ() {
     let mut command = serve(&config);
     command.env("MY_FIRN_PHRASE", phrase);
     assert!(
-        start(command, port).stop().success(),
+        Daemon::spawn(command, port).stop().success(),
         "same phrase, same key"
     );
 }
@@ -168,7 +137,7 @@ fn a_crash_writes_no_core_file() {
         .args(["serve", "--config"])
         .arg(&config)
         .current_dir(dir.path());
-    let mut daemon = start(command, port);
+    let mut daemon = Daemon::spawn(command, port);
     let pid = daemon.child.id();
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
     let core = limits
@@ -226,7 +195,7 @@ fn other_processes_of_the_same_user_cannot_read_the_daemon() {
         my_uid()
     };
     command.env("FIRN_MASTER_KEY", &key);
-    let daemon = start(command, port);
+    let daemon = Daemon::spawn(command, port);
     let pid = daemon.child.id();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     let uid_line = status
@@ -287,7 +256,7 @@ fn refused_memory_locking_is_one_warning_not_a_failure() {
             .expect("chmod");
         command.uid(NOBODY).gid(NOBODY);
     }
-    let daemon = start(command, port);
+    let daemon = Daemon::spawn(command, port);
     // A volume brings one more key; it is made and served with locking refused.
     let config = config.to_str().expect("utf-8");
     let (ok, _, err) = firn(&[
@@ -388,7 +357,7 @@ fn no_stray_copy_of_a_key_is_left_in_the_daemons_memory() {
     );
     let mut command = serve(&config);
     command.env("FIRN_MASTER_KEY", &key_hex);
-    let daemon = start(command, port);
+    let daemon = Daemon::spawn(command, port);
 
     let memory = memory_of(daemon.child.id());
     let scanned: usize = memory.iter().map(|(_, bytes, _)| bytes.len()).sum();
@@ -444,7 +413,7 @@ fn no_stray_copy_of_a_key_is_left_in_the_daemons_memory() {
     let phrase = "a passphrase to look for 0c7d52";
     let mut command = serve(&config);
     command.env("FIRN_PASSPHRASE", phrase);
-    let daemon = start(command, port);
+    let daemon = Daemon::spawn(command, port);
     let memory = memory_of(daemon.child.id());
     let salt = std::fs::read_to_string(dir.path().join("data/passphrase.salt")).expect("salt");
     let params = argon2::Params::new(64 * 1024, 3, 1, Some(32)).expect("params");

@@ -953,6 +953,27 @@ fn firn_peak_rss(args: &[&str]) -> (bool, String, u64) {
     (out.status.success(), output, kib / 1024)
 }
 
+/// `dir/firn.toml` for `firn remote` against the test's S3 server, data in `dir/data`, parts
+/// of 16 MiB with 8 in flight.
+fn s3_config(dir: &std::path::Path, options: &S3Options) -> std::path::PathBuf {
+    let config = dir.join("firn.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[local]\ndata_dir = \"{}\"\n[remote]\nkind = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\nprefix = \"{}\"\npart_size = \"16MiB\"\npart_concurrency = 8\n",
+            dir.join("data").display(),
+            options.endpoint.as_deref().expect("endpoint"),
+            options.bucket,
+            options.region,
+            options.access_key_id.as_deref().expect("key id"),
+            options.secret_access_key.as_deref().expect("secret"),
+            options.prefix,
+        ),
+    )
+    .expect("config");
+    config
+}
+
 #[test]
 fn large_files_stream_through_bounded_memory() {
     let Some(options) = s3_options() else { return };
@@ -973,21 +994,7 @@ fn large_files_stream_through_bounded_memory() {
             file.write_all_at(&random_bytes(4096), at).expect("mark");
         }
     }
-    let config = dir.path().join("firn.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[local]\ndata_dir = \"{}\"\n[remote]\nkind = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\nprefix = \"{}\"\npart_size = \"16MiB\"\npart_concurrency = 8\n",
-            dir.path().join("data").display(),
-            options.endpoint.as_deref().expect("endpoint"),
-            options.bucket,
-            options.region,
-            options.access_key_id.as_deref().expect("key id"),
-            options.secret_access_key.as_deref().expect("secret"),
-            options.prefix,
-        ),
-    )
-    .expect("config");
+    let config = s3_config(dir.path(), &options);
     let config = config.to_str().expect("utf-8");
     // Parts of 16 MiB, 8 in flight, a few read ahead or being written: well under 400 MiB.
     const BOUND_MIB: u64 = 400;
@@ -1041,21 +1048,7 @@ fn many_large_files_share_one_memory_budget() {
         file.write_all_at(&random_bytes(4096), i * (50 << 20))
             .expect("mark");
     }
-    let config = dir.path().join("firn.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[local]\ndata_dir = \"{}\"\n[remote]\nkind = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\nprefix = \"{}\"\npart_size = \"16MiB\"\npart_concurrency = 8\n",
-            dir.path().join("data").display(),
-            options.endpoint.as_deref().expect("endpoint"),
-            options.bucket,
-            options.region,
-            options.access_key_id.as_deref().expect("key id"),
-            options.secret_access_key.as_deref().expect("secret"),
-            options.prefix,
-        ),
-    )
-    .expect("config");
+    let config = s3_config(dir.path(), &options);
     let config = config.to_str().expect("utf-8");
     // One large object's worth (8 parts in flight, a few read ahead), not five of them.
     const BOUND_MIB: u64 = 400;

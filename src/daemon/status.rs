@@ -41,26 +41,6 @@ pub struct LocalStatus {
     pub max_bytes: Option<u64>,
 }
 
-/// Disk blocks held by everything under `dir`; an unreadable entry counts as empty.
-pub fn used_bytes(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mut total = 0;
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(d) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let Ok(meta) = entry.metadata() else { continue };
-            if meta.is_dir() {
-                pending.push(entry.path());
-            }
-            total += meta.blocks() * 512;
-        }
-    }
-    total
-}
-
 /// (free for unprivileged users, total) bytes of the file system holding `dir`.
 pub fn disk_space(dir: &Path) -> (u64, u64) {
     match nix::sys::statvfs::statvfs(dir) {
@@ -75,10 +55,14 @@ pub fn disk_space(dir: &Path) -> (u64, u64) {
 impl Status {
     pub async fn of(gateway: &Gateway) -> Status {
         let data_dir = gateway.data_dir().to_path_buf();
-        let (used, (free, total)) =
-            tokio::task::spawn_blocking(move || (used_bytes(&data_dir), disk_space(&data_dir)))
-                .await
-                .unwrap_or((0, (0, 0)));
+        let (used, (free, total)) = tokio::task::spawn_blocking(move || {
+            (
+                crate::local::space::used_bytes(&data_dir),
+                disk_space(&data_dir),
+            )
+        })
+        .await
+        .unwrap_or((0, (0, 0)));
         let health = gateway
             .health
             .read()

@@ -29,10 +29,18 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `firn serve` and waits for its banner.
     pub fn start(config: &Path, port: u16, env: &[(&str, &str)]) -> Daemon {
-        let mut child = Command::new(FIRN)
+        let mut command = Command::new(FIRN);
+        command
             .args(["serve", "--config"])
             .arg(config)
-            .envs(env.iter().copied())
+            .envs(env.iter().copied());
+        Daemon::spawn(command, port)
+    }
+
+    /// Starts `command` (a `firn serve` with its arguments, environment and user already set)
+    /// and waits for its banner.
+    pub fn spawn(mut command: Command, port: u16) -> Daemon {
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
