@@ -48,8 +48,7 @@ pub struct Extent {
 /// A block device as the protocol doors see it.
 ///
 /// Methods block (they do disk I/O), except `read_cached`; async callers run them on blocking
-/// threads, or on their own task only where they accept a short wait (a small write into the
-/// page cache). Offsets and lengths are in bytes; callers check them against `size()` before
+/// threads. Offsets and lengths are in bytes; callers check them against `size()` before
 /// calling, and implementations check again.
 ///
 /// The contract:

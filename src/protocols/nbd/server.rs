@@ -874,11 +874,11 @@ impl NbdServer {
                         return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
                     }
                 }
-                if runs_inline(&request, session.device.preferred_block_size()) {
-                    // Whole-block writes land in the page cache, and small reads of cached
-                    // data come from it, in microseconds: run them here and skip the hand-off
-                    // to a blocking thread, which costs more. A read that would wait for the
-                    // disk is not run here (Wait::No) and goes to a thread below.
+                if runs_inline(&request) {
+                    // Small reads of cached data come from the page cache in microseconds: run
+                    // them here and skip the hand-off to a blocking thread, which costs more.
+                    // A read that would wait for the disk is not run here (Wait::No) and goes
+                    // to a thread below.
                     let payload = std::mem::take(&mut payload);
                     if let Some(reply) = execute_guarded(&session, request, payload, Wait::No) {
                         let _ = replies.send(Outgoing { reply, permits });
@@ -971,25 +971,14 @@ fn budget_cost_kib(r: &Request) -> u32 {
 }
 
 /// Whether a request may run on the connection's own task, an async worker that every
-/// connection and the HTTP API share: only what is small and cannot wait for the disk
-/// (decision 0002). Reads are tried with `read_cached`, which declines rather than wait (for
-/// the disk or for a lock held by a request that does). Writes must be whole blocks of the
-/// device's preferred size: the device then neither reads the disk nor takes a lock (its
-/// contract), and the data lands in the page cache. A partial block is a read-modify-write
-/// under a lock, so it goes to a blocking thread, as does FUA (a sync).
-fn runs_inline(r: &Request, block: u32) -> bool {
+/// connection and the HTTP API share: only what cannot wait for the disk (decision 0002).
+/// Small reads are tried with `read_cached`, which declines rather than wait (for the disk or
+/// for a lock held by a request that does). Writes never run there: even a whole-block write
+/// into the page cache can be throttled by the kernel when dirty pages pile up, and a volume
+/// may look at its free space first.
+fn runs_inline(r: &Request) -> bool {
     const INLINE_MAX: u32 = 16 << 10;
-    let block = block.max(1);
-    match r.kind {
-        CMD_READ => r.length <= INLINE_MAX,
-        CMD_WRITE => {
-            r.length <= INLINE_MAX
-                && r.flags & CMD_FLAG_FUA == 0
-                && r.offset % u64::from(block) == 0
-                && r.length % block == 0
-        }
-        _ => false,
-    }
+    r.kind == CMD_READ && r.length <= INLINE_MAX
 }
 
 fn transmission_flags(device: &dyn BlockDevice, structured: bool) -> u16 {
@@ -1521,13 +1510,13 @@ mod tests {
 
     /// A device whose writes of part of a block wait until the gate opens: a slow disk
     /// under a read-modify-write.
-    struct SlowPartialWrites {
+    struct SlowWrites {
         inner: MemDevice,
         open: std::sync::Mutex<bool>,
         opened: std::sync::Condvar,
     }
 
-    impl BlockDevice for SlowPartialWrites {
+    impl BlockDevice for SlowWrites {
         fn size(&self) -> u64 {
             self.inner.size()
         }
@@ -1538,10 +1527,10 @@ mod tests {
             self.inner.read(offset, buf)
         }
         fn write(&self, offset: u64, src: &[u8], fua: bool) -> Result<(), BlockError> {
-            if offset % 4096 != 0 || src.len() % 4096 != 0 {
-                let open = self.open.lock().expect("lock");
-                drop(self.opened.wait_while(open, |open| !*open).expect("wait"));
-            }
+            // Every write waits for the "disk": a partial block reads it, and even a whole
+            // block can be held up by the kernel's dirty-page throttling.
+            let open = self.open.lock().expect("lock");
+            drop(self.opened.wait_while(open, |open| !*open).expect("wait"));
             self.inner.write(offset, src, fua)
         }
         fn flush(&self) -> Result<(), BlockError> {
@@ -1560,7 +1549,18 @@ mod tests {
 
     #[test]
     fn a_partial_block_write_waits_off_the_connections_task() {
-        let device = Arc::new(SlowPartialWrites {
+        a_write_waits_off_the_connections_task(100, 10);
+    }
+
+    #[test]
+    fn a_whole_block_write_waits_off_the_connections_task() {
+        a_write_waits_off_the_connections_task(0, 4096);
+    }
+
+    /// A write of `length` bytes at `offset` that waits for the disk holds up neither the
+    /// connection's task nor the read sent after it.
+    fn a_write_waits_off_the_connections_task(offset: u64, length: u32) {
+        let device = Arc::new(SlowWrites {
             inner: MemDevice {
                 data: std::sync::Mutex::new(vec![0u8; SIZE]),
                 read_only: false,
@@ -1586,8 +1586,8 @@ mod tests {
             let (mut client, server_side) = tokio::io::duplex(1 << 20);
             let slot = server.slot(None).expect("a free slot");
             tokio::spawn(server.connection(server_side, Peer::Unix, slot));
-            // GO without structured replies; then a small unaligned write (cookie 1), which
-            // waits for the "disk", and a read (cookie 2) behind it.
+            // GO without structured replies; then a small write (cookie 1), which waits for
+            // the "disk", and a read (cookie 2) behind it.
             let mut input = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
                 .to_be_bytes()
                 .to_vec();
@@ -1601,11 +1601,11 @@ mod tests {
                 flags: 0,
                 kind: CMD_WRITE,
                 cookie: 1,
-                offset: 100,
-                length: 10,
+                offset,
+                length,
             };
             input.extend_from_slice(&write.encode());
-            input.extend_from_slice(&[7u8; 10]);
+            input.extend_from_slice(&vec![7u8; length as usize]);
             let read = Request {
                 flags: 0,
                 kind: CMD_READ,
@@ -1649,9 +1649,11 @@ mod tests {
             (true, false, true),
             "(read answered while the write waited, write answered early, write answered)"
         );
-        assert_eq!(
-            &device.inner.data.lock().expect("lock")[100..110],
-            &[7u8; 10]
+        let range = offset as usize..offset as usize + length as usize;
+        assert!(
+            device.inner.data.lock().expect("lock")[range]
+                .iter()
+                .all(|&b| b == 7)
         );
     }
 
