@@ -67,9 +67,7 @@ pub struct Extent {
 pub trait BlockDevice: Send + Sync {
     fn size(&self) -> u64;
     fn read_only(&self) -> bool;
-    /// Preferred I/O size: requests aligned to it avoid read-modify-write. A `write` of
-    /// whole aligned blocks without `fua` must not read the disk nor wait for a lock that
-    /// another request holds while it does: the NBD door runs small ones on its async workers.
+    /// Preferred I/O size: requests aligned to it avoid read-modify-write.
     fn preferred_block_size(&self) -> u32 {
         4096
     }
