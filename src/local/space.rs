@@ -88,6 +88,18 @@ impl SpaceBudget {
         fits
     }
 
+    /// `allows`, if a fresh measurement answers at once (no measuring, no waiting for one in
+    /// progress); `None` otherwise. Only a yes is given this way: a no is `allows`'s to say.
+    pub fn allows_now(&self, bytes: u64) -> Option<bool> {
+        let mut last = self.last.try_lock().ok()?;
+        let m = last.as_mut()?;
+        if m.at.elapsed() < FRESH && self.fits(m, bytes) {
+            m.granted += bytes;
+            return Some(true);
+        }
+        None
+    }
+
     fn fits(&self, m: &Measure, bytes: u64) -> bool {
         let need = m.granted.saturating_add(bytes);
         let free_ok = m.free.saturating_sub(need) >= self.min_free && m.free >= need;

@@ -81,6 +81,14 @@ pub trait BlockDevice: Send + Sync {
         None
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()>;
+    /// `write` without FUA, if it can finish without waiting for the disk or for a lock held
+    /// across disk I/O (the data only goes to the page cache); or `None`, having changed
+    /// nothing, if it would have to wait. Async callers run small writes in place with it and
+    /// hand the rest to a blocking thread. The default never answers.
+    fn write_now(&self, offset: u64, data: &[u8]) -> Option<BlockResult<()>> {
+        let _ = (offset, data);
+        None
+    }
     fn flush(&self) -> BlockResult<()>;
     fn trim(&self, offset: u64, length: u64) -> BlockResult<()>;
     /// With `may_trim`, the range may become a hole (NBD's default); without, it stays
