@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Daemon, FIRN, firn, free_port};
+use common::{Daemon, FIRN, Teardown, firn, free_port, run, small_ext4};
 
 struct Gateway {
     daemon: Option<Daemon>,
@@ -109,20 +109,6 @@ impl Gateway {
         );
         response
     }
-}
-
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} (is it installed? scripts/test installs it): {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn random_file(path: &Path, len: usize) {
@@ -622,35 +608,11 @@ fn flushed_writes_survive_kill_9() {
     }
 }
 
-/// Undoes, in reverse order, what the ext4 test set up, even when it fails halfway.
-struct Teardown(Vec<Box<dyn FnOnce()>>);
-
-impl Drop for Teardown {
-    fn drop(&mut self) {
-        while let Some(undo) = self.0.pop() {
-            undo();
-        }
-    }
-}
-
 #[test]
 fn a_full_disk_gives_enospc_and_the_rest_keeps_working() {
     // The data directory on a 32 MiB ext4 file system, holding a 64 MiB sparse volume.
     let dir = tempfile::tempdir().expect("tempdir");
-    let image = dir.path().join("small-fs.img");
-    std::fs::File::create(&image)
-        .and_then(|f| f.set_len(32 << 20))
-        .expect("image");
-    let image_arg = image.to_str().expect("utf-8");
-    run("mkfs.ext4", &["-q", "-m", "0", image_arg]);
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).expect("mkdir");
-    let mnt_arg = mnt.to_str().expect("utf-8").to_string();
-    run("mount", &["-o", "loop", image_arg, &mnt_arg]);
-    let mut teardown = Teardown(Vec::new());
-    teardown.0.push(Box::new(move || {
-        let _ = Command::new("umount").arg(&mnt_arg).status();
-    }));
+    let (_mnt, _teardown) = small_ext4(dir.path());
     let (config, http_port, nbd_port) = write_nbd_config(dir.path(), "mnt/data", "");
     // The file system's own ENOSPC is the point here, not [local] min_free (tested in
     // tests/safekeeping.rs), whose default is larger than this disk.

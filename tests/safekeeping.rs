@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, FIRN, firn, free_port, write_config};
+use common::{Daemon, FIRN, Teardown, firn, free_port, run, small_ext4, write_config};
 
 /// `firn serve` expected to refuse to start: its stderr.
 fn refused_start(config: &Path, env: &[(&str, &str)]) -> String {
@@ -204,29 +204,6 @@ fn the_data_directory_and_its_files_are_private() {
     for file in files {
         assert_eq!(mode(&file), 0o600, "{}", file.display());
     }
-}
-
-/// Undoes, in reverse order, what a test set up, even when it fails halfway.
-struct Teardown(Vec<Box<dyn FnOnce()>>);
-
-impl Drop for Teardown {
-    fn drop(&mut self) {
-        while let Some(undo) = self.0.pop() {
-            undo();
-        }
-    }
-}
-
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A small tmpfs at `dir/mnt`, unmounted when the returned guard drops.
@@ -563,19 +540,7 @@ fn the_create_was_audited(data: &Path) {
 fn min_free_keeps_room_for_metadata_and_the_audit_log() {
     // The data directory on a 32 MiB ext4 file system, holding a 64 MiB sparse volume.
     let dir = tempfile::tempdir().expect("tempdir");
-    let image = dir.path().join("small-fs.img");
-    std::fs::File::create(&image)
-        .and_then(|f| f.set_len(32 << 20))
-        .expect("image");
-    let image_arg = image.to_str().expect("utf-8");
-    run("mkfs.ext4", &["-q", "-m", "0", image_arg]);
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).expect("mkdir");
-    let mnt_arg = mnt.to_str().expect("utf-8").to_string();
-    run("mount", &["-o", "loop", image_arg, &mnt_arg]);
-    let _teardown = Teardown(vec![Box::new(move || {
-        let _ = Command::new("umount").arg(&mnt_arg).status();
-    })]);
+    let (mnt, _teardown) = small_ext4(dir.path());
     let (daemon, config, uri) =
         space_gateway(dir.path(), "mnt/data", "min_free = \"12MiB\"", "64M");
     let (wrote, full) = fill_volume(&uri, 40);

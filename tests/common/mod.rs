@@ -134,3 +134,49 @@ impl Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// Runs a real client or tool and returns its stdout; panics, with its output, unless it
+/// succeeds.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} (is it installed? scripts/test installs it): {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Undoes, in reverse order, what a test set up, even when it fails halfway.
+pub struct Teardown(pub Vec<Box<dyn FnOnce()>>);
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        while let Some(undo) = self.0.pop() {
+            undo();
+        }
+    }
+}
+
+/// A 32 MiB ext4 file system mounted (through a loop device) at `dir/mnt`, for tests of a
+/// full disk; the returned teardown unmounts it.
+pub fn small_ext4(dir: &Path) -> (PathBuf, Teardown) {
+    let image = dir.join("small-fs.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(32 << 20))
+        .expect("image");
+    let image_arg = image.to_str().expect("utf-8");
+    run("mkfs.ext4", &["-q", "-m", "0", image_arg]);
+    let mnt = dir.join("mnt");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    let mnt_arg = mnt.to_str().expect("utf-8").to_string();
+    run("mount", &["-o", "loop", image_arg, &mnt_arg]);
+    let teardown = Teardown(vec![Box::new(move || {
+        let _ = Command::new("umount").arg(&mnt_arg).status();
+    })]);
+    (mnt, teardown)
+}
