@@ -9,7 +9,11 @@
 //! descriptor of the root opened once: a symlink planted in the bucket directory is refused,
 //! never followed out of it. A put is staged in `.firn-staging/<pid>-<random>-<n>`, fsynced,
 //! renamed into place, and then every directory it touched is fsynced: the one holding the
-//! object and the parent of each directory the put created. At open, staging files whose
+//! object and the parent of each directory the put created. A create is staged the same way
+//! and put in place by a rename that refuses to replace (`renameat2` with `RENAME_NOREPLACE`;
+//! where the file system lacks it, a hard link, which fails on an existing name, then an
+//! unlink of the staging name): the check and the placing are one step, so of two creates
+//! racing for a key (in this process or another) exactly one wins. At open, staging files whose
 //! process is gone (or was an earlier process with this one's PID) are removed; those of other
 //! live processes (another firn on the same directory) are left.
 
@@ -28,7 +32,7 @@ use bytes::Bytes;
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, openat, renameat};
 use nix::sys::stat::{Mode, SFlag, fstatat, mkdirat};
-use nix::unistd::{UnlinkatFlags, unlinkat};
+use nix::unistd::{UnlinkatFlags, linkat, unlinkat};
 use xattr::FileExt;
 
 use super::limit::{Direction, Limiter, SLICE};
@@ -42,14 +46,63 @@ const MAX_NAME_BYTES: usize = 255;
 /// Objects are written and read in slices of this size, never whole.
 const READ_SLICE: u64 = 4 << 20;
 
-/// Cheap to clone: clones share the root descriptor and the staging counter.
+/// The `<n>` of staging names: one counter for the process, since the names share the
+/// process's prefix whatever store (of however many opened on one directory) writes them.
+static NEXT_STAGING: AtomicU64 = AtomicU64::new(0);
+
+/// How a staged object takes its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// A put: replaces whatever is there.
+    Replace,
+    /// A create: fails with `EEXIST` when anything is there.
+    NoReplace,
+}
+
+/// Renames `from` to `to` unless `to` exists (`EEXIST`). `renameat2(RENAME_NOREPLACE)` where
+/// the kernel and file system have it; otherwise `linkat`, which never replaces either, then
+/// an unlink of the staging name (after a crash in between, the next open removes it, and the
+/// object keeps its other name).
+fn rename_noreplace(
+    from_dir: impl AsFd + Copy,
+    from: &str,
+    to_dir: impl AsFd + Copy,
+    to: &OsStr,
+) -> nix::Result<()> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    match nix::fcntl::renameat2(
+        from_dir,
+        from,
+        to_dir,
+        to,
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    ) {
+        // The file system (or an old kernel) does not know the flag.
+        Err(Errno::EINVAL | Errno::ENOSYS) => {}
+        done => return done,
+    }
+    link_noreplace(from_dir, from, to_dir, to)
+}
+
+/// `rename_noreplace` by a hard link and an unlink.
+fn link_noreplace(
+    from_dir: impl AsFd + Copy,
+    from: &str,
+    to_dir: impl AsFd + Copy,
+    to: &OsStr,
+) -> nix::Result<()> {
+    linkat(from_dir, from, to_dir, to, AtFlags::empty())?;
+    let _ = unlinkat(from_dir, from, UnlinkatFlags::NoRemoveDir);
+    Ok(())
+}
+
+/// Cheap to clone: clones share the root descriptor.
 #[derive(Debug, Clone)]
 pub struct DirStore {
     root_path: Arc<PathBuf>,
     /// Charged for every slice written or read, as the bytes move.
     limiter: Option<Arc<Limiter>>,
     root: Arc<OwnedFd>,
-    next_staging: Arc<AtomicU64>,
 }
 
 fn dir_flags() -> OFlag {
@@ -122,7 +175,6 @@ impl DirStore {
             root_path: Arc::new(root_path),
             limiter: None,
             root: Arc::new(root),
-            next_staging: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -229,11 +281,27 @@ impl DirStore {
         Ok(file)
     }
 
-    /// Reads the body a slice at a time (each through the limiter) into a staging file.
     fn put_blocking(&self, key: &str, body: &dyn Body, meta: &Meta) -> Result<()> {
+        self.write_blocking("put", key, body, meta, Place::Replace)
+    }
+
+    fn create_blocking(&self, key: &str, body: &dyn Body, meta: &Meta) -> Result<()> {
+        self.write_blocking("create", key, body, meta, Place::NoReplace)
+    }
+
+    /// Reads the body a slice at a time (each through the limiter) into a staging file, then
+    /// gives it its name as `place` says.
+    fn write_blocking(
+        &self,
+        op: &'static str,
+        key: &str,
+        body: &dyn Body,
+        meta: &Meta,
+        place: Place,
+    ) -> Result<()> {
         let segments = self.segments(key)?;
-        let io_err = |e: io::Error| local_error("put", key, e);
-        let n = self.next_staging.fetch_add(1, Ordering::Relaxed);
+        let io_err = |e: io::Error| local_error(op, key, e);
+        let n = NEXT_STAGING.fetch_add(1, Ordering::Relaxed);
         let staged = format!("{}-{n}", staging_prefix());
         let staging = open_dir(&*self.root, OsStr::new(STAGING)).map_err(io_err)?;
         let runtime = tokio::runtime::Handle::current();
@@ -265,10 +333,20 @@ impl DirStore {
                 file.sync_all()?;
                 let (leaf, dirs) = segments.split_last().ok_or(io::ErrorKind::InvalidInput)?;
                 let parent = self.walk_creating(dirs)?;
-                renameat(&staging, staged.as_str(), &parent, OsStr::new(leaf)).map_err(io_from)?;
-                nix::unistd::fsync(&parent).map_err(io_from)
+                let leaf = OsStr::new(leaf);
+                let placed = match place {
+                    Place::Replace => renameat(&staging, staged.as_str(), &parent, leaf),
+                    Place::NoReplace => rename_noreplace(&staging, staged.as_str(), &parent, leaf),
+                };
+                match placed {
+                    Ok(()) => {}
+                    Err(Errno::EEXIST) => return Ok(Err(taken(&parent, leaf, key))),
+                    Err(e) => return Err(io_from(e)),
+                }
+                nix::unistd::fsync(&parent).map_err(io_from)?;
+                Ok(Ok(()))
             };
-            finish().map_err(io_err)
+            finish().map_err(io_err)?
         })();
         if result.is_err() {
             let _ = unlinkat(&staging, staged.as_str(), UnlinkatFlags::NoRemoveDir);
@@ -417,6 +495,33 @@ impl DirStore {
     }
 }
 
+/// Why a create found `leaf` taken: an object is `Exists`; a link or a directory in the way
+/// is not an object, and no create can succeed until someone moves it.
+fn taken(parent: &OwnedFd, leaf: &OsStr, key: &str) -> Error {
+    let in_the_way = |what: &str| Error::Permanent {
+        op: "create",
+        key: key.to_string(),
+        message: format!(
+            "a {what} in the bucket directory is in the way; the directory store never follows \
+             or replaces one on a create: move it"
+        ),
+    };
+    match fstatat(parent, leaf, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(stat) => match SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT {
+            SFlag::S_IFLNK => in_the_way("symbolic link"),
+            SFlag::S_IFDIR => in_the_way("directory"),
+            SFlag::S_IFREG => Error::Exists {
+                key: key.to_string(),
+            },
+            _ => in_the_way("special file"),
+        },
+        // Deleted since: it existed when the create was refused.
+        Err(_) => Error::Exists {
+            key: key.to_string(),
+        },
+    }
+}
+
 fn read_meta(file: &File) -> io::Result<Meta> {
     let mut meta = Meta::new();
     for name in file.list_xattr()? {
@@ -452,7 +557,7 @@ pub(super) fn check_range(key: &str, range: Range<u64>, size: u64) -> Result<Ran
 
 fn local_error(op: &'static str, key: &str, e: io::Error) -> Error {
     match e.raw_os_error().map(Errno::from_raw) {
-        Some(Errno::ENOTDIR) if op == "put" => Error::Permanent {
+        Some(Errno::ENOTDIR) if op == "put" || op == "create" => Error::Permanent {
             op,
             key: key.to_string(),
             message: "a file in the bucket directory is in the way of a directory this key \
@@ -491,6 +596,11 @@ impl Remote for DirStore {
     async fn put_body(&self, key: &str, body: Arc<dyn Body>, meta: Meta) -> Result<()> {
         let (this, key) = (self.clone(), key.to_string());
         blocking(move || this.put_blocking(&key, &*body, &meta)).await
+    }
+
+    async fn create(&self, key: &str, body: Bytes, meta: Meta) -> Result<()> {
+        let (this, key) = (self.clone(), key.to_string());
+        blocking(move || this.create_blocking(&key, &body, &meta)).await
     }
 
     async fn get_to(&self, key: &str, sink: &dyn Sink) -> Result<Fetched> {
@@ -534,5 +644,151 @@ impl Remote for DirStore {
     async fn delete(&self, key: &str) -> Result<()> {
         let (this, key) = (self.clone(), key.to_string());
         blocking(move || this.delete_blocking(&key)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(value: &str) -> Meta {
+        Meta::from([("who".to_string(), value.to_string())])
+    }
+
+    fn staging_files(root: &Path) -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(root.join(STAGING))
+            .expect("staging dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_second_create_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = DirStore::open(dir.path()).expect("open");
+        store
+            .create("commits/a/0001", Bytes::from_static(b"first"), meta("one"))
+            .await
+            .expect("first create");
+        let second = store
+            .create(
+                "commits/a/0001",
+                Bytes::from_static(b"second!"),
+                meta("two"),
+            )
+            .await;
+        assert!(
+            matches!(&second, Err(Error::Exists { key }) if key == "commits/a/0001"),
+            "{second:?}"
+        );
+        assert!(!second.unwrap_err().is_retryable());
+        let object = store.get("commits/a/0001").await.expect("get");
+        assert_eq!(object.body, Bytes::from_static(b"first"));
+        assert_eq!(object.meta, meta("one"));
+        assert!(
+            staging_files(dir.path()).is_empty(),
+            "the refused create left its staging file"
+        );
+        // A put still replaces, and a create after a delete succeeds.
+        store
+            .put("commits/a/0001", Bytes::from_static(b"put"), Meta::new())
+            .await
+            .expect("put");
+        store.delete("commits/a/0001").await.expect("delete");
+        store
+            .create("commits/a/0001", Bytes::from_static(b"again"), Meta::new())
+            .await
+            .expect("create after delete");
+    }
+
+    #[test]
+    fn of_eight_racing_creates_exactly_one_wins() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        for round in 0..20 {
+            let key = format!("leases/vol-{round}");
+            let start = Arc::new(std::sync::Barrier::new(8));
+            let threads: Vec<_> = (0..8)
+                .map(|i| {
+                    // A store each, as separate gateways would open it.
+                    let store = DirStore::open(dir.path()).expect("open");
+                    let (start, handle, key) =
+                        (start.clone(), runtime.handle().clone(), key.clone());
+                    std::thread::spawn(move || {
+                        let _runtime = handle.enter();
+                        let body = Bytes::from(format!("writer {i}"));
+                        start.wait();
+                        store
+                            .create_blocking(&key, &body, &meta(&i.to_string()))
+                            .map(|()| i)
+                    })
+                })
+                .collect();
+            let outcomes: Vec<Result<usize>> = threads
+                .into_iter()
+                .map(|t| t.join().expect("thread"))
+                .collect();
+            let winners: Vec<usize> = outcomes
+                .iter()
+                .filter_map(|o| o.as_ref().ok().copied())
+                .collect();
+            assert_eq!(winners.len(), 1, "round {round}: {outcomes:?}");
+            for outcome in &outcomes {
+                assert!(
+                    matches!(outcome, Ok(_) | Err(Error::Exists { .. })),
+                    "round {round}: {outcome:?}"
+                );
+            }
+            let object = runtime.block_on(DirStore::open(dir.path()).expect("open").get(&key));
+            let object = object.expect("get");
+            assert_eq!(object.body, Bytes::from(format!("writer {}", winners[0])));
+            assert_eq!(object.meta, meta(&winners[0].to_string()));
+        }
+        assert!(staging_files(dir.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_create_never_replaces_a_link_or_a_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = DirStore::open(dir.path()).expect("open");
+        std::os::unix::fs::symlink("/etc/hostname", dir.path().join("link")).expect("symlink");
+        std::fs::create_dir_all(dir.path().join("sub/dir")).expect("mkdir");
+        for key in ["link", "sub/dir"] {
+            let outcome = store
+                .create(key, Bytes::from_static(b"x"), Meta::new())
+                .await;
+            assert!(
+                matches!(&outcome, Err(Error::Permanent { message, .. }) if message.contains("in the way")),
+                "{key}: {outcome:?}"
+            );
+        }
+        assert!(dir.path().join("link").is_symlink());
+        assert!(staging_files(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn the_link_fallback_never_replaces_either() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("staged-1"), "new").expect("write");
+        std::fs::write(dir.path().join("staged-2"), "newer").expect("write");
+        std::fs::write(dir.path().join("taken"), "old").expect("write");
+        let fd = nix::fcntl::open(dir.path(), dir_flags(), Mode::empty()).expect("open");
+        assert_eq!(
+            link_noreplace(&fd, "staged-1", &fd, OsStr::new("taken")),
+            Err(Errno::EEXIST)
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("taken")).expect("read"),
+            "old"
+        );
+        link_noreplace(&fd, "staged-2", &fd, OsStr::new("free")).expect("link");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("free")).expect("read"),
+            "newer"
+        );
+        assert!(
+            !dir.path().join("staged-2").exists(),
+            "the staging name stays"
+        );
     }
 }

@@ -2,8 +2,8 @@
 //! be slowed, reads (whole or ranged) can come back truncated, and an outage window makes every
 //! request fail until it ends. All settings can be changed while running.
 //!
-//! A failed put fails before or after the inner put at random, so callers also meet the case
-//! where the object was stored but the answer was lost.
+//! A failed put (or create) fails before or after the inner one at random, so callers also
+//! meet the case where the object was stored but the answer was lost.
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -157,6 +157,20 @@ impl Remote for Faulty {
             return Err(injected("put", key, "error"));
         }
         self.inner.put_body(key, body, meta).await
+    }
+
+    /// As for a put: a failure before or after the inner create, so callers also meet a
+    /// create that stored its object and then reported an error (and whose retry finds it).
+    async fn create(&self, key: &str, body: Bytes, meta: Meta) -> Result<()> {
+        let s = self.before("create", key).await?;
+        if self.plan.roll(s.error_rate) {
+            if rand::rng().random_bool(0.5) {
+                self.inner.create(key, body, meta).await?;
+                return Err(injected("create", key, "error after the create"));
+            }
+            return Err(injected("create", key, "error"));
+        }
+        self.inner.create(key, body, meta).await
     }
 
     async fn get_to(&self, key: &str, sink: &dyn Sink) -> Result<Fetched> {

@@ -129,6 +129,16 @@ impl Remote for Metered {
         Ok(())
     }
 
+    /// Counted as a put: one upload request either way. A refusal (`Exists`) counts as an
+    /// error, as a get of a missing object does.
+    async fn create(&self, key: &str, body: Bytes, meta: Meta) -> Result<()> {
+        let n = body.len();
+        self.observe("put", self.inner.create(key, body, meta))
+            .await?;
+        self.count_bytes("upload", n);
+        Ok(())
+    }
+
     async fn get_to(&self, key: &str, sink: &dyn Sink) -> Result<Fetched> {
         let fetched = self.observe("get", self.inner.get_to(key, sink)).await?;
         self.count_bytes("download", fetched.size as usize);

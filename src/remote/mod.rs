@@ -154,6 +154,9 @@ pub enum Error {
     Corrupt { key: String, reason: String },
     #[error("invalid object key {key:?}: {reason}")]
     BadKey { key: String, reason: String },
+    /// A [`Remote::create`] found an object under the key. Not retryable: the object stays.
+    #[error("object {key:?} already exists")]
+    Exists { key: String },
     /// Worth another try: network errors, timeouts, 5xx, throttling, injected faults.
     #[error("{op} {key:?}: {message}")]
     Transient {
@@ -197,6 +200,25 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
         self.put_body(key, Arc::new(body), meta).await
     }
 
+    /// Create-if-absent: atomic like `put`, but fails with [`Error::Exists`] when an object
+    /// is already stored under `key`, and then leaves that object as it was. Of two creates
+    /// racing for one key, at most one succeeds; this is what fences the commits of a cached
+    /// volume against a second gateway writing it.
+    ///
+    /// Only as good as the store: S3 sends `If-None-Match: *`, which a store may ignore and
+    /// overwrite (Garage does); [`probe_create`] tells which kind the store is.
+    ///
+    /// One request, for small objects (commits, leases): a body too large for a single PUT
+    /// (over an S3 backend's multipart threshold) is refused with a `Permanent` error.
+    ///
+    /// `Exists` does not prove that someone else wrote the object. A create whose object was
+    /// stored but whose answer was lost (a timeout, a dropped connection) is retried like any
+    /// request, and the retry finds the object the first attempt left: it reports `Exists`
+    /// for an object this caller wrote. The retry wrapper does not hide this, since only the
+    /// caller knows what it wrote; a caller that must tell the two apart reads the object
+    /// back and compares it with its own body (or a nonce in its metadata).
+    async fn create(&self, key: &str, body: Bytes, meta: Meta) -> Result<()>;
+
     async fn get(&self, key: &str) -> Result<Object> {
         let sink = MemorySink::default();
         let fetched = self.get_to(key, &sink).await?;
@@ -221,6 +243,45 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
     async fn delete(&self, key: &str) -> Result<()>;
 }
 
+/// Where [`probe_create`] writes; the health probe lists the same prefix.
+pub const PROBE_PREFIX: &str = "firn-probe/";
+
+/// Whether the store honours create-if-absent: creates `firn-probe/create-<random hex>`
+/// twice and deletes it. `Ok(true)` when the second create was refused with
+/// [`Error::Exists`], `Ok(false)` when the store took it (it overwrote: it ignores the
+/// condition), an error when either create failed otherwise. The object is deleted whatever
+/// the outcome; a failed delete leaves a few bytes under `firn-probe/`, which anyone may
+/// delete.
+///
+/// Meant for a `remote` without retries (`Stack::probe`): a retried first create whose answer
+/// was lost would find its own object and look like a refusal.
+pub async fn probe_create(remote: &dyn Remote) -> Result<bool> {
+    let key = format!("{PROBE_PREFIX}create-{:032x}", rand::random::<u128>());
+    let mut ours = true;
+    let outcome = async {
+        remote
+            .create(&key, Bytes::from_static(b"first create"), Meta::new())
+            .await
+            .inspect_err(|e| ours = !matches!(e, Error::Exists { .. }))?;
+        match remote
+            .create(&key, Bytes::from_static(b"second create"), Meta::new())
+            .await
+        {
+            Ok(()) => Ok(false),
+            Err(Error::Exists { .. }) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+    .await;
+    // Also after a failed first create: its object may be stored with the answer lost. Not
+    // when the first create found an object: that one (128 random bits later) is not ours.
+    if ours && let Err(e) = remote.delete(&key).await {
+        tracing::warn!(
+            "could not delete the probe object {key:?} (harmless; delete it at will): {e}"
+        );
+    }
+    outcome
+}
 /// Rejects keys that could escape a prefix or that stores disagree on.
 pub fn check_key(key: &str) -> Result<()> {
     let bad = |reason: &str| {

@@ -87,6 +87,13 @@ impl Remote for Retrying {
             .await
     }
 
+    /// Transient errors are retried as for a put. `Exists` is returned as it is, also when an
+    /// earlier attempt stored the object and lost the answer (see [`Remote::create`]).
+    async fn create(&self, key: &str, body: Bytes, meta: Meta) -> Result<()> {
+        self.run(|| self.inner.create(key, body.clone(), meta.clone()))
+            .await
+    }
+
     /// A retry starts the object over: the sink sees a write at offset 0 again.
     async fn get_to(&self, key: &str, sink: &dyn Sink) -> Result<Fetched> {
         self.run(|| self.inner.get_to(key, sink)).await

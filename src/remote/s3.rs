@@ -2,7 +2,8 @@
 //!
 //! Puts larger than the multipart threshold go up as concurrent parts. With `checksum` on,
 //! every PUT and every part carries `x-amz-checksum-sha256`, which the store verifies before
-//! it accepts the bytes.
+//! it accepts the bytes. A create is one PUT with `If-None-Match: *`, which the store answers
+//! with 412 Precondition Failed when the object exists, if it honours the header at all.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use object_store::client::{
 use object_store::path::Path;
 use object_store::{
     Attribute, Attributes, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt,
-    PutMultipartOptions, PutOptions, PutPayload, RetryConfig,
+    PutMode, PutMultipartOptions, PutOptions, PutPayload, RetryConfig,
 };
 
 use super::limit::{Direction, Limiter, Throttled};
@@ -382,6 +383,58 @@ fn s3_error(op: &'static str, key: &str, e: object_store::Error) -> Error {
     }
 }
 
+/// A create's failure: `Exists` only for the store's refusal (412, or 304 from stores that
+/// answer If-None-Match as for a GET); object_store also reports a 409 Conflict as
+/// `AlreadyExists`, but for a PUT that is a conditional write racing another, not an answer.
+fn create_error(key: &str, e: object_store::Error) -> Error {
+    use object_store::Error as E;
+    match e {
+        // object_store wraps the store's 412 (or 304) in `AlreadyExists`; its own 409 mapping
+        // carries the HTTP error instead.
+        E::AlreadyExists { source, .. }
+            if matches!(
+                source.downcast_ref::<E>(),
+                Some(E::Precondition { .. } | E::NotModified { .. })
+            ) =>
+        {
+            Error::Exists {
+                key: key.to_string(),
+            }
+        }
+        E::AlreadyExists { .. } => {
+            let message = error_chain(&e);
+            // AWS S3 answers 409 ConditionalRequestConflict (or OperationAborted) while
+            // another conditional write to the key is in flight: ask again, and the answer is
+            // a success or a 412.
+            if ["ConditionalRequestConflict", "OperationAborted"]
+                .iter()
+                .any(|code| message.contains(code))
+            {
+                Error::Transient {
+                    op: "create",
+                    key: key.to_string(),
+                    message: format!("a concurrent conditional write to the key: {message}"),
+                }
+            } else {
+                Error::Permanent {
+                    op: "create",
+                    key: key.to_string(),
+                    message: format!("409 Conflict: {message}"),
+                }
+            }
+        }
+        E::Generic { .. } if error_chain(&e).contains("NotImplemented") => Error::Permanent {
+            op: "create",
+            key: key.to_string(),
+            message: format!(
+                "the store does not implement conditional writes (If-None-Match): {}",
+                error_chain(&e)
+            ),
+        },
+        other => s3_error("create", key, other),
+    }
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut message = e.to_string();
     let mut source = e.source();
@@ -412,6 +465,35 @@ impl Remote for S3Store {
             .put_opts(&path, PutPayload::from(data), options)
             .await
             .map_err(|e| s3_error("put", key, e))?;
+        Ok(())
+    }
+
+    /// One PUT with `If-None-Match: *`, with the same metadata and checksum as a put's. The
+    /// client's own retries (a 5xx, a reset connection) may resend it after the store kept
+    /// the first: that answer is `Exists`, as the trait says.
+    async fn create(&self, key: &str, body: Bytes, meta: Meta) -> Result<()> {
+        let path = self.path(key)?;
+        if body.len() > self.multipart_threshold {
+            return Err(Error::Permanent {
+                op: "create",
+                key: key.to_string(),
+                message: format!(
+                    "{} bytes is over the multipart threshold of {}: a create is a single PUT, \
+                     for small objects",
+                    body.len(),
+                    self.multipart_threshold
+                ),
+            });
+        }
+        let options = PutOptions {
+            mode: PutMode::Create,
+            attributes: attributes(meta),
+            ..Default::default()
+        };
+        self.store
+            .put_opts(&path, PutPayload::from(body), options)
+            .await
+            .map_err(|e| create_error(key, e))?;
         Ok(())
     }
 

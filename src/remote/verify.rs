@@ -101,6 +101,16 @@ impl Remote for Verified {
         self.inner.put_body(key, body, meta).await
     }
 
+    /// The digest is recorded as for a put, so a created object reads back verified.
+    async fn create(&self, key: &str, body: Bytes, mut meta: Meta) -> Result<()> {
+        let hasher = hash_into(blake3::Hasher::new(), body.clone()).await;
+        meta.insert(
+            DIGEST_META.to_string(),
+            hasher.finalize().to_hex().to_string(),
+        );
+        self.inner.create(key, body, meta).await
+    }
+
     async fn get_to(&self, key: &str, sink: &dyn Sink) -> Result<Fetched> {
         let hashing = Hashing {
             inner: sink,
