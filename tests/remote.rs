@@ -1165,3 +1165,292 @@ async fn the_directory_store_holds_its_limit_through_errors() {
         "{rate:.0} B/s written, limit {RATE}"
     );
 }
+
+/// Whether a store honours create-if-absent is a fact about the store, and firn checks it at
+/// start rather than assuming it: the directory store refuses a second create, Garage (2.5)
+/// ignores `If-None-Match: *` and overwrites. When Garage starts honouring it, this test fails
+/// on purpose: update docs/format.md ("Remote objects") and decision 0005 with it.
+#[tokio::test]
+async fn probe_create_tells_which_stores_fence() {
+    for b in backends() {
+        let stack = stacked(&b.store, None);
+        let honoured = remote::probe_create(stack.probe.as_ref())
+            .await
+            .unwrap_or_else(|e| panic!("{}: probe_create: {e}", b.name));
+        match b.name {
+            "dir" => assert!(honoured, "the directory store overwrote on a create"),
+            _ => assert!(
+                !honoured,
+                "Garage refused the second create: it honours If-None-Match now (it ignored it \
+                 up to 2.5)"
+            ),
+        }
+        assert!(
+            stack
+                .remote
+                .list(remote::PROBE_PREFIX)
+                .await
+                .expect("list")
+                .is_empty(),
+            "{}: the probe left its object",
+            b.name
+        );
+
+        // Through the whole stack, as callers use it.
+        let r = &stack.remote;
+        r.create("cond/commit", Bytes::from_static(b"first"), Meta::new())
+            .await
+            .unwrap_or_else(|e| panic!("{}: first create: {e}", b.name));
+        let second = r
+            .create("cond/commit", Bytes::from_static(b"second"), Meta::new())
+            .await;
+        let body = r.get("cond/commit").await.expect("get, verified").body;
+        if honoured {
+            assert!(
+                matches!(&second, Err(Error::Exists { key }) if key == "cond/commit"),
+                "{}: {second:?}",
+                b.name
+            );
+            assert_eq!(body, Bytes::from_static(b"first"), "{}", b.name);
+        } else {
+            // What a store that ignores the condition does: the second create overwrote.
+            second.unwrap_or_else(|e| panic!("{}: second create: {e}", b.name));
+            assert_eq!(body, Bytes::from_static(b"second"), "{}", b.name);
+        }
+        r.delete("cond/commit").await.expect("delete");
+    }
+}
+
+/// A create whose object was stored but whose answer was lost is retried, and the retry finds
+/// the object: `Exists`, for the caller's own object. Callers tell by reading it back.
+#[tokio::test]
+async fn a_create_whose_answer_was_lost_reads_back_as_its_own() {
+    for b in backends() {
+        let stack = stacked(
+            &b.store,
+            Some(FaultSettings {
+                error_rate: 0.5,
+                ..FaultSettings::default()
+            }),
+        );
+        let r = &stack.remote;
+        let outcomes = futures::future::join_all((0..40).map(|i| async move {
+            let key = format!("lost/{i:02}");
+            let body = Bytes::from(format!("mine {i}"));
+            let outcome = r.create(&key, body.clone(), Meta::new()).await;
+            (key, body, outcome)
+        }))
+        .await;
+        let mut exists = 0;
+        for (key, body, outcome) in outcomes {
+            match outcome {
+                Ok(()) => {}
+                Err(Error::Exists { .. }) => exists += 1,
+                Err(e) => panic!("{}: {key}: {e}", b.name),
+            }
+            assert_eq!(r.get(&key).await.expect("get").body, body, "{}", b.name);
+            r.delete(&key).await.expect("delete");
+        }
+        eprintln!(
+            "{}: {exists} of 40 creates reported Exists for their own object",
+            b.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_create_is_one_request_for_small_objects() {
+    let Some(options) = s3_options() else { return };
+    let store = S3Store::new(&options, unlimited()).expect("s3 store");
+    let large = random_bytes(options.multipart_threshold + 1);
+    match store.create("cond/large", large, Meta::new()).await {
+        Err(Error::Permanent { message, .. }) => {
+            assert!(message.contains("multipart threshold"), "{message}")
+        }
+        other => panic!("a create over the multipart threshold: {other:?}"),
+    }
+    assert!(store.head("cond/large").await.expect("head").is_none());
+}
+
+/// The status document says what the start-time check found: `honoured` for the directory
+/// store, `ignored` for Garage.
+#[tokio::test]
+async fn status_shows_whether_the_store_fences() {
+    let mut cases = vec![("dir", String::new(), "honoured")];
+    if let Some(options) = s3_options() {
+        let remote = format!(
+            "[remote]\nkind = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\nprefix = \"{}\"\n",
+            options.endpoint.as_deref().expect("endpoint"),
+            options.bucket,
+            options.region,
+            options.access_key_id.as_deref().expect("key id"),
+            options.secret_access_key.as_deref().expect("secret"),
+            options.prefix,
+        );
+        cases.push(("s3", remote, "ignored"));
+    }
+    for (name, extra, expected) in cases {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = common::free_port();
+        let config = common::write_config(dir.path(), port, &extra);
+        let config_arg = config.to_str().expect("utf-8");
+        let daemon = common::Daemon::start(&config, port, &[]);
+        let token = std::fs::read_to_string(dir.path().join("data/api-token")).expect("token");
+        let http = reqwest::Client::new();
+        let started = Instant::now();
+        let found = loop {
+            let status: serde_json::Value = http
+                .get(daemon.url("/api/v1/status"))
+                .bearer_auth(token.trim())
+                .send()
+                .await
+                .expect("status")
+                .json()
+                .await
+                .expect("json");
+            let found = status["remote"]["conditional_create"].clone();
+            if found != "unknown" || started.elapsed() > Duration::from_secs(30) {
+                break found;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(found, expected, "{name}");
+        let (ok, out, err) = common::firn(&["status", "--config", config_arg]);
+        assert!(ok, "{name}: firn status: {err}");
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("conditional put"))
+            .unwrap_or_else(|| panic!("{name}: no conditional put line in {out}"));
+        assert!(line.to_lowercase().contains(expected), "{name}: {line}");
+        assert!(daemon.stop().success(), "{name}");
+    }
+}
+
+/// A stand-in for an S3 store that honours `If-None-Match: *` (AWS S3 does; the test's Garage
+/// does not): PUTs only, answering an existing key with 412, and the first `conflicts` creates
+/// with 409 ConditionalRequestConflict, as AWS does while conditional writes race.
+struct FencingS3 {
+    endpoint: String,
+    conflicts: Arc<std::sync::atomic::AtomicU32>,
+    requests: Arc<std::sync::atomic::AtomicU32>,
+}
+
+async fn fencing_s3(conflicts: u32) -> FencingS3 {
+    use axum::http::{HeaderMap, StatusCode};
+    use std::sync::atomic::Ordering::SeqCst;
+    let objects = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<
+        String,
+        Bytes,
+    >::new()));
+    let conflicts = Arc::new(std::sync::atomic::AtomicU32::new(conflicts));
+    let requests = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let error = |status: StatusCode, code: &str| {
+        (
+            status,
+            format!(
+                "<?xml version=\"1.0\"?><Error><Code>{code}</Code><Message>{code}</Message></Error>"
+            ),
+        )
+    };
+    let (store, left, count) = (objects.clone(), conflicts.clone(), requests.clone());
+    let put = move |axum::extract::Path(key): axum::extract::Path<String>,
+                    headers: HeaderMap,
+                    body: Bytes| async move {
+        count.fetch_add(1, SeqCst);
+        let create = headers.get("if-none-match").is_some_and(|v| v == "*");
+        if create
+            && left
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(error(StatusCode::CONFLICT, "ConditionalRequestConflict"));
+        }
+        let mut objects = store.lock().expect("objects");
+        if create && objects.contains_key(&key) {
+            return Err(error(StatusCode::PRECONDITION_FAILED, "PreconditionFailed"));
+        }
+        objects.insert(key, body);
+        Ok([("etag", "\"fencing\"")])
+    };
+    let store = objects.clone();
+    let delete = move |axum::extract::Path(key): axum::extract::Path<String>| async move {
+        store.lock().expect("objects").remove(&key);
+        StatusCode::NO_CONTENT
+    };
+    let app = axum::Router::new().route("/{*key}", axum::routing::put(put).delete(delete));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    FencingS3 {
+        endpoint,
+        conflicts,
+        requests,
+    }
+}
+
+fn fencing_options(endpoint: &str) -> S3Options {
+    S3Options {
+        endpoint: Some(endpoint.to_string()),
+        bucket: "fencing".to_string(),
+        region: "us-east-1".to_string(),
+        prefix: String::new(),
+        path_style: true,
+        access_key_id: Some("id".to_string()),
+        secret_access_key: Some("secret".to_string()),
+        checksum: true,
+        multipart_threshold: 6 << 20,
+        part_size: 5 << 20,
+        part_concurrency: 4,
+        request_timeout: Duration::from_secs(10),
+    }
+}
+
+/// The S3 backend's side of create-if-absent, against a store that honours it: a 412 is
+/// `Exists` (not retried), a 409 ConditionalRequestConflict is retried until the store
+/// answers, and `probe_create` says "honoured".
+#[tokio::test]
+async fn the_s3_backend_reads_a_stores_refusal_as_exists() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let s3 = fencing_s3(0).await;
+    let store: Arc<dyn Remote> =
+        Arc::new(S3Store::new(&fencing_options(&s3.endpoint), unlimited()).expect("s3 store"));
+    assert!(
+        remote::probe_create(store.as_ref()).await.expect("probe"),
+        "a store that answers 412 was taken for one that overwrites"
+    );
+    let stack = stacked(&store, None);
+    let r = &stack.remote;
+    r.create("cond/a", Bytes::from_static(b"first"), Meta::new())
+        .await
+        .expect("first create");
+    let before = s3.requests.load(SeqCst);
+    let second = r
+        .create("cond/a", Bytes::from_static(b"second"), Meta::new())
+        .await;
+    assert!(
+        matches!(&second, Err(Error::Exists { key }) if key == "cond/a"),
+        "{second:?}"
+    );
+    assert_eq!(s3.requests.load(SeqCst) - before, 1, "a 412 was retried");
+
+    s3.conflicts.store(2, SeqCst);
+    let before = s3.requests.load(SeqCst);
+    r.create("cond/b", Bytes::from_static(b"b"), Meta::new())
+        .await
+        .expect("a create through two 409 conflicts");
+    assert_eq!(s3.requests.load(SeqCst) - before, 3);
+
+    // Straight on the backend (no retry wrapper), the conflict is a transient error.
+    s3.conflicts.store(1, SeqCst);
+    match store
+        .create("cond/c", Bytes::from_static(b"c"), Meta::new())
+        .await
+    {
+        Err(e @ Error::Transient { .. }) => {
+            assert!(e.to_string().contains("ConditionalRequestConflict"), "{e}")
+        }
+        other => panic!("a 409 ConditionalRequestConflict: {other:?}"),
+    }
+}

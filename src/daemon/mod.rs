@@ -22,17 +22,20 @@ use crate::local::meta::MetaStore;
 use crate::protocols::nbd::{Limits as NbdLimits, NbdMetrics, NbdServer, TlsAcceptor};
 use crate::remote::dir::DirStore;
 use crate::remote::faults::FaultPlan;
-use crate::remote::limit::Limiter;
+use crate::remote::limit::{Direction, Limiter, Rate};
 use crate::remote::metered::RemoteMetrics;
 use crate::remote::retry::RetryPolicy;
 use crate::remote::s3::{S3Options, S3Store};
 use crate::remote::{self, Remote};
 use crate::seal::{KeySource, MasterKey, Sealer};
 use config::{Config, RemoteKind};
+use status::ConditionalCreate;
 
 pub const TOKEN_FILE: &str = "api-token";
-const PROBE_KEY_PREFIX: &str = "firn-probe/";
+const PROBE_KEY_PREFIX: &str = remote::PROBE_PREFIX;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// For the three requests of [`remote::probe_create`].
+const CREATE_PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 const PROBE_EVERY: Duration = Duration::from_secs(15);
 
 /// The backend `config` names, without wrappers.
@@ -151,6 +154,8 @@ pub struct Gateway {
     pub registry: Registry,
     pub nbd_metrics: Arc<NbdMetrics>,
     pub health: RwLock<RemoteHealth>,
+    /// Found by `check_conditional_create` once the remote answers.
+    pub conditional_create: RwLock<ConditionalCreate>,
     pub audit: audit::Audit,
     calls: std::sync::atomic::AtomicU64,
     _lock: nix::fcntl::Flock<File>,
@@ -330,6 +335,7 @@ impl Gateway {
             registry,
             nbd_metrics,
             health: RwLock::new(health),
+            conditional_create: RwLock::new(ConditionalCreate::Unknown),
             audit,
             calls: std::sync::atomic::AtomicU64::new(0),
             _lock: lock,
@@ -359,11 +365,75 @@ impl Gateway {
         }
     }
 
+    /// Whether the store honours create-if-absent, into `conditional_create` (loudly when it
+    /// does not). `false` when it could not ask now (uploads are paused) and should later.
+    async fn check_conditional_create(&self) -> bool {
+        let target = self.config.remote_target();
+        if self.remote.limiter.rate_now(Direction::Upload) == Rate::Paused {
+            // The probe uploads a few bytes; it would wait for the pause to end.
+            tracing::info!(
+                "uploads are paused: whether remote {target} honours create-if-absent is checked when they resume"
+            );
+            return false;
+        }
+        let found = match tokio::time::timeout(
+            CREATE_PROBE_TIMEOUT,
+            remote::probe_create(self.remote.probe.as_ref()),
+        )
+        .await
+        {
+            Ok(Ok(true)) => ConditionalCreate::Honoured,
+            Ok(Ok(false)) => ConditionalCreate::Ignored,
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    "could not check whether remote {target} honours create-if-absent ({e}); status shows it as unknown until the remote is reachable again"
+                );
+                return true;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "could not check whether remote {target} honours create-if-absent (no answer within {CREATE_PROBE_TIMEOUT:?}); status shows it as unknown until the remote is reachable again"
+                );
+                return true;
+            }
+        };
+        match found {
+            ConditionalCreate::Ignored => {
+                tracing::warn!("remote {target}: {}", status::IGNORED_WARNING);
+                println!("WARNING: remote {target}: {}", status::IGNORED_WARNING);
+            }
+            _ => tracing::info!(
+                "remote {target} honours create-if-absent: a second create of an object is refused"
+            ),
+        }
+        *self
+            .conditional_create
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = found;
+        true
+    }
+
+    /// Probes the remote every `PROBE_EVERY`; checks create-if-absent at start when the
+    /// remote answers, else when it first does (and again after each outage while unknown).
     async fn watch_remote(self: Arc<Self>) {
+        let mut check_create = self
+            .health
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .reachable;
         loop {
+            if check_create {
+                check_create = !self.check_conditional_create().await;
+            }
             tokio::time::sleep(PROBE_EVERY).await;
             let outcome = probe(self.remote.probe.as_ref()).await;
             let mut health = self.health.write().unwrap_or_else(|e| e.into_inner());
+            let unknown = *self
+                .conditional_create
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                == ConditionalCreate::Unknown;
+            check_create = outcome.is_ok() && unknown && (check_create || !health.reachable);
             if health.reachable != outcome.is_ok() {
                 match &outcome {
                     Ok(()) => {

@@ -29,7 +29,29 @@ pub struct RemoteStatus {
     pub downloaded_bytes: u64,
     pub upload_limit: String,
     pub download_limit: String,
+    /// Absent from the answers of older daemons: `unknown`.
+    #[serde(default)]
+    pub conditional_create: ConditionalCreate,
 }
+
+/// Whether the store refuses a second create of one key (S3 `If-None-Match: *`), which is
+/// what fences two gateways off one volume; found once the remote answers, by
+/// [`crate::remote::probe_create`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConditionalCreate {
+    /// Not checked yet (the remote has not answered, or the check failed).
+    #[default]
+    Unknown,
+    /// A second create fails: creates fence.
+    Honoured,
+    /// The store overwrote: creates do not fence.
+    Ignored,
+}
+
+/// Said when the store overwrites on a create, at start and in `firn status`.
+pub const IGNORED_WARNING: &str = "this object store ignores If-None-Match: two gateways could \
+                                   write one volume at once; takeovers need --force";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LocalStatus {
@@ -84,6 +106,10 @@ impl Status {
                 downloaded_bytes: gateway.remote.metrics.bytes_total("download"),
                 upload_limit: limiter.rate_now(Direction::Upload).to_string(),
                 download_limit: limiter.rate_now(Direction::Download).to_string(),
+                conditional_create: *gateway
+                    .conditional_create
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner()),
             },
             local: LocalStatus {
                 used_bytes: used,
@@ -118,6 +144,15 @@ impl Status {
                     "UNREACHABLE ({})",
                     r.last_error.as_deref().unwrap_or("no answer")
                 )
+            }
+        );
+        out += &format!(
+            "conditional put {}\n",
+            match r.conditional_create {
+                ConditionalCreate::Honoured =>
+                    "honoured (a second create of an object is refused)".to_string(),
+                ConditionalCreate::Ignored => format!("IGNORED: {IGNORED_WARNING}"),
+                ConditionalCreate::Unknown => "unknown (not checked yet)".to_string(),
             }
         );
         out += &format!(
