@@ -61,8 +61,9 @@ enum VolumeCommand {
         /// Size, e.g. 10G or 512MiB; a multiple of 4 KiB.
         #[arg(long)]
         size: String,
-        /// local: kept on this gateway's disk only (scratch).
-        #[arg(long, default_value = "local")]
+        /// cached: the data lives in the bucket, hot data cached here, writes uploaded in the
+        /// background; local: kept on this gateway's disk only (scratch).
+        #[arg(long, default_value = "cached")]
         mode: String,
         #[arg(long)]
         read_only: bool,

@@ -201,7 +201,7 @@ struct CreateVolume {
 }
 
 fn default_mode() -> Mode {
-    Mode::Local
+    Mode::Cached
 }
 
 async fn list_volumes(State(gateway): Shared) -> Response {
@@ -252,7 +252,14 @@ async fn create_volume(State(gateway): Shared, body: axum::body::Bytes) -> Respo
 
 async fn show_volume(State(gateway): Shared, Path(name): Path<String>) -> Response {
     match gateway.volumes.get(&name) {
-        Ok(Some(info)) => Json(info).into_response(),
+        Ok(Some(info)) => {
+            let mut shown = serde_json::to_value(&info).unwrap_or_default();
+            if let Some(status) = gateway.volumes.cached_status(&name) {
+                shown["cache"] = serde_json::to_value(status).unwrap_or_default();
+            }
+            shown["attached"] = gateway.volumes.in_use(&name).unwrap_or(false).into();
+            Json(shown).into_response()
+        }
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no volume named {name:?}")),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }

@@ -19,6 +19,7 @@ pub struct Config {
     pub local: LocalConfig,
     pub http: HttpConfig,
     pub nbd: NbdConfig,
+    pub volumes: VolumesConfig,
     pub keys: KeySource,
     /// Fault injection for drills; absent in production.
     pub faults: Option<FaultSettings>,
@@ -154,6 +155,66 @@ pub struct NbdConfig {
     pub memory: ByteSize,
     /// Seconds a reply may wait for a client that takes none of it; then the connection ends.
     pub send_timeout_secs: u64,
+}
+
+/// Cached volumes: their log, cache and commits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VolumesConfig {
+    /// Size at which a log segment is closed and uploaded as one object.
+    pub segment_size: ByteSize,
+    /// Most bytes of a volume's log not yet in the bucket; writes wait beyond it.
+    pub log_max: ByteSize,
+    /// Most local bytes of a volume's clean, uploaded data kept as its read cache.
+    pub cache_max: ByteSize,
+    /// Milliseconds a completed flush may wait before its segment is closed and committed.
+    pub commit_interval_ms: u64,
+    /// A checkpoint of the volume's map is written every this many segments.
+    pub checkpoint_segments: u64,
+    /// Seconds a read of data that only the bucket holds may wait before failing (EIO).
+    pub read_timeout_secs: u64,
+}
+
+impl Default for VolumesConfig {
+    fn default() -> Self {
+        let settings = crate::engines::volume::cached::Settings::default();
+        VolumesConfig {
+            segment_size: ByteSize(settings.segment_bytes),
+            log_max: ByteSize(settings.log_max),
+            cache_max: ByteSize(settings.cache_max),
+            commit_interval_ms: settings.commit_interval.as_millis() as u64,
+            checkpoint_segments: settings.checkpoint_segments,
+            read_timeout_secs: settings.read_timeout.as_secs(),
+        }
+    }
+}
+
+impl VolumesConfig {
+    pub fn settings(&self) -> Result<crate::engines::volume::cached::Settings, String> {
+        let record = crate::engines::volume::cached::record::MAX_RECORD as u64;
+        if self.segment_size.0 < (1 << 20) || self.segment_size.0 > (64 << 20) {
+            return Err("[volumes] segment_size must be between 1MiB and 64MiB".into());
+        }
+        if self.log_max.0 < 2 * (self.segment_size.0 + record) {
+            return Err(format!(
+                "[volumes] log_max must hold at least two segments ({} bytes)",
+                2 * (self.segment_size.0 + record)
+            ));
+        }
+        if self.checkpoint_segments == 0 || self.read_timeout_secs == 0 {
+            return Err(
+                "[volumes] checkpoint_segments and read_timeout_secs must be positive".into(),
+            );
+        }
+        Ok(crate::engines::volume::cached::Settings {
+            segment_bytes: self.segment_size.0,
+            log_max: self.log_max.0,
+            cache_max: self.cache_max.0,
+            commit_interval: Duration::from_millis(self.commit_interval_ms),
+            checkpoint_segments: self.checkpoint_segments,
+            read_timeout: Duration::from_secs(self.read_timeout_secs),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use prometheus_client::registry::Registry;
 
-use crate::engines::volume::catalog::Catalog;
+use crate::engines::volume::catalog::{BucketContext, Catalog};
 use crate::local::meta::MetaStore;
 use crate::protocols::nbd::{Limits as NbdLimits, NbdMetrics, NbdServer, TlsAcceptor};
 use crate::remote::dir::DirStore;
@@ -229,10 +229,8 @@ impl Gateway {
             config.local.min_free.0,
             config.local.max_bytes.map(|m| m.0),
         ));
-        let volumes = Arc::new(
-            Catalog::new(meta.clone(), data_dir.join("volumes"), sealer.clone())?
-                .with_space_budget(space),
-        );
+        let volumes = Catalog::new(meta.clone(), data_dir.join("volumes"), sealer.clone())?
+            .with_space_budget(space);
         let gateway_id = match meta.get("gateway", "id")? {
             Some(id) => String::from_utf8_lossy(&id).into_owned(),
             None => {
@@ -259,6 +257,15 @@ impl Gateway {
         let (audit, recovery) = audit::Audit::open(&data_dir.join("audit.log"))?;
         audit::report_recovery(audit.path(), &recovery);
         // Nothing serves yet, so no volume can be half made.
+        let mut registry = Registry::default();
+        let remote = open_remote(&config, &mut registry)?;
+        let settings = config.volumes.settings().map_err(anyhow::Error::msg)?;
+        let volumes = Arc::new(volumes.with_bucket(BucketContext {
+            remote: remote.remote.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            gateway: gateway_id.clone(),
+            settings,
+        }));
         let recovered = volumes.recover()?;
         for path in &recovered.removed {
             tracing::warn!(path = %path.display(), "removed the file of a volume create or delete that a crash interrupted");
@@ -281,6 +288,10 @@ impl Gateway {
             .iter()
             .map(|block| config::Cidr::parse(block).map_err(anyhow::Error::msg))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        // Cached volumes stay open: their uploads resume now, attached or not.
+        for (name, e) in volumes.open_cached_volumes() {
+            tracing::error!(volume = %name, "cannot open the cached volume: {e}");
+        }
         let exports = Arc::new(nbd::VolumeExports::new(
             volumes.clone(),
             allow,
@@ -295,8 +306,6 @@ impl Gateway {
             println!("  {token}");
         }
 
-        let mut registry = Registry::default();
-        let remote = open_remote(&config, &mut registry)?;
         let nbd_metrics = Arc::new(NbdMetrics::new(&mut registry));
         let health = match probe(remote.probe.as_ref()).await {
             Ok(()) => RemoteHealth {

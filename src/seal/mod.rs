@@ -62,6 +62,7 @@ pub struct Sealer {
     data_key: Secret<32>,
     address_key: Secret<32>,
     volume_root: Secret<32>,
+    log_root: Secret<32>,
     key_id: u32,
 }
 
@@ -79,6 +80,7 @@ impl Sealer {
             data_key: master.derive("firn seal data key v1"),
             address_key: master.derive("firn content address key v1"),
             volume_root: master.derive("firn volume sector key v1"),
+            log_root: master.derive("firn volume log key v1"),
             key_id: 0,
         }
     }
@@ -94,6 +96,16 @@ impl Sealer {
     pub fn volume_key(&self, volume_id: &str) -> Secret<64> {
         Secret::new_with(|key| {
             let mut hasher = blake3::Hasher::new_keyed(&self.volume_root);
+            hasher.update(volume_id.as_bytes());
+            hasher.finalize_xof().fill(key);
+            zeroize::Zeroize::zeroize(&mut hasher);
+        })
+    }
+
+    /// The 256-bit XChaCha20-Poly1305 key of one cached volume's log segments.
+    pub fn log_key(&self, volume_id: &str) -> Secret<32> {
+        Secret::new_with(|key| {
+            let mut hasher = blake3::Hasher::new_keyed(&self.log_root);
             hasher.update(volume_id.as_bytes());
             hasher.finalize_xof().fill(key);
             zeroize::Zeroize::zeroize(&mut hasher);

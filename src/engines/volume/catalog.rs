@@ -21,8 +21,9 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
-use super::Mode;
+use super::cached::{self, CachedVolume};
 use super::local::{self, LocalVolume, LocalVolumeError};
+use super::{BlockDevice, Mode};
 use crate::local::meta::{MetaError, MetaStore};
 use crate::local::space::SpaceBudget;
 use crate::local::sync_parent_dir;
@@ -150,6 +151,11 @@ pub enum CatalogError {
         source: std::io::Error,
     },
 
+    #[error(
+        "volume {name:?}: cached volumes need the bucket, which this catalog was opened without"
+    )]
+    NoBucket { name: String },
+
     #[error("listing volumes: {source}")]
     List {
         #[source]
@@ -163,9 +169,22 @@ pub struct Catalog {
     dir: PathBuf,
     sealer: Arc<Sealer>,
     space: Option<Arc<SpaceBudget>>,
-    /// Open volumes by id. All users of a volume must share one `LocalVolume`, whose locks
-    /// keep partial-sector writes from different connections from losing each other.
-    open: Mutex<HashMap<String, Weak<LocalVolume>>>,
+    bucket: Option<BucketContext>,
+    /// Open volumes by id. All users of a volume must share one device, whose locks keep
+    /// partial-sector writes from different connections from losing each other.
+    open: Mutex<HashMap<String, Weak<dyn BlockDevice>>>,
+    /// Cached volumes stay open while the daemon runs, attached or not: their uploads go on.
+    pinned: Mutex<HashMap<String, Arc<CachedVolume>>>,
+}
+
+/// What cached volumes need from the daemon: the bucket, the runtime their uploads run on,
+/// this gateway's id, and their settings.
+#[derive(Clone, Debug)]
+pub struct BucketContext {
+    pub remote: Arc<dyn crate::remote::Remote>,
+    pub runtime: tokio::runtime::Handle,
+    pub gateway: String,
+    pub settings: cached::Settings,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -204,8 +223,16 @@ impl Catalog {
             dir,
             sealer,
             space: None,
+            bucket: None,
             open: Mutex::new(HashMap::new()),
+            pinned: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Cached volumes keep their data in `bucket`.
+    pub fn with_bucket(mut self, bucket: BucketContext) -> Catalog {
+        self.bucket = Some(bucket);
+        self
     }
 
     /// Volumes opened from now on take new space only as `budget` allows.
@@ -278,6 +305,23 @@ impl Catalog {
                     });
                 }
             }
+            Mode::Cached => {
+                if self.bucket.is_none() {
+                    let _ = self.meta.delete(INTENTS, &info.id);
+                    return Err(CatalogError::NoBucket {
+                        name: name.to_string(),
+                    });
+                }
+                let made = std::fs::DirBuilder::new()
+                    .mode(0o700)
+                    .create(&path)
+                    .and_then(|()| sync_parent_dir(&path));
+                if let Err(source) = made {
+                    let _ = std::fs::remove_dir(&path);
+                    let _ = self.meta.delete(INTENTS, &info.id);
+                    return Err(CatalogError::Directory { path, source });
+                }
+            }
         }
         let inserted = self.meta.transaction(|tx| {
             if tx.get(TABLE, name)?.is_some() {
@@ -288,13 +332,19 @@ impl Catalog {
             Ok(true)
         });
         let failure = match inserted {
-            Ok(true) => return Ok(info),
+            Ok(true) => {
+                if info.mode == Mode::Cached {
+                    // Its uploader starts now, and first puts the descriptor in the bucket.
+                    self.open(name)?;
+                }
+                return Ok(info);
+            }
             Ok(false) => CatalogError::Exists {
                 name: name.to_string(),
             },
             Err(source) => meta_error(name, source),
         };
-        match std::fs::remove_file(&path) {
+        match remove_volume_path(&path) {
             // The intent goes only with the file: if either stays, the next start finishes.
             Ok(()) => {
                 let _ = self.meta.delete(INTENTS, &info.id);
@@ -352,11 +402,12 @@ impl Catalog {
             if known.contains(id) {
                 continue;
             }
-            let path = self.dir.join(format!("{id}.img"));
-            match std::fs::remove_file(&path) {
-                Ok(()) => recovered.removed.push(path),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(CatalogError::Remove { name, path, source }),
+            for path in [self.dir.join(format!("{id}.img")), self.dir.join(id)] {
+                match remove_volume_path(&path) {
+                    Ok(()) => recovered.removed.push(path),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(source) => return Err(CatalogError::Remove { name, path, source }),
+                }
             }
         }
         if !recovered.removed.is_empty() {
@@ -390,10 +441,14 @@ impl Catalog {
             .mode(0o700)
             .create(&folder)
             .map_err(quarantine_error)?;
-        let mut target = folder.join(format!("{id}.img"));
+        let leaf = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| format!("{id}.img"));
+        let mut target = folder.join(&leaf);
         let mut n = 1;
         while target.exists() {
-            target = folder.join(format!("{id}.img.{n}"));
+            target = folder.join(format!("{leaf}.{n}"));
             n += 1;
         }
         std::fs::rename(path, &target).map_err(quarantine_error)?;
@@ -412,14 +467,15 @@ impl Catalog {
         let mut files = Vec::new();
         for entry in std::fs::read_dir(&self.dir).map_err(directory_error)? {
             let path = entry.map_err(directory_error)?.path();
-            let Some(id) = path
-                .file_name()
-                .and_then(|name| name.to_str())
-                .and_then(|name| name.strip_suffix(".img"))
-            else {
+            let Some(name) = path.file_name().and_then(|name| name.to_str()) else {
                 continue;
             };
-            if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) && path.is_file() {
+            // A local volume's file, or a cached volume's directory.
+            let (id, kind_ok) = match name.strip_suffix(".img") {
+                Some(id) => (id, path.is_file()),
+                None => (name, path.is_dir()),
+            };
+            if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) && kind_ok {
                 files.push((id.to_string(), path));
             }
         }
@@ -478,8 +534,14 @@ impl Catalog {
             Err(source) => return Err(meta_error(name, source)),
         };
         self.open_volumes().remove(&info.id);
+        let pinned = self.pinned_volumes().remove(&info.id);
+        drop(pinned);
+        if info.mode == Mode::Cached {
+            self.delete_bucket_objects(&info);
+            let _ = self.meta.delete(cached::PROGRESS_TABLE, &info.id);
+        }
         let path = self.path(&info);
-        match std::fs::remove_file(&path) {
+        match remove_volume_path(&path) {
             Ok(()) => {}
             // A crash or an operator got there first; the volume is gone either way.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -500,7 +562,7 @@ impl Catalog {
     }
 
     /// The volume, open for I/O. While a handle is alive, every `open` returns the same one.
-    pub fn open(&self, name: &str) -> Result<Arc<LocalVolume>, CatalogError> {
+    pub fn open(&self, name: &str) -> Result<Arc<dyn BlockDevice>, CatalogError> {
         let info = self.get(name)?.ok_or_else(|| CatalogError::NotFound {
             name: name.to_string(),
         })?;
@@ -515,7 +577,7 @@ impl Catalog {
         if let Some(volume) = open.get(&info.id).and_then(Weak::upgrade) {
             return Ok(volume);
         }
-        let volume = match info.mode {
+        let volume: Arc<dyn BlockDevice> = match info.mode {
             Mode::Local => {
                 let key = self.sealer.volume_key(&info.id);
                 let mut volume =
@@ -528,13 +590,94 @@ impl Catalog {
                 if let Some(budget) = &self.space {
                     volume.set_space_budget(budget.clone());
                 }
+                Arc::new(volume)
+            }
+            Mode::Cached => {
+                let volume = self.open_cached(&info)?;
+                self.pinned_volumes()
+                    .insert(info.id.clone(), volume.clone());
                 volume
             }
         };
-        let volume = Arc::new(volume);
         open.retain(|_, handle| handle.strong_count() > 0);
         open.insert(info.id, Arc::downgrade(&volume));
         Ok(volume)
+    }
+
+    fn open_cached(&self, info: &VolumeInfo) -> Result<Arc<CachedVolume>, CatalogError> {
+        let bucket = self.bucket.as_ref().ok_or_else(|| CatalogError::NoBucket {
+            name: info.name.clone(),
+        })?;
+        let volume = CachedVolume::open(cached::OpenParams {
+            id: info.id.clone(),
+            name: info.name.clone(),
+            size: info.size,
+            read_only: info.read_only,
+            created: info.created.clone(),
+            dir: self.path(info),
+            sealer: self.sealer.clone(),
+            meta: self.meta.clone(),
+            bucket: cached::Bucket {
+                remote: bucket.remote.clone(),
+                prefix: format!("volumes/{}/", info.id),
+                runtime: bucket.runtime.clone(),
+                gateway: bucket.gateway.clone(),
+            },
+            settings: bucket.settings.clone(),
+        })
+        .map_err(|source| CatalogError::Directory {
+            path: self.path(info),
+            source,
+        })?;
+        Ok(Arc::new(volume))
+    }
+
+    /// Opens every cached volume, so that their uploads resume. Call at start.
+    pub fn open_cached_volumes(&self) -> Vec<(String, CatalogError)> {
+        let mut failed = Vec::new();
+        for info in self.list().unwrap_or_default() {
+            if info.mode == Mode::Cached
+                && let Err(e) = self.open(&info.name)
+            {
+                failed.push((info.name.clone(), e));
+            }
+        }
+        failed
+    }
+
+    /// A cached volume's upload state, if it is one and open.
+    pub fn cached_status(&self, name: &str) -> Option<cached::CachedStatus> {
+        let info = self.get(name).ok()??;
+        let pinned = self.pinned_volumes();
+        pinned.get(&info.id).map(|volume| volume.status())
+    }
+
+    /// The open cached volume itself (tests and tools wait on its commits).
+    pub fn cached(&self, name: &str) -> Option<Arc<CachedVolume>> {
+        let info = self.get(name).ok()??;
+        self.pinned_volumes().get(&info.id).cloned()
+    }
+
+    /// Deletes a cached volume's objects: the descriptor first, so that no gateway finds a
+    /// half-deleted volume, then the rest. Best effort: what stays is reported.
+    fn delete_bucket_objects(&self, info: &VolumeInfo) {
+        let Some(bucket) = &self.bucket else { return };
+        let remote = bucket.remote.clone();
+        let prefix = format!("volumes/{}/", info.id);
+        let outcome = bucket.runtime.block_on(async move {
+            remote.delete(&format!("{prefix}descriptor")).await?;
+            for object in remote.list(&prefix).await? {
+                remote.delete(&object.key).await?;
+            }
+            Ok::<(), crate::remote::Error>(())
+        });
+        if let Err(e) = outcome {
+            tracing::warn!(
+                volume = %info.name,
+                "some of the volume's objects under volumes/{}/ are still in the bucket ({e}); delete them by hand",
+                info.id
+            );
+        }
     }
 
     /// Whether a handle from `open` is alive for the volume (a client has it attached).
@@ -543,23 +686,41 @@ impl Catalog {
             return Ok(false);
         };
         let open = self.open_volumes();
+        // A cached volume's pinned handle is one of them.
+        let own = usize::from(info.mode == Mode::Cached);
         Ok(open
             .get(&info.id)
-            .is_some_and(|handle| handle.strong_count() > 0))
+            .is_some_and(|handle| handle.strong_count() > own))
     }
 
-    /// Where the volume's file is.
+    /// Where the volume's file (local) or directory (cached) is.
     pub fn path(&self, info: &VolumeInfo) -> PathBuf {
-        self.dir.join(format!("{}.img", info.id))
+        match info.mode {
+            Mode::Local => self.dir.join(format!("{}.img", info.id)),
+            Mode::Cached => self.dir.join(&info.id),
+        }
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    fn open_volumes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Weak<LocalVolume>>> {
+    fn open_volumes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Weak<dyn BlockDevice>>> {
         // The map stays consistent whatever a panicking holder was doing.
         self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn pinned_volumes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<CachedVolume>>> {
+        self.pinned.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Removes a local volume's file or a cached volume's directory.
+fn remove_volume_path(path: &Path) -> std::io::Result<()> {
+    if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
     }
 }
 
@@ -603,7 +764,7 @@ fn check_name(name: &str) -> Result<(), CatalogError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engines::volume::{BlockDevice, BlockError};
+    use crate::engines::volume::BlockError;
     use crate::seal::MasterKey;
 
     struct Fixture {
@@ -868,7 +1029,9 @@ mod tests {
         let f = fixture();
         let info = f.catalog.create("v", 4096, Mode::Local, false).unwrap();
         std::fs::remove_file(f.catalog.path(&info)).unwrap();
-        let err = f.catalog.open("v").unwrap_err();
+        let Err(err) = f.catalog.open("v") else {
+            panic!("opened")
+        };
         assert!(matches!(err, CatalogError::File { .. }), "{err}");
         assert!(err.to_string().contains(&info.id), "{err}");
 

@@ -1,6 +1,7 @@
 //! Block volumes. [`BlockDevice`] is the one trait the NBD door talks to; the volumes behind
 //! it (today the local volume, next the cached and stored ones) implement it.
 
+pub mod cached;
 pub mod catalog;
 pub mod local;
 
@@ -103,6 +104,8 @@ pub trait BlockDevice: Send + Sync {
 pub enum Mode {
     /// Kept on the local disk only: scratch space.
     Local,
+    /// Lives in the bucket; written through an ordered local log, hot data cached locally.
+    Cached,
 }
 
 /// Checks that `offset..offset + length` lies inside a device of `size` bytes.

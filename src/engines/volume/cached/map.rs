@@ -1,0 +1,302 @@
+//! The cached volume's map: which bytes of the volume live where.
+//!
+//! A sorted set of non-overlapping pieces keyed by their first byte. A piece is either zeros
+//! (a trim or an all-zero write: a record with no data) or a stretch of one log record's data.
+//! Bytes no piece covers were never written and read as zeros. A write replaces whatever it
+//! covers, splitting the pieces at its ends, so the map always says what the newest record of
+//! each byte is: the map is updated in log order, under the log's lock.
+//!
+//! Memory is one B-tree entry per piece (about 40 bytes): it grows with the number of distinct
+//! writes that are still live, not with the volume's size.
+
+use std::collections::BTreeMap;
+
+/// Where a piece's bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// Reads as zeros.
+    Zero,
+    /// Reads as zeros, but was written as zeros without leave to unmap
+    /// (NBD_CMD_FLAG_NO_HOLE): block status calls it data.
+    ZeroData,
+    /// In the data of the record whose header is at byte `pos` of segment `segment`; the
+    /// record holds `rec_len` bytes and this piece starts `skip` bytes into them.
+    Data {
+        segment: u64,
+        pos: u32,
+        rec_len: u32,
+        skip: u32,
+    },
+}
+
+impl Place {
+    /// The same place moved `by` bytes further into its record.
+    fn advanced(self, by: u64) -> Place {
+        match self {
+            Place::Zero | Place::ZeroData => self,
+            Place::Data {
+                segment,
+                pos,
+                rec_len,
+                skip,
+            } => Place::Data {
+                segment,
+                pos,
+                rec_len,
+                skip: skip + by as u32,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    pub len: u64,
+    pub place: Place,
+}
+
+/// A stretch of a lookup's answer: `len` bytes at `offset`, at `place` (`None`: never written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub offset: u64,
+    pub len: u64,
+    pub place: Option<Place>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Map {
+    pieces: BTreeMap<u64, Piece>,
+}
+
+impl Map {
+    pub fn new() -> Map {
+        Map::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.pieces.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
+    /// Every piece in order, as (offset, piece).
+    pub fn iter(&self) -> impl Iterator<Item = (u64, Piece)> + '_ {
+        self.pieces.iter().map(|(&offset, &piece)| (offset, piece))
+    }
+
+    /// Makes `offset..offset + len` read from `place`, replacing what was there.
+    pub fn insert(&mut self, offset: u64, len: u64, place: Place) {
+        if len == 0 {
+            return;
+        }
+        let end = offset + len;
+        self.cut_out(offset, end);
+        // Neighbouring zeros merge, so repeated trims keep the map small.
+        if place == Place::Zero {
+            let mut start = offset;
+            let mut stop = end;
+            if let Some((&before, piece)) = self.pieces.range(..offset).next_back()
+                && piece.place == Place::Zero
+                && before + piece.len == offset
+            {
+                start = before;
+                self.pieces.remove(&before);
+            }
+            if let Some(piece) = self.pieces.get(&end)
+                && piece.place == Place::Zero
+            {
+                stop = end + piece.len;
+                self.pieces.remove(&end);
+            }
+            self.pieces.insert(
+                start,
+                Piece {
+                    len: stop - start,
+                    place: Place::Zero,
+                },
+            );
+            return;
+        }
+        self.pieces.insert(offset, Piece { len, place });
+    }
+
+    /// Removes every byte of `start..end` from the map, splitting pieces at the ends.
+    fn cut_out(&mut self, start: u64, end: u64) {
+        // A piece that begins before `start` and reaches into the range.
+        if let Some((&before, &piece)) = self.pieces.range(..start).next_back()
+            && before + piece.len > start
+        {
+            let piece_end = before + piece.len;
+            self.pieces.insert(
+                before,
+                Piece {
+                    len: start - before,
+                    place: piece.place,
+                },
+            );
+            if piece_end > end {
+                self.pieces.insert(
+                    end,
+                    Piece {
+                        len: piece_end - end,
+                        place: piece.place.advanced(end - before),
+                    },
+                );
+                return;
+            }
+        }
+        // Pieces that begin inside the range: dropped, the last one's tail kept.
+        let inside: Vec<u64> = self.pieces.range(start..end).map(|(&o, _)| o).collect();
+        for offset in inside {
+            let Some(piece) = self.pieces.remove(&offset) else {
+                continue;
+            };
+            let piece_end = offset + piece.len;
+            if piece_end > end {
+                self.pieces.insert(
+                    end,
+                    Piece {
+                        len: piece_end - end,
+                        place: piece.place.advanced(end - offset),
+                    },
+                );
+            }
+        }
+    }
+
+    /// What covers `offset..offset + len`, in order, without gaps.
+    pub fn lookup(&self, offset: u64, len: u64) -> Vec<Span> {
+        let end = offset + len;
+        let mut spans = Vec::new();
+        let mut at = offset;
+        let first = self
+            .pieces
+            .range(..=offset)
+            .next_back()
+            .filter(|(o, p)| **o + p.len > offset)
+            .map(|(o, _)| *o)
+            .unwrap_or(offset);
+        for (&start, piece) in self.pieces.range(first..end) {
+            let piece_end = start + piece.len;
+            if start > at {
+                spans.push(Span {
+                    offset: at,
+                    len: start - at,
+                    place: None,
+                });
+                at = start;
+            }
+            let stop = piece_end.min(end);
+            if stop > at {
+                spans.push(Span {
+                    offset: at,
+                    len: stop - at,
+                    place: Some(piece.place.advanced(at - start)),
+                });
+                at = stop;
+            }
+        }
+        if at < end {
+            spans.push(Span {
+                offset: at,
+                len: end - at,
+                place: None,
+            });
+        }
+        spans
+    }
+
+    /// Drops everything at or past `size` (a volume never shrinks; used when loading).
+    pub fn truncate(&mut self, size: u64) {
+        self.cut_out(size, u64::MAX);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The model: one tag per byte. 0 = never written, 1 = zero, n + 2 = record n's data at
+    /// skip (encoded as n * 1000 + skip).
+    fn apply(model: &mut [u64], offset: u64, len: u64, place: Place) {
+        for i in 0..len {
+            model[(offset + i) as usize] = match place {
+                Place::Zero | Place::ZeroData => 1,
+                Place::Data { segment, skip, .. } => 2 + segment * 1000 + skip as u64 + i,
+            };
+        }
+    }
+
+    fn read(map: &Map, offset: u64, len: u64) -> Vec<u64> {
+        let mut out = Vec::new();
+        let spans = map.lookup(offset, len);
+        let mut at = offset;
+        for span in spans {
+            assert_eq!(span.offset, at, "gap or overlap in {:?}", map);
+            at += span.len;
+            for i in 0..span.len {
+                out.push(match span.place {
+                    None => 0,
+                    Some(Place::Zero | Place::ZeroData) => 1,
+                    Some(Place::Data { segment, skip, .. }) => 2 + segment * 1000 + skip as u64 + i,
+                });
+            }
+        }
+        assert_eq!(at, offset + len);
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn the_map_answers_as_a_byte_model_does(
+            ops in prop::collection::vec((0u64..200, 1u64..60, any::<bool>()), 1..60),
+            probes in prop::collection::vec((0u64..250, 1u64..60), 1..10),
+        ) {
+            let size = 260;
+            let mut model = vec![0u64; size + 60];
+            let mut map = Map::new();
+            for (n, &(offset, len, zero)) in ops.iter().enumerate() {
+                let place = if zero {
+                    Place::Zero
+                } else {
+                    Place::Data { segment: n as u64 + 1, pos: 0, rec_len: len as u32, skip: 0 }
+                };
+                map.insert(offset, len, place);
+                apply(&mut model, offset, len, place);
+            }
+            for (offset, len) in probes {
+                prop_assert_eq!(read(&map, offset, len), model[offset as usize..(offset + len) as usize].to_vec());
+            }
+            // Pieces never overlap and zeros next to zeros are merged.
+            let pieces: Vec<_> = map.iter().collect();
+            for pair in pieces.windows(2) {
+                prop_assert!(pair[0].0 + pair[0].1.len <= pair[1].0);
+                if pair[0].1.place == Place::Zero && pair[1].1.place == Place::Zero {
+                    prop_assert!(pair[0].0 + pair[0].1.len < pair[1].0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn trimming_everything_leaves_one_piece() {
+        let mut map = Map::new();
+        for i in 0..100 {
+            map.insert(
+                i * 8192,
+                4096,
+                Place::Data {
+                    segment: 1,
+                    pos: i as u32 * 4200,
+                    rec_len: 4096,
+                    skip: 0,
+                },
+            );
+        }
+        map.insert(0, 1 << 41, Place::Zero);
+        assert_eq!(map.len(), 1);
+    }
+}

@@ -1,0 +1,828 @@
+//! The cached volume (mode `cached`): a disk whose data lives in the bucket, written through
+//! an ordered local log.
+//!
+//! Every write is appended to the volume's log, a run of numbered segment files on the
+//! gateway's disk (format in `record.rs` and docs/format.md), and acknowledged; the map
+//! (`map.rs`) then names the record as the newest content of those bytes. Log order, map
+//! order and acknowledgement order agree: one lock covers the append and the map update.
+//! FLUSH is an fdatasync of every segment written since the last one (concurrent flushes
+//! share one), and its position in the log is a *cut*: a point at which the log is a state
+//! the volume really had.
+//!
+//! In the background, the uploader (`uploader.rs`) closes segments (when full, or when they
+//! have held a cut for a while), uploads them in order as immutable objects, and then
+//! *commits*: it creates `commits/<n>` naming the newest cut that lies in uploaded segments.
+//! The bucket image is therefore always the volume as of a completed FLUSH. Now and then it
+//! writes a checkpoint of the map, so that neither a restart nor a restore replays the whole
+//! history. Uploaded segments stay on local disk as the clean cache, and are deleted oldest
+//! first when the cache is over its size; a read of evicted data fetches just the frames it
+//! needs with a ranged GET, verifies them, and keeps them in the segment's (now sparse) file.
+//!
+//! Dirty data is never evicted: a segment file is only deleted once it is in the bucket and a
+//! checkpoint covers it. When the not-yet-uploaded part of the log reaches its cap, writes
+//! wait for the uploader; they do not fail.
+
+pub mod map;
+pub mod record;
+mod state;
+mod uploader;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use self::map::{Map, Place};
+use self::record::{FRAME, HEADER_LEN, Kind, LogKey, MAX_RECORD, RecordHeader, TAG_LEN};
+pub use self::state::{CachedStatus, Progress};
+use super::{BlockDevice, BlockError, BlockResult, Extent, check_range};
+use crate::local::meta::MetaStore;
+use crate::remote::Remote;
+use crate::seal::Sealer;
+
+/// The metadata-store table of each cached volume's upload progress.
+pub const PROGRESS_TABLE: &str = "cached-volumes";
+/// Open segment files kept at once; more are opened per read.
+const OPEN_FILES: usize = 128;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// How a cached volume behaves; from `[volumes]` in the config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// A segment is closed once it holds this much.
+    pub segment_bytes: u64,
+    /// Most log bytes not yet uploaded; writes wait beyond it.
+    pub log_max: u64,
+    /// Most local bytes of clean (uploaded) segments kept as the read cache.
+    pub cache_max: u64,
+    /// A segment holding a cut is closed and uploaded after this long, bounding how old the
+    /// bucket's image can get under a steady load.
+    pub commit_interval: Duration,
+    /// A checkpoint of the map is written every this many segments.
+    pub checkpoint_segments: u64,
+    /// How long a read of data only the bucket has may wait for it before failing with EIO.
+    pub read_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            segment_bytes: 8 << 20,
+            log_max: 2 << 30,
+            cache_max: 4 << 30,
+            commit_interval: Duration::from_secs(1),
+            checkpoint_segments: 64,
+            read_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// The bucket side of a volume: where its objects go, and the runtime the uploader and
+/// read-through fetches run on.
+#[derive(Clone, Debug)]
+pub struct Bucket {
+    pub remote: Arc<dyn Remote>,
+    /// `volumes/<id>/`.
+    pub prefix: String,
+    pub runtime: tokio::runtime::Handle,
+    /// This gateway's id, written into commits.
+    pub gateway: String,
+}
+
+impl Bucket {
+    fn segment_key(&self, seq: u64) -> String {
+        format!("{}segments/{seq:016x}", self.prefix)
+    }
+    fn commit_key(&self, n: u64) -> String {
+        format!("{}commits/{n:016x}", self.prefix)
+    }
+    fn checkpoint_key(&self, seq: u64) -> String {
+        format!("{}checkpoints/{seq:016x}", self.prefix)
+    }
+    fn descriptor_key(&self) -> String {
+        format!("{}descriptor", self.prefix)
+    }
+}
+
+/// A position in the log: segment and byte within it. Ordered as the log is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Cut {
+    pub segment: u64,
+    pub end: u64,
+}
+
+/// The volume's descriptor, kept sealed in the bucket so that another gateway can find the
+/// volume (docs/format.md, "Cached volume objects").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Descriptor {
+    pub format: u32,
+    pub id: String,
+    pub name: String,
+    pub size: u64,
+    pub created: String,
+}
+
+/// A commit: the bucket image is the checkpoint `checkpoint` (0: none, the empty volume)
+/// with the segments of `runs` replayed over it, the last one only up to `cut.end`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Commit {
+    pub format: u32,
+    pub volume: String,
+    pub n: u64,
+    pub size: u64,
+    pub checkpoint: u64,
+    /// Inclusive ranges of segment numbers, in log order.
+    pub runs: Vec<(u64, u64)>,
+    pub cut: Cut,
+    pub gateway: String,
+    /// Seconds since the epoch.
+    pub time: u64,
+}
+
+/// The map as of the end of segment `segment`, with the salts of every segment it names.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Checkpoint {
+    pub segment: u64,
+    pub next_record: u64,
+    pub size: u64,
+    pub map: Map,
+    pub salts: BTreeMap<u64, [u8; 16]>,
+}
+
+/// The open segment and where the next record goes.
+struct Writer {
+    seq: u64,
+    salt: [u8; 16],
+    file: Arc<File>,
+    end: u64,
+    opened: Instant,
+    next_record: u64,
+    /// Closed segments written since the last flush: the next flush syncs them.
+    unsynced: Vec<Arc<File>>,
+    /// A segment file was created since the last flush: its directory needs a sync.
+    dir_dirty: bool,
+}
+
+struct Inner {
+    id: String,
+    name: String,
+    size: u64,
+    read_only: bool,
+    dir: PathBuf,
+    key: LogKey,
+    sealer: Arc<Sealer>,
+    meta: Arc<MetaStore>,
+    bucket: Bucket,
+    settings: Settings,
+    log: Mutex<Writer>,
+    map: RwLock<Map>,
+    salts: RwLock<BTreeMap<u64, [u8; 16]>>,
+    files: Mutex<HashMap<u64, Arc<File>>>,
+    /// Held by the flush that syncs; others wait on it and usually find their work done.
+    sync: Mutex<Cut>,
+    /// The first failed sync: every later flush and write fails with it.
+    failed: Mutex<Option<String>>,
+    state: Mutex<state::State>,
+    /// Signalled when log space frees up (an upload finished) or the volume stops.
+    room: Condvar,
+    /// Wakes the uploader: a segment closed, a flush completed.
+    wake: tokio::sync::Notify,
+    /// Wakes the uploader from a pause after an error, to stop.
+    stopping: tokio::sync::Notify,
+}
+
+/// A cached volume. Dropping it stops its uploader; what was not uploaded stays in the log
+/// for the next open.
+pub struct CachedVolume {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for CachedVolume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedVolume")
+            .field("id", &self.inner.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for CachedVolume {
+    fn drop(&mut self) {
+        lock(&self.inner.state).stopped = true;
+        self.inner.room.notify_all();
+        self.inner.wake.notify_one();
+        self.inner.stopping.notify_one();
+    }
+}
+
+/// Everything needed to open one cached volume.
+pub struct OpenParams {
+    pub id: String,
+    pub name: String,
+    pub size: u64,
+    pub read_only: bool,
+    pub created: String,
+    pub dir: PathBuf,
+    pub sealer: Arc<Sealer>,
+    pub meta: Arc<MetaStore>,
+    pub bucket: Bucket,
+    pub settings: Settings,
+}
+
+fn segment_name(seq: u64) -> String {
+    format!("{seq:016x}")
+}
+
+fn io_error(what: &str, e: impl std::fmt::Display) -> BlockError {
+    BlockError::Io(format!("{what}: {e}"))
+}
+
+impl CachedVolume {
+    /// Opens (creating if new) the volume in `params.dir`: loads the local checkpoint,
+    /// replays the segments after it (cutting a torn tail), syncs what it found, opens a new
+    /// segment, and starts the uploader.
+    pub fn open(params: OpenParams) -> io::Result<CachedVolume> {
+        let OpenParams {
+            id,
+            name,
+            size,
+            read_only,
+            created,
+            dir,
+            sealer,
+            meta,
+            bucket,
+            settings,
+        } = params;
+        let segments_dir = dir.join("segments");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&segments_dir)?;
+        crate::local::sync_parent_dir(&segments_dir)?;
+        crate::local::sync_parent_dir(&dir)?;
+        let key = LogKey::new(sealer.log_key(&id));
+        let progress: Progress = meta
+            .get_json(PROGRESS_TABLE, &id)
+            .map_err(io::Error::other)?
+            .unwrap_or_default();
+
+        let checkpoint = state::load_local_checkpoint(&dir, &sealer, &id)?.unwrap_or_default();
+        let mut map = checkpoint.map;
+        map.truncate(size);
+        let mut salts = checkpoint.salts;
+        let mut next_record = checkpoint.next_record.max(1);
+        let uploaded = progress.uploaded;
+        let replayed = state::replay(
+            &segments_dir,
+            &key,
+            checkpoint.segment,
+            uploaded,
+            &mut map,
+            &mut salts,
+            &mut next_record,
+        )?;
+        let last = replayed.last.max(checkpoint.segment).max(uploaded);
+        let mut state = state::State::new(progress, checkpoint.segment);
+        state.local_bytes = replayed.local_bytes;
+        state.dirty_bytes = replayed.dirty();
+        state.sealed_upto = last;
+        if let Some(cut) = replayed.cut {
+            // What survived is a state the volume had; synced by the replay, it is a cut.
+            state.cuts.insert(cut.segment, cut.end);
+        }
+        state.sealed = replayed.sizes;
+        state.cached = replayed.cached;
+
+        let seq = last + 1;
+        let (file, salt) = state::create_segment(&segments_dir, &key, seq)?;
+        crate::local::sync_parent_dir(&segments_dir.join(segment_name(seq)))?;
+        salts.insert(seq, salt);
+        let file = Arc::new(file);
+        state.local_bytes += HEADER_LEN as u64;
+        state.dirty_bytes += HEADER_LEN as u64;
+        let mut files = HashMap::new();
+        files.insert(seq, file.clone());
+        let inner = Arc::new(Inner {
+            id,
+            name,
+            size,
+            read_only,
+            dir,
+            key,
+            sealer,
+            meta,
+            bucket,
+            settings,
+            log: Mutex::new(Writer {
+                seq,
+                salt,
+                file,
+                end: HEADER_LEN as u64,
+                opened: Instant::now(),
+                next_record,
+                unsynced: Vec::new(),
+                dir_dirty: false,
+            }),
+            map: RwLock::new(map),
+            salts: RwLock::new(salts),
+            files: Mutex::new(files),
+            sync: Mutex::new(Cut {
+                segment: seq,
+                end: HEADER_LEN as u64,
+            }),
+            failed: Mutex::new(None),
+            state: Mutex::new(state),
+            room: Condvar::new(),
+            wake: tokio::sync::Notify::new(),
+            stopping: tokio::sync::Notify::new(),
+        });
+        let descriptor = Descriptor {
+            format: 1,
+            id: inner.id.clone(),
+            name: inner.name.clone(),
+            size: inner.size,
+            created,
+        };
+        inner
+            .bucket
+            .runtime
+            .spawn(uploader::run(inner.clone(), descriptor));
+        Ok(CachedVolume { inner })
+    }
+
+    /// What the volume's status shows.
+    pub fn status(&self) -> CachedStatus {
+        self.inner.status()
+    }
+
+    /// Waits until the bucket holds a commit at or past every flush completed so far, or
+    /// `timeout` passes. True if it does.
+    pub fn wait_committed(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = lock(&self.inner.state);
+        loop {
+            // Cuts leave the list once a commit covers them.
+            if state.cuts.is_empty() {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = self
+                .inner
+                .room
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+impl Inner {
+    fn status(&self) -> CachedStatus {
+        let state = lock(&self.state);
+        CachedStatus {
+            cached_bytes: state.local_bytes,
+            dirty_bytes: state.dirty_bytes,
+            uploaded_segment: state.progress.uploaded,
+            commit: state.progress.commit,
+            committed: state.committed,
+            last_commit_age_secs: state
+                .last_commit
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .map(|d| d.as_secs_f64()),
+            checkpoint: state.checkpoint,
+            fenced: state.fenced.clone(),
+            last_error: state.last_error.clone(),
+            bytes_uploaded: state.bytes_uploaded,
+            bytes_downloaded: state.bytes_downloaded,
+            map_pieces: self
+                .map
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len() as u64,
+        }
+    }
+
+    fn check_writable(&self) -> BlockResult<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        if let Some(e) = lock(&self.failed).as_ref() {
+            return Err(BlockError::Io(format!(
+                "an earlier flush failed ({e}); writes acknowledged before it may be lost: reattach the volume"
+            )));
+        }
+        if lock(&self.state).fenced.is_some() {
+            return Err(BlockError::ReadOnly);
+        }
+        Ok(())
+    }
+
+    /// Waits while the log holds `log_max` bytes that are not uploaded yet.
+    fn wait_for_room(&self, bytes: u64) -> BlockResult<()> {
+        let mut state = lock(&self.state);
+        while state.dirty_bytes > 0 && state.dirty_bytes + bytes > self.settings.log_max {
+            if state.stopped {
+                return Err(BlockError::Io("the volume is closing".into()));
+            }
+            state.queued_writes += 1;
+            state = self
+                .room
+                .wait_timeout(state, Duration::from_secs(1))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            state.queued_writes -= 1;
+        }
+        Ok(())
+    }
+
+    /// Appends one record and maps it. `data` is empty for a zero record.
+    fn append(&self, kind: Kind, offset: u64, length: u64, data: &[u8]) -> BlockResult<()> {
+        let bytes = record::record_len(kind, length);
+        self.wait_for_room(bytes)?;
+        let mut w = lock(&self.log);
+        if w.end > HEADER_LEN as u64 && w.end + bytes > self.settings.segment_bytes {
+            self.roll(&mut w)
+                .map_err(|e| io_error("opening a new log segment", e))?;
+        }
+        let pos = w.end as u32;
+        let header = RecordHeader {
+            kind,
+            offset,
+            length,
+            seq: w.next_record,
+        };
+        let mut sealed = Vec::with_capacity(bytes as usize);
+        self.key
+            .seal_record(&w.salt, pos, &header, data, &mut sealed);
+        w.file.write_all_at(&sealed, w.end)?;
+        w.end += bytes;
+        w.next_record += 1;
+        let place = match kind {
+            Kind::Zero => Place::Zero,
+            Kind::ZeroData => Place::ZeroData,
+            Kind::Write => Place::Data {
+                segment: w.seq,
+                pos,
+                rec_len: length as u32,
+                skip: 0,
+            },
+        };
+        self.map
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(offset, length, place);
+        let mut state = lock(&self.state);
+        state.dirty_bytes += bytes;
+        state.local_bytes += bytes;
+        state.bytes_written += length;
+        Ok(())
+    }
+
+    /// Closes the open segment and opens the next. Called with the log locked, so the map
+    /// is exactly the state at the end of the closed segment: a checkpoint taken here is
+    /// consistent.
+    fn roll(&self, w: &mut Writer) -> io::Result<()> {
+        let seq = w.seq + 1;
+        let (file, salt) = state::create_segment(&self.dir.join("segments"), &self.key, seq)?;
+        let file = Arc::new(file);
+        let old = std::mem::replace(&mut w.file, file.clone());
+        w.unsynced.push(old);
+        w.dir_dirty = true;
+        let closed = w.seq;
+        let closed_len = w.end;
+        w.seq = seq;
+        w.salt = salt;
+        w.end = HEADER_LEN as u64;
+        w.opened = Instant::now();
+        self.salts
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(seq, salt);
+        {
+            let mut files = lock(&self.files);
+            if files.len() >= OPEN_FILES {
+                files.clear();
+            }
+            files.insert(seq, file);
+        }
+        let mut state = lock(&self.state);
+        state.sealed.insert(closed, closed_len);
+        let _ = closed_len;
+        state.sealed_upto = closed;
+        state.dirty_bytes += HEADER_LEN as u64;
+        state.local_bytes += HEADER_LEN as u64;
+        if state.pending_checkpoint.is_none()
+            && closed >= state.checkpoint + self.settings.checkpoint_segments
+        {
+            state.pending_checkpoint = Some(Checkpoint {
+                segment: closed,
+                next_record: w.next_record,
+                size: self.size,
+                map: self
+                    .map
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone(),
+                salts: self
+                    .salts
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone(),
+            });
+        }
+        drop(state);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    fn flush(&self) -> BlockResult<()> {
+        if let Some(e) = lock(&self.failed).as_ref() {
+            return Err(BlockError::Io(format!("an earlier flush failed: {e}")));
+        }
+        let target = {
+            let w = lock(&self.log);
+            Cut {
+                segment: w.seq,
+                end: w.end,
+            }
+        };
+        let mut synced = lock(&self.sync);
+        if *synced >= target {
+            return Ok(());
+        }
+        let (files, dir_dirty, cut) = {
+            let mut w = lock(&self.log);
+            let mut files = std::mem::take(&mut w.unsynced);
+            files.push(w.file.clone());
+            let dir_dirty = std::mem::take(&mut w.dir_dirty);
+            (
+                files,
+                dir_dirty,
+                Cut {
+                    segment: w.seq,
+                    end: w.end,
+                },
+            )
+        };
+        let result = (|| {
+            for file in &files {
+                file.sync_data()?;
+            }
+            if dir_dirty {
+                File::open(self.dir.join("segments"))?.sync_all()?;
+            }
+            io::Result::Ok(())
+        })();
+        if let Err(e) = result {
+            let message = e.to_string();
+            *lock(&self.failed) = Some(message.clone());
+            return Err(BlockError::Io(format!("flushing the log: {message}")));
+        }
+        *synced = cut;
+        drop(synced);
+        let mut state = lock(&self.state);
+        let end = state.cuts.entry(cut.segment).or_insert(0);
+        *end = (*end).max(cut.end);
+        drop(state);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// The segment's file, if it is on local disk.
+    fn file(&self, seq: u64) -> Option<Arc<File>> {
+        if let Some(file) = lock(&self.files).get(&seq) {
+            return Some(file.clone());
+        }
+        let path = self.dir.join("segments").join(segment_name(seq));
+        let file = Arc::new(OpenOptions::new().read(true).write(true).open(path).ok()?);
+        let mut files = lock(&self.files);
+        if files.len() >= OPEN_FILES {
+            files.clear();
+        }
+        files.insert(seq, file.clone());
+        Some(file)
+    }
+
+    fn salt(&self, seq: u64) -> BlockResult<[u8; 16]> {
+        self.salts
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&seq)
+            .copied()
+            .ok_or_else(|| BlockError::Io(format!("segment {seq} is unknown to the map")))
+    }
+
+    /// `out.len()` bytes of a record's data, starting `skip` bytes into it.
+    fn read_data(
+        &self,
+        segment: u64,
+        pos: u32,
+        rec_len: u32,
+        skip: u32,
+        out: &mut [u8],
+    ) -> BlockResult<()> {
+        let salt = self.salt(segment)?;
+        let first = skip as u64 / FRAME as u64;
+        let last = (skip as u64 + out.len() as u64 - 1) / FRAME as u64;
+        let last_len = (rec_len as u64 - last * FRAME as u64).min(FRAME as u64);
+        let start = record::frame_pos(pos, first);
+        let end = record::frame_pos(pos, last) + last_len + TAG_LEN as u64;
+        let mut sealed = vec![0u8; (end - start) as usize];
+        let within = (skip as u64 - first * FRAME as u64) as usize;
+        if let Some(file) = self.file(segment)
+            && file.read_exact_at(&mut sealed, start).is_ok()
+            && let Ok(n) = self
+                .key
+                .open_frames(&salt, pos, rec_len, first, &mut sealed)
+        {
+            out.copy_from_slice(&sealed[within..within + out.len()]);
+            debug_assert!(within + out.len() <= n);
+            lock(&self.state).cache_hits += 1;
+            return Ok(());
+        }
+        // Not here, or not whole: it must be in the bucket.
+        {
+            let mut state = lock(&self.state);
+            state.cache_misses += 1;
+            if segment > state.progress.uploaded {
+                return Err(BlockError::Io(format!(
+                    "segment {segment} of volume {} is damaged on local disk and was never uploaded",
+                    self.name
+                )));
+            }
+        }
+        let fetched = self.fetch(segment, start..end)?;
+        sealed.copy_from_slice(&fetched);
+        self.key
+            .open_frames(&salt, pos, rec_len, first, &mut sealed)
+            .map_err(|e| {
+                BlockError::Io(format!(
+                    "segment {segment} of volume {} from the bucket: {e}",
+                    self.name
+                ))
+            })?;
+        out.copy_from_slice(&sealed[within..within + out.len()]);
+        // Kept for the next read: the segment's file, sparse where nothing was fetched.
+        let keep = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(self.dir.join("segments").join(segment_name(segment)))
+            .and_then(|file| file.write_all_at(&fetched, start));
+        match keep {
+            Ok(()) => lock(&self.state).local_bytes += fetched.len() as u64,
+            Err(e) => tracing::debug!(volume = %self.name, "not caching fetched frames: {e}"),
+        }
+        Ok(())
+    }
+
+    /// A ranged GET of a segment, bounded by the read timeout.
+    fn fetch(&self, segment: u64, range: std::ops::Range<u64>) -> BlockResult<bytes::Bytes> {
+        let key = self.bucket.segment_key(segment);
+        let remote = self.bucket.remote.clone();
+        let timeout = self.settings.read_timeout;
+        let len = range.end - range.start;
+        let fetched = self.bucket.runtime.block_on(async move {
+            tokio::time::timeout(timeout, remote.get_range(&key, range)).await
+        });
+        match fetched {
+            Ok(Ok(bytes)) if bytes.len() as u64 == len => {
+                lock(&self.state).bytes_downloaded += len;
+                Ok(bytes)
+            }
+            Ok(Ok(bytes)) => Err(BlockError::Io(format!(
+                "segment {segment}: the bucket returned {} bytes, asked for {len}",
+                bytes.len()
+            ))),
+            Ok(Err(e)) => Err(BlockError::Io(format!(
+                "reading segment {segment} of volume {} from the bucket: {e}",
+                self.name
+            ))),
+            Err(_) => Err(BlockError::Io(format!(
+                "reading segment {segment} of volume {} from the bucket: no answer within {:?}",
+                self.name, timeout
+            ))),
+        }
+    }
+}
+
+impl BlockDevice for CachedVolume {
+    fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.inner.read_only
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
+        check_range(offset, buf.len() as u64, self.inner.size)?;
+        let spans = self
+            .inner
+            .map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .lookup(offset, buf.len() as u64);
+        for span in spans {
+            let at = (span.offset - offset) as usize;
+            let out = &mut buf[at..at + span.len as usize];
+            match span.place {
+                None | Some(Place::Zero | Place::ZeroData) => out.fill(0),
+                Some(Place::Data {
+                    segment,
+                    pos,
+                    rec_len,
+                    skip,
+                }) => self.inner.read_data(segment, pos, rec_len, skip, out)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()> {
+        check_range(offset, data.len() as u64, self.inner.size)?;
+        self.inner.check_writable()?;
+        let mut at = 0;
+        while at < data.len() {
+            let chunk = &data[at..(at + MAX_RECORD).min(data.len())];
+            let offset = offset + at as u64;
+            // An all-zero write is a zero record: no data in the log or the bucket.
+            if chunk.iter().all(|&b| b == 0) {
+                self.inner
+                    .append(Kind::Zero, offset, chunk.len() as u64, &[])?;
+            } else {
+                self.inner
+                    .append(Kind::Write, offset, chunk.len() as u64, chunk)?;
+            }
+            at += chunk.len();
+        }
+        if fua {
+            self.inner.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> BlockResult<()> {
+        self.inner.flush()
+    }
+
+    fn trim(&self, offset: u64, length: u64) -> BlockResult<()> {
+        self.write_zeroes(offset, length, true)
+    }
+
+    fn write_zeroes(&self, offset: u64, length: u64, may_trim: bool) -> BlockResult<()> {
+        check_range(offset, length, self.inner.size)?;
+        self.inner.check_writable()?;
+        if length == 0 {
+            return Ok(());
+        }
+        let kind = if may_trim { Kind::Zero } else { Kind::ZeroData };
+        self.inner.append(kind, offset, length, &[])
+    }
+
+    fn extents(&self, offset: u64, length: u64) -> BlockResult<Vec<Extent>> {
+        check_range(offset, length, self.inner.size)?;
+        let spans = self
+            .inner
+            .map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .lookup(offset, length);
+        let mut extents: Vec<Extent> = Vec::new();
+        for span in spans {
+            let hole = matches!(span.place, None | Some(Place::Zero));
+            let zero = hole || span.place == Some(Place::ZeroData);
+            match extents.last_mut() {
+                Some(last) if last.hole == hole && last.zero == zero => last.length += span.len,
+                _ => extents.push(Extent {
+                    length: span.len,
+                    hole,
+                    zero,
+                }),
+            }
+            // Block status answers are bounded; the client asks again for the rest.
+            if extents.len() >= 1024 {
+                break;
+            }
+        }
+        Ok(extents)
+    }
+}
+
+/// Validates a volume directory path (used by the catalog).
+pub fn volume_dir(volumes_dir: &Path, id: &str) -> PathBuf {
+    volumes_dir.join(id)
+}

@@ -1,0 +1,489 @@
+//! The cached volume's bookkeeping: upload progress, the local checkpoint, and the replay of
+//! the log at open.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
+use std::time::SystemTime;
+
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+use super::map::{Map, Place};
+use super::record::{self, FormatError, HEADER_LEN, Kind, LogKey};
+use super::{Checkpoint, Cut, segment_name};
+use crate::seal::Sealer;
+
+/// What survives a restart in the metadata store: how far the upload got.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Every segment up to this one is in the bucket (0: none).
+    pub uploaded: u64,
+    /// The number of the newest commit in the bucket (0: none).
+    pub commit: u64,
+    /// Where that commit cuts the log.
+    pub committed: Option<Cut>,
+    /// The segment the newest checkpoint covers (0: none).
+    pub checkpoint: u64,
+    /// The newest few checkpoints in the bucket, oldest first: a commit names the newest
+    /// one that lies wholly before its cut.
+    #[serde(default)]
+    pub checkpoints: Vec<u64>,
+}
+
+/// What `firn volume show` tells about a cached volume.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CachedStatus {
+    /// Bytes of segment files on local disk (dirty and clean).
+    pub cached_bytes: u64,
+    /// Log bytes not in the bucket yet: the upload backlog.
+    pub dirty_bytes: u64,
+    pub uploaded_segment: u64,
+    pub commit: u64,
+    pub committed: Option<Cut>,
+    /// Seconds since the newest commit was made (the recovery point's age), if one was
+    /// made since the volume was opened.
+    pub last_commit_age_secs: Option<f64>,
+    pub checkpoint: u64,
+    /// Set when another gateway took the volume over: it is read-only here, and its local
+    /// log is kept for the operator.
+    pub fenced: Option<String>,
+    /// The uploader's last failure, cleared by its next success.
+    pub last_error: Option<String>,
+    pub bytes_uploaded: u64,
+    pub bytes_downloaded: u64,
+    pub map_pieces: u64,
+}
+
+pub(super) struct State {
+    pub progress: Progress,
+    pub checkpoint: u64,
+    /// A consistent map taken at a segment's close, waiting for that segment's upload.
+    pub pending_checkpoint: Option<Checkpoint>,
+    /// Closed or open segments not uploaded yet, with their sizes.
+    pub sealed: BTreeMap<u64, u64>,
+    /// The newest closed segment.
+    pub sealed_upto: u64,
+    /// Uploaded segments still on local disk, with the bytes they take there.
+    pub cached: BTreeMap<u64, u64>,
+    /// Cuts (segment → furthest completed flush in it) not yet committed.
+    pub cuts: BTreeMap<u64, u64>,
+    pub committed: Option<Cut>,
+    pub last_commit: Option<SystemTime>,
+    pub dirty_bytes: u64,
+    pub local_bytes: u64,
+    pub bytes_written: u64,
+    pub bytes_uploaded: u64,
+    pub bytes_downloaded: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub queued_writes: u64,
+    pub fenced: Option<String>,
+    pub last_error: Option<String>,
+    pub stopped: bool,
+}
+
+impl State {
+    pub fn new(progress: Progress, checkpoint: u64) -> State {
+        State {
+            checkpoint: checkpoint.max(progress.checkpoint),
+            committed: progress.committed,
+            progress,
+            pending_checkpoint: None,
+            sealed: BTreeMap::new(),
+            sealed_upto: 0,
+            cached: BTreeMap::new(),
+            cuts: BTreeMap::new(),
+            last_commit: None,
+            dirty_bytes: 0,
+            local_bytes: 0,
+            bytes_written: 0,
+            bytes_uploaded: 0,
+            bytes_downloaded: 0,
+            cache_hits: 0,
+            cache_misses: 0,
+            queued_writes: 0,
+            fenced: None,
+            last_error: None,
+            stopped: false,
+        }
+    }
+}
+
+/// Creates segment `seq` with a fresh salt and its header written.
+pub(super) fn create_segment(dir: &Path, key: &LogKey, seq: u64) -> io::Result<(File, [u8; 16])> {
+    let mut salt = [0u8; 16];
+    rand::rng().fill_bytes(&mut salt);
+    let path = dir.join(segment_name(seq));
+    // A leftover of a crash that never got a header synced holds nothing: replace it.
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(&key.segment_header(seq, &salt), 0)?;
+    Ok((file, salt))
+}
+
+/// What replaying the local log found.
+#[derive(Debug, Default)]
+pub(super) struct Replayed {
+    /// The newest segment with records (0: none after the checkpoint).
+    pub last: u64,
+    /// The end of the log: a cut, once synced.
+    pub cut: Option<Cut>,
+    pub local_bytes: u64,
+    /// Segments not uploaded, with their sizes.
+    pub sizes: BTreeMap<u64, u64>,
+    /// Uploaded segments on local disk, with their sizes.
+    pub cached: BTreeMap<u64, u64>,
+}
+
+impl Replayed {
+    pub fn dirty(&self) -> u64 {
+        self.sizes.values().sum()
+    }
+}
+
+/// Replays the segments after `checkpoint` into `map` in order. Records of segments not
+/// uploaded yet are verified in full (a power loss may have kept a record's header and lost
+/// its data); the first damaged or missing record ends the log: its segment is cut there and
+/// every later segment file is set aside as `<name>.damaged`. What remains is synced.
+pub(super) fn replay(
+    dir: &Path,
+    key: &LogKey,
+    checkpoint: u64,
+    uploaded: u64,
+    map: &mut Map,
+    salts: &mut BTreeMap<u64, [u8; 16]>,
+    next_record: &mut u64,
+) -> io::Result<Replayed> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.len() == 16
+            && let Ok(seq) = u64::from_str_radix(name, 16)
+        {
+            found.push(seq);
+        }
+    }
+    found.sort_unstable();
+    let mut replayed = Replayed::default();
+    let mut broken = false;
+    let mut expected = checkpoint + 1;
+    for seq in found {
+        let path = dir.join(segment_name(seq));
+        if seq <= checkpoint {
+            let bytes = std::fs::metadata(&path)?.blocks() * 512;
+            replayed.local_bytes += bytes;
+            replayed.cached.insert(seq, bytes);
+            continue;
+        }
+        if broken || seq != expected {
+            set_aside(&path)?;
+            broken = true;
+            continue;
+        }
+        let bytes = std::fs::read(&path)?;
+        let verify = seq > uploaded;
+        match replay_segment(key, seq, &bytes, verify, map, salts, next_record) {
+            Ok((end, damaged)) => {
+                if damaged {
+                    tracing::warn!(
+                        segment = seq,
+                        "the log of a cached volume ends in a torn record at byte {end} (a crash before a flush); cut there"
+                    );
+                    let file = OpenOptions::new().write(true).open(&path)?;
+                    file.set_len(end)?;
+                    file.sync_all()?;
+                    broken = true;
+                } else {
+                    File::open(&path)?.sync_data()?;
+                }
+                replayed.last = seq;
+                replayed.cut = Some(Cut { segment: seq, end });
+                replayed.local_bytes += end;
+                if seq > uploaded {
+                    replayed.sizes.insert(seq, end);
+                } else {
+                    replayed.cached.insert(seq, end);
+                }
+                expected = seq + 1;
+            }
+            Err(_) => {
+                // No valid header: created, but nothing of it reached the disk.
+                set_aside(&path)?;
+                broken = true;
+            }
+        }
+    }
+    File::open(dir)?.sync_all()?;
+    Ok(replayed)
+}
+
+fn set_aside(path: &Path) -> io::Result<()> {
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".damaged");
+    tracing::warn!(
+        "log segment {} follows a damaged or missing one; kept aside as {}",
+        path.display(),
+        Path::new(&aside).display()
+    );
+    std::fs::rename(path, aside)
+}
+
+/// Replays one segment's records; the end of the valid records, and whether damage (rather
+/// than the file's end) stopped the replay.
+fn replay_segment(
+    key: &LogKey,
+    seq: u64,
+    bytes: &[u8],
+    verify: bool,
+    map: &mut Map,
+    salts: &mut BTreeMap<u64, [u8; 16]>,
+    next_record: &mut u64,
+) -> Result<(u64, bool), FormatError> {
+    let salt = key.open_segment_header(seq, bytes)?;
+    salts.insert(seq, salt);
+    let mut pos = HEADER_LEN;
+    let mut scratch = Vec::new();
+    while pos < bytes.len() {
+        let Ok(header) = key.open_record_header(&salt, pos as u32, &bytes[pos..]) else {
+            return Ok((pos as u64, true));
+        };
+        let len = record::record_len(header.kind, header.length) as usize;
+        if pos + len > bytes.len() {
+            return Ok((pos as u64, true));
+        }
+        if verify && header.kind == Kind::Write {
+            scratch.clear();
+            scratch.extend_from_slice(&bytes[pos + HEADER_LEN..pos + len]);
+            if key
+                .open_frames(&salt, pos as u32, header.length as u32, 0, &mut scratch)
+                .is_err()
+            {
+                return Ok((pos as u64, true));
+            }
+        }
+        let place = match header.kind {
+            Kind::Zero => Place::Zero,
+            Kind::ZeroData => Place::ZeroData,
+            Kind::Write => Place::Data {
+                segment: seq,
+                pos: pos as u32,
+                rec_len: header.length as u32,
+                skip: 0,
+            },
+        };
+        map.insert(header.offset, header.length, place);
+        *next_record = (*next_record).max(header.seq + 1);
+        pos += len;
+    }
+    Ok((pos as u64, false))
+}
+
+const CHECKPOINT_MAGIC: &[u8; 4] = b"FCP1";
+const CHECKPOINT_FILE: &str = "checkpoint";
+
+fn checkpoint_context(id: &str) -> Vec<u8> {
+    format!("firn volume checkpoint {id}").into_bytes()
+}
+
+/// The checkpoint's plain bytes: magic, segment, next record, size, the salts, the pieces.
+pub(super) fn encode_checkpoint(checkpoint: &Checkpoint) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + checkpoint.salts.len() * 24 + checkpoint.map.len() * 37);
+    out.extend_from_slice(CHECKPOINT_MAGIC);
+    for word in [
+        checkpoint.segment,
+        checkpoint.next_record,
+        checkpoint.size,
+        checkpoint.salts.len() as u64,
+    ] {
+        out.extend_from_slice(&word.to_le_bytes());
+    }
+    for (seq, salt) in &checkpoint.salts {
+        out.extend_from_slice(&seq.to_le_bytes());
+        out.extend_from_slice(salt);
+    }
+    out.extend_from_slice(&(checkpoint.map.len() as u64).to_le_bytes());
+    for (offset, piece) in checkpoint.map.iter() {
+        out.extend_from_slice(&offset.to_le_bytes());
+        out.extend_from_slice(&piece.len.to_le_bytes());
+        match piece.place {
+            Place::Zero | Place::ZeroData => {
+                out.push(if piece.place == Place::Zero { 0 } else { 2 });
+                out.extend_from_slice(&[0; 20]);
+            }
+            Place::Data {
+                segment,
+                pos,
+                rec_len,
+                skip,
+            } => {
+                out.push(1);
+                out.extend_from_slice(&segment.to_le_bytes());
+                out.extend_from_slice(&pos.to_le_bytes());
+                out.extend_from_slice(&rec_len.to_le_bytes());
+                out.extend_from_slice(&skip.to_le_bytes());
+            }
+        }
+    }
+    out
+}
+
+/// Reads fields off the front of a byte slice.
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+}
+
+pub(super) fn decode_checkpoint(bytes: &[u8]) -> Option<Checkpoint> {
+    let mut c = Cursor(bytes);
+    if c.take(4)? != CHECKPOINT_MAGIC {
+        return None;
+    }
+    let segment = c.u64()?;
+    let next_record = c.u64()?;
+    let size = c.u64()?;
+    let salt_count = c.u64()?;
+    let mut salts = BTreeMap::new();
+    for _ in 0..salt_count {
+        let seq = c.u64()?;
+        let salt: [u8; 16] = c.take(16)?.try_into().ok()?;
+        salts.insert(seq, salt);
+    }
+    let pieces = c.u64()?;
+    let mut map = Map::new();
+    for _ in 0..pieces {
+        let offset = c.u64()?;
+        let len = c.u64()?;
+        let kind = c.take(1)?[0];
+        let place = match kind {
+            0 | 2 => {
+                c.take(20)?;
+                if kind == 0 {
+                    Place::Zero
+                } else {
+                    Place::ZeroData
+                }
+            }
+            1 => Place::Data {
+                segment: c.u64()?,
+                pos: c.u32()?,
+                rec_len: c.u32()?,
+                skip: c.u32()?,
+            },
+            _ => return None,
+        };
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return None;
+        }
+        map.insert(offset, len, place);
+    }
+    if !c.0.is_empty() {
+        return None;
+    }
+    Some(Checkpoint {
+        segment,
+        next_record,
+        size,
+        map,
+        salts,
+    })
+}
+
+pub(super) fn seal_checkpoint(sealer: &Sealer, id: &str, checkpoint: &Checkpoint) -> Vec<u8> {
+    sealer.seal(&checkpoint_context(id), &encode_checkpoint(checkpoint))
+}
+
+pub(super) fn open_checkpoint(sealer: &Sealer, id: &str, sealed: &[u8]) -> io::Result<Checkpoint> {
+    let plain = sealer
+        .open(&checkpoint_context(id), sealed)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("checkpoint: {e}")))?;
+    decode_checkpoint(&plain)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "checkpoint: malformed"))
+}
+
+pub(super) fn load_local_checkpoint(
+    dir: &Path,
+    sealer: &Sealer,
+    id: &str,
+) -> io::Result<Option<Checkpoint>> {
+    match std::fs::read(dir.join(CHECKPOINT_FILE)) {
+        Ok(sealed) => open_checkpoint(sealer, id, &sealed).map(Some),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Replaces the local checkpoint atomically (write aside, sync, rename, sync the directory).
+pub(super) fn store_local_checkpoint(dir: &Path, sealed: &[u8]) -> io::Result<()> {
+    let temporary = dir.join(format!("{CHECKPOINT_FILE}.new"));
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)?;
+    use std::io::Write;
+    (&file).write_all(sealed)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, dir.join(CHECKPOINT_FILE))?;
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoints_read_back() {
+        let mut map = Map::new();
+        map.insert(0, 4096, Place::Zero);
+        map.insert(
+            8192,
+            100,
+            Place::Data {
+                segment: 3,
+                pos: 64,
+                rec_len: 100,
+                skip: 0,
+            },
+        );
+        let mut salts = BTreeMap::new();
+        salts.insert(3, [9; 16]);
+        let checkpoint = Checkpoint {
+            segment: 3,
+            next_record: 17,
+            size: 1 << 30,
+            map,
+            salts,
+        };
+        let bytes = encode_checkpoint(&checkpoint);
+        assert_eq!(decode_checkpoint(&bytes), Some(checkpoint));
+        for cut in 0..bytes.len() {
+            assert!(decode_checkpoint(&bytes[..cut]).is_none());
+        }
+    }
+}

@@ -1,0 +1,414 @@
+//! The cached volume's uploader: one task per open volume that closes segments, uploads them
+//! in order, writes checkpoints, commits, and evicts clean segments. It never gives up: when
+//! the remote layer's retries end, the step is tried again after a pause.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+use super::state::{open_checkpoint, seal_checkpoint, store_local_checkpoint};
+use super::{Commit, Cut, Descriptor, Inner, PROGRESS_TABLE, lock, segment_name};
+use crate::remote::{self, Meta};
+
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Runs until the volume is dropped (`State::stopped`).
+pub(super) async fn run(inner: Arc<Inner>, descriptor: Descriptor) {
+    let mut backoff = Duration::from_millis(250);
+    let mut described = false;
+    loop {
+        if lock(&inner.state).stopped {
+            return;
+        }
+        let outcome = async {
+            if !described {
+                put_descriptor(&inner, &descriptor).await?;
+                described = true;
+            }
+            step(&inner).await
+        }
+        .await;
+        match outcome {
+            Ok(true) => {
+                backoff = Duration::from_millis(250);
+                lock(&inner.state).last_error = None;
+            }
+            Ok(false) => {
+                tokio::select! {
+                    _ = inner.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+            Err(e) => {
+                let repeated = lock(&inner.state).last_error.replace(e.clone()).is_some();
+                if !repeated {
+                    tracing::warn!(volume = %inner.name, "upload paused: {e}; retrying until it succeeds");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = inner.stopping.notified() => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+fn descriptor_context(id: &str) -> Vec<u8> {
+    format!("firn volume descriptor {id}").into_bytes()
+}
+
+fn commit_context(id: &str) -> Vec<u8> {
+    format!("firn volume commit {id}").into_bytes()
+}
+
+async fn put_descriptor(inner: &Inner, descriptor: &Descriptor) -> Result<(), String> {
+    let plain = serde_json::to_vec(descriptor).map_err(|e| e.to_string())?;
+    let sealed = inner.sealer.seal(&descriptor_context(&inner.id), &plain);
+    inner
+        .bucket
+        .remote
+        .put(
+            &inner.bucket.descriptor_key(),
+            Bytes::from(sealed),
+            Meta::new(),
+        )
+        .await
+        .map_err(|e| format!("descriptor: {e}"))
+}
+
+/// Reads a descriptor written by `put_descriptor`.
+pub fn open_descriptor(
+    sealer: &crate::seal::Sealer,
+    id: &str,
+    sealed: &[u8],
+) -> Result<Descriptor, String> {
+    let plain = sealer
+        .open(&descriptor_context(id), sealed)
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(&plain).map_err(|e| e.to_string())
+}
+
+/// Reads a commit.
+pub fn open_commit(
+    sealer: &crate::seal::Sealer,
+    id: &str,
+    sealed: &[u8],
+) -> Result<Commit, String> {
+    let plain = sealer
+        .open(&commit_context(id), sealed)
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(&plain).map_err(|e| e.to_string())
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+/// One unit of work; whether there was any.
+async fn step(inner: &Arc<Inner>) -> Result<bool, String> {
+    if lock(&inner.state).fenced.is_some() {
+        return Ok(false);
+    }
+    close_if_due(inner).await?;
+    let (next, sealed_upto) = {
+        let state = lock(&inner.state);
+        (state.progress.uploaded + 1, state.sealed_upto)
+    };
+    if next <= sealed_upto {
+        upload_segment(inner, next).await?;
+        return Ok(true);
+    }
+    if write_checkpoint(inner).await? {
+        return Ok(true);
+    }
+    if commit(inner).await? {
+        return Ok(true);
+    }
+    evict(inner).await
+}
+
+/// Closes the open segment once it holds a cut for `commit_interval` (so the bucket's image
+/// never lags much behind the newest flush), or any data for 30 intervals.
+async fn close_if_due(inner: &Arc<Inner>) -> Result<(), String> {
+    let inner = inner.clone();
+    blocking(move || {
+        let mut w = lock(&inner.log);
+        if w.end <= super::HEADER_LEN as u64 {
+            return Ok(());
+        }
+        let age = w.opened.elapsed();
+        let has_cut = lock(&inner.state).cuts.contains_key(&w.seq);
+        let interval = inner.settings.commit_interval;
+        if (has_cut && age >= interval) || age >= interval * 30 {
+            inner
+                .roll(&mut w)
+                .map_err(|e| format!("closing a log segment: {e}"))?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+async fn upload_segment(inner: &Arc<Inner>, seq: u64) -> Result<(), String> {
+    let reader = inner.clone();
+    let body = blocking(move || -> std::io::Result<Vec<u8>> {
+        let path = reader.dir.join("segments").join(segment_name(seq));
+        let file = std::fs::File::open(&path)?;
+        // Never upload what a power loss could still take from the local log: a segment in
+        // the bucket must stay the same segment here.
+        file.sync_data()?;
+        std::fs::read(&path)
+    })
+    .await
+    .map_err(|e| format!("reading log segment {seq}: {e}"))?;
+    let body = Bytes::from(body);
+    let key = inner.bucket.segment_key(seq);
+    match inner
+        .bucket
+        .remote
+        .create(&key, body.clone(), Meta::new())
+        .await
+    {
+        Ok(()) => {}
+        Err(remote::Error::Exists { .. }) => {
+            // Our own earlier attempt whose answer was lost, or another gateway's segment.
+            let there = inner
+                .bucket
+                .remote
+                .get(&key)
+                .await
+                .map_err(|e| format!("segment {seq}: {e}"))?;
+            if there.body != body {
+                fence(
+                    inner,
+                    format!("segment {seq} in the bucket was written by another gateway"),
+                );
+                return Err(format!("segment {seq}: taken over by another gateway"));
+            }
+        }
+        Err(e) => return Err(format!("uploading segment {seq}: {e}")),
+    }
+    let progress = {
+        let mut state = lock(&inner.state);
+        let size = state.sealed.remove(&seq).unwrap_or(body.len() as u64);
+        state.dirty_bytes = state.dirty_bytes.saturating_sub(size);
+        state.cached.insert(seq, size);
+        state.bytes_uploaded += body.len() as u64;
+        state.progress.uploaded = seq;
+        state.progress.clone()
+    };
+    inner.room.notify_all();
+    save_progress(inner, progress).await
+}
+
+async fn save_progress(inner: &Arc<Inner>, progress: super::Progress) -> Result<(), String> {
+    let meta = inner.meta.clone();
+    let id = inner.id.clone();
+    blocking(move || meta.put_json(PROGRESS_TABLE, &id, &progress))
+        .await
+        .map_err(|e| format!("recording upload progress: {e}"))
+}
+
+fn fence(inner: &Inner, why: String) {
+    tracing::error!(
+        volume = %inner.name,
+        "{why}: this gateway no longer serves the volume; it is read-only here and its local log is kept"
+    );
+    lock(&inner.state).fenced = Some(why);
+}
+
+async fn write_checkpoint(inner: &Arc<Inner>) -> Result<bool, String> {
+    let pending = {
+        let state = lock(&inner.state);
+        match &state.pending_checkpoint {
+            Some(c) if c.segment <= state.progress.uploaded => c.segment,
+            _ => return Ok(false),
+        }
+    };
+    let sealer_inner = inner.clone();
+    let sealed = blocking(move || {
+        let state = lock(&sealer_inner.state);
+        state
+            .pending_checkpoint
+            .as_ref()
+            .map(|c| seal_checkpoint(&sealer_inner.sealer, &sealer_inner.id, c))
+    })
+    .await
+    .ok_or("checkpoint vanished")?;
+    let sealed = Bytes::from(sealed);
+    inner
+        .bucket
+        .remote
+        .put(
+            &inner.bucket.checkpoint_key(pending),
+            sealed.clone(),
+            Meta::new(),
+        )
+        .await
+        .map_err(|e| format!("checkpoint {pending}: {e}"))?;
+    let dir = inner.dir.clone();
+    blocking(move || store_local_checkpoint(&dir, &sealed))
+        .await
+        .map_err(|e| format!("local checkpoint: {e}"))?;
+    let progress = {
+        let mut state = lock(&inner.state);
+        state.pending_checkpoint = None;
+        state.checkpoint = pending;
+        state.progress.checkpoints.push(pending);
+        let keep = state.progress.checkpoints.len().saturating_sub(4);
+        state.progress.checkpoints.drain(..keep);
+        state.progress.checkpoint = pending;
+        state.progress.clone()
+    };
+    save_progress(inner, progress).await?;
+    Ok(true)
+}
+
+async fn commit(inner: &Arc<Inner>) -> Result<bool, String> {
+    let (commit, key) = {
+        let mut state = lock(&inner.state);
+        let uploaded = state.progress.uploaded;
+        let committed = state.committed;
+        // Cuts a commit already covers are done with.
+        state
+            .cuts
+            .retain(|&segment, &mut end| Some(Cut { segment, end }) > committed);
+        let Some((&segment, &end)) = state.cuts.range(..=uploaded).next_back() else {
+            if state.cuts.is_empty() {
+                inner.room.notify_all();
+            }
+            return Ok(false);
+        };
+        let cut = Cut { segment, end };
+        // The newest checkpoint that lies wholly before the cut.
+        let checkpoint = state
+            .progress
+            .checkpoints
+            .iter()
+            .copied()
+            .filter(|&c| c < segment)
+            .max()
+            .unwrap_or(0);
+        let n = state.progress.commit + 1;
+        let commit = Commit {
+            format: 1,
+            volume: inner.id.clone(),
+            n,
+            size: inner.size,
+            checkpoint,
+            runs: vec![(checkpoint + 1, segment)],
+            cut,
+            gateway: inner.bucket.gateway.clone(),
+            time: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        (commit, inner.bucket.commit_key(n))
+    };
+    let plain = serde_json::to_vec(&commit).map_err(|e| e.to_string())?;
+    let sealed = inner.sealer.seal(&commit_context(&inner.id), &plain);
+    match inner
+        .bucket
+        .remote
+        .create(&key, Bytes::from(sealed), Meta::new())
+        .await
+    {
+        Ok(()) => {}
+        Err(remote::Error::Exists { .. }) => {
+            let there = inner
+                .bucket
+                .remote
+                .get(&key)
+                .await
+                .map_err(|e| format!("commit {}: {e}", commit.n))?;
+            let theirs = open_commit(&inner.sealer, &inner.id, &there.body);
+            if theirs.as_ref() != Ok(&commit) {
+                let by = theirs
+                    .map(|c| c.gateway)
+                    .unwrap_or_else(|e| format!("unreadable: {e}"));
+                fence(
+                    inner,
+                    format!("commit {} was made by another gateway ({by})", commit.n),
+                );
+                return Err(format!(
+                    "commit {}: taken over by another gateway",
+                    commit.n
+                ));
+            }
+        }
+        Err(e) => return Err(format!("commit {}: {e}", commit.n)),
+    }
+    let progress = {
+        let mut state = lock(&inner.state);
+        state.progress.commit = commit.n;
+        state.progress.committed = Some(commit.cut);
+        state.committed = Some(commit.cut);
+        state.last_commit = Some(SystemTime::now());
+        let committed = state.committed;
+        state
+            .cuts
+            .retain(|&segment, &mut end| Some(Cut { segment, end }) > committed);
+        state.progress.clone()
+    };
+    inner.room.notify_all();
+    save_progress(inner, progress).await?;
+    Ok(true)
+}
+
+/// Deletes the oldest clean segment files while the cache is over its size. Only segments a
+/// local checkpoint covers go: a restart never needs to replay them.
+async fn evict(inner: &Arc<Inner>) -> Result<bool, String> {
+    let victims: Vec<(u64, u64)> = {
+        let state = lock(&inner.state);
+        if state.local_bytes <= inner.settings.cache_max {
+            return Ok(false);
+        }
+        let mut over = state.local_bytes - inner.settings.cache_max;
+        let mut victims = Vec::new();
+        for (&seq, &bytes) in state.cached.range(..=state.checkpoint) {
+            if over == 0 {
+                break;
+            }
+            victims.push((seq, bytes));
+            over = over.saturating_sub(bytes);
+        }
+        victims
+    };
+    if victims.is_empty() {
+        return Ok(false);
+    }
+    let remover = inner.clone();
+    let list = victims.clone();
+    blocking(move || {
+        let dir = remover.dir.join("segments");
+        for (seq, _) in &list {
+            lock(&remover.files).remove(seq);
+            if let Err(e) = std::fs::remove_file(dir.join(segment_name(*seq)))
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(volume = %remover.name, "evicting segment {seq}: {e}");
+            }
+        }
+    })
+    .await;
+    let mut state = lock(&inner.state);
+    for (seq, bytes) in victims {
+        state.cached.remove(&seq);
+        state.local_bytes = state.local_bytes.saturating_sub(bytes);
+    }
+    Ok(true)
+}
+
+/// Reads a checkpoint object.
+pub fn open_remote_checkpoint(
+    sealer: &crate::seal::Sealer,
+    id: &str,
+    sealed: &[u8],
+) -> std::io::Result<super::Checkpoint> {
+    open_checkpoint(sealer, id, sealed)
+}
