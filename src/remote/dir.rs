@@ -36,7 +36,9 @@ use nix::unistd::{UnlinkatFlags, linkat, unlinkat};
 use xattr::FileExt;
 
 use super::limit::{Direction, Limiter, SLICE};
-use super::{Body, Error, Fetched, Meta, ObjectInfo, Remote, Result, Sink, check_key};
+use super::{
+    Body, Error, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink, check_key, dir_of,
+};
 
 /// Where puts are staged before their rename; never listed, never a valid key.
 const STAGING: &str = ".firn-staging";
@@ -452,6 +454,57 @@ impl DirStore {
         Ok(found)
     }
 
+    /// One readdir of the directory `prefix` names, resolved beneath the root without
+    /// following links as `list` resolves its start. Subdirectories are reported, not
+    /// entered; links, the staging directory and anything neither a file nor a directory are
+    /// skipped, as `list` skips them.
+    fn list_dir_blocking(&self, prefix: &str) -> Result<Listing> {
+        let dir = dir_of(prefix)?;
+        let start = if dir.is_empty() {
+            self.root.try_clone()
+        } else {
+            let segments = self.segments(dir)?;
+            self.walk(&segments)
+        };
+        let fd = match start {
+            Ok(fd) => fd,
+            // Nothing stored under it (or a file or a link where the directory would be).
+            Err(e) if gone(&e) => return Ok(Listing::default()),
+            Err(e) => return Err(local_error("list", prefix, e)),
+        };
+        let listing =
+            nix::dir::Dir::from_fd(fd.try_clone().map_err(|e| local_error("list", prefix, e))?);
+        let mut listing = listing.map_err(|e| local_error("list", prefix, io_from(e)))?;
+        let mut found = Listing::default();
+        for entry in listing.iter() {
+            let entry = entry.map_err(|e| local_error("list", prefix, io_from(e)))?;
+            let name: &CStr = entry.file_name();
+            let Ok(name) = name.to_str() else { continue };
+            if name == "." || name == ".." || (dir.is_empty() && name == STAGING) {
+                continue;
+            }
+            let key = format!("{prefix}{name}");
+            // Never follow: a symlink is neither an object nor a directory of objects.
+            let stat = match fstatat(&fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+                Ok(stat) => stat,
+                Err(Errno::ENOENT) => continue, // deleted while we looked
+                Err(e) => return Err(local_error("list", &key, io_from(e))),
+            };
+            let kind = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT;
+            if kind == SFlag::S_IFDIR {
+                found.dirs.push(key + "/");
+            } else if kind == SFlag::S_IFREG {
+                found.objects.push(ObjectInfo {
+                    key,
+                    size: stat.st_size as u64,
+                });
+            }
+        }
+        found.dirs.sort();
+        found.objects.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(found)
+    }
+
     fn delete_blocking(&self, key: &str) -> Result<()> {
         let segments = self.segments(key)?;
         let (leaf, dirs) = segments.split_last().ok_or_else(|| Error::BadKey {
@@ -641,6 +694,11 @@ impl Remote for DirStore {
         blocking(move || this.list_blocking(&prefix)).await
     }
 
+    async fn list_dir(&self, prefix: &str) -> Result<Listing> {
+        let (this, prefix) = (self.clone(), prefix.to_string());
+        blocking(move || this.list_dir_blocking(&prefix)).await
+    }
+
     async fn delete(&self, key: &str) -> Result<()> {
         let (this, key) = (self.clone(), key.to_string());
         blocking(move || this.delete_blocking(&key)).await
@@ -764,6 +822,78 @@ mod tests {
         }
         assert!(dir.path().join("link").is_symlink());
         assert!(staging_files(dir.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_one_level_listing_shows_objects_and_directories() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = DirStore::open(dir.path()).expect("open");
+        for key in ["a/b/c", "a/d", "e"] {
+            store
+                .put(key, Bytes::from(key), Meta::new())
+                .await
+                .expect("put");
+        }
+        let object = |key: &str| ObjectInfo {
+            key: key.to_string(),
+            size: key.len() as u64,
+        };
+        assert_eq!(
+            store.list_dir("").await.expect("list root"),
+            Listing {
+                dirs: vec!["a/".to_string()],
+                objects: vec![object("e")],
+            },
+            "the staging directory is not listed"
+        );
+        assert_eq!(
+            store.list_dir("a/").await.expect("list a/"),
+            Listing {
+                dirs: vec!["a/b/".to_string()],
+                objects: vec![object("a/d")],
+            }
+        );
+        assert_eq!(
+            store.list_dir("a/b/").await.expect("list a/b/"),
+            Listing {
+                dirs: vec![],
+                objects: vec![object("a/b/c")],
+            }
+        );
+        for missing in ["nothing/", "a/nothing/here/", "e/"] {
+            assert_eq!(
+                store
+                    .list_dir(missing)
+                    .await
+                    .expect("list a missing prefix"),
+                Listing::default(),
+                "{missing}"
+            );
+        }
+        // Links and special files are neither objects nor directories.
+        std::os::unix::fs::symlink(dir.path().join("a"), dir.path().join("a/link"))
+            .expect("symlink");
+        std::os::unix::fs::symlink(dir.path().join("e"), dir.path().join("a/filelink"))
+            .expect("symlink");
+        nix::unistd::mkfifo(&dir.path().join("a/fifo"), Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
+        assert_eq!(
+            store.list_dir("a/").await.expect("list a/").objects,
+            vec![object("a/d")]
+        );
+        assert_eq!(
+            store
+                .list_dir("a/link/")
+                .await
+                .expect("list through a link"),
+            Listing::default()
+        );
+        for bad in ["a", "a//", "../", ".firn-staging/"] {
+            assert!(
+                matches!(store.list_dir(bad).await, Err(Error::BadKey { .. })),
+                "{bad:?} accepted"
+            );
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{Body, Error, Fetched, Meta, ObjectInfo, Remote, Result, Sink};
+use super::{Body, Error, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink};
 
 /// What to inject; the `[faults]` config section has the same fields.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -217,6 +217,14 @@ impl Remote for Faulty {
             return Err(injected("list", prefix, "error"));
         }
         self.inner.list(prefix).await
+    }
+
+    async fn list_dir(&self, prefix: &str) -> Result<Listing> {
+        let s = self.before("list", prefix).await?;
+        if self.plan.roll(s.error_rate) {
+            return Err(injected("list", prefix, "error"));
+        }
+        self.inner.list_dir(prefix).await
     }
 
     async fn delete(&self, key: &str) -> Result<()> {

@@ -14,7 +14,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use super::{Body, Fetched, Meta, ObjectInfo, Remote, Result, Sink};
+use super::{Body, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabels {
@@ -159,6 +159,11 @@ impl Remote for Metered {
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         self.observe("list", self.inner.list(prefix)).await
+    }
+
+    /// Counted as a list: one listing request as far as callers are concerned.
+    async fn list_dir(&self, prefix: &str) -> Result<Listing> {
+        self.observe("list", self.inner.list_dir(prefix)).await
     }
 
     async fn delete(&self, key: &str) -> Result<()> {

@@ -45,6 +45,17 @@ pub struct ObjectInfo {
     pub size: u64,
 }
 
+/// One level of a listing: the objects directly under a prefix, and the "directories" (common
+/// prefixes ending in '/').
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// Full keys ending in `/` (`volumes/abc/`), each the prefix of at least one object
+    /// further down (the directory store may also show one left empty; see
+    /// [`Remote::list_dir`]).
+    pub dirs: Vec<String>,
+    pub objects: Vec<ObjectInfo>,
+}
+
 /// An upload's bytes: its length and any slice of it, read when needed (a part at a time)
 /// and read again for a retry, so an upload never has to hold the whole object.
 #[async_trait]
@@ -239,6 +250,17 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
     /// Every object whose key starts with `prefix`, in key order. `prefix` is a key prefix,
     /// usually ending in `/`.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>>;
+    /// One level under `prefix`, which is `""` (the root) or a key prefix ending in `/`: the
+    /// objects whose key has no further `/` after it, and the "directories", the full keys
+    /// ending in `/` (`volumes/abc/`) of the objects further down, each once. Both in key
+    /// order. A prefix nothing is under is an empty listing, not `NotFound`.
+    ///
+    /// This is how callers find what a prefix holds (the volumes in a bucket, the entries of
+    /// a directory) without listing every object beneath it: memory is bounded by the size
+    /// of the one level, whatever lies below. The directory store may list a directory that
+    /// a put interrupted before its rename left empty (S3 has no such thing); a caller that
+    /// lists it finds nothing in it.
+    async fn list_dir(&self, prefix: &str) -> Result<Listing>;
     /// Deleting an object that does not exist succeeds.
     async fn delete(&self, key: &str) -> Result<()>;
 }
@@ -308,6 +330,28 @@ pub fn check_key(key: &str) -> Result<()> {
     Ok(())
 }
 
+/// The key of the directory `prefix` names for [`Remote::list_dir`]: `""` for the root,
+/// otherwise `prefix` without its trailing `/`, checked like any key.
+pub(crate) fn dir_of(prefix: &str) -> Result<&str> {
+    if prefix.is_empty() {
+        return Ok(prefix);
+    }
+    let Some(dir) = prefix.strip_suffix('/') else {
+        return Err(Error::BadKey {
+            key: prefix.to_string(),
+            reason: "a one-level listing's prefix is empty (the root) or ends in '/'".to_string(),
+        });
+    };
+    check_key(dir).map_err(|e| match e {
+        Error::BadKey { reason, .. } => Error::BadKey {
+            key: prefix.to_string(),
+            reason,
+        },
+        other => other,
+    })?;
+    Ok(dir)
+}
+
 /// A range the object cannot supply: the caller's mistake, not worth a retry.
 pub(crate) fn bad_range(key: &str, range: &Range<u64>, size: Option<u64>) -> Error {
     let size = match size {
@@ -369,6 +413,19 @@ mod tests {
         }
         for key in ["a", "a/b", "chunks/0f/abc", "dir/.hidden", "x..y"] {
             assert!(check_key(key).is_ok(), "{key:?} refused");
+        }
+    }
+
+    #[test]
+    fn a_one_level_prefix_is_the_root_or_a_directory() {
+        assert_eq!(dir_of("").ok(), Some(""));
+        assert_eq!(dir_of("a/").ok(), Some("a"));
+        assert_eq!(dir_of("volumes/abc/").ok(), Some("volumes/abc"));
+        for prefix in ["a", "/", "a//", "../", "a/b", "a/../", "/a/"] {
+            assert!(
+                matches!(dir_of(prefix), Err(Error::BadKey { ref key, .. }) if key == prefix),
+                "{prefix:?} accepted"
+            );
         }
     }
 }

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rand::Rng;
 
-use super::{Body, Error, Fetched, Meta, ObjectInfo, Remote, Result, Sink};
+use super::{Body, Error, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink};
 
 /// Reads that fail verification are retried this many times, not until the deadline.
 const CORRUPT_RETRIES: u32 = 5;
@@ -109,6 +109,10 @@ impl Remote for Retrying {
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         self.run(|| self.inner.list(prefix)).await
+    }
+
+    async fn list_dir(&self, prefix: &str) -> Result<Listing> {
+        self.run(|| self.inner.list_dir(prefix)).await
     }
 
     async fn delete(&self, key: &str) -> Result<()> {

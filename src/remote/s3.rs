@@ -26,7 +26,10 @@ use object_store::{
 
 use super::limit::{Direction, Limiter, Throttled};
 
-use super::{Body, Error, Fetched, Meta, ObjectInfo, Remote, Result, Sink, bad_range, check_key};
+use super::{
+    Body, Error, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink, bad_range, check_key,
+    dir_of,
+};
 
 /// S3's limit on an object name, in bytes of UTF-8.
 const MAX_KEY_BYTES: usize = 1024;
@@ -680,6 +683,61 @@ impl Remote for S3Store {
         }
         found.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(found)
+    }
+
+    /// A ListObjectsV2 with `delimiter=/` (all its pages). Names come back as `list`'s do:
+    /// parsed, never decoded, so they are the names as stored. The store sends the common
+    /// prefixes without their `/`, which is put back.
+    async fn list_dir(&self, prefix: &str) -> Result<Listing> {
+        let dir = dir_of(prefix)?;
+        let path = if !dir.is_empty() {
+            Some(self.path(dir).map_err(|e| match e {
+                Error::BadKey { reason, .. } => Error::BadKey {
+                    key: prefix.to_string(),
+                    reason,
+                },
+                other => other,
+            })?)
+        } else if !self.prefix.is_empty() {
+            Some(Path::parse(&self.prefix).map_err(|e| Error::BadKey {
+                key: prefix.to_string(),
+                reason: e.to_string(),
+            })?)
+        } else {
+            None
+        };
+        let result = self
+            .store
+            .list_with_delimiter(path.as_ref())
+            .await
+            .map_err(|e| s3_error("list", prefix, e))?;
+        // Only what lies strictly below the prefix: a "directory marker" object some tools
+        // write (a key ending in `/`) names the prefix itself and is no entry of it.
+        let below = |full: &str| {
+            let key = self.strip_prefix(full);
+            key.strip_prefix(prefix)
+                .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'))
+                .then(|| key.to_string())
+        };
+        let mut dirs: Vec<String> = result
+            .common_prefixes
+            .iter()
+            .filter_map(|path| below(path.as_ref()))
+            .map(|key| key + "/")
+            .collect();
+        let mut objects: Vec<ObjectInfo> = result
+            .objects
+            .iter()
+            .filter_map(|meta| {
+                below(meta.location.as_ref()).map(|key| ObjectInfo {
+                    key,
+                    size: meta.size,
+                })
+            })
+            .collect();
+        dirs.sort();
+        objects.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(Listing { dirs, objects })
     }
 
     async fn delete(&self, key: &str) -> Result<()> {

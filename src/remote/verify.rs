@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{Body, Error, Fetched, Meta, ObjectInfo, Remote, Result, Sink};
+use super::{Body, Error, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink};
 
 pub const DIGEST_META: &str = "firn-blake3";
 
@@ -172,6 +172,10 @@ impl Remote for Verified {
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         self.inner.list(prefix).await
+    }
+
+    async fn list_dir(&self, prefix: &str) -> Result<Listing> {
+        self.inner.list_dir(prefix).await
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
