@@ -296,6 +296,124 @@ async fn a_long_outage_ends_in_a_clear_error() {
     assert_eq!(stack.metrics.errors_total("put"), 1);
 }
 
+/// The nested keys of the one-level listing tests, and what `list_dir` shows of them.
+async fn check_one_level_listings(name: &str, r: &dyn Remote, root: &str) {
+    for key in ["a/b/c", "a/d", "e"] {
+        let key = format!("{root}{key}");
+        r.put(&key, Bytes::from(key.clone()), Meta::new())
+            .await
+            .unwrap_or_else(|e| panic!("{name}: put {key}: {e}"));
+    }
+    let object = |key: &str| {
+        let key = format!("{root}{key}");
+        remote::ObjectInfo {
+            size: key.len() as u64,
+            key,
+        }
+    };
+    let listing = |dirs: &[&str], objects: &[&str]| remote::Listing {
+        dirs: dirs.iter().map(|d| format!("{root}{d}")).collect(),
+        objects: objects.iter().map(|o| object(o)).collect(),
+    };
+    let list_dir = |prefix: String| async move {
+        r.list_dir(&prefix)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: list_dir({prefix:?}): {e}"))
+    };
+    assert_eq!(
+        list_dir(root.to_string()).await,
+        listing(&["a/"], &["e"]),
+        "{name}: the top"
+    );
+    assert_eq!(
+        list_dir(format!("{root}a/")).await,
+        listing(&["a/b/"], &["a/d"]),
+        "{name}: one level down"
+    );
+    assert_eq!(
+        list_dir(format!("{root}a/b/")).await,
+        listing(&[], &["a/b/c"]),
+        "{name}: the bottom"
+    );
+    for missing in ["nothing/", "a/nothing/", "e/"] {
+        assert_eq!(
+            list_dir(format!("{root}{missing}")).await,
+            remote::Listing::default(),
+            "{name}: {missing}"
+        );
+    }
+    for bad in ["a", "a//", "../"] {
+        let outcome = r.list_dir(&format!("{root}{bad}")).await;
+        assert!(
+            matches!(outcome, Err(Error::BadKey { .. })),
+            "{name}: {bad:?} gave {outcome:?}"
+        );
+    }
+    for key in ["a/b/c", "a/d", "e"] {
+        r.delete(&format!("{root}{key}")).await.expect("delete");
+    }
+    assert_eq!(
+        list_dir(format!("{root}a/")).await,
+        remote::Listing::default(),
+        "{name}: after the deletes"
+    );
+}
+
+#[tokio::test]
+async fn one_level_listings_show_objects_and_directories() {
+    for b in backends() {
+        let stack = stacked(&b.store, None);
+        // From the top of the bucket (the S3 backend's own prefix), and from inside a prefix.
+        check_one_level_listings(b.name, &*stack.remote, "").await;
+        check_one_level_listings(b.name, &*stack.remote, "ld/deeper/").await;
+        // Counted as lists: the three refused prefixes of each round are the only errors.
+        assert_eq!(stack.metrics.errors_total("list"), 6, "{}", b.name);
+    }
+}
+
+#[tokio::test]
+async fn one_level_listings_ride_out_injected_errors() {
+    for b in backends() {
+        let stack = stacked(
+            &b.store,
+            Some(FaultSettings {
+                error_rate: 0.3,
+                ..FaultSettings::default()
+            }),
+        );
+        let plan = stack.faults.clone().expect("faults on");
+        for round in 0..5 {
+            check_one_level_listings(b.name, &*stack.remote, &format!("ldf/{round}/")).await;
+        }
+        assert!(
+            plan.injected() > 5,
+            "{}: only {} faults injected",
+            b.name,
+            plan.injected()
+        );
+        // An outage is ridden out too.
+        stack
+            .remote
+            .put("ldf/x", Bytes::from_static(b"x"), Meta::new())
+            .await
+            .expect("put");
+        plan.outage(Duration::from_millis(500));
+        let listing = stack.remote.list_dir("ldf/").await.expect("list_dir");
+        assert_eq!(listing.dirs, Vec::<String>::new(), "{}", b.name);
+        assert_eq!(
+            listing
+                .objects
+                .iter()
+                .map(|o| &o.key[..])
+                .collect::<Vec<_>>(),
+            ["ldf/x"],
+            "{}",
+            b.name
+        );
+        stack.remote.delete("ldf/x").await.expect("delete");
+    }
+}
+
 #[tokio::test]
 async fn hostile_keys_are_refused_by_every_backend() {
     for b in backends() {
