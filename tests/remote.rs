@@ -371,6 +371,53 @@ async fn one_level_listings_show_objects_and_directories() {
     }
 }
 
+/// Some S3 tools write an empty object named like a directory (`dir/`) to show a folder.
+#[tokio::test]
+async fn a_directory_marker_is_no_entry_of_its_own_directory() {
+    let Some(options) = s3_options() else { return };
+    let store: Arc<dyn Remote> = Arc::new(S3Store::new(&options, unlimited()).expect("s3 store"));
+    let stack = stacked(&store, None);
+    let r = &stack.remote;
+    r.put("marked/x", Bytes::from_static(b"x"), Meta::new())
+        .await
+        .expect("put");
+    let script = r#"
+import os, sys, boto3
+s3 = boto3.client("s3", endpoint_url=os.environ["FIRN_TEST_S3_ENDPOINT"],
+    region_name=os.environ.get("FIRN_TEST_S3_REGION", "garage"),
+    aws_access_key_id=os.environ["FIRN_TEST_S3_ACCESS_KEY_ID"],
+    aws_secret_access_key=os.environ["FIRN_TEST_S3_SECRET_ACCESS_KEY"])
+s3.put_object(Bucket=os.environ["FIRN_TEST_S3_BUCKET"], Key=sys.argv[1], Body=b"")
+"#;
+    let marker = format!("{}/marked/", options.prefix);
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, &marker])
+        .env_remove("AWS_CA_BUNDLE")
+        .output()
+        .expect("run python3 (python3-boto3)");
+    assert!(
+        out.status.success(),
+        "boto3 put failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let top = r.list_dir("").await.expect("list_dir top");
+    assert_eq!(top.dirs, ["marked/"]);
+    assert!(top.objects.is_empty(), "{top:?}");
+    let inside = r.list_dir("marked/").await.expect("list_dir marked/");
+    assert_eq!(inside.dirs, Vec::<String>::new());
+    assert_eq!(
+        inside
+            .objects
+            .iter()
+            .map(|o| &o.key[..])
+            .collect::<Vec<_>>(),
+        ["marked/x"]
+    );
+    // The marker stays: firn cannot name it (a key never ends in `/`), and the run's prefix
+    // is its own.
+    r.delete("marked/x").await.expect("delete");
+}
+
 #[tokio::test]
 async fn one_level_listings_ride_out_injected_errors() {
     for b in backends() {
@@ -540,6 +587,26 @@ async fn object_names_are_kept_verbatim() {
             .map(|o| o.key)
             .collect();
         assert_eq!(listed, expected, "{name}: firn's own listing");
+        // One level: the same names, the one with a `/` as a directory.
+        let level = r
+            .list_dir("names/")
+            .await
+            .unwrap_or_else(|e| panic!("{name}: list_dir: {e}"));
+        let (nested, flat): (Vec<&String>, Vec<&String>) = expected
+            .iter()
+            .partition(|k| k["names/".len()..].contains('/'));
+        let dirs: Vec<String> = nested
+            .iter()
+            .map(|k| {
+                format!(
+                    "names/{}/",
+                    k["names/".len()..].split('/').next().unwrap_or("")
+                )
+            })
+            .collect();
+        assert_eq!(level.dirs, dirs, "{name}: one level's directories");
+        let objects: Vec<&String> = level.objects.iter().map(|o| &o.key).collect();
+        assert_eq!(objects, flat, "{name}: one level's objects");
         for key in &expected {
             let object = r
                 .get(key)
