@@ -76,7 +76,21 @@ enum VolumeCommand {
         clients: Vec<String>,
     },
     /// List volumes.
-    List,
+    List {
+        /// List the cached volumes in the bucket that this gateway does not serve (those
+        /// `takeover` can restore here).
+        #[arg(long)]
+        bucket: bool,
+    },
+    /// Serve here a cached volume from the bucket: restores the image of its newest commit
+    /// (data is read on demand) and fences the gateway that served it before.
+    Takeover {
+        name: String,
+        /// Take over although another gateway's lease is live, or the object store cannot
+        /// fence the old gateway (it ignores If-None-Match). Only when that gateway is gone.
+        #[arg(long)]
+        force: bool,
+    },
     /// Show one volume.
     Show { name: String },
     /// Delete a volume and its data.
@@ -198,11 +212,35 @@ async fn volume(client: &ApiClient, command: VolumeCommand) -> anyhow::Result<()
             let created: Value = client.post("volumes", &body).await?;
             println!("created {}", line(&created).trim_end());
         }
-        VolumeCommand::List => {
+        VolumeCommand::List { bucket: false } => {
             let volumes: Vec<Value> = client.get("volumes").await?;
             for v in &volumes {
                 println!("{}", line(v).trim_end());
             }
+        }
+        VolumeCommand::List { bucket: true } => {
+            let volumes: Vec<Value> = client.get("volumes?bucket=true").await?;
+            for v in &volumes {
+                println!(
+                    "{:<24} {:>12} {:<6} id {}",
+                    v["name"].as_str().unwrap_or("?"),
+                    v["size"]
+                        .as_u64()
+                        .map(|s| crate::size::Human(s).to_string())
+                        .unwrap_or_default(),
+                    "cached",
+                    v["id"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        VolumeCommand::Takeover { name, force } => {
+            let taken: Value = client
+                .post(
+                    &format!("volumes/{name}/takeover"),
+                    &json!({ "force": force }),
+                )
+                .await?;
+            println!("took over {}", line(&taken).trim_end());
         }
         VolumeCommand::Show { name } => {
             let v: Value = client.get(&format!("volumes/{name}")).await?;

@@ -28,6 +28,10 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/bandwidth", get(get_bandwidth).put(put_bandwidth))
         .route("/volumes", get(list_volumes).post(create_volume))
         .route("/volumes/{name}", get(show_volume).delete(delete_volume))
+        .route(
+            "/volumes/{name}/takeover",
+            axum::routing::post(take_over_volume),
+        )
         .fallback(not_found)
         // One layer checks the token and records the call, so refused calls are recorded too.
         .layer(middleware::from_fn_with_state(gateway.clone(), audit));
@@ -204,9 +208,72 @@ fn default_mode() -> Mode {
     Mode::Cached
 }
 
-async fn list_volumes(State(gateway): Shared) -> Response {
+#[derive(Debug, serde::Deserialize)]
+struct ListQuery {
+    /// List the cached volumes in the bucket that this gateway does not serve instead.
+    #[serde(default)]
+    bucket: bool,
+}
+
+async fn list_volumes(
+    State(gateway): Shared,
+    axum::extract::Query(query): axum::extract::Query<ListQuery>,
+) -> Response {
+    if query.bucket {
+        let volumes = gateway.volumes.clone();
+        return match tokio::task::spawn_blocking(move || volumes.bucket_volumes()).await {
+            Ok(Ok(found)) => Json(found).into_response(),
+            Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, e.to_string()),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
+    }
     match gateway.volumes.list() {
         Ok(volumes) => Json(volumes).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `POST /api/v1/volumes/{name}/takeover`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TakeOver {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn take_over_volume(
+    State(gateway): Shared,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let request: TakeOver = if body.is_empty() {
+        TakeOver::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("takeover: {e}")),
+        }
+    };
+    let honoured = matches!(
+        *gateway
+            .conditional_create
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+        crate::daemon::status::ConditionalCreate::Honoured
+    );
+    let volumes = gateway.volumes.clone();
+    let taken =
+        tokio::task::spawn_blocking(move || volumes.take_over(&name, honoured, request.force))
+            .await;
+    match taken {
+        Ok(Ok(info)) => (StatusCode::CREATED, Json(info)).into_response(),
+        Ok(Err(e @ crate::engines::volume::catalog::CatalogError::NotFound { .. })) => {
+            error(StatusCode::NOT_FOUND, e.to_string())
+        }
+        Ok(Err(e @ crate::engines::volume::catalog::CatalogError::Exists { .. })) => {
+            error(StatusCode::CONFLICT, e.to_string())
+        }
+        Ok(Err(e)) => error(StatusCode::CONFLICT, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

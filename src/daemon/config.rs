@@ -192,8 +192,9 @@ impl Default for VolumesConfig {
 impl VolumesConfig {
     pub fn settings(&self) -> Result<crate::engines::volume::cached::Settings, String> {
         let record = crate::engines::volume::cached::record::MAX_RECORD as u64;
-        if self.segment_size.0 < (1 << 20) || self.segment_size.0 > (64 << 20) {
-            return Err("[volumes] segment_size must be between 1MiB and 64MiB".into());
+        // A segment goes up in one PUT (create-if-absent has no multipart form everywhere).
+        if self.segment_size.0 < (1 << 20) || self.segment_size.0 > (16 << 20) {
+            return Err("[volumes] segment_size must be between 1MiB and 16MiB".into());
         }
         if self.log_max.0 < 2 * (self.segment_size.0 + record) {
             return Err(format!(

@@ -156,6 +156,12 @@ pub enum CatalogError {
     )]
     NoBucket { name: String },
 
+    #[error("volume {name:?}: taking it over from the bucket: {message}")]
+    Takeover { name: String, message: String },
+
+    #[error("the bucket's volumes: {message}")]
+    Bucket { message: String },
+
     #[error("listing volumes: {source}")]
     List {
         #[source]
@@ -656,6 +662,123 @@ impl Catalog {
     pub fn cached(&self, name: &str) -> Option<Arc<CachedVolume>> {
         let info = self.get(name).ok()??;
         self.pinned_volumes().get(&info.id).cloned()
+    }
+
+    /// The cached volumes in the bucket that this gateway does not have, as their
+    /// descriptors say (a volume whose descriptor cannot be read is skipped with a warning).
+    pub fn bucket_volumes(&self) -> Result<Vec<cached::Descriptor>, CatalogError> {
+        let Some(bucket) = &self.bucket else {
+            return Ok(Vec::new());
+        };
+        let known: HashSet<String> = self.list()?.into_iter().map(|info| info.id).collect();
+        let remote = bucket.remote.clone();
+        let sealer = self.sealer.clone();
+        let found = bucket.runtime.block_on(async move {
+            let listing = remote.list_dir("volumes/").await?;
+            let mut found = Vec::new();
+            for dir in listing.dirs {
+                let id = dir
+                    .trim_start_matches("volumes/")
+                    .trim_end_matches('/')
+                    .to_string();
+                if known.contains(&id) {
+                    continue;
+                }
+                let key = format!("{dir}descriptor");
+                match remote.get(&key).await {
+                    Ok(object) => match cached::open_descriptor(&sealer, &id, &object.body) {
+                        Ok(descriptor) => found.push(descriptor),
+                        Err(e) => tracing::warn!("{key}: {e} (another key's volume?)"),
+                    },
+                    Err(crate::remote::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(found)
+        });
+        found.map_err(|e| CatalogError::Bucket {
+            message: e.to_string(),
+        })
+    }
+
+    /// Serves here the cached volume `name` that the bucket holds: restores the image of its
+    /// newest commit and fences the gateway that wrote it (`cached::restore`). `honoured`
+    /// is whether the store refuses a second create; without it, or while another
+    /// gateway's lease is live, only `force` takes over.
+    pub fn take_over(
+        &self,
+        name: &str,
+        honoured: bool,
+        force: bool,
+    ) -> Result<VolumeInfo, CatalogError> {
+        if self.get(name)?.is_some() {
+            return Err(CatalogError::Exists {
+                name: name.to_string(),
+            });
+        }
+        let bucket = self.bucket.as_ref().ok_or_else(|| CatalogError::NoBucket {
+            name: name.to_string(),
+        })?;
+        let descriptor = self
+            .bucket_volumes()?
+            .into_iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| CatalogError::NotFound {
+                name: name.to_string(),
+            })?;
+        let id = descriptor.id.clone();
+        let info = VolumeInfo {
+            name: name.to_string(),
+            id: id.clone(),
+            size: descriptor.size,
+            mode: Mode::Cached,
+            read_only: false,
+            created: descriptor.created.clone(),
+            format: LOCAL_FORMAT,
+            allow: Vec::new(),
+            clients: Vec::new(),
+        };
+        let dir = self.path(&info);
+        self.meta
+            .put_json(INTENTS, &id, &intent(IntentOp::Create, name))
+            .map_err(|source| meta_error(name, source))?;
+        let context = cached::Bucket {
+            remote: bucket.remote.clone(),
+            prefix: format!("volumes/{id}/"),
+            runtime: bucket.runtime.clone(),
+            gateway: bucket.gateway.clone(),
+        };
+        let taken = bucket.runtime.block_on(cached::restore::take_over(
+            &context,
+            &self.sealer,
+            &self.meta,
+            &id,
+            &dir,
+            honoured,
+            force,
+        ));
+        if let Err(e) = taken {
+            let _ = remove_volume_path(&dir);
+            let _ = self.meta.delete(cached::PROGRESS_TABLE, &id);
+            let _ = self.meta.delete(INTENTS, &id);
+            return Err(CatalogError::Takeover {
+                name: name.to_string(),
+                message: e.to_string(),
+            });
+        }
+        sync_parent_dir(&dir).map_err(|source| CatalogError::Directory {
+            path: dir.clone(),
+            source,
+        })?;
+        self.meta
+            .transaction(|tx| {
+                tx.put_json(TABLE, name, &info)?;
+                tx.delete(INTENTS, &id)?;
+                Ok(())
+            })
+            .map_err(|source| meta_error(name, source))?;
+        self.open(name)?;
+        Ok(info)
     }
 
     /// Deletes a cached volume's objects: the descriptor first, so that no gateway finds a

@@ -24,6 +24,7 @@
 
 pub mod map;
 pub mod record;
+pub mod restore;
 mod state;
 mod uploader;
 
@@ -40,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use self::map::{Map, Place};
 use self::record::{FRAME, HEADER_LEN, Kind, LogKey, MAX_RECORD, RecordHeader, TAG_LEN};
 pub use self::state::{CachedStatus, Progress};
+pub use self::uploader::open_descriptor;
 use super::{BlockDevice, BlockError, BlockResult, Extent, check_range};
 use crate::local::meta::MetaStore;
 use crate::remote::Remote;
@@ -110,6 +112,9 @@ impl Bucket {
     fn descriptor_key(&self) -> String {
         format!("{}descriptor", self.prefix)
     }
+    fn lease_key(&self) -> String {
+        format!("{}lease", self.prefix)
+    }
 }
 
 /// A position in the log: segment and byte within it. Ordered as the log is.
@@ -169,6 +174,23 @@ struct Writer {
     unsynced: Vec<Arc<File>>,
     /// A segment file was created since the last flush: its directory needs a sync.
     dir_dirty: bool,
+    /// Where the previous segment ended: the same state as the start of an empty one.
+    prev: Cut,
+}
+
+impl Writer {
+    /// The end of the log, named by a segment holding records where there is one (a cut
+    /// in an empty open segment could not be committed until it holds some).
+    fn position(&self) -> Cut {
+        if self.end <= HEADER_LEN as u64 && self.prev.segment > 0 {
+            self.prev
+        } else {
+            Cut {
+                segment: self.seq,
+                end: self.end,
+            }
+        }
+    }
 }
 
 struct Inner {
@@ -330,6 +352,7 @@ impl CachedVolume {
                 next_record,
                 unsynced: Vec::new(),
                 dir_dirty: false,
+                prev: Cut { segment: 0, end: 0 },
             }),
             map: RwLock::new(map),
             salts: RwLock::new(salts),
@@ -410,6 +433,10 @@ impl Inner {
                 .read()
                 .unwrap_or_else(PoisonError::into_inner)
                 .len() as u64,
+            pending_flushes: state.cuts.len() as u64,
+            queued_writes: state.queued_writes,
+            cache_hits: state.cache_hits,
+            cache_misses: state.cache_misses,
         }
     }
 
@@ -501,6 +528,10 @@ impl Inner {
         w.dir_dirty = true;
         let closed = w.seq;
         let closed_len = w.end;
+        w.prev = Cut {
+            segment: w.seq,
+            end: w.end,
+        };
         w.seq = seq;
         w.salt = salt;
         w.end = HEADER_LEN as u64;
@@ -550,13 +581,7 @@ impl Inner {
         if let Some(e) = lock(&self.failed).as_ref() {
             return Err(BlockError::Io(format!("an earlier flush failed: {e}")));
         }
-        let target = {
-            let w = lock(&self.log);
-            Cut {
-                segment: w.seq,
-                end: w.end,
-            }
-        };
+        let target = lock(&self.log).position();
         let mut synced = lock(&self.sync);
         if *synced >= target {
             return Ok(());
@@ -566,14 +591,7 @@ impl Inner {
             let mut files = std::mem::take(&mut w.unsynced);
             files.push(w.file.clone());
             let dir_dirty = std::mem::take(&mut w.dir_dirty);
-            (
-                files,
-                dir_dirty,
-                Cut {
-                    segment: w.seq,
-                    end: w.end,
-                },
-            )
+            (files, dir_dirty, w.position())
         };
         let result = (|| {
             for file in &files {
@@ -683,7 +701,12 @@ impl Inner {
             .open(self.dir.join("segments").join(segment_name(segment)))
             .and_then(|file| file.write_all_at(&fetched, start));
         match keep {
-            Ok(()) => lock(&self.state).local_bytes += fetched.len() as u64,
+            Ok(()) => {
+                let mut state = lock(&self.state);
+                state.local_bytes += fetched.len() as u64;
+                // Evictable like the rest of an uploaded segment.
+                *state.cached.entry(segment).or_insert(0) += fetched.len() as u64;
+            }
             Err(e) => tracing::debug!(volume = %self.name, "not caching fetched frames: {e}"),
         }
         Ok(())

@@ -55,6 +55,13 @@ pub struct CachedStatus {
     pub bytes_uploaded: u64,
     pub bytes_downloaded: u64,
     pub map_pieces: u64,
+    /// Completed flushes whose cut no commit covers yet.
+    pub pending_flushes: u64,
+    /// Writes waiting for room in the log.
+    pub queued_writes: u64,
+    /// Reads answered from local disk and from the bucket.
+    pub cache_hits: u64,
+    pub cache_misses: u64,
 }
 
 pub(super) struct State {
@@ -193,7 +200,7 @@ pub(super) fn replay(
         }
         let bytes = std::fs::read(&path)?;
         let verify = seq > uploaded;
-        match replay_segment(key, seq, &bytes, verify, map, salts, next_record) {
+        match replay_records(key, seq, &bytes, verify, map, salts, next_record) {
             Ok((end, damaged)) => {
                 if damaged {
                     tracing::warn!(
@@ -241,7 +248,7 @@ fn set_aside(path: &Path) -> io::Result<()> {
 
 /// Replays one segment's records; the end of the valid records, and whether damage (rather
 /// than the file's end) stopped the replay.
-fn replay_segment(
+pub(super) fn replay_records(
     key: &LogKey,
     seq: u64,
     bytes: &[u8],

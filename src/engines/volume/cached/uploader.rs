@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-use super::state::{open_checkpoint, seal_checkpoint, store_local_checkpoint};
+use super::state::{seal_checkpoint, store_local_checkpoint};
 use super::{Commit, Cut, Descriptor, Inner, PROGRESS_TABLE, lock, segment_name};
 use crate::remote::{self, Meta};
 
@@ -17,6 +17,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub(super) async fn run(inner: Arc<Inner>, descriptor: Descriptor) {
     let mut backoff = Duration::from_millis(250);
     let mut described = false;
+    let mut leased: Option<std::time::Instant> = None;
     loop {
         if lock(&inner.state).stopped {
             return;
@@ -25,6 +26,10 @@ pub(super) async fn run(inner: Arc<Inner>, descriptor: Descriptor) {
             if !described {
                 put_descriptor(&inner, &descriptor).await?;
                 described = true;
+            }
+            if leased.is_none_or(|at| at.elapsed() >= super::restore::LEASE_RENEW) {
+                put_lease(&inner).await?;
+                leased = Some(std::time::Instant::now());
             }
             step(&inner).await
         }
@@ -59,7 +64,7 @@ fn descriptor_context(id: &str) -> Vec<u8> {
     format!("firn volume descriptor {id}").into_bytes()
 }
 
-fn commit_context(id: &str) -> Vec<u8> {
+pub(super) fn commit_context(id: &str) -> Vec<u8> {
     format!("firn volume commit {id}").into_bytes()
 }
 
@@ -76,6 +81,27 @@ async fn put_descriptor(inner: &Inner, descriptor: &Descriptor) -> Result<(), St
         )
         .await
         .map_err(|e| format!("descriptor: {e}"))
+}
+
+/// Says that this gateway serves the volume, as of now (`restore::Lease`).
+async fn put_lease(inner: &Inner) -> Result<(), String> {
+    if lock(&inner.state).fenced.is_some() {
+        return Ok(());
+    }
+    let lease = super::restore::Lease {
+        gateway: inner.bucket.gateway.clone(),
+        time: super::restore::now_secs(),
+    };
+    let plain = serde_json::to_vec(&lease).map_err(|e| e.to_string())?;
+    let sealed = inner
+        .sealer
+        .seal(&super::restore::lease_context(&inner.id), &plain);
+    inner
+        .bucket
+        .remote
+        .put(&inner.bucket.lease_key(), Bytes::from(sealed), Meta::new())
+        .await
+        .map_err(|e| format!("lease: {e}"))
 }
 
 /// Reads a descriptor written by `put_descriptor`.
@@ -137,11 +163,25 @@ async fn close_if_due(inner: &Arc<Inner>) -> Result<(), String> {
     let inner = inner.clone();
     blocking(move || {
         let mut w = lock(&inner.log);
+        let (has_cut, checkpoint_due) = {
+            let state = lock(&inner.state);
+            (
+                state.cuts.contains_key(&w.seq),
+                state.pending_checkpoint.is_none()
+                    && state.sealed_upto >= state.checkpoint + inner.settings.checkpoint_segments,
+            )
+        };
+        // A checkpoint is taken when a segment closes; when writes have stopped, closing
+        // the (maybe empty) open one is what lets the uploaded ones leave the cache.
+        if checkpoint_due && state_uploaded(&inner) >= lock(&inner.state).sealed_upto {
+            return inner
+                .roll(&mut w)
+                .map_err(|e| format!("closing a log segment: {e}"));
+        }
         if w.end <= super::HEADER_LEN as u64 {
             return Ok(());
         }
         let age = w.opened.elapsed();
-        let has_cut = lock(&inner.state).cuts.contains_key(&w.seq);
         let interval = inner.settings.commit_interval;
         if (has_cut && age >= interval) || age >= interval * 30 {
             inner
@@ -151,6 +191,10 @@ async fn close_if_due(inner: &Arc<Inner>) -> Result<(), String> {
         Ok(())
     })
     .await
+}
+
+fn state_uploaded(inner: &Inner) -> u64 {
+    lock(&inner.state).progress.uploaded
 }
 
 async fn upload_segment(inner: &Arc<Inner>, seq: u64) -> Result<(), String> {
@@ -357,8 +401,23 @@ async fn commit(inner: &Arc<Inner>) -> Result<bool, String> {
     };
     inner.room.notify_all();
     save_progress(inner, progress).await?;
+    // Old commits are not needed to restore (the newest one is), and are deleted so that
+    // finding the newest stays one short listing. Checkpoints and segments stay: garbage
+    // collection, which knows what the kept commits name, is what may delete them.
+    if commit.n > KEEP_COMMITS
+        && let Err(e) = inner
+            .bucket
+            .remote
+            .delete(&inner.bucket.commit_key(commit.n - KEEP_COMMITS))
+            .await
+    {
+        tracing::debug!(volume = %inner.name, "deleting an old commit: {e}");
+    }
     Ok(true)
 }
+
+/// Commits kept in the bucket: the newest and a few before it.
+const KEEP_COMMITS: u64 = 16;
 
 /// Deletes the oldest clean segment files while the cache is over its size. Only segments a
 /// local checkpoint covers go: a restart never needs to replay them.
@@ -402,13 +461,4 @@ async fn evict(inner: &Arc<Inner>) -> Result<bool, String> {
         state.local_bytes = state.local_bytes.saturating_sub(bytes);
     }
     Ok(true)
-}
-
-/// Reads a checkpoint object.
-pub fn open_remote_checkpoint(
-    sealer: &crate::seal::Sealer,
-    id: &str,
-    sealed: &[u8],
-) -> std::io::Result<super::Checkpoint> {
-    open_checkpoint(sealer, id, sealed)
 }

@@ -1,0 +1,305 @@
+//! Taking a cached volume over from the bucket: what a gateway does to serve a volume whose
+//! data another gateway (lost, or stopped) wrote.
+//!
+//! The new gateway reads the newest commit, loads the checkpoint it names, replays the
+//! segments of its runs up to its cut, and so holds the map of the bucket image. It then
+//! writes that map as a checkpoint of its own, numbered past every segment the old gateway
+//! may have uploaded without committing, and creates the next commit (create-if-absent):
+//! from then on a commit or segment of the old gateway collides with the new one's and is
+//! refused, on stores that honour conditional creates. Nothing else is downloaded: data is
+//! read through on demand.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::map::Map;
+use super::record::LogKey;
+use super::state::{
+    Progress, open_checkpoint, replay_records, seal_checkpoint, store_local_checkpoint,
+};
+use super::uploader::{commit_context, open_commit, open_descriptor};
+use super::{Bucket, Checkpoint, Commit, Cut, Descriptor, PROGRESS_TABLE};
+use crate::local::meta::MetaStore;
+use crate::remote::{self, Meta};
+use crate::seal::Sealer;
+
+/// A lease younger than this, held by another gateway, means that gateway is serving the
+/// volume.
+pub const LEASE_LIVE: Duration = Duration::from_secs(30);
+/// How often a serving gateway renews its lease.
+pub const LEASE_RENEW: Duration = Duration::from_secs(10);
+/// Segment numbers skipped at a takeover past the last one found in the bucket, so that an
+/// old gateway still uploading collides with nothing of the new one's.
+const SEGMENT_GAP: u64 = 16;
+
+/// Who serves a volume, renewed while it does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub gateway: String,
+    /// Seconds since the epoch.
+    pub time: u64,
+}
+
+pub(super) fn lease_context(id: &str) -> Vec<u8> {
+    format!("firn volume lease {id}").into_bytes()
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Why a takeover did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeoverError {
+    #[error("no volume with id {0} in the bucket")]
+    NotFound(String),
+    #[error(
+        "gateway {gateway} renewed its lease on the volume {age}s ago: it is serving it. Stop it first, or take over with --force if it is gone for good"
+    )]
+    Leased { gateway: String, age: u64 },
+    #[error(
+        "this object store does not refuse a second create (If-None-Match), so nothing would stop the old gateway from writing over this one. Make sure it is gone for good, then take over with --force"
+    )]
+    Unfenced,
+    #[error("another gateway committed to the volume during the takeover; try again")]
+    Raced,
+    #[error("{0}")]
+    Remote(#[from] remote::Error),
+    #[error("{0}")]
+    Damaged(String),
+    #[error("local disk: {0}")]
+    Local(#[from] std::io::Error),
+}
+
+/// The volume's descriptor, from the bucket.
+pub async fn descriptor(
+    bucket: &Bucket,
+    sealer: &Sealer,
+    id: &str,
+) -> Result<Descriptor, TakeoverError> {
+    let object = match bucket.remote.get(&bucket.descriptor_key()).await {
+        Err(remote::Error::NotFound { .. }) => return Err(TakeoverError::NotFound(id.into())),
+        other => other?,
+    };
+    open_descriptor(sealer, id, &object.body).map_err(TakeoverError::Damaged)
+}
+
+/// The newest commit in the bucket, if any.
+pub async fn newest_commit(
+    bucket: &Bucket,
+    sealer: &Sealer,
+    id: &str,
+) -> Result<Option<Commit>, TakeoverError> {
+    let commits = bucket
+        .remote
+        .list(&format!("{}commits/", bucket.prefix))
+        .await?;
+    let Some(newest) = commits.last() else {
+        return Ok(None);
+    };
+    let object = bucket.remote.get(&newest.key).await?;
+    open_commit(sealer, id, &object.body)
+        .map(Some)
+        .map_err(|e| TakeoverError::Damaged(format!("{}: {e}", newest.key)))
+}
+
+/// The volume's lease, if one is there.
+pub async fn lease(
+    bucket: &Bucket,
+    sealer: &Sealer,
+    id: &str,
+) -> Result<Option<Lease>, TakeoverError> {
+    match bucket.remote.get(&bucket.lease_key()).await {
+        Err(remote::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+        Ok(object) => {
+            let plain = sealer
+                .open(&lease_context(id), &object.body)
+                .map_err(|e| TakeoverError::Damaged(format!("lease: {e}")))?;
+            serde_json::from_slice(&plain)
+                .map(Some)
+                .map_err(|e| TakeoverError::Damaged(format!("lease: {e}")))
+        }
+    }
+}
+
+/// The bucket image of the newest commit, as a map.
+async fn image(
+    bucket: &Bucket,
+    sealer: &Sealer,
+    key: &LogKey,
+    id: &str,
+    size: u64,
+    commit: Option<&Commit>,
+) -> Result<Checkpoint, TakeoverError> {
+    let Some(commit) = commit else {
+        return Ok(Checkpoint {
+            segment: 0,
+            next_record: 1,
+            size,
+            map: Map::new(),
+            salts: Default::default(),
+        });
+    };
+    let mut image = if commit.checkpoint > 0 {
+        let object = bucket
+            .remote
+            .get(&bucket.checkpoint_key(commit.checkpoint))
+            .await?;
+        open_checkpoint(sealer, id, &object.body)
+            .map_err(|e| TakeoverError::Damaged(format!("checkpoint {}: {e}", commit.checkpoint)))?
+    } else {
+        Checkpoint {
+            size,
+            next_record: 1,
+            ..Checkpoint::default()
+        }
+    };
+    let last = commit.runs.last().map(|run| run.1);
+    for &(first, end) in &commit.runs {
+        for seq in first..=end {
+            let object = bucket.remote.get(&bucket.segment_key(seq)).await?;
+            let mut body: &[u8] = &object.body;
+            if Some(seq) == last && commit.cut.segment == seq {
+                body = &body[..(commit.cut.end as usize).min(body.len())];
+            }
+            let (_, damaged) = replay_records(
+                key,
+                seq,
+                body,
+                false,
+                &mut image.map,
+                &mut image.salts,
+                &mut image.next_record,
+            )
+            .map_err(|e| TakeoverError::Damaged(format!("segment {seq}: {e}")))?;
+            if damaged {
+                return Err(TakeoverError::Damaged(format!(
+                    "segment {seq} of commit {} does not hold whole records up to its cut",
+                    commit.n
+                )));
+            }
+        }
+    }
+    image.map.truncate(size);
+    Ok(image)
+}
+
+/// Takes the volume `id` over from the bucket into `dir` (which must be empty): see the
+/// module documentation. `honoured` is whether the store refuses a second create.
+#[allow(clippy::too_many_arguments)]
+pub async fn take_over(
+    bucket: &Bucket,
+    sealer: &Sealer,
+    meta: &MetaStore,
+    id: &str,
+    dir: &std::path::Path,
+    honoured: bool,
+    force: bool,
+) -> Result<Descriptor, TakeoverError> {
+    let descriptor = descriptor(bucket, sealer, id).await?;
+    if !force {
+        if !honoured {
+            return Err(TakeoverError::Unfenced);
+        }
+        if let Some(lease) = lease(bucket, sealer, id).await?
+            && lease.gateway != bucket.gateway
+        {
+            let age = now_secs().saturating_sub(lease.time);
+            if age < LEASE_LIVE.as_secs() {
+                return Err(TakeoverError::Leased {
+                    gateway: lease.gateway,
+                    age,
+                });
+            }
+        }
+    }
+    let key = LogKey::new(sealer.log_key(id));
+    let commit = newest_commit(bucket, sealer, id).await?;
+    match &commit {
+        Some(c) => tracing::info!(
+            volume = %descriptor.name,
+            "taking over at commit {} of gateway {} (checkpoint {}, segments {:?} up to byte {} of {})",
+            c.n, c.gateway, c.checkpoint, c.runs, c.cut.end, c.cut.segment
+        ),
+        None => {
+            tracing::warn!(volume = %descriptor.name, "taking over a volume with no commit: it reads as zeros")
+        }
+    }
+    let mut image = image(bucket, sealer, &key, id, descriptor.size, commit.as_ref()).await?;
+
+    // Past every segment in the bucket: the old gateway's uncommitted ones included.
+    let mut free = commit
+        .as_ref()
+        .map(|c| c.cut.segment.max(c.checkpoint))
+        .unwrap_or(0)
+        + 1;
+    while bucket
+        .remote
+        .head(&bucket.segment_key(free))
+        .await?
+        .is_some()
+    {
+        free += 1;
+    }
+    let label = free - 1 + SEGMENT_GAP;
+    image.segment = label;
+    let sealed = Bytes::from(seal_checkpoint(sealer, id, &image));
+    bucket
+        .remote
+        .put(&bucket.checkpoint_key(label), sealed.clone(), Meta::new())
+        .await?;
+    let n = commit.as_ref().map_or(0, |c| c.n) + 1;
+    let cut = Cut {
+        segment: label,
+        end: 0,
+    };
+    let takeover = Commit {
+        format: 1,
+        volume: id.to_string(),
+        n,
+        size: descriptor.size,
+        checkpoint: label,
+        runs: Vec::new(),
+        cut,
+        gateway: bucket.gateway.clone(),
+        time: now_secs(),
+    };
+    let plain = serde_json::to_vec(&takeover).map_err(|e| TakeoverError::Damaged(e.to_string()))?;
+    let sealed_commit = sealer.seal(&commit_context(id), &plain);
+    match bucket
+        .remote
+        .create(
+            &bucket.commit_key(n),
+            Bytes::from(sealed_commit),
+            Meta::new(),
+        )
+        .await
+    {
+        Ok(()) => {}
+        Err(remote::Error::Exists { .. }) => {
+            let there = bucket.remote.get(&bucket.commit_key(n)).await?;
+            if open_commit(sealer, id, &there.body).as_ref() != Ok(&takeover) {
+                return Err(TakeoverError::Raced);
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
+    std::fs::create_dir_all(dir.join("segments"))?;
+    store_local_checkpoint(dir, &sealed)?;
+    let progress = Progress {
+        uploaded: label,
+        commit: n,
+        committed: Some(cut),
+        checkpoint: label,
+        checkpoints: vec![label],
+    };
+    meta.put_json(PROGRESS_TABLE, id, &progress)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(descriptor)
+}
