@@ -316,6 +316,12 @@ fn real_clients_interoperate(mode: &str) {
         metric(&metrics, "firn_nbd_errors_total{command=\"write\"}"),
         0.0
     );
+    if mode == "cached" {
+        let written = metric(&metrics, "firn_volume_written_bytes_total{volume=\"disk\"}");
+        assert!(written >= (64 << 20) as f64, "{metrics}");
+        let hit = metric(&metrics, "firn_volume_cache_hit_percent{volume=\"disk\"}");
+        assert!((0.0..=100.0).contains(&hit), "{metrics}");
+    }
 }
 
 /// One sample's value from an OpenMetrics text, which must have it.

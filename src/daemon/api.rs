@@ -156,6 +156,7 @@ async fn metrics(State(gateway): Shared) -> Response {
     text += &format!(
         "# HELP firn_local_total_bytes Size of the data directory's file system.\n# TYPE firn_local_total_bytes gauge\nfirn_local_total_bytes {total}\n"
     );
+    text += &volume_metrics(&gateway.volumes.cached_statuses());
     text += "# EOF\n";
     (
         [(
@@ -165,6 +166,111 @@ async fn metrics(State(gateway): Shared) -> Response {
         text,
     )
         .into_response()
+}
+
+/// The cached volumes' gauges and counters, named after what Storage Gateway users watch.
+fn volume_metrics(volumes: &[(String, crate::engines::volume::cached::CachedStatus)]) -> String {
+    type Value = fn(&crate::engines::volume::cached::CachedStatus) -> f64;
+    let families: [(&str, &str, &str, Value); 12] = [
+        (
+            "firn_volume_cache_hit_percent",
+            "gauge",
+            "Reads answered from local disk, percent of all reads of written data.",
+            |s| {
+                let all = s.cache_hits + s.cache_misses;
+                if all == 0 {
+                    100.0
+                } else {
+                    s.cache_hits as f64 * 100.0 / all as f64
+                }
+            },
+        ),
+        (
+            "firn_volume_cache_percent_used",
+            "gauge",
+            "Local bytes of the volume (log and cache), percent of cache_max.",
+            |s| {
+                if s.cache_max == 0 {
+                    0.0
+                } else {
+                    s.cached_bytes as f64 * 100.0 / s.cache_max as f64
+                }
+            },
+        ),
+        (
+            "firn_volume_cache_percent_dirty",
+            "gauge",
+            "Log bytes not yet in the bucket, percent of log_max.",
+            |s| s.dirty_bytes as f64 * 100.0 / s.log_max.max(1) as f64,
+        ),
+        (
+            "firn_volume_cached_bytes",
+            "gauge",
+            "Local bytes of the volume: its log and read cache.",
+            |s| s.cached_bytes as f64,
+        ),
+        (
+            "firn_volume_upload_backlog_bytes",
+            "gauge",
+            "Log bytes not yet in the bucket.",
+            |s| s.dirty_bytes as f64,
+        ),
+        (
+            "firn_volume_uploaded_bytes",
+            "counter",
+            "Log bytes uploaded since the volume was opened.",
+            |s| s.bytes_uploaded as f64,
+        ),
+        (
+            "firn_volume_downloaded_bytes",
+            "counter",
+            "Bytes read from the bucket since the volume was opened.",
+            |s| s.bytes_downloaded as f64,
+        ),
+        (
+            "firn_volume_written_bytes",
+            "counter",
+            "Bytes clients wrote since the volume was opened.",
+            |s| s.bytes_written as f64,
+        ),
+        (
+            "firn_volume_seconds_since_last_recovery_point",
+            "gauge",
+            "Seconds since the oldest flush the bucket's image does not include yet (0: it includes every flush).",
+            |s| s.commit_lag_secs,
+        ),
+        (
+            "firn_volume_queued_writes",
+            "gauge",
+            "Writes waiting for room in the log.",
+            |s| s.queued_writes as f64,
+        ),
+        (
+            "firn_volume_commit",
+            "gauge",
+            "Number of the newest commit in the bucket.",
+            |s| s.commit as f64,
+        ),
+        (
+            "firn_volume_fenced",
+            "gauge",
+            "1 when another gateway took the volume over (it is read-only here).",
+            |s| u8::from(s.fenced.is_some()) as f64,
+        ),
+    ];
+    let mut text = String::new();
+    for (name, kind, help, value) in families {
+        text += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
+        for (volume, status) in volumes {
+            let sample = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_string()
+            };
+            text += &format!("{sample}{{volume=\"{volume}\"}} {}\n", value(status));
+        }
+    }
+    text
 }
 
 async fn status(State(gateway): Shared) -> Json<Status> {

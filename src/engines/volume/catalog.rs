@@ -658,6 +658,17 @@ impl Catalog {
         pinned.get(&info.id).map(|volume| volume.status())
     }
 
+    /// Every open cached volume's name and upload state, in name order.
+    pub fn cached_statuses(&self) -> Vec<(String, cached::CachedStatus)> {
+        let mut out = Vec::new();
+        for info in self.list().unwrap_or_default() {
+            if let Some(volume) = self.pinned_volumes().get(&info.id) {
+                out.push((info.name.clone(), volume.status()));
+            }
+        }
+        out
+    }
+
     /// The open cached volume itself (tests and tools wait on its commits).
     pub fn cached(&self, name: &str) -> Option<Arc<CachedVolume>> {
         let info = self.get(name).ok()??;

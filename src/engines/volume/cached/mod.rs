@@ -319,6 +319,7 @@ impl CachedVolume {
         if let Some(cut) = replayed.cut {
             // What survived is a state the volume had; synced by the replay, it is a cut.
             state.cuts.insert(cut.segment, cut.end);
+            state.pending_since = Some(Instant::now());
         }
         state.sealed = replayed.sizes;
         state.cached = replayed.cached;
@@ -437,6 +438,12 @@ impl Inner {
             queued_writes: state.queued_writes,
             cache_hits: state.cache_hits,
             cache_misses: state.cache_misses,
+            bytes_written: state.bytes_written,
+            commit_lag_secs: state
+                .pending_since
+                .map_or(0.0, |since| since.elapsed().as_secs_f64()),
+            cache_max: self.settings.cache_max,
+            log_max: self.settings.log_max,
         }
     }
 
@@ -610,6 +617,9 @@ impl Inner {
         *synced = cut;
         drop(synced);
         let mut state = lock(&self.state);
+        if state.cuts.is_empty() {
+            state.pending_since = Some(Instant::now());
+        }
         let end = state.cuts.entry(cut.segment).or_insert(0);
         *end = (*end).max(cut.end);
         drop(state);

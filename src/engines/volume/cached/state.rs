@@ -62,6 +62,13 @@ pub struct CachedStatus {
     /// Reads answered from local disk and from the bucket.
     pub cache_hits: u64,
     pub cache_misses: u64,
+    /// Bytes clients wrote.
+    pub bytes_written: u64,
+    /// Seconds since the oldest flush that no commit covers yet completed: how far the
+    /// bucket's image lags behind what clients flushed (0 when it does not).
+    pub commit_lag_secs: f64,
+    pub cache_max: u64,
+    pub log_max: u64,
 }
 
 pub(super) struct State {
@@ -77,6 +84,8 @@ pub(super) struct State {
     pub cached: BTreeMap<u64, u64>,
     /// Cuts (segment → furthest completed flush in it) not yet committed.
     pub cuts: BTreeMap<u64, u64>,
+    /// When the oldest of `cuts` was made.
+    pub pending_since: Option<std::time::Instant>,
     pub committed: Option<Cut>,
     pub last_commit: Option<SystemTime>,
     pub dirty_bytes: u64,
@@ -103,6 +112,7 @@ impl State {
             sealed_upto: 0,
             cached: BTreeMap::new(),
             cuts: BTreeMap::new(),
+            pending_since: None,
             last_commit: None,
             dirty_bytes: 0,
             local_bytes: 0,

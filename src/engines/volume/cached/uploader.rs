@@ -397,6 +397,12 @@ async fn commit(inner: &Arc<Inner>) -> Result<bool, String> {
         state
             .cuts
             .retain(|&segment, &mut end| Some(Cut { segment, end }) > committed);
+        // What remains was flushed after this commit's cut: at the latest, now.
+        state.pending_since = if state.cuts.is_empty() {
+            None
+        } else {
+            state.pending_since.max(Some(std::time::Instant::now()))
+        };
         state.progress.clone()
     };
     inner.room.notify_all();
