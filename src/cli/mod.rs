@@ -93,8 +93,20 @@ enum VolumeCommand {
     },
     /// Show one volume.
     Show { name: String },
-    /// Delete a volume and its data.
-    Delete { name: String },
+    /// Delete a volume and its data (a cached volume's objects in the bucket too).
+    Delete {
+        name: String,
+        /// Delete although NBD clients are attached: their requests fail from then on.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Grow a cached volume, online (clients that connect next see the new size).
+    Resize {
+        name: String,
+        /// The new size, larger than the current one, e.g. 200G.
+        #[arg(long)]
+        size: String,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -246,9 +258,21 @@ async fn volume(client: &ApiClient, command: VolumeCommand) -> anyhow::Result<()
             let v: Value = client.get(&format!("volumes/{name}")).await?;
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
-        VolumeCommand::Delete { name } => {
-            client.delete(&format!("volumes/{name}")).await?;
+        VolumeCommand::Delete { name, force } => {
+            let path = if force {
+                format!("volumes/{name}?force=true")
+            } else {
+                format!("volumes/{name}")
+            };
+            client.delete(&path).await?;
             println!("deleted {name}");
+        }
+        VolumeCommand::Resize { name, size } => {
+            let size = crate::size::parse_size(&size)?;
+            let resized: Value = client
+                .post(&format!("volumes/{name}/resize"), &json!({ "size": size }))
+                .await?;
+            println!("resized {}", line(&resized).trim_end());
         }
     }
     Ok(())

@@ -28,6 +28,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/bandwidth", get(get_bandwidth).put(put_bandwidth))
         .route("/volumes", get(list_volumes).post(create_volume))
         .route("/volumes/{name}", get(show_volume).delete(delete_volume))
+        .route("/volumes/{name}/resize", axum::routing::post(resize_volume))
         .route(
             "/volumes/{name}/takeover",
             axum::routing::post(take_over_volume),
@@ -339,6 +340,33 @@ async fn list_volumes(
     }
 }
 
+/// `POST /api/v1/volumes/{name}/resize`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Resize {
+    size: ByteSize,
+}
+
+async fn resize_volume(
+    State(gateway): Shared,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let request: Resize = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("resize: {e}")),
+    };
+    let volumes = gateway.volumes.clone();
+    match tokio::task::spawn_blocking(move || volumes.resize(&name, request.size.0)).await {
+        Ok(Ok(info)) => Json(info).into_response(),
+        Ok(Err(e @ crate::engines::volume::catalog::CatalogError::NotFound { .. })) => {
+            error(StatusCode::NOT_FOUND, e.to_string())
+        }
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
 /// `POST /api/v1/volumes/{name}/takeover`.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -438,11 +466,24 @@ async fn show_volume(State(gateway): Shared, Path(name): Path<String>) -> Respon
     }
 }
 
-async fn delete_volume(State(gateway): Shared, Path(name): Path<String>) -> Response {
-    if gateway.volumes.in_use(&name).unwrap_or(false) {
+#[derive(Debug, serde::Deserialize)]
+struct DeleteQuery {
+    /// Delete although clients are attached: their requests fail from then on.
+    #[serde(default)]
+    force: bool,
+}
+
+async fn delete_volume(
+    State(gateway): Shared,
+    Path(name): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<DeleteQuery>,
+) -> Response {
+    if !query.force && gateway.volumes.in_use(&name).unwrap_or(false) {
         return error(
             StatusCode::CONFLICT,
-            format!("volume {name:?} is attached by an NBD client; disconnect it first"),
+            format!(
+                "volume {name:?} is attached by an NBD client; disconnect it first, or delete with --force"
+            ),
         );
     }
     match gateway.volumes.get(&name) {

@@ -120,6 +120,68 @@ pub fn open_remote(config: &Config, registry: &mut Registry) -> anyhow::Result<r
     Ok(remote::stack(backend, policy, limiter, metrics, faults))
 }
 
+/// Where the passphrase's salt is kept in the bucket (it is not secret).
+const SALT_KEY: &str = "keys/passphrase-salt";
+
+/// Before a passphrase is stretched: when the data directory has no salt yet, takes the
+/// bucket's, if the bucket answers within the probe timeout and has one. Returns whether the
+/// bucket lacks the salt (`Some(true)`), so that the one in use is put there after the key is
+/// made, or `None` when there is nothing to do.
+async fn passphrase_salt(probe: &dyn Remote, data_dir: &Path) -> Option<bool> {
+    let local = data_dir.join(crate::seal::keys::SALT_FILE);
+    let fetched = tokio::time::timeout(PROBE_TIMEOUT, probe.get(SALT_KEY)).await;
+    match fetched {
+        Ok(Ok(object)) => {
+            let theirs = String::from_utf8_lossy(&object.body).trim().to_string();
+            match std::fs::read_to_string(&local) {
+                Ok(ours) if ours.trim() == theirs => None,
+                Ok(_) => {
+                    tracing::warn!(
+                        "the bucket's passphrase salt ({SALT_KEY}) differs from this data directory's: volumes other gateways wrote will not open here"
+                    );
+                    None
+                }
+                Err(_) => {
+                    if let Err(e) = crate::seal::keys::write_private(&local, theirs.as_bytes()) {
+                        tracing::warn!("cannot keep the bucket's passphrase salt: {e}");
+                    }
+                    None
+                }
+            }
+        }
+        Ok(Err(remote::Error::NotFound { .. })) => Some(true),
+        Ok(Err(e)) => {
+            tracing::warn!(
+                "cannot read the passphrase salt from the bucket ({e}); using this data directory's"
+            );
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                "the bucket did not answer for the passphrase salt; using this data directory's"
+            );
+            None
+        }
+    }
+}
+
+async fn share_passphrase_salt(remote: &remote::Stack, data_dir: &Path, missing: bool) {
+    if !missing {
+        return;
+    }
+    let Ok(salt) = std::fs::read(data_dir.join(crate::seal::keys::SALT_FILE)) else {
+        return;
+    };
+    let put = remote
+        .probe
+        .put(SALT_KEY, bytes::Bytes::from(salt), remote::Meta::new());
+    match tokio::time::timeout(PROBE_TIMEOUT, put).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("cannot put the passphrase salt in the bucket: {e}"),
+        Err(_) => tracing::warn!("the bucket did not answer; the passphrase salt is only here"),
+    }
+}
+
 /// What the last health probe of the remote found.
 #[derive(Debug, Clone, Default)]
 pub struct RemoteHealth {
@@ -218,7 +280,19 @@ impl Gateway {
             }
         }
 
+        let mut registry = Registry::default();
+        let remote = open_remote(&config, &mut registry)?;
+        // A passphrase's salt is in the bucket too, so that a new gateway derives the same key.
+        let salt_from_bucket = match &config.keys {
+            crate::seal::KeySource::Passphrase { .. } => {
+                passphrase_salt(remote.probe.as_ref(), &data_dir).await
+            }
+            _ => None,
+        };
         let master = MasterKey::load(&config.keys, &data_dir)?;
+        if let Some(missing) = salt_from_bucket {
+            share_passphrase_salt(&remote, &data_dir, missing).await;
+        }
         let sealer = Arc::new(Sealer::new(&master));
         drop(master);
         crate::seal::keys::check_key(&sealer, &data_dir)?;
@@ -257,8 +331,6 @@ impl Gateway {
         let (audit, recovery) = audit::Audit::open(&data_dir.join("audit.log"))?;
         audit::report_recovery(audit.path(), &recovery);
         // Nothing serves yet, so no volume can be half made.
-        let mut registry = Registry::default();
-        let remote = open_remote(&config, &mut registry)?;
         let settings = config.volumes.settings().map_err(anyhow::Error::msg)?;
         let volumes = Arc::new(volumes.with_bucket(BucketContext {
             remote: remote.remote.clone(),

@@ -140,7 +140,7 @@ impl MasterKey {
                 let phrase = environment::variable(env)
                     .filter(|phrase| !phrase.is_empty())
                     .ok_or_else(|| KeyError::PassphraseMissing(env.clone()))?;
-                let salt = read_or_create(&data_dir.join("passphrase.salt"), || {
+                let salt = read_or_create(&data_dir.join(SALT_FILE), || {
                     let mut salt = [0u8; 16];
                     rand::rng().fill_bytes(&mut salt);
                     Zeroizing::new(hex::encode(salt))
@@ -150,6 +150,9 @@ impl MasterKey {
         }
     }
 }
+
+/// The passphrase's salt in the data directory (and, put there by the daemon, in the bucket).
+pub const SALT_FILE: &str = "passphrase.salt";
 
 fn load_dev(data_dir: &Path) -> Result<MasterKey, KeyError> {
     let path = data_dir.join("dev-master-key");

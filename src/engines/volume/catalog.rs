@@ -156,6 +156,9 @@ pub enum CatalogError {
     )]
     NoBucket { name: String },
 
+    #[error("volume {name:?} cannot be resized: {reason}")]
+    Resize { name: String, reason: String },
+
     #[error("volume {name:?}: taking it over from the bucket: {message}")]
     Takeover { name: String, message: String },
 
@@ -541,7 +544,10 @@ impl Catalog {
         };
         self.open_volumes().remove(&info.id);
         let pinned = self.pinned_volumes().remove(&info.id);
-        drop(pinned);
+        // Clients still attached (a forced delete) get errors from now on.
+        if let Some(volume) = pinned {
+            volume.retire();
+        }
         if info.mode == Mode::Cached {
             self.delete_bucket_objects(&info);
             let _ = self.meta.delete(cached::PROGRESS_TABLE, &info.id);
@@ -812,6 +818,54 @@ impl Catalog {
                 info.id
             );
         }
+    }
+
+    /// Grows a cached volume to `size` bytes, online. Local volumes cannot be resized yet.
+    pub fn resize(&self, name: &str, size: u64) -> Result<VolumeInfo, CatalogError> {
+        let mut info = self.get(name)?.ok_or_else(|| CatalogError::NotFound {
+            name: name.to_string(),
+        })?;
+        if info.mode != Mode::Cached {
+            return Err(CatalogError::Resize {
+                name: name.to_string(),
+                reason: "only cached volumes can be resized".into(),
+            });
+        }
+        if size <= info.size || size % local::SECTOR_SIZE != 0 || size > local::MAX_SIZE {
+            return Err(CatalogError::Resize {
+                name: name.to_string(),
+                reason: format!(
+                    "the new size must be larger than the current {} bytes (volumes only grow), a multiple of {} bytes, at most {}",
+                    info.size,
+                    local::SECTOR_SIZE,
+                    local::MAX_SIZE
+                ),
+            });
+        }
+        info.size = size;
+        let updated = self.meta.transaction(|tx| {
+            let current: Option<VolumeInfo> = tx.get_json(TABLE, name)?;
+            match current {
+                Some(current) if current.id == info.id => {
+                    tx.put_json(TABLE, name, &info)?;
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }
+        });
+        match updated {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(CatalogError::NotFound {
+                    name: name.to_string(),
+                });
+            }
+            Err(source) => return Err(meta_error(name, source)),
+        }
+        if let Some(volume) = self.pinned_volumes().get(&info.id) {
+            volume.grow(size);
+        }
+        Ok(info)
     }
 
     /// Whether a handle from `open` is alive for the volume (a client has it attached).

@@ -33,6 +33,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -196,7 +197,8 @@ impl Writer {
 struct Inner {
     id: String,
     name: String,
-    size: u64,
+    /// Grows online (`CachedVolume::grow`); never shrinks.
+    size: AtomicU64,
     read_only: bool,
     dir: PathBuf,
     key: LogKey,
@@ -336,7 +338,7 @@ impl CachedVolume {
         let inner = Arc::new(Inner {
             id,
             name,
-            size,
+            size: AtomicU64::new(size),
             read_only,
             dir,
             key,
@@ -372,7 +374,7 @@ impl CachedVolume {
             format: 1,
             id: inner.id.clone(),
             name: inner.name.clone(),
-            size: inner.size,
+            size: inner.size(),
             created,
         };
         inner
@@ -380,6 +382,27 @@ impl CachedVolume {
             .runtime
             .spawn(uploader::run(inner.clone(), descriptor));
         Ok(CachedVolume { inner })
+    }
+
+    /// Makes the volume `size` bytes long, online: new clients see the new size, the next
+    /// commit carries it, and the descriptor in the bucket is rewritten. The caller records
+    /// the size in the catalog first, so a crash keeps it.
+    pub fn grow(&self, size: u64) {
+        self.inner.size.fetch_max(size, Ordering::AcqRel);
+        lock(&self.inner.state).describe = true;
+        self.inner.wake.notify_one();
+    }
+
+    /// Stops the volume for good (it was deleted while clients held it): the uploader ends,
+    /// and every later request fails.
+    pub fn retire(&self) {
+        let mut state = lock(&self.inner.state);
+        state.stopped = true;
+        state.retired = true;
+        drop(state);
+        self.inner.room.notify_all();
+        self.inner.wake.notify_one();
+        self.inner.stopping.notify_one();
     }
 
     /// What the volume's status shows.
@@ -412,6 +435,10 @@ impl CachedVolume {
 }
 
 impl Inner {
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
     fn status(&self) -> CachedStatus {
         let state = lock(&self.state);
         CachedStatus {
@@ -448,6 +475,9 @@ impl Inner {
     }
 
     fn check_writable(&self) -> BlockResult<()> {
+        if lock(&self.state).retired {
+            return Err(BlockError::Io("the volume was deleted".into()));
+        }
         if self.read_only {
             return Err(BlockError::ReadOnly);
         }
@@ -566,7 +596,7 @@ impl Inner {
             state.pending_checkpoint = Some(Checkpoint {
                 segment: closed,
                 next_record: w.next_record,
-                size: self.size,
+                size: self.size(),
                 map: self
                     .map
                     .read()
@@ -754,7 +784,7 @@ impl Inner {
 
 impl BlockDevice for CachedVolume {
     fn size(&self) -> u64 {
-        self.inner.size
+        self.inner.size()
     }
 
     fn read_only(&self) -> bool {
@@ -762,7 +792,10 @@ impl BlockDevice for CachedVolume {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
-        check_range(offset, buf.len() as u64, self.inner.size)?;
+        check_range(offset, buf.len() as u64, self.inner.size())?;
+        if lock(&self.inner.state).retired {
+            return Err(BlockError::Io("the volume was deleted".into()));
+        }
         let spans = self
             .inner
             .map
@@ -786,7 +819,7 @@ impl BlockDevice for CachedVolume {
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()> {
-        check_range(offset, data.len() as u64, self.inner.size)?;
+        check_range(offset, data.len() as u64, self.inner.size())?;
         self.inner.check_writable()?;
         let mut at = 0;
         while at < data.len() {
@@ -817,7 +850,7 @@ impl BlockDevice for CachedVolume {
     }
 
     fn write_zeroes(&self, offset: u64, length: u64, may_trim: bool) -> BlockResult<()> {
-        check_range(offset, length, self.inner.size)?;
+        check_range(offset, length, self.inner.size())?;
         self.inner.check_writable()?;
         if length == 0 {
             return Ok(());
@@ -827,7 +860,7 @@ impl BlockDevice for CachedVolume {
     }
 
     fn extents(&self, offset: u64, length: u64) -> BlockResult<Vec<Extent>> {
-        check_range(offset, length, self.inner.size)?;
+        check_range(offset, length, self.inner.size())?;
         let spans = self
             .inner
             .map

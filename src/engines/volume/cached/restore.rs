@@ -221,6 +221,11 @@ pub async fn take_over(
     }
     let key = LogKey::new(sealer.log_key(id));
     let commit = newest_commit(bucket, sealer, id).await?;
+    // The volume may have grown after the descriptor was last written.
+    let mut descriptor = descriptor;
+    if let Some(c) = &commit {
+        descriptor.size = descriptor.size.max(c.size);
+    }
     match &commit {
         Some(c) => tracing::info!(
             volume = %descriptor.name,

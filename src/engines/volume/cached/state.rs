@@ -99,6 +99,10 @@ pub(super) struct State {
     pub fenced: Option<String>,
     pub last_error: Option<String>,
     pub stopped: bool,
+    /// Deleted while in use: every request fails.
+    pub retired: bool,
+    /// The descriptor in the bucket must be written again (the volume grew).
+    pub describe: bool,
 }
 
 impl State {
@@ -125,6 +129,8 @@ impl State {
             fenced: None,
             last_error: None,
             stopped: false,
+            retired: false,
+            describe: true,
         }
     }
 }

@@ -16,16 +16,21 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Runs until the volume is dropped (`State::stopped`).
 pub(super) async fn run(inner: Arc<Inner>, descriptor: Descriptor) {
     let mut backoff = Duration::from_millis(250);
-    let mut described = false;
     let mut leased: Option<std::time::Instant> = None;
     loop {
         if lock(&inner.state).stopped {
             return;
         }
         let outcome = async {
-            if !described {
-                put_descriptor(&inner, &descriptor).await?;
-                described = true;
+            if std::mem::take(&mut lock(&inner.state).describe) {
+                let described = Descriptor {
+                    size: inner.size(),
+                    ..descriptor.clone()
+                };
+                if let Err(e) = put_descriptor(&inner, &described).await {
+                    lock(&inner.state).describe = true;
+                    return Err(e);
+                }
             }
             if leased.is_none_or(|at| at.elapsed() >= super::restore::LEASE_RENEW) {
                 put_lease(&inner).await?;
@@ -342,7 +347,7 @@ async fn commit(inner: &Arc<Inner>) -> Result<bool, String> {
             format: 1,
             volume: inner.id.clone(),
             n,
-            size: inner.size,
+            size: inner.size(),
             checkpoint,
             runs: vec![(checkpoint + 1, segment)],
             cut,
