@@ -689,6 +689,48 @@ fn a_full_disk_gives_enospc_and_the_rest_keeps_working() {
 }
 
 #[test]
+fn a_full_disk_makes_cached_writes_wait_for_uploads_not_fail() {
+    // The data directory on a 32 MiB ext4 file system, the bucket elsewhere, and a cached
+    // volume twice that size: its log's room is held at attach, so filling the volume never
+    // gives a client ENOSPC; writes wait for uploads to free room instead.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_mnt, _teardown) = small_ext4(dir.path());
+    let bucket = dir.path().join("bucket");
+    let (config, http_port, nbd_port) = write_nbd_config(dir.path(), "mnt/data", "");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replace("[local]\n", "[local]\nmin_free = \"0\"\n")
+            + &format!(
+                "[remote]\nkind = \"local\"\npath = \"{}\"\n[volumes]\nsegment_size = \"1MiB\"\nlog_max = \"18MiB\"\ncache_max = \"0\"\ncheckpoint_segments = 1\n",
+                bucket.display()
+            ),
+    )
+    .expect("config");
+    let daemon = Daemon::start(&config, http_port, &[]);
+    create_volume(&config, "big", "64M");
+    let uri = format!("nbd://127.0.0.1:{nbd_port}/big");
+    run(
+        "fio",
+        &[
+            "--name=fill",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=write",
+            "--bs=1m",
+            "--size=64M",
+            "--iodepth=4",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+        ],
+    );
+    let shown = firn_at(&config, &["volume", "show", "big"]);
+    assert!(shown.contains("\"fenced\": null"), "{shown}");
+    drop(daemon);
+}
+
+#[test]
 fn ext4_through_qemu_storage_daemon_fuse_and_a_loop_device() {
     let g = Gateway::start();
     g.firn(&["volume", "create", "fs", "--size", "256M"]);

@@ -191,15 +191,15 @@ impl Default for VolumesConfig {
 
 impl VolumesConfig {
     pub fn settings(&self) -> Result<crate::engines::volume::cached::Settings, String> {
-        let record = crate::engines::volume::cached::record::MAX_RECORD as u64;
+        let segment = crate::engines::volume::cached::record::max_segment(self.segment_size.0);
         // A segment goes up in one PUT (create-if-absent has no multipart form everywhere).
         if self.segment_size.0 < (1 << 20) || self.segment_size.0 > (16 << 20) {
             return Err("[volumes] segment_size must be between 1MiB and 16MiB".into());
         }
-        if self.log_max.0 < 2 * (self.segment_size.0 + record) {
+        if self.log_max.0 < 2 * segment {
             return Err(format!(
                 "[volumes] log_max must hold at least two segments ({} bytes)",
-                2 * (self.segment_size.0 + record)
+                2 * segment
             ));
         }
         if self.checkpoint_segments == 0 || self.read_timeout_secs == 0 {

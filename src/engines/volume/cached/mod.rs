@@ -24,6 +24,7 @@
 
 pub mod map;
 pub mod record;
+mod reserve;
 pub mod restore;
 mod state;
 mod uploader;
@@ -210,6 +211,10 @@ struct Inner {
     map: RwLock<Map>,
     salts: RwLock<BTreeMap<u64, [u8; 16]>>,
     files: Mutex<HashMap<u64, Arc<File>>>,
+    /// Local space held for the log (`reserve.rs`).
+    reserve: Mutex<reserve::Reserve>,
+    /// Bytes a segment can take at most, preallocated when it is created.
+    segment_alloc: u64,
     /// Held by the flush that syncs; others wait on it and usually find their work done.
     sync: Mutex<Cut>,
     /// The first failed sync: every later flush and write fails with it.
@@ -221,6 +226,9 @@ struct Inner {
     wake: tokio::sync::Notify,
     /// Wakes the uploader from a pause after an error, to stop.
     stopping: tokio::sync::Notify,
+    /// Reads of written data answered from local disk, and from the bucket.
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
 }
 
 /// A cached volume. Dropping it stops its uploader; what was not uploaded stays in the log
@@ -258,6 +266,24 @@ pub struct OpenParams {
     pub meta: Arc<MetaStore>,
     pub bucket: Bucket,
     pub settings: Settings,
+}
+
+/// Fills `buf` from the page cache only (`preadv2` with `RWF_NOWAIT`); false if not all of
+/// it was there.
+fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    let iov = nix::libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let Ok(offset) = nix::libc::off_t::try_from(offset) else {
+        return false;
+    };
+    // SAFETY: the one iovec covers exactly `buf`, which outlives the call; the kernel writes
+    // only within it.
+    let read =
+        unsafe { nix::libc::preadv2(file.as_raw_fd(), &iov, 1, offset, nix::libc::RWF_NOWAIT) };
+    read >= 0 && read as usize == buf.len()
 }
 
 fn segment_name(seq: u64) -> String {
@@ -326,8 +352,19 @@ impl CachedVolume {
         state.sealed = replayed.sizes;
         state.cached = replayed.cached;
 
+        let segment_alloc = record::max_segment(settings.segment_bytes);
+        // The log's room, less what the segments waiting for upload (and the new one) hold.
+        let waiting = state.sealed.len() as u64 + 1;
+        let cap = settings.log_max;
+        let reserve = reserve::Reserve::open(
+            &dir,
+            cap.saturating_sub(waiting * segment_alloc),
+            segment_alloc.min(cap),
+            cap,
+        )?;
         let seq = last + 1;
         let (file, salt) = state::create_segment(&segments_dir, &key, seq)?;
+        reserve::preallocate(&file, segment_alloc);
         crate::local::sync_parent_dir(&segments_dir.join(segment_name(seq)))?;
         salts.insert(seq, salt);
         let file = Arc::new(file);
@@ -360,6 +397,8 @@ impl CachedVolume {
             map: RwLock::new(map),
             salts: RwLock::new(salts),
             files: Mutex::new(files),
+            reserve: Mutex::new(reserve),
+            segment_alloc,
             sync: Mutex::new(Cut {
                 segment: seq,
                 end: HEADER_LEN as u64,
@@ -369,6 +408,8 @@ impl CachedVolume {
             room: Condvar::new(),
             wake: tokio::sync::Notify::new(),
             stopping: tokio::sync::Notify::new(),
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
         });
         let descriptor = Descriptor {
             format: 1,
@@ -463,8 +504,8 @@ impl Inner {
                 .len() as u64,
             pending_flushes: state.cuts.len() as u64,
             queued_writes: state.queued_writes,
-            cache_hits: state.cache_hits,
-            cache_misses: state.cache_misses,
+            cache_hits: self.cache_hits.load(Ordering::Relaxed),
+            cache_misses: self.cache_misses.load(Ordering::Relaxed),
             bytes_written: state.bytes_written,
             commit_lag_secs: state
                 .pending_since
@@ -510,15 +551,123 @@ impl Inner {
         Ok(())
     }
 
+    /// `read`; without `wait`, `Ok(false)` unless the page cache holds everything.
+    fn read(&self, offset: u64, buf: &mut [u8], wait: bool) -> BlockResult<bool> {
+        check_range(offset, buf.len() as u64, self.size())?;
+        if lock(&self.state).retired {
+            return Err(BlockError::Io("the volume was deleted".into()));
+        }
+        let spans = self
+            .map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .lookup(offset, buf.len() as u64);
+        for span in spans {
+            let at = (span.offset - offset) as usize;
+            let out = &mut buf[at..at + span.len as usize];
+            match span.place {
+                None | Some(Place::Zero | Place::ZeroData) => out.fill(0),
+                Some(Place::Data {
+                    segment,
+                    pos,
+                    rec_len,
+                    skip,
+                }) => {
+                    if !self.read_data(segment, pos, rec_len, skip, out, wait)? {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// A small write appended now, if that needs no waiting: room in the log, the log's
+    /// lock free, no new segment to open. `None`, with nothing changed, otherwise.
+    fn write_now(&self, offset: u64, data: &[u8]) -> Option<BlockResult<()>> {
+        if data.is_empty() || data.len() > MAX_RECORD {
+            return None;
+        }
+        if let Err(e) = check_range(offset, data.len() as u64, self.size()) {
+            return Some(Err(e));
+        }
+        if let Err(e) = self.check_writable() {
+            return Some(Err(e));
+        }
+        let kind = if data.iter().all(|&b| b == 0) {
+            Kind::Zero
+        } else {
+            Kind::Write
+        };
+        let bytes = record::record_len(kind, data.len() as u64);
+        {
+            let state = lock(&self.state);
+            if state.dirty_bytes > 0 && state.dirty_bytes + bytes > self.settings.log_max {
+                return None;
+            }
+        }
+        let mut w = match self.log.try_lock() {
+            Ok(w) => w,
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        if w.end > HEADER_LEN as u64 && w.end + bytes > self.settings.segment_bytes {
+            return None;
+        }
+        let payload = if kind == Kind::Zero { &[][..] } else { data };
+        Some(self.append_locked(&mut w, kind, offset, data.len() as u64, payload))
+    }
+
+    /// Waits until the reserve can give a segment's space (an upload gave some back).
+    fn wait_for_reserve(&self) -> BlockResult<()> {
+        let mut state = lock(&self.state);
+        while lock(&self.reserve).held() < self.segment_alloc {
+            if state.stopped {
+                return Err(BlockError::Io("the volume is closing".into()));
+            }
+            state.queued_writes += 1;
+            self.wake.notify_one();
+            state = self
+                .room
+                .wait_timeout(state, Duration::from_secs(1))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            state.queued_writes -= 1;
+        }
+        Ok(())
+    }
+
     /// Appends one record and maps it. `data` is empty for a zero record.
     fn append(&self, kind: Kind, offset: u64, length: u64, data: &[u8]) -> BlockResult<()> {
         let bytes = record::record_len(kind, length);
-        self.wait_for_room(bytes)?;
-        let mut w = lock(&self.log);
-        if w.end > HEADER_LEN as u64 && w.end + bytes > self.settings.segment_bytes {
-            self.roll(&mut w)
-                .map_err(|e| io_error("opening a new log segment", e))?;
-        }
+        let mut w = loop {
+            self.wait_for_room(bytes)?;
+            let mut w = lock(&self.log);
+            if w.end > HEADER_LEN as u64 && w.end + bytes > self.settings.segment_bytes {
+                if !lock(&self.reserve).take(self.segment_alloc) {
+                    // The disk holds less than the log's room: wait for an upload.
+                    drop(w);
+                    self.wait_for_reserve()?;
+                    continue;
+                }
+                self.roll(&mut w)
+                    .map_err(|e| io_error("opening a new log segment", e))?;
+            }
+            break w;
+        };
+        self.append_locked(&mut w, kind, offset, length, data)
+    }
+
+    /// Appends a record to the open segment, which has room for it, and maps it.
+    fn append_locked(
+        &self,
+        w: &mut Writer,
+        kind: Kind,
+        offset: u64,
+        length: u64,
+        data: &[u8],
+    ) -> BlockResult<()> {
+        let bytes = record::record_len(kind, length);
         let pos = w.end as u32;
         let header = RecordHeader {
             kind,
@@ -559,6 +708,7 @@ impl Inner {
     fn roll(&self, w: &mut Writer) -> io::Result<()> {
         let seq = w.seq + 1;
         let (file, salt) = state::create_segment(&self.dir.join("segments"), &self.key, seq)?;
+        reserve::preallocate(&file, self.segment_alloc);
         let file = Arc::new(file);
         let old = std::mem::replace(&mut w.file, file.clone());
         w.unsynced.push(old);
@@ -682,6 +832,9 @@ impl Inner {
     }
 
     /// `out.len()` bytes of a record's data, starting `skip` bytes into it.
+    /// `out.len()` bytes of a record's data, starting `skip` bytes into it. Without `wait`,
+    /// only from a segment file already open and only what the page cache holds: `Ok(false)`
+    /// if that is not enough.
     fn read_data(
         &self,
         segment: u64,
@@ -689,7 +842,8 @@ impl Inner {
         rec_len: u32,
         skip: u32,
         out: &mut [u8],
-    ) -> BlockResult<()> {
+        wait: bool,
+    ) -> BlockResult<bool> {
         let salt = self.salt(segment)?;
         let first = skip as u64 / FRAME as u64;
         let last = (skip as u64 + out.len() as u64 - 1) / FRAME as u64;
@@ -698,21 +852,35 @@ impl Inner {
         let end = record::frame_pos(pos, last) + last_len + TAG_LEN as u64;
         let mut sealed = vec![0u8; (end - start) as usize];
         let within = (skip as u64 - first * FRAME as u64) as usize;
-        if let Some(file) = self.file(segment)
-            && file.read_exact_at(&mut sealed, start).is_ok()
+        let file = if wait {
+            self.file(segment)
+        } else {
+            lock(&self.files).get(&segment).cloned()
+        };
+        let local = file.is_some_and(|file| {
+            if wait {
+                file.read_exact_at(&mut sealed, start).is_ok()
+            } else {
+                pread_nowait(&file, &mut sealed, start)
+            }
+        });
+        if local
             && let Ok(n) = self
                 .key
                 .open_frames(&salt, pos, rec_len, first, &mut sealed)
         {
             out.copy_from_slice(&sealed[within..within + out.len()]);
             debug_assert!(within + out.len() <= n);
-            lock(&self.state).cache_hits += 1;
-            return Ok(());
+            self.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(true);
+        }
+        if !wait {
+            return Ok(false);
         }
         // Not here, or not whole: it must be in the bucket.
+        self.cache_misses.fetch_add(1, Ordering::Relaxed);
         {
-            let mut state = lock(&self.state);
-            state.cache_misses += 1;
+            let state = lock(&self.state);
             if segment > state.progress.uploaded {
                 return Err(BlockError::Io(format!(
                     "segment {segment} of volume {} is damaged on local disk and was never uploaded",
@@ -749,7 +917,7 @@ impl Inner {
             }
             Err(e) => tracing::debug!(volume = %self.name, "not caching fetched frames: {e}"),
         }
-        Ok(())
+        Ok(true)
     }
 
     /// A ranged GET of a segment, bounded by the read timeout.
@@ -792,30 +960,19 @@ impl BlockDevice for CachedVolume {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
-        check_range(offset, buf.len() as u64, self.inner.size())?;
-        if lock(&self.inner.state).retired {
-            return Err(BlockError::Io("the volume was deleted".into()));
+        self.inner.read(offset, buf, true).map(|_| ())
+    }
+
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Option<BlockResult<()>> {
+        match self.inner.read(offset, buf, false) {
+            Ok(true) => Some(Ok(())),
+            Ok(false) => None,
+            Err(e) => Some(Err(e)),
         }
-        let spans = self
-            .inner
-            .map
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .lookup(offset, buf.len() as u64);
-        for span in spans {
-            let at = (span.offset - offset) as usize;
-            let out = &mut buf[at..at + span.len as usize];
-            match span.place {
-                None | Some(Place::Zero | Place::ZeroData) => out.fill(0),
-                Some(Place::Data {
-                    segment,
-                    pos,
-                    rec_len,
-                    skip,
-                }) => self.inner.read_data(segment, pos, rec_len, skip, out)?,
-            }
-        }
-        Ok(())
+    }
+
+    fn write_now(&self, offset: u64, data: &[u8]) -> Option<BlockResult<()>> {
+        self.inner.write_now(offset, data)
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()> {

@@ -23,8 +23,14 @@ pub const SEGMENT_VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 64;
 pub const FRAME: usize = 4096;
 pub const TAG_LEN: usize = 16;
-/// The largest record: NBD requests are at most 32 MiB; writes are split below this.
-pub const MAX_RECORD: usize = 8 << 20;
+/// The largest write record: larger writes are split (NBD requests are up to 32 MiB), which
+/// bounds a segment's size at `segment_size` or one record, whichever is larger.
+pub const MAX_RECORD: usize = 1 << 20;
+
+/// The most bytes a segment closed at `segment_bytes` can hold.
+pub fn max_segment(segment_bytes: u64) -> u64 {
+    segment_bytes.max(HEADER_LEN as u64 + record_len(Kind::Write, MAX_RECORD as u64))
+}
 
 /// What a record does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -159,7 +159,9 @@ async fn step(inner: &Arc<Inner>) -> Result<bool, String> {
     if commit(inner).await? {
         return Ok(true);
     }
-    evict(inner).await
+    let evicted = evict(inner).await?;
+    refill_reserve(inner).await;
+    Ok(evicted)
 }
 
 /// Closes the open segment once it holds a cut for `commit_interval` (so the bucket's image
@@ -178,10 +180,17 @@ async fn close_if_due(inner: &Arc<Inner>) -> Result<(), String> {
         };
         // A checkpoint is taken when a segment closes; when writes have stopped, closing
         // the (maybe empty) open one is what lets the uploaded ones leave the cache.
+        let roll = |w: &mut super::Writer| {
+            // The next segment's space comes from the reserve; without it, wait for uploads.
+            if !lock(&inner.reserve).take(inner.segment_alloc) {
+                return Ok(());
+            }
+            inner
+                .roll(w)
+                .map_err(|e| format!("closing a log segment: {e}"))
+        };
         if checkpoint_due && state_uploaded(&inner) >= lock(&inner.state).sealed_upto {
-            return inner
-                .roll(&mut w)
-                .map_err(|e| format!("closing a log segment: {e}"));
+            return roll(&mut w);
         }
         if w.end <= super::HEADER_LEN as u64 {
             return Ok(());
@@ -189,9 +198,7 @@ async fn close_if_due(inner: &Arc<Inner>) -> Result<(), String> {
         let age = w.opened.elapsed();
         let interval = inner.settings.commit_interval;
         if (has_cut && age >= interval) || age >= interval * 30 {
-            inner
-                .roll(&mut w)
-                .map_err(|e| format!("closing a log segment: {e}"))?;
+            roll(&mut w)?;
         }
         Ok(())
     })
@@ -241,6 +248,16 @@ async fn upload_segment(inner: &Arc<Inner>, seq: u64) -> Result<(), String> {
         }
         Err(e) => return Err(format!("uploading segment {seq}: {e}")),
     }
+    // Uploaded: its unused preallocation goes, and the log's room grows back by a segment.
+    let releaser = inner.clone();
+    let end = body.len() as u64;
+    blocking(move || {
+        if let Some(file) = releaser.file(seq) {
+            super::reserve::release_tail(&file, end, releaser.segment_alloc);
+        }
+        lock(&releaser.reserve).give(releaser.segment_alloc);
+    })
+    .await;
     let progress = {
         let mut state = lock(&inner.state);
         let size = state.sealed.remove(&seq).unwrap_or(body.len() as u64);
@@ -299,10 +316,16 @@ async fn write_checkpoint(inner: &Arc<Inner>) -> Result<bool, String> {
         )
         .await
         .map_err(|e| format!("checkpoint {pending}: {e}"))?;
-    let dir = inner.dir.clone();
-    blocking(move || store_local_checkpoint(&dir, &sealed))
-        .await
-        .map_err(|e| format!("local checkpoint: {e}"))?;
+    // On a full disk the checkpoint's space comes out of the log's reserve: without the
+    // checkpoint no clean segment may be evicted, so nothing else could free space.
+    let writer = inner.clone();
+    blocking(move || {
+        let needed = (sealed.len() as u64).div_ceil(4096) * 4096 + 4096;
+        lock(&writer.reserve).take(needed);
+        store_local_checkpoint(&writer.dir, &sealed)
+    })
+    .await
+    .map_err(|e| format!("local checkpoint: {e}"))?;
     let progress = {
         let mut state = lock(&inner.state);
         state.pending_checkpoint = None;
@@ -429,6 +452,24 @@ async fn commit(inner: &Arc<Inner>) -> Result<bool, String> {
 
 /// Commits kept in the bucket: the newest and a few before it.
 const KEEP_COMMITS: u64 = 16;
+
+/// Grows the reserve back to the log's room where an earlier attempt found the disk full
+/// (eviction may have freed space since).
+async fn refill_reserve(inner: &Arc<Inner>) {
+    let target = {
+        let waiting = lock(&inner.state).sealed.len() as u64 + 1;
+        let reserve = lock(&inner.reserve);
+        reserve
+            .cap()
+            .saturating_sub(waiting * inner.segment_alloc)
+            .saturating_sub(reserve.held())
+    };
+    if target >= inner.segment_alloc {
+        let filler = inner.clone();
+        blocking(move || lock(&filler.reserve).give(target)).await;
+        inner.room.notify_all();
+    }
+}
 
 /// Deletes the oldest clean segment files while the cache is over its size. Only segments a
 /// local checkpoint covers go: a restart never needs to replay them.
