@@ -12,11 +12,21 @@ use common::{Daemon, firn, free_port, run};
 /// A master key shared by the gateways of one test, so one can restore what another wrote.
 const KEY: &str = "5e2b6f0d8c1a4e7b9f3d2c6a8b0e4f1d7c9a3b5e2d8f0a6c4b1e9d7f3a5c2b80";
 
+/// The bucket the moto test creates.
+const MOTO_BUCKET: &str = "firn-test";
+
 /// Which bucket a test's gateways use.
 #[derive(Clone)]
 enum Bucket {
     Dir(PathBuf),
-    Garage { prefix: String },
+    Garage {
+        prefix: String,
+    },
+    /// A moto server (`Moto::start`): a store that refuses a second create, as S3 does.
+    Moto {
+        endpoint: String,
+        prefix: String,
+    },
 }
 
 fn garage() -> Option<Bucket> {
@@ -53,6 +63,9 @@ impl Bucket {
                     var("FIRN_TEST_S3_SECRET_ACCESS_KEY"),
                 )
             }
+            Bucket::Moto { endpoint, prefix } => format!(
+                "[remote]\nkind = \"s3\"\nendpoint = \"{endpoint}\"\nbucket = \"{MOTO_BUCKET}\"\nregion = \"us-east-1\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\nprefix = \"{prefix}\"\nretry_for_secs = 20\n"
+            ),
         }
     }
 }
@@ -71,13 +84,32 @@ impl Gateway {
     /// empty read cache and a checkpoint per segment, so data leaves the local disk soon
     /// after it is uploaded. `extra` is appended to the config.
     fn start(dir: &Path, bucket: &Bucket, extra: &str) -> Gateway {
+        Gateway::start_with(dir, bucket, "64MiB", None, extra)
+    }
+
+    /// As `start`, with the log capped at `log_max` and, if given, the data directory at
+    /// `data` (the NBD socket then stays in `dir`).
+    fn start_with(
+        dir: &Path,
+        bucket: &Bucket,
+        log_max: &str,
+        data: Option<&Path>,
+        extra: &str,
+    ) -> Gateway {
         std::fs::create_dir_all(dir).expect("dir");
         let (http, nbd) = (free_port(), free_port());
         let config = dir.join("firn.toml");
+        let (data_dir, socket) = match data {
+            None => ("data".to_string(), String::new()),
+            Some(data) => (
+                data.display().to_string(),
+                format!("socket = \"{}\"\n", dir.join("nbd.sock").display()),
+            ),
+        };
         std::fs::write(
             &config,
             format!(
-                "[local]\ndata_dir = \"data\"\nmin_free = \"0\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n[nbd]\nlisten = \"127.0.0.1:{nbd}\"\n[keys]\nsource = \"env\"\n[volumes]\nsegment_size = \"1MiB\"\nlog_max = \"64MiB\"\ncache_max = \"0\"\ncheckpoint_segments = 1\ncommit_interval_ms = 100\n{}{extra}",
+                "[local]\ndata_dir = \"{data_dir}\"\nmin_free = \"0\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n[nbd]\nlisten = \"127.0.0.1:{nbd}\"\n{socket}[keys]\nsource = \"env\"\n[volumes]\nsegment_size = \"1MiB\"\nlog_max = \"{log_max}\"\ncache_max = \"0\"\ncheckpoint_segments = 1\ncommit_interval_ms = 100\n{}{extra}",
                 bucket.section()
             ),
         )
@@ -432,4 +464,151 @@ fn flushed_writes_survive_repeated_kill_9() {
     }
     let shown = g.wait_drained("v", false);
     assert!(shown["cache"]["commit"].as_u64().unwrap() >= 1);
+}
+
+/// Runs qemu-io on `uri` with `commands` (it sends a FLUSH when it exits).
+fn qemu_io(uri: &str, commands: &[&str]) -> String {
+    let mut args = vec!["-f", "raw"];
+    for c in commands {
+        args.extend(["-c", c]);
+    }
+    args.push(uri);
+    run("qemu-io", &args)
+}
+
+/// fio over NBD, which must succeed with no I/O error reaching it.
+fn fio(uri: &str, args: &[&str]) -> String {
+    let uri = format!("--uri={uri}");
+    let mut full = vec!["--ioengine=nbd", uri.as_str(), "--output-format=normal"];
+    full.extend_from_slice(args);
+    let out = run("fio", &full);
+    assert!(!out.contains("err=") || out.contains("err= 0"), "{out}");
+    out
+}
+
+/// The fio job of the fault and outage tests: `size` written at `bs` from the start of the
+/// volume, each block with a CRC32C header, read back and verified after writing.
+fn fio_verified<'a>(size: &'a str, bs: &'a str, extra: &[&'a str]) -> Vec<String> {
+    let mut args = vec![
+        "--name=verified".to_string(),
+        "--rw=write".to_string(),
+        format!("--bs={bs}"),
+        format!("--size={size}"),
+        "--verify=crc32c".to_string(),
+        "--do_verify=1".to_string(),
+        "--verify_fatal=1".to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// Reads the whole volume through nbdcopy.
+fn image(g: &Gateway, name: &str, to: &Path) -> Vec<u8> {
+    run("nbdcopy", &[&g.uri(name), to.to_str().unwrap()]);
+    let data = std::fs::read(to).expect("read the copy");
+    std::fs::remove_file(to).expect("remove the copy");
+    data
+}
+
+fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: sizes differ");
+    let differing: Vec<usize> = (0..got.len() / 4096)
+        .filter(|&i| got[i * 4096..(i + 1) * 4096] != want[i * 4096..(i + 1) * 4096])
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "{what}: {} blocks differ, from block {:?} to {:?}",
+        differing.len(),
+        differing.first(),
+        differing.last()
+    );
+}
+
+/// SIGTERM with uploads still to do (slowed by latency), then a start: the flushed data reads
+/// back, and the upload picks up where it stopped and drains.
+#[test]
+fn flushed_data_survives_a_restart_and_the_upload_resumes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let mut g = Gateway::start(
+        &dir.path().join("a"),
+        &bucket,
+        "[faults]\nlatency_ms = 300\n",
+    );
+    g.firn(&["volume", "create", "v", "--size", "32M"]);
+    let uri = g.uri("v");
+    qemu_io(
+        &uri,
+        &[
+            "write -P 0x5a 0 8M",
+            "write -P 0xa5 8M 4M",
+            "write -z 12M 1M",
+            "write -P 0x3c 20M 64k",
+        ],
+    );
+    let before = g.show("v");
+    let dirty = before["cache"]["dirty_bytes"].as_u64().unwrap();
+    assert!(
+        dirty > 1 << 20,
+        "nothing left to upload at the stop: {before:#}"
+    );
+    g.stop();
+    g.restart();
+    let reads = [
+        "read -P 0x5a 0 8M",
+        "read -P 0xa5 8M 4M",
+        "read -P 0 12M 8M",
+        "read -P 0x3c 20M 64k",
+        "read -P 0 20544k 11712k",
+    ];
+    qemu_io(&g.uri("v"), &reads);
+    let shown = g.wait_drained("v", true);
+    assert!(
+        shown["cache"]["bytes_uploaded"].as_u64().unwrap() > 0,
+        "the upload did not resume: {shown:#}"
+    );
+    assert!(shown["cache"]["commit"].as_u64().unwrap() >= 1, "{shown:#}");
+    // Now from the bucket.
+    qemu_io(&g.uri("v"), &reads);
+    assert!(
+        g.show("v")["cache"]["bytes_downloaded"].as_u64().unwrap() >= 10 << 20,
+        "the reads after the drain did not come from the bucket"
+    );
+}
+
+/// 30% of the remote's requests fail: no error reaches the client, everything drains, and
+/// the bucket image (restored on a second gateway) equals the volume.
+#[test]
+fn injected_remote_errors_never_reach_the_client() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let a = Gateway::start(
+        &dir.path().join("a"),
+        &bucket,
+        "[faults]\nerror_rate = 0.3\n",
+    );
+    a.firn(&["volume", "create", "v", "--size", "32M"]);
+    let job = fio_verified("24M", "64k", &["--end_fsync=1"]);
+    fio(&a.uri("v"), &strs(&job));
+    let random = fio_verified(
+        "24M",
+        "4k",
+        &["--rw=randwrite", "--number_ios=2000", "--fsync=32"],
+    );
+    fio(&a.uri("v"), &strs(&random));
+    qemu_io(&a.uri("v"), &["write -P 0xee 30M 2M"]);
+    let shown = a.wait_drained("v", true);
+    assert!(shown["cache"]["commit"].as_u64().unwrap() >= 1, "{shown:#}");
+    // Read back through the faults, from the bucket.
+    let copy = dir.path().join("copy.img");
+    let local = image(&a, "v", &copy);
+    assert!(local[30 << 20..32 << 20].iter().all(|&b| b == 0xee));
+    let b = Gateway::start(&dir.path().join("b"), &bucket, "");
+    b.firn(&["volume", "takeover", "v", "--force"]);
+    let restored = image(&b, "v", &copy);
+    assert_same(&restored, &local, "the bucket image against the volume");
 }
