@@ -591,7 +591,9 @@ fn injected_remote_errors_never_reach_the_client() {
         &bucket,
         "[faults]\nerror_rate = 0.3\n",
     );
+    let t = Instant::now();
     a.firn(&["volume", "create", "v", "--size", "32M"]);
+    eprintln!("{:?} created", t.elapsed());
     let job = fio_verified("24M", "64k", &["--end_fsync=1"]);
     fio(&a.uri("v"), &strs(&job));
     let random = fio_verified(
@@ -600,15 +602,129 @@ fn injected_remote_errors_never_reach_the_client() {
         &["--rw=randwrite", "--number_ios=2000", "--fsync=32"],
     );
     fio(&a.uri("v"), &strs(&random));
+    eprintln!("{:?} written", t.elapsed());
     qemu_io(&a.uri("v"), &["write -P 0xee 30M 2M"]);
     let shown = a.wait_drained("v", true);
+    eprintln!("{:?} drained", t.elapsed());
     assert!(shown["cache"]["commit"].as_u64().unwrap() >= 1, "{shown:#}");
     // Read back through the faults, from the bucket.
     let copy = dir.path().join("copy.img");
     let local = image(&a, "v", &copy);
     assert!(local[30 << 20..32 << 20].iter().all(|&b| b == 0xee));
+    eprintln!("{:?} read back", t.elapsed());
     let b = Gateway::start(&dir.path().join("b"), &bucket, "");
     b.firn(&["volume", "takeover", "v", "--force"]);
     let restored = image(&b, "v", &copy);
     assert_same(&restored, &local, "the bucket image against the volume");
+}
+
+/// Starts fio over NBD in the background, its output captured.
+fn fio_spawn(uri: &str, args: &[String]) -> std::process::Child {
+    std::process::Command::new("fio")
+        .args(["--ioengine=nbd", &format!("--uri={uri}")])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("fio")
+}
+
+fn fio_finish(child: std::process::Child) -> String {
+    let out = child.wait_with_output().expect("fio");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "fio failed:\n{text}");
+    assert!(!text.contains("err=") || text.contains("err= 0"), "{text}");
+    text
+}
+
+/// The smallest log the config allows (two 1 MiB segments and a largest record) and an
+/// outage of the whole remote: writes beyond the log's room wait, they do not fail, and go
+/// on once the outage ends; the data verifies, then again from the bucket.
+#[test]
+fn writes_wait_for_room_in_a_full_log_during_an_outage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let started = Instant::now();
+    let g = Gateway::start_with(
+        &dir.path().join("a"),
+        &bucket,
+        "18MiB",
+        None,
+        "[faults]\noutage_secs = 12\n",
+    );
+    g.firn(&["volume", "create", "v", "--size", "80M"]);
+    let job = fio_verified("64M", "1M", &["--end_fsync=1"]);
+    let writer = fio_spawn(&g.uri("v"), &job);
+    std::thread::sleep(Duration::from_secs(5));
+    let shown = g.show("v");
+    assert!(
+        started.elapsed() < Duration::from_secs(11),
+        "too slow to check within the outage"
+    );
+    let cache = &shown["cache"];
+    assert!(
+        cache["queued_writes"].as_u64().unwrap() > 0,
+        "no write waits for room: {shown:#}"
+    );
+    assert!(
+        cache["dirty_bytes"].as_u64().unwrap() <= 18 << 20,
+        "the log outgrew log_max: {shown:#}"
+    );
+    assert!(
+        cache["bytes_uploaded"].as_u64().unwrap() == 0,
+        "uploaded during the outage: {shown:#}"
+    );
+    let mut writer = writer;
+    assert!(
+        writer.try_wait().expect("fio").is_none(),
+        "fio finished 64 MiB through an 18 MiB log during an outage"
+    );
+    fio_finish(writer);
+    eprintln!("fio done after {:?}", started.elapsed());
+    g.wait_drained("v", true);
+    let mut verify = job.clone();
+    verify.push("--verify_only".to_string());
+    fio(&g.uri("v"), &strs(&verify));
+}
+
+/// A flush every 8 writes of 4 KiB, all during an outage: no error, and all of it verifies,
+/// then again from the bucket once the outage is over.
+#[test]
+fn a_flush_storm_during_an_outage_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let started = Instant::now();
+    let g = Gateway::start_with(
+        &dir.path().join("a"),
+        &bucket,
+        "18MiB",
+        None,
+        "[faults]\noutage_secs = 10\n",
+    );
+    g.firn(&["volume", "create", "v", "--size", "16M"]);
+    let job = fio_verified("6M", "4k", &["--fsync=8"]);
+    fio(&g.uri("v"), &strs(&job));
+    let shown = g.show("v");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the storm outlasted the outage"
+    );
+    assert!(
+        shown["cache"]["pending_flushes"].as_u64().unwrap() > 0,
+        "{shown:#}"
+    );
+    assert!(shown["cache"]["commit"].as_u64().unwrap() == 0, "{shown:#}");
+    g.wait_drained("v", true);
+    let mut verify = job.clone();
+    verify.push("--verify_only".to_string());
+    fio(&g.uri("v"), &strs(&verify));
+    let shown = g.show("v");
+    assert!(
+        shown["cache"]["bytes_downloaded"].as_u64().unwrap() >= 5 << 20,
+        "the verification did not read from the bucket: {shown:#}"
+    );
 }
