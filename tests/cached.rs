@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -427,6 +426,7 @@ fn flushed_writes_survive_repeated_kill_9() {
         let writer = std::process::Command::new("fio")
             .args([
                 "--name=noise",
+                "--thread",
                 "--ioengine=nbd",
                 &format!("--uri={uri}"),
                 "--rw=randwrite",
@@ -444,9 +444,7 @@ fn flushed_writes_survive_repeated_kill_9() {
         let pause = rand::Rng::random_range(&mut rng, 50..600);
         std::thread::sleep(Duration::from_millis(pause));
         g.kill9();
-        let mut writer = writer;
-        let _ = writer.kill();
-        let _ = writer.wait();
+        kill_fio(writer);
         g.restart();
         // The flushed half reads back exactly; the noise half is whatever survived.
         let back = dir.path().join("back.img");
@@ -620,17 +618,22 @@ fn injected_remote_errors_never_reach_the_client() {
     assert_same(&restored, &local, "the bucket image against the volume");
 }
 
-/// Starts fio over NBD in the background, its output captured, in a process group of its
-/// own (fio forks its jobs: killing the group ends them all).
+/// Starts fio over NBD in the background, its output captured.
 fn fio_spawn(uri: &str, args: &[String]) -> std::process::Child {
     std::process::Command::new("fio")
-        .process_group(0)
         .args(["--ioengine=nbd", &format!("--uri={uri}")])
         .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("fio")
+}
+
+/// Ends a background fio (run with --thread, so that its jobs are threads of this one
+/// process: forked jobs put themselves in sessions of their own and would outlive the test).
+fn kill_fio(mut child: std::process::Child) {
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 fn fio_finish(child: std::process::Child) -> String {
@@ -991,6 +994,7 @@ fn flushed_writes_survive_power_loss_at_random_moments() {
             &g.uri("v"),
             &[
                 "--name=noise",
+                "--thread",
                 "--rw=randwrite",
                 "--bs=64k",
                 "--offset=8M",
@@ -1004,14 +1008,7 @@ fn flushed_writes_survive_power_loss_at_random_moments() {
         let pause = rand::Rng::random_range(&mut rng, 50..800);
         std::thread::sleep(Duration::from_millis(pause));
         g.kill9();
-        // fio forks its job: end the whole group.
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(noise.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let mut noise = noise;
-        let _ = noise.kill();
-        let _ = noise.wait();
+        kill_fio(noise);
         let cut = if round % 2 == 0 {
             PowerCut::LoseAll
         } else {
