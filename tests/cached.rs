@@ -716,6 +716,7 @@ fn a_flush_storm_during_an_outage_loses_nothing() {
     let job = fio_verified("6M", "4k", &["--fsync=8"]);
     fio(&g.uri("v"), &strs(&job));
     let shown = g.show("v");
+    eprintln!("the storm ended after {:?}", started.elapsed());
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "the storm outlasted the outage"
