@@ -472,7 +472,12 @@ fn qemu_io(uri: &str, commands: &[&str]) -> String {
         args.extend(["-c", c]);
     }
     args.push(uri);
-    run("qemu-io", &args)
+    let out = run("qemu-io", &args);
+    assert!(
+        !out.contains("failed") && !out.contains("Pattern verification"),
+        "qemu-io {commands:?}:\n{out}"
+    );
+    out
 }
 
 /// fio over NBD, which must succeed with no I/O error reaching it.
