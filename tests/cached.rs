@@ -596,26 +596,26 @@ fn injected_remote_errors_never_reach_the_client() {
         "[faults]\nerror_rate = 0.3\n",
     );
     let t = Instant::now();
-    a.firn(&["volume", "create", "v", "--size", "32M"]);
+    a.firn(&["volume", "create", "v", "--size", "16M"]);
     eprintln!("{:?} created", t.elapsed());
-    let job = fio_verified("16M", "64k", &["--end_fsync=1"]);
+    let job = fio_verified("8M", "64k", &["--end_fsync=1"]);
     fio(&a.uri("v"), &strs(&job));
     eprintln!("{:?} written in order", t.elapsed());
     let random = fio_verified(
-        "16M",
+        "8M",
         "4k",
-        &["--rw=randwrite", "--number_ios=300", "--fsync=32"],
+        &["--rw=randwrite", "--number_ios=200", "--fsync=32"],
     );
     fio(&a.uri("v"), &strs(&random));
     eprintln!("{:?} written", t.elapsed());
-    qemu_io(&a.uri("v"), &["write -P 0xee 30M 2M"]);
+    qemu_io(&a.uri("v"), &["write -P 0xee 14M 2M"]);
     let shown = a.wait_drained("v", true);
     eprintln!("{:?} drained", t.elapsed());
     assert!(shown["cache"]["commit"].as_u64().unwrap() >= 1, "{shown:#}");
     // Read back through the faults, from the bucket.
     let copy = dir.path().join("copy.img");
     let local = image(&a, "v", &copy);
-    assert!(local[30 << 20..32 << 20].iter().all(|&b| b == 0xee));
+    assert!(local[14 << 20..16 << 20].iter().all(|&b| b == 0xee));
     eprintln!("{:?} read back", t.elapsed());
     let b = Gateway::start(&dir.path().join("b"), &bucket, "");
     b.firn(&["volume", "takeover", "v", "--force"]);
