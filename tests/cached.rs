@@ -1,6 +1,9 @@
 //! Cached volumes end to end: the real daemon, real NBD clients (qemu-io, nbdcopy, fio), and
 //! the bucket both as a local directory and as the Garage server scripts/test starts (its
-//! address in FIRN_TEST_S3_*; without it, outside CI, the Garage half is skipped).
+//! address in FIRN_TEST_S3_*; without it, outside CI, the Garage half is skipped). Also:
+//! restarts, kill -9 and power loss (the data directory on tests/common/powerloss.rs), the
+//! fault injector's errors and outages, and fencing on a moto S3 server, whose conditional
+//! creates behave as S3's (skipped when moto is not installed, outside CI).
 
 mod common;
 
