@@ -168,6 +168,28 @@ impl Gateway {
         format!("nbd://127.0.0.1:{}/{name}", self.nbd)
     }
 
+    /// Waits for the start's check of conditional creates (a takeover without --force
+    /// treats a store not yet checked as one that ignores them), and returns its line.
+    fn conditional_create_checked(&self) -> String {
+        let started = Instant::now();
+        loop {
+            let status = self.firn(&["status"]);
+            let line = status
+                .lines()
+                .find(|l| l.starts_with("conditional put"))
+                .unwrap_or_default()
+                .to_string();
+            if !line.contains("unknown") && !line.is_empty() {
+                return line;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "conditional creates not checked: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn show(&self, name: &str) -> serde_json::Value {
         serde_json::from_str(&self.firn(&["volume", "show", name])).expect("json")
     }
@@ -340,6 +362,7 @@ fn a_new_gateway_restores_the_committed_image(bucket: Bucket, refusal: &str) {
     let listed = b.firn(&["volume", "list", "--bucket"]);
     assert!(listed.contains("db"), "{listed}");
     // The first gateway's lease is fresh (and Garage cannot fence it): only --force.
+    b.conditional_create_checked();
     let (ok, out) = b.try_firn(&["volume", "takeover", "db"]);
     assert!(
         !ok && out.contains(refusal) && out.contains("--force"),
@@ -913,6 +936,8 @@ fn a_takeover_fences_the_running_gateway_on_a_store_with_conditional_creates() {
 
     let b = Gateway::start(&dir.path().join("b"), &bucket, "");
     // The store fences, so only A's live lease stands in the way.
+    let checked = b.conditional_create_checked();
+    assert!(checked.contains("honoured"), "{checked}");
     let (ok, out) = b.try_firn(&["volume", "takeover", "v"]);
     assert!(
         !ok && out.contains("lease") && out.contains("--force"),
@@ -941,21 +966,33 @@ fn a_takeover_fences_the_running_gateway_on_a_store_with_conditional_creates() {
         Some(before),
         "the old gateway committed after the takeover: {shown:#}"
     );
-    // Read-only now: writes are refused, reads still served.
-    let out = std::process::Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x33 0 4k", &a.uri("v")])
-        .output()
-        .expect("qemu-io");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Read-only now: writes are refused, reads still served; and so after a restart.
+    let refuses_writes_serves_reads = |a: &Gateway| {
+        let out = std::process::Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write -P 0x33 0 4k", &a.uri("v")])
+            .output()
+            .expect("qemu-io");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("Operation not permitted") || text.contains("Read-only"),
+            "the fenced gateway took a write: {text}"
+        );
+        qemu_io(&a.uri("v"), &["read -P 0x11 0 4M", "read -P 0x22 4M 1M"]);
+    };
+    refuses_writes_serves_reads(&a);
+    let mut a = a;
+    a.stop();
+    a.restart();
+    let shown = a.show("v");
     assert!(
-        text.contains("Operation not permitted") || text.contains("Read-only"),
-        "the fenced gateway took a write: {text}"
+        !shown["cache"]["fenced"].is_null(),
+        "a restart unfenced the old gateway: {shown:#}"
     );
-    qemu_io(&a.uri("v"), &["read -P 0x11 0 4M", "read -P 0x22 4M 1M"]);
+    refuses_writes_serves_reads(&a);
 
     // B serves the image as of the takeover, and carries on.
     qemu_io(&b.uri("v"), &["read -P 0x11 0 4M", "read -P 0 4M 12M"]);
