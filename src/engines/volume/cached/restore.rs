@@ -303,6 +303,7 @@ pub async fn take_over(
         committed: Some(cut),
         checkpoint: label,
         checkpoints: vec![label],
+        fenced: None,
     };
     meta.put_json(PROGRESS_TABLE, id, &progress)
         .map_err(|e| std::io::Error::other(e.to_string()))?;

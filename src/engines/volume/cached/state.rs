@@ -31,6 +31,10 @@ pub struct Progress {
     /// one that lies wholly before its cut.
     #[serde(default)]
     pub checkpoints: Vec<u64>,
+    /// Why this gateway was fenced (another one took the volume over), if it was: the
+    /// volume stays read-only here across restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced: Option<String>,
 }
 
 /// What `firn volume show` tells about a cached volume.
@@ -105,6 +109,7 @@ pub(super) struct State {
 
 impl State {
     pub fn new(progress: Progress, checkpoint: u64) -> State {
+        let fenced = progress.fenced.clone();
         State {
             checkpoint: checkpoint.max(progress.checkpoint),
             committed: progress.committed,
@@ -122,7 +127,7 @@ impl State {
             bytes_uploaded: 0,
             bytes_downloaded: 0,
             queued_writes: 0,
-            fenced: None,
+            fenced,
             last_error: None,
             stopped: false,
             retired: false,

@@ -242,7 +242,8 @@ async fn upload_segment(inner: &Arc<Inner>, seq: u64) -> Result<(), String> {
                 fence(
                     inner,
                     format!("segment {seq} in the bucket was written by another gateway"),
-                );
+                )
+                .await;
                 return Err(format!("segment {seq}: taken over by another gateway"));
             }
         }
@@ -279,12 +280,21 @@ async fn save_progress(inner: &Arc<Inner>, progress: super::Progress) -> Result<
         .map_err(|e| format!("recording upload progress: {e}"))
 }
 
-fn fence(inner: &Inner, why: String) {
+/// Kept in the progress record too: a restart must not make the volume writable again.
+async fn fence(inner: &Arc<Inner>, why: String) {
     tracing::error!(
         volume = %inner.name,
         "{why}: this gateway no longer serves the volume; it is read-only here and its local log is kept"
     );
-    lock(&inner.state).fenced = Some(why);
+    let progress = {
+        let mut state = lock(&inner.state);
+        state.fenced = Some(why.clone());
+        state.progress.fenced = Some(why);
+        state.progress.clone()
+    };
+    if let Err(e) = save_progress(inner, progress).await {
+        tracing::error!(volume = %inner.name, "{e}: the fence holds until a restart only");
+    }
 }
 
 async fn write_checkpoint(inner: &Arc<Inner>) -> Result<bool, String> {
@@ -406,7 +416,8 @@ async fn commit(inner: &Arc<Inner>) -> Result<bool, String> {
                 fence(
                     inner,
                     format!("commit {} was made by another gateway ({by})", commit.n),
-                );
+                )
+                .await;
                 return Err(format!(
                     "commit {}: taken over by another gateway",
                     commit.n
