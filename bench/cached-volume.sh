@@ -3,7 +3,10 @@
 # one run, with a throwaway Garage on loopback that the script starts and stops.
 #
 #   bench/cached-volume.sh
-#   SIZE=512M RUNTIME=10 FIO_SIZE=1G COLD_SIZE=256M SCATTER_IO=256M bench/cached-volume.sh   (defaults)
+#   SIZE=512M RUNTIME=10 FIO_SIZE=1G COLD_SIZE=256M COLD_RAND_IO=16M SCATTER_IO=256M \
+#       bench/cached-volume.sh                    (the defaults: about 4 minutes on 2 cores)
+#
+# Needs root (drop_caches), fio, nbdkit, nbdinfo, python3-libnbd, rclone, garage, curl.
 #
 # Every server listens on 127.0.0.1 only. Prints raw figures, then `ratio:` lines with the goal
 # beside each:
@@ -31,6 +34,10 @@
 #      spread over the whole TiB, then RUNTIME s of flush-every-8 random writes while
 #      cache.last_commit_age_secs is sampled every 0.5 s: p99 commit lag (goal < 5 s) and
 #      firn's peak RSS, VmHWM (goal < 300 MiB).
+# Reading the figures: Garage shares the machine's cores with firn, fio and nbdkit, so firn's
+# uploads (and Garage storing them) compete with the client for CPU; nbdkit uploads nothing.
+# Garage answers a ranged GET on a reused connection with its body ~40 ms after its headers
+# (Nagle on its side against delayed ACK on ours), which bounds the cold-read figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
