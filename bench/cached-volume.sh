@@ -37,7 +37,8 @@
 # Reading the figures: Garage shares the machine's cores with firn, fio and nbdkit, so firn's
 # uploads (and Garage storing them) compete with the client for CPU; nbdkit uploads nothing.
 # Garage answers a ranged GET on a reused connection with its body ~40 ms after its headers
-# (Nagle on its side against delayed ACK on ours), which bounds the cold-read figures.
+# (measured with strace; most likely Nagle on its side against delayed ACK on ours), which
+# bounds the cold-read figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
