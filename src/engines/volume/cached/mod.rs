@@ -108,8 +108,11 @@ impl Bucket {
     fn commit_key(&self, n: u64) -> String {
         format!("{}commits/{n:016x}", self.prefix)
     }
-    fn checkpoint_key(&self, seq: u64) -> String {
-        format!("{}checkpoints/{seq:016x}", self.prefix)
+    fn checkpoint_key(&self, at: Cut) -> String {
+        format!(
+            "{}checkpoints/{:016x}-{:016x}",
+            self.prefix, at.segment, at.end
+        )
     }
     fn descriptor_key(&self) -> String {
         format!("{}descriptor", self.prefix)
@@ -120,7 +123,7 @@ impl Bucket {
 }
 
 /// A position in the log: segment and byte within it. Ordered as the log is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Cut {
     pub segment: u64,
     pub end: u64,
@@ -137,7 +140,7 @@ pub struct Descriptor {
     pub created: String,
 }
 
-/// A commit: the bucket image is the checkpoint `checkpoint` (0: none, the empty volume)
+/// A commit: the bucket image is the checkpoint `checkpoint` (segment 0: none, the empty volume)
 /// with the segments of `runs` replayed over it, the last one only up to `cut.end`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Commit {
@@ -145,8 +148,9 @@ pub struct Commit {
     pub volume: String,
     pub n: u64,
     pub size: u64,
-    pub checkpoint: u64,
-    /// Inclusive ranges of segment numbers, in log order.
+    pub checkpoint: Cut,
+    /// Inclusive ranges of segment numbers, in log order; the checkpoint's own segment, if
+    /// it is the first, is replayed from where the checkpoint stands.
     pub runs: Vec<(u64, u64)>,
     pub cut: Cut,
     pub gateway: String,
@@ -154,10 +158,12 @@ pub struct Commit {
     pub time: u64,
 }
 
-/// The map as of the end of segment `segment`, with the salts of every segment it names.
+/// The map as of a point in the log, with the salts of every segment it names.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Checkpoint {
-    pub segment: u64,
+    /// Every record before this point is in the map, none after it. `end` = u64::MAX: the
+    /// whole segment (a takeover's checkpoint, whose segment exists nowhere).
+    pub at: Cut,
     pub next_record: u64,
     pub size: u64,
     pub map: Map,
@@ -333,14 +339,14 @@ impl CachedVolume {
         let replayed = state::replay(
             &segments_dir,
             &key,
-            checkpoint.segment,
+            checkpoint.at,
             uploaded,
             &mut map,
             &mut salts,
             &mut next_record,
         )?;
-        let last = replayed.last.max(checkpoint.segment).max(uploaded);
-        let mut state = state::State::new(progress, checkpoint.segment);
+        let last = replayed.last.max(checkpoint.at.segment).max(uploaded);
+        let mut state = state::State::new(progress, checkpoint.at);
         state.local_bytes = replayed.local_bytes;
         state.dirty_bytes = replayed.dirty();
         state.sealed_upto = last;
@@ -702,9 +708,7 @@ impl Inner {
         Ok(())
     }
 
-    /// Closes the open segment and opens the next. Called with the log locked, so the map
-    /// is exactly the state at the end of the closed segment: a checkpoint taken here is
-    /// consistent.
+    /// Closes the open segment and opens the next. Called with the log locked.
     fn roll(&self, w: &mut Writer) -> io::Result<()> {
         let seq = w.seq + 1;
         let (file, salt) = state::create_segment(&self.dir.join("segments"), &self.key, seq)?;
@@ -740,37 +744,29 @@ impl Inner {
         state.sealed_upto = closed;
         state.dirty_bytes += HEADER_LEN as u64;
         state.local_bytes += HEADER_LEN as u64;
-        if state.pending_checkpoint.is_none()
-            && closed >= state.checkpoint + self.settings.checkpoint_segments
-        {
-            state.pending_checkpoint = Some(Checkpoint {
-                segment: closed,
-                next_record: w.next_record,
-                size: self.size(),
-                map: self
-                    .map
-                    .read()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clone(),
-                salts: self
-                    .salts
-                    .read()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clone(),
-            });
-        }
         drop(state);
         self.wake.notify_one();
         Ok(())
     }
 
     fn flush(&self) -> BlockResult<()> {
+        self.sync_log(true)
+    }
+
+    /// Syncs every record appended so far. With `cut`, the point is a client's FLUSH, which a
+    /// commit may name; without, a sync of the log's own (before a checkpoint).
+    fn sync_log(&self, record_cut: bool) -> BlockResult<()> {
         if let Some(e) = lock(&self.failed).as_ref() {
             return Err(BlockError::Io(format!("an earlier flush failed: {e}")));
         }
         let target = lock(&self.log).position();
         let mut synced = lock(&self.sync);
         if *synced >= target {
+            // Synced already (by a concurrent flush, or the log's own sync).
+            drop(synced);
+            if record_cut {
+                self.record_cut(target);
+            }
             return Ok(());
         }
         let (files, dir_dirty, cut) = {
@@ -796,7 +792,19 @@ impl Inner {
         }
         *synced = cut;
         drop(synced);
+        if record_cut {
+            self.record_cut(cut);
+        }
+        Ok(())
+    }
+
+    /// Notes a completed FLUSH at `cut` (synced) for the uploader to commit.
+    fn record_cut(&self, cut: Cut) {
         let mut state = lock(&self.state);
+        // Nothing written since the newest commit: nothing to commit.
+        if state.committed.is_some_and(|c| c >= cut) || cut.end <= HEADER_LEN as u64 {
+            return;
+        }
         if state.cuts.is_empty() {
             state.pending_since = Some(Instant::now());
         }
@@ -804,7 +812,6 @@ impl Inner {
         *end = (*end).max(cut.end);
         drop(state);
         self.wake.notify_one();
-        Ok(())
     }
 
     /// The segment's file, if it is on local disk.
@@ -831,7 +838,6 @@ impl Inner {
             .ok_or_else(|| BlockError::Io(format!("segment {seq} is unknown to the map")))
     }
 
-    /// `out.len()` bytes of a record's data, starting `skip` bytes into it.
     /// `out.len()` bytes of a record's data, starting `skip` bytes into it. Without `wait`,
     /// only from a segment file already open and only what the page cache holds: `Ok(false)`
     /// if that is not enough.

@@ -139,20 +139,18 @@ async fn image(
 ) -> Result<Checkpoint, TakeoverError> {
     let Some(commit) = commit else {
         return Ok(Checkpoint {
-            segment: 0,
+            at: Cut::default(),
             next_record: 1,
             size,
             map: Map::new(),
             salts: Default::default(),
         });
     };
-    let mut image = if commit.checkpoint > 0 {
-        let object = bucket
-            .remote
-            .get(&bucket.checkpoint_key(commit.checkpoint))
-            .await?;
+    let mut image = if commit.checkpoint.segment > 0 {
+        let key = bucket.checkpoint_key(commit.checkpoint);
+        let object = bucket.remote.get(&key).await?;
         open_checkpoint(sealer, id, &object.body)
-            .map_err(|e| TakeoverError::Damaged(format!("checkpoint {}: {e}", commit.checkpoint)))?
+            .map_err(|e| TakeoverError::Damaged(format!("{key}: {e}")))?
     } else {
         Checkpoint {
             size,
@@ -168,10 +166,16 @@ async fn image(
             if Some(seq) == last && commit.cut.segment == seq {
                 body = &body[..(commit.cut.end as usize).min(body.len())];
             }
+            let from = if seq == commit.checkpoint.segment {
+                commit.checkpoint.end as usize
+            } else {
+                0
+            };
             let (_, damaged) = replay_records(
                 key,
                 seq,
                 body,
+                from,
                 false,
                 &mut image.map,
                 &mut image.salts,
@@ -229,7 +233,7 @@ pub async fn take_over(
     match &commit {
         Some(c) => tracing::info!(
             volume = %descriptor.name,
-            "taking over at commit {} of gateway {} (checkpoint {}, segments {:?} up to byte {} of {})",
+            "taking over at commit {} of gateway {} (checkpoint at {:?}, segments {:?} up to byte {} of {})",
             c.n, c.gateway, c.checkpoint, c.runs, c.cut.end, c.cut.segment
         ),
         None => {
@@ -241,7 +245,7 @@ pub async fn take_over(
     // Past every segment in the bucket: the old gateway's uncommitted ones included.
     let mut free = commit
         .as_ref()
-        .map(|c| c.cut.segment.max(c.checkpoint))
+        .map(|c| c.cut.segment.max(c.checkpoint.segment))
         .unwrap_or(0)
         + 1;
     while bucket
@@ -252,18 +256,18 @@ pub async fn take_over(
     {
         free += 1;
     }
-    let label = free - 1 + SEGMENT_GAP;
-    image.segment = label;
+    let label = Cut {
+        segment: free - 1 + SEGMENT_GAP,
+        end: u64::MAX,
+    };
+    image.at = label;
     let sealed = Bytes::from(seal_checkpoint(sealer, id, &image));
     bucket
         .remote
         .put(&bucket.checkpoint_key(label), sealed.clone(), Meta::new())
         .await?;
     let n = commit.as_ref().map_or(0, |c| c.n) + 1;
-    let cut = Cut {
-        segment: label,
-        end: 0,
-    };
+    let cut = label;
     let takeover = Commit {
         format: 1,
         volume: id.to_string(),
@@ -298,7 +302,7 @@ pub async fn take_over(
     std::fs::create_dir_all(dir.join("segments"))?;
     store_local_checkpoint(dir, &sealed)?;
     let progress = Progress {
-        uploaded: label,
+        uploaded: label.segment,
         commit: n,
         committed: Some(cut),
         checkpoint: label,

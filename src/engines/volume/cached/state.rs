@@ -25,12 +25,12 @@ pub struct Progress {
     pub commit: u64,
     /// Where that commit cuts the log.
     pub committed: Option<Cut>,
-    /// The segment the newest checkpoint covers (0: none).
-    pub checkpoint: u64,
+    /// Where in the log the newest checkpoint stands (segment 0: none).
+    pub checkpoint: Cut,
     /// The newest few checkpoints in the bucket, oldest first: a commit names the newest
     /// one that lies wholly before its cut.
     #[serde(default)]
-    pub checkpoints: Vec<u64>,
+    pub checkpoints: Vec<Cut>,
     /// Why this gateway was fenced (another one took the volume over), if it was: the
     /// volume stays read-only here across restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -50,7 +50,7 @@ pub struct CachedStatus {
     /// Seconds since the newest commit was made (the recovery point's age), if one was
     /// made since the volume was opened.
     pub last_commit_age_secs: Option<f64>,
-    pub checkpoint: u64,
+    pub checkpoint: Cut,
     /// Set when another gateway took the volume over: it is read-only here, and its local
     /// log is kept for the operator.
     pub fenced: Option<String>,
@@ -77,9 +77,9 @@ pub struct CachedStatus {
 
 pub(super) struct State {
     pub progress: Progress,
-    pub checkpoint: u64,
-    /// A consistent map taken at a segment's close, waiting for that segment's upload.
-    pub pending_checkpoint: Option<Checkpoint>,
+    /// Where the newest local checkpoint stands: segments before its segment are never
+    /// needed by a replay, so they alone may be evicted.
+    pub checkpoint: Cut,
     /// Closed or open segments not uploaded yet, with their sizes.
     pub sealed: BTreeMap<u64, u64>,
     /// The newest closed segment.
@@ -108,13 +108,12 @@ pub(super) struct State {
 }
 
 impl State {
-    pub fn new(progress: Progress, checkpoint: u64) -> State {
+    pub fn new(progress: Progress, checkpoint: Cut) -> State {
         let fenced = progress.fenced.clone();
         State {
             checkpoint: checkpoint.max(progress.checkpoint),
             committed: progress.committed,
             progress,
-            pending_checkpoint: None,
             sealed: BTreeMap::new(),
             sealed_upto: 0,
             cached: BTreeMap::new(),
@@ -174,14 +173,14 @@ impl Replayed {
     }
 }
 
-/// Replays the segments after `checkpoint` into `map` in order. Records of segments not
+/// Replays the log after `checkpoint` into `map` in order. Records of segments not
 /// uploaded yet are verified in full (a power loss may have kept a record's header and lost
 /// its data); the first damaged or missing record ends the log: its segment is cut there and
 /// every later segment file is set aside as `<name>.damaged`. What remains is synced.
 pub(super) fn replay(
     dir: &Path,
     key: &LogKey,
-    checkpoint: u64,
+    checkpoint: Cut,
     uploaded: u64,
     map: &mut Map,
     salts: &mut BTreeMap<u64, [u8; 16]>,
@@ -201,13 +200,27 @@ pub(super) fn replay(
     found.sort_unstable();
     let mut replayed = Replayed::default();
     let mut broken = false;
-    let mut expected = checkpoint + 1;
+    // The checkpoint's own segment is replayed from where the checkpoint stands (a takeover's
+    // checkpoint names a segment that does not exist, with `end` = u64::MAX).
+    let mut expected = if found.contains(&checkpoint.segment) && checkpoint.end != u64::MAX {
+        checkpoint.segment
+    } else {
+        checkpoint.segment + 1
+    };
     for seq in found {
         let path = dir.join(segment_name(seq));
-        if seq <= checkpoint {
-            let bytes = std::fs::metadata(&path)?.blocks() * 512;
-            replayed.local_bytes += bytes;
-            replayed.cached.insert(seq, bytes);
+        if seq < expected.min(checkpoint.segment + 1) {
+            // Before the checkpoint: in its map already. Still to be uploaded, or cache.
+            if seq > uploaded {
+                let len = std::fs::metadata(&path)?.len();
+                replayed.local_bytes += len;
+                replayed.sizes.insert(seq, len);
+                replayed.last = replayed.last.max(seq);
+            } else {
+                let bytes = std::fs::metadata(&path)?.blocks() * 512;
+                replayed.local_bytes += bytes;
+                replayed.cached.insert(seq, bytes);
+            }
             continue;
         }
         if broken || seq != expected {
@@ -217,7 +230,12 @@ pub(super) fn replay(
         }
         let bytes = std::fs::read(&path)?;
         let verify = seq > uploaded;
-        match replay_records(key, seq, &bytes, verify, map, salts, next_record) {
+        let from = if seq == checkpoint.segment {
+            checkpoint.end as usize
+        } else {
+            HEADER_LEN
+        };
+        match replay_records(key, seq, &bytes, from, verify, map, salts, next_record) {
             Ok((end, damaged)) => {
                 if damaged {
                     tracing::warn!(
@@ -269,6 +287,7 @@ pub(super) fn replay_records(
     key: &LogKey,
     seq: u64,
     bytes: &[u8],
+    from: usize,
     verify: bool,
     map: &mut Map,
     salts: &mut BTreeMap<u64, [u8; 16]>,
@@ -276,7 +295,11 @@ pub(super) fn replay_records(
 ) -> Result<(u64, bool), FormatError> {
     let salt = key.open_segment_header(seq, bytes)?;
     salts.insert(seq, salt);
-    let mut pos = HEADER_LEN;
+    let mut pos = from.max(HEADER_LEN);
+    if pos > bytes.len() {
+        // The records before `from` are gone: the segment is shorter than its checkpoint.
+        return Ok((bytes.len() as u64, true));
+    }
     let mut scratch = Vec::new();
     while pos < bytes.len() {
         let Ok(header) = key.open_record_header(&salt, pos as u32, &bytes[pos..]) else {
@@ -325,7 +348,8 @@ pub(super) fn encode_checkpoint(checkpoint: &Checkpoint) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + checkpoint.salts.len() * 24 + checkpoint.map.len() * 37);
     out.extend_from_slice(CHECKPOINT_MAGIC);
     for word in [
-        checkpoint.segment,
+        checkpoint.at.segment,
+        checkpoint.at.end,
         checkpoint.next_record,
         checkpoint.size,
         checkpoint.salts.len() as u64,
@@ -387,7 +411,10 @@ pub(super) fn decode_checkpoint(bytes: &[u8]) -> Option<Checkpoint> {
     if c.take(4)? != CHECKPOINT_MAGIC {
         return None;
     }
-    let segment = c.u64()?;
+    let at = Cut {
+        segment: c.u64()?,
+        end: c.u64()?,
+    };
     let next_record = c.u64()?;
     let size = c.u64()?;
     let salt_count = c.u64()?;
@@ -429,7 +456,7 @@ pub(super) fn decode_checkpoint(bytes: &[u8]) -> Option<Checkpoint> {
         return None;
     }
     Some(Checkpoint {
-        segment,
+        at,
         next_record,
         size,
         map,
@@ -498,7 +525,10 @@ mod tests {
         let mut salts = BTreeMap::new();
         salts.insert(3, [9; 16]);
         let checkpoint = Checkpoint {
-            segment: 3,
+            at: Cut {
+                segment: 3,
+                end: 4096,
+            },
             next_record: 17,
             size: 1 << 30,
             map,

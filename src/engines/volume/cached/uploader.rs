@@ -170,16 +170,7 @@ async fn close_if_due(inner: &Arc<Inner>) -> Result<(), String> {
     let inner = inner.clone();
     blocking(move || {
         let mut w = lock(&inner.log);
-        let (has_cut, checkpoint_due) = {
-            let state = lock(&inner.state);
-            (
-                state.cuts.contains_key(&w.seq),
-                state.pending_checkpoint.is_none()
-                    && state.sealed_upto >= state.checkpoint + inner.settings.checkpoint_segments,
-            )
-        };
-        // A checkpoint is taken when a segment closes; when writes have stopped, closing
-        // the (maybe empty) open one is what lets the uploaded ones leave the cache.
+        let has_cut = lock(&inner.state).cuts.contains_key(&w.seq);
         let roll = |w: &mut super::Writer| {
             // The next segment's space comes from the reserve; without it, wait for uploads.
             if !lock(&inner.reserve).take(inner.segment_alloc) {
@@ -189,9 +180,6 @@ async fn close_if_due(inner: &Arc<Inner>) -> Result<(), String> {
                 .roll(w)
                 .map_err(|e| format!("closing a log segment: {e}"))
         };
-        if checkpoint_due && state_uploaded(&inner) >= lock(&inner.state).sealed_upto {
-            return roll(&mut w);
-        }
         if w.end <= super::HEADER_LEN as u64 {
             return Ok(());
         }
@@ -203,10 +191,6 @@ async fn close_if_due(inner: &Arc<Inner>) -> Result<(), String> {
         Ok(())
     })
     .await
-}
-
-fn state_uploaded(inner: &Inner) -> u64 {
-    lock(&inner.state).progress.uploaded
 }
 
 async fn upload_segment(inner: &Arc<Inner>, seq: u64) -> Result<(), String> {
@@ -297,35 +281,68 @@ async fn fence(inner: &Arc<Inner>, why: String) {
     }
 }
 
+/// Writes a checkpoint of the map when one is due: every `checkpoint_segments` uploaded
+/// segments, or sooner when the cache is over its size and nothing in it may go (only
+/// segments before the newest checkpoint's may). The map is taken as it stands, under the
+/// log's lock, and the log is synced past that point before the checkpoint names it.
 async fn write_checkpoint(inner: &Arc<Inner>) -> Result<bool, String> {
-    let pending = {
+    let due = {
         let state = lock(&inner.state);
-        match &state.pending_checkpoint {
-            Some(c) if c.segment <= state.progress.uploaded => c.segment,
-            _ => return Ok(false),
-        }
+        let behind = state
+            .progress
+            .uploaded
+            .saturating_sub(state.checkpoint.segment);
+        let stuck = state.local_bytes > inner.settings.cache_max
+            && state
+                .cached
+                .range(..state.checkpoint.segment)
+                .next()
+                .is_none()
+            && behind > 0;
+        behind >= inner.settings.checkpoint_segments || stuck
     };
-    let sealer_inner = inner.clone();
-    let sealed = blocking(move || {
-        let state = lock(&sealer_inner.state);
-        state
-            .pending_checkpoint
-            .as_ref()
-            .map(|c| seal_checkpoint(&sealer_inner.sealer, &sealer_inner.id, c))
+    if !due {
+        return Ok(false);
+    }
+    let taker = inner.clone();
+    let (at, sealed) = blocking(move || -> Result<(Cut, Vec<u8>), String> {
+        let checkpoint = {
+            let w = lock(&taker.log);
+            super::Checkpoint {
+                // Where the log's last record ends (in the previous segment when the open
+                // one is empty: a new segment's file may not be synced yet).
+                at: w.position(),
+                next_record: w.next_record,
+                size: taker.size(),
+                map: taker.map.read().unwrap_or_else(|e| e.into_inner()).clone(),
+                salts: taker
+                    .salts
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
+            }
+        };
+        // The records the checkpoint stands on must survive a power cut before it does.
+        taker
+            .sync_log(false)
+            .map_err(|e| format!("syncing the log for a checkpoint: {e}"))?;
+        Ok((
+            checkpoint.at,
+            seal_checkpoint(&taker.sealer, &taker.id, &checkpoint),
+        ))
     })
-    .await
-    .ok_or("checkpoint vanished")?;
+    .await?;
     let sealed = Bytes::from(sealed);
     inner
         .bucket
         .remote
         .put(
-            &inner.bucket.checkpoint_key(pending),
+            &inner.bucket.checkpoint_key(at),
             sealed.clone(),
             Meta::new(),
         )
         .await
-        .map_err(|e| format!("checkpoint {pending}: {e}"))?;
+        .map_err(|e| format!("checkpoint at {at:?}: {e}"))?;
     // On a full disk the checkpoint's space comes out of the log's reserve: without the
     // checkpoint no clean segment may be evicted, so nothing else could free space.
     let writer = inner.clone();
@@ -338,12 +355,11 @@ async fn write_checkpoint(inner: &Arc<Inner>) -> Result<bool, String> {
     .map_err(|e| format!("local checkpoint: {e}"))?;
     let progress = {
         let mut state = lock(&inner.state);
-        state.pending_checkpoint = None;
-        state.checkpoint = pending;
-        state.progress.checkpoints.push(pending);
+        state.checkpoint = at;
+        state.progress.checkpoints.push(at);
         let keep = state.progress.checkpoints.len().saturating_sub(4);
         state.progress.checkpoints.drain(..keep);
-        state.progress.checkpoint = pending;
+        state.progress.checkpoint = at;
         state.progress.clone()
     };
     save_progress(inner, progress).await?;
@@ -367,14 +383,27 @@ async fn commit(inner: &Arc<Inner>) -> Result<bool, String> {
         };
         let cut = Cut { segment, end };
         // The newest checkpoint that lies wholly before the cut.
+        // The newest checkpoint at or before the cut.
         let checkpoint = state
             .progress
             .checkpoints
             .iter()
             .copied()
-            .filter(|&c| c < segment)
+            .filter(|&c| c <= cut)
             .max()
-            .unwrap_or(0);
+            .unwrap_or_default();
+        // Replayed from the checkpoint's own segment on, unless it stands past that
+        // segment's end (a takeover's checkpoint).
+        let first = if checkpoint.end == u64::MAX {
+            checkpoint.segment + 1
+        } else {
+            checkpoint.segment.max(1)
+        };
+        let runs = if first <= segment {
+            vec![(first, segment)]
+        } else {
+            Vec::new()
+        };
         let n = state.progress.commit + 1;
         let commit = Commit {
             format: 1,
@@ -382,7 +411,7 @@ async fn commit(inner: &Arc<Inner>) -> Result<bool, String> {
             n,
             size: inner.size(),
             checkpoint,
-            runs: vec![(checkpoint + 1, segment)],
+            runs,
             cut,
             gateway: inner.bucket.gateway.clone(),
             time: SystemTime::now()
@@ -485,19 +514,26 @@ async fn refill_reserve(inner: &Arc<Inner>) {
 /// Deletes the oldest clean segment files while the cache is over its size. Only segments a
 /// local checkpoint covers go: a restart never needs to replay them.
 async fn evict(inner: &Arc<Inner>) -> Result<bool, String> {
-    let victims: Vec<(u64, u64)> = {
-        let state = lock(&inner.state);
+    // Accounted for first, deleted after: frames a read fetches meanwhile into a segment
+    // being evicted are counted anew, in a file that a later eviction finds.
+    let victims: Vec<u64> = {
+        let mut state = lock(&inner.state);
         if state.local_bytes <= inner.settings.cache_max {
             return Ok(false);
         }
         let mut over = state.local_bytes - inner.settings.cache_max;
         let mut victims = Vec::new();
-        for (&seq, &bytes) in state.cached.range(..=state.checkpoint) {
+        for (&seq, &bytes) in state.cached.range(..state.checkpoint.segment) {
             if over == 0 {
                 break;
             }
-            victims.push((seq, bytes));
+            victims.push(seq);
             over = over.saturating_sub(bytes);
+        }
+        for seq in &victims {
+            if let Some(bytes) = state.cached.remove(seq) {
+                state.local_bytes = state.local_bytes.saturating_sub(bytes);
+            }
         }
         victims
     };
@@ -505,10 +541,9 @@ async fn evict(inner: &Arc<Inner>) -> Result<bool, String> {
         return Ok(false);
     }
     let remover = inner.clone();
-    let list = victims.clone();
     blocking(move || {
         let dir = remover.dir.join("segments");
-        for (seq, _) in &list {
+        for seq in &victims {
             lock(&remover.files).remove(seq);
             if let Err(e) = std::fs::remove_file(dir.join(segment_name(*seq)))
                 && e.kind() != std::io::ErrorKind::NotFound
@@ -518,10 +553,5 @@ async fn evict(inner: &Arc<Inner>) -> Result<bool, String> {
         }
     })
     .await;
-    let mut state = lock(&inner.state);
-    for (seq, bytes) in victims {
-        state.cached.remove(&seq);
-        state.local_bytes = state.local_bytes.saturating_sub(bytes);
-    }
     Ok(true)
 }
