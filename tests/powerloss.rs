@@ -402,7 +402,9 @@ impl Model {
 #[test]
 fn flushed_volume_writes_survive_power_loss() {
     let mut g = Gateway::start();
-    g.firn(&["volume", "create", "disk", "--size", "32M"]);
+    g.firn(&[
+        "volume", "create", "disk", "--size", "32M", "--mode", "local",
+    ]);
     let size = 32 * MIB;
     let mut model = Model {
         flushed: vec![0; size as usize],
@@ -454,8 +456,10 @@ fn the_catalog_survives_power_loss() {
     let mut live: Vec<String> = Vec::new();
     for round in 0..4u8 {
         let (name, doomed) = (format!("kept{round}"), format!("dropped{round}"));
-        g.firn(&["volume", "create", &name, "--size", "8M"]);
-        g.firn(&["volume", "create", &doomed, "--size", "8M"]);
+        g.firn(&["volume", "create", &name, "--size", "8M", "--mode", "local"]);
+        g.firn(&[
+            "volume", "create", &doomed, "--size", "8M", "--mode", "local",
+        ]);
         let mut client = Client::connect(&g.uri(&name));
         client.write(0, &[round + 1; 8192]).expect("write");
         client.flush().expect("flush");
@@ -463,7 +467,7 @@ fn the_catalog_survives_power_loss() {
         g.firn(&["volume", "delete", &doomed]);
         live.push(name);
         let last = format!("last{round}");
-        g.firn(&["volume", "create", &last, "--size", "4M"]);
+        g.firn(&["volume", "create", &last, "--size", "4M", "--mode", "local"]);
         live.push(last);
         g.crash(match round {
             0 => PowerCut::LoseAll,
@@ -501,7 +505,15 @@ fn audit_records_survive_power_loss() {
     let mut g = Gateway::start();
     let calls = 6;
     for i in 0..calls {
-        g.firn(&["volume", "create", &format!("v{i}"), "--size", "4M"]);
+        g.firn(&[
+            "volume",
+            "create",
+            &format!("v{i}"),
+            "--size",
+            "4M",
+            "--mode",
+            "local",
+        ]);
     }
     g.crash(PowerCut::LoseAll);
     let (mut log, _) = Log::open(g.backing_data().join("audit.log")).expect("open the audit log");
@@ -582,7 +594,9 @@ fn synced_log_records_survive_power_loss() {
 #[test]
 fn a_failed_flush_fails_every_later_flush_and_write_until_reopened() {
     let g = Gateway::start();
-    g.firn(&["volume", "create", "disk", "--size", "8M"]);
+    g.firn(&[
+        "volume", "create", "disk", "--size", "8M", "--mode", "local",
+    ]);
     let file = fs::read_dir(g.backing_data().join("volumes"))
         .expect("volumes dir")
         .next()

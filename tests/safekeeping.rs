@@ -49,7 +49,10 @@ fn volume_files(data: &Path) -> Vec<PathBuf> {
 
 fn create_volume(config: &Path, name: &str, size: &str) {
     let config = config.to_str().expect("utf-8");
-    let (ok, _, err) = firn(&["volume", "create", name, "--size", size, "--config", config]);
+    // These tests are about local volume files and their space checks.
+    let (ok, _, err) = firn(&[
+        "volume", "create", name, "--size", size, "--mode", "local", "--config", config,
+    ]);
     assert!(ok, "volume create {name}: {err}");
 }
 

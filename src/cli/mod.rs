@@ -142,6 +142,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Serve = cli.command {
         // While the process has one thread: the runtime below starts the others.
         crate::daemon::process::harden(&config.keys);
+        crate::daemon::process::limit_malloc_arenas();
     }
     let rt = runtime()?;
     match cli.command {

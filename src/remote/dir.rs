@@ -639,9 +639,16 @@ fn local_error(op: &'static str, key: &str, e: io::Error) -> Error {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result,
+        // The runtime is shutting down: the call never ran, or its outcome is lost.
+        Err(e) if e.is_cancelled() => Err(Error::Transient {
+            op: "local",
+            key: String::new(),
+            message: "the daemon is stopping".into(),
+        }),
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }
 
 #[async_trait]

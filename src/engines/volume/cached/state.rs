@@ -283,6 +283,7 @@ fn set_aside(path: &Path) -> io::Result<()> {
 
 /// Replays one segment's records; the end of the valid records, and whether damage (rather
 /// than the file's end) stopped the replay.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn replay_records(
     key: &LogKey,
     seq: u64,

@@ -134,9 +134,12 @@ pub fn open_commit(
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    match tokio::task::spawn_blocking(f).await {
+        Ok(value) => value,
+        // The runtime is shutting down, and this task with it.
+        Err(e) if e.is_cancelled() => std::future::pending().await,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }
 
 /// One unit of work; whether there was any.
