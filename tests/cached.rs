@@ -18,6 +18,9 @@ const KEY: &str = "5e2b6f0d8c1a4e7b9f3d2c6a8b0e4f1d7c9a3b5e2d8f0a6c4b1e9d7f3a5c2
 /// The bucket the moto test creates.
 const MOTO_BUCKET: &str = "firn-test";
 
+/// The passphrase of the gateways whose config asks for one.
+const PASSPHRASE: &str = "firn test passphrase: horse battery staple";
+
 /// Which bucket a test's gateways use.
 #[derive(Clone)]
 enum Bucket {
@@ -109,10 +112,16 @@ impl Gateway {
                 format!("socket = \"{}\"\n", dir.join("nbd.sock").display()),
             ),
         };
+        // The master key from the environment, unless `extra` says where it comes from.
+        let keys = if extra.contains("[keys]") {
+            ""
+        } else {
+            "[keys]\nsource = \"env\"\n"
+        };
         std::fs::write(
             &config,
             format!(
-                "[local]\ndata_dir = \"{data_dir}\"\nmin_free = \"0\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n[nbd]\nlisten = \"127.0.0.1:{nbd}\"\n{socket}[keys]\nsource = \"env\"\n[volumes]\nsegment_size = \"1MiB\"\nlog_max = \"{log_max}\"\ncache_max = \"0\"\ncheckpoint_segments = 1\ncommit_interval_ms = 100\n{}{extra}",
+                "[local]\ndata_dir = \"{data_dir}\"\nmin_free = \"0\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n[nbd]\nlisten = \"127.0.0.1:{nbd}\"\n{socket}{keys}[volumes]\nsegment_size = \"1MiB\"\nlog_max = \"{log_max}\"\ncache_max = \"0\"\ncheckpoint_segments = 1\ncommit_interval_ms = 100\n{}{extra}",
                 bucket.section()
             ),
         )
@@ -133,7 +142,7 @@ impl Gateway {
         self.daemon = Some(Daemon::start(
             &self.config,
             self.http,
-            &[("FIRN_MASTER_KEY", KEY)],
+            &[("FIRN_MASTER_KEY", KEY), ("FIRN_PASSPHRASE", PASSPHRASE)],
         ));
     }
 
@@ -1079,4 +1088,45 @@ fn flushed_writes_survive_power_loss_at_random_moments() {
     assert!(shown["cache"]["fenced"].is_null(), "{shown:#}");
     let got = image(&g, "v", &dir.path().join("back.img"));
     assert_same(&got[..8 << 20], &model, "flushed writes, from the bucket");
+}
+
+/// With a passphrase as the key source, the salt that stretches it is in the bucket too: a
+/// new gateway with an empty data directory and the same passphrase derives the same key and
+/// restores the volume.
+#[test]
+fn a_new_gateway_with_the_same_passphrase_restores_the_volume() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let keys = "[keys]\nsource = \"passphrase\"\n";
+    let mut a = Gateway::start(&dir.path().join("a"), &bucket, keys);
+    a.firn(&["volume", "create", "db", "--size", "8M"]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x3c 0 2M",
+            "-c",
+            "flush",
+            &a.uri("db"),
+        ],
+    );
+    a.wait_drained("db", false);
+    a.kill9();
+    std::fs::remove_dir_all(a.dir.join("data")).expect("lose the disk");
+    let b = Gateway::start(&dir.path().join("b"), &bucket, keys);
+    b.firn(&["volume", "takeover", "db", "--force"]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x3c 0 2M",
+            "-c",
+            "read -P 0 2M 6M",
+            &b.uri("db"),
+        ],
+    );
 }
