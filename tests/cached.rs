@@ -780,19 +780,26 @@ fn a_flush_storm_during_an_outage_loses_nothing() {
 /// The data directory on the power-loss file system: flushed writes, then unflushed ones,
 /// kill -9 and a power cut that loses all (then a random part) of what no fsync covered. The
 /// daemon starts cleanly each time, every flushed write reads back, and the upload drains.
-#[test]
-fn flushed_writes_survive_power_loss() {
-    use common::powerloss::{PowerCut, PowerLossMount};
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (backing, mountpoint) = (dir.path().join("backing"), dir.path().join("mnt"));
+/// A gateway in `dir` with its data directory on the power-loss file system (mounted at
+/// `dir/mnt`) and the bucket beside it, serving a 16 MiB volume `v`.
+fn on_power_loss_fs(dir: &Path) -> (common::powerloss::PowerLossMount, Gateway) {
+    let (backing, mountpoint) = (dir.join("backing"), dir.join("mnt"));
     std::fs::create_dir(&backing).expect("backing dir");
     std::fs::create_dir(&mountpoint).expect("mountpoint");
-    let mut mount = PowerLossMount::mount(&backing, &mountpoint)
+    let mount = common::powerloss::PowerLossMount::mount(&backing, &mountpoint)
         .expect("mount the power-loss file system (needs /dev/fuse and fusermount3)");
-    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let bucket = Bucket::Dir(dir.join("bucket"));
     let data = mountpoint.join("data");
-    let mut g = Gateway::start_with(&dir.path().join("a"), &bucket, "64MiB", Some(&data), "");
+    let g = Gateway::start_with(&dir.join("a"), &bucket, "64MiB", Some(&data), "");
     g.firn(&["volume", "create", "v", "--size", "16M"]);
+    (mount, g)
+}
+
+#[test]
+fn flushed_writes_survive_power_loss() {
+    use common::powerloss::PowerCut;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut mount, mut g) = on_power_loss_fs(dir.path());
     let mut model = vec![0u8; 8 << 20];
     let mut rng = rand::rng();
     let cuts = [
@@ -1021,17 +1028,9 @@ fn a_takeover_fences_the_running_gateway_on_a_store_with_conditional_creates() {
 /// and it drains at the end.
 #[test]
 fn flushed_writes_survive_power_loss_at_random_moments() {
-    use common::powerloss::{PowerCut, PowerLossMount};
+    use common::powerloss::PowerCut;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (backing, mountpoint) = (dir.path().join("backing"), dir.path().join("mnt"));
-    std::fs::create_dir(&backing).expect("backing dir");
-    std::fs::create_dir(&mountpoint).expect("mountpoint");
-    let mut mount = PowerLossMount::mount(&backing, &mountpoint)
-        .expect("mount the power-loss file system (needs /dev/fuse and fusermount3)");
-    let bucket = Bucket::Dir(dir.path().join("bucket"));
-    let data = mountpoint.join("data");
-    let mut g = Gateway::start_with(&dir.path().join("a"), &bucket, "64MiB", Some(&data), "");
-    g.firn(&["volume", "create", "v", "--size", "16M"]);
+    let (mut mount, mut g) = on_power_loss_fs(dir.path());
     let mut model = vec![0u8; 8 << 20];
     let mut rng = rand::rng();
     for round in 0..12u64 {

@@ -541,12 +541,20 @@ impl Inner {
 
     /// Waits while the log holds `log_max` bytes that are not uploaded yet.
     fn wait_for_room(&self, bytes: u64) -> BlockResult<()> {
+        let log_max = self.settings.log_max;
+        self.wait_while(|state| state.dirty_bytes > 0 && state.dirty_bytes + bytes > log_max)
+    }
+
+    /// Waits, counted as a queued write, while `blocked` says so; the uploader is woken, as
+    /// only its progress can end the wait. Fails only when the volume closes.
+    fn wait_while(&self, blocked: impl Fn(&state::State) -> bool) -> BlockResult<()> {
         let mut state = lock(&self.state);
-        while state.dirty_bytes > 0 && state.dirty_bytes + bytes > self.settings.log_max {
+        while blocked(&state) {
             if state.stopped {
                 return Err(BlockError::Io("the volume is closing".into()));
             }
             state.queued_writes += 1;
+            self.wake.notify_one();
             state = self
                 .room
                 .wait_timeout(state, Duration::from_secs(1))
@@ -626,21 +634,7 @@ impl Inner {
 
     /// Waits until the reserve can give a segment's space (an upload gave some back).
     fn wait_for_reserve(&self) -> BlockResult<()> {
-        let mut state = lock(&self.state);
-        while lock(&self.reserve).held() < self.segment_alloc {
-            if state.stopped {
-                return Err(BlockError::Io("the volume is closing".into()));
-            }
-            state.queued_writes += 1;
-            self.wake.notify_one();
-            state = self
-                .room
-                .wait_timeout(state, Duration::from_secs(1))
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-            state.queued_writes -= 1;
-        }
-        Ok(())
+        self.wait_while(|_| lock(&self.reserve).held() < self.segment_alloc)
     }
 
     /// Appends one record and maps it. `data` is empty for a zero record.

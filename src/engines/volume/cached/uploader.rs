@@ -210,31 +210,17 @@ async fn upload_segment(inner: &Arc<Inner>, seq: u64) -> Result<(), String> {
     .map_err(|e| format!("reading log segment {seq}: {e}"))?;
     let body = Bytes::from(body);
     let key = inner.bucket.segment_key(seq);
-    match inner
-        .bucket
-        .remote
-        .create(&key, body.clone(), Meta::new())
-        .await
+    let what = format!("segment {seq}");
+    if create_once(inner, &key, body.clone(), |there| there == body, &what)
+        .await?
+        .is_some()
     {
-        Ok(()) => {}
-        Err(remote::Error::Exists { .. }) => {
-            // Our own earlier attempt whose answer was lost, or another gateway's segment.
-            let there = inner
-                .bucket
-                .remote
-                .get(&key)
-                .await
-                .map_err(|e| format!("segment {seq}: {e}"))?;
-            if there.body != body {
-                fence(
-                    inner,
-                    format!("segment {seq} in the bucket was written by another gateway"),
-                )
-                .await;
-                return Err(format!("segment {seq}: taken over by another gateway"));
-            }
-        }
-        Err(e) => return Err(format!("uploading segment {seq}: {e}")),
+        fence(
+            inner,
+            format!("segment {seq} in the bucket was written by another gateway"),
+        )
+        .await;
+        return Err(format!("segment {seq}: taken over by another gateway"));
     }
     // Uploaded: its unused preallocation goes, and the log's room grows back by a segment.
     let releaser = inner.clone();
@@ -257,6 +243,31 @@ async fn upload_segment(inner: &Arc<Inner>, seq: u64) -> Result<(), String> {
     };
     inner.room.notify_all();
     save_progress(inner, progress).await
+}
+
+/// Creates `key` with `body` if nothing is there (create-if-absent). `None` when it is there
+/// now as ours: created, or our own earlier attempt whose answer was lost (`ours` says so of
+/// the bytes found); the bytes found otherwise: another gateway's.
+async fn create_once(
+    inner: &Inner,
+    key: &str,
+    body: Bytes,
+    ours: impl Fn(&[u8]) -> bool,
+    what: &str,
+) -> Result<Option<Bytes>, String> {
+    match inner.bucket.remote.create(key, body, Meta::new()).await {
+        Ok(()) => Ok(None),
+        Err(remote::Error::Exists { .. }) => {
+            let there = inner
+                .bucket
+                .remote
+                .get(key)
+                .await
+                .map_err(|e| format!("{what}: {e}"))?;
+            Ok((!ours(&there.body)).then_some(there.body))
+        }
+        Err(e) => Err(format!("{what}: {e}")),
+    }
 }
 
 async fn save_progress(inner: &Arc<Inner>, progress: super::Progress) -> Result<(), String> {
@@ -426,37 +437,21 @@ async fn commit(inner: &Arc<Inner>) -> Result<bool, String> {
     };
     let plain = serde_json::to_vec(&commit).map_err(|e| e.to_string())?;
     let sealed = inner.sealer.seal(&commit_context(&inner.id), &plain);
-    match inner
-        .bucket
-        .remote
-        .create(&key, Bytes::from(sealed), Meta::new())
-        .await
-    {
-        Ok(()) => {}
-        Err(remote::Error::Exists { .. }) => {
-            let there = inner
-                .bucket
-                .remote
-                .get(&key)
-                .await
-                .map_err(|e| format!("commit {}: {e}", commit.n))?;
-            let theirs = open_commit(&inner.sealer, &inner.id, &there.body);
-            if theirs.as_ref() != Ok(&commit) {
-                let by = theirs
-                    .map(|c| c.gateway)
-                    .unwrap_or_else(|e| format!("unreadable: {e}"));
-                fence(
-                    inner,
-                    format!("commit {} was made by another gateway ({by})", commit.n),
-                )
-                .await;
-                return Err(format!(
-                    "commit {}: taken over by another gateway",
-                    commit.n
-                ));
-            }
-        }
-        Err(e) => return Err(format!("commit {}: {e}", commit.n)),
+    let what = format!("commit {}", commit.n);
+    let mine = |there: &[u8]| open_commit(&inner.sealer, &inner.id, there).as_ref() == Ok(&commit);
+    if let Some(there) = create_once(inner, &key, Bytes::from(sealed), mine, &what).await? {
+        let by = open_commit(&inner.sealer, &inner.id, &there)
+            .map(|c| c.gateway)
+            .unwrap_or_else(|e| format!("unreadable: {e}"));
+        fence(
+            inner,
+            format!("commit {} was made by another gateway ({by})", commit.n),
+        )
+        .await;
+        return Err(format!(
+            "commit {}: taken over by another gateway",
+            commit.n
+        ));
     }
     let progress = {
         let mut state = lock(&inner.state);
