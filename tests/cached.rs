@@ -139,11 +139,34 @@ impl Gateway {
 
     fn restart(&mut self) {
         self.daemon = None;
-        self.daemon = Some(Daemon::start(
-            &self.config,
-            self.http,
-            &[("FIRN_MASTER_KEY", KEY), ("FIRN_PASSPHRASE", PASSPHRASE)],
-        ));
+        let env = [("FIRN_MASTER_KEY", KEY), ("FIRN_PASSPHRASE", PASSPHRASE)];
+        // A port chosen free may be taken by a test running beside this one before the
+        // daemon binds it: then new ports, and again.
+        for _ in 0..4 {
+            match Daemon::try_start(&self.config, self.http, &env) {
+                Ok(daemon) => {
+                    self.daemon = Some(daemon);
+                    return;
+                }
+                Err(stdout) => {
+                    eprintln!("firn did not start ({stdout:?}); trying other ports");
+                    let (http, nbd) = (free_port(), free_port());
+                    let text = std::fs::read_to_string(&self.config).expect("config");
+                    let text = text
+                        .replace(
+                            &format!("127.0.0.1:{}\"", self.http),
+                            &format!("127.0.0.1:{http}\""),
+                        )
+                        .replace(
+                            &format!("127.0.0.1:{}\"", self.nbd),
+                            &format!("127.0.0.1:{nbd}\""),
+                        );
+                    std::fs::write(&self.config, text).expect("config");
+                    (self.http, self.nbd) = (http, nbd);
+                }
+            }
+        }
+        panic!("firn did not start, with four sets of ports");
     }
 
     fn kill9(&mut self) {

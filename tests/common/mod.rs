@@ -39,7 +39,29 @@ impl Daemon {
 
     /// Starts `command` (a `firn serve` with its arguments, environment and user already set)
     /// and waits for its banner.
-    pub fn spawn(mut command: Command, port: u16) -> Daemon {
+    pub fn spawn(command: Command, port: u16) -> Daemon {
+        match Daemon::try_spawn(command, port) {
+            Ok(daemon) => daemon,
+            Err(stdout) => panic!("firn did not start: {stdout:?}"),
+        }
+    }
+
+    /// `start`, or what the daemon printed when it exited before its banner.
+    pub fn try_start(
+        config: &Path,
+        port: u16,
+        env: &[(&str, &str)],
+    ) -> Result<Daemon, Vec<String>> {
+        let mut command = Command::new(FIRN);
+        command
+            .args(["serve", "--config"])
+            .arg(config)
+            .envs(env.iter().copied());
+        Daemon::try_spawn(command, port)
+    }
+
+    /// `spawn`, or what the daemon printed when it exited before its banner.
+    pub fn try_spawn(mut command: Command, port: u16) -> Result<Daemon, Vec<String>> {
         let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -55,17 +77,18 @@ impl Daemon {
                 break;
             }
         }
-        assert!(
-            stdout.iter().any(|l| l.starts_with("Press Ctrl-C")),
-            "firn did not start: {stdout:?}"
-        );
+        if !stdout.iter().any(|l| l.starts_with("Press Ctrl-C")) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(stdout);
+        }
         // Keep draining stdout so the daemon never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Daemon {
+        Ok(Daemon {
             child,
             port,
             stdout,
-        }
+        })
     }
 
     pub fn url(&self, path: &str) -> String {

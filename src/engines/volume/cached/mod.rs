@@ -596,8 +596,12 @@ impl Inner {
         Ok(true)
     }
 
-    /// A small write appended now, if that needs no waiting: room in the log, the log's
-    /// lock free, no new segment to open. `None`, with nothing changed, otherwise.
+    /// A small write appended now, if that needs no waiting: room in the log and no new
+    /// segment to open. `None`, with nothing changed, otherwise. It does wait for the log's
+    /// lock, which other appends hold for a `pwrite` into the page cache and which a
+    /// segment's close holds, once per segment, while it creates the next file: declining
+    /// whenever the lock was taken sent a quarter of 4 KiB writes at queue depth 32 to the
+    /// blocking pool (29.9k IOPS against 38.2k waiting, measured with fio).
     fn write_now(&self, offset: u64, data: &[u8]) -> Option<BlockResult<()>> {
         if data.is_empty() || data.len() > MAX_RECORD {
             return None;
@@ -620,11 +624,7 @@ impl Inner {
                 return None;
             }
         }
-        let mut w = match self.log.try_lock() {
-            Ok(w) => w,
-            Err(std::sync::TryLockError::WouldBlock) => return None,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-        };
+        let mut w = lock(&self.log);
         if w.end > HEADER_LEN as u64 && w.end + bytes > self.settings.segment_bytes {
             return None;
         }
