@@ -394,19 +394,24 @@ impl DirStore {
         }
     }
 
+    /// The directory `dir` (a key prefix without its last `/`, or "" for the root), opened
+    /// beneath the root without following links. The outer error is a bad key; the inner
+    /// one what opening found (`gone` when nothing is stored there).
+    fn open_prefix_dir(&self, dir: &str) -> Result<io::Result<OwnedFd>> {
+        if dir.is_empty() {
+            return Ok(self.root.try_clone());
+        }
+        let segments = self.segments(dir)?;
+        Ok(self.walk(&segments))
+    }
+
     fn list_blocking(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         // Only walk the directory the prefix points into, not the whole bucket.
         let dir_part = match prefix.rfind('/') {
             Some(i) => &prefix[..i],
             None => "",
         };
-        let start = if dir_part.is_empty() {
-            self.root.try_clone()
-        } else {
-            let segments = self.segments(dir_part)?;
-            self.walk(&segments)
-        };
-        let start = match start {
+        let start = match self.open_prefix_dir(dir_part)? {
             Ok(fd) => fd,
             Err(e) if gone(&e) => return Ok(Vec::new()),
             Err(e) => return Err(local_error("list", prefix, e)),
@@ -460,13 +465,7 @@ impl DirStore {
     /// skipped, as `list` skips them.
     fn list_dir_blocking(&self, prefix: &str) -> Result<Listing> {
         let dir = dir_of(prefix)?;
-        let start = if dir.is_empty() {
-            self.root.try_clone()
-        } else {
-            let segments = self.segments(dir)?;
-            self.walk(&segments)
-        };
-        let fd = match start {
+        let fd = match self.open_prefix_dir(dir)? {
             Ok(fd) => fd,
             // Nothing stored under it (or a file or a link where the directory would be).
             Err(e) if gone(&e) => return Ok(Listing::default()),

@@ -33,8 +33,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -235,6 +235,9 @@ struct Inner {
     /// Reads of written data answered from local disk, and from the bucket.
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
+    /// Deleted while in use (`CachedVolume::retire`): every request fails. An atomic, as
+    /// every read asks.
+    retired: AtomicBool,
 }
 
 /// A cached volume. Dropping it stops its uploader; what was not uploaded stays in the log
@@ -416,6 +419,7 @@ impl CachedVolume {
             stopping: tokio::sync::Notify::new(),
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
         });
         let descriptor = Descriptor {
             format: 1,
@@ -443,10 +447,8 @@ impl CachedVolume {
     /// Stops the volume for good (it was deleted while clients held it): the uploader ends,
     /// and every later request fails.
     pub fn retire(&self) {
-        let mut state = lock(&self.inner.state);
-        state.stopped = true;
-        state.retired = true;
-        drop(state);
+        self.inner.retired.store(true, Ordering::Release);
+        lock(&self.inner.state).stopped = true;
         self.inner.room.notify_all();
         self.inner.wake.notify_one();
         self.inner.stopping.notify_one();
@@ -522,7 +524,7 @@ impl Inner {
     }
 
     fn check_writable(&self) -> BlockResult<()> {
-        if lock(&self.state).retired {
+        if self.retired.load(Ordering::Acquire) {
             return Err(BlockError::Io("the volume was deleted".into()));
         }
         if self.read_only {
@@ -568,7 +570,7 @@ impl Inner {
     /// `read`; without `wait`, `Ok(false)` unless the page cache holds everything.
     fn read(&self, offset: u64, buf: &mut [u8], wait: bool) -> BlockResult<bool> {
         check_range(offset, buf.len() as u64, self.size())?;
-        if lock(&self.state).retired {
+        if self.retired.load(Ordering::Acquire) {
             return Err(BlockError::Io("the volume was deleted".into()));
         }
         let spans = self
@@ -1043,9 +1045,4 @@ impl BlockDevice for CachedVolume {
         }
         Ok(extents)
     }
-}
-
-/// Validates a volume directory path (used by the catalog).
-pub fn volume_dir(volumes_dir: &Path, id: &str) -> PathBuf {
-    volumes_dir.join(id)
 }

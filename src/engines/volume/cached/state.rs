@@ -101,8 +101,6 @@ pub(super) struct State {
     pub fenced: Option<String>,
     pub last_error: Option<String>,
     pub stopped: bool,
-    /// Deleted while in use: every request fails.
-    pub retired: bool,
     /// The descriptor in the bucket must be written again (the volume grew).
     pub describe: bool,
 }
@@ -129,7 +127,6 @@ impl State {
             fenced,
             last_error: None,
             stopped: false,
-            retired: false,
             describe: true,
         }
     }
