@@ -173,6 +173,12 @@ pub struct VolumesConfig {
     pub checkpoint_segments: u64,
     /// Seconds a read of data that only the bucket holds may wait before failing (EIO).
     pub read_timeout_secs: u64,
+    /// Garbage collection rewrites an object whose live data is under this percentage.
+    pub gc_live_percent: u64,
+    /// Seconds between garbage collection passes.
+    pub gc_interval_secs: u64,
+    /// Seconds an object stays in the bucket after nothing names it any more.
+    pub gc_grace_secs: u64,
 }
 
 impl Default for VolumesConfig {
@@ -185,6 +191,9 @@ impl Default for VolumesConfig {
             commit_interval_ms: settings.commit_interval.as_millis() as u64,
             checkpoint_segments: settings.checkpoint_segments,
             read_timeout_secs: settings.read_timeout.as_secs(),
+            gc_live_percent: settings.gc_live_percent,
+            gc_interval_secs: settings.gc_interval.as_secs(),
+            gc_grace_secs: settings.gc_grace.as_secs(),
         }
     }
 }
@@ -207,6 +216,16 @@ impl VolumesConfig {
                 "[volumes] checkpoint_segments and read_timeout_secs must be positive".into(),
             );
         }
+        // A read that found data at its old place may fetch it for up to the read timeout.
+        if self.gc_grace_secs < self.read_timeout_secs {
+            return Err("[volumes] gc_grace_secs must be at least read_timeout_secs".into());
+        }
+        if self.gc_live_percent > 100 || self.gc_interval_secs == 0 {
+            return Err(
+                "[volumes] gc_live_percent must be at most 100 and gc_interval_secs positive"
+                    .into(),
+            );
+        }
         Ok(crate::engines::volume::cached::Settings {
             segment_bytes: self.segment_size.0,
             log_max: self.log_max.0,
@@ -214,6 +233,9 @@ impl VolumesConfig {
             commit_interval: Duration::from_millis(self.commit_interval_ms),
             checkpoint_segments: self.checkpoint_segments,
             read_timeout: Duration::from_secs(self.read_timeout_secs),
+            gc_live_percent: self.gc_live_percent,
+            gc_interval: Duration::from_secs(self.gc_interval_secs),
+            gc_grace: Duration::from_secs(self.gc_grace_secs),
         })
     }
 }

@@ -804,10 +804,16 @@ impl Catalog {
         let Some(bucket) = &self.bucket else { return };
         let remote = bucket.remote.clone();
         let prefix = format!("volumes/{}/", info.id);
+        let (sealer, id) = (self.sealer.clone(), info.id.clone());
         let outcome = bucket.runtime.block_on(async move {
             remote.delete(&format!("{prefix}descriptor")).await?;
+            // The chunks the volume's checkpoints name lie outside its prefix.
+            let chunks = cached::chunk_keys(remote.as_ref(), &sealer, &id, &prefix).await?;
             for object in remote.list(&prefix).await? {
                 remote.delete(&object.key).await?;
+            }
+            for key in chunks {
+                remote.delete(&key).await?;
             }
             Ok::<(), crate::remote::Error>(())
         });

@@ -21,7 +21,12 @@
 //! Dirty data is never evicted: a segment file is only deleted once it is in the bucket and a
 //! checkpoint covers it. When the not-yet-uploaded part of the log reaches its cap, writes
 //! wait for the uploader; they do not fail.
+//!
+//! Garbage collection (`gc.rs`) moves the live data of mostly-overwritten objects into
+//! content-addressed chunks, which the map names by numbers from `CHUNK_BASE` up, checkpoints
+//! that, and deletes what no commit or checkpoint names any more once a grace period passed.
 
+mod gc;
 pub mod map;
 pub mod record;
 mod reserve;
@@ -40,6 +45,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+pub use self::gc::chunk_keys;
 use self::map::{Map, Place};
 use self::record::{FRAME, HEADER_LEN, Kind, LogKey, MAX_RECORD, RecordHeader, TAG_LEN};
 pub use self::state::{CachedStatus, Progress};
@@ -53,6 +59,8 @@ use crate::seal::Sealer;
 pub const PROGRESS_TABLE: &str = "cached-volumes";
 /// Open segment files kept at once; more are opened per read.
 const OPEN_FILES: usize = 128;
+/// The map names chunks by numbers from here up; segments by numbers below.
+pub const CHUNK_BASE: u64 = 1 << 63;
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -74,6 +82,14 @@ pub struct Settings {
     pub checkpoint_segments: u64,
     /// How long a read of data only the bucket has may wait for it before failing with EIO.
     pub read_timeout: Duration,
+    /// Garbage collection rewrites an object whose live data is under this percentage of
+    /// its size (segments: of `segment_bytes`).
+    pub gc_live_percent: u64,
+    /// How often garbage collection looks for work.
+    pub gc_interval: Duration,
+    /// How long an object stays in the bucket after nothing names it any more (a reader
+    /// that looked it up just before may still fetch it).
+    pub gc_grace: Duration,
 }
 
 impl Default for Settings {
@@ -85,6 +101,9 @@ impl Default for Settings {
             commit_interval: Duration::from_secs(1),
             checkpoint_segments: 64,
             read_timeout: Duration::from_secs(20),
+            gc_live_percent: 50,
+            gc_interval: Duration::from_secs(60),
+            gc_grace: Duration::from_secs(600),
         }
     }
 }
@@ -113,6 +132,11 @@ impl Bucket {
             "{}checkpoints/{:016x}-{:016x}",
             self.prefix, at.segment, at.end
         )
+    }
+    /// Chunks are outside the volume's prefix: named by content, they are for snapshots and
+    /// clones to share.
+    fn chunk_key(&self, name: &[u8; 32]) -> String {
+        gc::chunk_key(name)
     }
     fn descriptor_key(&self) -> String {
         format!("{}descriptor", self.prefix)
@@ -168,6 +192,10 @@ pub struct Checkpoint {
     pub size: u64,
     pub map: Map,
     pub salts: BTreeMap<u64, [u8; 16]>,
+    /// The chunks garbage collection made that are not deleted yet (the map names some or
+    /// all of them), and the number the next one gets.
+    pub chunks: BTreeMap<u64, gc::ChunkRef>,
+    pub next_chunk: u64,
 }
 
 /// The open segment and where the next record goes.
@@ -216,6 +244,8 @@ struct Inner {
     log: Mutex<Writer>,
     map: RwLock<Map>,
     salts: RwLock<BTreeMap<u64, [u8; 16]>>,
+    /// The chunks of `Checkpoint::chunks`, as they stand now.
+    chunks: RwLock<gc::Chunks>,
     files: Mutex<HashMap<u64, Arc<File>>>,
     /// Local space held for the log (`reserve.rs`).
     reserve: Mutex<reserve::Reserve>,
@@ -334,9 +364,15 @@ impl CachedVolume {
             .unwrap_or_default();
 
         let checkpoint = state::load_local_checkpoint(&dir, &sealer, &id)?.unwrap_or_default();
+        let checkpoint_at = checkpoint.at;
+        let chunks = gc::Chunks::new(checkpoint.chunks, checkpoint.next_chunk);
+        let checkpoint_refs = gc::objects_of(&checkpoint.map);
         let mut map = checkpoint.map;
         map.truncate(size);
         let mut salts = checkpoint.salts;
+        for (&number, chunk) in &chunks.table {
+            salts.insert(number, gc::chunk_salt(&chunk.name));
+        }
         let mut next_record = checkpoint.next_record.max(1);
         let uploaded = progress.uploaded;
         let replayed = state::replay(
@@ -351,6 +387,17 @@ impl CachedVolume {
         let last = replayed.last.max(checkpoint.at.segment).max(uploaded);
         let mut state = state::State::new(progress, checkpoint.at);
         state.local_bytes = replayed.local_bytes;
+        state.checkpoint_refs = checkpoint_refs;
+        // Chunk frames fetched or written before: evictable cache.
+        let chunks_dir = dir.join("chunks");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&chunks_dir)?;
+        for (number, bytes) in gc::cached_chunks(&chunks_dir, &chunks)? {
+            state.local_bytes += bytes;
+            state.cached.insert(number, bytes);
+        }
         state.dirty_bytes = replayed.dirty();
         state.sealed_upto = last;
         if let Some(cut) = replayed.cut {
@@ -401,10 +448,12 @@ impl CachedVolume {
                 next_record,
                 unsynced: Vec::new(),
                 dir_dirty: false,
-                prev: Cut { segment: 0, end: 0 },
+                // The end of the log as found: the new segment is empty.
+                prev: replayed.cut.unwrap_or(checkpoint_at),
             }),
             map: RwLock::new(map),
             salts: RwLock::new(salts),
+            chunks: RwLock::new(chunks),
             files: Mutex::new(files),
             reserve: Mutex::new(reserve),
             segment_alloc,
@@ -489,6 +538,13 @@ impl Inner {
     }
 
     fn status(&self) -> CachedStatus {
+        // Not under the state's lock: garbage collection takes them the other way round.
+        let chunks = self
+            .chunks
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .table
+            .len() as u64;
         let state = lock(&self.state);
         CachedStatus {
             cached_bytes: state.local_bytes,
@@ -520,6 +576,9 @@ impl Inner {
                 .map_or(0.0, |since| since.elapsed().as_secs_f64()),
             cache_max: self.settings.cache_max,
             log_max: self.settings.log_max,
+            chunks,
+            gc_moved_bytes: state.gc.moved_bytes,
+            gc_deleted_objects: state.gc.deleted,
         }
     }
 
@@ -810,12 +869,22 @@ impl Inner {
         self.wake.notify_one();
     }
 
-    /// The segment's file, if it is on local disk.
+    /// Where segment or chunk `seq` is kept on local disk.
+    fn local_path(&self, seq: u64) -> PathBuf {
+        let dir = if seq >= CHUNK_BASE {
+            "chunks"
+        } else {
+            "segments"
+        };
+        self.dir.join(dir).join(segment_name(seq))
+    }
+
+    /// The segment's (or chunk's) file, if it is on local disk.
     fn file(&self, seq: u64) -> Option<Arc<File>> {
         if let Some(file) = lock(&self.files).get(&seq) {
             return Some(file.clone());
         }
-        let path = self.dir.join("segments").join(segment_name(seq));
+        let path = self.local_path(seq);
         let file = Arc::new(OpenOptions::new().read(true).write(true).open(path).ok()?);
         let mut files = lock(&self.files);
         if files.len() >= OPEN_FILES {
@@ -881,7 +950,7 @@ impl Inner {
         }
         // Not here, or not whole: it must be in the bucket.
         self.cache_misses.fetch_add(1, Ordering::Relaxed);
-        {
+        if segment < CHUNK_BASE {
             let state = lock(&self.state);
             if segment > state.progress.uploaded {
                 return Err(BlockError::Io(format!(
@@ -908,7 +977,7 @@ impl Inner {
             .create(true)
             .truncate(false)
             .mode(0o600)
-            .open(self.dir.join("segments").join(segment_name(segment)))
+            .open(self.local_path(segment))
             .and_then(|file| file.write_all_at(&fetched, start));
         match keep {
             Ok(()) => {
@@ -922,9 +991,22 @@ impl Inner {
         Ok(true)
     }
 
-    /// A ranged GET of a segment, bounded by the read timeout.
+    /// The bucket key of segment or chunk `seq`.
+    fn object_key(&self, seq: u64) -> BlockResult<String> {
+        if seq < CHUNK_BASE {
+            return Ok(self.bucket.segment_key(seq));
+        }
+        let chunks = self.chunks.read().unwrap_or_else(PoisonError::into_inner);
+        let chunk = chunks
+            .table
+            .get(&seq)
+            .ok_or_else(|| BlockError::Io(format!("chunk {seq:x} is unknown to the map")))?;
+        Ok(self.bucket.chunk_key(&chunk.name))
+    }
+
+    /// A ranged GET of a segment or chunk, bounded by the read timeout.
     fn fetch(&self, segment: u64, range: std::ops::Range<u64>) -> BlockResult<bytes::Bytes> {
-        let key = self.bucket.segment_key(segment);
+        let key = self.object_key(segment)?;
         let remote = self.bucket.remote.clone();
         let timeout = self.settings.read_timeout;
         let len = range.end - range.start;

@@ -144,6 +144,8 @@ async fn image(
             size,
             map: Map::new(),
             salts: Default::default(),
+            chunks: Default::default(),
+            next_chunk: 0,
         });
     };
     let mut image = if commit.checkpoint.segment > 0 {
@@ -308,6 +310,8 @@ pub async fn take_over(
         checkpoint: label,
         checkpoints: vec![label],
         fenced: None,
+        commit_checkpoint: label,
+        gc_pending: Vec::new(),
     };
     meta.put_json(PROGRESS_TABLE, id, &progress)
         .map_err(|e| std::io::Error::other(e.to_string()))?;

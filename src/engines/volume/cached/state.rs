@@ -35,6 +35,13 @@ pub struct Progress {
     /// volume stays read-only here across restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fenced: Option<String>,
+    /// The checkpoint the newest commit names.
+    #[serde(default)]
+    pub commit_checkpoint: Cut,
+    /// Chunks a garbage collection put into the bucket that no checkpoint names yet: if a
+    /// crash lost the collection's work, they are garbage.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gc_pending: Vec<String>,
 }
 
 /// What `firn volume show` tells about a cached volume.
@@ -73,6 +80,15 @@ pub struct CachedStatus {
     pub commit_lag_secs: f64,
     pub cache_max: u64,
     pub log_max: u64,
+    /// Chunks garbage collection made that are still in the bucket.
+    #[serde(default)]
+    pub chunks: u64,
+    /// Live bytes garbage collection moved into chunks, and objects it deleted, since the
+    /// volume was opened.
+    #[serde(default)]
+    pub gc_moved_bytes: u64,
+    #[serde(default)]
+    pub gc_deleted_objects: u64,
 }
 
 pub(super) struct State {
@@ -103,6 +119,12 @@ pub(super) struct State {
     pub stopped: bool,
     /// The descriptor in the bucket must be written again (the volume grew).
     pub describe: bool,
+    /// Garbage collection moved data: a checkpoint is due now.
+    pub checkpoint_due: bool,
+    /// The objects (segments and chunks) the newest checkpoint's map names.
+    pub checkpoint_refs: std::collections::BTreeSet<u64>,
+    /// Garbage collection's work: see `gc.rs`.
+    pub gc: super::gc::GcState,
 }
 
 impl State {
@@ -128,6 +150,9 @@ impl State {
             last_error: None,
             stopped: false,
             describe: true,
+            checkpoint_due: false,
+            checkpoint_refs: Default::default(),
+            gc: Default::default(),
         }
     }
 }
@@ -334,14 +359,17 @@ pub(super) fn replay_records(
     Ok((pos as u64, false))
 }
 
-const CHECKPOINT_MAGIC: &[u8; 4] = b"FCP1";
+const CHECKPOINT_MAGIC: &[u8; 4] = b"FCP2";
+/// Checkpoints from before garbage collection: no chunk table.
+const CHECKPOINT_MAGIC_1: &[u8; 4] = b"FCP1";
 const CHECKPOINT_FILE: &str = "checkpoint";
 
 fn checkpoint_context(id: &str) -> Vec<u8> {
     format!("firn volume checkpoint {id}").into_bytes()
 }
 
-/// The checkpoint's plain bytes: magic, segment, next record, size, the salts, the pieces.
+/// The checkpoint's plain bytes: magic, segment, next record, size, the salts, the pieces,
+/// the next chunk number and the chunk table.
 pub(super) fn encode_checkpoint(checkpoint: &Checkpoint) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + checkpoint.salts.len() * 24 + checkpoint.map.len() * 37);
     out.extend_from_slice(CHECKPOINT_MAGIC);
@@ -381,6 +409,13 @@ pub(super) fn encode_checkpoint(checkpoint: &Checkpoint) -> Vec<u8> {
             }
         }
     }
+    out.extend_from_slice(&checkpoint.next_chunk.to_le_bytes());
+    out.extend_from_slice(&(checkpoint.chunks.len() as u64).to_le_bytes());
+    for (number, chunk) in &checkpoint.chunks {
+        out.extend_from_slice(&number.to_le_bytes());
+        out.extend_from_slice(&chunk.name);
+        out.extend_from_slice(&chunk.len.to_le_bytes());
+    }
     out
 }
 
@@ -406,7 +441,9 @@ impl<'a> Cursor<'a> {
 
 pub(super) fn decode_checkpoint(bytes: &[u8]) -> Option<Checkpoint> {
     let mut c = Cursor(bytes);
-    if c.take(4)? != CHECKPOINT_MAGIC {
+    let magic = c.take(4)?;
+    let with_chunks = magic == CHECKPOINT_MAGIC;
+    if !with_chunks && magic != CHECKPOINT_MAGIC_1 {
         return None;
     }
     let at = Cut {
@@ -450,6 +487,20 @@ pub(super) fn decode_checkpoint(bytes: &[u8]) -> Option<Checkpoint> {
         }
         map.insert(offset, len, place);
     }
+    let mut chunks = BTreeMap::new();
+    let mut next_chunk = 0;
+    if with_chunks {
+        next_chunk = c.u64()?;
+        for _ in 0..c.u64()? {
+            let number = c.u64()?;
+            let name: [u8; 32] = c.take(32)?.try_into().ok()?;
+            let len = c.u64()?;
+            if number < super::CHUNK_BASE || number >= next_chunk {
+                return None;
+            }
+            chunks.insert(number, super::gc::ChunkRef { name, len });
+        }
+    }
     if !c.0.is_empty() {
         return None;
     }
@@ -459,6 +510,8 @@ pub(super) fn decode_checkpoint(bytes: &[u8]) -> Option<Checkpoint> {
         size,
         map,
         salts,
+        chunks,
+        next_chunk,
     })
 }
 
@@ -522,6 +575,14 @@ mod tests {
         );
         let mut salts = BTreeMap::new();
         salts.insert(3, [9; 16]);
+        let mut chunks = BTreeMap::new();
+        chunks.insert(
+            super::super::CHUNK_BASE + 1,
+            super::super::gc::ChunkRef {
+                name: [7; 32],
+                len: 8192,
+            },
+        );
         let checkpoint = Checkpoint {
             at: Cut {
                 segment: 3,
@@ -531,6 +592,8 @@ mod tests {
             size: 1 << 30,
             map,
             salts,
+            chunks,
+            next_chunk: super::super::CHUNK_BASE + 2,
         };
         let bytes = encode_checkpoint(&checkpoint);
         assert_eq!(decode_checkpoint(&bytes), Some(checkpoint));

@@ -51,8 +51,15 @@ pub(super) async fn run(inner: Arc<Inner>, descriptor: Descriptor) {
                 }
             }
             Err(e) => {
-                let repeated = lock(&inner.state).last_error.replace(e.clone()).is_some();
-                if !repeated {
+                let (repeated, fenced) = {
+                    let mut state = lock(&inner.state);
+                    (
+                        state.last_error.replace(e.clone()).is_some(),
+                        state.fenced.is_some(),
+                    )
+                };
+                // A fence was logged as such, and ends the uploads for good.
+                if !repeated && !fenced {
                     tracing::warn!(volume = %inner.name, "upload paused: {e}; retrying until it succeeds");
                 }
                 tokio::select! {
@@ -133,7 +140,7 @@ pub fn open_commit(
     serde_json::from_slice(&plain).map_err(|e| e.to_string())
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+pub(super) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     match tokio::task::spawn_blocking(f).await {
         Ok(value) => value,
         // The runtime is shutting down, and this task with it.
@@ -160,6 +167,9 @@ async fn step(inner: &Arc<Inner>) -> Result<bool, String> {
         return Ok(true);
     }
     if commit(inner).await? {
+        return Ok(true);
+    }
+    if super::gc::collect(inner).await? {
         return Ok(true);
     }
     let evicted = evict(inner).await?;
@@ -270,7 +280,10 @@ async fn create_once(
     }
 }
 
-async fn save_progress(inner: &Arc<Inner>, progress: super::Progress) -> Result<(), String> {
+pub(super) async fn save_progress(
+    inner: &Arc<Inner>,
+    progress: super::Progress,
+) -> Result<(), String> {
     let meta = inner.meta.clone();
     let id = inner.id.clone();
     blocking(move || meta.put_json(PROGRESS_TABLE, &id, &progress))
@@ -313,15 +326,17 @@ async fn write_checkpoint(inner: &Arc<Inner>) -> Result<bool, String> {
                 .next()
                 .is_none()
             && behind > 0;
-        behind >= inner.settings.checkpoint_segments || stuck
+        behind >= inner.settings.checkpoint_segments || stuck || state.checkpoint_due
     };
     if !due {
         return Ok(false);
     }
     let taker = inner.clone();
-    let (at, sealed) = blocking(move || -> Result<(Cut, Vec<u8>), String> {
+    type Taken = (Cut, Vec<u8>, std::collections::BTreeSet<u64>, Vec<String>);
+    let (at, sealed, refs, chunk_keys) = blocking(move || -> Result<Taken, String> {
         let checkpoint = {
             let w = lock(&taker.log);
+            let chunks = taker.chunks.read().unwrap_or_else(|e| e.into_inner());
             super::Checkpoint {
                 // Where the log's last record ends (in the previous segment when the open
                 // one is empty: a new segment's file may not be synced yet).
@@ -334,8 +349,16 @@ async fn write_checkpoint(inner: &Arc<Inner>) -> Result<bool, String> {
                     .read()
                     .unwrap_or_else(|e| e.into_inner())
                     .clone(),
+                chunks: chunks.table.clone(),
+                next_chunk: chunks.next,
             }
         };
+        let refs = super::gc::objects_of(&checkpoint.map);
+        let chunk_keys = checkpoint
+            .chunks
+            .values()
+            .map(|c| taker.bucket.chunk_key(&c.name))
+            .collect();
         // The records the checkpoint stands on must survive a power cut before it does.
         taker
             .sync_log(false)
@@ -343,6 +366,8 @@ async fn write_checkpoint(inner: &Arc<Inner>) -> Result<bool, String> {
         Ok((
             checkpoint.at,
             seal_checkpoint(&taker.sealer, &taker.id, &checkpoint),
+            refs,
+            chunk_keys,
         ))
     })
     .await?;
@@ -370,6 +395,13 @@ async fn write_checkpoint(inner: &Arc<Inner>) -> Result<bool, String> {
     let progress = {
         let mut state = lock(&inner.state);
         state.checkpoint = at;
+        state.checkpoint_refs = refs;
+        state.checkpoint_due = false;
+        // Chunks a checkpoint names are no longer at risk of being lost by a crash.
+        state
+            .progress
+            .gc_pending
+            .retain(|k| !chunk_keys.contains(k));
         state.progress.checkpoints.push(at);
         let keep = state.progress.checkpoints.len().saturating_sub(4);
         state.progress.checkpoints.drain(..keep);
@@ -389,14 +421,23 @@ async fn commit(inner: &Arc<Inner>) -> Result<bool, String> {
         state
             .cuts
             .retain(|&segment, &mut end| Some(Cut { segment, end }) > committed);
-        let Some((&segment, &end)) = state.cuts.range(..=uploaded).next_back() else {
+        let pending = state
+            .cuts
+            .range(..=uploaded)
+            .next_back()
+            .map(|(&segment, &end)| Cut { segment, end });
+        // Nothing written since the newest commit, but a newer checkpoint stands at its cut
+        // (garbage collection wrote one): committing it again lets the old objects go.
+        let again = committed.filter(|&c| {
+            state.checkpoint > state.progress.commit_checkpoint && state.checkpoint <= c
+        });
+        let Some(cut) = pending.or(again) else {
             if state.cuts.is_empty() {
                 inner.room.notify_all();
             }
             return Ok(false);
         };
-        let cut = Cut { segment, end };
-        // The newest checkpoint that lies wholly before the cut.
+        let segment = cut.segment;
         // The newest checkpoint at or before the cut.
         let checkpoint = state
             .progress
@@ -457,6 +498,7 @@ async fn commit(inner: &Arc<Inner>) -> Result<bool, String> {
         let mut state = lock(&inner.state);
         state.progress.commit = commit.n;
         state.progress.committed = Some(commit.cut);
+        state.progress.commit_checkpoint = commit.checkpoint;
         state.committed = Some(commit.cut);
         state.last_commit = Some(SystemTime::now());
         let committed = state.committed;
@@ -521,7 +563,12 @@ async fn evict(inner: &Arc<Inner>) -> Result<bool, String> {
         }
         let mut over = state.local_bytes - inner.settings.cache_max;
         let mut victims = Vec::new();
-        for (&seq, &bytes) in state.cached.range(..state.checkpoint.segment) {
+        // Chunks are always in the bucket and never replayed: evictable whenever.
+        let clean = state
+            .cached
+            .range(..state.checkpoint.segment)
+            .chain(state.cached.range(super::CHUNK_BASE..));
+        for (&seq, &bytes) in clean {
             if over == 0 {
                 break;
             }
@@ -540,10 +587,9 @@ async fn evict(inner: &Arc<Inner>) -> Result<bool, String> {
     }
     let remover = inner.clone();
     blocking(move || {
-        let dir = remover.dir.join("segments");
         for seq in &victims {
             lock(&remover.files).remove(seq);
-            if let Err(e) = std::fs::remove_file(dir.join(segment_name(*seq)))
+            if let Err(e) = std::fs::remove_file(remover.local_path(*seq))
                 && e.kind() != std::io::ErrorKind::NotFound
             {
                 tracing::warn!(volume = %remover.name, "evicting segment {seq}: {e}");
