@@ -5,6 +5,7 @@
 #   bench/cached-volume.sh
 #   SIZE=512M RUNTIME=10 FIO_SIZE=1G COLD_SIZE=256M COLD_RAND_IO=16M SCATTER_IO=256M \
 #       bench/cached-volume.sh                    (the defaults: about 4 minutes on 2 cores)
+#   PARTS="cold lag" bench/cached-volume.sh       (only some parts: fio drain trim cold lag)
 #
 # Needs root (drop_caches), fio, nbdkit, nbdinfo, python3-libnbd, rclone, garage, curl.
 #
@@ -49,6 +50,8 @@ fio_size=${FIO_SIZE:-1G}     # the volume/file the fio comparison runs on
 cold_size=${COLD_SIZE:-256M} # cold sequential read
 cold_rand_io=${COLD_RAND_IO:-16M}
 scatter_io=${SCATTER_IO:-256M}
+parts=" ${PARTS:-fio drain trim cold lag} " # which of the parts below to run
+want() { [[ $parts == *" $1 "* ]]; }
 
 cargo build --release --quiet
 work=$(mktemp -d -t firn-bench-cached.XXXXXX)
@@ -204,10 +207,11 @@ export RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE=true
 rclone() { env -u AWS_CA_BUNDLE rclone -q "$@"; }
 bucket=bench:$FIRN_TEST_S3_BUCKET
 
+if want fio || want drain || want trim; then start_firn main ""; fi
+if want fio; then
 # ---------------------------------------------------------------------------------------------
 echo
 echo "== 1. fio over NBD: firn cached volume vs nbdkit file ($fio_size, $runtime s per job)"
-start_firn main ""
 f volume create fio --size "$fio_size" >/dev/null
 truncate -s "$fio_size" "$work/nbdkit.img"
 read -r nbdkit_port < <(free_ports 1)
@@ -269,6 +273,8 @@ nbdkit_pid=
 rm -f "$work/nbdkit.img"
 f volume delete fio >/dev/null || true
 
+fi
+if want drain; then
 # ---------------------------------------------------------------------------------------------
 echo
 echo "== 2./3. drain and upload amplification ($size)"
@@ -309,6 +315,8 @@ add_ratio cached-puts-per-gib-rand4k "$(calc "f'{$rw_puts / ($rw_written / 2**30
 f volume delete drain >/dev/null || true
 f volume delete seq >/dev/null || true
 
+fi
+if want trim; then
 # ---------------------------------------------------------------------------------------------
 echo
 echo "== 5. TRIM of a 2 TiB volume"
@@ -341,8 +349,10 @@ echo "TRIM 0..2T + flush: $trim_s s; then committed in $commit_s s; uploaded $tr
 add_ratio cached-trim-2t-seconds "$trim_s" "< 1" "TRIMs + FLUSH"
 add_ratio cached-trim-2t-bytes-uploaded "$trim_up" "< 65536"
 f volume delete trim >/dev/null || true
-stop_firn
+fi
+if want fio || want drain || want trim; then stop_firn; fi
 
+if want cold; then
 # ---------------------------------------------------------------------------------------------
 echo
 echo "== 4. cold reads (cache_max = \"0\", checkpoint_segments = 1; $cold_size sequential, $cold_rand_io random 4 KiB)"
@@ -383,6 +393,8 @@ curl -fsS "http://127.0.0.1:$http_port/metrics" | awk '
 add_ratio cached-cold-randread-fetched-per-served "$(calc "f'{$rand_down / $served:.2f}'")" "<= 2" "lower is better"
 stop_firn
 
+fi
+if want lag; then
 # ---------------------------------------------------------------------------------------------
 echo
 echo "== 6. commit lag and peak RSS: fresh firn, 1 TiB volume, cache_max 4GiB"
@@ -426,6 +438,7 @@ echo "firn VmHWM $((hwm_kib / 1024)) MiB, VmRSS now $((rss_kib / 1024)) MiB, $(a
 add_ratio cached-commit-lag-p99-seconds "$lag_p99" "< 5"
 add_ratio cached-peak-rss-mib "$((hwm_kib / 1024))" "< 300" "VmHWM, 1 TiB volume after $scatter_io scattered writes"
 stop_firn
+fi
 
 echo
 printf '%s\n' "${ratios[@]}"

@@ -61,6 +61,63 @@ pub const PROGRESS_TABLE: &str = "cached-volumes";
 const OPEN_FILES: usize = 128;
 /// The map names chunks by numbers from here up; segments by numbers below.
 pub const CHUNK_BASE: u64 = 1 << 63;
+/// The most a cold sequential read fetches ahead of the reader, in one ranged GET.
+const AHEAD_MAX: u64 = 8 << 20;
+/// Runs fetched ahead kept in memory per volume, besides those in flight: so at most
+/// (3 + 2) × 8 MiB.
+const AHEAD_RUNS: usize = 3;
+/// The first window of a read found sequential: small, as one in a thousand random reads
+/// is found so by chance.
+const AHEAD_MIN: u64 = 256 << 10;
+/// Recent read ends remembered to tell a sequential read.
+const AHEAD_ENDS: usize = 64;
+/// Windows fetched at once ahead of a sequential reader.
+const AHEAD_DEPTH: usize = 2;
+
+/// Readahead of cold sequential reads. Each ranged GET costs a round trip or more (Garage
+/// holds a body's tail ~40 ms), so a read that goes on where an earlier one ended fetches a
+/// growing window of what follows it in the same object in one GET, and every read served
+/// from the newest window starts the fetch of the next one in the background: the reader
+/// finds the bytes in memory rather than waiting a round trip per window.
+#[derive(Default)]
+struct Ahead {
+    /// Oldest first.
+    runs: std::collections::VecDeque<Run>,
+    /// Where the last `AHEAD_ENDS` reads that fetched ended, in the volume: a read starting
+    /// at one of them is sequential.
+    ends: std::collections::VecDeque<u64>,
+    window: u64,
+}
+
+/// Sealed bytes `start..end` of `object`, holding the volume's data up to `vol_end`.
+struct Run {
+    object: u64,
+    start: u64,
+    end: u64,
+    vol_end: u64,
+    /// `None` while the GET is in flight.
+    bytes: Option<bytes::Bytes>,
+}
+
+impl Ahead {
+    fn holding(&self, object: u64, range: &std::ops::Range<u64>) -> Option<usize> {
+        self.runs
+            .iter()
+            .rposition(|r| r.object == object && r.start <= range.start && range.end <= r.end)
+    }
+
+    /// Drops the oldest fetched runs beyond `AHEAD_RUNS`.
+    fn trim(&mut self) {
+        while self.runs.iter().filter(|r| r.bytes.is_some()).count() > AHEAD_RUNS {
+            match self.runs.iter().position(|r| r.bytes.is_some()) {
+                Some(i) => {
+                    self.runs.remove(i);
+                }
+                None => break,
+            }
+        }
+    }
+}
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -230,6 +287,8 @@ impl Writer {
 }
 
 struct Inner {
+    /// This volume's own handle, for work it starts in the background.
+    me: std::sync::Weak<Inner>,
     id: String,
     name: String,
     /// Grows online (`CachedVolume::grow`); never shrinks.
@@ -246,6 +305,9 @@ struct Inner {
     salts: RwLock<BTreeMap<u64, [u8; 16]>>,
     /// The chunks of `Checkpoint::chunks`, as they stand now.
     chunks: RwLock<gc::Chunks>,
+    ahead: Mutex<Ahead>,
+    /// Signalled when a fetch ahead ends.
+    ahead_done: Condvar,
     files: Mutex<HashMap<u64, Arc<File>>>,
     /// Local space held for the log (`reserve.rs`).
     reserve: Mutex<reserve::Reserve>,
@@ -428,7 +490,8 @@ impl CachedVolume {
         state.dirty_bytes += HEADER_LEN as u64;
         let mut files = HashMap::new();
         files.insert(seq, file.clone());
-        let inner = Arc::new(Inner {
+        let inner = Arc::new_cyclic(|me| Inner {
+            me: me.clone(),
             id,
             name,
             size: AtomicU64::new(size),
@@ -454,6 +517,8 @@ impl CachedVolume {
             map: RwLock::new(map),
             salts: RwLock::new(salts),
             chunks: RwLock::new(chunks),
+            ahead: Mutex::new(Ahead::default()),
+            ahead_done: Condvar::new(),
             files: Mutex::new(files),
             reserve: Mutex::new(reserve),
             segment_alloc,
@@ -648,7 +713,7 @@ impl Inner {
                     rec_len,
                     skip,
                 }) => {
-                    if !self.read_data(segment, pos, rec_len, skip, out, wait)? {
+                    if !self.read_data(span.offset, segment, pos, rec_len, skip, out, wait)? {
                         return Ok(false);
                     }
                 }
@@ -903,11 +968,13 @@ impl Inner {
             .ok_or_else(|| BlockError::Io(format!("segment {seq} is unknown to the map")))
     }
 
-    /// `out.len()` bytes of a record's data, starting `skip` bytes into it. Without `wait`,
-    /// only from a segment file already open and only what the page cache holds: `Ok(false)`
-    /// if that is not enough.
+    /// `out.len()` bytes of a record's data, starting `skip` bytes into it (volume bytes
+    /// from `at` on). Without `wait`, only from a segment file already open and only what
+    /// the page cache holds: `Ok(false)` if that is not enough.
+    #[allow(clippy::too_many_arguments)]
     fn read_data(
         &self,
+        at: u64,
         segment: u64,
         pos: u32,
         rec_len: u32,
@@ -959,7 +1026,7 @@ impl Inner {
                 )));
             }
         }
-        let fetched = self.fetch(segment, start..end)?;
+        let fetched = self.fetch_ahead(segment, start..end, at, out.len() as u64)?;
         sealed.copy_from_slice(&fetched);
         self.key
             .open_frames(&salt, pos, rec_len, first, &mut sealed)
@@ -989,6 +1056,214 @@ impl Inner {
             Err(e) => tracing::debug!(volume = %self.name, "not caching fetched frames: {e}"),
         }
         Ok(true)
+    }
+
+    /// `range` of `object` from the bucket, for a read of `len` volume bytes at `at`: from a
+    /// run fetched ahead if one holds it (waiting for one in flight), else fetched, with
+    /// what follows in the same object when the read is sequential (see `Ahead`).
+    fn fetch_ahead(
+        &self,
+        object: u64,
+        range: std::ops::Range<u64>,
+        at: u64,
+        len: u64,
+    ) -> BlockResult<bytes::Bytes> {
+        let deadline = Instant::now() + self.settings.read_timeout;
+        let mut ahead = lock(&self.ahead);
+        while let Some(i) = ahead.holding(object, &range) {
+            if let Some(bytes) = &ahead.runs[i].bytes {
+                let from = ahead.runs[i].start;
+                let out = bytes.slice((range.start - from) as usize..(range.end - from) as usize);
+                self.read_on(&mut ahead, i);
+                return Ok(out);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            ahead = self
+                .ahead_done
+                .wait_timeout(ahead, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        // Clients read in parallel (nbdcopy keeps dozens of requests in flight), so a read
+        // is sequential if it starts where any recent one ended; one that does not shrinks
+        // the window, a few in a row close it.
+        let sequential = ahead.ends.contains(&at);
+        ahead.ends.push_back(at + len);
+        if ahead.ends.len() > AHEAD_ENDS {
+            ahead.ends.pop_front();
+        }
+        ahead.window = if sequential {
+            (ahead.window * 2).clamp(AHEAD_MIN, AHEAD_MAX)
+        } else if ahead.window / 4 >= AHEAD_MIN {
+            ahead.window / 4
+        } else {
+            0
+        };
+        let window = ahead.window;
+        // Still under the lock (the map's is taken inside it, never the other way round),
+        // so that the reads behind this one find the run in flight and wait for it.
+        let (mut end, vol_end) = self.contiguous_end(object, range.end, at + len, window);
+        // Not into a run fetched or coming: its bytes would be fetched twice.
+        for run in ahead.runs.iter().filter(|r| r.object == object) {
+            if run.start < end && range.end < run.end {
+                end = end.min(run.start.max(range.end));
+            }
+        }
+        if end <= range.end {
+            drop(ahead);
+            return self.fetch(object, range);
+        }
+        ahead.runs.push_back(Run {
+            object,
+            start: range.start,
+            end,
+            vol_end,
+            bytes: None,
+        });
+        drop(ahead);
+        let fetched = self.fetch(object, range.start..end);
+        self.finish_run(object, range.start, fetched.as_ref().ok().cloned());
+        Ok(fetched?.slice(..(range.end - range.start) as usize))
+    }
+
+    /// A read was served from run `i`: the `AHEAD_DEPTH` windows of the volume after it are
+    /// fetched in the background, those not fetched or in flight yet. A window lies in one
+    /// object; the next one starts where the volume's data goes on, in whatever object.
+    fn read_on(&self, ahead: &mut Ahead, i: usize) {
+        if ahead.window == 0 {
+            return;
+        }
+        let mut vol_end = ahead.runs[i].vol_end;
+        for _ in 0..AHEAD_DEPTH {
+            let Some((object, start)) = self.data_at(vol_end, ahead.window) else {
+                return;
+            };
+            if let Some(run) = ahead
+                .runs
+                .iter()
+                .find(|r| r.object == object && r.start <= start && start < r.end)
+            {
+                vol_end = run.vol_end;
+                continue;
+            }
+            let (end, next_vol_end) = self.contiguous_end(object, start, vol_end, ahead.window);
+            let (Some(me), Ok(key)) = (self.me.upgrade(), self.object_key(object)) else {
+                return;
+            };
+            if end <= start {
+                return;
+            }
+            ahead.runs.push_back(Run {
+                object,
+                start,
+                end,
+                vol_end: next_vol_end,
+                bytes: None,
+            });
+            let remote = self.bucket.remote.clone();
+            let timeout = self.settings.read_timeout;
+            self.bucket.runtime.spawn(async move {
+                let got = tokio::time::timeout(timeout, remote.get_range(&key, start..end)).await;
+                let bytes = match got {
+                    Ok(Ok(bytes)) if bytes.len() as u64 == end - start => {
+                        lock(&me.state).bytes_downloaded += bytes.len() as u64;
+                        Some(bytes)
+                    }
+                    _ => None,
+                };
+                me.finish_run(object, start, bytes);
+            });
+            vol_end = next_vol_end;
+        }
+    }
+
+    /// The object and sealed position of the first written data within `window` bytes of
+    /// the volume from `from`, if any is not cached locally (zeros are skipped).
+    fn data_at(&self, from: u64, window: u64) -> Option<(u64, u64)> {
+        let size = self.size();
+        if from >= size {
+            return None;
+        }
+        let spans = self
+            .map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .lookup(from, window.min(size - from));
+        spans.into_iter().find_map(|span| match span.place {
+            Some(Place::Data {
+                segment, pos, skip, ..
+            }) => Some((segment, record::frame_pos(pos, skip as u64 / FRAME as u64))),
+            _ => None,
+        })
+    }
+
+    /// The GET of the run at `start` of `object` ended: its bytes are kept, or (`None`, it
+    /// failed) the run goes, and the readers waiting for it fetch for themselves.
+    fn finish_run(&self, object: u64, start: u64, bytes: Option<bytes::Bytes>) {
+        let mut ahead = lock(&self.ahead);
+        if let Some(i) = ahead
+            .runs
+            .iter()
+            .position(|r| r.object == object && r.start == start && r.bytes.is_none())
+        {
+            match bytes {
+                Some(bytes) => ahead.runs[i].bytes = Some(bytes),
+                None => {
+                    ahead.runs.remove(i);
+                }
+            }
+        }
+        ahead.trim();
+        drop(ahead);
+        self.ahead_done.notify_all();
+    }
+
+    /// Where, in `object`, the sealed bytes of the volume's next `window` bytes from `from`
+    /// end, as far as they follow on from `end` in that object (zeros between do not break
+    /// the run; anything elsewhere does); and where in the volume that is.
+    fn contiguous_end(&self, object: u64, mut end: u64, from: u64, window: u64) -> (u64, u64) {
+        let size = self.size();
+        let mut vol_end = from;
+        if from >= size || window == 0 {
+            return (end, vol_end);
+        }
+        let spans = self
+            .map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .lookup(from, window.min(size - from));
+        for span in spans {
+            let Some(Place::Data {
+                segment,
+                pos,
+                rec_len,
+                skip,
+            }) = span.place
+            else {
+                vol_end = span.offset + span.len;
+                continue;
+            };
+            if segment != object {
+                break;
+            }
+            let first = skip as u64 / FRAME as u64;
+            let last = (skip as u64 + span.len - 1) / FRAME as u64;
+            let start = record::frame_pos(pos, first);
+            // On from `end`: in the frame it ends in at the earliest (a read that ended
+            // mid-frame), after a few record headers (this record's, zero records') at most.
+            if start < end.saturating_sub((FRAME + TAG_LEN) as u64)
+                || start > end + 4 * HEADER_LEN as u64
+            {
+                break;
+            }
+            let last_len = (rec_len as u64 - last * FRAME as u64).min(FRAME as u64);
+            end = record::frame_pos(pos, last) + last_len + TAG_LEN as u64;
+            vol_end = span.offset + span.len;
+        }
+        (end, vol_end)
     }
 
     /// The bucket key of segment or chunk `seq`.
