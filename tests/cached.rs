@@ -1279,3 +1279,50 @@ fn garbage_collection_keeps_the_image_with_garage() {
         garbage_collection_keeps_the_image(bucket);
     }
 }
+
+/// A volume deleted while the bucket does not answer is gone at once here, and its objects
+/// leave the bucket by themselves once it answers again.
+#[test]
+fn a_volume_deleted_during_an_outage_leaves_the_bucket_after_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("bucket");
+    // Requests give up after a second of retries (the rest of `[remote]`).
+    let quick = "retry_for_secs = 1\n";
+    let mut g = Gateway::start(&dir.path().join("a"), &Bucket::Dir(root.clone()), quick);
+    g.firn(&["volume", "create", "v", "--size", "8M"]);
+    qemu_io(&g.uri("v"), &["write -P 7 0 4M"]);
+    g.wait_drained("v", false);
+    let files = |root: &Path| {
+        let mut count = 0;
+        let mut stack = vec![root.join("volumes"), root.join("chunks")];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if entry.path().is_dir() {
+                    stack.push(entry.path());
+                } else {
+                    count += 1;
+                }
+            }
+        }
+        count
+    };
+    assert!(files(&root) > 0);
+    // The next start begins with a 15 s outage of the whole bucket.
+    let mut config = std::fs::read_to_string(&g.config).expect("config");
+    config.push_str("[faults]\noutage_secs = 15\n");
+    std::fs::write(&g.config, config).expect("config");
+    g.restart();
+    g.firn(&["volume", "delete", "v", "--force"]);
+    let listed = g.firn(&["volume", "list"]);
+    assert!(!listed.contains('v'), "{listed}");
+    assert!(files(&root) > 0, "the outage did not keep the objects");
+    let started = Instant::now();
+    while files(&root) > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{} objects of the deleted volume are still in the bucket",
+            files(&root)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

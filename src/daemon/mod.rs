@@ -437,6 +437,16 @@ impl Gateway {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Deletes, every few seconds, the bucket objects of cached volumes deleted while the
+    /// bucket did not answer.
+    async fn retry_volume_deletes(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let volumes = self.volumes.clone();
+            let _ = tokio::task::spawn_blocking(move || volumes.retry_bucket_deletes()).await;
+        }
+    }
+
     /// Writes the counts of refused calls every second.
     async fn flush_refused_calls(self: Arc<Self>) {
         loop {
@@ -591,6 +601,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     print_banner(&gateway, listen);
     tokio::spawn(gateway.clone().watch_remote());
     tokio::spawn(gateway.clone().flush_refused_calls());
+    tokio::spawn(gateway.clone().retry_volume_deletes());
     tokio::spawn(nbd.clone().serve_unix(unix));
     if let Some(tcp) = tcp {
         tokio::spawn(nbd.clone().serve_tcp(tcp));

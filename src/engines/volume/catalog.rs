@@ -31,6 +31,8 @@ use crate::seal::Sealer;
 
 const TABLE: &str = "volumes";
 const INTENTS: &str = "volume-intents";
+/// Deleted cached volumes whose bucket objects could not all be deleted yet, by id.
+const BUCKET_DELETES: &str = "volume-bucket-deletes";
 /// Where files no entry or intent names are moved, inside the volume directory.
 pub const QUARANTINE: &str = "quarantine";
 const MAX_NAME_LEN: usize = 64;
@@ -799,9 +801,55 @@ impl Catalog {
     }
 
     /// Deletes a cached volume's objects: the descriptor first, so that no gateway finds a
-    /// half-deleted volume, then the rest. Best effort: what stays is reported.
+    /// half-deleted volume, then the rest. If the bucket does not answer, the volume is noted
+    /// and `retry_bucket_deletes` tries again later.
     fn delete_bucket_objects(&self, info: &VolumeInfo) {
-        let Some(bucket) = &self.bucket else { return };
+        if let Err(e) = self.try_delete_bucket_objects(info) {
+            tracing::warn!(
+                volume = %info.name,
+                "some of the volume's objects under volumes/{}/ are still in the bucket ({e}); deleting them is retried until it succeeds",
+                info.id
+            );
+            if let Err(e) = self.meta.put_json(BUCKET_DELETES, &info.id, info) {
+                tracing::error!(volume = %info.name, "cannot note the deletion for a retry ({e}): delete volumes/{}/ by hand", info.id);
+            }
+        }
+    }
+
+    /// Deletes the bucket objects of volumes deleted while the bucket did not answer; how
+    /// many are still to do.
+    pub fn retry_bucket_deletes(&self) -> usize {
+        let pending = match self.meta.list(BUCKET_DELETES, "") {
+            Ok(pending) => pending,
+            Err(e) => {
+                tracing::warn!("listing volume deletions to retry: {e}");
+                return 0;
+            }
+        };
+        let mut left = 0;
+        for (id, bytes) in pending {
+            let Ok(info) = serde_json::from_slice::<VolumeInfo>(&bytes) else {
+                let _ = self.meta.delete(BUCKET_DELETES, &id);
+                continue;
+            };
+            match self.try_delete_bucket_objects(&info) {
+                Ok(()) => {
+                    tracing::info!(volume = %info.name, "the deleted volume's objects are gone from the bucket");
+                    let _ = self.meta.delete(BUCKET_DELETES, &id);
+                }
+                Err(e) => {
+                    tracing::debug!(volume = %info.name, "deleting the volume's objects: {e}");
+                    left += 1;
+                }
+            }
+        }
+        left
+    }
+
+    fn try_delete_bucket_objects(&self, info: &VolumeInfo) -> Result<(), crate::remote::Error> {
+        let Some(bucket) = &self.bucket else {
+            return Ok(());
+        };
         let remote = bucket.remote.clone();
         let prefix = format!("volumes/{}/", info.id);
         let (sealer, id) = (self.sealer.clone(), info.id.clone());
@@ -809,21 +857,16 @@ impl Catalog {
             remote.delete(&format!("{prefix}descriptor")).await?;
             // The chunks the volume's checkpoints name lie outside its prefix.
             let chunks = cached::chunk_keys(remote.as_ref(), &sealer, &id, &prefix).await?;
-            for object in remote.list(&prefix).await? {
-                remote.delete(&object.key).await?;
-            }
+            // Before the checkpoints that name them, or a retry could not find them.
             for key in chunks {
                 remote.delete(&key).await?;
             }
+            for object in remote.list(&prefix).await? {
+                remote.delete(&object.key).await?;
+            }
             Ok::<(), crate::remote::Error>(())
         });
-        if let Err(e) = outcome {
-            tracing::warn!(
-                volume = %info.name,
-                "some of the volume's objects under volumes/{}/ are still in the bucket ({e}); delete them by hand",
-                info.id
-            );
-        }
+        outcome
     }
 
     /// Grows a cached volume to `size` bytes, online. Local volumes cannot be resized yet.
