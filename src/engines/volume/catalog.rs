@@ -853,7 +853,7 @@ impl Catalog {
         let remote = bucket.remote.clone();
         let prefix = format!("volumes/{}/", info.id);
         let (sealer, id) = (self.sealer.clone(), info.id.clone());
-        let outcome = bucket.runtime.block_on(async move {
+        bucket.runtime.block_on(async move {
             remote.delete(&format!("{prefix}descriptor")).await?;
             // The chunks the volume's checkpoints name lie outside its prefix.
             let chunks = cached::chunk_keys(remote.as_ref(), &sealer, &id, &prefix).await?;
@@ -865,8 +865,7 @@ impl Catalog {
                 remote.delete(&object.key).await?;
             }
             Ok::<(), crate::remote::Error>(())
-        });
-        outcome
+        })
     }
 
     /// Grows a cached volume to `size` bytes, online. Local volumes cannot be resized yet.
