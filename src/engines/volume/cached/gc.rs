@@ -77,6 +77,9 @@ pub(super) struct GcState {
     last: Option<Instant>,
     /// Objects found to be garbage, and since when.
     garbage: HashMap<String, Instant>,
+    /// The checkpoint of the last sweep: with nothing found then, the next sweep waits for
+    /// a newer one (each sweep lists the volume's objects).
+    swept: Option<Cut>,
     pub moved_bytes: u64,
     pub deleted: u64,
 }
@@ -401,7 +404,10 @@ fn name_key(inner: &Inner) -> [u8; 32] {
 async fn sweep(inner: &Arc<Inner>) -> Result<bool, String> {
     let (newest, commit, refs) = {
         let state = lock(&inner.state);
-        if state.checkpoint.segment == 0 || state.progress.commit_checkpoint != state.checkpoint {
+        if state.checkpoint.segment == 0
+            || state.progress.commit_checkpoint != state.checkpoint
+            || (state.gc.swept == Some(state.checkpoint) && state.gc.garbage.is_empty())
+        {
             return Ok(false);
         }
         (
@@ -477,6 +483,7 @@ async fn sweep(inner: &Arc<Inner>) -> Result<bool, String> {
         }
         // Forgets what is gone or no longer garbage.
         state.gc.garbage = seen;
+        state.gc.swept = Some(newest);
         due
     };
     if due.is_empty() {
