@@ -1278,6 +1278,13 @@ fn psk_identities_name_the_clients_a_volume_admits() {
     ]);
     assert!(!ok && err.contains("volume clients"), "{err}");
     run("nbdinfo", &[&uri("alice", "private")]);
+    // `firn volume show` names the TLS client attached now.
+    let alice = hold_open(&uri("alice", "private"));
+    let clients = clients_when(&g.config, "private", 1);
+    assert_eq!(clients[0]["tls"], true, "{clients:?}");
+    assert_eq!(clients[0]["identity"], "alice", "{clients:?}");
+    let_go(alice);
+    clients_when(&g.config, "private", 0);
     assert!(g.daemon.stop().success());
 }
 
@@ -1422,7 +1429,12 @@ fn hold_open(uri: &str) -> std::process::Child {
     Command::new("/usr/bin/python3")
         .args([
             "-c",
-            "import nbd, sys\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\nsys.stdin.read()\nh.shutdown()",
+            "import nbd, sys
+h = nbd.NBD()
+h.set_uri_allow_local_file(True)  # for tls-psk-file=
+h.connect_uri(sys.argv[1])
+sys.stdin.read()
+h.shutdown()",
             uri,
         ])
         .stdin(std::process::Stdio::piped())
@@ -1437,12 +1449,13 @@ fn let_go(mut client: std::process::Child) {
     assert!(status.success(), "the libnbd client: {status}");
 }
 
-/// `firn volume show`'s clients, once `count` of them are listed.
-fn clients_when(g: &Gateway, name: &str, count: usize) -> Vec<serde_json::Value> {
+/// `firn volume show`'s clients, against the gateway of `config`, once `count` of them are
+/// listed.
+fn clients_when(config: &Path, name: &str, count: usize) -> Vec<serde_json::Value> {
     let started = std::time::Instant::now();
     loop {
         let shown: serde_json::Value =
-            serde_json::from_str(&g.firn(&["volume", "show", name])).expect("json");
+            serde_json::from_str(&firn_at(config, &["volume", "show", name])).expect("json");
         let clients = shown["clients"].as_array().expect("clients").clone();
         if clients.len() == count {
             assert_eq!(shown["attached"], count > 0, "{shown}");
@@ -1463,10 +1476,10 @@ fn show_lists_the_attached_clients_and_metrics_count_each_volume() {
     g.firn(&[
         "volume", "create", "other", "--size", "8M", "--mode", "local",
     ]);
-    assert!(clients_when(&g, "seen", 0).is_empty());
+    assert!(clients_when(&g.config, "seen", 0).is_empty());
 
     let tcp = hold_open(&g.tcp("seen"));
-    let clients = clients_when(&g, "seen", 1);
+    let clients = clients_when(&g.config, "seen", 1);
     let client = &clients[0];
     assert!(
         client["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
@@ -1482,19 +1495,19 @@ fn show_lists_the_attached_clients_and_metrics_count_each_volume() {
     let age = chrono::Utc::now().signed_duration_since(since);
     assert!(age.num_seconds().abs() < 60, "{client}");
     assert!(
-        clients_when(&g, "other", 0).is_empty(),
+        clients_when(&g.config, "other", 0).is_empty(),
         "another volume's list"
     );
 
     let unix = hold_open(&g.unix("seen"));
-    let clients = clients_when(&g, "seen", 2);
+    let clients = clients_when(&g.config, "seen", 2);
     assert_eq!(clients[0], *client, "oldest first, unchanged");
     assert_eq!(clients[1]["peer"], "unix");
     let_go(tcp);
-    let clients = clients_when(&g, "seen", 1);
+    let clients = clients_when(&g.config, "seen", 1);
     assert_eq!(clients[0]["peer"], "unix");
     let_go(unix);
-    clients_when(&g, "seen", 0);
+    clients_when(&g.config, "seen", 0);
 
     // Per-volume counts and latencies, for a cached and a local volume alike.
     for name in ["seen", "other"] {
