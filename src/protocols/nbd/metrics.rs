@@ -250,7 +250,8 @@ impl NbdMetrics {
         let name = "firn_volume_op_seconds";
         let _ = writeln!(
             text,
-            "# HELP {name} Time the volume took to answer NBD requests, by operation.\n# TYPE {name} histogram"
+            "# HELP {name} Time the volume took for NBD requests, by operation: the device call alone, \
+             without queueing or the network.\n# TYPE {name} histogram"
         );
         for (volume, ops) in &exports {
             for op in Op::ALL {
