@@ -465,16 +465,39 @@ fn a_new_gateway_restores_the_committed_image_from_garage_with_force() {
 }
 
 /// Flushed writes survive kill -9 at random moments, over and over; the upload resumes after
-/// each restart and, at the end, the bucket image equals the volume.
+/// each restart and, at the end, the bucket image equals the volume. For a soak
+/// (scripts/crash-soak.sh): `FIRN_SOAK_CYCLES` (default 20; 0 = until the time limit),
+/// `FIRN_SOAK_MINUTES` (a time limit; default or 0, none), `FIRN_SOAK_BUCKET=garage` (Garage, from
+/// FIRN_TEST_S3_*, instead of a directory).
 #[test]
 fn flushed_writes_survive_repeated_kill_9() {
+    let cycles = match soak_var("FIRN_SOAK_CYCLES").unwrap_or(20) {
+        0 => u64::MAX,
+        n => n,
+    };
+    let limit = soak_var("FIRN_SOAK_MINUTES")
+        .filter(|&minutes| minutes > 0)
+        .map(|minutes| Duration::from_secs(minutes * 60));
+    assert!(
+        cycles < u64::MAX || limit.is_some(),
+        "0 cycles needs FIRN_SOAK_MINUTES"
+    );
     let dir = tempfile::tempdir().expect("tempdir");
-    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let bucket = match std::env::var("FIRN_SOAK_BUCKET").as_deref() {
+        Ok("garage") => garage().expect("FIRN_SOAK_BUCKET=garage needs FIRN_TEST_S3_*"),
+        Ok("dir") | Err(_) => Bucket::Dir(dir.path().join("bucket")),
+        Ok(other) => panic!("FIRN_SOAK_BUCKET={other:?}: dir or garage"),
+    };
+    let started = Instant::now();
+    let (mut done, mut peak_rss_kib) = (0u64, 0u64);
     let mut g = Gateway::start(&dir.path().join("a"), &bucket, "");
     g.firn(&["volume", "create", "v", "--size", "16M"]);
     let mut model = vec![0u8; 8 << 20];
     let mut rng = rand::rng();
-    for cycle in 0..20u32 {
+    for cycle in 0..cycles {
+        if limit.is_some_and(|limit| started.elapsed() >= limit) {
+            break;
+        }
         // Flushed: written with a pattern per cycle at a few places, then flushed.
         let mut commands = Vec::new();
         for _ in 0..4 {
@@ -513,6 +536,9 @@ fn flushed_writes_survive_repeated_kill_9() {
             .expect("fio");
         let pause = rand::Rng::random_range(&mut rng, 50..600);
         std::thread::sleep(Duration::from_millis(pause));
+        if let Some(daemon) = &g.daemon {
+            peak_rss_kib = peak_rss_kib.max(peak_rss(daemon.child.id()));
+        }
         g.kill9();
         kill_fio(writer);
         g.restart();
@@ -530,9 +556,42 @@ fn flushed_writes_survive_repeated_kill_9() {
                 "cycle {cycle}: flushed block {i} changed after kill -9"
             );
         }
+        done += 1;
+        println!(
+            "crash soak: cycle {done} verified ({} s)",
+            started.elapsed().as_secs()
+        );
     }
     let shown = g.wait_drained("v", false);
-    assert!(shown["cache"]["commit"].as_u64().unwrap() >= 1);
+    let commit = shown["cache"]["commit"].as_u64().unwrap();
+    assert!(commit >= 1);
+    println!(
+        "crash soak: {done} cycles of kill -9 under fio writes, 2048 flushed blocks verified \
+         after each, upload drained to commit {commit}; peak daemon RSS {} MiB; {} s",
+        peak_rss_kib >> 10,
+        started.elapsed().as_secs()
+    );
+}
+
+/// A soak setting from the environment, a whole number.
+fn soak_var(name: &str) -> Option<u64> {
+    let value = std::env::var(name).ok()?;
+    Some(
+        value
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={value:?} is not a whole number")),
+    )
+}
+
+/// The most resident memory a process has had (VmHWM), in KiB; 0 if unknown.
+fn peak_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
 }
 
 /// Runs qemu-io on `uri` with `commands` (it sends a FLUSH when it exits).

@@ -1278,6 +1278,13 @@ fn psk_identities_name_the_clients_a_volume_admits() {
     ]);
     assert!(!ok && err.contains("volume clients"), "{err}");
     run("nbdinfo", &[&uri("alice", "private")]);
+    // `firn volume show` names the TLS client attached now.
+    let alice = hold_open(&uri("alice", "private"));
+    let clients = clients_when(&g.config, "private", 1);
+    assert_eq!(clients[0]["tls"], true, "{clients:?}");
+    assert_eq!(clients[0]["identity"], "alice", "{clients:?}");
+    let_go(alice);
+    clients_when(&g.config, "private", 0);
     assert!(g.daemon.stop().success());
 }
 
@@ -1414,6 +1421,142 @@ fn an_attached_volume_cannot_be_deleted() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(!g.firn(&["volume", "list"]).contains("busy"));
+}
+
+/// A real NBD client (libnbd, through Debian's python3, which has its module) held open
+/// until its stdin closes.
+fn hold_open(uri: &str) -> std::process::Child {
+    Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import nbd, sys
+h = nbd.NBD()
+h.set_uri_allow_local_file(True)  # for tls-psk-file=
+h.connect_uri(sys.argv[1])
+sys.stdin.read()
+h.shutdown()",
+            uri,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3-libnbd (scripts/test installs it)")
+}
+
+/// Closes the held client's stdin, so it disconnects, and waits for it.
+fn let_go(mut client: std::process::Child) {
+    drop(client.stdin.take());
+    let status = client.wait().expect("python3");
+    assert!(status.success(), "the libnbd client: {status}");
+}
+
+/// `firn volume show`'s clients, against the gateway of `config`, once `count` of them are
+/// listed.
+fn clients_when(config: &Path, name: &str, count: usize) -> Vec<serde_json::Value> {
+    let started = std::time::Instant::now();
+    loop {
+        let shown: serde_json::Value =
+            serde_json::from_str(&firn_at(config, &["volume", "show", name])).expect("json");
+        let clients = shown["clients"].as_array().expect("clients").clone();
+        if clients.len() == count {
+            assert_eq!(shown["attached"], count > 0, "{shown}");
+            return clients;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "waiting for {count} clients: {shown}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn show_lists_the_attached_clients_and_metrics_count_each_volume() {
+    let g = Gateway::start();
+    g.firn(&["volume", "create", "seen", "--size", "8M"]);
+    g.firn(&[
+        "volume", "create", "other", "--size", "8M", "--mode", "local",
+    ]);
+    assert!(clients_when(&g.config, "seen", 0).is_empty());
+
+    let tcp = hold_open(&g.tcp("seen"));
+    let clients = clients_when(&g.config, "seen", 1);
+    let client = &clients[0];
+    assert!(
+        client["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{client}"
+    );
+    assert_eq!(client["tls"], false, "{client}");
+    assert!(client["identity"].is_null(), "{client}");
+    let flags = client["handshake_flags"].as_array().unwrap();
+    assert!(flags.iter().any(|f| f == "fixed_newstyle"), "{client}");
+    assert_eq!(client["structured_replies"], true, "libnbd asks: {client}");
+    let since = client["since"].as_str().unwrap();
+    let since = chrono::DateTime::parse_from_rfc3339(since).expect("RFC 3339");
+    let age = chrono::Utc::now().signed_duration_since(since);
+    assert!(age.num_seconds().abs() < 60, "{client}");
+    assert!(
+        clients_when(&g.config, "other", 0).is_empty(),
+        "another volume's list"
+    );
+
+    let unix = hold_open(&g.unix("seen"));
+    let clients = clients_when(&g.config, "seen", 2);
+    assert_eq!(clients[0], *client, "oldest first, unchanged");
+    assert_eq!(clients[1]["peer"], "unix");
+    let_go(tcp);
+    let clients = clients_when(&g.config, "seen", 1);
+    assert_eq!(clients[0]["peer"], "unix");
+    let_go(unix);
+    clients_when(&g.config, "seen", 0);
+
+    // Per-volume counts and latencies, for a cached and a local volume alike.
+    for name in ["seen", "other"] {
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 7 0 64k",
+                "-c",
+                "read -P 7 0 64k",
+                "-c",
+                "flush",
+                "-c",
+                "discard 64k 64k",
+                &g.tcp(name),
+            ],
+        );
+    }
+    let metrics = g.metrics();
+    for name in ["seen", "other"] {
+        let volume = format!("{{volume=\"{name}\"}}");
+        for (family, at_least) in [
+            ("firn_volume_write_ops_total", 1),
+            ("firn_volume_read_ops_total", 1),
+            ("firn_volume_write_bytes_total", 64 << 10),
+            ("firn_volume_read_bytes_total", 64 << 10),
+        ] {
+            let value = metric(&metrics, &format!("{family}{volume}"));
+            assert!(value >= at_least as f64, "{family}{volume} = {value}");
+        }
+        for op in ["read", "write", "flush", "trim"] {
+            let labels = format!("{{volume=\"{name}\",op=\"{op}\"}}");
+            let count = metric(&metrics, &format!("firn_volume_op_seconds_count{labels}"));
+            assert!(count >= 1.0, "{op} of {name}: {count}\n{metrics}");
+            let all = format!(
+                "firn_volume_op_seconds_bucket{{volume=\"{name}\",op=\"{op}\",le=\"+Inf\"}}"
+            );
+            assert_eq!(metric(&metrics, &all), count);
+            let sum = metric(&metrics, &format!("firn_volume_op_seconds_sum{labels}"));
+            assert!(sum > 0.0, "{op} of {name}: {sum}");
+        }
+    }
+    // A deleted volume's metrics go with it.
+    g.firn(&["volume", "delete", "other"]);
+    let metrics = g.metrics();
+    assert!(!metrics.contains("volume=\"other\""), "{metrics}");
+    assert!(metrics.contains("firn_volume_write_ops_total{volume=\"seen\"}"));
 }
 
 /// The resident memory of a process (VmRSS), in bytes.

@@ -158,6 +158,14 @@ async fn metrics(State(gateway): Shared) -> Response {
         "# HELP firn_local_total_bytes Size of the data directory's file system.\n# TYPE firn_local_total_bytes gauge\nfirn_local_total_bytes {total}\n"
     );
     text += &volume_metrics(&gateway.volumes.cached_statuses());
+    // Without the list, nothing is shown and nothing dropped: a volume's counts stay.
+    if let Ok(volumes) = gateway.volumes.list() {
+        let names: std::collections::HashSet<String> =
+            volumes.into_iter().map(|v| v.name).collect();
+        text += &gateway
+            .nbd_metrics
+            .encode_exports(|name| names.contains(name));
+    }
     text += "# EOF\n";
     (
         [(
@@ -458,7 +466,12 @@ async fn show_volume(State(gateway): Shared, Path(name): Path<String>) -> Respon
             if let Some(status) = gateway.volumes.cached_status(&name) {
                 shown["cache"] = serde_json::to_value(status).unwrap_or_default();
             }
-            shown["attached"] = gateway.volumes.in_use(&name).unwrap_or(false).into();
+            let clients = gateway.exports.clients(&info);
+            // A client between its open and its first request holds the volume but is not
+            // listed yet; either way the volume is attached.
+            let attached = !clients.is_empty() || gateway.volumes.in_use(&name).unwrap_or(false);
+            shown["attached"] = attached.into();
+            shown["clients"] = serde_json::to_value(clients).unwrap_or_default();
             Json(shown).into_response()
         }
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no volume named {name:?}")),
@@ -492,8 +505,12 @@ async fn delete_volume(
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
     let volumes = gateway.volumes.clone();
-    match tokio::task::spawn_blocking(move || volumes.delete(&name)).await {
-        Ok(Ok(_)) => StatusCode::NO_CONTENT.into_response(),
+    let deleted = tokio::task::spawn_blocking(move || volumes.delete(&name)).await;
+    match deleted {
+        Ok(Ok(info)) => {
+            gateway.nbd_metrics.forget_export(&info.name);
+            StatusCode::NO_CONTENT.into_response()
+        }
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }

@@ -1,12 +1,15 @@
 //! The NBD door's exports: the volume catalog (which hands every connection to a volume the
-//! same device, so one flush covers them all) and the TCP client allowlists.
+//! same device, so one flush covers them all), the TCP client allowlists, and who is attached
+//! to each volume now (for `firn volume show`).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::daemon::config::Cidr;
 use crate::engines::volume::BlockDevice;
 use crate::engines::volume::catalog::{Catalog, VolumeInfo};
-use crate::protocols::nbd::{Client, ExportInfo, Exports, OpenError, Peer};
+use crate::protocols::nbd::{Attachment, Client, ExportInfo, Exports, OpenError, Peer};
 use crate::size::Human;
 
 pub struct VolumeExports {
@@ -15,6 +18,82 @@ pub struct VolumeExports {
     /// Whether clients beyond this machine may attach at all: TLS is on, or plain text was
     /// allowed explicitly (`[nbd] allow_plaintext`).
     remote: bool,
+    attached: Arc<Attached>,
+}
+
+/// The clients in transmission, by volume id (a volume deleted and made again under the same
+/// name is another volume), each under a number of its own.
+#[derive(Default)]
+struct Attached {
+    by_volume: Mutex<HashMap<String, Vec<(u64, Attachment)>>>,
+    next: AtomicU64,
+}
+
+impl Attached {
+    fn volumes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<(u64, Attachment)>>> {
+        self.by_volume
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One client's place in [`Attached`], given back when its connection ends.
+struct Detach {
+    attached: Arc<Attached>,
+    volume: String,
+    number: u64,
+}
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        let mut volumes = self.attached.volumes();
+        if let Some(clients) = volumes.get_mut(&self.volume) {
+            clients.retain(|(number, _)| *number != self.number);
+            if clients.is_empty() {
+                volumes.remove(&self.volume);
+            }
+        }
+    }
+}
+
+/// A client as `firn volume show` lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ShownClient {
+    /// `address:port`, or `unix` for the Unix socket.
+    pub peer: String,
+    pub tls: bool,
+    /// The TLS identity (PSK identity or certificate common name), if TLS named one.
+    pub identity: Option<String>,
+    /// When transmission began (RFC 3339, UTC).
+    pub since: String,
+    /// The flags the client chose in the handshake.
+    pub handshake_flags: Vec<&'static str>,
+    pub structured_replies: bool,
+}
+
+impl ShownClient {
+    fn of(a: &Attachment) -> ShownClient {
+        use crate::protocols::nbd::proto::{FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES};
+        let mut handshake_flags = Vec::new();
+        if a.handshake_flags & FLAG_C_FIXED_NEWSTYLE != 0 {
+            handshake_flags.push("fixed_newstyle");
+        }
+        if a.handshake_flags & FLAG_C_NO_ZEROES != 0 {
+            handshake_flags.push("no_zeroes");
+        }
+        ShownClient {
+            peer: match &a.client.peer {
+                Peer::Tcp(addr) => addr.to_string(),
+                Peer::Unix => "unix".to_string(),
+            },
+            tls: a.tls,
+            identity: a.client.identity.clone(),
+            since: chrono::DateTime::<chrono::Utc>::from(a.since)
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            handshake_flags,
+            structured_replies: a.structured_replies,
+        }
+    }
 }
 
 impl VolumeExports {
@@ -23,7 +102,19 @@ impl VolumeExports {
             catalog,
             allow,
             remote,
+            attached: Arc::default(),
         }
+    }
+
+    /// The clients attached to the volume `info` now, oldest first.
+    pub fn clients(&self, info: &VolumeInfo) -> Vec<ShownClient> {
+        let volumes = self.attached.volumes();
+        let mut clients: Vec<&Attachment> = volumes
+            .get(&info.id)
+            .map(|clients| clients.iter().map(|(_, a)| a).collect())
+            .unwrap_or_default();
+        clients.sort_by_key(|a| a.since);
+        clients.into_iter().map(ShownClient::of).collect()
     }
 
     /// Why `block`, for a volume's own allowlist, is refused on this server, if it is.
@@ -118,6 +209,24 @@ impl Exports for VolumeExports {
             message: e.to_string(),
         })?;
         Ok(volume)
+    }
+
+    fn attach(&self, name: &str, attachment: Attachment) -> Box<dyn std::any::Any + Send + Sync> {
+        // Gone since it was opened: nobody can ask for its clients any more.
+        let Some(info) = self.catalog.get(name).ok().flatten() else {
+            return Box::new(());
+        };
+        let number = self.attached.next.fetch_add(1, Ordering::Relaxed);
+        self.attached
+            .volumes()
+            .entry(info.id.clone())
+            .or_default()
+            .push((number, attachment));
+        Box::new(Detach {
+            attached: self.attached.clone(),
+            volume: info.id,
+            number,
+        })
     }
 
     /// The server-wide list, or any volume's own list: a peer in neither can open nothing.

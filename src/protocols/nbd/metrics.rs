@@ -1,5 +1,12 @@
-//! The NBD door's metrics (`firn_nbd_*`). Counters are looked up once, when the metrics are
-//! made, so a request costs a few atomic additions and no lock.
+//! The NBD door's metrics: gateway-wide (`firn_nbd_*`) and per export (`firn_volume_*` ops,
+//! bytes and latencies). Counters are looked up once, when the metrics are made or a session
+//! starts, so a request costs a few atomic additions and no lock.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -58,6 +65,9 @@ pub struct NbdMetrics {
     panics: Counter,
     /// Indexed by `Refusal as usize`.
     refused: Vec<Counter>,
+    /// Each export's counts and latencies, by name. Locked when a session starts, when a
+    /// volume is deleted and at scrape time, never per request.
+    exports: Mutex<HashMap<String, Arc<ExportOps>>>,
 }
 
 impl NbdMetrics {
@@ -93,6 +103,7 @@ impl NbdMetrics {
                 .into_iter()
                 .map(|reason| refused.get_or_create(&ReasonLabels { reason }).clone())
                 .collect(),
+            exports: Mutex::new(HashMap::new()),
         };
         registry.register(
             "firn_nbd_connections",
@@ -177,10 +188,246 @@ impl NbdMetrics {
     }
 }
 
+impl NbdMetrics {
+    /// The counts and latencies of the export `name`, which a session keeps for its requests.
+    pub(super) fn export(&self, name: &str) -> Arc<ExportOps> {
+        self.exports_map()
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Drops what was counted for the export `name` (its volume was deleted). Sessions still
+    /// attached keep counting into their copy, which no scrape shows.
+    pub fn forget_export(&self, name: &str) {
+        self.exports_map().remove(name);
+    }
+
+    /// The per-export families in OpenMetrics text, for the exports `exists` names: one line
+    /// each of `firn_volume_{read,write}_{ops,bytes}_total` and the `firn_volume_op_seconds`
+    /// histogram by `op`. Exports that no longer exist and no session uses are dropped here,
+    /// so memory stays bounded by the volumes there are.
+    pub fn encode_exports(&self, exists: impl Fn(&str) -> bool) -> String {
+        let mut exports: Vec<(String, Arc<ExportOps>)> = {
+            let mut map = self.exports_map();
+            map.retain(|name, ops| exists(name) || Arc::strong_count(ops) > 1);
+            map.iter()
+                .filter(|(name, _)| exists(name))
+                .map(|(name, ops)| (name.clone(), ops.clone()))
+                .collect()
+        };
+        exports.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut text = String::new();
+        type Value = fn(&ExportOps) -> u64;
+        let counters: [(&str, &str, Value); 4] = [
+            (
+                "firn_volume_read_ops",
+                "NBD reads of the volume since the daemon started.",
+                |o| o.count(Op::Read),
+            ),
+            (
+                "firn_volume_write_ops",
+                "NBD writes to the volume since the daemon started.",
+                |o| o.count(Op::Write),
+            ),
+            (
+                "firn_volume_read_bytes",
+                "Bytes NBD clients read from the volume since the daemon started.",
+                |o| o.read_bytes.load(Ordering::Relaxed),
+            ),
+            (
+                "firn_volume_write_bytes",
+                "Bytes NBD clients wrote to the volume since the daemon started.",
+                |o| o.write_bytes.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (volume, ops) in &exports {
+                let _ = writeln!(text, "{name}_total{{volume=\"{volume}\"}} {}", value(ops));
+            }
+        }
+        let name = "firn_volume_op_seconds";
+        let _ = writeln!(
+            text,
+            "# HELP {name} Time the volume took for NBD requests, by operation: the device call alone, \
+             without queueing or the network.\n# TYPE {name} histogram"
+        );
+        for (volume, ops) in &exports {
+            for op in Op::ALL {
+                let stats = &ops.ops[op as usize];
+                let labels = format!("volume=\"{volume}\",op=\"{}\"", op.name());
+                let mut count = 0;
+                for ((_, bound), bucket) in BUCKETS.iter().zip(&stats.buckets) {
+                    count += bucket.load(Ordering::Relaxed);
+                    let _ = writeln!(text, "{name}_bucket{{{labels},le=\"{bound}\"}} {count}");
+                }
+                count += stats.buckets[BUCKETS.len()].load(Ordering::Relaxed);
+                let _ = writeln!(text, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+                let sum = stats.nanos.load(Ordering::Relaxed) as f64 / 1e9;
+                let _ = writeln!(text, "{name}_sum{{{labels}}} {sum}");
+                let _ = writeln!(text, "{name}_count{{{labels}}} {count}");
+            }
+        }
+        text
+    }
+
+    fn exports_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ExportOps>>> {
+        self.exports.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What an export's latency histogram is split on: upper bounds in nanoseconds, and as the
+/// `le` label writes them (`+Inf` after the last).
+const BUCKETS: [(u64, &str); 16] = [
+    (50_000, "0.00005"),
+    (100_000, "0.0001"),
+    (250_000, "0.00025"),
+    (500_000, "0.0005"),
+    (1_000_000, "0.001"),
+    (2_500_000, "0.0025"),
+    (5_000_000, "0.005"),
+    (10_000_000, "0.01"),
+    (25_000_000, "0.025"),
+    (50_000_000, "0.05"),
+    (100_000_000, "0.1"),
+    (250_000_000, "0.25"),
+    (500_000_000, "0.5"),
+    (1_000_000_000, "1.0"),
+    (2_500_000_000, "2.5"),
+    (10_000_000_000, "10.0"),
+];
+
+/// The requests whose device time an export's histogram records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Op {
+    Read,
+    Write,
+    Flush,
+    Trim,
+    WriteZeroes,
+}
+
+impl Op {
+    const ALL: [Op; 5] = [Op::Read, Op::Write, Op::Flush, Op::Trim, Op::WriteZeroes];
+
+    fn name(self) -> &'static str {
+        match self {
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::Flush => "flush",
+            Op::Trim => "trim",
+            Op::WriteZeroes => "write_zeroes",
+        }
+    }
+}
+
+/// One operation's latency histogram: a count per bucket (not cumulative; summed at scrape
+/// time) and the total time, so recording is two atomic additions.
+#[derive(Debug, Default)]
+struct OpStats {
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    nanos: AtomicU64,
+}
+
+/// One export's counts, bytes and latencies, shared by every session on it.
+#[derive(Debug, Default)]
+pub struct ExportOps {
+    ops: [OpStats; Op::ALL.len()],
+    read_bytes: AtomicU64,
+    write_bytes: AtomicU64,
+}
+
+impl ExportOps {
+    /// `op` ran on the device (successfully or not) for `took`.
+    pub(super) fn done(&self, op: Op, took: Duration) {
+        let stats = &self.ops[op as usize];
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let bucket = BUCKETS
+            .iter()
+            .position(|&(bound, _)| nanos <= bound)
+            .unwrap_or(BUCKETS.len());
+        stats.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        stats.nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    pub(super) fn read(&self, bytes: u32) {
+        self.read_bytes
+            .fetch_add(u64::from(bytes), Ordering::Relaxed);
+    }
+
+    pub(super) fn written(&self, bytes: u32) {
+        self.write_bytes
+            .fetch_add(u64::from(bytes), Ordering::Relaxed);
+    }
+
+    /// Requests of `op` that ran.
+    fn count(&self, op: Op) -> u64 {
+        self.ops[op as usize]
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
 pub(super) struct ConnectionGuard<'a>(&'a NbdMetrics);
 
 impl Drop for ConnectionGuard<'_> {
     fn drop(&mut self) {
         self.0.connections.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_histograms_are_cumulative_and_gone_exports_are_dropped() {
+        let metrics = NbdMetrics::new(&mut Registry::default());
+        let disk = metrics.export("disk");
+        disk.done(Op::Read, Duration::from_micros(10));
+        disk.done(Op::Read, Duration::from_millis(3));
+        disk.done(Op::Read, Duration::from_secs(60));
+        disk.read(4096);
+        disk.written(512);
+        disk.done(Op::Write, Duration::from_micros(70));
+        drop(disk);
+        let text = metrics.encode_exports(|name| name == "disk");
+        for line in [
+            "firn_volume_read_ops_total{volume=\"disk\"} 3",
+            "firn_volume_write_ops_total{volume=\"disk\"} 1",
+            "firn_volume_read_bytes_total{volume=\"disk\"} 4096",
+            "firn_volume_write_bytes_total{volume=\"disk\"} 512",
+            "firn_volume_op_seconds_bucket{volume=\"disk\",op=\"read\",le=\"0.00005\"} 1",
+            "firn_volume_op_seconds_bucket{volume=\"disk\",op=\"read\",le=\"0.0025\"} 1",
+            "firn_volume_op_seconds_bucket{volume=\"disk\",op=\"read\",le=\"0.005\"} 2",
+            "firn_volume_op_seconds_bucket{volume=\"disk\",op=\"read\",le=\"10.0\"} 2",
+            "firn_volume_op_seconds_bucket{volume=\"disk\",op=\"read\",le=\"+Inf\"} 3",
+            "firn_volume_op_seconds_count{volume=\"disk\",op=\"read\"} 3",
+            "firn_volume_op_seconds_sum{volume=\"disk\",op=\"read\"} 60.00301",
+            "firn_volume_op_seconds_bucket{volume=\"disk\",op=\"write\",le=\"0.0001\"} 1",
+            "firn_volume_op_seconds_count{volume=\"disk\",op=\"trim\"} 0",
+            "# TYPE firn_volume_op_seconds histogram",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+
+        // A volume that is gone disappears; one a session still uses stays hidden until
+        // the session ends.
+        let held = metrics.export("held");
+        metrics.export("gone");
+        let text = metrics.encode_exports(|_| false);
+        assert!(!text.contains("volume="), "{text}");
+        assert_eq!(metrics.exports_map().len(), 1, "only the held one is kept");
+        drop(held);
+        metrics.encode_exports(|_| false);
+        assert!(metrics.exports_map().is_empty());
+
+        // Forgetting starts a volume of the same name from zero.
+        metrics.export("disk").done(Op::Flush, Duration::ZERO);
+        metrics.forget_export("disk");
+        assert_eq!(metrics.export("disk").count(Op::Flush), 0);
     }
 }

@@ -9,5 +9,6 @@ pub mod server;
 
 pub use metrics::NbdMetrics;
 pub use server::{
-    Client, ExportInfo, Exports, Limits, NbdServer, OpenError, Peer, TlsAcceptor, psk_identity_slot,
+    Attachment, Client, ExportInfo, Exports, Limits, NbdServer, OpenError, Peer, TlsAcceptor,
+    psk_identity_slot,
 };

@@ -11,13 +11,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use super::NbdMetrics;
-use super::metrics::Refusal;
+use super::metrics::{ExportOps, Op, Refusal};
 use super::proto::*;
 use crate::engines::volume::{BlockDevice, BlockError, Extent};
 
@@ -142,6 +142,20 @@ fn certificate_name(der: &[u8]) -> Option<String> {
     entry.data().to_string().ok()
 }
 
+/// A client in transmission on an export, as the server tells [`Exports::attach`].
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    pub client: Client,
+    /// Whether the connection runs over TLS.
+    pub tls: bool,
+    /// When transmission began.
+    pub since: SystemTime,
+    /// The NBD_FLAG_C_* bits the client sent in its handshake.
+    pub handshake_flags: u32,
+    /// Whether it negotiated structured replies.
+    pub structured_replies: bool,
+}
+
 #[derive(Debug, Clone)]
 pub struct ExportInfo {
     pub name: String,
@@ -166,6 +180,12 @@ pub trait Exports: Send + Sync {
     /// Whether `peer` may open any export at all (or could, once one is made for it); a peer
     /// that may not is refused as it connects, before it costs more than the accept.
     fn admits(&self, peer: &Peer) -> bool;
+    /// A client begins transmission on the export `name` (opened for it just before); what
+    /// this returns is dropped when the connection ends, so an implementation can keep a list
+    /// of who is attached.
+    fn attach(&self, _name: &str, _attachment: Attachment) -> Box<dyn std::any::Any + Send + Sync> {
+        Box::new(())
+    }
 }
 
 /// What one client can hold of the server: connections and time.
@@ -276,6 +296,10 @@ enum Negotiated {
 struct Session {
     device: Arc<dyn BlockDevice>,
     metrics: Arc<NbdMetrics>,
+    /// The export's own counts and latencies.
+    ops: Arc<ExportOps>,
+    /// Dropped with the session: the export's list of attached clients forgets it.
+    _attached: Box<dyn std::any::Any + Send + Sync>,
     structured: bool,
     base_allocation: bool,
     shutting_down: AtomicBool,
@@ -436,20 +460,20 @@ impl NbdServer {
         // Negotiation, the TLS handshake included, ends by this instant or the connection
         // does: a peer that connects and stays silent must not keep its place.
         let deadline = tokio::time::Instant::now() + self.limits.negotiation_timeout;
-        let no_zeroes = self.in_time(deadline, hello(&mut stream)).await?;
+        let flags = self.in_time(deadline, hello(&mut stream)).await?;
         let mut client = Client {
             peer: peer.clone(),
             identity: None,
         };
         let Some(acceptor) = self.tls.clone() else {
             return self
-                .finish(stream, &client, no_zeroes, Tls::NotConfigured, deadline)
+                .finish(stream, &client, flags, Tls::NotConfigured, deadline)
                 .await;
         };
         match self
             .in_time(
                 deadline,
-                self.options(&mut stream, &client, no_zeroes, Tls::Required),
+                self.options(&mut stream, &client, flags, Tls::Required),
             )
             .await?
         {
@@ -469,7 +493,7 @@ impl NbdServer {
                     .peer_certificates()
                     .and_then(|chain| chain.first())
                     .and_then(|cert| certificate_name(cert));
-                self.finish(stream, &client, no_zeroes, Tls::Active, deadline)
+                self.finish(stream, &client, flags, Tls::Active, deadline)
                     .await
             }
             TlsAcceptor::Psk(acceptor) => {
@@ -488,7 +512,7 @@ impl NbdServer {
                 self.in_time(deadline, accept).await?;
                 let slot = psk_identity_slot().map_err(|e| handshake(&e))?;
                 client.identity = stream.ssl().ex_data(slot).cloned();
-                self.finish(stream, &client, no_zeroes, Tls::Active, deadline)
+                self.finish(stream, &client, flags, Tls::Active, deadline)
                     .await
             }
         }
@@ -517,14 +541,14 @@ impl NbdServer {
         &self,
         mut stream: S,
         client: &Client,
-        no_zeroes: bool,
+        flags: u32,
         tls: Tls,
         deadline: tokio::time::Instant,
     ) -> ConnResult<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let options = self.options(&mut stream, client, no_zeroes, tls);
+        let options = self.options(&mut stream, client, flags, tls);
         match self.in_time(deadline, options).await? {
             Negotiated::Session(session) => self.transmission(stream, Arc::new(session)).await,
             Negotiated::Abort => Ok(()),
@@ -536,12 +560,21 @@ impl NbdServer {
         &self,
         io: &mut S,
         client: &Client,
-        no_zeroes: bool,
+        flags: u32,
         tls: Tls,
     ) -> ConnResult<Negotiated>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        let no_zeroes = flags & FLAG_C_NO_ZEROES != 0;
+        // What the client's attachment records, once it picks an export.
+        let attachment = |structured_replies| Attachment {
+            client: client.clone(),
+            tls: tls == Tls::Active,
+            since: SystemTime::now(),
+            handshake_flags: flags,
+            structured_replies,
+        };
         let mut structured = false;
         let mut base_allocation = false;
         loop {
@@ -592,9 +625,12 @@ impl NbdServer {
                     }
                     io.write_all(&b).await?;
                     io.flush().await?;
+                    let attached = self.exports.attach(&name, attachment(structured));
                     return Ok(Negotiated::Session(Session::new(
                         device,
                         self.metrics.clone(),
+                        self.metrics.export(&name),
+                        attached,
                         structured,
                         base_allocation,
                     )));
@@ -699,9 +735,12 @@ impl NbdServer {
                     }
                     reply(io, option, REP_ACK, &[]).await?;
                     if option == OPT_GO {
+                        let attached = self.exports.attach(&name, attachment(structured));
                         return Ok(Negotiated::Session(Session::new(
                             device,
                             self.metrics.clone(),
+                            self.metrics.export(&name),
+                            attached,
                             structured,
                             base_allocation,
                         )));
@@ -913,9 +952,8 @@ impl NbdServer {
     }
 }
 
-/// The server's greeting and the client's flags; returns whether the client asked for
-/// NBD_FLAG_C_NO_ZEROES.
-async fn hello<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) -> ConnResult<bool> {
+/// The server's greeting; returns the client's flags (NBD_FLAG_C_*).
+async fn hello<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) -> ConnResult<u32> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -926,19 +964,23 @@ async fn hello<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) -> ConnResult<bool
     if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         return violation(format!("unknown client flags {client_flags:#x}"));
     }
-    Ok(client_flags & FLAG_C_NO_ZEROES != 0)
+    Ok(client_flags)
 }
 
 impl Session {
     fn new(
         device: Arc<dyn BlockDevice>,
         metrics: Arc<NbdMetrics>,
+        ops: Arc<ExportOps>,
+        attached: Box<dyn std::any::Any + Send + Sync>,
         structured: bool,
         base_allocation: bool,
     ) -> Session {
         Session {
             device,
             metrics,
+            ops,
+            _attached: attached,
             structured,
             base_allocation,
             shutting_down: AtomicBool::new(false),
@@ -1165,6 +1207,8 @@ fn run_request(
         return Some(fail(code, "request runs past the end of the export"));
     }
     let fua = r.flags & CMD_FLAG_FUA != 0;
+    // The device's time for this request, for the export's latency histogram.
+    let started = Instant::now();
     let outcome = match r.kind {
         CMD_READ => {
             if r.length > MAX_PAYLOAD {
@@ -1175,9 +1219,15 @@ fn run_request(
                 };
                 return Some(fail(code, "read larger than the maximum block size"));
             }
-            return match read_reply(session, r, wait) {
+            let read = read_reply(session, r, wait);
+            // Declined (Ok(None)): it runs again on a blocking thread, and counts there.
+            if !matches!(read, Ok(None)) {
+                session.ops.done(Op::Read, started.elapsed());
+            }
+            return match read {
                 Ok(Some(reply)) => {
                     session.metrics.read(r.length);
+                    session.ops.read(r.length);
                     Some(reply)
                 }
                 Ok(None) => None,
@@ -1190,25 +1240,37 @@ fn run_request(
                 Wait::No => device.write_now(offset, payload)?,
                 Wait::Yes => device.write(offset, payload, fua),
             };
+            session.ops.done(Op::Write, started.elapsed());
             if written.is_ok() {
                 session.metrics.written(r.length);
+                session.ops.written(r.length);
             }
             BUFFERS.give(std::mem::take(payload));
             written
         }
-        CMD_FLUSH => device.flush(),
-        CMD_TRIM => device
-            .trim(offset, length)
-            .and_then(|()| if fua { device.flush() } else { Ok(()) }),
+        CMD_FLUSH => {
+            let flushed = device.flush();
+            session.ops.done(Op::Flush, started.elapsed());
+            flushed
+        }
+        CMD_TRIM => {
+            let trimmed = device
+                .trim(offset, length)
+                .and_then(|()| if fua { device.flush() } else { Ok(()) });
+            session.ops.done(Op::Trim, started.elapsed());
+            trimmed
+        }
         CMD_WRITE_ZEROES => {
             let no_hole = r.flags & CMD_FLAG_NO_HOLE != 0;
             if no_hole && r.flags & CMD_FLAG_FAST_ZERO != 0 {
                 // Zeroes that must stay allocated are written, which is not fast.
                 return Some(fail(ENOTSUP, "zeroing without holes is not fast"));
             }
-            device
+            let zeroed = device
                 .write_zeroes(offset, length, !no_hole)
-                .and_then(|()| if fua { device.flush() } else { Ok(()) })
+                .and_then(|()| if fua { device.flush() } else { Ok(()) });
+            session.ops.done(Op::WriteZeroes, started.elapsed());
+            zeroed
         }
         CMD_CACHE => Ok(()),
         CMD_BLOCK_STATUS => {
@@ -1475,7 +1537,15 @@ mod tests {
         });
         let metrics = Arc::new(NbdMetrics::new(&mut Default::default()));
         for structured in [false, true] {
-            let session = Session::new(device.clone(), metrics.clone(), structured, false);
+            let ops = metrics.export("test");
+            let session = Session::new(
+                device.clone(),
+                metrics.clone(),
+                ops,
+                Box::new(()),
+                structured,
+                false,
+            );
             let header = if structured { 20 + 8 } else { 16 };
             for (offset, length) in [(0u64, 4096u32), (777, 10_000), (4096, 256 << 10)] {
                 let request = Request {
