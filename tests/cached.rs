@@ -1284,6 +1284,15 @@ fn garbage_collection_keeps_the_image(bucket: Bucket) {
         std::thread::sleep(Duration::from_millis(500));
     };
     eprintln!("after collection: {:#}", shown["cache"]);
+    let metrics = run(
+        "curl",
+        &["-fsS", &format!("http://127.0.0.1:{}/metrics", g.http)],
+    );
+    assert!(
+        metrics.contains("firn_volume_gc_deleted_objects_total{volume=\"v\"}")
+            && metrics.contains("firn_volume_chunks{volume=\"v\"}"),
+        "no garbage collection metrics"
+    );
     if let Bucket::Dir(root) = &bucket {
         // 16 MiB written, then 6 × 12 MiB over it: 88 MiB, of which 16 MiB are live.
         let stored = data_bytes(root);

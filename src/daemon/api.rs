@@ -180,7 +180,7 @@ async fn metrics(State(gateway): Shared) -> Response {
 /// The cached volumes' gauges and counters, named after what Storage Gateway users watch.
 fn volume_metrics(volumes: &[(String, crate::engines::volume::cached::CachedStatus)]) -> String {
     type Value = fn(&crate::engines::volume::cached::CachedStatus) -> f64;
-    let families: [(&str, &str, &str, Value); 12] = [
+    let families: [(&str, &str, &str, Value); 15] = [
         (
             "firn_volume_cache_hit_percent",
             "gauge",
@@ -265,6 +265,24 @@ fn volume_metrics(volumes: &[(String, crate::engines::volume::cached::CachedStat
             "gauge",
             "1 when another gateway took the volume over (it is read-only here).",
             |s| u8::from(s.fenced.is_some()) as f64,
+        ),
+        (
+            "firn_volume_chunks",
+            "gauge",
+            "Chunks garbage collection made that are in the bucket.",
+            |s| s.chunks as f64,
+        ),
+        (
+            "firn_volume_gc_moved_bytes",
+            "counter",
+            "Live bytes garbage collection moved into chunks since the volume was opened.",
+            |s| s.gc_moved_bytes as f64,
+        ),
+        (
+            "firn_volume_gc_deleted_objects",
+            "counter",
+            "Objects garbage collection deleted from the bucket since the volume was opened.",
+            |s| s.gc_deleted_objects as f64,
         ),
     ];
     let mut text = String::new();
