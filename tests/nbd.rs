@@ -1456,7 +1456,10 @@ fn clients_when(config: &Path, name: &str, count: usize) -> Vec<serde_json::Valu
     loop {
         let shown: serde_json::Value =
             serde_json::from_str(&firn_at(config, &["volume", "show", name])).expect("json");
-        let clients = shown["clients"].as_array().expect("clients").clone();
+        let clients = shown["connections"]
+            .as_array()
+            .expect("connections")
+            .clone();
         if clients.len() == count {
             assert_eq!(shown["attached"], count > 0, "{shown}");
             return clients;

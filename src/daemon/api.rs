@@ -489,7 +489,8 @@ async fn show_volume(State(gateway): Shared, Path(name): Path<String>) -> Respon
             // listed yet; either way the volume is attached.
             let attached = !clients.is_empty() || gateway.volumes.in_use(&name).unwrap_or(false);
             shown["attached"] = attached.into();
-            shown["clients"] = serde_json::to_value(clients).unwrap_or_default();
+            // Not "clients": that is the volume's list of admitted identities.
+            shown["connections"] = serde_json::to_value(clients).unwrap_or_default();
             Json(shown).into_response()
         }
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no volume named {name:?}")),
