@@ -421,7 +421,11 @@ fn keep_aside(path: &Path, file: &File, from: u64, len: u64) -> Result<PathBuf, 
             out.sync_all()?;
             sync_parent_dir(&aside)
         });
-    copied.map_err(|e| io_error(path, "keep the damaged tail aside before cutting it", e))?;
+    if let Err(e) = copied {
+        // Not a half copy left behind: on a full disk each retry would add one more.
+        let _ = std::fs::remove_file(&aside);
+        return Err(io_error(path, "keep the damaged tail aside before cutting it", e));
+    }
     Ok(aside)
 }
 
@@ -580,6 +584,22 @@ mod tests {
         let mut bytes = fs::read(path).unwrap();
         bytes[offset as usize] ^= 0x10;
         fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn a_failed_keep_aside_leaves_no_file_behind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log");
+        std::fs::write(&path, [7u8; 100]).expect("write");
+        let file = File::open(&path).expect("open");
+        // More bytes asked than the file holds: the copy fails, as on a full disk.
+        assert!(keep_aside(&path, &file, 50, 100).is_err());
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("log")]);
+        assert!(keep_aside(&path, &file, 50, 50).is_ok());
     }
 
     #[test]
