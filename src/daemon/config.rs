@@ -216,9 +216,13 @@ impl VolumesConfig {
                 "[volumes] checkpoint_segments and read_timeout_secs must be positive".into(),
             );
         }
-        // A read that found data at its old place may fetch it for up to the read timeout.
-        if self.gc_grace_secs < self.read_timeout_secs {
-            return Err("[volumes] gc_grace_secs must be at least read_timeout_secs".into());
+        // A read that found data at its old place may wait for a fetch ahead and then fetch
+        // it itself, each up to the read timeout, a collection pass after it moved.
+        if self.gc_grace_secs < 2 * self.read_timeout_secs + self.gc_interval_secs {
+            return Err(
+                "[volumes] gc_grace_secs must be at least 2 × read_timeout_secs + gc_interval_secs"
+                    .into(),
+            );
         }
         if self.gc_live_percent > 100 || self.gc_interval_secs == 0 {
             return Err(

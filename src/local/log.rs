@@ -424,7 +424,11 @@ fn keep_aside(path: &Path, file: &File, from: u64, len: u64) -> Result<PathBuf, 
     if let Err(e) = copied {
         // Not a half copy left behind: on a full disk each retry would add one more.
         let _ = std::fs::remove_file(&aside);
-        return Err(io_error(path, "keep the damaged tail aside before cutting it", e));
+        return Err(io_error(
+            path,
+            "keep the damaged tail aside before cutting it",
+            e,
+        ));
     }
     Ok(aside)
 }

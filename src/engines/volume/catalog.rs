@@ -551,7 +551,22 @@ impl Catalog {
             volume.retire();
         }
         if info.mode == Mode::Cached {
-            self.delete_bucket_objects(&info);
+            // A gateway that lost the volume to another deletes only its own copy: the
+            // bucket's objects are the new owner's now.
+            let fenced = self
+                .meta
+                .get_json::<cached::Progress>(cached::PROGRESS_TABLE, &info.id)
+                .ok()
+                .flatten()
+                .is_some_and(|p| p.fenced.is_some());
+            if fenced {
+                tracing::warn!(
+                    volume = name,
+                    "deleted here only: another gateway took the volume over, and its objects in the bucket are that gateway's"
+                );
+            } else {
+                self.delete_bucket_objects(&info);
+            }
             let _ = self.meta.delete(cached::PROGRESS_TABLE, &info.id);
         }
         let path = self.path(&info);
@@ -758,6 +773,8 @@ impl Catalog {
             clients: Vec::new(),
         };
         let dir = self.path(&info);
+        // A deletion of this volume still to be retried here would wipe it in the bucket.
+        let _ = self.meta.delete(BUCKET_DELETES, &id);
         self.meta
             .put_json(INTENTS, &id, &intent(IntentOp::Create, name))
             .map_err(|source| meta_error(name, source))?;

@@ -39,6 +39,8 @@ use crate::remote::Meta;
 
 /// Live bytes one pass moves at most: bounds its memory and how long it runs.
 const PASS_BYTES: u64 = 64 << 20;
+/// Bytes of the objects one pass rewrites at most (each is fetched whole if not cached).
+const PASS_OBJECT_BYTES: u64 = 256 << 20;
 
 /// A chunk the map may name: its name (a keyed hash of its records) and data bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +133,19 @@ pub(super) async fn collect(inner: &Arc<Inner>) -> Result<bool, String> {
         }
         state.gc.last = Some(Instant::now());
     }
+    // A checkpoint no commit names yet (written just before a crash or a restart) is named
+    // by the next one, which needs a cut past it: on an idle volume, a marker makes one.
+    let unnamed = {
+        let state = lock(&inner.state);
+        state.checkpoint > state.progress.commit_checkpoint && state.cuts.is_empty()
+    };
+    if unnamed {
+        let marker = inner.clone();
+        blocking(move || marker.mark_cut())
+            .await
+            .map_err(|e| format!("garbage collection, marking a cut: {e}"))?;
+        return Ok(true);
+    }
     let swept = sweep(inner).await?;
     let moved = rewrite(inner).await?;
     Ok(swept || moved)
@@ -171,12 +186,15 @@ fn pick(inner: &Inner, floor: u64) -> Vec<Piece> {
     };
     // The emptiest first: most space back for the bytes moved.
     victims.sort_by_key(|&(object, bytes, size)| (bytes * 1000 / size.max(1), object));
-    let mut budget = 0;
+    // Bounded both in live bytes moved and in whole objects fetched to move them.
+    let (mut live_budget, mut object_budget) = (0, 0);
     let chosen: BTreeSet<u64> = victims
         .into_iter()
-        .take_while(|&(_, bytes, _)| {
-            budget += bytes;
-            budget <= PASS_BYTES || budget == bytes
+        .take_while(|&(_, bytes, size)| {
+            let first = live_budget == 0;
+            live_budget += bytes;
+            object_budget += size;
+            first || (live_budget <= PASS_BYTES && object_budget <= PASS_OBJECT_BYTES)
         })
         .map(|(object, _, _)| object)
         .collect();
@@ -325,9 +343,17 @@ async fn write_chunk(inner: &Arc<Inner>, pieces: Vec<Piece>) -> Result<u64, Stri
         .by_name(&name);
     let key = inner.bucket.chunk_key(&name);
     let number = match existing {
-        // The same content is there already, and no longer garbage.
+        // The same content is in the table already, and no longer garbage. Put again all
+        // the same (equal content, equal bytes): a sweep may have deleted it from the bucket
+        // before a restart brought the table entry back.
         Some(number) => {
             lock(&inner.state).gc.garbage.remove(&key);
+            inner
+                .bucket
+                .remote
+                .put(&key, Bytes::from(body), Meta::new())
+                .await
+                .map_err(|e| format!("garbage collection, {key}: {e}"))?;
             number
         }
         None => {
@@ -430,8 +456,21 @@ async fn sweep(inner: &Arc<Inner>) -> Result<bool, String> {
     // In the order they may go.
     let mut garbage: Vec<(String, Option<u64>)> = Vec::new();
     for object in listed("commits").await? {
-        if tail_hex(&object.key).is_some_and(|n| n < commit) {
+        let n = tail_hex(&object.key);
+        if n.is_some_and(|n| n < commit) {
             garbage.push((object.key, None));
+        } else if n.is_some_and(|n| n > commit) {
+            // Another gateway took the volume over (a stale one never tried to commit, so
+            // nothing fenced it yet): it deletes nothing of the new owner's.
+            super::uploader::fence(
+                inner,
+                format!(
+                    "commit {} in the bucket is newer than this gateway's",
+                    n.unwrap_or(0)
+                ),
+            )
+            .await;
+            return Err("garbage collection: the volume was taken over".into());
         }
     }
     for object in listed("checkpoints").await? {

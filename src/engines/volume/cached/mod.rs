@@ -87,10 +87,13 @@ struct Ahead {
     /// at one of them is sequential.
     ends: std::collections::VecDeque<u64>,
     window: u64,
+    /// Numbers runs, so that a GET's answer goes to its own run.
+    next_run: u64,
 }
 
 /// Sealed bytes `start..end` of `object`, holding the volume's data up to `vol_end`.
 struct Run {
+    id: u64,
     object: u64,
     start: u64,
     end: u64,
@@ -447,6 +450,15 @@ impl CachedVolume {
             &mut next_record,
         )?;
         let last = replayed.last.max(checkpoint.at.segment).max(uploaded);
+        let mut progress = progress;
+        // A crash between storing the local checkpoint and recording it: it is in the
+        // bucket already (put first), so commits may name it.
+        if checkpoint_at > progress.checkpoint {
+            progress.checkpoint = checkpoint_at;
+            progress.checkpoints.push(checkpoint_at);
+            let keep = progress.checkpoints.len().saturating_sub(4);
+            progress.checkpoints.drain(..keep);
+        }
         let mut state = state::State::new(progress, checkpoint.at);
         state.local_bytes = replayed.local_bytes;
         state.checkpoint_refs = checkpoint_refs;
@@ -456,10 +468,7 @@ impl CachedVolume {
             .recursive(true)
             .mode(0o700)
             .create(&chunks_dir)?;
-        for (number, bytes) in gc::cached_chunks(&chunks_dir, &chunks)? {
-            state.local_bytes += bytes;
-            state.cached.insert(number, bytes);
-        }
+        let cached_chunks = gc::cached_chunks(&chunks_dir, &chunks)?;
         state.dirty_bytes = replayed.dirty();
         state.sealed_upto = last;
         if let Some(cut) = replayed.cut {
@@ -469,6 +478,10 @@ impl CachedVolume {
         }
         state.sealed = replayed.sizes;
         state.cached = replayed.cached;
+        for (number, bytes) in cached_chunks {
+            state.local_bytes += bytes;
+            state.cached.insert(number, bytes);
+        }
 
         let segment_alloc = record::max_segment(settings.segment_bytes);
         // The log's room, less what the segments waiting for upload (and the new one) hold.
@@ -828,6 +841,24 @@ impl Inner {
         Ok(())
     }
 
+    /// Makes the end of the log a new cut, with a record that changes nothing (a zero
+    /// record of no bytes) and a sync: the volume is as it was at the last flush, at a new
+    /// position. A checkpoint garbage collection needs there then has a place (and a bucket
+    /// key) of its own rather than that of the checkpoint the newest commit names, and the
+    /// next commit names it. `Ok(false)` if the open segment has no room for it now.
+    fn mark_cut(&self) -> BlockResult<bool> {
+        {
+            let mut w = lock(&self.log);
+            if w.end > HEADER_LEN as u64 && w.end + HEADER_LEN as u64 > self.settings.segment_bytes
+            {
+                return Ok(false);
+            }
+            self.append_locked(&mut w, Kind::Zero, 0, 0, &[])?;
+        }
+        self.sync_log(true)?;
+        Ok(true)
+    }
+
     /// Closes the open segment and opens the next. Called with the log locked.
     fn roll(&self, w: &mut Writer) -> io::Result<()> {
         let seq = w.seq + 1;
@@ -1116,7 +1147,10 @@ impl Inner {
             drop(ahead);
             return self.fetch(object, range);
         }
+        ahead.next_run += 1;
+        let id = ahead.next_run;
         ahead.runs.push_back(Run {
+            id,
             object,
             start: range.start,
             end,
@@ -1125,7 +1159,7 @@ impl Inner {
         });
         drop(ahead);
         let fetched = self.fetch(object, range.start..end);
-        self.finish_run(object, range.start, fetched.as_ref().ok().cloned());
+        self.finish_run(id, fetched.as_ref().ok().cloned());
         Ok(fetched?.slice(..(range.end - range.start) as usize))
     }
 
@@ -1141,6 +1175,10 @@ impl Inner {
             let Some((object, start)) = self.data_at(vol_end, ahead.window) else {
                 return;
             };
+            // Not in the bucket yet: on local disk.
+            if object < CHUNK_BASE && object > lock(&self.state).progress.uploaded {
+                return;
+            }
             if let Some(run) = ahead
                 .runs
                 .iter()
@@ -1156,7 +1194,10 @@ impl Inner {
             if end <= start {
                 return;
             }
+            ahead.next_run += 1;
+            let id = ahead.next_run;
             ahead.runs.push_back(Run {
+                id,
                 object,
                 start,
                 end,
@@ -1174,7 +1215,7 @@ impl Inner {
                     }
                     _ => None,
                 };
-                me.finish_run(object, start, bytes);
+                me.finish_run(id, bytes);
             });
             vol_end = next_vol_end;
         }
@@ -1200,18 +1241,15 @@ impl Inner {
         })
     }
 
-    /// The GET of the run at `start` of `object` ended: its bytes are kept, or (`None`, it
-    /// failed) the run goes, and the readers waiting for it fetch for themselves.
-    fn finish_run(&self, object: u64, start: u64, bytes: Option<bytes::Bytes>) {
+    /// The GET of run `id` ended: its bytes are kept, or (`None`, it failed) the run goes,
+    /// and the readers waiting for it fetch for themselves.
+    fn finish_run(&self, id: u64, bytes: Option<bytes::Bytes>) {
         let mut ahead = lock(&self.ahead);
-        if let Some(i) = ahead
-            .runs
-            .iter()
-            .position(|r| r.object == object && r.start == start && r.bytes.is_none())
-        {
+        if let Some(i) = ahead.runs.iter().position(|r| r.id == id) {
+            let run = &mut ahead.runs[i];
             match bytes {
-                Some(bytes) => ahead.runs[i].bytes = Some(bytes),
-                None => {
+                Some(bytes) if bytes.len() as u64 == run.end - run.start => run.bytes = Some(bytes),
+                _ => {
                     ahead.runs.remove(i);
                 }
             }

@@ -292,7 +292,7 @@ pub(super) async fn save_progress(
 }
 
 /// Kept in the progress record too: a restart must not make the volume writable again.
-async fn fence(inner: &Arc<Inner>, why: String) {
+pub(super) async fn fence(inner: &Arc<Inner>, why: String) {
     tracing::error!(
         volume = %inner.name,
         "{why}: this gateway no longer serves the volume; it is read-only here and its local log is kept"
@@ -329,6 +329,21 @@ async fn write_checkpoint(inner: &Arc<Inner>) -> Result<bool, String> {
         behind >= inner.settings.checkpoint_segments || stuck || state.checkpoint_due
     };
     if !due {
+        return Ok(false);
+    }
+    // Only garbage collection asks for a checkpoint with nothing written since the last
+    // one: a checkpoint never takes the place (and bucket key) of another.
+    let marker = inner.clone();
+    let placed = blocking(move || {
+        let newest = lock(&marker.state).checkpoint;
+        if lock(&marker.log).position() > newest {
+            return Ok(true);
+        }
+        marker.mark_cut()
+    })
+    .await
+    .map_err(|e| format!("marking a cut for a checkpoint: {e}"))?;
+    if !placed {
         return Ok(false);
     }
     let taker = inner.clone();
@@ -426,12 +441,7 @@ async fn commit(inner: &Arc<Inner>) -> Result<bool, String> {
             .range(..=uploaded)
             .next_back()
             .map(|(&segment, &end)| Cut { segment, end });
-        // Nothing written since the newest commit, but a newer checkpoint stands at its cut
-        // (garbage collection wrote one): committing it again lets the old objects go.
-        let again = committed.filter(|&c| {
-            state.checkpoint > state.progress.commit_checkpoint && state.checkpoint <= c
-        });
-        let Some(cut) = pending.or(again) else {
+        let Some(cut) = pending else {
             if state.cuts.is_empty() {
                 inner.room.notify_all();
             }
@@ -478,21 +488,44 @@ async fn commit(inner: &Arc<Inner>) -> Result<bool, String> {
     };
     let plain = serde_json::to_vec(&commit).map_err(|e| e.to_string())?;
     let sealed = inner.sealer.seal(&commit_context(&inner.id), &plain);
-    let what = format!("commit {}", commit.n);
-    let mine = |there: &[u8]| open_commit(&inner.sealer, &inner.id, there).as_ref() == Ok(&commit);
-    if let Some(there) = create_once(inner, &key, Bytes::from(sealed), mine, &what).await? {
-        let by = open_commit(&inner.sealer, &inner.id, &there)
-            .map(|c| c.gateway)
-            .unwrap_or_else(|e| format!("unreadable: {e}"));
-        fence(
-            inner,
-            format!("commit {} was made by another gateway ({by})", commit.n),
-        )
-        .await;
-        return Err(format!(
-            "commit {}: taken over by another gateway",
-            commit.n
-        ));
+    let n = commit.n;
+    let mut commit = commit;
+    match inner
+        .bucket
+        .remote
+        .create(&key, Bytes::from(sealed), Meta::new())
+        .await
+    {
+        Ok(()) => {}
+        Err(remote::Error::Exists { .. }) => {
+            let there = inner
+                .bucket
+                .remote
+                .get(&key)
+                .await
+                .map_err(|e| format!("commit {n}: {e}"))?
+                .body;
+            match open_commit(&inner.sealer, &inner.id, &there) {
+                // Ours: an earlier attempt whose answer was lost, or one made before a
+                // crash that no progress record kept (possibly at an older cut). What the
+                // bucket holds is what counts.
+                Ok(found) if found.gateway == inner.bucket.gateway && found.n == n => {
+                    commit = found;
+                }
+                other => {
+                    let by = other
+                        .map(|c| c.gateway)
+                        .unwrap_or_else(|e| format!("unreadable: {e}"));
+                    fence(
+                        inner,
+                        format!("commit {n} was made by another gateway ({by})"),
+                    )
+                    .await;
+                    return Err(format!("commit {n}: taken over by another gateway"));
+                }
+            }
+        }
+        Err(e) => return Err(format!("commit {n}: {e}")),
     }
     let progress = {
         let mut state = lock(&inner.state);
