@@ -403,7 +403,7 @@ fn a_new_gateway_restores_the_committed_image(bucket: Bucket, refusal: &str) {
     std::fs::remove_dir_all(a.dir.join("data")).expect("lose the disk");
 
     let b = Gateway::start(&dir.path().join("b"), &bucket, "");
-    let listed = b.firn(&["volume", "list", "--bucket"]);
+    let listed = a.firn(&["volume", "list", "--bucket"]);
     assert!(listed.contains("db"), "{listed}");
     // The first gateway's lease is fresh (and Garage cannot fence it): only --force.
     b.conditional_create_checked();
@@ -1114,6 +1114,17 @@ fn a_takeover_fences_the_running_gateway_on_a_store_with_conditional_creates() {
         "{shown:#}"
     );
     qemu_io(&b.uri("v"), &["read -P 0x44 8M 1M"]);
+
+    // The old gateway drops its stale copy: the bucket's objects are B's and stay.
+    a.firn(&["volume", "delete", "v", "--force"]);
+    let listed = a.firn(&["volume", "list", "--bucket"]);
+    assert!(
+        listed.contains('v'),
+        "a fenced gateway's delete took the bucket's volume: {listed}"
+    );
+    qemu_io(&b.uri("v"), &["write -P 0x55 9M 1M"]);
+    b.wait_drained("v", true);
+    qemu_io(&b.uri("v"), &["read -P 0x44 8M 1M", "read -P 0x55 9M 1M"]);
 }
 
 /// As above, with the kill racing unflushed writes and the uploader (closing, uploading,
