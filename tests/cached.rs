@@ -403,7 +403,7 @@ fn a_new_gateway_restores_the_committed_image(bucket: Bucket, refusal: &str) {
     std::fs::remove_dir_all(a.dir.join("data")).expect("lose the disk");
 
     let b = Gateway::start(&dir.path().join("b"), &bucket, "");
-    let listed = a.firn(&["volume", "list", "--bucket"]);
+    let listed = b.firn(&["volume", "list", "--bucket"]);
     assert!(listed.contains("db"), "{listed}");
     // The first gateway's lease is fresh (and Garage cannot fence it): only --force.
     b.conditional_create_checked();

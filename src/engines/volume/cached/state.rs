@@ -281,6 +281,13 @@ pub(super) fn replay(
                 }
                 expected = seq + 1;
             }
+            Err(e @ FormatError::Version(_)) => {
+                // Not damage: a log this firn cannot read. Nothing is set aside.
+                return Err(io::Error::other(format!(
+                    "log segment {}: {e}",
+                    path.display()
+                )));
+            }
             Err(_) => {
                 // No valid header: created, but nothing of it reached the disk.
                 set_aside(&path)?;
