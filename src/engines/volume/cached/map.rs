@@ -155,12 +155,11 @@ impl Map {
                 return;
             }
         }
-        // Pieces that begin inside the range: dropped, the last one's tail kept.
-        let inside: Vec<u64> = self.pieces.range(start..end).map(|(&o, _)| o).collect();
-        for offset in inside {
-            let Some(piece) = self.pieces.remove(&offset) else {
-                continue;
-            };
+        // Pieces that begin inside the range: dropped, the last one's tail kept. (One at a
+        // time rather than collected first: a write usually covers one piece or none, and
+        // this runs for every write, under the log's lock.)
+        while let Some((&offset, &piece)) = self.pieces.range(start..end).next() {
+            self.pieces.remove(&offset);
             let piece_end = offset + piece.len;
             if piece_end > end {
                 self.pieces.insert(

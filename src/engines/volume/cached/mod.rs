@@ -390,6 +390,12 @@ fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> bool {
     read >= 0 && read as usize == buf.len()
 }
 
+thread_local! {
+    /// A record sealed for its `pwrite`: kept per thread (at most a 1 MiB record and its tags)
+    /// so that appends do not allocate.
+    static SEALED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 fn segment_name(seq: u64) -> String {
     format!("{seq:016x}")
 }
@@ -797,7 +803,8 @@ impl Inner {
         self.append_locked(&mut w, kind, offset, length, data)
     }
 
-    /// Appends a record to the open segment, which has room for it, and maps it.
+    /// Appends a record to the open segment, which has room for it, and maps it. The record
+    /// is sealed into this thread's buffer, so appending allocates nothing.
     fn append_locked(
         &self,
         w: &mut Writer,
@@ -814,10 +821,11 @@ impl Inner {
             length,
             seq: w.next_record,
         };
-        let mut sealed = Vec::with_capacity(bytes as usize);
-        self.key
-            .seal_record(&w.salt, pos, &header, data, &mut sealed);
-        w.file.write_all_at(&sealed, w.end)?;
+        SEALED.with_borrow_mut(|sealed| {
+            sealed.clear();
+            self.key.seal_record(&w.salt, pos, &header, data, sealed);
+            w.file.write_all_at(sealed, w.end)
+        })?;
         w.end += bytes;
         w.next_record += 1;
         let place = match kind {
