@@ -532,6 +532,11 @@ impl Catalog {
             if let Some(info) = &info {
                 tx.delete(TABLE, name)?;
                 tx.put_json(INTENTS, &info.id, &intent(IntentOp::Delete, name))?;
+                // Noted with the delete itself, so a crash before the bucket's objects are
+                // gone leaves the retry to finish it.
+                if info.mode == Mode::Cached {
+                    tx.put_json(BUCKET_DELETES, &info.id, info)?;
+                }
             }
             Ok(info)
         });
@@ -564,6 +569,7 @@ impl Catalog {
                     volume = name,
                     "deleted here only: another gateway took the volume over, and its objects in the bucket are that gateway's"
                 );
+                let _ = self.meta.delete(BUCKET_DELETES, &info.id);
             } else {
                 self.delete_bucket_objects(&info);
             }
@@ -821,15 +827,16 @@ impl Catalog {
     /// half-deleted volume, then the rest. If the bucket does not answer, the volume is noted
     /// and `retry_bucket_deletes` tries again later.
     fn delete_bucket_objects(&self, info: &VolumeInfo) {
-        if let Err(e) = self.try_delete_bucket_objects(info) {
-            tracing::warn!(
+        match self.try_delete_bucket_objects(info) {
+            Ok(()) => {
+                let _ = self.meta.delete(BUCKET_DELETES, &info.id);
+            }
+            // The note made with the delete stays, and the retry finishes the work.
+            Err(e) => tracing::warn!(
                 volume = %info.name,
                 "some of the volume's objects under volumes/{}/ are still in the bucket ({e}); deleting them is retried until it succeeds",
                 info.id
-            );
-            if let Err(e) = self.meta.put_json(BUCKET_DELETES, &info.id, info) {
-                tracing::error!(volume = %info.name, "cannot note the deletion for a retry ({e}): delete volumes/{}/ by hand", info.id);
-            }
+            ),
         }
     }
 
