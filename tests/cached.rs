@@ -1241,7 +1241,7 @@ fn a_new_gateway_with_the_same_passphrase_restores_the_volume() {
 /// written from the bucket alone, and a new gateway restores it from the bucket.
 fn garbage_collection_keeps_the_image(bucket: Bucket) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let tuned = "read_timeout_secs = 2\ngc_grace_secs = 5\ngc_live_percent = 50\n";
+    let tuned = "read_timeout_secs = 2\ngc_grace_secs = 5\n";
     let start =
         |at: &str| Gateway::start_tuned(&dir.path().join(at), &bucket, "64MiB", None, tuned, "");
     let mut g = start("a");

@@ -337,8 +337,12 @@ struct Pending {
 enum Undo {
     /// Remove what was created here.
     Remove(PathBuf),
-    /// Move `from` back to `to`.
-    Move { from: PathBuf, to: PathBuf },
+    /// Move `from` back to `to`, and then what it replaced (in the trash) back to `from`.
+    Move {
+        from: PathBuf,
+        to: PathBuf,
+        replaced: Option<PathBuf>,
+    },
 }
 
 impl State {
@@ -651,42 +655,56 @@ impl State {
             undo: Undo::Move {
                 from: trash.clone(),
                 to: relative.to_path_buf(),
+                replaced: None,
             },
             trash: Some(trash),
         });
         Ok(())
     }
 
+    /// A rename, replacing what `to` named if anything: one change, as rename(2) is atomic
+    /// across a crash too (the replaced file waits in the trash until the rename is durable,
+    /// and a power cut undoes both halves or neither).
     fn rename(&mut self, from: &Path, to: &Path) -> Result<(), Errno> {
         if from == to {
             return Ok(());
         }
-        if fs::symlink_metadata(self.backing(to)).is_ok() {
-            self.remove(to)?;
-        }
+        let replaced = if fs::symlink_metadata(self.backing(to)).is_ok() {
+            self.trashed += 1;
+            let trash = Path::new(TRASH).join(self.trashed.to_string());
+            fs::rename(self.backing(to), self.backing(&trash))?;
+            let subject = self.by_path.remove(to).unwrap_or(0);
+            if let Some(node) = self.nodes.get_mut(&subject) {
+                node.path = trash.clone();
+            }
+            Some((trash, subject))
+        } else {
+            None
+        };
         if let Err(e) = fs::rename(self.backing(from), self.backing(to)) {
-            // Put the replaced entry back, as a failed rename leaves it.
-            if let Some(Pending {
-                undo: Undo::Move { .. },
-                ..
-            }) = self.pending.last()
-            {
-                let undone = self.pending.pop().expect("just checked");
-                undo(&self.root, &undone.undo);
+            // A failed rename leaves the replaced entry where it was.
+            if let Some((trash, subject)) = replaced {
+                fs::rename(self.backing(&trash), self.backing(to))?;
+                if let Some(node) = self.nodes.get_mut(&subject) {
+                    node.path = to.to_path_buf();
+                }
+                self.by_path.insert(to.to_path_buf(), subject);
             }
             return Err(e.into());
         }
         let mut dirs = vec![self.parent_ino(from), self.parent_ino(to)];
         dirs.dedup();
         self.renamed(from, to);
+        let trash = replaced.map(|(trash, _)| trash);
         self.pending.push(Pending {
             subject: self.by_path.get(to).copied().unwrap_or(0),
             dirs,
             undo: Undo::Move {
                 from: to.to_path_buf(),
                 to: from.to_path_buf(),
+                replaced: trash.clone(),
             },
-            trash: None,
+            trash,
         });
         Ok(())
     }
@@ -744,7 +762,12 @@ fn undo(root: &Path, undo: &Undo) -> bool {
                 .or_else(|_| fs::remove_dir_all(&path))
                 .is_ok()
         }
-        Undo::Move { from, to } => fs::rename(root.join(from), root.join(to)).is_ok(),
+        Undo::Move { from, to, replaced } => {
+            fs::rename(root.join(from), root.join(to)).is_ok()
+                && replaced
+                    .as_ref()
+                    .is_none_or(|trash| fs::rename(root.join(trash), root.join(from)).is_ok())
+        }
     }
 }
 
