@@ -3,7 +3,7 @@
 # one run, with a throwaway Garage on loopback that the script starts and stops.
 #
 #   bench/cached-volume.sh
-#   SIZE=512M RUNTIME=10 FIO_SIZE=1G COLD_SIZE=256M COLD_RAND_IO=16M SCATTER_IO=256M \
+#   SIZE=512M RUNTIME=10 FIO_SIZE=1G WRITE_IO=1G COLD_SIZE=256M COLD_RAND_IO=16M SCATTER_IO=256M \
 #       bench/cached-volume.sh                    (the defaults: about 4 minutes on 2 cores)
 #   PARTS="cold lag" bench/cached-volume.sh       (only some parts: fio drain trim cold lag)
 #
@@ -14,7 +14,11 @@
 #   1. fio over NBD, firn cached volume vs `nbdkit file` (same file system, same jobs, RUNTIME s
 #      each): 4 KiB random write/read at iodepth 32 (IOPS), 1 MiB sequential write/read at
 #      iodepth 8 (MiB/s), 4 KiB random writes with a FLUSH every 8 writes at iodepth 1
-#      (`--fsync=8`, IOPS), and that job again while Garage is frozen (SIGSTOP).
+#      (`--fsync=8`, IOPS), and that job again while Garage is frozen (SIGSTOP). The 4 KiB
+#      random and 1 MiB sequential write jobs each write WRITE_IO rather than run for RUNTIME:
+#      a burst that the log (log_max, 2 GiB by default) absorbs at local-disk speed while it
+#      uploads. Writes past log_max of backlog go at the bucket's speed, whatever the disk's:
+#      part 2 measures that speed against rclone.
 #      `ratio: cached-<job> <firn/nbdkit>`, higher is better; goal >= 0.8.
 #   2. Drain: SIZE of 4 KiB random writes and a flush land in the log while uploads are paused
 #      (`firn bandwidth --upload paused`); then uploads resume and the clock runs until the
@@ -47,6 +51,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 size=${SIZE:-512M}           # drain and amplification jobs
 runtime=${RUNTIME:-10}       # each timed fio job, and the commit-lag load
 fio_size=${FIO_SIZE:-1G}     # the volume/file the fio comparison runs on
+write_io=${WRITE_IO:-1G}     # what each 4 KiB random and 1 MiB sequential write job writes
 cold_size=${COLD_SIZE:-256M} # cold sequential read
 cold_rand_io=${COLD_RAND_IO:-16M}
 scatter_io=${SCATTER_IO:-256M}
@@ -84,7 +89,7 @@ FIRN_MASTER_KEY=$(openssl rand -hex 32)
 export FIRN_MASTER_KEY
 
 echo "firn $("$firn" --version | awk '{print $2}'), $(nbdkit --version), $(fio --version), $(rclone version | head -n 1)"
-echo "SIZE=$size RUNTIME=$runtime FIO_SIZE=$fio_size COLD_SIZE=$cold_size COLD_RAND_IO=$cold_rand_io SCATTER_IO=$scatter_io"
+echo "SIZE=$size RUNTIME=$runtime FIO_SIZE=$fio_size WRITE_IO=$write_io COLD_SIZE=$cold_size COLD_RAND_IO=$cold_rand_io SCATTER_IO=$scatter_io"
 echo "$(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); work dir $work ($(df --output=source,fstype "$work" | tail -n 1 | tr -s ' '))"
 
 free_ports() { # n
@@ -228,22 +233,24 @@ wait_committed fio >/dev/null
 echo "prefilled both ($fio_size, sequential 1 MiB writes), firn's volume committed"
 
 jobs=( # name rw bs iodepth unit [fio args]
-    "randwrite-4k randwrite 4k 32 iops"
+    "randwrite-4k randwrite 4k 32 iops --io_size=$write_io"
     "randread-4k randread 4k 32 iops"
-    "seqwrite-1m write 1M 8 mibs"
+    "seqwrite-1m write 1M 8 mibs --io_size=$write_io"
     "seqread-1m read 1M 8 mibs"
     "randwrite-4k-fsync8 randwrite 4k 1 iops --fsync=8"
 )
 fio_pair() { # name rw bs depth unit [fio args]
-    local name=$1 rw=$2 bs=$3 depth=$4 unit=$5 server label
+    local name=$1 rw=$2 bs=$3 depth=$4 unit=$5 server label timing
     shift 5
+    # A write job with a set amount of I/O runs until it is done; the others for RUNTIME s.
+    if [[ " $* " == *" --io_size="* ]]; then timing=(); else timing=(--time_based --runtime="$runtime"); fi
     declare -A value=()
     # Each firn job starts with the bucket holding everything: no upload left over from the
     # job before competes for the CPU (the job's own uploads do: that is the product).
     [ -n "$garage_stopped" ] || wait_committed fio >/dev/null
     for server in firn nbdkit; do
         fio_run "$work/$name-$server.json" "${uri[$server]}" "$rw" "$bs" "$depth" \
-            --size="$fio_size" --time_based --runtime="$runtime" "$@"
+            --size="$fio_size" "${timing[@]}" "$@"
         value[$server]=$(fio_result "$work/$name-$server.json" "$unit")
     done
     label=$([ "$unit" = iops ] && echo IOPS || echo MiB/s)

@@ -396,6 +396,34 @@ thread_local! {
     static SEALED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+thread_local! {
+    /// Sealed frames read for one span of a read, kept per thread: one record's frames at
+    /// most (`MAX_RECORD` and its tags).
+    static READ_BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// A read buffer that goes back to this thread's `READ_BUFFER` when dropped.
+struct ReadBuffer(Vec<u8>);
+
+impl std::ops::Deref for ReadBuffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ReadBuffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+}
+
+impl Drop for ReadBuffer {
+    fn drop(&mut self) {
+        READ_BUFFER.set(std::mem::take(&mut self.0));
+    }
+}
+
 fn segment_name(seq: u64) -> String {
     format!("{seq:016x}")
 }
@@ -1027,7 +1055,10 @@ impl Inner {
         let last_len = (rec_len as u64 - last * FRAME as u64).min(FRAME as u64);
         let start = record::frame_pos(pos, first);
         let end = record::frame_pos(pos, last) + last_len + TAG_LEN as u64;
-        let mut sealed = vec![0u8; (end - start) as usize];
+        // This thread's buffer, taken out while in use: no allocation and no zeroing per read.
+        let mut sealed = READ_BUFFER.take();
+        sealed.resize((end - start) as usize, 0);
+        let mut sealed = ReadBuffer(sealed);
         let within = (skip as u64 - first * FRAME as u64) as usize;
         let file = if wait {
             self.file(segment)
@@ -1042,12 +1073,11 @@ impl Inner {
             }
         });
         if local
-            && let Ok(n) = self
+            && self
                 .key
-                .open_frames(&salt, pos, rec_len, first, &mut sealed)
+                .open_frames_into(&salt, pos, rec_len, first, &mut sealed, within, out)
+                .is_ok()
         {
-            out.copy_from_slice(&sealed[within..within + out.len()]);
-            debug_assert!(within + out.len() <= n);
             self.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(true);
         }
@@ -1068,14 +1098,13 @@ impl Inner {
         let fetched = self.fetch_ahead(segment, start..end, at, out.len() as u64)?;
         sealed.copy_from_slice(&fetched);
         self.key
-            .open_frames(&salt, pos, rec_len, first, &mut sealed)
+            .open_frames_into(&salt, pos, rec_len, first, &mut sealed, within, out)
             .map_err(|e| {
                 BlockError::Io(format!(
                     "segment {segment} of volume {} from the bucket: {e}",
                     self.name
                 ))
             })?;
-        out.copy_from_slice(&sealed[within..within + out.len()]);
         // Kept for the next read: the segment's file, sparse where nothing was fetched.
         let keep = OpenOptions::new()
             .read(true)
