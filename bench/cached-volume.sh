@@ -245,10 +245,11 @@ fio_pair() { # name rw bs depth unit [fio args]
     # A write job with a set amount of I/O runs until it is done; the others for RUNTIME s.
     if [[ " $* " == *" --io_size="* ]]; then timing=(); else timing=(--time_based --runtime="$runtime"); fi
     declare -A value=()
-    # Each firn job starts with the bucket holding everything: no upload left over from the
-    # job before competes for the CPU (the job's own uploads do: that is the product).
-    [ -n "$garage_stopped" ] || wait_committed fio >/dev/null
     for server in firn nbdkit; do
+        # Each job starts with the bucket holding everything: no upload left over from the
+        # job before competes for the CPU, nbdkit's included (firn's job's own uploads do
+        # compete with it: that is the product).
+        [ -n "$garage_stopped" ] || wait_committed fio >/dev/null
         fio_run "$work/$name-$server.json" "${uri[$server]}" "$rw" "$bs" "$depth" \
             --size="$fio_size" "${timing[@]}" "$@"
         value[$server]=$(fio_result "$work/$name-$server.json" "$unit")

@@ -74,6 +74,9 @@ metadata_dir = "$dir/meta"
 data_dir = "$dir/data"
 db_engine = "lmdb"
 replication_factor = 1
+# What firn stores is encrypted, so zstd (Garage's default) cannot shrink it and only takes
+# CPU from the clients that share this machine with the server.
+compression_level = "none"
 rpc_bind_addr = "127.0.0.1:$rpc"
 rpc_public_addr = "127.0.0.1:$rpc"
 rpc_secret = "$(openssl rand -hex 32)"
