@@ -1103,8 +1103,11 @@ async fn an_upload_limit_holds_at_the_store_through_errors() {
         total >= 72 << 20,
         "the store saw {total} bytes, less than the data"
     );
+    // Never more than the limit; less only by the retries' waits (see the directory-store
+    // twin of this test below).
+    let share = rate / RATE as f64;
     assert!(
-        (rate / RATE as f64 - 1.0).abs() < 0.05,
+        (0.85..1.05).contains(&share),
         "{rate:.0} B/s at the store, limit {RATE}"
     );
     assert!(
@@ -1345,8 +1348,13 @@ async fn the_directory_store_holds_its_limit_through_errors() {
     );
     assert!(plan.injected() >= 1, "no fault injected");
     assert!(written >= 24 << 20);
+    // The limit is the promise: never more than it, allowing for the first burst. Less is
+    // allowed within reason: a put that fails last waits out its backoff alone, so the tail
+    // of the run writes nothing for a while; failed attempts charged twice would show as
+    // about 0.7 with this many faults.
+    let share = rate / RATE as f64;
     assert!(
-        (rate / RATE as f64 - 1.0).abs() < 0.05,
+        (0.85..1.05).contains(&share),
         "{rate:.0} B/s written, limit {RATE}"
     );
 }
