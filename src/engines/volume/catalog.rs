@@ -17,6 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
 
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -31,6 +32,9 @@ use crate::seal::Sealer;
 
 const TABLE: &str = "volumes";
 const INTENTS: &str = "volume-intents";
+/// How long a deleted cached volume's uploader may take to finish the step it is in.
+const RETIRE_GRACE: Duration = Duration::from_secs(10);
+
 /// Deleted cached volumes whose bucket objects could not all be deleted yet, by id.
 const BUCKET_DELETES: &str = "volume-bucket-deletes";
 /// Where files no entry or intent names are moved, inside the volume directory.
@@ -551,9 +555,10 @@ impl Catalog {
         };
         self.open_volumes().remove(&info.id);
         let pinned = self.pinned_volumes().remove(&info.id);
-        // Clients still attached (a forced delete) get errors from now on.
+        // Clients still attached (a forced delete) get errors from now on, and the uploader
+        // is stopped before the bucket's objects go, so none of its puts outlives them.
         if let Some(volume) = pinned {
-            volume.retire();
+            volume.retire(RETIRE_GRACE);
         }
         if info.mode == Mode::Cached {
             // A gateway that lost the volume to another deletes only its own copy: the
@@ -570,10 +575,12 @@ impl Catalog {
                     "deleted here only: another gateway took the volume over, and its objects in the bucket are that gateway's"
                 );
                 let _ = self.meta.delete(BUCKET_DELETES, &info.id);
+                let _ = self.meta.delete(cached::PROGRESS_TABLE, &info.id);
             } else {
+                // The progress record goes with the last of the objects: it names the
+                // chunks a collection made since the newest checkpoint.
                 self.delete_bucket_objects(&info);
             }
-            let _ = self.meta.delete(cached::PROGRESS_TABLE, &info.id);
         }
         let path = self.path(&info);
         match remove_volume_path(&path) {
@@ -830,6 +837,7 @@ impl Catalog {
         match self.try_delete_bucket_objects(info) {
             Ok(()) => {
                 let _ = self.meta.delete(BUCKET_DELETES, &info.id);
+                let _ = self.meta.delete(cached::PROGRESS_TABLE, &info.id);
             }
             // The note made with the delete stays, and the retry finishes the work.
             Err(e) => tracing::warn!(
@@ -860,6 +868,7 @@ impl Catalog {
                 Ok(()) => {
                     tracing::info!(volume = %info.name, "the deleted volume's objects are gone from the bucket");
                     let _ = self.meta.delete(BUCKET_DELETES, &id);
+                    let _ = self.meta.delete(cached::PROGRESS_TABLE, &id);
                 }
                 Err(e) => {
                     tracing::debug!(volume = %info.name, "deleting the volume's objects: {e}");
@@ -877,10 +886,19 @@ impl Catalog {
         let remote = bucket.remote.clone();
         let prefix = format!("volumes/{}/", info.id);
         let (sealer, id) = (self.sealer.clone(), info.id.clone());
+        // Chunks a collection put since the newest checkpoint are named only here.
+        let pending = self
+            .meta
+            .get_json::<cached::Progress>(cached::PROGRESS_TABLE, &info.id)
+            .ok()
+            .flatten()
+            .map(|p| p.gc_pending)
+            .unwrap_or_default();
         bucket.runtime.block_on(async move {
             remote.delete(&format!("{prefix}descriptor")).await?;
             // The chunks the volume's checkpoints name lie outside its prefix.
-            let chunks = cached::chunk_keys(remote.as_ref(), &sealer, &id, &prefix).await?;
+            let mut chunks = cached::chunk_keys(remote.as_ref(), &sealer, &id, &prefix).await?;
+            chunks.extend(pending);
             // Before the checkpoints that name them, or a retry could not find them.
             for key in chunks {
                 remote.delete(&key).await?;

@@ -342,6 +342,8 @@ struct Inner {
 /// for the next open.
 pub struct CachedVolume {
     inner: Arc<Inner>,
+    /// The uploader's task, for `retire` to wait on.
+    uploader: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for CachedVolume {
@@ -592,11 +594,14 @@ impl CachedVolume {
             size: inner.size(),
             created,
         };
-        inner
+        let uploader = inner
             .bucket
             .runtime
             .spawn(uploader::run(inner.clone(), descriptor));
-        Ok(CachedVolume { inner })
+        Ok(CachedVolume {
+            inner,
+            uploader: Mutex::new(Some(uploader)),
+        })
     }
 
     /// Makes the volume `size` bytes long, online: new clients see the new size, the next
@@ -608,14 +613,28 @@ impl CachedVolume {
         self.inner.wake.notify_one();
     }
 
-    /// Stops the volume for good (it was deleted while clients held it): the uploader ends,
-    /// and every later request fails.
-    pub fn retire(&self) {
+    /// Stops the volume for good (it was deleted): every later request fails, and the
+    /// uploader ends. Returns once it has, so that nothing it had in flight reaches the
+    /// bucket after the caller deletes the volume's objects. The uploader finishes the step
+    /// it is in (a segment, a checkpoint, a commit) for up to `grace`, and is then
+    /// cancelled: a PUT that the store had wholly received may still land, within moments.
+    /// Call it from outside the bucket's runtime.
+    pub fn retire(&self, grace: Duration) {
         self.inner.retired.store(true, Ordering::Release);
         lock(&self.inner.state).stopped = true;
         self.inner.room.notify_all();
         self.inner.wake.notify_one();
         self.inner.stopping.notify_one();
+        let Some(mut uploader) = lock(&self.uploader).take() else {
+            return;
+        };
+        self.inner.bucket.runtime.block_on(async {
+            if tokio::time::timeout(grace, &mut uploader).await.is_err() {
+                tracing::warn!(volume = %self.inner.name, "the uploader did not stop within {grace:?}; cancelling it");
+                uploader.abort();
+                let _ = uploader.await;
+            }
+        });
     }
 
     /// What the volume's status shows.
@@ -853,8 +872,13 @@ impl Inner {
             seq: w.next_record,
         };
         SEALED.with_borrow_mut(|sealed| {
-            sealed.clear();
-            self.key.seal_record(&w.salt, pos, &header, data, sealed);
+            // Grown once, never cleared: sealing writes every byte it sends.
+            if sealed.len() < bytes as usize {
+                sealed.resize(bytes as usize, 0);
+            }
+            let sealed = &mut sealed[..bytes as usize];
+            self.key
+                .seal_record_into(&w.salt, pos, &header, data, sealed);
             w.file.write_all_at(sealed, w.end)
         })?;
         w.end += bytes;
@@ -1078,7 +1102,7 @@ impl Inner {
         if local
             && self
                 .key
-                .open_frames_into(&salt, pos, rec_len, first, &mut sealed, within, out)
+                .open_frames_into(&salt, pos, rec_len, first, &sealed, within, out)
                 .is_ok()
         {
             self.cache_hits.fetch_add(1, Ordering::Relaxed);
@@ -1098,10 +1122,10 @@ impl Inner {
                 )));
             }
         }
+        drop(sealed);
         let fetched = self.fetch_ahead(segment, start..end, at, out.len() as u64)?;
-        sealed.copy_from_slice(&fetched);
         self.key
-            .open_frames_into(&salt, pos, rec_len, first, &mut sealed, within, out)
+            .open_frames_into(&salt, pos, rec_len, first, &fetched, within, out)
             .map_err(|e| {
                 BlockError::Io(format!(
                     "segment {segment} of volume {} from the bucket: {e}",

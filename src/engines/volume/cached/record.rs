@@ -236,22 +236,40 @@ impl LogKey {
         data: &[u8],
         out: &mut Vec<u8>,
     ) {
+        let start = out.len();
+        out.resize(
+            start + record_len(Kind::Write, data.len() as u64) as usize,
+            0,
+        );
+        self.seal_record_into(salt, pos, header, data, &mut out[start..]);
+    }
+
+    /// As `seal_record`, into `out`, which is exactly as long as the record: every byte of
+    /// it is written, so a reused buffer needs no zeroing first.
+    pub fn seal_record_into(
+        &self,
+        salt: &[u8; 16],
+        pos: u32,
+        header: &RecordHeader,
+        data: &[u8],
+        out: &mut [u8],
+    ) {
+        assert_eq!(
+            out.len() as u64,
+            record_len(Kind::Write, data.len() as u64),
+            "a record's buffer fits it exactly"
+        );
         let mut h = [0u8; HEADER_LEN];
         h[..4].copy_from_slice(RECORD_MAGIC);
         h[4] = header.kind as u8;
         h[8..16].copy_from_slice(&header.offset.to_le_bytes());
         h[16..24].copy_from_slice(&header.length.to_le_bytes());
         h[24..32].copy_from_slice(&header.seq.to_le_bytes());
-        let start = out.len();
-        out.resize(
-            start + record_len(Kind::Write, data.len() as u64) as usize,
-            0,
-        );
         self.with_context(salt, |context| {
             let tag = seal(context, pos, u32::MAX, &h[..48], &[], &mut []);
             h[48..].copy_from_slice(&tag);
-            out[start..start + HEADER_LEN].copy_from_slice(&h);
-            let sealed = out[start + HEADER_LEN..].chunks_mut(FRAME + TAG_LEN);
+            out[..HEADER_LEN].copy_from_slice(&h);
+            let sealed = out[HEADER_LEN..].chunks_mut(FRAME + TAG_LEN);
             for ((index, frame), sealed) in data.chunks(FRAME).enumerate().zip(sealed) {
                 let (body, tag) = sealed.split_at_mut(frame.len());
                 let made = seal(context, pos, index as u32, &[], frame, body);
@@ -317,8 +335,9 @@ impl LogKey {
         )
     }
 
-    /// As `open_frames`, but the plaintext bytes `within..within + out.len()` go straight
-    /// into `out` (one copy rather than two); `out` is untouched on an error.
+    /// As `open_frames`, but the plaintext bytes `within..within + out.len()` are decrypted
+    /// straight from `sealed` into `out`, one pass with no copy between; `sealed` is only
+    /// read. On an error, `out` holds nothing meaningful: the caller must not pass it on.
     #[allow(clippy::too_many_arguments)]
     pub fn open_frames_into(
         &self,
@@ -326,35 +345,59 @@ impl LogKey {
         pos: u32,
         rec_len: u32,
         first: u64,
-        sealed: &mut [u8],
+        sealed: &[u8],
         within: usize,
         out: &mut [u8],
     ) -> Result<(), FormatError> {
         let want = within..within + out.len();
-        // Every frame is verified before any byte reaches `out`.
-        let n = self.open_each(salt, pos, rec_len, first, sealed, |_, _, _, _| {})?;
-        if want.end > n {
-            return Err(FormatError::Auth(pos));
-        }
-        // The frames are opened in place; their bytes are copied out around the tags.
-        let mut plain_at = 0;
-        let mut at = 0;
-        let mut index = first;
-        while plain_at < want.end {
-            let frame_len = (rec_len as usize - index as usize * FRAME).min(FRAME);
-            let (from, to) = (
-                plain_at.max(want.start),
-                (plain_at + frame_len).min(want.end),
-            );
-            if from < to {
-                out[from - within..to - within]
-                    .copy_from_slice(&sealed[at + from - plain_at..at + to - plain_at]);
+        self.with_context(salt, |key| {
+            let mut at = 0;
+            let mut plain_at = 0;
+            let mut index = first;
+            while plain_at < want.end {
+                let frame_len = (rec_len as u64)
+                    .checked_sub(index * FRAME as u64)
+                    .filter(|&left| left > 0)
+                    .ok_or(FormatError::Auth(pos))?
+                    .min(FRAME as u64) as usize;
+                let end = at + frame_len + TAG_LEN;
+                if end > sealed.len() {
+                    return Err(FormatError::Auth(pos));
+                }
+                let (body, tag) = sealed[at..end].split_at(frame_len);
+                let (from, to) = (
+                    plain_at.max(want.start),
+                    (plain_at + frame_len).min(want.end),
+                );
+                let opened = if from == plain_at && to == plain_at + frame_len {
+                    open_into(
+                        key,
+                        pos,
+                        index as u32,
+                        body,
+                        tag,
+                        &mut out[from - within..to - within],
+                    )
+                } else {
+                    // A frame `out` wants only part of goes through a scratch frame.
+                    let mut scratch = [0u8; FRAME];
+                    let opened =
+                        open_into(key, pos, index as u32, body, tag, &mut scratch[..frame_len]);
+                    if opened && from < to {
+                        out[from - within..to - within]
+                            .copy_from_slice(&scratch[from - plain_at..to - plain_at]);
+                    }
+                    opened
+                };
+                if !opened {
+                    return Err(FormatError::Auth(pos));
+                }
+                plain_at += frame_len;
+                at = end;
+                index += 1;
             }
-            plain_at += frame_len;
-            at += frame_len + TAG_LEN;
-            index += 1;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Decrypts and verifies each frame in place, then calls `each(sealed, at, len, plain_at)`
@@ -407,17 +450,17 @@ fn seal(
     plain: &[u8],
     out: &mut [u8],
 ) -> [u8; TAG_LEN] {
-    out.copy_from_slice(plain);
-    let tag = key
-        .seal_in_place_separate_tag(
-            Nonce::assume_unique_for_key(nonce(pos, frame)),
-            Aad::from(aad),
-            out,
-        )
-        .expect("AES-256-GCM seals any frame of at most 4 KiB");
-    let mut bytes = [0u8; TAG_LEN];
-    bytes.copy_from_slice(tag.as_ref());
-    bytes
+    let mut tag = [0u8; TAG_LEN];
+    key.seal_out_of_place_scatter(
+        Nonce::assume_unique_for_key(nonce(pos, frame)),
+        Aad::from(aad),
+        plain,
+        out,
+        &[],
+        &mut tag,
+    )
+    .expect("AES-256-GCM seals any frame of at most 4 KiB");
+    tag
 }
 
 /// Decrypts a sealed frame (`body || tag`) in place under the nonce of `frame` of the
@@ -427,6 +470,26 @@ fn open(key: &LessSafeKey, pos: u32, frame: u32, sealed: &mut [u8]) -> bool {
         Nonce::assume_unique_for_key(nonce(pos, frame)),
         Aad::empty(),
         sealed,
+    )
+    .is_ok()
+}
+
+/// Decrypts a sealed frame's `body` into `out` (the same length) after checking `tag`, under
+/// the nonce of `frame` of the record at `pos`; whether the tag matched.
+fn open_into(
+    key: &LessSafeKey,
+    pos: u32,
+    frame: u32,
+    body: &[u8],
+    tag: &[u8],
+    out: &mut [u8],
+) -> bool {
+    key.open_separate_gather(
+        Nonce::assume_unique_for_key(nonce(pos, frame)),
+        Aad::empty(),
+        body,
+        tag,
+        out,
     )
     .is_ok()
 }
@@ -477,9 +540,9 @@ mod tests {
             (1, 4095, 1),
         ] {
             let start = (frame_pos(64, first) - 64) as usize;
-            let mut sealed = record[start..].to_vec();
+            let sealed = record[start..].to_vec();
             let mut out = vec![0xee; len];
-            key.open_frames_into(&salt, 64, 10_000, first, &mut sealed, within, &mut out)
+            key.open_frames_into(&salt, 64, 10_000, first, &sealed, within, &mut out)
                 .unwrap();
             let from = first as usize * FRAME + within;
             assert_eq!(
@@ -488,20 +551,31 @@ mod tests {
                 "frame {first}, {within}+{len}"
             );
         }
-        // Past the plaintext, or with a frame changed: an error, and `out` untouched.
-        let mut sealed = record[HEADER_LEN..].to_vec();
+        // Past the plaintext, or with a frame changed: an error.
+        let sealed = record[HEADER_LEN..].to_vec();
         let mut out = vec![0xee; 2];
         assert!(
-            key.open_frames_into(&salt, 64, 10_000, 0, &mut sealed, 9_999, &mut out)
+            key.open_frames_into(&salt, 64, 10_000, 0, &sealed, 9_999, &mut out)
                 .is_err()
         );
+        // Only the frames read are opened: a change in frame 1 does not fail a read of
+        // frame 0, which the caller passed frame 1 with for no reason.
         let mut sealed = record[HEADER_LEN..].to_vec();
         sealed[5000] ^= 1;
-        assert!(
-            key.open_frames_into(&salt, 64, 10_000, 0, &mut sealed, 0, &mut out)
-                .is_err()
-        );
-        assert_eq!(out, [0xee; 2]);
+        key.open_frames_into(&salt, 64, 10_000, 0, &sealed, 0, &mut out)
+            .expect("frame 0 is intact");
+        assert_eq!(out, data[..2]);
+        // A byte changed in any frame read fails the read, in a frame wanted whole or in part.
+        let mut long = vec![0; 9_000];
+        for at in [100, 4_200, 8_300, 9_100] {
+            let mut sealed = record[HEADER_LEN..].to_vec();
+            sealed[at] ^= 0x40;
+            assert!(
+                key.open_frames_into(&salt, 64, 10_000, 0, &sealed, 10, &mut long)
+                    .is_err(),
+                "byte {at} changed"
+            );
+        }
     }
 
     #[test]
