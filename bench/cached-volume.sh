@@ -14,7 +14,9 @@
 #   1. fio over NBD, firn cached volume vs `nbdkit file` (same file system, same jobs, RUNTIME s
 #      each): 4 KiB random write/read at iodepth 32 (IOPS), 1 MiB sequential write/read at
 #      iodepth 8 (MiB/s), 4 KiB random writes with a FLUSH every 8 writes at iodepth 1
-#      (`--fsync=8`, IOPS), and that job again while Garage is frozen (SIGSTOP). The 4 KiB
+#      (`--fsync=8`, IOPS), and that job again while Garage is frozen (SIGSTOP); then the
+#      three write jobs again with firn's uploads paused during its job (`-uploads-paused`,
+#      diagnostic: firn's own write path without upload work on the shared cores). The 4 KiB
 #      random and 1 MiB sequential write jobs each write WRITE_IO rather than run for RUNTIME:
 #      a burst that the log (log_max, 2 GiB by default) absorbs at local-disk speed while it
 #      uploads. Writes past log_max of backlog go at the bucket's speed, whatever the disk's:
@@ -250,19 +252,33 @@ fio_pair() { # name rw bs depth unit [fio args]
         # job before competes for the CPU, nbdkit's included (firn's job's own uploads do
         # compete with it: that is the product).
         [ -n "$garage_stopped" ] || wait_committed fio >/dev/null
+        [ "$server" = firn ] && [ -n "$uploads_paused" ] && f bandwidth --upload paused >/dev/null
         fio_run "$work/$name-$server.json" "${uri[$server]}" "$rw" "$bs" "$depth" \
             --size="$fio_size" "${timing[@]}" "$@"
+        [ "$server" = firn ] && [ -n "$uploads_paused" ] && f bandwidth --upload unlimited >/dev/null
         value[$server]=$(fio_result "$work/$name-$server.json" "$unit")
     done
     label=$([ "$unit" = iops ] && echo IOPS || echo MiB/s)
     printf '%-32s firn %9s %-5s   nbdkit %9s %s\n' "cached-$name" "${value[firn]}" "$label" "${value[nbdkit]}" "$label"
-    add_ratio "cached-$name" "$(calc "f'{${value[firn]} / ${value[nbdkit]}:.2f}'")" ">= 0.8" \
+    add_ratio "cached-$name" "$(calc "f'{${value[firn]} / ${value[nbdkit]}:.2f}'")" "${goal:->= 0.8}" \
         "firn ${value[firn]} / nbdkit ${value[nbdkit]} $label"
 }
+uploads_paused= goal=
 for job in "${jobs[@]}"; do
     # shellcheck disable=SC2086 # the fio arguments split on purpose
     fio_pair $job
 done
+
+# The write jobs again with firn's uploads paused for the length of its job: what firn's own
+# write path reaches when neither its uploads nor Garage storing them take the cores. Not a
+# goal (the goal is with uploads running); it tells the two costs apart.
+uploads_paused=1 goal="(diagnostic)"
+for job in "${jobs[0]}" "${jobs[2]}" "${jobs[4]}"; do
+    read -r name rest <<<"$job"
+    # shellcheck disable=SC2086 # the fio arguments split on purpose
+    fio_pair "$name-uploads-paused" $rest
+done
+uploads_paused= goal=
 
 # The bucket stops answering (the process is frozen: connections hang rather than fail).
 wait_committed fio >/dev/null
