@@ -17,39 +17,12 @@ use rand::RngCore;
 
 mod common;
 
+use common::s3_options;
+
 struct Backend {
     name: &'static str,
     store: Arc<dyn Remote>,
     _dir: Option<tempfile::TempDir>,
-}
-
-fn s3_options() -> Option<S3Options> {
-    let var = |name: &str| std::env::var(name).ok();
-    let Some(endpoint) = var("FIRN_TEST_S3_ENDPOINT") else {
-        assert!(
-            var("CI").is_none(),
-            "CI must run against Garage: FIRN_TEST_S3_ENDPOINT is not set (run scripts/test)"
-        );
-        eprintln!("FIRN_TEST_S3_ENDPOINT not set: skipping the S3 backend");
-        return None;
-    };
-    let mut id = [0u8; 6];
-    rand::rng().fill_bytes(&mut id);
-    Some(S3Options {
-        endpoint: Some(endpoint),
-        bucket: var("FIRN_TEST_S3_BUCKET").expect("FIRN_TEST_S3_BUCKET"),
-        region: var("FIRN_TEST_S3_REGION").unwrap_or_else(|| "garage".to_string()),
-        // Each test run writes under its own prefix.
-        prefix: format!("test-{}", hex::encode(id)),
-        path_style: true,
-        access_key_id: var("FIRN_TEST_S3_ACCESS_KEY_ID"),
-        secret_access_key: var("FIRN_TEST_S3_SECRET_ACCESS_KEY"),
-        checksum: true,
-        multipart_threshold: 6 << 20,
-        part_size: 5 << 20,
-        part_concurrency: 4,
-        request_timeout: Duration::from_secs(30),
-    })
 }
 
 fn backends() -> Vec<Backend> {

@@ -107,6 +107,16 @@ impl MetaStore {
 
     /// The value stored under `key` in `table`, if any.
     pub fn get(&self, table: &str, key: &str) -> Result<Option<Vec<u8>>, MetaError> {
+        self.read(table, None, |table| get_from(table, key))
+    }
+
+    /// `body` on `table` in a read transaction; `missing` if the table was never made.
+    fn read<T>(
+        &self,
+        table: &str,
+        missing: T,
+        body: impl FnOnce(&redb::ReadOnlyTable<&'static str, &'static [u8]>) -> Result<T, StorageError>,
+    ) -> Result<T, MetaError> {
         let definition = table_definition(&self.path, table)?;
         let read = self
             .db
@@ -114,26 +124,45 @@ impl MetaStore {
             .map_err(|e| store_error(&self.path, e))?;
         let table = match read.open_table(definition) {
             Ok(table) => table,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(TableError::TableDoesNotExist(_)) => return Ok(missing),
             Err(e) => return Err(store_error(&self.path, e)),
         };
-        get_from(&table, key).map_err(|e| store_error(&self.path, e))
+        body(&table).map_err(|e| store_error(&self.path, e))
     }
 
     /// Every entry of `table` whose key starts with `prefix`, in key order. An empty prefix
     /// lists the whole table.
     pub fn list(&self, table: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, MetaError> {
-        let definition = table_definition(&self.path, table)?;
-        let read = self
-            .db
-            .begin_read()
-            .map_err(|e| store_error(&self.path, e))?;
-        let table = match read.open_table(definition) {
-            Ok(table) => table,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(store_error(&self.path, e)),
+        self.read(table, Vec::new(), |table| list_from(table, prefix))
+    }
+
+    /// At most `limit` entries of `table` whose key starts with `prefix` and sorts after
+    /// `after` (from the first such key if `after` is `None`), in key order: a listing read a
+    /// page at a time, in memory bounded by `limit`.
+    pub fn list_page(
+        &self,
+        table: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, MetaError> {
+        use std::ops::Bound;
+        let start = match after {
+            Some(after) if after >= prefix => Bound::Excluded(after),
+            _ => Bound::Included(prefix),
         };
-        list_from(&table, prefix).map_err(|e| store_error(&self.path, e))
+        self.read(table, Vec::new(), |table| {
+            let mut entries = Vec::new();
+            for entry in table.range::<&str>((start, Bound::Unbounded))? {
+                let (key, value) = entry?;
+                let key = key.value();
+                if !key.starts_with(prefix) || entries.len() >= limit {
+                    break;
+                }
+                entries.push((key.to_string(), value.value().to_vec()));
+            }
+            Ok(entries)
+        })
     }
 
     /// Stores `value` under `key`, replacing any previous value, and commits.
@@ -344,6 +373,28 @@ mod tests {
         assert!(store.delete("volumes", "v1").unwrap());
         assert!(!store.delete("volumes", "v1").unwrap());
         assert_eq!(store.get("volumes", "v1").unwrap(), None);
+    }
+
+    #[test]
+    fn pages_cover_a_prefix_once_in_order() {
+        let (_dir, store) = open_temp();
+        for key in ["a/1", "a/2", "a/3", "a/4", "a/5", "b/1", "a"] {
+            store.put("t", key, key.as_bytes()).unwrap();
+        }
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = store.list_page("t", "a/", after.as_deref(), 2).unwrap();
+            assert!(page.len() <= 2);
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            seen.extend(page.into_iter().map(|(k, _)| k));
+        }
+        assert_eq!(seen, ["a/1", "a/2", "a/3", "a/4", "a/5"]);
+        // An `after` that sorts before the prefix starts at the prefix.
+        let first = store.list_page("t", "b/", Some("a/9"), 10).unwrap();
+        assert_eq!(first, [("b/1".to_string(), b"b/1".to_vec())]);
+        assert!(store.list_page("never", "", None, 5).unwrap().is_empty());
     }
 
     #[test]

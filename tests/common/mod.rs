@@ -203,3 +203,34 @@ pub fn small_ext4(dir: &Path) -> (PathBuf, Teardown) {
     })]);
     (mnt, teardown)
 }
+
+/// Garage's address and key from the environment (`scripts/test` sets them), each call under
+/// a prefix of its own; `None` outside CI when they are not set.
+pub fn s3_options() -> Option<firn::remote::s3::S3Options> {
+    let var = |name: &str| std::env::var(name).ok();
+    let Some(endpoint) = var("FIRN_TEST_S3_ENDPOINT") else {
+        assert!(
+            var("CI").is_none(),
+            "CI must run against Garage: FIRN_TEST_S3_ENDPOINT is not set (run scripts/test)"
+        );
+        eprintln!("FIRN_TEST_S3_ENDPOINT not set: skipping the S3 backend");
+        return None;
+    };
+    let mut id = [0u8; 6];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
+    Some(firn::remote::s3::S3Options {
+        endpoint: Some(endpoint),
+        bucket: var("FIRN_TEST_S3_BUCKET").expect("FIRN_TEST_S3_BUCKET"),
+        region: var("FIRN_TEST_S3_REGION").unwrap_or_else(|| "garage".to_string()),
+        // Each test run writes under its own prefix.
+        prefix: format!("test-{}", hex::encode(id)),
+        path_style: true,
+        access_key_id: var("FIRN_TEST_S3_ACCESS_KEY_ID"),
+        secret_access_key: var("FIRN_TEST_S3_SECRET_ACCESS_KEY"),
+        checksum: true,
+        multipart_threshold: 6 << 20,
+        part_size: 5 << 20,
+        part_concurrency: 4,
+        request_timeout: Duration::from_secs(30),
+    })
+}

@@ -1,0 +1,854 @@
+//! File shares: a directory tree whose files are plain objects under a bucket prefix
+//! (`<prefix><path>`), with POSIX metadata as object user metadata in the convention AWS's
+//! file tools use. Decision 0008 has the design; in short:
+//!
+//! - [`namespace`]: inodes and directory entries in the metadata store; fileids are the
+//!   file handles, stable across restarts.
+//! - Content: one local file per file, `shares/<id>/files/<fileid>`, written in place. A
+//!   file is marked dirty (durably) on its first change after an upload.
+//! - [`upload`]: a dirty file is uploaded as one whole object once it has been quiet for the
+//!   settle time, or at once after a commit; a write during the upload fails it, so no object
+//!   is ever torn. Removed and renamed files' old objects are deleted after.
+//!
+//! Not yet here (see decision 0008): the NFS door, refresh from the bucket, eviction, and
+//! directory marker objects.
+
+pub mod namespace;
+mod upload;
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use self::namespace::{Inode, Kind, Namespace, NewAttrs};
+use crate::local::meta::{MetaError, MetaStore};
+use crate::remote::Remote;
+
+const TABLE: &str = "shares";
+/// Open content files kept per share.
+const OPEN_FILES: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShareError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("the file handle names fileid {0}, which no longer exists")]
+    Stale(u64),
+    #[error("the name is taken")]
+    Exists,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("the directory is not empty")]
+    NotEmpty,
+    #[error("the name or path is too long ({0} bytes)")]
+    NameTooLong(usize),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the share is read-only")]
+    ReadOnly,
+    #[error("no share named {0:?}")]
+    NoShare(String),
+    #[error("a share named {0:?} exists")]
+    ShareExists(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+impl From<MetaError> for ShareError {
+    fn from(e: MetaError) -> ShareError {
+        ShareError::Io(e.to_string())
+    }
+}
+
+fn io_error(what: &str, e: std::io::Error) -> ShareError {
+    ShareError::Io(format!("{what}: {e}"))
+}
+
+/// What who squashes to the anonymous user (NFS `root_squash`, `all_squash`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Squash {
+    #[default]
+    Root,
+    All,
+    None,
+}
+
+/// A share as the catalog keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareInfo {
+    /// Random, never reused: names the share's tables and local directory.
+    pub id: String,
+    pub name: String,
+    /// Where the share's objects go: `<prefix><path>`; empty or ending in `/`.
+    pub prefix: String,
+    pub read_only: bool,
+    /// Client address blocks admitted (CIDR); empty admits every client.
+    pub allow: Vec<String>,
+    pub squash: Squash,
+    pub created: String,
+}
+
+/// How shares behave; `[shares]` in the config.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// How long a file must be quiet before it is uploaded.
+    pub settle: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            settle: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Checks a share's name: it names an NFS export (`/<name>`) and a directory.
+pub fn check_share_name(name: &str) -> Result<(), ShareError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(ShareError::Invalid(format!(
+            "share name {name:?}: use 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'"
+        )))
+    }
+}
+
+/// Checks a share's prefix: empty (the whole bucket) or `a/b/`, and a valid key start.
+pub fn check_prefix(prefix: &str) -> Result<(), ShareError> {
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    let bad = |reason: &str| Err(ShareError::Invalid(format!("prefix {prefix:?}: {reason}")));
+    let Some(dirs) = prefix.strip_suffix('/') else {
+        return bad("must end with '/'");
+    };
+    if prefix.len() > namespace::MAX_KEY / 2 {
+        return bad("too long");
+    }
+    for part in dirs.split('/') {
+        if let Err(e) = namespace::check_name(part) {
+            return bad(&e.to_string());
+        }
+    }
+    Ok(())
+}
+
+/// The shares of this gateway.
+#[derive(Debug)]
+pub struct Shares {
+    meta: Arc<MetaStore>,
+    dir: PathBuf,
+    remote: Arc<dyn Remote>,
+    runtime: tokio::runtime::Handle,
+    settings: Settings,
+    open: Mutex<HashMap<String, Arc<Share>>>,
+}
+
+impl Shares {
+    /// The shares in `meta`, with their local files under `dir`, uploading to `remote` on
+    /// `runtime`. Every share opens now, so uploads left from before a restart resume.
+    pub fn open(
+        meta: Arc<MetaStore>,
+        dir: impl Into<PathBuf>,
+        remote: Arc<dyn Remote>,
+        runtime: tokio::runtime::Handle,
+        settings: Settings,
+    ) -> Result<Shares, ShareError> {
+        let shares = Shares {
+            meta,
+            dir: dir.into(),
+            remote,
+            runtime,
+            settings,
+            open: Mutex::new(HashMap::new()),
+        };
+        for info in shares.list()? {
+            shares.start(info)?;
+        }
+        Ok(shares)
+    }
+
+    pub fn list(&self) -> Result<Vec<ShareInfo>, ShareError> {
+        let mut shares = Vec::new();
+        for (name, bytes) in self.meta.list(TABLE, "")? {
+            let info = serde_json::from_slice(&bytes)
+                .map_err(|e| ShareError::Io(format!("share {name:?} in the catalog: {e}")))?;
+            shares.push(info);
+        }
+        Ok(shares)
+    }
+
+    pub fn get(&self, name: &str) -> Result<Option<ShareInfo>, ShareError> {
+        Ok(self.meta.get_json(TABLE, name)?)
+    }
+
+    /// The running share `name`.
+    pub fn share(&self, name: &str) -> Result<Arc<Share>, ShareError> {
+        lock(&self.open)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ShareError::NoShare(name.to_string()))
+    }
+
+    /// Makes a share. Its objects go under `prefix`; what is there already stays.
+    pub fn create(
+        &self,
+        name: &str,
+        prefix: &str,
+        read_only: bool,
+        allow: Vec<String>,
+        squash: Squash,
+    ) -> Result<ShareInfo, ShareError> {
+        check_share_name(name)?;
+        check_prefix(prefix)?;
+        let info = ShareInfo {
+            id: format!("{:032x}", rand::random::<u128>()),
+            name: name.to_string(),
+            prefix: prefix.to_string(),
+            read_only,
+            allow,
+            squash,
+            created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        };
+        self.meta.transaction(|tx| {
+            if tx.get(TABLE, name)?.is_some() {
+                return Err(ShareError::ShareExists(name.to_string()));
+            }
+            tx.put_json(TABLE, name, &info)?;
+            Ok(())
+        })?;
+        if let Err(e) = self.start(info.clone()) {
+            let _ = self.meta.delete(TABLE, name);
+            return Err(e);
+        }
+        Ok(info)
+    }
+
+    /// Removes the share from this gateway: its namespace and local files. Its objects in
+    /// the bucket stay; files not yet uploaded are lost, so the caller asks first.
+    pub fn delete(&self, name: &str) -> Result<ShareInfo, ShareError> {
+        let info = self
+            .get(name)?
+            .ok_or_else(|| ShareError::NoShare(name.to_string()))?;
+        self.meta.delete(TABLE, name)?;
+        if let Some(share) = lock(&self.open).remove(name) {
+            share.stop();
+        }
+        let dir = self.dir.join(&info.id);
+        let ns = Namespace::open(self.meta.clone(), &info.id, root_attrs())?;
+        ns.destroy()?;
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error(&format!("removing {}", dir.display()), e)),
+        }
+        Ok(info)
+    }
+
+    fn start(&self, info: ShareInfo) -> Result<(), ShareError> {
+        let files = self.dir.join(&info.id).join("files");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&files)
+            .map_err(|e| io_error(&format!("creating {}", files.display()), e))?;
+        let ns = Namespace::open(self.meta.clone(), &info.id, root_attrs())?;
+        let share = Arc::new(Share {
+            info: info.clone(),
+            ns,
+            files,
+            remote: self.remote.clone(),
+            settings: self.settings,
+            dirty: Mutex::new(HashMap::new()),
+            files_open: Mutex::new(HashMap::new()),
+            wake: tokio::sync::Notify::new(),
+            stopped: AtomicBool::new(false),
+            uploaded_files: AtomicU64::new(0),
+            uploaded_bytes: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        });
+        // What was dirty before a restart goes up without waiting to settle.
+        let long_ago = Instant::now()
+            .checked_sub(self.settings.settle)
+            .unwrap_or_else(Instant::now);
+        for id in share.ns.dirty()? {
+            lock(&share.dirty).insert(
+                id,
+                Dirty {
+                    generation: 1,
+                    writing: 0,
+                    last_change: long_ago,
+                    now: false,
+                },
+            );
+        }
+        self.runtime.spawn(upload::run(share.clone()));
+        lock(&self.open).insert(info.name.clone(), share);
+        Ok(())
+    }
+}
+
+fn root_attrs() -> NewAttrs {
+    new_attrs(0o755, 0, 0)
+}
+
+fn new_attrs(mode: u32, uid: u32, gid: u32) -> NewAttrs {
+    NewAttrs {
+        mode,
+        uid,
+        gid,
+        now_ns: now_ns(),
+    }
+}
+
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A file changed since its last upload.
+#[derive(Debug, Clone, Copy)]
+struct Dirty {
+    /// Counts changes: an upload that began at one generation and ends at another read a
+    /// file that changed under it.
+    generation: u64,
+    /// Changes under way; an upload starts only when there are none.
+    writing: u32,
+    last_change: Instant,
+    /// Upload without waiting to settle (a COMMIT asked).
+    now: bool,
+}
+
+/// What a file, directory or symlink looks like to a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attrs {
+    pub fileid: u64,
+    pub kind: Kind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    /// Bytes the file takes on local disk.
+    pub used: u64,
+    pub mtime_ns: u64,
+    pub atime_ns: u64,
+    pub ctime_ns: u64,
+}
+
+/// Attribute changes (NFS SETATTR); `None` leaves one as it is.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SetAttrs {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime_ns: Option<u64>,
+    pub mtime_ns: Option<u64>,
+}
+
+/// What `firn share show` says of a running share.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShareStatus {
+    /// Files changed here and not yet in the bucket.
+    pub dirty_files: u64,
+    /// Their bytes on local disk.
+    pub dirty_bytes: u64,
+    /// Objects of removed or moved files still to delete from the bucket.
+    pub pending_deletes: u64,
+    pub uploaded_files: u64,
+    pub uploaded_bytes: u64,
+    pub last_error: Option<String>,
+}
+
+/// One running share.
+#[derive(Debug)]
+pub struct Share {
+    info: ShareInfo,
+    ns: Namespace,
+    files: PathBuf,
+    remote: Arc<dyn Remote>,
+    settings: Settings,
+    dirty: Mutex<HashMap<u64, Dirty>>,
+    files_open: Mutex<HashMap<u64, Arc<File>>>,
+    /// Wakes the uploader: a commit, a remove, a stop.
+    wake: tokio::sync::Notify,
+    stopped: AtomicBool,
+    uploaded_files: AtomicU64,
+    uploaded_bytes: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Share {
+    pub fn info(&self) -> &ShareInfo {
+        &self.info
+    }
+
+    fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    fn check_writable(&self) -> Result<(), ShareError> {
+        if self.info.read_only {
+            Err(ShareError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn content_path(&self, id: u64) -> PathBuf {
+        self.files.join(format!("{id:016x}"))
+    }
+
+    /// The content file of `id`, created empty if missing (a crash before a new file's
+    /// content reached the disk leaves an inode whose content is empty).
+    fn content(&self, id: u64) -> Result<Arc<File>, ShareError> {
+        if let Some(file) = lock(&self.files_open).get(&id) {
+            return Ok(file.clone());
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(self.content_path(id))
+            .map_err(|e| io_error("opening a file's local content", e))?;
+        let file = Arc::new(file);
+        let mut open = lock(&self.files_open);
+        if open.len() >= OPEN_FILES {
+            open.clear();
+        }
+        open.insert(id, file.clone());
+        Ok(file)
+    }
+
+    fn forget_content(&self, id: u64) {
+        lock(&self.files_open).remove(&id);
+        let _ = std::fs::remove_file(self.content_path(id));
+        lock(&self.dirty).remove(&id);
+    }
+
+    /// A change to file `id` begins: it is dirty from now on (durably, on the first change
+    /// after an upload), and no upload that reads it while the change is under way completes
+    /// (`Dirty::writing`). Every `begin_change` is followed by one `end_change`.
+    fn begin_change(&self, id: u64) -> Result<(), ShareError> {
+        let mut dirty = lock(&self.dirty);
+        match dirty.get_mut(&id) {
+            Some(d) => {
+                d.generation += 1;
+                d.writing += 1;
+                d.last_change = Instant::now();
+            }
+            None => {
+                self.ns.mark_dirty(id)?;
+                dirty.insert(
+                    id,
+                    Dirty {
+                        generation: 1,
+                        writing: 1,
+                        last_change: Instant::now(),
+                        now: false,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn end_change(&self, id: u64) {
+        if let Some(d) = lock(&self.dirty).get_mut(&id) {
+            d.generation += 1;
+            d.writing -= 1;
+            d.last_change = Instant::now();
+        }
+    }
+
+    /// A change made in one step (a rename, new attributes).
+    fn changed(&self, id: u64) -> Result<(), ShareError> {
+        self.begin_change(id)?;
+        self.end_change(id);
+        Ok(())
+    }
+
+    pub fn root(&self) -> u64 {
+        namespace::ROOT
+    }
+
+    pub fn lookup(&self, dir: u64, name: &str) -> Result<u64, ShareError> {
+        self.ns.lookup(dir, name)
+    }
+
+    /// The share-relative path of `id`.
+    pub fn path(&self, id: u64) -> Result<String, ShareError> {
+        self.ns.path(id)
+    }
+
+    pub fn attrs(&self, id: u64) -> Result<Attrs, ShareError> {
+        let inode = self.ns.get(id)?;
+        self.attrs_of(id, &inode)
+    }
+
+    fn attrs_of(&self, id: u64, inode: &Inode) -> Result<Attrs, ShareError> {
+        let mut attrs = Attrs {
+            fileid: id,
+            kind: inode.kind,
+            mode: inode.mode,
+            uid: inode.uid,
+            gid: inode.gid,
+            size: inode.size,
+            used: 0,
+            mtime_ns: inode.mtime_ns,
+            atime_ns: inode.atime_ns,
+            ctime_ns: inode.ctime_ns,
+        };
+        if inode.kind == Kind::File {
+            match std::fs::metadata(self.content_path(id)) {
+                Ok(m) => {
+                    attrs.size = m.len();
+                    attrs.used = m.blocks() * 512;
+                    attrs.mtime_ns = file_time_ns(m.mtime(), m.mtime_nsec());
+                    attrs.ctime_ns = attrs.ctime_ns.max(attrs.mtime_ns);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error("reading a file's local content", e)),
+            }
+        }
+        Ok(attrs)
+    }
+
+    /// Makes file `name` in `dir`. With `exclusive`, an existing name is `Exists`;
+    /// without, an existing file is opened as it is (NFS CREATE UNCHECKED).
+    pub fn create(
+        &self,
+        dir: u64,
+        name: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        exclusive: bool,
+    ) -> Result<Attrs, ShareError> {
+        self.check_writable()?;
+        let attrs = new_attrs(mode, uid, gid);
+        match self
+            .ns
+            .create(dir, name, Kind::File, attrs, None, self.info.prefix.len())
+        {
+            Ok((id, inode)) => {
+                self.content(id)?;
+                self.changed(id)?;
+                self.attrs_of(id, &inode)
+            }
+            Err(ShareError::Exists) if !exclusive => {
+                let id = self.ns.lookup(dir, name)?;
+                let attrs = self.attrs(id)?;
+                if attrs.kind != Kind::File {
+                    return Err(ShareError::Exists);
+                }
+                Ok(attrs)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn mkdir(
+        &self,
+        dir: u64,
+        name: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attrs, ShareError> {
+        self.check_writable()?;
+        let attrs = new_attrs(mode, uid, gid);
+        let (id, inode) =
+            self.ns
+                .create(dir, name, Kind::Dir, attrs, None, self.info.prefix.len())?;
+        self.attrs_of(id, &inode)
+    }
+
+    /// Makes symlink `name` in `dir` pointing at `target`, which is kept as it is: a client
+    /// resolves it, never firn.
+    pub fn symlink(
+        &self,
+        dir: u64,
+        name: &str,
+        target: &str,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attrs, ShareError> {
+        self.check_writable()?;
+        if target.is_empty() || target.len() > 4096 || target.contains('\0') {
+            return Err(ShareError::Invalid(
+                "a symlink's target must be 1 to 4096 bytes without NUL".into(),
+            ));
+        }
+        let attrs = NewAttrs {
+            mode: 0o777,
+            uid,
+            gid,
+            now_ns: now_ns(),
+        };
+        let (id, inode) = self.ns.create(
+            dir,
+            name,
+            Kind::Symlink,
+            attrs,
+            Some(target.to_string()),
+            self.info.prefix.len(),
+        )?;
+        self.changed(id)?;
+        self.attrs_of(id, &inode)
+    }
+
+    pub fn readlink(&self, id: u64) -> Result<String, ShareError> {
+        let inode = self.ns.get(id)?;
+        inode
+            .target
+            .filter(|_| inode.kind == Kind::Symlink)
+            .ok_or_else(|| ShareError::Invalid("not a symlink".into()))
+    }
+
+    /// Removes file or symlink `name` of `dir`; its object goes from the bucket after.
+    pub fn remove(&self, dir: u64, name: &str) -> Result<(), ShareError> {
+        self.check_writable()?;
+        let (id, _) = self.ns.remove(dir, name, false, now_ns())?;
+        self.forget_content(id);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Removes the empty directory `name` of `dir`.
+    pub fn rmdir(&self, dir: u64, name: &str) -> Result<(), ShareError> {
+        self.check_writable()?;
+        self.ns.remove(dir, name, true, now_ns())?;
+        Ok(())
+    }
+
+    /// Renames `from_dir/from` to `to_dir/to`. A moved file (or every file below a moved
+    /// directory) is uploaded again under its new key, and its old object deleted after.
+    pub fn rename(
+        &self,
+        from_dir: u64,
+        from: &str,
+        to_dir: u64,
+        to: &str,
+    ) -> Result<(), ShareError> {
+        self.check_writable()?;
+        let moved = self.ns.lookup(from_dir, from)?;
+        let replaced =
+            self.ns
+                .rename(from_dir, from, to_dir, to, now_ns(), self.info.prefix.len())?;
+        if let Some(old) = replaced {
+            self.forget_content(old);
+        }
+        // Every file the rename moved changed its key: a change, for the uploader.
+        let mut stack = vec![moved];
+        while let Some(id) = stack.pop() {
+            let inode = self.ns.get(id)?;
+            if inode.kind == Kind::Dir {
+                let mut after: Option<String> = None;
+                loop {
+                    let page = self.ns.list(id, after.as_deref(), 1024)?;
+                    let Some((last, _)) = page.last() else { break };
+                    after = Some(last.clone());
+                    stack.extend(page.into_iter().map(|(_, child)| child));
+                }
+            } else {
+                self.changed(id)?;
+            }
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Up to `limit` entries of `dir` after the name `after`, with their attributes.
+    pub fn list(
+        &self,
+        dir: u64,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Attrs)>, ShareError> {
+        let mut entries = Vec::new();
+        for (name, id) in self.ns.list(dir, after, limit)? {
+            match self.attrs(id) {
+                Ok(attrs) => entries.push((name, attrs)),
+                // Removed since the listing: skip it.
+                Err(ShareError::Stale(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(entries)
+    }
+
+    pub fn setattr(&self, id: u64, set: SetAttrs) -> Result<Attrs, ShareError> {
+        self.check_writable()?;
+        let inode = self.ns.get(id)?;
+        if set.size.is_some() && inode.kind != Kind::File {
+            return Err(ShareError::Invalid("only a file has a size to set".into()));
+        }
+        if set.size.is_some() || set.mtime_ns.is_some() && inode.kind == Kind::File {
+            let file = self.content(id)?;
+            self.begin_change(id)?;
+            let done = (|| {
+                if let Some(size) = set.size {
+                    file.set_len(size)
+                        .map_err(|e| io_error("truncating a file", e))?;
+                }
+                if let Some(mtime) = set.mtime_ns {
+                    let time = SystemTime::UNIX_EPOCH + Duration::from_nanos(mtime);
+                    file.set_modified(time)
+                        .map_err(|e| io_error("setting a file's time", e))?;
+                }
+                Ok::<_, ShareError>(())
+            })();
+            self.end_change(id);
+            done?;
+        }
+        let now = now_ns();
+        let inode = self.ns.update(id, |inode| {
+            if let Some(mode) = set.mode {
+                inode.mode = mode & 0o7777;
+            }
+            if let Some(uid) = set.uid {
+                inode.uid = uid;
+            }
+            if let Some(gid) = set.gid {
+                inode.gid = gid;
+            }
+            if let Some(atime) = set.atime_ns {
+                inode.atime_ns = atime;
+            }
+            if let Some(mtime) = set.mtime_ns {
+                inode.mtime_ns = mtime;
+            }
+            inode.ctime_ns = now;
+        })?;
+        // Mode, owner and times travel with the object: a change is a new upload.
+        if inode.kind != Kind::Dir {
+            self.changed(id)?;
+        }
+        self.attrs_of(id, &inode)
+    }
+
+    /// Up to `count` bytes of file `id` from `offset`, and whether they reach its end.
+    pub fn read(&self, id: u64, offset: u64, count: u32) -> Result<(Vec<u8>, bool), ShareError> {
+        let inode = self.ns.get(id)?;
+        match inode.kind {
+            Kind::Dir => return Err(ShareError::IsDir),
+            Kind::Symlink => {
+                return Err(ShareError::Invalid(
+                    "a symlink is read with READLINK".into(),
+                ));
+            }
+            Kind::File => {}
+        }
+        let file = self.content(id)?;
+        let size = file
+            .metadata()
+            .map_err(|e| io_error("reading a file", e))?
+            .len();
+        let len = (count as u64).min(size.saturating_sub(offset)) as usize;
+        let mut buf = vec![0; len];
+        file.read_exact_at(&mut buf, offset)
+            .map_err(|e| io_error("reading a file", e))?;
+        Ok((buf, offset + len as u64 >= size))
+    }
+
+    /// Writes `data` at `offset` of file `id`; with `sync`, on stable storage before it
+    /// returns (NFS `FILE_SYNC`/`DATA_SYNC`), otherwise in the page cache until a commit.
+    pub fn write(
+        &self,
+        id: u64,
+        offset: u64,
+        data: &[u8],
+        sync: bool,
+    ) -> Result<Attrs, ShareError> {
+        self.check_writable()?;
+        let inode = self.ns.get(id)?;
+        match inode.kind {
+            Kind::Dir => return Err(ShareError::IsDir),
+            Kind::Symlink => return Err(ShareError::Invalid("not a regular file".into())),
+            Kind::File => {}
+        }
+        let end = offset.checked_add(data.len() as u64);
+        if end.is_none_or(|end| end > MAX_FILE) {
+            return Err(ShareError::Invalid(format!(
+                "a file ends at {MAX_FILE} bytes at most"
+            )));
+        }
+        let file = self.content(id)?;
+        self.begin_change(id)?;
+        let written = file.write_all_at(data, offset);
+        self.end_change(id);
+        written.map_err(|e| io_error("writing a file", e))?;
+        if sync {
+            file.sync_data()
+                .map_err(|e| io_error("syncing a file", e))?;
+        }
+        self.attrs_of(id, &inode)
+    }
+
+    /// Makes file `id`'s writes durable (NFS COMMIT) and uploads it without waiting for it
+    /// to settle.
+    pub fn commit(&self, id: u64) -> Result<(), ShareError> {
+        let inode = self.ns.get(id)?;
+        if inode.kind == Kind::File {
+            self.content(id)?
+                .sync_all()
+                .map_err(|e| io_error("syncing a file", e))?;
+        }
+        if let Some(d) = lock(&self.dirty).get_mut(&id) {
+            d.now = true;
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    pub fn status(&self) -> ShareStatus {
+        let dirty: Vec<u64> = lock(&self.dirty).keys().copied().collect();
+        let dirty_bytes = dirty
+            .iter()
+            .filter_map(|id| std::fs::metadata(self.content_path(*id)).ok())
+            .map(|m| m.len())
+            .sum();
+        ShareStatus {
+            dirty_files: dirty.len() as u64,
+            dirty_bytes,
+            pending_deletes: self.ns.deletes(100_000).map_or(0, |d| d.len() as u64),
+            uploaded_files: self.uploaded_files.load(Ordering::Relaxed),
+            uploaded_bytes: self.uploaded_bytes.load(Ordering::Relaxed),
+            last_error: lock(&self.last_error).clone(),
+        }
+    }
+}
+
+/// The largest file a share holds: S3's largest object.
+pub const MAX_FILE: u64 = 5 << 40;
+
+fn file_time_ns(secs: i64, nsecs: i64) -> u64 {
+    (secs.max(0) as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(nsecs.max(0) as u64)
+}

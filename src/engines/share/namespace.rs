@@ -1,0 +1,570 @@
+//! A share's namespace: its inodes and directory entries, in the gateway's metadata store
+//! (decision 0008). A file handle is a fileid, handed out in order and never reused, so it
+//! outlives restarts, renames and eviction. Every change is one transaction, durable when it
+//! returns, as NFSv3 asks of namespace changes.
+//!
+//! Tables, for share `<id>`:
+//! - `share-<id>-inodes`: fileid as 16 hex digits -> [`Inode`] (JSON); key `next` -> the next
+//!   fileid to hand out.
+//! - `share-<id>-names`: `<parent fileid, 16 hex>/<name>` -> fileid (16 hex).
+//! - `share-<id>-dirty`: fileid -> nothing: files whose content may differ from their object.
+//! - `share-<id>-deletes`: object key -> nothing: objects to delete from the bucket.
+
+use serde::{Deserialize, Serialize};
+
+use super::ShareError;
+use crate::local::meta::{MetaError, MetaStore, MetaTransaction};
+
+/// The root directory's fileid.
+pub const ROOT: u64 = 1;
+/// Longest name of one entry, in bytes (NFSv3's `PATHCONF` says so to clients).
+pub const MAX_NAME: usize = 255;
+/// Longest object key a file can have, prefix included (S3's limit).
+pub const MAX_KEY: usize = 1024;
+
+const NEXT: &str = "next";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// One file, directory or symlink.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inode {
+    pub parent: u64,
+    pub name: String,
+    pub kind: Kind,
+    /// Permission bits (`0o7777`), without the file type.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Nanoseconds since the epoch. A file's size and modification time are its content
+    /// file's while that is here; these are what it had when it was last uploaded.
+    pub mtime_ns: u64,
+    pub atime_ns: u64,
+    pub ctime_ns: u64,
+    pub size: u64,
+    /// A symlink's target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Where the file's newest object is in the bucket, once it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uploaded: Option<Uploaded>,
+}
+
+/// An object a file was uploaded as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Uploaded {
+    /// The key below the share's prefix (the share-relative path).
+    pub path: String,
+    pub size: u64,
+}
+
+/// Attributes a new entry starts with.
+#[derive(Debug, Clone, Copy)]
+pub struct NewAttrs {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub now_ns: u64,
+}
+
+/// The namespace of one share.
+#[derive(Debug)]
+pub struct Namespace {
+    meta: std::sync::Arc<MetaStore>,
+    inodes: String,
+    names: String,
+    pub(super) dirty: String,
+    pub(super) deletes: String,
+}
+
+fn hex(id: u64) -> String {
+    format!("{id:016x}")
+}
+
+fn parse_hex(text: &str) -> Option<u64> {
+    (text.len() == 16)
+        .then(|| u64::from_str_radix(text, 16).ok())
+        .flatten()
+}
+
+/// Checks one name of a path: what NFS clients may create and S3 keys can hold.
+pub fn check_name(name: &str) -> Result<(), ShareError> {
+    let invalid = |reason: &str| Err(ShareError::Invalid(format!("the name {name:?} {reason}")));
+    if name.is_empty() || name == "." || name == ".." {
+        return invalid("is not a name a file can have");
+    }
+    if name.len() > MAX_NAME {
+        return Err(ShareError::NameTooLong(name.len()));
+    }
+    if name.contains('/') {
+        return invalid("contains '/'");
+    }
+    if name.chars().any(char::is_control) {
+        return invalid("contains a control character");
+    }
+    Ok(())
+}
+
+impl Namespace {
+    /// The namespace of share `id`, with its root directory made if it has none.
+    pub fn open(
+        meta: std::sync::Arc<MetaStore>,
+        id: &str,
+        root: NewAttrs,
+    ) -> Result<Namespace, ShareError> {
+        let ns = Namespace {
+            meta,
+            inodes: format!("share-{id}-inodes"),
+            names: format!("share-{id}-names"),
+            dirty: format!("share-{id}-dirty"),
+            deletes: format!("share-{id}-deletes"),
+        };
+        ns.meta.transaction(|tx| {
+            if tx.get(&ns.inodes, &hex(ROOT))?.is_none() {
+                let inode = new_inode(ROOT, String::new(), Kind::Dir, root);
+                tx.put_json(&ns.inodes, &hex(ROOT), &inode)?;
+                tx.put(&ns.inodes, NEXT, hex(ROOT + 1).as_bytes())?;
+            }
+            Ok::<_, ShareError>(())
+        })?;
+        Ok(ns)
+    }
+
+    /// Removes every table of the namespace's entries.
+    pub fn destroy(&self) -> Result<(), ShareError> {
+        for table in [&self.inodes, &self.names, &self.dirty, &self.deletes] {
+            loop {
+                let page = self.meta.list_page(table, "", None, 1024)?;
+                if page.is_empty() {
+                    break;
+                }
+                self.meta.transaction(|tx| {
+                    for (key, _) in &page {
+                        tx.delete(table, key)?;
+                    }
+                    Ok::<_, MetaError>(())
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, id: u64) -> Result<Inode, ShareError> {
+        self.meta
+            .get_json(&self.inodes, &hex(id))?
+            .ok_or(ShareError::Stale(id))
+    }
+
+    pub fn lookup(&self, dir: u64, name: &str) -> Result<u64, ShareError> {
+        let parent = self.get(dir)?;
+        if parent.kind != Kind::Dir {
+            return Err(ShareError::NotDir);
+        }
+        if name == "." {
+            return Ok(dir);
+        }
+        if name == ".." {
+            return Ok(if dir == ROOT { ROOT } else { parent.parent });
+        }
+        let found = self.meta.get(&self.names, &entry_key(dir, name))?;
+        found
+            .and_then(|v| std::str::from_utf8(&v).ok().and_then(parse_hex))
+            .ok_or(ShareError::NotFound)
+    }
+
+    /// The share-relative path of `id` (`a/b/c.txt`; empty for the root).
+    pub fn path(&self, id: u64) -> Result<String, ShareError> {
+        let mut parts = Vec::new();
+        let mut at = id;
+        while at != ROOT {
+            let inode = self.get(at)?;
+            parts.push(inode.name);
+            at = inode.parent;
+            if parts.len() > MAX_KEY {
+                return Err(ShareError::Io(format!(
+                    "fileid {id} has a cycle of parents"
+                )));
+            }
+        }
+        parts.reverse();
+        Ok(parts.join("/"))
+    }
+
+    /// Makes a new entry `name` in directory `dir`. `Exists` if the name is taken.
+    pub fn create(
+        &self,
+        dir: u64,
+        name: &str,
+        kind: Kind,
+        attrs: NewAttrs,
+        target: Option<String>,
+        prefix_len: usize,
+    ) -> Result<(u64, Inode), ShareError> {
+        check_name(name)?;
+        let path_len = self.path(dir)?.len() + 1 + name.len() + prefix_len;
+        if path_len > MAX_KEY {
+            return Err(ShareError::NameTooLong(path_len));
+        }
+        self.meta.transaction(|tx| {
+            let parent: Inode = tx
+                .get_json(&self.inodes, &hex(dir))?
+                .ok_or(ShareError::Stale(dir))?;
+            if parent.kind != Kind::Dir {
+                return Err(ShareError::NotDir);
+            }
+            if tx.get(&self.names, &entry_key(dir, name))?.is_some() {
+                return Err(ShareError::Exists);
+            }
+            let id = tx
+                .get(&self.inodes, NEXT)?
+                .and_then(|v| std::str::from_utf8(&v).ok().and_then(parse_hex))
+                .unwrap_or(ROOT + 1);
+            tx.put(&self.inodes, NEXT, hex(id + 1).as_bytes())?;
+            let mut inode = new_inode(dir, name.to_string(), kind, attrs);
+            if let Some(target) = target {
+                inode.size = target.len() as u64;
+                inode.target = Some(target);
+            }
+            tx.put_json(&self.inodes, &hex(id), &inode)?;
+            tx.put(&self.names, &entry_key(dir, name), hex(id).as_bytes())?;
+            touch_dir(tx, &self.inodes, dir, attrs.now_ns)?;
+            // A new file or symlink needs an object: dirty from the start.
+            if kind != Kind::Dir {
+                tx.put(&self.dirty, &hex(id), b"")?;
+            }
+            Ok((id, inode))
+        })
+    }
+
+    /// Removes entry `name` of `dir`: a file or symlink (`dir_wanted` false) or an empty
+    /// directory (true). Its object, if it has one, is queued for deletion in the same
+    /// transaction. Returns the removed inode's fileid and what it was.
+    pub fn remove(
+        &self,
+        dir: u64,
+        name: &str,
+        dir_wanted: bool,
+        now_ns: u64,
+    ) -> Result<(u64, Inode), ShareError> {
+        if name == "." || name == ".." {
+            return Err(ShareError::Invalid(format!("cannot remove {name:?}")));
+        }
+        let id = self.lookup(dir, name)?;
+        self.meta.transaction(|tx| {
+            let inode: Inode = tx
+                .get_json(&self.inodes, &hex(id))?
+                .ok_or(ShareError::NotFound)?;
+            match (inode.kind == Kind::Dir, dir_wanted) {
+                (true, false) => return Err(ShareError::IsDir),
+                (false, true) => return Err(ShareError::NotDir),
+                (true, true) => {
+                    if !tx.list(&self.names, &format!("{}/", hex(id)))?.is_empty() {
+                        return Err(ShareError::NotEmpty);
+                    }
+                }
+                (false, false) => {}
+            }
+            tx.delete(&self.names, &entry_key(dir, name))?;
+            tx.delete(&self.inodes, &hex(id))?;
+            tx.delete(&self.dirty, &hex(id))?;
+            if let Some(uploaded) = &inode.uploaded {
+                tx.put(&self.deletes, &uploaded.path, b"")?;
+            }
+            touch_dir(tx, &self.inodes, dir, now_ns)?;
+            Ok((id, inode))
+        })
+    }
+
+    /// Renames `from_dir/from` to `to_dir/to`, replacing a file there (or an empty directory,
+    /// when the source is one). Every file below a renamed directory gets a new key: each is
+    /// marked dirty (uploaded again under it; its old object is deleted after). Returns the
+    /// fileid replaced, if any.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rename(
+        &self,
+        from_dir: u64,
+        from: &str,
+        to_dir: u64,
+        to: &str,
+        now_ns: u64,
+        prefix_len: usize,
+    ) -> Result<Option<u64>, ShareError> {
+        check_name(to)?;
+        let id = self.lookup(from_dir, from)?;
+        if from_dir == to_dir && from == to {
+            return Ok(None);
+        }
+        // A directory cannot move below itself.
+        let mut at = to_dir;
+        while at != ROOT {
+            if at == id {
+                return Err(ShareError::Invalid(
+                    "a directory cannot be moved into itself".into(),
+                ));
+            }
+            at = self.get(at)?.parent;
+        }
+        let path_len = self.path(to_dir)?.len() + 1 + to.len() + prefix_len;
+        if path_len > MAX_KEY {
+            return Err(ShareError::NameTooLong(path_len));
+        }
+        let moved_files = self.files_below(id)?;
+        self.meta.transaction(|tx| {
+            let mut inode: Inode = tx
+                .get_json(&self.inodes, &hex(id))?
+                .ok_or(ShareError::NotFound)?;
+            let to_parent: Inode = tx
+                .get_json(&self.inodes, &hex(to_dir))?
+                .ok_or(ShareError::Stale(to_dir))?;
+            if to_parent.kind != Kind::Dir {
+                return Err(ShareError::NotDir);
+            }
+            let mut replaced = None;
+            if let Some(old) = tx.get(&self.names, &entry_key(to_dir, to))? {
+                let old_id = std::str::from_utf8(&old)
+                    .ok()
+                    .and_then(parse_hex)
+                    .ok_or_else(|| ShareError::Io("a damaged directory entry".into()))?;
+                let old_inode: Inode = tx
+                    .get_json(&self.inodes, &hex(old_id))?
+                    .ok_or(ShareError::NotFound)?;
+                match (inode.kind == Kind::Dir, old_inode.kind == Kind::Dir) {
+                    (false, true) => return Err(ShareError::IsDir),
+                    (true, false) => return Err(ShareError::NotDir),
+                    (true, true) => {
+                        if !tx
+                            .list(&self.names, &format!("{}/", hex(old_id)))?
+                            .is_empty()
+                        {
+                            return Err(ShareError::NotEmpty);
+                        }
+                    }
+                    (false, false) => {}
+                }
+                tx.delete(&self.inodes, &hex(old_id))?;
+                tx.delete(&self.dirty, &hex(old_id))?;
+                // Its object is usually at the moved file's new key, which that file's upload
+                // overwrites: `delete_decision` keeps it until then.
+                if let Some(uploaded) = &old_inode.uploaded {
+                    tx.put(&self.deletes, &uploaded.path, b"")?;
+                }
+                replaced = Some(old_id);
+            }
+            tx.delete(&self.names, &entry_key(from_dir, from))?;
+            tx.put(&self.names, &entry_key(to_dir, to), hex(id).as_bytes())?;
+            inode.parent = to_dir;
+            inode.name = to.to_string();
+            inode.ctime_ns = now_ns;
+            tx.put_json(&self.inodes, &hex(id), &inode)?;
+            for file in &moved_files {
+                tx.put(&self.dirty, &hex(*file), b"")?;
+            }
+            touch_dir(tx, &self.inodes, from_dir, now_ns)?;
+            touch_dir(tx, &self.inodes, to_dir, now_ns)?;
+            Ok(replaced)
+        })
+    }
+
+    /// Files and symlinks at or below `id`.
+    fn files_below(&self, id: u64) -> Result<Vec<u64>, ShareError> {
+        let mut files = Vec::new();
+        let mut dirs = vec![id];
+        while let Some(dir) = dirs.pop() {
+            let inode = self.get(dir)?;
+            if inode.kind != Kind::Dir {
+                files.push(dir);
+                continue;
+            }
+            for (_, value) in self.meta.list(&self.names, &format!("{}/", hex(dir)))? {
+                if let Some(child) = std::str::from_utf8(&value).ok().and_then(parse_hex) {
+                    dirs.push(child);
+                }
+            }
+        }
+        Ok(files)
+    }
+
+    fn path_tx(&self, tx: &MetaTransaction<'_>, id: u64) -> Result<String, ShareError> {
+        let mut parts = Vec::new();
+        let mut at = id;
+        while at != ROOT {
+            let inode: Inode = tx
+                .get_json(&self.inodes, &hex(at))?
+                .ok_or(ShareError::Stale(at))?;
+            parts.push(inode.name);
+            at = inode.parent;
+        }
+        parts.reverse();
+        Ok(parts.join("/"))
+    }
+
+    /// Up to `limit` entries of `dir` whose names sort after `after`, in name order.
+    pub fn list(
+        &self,
+        dir: u64,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, u64)>, ShareError> {
+        if self.get(dir)?.kind != Kind::Dir {
+            return Err(ShareError::NotDir);
+        }
+        let prefix = format!("{}/", hex(dir));
+        let after = after.map(|name| format!("{prefix}{name}"));
+        let page = self
+            .meta
+            .list_page(&self.names, &prefix, after.as_deref(), limit)?;
+        Ok(page
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let id = std::str::from_utf8(&value).ok().and_then(parse_hex)?;
+                Some((key[prefix.len()..].to_string(), id))
+            })
+            .collect())
+    }
+
+    /// Replaces the inode of `id` with what `change` makes of it.
+    pub fn update(&self, id: u64, change: impl FnOnce(&mut Inode)) -> Result<Inode, ShareError> {
+        self.meta.transaction(|tx| {
+            let mut inode: Inode = tx
+                .get_json(&self.inodes, &hex(id))?
+                .ok_or(ShareError::Stale(id))?;
+            change(&mut inode);
+            tx.put_json(&self.inodes, &hex(id), &inode)?;
+            Ok(inode)
+        })
+    }
+
+    /// Marks `id` as differing from its object (durably).
+    pub fn mark_dirty(&self, id: u64) -> Result<(), ShareError> {
+        Ok(self.meta.put(&self.dirty, &hex(id), b"")?)
+    }
+
+    /// Files that may differ from their objects.
+    pub fn dirty(&self) -> Result<Vec<u64>, ShareError> {
+        Ok(self
+            .meta
+            .list(&self.dirty, "")?
+            .into_iter()
+            .filter_map(|(key, _)| parse_hex(&key))
+            .collect())
+    }
+
+    /// Records that `id` was uploaded as `uploaded`: the object it had before (under another
+    /// key) is queued for deletion, and the file is clean unless it moved during the upload
+    /// (then it goes up again under its new key). If the file was removed during the upload,
+    /// the object just made is queued for deletion.
+    pub fn uploaded(&self, id: u64, uploaded: Uploaded, mtime_ns: u64) -> Result<(), ShareError> {
+        self.meta.transaction(|tx| {
+            let Some(mut inode) = tx.get_json::<Inode>(&self.inodes, &hex(id))? else {
+                tx.put(&self.deletes, &uploaded.path, b"")?;
+                return Ok(());
+            };
+            if let Some(old) = &inode.uploaded
+                && old.path != uploaded.path
+            {
+                tx.put(&self.deletes, &old.path, b"")?;
+            }
+            // The new key may have been queued for deletion by an earlier rename or remove.
+            tx.delete(&self.deletes, &uploaded.path)?;
+            let moved = self.path_tx(tx, id)? != uploaded.path;
+            inode.size = uploaded.size;
+            inode.mtime_ns = mtime_ns;
+            inode.uploaded = Some(uploaded);
+            tx.put_json(&self.inodes, &hex(id), &inode)?;
+            if !moved {
+                tx.delete(&self.dirty, &hex(id))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// What to do with the object at `path`, queued for deletion: a file that lives at that
+    /// path now will overwrite it (or has), so it is only deleted when no file does.
+    pub fn delete_decision(&self, path: &str) -> Result<Decision, ShareError> {
+        let mut at = ROOT;
+        for name in path.split('/') {
+            match self.lookup(at, name) {
+                Ok(id) => at = id,
+                Err(ShareError::NotFound | ShareError::NotDir | ShareError::Stale(_)) => {
+                    return Ok(Decision::Delete);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let inode = self.get(at)?;
+        Ok(match inode.kind {
+            Kind::Dir => Decision::Delete,
+            _ if inode.uploaded.as_ref().is_some_and(|u| u.path == path) => Decision::Drop,
+            _ => Decision::Keep,
+        })
+    }
+
+    /// Objects (share-relative paths) queued for deletion, at most `limit`.
+    pub fn deletes(&self, limit: usize) -> Result<Vec<String>, ShareError> {
+        Ok(self
+            .meta
+            .list_page(&self.deletes, "", None, limit)?
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect())
+    }
+
+    /// The object at `path` is gone from the bucket.
+    pub fn deleted(&self, path: &str) -> Result<(), ShareError> {
+        self.meta.delete(&self.deletes, path)?;
+        Ok(())
+    }
+}
+
+/// See [`Namespace::delete_decision`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// No file lives at the path: delete the object.
+    Delete,
+    /// The file living there has overwritten it: nothing to delete.
+    Drop,
+    /// The file living there will overwrite it: ask again later.
+    Keep,
+}
+
+fn entry_key(dir: u64, name: &str) -> String {
+    format!("{}/{name}", hex(dir))
+}
+
+fn new_inode(parent: u64, name: String, kind: Kind, attrs: NewAttrs) -> Inode {
+    Inode {
+        parent,
+        name,
+        kind,
+        mode: attrs.mode & 0o7777,
+        uid: attrs.uid,
+        gid: attrs.gid,
+        mtime_ns: attrs.now_ns,
+        atime_ns: attrs.now_ns,
+        ctime_ns: attrs.now_ns,
+        size: 0,
+        target: None,
+        uploaded: None,
+    }
+}
+
+/// A directory's entries changed: its modification time is now.
+fn touch_dir(
+    tx: &mut MetaTransaction<'_>,
+    inodes: &str,
+    dir: u64,
+    now_ns: u64,
+) -> Result<(), ShareError> {
+    if let Some(mut inode) = tx.get_json::<Inode>(inodes, &hex(dir))? {
+        inode.mtime_ns = now_ns;
+        inode.ctime_ns = now_ns;
+        tx.put_json(inodes, &hex(dir), &inode)?;
+    }
+    Ok(())
+}

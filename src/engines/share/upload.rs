@@ -1,0 +1,267 @@
+//! A share's uploader: one task per share. Each pass deletes the objects of removed and moved
+//! files, then uploads every dirty file that has settled (or that a commit asked for) as one
+//! whole object, streamed from its local content. A file changed while it is read fails its
+//! upload before the object is complete, so the bucket never holds a torn file; it goes up
+//! again once it settles. The loop never gives up: errors pause it, then it tries again.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::namespace::{Decision, Kind, Uploaded};
+use super::{Share, ShareError, lock};
+use crate::remote::{self, Body, Meta};
+
+/// Files uploaded per pass, and objects deleted.
+const BATCH: usize = 64;
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The message of a read that found its file changing.
+const CHANGED: &str = "the file changed during its upload";
+
+pub(super) async fn run(share: Arc<Share>) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        if share.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        match pass(&share).await {
+            Ok(true) => {
+                backoff = Duration::from_millis(250);
+                *lock(&share.last_error) = None;
+            }
+            Ok(false) => {
+                *lock(&share.last_error) = None;
+                // Often enough for the settle time to be kept to within a quarter of it.
+                let tick = (share.settings.settle / 4)
+                    .clamp(Duration::from_millis(50), Duration::from_secs(1));
+                tokio::select! {
+                    _ = share.wake.notified() => {}
+                    _ = tokio::time::sleep(tick) => {}
+                }
+            }
+            Err(e) => {
+                let repeated = lock(&share.last_error).replace(e.clone()).is_some();
+                if !repeated {
+                    tracing::warn!(share = %share.info.name, "upload paused: {e}; retrying until it succeeds");
+                }
+                tokio::select! {
+                    _ = share.wake.notified() => {}
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// One pass; whether it did anything.
+async fn pass(share: &Arc<Share>) -> Result<bool, String> {
+    let deletes = blocking(share, |share| share.ns.deletes(BATCH)).await?;
+    let mut deleted = 0;
+    for path in &deletes {
+        let asked = path.clone();
+        match blocking(share, move |share| share.ns.delete_decision(&asked)).await? {
+            Decision::Keep => continue,
+            Decision::Drop => {}
+            Decision::Delete => {
+                let key = format!("{}{path}", share.info.prefix);
+                share
+                    .remote
+                    .delete(&key)
+                    .await
+                    .map_err(|e| format!("deleting {key}: {e}"))?;
+            }
+        }
+        let path = path.clone();
+        blocking(share, move |share| share.ns.deleted(&path)).await?;
+        deleted += 1;
+    }
+    let due: Vec<(u64, u64)> = {
+        let dirty = lock(&share.dirty);
+        dirty
+            .iter()
+            .filter(|(_, d)| {
+                d.writing == 0 && (d.now || d.last_change.elapsed() >= share.settings.settle)
+            })
+            .map(|(&id, d)| (id, d.generation))
+            .take(BATCH)
+            .collect()
+    };
+    let mut uploaded = 0;
+    for (id, generation) in due {
+        if upload(share, id, generation).await? {
+            uploaded += 1;
+        }
+    }
+    Ok(deleted > 0 || uploaded > 0)
+}
+
+/// Uploads file `id` as it is at `generation`. Whether it went up; `Ok(false)` if it
+/// changed meanwhile (it stays dirty) or is gone.
+async fn upload(share: &Arc<Share>, id: u64, generation: u64) -> Result<bool, String> {
+    let found = blocking(share, move |share| {
+        let inode = share.ns.get(id)?;
+        let path = share.ns.path(id)?;
+        let attrs = share.attrs_of(id, &inode)?;
+        let file = match inode.kind {
+            Kind::File => Some(share.content(id)?),
+            _ => None,
+        };
+        Ok((inode, path, attrs, file))
+    })
+    .await;
+    let (inode, path, attrs, file) = match found {
+        Ok(found) => found,
+        Err(e) if e.starts_with("gone:") => {
+            lock(&share.dirty).remove(&id);
+            return Ok(false);
+        }
+        Err(e) => return Err(e),
+    };
+    let key = format!("{}{path}", share.info.prefix);
+    let body: Arc<dyn Body> = match (inode.kind, file) {
+        (Kind::File, Some(file)) => Arc::new(Content {
+            file,
+            len: attrs.size,
+            share: share.clone(),
+            id,
+            generation,
+        }),
+        (Kind::Symlink, _) => Arc::new(Bytes::from(inode.target.clone().unwrap_or_default())),
+        _ => {
+            lock(&share.dirty).remove(&id);
+            return Ok(false);
+        }
+    };
+    let len = body.len();
+    match share.remote.put_body(&key, body, object_meta(&attrs)).await {
+        Ok(()) => {}
+        Err(remote::Error::Permanent { message, .. }) if message.contains(CHANGED) => {
+            return Ok(false);
+        }
+        Err(e) => return Err(format!("uploading {key}: {e}")),
+    }
+    // Clean only if nothing changed since the upload read the file; the lock keeps a new
+    // change from slipping in between the check and the record.
+    let recorded = {
+        let mut dirty = lock(&share.dirty);
+        if dirty
+            .get(&id)
+            .is_some_and(|d| d.generation == generation && d.writing == 0)
+        {
+            dirty.remove(&id);
+            share
+                .ns
+                .uploaded(id, Uploaded { path, size: len }, attrs.mtime_ns)
+                .map(|()| true)
+        } else {
+            Ok(false)
+        }
+    };
+    match recorded {
+        Ok(true) => {
+            share.uploaded_files.fetch_add(1, Ordering::Relaxed);
+            share.uploaded_bytes.fetch_add(len, Ordering::Relaxed);
+            Ok(true)
+        }
+        Ok(false) => Ok(false),
+        Err(e) => {
+            // Still dirty on disk: the next pass uploads it again.
+            lock(&share.dirty).entry(id).or_insert(super::Dirty {
+                generation: 0,
+                writing: 0,
+                last_change: std::time::Instant::now(),
+                now: true,
+            });
+            Err(format!("recording the upload of {key}: {e}"))
+        }
+    }
+}
+
+/// The object metadata of a file, in the convention of AWS's file tools.
+pub fn object_meta(attrs: &super::Attrs) -> Meta {
+    let kind = match attrs.kind {
+        Kind::File => 0o100000,
+        Kind::Dir => 0o040000,
+        Kind::Symlink => 0o120000,
+    };
+    Meta::from([
+        (
+            "file-permissions".to_string(),
+            format!("{:o}", kind | attrs.mode),
+        ),
+        ("file-owner".to_string(), attrs.uid.to_string()),
+        ("file-group".to_string(), attrs.gid.to_string()),
+        ("file-mtime".to_string(), format!("{}ns", attrs.mtime_ns)),
+        ("file-atime".to_string(), format!("{}ns", attrs.atime_ns)),
+    ])
+}
+
+/// Runs a namespace call off the async workers. A file that is gone is `gone: ...`.
+async fn blocking<T: Send + 'static>(
+    share: &Arc<Share>,
+    call: impl FnOnce(&Share) -> Result<T, ShareError> + Send + 'static,
+) -> Result<T, String> {
+    let share = share.clone();
+    tokio::task::spawn_blocking(move || call(&share))
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+        .map_err(|e| match e {
+            ShareError::Stale(_) | ShareError::NotFound => format!("gone: {e}"),
+            e => e.to_string(),
+        })
+}
+
+/// A file's local content as an upload body: every read fails if the file changed since
+/// the upload began.
+#[derive(Debug)]
+struct Content {
+    file: Arc<std::fs::File>,
+    len: u64,
+    share: Arc<Share>,
+    id: u64,
+    generation: u64,
+}
+
+impl Content {
+    fn unchanged(&self) -> bool {
+        lock(&self.share.dirty)
+            .get(&self.id)
+            .is_some_and(|d| d.generation == self.generation && d.writing == 0)
+    }
+}
+
+#[async_trait]
+impl Body for Content {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    async fn read(&self, range: Range<u64>) -> remote::Result<Bytes> {
+        use std::os::unix::fs::FileExt;
+        let changed = || remote::Error::Permanent {
+            op: "read",
+            key: format!("fileid {}", self.id),
+            message: CHANGED.to_string(),
+        };
+        if !self.unchanged() {
+            return Err(changed());
+        }
+        let file = self.file.clone();
+        let mut buf = vec![0; (range.end - range.start) as usize];
+        let read = tokio::task::spawn_blocking(move || {
+            file.read_exact_at(&mut buf, range.start).map(|()| buf)
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        // Checked after the read: a change that began before it ended may be in the bytes.
+        if !self.unchanged() {
+            return Err(changed());
+        }
+        read.map(Bytes::from).map_err(|_| changed())
+    }
+}

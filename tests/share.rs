@@ -1,0 +1,492 @@
+//! The share engine against the directory store and Garage: files land as plain objects
+//! under the share's prefix with their POSIX metadata, renames and removes move and delete
+//! objects, a restart keeps fileids and uploads what was left, a file changing during its
+//! upload is never stored torn, and hostile names are refused with nothing created.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use firn::engines::share::namespace::Kind;
+use firn::engines::share::{Settings, Share, ShareError, Shares, Squash};
+use firn::local::meta::MetaStore;
+use firn::remote::dir::DirStore;
+use firn::remote::limit::{Limiter, Policy};
+use firn::remote::metered::RemoteMetrics;
+use firn::remote::retry::RetryPolicy;
+use firn::remote::s3::S3Store;
+use firn::remote::{self, Remote};
+use rand::RngCore;
+
+mod common;
+use common::s3_options;
+
+/// One gateway's share engine over one bucket, reopenable on the same local state.
+struct Rig {
+    runtime: tokio::runtime::Runtime,
+    remote: Arc<dyn Remote>,
+    meta: Arc<MetaStore>,
+    dir: tempfile::TempDir,
+    shares: Option<Shares>,
+}
+
+/// A rig per bucket: the directory store, and Garage when the environment has one.
+fn rigs(settle: Duration) -> Vec<Rig> {
+    let mut backends: Vec<Arc<dyn Remote>> = Vec::new();
+    let bucket_dir = tempfile::tempdir().expect("tempdir");
+    backends.push(Arc::new(
+        DirStore::open(bucket_dir.path().join("bucket")).expect("dir store"),
+    ));
+    if let Some(options) = s3_options() {
+        let limiter = Arc::new(Limiter::new(Policy::default()));
+        backends.push(Arc::new(S3Store::new(&options, limiter).expect("s3 store")));
+    }
+    let rigs = backends
+        .into_iter()
+        .map(|backend| {
+            let mut registry = prometheus_client::registry::Registry::default();
+            let stack = remote::stack(
+                backend,
+                RetryPolicy {
+                    first_backoff: Duration::from_millis(20),
+                    max_backoff: Duration::from_millis(500),
+                    give_up_after: Duration::from_secs(30),
+                },
+                Arc::new(Limiter::new(Policy::default())),
+                Arc::new(RemoteMetrics::new(&mut registry)),
+                None,
+            );
+            let dir = tempfile::tempdir().expect("tempdir");
+            let meta = Arc::new(MetaStore::open(dir.path().join("meta.redb")).expect("meta"));
+            let mut rig = Rig {
+                runtime: tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("runtime"),
+                remote: stack.remote,
+                meta,
+                dir,
+                shares: None,
+            };
+            rig.reopen(settle);
+            rig
+        })
+        .collect();
+    // The directory bucket lives as long as the test process needs it.
+    std::mem::forget(bucket_dir);
+    rigs
+}
+
+impl Rig {
+    /// Opens the share engine again on the same metadata and local files (a restart).
+    fn reopen(&mut self, settle: Duration) {
+        self.shares = None;
+        self.shares = Some(
+            Shares::open(
+                self.meta.clone(),
+                self.dir.path().join("shares"),
+                self.remote.clone(),
+                self.runtime.handle().clone(),
+                Settings { settle },
+            )
+            .expect("shares"),
+        );
+    }
+
+    fn shares(&self) -> &Shares {
+        self.shares.as_ref().expect("open")
+    }
+
+    fn share(&self, name: &str) -> Arc<Share> {
+        self.shares().share(name).expect("share")
+    }
+
+    /// Waits until share `name` has nothing left to upload or delete.
+    fn wait_clean(&self, name: &str) {
+        let started = Instant::now();
+        loop {
+            let status = self.share(name).status();
+            if status.dirty_files == 0 && status.pending_deletes == 0 {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "share {name} not uploaded: {status:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<(Vec<u8>, remote::Meta)> {
+        match self.runtime.block_on(self.remote.get(key)) {
+            Ok(object) => Some((object.body.to_vec(), object.meta)),
+            Err(remote::Error::NotFound { .. }) => None,
+            Err(e) => panic!("get {key}: {e}"),
+        }
+    }
+}
+
+/// A store that reads every upload's body slowly, in 256 KiB slices a millisecond apart,
+/// and notes any body whose bytes are not all one value: a torn read, for the test below,
+/// whatever reached the bucket after it.
+#[derive(Debug)]
+struct Inspecting {
+    inner: Arc<dyn Remote>,
+    torn: Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[async_trait::async_trait]
+impl Remote for Inspecting {
+    async fn put_body(
+        &self,
+        key: &str,
+        body: Arc<dyn remote::Body>,
+        meta: remote::Meta,
+    ) -> remote::Result<()> {
+        let mut bytes = Vec::with_capacity(body.len() as usize);
+        let mut at = 0;
+        while at < body.len() {
+            let end = (at + (256 << 10)).min(body.len());
+            bytes.extend_from_slice(&body.read(at..end).await?);
+            at = end;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if bytes.iter().any(|&b| b != bytes[0]) {
+            self.torn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.inner
+            .put_body(key, Arc::new(bytes::Bytes::from(bytes)), meta)
+            .await
+    }
+    async fn get_to(&self, key: &str, sink: &dyn remote::Sink) -> remote::Result<remote::Fetched> {
+        self.inner.get_to(key, sink).await
+    }
+    async fn create(
+        &self,
+        key: &str,
+        body: bytes::Bytes,
+        meta: remote::Meta,
+    ) -> remote::Result<()> {
+        self.inner.create(key, body, meta).await
+    }
+    async fn get_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> remote::Result<bytes::Bytes> {
+        self.inner.get_range(key, range).await
+    }
+    async fn head(&self, key: &str) -> remote::Result<Option<remote::ObjectInfo>> {
+        self.inner.head(key).await
+    }
+    async fn list(&self, prefix: &str) -> remote::Result<Vec<remote::ObjectInfo>> {
+        self.inner.list(prefix).await
+    }
+    async fn list_dir(&self, prefix: &str) -> remote::Result<remote::Listing> {
+        self.inner.list_dir(prefix).await
+    }
+    async fn delete(&self, key: &str) -> remote::Result<()> {
+        self.inner.delete(key).await
+    }
+}
+
+fn random(len: usize) -> Vec<u8> {
+    let mut data = vec![0; len];
+    rand::rng().fill_bytes(&mut data);
+    data
+}
+
+#[test]
+fn files_land_as_plain_objects_with_their_metadata() {
+    for rig in rigs(Duration::from_millis(200)) {
+        rig.shares()
+            .create("media", "media/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("media");
+        let a = share
+            .mkdir(share.root(), "a", 0o755, 1000, 100)
+            .expect("mkdir");
+        let b = share.mkdir(a.fileid, "b", 0o750, 1000, 100).expect("mkdir");
+        let c = share
+            .create(b.fileid, "c.txt", 0o644, 1000, 100, true)
+            .expect("create");
+        // Over the S3 store's multipart threshold, written in pieces as a client would.
+        let data = random(7 << 20);
+        for (i, piece) in data.chunks(1 << 20).enumerate() {
+            share
+                .write(c.fileid, (i << 20) as u64, piece, false)
+                .expect("write");
+        }
+        share.commit(c.fileid).expect("commit");
+        let empty = share
+            .create(share.root(), "empty", 0o600, 0, 0, true)
+            .expect("create");
+        let link = share
+            .symlink(a.fileid, "to-c", "b/c.txt", 1000, 100)
+            .expect("symlink");
+        assert_eq!(link.kind, Kind::Symlink);
+        rig.wait_clean("media");
+
+        let (body, meta) = rig.get("media/a/b/c.txt").expect("c.txt uploaded");
+        assert!(body == data, "c.txt differs in the bucket");
+        assert_eq!(meta["file-permissions"], "100644");
+        assert_eq!(meta["file-owner"], "1000");
+        assert_eq!(meta["file-group"], "100");
+        let mtime = share.attrs(c.fileid).expect("attrs").mtime_ns;
+        assert_eq!(meta["file-mtime"], format!("{mtime}ns"));
+        let (body, meta) = rig.get("media/empty").expect("empty uploaded");
+        assert!(body.is_empty());
+        assert_eq!(meta["file-permissions"], "100600");
+        let (body, meta) = rig.get("media/a/to-c").expect("symlink uploaded");
+        assert_eq!(body, b"b/c.txt");
+        assert_eq!(meta["file-permissions"], "120777");
+        assert_eq!(share.readlink(link.fileid).expect("readlink"), "b/c.txt");
+        // Read back through the share too.
+        let (head, eof) = share.read(c.fileid, 0, 4096).expect("read");
+        assert_eq!(head, &data[..4096]);
+        assert!(!eof);
+        let (tail, eof) = share
+            .read(c.fileid, data.len() as u64 - 10, 4096)
+            .expect("read");
+        assert_eq!(tail, &data[data.len() - 10..]);
+        assert!(eof);
+        assert_eq!(share.attrs(empty.fileid).expect("attrs").size, 0);
+        let status = share.status();
+        assert_eq!(status.uploaded_files, 3, "{status:?}");
+    }
+}
+
+#[test]
+fn renames_and_removes_move_and_delete_the_objects() {
+    for rig in rigs(Duration::from_millis(100)) {
+        rig.shares()
+            .create("s", "s/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("s");
+        let root = share.root();
+        let dir = share.mkdir(root, "d", 0o755, 0, 0).expect("mkdir");
+        let mut files = Vec::new();
+        for name in ["x", "y", "z"] {
+            let f = share
+                .create(dir.fileid, name, 0o644, 0, 0, true)
+                .expect("create");
+            share
+                .write(f.fileid, 0, name.as_bytes(), true)
+                .expect("write");
+            files.push(f.fileid);
+        }
+        rig.wait_clean("s");
+        assert!(rig.get("s/d/x").is_some());
+        // A directory renamed: every object below it moves.
+        share.rename(root, "d", root, "e").expect("rename dir");
+        // A file renamed over another: one object stays, the source's goes.
+        share
+            .rename(dir.fileid, "x", dir.fileid, "y")
+            .expect("rename over");
+        share.remove(dir.fileid, "z").expect("remove");
+        rig.wait_clean("s");
+        for gone in ["s/d/x", "s/d/y", "s/d/z", "s/e/x", "s/e/z"] {
+            assert!(rig.get(gone).is_none(), "{gone} is still in the bucket");
+        }
+        let (body, _) = rig.get("s/e/y").expect("e/y");
+        assert_eq!(body, b"x", "e/y holds what x held");
+        // Fileids follow the files.
+        assert_eq!(share.lookup(dir.fileid, "y").expect("lookup"), files[0]);
+        assert_eq!(share.path(files[0]).expect("path"), "e/y");
+        assert!(matches!(share.attrs(files[2]), Err(ShareError::Stale(_))));
+        // Directories: only empty ones go, and not with REMOVE.
+        assert_eq!(share.rmdir(root, "e"), Err(ShareError::NotEmpty));
+        assert_eq!(share.remove(root, "e"), Err(ShareError::IsDir));
+        share.remove(dir.fileid, "y").expect("remove");
+        share.rmdir(root, "e").expect("rmdir");
+        rig.wait_clean("s");
+        assert!(rig.get("s/e/y").is_none());
+        assert!(share.list(root, None, 100).expect("list").is_empty());
+    }
+}
+
+#[test]
+fn a_restart_keeps_fileids_and_uploads_what_was_left() {
+    for mut rig in rigs(Duration::from_secs(3600)) {
+        rig.shares()
+            .create("r", "", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("r");
+        let f = share
+            .create(share.root(), "kept", 0o640, 7, 8, true)
+            .expect("create");
+        let data = random(100_000);
+        share.write(f.fileid, 0, &data, false).expect("write");
+        share.commit(f.fileid).expect("commit");
+        // Committed but settling for an hour: not yet uploaded when the gateway stops.
+        let pending = share
+            .create(share.root(), "later", 0o644, 0, 0, true)
+            .expect("create");
+        share
+            .write(pending.fileid, 0, b"later", true)
+            .expect("write");
+        drop(share);
+        rig.reopen(Duration::from_secs(3600));
+        let share = rig.share("r");
+        assert_eq!(
+            share.lookup(share.root(), "kept").expect("lookup"),
+            f.fileid
+        );
+        assert_eq!(
+            share.lookup(share.root(), "later").expect("lookup"),
+            pending.fileid
+        );
+        rig.wait_clean("r");
+        let (body, meta) = rig.get("later").expect("uploaded after the restart");
+        assert_eq!(body, b"later");
+        assert_eq!(meta["file-permissions"], "100644");
+        let (body, meta) = rig.get("kept").expect("kept");
+        assert!(body == data);
+        assert_eq!(meta["file-owner"], "7");
+        assert_eq!(meta["file-group"], "8");
+    }
+}
+
+#[test]
+fn a_file_changing_during_its_upload_is_never_stored_torn() {
+    for mut rig in rigs(Duration::ZERO) {
+        let torn = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        rig.remote = Arc::new(Inspecting {
+            inner: rig.remote.clone(),
+            torn: torn.clone(),
+        });
+        rig.reopen(Duration::ZERO);
+        rig.shares()
+            .create("t", "t/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("t");
+        let f = share
+            .create(share.root(), "f", 0o644, 0, 0, true)
+            .expect("create");
+        const LEN: usize = 8 << 20;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Each write replaces the whole file with one byte value: any object that mixes
+        // two values was read while a write was under way.
+        let writer = {
+            let (share, stop) = (share.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut value = 0u8;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    value = value.wrapping_add(1);
+                    share
+                        .write(f.fileid, 0, &vec![value; LEN], false)
+                        .expect("write");
+                    share.commit(f.fileid).expect("commit");
+                    // Now and then quiet for longer than an upload takes, so some finish.
+                    let pause = if rand::random_bool(0.2) {
+                        300
+                    } else {
+                        rand::random_range(0..20)
+                    };
+                    std::thread::sleep(Duration::from_millis(pause));
+                }
+                value
+            })
+        };
+        let started = Instant::now();
+        let mut checked = 0;
+        while started.elapsed() < Duration::from_secs(4) {
+            if let Some((body, _)) = rig.get("t/f") {
+                assert_eq!(body.len(), LEN);
+                assert!(
+                    body.iter().all(|&b| b == body[0]),
+                    "a torn object: it mixes {} and others",
+                    body[0]
+                );
+                checked += 1;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let last = writer.join().expect("writer");
+        rig.wait_clean("t");
+        let (body, _) = rig.get("t/f").expect("final object");
+        assert!(
+            body.iter().all(|&b| b == last),
+            "the final object is not the last write"
+        );
+        eprintln!("{checked} objects checked");
+        assert!(checked > 3, "only {checked} objects checked");
+        assert_eq!(
+            torn.load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "uploads read a file while it changed"
+        );
+    }
+}
+
+#[test]
+fn hostile_names_are_refused_and_create_nothing() {
+    for rig in rigs(Duration::from_millis(100)) {
+        rig.shares()
+            .create("h", "h/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("h");
+        let root = share.root();
+        let long = "n".repeat(256);
+        for name in ["", ".", "..", "a/b", "../x", "bad\nname", long.as_str()] {
+            let made = share.create(root, name, 0o644, 0, 0, true);
+            assert!(
+                matches!(
+                    made,
+                    Err(ShareError::Invalid(_) | ShareError::NameTooLong(_))
+                ),
+                "{name:?}: {made:?}"
+            );
+            assert!(share.mkdir(root, name, 0o755, 0, 0).is_err(), "{name:?}");
+        }
+        // A path longer than an object key can be is refused at the name that crosses it.
+        let mut dir = root;
+        let mut refused = false;
+        for _ in 0..10 {
+            match share.mkdir(dir, &"d".repeat(200), 0o755, 0, 0) {
+                Ok(attrs) => dir = attrs.fileid,
+                Err(ShareError::NameTooLong(_)) => {
+                    refused = true;
+                    break;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(refused, "a 2000-byte path was taken");
+        assert_eq!(
+            share.list(root, None, 10).expect("list").len(),
+            1,
+            "only the deep directory exists"
+        );
+        // Bad share names and prefixes.
+        for (name, prefix) in [
+            ("..", "p/"),
+            ("a/b", "p/"),
+            ("ok", "no-slash"),
+            ("ok", "../"),
+            ("ok", "a//"),
+        ] {
+            assert!(
+                rig.shares()
+                    .create(name, prefix, false, Vec::new(), Squash::Root)
+                    .is_err(),
+                "{name:?} {prefix:?}"
+            );
+        }
+        assert_eq!(
+            rig.shares()
+                .create("h", "x/", false, Vec::new(), Squash::Root),
+            Err(ShareError::ShareExists("h".into()))
+        );
+        // A read-only share refuses changes.
+        rig.shares()
+            .create("ro", "ro/", true, Vec::new(), Squash::Root)
+            .expect("create");
+        let ro = rig.share("ro");
+        assert_eq!(
+            ro.create(ro.root(), "f", 0o644, 0, 0, true),
+            Err(ShareError::ReadOnly)
+        );
+    }
+}
