@@ -123,6 +123,8 @@ prefix = "bench-$name"
 data_dir = "$work/firn-$name"
 [keys]
 source = "env"
+[nfs]
+listen = ""
 [http]
 listen = "127.0.0.1:$http_port"
 [nbd]

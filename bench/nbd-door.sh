@@ -56,6 +56,8 @@ echo "work dir $work ($(df --output=source,fstype "$work" | tail -n 1 | tr -s ' 
 cat >"$work/firn.toml" <<TOML
 [local]
 data_dir = "$work/firn-data"
+[nfs]
+listen = ""
 [http]
 listen = "127.0.0.1:$http_port"
 [nbd]

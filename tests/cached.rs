@@ -133,7 +133,7 @@ impl Gateway {
         std::fs::write(
             &config,
             format!(
-                "[local]\ndata_dir = \"{data_dir}\"\nmin_free = \"0\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n[nbd]\nlisten = \"127.0.0.1:{nbd}\"\n{socket}{keys}[volumes]\nsegment_size = \"1MiB\"\nlog_max = \"{log_max}\"\ncache_max = \"0\"\ncheckpoint_segments = 1\ncommit_interval_ms = 100\ngc_interval_secs = 1\n{volumes}{}{extra}",
+                "[local]\ndata_dir = \"{data_dir}\"\nmin_free = \"0\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n[nbd]\nlisten = \"127.0.0.1:{nbd}\"\n{socket}[nfs]\nlisten = \"\"\n{keys}[volumes]\nsegment_size = \"1MiB\"\nlog_max = \"{log_max}\"\ncache_max = \"0\"\ncheckpoint_segments = 1\ncommit_interval_ms = 100\ngc_interval_secs = 1\n{volumes}{}{extra}",
                 bucket.section()
             ),
         )
@@ -194,11 +194,7 @@ impl Gateway {
     }
 
     fn firn(&self, args: &[&str]) -> String {
-        let mut full = args.to_vec();
-        full.extend(["--config", self.config.to_str().expect("utf-8")]);
-        let (ok, out, err) = firn(&full);
-        assert!(ok, "firn {args:?}: {err}");
-        out
+        common::firn_ok(&self.config, args)
     }
 
     fn try_firn(&self, args: &[&str]) -> (bool, String) {

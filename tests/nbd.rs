@@ -27,7 +27,7 @@ fn write_nbd_config(dir: &Path, data_dir: &str, nbd_extra: &str) -> (PathBuf, u1
     std::fs::write(
         &config,
         format!(
-            "[local]\ndata_dir = \"{data_dir}\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[nbd]\nlisten = \"127.0.0.1:{nbd_port}\"\n{nbd_extra}"
+            "[local]\ndata_dir = \"{data_dir}\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[nfs]\nlisten = \"\"\n[nbd]\nlisten = \"127.0.0.1:{nbd_port}\"\n{nbd_extra}"
         ),
     )
     .expect("config");

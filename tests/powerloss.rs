@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, Stdio};
 
 use common::powerloss::{CutReport, PowerCut, PowerLossMount};
-use common::{Daemon, firn, free_port};
+use common::{Daemon, free_port};
 use firn::local::log::Log;
 use rand::{Rng, SeedableRng};
 
@@ -206,7 +206,7 @@ impl Gateway {
             format!(
                 "[local]\ndata_dir = \"{}\"\n\
                  [remote]\nkind = \"local\"\npath = \"{}\"\n\
-                 [http]\nlisten = \"127.0.0.1:{http_port}\"\n\
+                 [http]\nlisten = \"127.0.0.1:{http_port}\"\n[nfs]\nlisten = \"\"\n\
                  [nbd]\nlisten = \"127.0.0.1:{nbd_port}\"\nsocket = \"{}\"\n",
                 mount.path().join("data").display(),
                 dir.path().join("bucket").display(),
@@ -239,11 +239,7 @@ impl Gateway {
     }
 
     fn firn(&self, args: &[&str]) -> String {
-        let mut full = args.to_vec();
-        full.extend(["--config", self.config.to_str().expect("utf-8")]);
-        let (ok, out, err) = firn(&full);
-        assert!(ok, "firn {args:?}: {err}");
-        out
+        common::firn_ok(&self.config, args)
     }
 
     fn uri(&self, export: &str) -> String {

@@ -46,6 +46,9 @@ enum Command {
     /// Create, list, show and delete block volumes (served over NBD).
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Create, list, show and delete file shares (served over NFSv3).
+    #[command(subcommand)]
+    Share(ShareCommand),
     /// Work on the configured object store directly.
     #[command(subcommand)]
     Remote(remote::RemoteCommand),
@@ -107,6 +110,87 @@ enum VolumeCommand {
         #[arg(long)]
         size: String,
     },
+}
+
+#[derive(Subcommand)]
+enum ShareCommand {
+    /// Create a share: NFS export `/<name>`, its files the objects under the prefix.
+    Create {
+        name: String,
+        /// Where the files go in the bucket, ending in '/'. Default: `<name>/`.
+        #[arg(long)]
+        prefix: Option<String>,
+        #[arg(long)]
+        read_only: bool,
+        /// Address block (CIDR) whose NFS clients may mount the share; repeat for more.
+        /// Default: [nfs] allow.
+        #[arg(long)]
+        allow: Vec<String>,
+        /// Whose files NFS clients' root (or every user, or nobody) makes: root, all, none.
+        #[arg(long, default_value = "root")]
+        squash: String,
+    },
+    /// List shares.
+    List,
+    /// Show one share: its settings and upload status.
+    Show { name: String },
+    /// Remove a share from this gateway. Its objects in the bucket stay.
+    Delete {
+        name: String,
+        /// Delete although some files are not yet in the bucket (they are lost).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+async fn share(client: &ApiClient, command: ShareCommand) -> anyhow::Result<()> {
+    use serde_json::{Value, json};
+    let line = |v: &Value| {
+        format!(
+            "{:<24} /{:<23} prefix {:<24} {}",
+            v["name"].as_str().unwrap_or("?"),
+            v["name"].as_str().unwrap_or("?"),
+            v["prefix"].as_str().unwrap_or("?"),
+            if v["read_only"].as_bool().unwrap_or(false) {
+                "read-only"
+            } else {
+                ""
+            }
+        )
+    };
+    match command {
+        ShareCommand::Create {
+            name,
+            prefix,
+            read_only,
+            allow,
+            squash,
+        } => {
+            let body = json!({ "name": name, "prefix": prefix, "read_only": read_only, "allow": allow, "squash": squash });
+            let created: Value = client.post("shares", &body).await?;
+            println!("created {}", line(&created).trim_end());
+        }
+        ShareCommand::List => {
+            let shares: Vec<Value> = client.get("shares").await?;
+            for v in &shares {
+                println!("{}", line(v).trim_end());
+            }
+        }
+        ShareCommand::Show { name } => {
+            let v: Value = client.get(&format!("shares/{name}")).await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        ShareCommand::Delete { name, force } => {
+            let path = if force {
+                format!("shares/{name}?force=true")
+            } else {
+                format!("shares/{name}")
+            };
+            client.delete(&path).await?;
+            println!("deleted share {name} (its objects stay in the bucket)");
+        }
+    }
+    Ok(())
 }
 
 pub fn main() -> ExitCode {
@@ -187,6 +271,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Volume(command) => {
             let client = ApiClient::new(&config)?;
             rt.block_on(volume(&client, command))
+        }
+        Command::Share(command) => {
+            let client = ApiClient::new(&config)?;
+            rt.block_on(share(&client, command))
         }
         Command::Remote(command) => rt.block_on(remote::run(&config, command)),
         Command::Keygen => Ok(()),

@@ -33,6 +33,8 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             "/volumes/{name}/takeover",
             axum::routing::post(take_over_volume),
         )
+        .route("/shares", get(list_shares).post(create_share))
+        .route("/shares/{name}", get(show_share).delete(delete_share))
         .fallback(not_found)
         // One layer checks the token and records the call, so refused calls are recorded too.
         .layer(middleware::from_fn_with_state(gateway.clone(), audit));
@@ -531,6 +533,113 @@ async fn delete_volume(
             StatusCode::NO_CONTENT.into_response()
         }
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateShare {
+    name: String,
+    #[serde(default)]
+    prefix: Option<String>,
+    #[serde(default)]
+    read_only: bool,
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    squash: crate::engines::share::Squash,
+}
+
+fn share_error(e: &crate::engines::share::ShareError) -> Response {
+    use crate::engines::share::ShareError;
+    let status = match e {
+        ShareError::NoShare(_) => StatusCode::NOT_FOUND,
+        ShareError::ShareExists(_) => StatusCode::CONFLICT,
+        ShareError::Invalid(_) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string())
+}
+
+async fn list_shares(State(gateway): Shared) -> Response {
+    match gateway.shares.list() {
+        Ok(shares) => Json(shares).into_response(),
+        Err(e) => share_error(&e),
+    }
+}
+
+async fn create_share(State(gateway): Shared, body: axum::body::Bytes) -> Response {
+    let request: CreateShare = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("share: {e}")),
+    };
+    for block in &request.allow {
+        if let Err(e) = crate::daemon::config::Cidr::parse(block) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("share allow {block:?}: {e}"),
+            );
+        }
+    }
+    // The default prefix is the share's name: its files are `<name>/<path>`.
+    let prefix = request
+        .prefix
+        .unwrap_or_else(|| format!("{}/", request.name));
+    let shares = gateway.shares.clone();
+    let created = tokio::task::spawn_blocking(move || {
+        shares.create(
+            &request.name,
+            &prefix,
+            request.read_only,
+            request.allow,
+            request.squash,
+        )
+    })
+    .await;
+    match created {
+        Ok(Ok(info)) => (StatusCode::CREATED, Json(info)).into_response(),
+        Ok(Err(e)) => share_error(&e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn show_share(State(gateway): Shared, Path(name): Path<String>) -> Response {
+    match gateway.shares.share(&name) {
+        Ok(share) => {
+            let mut shown = serde_json::to_value(share.info()).unwrap_or_default();
+            let status = tokio::task::spawn_blocking(move || share.status()).await;
+            if let Ok(status) = status {
+                shown["status"] = serde_json::to_value(status).unwrap_or_default();
+            }
+            Json(shown).into_response()
+        }
+        Err(e) => share_error(&e),
+    }
+}
+
+async fn delete_share(
+    State(gateway): Shared,
+    Path(name): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<DeleteQuery>,
+) -> Response {
+    let share = match gateway.shares.share(&name) {
+        Ok(share) => share,
+        Err(e) => return share_error(&e),
+    };
+    let dirty = share.status().dirty_files;
+    if dirty > 0 && !query.force {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "share {name:?} has {dirty} file(s) not yet in the bucket, which deleting it would lose; wait for the upload, or delete with --force"
+            ),
+        );
+    }
+    let shares = gateway.shares.clone();
+    match tokio::task::spawn_blocking(move || shares.delete(&name)).await {
+        Ok(Ok(_)) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(e)) => share_error(&e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

@@ -19,7 +19,9 @@ pub struct Config {
     pub local: LocalConfig,
     pub http: HttpConfig,
     pub nbd: NbdConfig,
+    pub nfs: NfsConfig,
     pub volumes: VolumesConfig,
+    pub shares: SharesConfig,
     pub keys: KeySource,
     /// Fault injection for drills; absent in production.
     pub faults: Option<FaultSettings>,
@@ -155,6 +157,41 @@ pub struct NbdConfig {
     pub memory: ByteSize,
     /// Seconds a reply may wait for a client that takes none of it; then the connection ends.
     pub send_timeout_secs: u64,
+}
+
+/// The NFSv3 door (MOUNT and NFS on one port).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NfsConfig {
+    /// TCP address of the NFS server; empty to serve no shares.
+    pub listen: String,
+    /// Client addresses (CIDR) admitted to shares that have no allowlist of their own.
+    pub allow: Vec<String>,
+}
+
+impl Default for NfsConfig {
+    fn default() -> Self {
+        NfsConfig {
+            listen: "127.0.0.1:2049".to_string(),
+            allow: vec!["127.0.0.0/8".to_string(), "::1/128".to_string()],
+        }
+    }
+}
+
+/// File shares.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SharesConfig {
+    /// Seconds a written file must be quiet before it is uploaded (a COMMIT uploads at once).
+    pub settle_secs: u64,
+}
+
+impl Default for SharesConfig {
+    fn default() -> Self {
+        SharesConfig {
+            settle_secs: crate::engines::share::Settings::default().settle.as_secs(),
+        }
+    }
 }
 
 /// Cached volumes: their log, cache and commits.
@@ -394,6 +431,15 @@ impl Config {
                 "[nbd] listen {:?} is not an address such as 127.0.0.1:10809",
                 self.nbd.listen
             ));
+        }
+        if !self.nfs.listen.is_empty() && self.nfs.listen.parse::<SocketAddr>().is_err() {
+            return Err(format!(
+                "[nfs] listen {:?} is not an address such as 127.0.0.1:2049",
+                self.nfs.listen
+            ));
+        }
+        for block in &self.nfs.allow {
+            Cidr::parse(block).map_err(|e| format!("[nfs] allow {block:?}: {e}"))?;
         }
         if self.nbd.tls == NbdTls::X509
             && (self.nbd.tls_cert.is_none() || self.nbd.tls_key.is_none())

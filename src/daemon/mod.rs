@@ -17,9 +17,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use prometheus_client::registry::Registry;
 
+use crate::engines::share::{Settings as ShareSettings, ShareInfo, Shares};
 use crate::engines::volume::catalog::{BucketContext, Catalog};
 use crate::local::meta::MetaStore;
 use crate::protocols::nbd::{Limits as NbdLimits, NbdMetrics, NbdServer, TlsAcceptor};
+use crate::protocols::nfs::{Admit, NfsServer};
 use crate::remote::dir::DirStore;
 use crate::remote::faults::FaultPlan;
 use crate::remote::limit::{Direction, Limiter, Rate};
@@ -211,6 +213,7 @@ pub struct Gateway {
     pub meta: Arc<MetaStore>,
     pub volumes: Arc<Catalog>,
     pub exports: Arc<nbd::VolumeExports>,
+    pub shares: Arc<Shares>,
     pub gateway_id: String,
     pub token: String,
     pub registry: Registry,
@@ -369,6 +372,18 @@ impl Gateway {
             allow,
             config.nbd_remote_allowed(),
         ));
+        let shares = Arc::new(
+            Shares::open(
+                meta.clone(),
+                data_dir.join("shares"),
+                remote.remote.clone(),
+                tokio::runtime::Handle::current(),
+                ShareSettings {
+                    settle: std::time::Duration::from_secs(config.shares.settle_secs),
+                },
+            )
+            .map_err(|e| anyhow::anyhow!("opening the file shares: {e}"))?,
+        );
         let (token, new_token) = read_or_create_token(&data_dir)?;
         if new_token {
             println!(
@@ -411,6 +426,7 @@ impl Gateway {
             meta,
             volumes,
             exports,
+            shares,
             gateway_id,
             token,
             registry,
@@ -597,8 +613,22 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 .with_context(|| format!("[nbd] listen: cannot bind {nbd_listen}"))?,
         )
     };
+    let nfs_listen = gateway.config.nfs.listen.clone();
+    let nfs = if nfs_listen.is_empty() {
+        None
+    } else {
+        Some(
+            tokio::net::TcpListener::bind(&nfs_listen)
+                .await
+                .with_context(|| format!("[nfs] listen: cannot bind {nfs_listen}"))?,
+        )
+    };
     let stop_requested = shutdown_signal()?;
     print_banner(&gateway, listen);
+    if let Some(nfs) = nfs {
+        let server = NfsServer::new(gateway.shares.clone(), nfs_admit(&gateway.config));
+        tokio::spawn(server.serve(nfs));
+    }
     tokio::spawn(gateway.clone().watch_remote());
     tokio::spawn(gateway.clone().flush_refused_calls());
     tokio::spawn(gateway.clone().retry_volume_deletes());
@@ -631,6 +661,27 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     gateway.audit.flush_refused(true);
     println!("firn stopped");
     Ok(())
+}
+
+/// Who may use a share over NFS: its own allowlist, or `[nfs] allow` if it has none.
+fn nfs_admit(config: &Config) -> Admit {
+    let default: Vec<config::Cidr> = config
+        .nfs
+        .allow
+        .iter()
+        .filter_map(|block| config::Cidr::parse(block).ok())
+        .collect();
+    Arc::new(move |share: &ShareInfo, ip: std::net::IpAddr| {
+        if share.allow.is_empty() {
+            default.iter().any(|block| block.contains(ip))
+        } else {
+            share
+                .allow
+                .iter()
+                .filter_map(|block| config::Cidr::parse(block).ok())
+                .any(|block| block.contains(ip))
+        }
+    })
 }
 
 fn print_banner(gateway: &Gateway, listen: std::net::SocketAddr) {

@@ -2,3 +2,4 @@
 //! engines' traits and nothing of the object store.
 
 pub mod nbd;
+pub mod nfs;

@@ -131,14 +131,29 @@ pub fn write_config(dir: &Path, port: u16, extra: &str) -> PathBuf {
     } else {
         format!("[nbd]\nlisten = \"127.0.0.1:{}\"\n", free_port())
     };
+    // No NFS server unless the test asks for one: they would all want port 2049.
+    let nfs = if extra.contains("[nfs]") {
+        ""
+    } else {
+        "[nfs]\nlisten = \"\"\n"
+    };
     std::fs::write(
         &path,
         format!(
-            "[local]\ndata_dir = \"data\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n{nbd}{extra}"
+            "[local]\ndata_dir = \"data\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n{nbd}{nfs}{extra}"
         ),
     )
     .expect("write config");
     path
+}
+
+/// `firn <args> --config <config>`, which must succeed: its stdout.
+pub fn firn_ok(config: &Path, args: &[&str]) -> String {
+    let mut full = args.to_vec();
+    full.extend(["--config", config.to_str().expect("utf-8")]);
+    let (ok, out, err) = firn(&full);
+    assert!(ok, "firn {args:?}: {err}");
+    out
 }
 
 pub fn firn(args: &[&str]) -> (bool, String, String) {

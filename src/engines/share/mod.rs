@@ -206,6 +206,14 @@ impl Shares {
             .ok_or_else(|| ShareError::NoShare(name.to_string()))
     }
 
+    /// The running share whose id is `id`.
+    pub fn share_by_id(&self, id: &str) -> Option<Arc<Share>> {
+        lock(&self.open)
+            .values()
+            .find(|share| share.info.id == id)
+            .cloned()
+    }
+
     /// Makes a share. Its objects go under `prefix`; what is there already stays.
     pub fn create(
         &self,
@@ -301,6 +309,14 @@ impl Shares {
         self.runtime.spawn(upload::run(share.clone()));
         lock(&self.open).insert(info.name.clone(), share);
         Ok(())
+    }
+}
+
+impl Drop for Shares {
+    fn drop(&mut self) {
+        for share in lock(&self.open).values() {
+            share.stop();
+        }
     }
 }
 
@@ -824,6 +840,23 @@ impl Share {
         }
         self.wake.notify_one();
         Ok(())
+    }
+
+    /// Bytes in all and free, files in all and free, of the local disk the share's files
+    /// are on (NFS FSSTAT).
+    pub fn space(&self) -> (u64, u64, u64, u64) {
+        match nix::sys::statvfs::statvfs(&self.files) {
+            Ok(s) => {
+                let frag = s.fragment_size();
+                (
+                    s.blocks() * frag,
+                    s.blocks_available() * frag,
+                    s.files(),
+                    s.files_available(),
+                )
+            }
+            Err(_) => (0, 0, 0, 0),
+        }
     }
 
     pub fn status(&self) -> ShareStatus {

@@ -1,0 +1,275 @@
+//! The NFSv3 door: MOUNT (program 100005, version 3) and NFS (100003, version 3) on one TCP
+//! port, over the share engine. ONC RPC is decoded here (record marking, call header,
+//! `AUTH_UNIX`); the MOUNT and NFS arguments and results are `nfs3_types`' XDR types.
+//! Decision 0008 says why the RPC layer is firn's own rather than a server crate's.
+//!
+//! - Exports: share `media` is `/media`; MNT answers its root's handle.
+//! - File handles: version byte, the share's 16-byte id, the 8-byte fileid: stable across
+//!   restarts, since fileids are.
+//! - Write verifier: random per start, so a client resends what an `UNSTABLE` write left
+//!   uncommitted when firn restarted.
+//! - Bounds: a request is at most `MAX_REQUEST` bytes; a connection has at most `IN_FLIGHT`
+//!   requests in progress; a client outside a share's allowlist gets `NFS3ERR_ACCES` (MNT:
+//!   `MNT3ERR_ACCES`) for it.
+
+mod procs;
+
+use std::io::Cursor;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use nfs3_types::rpc::{
+    RPC_VERSION_2, accept_stat_data, accepted_reply, auth_flavor, auth_stat, auth_unix, msg_body,
+    opaque_auth, rejected_reply, reply_body, rpc_msg,
+};
+use nfs3_types::xdr_codec::{Pack, Unpack};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::engines::share::{Share, ShareInfo, Shares};
+
+pub const NFS_PROGRAM: u32 = 100_003;
+pub const MOUNT_PROGRAM: u32 = 100_005;
+const VERSION_3: u32 = 3;
+/// The largest request: a 1 MiB WRITE with its headers.
+pub const MAX_REQUEST: usize = (1 << 20) + 4096;
+/// Requests of one connection in progress at once.
+const IN_FLIGHT: usize = 16;
+
+/// Who may use which share: the daemon's allowlists.
+pub type Admit = Arc<dyn Fn(&ShareInfo, IpAddr) -> bool + Send + Sync>;
+
+/// The NFS server over the gateway's shares.
+pub struct NfsServer {
+    shares: Arc<Shares>,
+    admit: Admit,
+    /// The write verifier of this run.
+    verifier: [u8; 8],
+}
+
+impl std::fmt::Debug for NfsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NfsServer").finish_non_exhaustive()
+    }
+}
+
+/// The credentials of a call.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub peer: IpAddr,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl NfsServer {
+    pub fn new(shares: Arc<Shares>, admit: Admit) -> Arc<NfsServer> {
+        Arc::new(NfsServer {
+            shares,
+            admit,
+            verifier: rand::random(),
+        })
+    }
+
+    /// Serves connections from `listener` until the task is dropped.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!("nfs: accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let server = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = server.connection(stream, peer).await {
+                    tracing::debug!(%peer, "nfs connection ended: {e}");
+                }
+            });
+        }
+    }
+
+    async fn connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> std::io::Result<()> {
+        let (mut reader, mut writer) = stream.into_split();
+        let (replies, mut outbox) = mpsc::channel::<Vec<u8>>(IN_FLIGHT);
+        let writing = tokio::spawn(async move {
+            while let Some(reply) = outbox.recv().await {
+                writer.write_all(&reply).await?;
+            }
+            writer.shutdown().await
+        });
+        let permits = Arc::new(Semaphore::new(IN_FLIGHT));
+        loop {
+            let Some(request) = read_record(&mut reader).await? else {
+                break;
+            };
+            let permit = permits
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(std::io::Error::other)?;
+            let (server, replies) = (self.clone(), replies.clone());
+            tokio::task::spawn_blocking(move || {
+                if let Some(reply) = server.call(&request, peer.ip()) {
+                    let _ = replies.blocking_send(frame(reply));
+                }
+                drop(permit);
+            });
+        }
+        drop(replies);
+        writing.await.map_err(std::io::Error::other)?
+    }
+
+    /// Answers one RPC call; `None` for what deserves no answer (a reply, garbage before
+    /// the xid).
+    pub fn call(&self, request: &[u8], peer: IpAddr) -> Option<Vec<u8>> {
+        let mut input = Cursor::new(request);
+        let (message, _) = rpc_msg::unpack(&mut input).ok()?;
+        let xid = message.xid;
+        let msg_body::CALL(call) = message.body else {
+            return None;
+        };
+        if call.rpcvers != RPC_VERSION_2 {
+            return Some(denied(xid, rejected_reply::rpc_mismatch(2, 2)));
+        }
+        let (uid, gid) = match call.cred.flavor {
+            auth_flavor::AUTH_UNIX => {
+                match auth_unix::unpack(&mut Cursor::new(&call.cred.body.0[..])) {
+                    Ok((auth, _)) => (auth.uid, auth.gid),
+                    Err(_) => {
+                        return Some(denied(
+                            xid,
+                            rejected_reply::auth_error(auth_stat::AUTH_BADCRED),
+                        ));
+                    }
+                }
+            }
+            auth_flavor::AUTH_NULL => (NOBODY, NOBODY),
+            _ => {
+                return Some(denied(
+                    xid,
+                    rejected_reply::auth_error(auth_stat::AUTH_TOOWEAK),
+                ));
+            }
+        };
+        let caller = Caller { peer, uid, gid };
+        let args = &request[input.position() as usize..];
+        let outcome = match (call.prog, call.vers) {
+            (NFS_PROGRAM, VERSION_3) => procs::nfs(self, caller, call.proc, args),
+            (MOUNT_PROGRAM, VERSION_3) => procs::mount(self, caller, call.proc, args),
+            (NFS_PROGRAM | MOUNT_PROGRAM, _) => Err(accept_stat_data::PROG_MISMATCH {
+                low: VERSION_3,
+                high: VERSION_3,
+            }),
+            _ => Err(accept_stat_data::PROG_UNAVAIL),
+        };
+        Some(match outcome {
+            Ok(result) => accepted(xid, accept_stat_data::SUCCESS, &result),
+            Err(status) => accepted(xid, status, &[]),
+        })
+    }
+
+    /// The running share a handle's share id names, if the caller is admitted to it.
+    fn share_by_id(&self, id: &[u8], peer: IpAddr) -> Result<Arc<Share>, ShareAccess> {
+        let share = self
+            .shares
+            .share_by_id(&hex::encode(id))
+            .ok_or(ShareAccess::Stale)?;
+        if !(self.admit)(share.info(), peer) {
+            return Err(ShareAccess::Refused);
+        }
+        Ok(share)
+    }
+}
+
+/// Why a handle's share cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ShareAccess {
+    Stale,
+    Refused,
+}
+
+/// The anonymous user: AUTH_NULL callers and squashed ones.
+pub const NOBODY: u32 = 65534;
+
+/// Reads one RPC record (its fragments joined); `None` at a clean end of stream.
+async fn read_record(reader: &mut (impl AsyncReadExt + Unpin)) -> std::io::Result<Option<Vec<u8>>> {
+    let mut record = Vec::new();
+    loop {
+        let mut header = [0u8; 4];
+        match reader.read_exact(&mut header).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && record.is_empty() => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        }
+        let header = u32::from_be_bytes(header);
+        let (last, len) = (header & 0x8000_0000 != 0, (header & 0x7fff_ffff) as usize);
+        if record.len() + len > MAX_REQUEST {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("an RPC record of more than {MAX_REQUEST} bytes"),
+            ));
+        }
+        let start = record.len();
+        record.resize(start + len, 0);
+        reader.read_exact(&mut record[start..]).await?;
+        if last {
+            return Ok(Some(record));
+        }
+    }
+}
+
+/// `reply` as one last fragment.
+fn frame(reply: Vec<u8>) -> Vec<u8> {
+    let mut framed = Vec::with_capacity(4 + reply.len());
+    framed.extend_from_slice(&(0x8000_0000 | reply.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&reply);
+    framed
+}
+
+fn accepted(xid: u32, status: accept_stat_data, result: &[u8]) -> Vec<u8> {
+    let message = rpc_msg {
+        xid,
+        body: msg_body::REPLY(reply_body::MSG_ACCEPTED(accepted_reply {
+            verf: opaque_auth::default(),
+            reply_data: status,
+        })),
+    };
+    let mut out = Vec::with_capacity(message.packed_size() + result.len());
+    message.pack(&mut out).expect("a reply packs into memory");
+    out.extend_from_slice(result);
+    out
+}
+
+fn denied(xid: u32, reason: rejected_reply) -> Vec<u8> {
+    let message = rpc_msg {
+        xid,
+        body: msg_body::REPLY(reply_body::MSG_DENIED(reason)),
+    };
+    let mut out = Vec::with_capacity(message.packed_size());
+    message.pack(&mut out).expect("a reply packs into memory");
+    out
+}
+
+/// Decodes a procedure's arguments, which must be the whole rest of the call.
+fn decode<T: Unpack>(args: &[u8]) -> Result<T, accept_stat_data> {
+    let mut input = Cursor::new(args);
+    let (value, _) = T::unpack(&mut input).map_err(|_| accept_stat_data::GARBAGE_ARGS)?;
+    Ok(value)
+}
+
+/// Encodes a procedure's result.
+fn encode(value: &impl Pack) -> Vec<u8> {
+    let mut out = Vec::with_capacity(value.packed_size());
+    value.pack(&mut out).expect("a result packs into memory");
+    out
+}

@@ -1,0 +1,652 @@
+//! The NFSv3 door with clients firn did not write: libnfs's `nfs-cp`, `nfs-ls` and `nfs-cat`,
+//! and the `nfs3_client` crate as a scripted client for what those tools cannot do (mkdir,
+//! rename, symlinks, attributes, hostile names). Files land as plain objects in the bucket;
+//! handles outlive a restart while the write verifier changes; malformed RPCs get errors and
+//! the server keeps serving; a share's allowlist holds.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nfs3_client::Nfs3ConnectionBuilder;
+use nfs3_client::tokio::TokioConnector;
+use nfs3_types::nfs3::*;
+use nfs3_types::rpc::{auth_flavor, auth_unix, opaque_auth};
+use nfs3_types::xdr_codec::{Opaque, Pack};
+use rand::RngCore;
+
+mod common;
+use common::{Daemon, free_port, write_config};
+
+/// A gateway with the NFS door on a port of its own and the bucket in a directory.
+struct Gateway {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    nfs_port: u16,
+    daemon: Option<Daemon>,
+    http_port: u16,
+}
+
+impl Gateway {
+    fn start() -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (http_port, nfs_port) = (free_port(), free_port());
+        let config = write_config(
+            dir.path(),
+            http_port,
+            &format!("[nfs]\nlisten = \"127.0.0.1:{nfs_port}\"\n[shares]\nsettle_secs = 1\n"),
+        );
+        let mut g = Gateway {
+            dir,
+            config,
+            nfs_port,
+            daemon: None,
+            http_port,
+        };
+        g.restart();
+        g
+    }
+
+    fn restart(&mut self) {
+        self.daemon = None;
+        self.daemon = Some(Daemon::start(&self.config, self.http_port, &[]));
+    }
+
+    fn firn(&self, args: &[&str]) -> String {
+        common::firn_ok(&self.config, args)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!(
+            "nfs://127.0.0.1/{path}?nfsport={0}&mountport={0}",
+            self.nfs_port
+        )
+    }
+
+    /// The directory that stands in for the bucket.
+    fn bucket(&self) -> PathBuf {
+        self.config.parent().expect("dir").join("data/bucket")
+    }
+
+    fn show(&self, share: &str) -> serde_json::Value {
+        serde_json::from_str(&self.firn(&["share", "show", share])).expect("json")
+    }
+
+    /// Waits until the share has nothing left to upload or delete.
+    fn wait_uploaded(&self, share: &str) {
+        let started = Instant::now();
+        loop {
+            let status = &self.show(share)["status"];
+            if status["dirty_files"] == 0 && status["pending_deletes"] == 0 {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "not uploaded: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A scripted client on `/share`, calling as `uid`/`gid`.
+    async fn client(
+        &self,
+        share: &str,
+        uid: u32,
+        gid: u32,
+    ) -> nfs3_client::Nfs3Connection<nfs3_client::tokio::TokioIo<tokio::net::TcpStream>> {
+        let auth = auth_unix {
+            stamp: 1,
+            machinename: Opaque::owned(b"test".to_vec()),
+            uid,
+            gid,
+            gids: vec![gid],
+        };
+        let mut body = Vec::new();
+        auth.pack(&mut body).expect("pack");
+        Nfs3ConnectionBuilder::new(TokioConnector, "127.0.0.1", format!("/{share}"))
+            .connect_from_privileged_port(false)
+            .mount_port(self.nfs_port)
+            .nfs3_port(self.nfs_port)
+            .credential(opaque_auth {
+                flavor: auth_flavor::AUTH_UNIX,
+                body: Opaque::owned(body),
+            })
+            .mount()
+            .await
+            .expect("mount")
+    }
+}
+
+fn run(program: &str, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e} (scripts/test installs libnfs-utils)"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn random_file(path: &Path, len: usize) -> Vec<u8> {
+    let mut data = vec![0; len];
+    rand::rng().fill_bytes(&mut data);
+    std::fs::write(path, &data).expect("write");
+    data
+}
+
+fn xattr(path: &Path, name: &str) -> Option<String> {
+    xattr::get(path, format!("user.firn.{name}"))
+        .ok()
+        .flatten()
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+}
+
+#[test]
+fn libnfs_tools_copy_files_in_and_out_and_they_land_as_objects() {
+    let g = Gateway::start();
+    g.firn(&["share", "create", "media"]);
+    let listed = g.firn(&["share", "list"]);
+    assert!(
+        listed.contains("media") && listed.contains("prefix media/"),
+        "{listed}"
+    );
+    let local = g.dir.path().join("local");
+    std::fs::create_dir(&local).expect("mkdir");
+    let big = random_file(&local.join("big.bin"), 9 << 20);
+    let small = random_file(&local.join("small.txt"), 100);
+    for name in ["big.bin", "small.txt"] {
+        let (ok, _, err) = run(
+            "nfs-cp",
+            &[
+                local.join(name).to_str().expect("utf-8"),
+                &g.url(&format!("media/{name}")),
+            ],
+        );
+        assert!(ok, "nfs-cp {name}: {err}");
+    }
+    let (ok, listing, err) = run("nfs-ls", &[&g.url("media")]);
+    assert!(ok, "nfs-ls: {err}");
+    assert!(
+        listing.contains("big.bin") && listing.contains("small.txt"),
+        "{listing}"
+    );
+    let cat = std::process::Command::new("nfs-cat")
+        .arg(g.url("media/small.txt"))
+        .output()
+        .expect("nfs-cat");
+    assert!(cat.status.success(), "nfs-cat: {:?}", cat.stderr);
+    assert_eq!(cat.stdout, small);
+    let back = local.join("back.bin");
+    let (ok, _, err) = run(
+        "nfs-cp",
+        &[&g.url("media/big.bin"), back.to_str().expect("utf-8")],
+    );
+    assert!(ok, "nfs-cp out: {err}");
+    assert!(
+        std::fs::read(&back).expect("read") == big,
+        "big.bin read back differs"
+    );
+
+    g.wait_uploaded("media");
+    let object = g.bucket().join("media/big.bin");
+    assert!(
+        std::fs::read(&object).expect("object") == big,
+        "the object differs from the file"
+    );
+    assert_eq!(
+        std::fs::read(g.bucket().join("media/small.txt")).expect("object"),
+        small
+    );
+    // Root squashed to nobody; the mode nfs-cp asked for; a regular file.
+    // The directory store keeps an object's metadata in `user.firn.<name>` attributes.
+    let permissions = xattr(&object, "file-permissions").expect("file-permissions");
+    assert!(permissions.starts_with("100"), "{permissions}");
+    assert_eq!(xattr(&object, "file-owner").as_deref(), Some("65534"));
+    assert_eq!(xattr(&object, "file-group").as_deref(), Some("65534"));
+    assert!(xattr(&object, "file-mtime").is_some_and(|t| t.ends_with("ns")));
+    let status = &g.show("media")["status"];
+    assert_eq!(status["uploaded_files"], 2, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scripted_client_works_the_namespace_and_gets_clear_errors() {
+    let g = Gateway::start();
+    g.firn(&[
+        "share",
+        "create",
+        "work",
+        "--prefix",
+        "teams/work/",
+        "--squash",
+        "none",
+    ]);
+    let mut c = g.client("work", 1000, 100).await;
+    let root = c.root_nfs_fh3();
+    let dirop = |dir: &nfs_fh3, name: &str| diropargs3 {
+        dir: dir.clone(),
+        name: filename3::from(name.as_bytes().to_vec()),
+    };
+    let sattr = |mode: u32| sattr3 {
+        mode: Nfs3Option::Some(mode),
+        ..sattr3::default()
+    };
+    // mkdir a; create a/f; write and commit.
+    let a = match c
+        .mkdir(&MKDIR3args {
+            where_: dirop(&root, "a"),
+            attributes: sattr(0o750),
+        })
+        .await
+        .expect("rpc")
+    {
+        Nfs3Result::Ok(ok) => ok.obj.unwrap(),
+        Nfs3Result::Err((e, _)) => panic!("mkdir: {e:?}"),
+    };
+    let f = match c
+        .create(&CREATE3args {
+            where_: dirop(&a, "f.txt"),
+            how: createhow3::GUARDED(sattr(0o640)),
+        })
+        .await
+        .expect("rpc")
+    {
+        Nfs3Result::Ok(ok) => ok.obj.unwrap(),
+        Nfs3Result::Err((e, _)) => panic!("create: {e:?}"),
+    };
+    let data = b"written through NFS\n".repeat(1000);
+    let verf = match c
+        .write(&WRITE3args {
+            file: f.clone(),
+            offset: 0,
+            count: data.len() as u32,
+            stable: stable_how::UNSTABLE,
+            data: Opaque::borrowed(&data),
+        })
+        .await
+        .expect("rpc")
+    {
+        Nfs3Result::Ok(ok) => {
+            assert_eq!(ok.count as usize, data.len());
+            ok.verf
+        }
+        Nfs3Result::Err((e, _)) => panic!("write: {e:?}"),
+    };
+    match c
+        .commit(&COMMIT3args {
+            file: f.clone(),
+            offset: 0,
+            count: 0,
+        })
+        .await
+        .expect("rpc")
+    {
+        Nfs3Result::Ok(ok) => assert_eq!(ok.verf, verf, "the verifier changed without a restart"),
+        Nfs3Result::Err((e, _)) => panic!("commit: {e:?}"),
+    }
+    // A guarded create of an existing name, and names no file can have.
+    let exists = c
+        .create(&CREATE3args {
+            where_: dirop(&a, "f.txt"),
+            how: createhow3::GUARDED(sattr(0o640)),
+        })
+        .await
+        .expect("rpc");
+    assert!(matches!(
+        exists,
+        Nfs3Result::Err((nfsstat3::NFS3ERR_EXIST, _))
+    ));
+    let long = "x".repeat(300);
+    for (name, want) in [
+        ("..", nfsstat3::NFS3ERR_INVAL),
+        ("a/b", nfsstat3::NFS3ERR_INVAL),
+        (long.as_str(), nfsstat3::NFS3ERR_NAMETOOLONG),
+    ] {
+        let made = c
+            .create(&CREATE3args {
+                where_: dirop(&root, name),
+                how: createhow3::UNCHECKED(sattr(0o644)),
+            })
+            .await
+            .expect("rpc");
+        match made {
+            Nfs3Result::Err((e, _)) => assert_eq!(e, want, "{name:?}"),
+            Nfs3Result::Ok(_) => panic!("{name:?} was created"),
+        }
+    }
+    let bad_utf8 = c
+        .mkdir(&MKDIR3args {
+            where_: diropargs3 {
+                dir: root.clone(),
+                name: filename3::from(vec![0xff, 0xfe]),
+            },
+            attributes: sattr(0o755),
+        })
+        .await
+        .expect("rpc");
+    assert!(matches!(
+        bad_utf8,
+        Nfs3Result::Err((nfsstat3::NFS3ERR_INVAL, _))
+    ));
+    // Hard links and device nodes cannot be objects.
+    let link = c
+        .link(&LINK3args {
+            file: f.clone(),
+            link: dirop(&root, "hard"),
+        })
+        .await
+        .expect("rpc");
+    assert!(matches!(
+        link,
+        Nfs3Result::Err((nfsstat3::NFS3ERR_NOTSUPP, _))
+    ));
+    // A symlink, kept as it is (firn never follows it).
+    let target = "../../outside/etc/passwd";
+    let s = match c
+        .symlink(&SYMLINK3args {
+            where_: dirop(&a, "link"),
+            symlink: symlinkdata3 {
+                symlink_attributes: sattr3::default(),
+                symlink_data: nfspath3::from(target.as_bytes().to_vec()),
+            },
+        })
+        .await
+        .expect("rpc")
+    {
+        Nfs3Result::Ok(ok) => ok.obj.unwrap(),
+        Nfs3Result::Err((e, _)) => panic!("symlink: {e:?}"),
+    };
+    match c
+        .readlink(&READLINK3args { symlink: s })
+        .await
+        .expect("rpc")
+    {
+        Nfs3Result::Ok(ok) => assert_eq!(ok.data.as_ref(), target.as_bytes()),
+        Nfs3Result::Err((e, _)) => panic!("readlink: {e:?}"),
+    }
+    // Rename the directory: its files move in the bucket.
+    match c
+        .rename(&RENAME3args {
+            from: dirop(&root, "a"),
+            to: dirop(&root, "b"),
+        })
+        .await
+        .expect("rpc")
+    {
+        Nfs3Result::Ok(_) => {}
+        Nfs3Result::Err((e, _)) => panic!("rename: {e:?}"),
+    }
+    // The handle follows the file; READDIRPLUS lists the directory with attributes.
+    match c
+        .getattr(&GETATTR3args { object: f.clone() })
+        .await
+        .expect("rpc")
+    {
+        Nfs3Result::Ok(ok) => {
+            assert_eq!(ok.obj_attributes.size, data.len() as u64);
+            assert_eq!(ok.obj_attributes.mode, 0o640);
+            assert_eq!(ok.obj_attributes.uid, 1000);
+            assert_eq!(ok.obj_attributes.gid, 100);
+        }
+        Nfs3Result::Err((e, _)) => panic!("getattr: {e:?}"),
+    }
+    let b = match c
+        .lookup(&LOOKUP3args {
+            what: dirop(&root, "b"),
+        })
+        .await
+        .expect("rpc")
+    {
+        Nfs3Result::Ok(ok) => ok.object,
+        Nfs3Result::Err((e, _)) => panic!("lookup: {e:?}"),
+    };
+    match c
+        .readdirplus(&READDIRPLUS3args {
+            dir: b.clone(),
+            cookie: 0,
+            cookieverf: cookieverf3::default(),
+            dircount: 4096,
+            maxcount: 8192,
+        })
+        .await
+        .expect("rpc")
+    {
+        Nfs3Result::Ok(ok) => {
+            let names: Vec<String> = ok
+                .reply
+                .entries
+                .0
+                .iter()
+                .map(|e| String::from_utf8_lossy(e.name.as_ref()).into_owned())
+                .collect();
+            assert_eq!(names, ["f.txt", "link"]);
+            assert!(ok.reply.eof);
+        }
+        Nfs3Result::Err((e, _)) => panic!("readdirplus: {e:?}"),
+    }
+    let not_empty = c
+        .rmdir(&RMDIR3args {
+            object: dirop(&root, "b"),
+        })
+        .await
+        .expect("rpc");
+    assert!(matches!(
+        not_empty,
+        Nfs3Result::Err((nfsstat3::NFS3ERR_NOTEMPTY, _))
+    ));
+
+    g.wait_uploaded("work");
+    let bucket = g.bucket();
+    assert_eq!(
+        std::fs::read(bucket.join("teams/work/b/f.txt")).expect("moved object"),
+        data
+    );
+    assert!(
+        !bucket.join("teams/work/a/f.txt").exists(),
+        "the old object stayed"
+    );
+    assert_eq!(
+        std::fs::read(bucket.join("teams/work/b/link")).expect("symlink object"),
+        target.as_bytes()
+    );
+    // Nothing escaped the prefix: the symlink is an object, never followed.
+    assert!(!bucket.join("outside").exists());
+
+    // Remove everything: the objects go too.
+    for name in ["f.txt", "link"] {
+        match c
+            .remove(&REMOVE3args {
+                object: dirop(&b, name),
+            })
+            .await
+            .expect("rpc")
+        {
+            Nfs3Result::Ok(_) => {}
+            Nfs3Result::Err((e, _)) => panic!("remove {name}: {e:?}"),
+        }
+    }
+    g.wait_uploaded("work");
+    assert!(!bucket.join("teams/work/b/f.txt").exists());
+    assert!(!bucket.join("teams/work/b/link").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handles_outlive_a_restart_and_the_write_verifier_does_not() {
+    let mut g = Gateway::start();
+    g.firn(&["share", "create", "keep"]);
+    let mut c = g.client("keep", 0, 0).await;
+    let root = c.root_nfs_fh3();
+    let f = match c
+        .create(&CREATE3args {
+            where_: diropargs3 {
+                dir: root.clone(),
+                name: filename3::from(b"file".to_vec()),
+            },
+            how: createhow3::UNCHECKED(sattr3::default()),
+        })
+        .await
+        .expect("rpc")
+    {
+        Nfs3Result::Ok(ok) => ok.obj.unwrap(),
+        Nfs3Result::Err((e, _)) => panic!("create: {e:?}"),
+    };
+    let before = match c
+        .write(&WRITE3args {
+            file: f.clone(),
+            offset: 0,
+            count: 5,
+            stable: stable_how::FILE_SYNC,
+            data: Opaque::borrowed(b"hello"),
+        })
+        .await
+        .expect("rpc")
+    {
+        Nfs3Result::Ok(ok) => ok.verf,
+        Nfs3Result::Err((e, _)) => panic!("write: {e:?}"),
+    };
+    drop(c);
+    g.restart();
+    let mut c = g.client("keep", 0, 0).await;
+    // The old handle, from before the restart.
+    match c
+        .read(&READ3args {
+            file: f.clone(),
+            offset: 0,
+            count: 100,
+        })
+        .await
+        .expect("rpc")
+    {
+        Nfs3Result::Ok(ok) => {
+            assert_eq!(ok.data.as_ref(), b"hello");
+            assert!(ok.eof);
+        }
+        Nfs3Result::Err((e, _)) => panic!("read with a handle from before the restart: {e:?}"),
+    }
+    match c
+        .commit(&COMMIT3args {
+            file: f,
+            offset: 0,
+            count: 0,
+        })
+        .await
+        .expect("rpc")
+    {
+        Nfs3Result::Ok(ok) => assert_ne!(ok.verf, before, "the verifier survived a restart"),
+        Nfs3Result::Err((e, _)) => panic!("commit: {e:?}"),
+    }
+    // A handle of a share that does not exist is stale, and a made-up one bad.
+    let mut other = root.data.to_vec();
+    other[1] ^= 0xff;
+    let stale = c
+        .getattr(&GETATTR3args {
+            object: nfs_fh3 {
+                data: Opaque::owned(other),
+            },
+        })
+        .await
+        .expect("rpc");
+    assert!(matches!(
+        stale,
+        Nfs3Result::Err((nfsstat3::NFS3ERR_STALE, _))
+    ));
+    let bad = c
+        .getattr(&GETATTR3args {
+            object: nfs_fh3 {
+                data: Opaque::owned(vec![9; 7]),
+            },
+        })
+        .await
+        .expect("rpc");
+    assert!(matches!(
+        bad,
+        Nfs3Result::Err((nfsstat3::NFS3ERR_BADHANDLE, _))
+    ));
+}
+
+/// Sends one RPC record and reads one back (or `None` if the server closed).
+fn exchange(port: u16, record: &[u8]) -> Option<Vec<u8>> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut framed = (0x8000_0000u32 | record.len() as u32)
+        .to_be_bytes()
+        .to_vec();
+    framed.extend_from_slice(record);
+    stream.write_all(&framed).ok()?;
+    let mut header = [0u8; 4];
+    stream.read_exact(&mut header).ok()?;
+    let len = (u32::from_be_bytes(header) & 0x7fff_ffff) as usize;
+    let mut reply = vec![0; len];
+    stream.read_exact(&mut reply).ok()?;
+    Some(reply)
+}
+
+/// An RPC call header: xid 7, AUTH_NULL.
+fn call(prog: u32, vers: u32, proc: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    for word in [7u32, 0, 2, prog, vers, proc, 0, 0, 0, 0] {
+        out.extend_from_slice(&word.to_be_bytes());
+    }
+    out
+}
+
+/// The accept status of an accepted reply (the word after the verifier).
+fn accept_status(reply: &[u8]) -> u32 {
+    assert_eq!(&reply[..4], &7u32.to_be_bytes(), "xid");
+    assert_eq!(&reply[8..12], &0u32.to_be_bytes(), "accepted");
+    u32::from_be_bytes(reply[20..24].try_into().expect("status"))
+}
+
+#[test]
+fn malformed_calls_get_errors_and_the_server_keeps_serving() {
+    let g = Gateway::start();
+    g.firn(&["share", "create", "media"]);
+    let port = g.nfs_port;
+    // Unknown program, wrong version, unknown procedure, arguments cut short.
+    assert_eq!(
+        accept_status(&exchange(port, &call(200_000, 3, 0)).expect("reply")),
+        1
+    );
+    assert_eq!(
+        accept_status(&exchange(port, &call(100_003, 2, 0)).expect("reply")),
+        2
+    );
+    assert_eq!(
+        accept_status(&exchange(port, &call(100_003, 3, 99)).expect("reply")),
+        3
+    );
+    let mut short = call(100_003, 3, 1);
+    short.extend_from_slice(&[0, 0, 0, 200, 1, 2]);
+    assert_eq!(accept_status(&exchange(port, &short).expect("reply")), 4);
+    // Garbage, and a record header announcing 2 GiB: no reply, the connection goes.
+    assert!(exchange(port, b"not an rpc call at all").is_none());
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .write_all(&0xffff_ffffu32.to_be_bytes())
+        .expect("write");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut byte = [0u8; 1];
+    assert!(matches!(stream.read(&mut byte), Ok(0) | Err(_)));
+    // The server still serves.
+    let (ok, _, err) = run("nfs-ls", &[&g.url("media")]);
+    assert!(ok, "nfs-ls after the bad calls: {err}");
+}
+
+#[test]
+fn a_share_allowlist_keeps_other_clients_out() {
+    let g = Gateway::start();
+    g.firn(&["share", "create", "closed", "--allow", "10.9.0.0/16"]);
+    g.firn(&["share", "create", "open"]);
+    let (ok, _, _) = run("nfs-ls", &[&g.url("closed")]);
+    assert!(!ok, "a client outside the allowlist mounted the share");
+    let (ok, _, err) = run("nfs-ls", &[&g.url("open")]);
+    assert!(ok, "nfs-ls open: {err}");
+    let (ok, _, _) = run("nfs-ls", &[&g.url("missing")]);
+    assert!(!ok, "a share that does not exist mounted");
+}
