@@ -29,12 +29,19 @@ struct Gateway {
 
 impl Gateway {
     fn start() -> Gateway {
+        Gateway::start_with("")
+    }
+
+    /// A gateway whose config ends with `extra`.
+    fn start_with(extra: &str) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let (http_port, nfs_port) = (free_port(), free_port());
         let config = write_config(
             dir.path(),
             http_port,
-            &format!("[nfs]\nlisten = \"127.0.0.1:{nfs_port}\"\n[shares]\nsettle_secs = 1\n"),
+            &format!(
+                "[nfs]\nlisten = \"127.0.0.1:{nfs_port}\"\n[shares]\nsettle_secs = 1\n{extra}"
+            ),
         );
         let mut g = Gateway {
             dir,
@@ -649,4 +656,68 @@ fn a_share_allowlist_keeps_other_clients_out() {
     assert!(ok, "nfs-ls open: {err}");
     let (ok, _, _) = run("nfs-ls", &[&g.url("missing")]);
     assert!(!ok, "a share that does not exist mounted");
+}
+
+/// nfs-cp of a local file into `url`.
+fn copy_in(local: &Path, url: &str) {
+    let (ok, _, err) = run("nfs-cp", &[local.to_str().expect("utf-8"), url]);
+    assert!(ok, "nfs-cp {}: {err}", local.display());
+}
+
+#[test]
+fn a_gateway_killed_during_an_upload_uploads_the_file_whole_after_restart() {
+    let mut g = Gateway::start();
+    g.firn(&["share", "create", "media"]);
+    // Slow uploads, so the kill lands in the middle of one.
+    g.firn(&["bandwidth", "--upload", "2MiB"]);
+    let local = g.dir.path().join("big.bin");
+    let data = random_file(&local, 24 << 20);
+    copy_in(&local, &g.url("media/big.bin"));
+    let object = g.bucket().join("media/big.bin");
+    // Settled after a second; then about twelve seconds of upload.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        !object.exists(),
+        "uploaded already: the kill would not land mid-upload"
+    );
+    g.daemon.take().expect("daemon").kill9();
+    assert!(!object.exists(), "a partial object is in the bucket");
+    // The bandwidth limit was the running daemon's; the restarted one has none.
+    g.restart();
+    g.wait_uploaded("media");
+    assert!(
+        std::fs::read(&object).expect("object") == data,
+        "the object is not the file"
+    );
+    let (ok, listing, err) = run("nfs-ls", &[&g.url("media")]);
+    assert!(ok && listing.contains("big.bin"), "{listing} {err}");
+}
+
+#[test]
+fn a_tree_copied_through_store_errors_and_an_outage_arrives_whole() {
+    // The first 5 s of the daemon's life the bucket is out, then 30% of requests fail.
+    let g = Gateway::start_with("[faults]\nerror_rate = 0.3\noutage_secs = 5\n");
+    g.firn(&["share", "create", "tree"]);
+    let local = g.dir.path().join("tree");
+    std::fs::create_dir(&local).expect("mkdir");
+    let mut files = Vec::new();
+    for i in 0..60 {
+        let name = format!("f{i:03}.dat");
+        let data = random_file(&local.join(&name), 1000 + i * 517);
+        copy_in(&local.join(&name), &g.url(&format!("tree/{name}")));
+        files.push((name, data));
+    }
+    g.wait_uploaded("tree");
+    for (name, data) in &files {
+        let object = g.bucket().join("tree").join(name);
+        assert!(
+            std::fs::read(&object).ok().as_ref() == Some(data),
+            "{name} did not arrive whole"
+        );
+    }
+    let status = &g.show("tree")["status"];
+    assert!(
+        status["uploaded_files"].as_u64().is_some_and(|n| n >= 60),
+        "{status}"
+    );
 }

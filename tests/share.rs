@@ -133,6 +133,8 @@ impl Rig {
 struct Inspecting {
     inner: Arc<dyn Remote>,
     torn: Arc<std::sync::atomic::AtomicU64>,
+    /// How long a put waits between reading its body and storing it.
+    hold: Duration,
 }
 
 #[async_trait::async_trait]
@@ -154,6 +156,7 @@ impl Remote for Inspecting {
         if bytes.iter().any(|&b| b != bytes[0]) {
             self.torn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+        tokio::time::sleep(self.hold).await;
         self.inner
             .put_body(key, Arc::new(bytes::Bytes::from(bytes)), meta)
             .await
@@ -354,6 +357,7 @@ fn a_file_changing_during_its_upload_is_never_stored_torn() {
         rig.remote = Arc::new(Inspecting {
             inner: rig.remote.clone(),
             torn: torn.clone(),
+            hold: Duration::ZERO,
         });
         rig.reopen(Duration::ZERO);
         rig.shares()
@@ -488,5 +492,52 @@ fn hostile_names_are_refused_and_create_nothing() {
             ro.create(ro.root(), "f", 0o644, 0, 0, true),
             Err(ShareError::ReadOnly)
         );
+    }
+}
+
+#[test]
+fn files_renamed_or_removed_during_their_upload_leave_no_object_behind() {
+    for mut rig in rigs(Duration::ZERO) {
+        // Uploads read their file, then take 200 ms to store it: the renames and removes
+        // below land after the read and before the object is there.
+        rig.remote = Arc::new(Inspecting {
+            inner: rig.remote.clone(),
+            torn: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            hold: Duration::from_millis(200),
+        });
+        rig.reopen(Duration::ZERO);
+        rig.shares()
+            .create("m", "m/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("m");
+        let root = share.root();
+        let data = random(4 << 20);
+        for round in 0..6 {
+            let dir = share
+                .mkdir(root, &format!("d{round}"), 0o755, 0, 0)
+                .expect("mkdir");
+            let f = share
+                .create(dir.fileid, "f", 0o644, 0, 0, true)
+                .expect("create");
+            share.write(f.fileid, 0, &data, false).expect("write");
+            share.commit(f.fileid).expect("commit");
+            std::thread::sleep(Duration::from_millis(100));
+            if round % 2 == 0 {
+                share
+                    .rename(root, &format!("d{round}"), root, &format!("moved{round}"))
+                    .expect("rename");
+            } else {
+                share.remove(dir.fileid, "f").expect("remove");
+            }
+        }
+        rig.wait_clean("m");
+        let listed: Vec<String> = rig
+            .runtime
+            .block_on(rig.remote.list("m/"))
+            .expect("list")
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        assert_eq!(listed, ["m/moved0/f", "m/moved2/f", "m/moved4/f"]);
     }
 }

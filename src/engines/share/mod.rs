@@ -501,6 +501,20 @@ impl Share {
         }
     }
 
+    /// A file just made: the namespace marked it dirty in the same transaction, so only the
+    /// uploader's view needs it.
+    fn created(&self, id: u64) {
+        lock(&self.dirty).insert(
+            id,
+            Dirty {
+                generation: 1,
+                writing: 0,
+                last_change: Instant::now(),
+                now: false,
+            },
+        );
+    }
+
     /// A change made in one step (a rename, new attributes).
     fn changed(&self, id: u64) -> Result<(), ShareError> {
         self.begin_change(id)?;
@@ -573,7 +587,7 @@ impl Share {
         {
             Ok((id, inode)) => {
                 self.content(id)?;
-                self.changed(id)?;
+                self.created(id);
                 self.attrs_of(id, &inode)
             }
             Err(ShareError::Exists) if !exclusive => {
@@ -634,7 +648,7 @@ impl Share {
             Some(target.to_string()),
             self.info.prefix.len(),
         )?;
-        self.changed(id)?;
+        self.created(id);
         self.attrs_of(id, &inode)
     }
 

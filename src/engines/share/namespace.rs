@@ -456,10 +456,17 @@ impl Namespace {
     }
 
     /// Records that `id` was uploaded as `uploaded`: the object it had before (under another
-    /// key) is queued for deletion, and the file is clean unless it moved during the upload
-    /// (then it goes up again under its new key). If the file was removed during the upload,
-    /// the object just made is queued for deletion.
-    pub fn uploaded(&self, id: u64, uploaded: Uploaded, mtime_ns: u64) -> Result<(), ShareError> {
+    /// key) is queued for deletion, and, with `clean` (nothing changed during the upload),
+    /// the file is clean unless it moved meanwhile (then it goes up again under its new key).
+    /// If the file was removed during the upload, the object just made is queued for
+    /// deletion.
+    pub fn uploaded(
+        &self,
+        id: u64,
+        uploaded: Uploaded,
+        mtime_ns: u64,
+        clean: bool,
+    ) -> Result<(), ShareError> {
         self.meta.transaction(|tx| {
             let Some(mut inode) = tx.get_json::<Inode>(&self.inodes, &hex(id))? else {
                 tx.put(&self.deletes, &uploaded.path, b"")?;
@@ -477,7 +484,7 @@ impl Namespace {
             inode.mtime_ns = mtime_ns;
             inode.uploaded = Some(uploaded);
             tx.put_json(&self.inodes, &hex(id), &inode)?;
-            if !moved {
+            if clean && !moved {
                 tx.delete(&self.dirty, &hex(id))?;
             }
             Ok(())

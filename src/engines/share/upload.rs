@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::StreamExt;
 
 use super::namespace::{Decision, Kind, Uploaded};
 use super::{Share, ShareError, lock};
@@ -18,6 +19,8 @@ use crate::remote::{self, Body, Meta};
 
 /// Files uploaded per pass, and objects deleted.
 const BATCH: usize = 64;
+/// Files uploading at once.
+const CONCURRENCY: usize = 8;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The message of a read that found its file changing.
 const CHANGED: &str = "the file changed during its upload";
@@ -91,9 +94,15 @@ async fn pass(share: &Arc<Share>) -> Result<bool, String> {
             .take(BATCH)
             .collect()
     };
+    // Several files at once: small files cost a round trip each, not bandwidth.
+    let outcomes: Vec<Result<bool, String>> = futures::stream::iter(due)
+        .map(|(id, generation)| upload(share, id, generation))
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
     let mut uploaded = 0;
-    for (id, generation) in due {
-        if upload(share, id, generation).await? {
+    for outcome in outcomes {
+        if outcome? {
             uploaded += 1;
         }
     }
@@ -145,22 +154,22 @@ async fn upload(share: &Arc<Share>, id: u64, generation: u64) -> Result<bool, St
         }
         Err(e) => return Err(format!("uploading {key}: {e}")),
     }
-    // Clean only if nothing changed since the upload read the file; the lock keeps a new
-    // change from slipping in between the check and the record.
+    // The object is in the bucket whatever happened meanwhile, and is recorded as the file's
+    // (so a rename or remove since deletes it). The file is clean only if nothing changed
+    // since the upload read it; the lock keeps a new change from slipping in between the
+    // check and the record.
     let recorded = {
         let mut dirty = lock(&share.dirty);
-        if dirty
+        let clean = dirty
             .get(&id)
-            .is_some_and(|d| d.generation == generation && d.writing == 0)
-        {
+            .is_some_and(|d| d.generation == generation && d.writing == 0);
+        if clean {
             dirty.remove(&id);
-            share
-                .ns
-                .uploaded(id, Uploaded { path, size: len }, attrs.mtime_ns)
-                .map(|()| true)
-        } else {
-            Ok(false)
         }
+        share
+            .ns
+            .uploaded(id, Uploaded { path, size: len }, attrs.mtime_ns, clean)
+            .map(|()| clean)
     };
     match recorded {
         Ok(true) => {

@@ -273,3 +273,165 @@ fn encode(value: &impl Pack) -> Vec<u8> {
     value.pack(&mut out).expect("a result packs into memory");
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::sync::OnceLock;
+
+    use crate::engines::share::{Settings, Squash};
+    use crate::local::meta::MetaStore;
+    use crate::remote::dir::DirStore;
+
+    /// One server over a read-only share and a writable one, for every case.
+    struct Rig {
+        server: Arc<NfsServer>,
+        _runtime: tokio::runtime::Runtime,
+        _dir: tempfile::TempDir,
+    }
+
+    fn rig() -> &'static Rig {
+        static RIG: OnceLock<Rig> = OnceLock::new();
+        RIG.get_or_init(|| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let meta = Arc::new(MetaStore::open(dir.path().join("meta.redb")).expect("meta"));
+            let remote = Arc::new(DirStore::open(dir.path().join("bucket")).expect("bucket"));
+            let shares = Shares::open(
+                meta,
+                dir.path().join("shares"),
+                remote,
+                runtime.handle().clone(),
+                Settings::default(),
+            )
+            .expect("shares");
+            shares
+                .create("ro", "ro/", true, Vec::new(), Squash::Root)
+                .expect("share");
+            shares
+                .create("rw", "rw/", false, Vec::new(), Squash::Root)
+                .expect("share");
+            let server = NfsServer::new(Arc::new(shares), Arc::new(|_, _| true));
+            Rig {
+                server,
+                _runtime: runtime,
+                _dir: dir,
+            }
+        })
+    }
+
+    /// A call header (xid 9, AUTH_UNIX as root) and `args`.
+    fn call(prog: u32, proc: u32, args: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for word in [9u32, 0, 2, prog, 3, proc, 1] {
+            out.extend_from_slice(&word.to_be_bytes());
+        }
+        // auth_unix: stamp, machine name "m", uid 0, gid 0, no groups.
+        let cred: Vec<u8> = [1u32, 1, 0x6d00_0000, 0, 0, 0]
+            .iter()
+            .flat_map(|w| w.to_be_bytes())
+            .collect();
+        out.extend_from_slice(&(cred.len() as u32).to_be_bytes());
+        out.extend_from_slice(&cred);
+        out.extend_from_slice(&[0; 8]);
+        out.extend_from_slice(args);
+        out
+    }
+
+    /// The root handle of share `name`, from MNT.
+    fn root(name: &str) -> Vec<u8> {
+        let path = format!("/{name}");
+        let mut args = (path.len() as u32).to_be_bytes().to_vec();
+        args.extend_from_slice(path.as_bytes());
+        args.resize(4 + path.len().div_ceil(4) * 4, 0);
+        let reply = rig()
+            .server
+            .call(&call(MOUNT_PROGRAM, 1, &args), IpAddr::from([127, 0, 0, 1]))
+            .expect("reply");
+        // xid, REPLY, MSG_ACCEPTED, verifier (flavor, length 0), SUCCESS, MNT3_OK, handle.
+        assert_eq!(&reply[20..28], &[0; 8], "mount failed: {reply:?}");
+        let len = u32::from_be_bytes(reply[28..32].try_into().expect("len")) as usize;
+        reply[32..32 + len].to_vec()
+    }
+
+    /// Opaque XDR: length, bytes, padding.
+    fn opaque(bytes: &[u8]) -> Vec<u8> {
+        let mut out = (bytes.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(bytes);
+        out.resize(4 + bytes.len().div_ceil(4) * 4, 0);
+        out
+    }
+
+    /// Valid calls to start mutating from: a CREATE, a WRITE and a READDIRPLUS on the
+    /// read-only share, a LOOKUP on the writable one.
+    fn seeds() -> Vec<Vec<u8>> {
+        let (ro, rw) = (root("ro"), root("rw"));
+        let mut create = opaque(&ro);
+        create.extend_from_slice(&opaque(b"new"));
+        create.extend_from_slice(&[0, 0, 0, 0]);
+        create.extend_from_slice(&[0; 24]);
+        let mut write = opaque(&ro);
+        write.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 2]);
+        write.extend_from_slice(&opaque(b"data"));
+        let mut readdir = opaque(&ro);
+        readdir.extend_from_slice(&[0; 16]);
+        readdir.extend_from_slice(&[0, 0, 16, 0, 0, 0, 32, 0]);
+        let mut lookup = opaque(&rw);
+        lookup.extend_from_slice(&opaque(b"missing"));
+        vec![
+            call(NFS_PROGRAM, 8, &create),
+            call(NFS_PROGRAM, 7, &write),
+            call(NFS_PROGRAM, 17, &readdir),
+            call(NFS_PROGRAM, 3, &lookup),
+        ]
+    }
+
+    /// Whether the read-only share is still empty.
+    fn read_only_share_is_empty() -> bool {
+        let share = rig().server.shares.share("ro").expect("share");
+        share.list(share.root(), None, 10).expect("list").is_empty()
+    }
+
+    proptest! {
+        #[test]
+        fn random_records_never_crash(record in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = rig().server.call(&record, IpAddr::from([127, 0, 0, 1]));
+            prop_assert!(read_only_share_is_empty());
+        }
+
+        #[test]
+        fn changed_calls_never_crash_or_change_a_read_only_share(
+            seed in 0usize..4,
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+            cut in any::<usize>(),
+        ) {
+            let mut record = seeds()[seed].clone();
+            for (at, value) in flips {
+                let at = at % record.len();
+                record[at] = value;
+            }
+            let keep = record.len() - cut % (record.len() / 2);
+            record.truncate(keep);
+            let _ = rig().server.call(&record, IpAddr::from([127, 0, 0, 1]));
+            prop_assert!(read_only_share_is_empty());
+        }
+    }
+
+    #[test]
+    fn the_seed_calls_are_answered() {
+        for seed in seeds() {
+            let reply = rig()
+                .server
+                .call(&seed, IpAddr::from([127, 0, 0, 1]))
+                .expect("reply");
+            // Accepted and SUCCESS at the RPC level; the procedure's own status follows.
+            assert_eq!(&reply[20..24], &[0; 4]);
+        }
+        assert!(read_only_share_is_empty());
+    }
+}
