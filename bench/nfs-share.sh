@@ -5,6 +5,8 @@
 #
 #   bench/nfs-share.sh
 #   BIG=1G FILES=10000 FILE_SIZE=4K CONNECTIONS=4 bench/nfs-share.sh   (the defaults)
+#   PAUSE_UPLOADS=1 bench/nfs-share.sh    (firn's uploads paused during the tree's copy: what
+#                                          the door and engine reach without uploads competing)
 #
 # Needs root: it runs in a network namespace of its own (`unshare -n`, loopback only), where
 # it starts Garage, firn, rpcbind and ganesha; ganesha 4.3 needs rpcbind, and its `-h` flag
@@ -124,7 +126,9 @@ PY
 read -r _ _ firn_big_s < <(copy 127.0.0.1:2050:2050 /bench "$work/big.bin" big)
 uploaded >/dev/null
 t0=$(now)
+[ -n "${PAUSE_UPLOADS:-}" ] && f bandwidth --upload paused >/dev/null
 read -r _ _ firn_tree_s < <(copy 127.0.0.1:2050:2050 /bench "$work/tree" tree)
+[ -n "${PAUSE_UPLOADS:-}" ] && f bandwidth --upload unlimited >/dev/null
 wait_s=$(uploaded)
 firn_bucket_s=$(calc "f'{$(now) - $t0:.3f}'")
 echo "firn: $big in ${firn_big_s}s; $files files in ${firn_tree_s}s; the tree in the bucket ${firn_bucket_s}s after its copy began (${wait_s}s after it ended)"

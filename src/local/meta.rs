@@ -64,10 +64,17 @@ pub enum MetaError {
 }
 
 /// The gateway's metadata store. Cheap to share behind an `Arc`: every method takes `&self`.
+/// Where a grouped transaction's durable commit writes (redb needs a change to commit).
+const GROUP_TABLE: &str = "meta-group-commit";
+
 #[derive(Debug)]
 pub struct MetaStore {
     path: PathBuf,
     db: Database,
+    /// Lazy commits made by `transaction_grouped`, counted.
+    grouped: std::sync::atomic::AtomicU64,
+    /// How many of them a durable commit has covered; held while one is being made.
+    durable: std::sync::Mutex<u64>,
 }
 
 impl MetaStore {
@@ -98,7 +105,12 @@ impl MetaStore {
                 source,
             })?;
         }
-        Ok(MetaStore { path, db })
+        Ok(MetaStore {
+            path,
+            db,
+            grouped: std::sync::atomic::AtomicU64::new(0),
+            durable: std::sync::Mutex::new(0),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -208,9 +220,68 @@ impl MetaStore {
     where
         E: From<MetaError>,
     {
-        let write = self
+        self.transaction_with(redb::Durability::Immediate, body)
+    }
+
+    /// `transaction`, but committed without waiting for the disk: atomic, visible at once,
+    /// and durable with the next durable commit. A crash may lose it (and everything lazy
+    /// after the last durable commit), never half of it. For records a crash may forget at
+    /// the price of redoing work, such as that an upload finished.
+    pub fn transaction_lazy<T, E>(
+        &self,
+        body: impl FnOnce(&mut MetaTransaction<'_>) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<MetaError>,
+    {
+        self.transaction_with(redb::Durability::None, body)
+    }
+
+    /// `transaction`, durable when it returns like it, but sharing the wait for the disk with
+    /// the grouped transactions of other threads: it commits lazily, then makes sure a
+    /// durable commit has followed. While one thread's durable commit syncs, the others'
+    /// lazy commits queue up, and the next durable commit covers them all at once. For
+    /// callers that commit small changes from many threads (a file share's namespace).
+    pub fn transaction_grouped<T, E>(
+        &self,
+        body: impl FnOnce(&mut MetaTransaction<'_>) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<MetaError>,
+    {
+        use std::sync::atomic::Ordering;
+        let value = self.transaction_with(redb::Durability::None, body)?;
+        // Numbered after the commit: a durable commit begun once this number is counted
+        // covers it.
+        let mine = self.grouped.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut durable = self
+            .durable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *durable < mine {
+            let covered = self.grouped.load(Ordering::Acquire);
+            self.transaction_with(redb::Durability::Immediate, |tx| {
+                tx.put(GROUP_TABLE, "covered", &covered.to_le_bytes())
+            })?;
+            *durable = covered;
+        }
+        Ok(value)
+    }
+
+    fn transaction_with<T, E>(
+        &self,
+        durability: redb::Durability,
+        body: impl FnOnce(&mut MetaTransaction<'_>) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<MetaError>,
+    {
+        let mut write = self
             .db
             .begin_write()
+            .map_err(|e| store_error(&self.path, e))?;
+        write
+            .set_durability(durability)
             .map_err(|e| store_error(&self.path, e))?;
         let mut tx = MetaTransaction {
             path: &self.path,
@@ -395,6 +466,51 @@ mod tests {
         let first = store.list_page("t", "b/", Some("a/9"), 10).unwrap();
         assert_eq!(first, [("b/1".to_string(), b"b/1".to_vec())]);
         assert!(store.list_page("never", "", None, 5).unwrap().is_empty());
+    }
+
+    #[test]
+    fn lazy_commits_are_visible_at_once_and_durable_after_the_next_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.redb");
+        {
+            let store = MetaStore::open(&path).unwrap();
+            store
+                .transaction_lazy(|tx| tx.put("t", "lazy", b"1"))
+                .unwrap();
+            assert_eq!(store.get("t", "lazy").unwrap(), Some(b"1".to_vec()));
+            store.put("t", "durable", b"2").unwrap();
+        }
+        let store = MetaStore::open(&path).unwrap();
+        assert_eq!(store.get("t", "lazy").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(store.get("t", "durable").unwrap(), Some(b"2".to_vec()));
+    }
+
+    #[test]
+    fn grouped_commits_from_many_threads_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.redb");
+        {
+            let store = std::sync::Arc::new(MetaStore::open(&path).unwrap());
+            let threads: Vec<_> = (0..8)
+                .map(|t| {
+                    let store = store.clone();
+                    std::thread::spawn(move || {
+                        for i in 0..50 {
+                            store
+                                .transaction_grouped(|tx| tx.put("g", &format!("{t}-{i}"), b"x"))
+                                .unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+            let covered = *store.durable.lock().unwrap();
+            assert_eq!(covered, 400, "the last grouped commit was not made durable");
+        }
+        let store = MetaStore::open(&path).unwrap();
+        assert_eq!(store.list("g", "").unwrap().len(), 400);
     }
 
     #[test]

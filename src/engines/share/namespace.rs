@@ -144,7 +144,7 @@ impl Namespace {
                 if page.is_empty() {
                     break;
                 }
-                self.meta.transaction(|tx| {
+                self.meta.transaction_grouped(|tx| {
                     for (key, _) in &page {
                         tx.delete(table, key)?;
                     }
@@ -211,7 +211,7 @@ impl Namespace {
         if path_len > MAX_KEY {
             return Err(ShareError::NameTooLong(path_len));
         }
-        self.meta.transaction(|tx| {
+        self.meta.transaction_grouped(|tx| {
             let parent: Inode = tx
                 .get_json(&self.inodes, &hex(dir))?
                 .ok_or(ShareError::Stale(dir))?;
@@ -256,7 +256,7 @@ impl Namespace {
             return Err(ShareError::Invalid(format!("cannot remove {name:?}")));
         }
         let id = self.lookup(dir, name)?;
-        self.meta.transaction(|tx| {
+        self.meta.transaction_grouped(|tx| {
             let inode: Inode = tx
                 .get_json(&self.inodes, &hex(id))?
                 .ok_or(ShareError::NotFound)?;
@@ -315,7 +315,7 @@ impl Namespace {
             return Err(ShareError::NameTooLong(path_len));
         }
         let moved_files = self.files_below(id)?;
-        self.meta.transaction(|tx| {
+        self.meta.transaction_grouped(|tx| {
             let mut inode: Inode = tx
                 .get_json(&self.inodes, &hex(id))?
                 .ok_or(ShareError::NotFound)?;
@@ -430,7 +430,7 @@ impl Namespace {
 
     /// Replaces the inode of `id` with what `change` makes of it.
     pub fn update(&self, id: u64, change: impl FnOnce(&mut Inode)) -> Result<Inode, ShareError> {
-        self.meta.transaction(|tx| {
+        self.meta.transaction_grouped(|tx| {
             let mut inode: Inode = tx
                 .get_json(&self.inodes, &hex(id))?
                 .ok_or(ShareError::Stale(id))?;
@@ -442,7 +442,9 @@ impl Namespace {
 
     /// Marks `id` as differing from its object (durably).
     pub fn mark_dirty(&self, id: u64) -> Result<(), ShareError> {
-        Ok(self.meta.put(&self.dirty, &hex(id), b"")?)
+        self.meta
+            .transaction_grouped(|tx| tx.put(&self.dirty, &hex(id), b""))?;
+        Ok(())
     }
 
     /// Files that may differ from their objects.
@@ -467,7 +469,9 @@ impl Namespace {
         mtime_ns: u64,
         clean: bool,
     ) -> Result<(), ShareError> {
-        self.meta.transaction(|tx| {
+        // Lazily durable: a crash that forgets it only makes the file dirty again, and its
+        // upload is done again (same content, same key).
+        self.meta.transaction_lazy(|tx| {
             let Some(mut inode) = tx.get_json::<Inode>(&self.inodes, &hex(id))? else {
                 tx.put(&self.deletes, &uploaded.path, b"")?;
                 return Ok(());
@@ -522,9 +526,11 @@ impl Namespace {
             .collect())
     }
 
-    /// The object at `path` is gone from the bucket.
+    /// The object at `path` is gone from the bucket. Lazily durable: a crash that forgets it
+    /// only deletes the object again.
     pub fn deleted(&self, path: &str) -> Result<(), ShareError> {
-        self.meta.delete(&self.deletes, path)?;
+        self.meta
+            .transaction_lazy(|tx| tx.delete(&self.deletes, path).map(|_| ()))?;
         Ok(())
     }
 }
