@@ -216,6 +216,27 @@ fn libnfs_tools_copy_files_in_and_out_and_they_land_as_objects() {
     assert!(xattr(&object, "file-mtime").is_some_and(|t| t.ends_with("ns")));
     let status = &g.show("media")["status"];
     assert_eq!(status["uploaded_files"], 2, "{status}");
+    let (ok, metrics, err) = run(
+        "curl",
+        &["-fsS", &format!("http://127.0.0.1:{}/metrics", g.http_port)],
+    );
+    assert!(ok, "metrics: {err}");
+    let value = |line_start: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {line_start} in the metrics"))
+    };
+    assert!(value("firn_nfs_calls_total{procedure=\"write\"}") >= 10.0);
+    assert!(value("firn_nfs_calls_total{procedure=\"mount\"}") >= 1.0);
+    assert!(metrics.contains("firn_nfs_call_seconds_bucket{"));
+    assert_eq!(
+        value("firn_share_uploaded_files_total{share=\"media\"}"),
+        2.0
+    );
+    assert_eq!(value("firn_share_dirty_files{share=\"media\"}"), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -693,20 +714,60 @@ fn a_gateway_killed_during_an_upload_uploads_the_file_whole_after_restart() {
     assert!(ok && listing.contains("big.bin"), "{listing} {err}");
 }
 
-#[test]
-fn a_tree_copied_through_store_errors_and_an_outage_arrives_whole() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_copied_through_store_errors_and_an_outage_arrives_whole() {
     // The first 5 s of the daemon's life the bucket is out, then 30% of requests fail.
     let g = Gateway::start_with("[faults]\nerror_rate = 0.3\noutage_secs = 5\n");
     g.firn(&["share", "create", "tree"]);
-    let local = g.dir.path().join("tree");
-    std::fs::create_dir(&local).expect("mkdir");
+    // A thousand small files through the scripted client, committed one by one.
+    let mut c = g.client("tree", 0, 0).await;
+    let root = c.root_nfs_fh3();
     let mut files = Vec::new();
-    for i in 0..60 {
-        let name = format!("f{i:03}.dat");
-        let data = random_file(&local.join(&name), 1000 + i * 517);
-        copy_in(&local.join(&name), &g.url(&format!("tree/{name}")));
+    for i in 0..1000usize {
+        let name = format!("f{i:04}.dat");
+        let mut data = vec![0u8; 100 + i * 7];
+        rand::rng().fill_bytes(&mut data);
+        let made = c
+            .create(&CREATE3args {
+                where_: diropargs3 {
+                    dir: root.clone(),
+                    name: filename3::from(name.as_bytes().to_vec()),
+                },
+                how: createhow3::GUARDED(sattr3::default()),
+            })
+            .await
+            .expect("rpc");
+        let Nfs3Result::Ok(made) = made else {
+            panic!("create {name}")
+        };
+        let file = made.obj.unwrap();
+        let written = c
+            .write(&WRITE3args {
+                file: file.clone(),
+                offset: 0,
+                count: data.len() as u32,
+                stable: stable_how::UNSTABLE,
+                data: Opaque::borrowed(&data),
+            })
+            .await
+            .expect("rpc");
+        assert!(matches!(written, Nfs3Result::Ok(_)), "write {name}");
+        let committed = c
+            .commit(&COMMIT3args {
+                file,
+                offset: 0,
+                count: 0,
+            })
+            .await
+            .expect("rpc");
+        assert!(matches!(committed, Nfs3Result::Ok(_)), "commit {name}");
         files.push((name, data));
     }
+    // Also nfs-cp, a client of its own, during the errors.
+    let local = g.dir.path().join("one.bin");
+    let one = random_file(&local, 3 << 20);
+    copy_in(&local, &g.url("tree/one.bin"));
+    files.push(("one.bin".to_string(), one));
     g.wait_uploaded("tree");
     for (name, data) in &files {
         let object = g.bucket().join("tree").join(name);
@@ -717,7 +778,7 @@ fn a_tree_copied_through_store_errors_and_an_outage_arrives_whole() {
     }
     let status = &g.show("tree")["status"];
     assert!(
-        status["uploaded_files"].as_u64().is_some_and(|n| n >= 60),
+        status["uploaded_files"].as_u64().is_some_and(|n| n >= 1001),
         "{status}"
     );
 }

@@ -160,6 +160,7 @@ async fn metrics(State(gateway): Shared) -> Response {
         "# HELP firn_local_total_bytes Size of the data directory's file system.\n# TYPE firn_local_total_bytes gauge\nfirn_local_total_bytes {total}\n"
     );
     text += &volume_metrics(&gateway.volumes.cached_statuses());
+    text += &share_metrics(&gateway.shares);
     // Without the list, nothing is shown and nothing dropped: a volume's counts stay.
     if let Ok(volumes) = gateway.volumes.list() {
         let names: std::collections::HashSet<String> =
@@ -180,6 +181,58 @@ async fn metrics(State(gateway): Shared) -> Response {
 }
 
 /// The cached volumes' gauges and counters, named after what Storage Gateway users watch.
+/// Each share's upload state, read at scrape time.
+fn share_metrics(shares: &crate::engines::share::Shares) -> String {
+    type Value = fn(&crate::engines::share::ShareStatus) -> u64;
+    let families: [(&str, &str, &str, Value); 5] = [
+        (
+            "firn_share_dirty_files",
+            "gauge",
+            "Files changed here and not yet in the bucket.",
+            |s| s.dirty_files,
+        ),
+        (
+            "firn_share_dirty_bytes",
+            "gauge",
+            "Local bytes of the files not yet in the bucket (the upload backlog).",
+            |s| s.dirty_bytes,
+        ),
+        (
+            "firn_share_pending_deletes",
+            "gauge",
+            "Objects of removed or moved files still to delete from the bucket.",
+            |s| s.pending_deletes,
+        ),
+        (
+            "firn_share_uploaded_files",
+            "counter",
+            "Files uploaded since the daemon started.",
+            |s| s.uploaded_files,
+        ),
+        (
+            "firn_share_uploaded_bytes",
+            "counter",
+            "Bytes of files uploaded since the daemon started.",
+            |s| s.uploaded_bytes,
+        ),
+    ];
+    let statuses: Vec<(String, crate::engines::share::ShareStatus)> = shares
+        .list()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|info| Some((info.name.clone(), shares.share(&info.name).ok()?.status())))
+        .collect();
+    let mut text = String::new();
+    for (name, kind, help, value) in families {
+        text += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
+        let suffix = if kind == "counter" { "_total" } else { "" };
+        for (share, status) in &statuses {
+            text += &format!("{name}{suffix}{{share=\"{share}\"}} {}\n", value(status));
+        }
+    }
+    text
+}
+
 fn volume_metrics(volumes: &[(String, crate::engines::volume::cached::CachedStatus)]) -> String {
     type Value = fn(&crate::engines::volume::cached::CachedStatus) -> f64;
     let families: [(&str, &str, &str, Value); 15] = [

@@ -21,7 +21,7 @@ use crate::engines::share::{Settings as ShareSettings, ShareInfo, Shares};
 use crate::engines::volume::catalog::{BucketContext, Catalog};
 use crate::local::meta::MetaStore;
 use crate::protocols::nbd::{Limits as NbdLimits, NbdMetrics, NbdServer, TlsAcceptor};
-use crate::protocols::nfs::{Admit, NfsServer};
+use crate::protocols::nfs::{Admit, NfsMetrics, NfsServer};
 use crate::remote::dir::DirStore;
 use crate::remote::faults::FaultPlan;
 use crate::remote::limit::{Direction, Limiter, Rate};
@@ -218,6 +218,7 @@ pub struct Gateway {
     pub token: String,
     pub registry: Registry,
     pub nbd_metrics: Arc<NbdMetrics>,
+    pub nfs_metrics: Arc<NfsMetrics>,
     pub health: RwLock<RemoteHealth>,
     /// Found by `check_conditional_create` once the remote answers.
     pub conditional_create: RwLock<ConditionalCreate>,
@@ -394,6 +395,7 @@ impl Gateway {
         }
 
         let nbd_metrics = Arc::new(NbdMetrics::new(&mut registry));
+        let nfs_metrics = Arc::new(NfsMetrics::new(&mut registry));
         let health = match probe(remote.probe.as_ref()).await {
             Ok(()) => RemoteHealth {
                 reachable: true,
@@ -431,6 +433,7 @@ impl Gateway {
             token,
             registry,
             nbd_metrics,
+            nfs_metrics,
             health: RwLock::new(health),
             conditional_create: RwLock::new(ConditionalCreate::Unknown),
             audit,
@@ -626,7 +629,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let stop_requested = shutdown_signal()?;
     print_banner(&gateway, listen);
     if let Some(nfs) = nfs {
-        let server = NfsServer::new(gateway.shares.clone(), nfs_admit(&gateway.config));
+        let server = NfsServer::new(
+            gateway.shares.clone(),
+            nfs_admit(&gateway.config),
+            gateway.nfs_metrics.clone(),
+        );
         tokio::spawn(server.serve(nfs));
     }
     tokio::spawn(gateway.clone().watch_remote());
