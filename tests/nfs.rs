@@ -237,6 +237,24 @@ fn libnfs_tools_copy_files_in_and_out_and_they_land_as_objects() {
         2.0
     );
     assert_eq!(value("firn_share_dirty_files{share=\"media\"}"), 0.0);
+    // When each file reached the bucket, for workflows waiting on them.
+    let uploads = g.firn(&["share", "uploads", "media"]);
+    let keys: Vec<&str> = uploads
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .collect();
+    assert_eq!(keys.len(), 2, "{uploads}");
+    assert!(
+        keys.contains(&"media/big.bin") && keys.contains(&"media/small.txt"),
+        "{uploads}"
+    );
+    let first: u64 = uploads
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("seq");
+    let later = g.firn(&["share", "uploads", "media", "--after", &first.to_string()]);
+    assert_eq!(later.lines().count(), 1, "{later}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

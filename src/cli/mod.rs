@@ -134,6 +134,14 @@ enum ShareCommand {
     List,
     /// Show one share: its settings and upload status.
     Show { name: String },
+    /// List the files that reached the bucket (this run), oldest first: sequence number,
+    /// time, size, object key.
+    Uploads {
+        name: String,
+        /// Only those after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
     /// Remove a share from this gateway. Its objects in the bucket stay.
     Delete {
         name: String,
@@ -179,6 +187,20 @@ async fn share(client: &ApiClient, command: ShareCommand) -> anyhow::Result<()> 
         ShareCommand::Show { name } => {
             let v: Value = client.get(&format!("shares/{name}")).await?;
             println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        ShareCommand::Uploads { name, after } => {
+            let uploads: Vec<Value> = client
+                .get(&format!("shares/{name}/uploads?after={after}"))
+                .await?;
+            for u in &uploads {
+                println!(
+                    "{:>8} {} {:>12} {}",
+                    u["seq"],
+                    u["at"].as_str().unwrap_or("?"),
+                    u["size"],
+                    u["key"].as_str().unwrap_or("?")
+                );
+            }
         }
         ShareCommand::Delete { name, force } => {
             let path = if force {

@@ -35,6 +35,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         )
         .route("/shares", get(list_shares).post(create_share))
         .route("/shares/{name}", get(show_share).delete(delete_share))
+        .route("/shares/{name}/uploads", get(share_uploads))
         .fallback(not_found)
         // One layer checks the token and records the call, so refused calls are recorded too.
         .layer(middleware::from_fn_with_state(gateway.clone(), audit));
@@ -694,5 +695,26 @@ async fn delete_share(
         Ok(Ok(_)) => StatusCode::NO_CONTENT.into_response(),
         Ok(Err(e)) => share_error(&e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct UploadsQuery {
+    #[serde(default)]
+    after: u64,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// The files that reached the bucket, oldest first: poll with `?after=<last seq seen>`.
+async fn share_uploads(
+    State(gateway): Shared,
+    Path(name): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<UploadsQuery>,
+) -> Response {
+    match gateway.shares.share(&name) {
+        Ok(share) => Json(share.uploads(query.after, query.limit.unwrap_or(1000).min(10_000)))
+            .into_response(),
+        Err(e) => share_error(&e),
     }
 }

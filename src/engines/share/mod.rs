@@ -290,6 +290,7 @@ impl Shares {
             uploaded_files: AtomicU64::new(0),
             uploaded_bytes: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            recent: Mutex::new(std::collections::VecDeque::new()),
         });
         // What was dirty before a restart goes up without waiting to settle.
         let long_ago = Instant::now()
@@ -383,6 +384,22 @@ pub struct SetAttrs {
     pub mtime_ns: Option<u64>,
 }
 
+/// A file that reached the bucket (`Share::uploads`).
+#[derive(Debug, Clone, Serialize)]
+pub struct UploadRecord {
+    /// Counts the share's uploads since the daemon started: ask for those after one.
+    pub seq: u64,
+    /// The share-relative path; the object is `<prefix><path>`.
+    pub path: String,
+    pub key: String,
+    pub size: u64,
+    /// When the object was stored (RFC 3339).
+    pub at: String,
+}
+
+/// Uploads remembered per share for `Share::uploads`.
+const RECENT_UPLOADS: usize = 10_000;
+
 /// What `firn share show` says of a running share.
 #[derive(Debug, Clone, Serialize)]
 pub struct ShareStatus {
@@ -413,9 +430,37 @@ pub struct Share {
     uploaded_files: AtomicU64,
     uploaded_bytes: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// The newest uploads, oldest first, at most `RECENT_UPLOADS`.
+    recent: Mutex<std::collections::VecDeque<UploadRecord>>,
 }
 
 impl Share {
+    /// The uploads after sequence number `after` that are still remembered (the newest
+    /// `RECENT_UPLOADS` of this run), oldest first, at most `limit`.
+    pub fn uploads(&self, after: u64, limit: usize) -> Vec<UploadRecord> {
+        lock(&self.recent)
+            .iter()
+            .filter(|r| r.seq > after)
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    fn remember_upload(&self, path: &str, size: u64) {
+        let mut recent = lock(&self.recent);
+        let seq = recent.back().map_or(1, |r| r.seq + 1);
+        if recent.len() >= RECENT_UPLOADS {
+            recent.pop_front();
+        }
+        recent.push_back(UploadRecord {
+            seq,
+            path: path.to_string(),
+            key: format!("{}{path}", self.info.prefix),
+            size,
+            at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        });
+    }
+
     pub fn info(&self) -> &ShareInfo {
         &self.info
     }

@@ -166,6 +166,7 @@ async fn upload(share: &Arc<Share>, id: u64, generation: u64) -> Result<bool, St
         if clean {
             dirty.remove(&id);
         }
+        share.remember_upload(&path, len);
         share
             .ns
             .uploaded(id, Uploaded { path, size: len }, attrs.mtime_ns, clean)
