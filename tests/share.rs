@@ -27,6 +27,7 @@ struct Rig {
     meta: Arc<MetaStore>,
     dir: tempfile::TempDir,
     shares: Option<Shares>,
+    cache_max: u64,
 }
 
 /// A rig per bucket: the directory store, and Garage when the environment has one.
@@ -67,6 +68,7 @@ fn rigs(settle: Duration) -> Vec<Rig> {
                 meta,
                 dir,
                 shares: None,
+                cache_max: Settings::default().cache_max,
             };
             rig.reopen(settle);
             rig
@@ -87,7 +89,10 @@ impl Rig {
                 self.dir.path().join("shares"),
                 self.remote.clone(),
                 self.runtime.handle().clone(),
-                Settings { settle },
+                Settings {
+                    settle,
+                    cache_max: self.cache_max,
+                },
             )
             .expect("shares"),
         );
@@ -539,5 +544,78 @@ fn files_renamed_or_removed_during_their_upload_leave_no_object_behind() {
             .map(|o| o.key)
             .collect();
         assert_eq!(listed, ["m/moved0/f", "m/moved2/f", "m/moved4/f"]);
+    }
+}
+
+#[test]
+fn clean_files_are_evicted_past_cache_max_and_fetched_back_when_used() {
+    for mut rig in rigs(Duration::ZERO) {
+        rig.cache_max = 3 << 20;
+        rig.reopen(Duration::ZERO);
+        let info = rig
+            .shares()
+            .create("e", "e/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("e");
+        let files_dir = rig.dir.path().join("shares").join(&info.id).join("files");
+        let local_bytes = || -> u64 {
+            std::fs::read_dir(&files_dir)
+                .expect("files")
+                .flatten()
+                .map(|e| e.metadata().map_or(0, |m| m.len()))
+                .sum()
+        };
+        let mut files = Vec::new();
+        for i in 0..6 {
+            let f = share
+                .create(share.root(), &format!("f{i}"), 0o644, 0, 0, true)
+                .expect("create");
+            let data = random(1 << 20);
+            share.write(f.fileid, 0, &data, false).expect("write");
+            share.commit(f.fileid).expect("commit");
+            files.push((f.fileid, data));
+        }
+        rig.wait_clean("e");
+        let started = Instant::now();
+        while local_bytes() > 3 << 20 {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{} local bytes, past cache_max",
+                local_bytes()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let evicted: Vec<usize> = (0..files.len())
+            .filter(|&i| !files_dir.join(format!("{:016x}", files[i].0)).exists())
+            .collect();
+        assert!(evicted.len() >= 3, "evicted {evicted:?}");
+        // Attributes stay; every file reads back whole, fetched from the bucket if evicted.
+        for (id, data) in &files {
+            assert_eq!(share.attrs(*id).expect("attrs").size, data.len() as u64);
+            let (read, eof) = share.read(*id, 0, 2 << 20).expect("read");
+            assert!(eof);
+            assert!(read == *data, "fileid {id} read back differs");
+        }
+        // A write into an evicted file keeps the rest of it.
+        let started = Instant::now();
+        let victim = loop {
+            if let Some(i) =
+                (0..files.len()).find(|&i| !files_dir.join(format!("{:016x}", files[i].0)).exists())
+            {
+                break i;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "nothing evicted again"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let (id, mut data) = files[victim].clone();
+        share.write(id, 1000, b"patched!", false).expect("write");
+        share.commit(id).expect("commit");
+        data[1000..1008].copy_from_slice(b"patched!");
+        rig.wait_clean("e");
+        let (body, _) = rig.get(&format!("e/f{victim}")).expect("object");
+        assert!(body == data, "the patched object lost the rest of the file");
     }
 }

@@ -184,12 +184,16 @@ impl Default for NfsConfig {
 pub struct SharesConfig {
     /// Seconds a written file must be quiet before it is uploaded (a COMMIT uploads at once).
     pub settle_secs: u64,
+    /// Local bytes of clean files each share keeps; the least recently used go beyond it.
+    pub cache_max: ByteSize,
 }
 
 impl Default for SharesConfig {
     fn default() -> Self {
+        let settings = crate::engines::share::Settings::default();
         SharesConfig {
-            settle_secs: crate::engines::share::Settings::default().settle.as_secs(),
+            settle_secs: settings.settle.as_secs(),
+            cache_max: ByteSize(settings.cache_max),
         }
     }
 }

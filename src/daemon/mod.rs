@@ -381,6 +381,7 @@ impl Gateway {
                 tokio::runtime::Handle::current(),
                 ShareSettings {
                     settle: std::time::Duration::from_secs(config.shares.settle_secs),
+                    cache_max: config.shares.cache_max.0,
                 },
             )
             .map_err(|e| anyhow::anyhow!("opening the file shares: {e}"))?,

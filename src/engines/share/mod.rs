@@ -10,8 +10,10 @@
 //!   settle time, or at once after a commit; a write during the upload fails it, so no object
 //!   is ever torn. Removed and renamed files' old objects are deleted after.
 //!
-//! Not yet here (see decision 0008): the NFS door, refresh from the bucket, eviction, and
-//! directory marker objects.
+//! - Eviction: clean files past `cache_max`, least recently used first; an evicted file is
+//!   fetched back whole from its object when next read or written.
+//!
+//! Not yet here (see decision 0008): refresh from the bucket and directory marker objects.
 
 pub mod namespace;
 mod upload;
@@ -102,12 +104,17 @@ pub struct ShareInfo {
 pub struct Settings {
     /// How long a file must be quiet before it is uploaded.
     pub settle: Duration,
+    /// Local bytes of clean files (in the bucket as they are here) a share keeps; beyond it
+    /// the least recently used are evicted, and fetched again when next used. Dirty files are
+    /// never evicted and do not count.
+    pub cache_max: u64,
 }
 
 impl Default for Settings {
     fn default() -> Settings {
         Settings {
             settle: Duration::from_secs(5),
+            cache_max: 10 << 30,
         }
     }
 }
@@ -291,6 +298,9 @@ impl Shares {
             uploaded_bytes: AtomicU64::new(0),
             last_error: Mutex::new(None),
             recent: Mutex::new(std::collections::VecDeque::new()),
+            used: Mutex::new(HashMap::new()),
+            fetching: Mutex::new(()),
+            runtime: self.runtime.clone(),
         });
         // What was dirty before a restart goes up without waiting to settle.
         let long_ago = Instant::now()
@@ -432,6 +442,31 @@ pub struct Share {
     last_error: Mutex<Option<String>>,
     /// The newest uploads, oldest first, at most `RECENT_UPLOADS`.
     recent: Mutex<std::collections::VecDeque<UploadRecord>>,
+    /// When each file's content was last used, for eviction.
+    used: Mutex<HashMap<u64, Instant>>,
+    /// Held while an evicted file is fetched back.
+    fetching: Mutex<()>,
+    runtime: tokio::runtime::Handle,
+}
+
+/// A local file as the sink of a whole-object download.
+struct FileSink(File);
+
+#[async_trait::async_trait]
+impl crate::remote::Sink for FileSink {
+    async fn write(&self, offset: u64, bytes: bytes::Bytes) -> crate::remote::Result<()> {
+        if offset == 0 {
+            // A retry starts the object over.
+            let _ = self.0.set_len(0);
+        }
+        self.0
+            .write_all_at(&bytes, offset)
+            .map_err(|e| crate::remote::Error::Permanent {
+                op: "fetch",
+                key: String::new(),
+                message: e.to_string(),
+            })
+    }
 }
 
 impl Share {
@@ -485,17 +520,31 @@ impl Share {
     /// The content file of `id`, created empty if missing (a crash before a new file's
     /// content reached the disk leaves an inode whose content is empty).
     fn content(&self, id: u64) -> Result<Arc<File>, ShareError> {
+        lock(&self.used).insert(id, Instant::now());
         if let Some(file) = lock(&self.files_open).get(&id) {
             return Ok(file.clone());
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(self.content_path(id))
-            .map_err(|e| io_error("opening a file's local content", e))?;
+        let open = |create: bool| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(create)
+                .truncate(false)
+                .mode(0o600)
+                .open(self.content_path(id))
+        };
+        let file = match open(false) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Evicted (its object holds it), or never written (a new file, or one whose
+                // content a crash took before it reached the disk).
+                if self.ns.get(id)?.uploaded.is_some() {
+                    self.fetch(id)?;
+                }
+                open(true).map_err(|e| io_error("opening a file's local content", e))?
+            }
+            Err(e) => return Err(io_error("opening a file's local content", e)),
+        };
         let file = Arc::new(file);
         let mut open = lock(&self.files_open);
         if open.len() >= OPEN_FILES {
@@ -505,7 +554,92 @@ impl Share {
         Ok(file)
     }
 
+    /// Brings an evicted file's content back from its object. One fetch at a time: a second
+    /// reader of the same file finds it fetched.
+    fn fetch(&self, id: u64) -> Result<(), ShareError> {
+        let _one = lock(&self.fetching);
+        let path = self.content_path(id);
+        if path.exists() {
+            return Ok(());
+        }
+        // Where the file's last upload put it, which a rename since has not moved yet.
+        let Some(uploaded) = self.ns.get(id)?.uploaded else {
+            return Ok(());
+        };
+        let key = format!("{}{}", self.info.prefix, uploaded.path);
+        let staging = self.files.join(format!("{id:016x}.fetch"));
+        let file = File::create(&staging).map_err(|e| io_error("fetching a file", e))?;
+        let sink = FileSink(file);
+        let fetched = self
+            .runtime
+            .block_on(self.remote.get_to(&key, &sink))
+            .map_err(|e| ShareError::Io(format!("fetching {key} from the bucket: {e}")));
+        if let Err(e) = fetched {
+            let _ = std::fs::remove_file(&staging);
+            return Err(e);
+        }
+        std::fs::rename(&staging, &path).map_err(|e| io_error("fetching a file", e))?;
+        Ok(())
+    }
+
+    /// Evicts the least recently used clean files until their local bytes are under
+    /// `cache_max` (down to nine tenths of it, so eviction does not run on every pass).
+    /// Returns the bytes freed.
+    fn evict(&self) -> Result<u64, ShareError> {
+        let mut clean = Vec::new();
+        let mut total = 0u64;
+        let dirty: std::collections::HashSet<u64> = lock(&self.dirty).keys().copied().collect();
+        for entry in std::fs::read_dir(&self.files).map_err(|e| io_error("listing files", e))? {
+            let Ok(entry) = entry else { continue };
+            let Some(id) = entry
+                .file_name()
+                .to_str()
+                .filter(|n| n.len() == 16)
+                .and_then(|n| u64::from_str_radix(n, 16).ok())
+            else {
+                continue;
+            };
+            if dirty.contains(&id) {
+                continue;
+            }
+            let size = entry.metadata().map_or(0, |m| m.len());
+            total += size;
+            clean.push((id, size));
+        }
+        if total <= self.settings.cache_max {
+            return Ok(0);
+        }
+        let used = lock(&self.used).clone();
+        // Least recently used first; files not used since the start count as oldest.
+        clean.sort_by_key(|(id, _)| used.get(id).copied());
+        let target = self.settings.cache_max / 10 * 9;
+        let mut freed = 0;
+        for (id, size) in clean {
+            if total - freed <= target {
+                break;
+            }
+            // Only a file whose object holds what it holds here.
+            let Ok(inode) = self.ns.get(id) else { continue };
+            if inode.uploaded.as_ref().is_none_or(|u| u.size != size) {
+                continue;
+            }
+            // Checked and removed under the dirty lock: a write marks its file dirty under
+            // it before it touches the content, so it never writes into an evicted file.
+            let dirty = lock(&self.dirty);
+            if dirty.contains_key(&id) {
+                continue;
+            }
+            lock(&self.files_open).remove(&id);
+            if std::fs::remove_file(self.content_path(id)).is_ok() {
+                freed += size;
+            }
+            drop(dirty);
+        }
+        Ok(freed)
+    }
+
     fn forget_content(&self, id: u64) {
+        lock(&self.used).remove(&id);
         lock(&self.files_open).remove(&id);
         let _ = std::fs::remove_file(self.content_path(id));
         lock(&self.dirty).remove(&id);
@@ -784,9 +918,9 @@ impl Share {
             return Err(ShareError::Invalid("only a file has a size to set".into()));
         }
         if set.size.is_some() || set.mtime_ns.is_some() && inode.kind == Kind::File {
-            let file = self.content(id)?;
             self.begin_change(id)?;
             let done = (|| {
+                let file = self.content(id)?;
                 if let Some(size) = set.size {
                     file.set_len(size)
                         .map_err(|e| io_error("truncating a file", e))?;
@@ -873,11 +1007,15 @@ impl Share {
                 "a file ends at {MAX_FILE} bytes at most"
             )));
         }
-        let file = self.content(id)?;
+        // Dirty before the content is opened: eviction never takes a dirty file.
         self.begin_change(id)?;
-        let written = file.write_all_at(data, offset);
+        let written = self.content(id).and_then(|file| {
+            file.write_all_at(data, offset)
+                .map_err(|e| io_error("writing a file", e))?;
+            Ok(file)
+        });
         self.end_change(id);
-        written.map_err(|e| io_error("writing a file", e))?;
+        let file = written?;
         if sync {
             file.sync_data()
                 .map_err(|e| io_error("syncing a file", e))?;

@@ -21,15 +21,28 @@ use crate::remote::{self, Body, Meta};
 const BATCH: usize = 64;
 /// Files uploading at once.
 const CONCURRENCY: usize = 8;
+/// How often the local bytes of clean files are checked against `cache_max`.
+const EVICT_EVERY: Duration = Duration::from_secs(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The message of a read that found its file changing.
 const CHANGED: &str = "the file changed during its upload";
 
 pub(super) async fn run(share: Arc<Share>) {
     let mut backoff = Duration::from_millis(250);
+    let mut last_eviction = std::time::Instant::now();
     loop {
         if share.stopped.load(Ordering::Acquire) {
             return;
+        }
+        if last_eviction.elapsed() >= EVICT_EVERY {
+            last_eviction = std::time::Instant::now();
+            match blocking(&share, |share| share.evict()).await {
+                Ok(0) => {}
+                Ok(freed) => {
+                    tracing::debug!(share = %share.info.name, "evicted {freed} bytes of clean files")
+                }
+                Err(e) => tracing::warn!(share = %share.info.name, "evicting clean files: {e}"),
+            }
         }
         match pass(&share).await {
             Ok(true) => {
