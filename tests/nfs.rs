@@ -800,3 +800,40 @@ async fn a_tree_copied_through_store_errors_and_an_outage_arrives_whole() {
         "{status}"
     );
 }
+
+#[test]
+fn files_another_tool_puts_in_the_bucket_show_up_after_a_refresh() {
+    let g = Gateway::start();
+    g.firn(&["share", "create", "media"]);
+    // Another tool writes straight into the directory bucket (the embedded default), as
+    // rclone or s3cmd would into S3; it keeps metadata in `user.firn.*` attributes.
+    let dir = g.bucket().join("media/incoming");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let report = random_file(&dir.join("report.csv"), 70_000);
+    xattr::set(
+        dir.join("report.csv"),
+        "user.firn.file-permissions",
+        b"100640",
+    )
+    .expect("xattr");
+    let listed = g.firn(&["share", "refresh", "media"]);
+    assert!(listed.contains("1 added"), "{listed}");
+    let (ok, listing, err) = run("nfs-ls", &[&g.url("media/incoming")]);
+    assert!(ok, "nfs-ls: {err}");
+    assert!(
+        listing.contains("report.csv") && listing.contains("-rw-r-----"),
+        "{listing}"
+    );
+    let cat = std::process::Command::new("nfs-cat")
+        .arg(g.url("media/incoming/report.csv"))
+        .output()
+        .expect("nfs-cat");
+    assert!(cat.status.success(), "nfs-cat: {:?}", cat.stderr);
+    assert!(cat.stdout == report, "the file differs from the object");
+    // Deleted by the other tool: gone from the share after the next refresh.
+    std::fs::remove_file(dir.join("report.csv")).expect("rm");
+    let listed = g.firn(&["share", "refresh", "media", "--path", "incoming"]);
+    assert!(listed.contains("1 removed"), "{listed}");
+    let (ok, listing, _) = run("nfs-ls", &[&g.url("media/incoming")]);
+    assert!(ok && !listing.contains("report.csv"), "{listing}");
+}

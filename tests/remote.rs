@@ -94,6 +94,13 @@ async fn round_trips_from_empty_to_multipart() {
             );
             let info = r.head(&key).await.expect("head").expect("exists");
             assert_eq!(info.size, size as u64, "{}", b.name);
+            // A HEAD tells the user metadata too.
+            assert_eq!(
+                info.meta.get("file-mtime").map(String::as_str),
+                Some("1700000000000ns"),
+                "{}: head",
+                b.name
+            );
             if size > 100 {
                 let part = r.get_range(&key, 10..100).await.expect("range");
                 assert_eq!(part, body.slice(10..100), "{}: range", b.name);
@@ -282,6 +289,7 @@ async fn check_one_level_listings(name: &str, r: &dyn Remote, root: &str) {
         remote::ObjectInfo {
             size: key.len() as u64,
             key,
+            meta: Meta::new(),
         }
     };
     let listing = |dirs: &[&str], objects: &[&str]| remote::Listing {

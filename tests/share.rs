@@ -24,6 +24,8 @@ use common::s3_options;
 struct Rig {
     runtime: tokio::runtime::Runtime,
     remote: Arc<dyn Remote>,
+    /// The bucket without firn's remote stack: how another tool writes to it.
+    raw: Arc<dyn Remote>,
     meta: Arc<MetaStore>,
     dir: tempfile::TempDir,
     shares: Option<Shares>,
@@ -45,6 +47,7 @@ fn rigs(settle: Duration) -> Vec<Rig> {
         .into_iter()
         .map(|backend| {
             let mut registry = prometheus_client::registry::Registry::default();
+            let raw = backend.clone();
             let stack = remote::stack(
                 backend,
                 RetryPolicy {
@@ -65,6 +68,7 @@ fn rigs(settle: Duration) -> Vec<Rig> {
                     .build()
                     .expect("runtime"),
                 remote: stack.remote,
+                raw,
                 meta,
                 dir,
                 shares: None,
@@ -92,6 +96,7 @@ impl Rig {
                 Settings {
                     settle,
                     cache_max: self.cache_max,
+                    refresh: None,
                 },
             )
             .expect("shares"),
@@ -617,5 +622,90 @@ fn clean_files_are_evicted_past_cache_max_and_fetched_back_when_used() {
         rig.wait_clean("e");
         let (body, _) = rig.get(&format!("e/f{victim}")).expect("object");
         assert!(body == data, "the patched object lost the rest of the file");
+    }
+}
+
+#[test]
+fn objects_other_tools_put_or_delete_show_up_after_a_refresh() {
+    for rig in rigs(Duration::from_secs(3600)) {
+        rig.shares()
+            .create("r", "r/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("r");
+        let put = |key: &str, body: Vec<u8>, meta: &[(&str, &str)]| {
+            let meta: remote::Meta = meta
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            rig.runtime
+                .block_on(rig.raw.put(key, bytes::Bytes::from(body), meta))
+                .expect("put by another tool");
+        };
+        let small = b"written by another tool".to_vec();
+        let big = random(3 << 20);
+        put(
+            "r/docs/a.txt",
+            small.clone(),
+            &[
+                ("file-permissions", "100600"),
+                ("file-owner", "1234"),
+                ("file-group", "99"),
+                ("file-mtime", "1700000000123456789ns"),
+            ],
+        );
+        put("r/docs/b.bin", big.clone(), &[]);
+        put("elsewhere/c.txt", b"not the share's".to_vec(), &[]);
+        let report = share.refresh("").expect("refresh");
+        assert_eq!((report.added, report.removed), (2, 0), "{report:?}");
+        let docs = share.lookup(share.root(), "docs").expect("docs");
+        let a = share.lookup(docs, "a.txt").expect("a.txt");
+        let attrs = share.attrs(a).expect("attrs");
+        assert_eq!(
+            (attrs.mode, attrs.uid, attrs.gid, attrs.size, attrs.mtime_ns),
+            (
+                0o600,
+                1234,
+                99,
+                small.len() as u64,
+                1_700_000_000_123_456_789
+            )
+        );
+        assert_eq!(share.read(a, 0, 1000).expect("read").0, small);
+        let b = share.lookup(docs, "b.bin").expect("b.bin");
+        assert_eq!(
+            share.attrs(b).expect("attrs").mode,
+            0o644,
+            "the default mode"
+        );
+        assert!(share.read(b, 0, 4 << 20).expect("read").0 == big);
+        // Refreshing again changes nothing.
+        assert_eq!(share.refresh("").expect("refresh"), Default::default());
+        // Changed and deleted by the other tool.
+        put(
+            "r/docs/a.txt",
+            b"changed elsewhere, and longer".to_vec(),
+            &[],
+        );
+        rig.runtime
+            .block_on(rig.raw.delete("r/docs/b.bin"))
+            .expect("delete");
+        let report = share.refresh("docs").expect("refresh");
+        assert_eq!((report.updated, report.removed), (1, 1), "{report:?}");
+        assert_eq!(
+            share.read(a, 0, 1000).expect("read").0,
+            b"changed elsewhere, and longer"
+        );
+        assert!(matches!(
+            share.lookup(docs, "b.bin"),
+            Err(ShareError::NotFound)
+        ));
+        // A file changed here and not yet uploaded stays, whatever the bucket says.
+        share.write(a, 0, b"mine", false).expect("write");
+        rig.runtime
+            .block_on(rig.raw.delete("r/docs/a.txt"))
+            .expect("delete");
+        let report = share.refresh("").expect("refresh");
+        assert_eq!(report.removed, 0, "{report:?}");
+        assert_eq!(&share.read(a, 0, 4).expect("read").0, b"mine");
     }
 }

@@ -134,6 +134,14 @@ enum ShareCommand {
     List,
     /// Show one share: its settings and upload status.
     Show { name: String },
+    /// Bring the share in line with the bucket now: objects other tools put or deleted under
+    /// its prefix show up or go.
+    Refresh {
+        name: String,
+        /// Only this directory of the share (e.g. a/b).
+        #[arg(long, default_value = "")]
+        path: String,
+    },
     /// List the files that reached the bucket (this run), oldest first: sequence number,
     /// time, size, object key.
     Uploads {
@@ -187,6 +195,15 @@ async fn share(client: &ApiClient, command: ShareCommand) -> anyhow::Result<()> 
         ShareCommand::Show { name } => {
             let v: Value = client.get(&format!("shares/{name}")).await?;
             println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        ShareCommand::Refresh { name, path } => {
+            let report: Value = client
+                .post(&format!("shares/{name}/refresh"), &json!({ "path": path }))
+                .await?;
+            println!(
+                "refreshed {name}: {} added, {} updated, {} removed, {} skipped",
+                report["added"], report["updated"], report["removed"], report["skipped"]
+            );
         }
         ShareCommand::Uploads { name, after } => {
             let uploads: Vec<Value> = client

@@ -36,6 +36,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/shares", get(list_shares).post(create_share))
         .route("/shares/{name}", get(show_share).delete(delete_share))
         .route("/shares/{name}/uploads", get(share_uploads))
+        .route("/shares/{name}/refresh", axum::routing::post(refresh_share))
         .fallback(not_found)
         // One layer checks the token and records the call, so refused calls are recorded too.
         .layer(middleware::from_fn_with_state(gateway.clone(), audit));
@@ -716,5 +717,40 @@ async fn share_uploads(
         Ok(share) => Json(share.uploads(query.after, query.limit.unwrap_or(1000).min(10_000)))
             .into_response(),
         Err(e) => share_error(&e),
+    }
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefreshShare {
+    #[serde(default)]
+    path: String,
+}
+
+/// Brings the share in line with the bucket now (`{"path": "a/b"}` for one directory).
+async fn refresh_share(
+    State(gateway): Shared,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let request: RefreshShare = if body.is_empty() {
+        RefreshShare::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("refresh: {e}")),
+        }
+    };
+    let share = match gateway.shares.share(&name) {
+        Ok(share) => share,
+        Err(e) => return share_error(&e),
+    };
+    match tokio::task::spawn_blocking(move || share.refresh(&request.path)).await {
+        Ok(Ok(report)) => Json(report).into_response(),
+        Ok(Err(crate::engines::share::ShareError::NotFound)) => {
+            error(StatusCode::NOT_FOUND, "no such directory in the share")
+        }
+        Ok(Err(e)) => share_error(&e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

@@ -186,6 +186,8 @@ pub struct SharesConfig {
     pub settle_secs: u64,
     /// Local bytes of clean files each share keeps; the least recently used go beyond it.
     pub cache_max: ByteSize,
+    /// Seconds between refreshes of each share from the bucket; 0: only on demand.
+    pub refresh_secs: u64,
 }
 
 impl Default for SharesConfig {
@@ -194,6 +196,7 @@ impl Default for SharesConfig {
         SharesConfig {
             settle_secs: settings.settle.as_secs(),
             cache_max: ByteSize(settings.cache_max),
+            refresh_secs: settings.refresh.map_or(0, |d| d.as_secs()),
         }
     }
 }

@@ -382,6 +382,8 @@ impl Gateway {
                 ShareSettings {
                     settle: std::time::Duration::from_secs(config.shares.settle_secs),
                     cache_max: config.shares.cache_max.0,
+                    refresh: (config.shares.refresh_secs > 0)
+                        .then(|| std::time::Duration::from_secs(config.shares.refresh_secs)),
                 },
             )
             .map_err(|e| anyhow::anyhow!("opening the file shares: {e}"))?,

@@ -388,6 +388,7 @@ impl DirStore {
                     .metadata()
                     .map_err(|e| local_error("head", key, e))?
                     .len(),
+                meta: read_meta(&file).map_err(|e| local_error("head", key, e))?,
             })),
             Err(e) if gone(&e) => Ok(None),
             Err(e) => Err(local_error("head", key, e)),
@@ -451,6 +452,7 @@ impl DirStore {
                     found.push(ObjectInfo {
                         key,
                         size: stat.st_size as u64,
+                        meta: Meta::new(),
                     });
                 }
             }
@@ -496,6 +498,7 @@ impl DirStore {
                 found.objects.push(ObjectInfo {
                     key,
                     size: stat.st_size as u64,
+                    meta: Meta::new(),
                 });
             }
         }
@@ -843,6 +846,7 @@ mod tests {
         let object = |key: &str| ObjectInfo {
             key: key.to_string(),
             size: key.len() as u64,
+            meta: Meta::new(),
         };
         assert_eq!(
             store.list_dir("").await.expect("list root"),

@@ -43,6 +43,8 @@ pub struct Fetched {
 pub struct ObjectInfo {
     pub key: String,
     pub size: u64,
+    /// The object's user metadata: from a HEAD; a listing leaves it empty.
+    pub meta: Meta,
 }
 
 /// One level of a listing: the objects directly under a prefix, and the "directories" (common

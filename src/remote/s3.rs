@@ -649,11 +649,25 @@ impl Remote for S3Store {
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
         let path = self.path(key)?;
-        match self.store.head(&path).await {
-            Ok(meta) => Ok(Some(ObjectInfo {
-                key: key.to_string(),
-                size: meta.size,
-            })),
+        // A HEAD through `get_opts`, which (unlike `head`) hands back the user metadata.
+        let options = GetOptions {
+            head: true,
+            ..Default::default()
+        };
+        match self.store.get_opts(&path, options).await {
+            Ok(result) => {
+                let mut meta = Meta::new();
+                for (attribute, value) in result.attributes.iter() {
+                    if let Attribute::Metadata(name) = attribute {
+                        meta.insert(name.to_string(), value.as_ref().to_string());
+                    }
+                }
+                Ok(Some(ObjectInfo {
+                    key: key.to_string(),
+                    size: result.meta.size,
+                    meta,
+                }))
+            }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(s3_error("head", key, e)),
         }
@@ -678,6 +692,7 @@ impl Remote for S3Store {
                 found.push(ObjectInfo {
                     key: key.to_string(),
                     size: meta.size,
+                    meta: Meta::new(),
                 });
             }
         }
@@ -732,6 +747,7 @@ impl Remote for S3Store {
                 below(meta.location.as_ref()).map(|key| ObjectInfo {
                     key,
                     size: meta.size,
+                    meta: Meta::new(),
                 })
             })
             .collect();

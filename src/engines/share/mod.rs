@@ -6,17 +6,22 @@
 //!   file handles, stable across restarts.
 //! - Content: one local file per file, `shares/<id>/files/<fileid>`, written in place. A
 //!   file is marked dirty (durably) on its first change after an upload.
-//! - [`upload`]: a dirty file is uploaded as one whole object once it has been quiet for the
+//! - `upload`: a dirty file is uploaded as one whole object once it has been quiet for the
 //!   settle time, or at once after a commit; a write during the upload fails it, so no object
 //!   is ever torn. Removed and renamed files' old objects are deleted after.
 //!
 //! - Eviction: clean files past `cache_max`, least recently used first; an evicted file is
 //!   fetched back whole from its object when next read or written.
 //!
-//! Not yet here (see decision 0008): refresh from the bucket and directory marker objects.
+//! - `refresh`: what other tools put into or deleted from the prefix shows up or goes.
+//!
+//! Not yet here (see decision 0008): directory marker objects.
 
 pub mod namespace;
+mod refresh;
 mod upload;
+
+pub use refresh::Refreshed;
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -108,6 +113,8 @@ pub struct Settings {
     /// the least recently used are evicted, and fetched again when next used. Dirty files are
     /// never evicted and do not count.
     pub cache_max: u64,
+    /// How often the share is refreshed from the bucket by itself; `None`: only on demand.
+    pub refresh: Option<Duration>,
 }
 
 impl Default for Settings {
@@ -115,6 +122,7 @@ impl Default for Settings {
         Settings {
             settle: Duration::from_secs(5),
             cache_max: 10 << 30,
+            refresh: Some(Duration::from_secs(300)),
         }
     }
 }
@@ -449,26 +457,6 @@ pub struct Share {
     runtime: tokio::runtime::Handle,
 }
 
-/// A local file as the sink of a whole-object download.
-struct FileSink(File);
-
-#[async_trait::async_trait]
-impl crate::remote::Sink for FileSink {
-    async fn write(&self, offset: u64, bytes: bytes::Bytes) -> crate::remote::Result<()> {
-        if offset == 0 {
-            // A retry starts the object over.
-            let _ = self.0.set_len(0);
-        }
-        self.0
-            .write_all_at(&bytes, offset)
-            .map_err(|e| crate::remote::Error::Permanent {
-                op: "fetch",
-                key: String::new(),
-                message: e.to_string(),
-            })
-    }
-}
-
 impl Share {
     /// The uploads after sequence number `after` that are still remembered (the newest
     /// `RECENT_UPLOADS` of this run), oldest first, at most `limit`.
@@ -568,17 +556,47 @@ impl Share {
         };
         let key = format!("{}{}", self.info.prefix, uploaded.path);
         let staging = self.files.join(format!("{id:016x}.fetch"));
-        let file = File::create(&staging).map_err(|e| io_error("fetching a file", e))?;
-        let sink = FileSink(file);
-        let fetched = self
-            .runtime
-            .block_on(self.remote.get_to(&key, &sink))
-            .map_err(|e| ShareError::Io(format!("fetching {key} from the bucket: {e}")));
+        let fetched = self.fetch_into(&key, uploaded.size, &staging);
         if let Err(e) = fetched {
             let _ = std::fs::remove_file(&staging);
             return Err(e);
         }
         std::fs::rename(&staging, &path).map_err(|e| io_error("fetching a file", e))?;
+        Ok(())
+    }
+
+    /// The object `key` of `size` bytes into the file `to`, in ranged reads of 8 MiB (memory
+    /// stays at one range). Objects put by other tools carry no digest, so whole-object reads
+    /// (which demand firn's) cannot fetch them; a digest firn wrote is checked here instead.
+    fn fetch_into(&self, key: &str, size: u64, to: &std::path::Path) -> Result<(), ShareError> {
+        const RANGE: u64 = 8 << 20;
+        let failed = |e: crate::remote::Error| ShareError::Io(format!("fetching {key}: {e}"));
+        let file = File::create(to).map_err(|e| io_error("fetching a file", e))?;
+        let digest = self
+            .runtime
+            .block_on(self.remote.head(key))
+            .map_err(failed)?
+            .and_then(|info| info.meta.get(crate::remote::verify::DIGEST_META).cloned());
+        let mut hasher = blake3::Hasher::new();
+        let mut at = 0;
+        while at < size {
+            let end = (at + RANGE).min(size);
+            let bytes = self
+                .runtime
+                .block_on(self.remote.get_range(key, at..end))
+                .map_err(failed)?;
+            hasher.update(&bytes);
+            file.write_all_at(&bytes, at)
+                .map_err(|e| io_error("fetching a file", e))?;
+            at = end;
+        }
+        if let Some(digest) = digest
+            && hasher.finalize().to_hex().as_str() != digest
+        {
+            return Err(ShareError::Io(format!(
+                "{key} in the bucket does not match its digest: not fetched"
+            )));
+        }
         Ok(())
     }
 

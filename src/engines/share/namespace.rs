@@ -206,6 +206,33 @@ impl Namespace {
         target: Option<String>,
         prefix_len: usize,
     ) -> Result<(u64, Inode), ShareError> {
+        self.create_as(dir, name, kind, attrs, target, prefix_len, None)
+    }
+
+    /// `create`, for a file whose object is already in the bucket (`found`, by a refresh):
+    /// it starts clean, with that object as its own.
+    pub fn create_found(
+        &self,
+        dir: u64,
+        name: &str,
+        attrs: NewAttrs,
+        found: Uploaded,
+        prefix_len: usize,
+    ) -> Result<(u64, Inode), ShareError> {
+        self.create_as(dir, name, Kind::File, attrs, None, prefix_len, Some(found))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create_as(
+        &self,
+        dir: u64,
+        name: &str,
+        kind: Kind,
+        attrs: NewAttrs,
+        target: Option<String>,
+        prefix_len: usize,
+        found: Option<Uploaded>,
+    ) -> Result<(u64, Inode), ShareError> {
         check_name(name)?;
         let path_len = self.path(dir)?.len() + 1 + name.len() + prefix_len;
         if path_len > MAX_KEY {
@@ -231,11 +258,16 @@ impl Namespace {
                 inode.size = target.len() as u64;
                 inode.target = Some(target);
             }
+            let found_one = found.is_some();
+            if let Some(found) = found {
+                inode.size = found.size;
+                inode.uploaded = Some(found);
+            }
             tx.put_json(&self.inodes, &hex(id), &inode)?;
             tx.put(&self.names, &entry_key(dir, name), hex(id).as_bytes())?;
             touch_dir(tx, &self.inodes, dir, attrs.now_ns)?;
             // A new file or symlink needs an object: dirty from the start.
-            if kind != Kind::Dir {
+            if kind != Kind::Dir && !found_one {
                 tx.put(&self.dirty, &hex(id), b"")?;
             }
             Ok((id, inode))
@@ -402,6 +434,21 @@ impl Namespace {
         }
         parts.reverse();
         Ok(parts.join("/"))
+    }
+
+    /// Drops entry `name` of `dir`, a clean file whose object another tool deleted: nothing
+    /// is queued for deletion. `false` if it changed here meanwhile (it is kept).
+    pub fn forget(&self, dir: u64, name: &str, now_ns: u64) -> Result<bool, ShareError> {
+        let id = self.lookup(dir, name)?;
+        self.meta.transaction_grouped(|tx| {
+            if tx.get(&self.dirty, &hex(id))?.is_some() {
+                return Ok(false);
+            }
+            tx.delete(&self.names, &entry_key(dir, name))?;
+            tx.delete(&self.inodes, &hex(id))?;
+            touch_dir(tx, &self.inodes, dir, now_ns)?;
+            Ok(true)
+        })
     }
 
     /// Up to `limit` entries of `dir` whose names sort after `after`, in name order.

@@ -30,6 +30,7 @@ const CHANGED: &str = "the file changed during its upload";
 pub(super) async fn run(share: Arc<Share>) {
     let mut backoff = Duration::from_millis(250);
     let mut last_eviction = std::time::Instant::now();
+    let mut last_refresh = std::time::Instant::now();
     loop {
         if share.stopped.load(Ordering::Acquire) {
             return;
@@ -42,6 +43,21 @@ pub(super) async fn run(share: Arc<Share>) {
                     tracing::debug!(share = %share.info.name, "evicted {freed} bytes of clean files")
                 }
                 Err(e) => tracing::warn!(share = %share.info.name, "evicting clean files: {e}"),
+            }
+        }
+        if share
+            .settings
+            .refresh
+            .is_some_and(|every| last_refresh.elapsed() >= every)
+        {
+            last_refresh = std::time::Instant::now();
+            match blocking(&share, |share| share.refresh("")).await {
+                Ok(report) => {
+                    tracing::debug!(share = %share.info.name, ?report, "refreshed from the bucket")
+                }
+                Err(e) => {
+                    tracing::warn!(share = %share.info.name, "refreshing from the bucket: {e}")
+                }
             }
         }
         match pass(&share).await {

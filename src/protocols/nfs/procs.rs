@@ -56,7 +56,9 @@ fn mnt(server: &NfsServer, caller: Caller, path: &[u8]) -> mountres3<'static> {
     let Ok(path) = std::str::from_utf8(path) else {
         return mountres3::Err(mountstat3::MNT3ERR_INVAL);
     };
-    let name = path.trim_matches('/');
+    // `/<share>`, or a directory below it: `/<share>/a/b`.
+    let mut parts = path.split('/').filter(|p| !p.is_empty());
+    let name = parts.next().unwrap_or_default();
     let Ok(share) = server.shares.share(name) else {
         return mountres3::Err(mountstat3::MNT3ERR_NOENT);
     };
@@ -64,8 +66,21 @@ fn mnt(server: &NfsServer, caller: Caller, path: &[u8]) -> mountres3<'static> {
         tracing::info!(peer = %caller.peer, share = name, "nfs mount refused: not in the share's allowlist");
         return mountres3::Err(mountstat3::MNT3ERR_ACCES);
     }
+    let mut dir = share.root();
+    for part in parts {
+        dir = match share.lookup(dir, part) {
+            Ok(id) => id,
+            Err(ShareError::NotDir) => return mountres3::Err(mountstat3::MNT3ERR_NOTDIR),
+            Err(_) => return mountres3::Err(mountstat3::MNT3ERR_NOENT),
+        };
+    }
+    match share.attrs(dir) {
+        Ok(attrs) if attrs.kind == Kind::Dir => {}
+        Ok(_) => return mountres3::Err(mountstat3::MNT3ERR_NOTDIR),
+        Err(_) => return mountres3::Err(mountstat3::MNT3ERR_NOENT),
+    }
     mountres3::Ok(mountres3_ok {
-        fhandle: fhandle3(handle(&share, share.root()).data),
+        fhandle: fhandle3(handle(&share, dir).data),
         auth_flavors: vec![1, 0],
     })
 }

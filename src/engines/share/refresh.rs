@@ -1,0 +1,227 @@
+//! Refresh: what other tools put into or deleted from the share's prefix shows up in the
+//! share. A listing of the prefix (or of one directory below it) is compared with the
+//! namespace: objects no file has become files (clean: their object is their content, fetched
+//! when first read), with the mode, owner and times their metadata gives in the AWS file-tool
+//! convention; objects that changed size replace a clean file's content; clean files whose
+//! object is gone go too. Files changed here and not yet uploaded are never touched: the
+//! local write wins, and its upload replaces the object.
+
+use std::collections::HashSet;
+
+use serde::Serialize;
+
+use super::namespace::{self, Kind, NewAttrs, ROOT, Uploaded};
+use super::{Share, ShareError, lock, now_ns};
+use crate::remote::Meta;
+
+/// What a refresh changed.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Refreshed {
+    pub added: u64,
+    pub updated: u64,
+    pub removed: u64,
+    /// Objects whose keys no file can have (a name NFS cannot carry, a file where a
+    /// directory is): left alone.
+    pub skipped: u64,
+}
+
+/// Mode, owner, group and modification time from an object's metadata; what is missing
+/// comes from `defaults`.
+pub(super) fn attrs_from(meta: &Meta, defaults: NewAttrs) -> NewAttrs {
+    let number = |key: &str, radix: u32| {
+        meta.get(key)
+            .and_then(|v| u64::from_str_radix(v.trim().trim_end_matches("ns"), radix).ok())
+    };
+    NewAttrs {
+        mode: number("file-permissions", 8).map_or(defaults.mode, |m| (m & 0o7777) as u32),
+        uid: number("file-owner", 10).map_or(defaults.uid, |v| v as u32),
+        gid: number("file-group", 10).map_or(defaults.gid, |v| v as u32),
+        now_ns: number("file-mtime", 10).unwrap_or(defaults.now_ns),
+    }
+}
+
+impl Share {
+    /// Brings the share in line with the bucket under `under` (a share-relative directory
+    /// path; the whole share if empty).
+    pub fn refresh(&self, under: &str) -> Result<Refreshed, ShareError> {
+        let under = under.trim_matches('/');
+        let mut root = ROOT;
+        if !under.is_empty() {
+            for part in under.split('/') {
+                root = self.ns.lookup(root, part)?;
+            }
+        }
+        let listed_prefix = if under.is_empty() {
+            self.info.prefix.clone()
+        } else {
+            format!("{}{under}/", self.info.prefix)
+        };
+        let objects = self
+            .runtime
+            .block_on(self.remote.list(&listed_prefix))
+            .map_err(|e| ShareError::Io(format!("listing {listed_prefix}: {e}")))?;
+        let mut report = Refreshed::default();
+        let mut seen = HashSet::new();
+        let dirty: HashSet<u64> = lock(&self.dirty).keys().copied().collect();
+        for object in objects {
+            let Some(path) = object.key.strip_prefix(&self.info.prefix) else {
+                continue;
+            };
+            let parts: Vec<&str> = path.split('/').collect();
+            if parts.iter().any(|p| namespace::check_name(p).is_err()) {
+                report.skipped += 1;
+                continue;
+            }
+            seen.insert(path.to_string());
+            match self.take_in(&parts, path, object.size, &dirty)? {
+                Some(true) => report.added += 1,
+                Some(false) => report.updated += 1,
+                None => {}
+            }
+        }
+        // Clean files below `root` whose object is gone.
+        let mut dirs = vec![root];
+        while let Some(dir) = dirs.pop() {
+            let mut after: Option<String> = None;
+            loop {
+                let page = self.ns.list(dir, after.as_deref(), 1024)?;
+                let Some((last, _)) = page.last() else { break };
+                after = Some(last.clone());
+                for (name, id) in page {
+                    let Ok(inode) = self.ns.get(id) else { continue };
+                    match inode.kind {
+                        Kind::Dir => dirs.push(id),
+                        _ => {
+                            let gone = inode
+                                .uploaded
+                                .as_ref()
+                                .is_some_and(|u| !seen.contains(&u.path));
+                            // Not in the listing; but an upload may have put it there since:
+                            // asked once more before the file goes.
+                            let gone = gone
+                                && !dirty.contains(&id)
+                                && inode.uploaded.as_ref().is_some_and(|u| {
+                                    self.object_size(&u.path).ok().flatten().is_none()
+                                });
+                            if gone && self.ns.forget(dir, &name, now_ns())? {
+                                self.forget_content(id);
+                                report.removed += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Makes the object at `path` (split into `parts`) a file of the share. `Some(true)` if
+    /// it was added, `Some(false)` if a clean file took its new content, `None` if nothing
+    /// changed.
+    fn take_in(
+        &self,
+        parts: &[&str],
+        path: &str,
+        size: u64,
+        dirty: &HashSet<u64>,
+    ) -> Result<Option<bool>, ShareError> {
+        let (name, dirs) = parts.split_last().expect("a key has a name");
+        let mut dir = ROOT;
+        for part in dirs {
+            dir = match self.ns.lookup(dir, part) {
+                Ok(id) => id,
+                Err(ShareError::NotFound) => {
+                    let attrs = NewAttrs {
+                        mode: 0o755,
+                        uid: 0,
+                        gid: 0,
+                        now_ns: now_ns(),
+                    };
+                    match self
+                        .ns
+                        .create(dir, part, Kind::Dir, attrs, None, self.info.prefix.len())
+                    {
+                        Ok((id, _)) => id,
+                        Err(ShareError::Exists) => self.ns.lookup(dir, part)?,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(ShareError::NotDir) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+        }
+        let found = Uploaded {
+            path: path.to_string(),
+            size,
+        };
+        match self.ns.lookup(dir, name) {
+            Err(ShareError::NotFound) => {
+                let attrs = attrs_from(&self.head_meta(path)?, self.default_attrs());
+                match self
+                    .ns
+                    .create_found(dir, name, attrs, found, self.info.prefix.len())
+                {
+                    Ok(_) => Ok(Some(true)),
+                    // Made here since the listing: the local file wins.
+                    Err(ShareError::Exists) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(ShareError::NotDir) => Ok(None),
+            Err(e) => Err(e),
+            Ok(id) => {
+                let inode = self.ns.get(id)?;
+                let same = inode.uploaded.as_ref() == Some(&found);
+                if inode.kind != Kind::File || dirty.contains(&id) || same {
+                    return Ok(None);
+                }
+                // Changed by another tool: the object is the file's content now. Checked and
+                // dropped under the dirty lock, as eviction does.
+                let attrs = attrs_from(&self.head_meta(path)?, self.default_attrs());
+                let guard = lock(&self.dirty);
+                if guard.contains_key(&id) {
+                    return Ok(None);
+                }
+                self.ns.update(id, |inode| {
+                    inode.mode = attrs.mode;
+                    inode.uid = attrs.uid;
+                    inode.gid = attrs.gid;
+                    inode.mtime_ns = attrs.now_ns;
+                    inode.size = found.size;
+                    inode.uploaded = Some(found);
+                })?;
+                lock(&self.files_open).remove(&id);
+                let _ = std::fs::remove_file(self.content_path(id));
+                drop(guard);
+                Ok(Some(false))
+            }
+        }
+    }
+
+    fn object_size(&self, path: &str) -> Result<Option<u64>, ShareError> {
+        let key = format!("{}{path}", self.info.prefix);
+        let info = self
+            .runtime
+            .block_on(self.remote.head(&key))
+            .map_err(|e| ShareError::Io(format!("{key}: {e}")))?;
+        Ok(info.map(|i| i.size))
+    }
+
+    fn head_meta(&self, path: &str) -> Result<Meta, ShareError> {
+        let key = format!("{}{path}", self.info.prefix);
+        let info = self
+            .runtime
+            .block_on(self.remote.head(&key))
+            .map_err(|e| ShareError::Io(format!("{key}: {e}")))?;
+        Ok(info.map(|i| i.meta).unwrap_or_default())
+    }
+
+    fn default_attrs(&self) -> NewAttrs {
+        NewAttrs {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            now_ns: now_ns(),
+        }
+    }
+}
