@@ -26,6 +26,8 @@ struct Rig {
     remote: Arc<dyn Remote>,
     /// The bucket without firn's remote stack: how another tool writes to it.
     raw: Arc<dyn Remote>,
+    /// For Garage: the key prefix every object of this rig is under.
+    s3_prefix: Option<String>,
     meta: Arc<MetaStore>,
     dir: tempfile::TempDir,
     shares: Option<Shares>,
@@ -34,18 +36,20 @@ struct Rig {
 
 /// A rig per bucket: the directory store, and Garage when the environment has one.
 fn rigs(settle: Duration) -> Vec<Rig> {
-    let mut backends: Vec<Arc<dyn Remote>> = Vec::new();
+    let mut backends: Vec<(Arc<dyn Remote>, Option<String>)> = Vec::new();
     let bucket_dir = tempfile::tempdir().expect("tempdir");
-    backends.push(Arc::new(
-        DirStore::open(bucket_dir.path().join("bucket")).expect("dir store"),
+    backends.push((
+        Arc::new(DirStore::open(bucket_dir.path().join("bucket")).expect("dir store")),
+        None,
     ));
     if let Some(options) = s3_options() {
         let limiter = Arc::new(Limiter::new(Policy::default()));
-        backends.push(Arc::new(S3Store::new(&options, limiter).expect("s3 store")));
+        let store = Arc::new(S3Store::new(&options, limiter).expect("s3 store"));
+        backends.push((store, Some(options.prefix.clone())));
     }
     let rigs = backends
         .into_iter()
-        .map(|backend| {
+        .map(|(backend, s3_prefix)| {
             let mut registry = prometheus_client::registry::Registry::default();
             let raw = backend.clone();
             let stack = remote::stack(
@@ -69,6 +73,7 @@ fn rigs(settle: Duration) -> Vec<Rig> {
                     .expect("runtime"),
                 remote: stack.remote,
                 raw,
+                s3_prefix,
                 meta,
                 dir,
                 shares: None,
@@ -266,7 +271,54 @@ fn files_land_as_plain_objects_with_their_metadata() {
         assert_eq!(share.attrs(empty.fileid).expect("attrs").size, 0);
         let status = share.status();
         assert_eq!(status.uploaded_files, 3, "{status:?}");
+        // What rclone, a client firn did not write, sees in the bucket.
+        if let Some(prefix) = &rig.s3_prefix {
+            let path = format!(
+                "{}/{prefix}/media/a/b/c.txt",
+                std::env::var("FIRN_TEST_S3_BUCKET").expect("bucket")
+            );
+            let cat = rclone(&["cat", &format!("garage:{path}")]);
+            assert!(cat == data, "rclone cat differs from what was written");
+            let listed = rclone(&["lsjson", "-M", &format!("garage:{path}")]);
+            let listed: serde_json::Value = serde_json::from_slice(&listed).expect("lsjson");
+            let meta = &listed[0]["Metadata"];
+            assert_eq!(meta["file-permissions"], "100644", "{listed}");
+            assert_eq!(meta["file-owner"], "1000", "{listed}");
+            assert_eq!(meta["file-group"], "100", "{listed}");
+        }
     }
+}
+
+/// rclone against the test Garage (configured from the environment); its stdout.
+fn rclone(args: &[&str]) -> Vec<u8> {
+    let var = |name: &str| std::env::var(name).expect(name);
+    let out = std::process::Command::new("rclone")
+        .args(args)
+        .env_remove("AWS_CA_BUNDLE")
+        .env("RCLONE_CONFIG_GARAGE_TYPE", "s3")
+        .env("RCLONE_CONFIG_GARAGE_PROVIDER", "Other")
+        .env(
+            "RCLONE_CONFIG_GARAGE_ENDPOINT",
+            var("FIRN_TEST_S3_ENDPOINT"),
+        )
+        .env("RCLONE_CONFIG_GARAGE_REGION", var("FIRN_TEST_S3_REGION"))
+        .env(
+            "RCLONE_CONFIG_GARAGE_ACCESS_KEY_ID",
+            var("FIRN_TEST_S3_ACCESS_KEY_ID"),
+        )
+        .env(
+            "RCLONE_CONFIG_GARAGE_SECRET_ACCESS_KEY",
+            var("FIRN_TEST_S3_SECRET_ACCESS_KEY"),
+        )
+        .env("RCLONE_CONFIG_GARAGE_FORCE_PATH_STYLE", "true")
+        .output()
+        .expect("rclone (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "rclone {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }
 
 #[test]
