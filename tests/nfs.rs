@@ -96,12 +96,7 @@ impl Gateway {
     }
 
     /// A scripted client on `/share`, calling as `uid`/`gid`.
-    async fn client(
-        &self,
-        share: &str,
-        uid: u32,
-        gid: u32,
-    ) -> nfs3_client::Nfs3Connection<nfs3_client::tokio::TokioIo<tokio::net::TcpStream>> {
+    async fn client(&self, share: &str, uid: u32, gid: u32) -> Client {
         let auth = auth_unix {
             stamp: 1,
             machinename: Opaque::owned(b"test".to_vec()),
@@ -697,6 +692,39 @@ fn a_share_allowlist_keeps_other_clients_out() {
     assert!(!ok, "a share that does not exist mounted");
 }
 
+type Client = nfs3_client::Nfs3Connection<nfs3_client::tokio::TokioIo<tokio::net::TcpStream>>;
+
+/// A new file `name` in `dir` (GUARDED: it must not exist), by the scripted client.
+async fn create_file(c: &mut Client, dir: &nfs_fh3, name: &str) -> nfs_fh3 {
+    let made = c
+        .create(&CREATE3args {
+            where_: diropargs3 {
+                dir: dir.clone(),
+                name: filename3::from(name.as_bytes().to_vec()),
+            },
+            how: createhow3::GUARDED(sattr3::default()),
+        })
+        .await
+        .expect("rpc");
+    let Nfs3Result::Ok(made) = made else {
+        panic!("create {name}")
+    };
+    made.obj.unwrap()
+}
+
+/// A FILE_SYNC write by the scripted client.
+async fn write_sync(c: &mut Client, file: &nfs_fh3, offset: u64, data: &[u8]) -> WRITE3res {
+    c.write(&WRITE3args {
+        file: file.clone(),
+        offset,
+        count: data.len() as u32,
+        stable: stable_how::FILE_SYNC,
+        data: Opaque::borrowed(data),
+    })
+    .await
+    .expect("rpc")
+}
+
 /// nfs-cp of a local file into `url`.
 fn copy_in(local: &Path, url: &str) {
     let (ok, _, err) = run("nfs-cp", &[local.to_str().expect("utf-8"), url]);
@@ -745,20 +773,7 @@ async fn a_tree_copied_through_store_errors_and_an_outage_arrives_whole() {
         let name = format!("f{i:04}.dat");
         let mut data = vec![0u8; 100 + i * 7];
         rand::rng().fill_bytes(&mut data);
-        let made = c
-            .create(&CREATE3args {
-                where_: diropargs3 {
-                    dir: root.clone(),
-                    name: filename3::from(name.as_bytes().to_vec()),
-                },
-                how: createhow3::GUARDED(sattr3::default()),
-            })
-            .await
-            .expect("rpc");
-        let Nfs3Result::Ok(made) = made else {
-            panic!("create {name}")
-        };
-        let file = made.obj.unwrap();
+        let file = create_file(&mut c, &root, &name).await;
         let written = c
             .write(&WRITE3args {
                 file: file.clone(),
@@ -836,4 +851,81 @@ fn files_another_tool_puts_in_the_bucket_show_up_after_a_refresh() {
     assert!(listed.contains("1 removed"), "{listed}");
     let (ok, listing, _) = run("nfs-ls", &[&g.url("media/incoming")]);
     assert!(ok && !listing.contains("report.csv"), "{listing}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_makes_writers_wait_and_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The data directory on a 32 MiB file system, 4 MiB of it kept free; the bucket elsewhere.
+    let (mnt, _teardown) = common::small_ext4(dir.path());
+    let (http_port, nfs_port) = (free_port(), free_port());
+    let config = dir.path().join("firn.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[local]\ndata_dir = \"{}\"\nmin_free = \"4MiB\"\n[remote]\nkind = \"local\"\npath = \"{}\"\n\
+             [http]\nlisten = \"127.0.0.1:{http_port}\"\n[nbd]\nlisten = \"\"\n\
+             [nfs]\nlisten = \"127.0.0.1:{nfs_port}\"\n[shares]\nsettle_secs = 1\n",
+            mnt.join("data").display(),
+            dir.path().join("bucket").display()
+        ),
+    )
+    .expect("config");
+    let g = Gateway {
+        dir,
+        config: config.clone(),
+        nfs_port,
+        daemon: Some(Daemon::start(&config, http_port, &[])),
+        http_port,
+    };
+    g.firn(&["share", "create", "full"]);
+    // The uplink is down: nothing leaves the disk.
+    g.firn(&["bandwidth", "--upload", "paused"]);
+    let mut c = g.client("full", 0, 0).await;
+    let root = c.root_nfs_fh3();
+    let chunk = vec![7u8; 1 << 20];
+    let mut written = Vec::new();
+    let mut jukebox = None;
+    'files: for i in 0..40 {
+        let name = format!("f{i:02}");
+        let file = create_file(&mut c, &root, &name).await;
+        for j in 0..2u64 {
+            match write_sync(&mut c, &file, j << 20, &chunk).await {
+                Nfs3Result::Ok(_) => {}
+                Nfs3Result::Err((nfsstat3::NFS3ERR_JUKEBOX, _)) => {
+                    jukebox = Some((name.clone(), file.clone(), j));
+                    break 'files;
+                }
+                Nfs3Result::Err((e, _)) => panic!("write {name}: {e:?} instead of JUKEBOX"),
+            }
+        }
+        written.push(name);
+    }
+    let (name, file, offset) = jukebox.expect("the disk never filled");
+    assert!(written.len() >= 5, "full after {} files", written.len());
+    // The uplink comes back: uploads make the written files clean, eviction makes room, and
+    // the waiting write goes through when the client retries it.
+    g.firn(&["bandwidth", "--upload", "unlimited"]);
+    let started = Instant::now();
+    loop {
+        match write_sync(&mut c, &file, offset << 20, &chunk).await {
+            Nfs3Result::Ok(_) => break,
+            Nfs3Result::Err((nfsstat3::NFS3ERR_JUKEBOX, _)) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "{name} still waits for room"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Nfs3Result::Err((e, _)) => panic!("retried write of {name}: {e:?}"),
+        }
+    }
+    g.wait_uploaded("full");
+    for name in &written {
+        let object = std::fs::read(g.dir.path().join("bucket/full").join(name)).expect("object");
+        assert!(
+            object.len() == 2 << 20 && object.iter().all(|&b| b == 7),
+            "{name} did not arrive whole"
+        );
+    }
 }

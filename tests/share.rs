@@ -103,6 +103,7 @@ impl Rig {
                     cache_max: self.cache_max,
                     refresh: None,
                 },
+                None,
             )
             .expect("shares"),
         );

@@ -308,7 +308,7 @@ impl Gateway {
             config.local.max_bytes.map(|m| m.0),
         ));
         let volumes = Catalog::new(meta.clone(), data_dir.join("volumes"), sealer.clone())?
-            .with_space_budget(space);
+            .with_space_budget(space.clone());
         let gateway_id = match meta.get("gateway", "id")? {
             Some(id) => String::from_utf8_lossy(&id).into_owned(),
             None => {
@@ -385,6 +385,7 @@ impl Gateway {
                     refresh: (config.shares.refresh_secs > 0)
                         .then(|| std::time::Duration::from_secs(config.shares.refresh_secs)),
                 },
+                Some(space),
             )
             .map_err(|e| anyhow::anyhow!("opening the file shares: {e}"))?,
         );

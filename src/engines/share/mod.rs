@@ -61,6 +61,10 @@ pub enum ShareError {
     Invalid(String),
     #[error("the share is read-only")]
     ReadOnly,
+    /// Local space is short: try again once uploads and eviction have made room (NFS's
+    /// JUKEBOX, which clients retry).
+    #[error("local space is full until uploads make room")]
+    NoSpace,
     #[error("no share named {0:?}")]
     NoShare(String),
     #[error("a share named {0:?} exists")]
@@ -173,17 +177,20 @@ pub struct Shares {
     runtime: tokio::runtime::Handle,
     settings: Settings,
     open: Mutex<HashMap<String, Arc<Share>>>,
+    space: Option<Arc<crate::local::space::SpaceBudget>>,
 }
 
 impl Shares {
     /// The shares in `meta`, with their local files under `dir`, uploading to `remote` on
-    /// `runtime`. Every share opens now, so uploads left from before a restart resume.
+    /// `runtime`. Every share opens now, so uploads left from before a restart resume. With
+    /// `space`, writes take local bytes only as it allows; beyond it they wait (`NoSpace`).
     pub fn open(
         meta: Arc<MetaStore>,
         dir: impl Into<PathBuf>,
         remote: Arc<dyn Remote>,
         runtime: tokio::runtime::Handle,
         settings: Settings,
+        space: Option<Arc<crate::local::space::SpaceBudget>>,
     ) -> Result<Shares, ShareError> {
         let shares = Shares {
             meta,
@@ -192,6 +199,7 @@ impl Shares {
             runtime,
             settings,
             open: Mutex::new(HashMap::new()),
+            space,
         };
         for info in shares.list()? {
             shares.start(info)?;
@@ -309,6 +317,7 @@ impl Shares {
             used: Mutex::new(HashMap::new()),
             fetching: Mutex::new(()),
             runtime: self.runtime.clone(),
+            space: self.space.clone(),
         });
         // What was dirty before a restart goes up without waiting to settle.
         let long_ago = Instant::now()
@@ -455,6 +464,7 @@ pub struct Share {
     /// Held while an evicted file is fetched back.
     fetching: Mutex<()>,
     runtime: tokio::runtime::Handle,
+    space: Option<Arc<crate::local::space::SpaceBudget>>,
 }
 
 impl Share {
@@ -542,6 +552,21 @@ impl Share {
         Ok(file)
     }
 
+    /// Whether `bytes` more of local space may be taken; if not, clean files are evicted to
+    /// make room, and if that is not enough, `NoSpace`: the write waits for uploads.
+    fn make_room(&self, bytes: u64) -> Result<(), ShareError> {
+        let Some(space) = &self.space else {
+            return Ok(());
+        };
+        if space.allows(bytes) {
+            return Ok(());
+        }
+        if self.evict_down_to(0, Some(bytes))? > 0 && space.allows(bytes) {
+            return Ok(());
+        }
+        Err(ShareError::NoSpace)
+    }
+
     /// Brings an evicted file's content back from its object. One fetch at a time: a second
     /// reader of the same file finds it fetched.
     fn fetch(&self, id: u64) -> Result<(), ShareError> {
@@ -604,6 +629,12 @@ impl Share {
     /// `cache_max` (down to nine tenths of it, so eviction does not run on every pass).
     /// Returns the bytes freed.
     fn evict(&self) -> Result<u64, ShareError> {
+        self.evict_down_to(self.settings.cache_max, None)
+    }
+
+    /// Evicts clean files, least recently used first, until their bytes are at most nine
+    /// tenths of `limit` (when over `limit`) or, with `need`, until that many are freed.
+    fn evict_down_to(&self, limit: u64, need: Option<u64>) -> Result<u64, ShareError> {
         let mut clean = Vec::new();
         let mut total = 0u64;
         let dirty: std::collections::HashSet<u64> = lock(&self.dirty).keys().copied().collect();
@@ -624,16 +655,20 @@ impl Share {
             total += size;
             clean.push((id, size));
         }
-        if total <= self.settings.cache_max {
+        if need.is_none() && total <= limit {
             return Ok(0);
         }
         let used = lock(&self.used).clone();
         // Least recently used first; files not used since the start count as oldest.
         clean.sort_by_key(|(id, _)| used.get(id).copied());
-        let target = self.settings.cache_max / 10 * 9;
+        let target = limit / 10 * 9;
         let mut freed = 0;
         for (id, size) in clean {
-            if total - freed <= target {
+            let done = match need {
+                Some(need) => freed >= need,
+                None => total - freed <= target,
+            };
+            if done {
                 break;
             }
             // Only a file whose object holds what it holds here.
@@ -1025,11 +1060,17 @@ impl Share {
                 "a file ends at {MAX_FILE} bytes at most"
             )));
         }
+        self.make_room(data.len() as u64)?;
         // Dirty before the content is opened: eviction never takes a dirty file.
         self.begin_change(id)?;
         let written = self.content(id).and_then(|file| {
-            file.write_all_at(data, offset)
-                .map_err(|e| io_error("writing a file", e))?;
+            file.write_all_at(data, offset).map_err(|e| {
+                if e.raw_os_error() == Some(nix::libc::ENOSPC) {
+                    ShareError::NoSpace
+                } else {
+                    io_error("writing a file", e)
+                }
+            })?;
             Ok(file)
         });
         self.end_change(id);

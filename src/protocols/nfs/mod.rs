@@ -417,6 +417,7 @@ mod tests {
                 remote,
                 runtime.handle().clone(),
                 Settings::default(),
+                None,
             )
             .expect("shares");
             shares

@@ -126,6 +126,7 @@ fn status(e: &ShareError) -> nfsstat3 {
         ShareError::NameTooLong(_) => nfsstat3::NFS3ERR_NAMETOOLONG,
         ShareError::Invalid(_) => nfsstat3::NFS3ERR_INVAL,
         ShareError::ReadOnly => nfsstat3::NFS3ERR_ROFS,
+        ShareError::NoSpace => nfsstat3::NFS3ERR_JUKEBOX,
         ShareError::Io(_) => nfsstat3::NFS3ERR_IO,
     }
 }
