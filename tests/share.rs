@@ -102,6 +102,7 @@ impl Rig {
                     settle,
                     cache_max: self.cache_max,
                     refresh: None,
+                    defaults: Default::default(),
                 },
                 None,
             )

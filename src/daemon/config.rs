@@ -188,6 +188,13 @@ pub struct SharesConfig {
     pub cache_max: ByteSize,
     /// Seconds between refreshes of each share from the bucket; 0: only on demand.
     pub refresh_secs: u64,
+    /// Mode of files from objects without `file-permissions` metadata (e.g. `0o644`).
+    pub default_file_mode: u32,
+    /// Mode of directories that only objects' keys imply.
+    pub default_dir_mode: u32,
+    /// Owner and group of files from objects without `file-owner`/`file-group`.
+    pub default_uid: u32,
+    pub default_gid: u32,
 }
 
 impl Default for SharesConfig {
@@ -197,6 +204,10 @@ impl Default for SharesConfig {
             settle_secs: settings.settle.as_secs(),
             cache_max: ByteSize(settings.cache_max),
             refresh_secs: settings.refresh.map_or(0, |d| d.as_secs()),
+            default_file_mode: settings.defaults.file_mode,
+            default_dir_mode: settings.defaults.dir_mode,
+            default_uid: settings.defaults.uid,
+            default_gid: settings.defaults.gid,
         }
     }
 }

@@ -119,6 +119,29 @@ pub struct Settings {
     pub cache_max: u64,
     /// How often the share is refreshed from the bucket by itself; `None`: only on demand.
     pub refresh: Option<Duration>,
+    /// What objects without the file-tool metadata (put by other tools) look like: file and
+    /// directory modes, owner and group.
+    pub defaults: Defaults,
+}
+
+/// See `Settings::defaults`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Defaults {
+    pub file_mode: u32,
+    pub dir_mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Default for Defaults {
+    fn default() -> Defaults {
+        Defaults {
+            file_mode: 0o644,
+            dir_mode: 0o755,
+            uid: 0,
+            gid: 0,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -127,6 +150,7 @@ impl Default for Settings {
             settle: Duration::from_secs(5),
             cache_max: 10 << 30,
             refresh: Some(Duration::from_secs(300)),
+            defaults: Defaults::default(),
         }
     }
 }
@@ -683,6 +707,7 @@ impl Share {
                 continue;
             }
             lock(&self.files_open).remove(&id);
+            lock(&self.used).remove(&id);
             if std::fs::remove_file(self.content_path(id)).is_ok() {
                 freed += size;
             }

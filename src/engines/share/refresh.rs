@@ -131,10 +131,11 @@ impl Share {
             dir = match self.ns.lookup(dir, part) {
                 Ok(id) => id,
                 Err(ShareError::NotFound) => {
+                    let defaults = self.settings.defaults;
                     let attrs = NewAttrs {
-                        mode: 0o755,
-                        uid: 0,
-                        gid: 0,
+                        mode: defaults.dir_mode,
+                        uid: defaults.uid,
+                        gid: defaults.gid,
                         now_ns: now_ns(),
                     };
                     match self
@@ -217,10 +218,11 @@ impl Share {
     }
 
     fn default_attrs(&self) -> NewAttrs {
+        let defaults = self.settings.defaults;
         NewAttrs {
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
+            mode: defaults.file_mode,
+            uid: defaults.uid,
+            gid: defaults.gid,
             now_ns: now_ns(),
         }
     }
