@@ -734,6 +734,17 @@ fn objects_other_tools_put_or_delete_show_up_after_a_refresh() {
         assert!(share.read(b, 0, 4 << 20).expect("read").0 == big);
         // Refreshing again changes nothing.
         assert_eq!(share.refresh("").expect("refresh"), Default::default());
+        // A file here where another tool made a directory: the file stays, and the refresh
+        // goes on past it.
+        let f = share
+            .create(share.root(), "clash", 0o644, 0, 0, true)
+            .expect("create");
+        share.write(f.fileid, 0, b"local", false).expect("write");
+        put("r/clash/inner.txt", b"theirs".to_vec(), &[]);
+        put("r/docs/new.txt", b"new".to_vec(), &[]);
+        let report = share.refresh("").expect("refresh past a clash");
+        assert_eq!(report.added, 1, "{report:?}");
+        assert_eq!(&share.read(f.fileid, 0, 10).expect("read").0, b"local");
         // Changed and deleted by the other tool.
         put(
             "r/docs/a.txt",

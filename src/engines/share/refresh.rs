@@ -1,5 +1,5 @@
 //! Refresh: what other tools put into or deleted from the share's prefix shows up in the
-//! share. A listing of the prefix (or of one directory below it) is compared with the
+//! share. The bucket's listing, one directory level at a time, is compared with the
 //! namespace: objects no file has become files (clean: their object is their content, fetched
 //! when first read), with the mode, owner and times their metadata gives in the AWS file-tool
 //! convention; objects that changed size replace a clean file's content; clean files whose
@@ -42,7 +42,8 @@ pub(super) fn attrs_from(meta: &Meta, defaults: NewAttrs) -> NewAttrs {
 
 impl Share {
     /// Brings the share in line with the bucket under `under` (a share-relative directory
-    /// path; the whole share if empty).
+    /// path; the whole share if empty). Directory by directory: one level of the bucket's
+    /// listing is in memory at a time, however large the share.
     pub fn refresh(&self, under: &str) -> Result<Refreshed, ShareError> {
         let under = under.trim_matches('/');
         let mut root = ROOT;
@@ -51,37 +52,48 @@ impl Share {
                 root = self.ns.lookup(root, part)?;
             }
         }
-        let listed_prefix = if under.is_empty() {
-            self.info.prefix.clone()
-        } else {
-            format!("{}{under}/", self.info.prefix)
-        };
-        let objects = self
-            .runtime
-            .block_on(self.remote.list(&listed_prefix))
-            .map_err(|e| ShareError::Io(format!("listing {listed_prefix}: {e}")))?;
         let mut report = Refreshed::default();
-        let mut seen = HashSet::new();
         let dirty: HashSet<u64> = lock(&self.dirty).keys().copied().collect();
-        for object in objects {
-            let Some(path) = object.key.strip_prefix(&self.info.prefix) else {
-                continue;
-            };
-            let parts: Vec<&str> = path.split('/').collect();
-            if parts.iter().any(|p| namespace::check_name(p).is_err()) {
-                report.skipped += 1;
-                continue;
+        // (local directory, its share-relative path): every directory below `root`, those
+        // the bucket has and those only the share has.
+        let mut pending = vec![(root, under.to_string())];
+        while let Some((dir, path)) = pending.pop() {
+            let prefix = format!("{}{}", self.info.prefix, namespace_dir(&path));
+            let listing = self
+                .runtime
+                .block_on(self.remote.list_dir(&prefix))
+                .map_err(|e| ShareError::Io(format!("listing {prefix}: {e}")))?;
+            let mut here = HashSet::new();
+            for object in &listing.objects {
+                let Some(key) = object.key.strip_prefix(&self.info.prefix) else {
+                    continue;
+                };
+                let parts: Vec<&str> = key.split('/').collect();
+                if parts.iter().any(|p| namespace::check_name(p).is_err()) {
+                    report.skipped += 1;
+                    continue;
+                }
+                here.insert(parts[parts.len() - 1].to_string());
+                match self.take_in(&parts, key, object.size, &dirty)? {
+                    Some(true) => report.added += 1,
+                    Some(false) => report.updated += 1,
+                    None => {}
+                }
             }
-            seen.insert(path.to_string());
-            match self.take_in(&parts, path, object.size, &dirty)? {
-                Some(true) => report.added += 1,
-                Some(false) => report.updated += 1,
-                None => {}
+            let mut subdirs = HashSet::new();
+            for sub in &listing.dirs {
+                let name = sub
+                    .strip_prefix(&prefix)
+                    .unwrap_or_default()
+                    .trim_end_matches('/');
+                if namespace::check_name(name).is_err() {
+                    report.skipped += 1;
+                    continue;
+                }
+                subdirs.insert(name.to_string());
             }
-        }
-        // Clean files below `root` whose object is gone.
-        let mut dirs = vec![root];
-        while let Some(dir) = dirs.pop() {
+            // This directory's entries: clean files whose object is gone go; directories,
+            // the bucket's or the share's own, are visited next.
             let mut after: Option<String> = None;
             loop {
                 let page = self.ns.list(dir, after.as_deref(), 1024)?;
@@ -89,30 +101,61 @@ impl Share {
                 after = Some(last.clone());
                 for (name, id) in page {
                     let Ok(inode) = self.ns.get(id) else { continue };
-                    match inode.kind {
-                        Kind::Dir => dirs.push(id),
-                        _ => {
-                            let gone = inode
-                                .uploaded
-                                .as_ref()
-                                .is_some_and(|u| !seen.contains(&u.path));
-                            // Not in the listing; but an upload may have put it there since:
-                            // asked once more before the file goes.
-                            let gone = gone
-                                && !dirty.contains(&id)
-                                && inode.uploaded.as_ref().is_some_and(|u| {
-                                    self.object_size(&u.path).ok().flatten().is_none()
-                                });
-                            if gone && self.ns.forget(dir, &name, now_ns())? {
-                                self.forget_content(id);
-                                report.removed += 1;
-                            }
-                        }
+                    if inode.kind == Kind::Dir {
+                        subdirs.remove(&name);
+                        pending.push((id, join(&path, &name)));
+                        continue;
                     }
+                    let Some(uploaded) = inode.uploaded.as_ref() else {
+                        continue;
+                    };
+                    let listed_here = uploaded.path == join(&path, &name) && here.contains(&name);
+                    // Not listed; but an upload may have put it there since the listing:
+                    // asked once more before the file goes.
+                    let gone = !listed_here
+                        && !dirty.contains(&id)
+                        && self.object_size(&uploaded.path).ok().flatten().is_none();
+                    if gone && self.ns.forget(dir, &name, now_ns())? {
+                        self.forget_content(id);
+                        report.removed += 1;
+                    }
+                }
+            }
+            // Directories the bucket has and the share does not yet (only deeper objects).
+            for name in subdirs {
+                if let Ok(id) = self.make_dir(dir, &name) {
+                    pending.push((id, join(&path, &name)));
                 }
             }
         }
         Ok(report)
+    }
+
+    /// The directory `name` of `dir`, made if missing.
+    fn make_dir(&self, dir: u64, name: &str) -> Result<u64, ShareError> {
+        match self.ns.lookup(dir, name) {
+            // A file where the bucket has a directory: the local one stays.
+            Ok(id) if self.ns.get(id)?.kind != Kind::Dir => Err(ShareError::NotDir),
+            Ok(id) => Ok(id),
+            Err(ShareError::NotFound) => {
+                let defaults = self.settings.defaults;
+                let attrs = NewAttrs {
+                    mode: defaults.dir_mode,
+                    uid: defaults.uid,
+                    gid: defaults.gid,
+                    now_ns: now_ns(),
+                };
+                match self
+                    .ns
+                    .create(dir, name, Kind::Dir, attrs, None, self.info.prefix.len())
+                {
+                    Ok((id, _)) => Ok(id),
+                    Err(ShareError::Exists) => self.ns.lookup(dir, name),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Makes the object at `path` (split into `parts`) a file of the share. `Some(true)` if
@@ -128,25 +171,8 @@ impl Share {
         let (name, dirs) = parts.split_last().expect("a key has a name");
         let mut dir = ROOT;
         for part in dirs {
-            dir = match self.ns.lookup(dir, part) {
+            dir = match self.make_dir(dir, part) {
                 Ok(id) => id,
-                Err(ShareError::NotFound) => {
-                    let defaults = self.settings.defaults;
-                    let attrs = NewAttrs {
-                        mode: defaults.dir_mode,
-                        uid: defaults.uid,
-                        gid: defaults.gid,
-                        now_ns: now_ns(),
-                    };
-                    match self
-                        .ns
-                        .create(dir, part, Kind::Dir, attrs, None, self.info.prefix.len())
-                    {
-                        Ok((id, _)) => id,
-                        Err(ShareError::Exists) => self.ns.lookup(dir, part)?,
-                        Err(e) => return Err(e),
-                    }
-                }
                 Err(ShareError::NotDir) => return Ok(None),
                 Err(e) => return Err(e),
             };
@@ -225,5 +251,23 @@ impl Share {
             gid: defaults.gid,
             now_ns: now_ns(),
         }
+    }
+}
+
+/// `path/`, or nothing for the share's root.
+fn namespace_dir(path: &str) -> String {
+    if path.is_empty() {
+        String::new()
+    } else {
+        format!("{path}/")
+    }
+}
+
+/// `dir/name`, or `name` at the root.
+fn join(dir: &str, name: &str) -> String {
+    if dir.is_empty() {
+        name.to_string()
+    } else {
+        format!("{dir}/{name}")
     }
 }
