@@ -17,11 +17,13 @@ use rand::RngCore;
 
 mod common;
 
-use common::s3_options;
+use common::{boto3_keys, s3_options};
 
 struct Backend {
     name: &'static str,
     store: Arc<dyn Remote>,
+    /// The S3 backend's key prefix in the bucket.
+    prefix: String,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -30,12 +32,14 @@ fn backends() -> Vec<Backend> {
     let mut list = vec![Backend {
         name: "dir",
         store: Arc::new(DirStore::open(dir.path().join("bucket")).expect("dir store")),
+        prefix: String::new(),
         _dir: Some(dir),
     }];
     if let Some(options) = s3_options() {
         list.push(Backend {
             name: "s3",
             store: Arc::new(S3Store::new(&options, unlimited()).expect("s3 store")),
+            prefix: options.prefix,
             _dir: None,
         });
     }
@@ -394,9 +398,91 @@ s3.put_object(Bucket=os.environ["FIRN_TEST_S3_BUCKET"], Key=sys.argv[1], Body=b"
             .collect::<Vec<_>>(),
         ["marked/x"]
     );
-    // The marker stays: firn cannot name it (a key never ends in `/`), and the run's prefix
-    // is its own.
     r.delete("marked/x").await.expect("delete");
+    r.delete("marked/").await.expect("delete the marker");
+    assert_eq!(r.list_dir("").await.expect("list_dir"), Default::default());
+}
+
+/// firn writes directory markers itself (a share's empty directories): on both backends a
+/// marker holds its metadata, keeps its directory when the last object below it goes, and
+/// goes with its delete; S3 tools see it under its exact name.
+#[tokio::test]
+async fn directory_markers_keep_empty_directories_on_every_backend() {
+    for backend in backends() {
+        let stack = stacked(&backend.store, None);
+        let r = &stack.remote;
+        let name = backend.name;
+        for dir in ["dirs/empty", "dirs/50% ü ~x"] {
+            let marker = format!("{dir}/");
+            let meta = Meta::from([("file-permissions".to_string(), "40750".to_string())]);
+            r.put(&marker, Bytes::new(), meta)
+                .await
+                .expect("put marker");
+            let head = r
+                .head(&marker)
+                .await
+                .expect("head")
+                .expect("marker is there");
+            assert_eq!(head.size, 0, "{name}");
+            assert_eq!(
+                head.meta.get("file-permissions").map(|v| &v[..]),
+                Some("40750"),
+                "{name}"
+            );
+            let top = r.list_dir("dirs/").await.expect("list_dir");
+            assert_eq!(top.dirs, std::slice::from_ref(&marker), "{name}");
+            assert!(top.objects.is_empty(), "{name}: {top:?}");
+            assert_eq!(
+                r.list_dir(&marker).await.expect("list_dir"),
+                Default::default(),
+                "{name}"
+            );
+            // A marker has no content and keeps its directory when what is below goes.
+            assert!(
+                matches!(
+                    r.put(&marker, Bytes::from_static(b"x"), Meta::new()).await,
+                    Err(remote::Error::BadKey { .. })
+                ),
+                "{name}: a marker with a body was accepted"
+            );
+            assert!(r.get(&marker).await.is_err(), "{name}: a marker was read");
+            let below = format!("{marker}x");
+            r.put(&below, Bytes::from_static(b"x"), Meta::new())
+                .await
+                .expect("put below");
+            r.delete(&below).await.expect("delete below");
+            assert_eq!(
+                r.list_dir("dirs/").await.expect("list_dir").dirs,
+                std::slice::from_ref(&marker),
+                "{name}"
+            );
+            if name == "s3" {
+                let prefix = &backend.prefix;
+                assert_eq!(
+                    boto3_keys(&format!("{prefix}/dirs/")),
+                    [format!("{prefix}/{marker}")]
+                );
+            }
+            r.delete(&marker).await.expect("delete marker");
+            assert!(r.head(&marker).await.expect("head").is_none(), "{name}");
+            assert_eq!(
+                r.list_dir("dirs/").await.expect("list_dir"),
+                Default::default(),
+                "{name}"
+            );
+            // Deleting what is not there succeeds, as for objects.
+            r.delete(&marker).await.expect("delete again");
+        }
+        for bad in ["/", "a//", "../", "a/../"] {
+            assert!(
+                matches!(
+                    r.put(bad, Bytes::new(), Meta::new()).await,
+                    Err(remote::Error::BadKey { .. })
+                ),
+                "{name}: {bad:?} accepted"
+            );
+        }
+    }
 }
 
 #[tokio::test]
@@ -484,33 +570,6 @@ const AWKWARD_NAMES: &[&str] = &[
     "ünïcödé/日本語.txt",
     "emoji-😀",
 ];
-
-/// Every key under `prefix/` as boto3 lists it (its own decoding of the wire format), sorted.
-fn boto3_keys(prefix: &str) -> Vec<String> {
-    let script = r#"
-import json, os, sys, boto3
-s3 = boto3.client("s3", endpoint_url=os.environ["FIRN_TEST_S3_ENDPOINT"],
-    region_name=os.environ.get("FIRN_TEST_S3_REGION", "garage"),
-    aws_access_key_id=os.environ["FIRN_TEST_S3_ACCESS_KEY_ID"],
-    aws_secret_access_key=os.environ["FIRN_TEST_S3_SECRET_ACCESS_KEY"])
-keys = []
-for page in s3.get_paginator("list_objects_v2").paginate(
-        Bucket=os.environ["FIRN_TEST_S3_BUCKET"], Prefix=sys.argv[1]):
-    keys += [o["Key"] for o in page.get("Contents", [])]
-print(json.dumps(sorted(keys)))
-"#;
-    let out = std::process::Command::new("python3")
-        .args(["-c", script, prefix])
-        .env_remove("AWS_CA_BUNDLE")
-        .output()
-        .expect("run python3 (python3-boto3)");
-    assert!(
-        out.status.success(),
-        "boto3 listing failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("boto3 printed JSON")
-}
 
 /// Every file under `root`, as `/`-separated relative names, sorted.
 fn files_in(root: &std::path::Path) -> Vec<String> {
@@ -1578,6 +1637,8 @@ fn fencing_options(endpoint: &str) -> S3Options {
         part_size: 5 << 20,
         part_concurrency: 4,
         request_timeout: Duration::from_secs(10),
+        server_side_encryption: None,
+        sse_kms_key_id: None,
     }
 }
 

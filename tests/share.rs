@@ -18,7 +18,7 @@ use firn::remote::{self, Remote};
 use rand::RngCore;
 
 mod common;
-use common::s3_options;
+use common::{boto3_keys, s3_options};
 
 /// One gateway's share engine over one bucket, reopenable on the same local state.
 struct Rig {
@@ -272,7 +272,8 @@ fn files_land_as_plain_objects_with_their_metadata() {
         assert!(eof);
         assert_eq!(share.attrs(empty.fileid).expect("attrs").size, 0);
         let status = share.status();
-        assert_eq!(status.uploaded_files, 3, "{status:?}");
+        // Three files, and the markers of directories a and a/b.
+        assert_eq!(status.uploaded_files, 5, "{status:?}");
         // What rclone, a client firn did not write, sees in the bucket.
         if let Some(prefix) = &rig.s3_prefix {
             let path = format!(
@@ -321,6 +322,102 @@ fn rclone(args: &[&str]) -> Vec<u8> {
         String::from_utf8_lossy(&out.stderr)
     );
     out.stdout
+}
+
+/// Directories are marker objects (`a/b/`) with their metadata: an empty one persists in
+/// the bucket, a rename moves the markers below it, a chmod rewrites one, an rmdir deletes
+/// it, and a marker another tool wrote brings its directory, mode and owner into the share.
+#[test]
+fn empty_directories_persist_as_marker_objects() {
+    for rig in rigs(Duration::from_millis(100)) {
+        rig.shares()
+            .create("m", "m/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("m");
+        let root = share.root();
+        let head = |key: &str| rig.runtime.block_on(rig.raw.head(key)).expect("head");
+        let empty = share.mkdir(root, "empty", 0o750, 7, 8).expect("mkdir");
+        let p = share.mkdir(root, "p", 0o755, 0, 0).expect("mkdir");
+        share.mkdir(p.fileid, "q", 0o700, 0, 0).expect("mkdir");
+        rig.wait_clean("m");
+        let marker = head("m/empty/").expect("m/empty/ is in the bucket");
+        assert_eq!(marker.meta["file-permissions"], "40750");
+        assert_eq!(marker.meta["file-owner"], "7");
+        assert_eq!(marker.meta["file-group"], "8");
+        assert!(head("m/p/q/").is_some());
+        if let Some(prefix) = &rig.s3_prefix {
+            // As an S3 tool sees them: empty objects under their exact names.
+            assert_eq!(
+                boto3_keys(&format!("{prefix}/m/")),
+                ["empty/", "p/", "p/q/"].map(|k| format!("{prefix}/m/{k}"))
+            );
+        }
+        share.rename(root, "p", root, "p2").expect("rename");
+        share
+            .setattr(
+                empty.fileid,
+                firn::engines::share::SetAttrs {
+                    mode: Some(0o700),
+                    ..Default::default()
+                },
+            )
+            .expect("chmod");
+        rig.wait_clean("m");
+        assert!(
+            head("m/p/").is_none() && head("m/p/q/").is_none(),
+            "old markers stay"
+        );
+        assert_eq!(
+            head("m/p2/q/").expect("moved").meta["file-permissions"],
+            "40700"
+        );
+        assert_eq!(
+            head("m/empty/").expect("kept").meta["file-permissions"],
+            "40700"
+        );
+        share.rmdir(root, "empty").expect("rmdir");
+        rig.wait_clean("m");
+        assert!(head("m/empty/").is_none(), "rmdir left its marker");
+        // A marker another tool wrote, and a directory only a deeper object implies.
+        let meta = remote::Meta::from([
+            ("file-permissions".to_string(), "40711".to_string()),
+            ("file-owner".to_string(), "42".to_string()),
+        ]);
+        rig.runtime
+            .block_on(rig.raw.put("m/theirs/", bytes::Bytes::new(), meta))
+            .expect("marker by another tool");
+        rig.runtime
+            .block_on(rig.raw.put(
+                "m/implied/x",
+                bytes::Bytes::from_static(b"x"),
+                remote::Meta::new(),
+            ))
+            .expect("object by another tool");
+        share.refresh("").expect("refresh");
+        let theirs = share
+            .attrs(share.lookup(root, "theirs").expect("theirs"))
+            .expect("attrs");
+        assert_eq!(
+            (theirs.kind, theirs.mode, theirs.uid),
+            (Kind::Dir, 0o711, 42)
+        );
+        let implied = share
+            .attrs(share.lookup(root, "implied").expect("implied"))
+            .expect("attrs");
+        assert_eq!(
+            (implied.kind, implied.mode),
+            (Kind::Dir, 0o755),
+            "the default mode"
+        );
+        // Found there, not made here: nothing to upload.
+        assert_eq!(share.status().dirty_files, 0);
+        share.rmdir(root, "theirs").expect("rmdir");
+        rig.wait_clean("m");
+        assert!(
+            head("m/theirs/").is_none(),
+            "rmdir left the other tool's marker"
+        );
+    }
 }
 
 #[test]
@@ -459,7 +556,8 @@ fn a_file_changing_during_its_upload_is_never_stored_torn() {
         let started = Instant::now();
         let mut checked = 0;
         while started.elapsed() < Duration::from_secs(4) {
-            if let Some((body, _)) = rig.get("t/f") {
+            // Empty is the file as created, uploaded before the first write reached it.
+            if let Some((body, _)) = rig.get("t/f").filter(|(body, _)| !body.is_empty()) {
                 assert_eq!(body.len(), LEN);
                 assert!(
                     body.iter().all(|&b| b == body[0]),
@@ -602,7 +700,21 @@ fn files_renamed_or_removed_during_their_upload_leave_no_object_behind() {
             .into_iter()
             .map(|o| o.key)
             .collect();
-        assert_eq!(listed, ["m/moved0/f", "m/moved2/f", "m/moved4/f"]);
+        // The files, and the markers of the directories (an emptied one stays).
+        assert_eq!(
+            listed,
+            [
+                "m/d1/",
+                "m/d3/",
+                "m/d5/",
+                "m/moved0/",
+                "m/moved0/f",
+                "m/moved2/",
+                "m/moved2/f",
+                "m/moved4/",
+                "m/moved4/f"
+            ]
+        );
     }
 }
 

@@ -60,6 +60,11 @@ pub struct RemoteConfig {
     pub request_timeout_secs: u64,
     /// How long a request is retried through errors and outages before it fails.
     pub retry_for_secs: u64,
+    /// kind = s3: `x-amz-server-side-encryption` on every object written (`AES256`,
+    /// `aws:kms`, `aws:kms:dsse`); the bucket's default when unset.
+    pub server_side_encryption: Option<String>,
+    /// kind = s3: the KMS key for `aws:kms` and `aws:kms:dsse`.
+    pub sse_kms_key_id: Option<String>,
     pub bandwidth: Policy,
 }
 
@@ -81,6 +86,8 @@ impl Default for RemoteConfig {
             part_concurrency: 8,
             request_timeout_secs: 60,
             retry_for_secs: 300,
+            server_side_encryption: None,
+            sse_kms_key_id: None,
             bandwidth: Policy::default(),
         }
     }

@@ -68,6 +68,8 @@ pub fn open_backend(config: &Config, limiter: Arc<Limiter>) -> anyhow::Result<Ar
                 part_size: r.part_size.0 as usize,
                 part_concurrency: r.part_concurrency,
                 request_timeout: Duration::from_secs(r.request_timeout_secs),
+                server_side_encryption: r.server_side_encryption.clone(),
+                sse_kms_key_id: r.sse_kms_key_id.clone(),
             };
             Arc::new(
                 S3Store::new(&options, limiter)

@@ -16,6 +16,10 @@
 //! racing for a key (in this process or another) exactly one wins. At open, staging files whose
 //! process is gone (or was an earlier process with this one's PID) are removed; those of other
 //! live processes (another firn on the same directory) are left.
+//!
+//! A directory marker (`a/b/`) is the directory `a/b` with the extended attribute
+//! `user.firn-marker` and its metadata in `user.firn.*` attributes of the directory. It keeps
+//! the directory when the last object below it goes, as the marker object does in S3.
 
 use std::ffi::{CStr, OsStr};
 use std::fs::File;
@@ -38,11 +42,14 @@ use xattr::FileExt;
 use super::limit::{Direction, Limiter, SLICE};
 use super::{
     Body, Error, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink, check_key, dir_of,
+    is_marker,
 };
 
 /// Where puts are staged before their rename; never listed, never a valid key.
 const STAGING: &str = ".firn-staging";
 const XATTR_PREFIX: &str = "user.firn.";
+/// Set on a directory that holds a directory marker (outside `XATTR_PREFIX`: not metadata).
+const MARKER_XATTR: &str = "user.firn-marker";
 /// A file name's limit on Linux file systems; each key segment is one file name.
 const MAX_NAME_BYTES: usize = 255;
 /// Objects are written and read in slices of this size, never whole.
@@ -211,6 +218,12 @@ impl DirStore {
     /// The key's segments, checked.
     fn segments<'k>(&self, key: &'k str) -> Result<Vec<&'k str>> {
         check_key(key)?;
+        if is_marker(key) {
+            return Err(Error::BadKey {
+                key: key.to_string(),
+                reason: "a directory marker has no content to read or write in place".into(),
+            });
+        }
         if key == STAGING || key.starts_with(&format!("{STAGING}/")) {
             return Err(Error::BadKey {
                 key: key.to_string(),
@@ -444,7 +457,21 @@ impl DirStore {
                 let kind = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT;
                 if kind == SFlag::S_IFDIR {
                     match open_dir(&fd, OsStr::new(name)) {
-                        Ok(sub) => pending.push((sub, key)),
+                        Ok(sub) => {
+                            let marker = format!("{key}/");
+                            let marked = sub
+                                .try_clone()
+                                .and_then(|fd| has_marker(&File::from(fd)))
+                                .map_err(|e| local_error("list", &marker, e))?;
+                            if marked && marker.starts_with(prefix) {
+                                found.push(ObjectInfo {
+                                    key: marker,
+                                    size: 0,
+                                    meta: Meta::new(),
+                                });
+                            }
+                            pending.push((sub, key));
+                        }
                         Err(e) if gone(&e) => {}
                         Err(e) => return Err(local_error("list", &key, e)),
                     }
@@ -507,7 +534,53 @@ impl DirStore {
         Ok(found)
     }
 
+    /// Makes the directory of marker `key` (and those above it) and marks it, with `meta`
+    /// replacing what an earlier marker had.
+    fn put_marker_blocking(&self, key: &str, body_len: u64, meta: &Meta) -> Result<()> {
+        if body_len != 0 {
+            return Err(Error::BadKey {
+                key: key.to_string(),
+                reason: "a directory marker's body must be empty".into(),
+            });
+        }
+        let segments = self.segments(&key[..key.len() - 1])?;
+        let io_err = |e: io::Error| local_error("put", key, e);
+        let dir = File::from(self.walk_creating(&segments).map_err(io_err)?);
+        for name in dir.list_xattr().map_err(io_err)? {
+            if name.to_str().is_some_and(|n| n.starts_with(XATTR_PREFIX)) {
+                dir.remove_xattr(&name).map_err(io_err)?;
+            }
+        }
+        for (name, value) in meta {
+            dir.set_xattr(format!("{XATTR_PREFIX}{name}"), value.as_bytes())
+                .map_err(io_err)?;
+        }
+        dir.set_xattr(MARKER_XATTR, b"").map_err(io_err)?;
+        dir.sync_all().map_err(io_err)
+    }
+
+    fn head_marker_blocking(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        let segments = self.segments(&key[..key.len() - 1])?;
+        let io_err = |e: io::Error| local_error("head", key, e);
+        let dir = match self.walk(&segments) {
+            Ok(fd) => File::from(fd),
+            Err(e) if gone(&e) => return Ok(None),
+            Err(e) => return Err(io_err(e)),
+        };
+        if !has_marker(&dir).map_err(io_err)? {
+            return Ok(None);
+        }
+        Ok(Some(ObjectInfo {
+            key: key.to_string(),
+            size: 0,
+            meta: read_meta(&dir).map_err(io_err)?,
+        }))
+    }
+
     fn delete_blocking(&self, key: &str) -> Result<()> {
+        if is_marker(key) {
+            return self.delete_marker_blocking(key);
+        }
         let segments = self.segments(key)?;
         let (leaf, dirs) = segments.split_last().ok_or_else(|| Error::BadKey {
             key: key.to_string(),
@@ -534,18 +607,41 @@ impl DirStore {
             Err(e) => return Err(local_error("delete", key, io_from(e))),
         }
         let _ = nix::unistd::fsync(parent);
-        // Prune directories the delete left empty, so the tree mirrors the key space.
-        for depth in (0..dirs.len()).rev() {
-            if unlinkat(
-                &fds[depth],
-                OsStr::new(dirs[depth]),
-                UnlinkatFlags::RemoveDir,
-            )
-            .is_err()
-            {
-                break;
+        prune(&fds, dirs);
+        Ok(())
+    }
+
+    /// Unmarks the directory of marker `key`, and removes it (and those above it) if nothing
+    /// is left in it.
+    fn delete_marker_blocking(&self, key: &str) -> Result<()> {
+        let dirs = self.segments(&key[..key.len() - 1])?;
+        let io_err = |e: io::Error| local_error("delete", key, e);
+        let mut fds = vec![self.root.try_clone().map_err(io_err)?];
+        for segment in &dirs {
+            match open_dir(&fds[fds.len() - 1], OsStr::new(segment)) {
+                Ok(fd) => fds.push(fd),
+                Err(e) if gone(&e) => return Ok(()),
+                Err(e) => return Err(io_err(e)),
             }
         }
+        let dir = File::from(
+            fds.pop()
+                .expect("the marked directory")
+                .try_clone()
+                .map_err(io_err)?,
+        );
+        if !has_marker(&dir).map_err(io_err)? {
+            return Ok(());
+        }
+        for name in dir.list_xattr().map_err(io_err)? {
+            if name.to_str().is_some_and(|n| n.starts_with(XATTR_PREFIX)) {
+                dir.remove_xattr(&name).map_err(io_err)?;
+            }
+        }
+        dir.remove_xattr(MARKER_XATTR).map_err(io_err)?;
+        dir.sync_all().map_err(io_err)?;
+        fds.push(dir.into());
+        prune(&fds, &dirs);
         Ok(())
     }
 }
@@ -575,6 +671,32 @@ fn taken(parent: &OwnedFd, leaf: &OsStr, key: &str) -> Error {
             key: key.to_string(),
         },
     }
+}
+
+/// Removes the directories a delete left empty, deepest first, so the tree mirrors the key
+/// space: `fds[i]` is the descriptor of `dirs[i]`'s parent, and `fds[i + 1]` of `dirs[i]`.
+/// Stops at the first that is not empty or that holds a directory marker.
+fn prune(fds: &[OwnedFd], dirs: &[&str]) {
+    for depth in (0..dirs.len()).rev() {
+        let marked = fds
+            .get(depth + 1)
+            .and_then(|fd| fd.try_clone().ok())
+            .is_none_or(|fd| has_marker(&File::from(fd)).unwrap_or(true));
+        if marked
+            || unlinkat(
+                &fds[depth],
+                OsStr::new(dirs[depth]),
+                UnlinkatFlags::RemoveDir,
+            )
+            .is_err()
+        {
+            break;
+        }
+    }
+}
+
+fn has_marker(dir: &File) -> io::Result<bool> {
+    Ok(dir.get_xattr(MARKER_XATTR)?.is_some())
 }
 
 fn read_meta(file: &File) -> io::Result<Meta> {
@@ -657,6 +779,9 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 impl Remote for DirStore {
     async fn put_body(&self, key: &str, body: Arc<dyn Body>, meta: Meta) -> Result<()> {
         let (this, key) = (self.clone(), key.to_string());
+        if is_marker(&key) {
+            return blocking(move || this.put_marker_blocking(&key, body.len(), &meta)).await;
+        }
         blocking(move || this.put_blocking(&key, &*body, &meta)).await
     }
 
@@ -695,6 +820,9 @@ impl Remote for DirStore {
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
         let (this, key) = (self.clone(), key.to_string());
+        if is_marker(&key) {
+            return blocking(move || this.head_marker_blocking(&key)).await;
+        }
         blocking(move || this.head_blocking(&key)).await
     }
 

@@ -199,6 +199,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// An object store as firn uses it. Keys are `/`-separated relative paths without empty,
 /// `.` or `..` segments. A `put` is atomic: readers see the old object or the whole new one.
 ///
+/// A key ending in `/` (`a/b/`) is a directory marker: an empty object that keeps a
+/// "directory" in the bucket when nothing is below it, as S3 consoles and file tools write
+/// them. `put`, `head` and `delete` take markers (a marker's body must be empty); nothing
+/// reads one; [`Remote::list`] shows markers under their keys, and [`Remote::list_dir`] as
+/// the directory each marks, not as an object in it.
+///
 /// Bodies stream both ways: [`Remote::put_body`] reads its body a slice or part at a time,
 /// [`Remote::get_to`] hands the object to a sink in order; memory stays bounded by the part
 /// size times the part concurrency whatever the object's size. `put` and `get` are the
@@ -306,7 +312,13 @@ pub async fn probe_create(remote: &dyn Remote) -> Result<bool> {
     }
     outcome
 }
-/// Rejects keys that could escape a prefix or that stores disagree on.
+/// Whether `key` is a directory marker (see [`Remote`]).
+pub fn is_marker(key: &str) -> bool {
+    key.ends_with('/')
+}
+
+/// Rejects keys that could escape a prefix or that stores disagree on. A directory marker
+/// (`a/b/`) is checked as the key it marks.
 pub fn check_key(key: &str) -> Result<()> {
     let bad = |reason: &str| {
         Err(Error::BadKey {
@@ -324,6 +336,8 @@ pub fn check_key(key: &str) -> Result<()> {
         return bad("contains a control character");
     }
     if key
+        .strip_suffix('/')
+        .unwrap_or(key)
         .split('/')
         .any(|segment| segment.is_empty() || segment == "." || segment == "..")
     {
@@ -338,7 +352,7 @@ pub(crate) fn dir_of(prefix: &str) -> Result<&str> {
     if prefix.is_empty() {
         return Ok(prefix);
     }
-    let Some(dir) = prefix.strip_suffix('/') else {
+    let Some(dir) = prefix.strip_suffix('/').filter(|dir| !is_marker(dir)) else {
         return Err(Error::BadKey {
             key: prefix.to_string(),
             reason: "a one-level listing's prefix is empty (the root) or ends in '/'".to_string(),
@@ -410,10 +424,20 @@ mod tests {
 
     #[test]
     fn keys_that_could_escape_are_refused() {
-        for key in ["", "/a", "a/", "a//b", "../a", "a/./b", "a/..", "a\nb"] {
+        for key in [
+            "", "/", "/a", "a//", "a//b", "../a", "a/./b", "a/..", "../", "a\nb",
+        ] {
             assert!(check_key(key).is_err(), "{key:?} accepted");
         }
-        for key in ["a", "a/b", "chunks/0f/abc", "dir/.hidden", "x..y"] {
+        for key in [
+            "a",
+            "a/b",
+            "a/",
+            "a/b/",
+            "chunks/0f/abc",
+            "dir/.hidden",
+            "x..y",
+        ] {
             assert!(check_key(key).is_ok(), "{key:?} refused");
         }
     }

@@ -4,6 +4,10 @@
 //! every PUT and every part carries `x-amz-checksum-sha256`, which the store verifies before
 //! it accepts the bytes. A create is one PUT with `If-None-Match: *`, which the store answers
 //! with 412 Precondition Failed when the object exists, if it honours the header at all.
+//!
+//! Directory markers (`a/b/`) are the one thing `object_store` cannot name: its paths drop a
+//! trailing `/`. Their PUT, HEAD and DELETE are signed here (with object_store's SigV4
+//! signer) and sent through the same throttled client.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -13,7 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use http_body_util::BodyExt;
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, AwsAuthorizer};
 use object_store::client::{
     HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse,
     HttpResponseBody, HttpService,
@@ -28,7 +32,7 @@ use super::limit::{Direction, Limiter, Throttled};
 
 use super::{
     Body, Error, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink, bad_range, check_key,
-    dir_of,
+    dir_of, is_marker,
 };
 
 /// S3's limit on an object name, in bytes of UTF-8.
@@ -51,11 +55,22 @@ pub struct S3Options {
     pub part_size: usize,
     pub part_concurrency: usize,
     pub request_timeout: Duration,
+    /// `x-amz-server-side-encryption` for every object written: `AES256` (SSE-S3), `aws:kms`
+    /// or `aws:kms:dsse`; none by default (the bucket's own default applies).
+    pub server_side_encryption: Option<String>,
+    /// The KMS key for `aws:kms` and `aws:kms:dsse` (the account's default key when unset).
+    pub sse_kms_key_id: Option<String>,
 }
 
 #[derive(Debug, Clone)]
 pub struct S3Store {
     store: Arc<AmazonS3>,
+    /// For directory markers: the client object_store uses, the bucket's URL, the region to
+    /// sign for, and the encryption headers every PUT carries.
+    http: HttpClient,
+    bucket_url: String,
+    region: String,
+    sse_headers: Vec<(http::HeaderName, http::HeaderValue)>,
     prefix: String,
     multipart_threshold: usize,
     part_size: usize,
@@ -65,20 +80,28 @@ pub struct S3Store {
 impl S3Store {
     /// `limiter` throttles every byte this store sends or receives.
     pub fn new(options: &S3Options, limiter: Arc<Limiter>) -> Result<S3Store> {
+        let configure = |message: String| Error::Permanent {
+            op: "configure",
+            key: options.bucket.clone(),
+            message,
+        };
+        let connector = LimitedConnector {
+            limiter,
+            read_timeout: options.request_timeout,
+        };
+        let client_options = ClientOptions::new()
+            .with_timeout(options.request_timeout)
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_allow_http(true);
+        let http = connector
+            .connect(&client_options)
+            .map_err(|e| configure(e.to_string()))?;
         let mut builder = AmazonS3Builder::from_env()
-            .with_http_connector(LimitedConnector {
-                limiter,
-                read_timeout: options.request_timeout,
-            })
+            .with_http_connector(connector)
             .with_bucket_name(&options.bucket)
             .with_region(&options.region)
             .with_virtual_hosted_style_request(!options.path_style)
-            .with_client_options(
-                ClientOptions::new()
-                    .with_timeout(options.request_timeout)
-                    .with_connect_timeout(Duration::from_secs(5))
-                    .with_allow_http(true),
-            )
+            .with_client_options(client_options)
             // A few quick retries for a dropped connection inside one request; riding out
             // an outage is the `retry` wrapper's job, so it shows in firn's own metrics.
             .with_retry(RetryConfig {
@@ -103,11 +126,51 @@ impl S3Store {
                 .with_checksum_algorithm(object_store::aws::Checksum::SHA256)
                 .with_unsigned_payload(true);
         }
-        let store = builder.build().map_err(|e| Error::Permanent {
-            op: "configure",
-            key: options.bucket.clone(),
-            message: e.to_string(),
-        })?;
+        let mut sse_headers = Vec::new();
+        if let Some(kind) = &options.server_side_encryption {
+            if !["AES256", "aws:kms", "aws:kms:dsse"].contains(&kind.as_str()) {
+                return Err(configure(format!(
+                    "server_side_encryption {kind:?}: firn writes \"AES256\", \"aws:kms\" or \
+                     \"aws:kms:dsse\""
+                )));
+            }
+            builder = builder.with_config(config_key("aws_server_side_encryption"), kind);
+            sse_headers.push(header("x-amz-server-side-encryption", kind, &configure)?);
+        }
+        if let Some(key_id) = &options.sse_kms_key_id {
+            if !options
+                .server_side_encryption
+                .as_deref()
+                .is_some_and(|kind| kind.starts_with("aws:kms"))
+            {
+                return Err(configure(
+                    "sse_kms_key_id needs server_side_encryption \"aws:kms\" or \"aws:kms:dsse\""
+                        .into(),
+                ));
+            }
+            builder = builder.with_config(config_key("aws_sse_kms_key_id"), key_id);
+            sse_headers.push(header(
+                "x-amz-server-side-encryption-aws-kms-key-id",
+                key_id,
+                &configure,
+            )?);
+        }
+        let store = builder.build().map_err(|e| configure(e.to_string()))?;
+        // As object_store addresses the bucket.
+        let bucket_url = match (&options.endpoint, options.path_style) {
+            (Some(endpoint), false) => endpoint.trim_end_matches('/').to_string(),
+            (Some(endpoint), true) => {
+                format!("{}/{}", endpoint.trim_end_matches('/'), options.bucket)
+            }
+            (None, false) => format!(
+                "https://{}.s3.{}.amazonaws.com",
+                options.bucket, options.region
+            ),
+            (None, true) => format!(
+                "https://s3.{}.amazonaws.com/{}",
+                options.region, options.bucket
+            ),
+        };
         let prefix = options.prefix.trim_matches('/').to_string();
         if !prefix.is_empty() {
             check_key(&prefix).map_err(|e| Error::Permanent {
@@ -118,6 +181,10 @@ impl S3Store {
         }
         Ok(S3Store {
             store: Arc::new(store),
+            http,
+            bucket_url,
+            region: options.region.clone(),
+            sse_headers,
             prefix,
             multipart_threshold: options.multipart_threshold,
             part_size: options.part_size.max(5 << 20),
@@ -130,6 +197,13 @@ impl S3Store {
     /// given and the client encodes it only on the wire, so every S3 tool sees the same name.
     fn path(&self, key: &str) -> Result<Path> {
         check_key(key)?;
+        if is_marker(key) {
+            // Path::parse would drop the `/` and name another object.
+            return Err(Error::BadKey {
+                key: key.to_string(),
+                reason: "a directory marker has no content to read".into(),
+            });
+        }
         let full = self.full_key(key);
         if full.len() > MAX_KEY_BYTES {
             return Err(Error::BadKey {
@@ -163,6 +237,192 @@ impl S3Store {
                 .and_then(|k| k.strip_prefix('/'))
                 .unwrap_or(full)
         }
+    }
+
+    /// One signed request for directory marker `key`: a PUT (with `meta`), HEAD or DELETE.
+    async fn marker(
+        &self,
+        op: &'static str,
+        method: http::Method,
+        key: &str,
+        meta: &Meta,
+    ) -> Result<HttpResponse> {
+        check_key(key)?;
+        let full = self.full_key(key);
+        if full.len() > MAX_KEY_BYTES {
+            return Err(Error::BadKey {
+                key: key.to_string(),
+                reason: format!(
+                    "{} bytes with the prefix; S3 allows {MAX_KEY_BYTES}",
+                    full.len()
+                ),
+            });
+        }
+        let url = format!(
+            "{}/{}",
+            self.bucket_url,
+            percent_encoding::utf8_percent_encode(&full, PATH_ENCODE)
+        );
+        let mut request = http::Request::builder().method(method.clone()).uri(url);
+        if method == http::Method::PUT {
+            for (name, value) in &self.sse_headers {
+                request = request.header(name, value);
+            }
+            for (name, value) in meta {
+                request = request.header(format!("x-amz-meta-{name}"), value);
+            }
+            request = request.header(http::header::CONTENT_LENGTH, 0);
+        }
+        self.signed(op, key, request).await
+    }
+
+    /// Signs and sends a request without a body. Success and 404 are answers for the caller;
+    /// other statuses are errors, retryable for 5xx and 429.
+    async fn signed(
+        &self,
+        op: &'static str,
+        key: &str,
+        request: http::request::Builder,
+    ) -> Result<HttpResponse> {
+        let failed = |message: String| Error::Permanent {
+            op,
+            key: key.to_string(),
+            message,
+        };
+        let mut request = request
+            .body(object_store::client::HttpRequestBody::from(Bytes::new()))
+            .map_err(|e| failed(e.to_string()))?;
+        let credential = self
+            .store
+            .credentials()
+            .get_credential()
+            .await
+            .map_err(|e| s3_error(op, key, e))?;
+        AwsAuthorizer::new(&credential, "s3", &self.region)
+            .try_authorize(&mut request, None)
+            .map_err(|e| s3_error(op, key, e))?;
+        let response = self
+            .http
+            .execute(request)
+            .await
+            .map_err(|e| Error::Transient {
+                op,
+                key: key.to_string(),
+                message: error_chain(&e),
+            })?;
+        let status = response.status();
+        if status.is_success() || status == http::StatusCode::NOT_FOUND {
+            return Ok(response);
+        }
+        let body = response.into_body().bytes().await.unwrap_or_default();
+        let message = format!("{status}: {}", String::from_utf8_lossy(&body));
+        Err(
+            if status.is_server_error() || status == http::StatusCode::TOO_MANY_REQUESTS {
+                Error::Transient {
+                    op,
+                    key: key.to_string(),
+                    message,
+                }
+            } else {
+                failed(message)
+            },
+        )
+    }
+
+    /// ListObjectsV2, every page, of the full keys starting with `full_prefix`, one level
+    /// deep with `delimiter`. Its own request rather than object_store's, whose paths drop
+    /// the `/` of a directory marker: here every key comes back exactly as stored. The keys
+    /// and common prefixes are returned relative to the store's prefix.
+    async fn list_objects(
+        &self,
+        prefix: &str,
+        full_prefix: &str,
+        delimiter: bool,
+    ) -> Result<(Vec<ObjectInfo>, Vec<String>)> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct Page {
+            #[serde(default)]
+            contents: Vec<Contents>,
+            #[serde(default)]
+            common_prefixes: Vec<CommonPrefix>,
+            #[serde(default)]
+            next_continuation_token: Option<String>,
+        }
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct Contents {
+            key: String,
+            size: u64,
+        }
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct CommonPrefix {
+            prefix: String,
+        }
+        let mut objects = Vec::new();
+        let mut dirs = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut url = reqwest::Url::parse(&self.bucket_url).map_err(|e| Error::Permanent {
+                op: "list",
+                key: prefix.to_string(),
+                message: format!("the bucket's URL {:?}: {e}", self.bucket_url),
+            })?;
+            {
+                let mut query = url.query_pairs_mut();
+                query.append_pair("list-type", "2");
+                query.append_pair("prefix", full_prefix);
+                if delimiter {
+                    query.append_pair("delimiter", "/");
+                }
+                if let Some(token) = &token {
+                    query.append_pair("continuation-token", token);
+                }
+            }
+            let request = http::Request::builder()
+                .method(http::Method::GET)
+                .uri(url.as_str());
+            let response = self.signed("list", prefix, request).await?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .bytes()
+                .await
+                .map_err(|e| Error::Transient {
+                    op: "list",
+                    key: prefix.to_string(),
+                    message: error_chain(&e),
+                })?;
+            if status == http::StatusCode::NOT_FOUND {
+                return Err(Error::Permanent {
+                    op: "list",
+                    key: prefix.to_string(),
+                    message: format!("404: {}", String::from_utf8_lossy(&body)),
+                });
+            }
+            let page: Page =
+                quick_xml::de::from_reader(&body[..]).map_err(|e| Error::Transient {
+                    op: "list",
+                    key: prefix.to_string(),
+                    message: format!("an unreadable listing: {e}"),
+                })?;
+            objects.extend(page.contents.into_iter().map(|c| ObjectInfo {
+                key: self.strip_prefix(&c.key).to_string(),
+                size: c.size,
+                meta: Meta::new(),
+            }));
+            dirs.extend(
+                page.common_prefixes
+                    .into_iter()
+                    .map(|p| self.strip_prefix(&p.prefix).to_string()),
+            );
+            match page.next_continuation_token {
+                Some(next) if !next.is_empty() => token = Some(next),
+                _ => break,
+            }
+        }
+        Ok((objects, dirs))
     }
 
     /// Parts are read from the body as they are needed: a few ahead of the uploads, so
@@ -239,6 +499,30 @@ impl<T> Drop for InOrder<T> {
             task.abort();
         }
     }
+}
+
+/// How object_store encodes a key in a URL: everything but letters, digits and `/-._~`.
+const PATH_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'/')
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// object_store names its encryption settings by string only (their enum is private).
+fn config_key(name: &str) -> AmazonS3ConfigKey {
+    name.parse()
+        .expect("object_store knows its own encryption settings")
+}
+
+fn header(
+    name: &'static str,
+    value: &str,
+    configure: &dyn Fn(String) -> Error,
+) -> Result<(http::HeaderName, http::HeaderValue)> {
+    let value = http::HeaderValue::from_str(value)
+        .map_err(|_| configure(format!("{value:?} cannot be sent as {name}")))?;
+    Ok((http::HeaderName::from_static(name), value))
 }
 
 fn attributes(meta: Meta) -> Attributes {
@@ -455,6 +739,23 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[async_trait]
 impl Remote for S3Store {
     async fn put_body(&self, key: &str, body: Arc<dyn Body>, meta: Meta) -> Result<()> {
+        if is_marker(key) {
+            if !body.is_empty() {
+                return Err(Error::BadKey {
+                    key: key.to_string(),
+                    reason: "a directory marker's body must be empty".into(),
+                });
+            }
+            let response = self.marker("put", http::Method::PUT, key, &meta).await?;
+            if response.status() == http::StatusCode::NOT_FOUND {
+                return Err(Error::Permanent {
+                    op: "put",
+                    key: key.to_string(),
+                    message: "404: no such bucket".into(),
+                });
+            }
+            return Ok(());
+        }
         let path = self.path(key)?;
         if body.len() > self.multipart_threshold as u64 {
             return self.put_multipart(&path, key, body, meta).await;
@@ -648,6 +949,27 @@ impl Remote for S3Store {
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        if is_marker(key) {
+            let response = self
+                .marker("head", http::Method::HEAD, key, &Meta::new())
+                .await?;
+            if response.status() == http::StatusCode::NOT_FOUND {
+                return Ok(None);
+            }
+            let meta = response
+                .headers()
+                .iter()
+                .filter_map(|(name, value)| {
+                    let name = name.as_str().strip_prefix("x-amz-meta-")?;
+                    Some((name.to_string(), value.to_str().ok()?.to_string()))
+                })
+                .collect();
+            return Ok(Some(ObjectInfo {
+                key: key.to_string(),
+                size: 0,
+                meta,
+            }));
+        }
         let path = self.path(key)?;
         // A HEAD through `get_opts`, which (unlike `head`) hands back the user metadata.
         let options = GetOptions {
@@ -673,83 +995,37 @@ impl Remote for S3Store {
         }
     }
 
+    /// Every key as stored, directory markers with their `/`.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         let full = self.full_key(prefix);
-        // object_store lists whole path segments; list the enclosing "directory" and filter.
-        let dir = match full.rfind('/') {
-            Some(i) => Some(Path::parse(&full[..i]).map_err(|e| Error::BadKey {
-                key: prefix.to_string(),
-                reason: e.to_string(),
-            })?),
-            None => None,
-        };
-        let mut stream = self.store.list(dir.as_ref());
-        let mut found = Vec::new();
-        while let Some(item) = stream.next().await {
-            let meta = item.map_err(|e| s3_error("list", prefix, e))?;
-            let key = self.strip_prefix(meta.location.as_ref());
-            if key.starts_with(prefix) {
-                found.push(ObjectInfo {
-                    key: key.to_string(),
-                    size: meta.size,
-                    meta: Meta::new(),
-                });
-            }
-        }
+        let (mut found, _) = self.list_objects(prefix, &full, false).await?;
+        found.retain(|o| o.key.starts_with(prefix));
         found.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(found)
     }
 
-    /// A ListObjectsV2 with `delimiter=/` (all its pages). Names come back as `list`'s do:
-    /// parsed, never decoded, so they are the names as stored. The store sends the common
-    /// prefixes without their `/`, which is put back.
+    /// A ListObjectsV2 with `delimiter=/` (all its pages).
     async fn list_dir(&self, prefix: &str) -> Result<Listing> {
-        let dir = dir_of(prefix)?;
-        let path = if !dir.is_empty() {
-            Some(self.path(dir).map_err(|e| match e {
-                Error::BadKey { reason, .. } => Error::BadKey {
-                    key: prefix.to_string(),
-                    reason,
-                },
-                other => other,
-            })?)
-        } else if !self.prefix.is_empty() {
-            Some(Path::parse(&self.prefix).map_err(|e| Error::BadKey {
-                key: prefix.to_string(),
-                reason: e.to_string(),
-            })?)
+        dir_of(prefix)?;
+        let full = if prefix.is_empty() && self.prefix.is_empty() {
+            String::new()
         } else {
-            None
+            self.full_key(prefix)
         };
-        let result = self
-            .store
-            .list_with_delimiter(path.as_ref())
-            .await
-            .map_err(|e| s3_error("list", prefix, e))?;
-        // Only what lies strictly below the prefix: a "directory marker" object some tools
-        // write (a key ending in `/`) names the prefix itself and is no entry of it.
-        let below = |full: &str| {
-            let key = self.strip_prefix(full);
+        let (objects, dirs) = self.list_objects(prefix, &full, true).await?;
+        // Only what lies strictly below the prefix: a directory marker of the prefix itself
+        // (`a/b/` when listing `a/b/`) is no entry of it.
+        let below = |key: &str| {
             key.strip_prefix(prefix)
-                .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'))
-                .then(|| key.to_string())
+                .is_some_and(|rest| !rest.is_empty() && !rest.trim_end_matches('/').contains('/'))
         };
-        let mut dirs: Vec<String> = result
-            .common_prefixes
-            .iter()
-            .filter_map(|path| below(path.as_ref()))
-            .map(|key| key + "/")
+        let mut dirs: Vec<String> = dirs
+            .into_iter()
+            .filter(|d| d.ends_with('/') && below(d))
             .collect();
-        let mut objects: Vec<ObjectInfo> = result
-            .objects
-            .iter()
-            .filter_map(|meta| {
-                below(meta.location.as_ref()).map(|key| ObjectInfo {
-                    key,
-                    size: meta.size,
-                    meta: Meta::new(),
-                })
-            })
+        let mut objects: Vec<ObjectInfo> = objects
+            .into_iter()
+            .filter(|o| !o.key.ends_with('/') && below(&o.key))
             .collect();
         dirs.sort();
         objects.sort_by(|a, b| a.key.cmp(&b.key));
@@ -757,6 +1033,11 @@ impl Remote for S3Store {
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
+        if is_marker(key) {
+            self.marker("delete", http::Method::DELETE, key, &Meta::new())
+                .await?;
+            return Ok(());
+        }
         let path = self.path(key)?;
         match self.store.delete(&path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),

@@ -247,5 +247,34 @@ pub fn s3_options() -> Option<firn::remote::s3::S3Options> {
         part_size: 5 << 20,
         part_concurrency: 4,
         request_timeout: Duration::from_secs(30),
+        server_side_encryption: None,
+        sse_kms_key_id: None,
     })
+}
+
+/// Every key under `prefix/` as boto3 lists it (its own decoding of the wire format), sorted.
+pub fn boto3_keys(prefix: &str) -> Vec<String> {
+    let script = r#"
+import json, os, sys, boto3
+s3 = boto3.client("s3", endpoint_url=os.environ["FIRN_TEST_S3_ENDPOINT"],
+    region_name=os.environ.get("FIRN_TEST_S3_REGION", "garage"),
+    aws_access_key_id=os.environ["FIRN_TEST_S3_ACCESS_KEY_ID"],
+    aws_secret_access_key=os.environ["FIRN_TEST_S3_SECRET_ACCESS_KEY"])
+keys = []
+for page in s3.get_paginator("list_objects_v2").paginate(
+        Bucket=os.environ["FIRN_TEST_S3_BUCKET"], Prefix=sys.argv[1]):
+    keys += [o["Key"] for o in page.get("Contents", [])]
+print(json.dumps(sorted(keys)))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, prefix])
+        .env_remove("AWS_CA_BUNDLE")
+        .output()
+        .expect("run python3 (python3-boto3)");
+    assert!(
+        out.status.success(),
+        "boto3 listing failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("boto3 printed JSON")
 }

@@ -15,7 +15,8 @@
 //!
 //! - `refresh`: what other tools put into or deleted from the prefix shows up or goes.
 //!
-//! Not yet here (see decision 0008): directory marker objects.
+//! - Directories: each has a marker object, `<prefix><path>/`, empty, with the directory's
+//!   metadata, so empty ones persist in the bucket. The share's root has none.
 
 pub mod namespace;
 mod refresh;
@@ -872,6 +873,7 @@ impl Share {
         let (id, inode) =
             self.ns
                 .create(dir, name, Kind::Dir, attrs, None, self.info.prefix.len())?;
+        self.created(id);
         self.attrs_of(id, &inode)
     }
 
@@ -926,10 +928,12 @@ impl Share {
         Ok(())
     }
 
-    /// Removes the empty directory `name` of `dir`.
+    /// Removes the empty directory `name` of `dir`; its marker goes from the bucket after.
     pub fn rmdir(&self, dir: u64, name: &str) -> Result<(), ShareError> {
         self.check_writable()?;
-        self.ns.remove(dir, name, true, now_ns())?;
+        let (id, _) = self.ns.remove(dir, name, true, now_ns())?;
+        lock(&self.dirty).remove(&id);
+        self.wake.notify_one();
         Ok(())
     }
 
@@ -950,10 +954,11 @@ impl Share {
         if let Some(old) = replaced {
             self.forget_content(old);
         }
-        // Every file the rename moved changed its key: a change, for the uploader.
+        // Every entry the rename moved changed its key: a change, for the uploader.
         let mut stack = vec![moved];
         while let Some(id) = stack.pop() {
             let inode = self.ns.get(id)?;
+            self.changed(id)?;
             if inode.kind == Kind::Dir {
                 let mut after: Option<String> = None;
                 loop {
@@ -962,8 +967,6 @@ impl Share {
                     after = Some(last.clone());
                     stack.extend(page.into_iter().map(|(_, child)| child));
                 }
-            } else {
-                self.changed(id)?;
             }
         }
         self.wake.notify_one();
@@ -1032,8 +1035,9 @@ impl Share {
             }
             inode.ctime_ns = now;
         })?;
-        // Mode, owner and times travel with the object: a change is a new upload.
-        if inode.kind != Kind::Dir {
+        // Mode, owner and times travel with the object (a directory's with its marker): a
+        // change is a new upload.
+        if id != namespace::ROOT {
             self.changed(id)?;
         }
         self.attrs_of(id, &inode)

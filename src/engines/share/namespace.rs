@@ -209,17 +209,19 @@ impl Namespace {
         self.create_as(dir, name, kind, attrs, target, prefix_len, None)
     }
 
-    /// `create`, for a file whose object is already in the bucket (`found`, by a refresh):
-    /// it starts clean, with that object as its own.
+    /// `create`, for a file or directory whose object is already in the bucket (`found`, by
+    /// a refresh; a directory's is its marker, `a/b/`, which need not exist): it starts
+    /// clean, with that object as its own.
     pub fn create_found(
         &self,
         dir: u64,
         name: &str,
+        kind: Kind,
         attrs: NewAttrs,
         found: Uploaded,
         prefix_len: usize,
     ) -> Result<(u64, Inode), ShareError> {
-        self.create_as(dir, name, Kind::File, attrs, None, prefix_len, Some(found))
+        self.create_as(dir, name, kind, attrs, None, prefix_len, Some(found))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -266,8 +268,8 @@ impl Namespace {
             tx.put_json(&self.inodes, &hex(id), &inode)?;
             tx.put(&self.names, &entry_key(dir, name), hex(id).as_bytes())?;
             touch_dir(tx, &self.inodes, dir, attrs.now_ns)?;
-            // A new file or symlink needs an object: dirty from the start.
-            if kind != Kind::Dir && !found_one {
+            // A new entry needs an object (a directory its marker): dirty from the start.
+            if !found_one {
                 tx.put(&self.dirty, &hex(id), b"")?;
             }
             Ok((id, inode))
@@ -346,7 +348,7 @@ impl Namespace {
         if path_len > MAX_KEY {
             return Err(ShareError::NameTooLong(path_len));
         }
-        let moved_files = self.files_below(id)?;
+        let moved = self.entries_below(id)?;
         self.meta.transaction_grouped(|tx| {
             let mut inode: Inode = tx
                 .get_json(&self.inodes, &hex(id))?
@@ -394,8 +396,8 @@ impl Namespace {
             inode.name = to.to_string();
             inode.ctime_ns = now_ns;
             tx.put_json(&self.inodes, &hex(id), &inode)?;
-            for file in &moved_files {
-                tx.put(&self.dirty, &hex(*file), b"")?;
+            for entry in &moved {
+                tx.put(&self.dirty, &hex(*entry), b"")?;
             }
             touch_dir(tx, &self.inodes, from_dir, now_ns)?;
             touch_dir(tx, &self.inodes, to_dir, now_ns)?;
@@ -403,14 +405,14 @@ impl Namespace {
         })
     }
 
-    /// Files and symlinks at or below `id`.
-    fn files_below(&self, id: u64) -> Result<Vec<u64>, ShareError> {
+    /// `id` and every entry below it.
+    fn entries_below(&self, id: u64) -> Result<Vec<u64>, ShareError> {
         let mut files = Vec::new();
         let mut dirs = vec![id];
         while let Some(dir) = dirs.pop() {
             let inode = self.get(dir)?;
+            files.push(dir);
             if inode.kind != Kind::Dir {
-                files.push(dir);
                 continue;
             }
             for (_, value) in self.meta.list(&self.names, &format!("{}/", hex(dir)))? {
@@ -530,7 +532,11 @@ impl Namespace {
             }
             // The new key may have been queued for deletion by an earlier rename or remove.
             tx.delete(&self.deletes, &uploaded.path)?;
-            let moved = self.path_tx(tx, id)? != uploaded.path;
+            let mut path = self.path_tx(tx, id)?;
+            if inode.kind == Kind::Dir {
+                path.push('/');
+            }
+            let moved = path != uploaded.path;
             inode.size = uploaded.size;
             inode.mtime_ns = mtime_ns;
             inode.uploaded = Some(uploaded);
@@ -543,10 +549,12 @@ impl Namespace {
     }
 
     /// What to do with the object at `path`, queued for deletion: a file that lives at that
-    /// path now will overwrite it (or has), so it is only deleted when no file does.
+    /// path now will overwrite it (or has), so it is only deleted when no file does. The
+    /// same for a directory marker (`a/b/`) and the directory at `a/b`.
     pub fn delete_decision(&self, path: &str) -> Result<Decision, ShareError> {
+        let marker = path.ends_with('/');
         let mut at = ROOT;
-        for name in path.split('/') {
+        for name in path.trim_end_matches('/').split('/') {
             match self.lookup(at, name) {
                 Ok(id) => at = id,
                 Err(ShareError::NotFound | ShareError::NotDir | ShareError::Stale(_)) => {
@@ -556,10 +564,13 @@ impl Namespace {
             }
         }
         let inode = self.get(at)?;
-        Ok(match inode.kind {
-            Kind::Dir => Decision::Delete,
-            _ if inode.uploaded.as_ref().is_some_and(|u| u.path == path) => Decision::Drop,
-            _ => Decision::Keep,
+        let ours = inode.uploaded.as_ref().is_some_and(|u| u.path == path);
+        Ok(match (inode.kind == Kind::Dir, marker) {
+            (true, false) | (false, true) => Decision::Delete,
+            _ if ours => Decision::Drop,
+            _ if self.meta.get(&self.dirty, &hex(at))?.is_some() => Decision::Keep,
+            // Nothing here will write it.
+            _ => Decision::Delete,
         })
     }
 

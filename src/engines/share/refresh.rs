@@ -131,7 +131,8 @@ impl Share {
         Ok(report)
     }
 
-    /// The directory `name` of `dir`, made if missing.
+    /// The directory `name` of `dir`, made if missing, with the mode and owner its marker
+    /// object gives (if it has one).
     fn make_dir(&self, dir: u64, name: &str) -> Result<u64, ShareError> {
         match self.ns.lookup(dir, name) {
             // A file where the bucket has a directory: the local one stays.
@@ -139,16 +140,26 @@ impl Share {
             Ok(id) => Ok(id),
             Err(ShareError::NotFound) => {
                 let defaults = self.settings.defaults;
-                let attrs = NewAttrs {
+                let defaults = NewAttrs {
                     mode: defaults.dir_mode,
                     uid: defaults.uid,
                     gid: defaults.gid,
                     now_ns: now_ns(),
                 };
-                match self
-                    .ns
-                    .create(dir, name, Kind::Dir, attrs, None, self.info.prefix.len())
-                {
+                let marker = format!("{}/", join(&self.ns.path(dir)?, name));
+                let attrs = attrs_from(&self.head_meta(&marker)?, defaults);
+                let found = Uploaded {
+                    path: marker,
+                    size: 0,
+                };
+                match self.ns.create_found(
+                    dir,
+                    name,
+                    Kind::Dir,
+                    attrs,
+                    found,
+                    self.info.prefix.len(),
+                ) {
                     Ok((id, _)) => Ok(id),
                     Err(ShareError::Exists) => self.ns.lookup(dir, name),
                     Err(e) => Err(e),
@@ -184,10 +195,14 @@ impl Share {
         match self.ns.lookup(dir, name) {
             Err(ShareError::NotFound) => {
                 let attrs = attrs_from(&self.head_meta(path)?, self.default_attrs());
-                match self
-                    .ns
-                    .create_found(dir, name, attrs, found, self.info.prefix.len())
-                {
+                match self.ns.create_found(
+                    dir,
+                    name,
+                    Kind::File,
+                    attrs,
+                    found,
+                    self.info.prefix.len(),
+                ) {
                     Ok(_) => Ok(Some(true)),
                     // Made here since the listing: the local file wins.
                     Err(ShareError::Exists) => Ok(None),

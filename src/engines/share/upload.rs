@@ -160,6 +160,15 @@ async fn upload(share: &Arc<Share>, id: u64, generation: u64) -> Result<bool, St
         }
         Err(e) => return Err(e),
     };
+    // A directory's object is its marker, `a/b/`.
+    let path = match inode.kind {
+        Kind::Dir if path.is_empty() => {
+            lock(&share.dirty).remove(&id);
+            return Ok(false);
+        }
+        Kind::Dir => path + "/",
+        _ => path,
+    };
     let key = format!("{}{path}", share.info.prefix);
     let body: Arc<dyn Body> = match (inode.kind, file) {
         (Kind::File, Some(file)) => Arc::new(Content {
@@ -170,6 +179,7 @@ async fn upload(share: &Arc<Share>, id: u64, generation: u64) -> Result<bool, St
             generation,
         }),
         (Kind::Symlink, _) => Arc::new(Bytes::from(inode.target.clone().unwrap_or_default())),
+        (Kind::Dir, _) => Arc::new(Bytes::new()),
         _ => {
             lock(&share.dirty).remove(&id);
             return Ok(false);
