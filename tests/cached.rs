@@ -10,13 +10,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, firn, free_port, run};
+use common::{Daemon, MOTO_BUCKET, Moto, firn, free_port, run};
 
 /// A master key shared by the gateways of one test, so one can restore what another wrote.
 const KEY: &str = "5e2b6f0d8c1a4e7b9f3d2c6a8b0e4f1d7c9a3b5e2d8f0a6c4b1e9d7f3a5c2b80";
-
-/// The bucket the moto test creates.
-const MOTO_BUCKET: &str = "firn-test";
 
 /// The passphrase of the gateways whose config asks for one.
 const PASSPHRASE: &str = "firn test passphrase: horse battery staple";
@@ -938,88 +935,6 @@ fn flushed_writes_survive_power_loss() {
     assert!(shown["cache"]["fenced"].is_null(), "{shown:#}");
     let got = image(&g, "v", &dir.path().join("back.img"));
     assert_same(&got[..8 << 20], &model, "flushed writes, from the bucket");
-}
-
-/// A moto S3 server on loopback holding the bucket `MOTO_BUCKET`; killed on drop.
-struct Moto {
-    child: std::process::Child,
-    endpoint: String,
-}
-
-impl Moto {
-    /// None (skipping) when moto is not installed, outside CI; in CI it must be.
-    fn start() -> Option<Moto> {
-        let installed = std::process::Command::new("moto_server")
-            .arg("--help")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !installed {
-            assert!(
-                std::env::var("CI").is_err(),
-                "CI must run the moto test: moto_server is not installed (scripts/test installs it)"
-            );
-            eprintln!("moto_server not installed (pip install 'moto[server]'): skipping");
-            return None;
-        }
-        let port = free_port();
-        let child = std::process::Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("moto_server");
-        let moto = Moto {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-        };
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "moto_server did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        // Signed (moto answers an unsigned conditional put with 403).
-        let status = |args: &[&str]| {
-            let mut full = vec![
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-X",
-                "PUT",
-                "--aws-sigv4",
-                "aws:amz:us-east-1:s3",
-                "--user",
-                "test:test",
-            ];
-            full.extend_from_slice(args);
-            run("curl", &full)
-        };
-        let bucket = format!("{}/{MOTO_BUCKET}", moto.endpoint);
-        assert_eq!(status(&[&bucket]), "200", "creating the bucket");
-        // The store must refuse a second create for the fencing under test to exist at all.
-        let probe = format!("{bucket}/conditional-probe");
-        let create = ["-H", "If-None-Match: *", "--data", "x", probe.as_str()];
-        assert_eq!(status(&create), "200", "a first create");
-        assert_eq!(
-            status(&create),
-            "412",
-            "this moto does not refuse a second PutObject with If-None-Match: *"
-        );
-        Some(moto)
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A takeover on a store that refuses a second create fences the old gateway while it still

@@ -1689,3 +1689,69 @@ async fn the_s3_backend_reads_a_stores_refusal_as_exists() {
         other => panic!("a 409 ConditionalRequestConflict: {other:?}"),
     }
 }
+
+/// `server_side_encryption` reaches the store on every kind of write (a single PUT, a
+/// multipart upload, a directory marker), as moto (which keeps and reports the header as S3
+/// does) shows; a value S3 would not take is refused when the store is configured.
+#[tokio::test]
+async fn server_side_encryption_is_asked_for_on_every_write() {
+    let Some(moto) = common::Moto::start() else {
+        return;
+    };
+    let mut options = fencing_options(&moto.endpoint);
+    options.bucket = common::MOTO_BUCKET.to_string();
+    options.prefix = "sse-test".to_string();
+    options.access_key_id = Some("test".to_string());
+    options.secret_access_key = Some("test".to_string());
+    options.server_side_encryption = Some("AES256".to_string());
+    let store = S3Store::new(&options, unlimited()).expect("s3 store");
+    store
+        .put("sse/small", Bytes::from_static(b"small"), Meta::new())
+        .await
+        .expect("put");
+    store
+        .put("sse/large", random_bytes(11 << 20), Meta::new())
+        .await
+        .expect("multipart put");
+    store
+        .put("sse/dir/", Bytes::new(), Meta::new())
+        .await
+        .expect("marker");
+    let script = r#"
+import sys, boto3
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1",
+    aws_access_key_id="test", aws_secret_access_key="test")
+for key in sys.argv[3:]:
+    print(key, s3.head_object(Bucket=sys.argv[2], Key=key).get("ServerSideEncryption"))
+"#;
+    let keys: Vec<String> = ["small", "large", "dir/"]
+        .iter()
+        .map(|k| format!("{}/sse/{k}", options.prefix))
+        .collect();
+    let mut args = vec!["-c", script, &moto.endpoint, common::MOTO_BUCKET];
+    args.extend(keys.iter().map(|k| k.as_str()));
+    let out = std::process::Command::new("python3")
+        .args(&args)
+        .env_remove("AWS_CA_BUNDLE")
+        .output()
+        .expect("python3 (python3-boto3)");
+    assert!(
+        out.status.success(),
+        "boto3: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected: String = keys.iter().map(|k| format!("{k} AES256\n")).collect();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
+
+    for (kind, key_id) in [("aes256", None), ("AES256", Some("key-1")), ("sse-c", None)] {
+        let mut bad = options.clone();
+        bad.server_side_encryption = Some(kind.to_string());
+        bad.sse_kms_key_id = key_id.map(str::to_string);
+        let e = S3Store::new(&bad, unlimited()).expect_err("a bad encryption setting");
+        assert!(
+            e.to_string().contains("server_side_encryption")
+                || e.to_string().contains("sse_kms_key_id"),
+            "{e}"
+        );
+    }
+}

@@ -278,3 +278,88 @@ print(json.dumps(sorted(keys)))
     );
     serde_json::from_slice(&out.stdout).expect("boto3 printed JSON")
 }
+
+/// The bucket a moto server (`Moto::start`) holds.
+pub const MOTO_BUCKET: &str = "firn-test";
+
+/// A moto S3 server on loopback holding the bucket `MOTO_BUCKET`; killed on drop.
+pub struct Moto {
+    child: std::process::Child,
+    pub endpoint: String,
+}
+
+impl Moto {
+    /// None (skipping) when moto is not installed, outside CI; in CI it must be.
+    pub fn start() -> Option<Moto> {
+        let installed = std::process::Command::new("moto_server")
+            .arg("--help")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !installed {
+            assert!(
+                std::env::var("CI").is_err(),
+                "CI must run the moto test: moto_server is not installed (scripts/test installs it)"
+            );
+            eprintln!("moto_server not installed (pip install 'moto[server]'): skipping");
+            return None;
+        }
+        let port = free_port();
+        let child = std::process::Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("moto_server");
+        let moto = Moto {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "moto_server did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Signed (moto answers an unsigned conditional put with 403).
+        let status = |args: &[&str]| {
+            let mut full = vec![
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "PUT",
+                "--aws-sigv4",
+                "aws:amz:us-east-1:s3",
+                "--user",
+                "test:test",
+            ];
+            full.extend_from_slice(args);
+            run("curl", &full)
+        };
+        let bucket = format!("{}/{MOTO_BUCKET}", moto.endpoint);
+        assert_eq!(status(&[&bucket]), "200", "creating the bucket");
+        // The store must refuse a second create for the fencing under test to exist at all.
+        let probe = format!("{bucket}/conditional-probe");
+        let create = ["-H", "If-None-Match: *", "--data", "x", probe.as_str()];
+        assert_eq!(status(&create), "200", "a first create");
+        assert_eq!(
+            status(&create),
+            "412",
+            "this moto does not refuse a second PutObject with If-None-Match: *"
+        );
+        Some(moto)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
