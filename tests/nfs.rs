@@ -6,6 +6,7 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nfs3_client::Nfs3ConnectionBuilder;
@@ -935,5 +936,130 @@ async fn a_full_disk_makes_writers_wait_and_loses_nothing() {
             object.len() == 2 << 20 && object.iter().all(|&b| b == 7),
             "{name} did not arrive whole"
         );
+    }
+}
+
+/// Reads `child`'s stdout on a thread; the lines so far, shared.
+fn collect_lines(child: &mut std::process::Child) -> Arc<Mutex<Vec<String>>> {
+    use std::io::BufRead;
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let out = child.stdout.take().expect("piped stdout");
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            sink.lock().expect("lines").push(line);
+        }
+    });
+    lines
+}
+
+/// `GET /api/v1/shares/<name>/events` tells when each file is in the bucket, to curl (a
+/// client firn did not write) and to `firn share uploads --follow`; the object is there when
+/// its event arrives, and a client that reconnects with `Last-Event-ID` gets only what came
+/// after.
+#[test]
+fn an_event_stream_tells_when_each_file_reaches_the_bucket() {
+    let g = Gateway::start();
+    g.firn(&["share", "create", "media"]);
+    let token = std::fs::read_to_string(g.dir.path().join("data/api-token")).expect("token");
+    let url = format!(
+        "http://127.0.0.1:{}/api/v1/shares/media/events",
+        g.http_port
+    );
+    let auth = format!("Authorization: Bearer {}", token.trim());
+    let mut curl = std::process::Command::new("curl")
+        .args(["-sN", "-H", &auth, &url])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("curl");
+    let streamed = collect_lines(&mut curl);
+    let mut follow = std::process::Command::new(common::FIRN)
+        .args(["share", "uploads", "media", "--follow", "--config"])
+        .arg(&g.config)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("firn share uploads --follow");
+    let followed = collect_lines(&mut follow);
+    std::thread::sleep(Duration::from_millis(300));
+    let local = g.dir.path().join("local");
+    std::fs::create_dir_all(&local).expect("mkdir");
+    for name in ["a.bin", "b.bin"] {
+        random_file(&local.join(name), 300_000);
+        copy_in(&local.join(name), &g.url(&format!("media/{name}")));
+    }
+    // Each event names a file that is in the bucket when the event arrives.
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "events so far: {:?}",
+            streamed.lock().expect("lines")
+        );
+        let lines = streamed.lock().expect("lines").clone();
+        for data in lines.iter().filter_map(|l| l.strip_prefix("data: ")) {
+            let record: serde_json::Value = serde_json::from_str(data).expect("JSON data");
+            let key = record["key"].as_str().expect("key").to_string();
+            if !seen.contains(&key) {
+                assert!(
+                    g.bucket().join(&key).exists(),
+                    "{key} announced before it was stored"
+                );
+                assert_eq!(record["size"], 300_000);
+                seen.push(key);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    seen.sort();
+    assert_eq!(seen, ["media/a.bin", "media/b.bin"]);
+    let lines = streamed.lock().expect("lines").clone();
+    assert!(lines.contains(&"event: uploaded".to_string()), "{lines:?}");
+    assert!(
+        lines.contains(&"id: 1".to_string()) && lines.contains(&"id: 2".to_string()),
+        "{lines:?}"
+    );
+    let started = Instant::now();
+    while followed.lock().expect("lines").len() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "--follow printed {:?}",
+            followed.lock().expect("lines")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let printed = followed.lock().expect("lines").join("\n");
+    assert!(
+        printed.contains("media/a.bin") && printed.contains("media/b.bin"),
+        "{printed}"
+    );
+    // Reconnecting after event 1: only event 2 comes, then the stream waits (cut at 2 s).
+    let resumed = std::process::Command::new("curl")
+        .args([
+            "-sN",
+            "--max-time",
+            "2",
+            "-H",
+            &auth,
+            "-H",
+            "Last-Event-ID: 1",
+            &url,
+        ])
+        .output()
+        .expect("curl");
+    let resumed = String::from_utf8_lossy(&resumed.stdout);
+    assert!(
+        resumed.contains("id: 2") && !resumed.contains("id: 1\n"),
+        "{resumed}"
+    );
+    // Without the token: refused, as every API call.
+    let refused = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &url])
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&refused.stdout), "401");
+    for mut child in [curl, follow] {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

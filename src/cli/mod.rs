@@ -149,6 +149,9 @@ enum ShareCommand {
         /// Only those after this sequence number.
         #[arg(long, default_value_t = 0)]
         after: u64,
+        /// Keep listening and print each file as it reaches the bucket (until interrupted).
+        #[arg(long)]
+        follow: bool,
     },
     /// Remove a share from this gateway. Its objects in the bucket stay.
     Delete {
@@ -205,11 +208,12 @@ async fn share(client: &ApiClient, command: ShareCommand) -> anyhow::Result<()> 
                 report["added"], report["updated"], report["removed"], report["skipped"]
             );
         }
-        ShareCommand::Uploads { name, after } => {
-            let uploads: Vec<Value> = client
-                .get(&format!("shares/{name}/uploads?after={after}"))
-                .await?;
-            for u in &uploads {
+        ShareCommand::Uploads {
+            name,
+            after,
+            follow,
+        } => {
+            let print = |u: &Value| {
                 println!(
                     "{:>8} {} {:>12} {}",
                     u["seq"],
@@ -217,6 +221,44 @@ async fn share(client: &ApiClient, command: ShareCommand) -> anyhow::Result<()> 
                     u["size"],
                     u["key"].as_str().unwrap_or("?")
                 );
+            };
+            if follow {
+                let mut response = client
+                    .stream(&format!("shares/{name}/events?after={after}"))
+                    .await?;
+                // Server-Sent Events: `event:` and `data:` lines, a blank line after each.
+                let (mut pending, mut event) = (Vec::new(), String::new());
+                while let Some(chunk) = response.chunk().await? {
+                    pending.extend_from_slice(&chunk);
+                    while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                        let line: Vec<u8> = pending.drain(..=end).collect();
+                        let line = String::from_utf8_lossy(&line);
+                        let line = line.trim_end();
+                        if let Some(name) = line.strip_prefix("event:") {
+                            event = name.trim().to_string();
+                        } else if let Some(data) = line.strip_prefix("data:") {
+                            let data: Value = serde_json::from_str(data.trim())
+                                .context("unexpected event from the API")?;
+                            match event.as_str() {
+                                "lost" => eprintln!(
+                                    "uploads {} to {} are no longer remembered: missed",
+                                    data["after"].as_u64().unwrap_or(0) + 1,
+                                    data["oldest"].as_u64().unwrap_or(1).saturating_sub(1)
+                                ),
+                                _ => print(&data),
+                            }
+                            use std::io::Write;
+                            std::io::stdout().flush()?;
+                        }
+                    }
+                }
+                bail!("the daemon ended the stream (share {name} deleted, or firn stopped)");
+            }
+            let uploads: Vec<Value> = client
+                .get(&format!("shares/{name}/uploads?after={after}"))
+                .await?;
+            for u in &uploads {
+                print(u);
             }
         }
         ShareCommand::Delete { name, force } => {
@@ -461,6 +503,28 @@ impl ApiClient {
         self.send::<serde_json::Value>(self.http.delete(format!("{}/{path}", self.base)))
             .await?;
         Ok(())
+    }
+
+    /// A long answer (an event stream), to read as it comes.
+    async fn stream(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        let response = self
+            .http
+            .get(format!("{}/{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "firn is not answering at {} ({e}); is `firn serve` running with this config?",
+                    self.base
+                )
+            })?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            bail!("{status}: {body}");
+        }
+        Ok(response)
     }
 
     async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {

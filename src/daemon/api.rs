@@ -36,6 +36,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/shares", get(list_shares).post(create_share))
         .route("/shares/{name}", get(show_share).delete(delete_share))
         .route("/shares/{name}/uploads", get(share_uploads))
+        .route("/shares/{name}/events", get(share_events))
         .route("/shares/{name}/refresh", axum::routing::post(refresh_share))
         .fallback(not_found)
         // One layer checks the token and records the call, so refused calls are recorded too.
@@ -718,6 +719,78 @@ async fn share_uploads(
             .into_response(),
         Err(e) => share_error(&e),
     }
+}
+
+/// The same records as a stream (Server-Sent Events, `text/event-stream`): one `uploaded`
+/// event per file as it reaches the bucket, its `id` the sequence number, its data the record
+/// as JSON. From `?after=<seq>`, or the `Last-Event-ID` a reconnecting client sends. When
+/// uploads the client asked for are no longer remembered, a `lost` event (`{"after",
+/// "oldest"}`) says so first. A comment every 15 s keeps idle connections open; the stream
+/// ends when the share is deleted.
+async fn share_events(
+    State(gateway): Shared,
+    Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
+    axum::extract::Query(query): axum::extract::Query<UploadsQuery>,
+) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use futures::StreamExt;
+    let share = match gateway.shares.share(&name) {
+        Ok(share) => share,
+        Err(e) => return share_error(&e),
+    };
+    let after = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok()?.trim().parse().ok())
+        .unwrap_or(query.after);
+    let newest = share.watch_uploads();
+    let share = Arc::downgrade(&share);
+    let mut lost_checked = false;
+    let batches = futures::stream::unfold(
+        (share, newest, after),
+        move |(share, mut newest, mut after)| {
+            let check_lost = !std::mem::replace(&mut lost_checked, true);
+            async move {
+                loop {
+                    let batch = {
+                        let share = share.upgrade()?;
+                        let mut events = Vec::new();
+                        if check_lost
+                            && let Some(oldest) = share.oldest_upload()
+                            && oldest > after + 1
+                        {
+                            events.push(
+                                Event::default()
+                                    .event("lost")
+                                    .data(json!({ "after": after, "oldest": oldest }).to_string()),
+                            );
+                        }
+                        for record in share.uploads(after, 256) {
+                            after = record.seq;
+                            events.push(
+                                Event::default()
+                                    .id(record.seq.to_string())
+                                    .event("uploaded")
+                                    .data(serde_json::to_string(&record).unwrap_or_default()),
+                            );
+                        }
+                        events
+                    };
+                    if !batch.is_empty() {
+                        return Some((batch, (share, newest, after)));
+                    }
+                    // Seen before the uploads were read: nothing newer slips between.
+                    newest.changed().await.ok()?;
+                }
+            }
+        },
+    );
+    let events = batches.flat_map(|batch| {
+        futures::stream::iter(batch.into_iter().map(Ok::<_, std::convert::Infallible>))
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
+        .into_response()
 }
 
 #[derive(Debug, Default, serde::Deserialize)]

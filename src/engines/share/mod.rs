@@ -339,6 +339,7 @@ impl Shares {
             uploaded_bytes: AtomicU64::new(0),
             last_error: Mutex::new(None),
             recent: Mutex::new(std::collections::VecDeque::new()),
+            newest_upload: tokio::sync::watch::Sender::new(0),
             used: Mutex::new(HashMap::new()),
             fetching: Mutex::new(()),
             runtime: self.runtime.clone(),
@@ -484,6 +485,8 @@ pub struct Share {
     last_error: Mutex<Option<String>>,
     /// The newest uploads, oldest first, at most `RECENT_UPLOADS`.
     recent: Mutex<std::collections::VecDeque<UploadRecord>>,
+    /// The sequence number of the newest upload, for those who wait for the next.
+    newest_upload: tokio::sync::watch::Sender<u64>,
     /// When each file's content was last used, for eviction.
     used: Mutex<HashMap<u64, Instant>>,
     /// Held while an evicted file is fetched back.
@@ -504,6 +507,17 @@ impl Share {
             .collect()
     }
 
+    /// The oldest upload still remembered, if any: a reader that asks for uploads after an
+    /// older one has missed some.
+    pub fn oldest_upload(&self) -> Option<u64> {
+        lock(&self.recent).front().map(|r| r.seq)
+    }
+
+    /// Sees the newest upload's sequence number change; closed when the share goes.
+    pub fn watch_uploads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.newest_upload.subscribe()
+    }
+
     fn remember_upload(&self, path: &str, size: u64) {
         let mut recent = lock(&self.recent);
         let seq = recent.back().map_or(1, |r| r.seq + 1);
@@ -517,6 +531,8 @@ impl Share {
             size,
             at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         });
+        drop(recent);
+        self.newest_upload.send_replace(seq);
     }
 
     pub fn info(&self) -> &ShareInfo {
