@@ -1063,3 +1063,93 @@ fn an_event_stream_tells_when_each_file_reaches_the_bucket() {
         let _ = child.wait();
     }
 }
+
+/// A share in another bucket (`--bucket`) on the gateway's S3 endpoint: its files land there
+/// under the share's prefix, and not in the gateway's bucket. A bucket that does not exist,
+/// a name S3 would refuse, or a gateway whose remote is a directory are clear errors.
+#[test]
+fn a_share_in_another_bucket_puts_its_files_there() {
+    let Some(moto) = common::Moto::start() else {
+        return;
+    };
+    let other = "firn-other-bucket";
+    let created = common::run(
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "PUT",
+            "--aws-sigv4",
+            "aws:amz:us-east-1:s3",
+            "--user",
+            "test:test",
+            &format!("{}/{other}", moto.endpoint),
+        ],
+    );
+    assert_eq!(created, "200", "creating the other bucket");
+    let g = Gateway::start_with(&format!(
+        "[remote]\nkind = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"us-east-1\"\n\
+         access_key_id = \"test\"\nsecret_access_key = \"test\"\nprefix = \"gw\"\n",
+        moto.endpoint,
+        common::MOTO_BUCKET
+    ));
+    g.firn(&["share", "create", "media", "--bucket", other]);
+    let local = g.dir.path().join("local");
+    std::fs::create_dir_all(&local).expect("mkdir");
+    let data = random_file(&local.join("a.bin"), 200_000);
+    copy_in(&local.join("a.bin"), &g.url("media/a.bin"));
+    g.wait_uploaded("media");
+    let script = r#"
+import sys, boto3
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1",
+    aws_access_key_id="test", aws_secret_access_key="test")
+for bucket in sys.argv[2:]:
+    for o in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+        if "media/" in o["Key"]:
+            print(bucket, o["Key"])
+sys.stdout.buffer.write(s3.get_object(Bucket=sys.argv[2], Key="media/a.bin")["Body"].read())
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, &moto.endpoint, other, common::MOTO_BUCKET])
+        .env_remove("AWS_CA_BUNDLE")
+        .output()
+        .expect("python3 (python3-boto3)");
+    assert!(
+        out.status.success(),
+        "boto3: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listing = format!("{other} media/a.bin\n");
+    assert!(
+        out.stdout.starts_with(listing.as_bytes()),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        out.stdout[listing.len()..] == data,
+        "the object differs from the file"
+    );
+    let shown = g.show("media");
+    assert_eq!(shown["bucket"], other);
+    for (bucket, reason) in [
+        ("no-such-bucket", "no-such-bucket"),
+        ("Bad_Name", "not a bucket name"),
+    ] {
+        let config = g.config.to_str().expect("utf-8");
+        let (ok, _, err) = common::firn(&[
+            "share", "create", "x", "--bucket", bucket, "--config", config,
+        ]);
+        assert!(!ok && err.contains(reason), "{bucket}: {err}");
+    }
+    // A gateway whose bucket is a directory has no other buckets.
+    let local_gateway = Gateway::start();
+    let config = local_gateway.config.to_str().expect("utf-8");
+    let (ok, _, err) = common::firn(&[
+        "share", "create", "x", "--bucket", other, "--config", config,
+    ]);
+    assert!(!ok && err.contains("kind = \"s3\""), "{err}");
+}

@@ -120,6 +120,10 @@ enum ShareCommand {
         /// Where the files go in the bucket, ending in '/'. Default: `<name>/`.
         #[arg(long)]
         prefix: Option<String>,
+        /// Another bucket on the same S3 endpoint, with the same credentials (default: the
+        /// [remote] bucket). `[remote] prefix` does not apply there.
+        #[arg(long)]
+        bucket: Option<String>,
         #[arg(long)]
         read_only: bool,
         /// Address block (CIDR) whose NFS clients may mount the share; repeat for more.
@@ -181,11 +185,12 @@ async fn share(client: &ApiClient, command: ShareCommand) -> anyhow::Result<()> 
         ShareCommand::Create {
             name,
             prefix,
+            bucket,
             read_only,
             allow,
             squash,
         } => {
-            let body = json!({ "name": name, "prefix": prefix, "read_only": read_only, "allow": allow, "squash": squash });
+            let body = json!({ "name": name, "prefix": prefix, "bucket": bucket, "read_only": read_only, "allow": allow, "squash": squash });
             let created: Value = client.post("shares", &body).await?;
             println!("created {}", line(&created).trim_end());
         }

@@ -600,6 +600,8 @@ struct CreateShare {
     #[serde(default)]
     prefix: Option<String>,
     #[serde(default)]
+    bucket: Option<String>,
+    #[serde(default)]
     read_only: bool,
     #[serde(default)]
     allow: Vec<String>,
@@ -644,8 +646,9 @@ async fn create_share(State(gateway): Shared, body: axum::body::Bytes) -> Respon
         .unwrap_or_else(|| format!("{}/", request.name));
     let shares = gateway.shares.clone();
     let created = tokio::task::spawn_blocking(move || {
-        shares.create(
+        shares.create_in(
             &request.name,
+            request.bucket.as_deref(),
             &prefix,
             request.read_only,
             request.allow,

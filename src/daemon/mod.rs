@@ -8,6 +8,7 @@ pub mod nbd;
 pub mod process;
 pub mod status;
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -122,6 +123,59 @@ pub fn open_remote(config: &Config, registry: &mut Registry) -> anyhow::Result<r
     let metrics = Arc::new(RemoteMetrics::new(registry));
     let faults = config.faults.clone().map(|f| Arc::new(FaultPlan::new(f)));
     Ok(remote::stack(backend, policy, limiter, metrics, faults))
+}
+
+/// Shares in other buckets than `[remote] bucket`: the same endpoint, credentials and
+/// wrappers (limiter, retries, metrics, faults shared with the gateway's own remote), without
+/// `[remote] prefix` (a share's prefix is where its objects go in its bucket).
+#[derive(Debug)]
+pub struct OtherBuckets {
+    config: Config,
+    limiter: Arc<Limiter>,
+    metrics: Arc<RemoteMetrics>,
+    faults: Option<Arc<FaultPlan>>,
+    open: std::sync::Mutex<HashMap<String, Arc<dyn Remote>>>,
+}
+
+impl OtherBuckets {
+    pub fn new(config: &Config, stack: &remote::Stack) -> OtherBuckets {
+        OtherBuckets {
+            config: config.clone(),
+            limiter: stack.limiter.clone(),
+            metrics: stack.metrics.clone(),
+            faults: stack.faults.clone(),
+            open: Default::default(),
+        }
+    }
+}
+
+impl crate::engines::share::Buckets for OtherBuckets {
+    fn open(&self, bucket: &str) -> Result<Arc<dyn Remote>, String> {
+        if self.config.remote.kind != RemoteKind::S3 {
+            return Err("shares in other buckets need [remote] kind = \"s3\"".into());
+        }
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(remote) = open.get(bucket) {
+            return Ok(remote.clone());
+        }
+        let mut config = self.config.clone();
+        config.remote.bucket = Some(bucket.to_string());
+        config.remote.prefix = String::new();
+        let backend = open_backend(&config, self.limiter.clone()).map_err(|e| format!("{e:#}"))?;
+        let policy = RetryPolicy {
+            give_up_after: config.retry_for(),
+            ..RetryPolicy::default()
+        };
+        let stack = remote::stack(
+            backend,
+            policy,
+            self.limiter.clone(),
+            self.metrics.clone(),
+            self.faults.clone(),
+        );
+        open.insert(bucket.to_string(), stack.remote.clone());
+        Ok(stack.remote)
+    }
 }
 
 /// Where the passphrase's salt is kept in the bucket (it is not secret).
@@ -376,10 +430,11 @@ impl Gateway {
             config.nbd_remote_allowed(),
         ));
         let shares = Arc::new(
-            Shares::open(
+            Shares::open_with_buckets(
                 meta.clone(),
                 data_dir.join("shares"),
                 remote.remote.clone(),
+                Some(Arc::new(OtherBuckets::new(&config, &remote))),
                 tokio::runtime::Handle::current(),
                 ShareSettings {
                     settle: std::time::Duration::from_secs(config.shares.settle_secs),

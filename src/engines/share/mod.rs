@@ -102,6 +102,9 @@ pub struct ShareInfo {
     pub name: String,
     /// Where the share's objects go: `<prefix><path>`; empty or ending in `/`.
     pub prefix: String,
+    /// The bucket, when not the gateway's own (`[remote] bucket`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
     pub read_only: bool,
     /// Client address blocks admitted (CIDR); empty admits every client.
     pub allow: Vec<String>,
@@ -174,6 +177,25 @@ pub fn check_share_name(name: &str) -> Result<(), ShareError> {
 }
 
 /// Checks a share's prefix: empty (the whole bucket) or `a/b/`, and a valid key start.
+/// S3's rules for a bucket name: 3 to 63 lower-case letters, digits, `.` and `-`, starting
+/// and ending with a letter or digit.
+pub fn check_bucket_name(bucket: &str) -> Result<(), ShareError> {
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let ok = (3..=63).contains(&bucket.len())
+        && bucket
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
+        && edge(bucket.chars().next())
+        && edge(bucket.chars().last());
+    if ok {
+        Ok(())
+    } else {
+        Err(ShareError::Invalid(format!(
+            "{bucket:?} is not a bucket name: 3 to 63 lower-case letters, digits, '.' and '-'"
+        )))
+    }
+}
+
 pub fn check_prefix(prefix: &str) -> Result<(), ShareError> {
     if prefix.is_empty() {
         return Ok(());
@@ -193,12 +215,20 @@ pub fn check_prefix(prefix: &str) -> Result<(), ShareError> {
     Ok(())
 }
 
+/// Opens the remote for a bucket other than the gateway's own, for shares created with one.
+pub trait Buckets: Send + Sync + std::fmt::Debug {
+    /// The remote stack for `bucket` (one per bucket, shared by its shares). Fails with a
+    /// message for the user when the gateway's remote cannot reach other buckets.
+    fn open(&self, bucket: &str) -> Result<Arc<dyn Remote>, String>;
+}
+
 /// The shares of this gateway.
 #[derive(Debug)]
 pub struct Shares {
     meta: Arc<MetaStore>,
     dir: PathBuf,
     remote: Arc<dyn Remote>,
+    buckets: Option<Arc<dyn Buckets>>,
     runtime: tokio::runtime::Handle,
     settings: Settings,
     open: Mutex<HashMap<String, Arc<Share>>>,
@@ -217,17 +247,41 @@ impl Shares {
         settings: Settings,
         space: Option<Arc<crate::local::space::SpaceBudget>>,
     ) -> Result<Shares, ShareError> {
+        Shares::open_with_buckets(meta, dir, remote, None, runtime, settings, space)
+    }
+
+    /// `open`, with `buckets` for shares in other buckets than `remote`'s (without, creating
+    /// one is refused, and one in the catalog fails to open).
+    pub fn open_with_buckets(
+        meta: Arc<MetaStore>,
+        dir: impl Into<PathBuf>,
+        remote: Arc<dyn Remote>,
+        buckets: Option<Arc<dyn Buckets>>,
+        runtime: tokio::runtime::Handle,
+        settings: Settings,
+        space: Option<Arc<crate::local::space::SpaceBudget>>,
+    ) -> Result<Shares, ShareError> {
         let shares = Shares {
             meta,
             dir: dir.into(),
             remote,
+            buckets,
             runtime,
             settings,
             open: Mutex::new(HashMap::new()),
             space,
         };
         for info in shares.list()? {
-            shares.start(info)?;
+            let name = info.name.clone();
+            match shares.start(info) {
+                Ok(()) => {}
+                // Its bucket cannot be reached with this configuration: the other shares
+                // still open, and this one is listed (and deletable) but not served.
+                Err(ShareError::Invalid(message)) => {
+                    tracing::error!(share = %name, "not served: {message}")
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(shares)
     }
@@ -271,12 +325,39 @@ impl Shares {
         allow: Vec<String>,
         squash: Squash,
     ) -> Result<ShareInfo, ShareError> {
+        self.create_in(name, None, prefix, read_only, allow, squash)
+    }
+
+    /// `create`, in `bucket` rather than the gateway's own. The bucket must answer a listing
+    /// unless it is unreachable (the gateway works offline): a missing bucket or refused
+    /// credentials are an error now, not a share whose uploads fail forever.
+    pub fn create_in(
+        &self,
+        name: &str,
+        bucket: Option<&str>,
+        prefix: &str,
+        read_only: bool,
+        allow: Vec<String>,
+        squash: Squash,
+    ) -> Result<ShareInfo, ShareError> {
         check_share_name(name)?;
         check_prefix(prefix)?;
+        if let Some(bucket) = bucket {
+            check_bucket_name(bucket)?;
+            let remote = self.bucket_remote(bucket)?;
+            let listing = self.runtime.block_on(remote.list_dir(prefix));
+            if let Err(
+                e @ (crate::remote::Error::Permanent { .. } | crate::remote::Error::BadKey { .. }),
+            ) = listing
+            {
+                return Err(ShareError::Invalid(format!("bucket {bucket:?}: {e}")));
+            }
+        }
         let info = ShareInfo {
             id: format!("{:032x}", rand::random::<u128>()),
             name: name.to_string(),
             prefix: prefix.to_string(),
+            bucket: bucket.map(str::to_string),
             read_only,
             allow,
             squash,
@@ -317,7 +398,20 @@ impl Shares {
         Ok(info)
     }
 
+    fn bucket_remote(&self, bucket: &str) -> Result<Arc<dyn Remote>, ShareError> {
+        let buckets = self.buckets.as_ref().ok_or_else(|| {
+            ShareError::Invalid("shares in other buckets need [remote] kind = \"s3\"".into())
+        })?;
+        buckets
+            .open(bucket)
+            .map_err(|e| ShareError::Invalid(format!("bucket {bucket:?}: {e}")))
+    }
+
     fn start(&self, info: ShareInfo) -> Result<(), ShareError> {
+        let remote = match &info.bucket {
+            Some(bucket) => self.bucket_remote(bucket)?,
+            None => self.remote.clone(),
+        };
         let files = self.dir.join(&info.id).join("files");
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -329,7 +423,7 @@ impl Shares {
             info: info.clone(),
             ns,
             files,
-            remote: self.remote.clone(),
+            remote,
             settings: self.settings,
             dirty: Mutex::new(HashMap::new()),
             files_open: Mutex::new(HashMap::new()),
