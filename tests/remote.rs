@@ -294,21 +294,44 @@ async fn check_one_level_listings(name: &str, r: &dyn Remote, root: &str) {
             size: key.len() as u64,
             key,
             meta: Meta::new(),
+            etag: None,
         }
     };
     let listing = |dirs: &[&str], objects: &[&str]| remote::Listing {
         dirs: dirs.iter().map(|d| format!("{root}{d}")).collect(),
         objects: objects.iter().map(|o| object(o)).collect(),
     };
+    // Every listed object has an ETag; compared apart.
     let list_dir = |prefix: String| async move {
-        r.list_dir(&prefix)
+        let mut listing = r
+            .list_dir(&prefix)
             .await
-            .unwrap_or_else(|e| panic!("{name}: list_dir({prefix:?}): {e}"))
+            .unwrap_or_else(|e| panic!("{name}: list_dir({prefix:?}): {e}"));
+        for object in &mut listing.objects {
+            assert!(
+                object.etag.take().is_some(),
+                "{name}: no ETag for {}",
+                object.key
+            );
+        }
+        listing
     };
     assert_eq!(
         list_dir(root.to_string()).await,
         listing(&["a/"], &["e"]),
         "{name}: the top"
+    );
+    // Replaced by an object of the same size: another ETag.
+    let etag = |listing: remote::Listing| listing.objects[0].etag.clone();
+    let before = etag(r.list_dir(root).await.expect("list_dir"));
+    let key = format!("{root}e");
+    r.put(&key, Bytes::from(key.to_uppercase()), Meta::new())
+        .await
+        .expect("put");
+    let after = etag(r.list_dir(root).await.expect("list_dir"));
+    assert!(
+        before.is_some() && before != after,
+        "{name}: {before:?} then {after:?}"
     );
     assert_eq!(
         list_dir(format!("{root}a/")).await,

@@ -32,6 +32,7 @@ struct Rig {
     dir: tempfile::TempDir,
     shares: Option<Shares>,
     cache_max: u64,
+    listing_ttl: Option<Duration>,
 }
 
 /// A rig per bucket: the directory store, and Garage when the environment has one.
@@ -78,6 +79,7 @@ fn rigs(settle: Duration) -> Vec<Rig> {
                 dir,
                 shares: None,
                 cache_max: Settings::default().cache_max,
+                listing_ttl: None,
             };
             rig.reopen(settle);
             rig
@@ -102,6 +104,7 @@ impl Rig {
                     settle,
                     cache_max: self.cache_max,
                     refresh: None,
+                    listing_ttl: self.listing_ttl,
                     defaults: Default::default(),
                 },
                 None,
@@ -884,5 +887,63 @@ fn objects_other_tools_put_or_delete_show_up_after_a_refresh() {
         let report = share.refresh("").expect("refresh");
         assert_eq!(report.removed, 0, "{report:?}");
         assert_eq!(&share.read(a, 0, 4).expect("read").0, b"mine");
+    }
+}
+
+/// Refresh tells objects apart by ETag, not only size: a same-size rewrite by another tool
+/// replaces a clean file's content, while firn's own uploads are not mistaken for one. With a
+/// listing TTL, a client's listing of a directory brings in what another tool just put there.
+#[test]
+fn same_size_rewrites_and_listed_directories_are_noticed() {
+    for mut rig in rigs(Duration::from_millis(50)) {
+        rig.listing_ttl = Some(Duration::ZERO);
+        rig.reopen(Duration::from_millis(50));
+        rig.shares()
+            .create("t", "t/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("t");
+        let root = share.root();
+        let put = |key: &str, body: &[u8]| {
+            rig.runtime
+                .block_on(rig.raw.put(
+                    key,
+                    bytes::Bytes::copy_from_slice(body),
+                    remote::Meta::new(),
+                ))
+                .expect("put by another tool");
+        };
+        put("t/a.txt", b"aaaa");
+        // No refresh asked for: listing the directory brings it in.
+        let names: Vec<String> = share
+            .list(root, None, 100)
+            .expect("list")
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, ["a.txt"]);
+        let a = share.lookup(root, "a.txt").expect("lookup");
+        assert_eq!(share.read(a, 0, 100).expect("read").0, b"aaaa");
+        let mine = share
+            .create(root, "mine.txt", 0o644, 0, 0, true)
+            .expect("create");
+        share.write(mine.fileid, 0, b"mine", true).expect("write");
+        rig.wait_clean("t");
+        // firn's own upload, and an unchanged object: nothing to take in.
+        assert_eq!(share.refresh("").expect("refresh"), Default::default());
+        assert_eq!(share.refresh("").expect("refresh"), Default::default());
+        // Same sizes, other bytes.
+        put("t/a.txt", b"bbbb");
+        put("t/mine.txt", b"MINE");
+        let report = share.refresh("").expect("refresh");
+        assert_eq!(report.updated, 2, "{report:?}");
+        assert_eq!(share.read(a, 0, 100).expect("read").0, b"bbbb");
+        assert_eq!(share.read(mine.fileid, 0, 100).expect("read").0, b"MINE");
+        // A file changed here wins over a rewrite there.
+        share.write(mine.fileid, 0, b"ours", true).expect("write");
+        put("t/mine.txt", b"XXXX");
+        share.refresh("").expect("refresh");
+        assert_eq!(share.read(mine.fileid, 0, 100).expect("read").0, b"ours");
+        rig.wait_clean("t");
+        assert_eq!(rig.get("t/mine.txt").expect("uploaded").0, b"ours");
     }
 }

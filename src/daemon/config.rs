@@ -195,6 +195,9 @@ pub struct SharesConfig {
     pub cache_max: ByteSize,
     /// Seconds between refreshes of each share from the bucket; 0: only on demand.
     pub refresh_secs: u64,
+    /// A directory an NFS client lists is refreshed first (that level) when its last listing
+    /// is older than this many seconds; 0: never.
+    pub listing_ttl_secs: u64,
     /// Mode of files from objects without `file-permissions` metadata (e.g. `0o644`).
     pub default_file_mode: u32,
     /// Mode of directories that only objects' keys imply.
@@ -211,6 +214,7 @@ impl Default for SharesConfig {
             settle_secs: settings.settle.as_secs(),
             cache_max: ByteSize(settings.cache_max),
             refresh_secs: settings.refresh.map_or(0, |d| d.as_secs()),
+            listing_ttl_secs: settings.listing_ttl.map_or(0, |d| d.as_secs()),
             default_file_mode: settings.defaults.file_mode,
             default_dir_mode: settings.defaults.dir_mode,
             default_uid: settings.defaults.uid,

@@ -402,6 +402,7 @@ impl DirStore {
                     .map_err(|e| local_error("head", key, e))?
                     .len(),
                 meta: read_meta(&file).map_err(|e| local_error("head", key, e))?,
+                etag: None,
             })),
             Err(e) if gone(&e) => Ok(None),
             Err(e) => Err(local_error("head", key, e)),
@@ -468,6 +469,7 @@ impl DirStore {
                                     key: marker,
                                     size: 0,
                                     meta: Meta::new(),
+                                    etag: None,
                                 });
                             }
                             pending.push((sub, key));
@@ -480,6 +482,7 @@ impl DirStore {
                         key,
                         size: stat.st_size as u64,
                         meta: Meta::new(),
+                        etag: Some(identity(&stat)),
                     });
                 }
             }
@@ -526,6 +529,7 @@ impl DirStore {
                     key,
                     size: stat.st_size as u64,
                     meta: Meta::new(),
+                    etag: Some(identity(&stat)),
                 });
             }
         }
@@ -574,6 +578,7 @@ impl DirStore {
             key: key.to_string(),
             size: 0,
             meta: read_meta(&dir).map_err(io_err)?,
+            etag: None,
         }))
     }
 
@@ -693,6 +698,15 @@ fn prune(fds: &[OwnedFd], dirs: &[&str]) {
             break;
         }
     }
+}
+
+/// What the directory store offers as an ETag: the file's inode, change time and size, which
+/// a put (a new file renamed into place) always changes.
+fn identity(stat: &nix::sys::stat::FileStat) -> String {
+    format!(
+        "{:x}-{:x}.{:x}-{:x}",
+        stat.st_ino, stat.st_ctime, stat.st_ctime_nsec, stat.st_size
+    )
 }
 
 fn has_marker(dir: &File) -> io::Result<bool> {
@@ -961,6 +975,14 @@ mod tests {
         assert!(staging_files(dir.path()).is_empty());
     }
 
+    /// A listing without its ETags (each checked to be there).
+    fn plain(mut listing: Listing) -> Listing {
+        for object in &mut listing.objects {
+            assert!(object.etag.take().is_some(), "no ETag for {}", object.key);
+        }
+        listing
+    }
+
     #[tokio::test]
     async fn a_one_level_listing_shows_objects_and_directories() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -975,9 +997,10 @@ mod tests {
             key: key.to_string(),
             size: key.len() as u64,
             meta: Meta::new(),
+            etag: None,
         };
         assert_eq!(
-            store.list_dir("").await.expect("list root"),
+            plain(store.list_dir("").await.expect("list root")),
             Listing {
                 dirs: vec!["a/".to_string()],
                 objects: vec![object("e")],
@@ -985,14 +1008,14 @@ mod tests {
             "the staging directory is not listed"
         );
         assert_eq!(
-            store.list_dir("a/").await.expect("list a/"),
+            plain(store.list_dir("a/").await.expect("list a/")),
             Listing {
                 dirs: vec!["a/b/".to_string()],
                 objects: vec![object("a/d")],
             }
         );
         assert_eq!(
-            store.list_dir("a/b/").await.expect("list a/b/"),
+            plain(store.list_dir("a/b/").await.expect("list a/b/")),
             Listing {
                 dirs: vec![],
                 objects: vec![object("a/b/c")],
@@ -1016,7 +1039,7 @@ mod tests {
         nix::unistd::mkfifo(&dir.path().join("a/fifo"), Mode::from_bits_truncate(0o600))
             .expect("mkfifo");
         assert_eq!(
-            store.list_dir("a/").await.expect("list a/").objects,
+            plain(store.list_dir("a/").await.expect("list a/")).objects,
             vec![object("a/d")]
         );
         assert_eq!(

@@ -45,6 +45,9 @@ pub struct ObjectInfo {
     pub size: u64,
     /// The object's user metadata: from a HEAD; a listing leaves it empty.
     pub meta: Meta,
+    /// What changes when the object is replaced: S3's ETag from a listing; the directory
+    /// store's file identity (inode, change time, size). `None` where not known (a HEAD).
+    pub etag: Option<String>,
 }
 
 /// One level of a listing: the objects directly under a prefix, and the "directories" (common

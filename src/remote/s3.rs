@@ -354,6 +354,8 @@ impl S3Store {
         struct Contents {
             key: String,
             size: u64,
+            #[serde(rename = "ETag", default)]
+            e_tag: Option<String>,
         }
         #[derive(serde::Deserialize)]
         #[serde(rename_all = "PascalCase")]
@@ -411,6 +413,7 @@ impl S3Store {
                 key: self.strip_prefix(&c.key).to_string(),
                 size: c.size,
                 meta: Meta::new(),
+                etag: c.e_tag,
             }));
             dirs.extend(
                 page.common_prefixes
@@ -968,6 +971,7 @@ impl Remote for S3Store {
                 key: key.to_string(),
                 size: 0,
                 meta,
+                etag: None,
             }));
         }
         let path = self.path(key)?;
@@ -988,6 +992,7 @@ impl Remote for S3Store {
                     key: key.to_string(),
                     size: result.meta.size,
                     meta,
+                    etag: result.meta.e_tag,
                 }))
             }
             Err(object_store::Error::NotFound { .. }) => Ok(None),

@@ -123,6 +123,9 @@ pub struct Settings {
     pub cache_max: u64,
     /// How often the share is refreshed from the bucket by itself; `None`: only on demand.
     pub refresh: Option<Duration>,
+    /// A directory a client lists is refreshed first (that level only) when its listing is
+    /// older than this; `None`: never (only the periodic and on-demand refreshes).
+    pub listing_ttl: Option<Duration>,
     /// What objects without the file-tool metadata (put by other tools) look like: file and
     /// directory modes, owner and group.
     pub defaults: Defaults,
@@ -154,6 +157,7 @@ impl Default for Settings {
             settle: Duration::from_secs(5),
             cache_max: 10 << 30,
             refresh: Some(Duration::from_secs(300)),
+            listing_ttl: None,
             defaults: Defaults::default(),
         }
     }
@@ -433,6 +437,7 @@ impl Shares {
             uploaded_bytes: AtomicU64::new(0),
             last_error: Mutex::new(None),
             recent: Mutex::new(std::collections::VecDeque::new()),
+            listed: Mutex::new(HashMap::new()),
             newest_upload: tokio::sync::watch::Sender::new(0),
             used: Mutex::new(HashMap::new()),
             fetching: Mutex::new(()),
@@ -577,6 +582,8 @@ pub struct Share {
     uploaded_files: AtomicU64,
     uploaded_bytes: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// When each directory was last refreshed for a client's listing (`listing_ttl`).
+    listed: Mutex<HashMap<u64, Instant>>,
     /// The newest uploads, oldest first, at most `RECENT_UPLOADS`.
     recent: Mutex<std::collections::VecDeque<UploadRecord>>,
     /// The sequence number of the newest upload, for those who wait for the next.
@@ -1090,6 +1097,9 @@ impl Share {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, Attrs)>, ShareError> {
+        if after.is_none() {
+            self.refresh_if_stale(dir);
+        }
         let mut entries = Vec::new();
         for (name, id) in self.ns.list(dir, after, limit)? {
             match self.attrs(id) {

@@ -62,6 +62,33 @@ pub struct Uploaded {
     /// The key below the share's prefix (the share-relative path).
     pub path: String,
     pub size: u64,
+    /// The object's ETag as a listing showed it; unknown just after firn's own upload, and
+    /// learned at the next refresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+}
+
+/// How a listed object compares with the one a file has (`Uploaded::compare`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sameness {
+    Same,
+    /// Same key and size, and the file's ETag was not yet known: taken as the same object.
+    Learned,
+    /// Another object: another tool replaced it.
+    Changed,
+}
+
+impl Uploaded {
+    pub fn compare(&self, listed: &Uploaded) -> Sameness {
+        if self.path != listed.path || self.size != listed.size {
+            return Sameness::Changed;
+        }
+        match (&self.etag, &listed.etag) {
+            (Some(ours), Some(theirs)) if ours != theirs => Sameness::Changed,
+            (None, Some(_)) => Sameness::Learned,
+            _ => Sameness::Same,
+        }
+    }
 }
 
 /// Attributes a new entry starts with.

@@ -10,9 +10,17 @@ use std::collections::HashSet;
 
 use serde::Serialize;
 
-use super::namespace::{self, Kind, NewAttrs, ROOT, Uploaded};
+use std::time::{Duration, Instant};
+
+use super::namespace::{self, Kind, NewAttrs, ROOT, Sameness, Uploaded};
 use super::{Share, ShareError, lock, now_ns};
-use crate::remote::Meta;
+use crate::remote::{Listing, Meta, ObjectInfo};
+
+/// How long a client's listing waits for the bucket's (`refresh_if_stale`).
+const LISTING_WAIT: Duration = Duration::from_secs(2);
+/// Directories whose listing times are remembered; past it they are all forgotten (and
+/// listed again when next used).
+const LISTED_MAX: usize = 100_000;
 
 /// What a refresh changed.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -63,6 +71,62 @@ impl Share {
                 .runtime
                 .block_on(self.remote.list_dir(&prefix))
                 .map_err(|e| ShareError::Io(format!("listing {prefix}: {e}")))?;
+            pending.extend(self.take_listing(dir, &path, &listing, &dirty, &mut report)?);
+        }
+        Ok(report)
+    }
+
+    /// Refreshes directory `dir` alone (not what is below it) if its listing is older than
+    /// `[shares] listing_ttl`: what a client listing it sees is then at most that old. A
+    /// listing the bucket does not give within `LISTING_WAIT` is skipped (the client is
+    /// served what is here), and not asked for again before the TTL passes.
+    pub(super) fn refresh_if_stale(&self, dir: u64) {
+        let Some(ttl) = self.settings.listing_ttl else {
+            return;
+        };
+        {
+            let mut listed = lock(&self.listed);
+            if listed.get(&dir).is_some_and(|at| at.elapsed() < ttl) {
+                return;
+            }
+            if listed.len() >= LISTED_MAX {
+                listed.clear();
+            }
+            listed.insert(dir, Instant::now());
+        }
+        let Ok(path) = self.ns.path(dir) else { return };
+        let prefix = format!("{}{}", self.info.prefix, namespace_dir(&path));
+        let listing = self.runtime.block_on(async {
+            tokio::time::timeout(LISTING_WAIT, self.remote.list_dir(&prefix)).await
+        });
+        let listing = match listing {
+            Ok(Ok(listing)) => listing,
+            Ok(Err(e)) => {
+                tracing::debug!(share = %self.info.name, "listing {prefix}: {e}");
+                return;
+            }
+            Err(_) => return,
+        };
+        let dirty: HashSet<u64> = lock(&self.dirty).keys().copied().collect();
+        let mut report = Refreshed::default();
+        if let Err(e) = self.take_listing(dir, &path, &listing, &dirty, &mut report) {
+            tracing::debug!(share = %self.info.name, "refreshing {prefix}: {e}");
+        }
+    }
+
+    /// Brings directory `dir` (at share-relative `path`) in line with `listing`, one level of
+    /// the bucket; the directories below it to visit next.
+    fn take_listing(
+        &self,
+        dir: u64,
+        path: &str,
+        listing: &Listing,
+        dirty: &HashSet<u64>,
+        report: &mut Refreshed,
+    ) -> Result<Vec<(u64, String)>, ShareError> {
+        let prefix = format!("{}{}", self.info.prefix, namespace_dir(path));
+        let mut pending = Vec::new();
+        {
             let mut here = HashSet::new();
             for object in &listing.objects {
                 let Some(key) = object.key.strip_prefix(&self.info.prefix) else {
@@ -74,7 +138,7 @@ impl Share {
                     continue;
                 }
                 here.insert(parts[parts.len() - 1].to_string());
-                match self.take_in(&parts, key, object.size, &dirty)? {
+                match self.take_in(&parts, key, object, dirty)? {
                     Some(true) => report.added += 1,
                     Some(false) => report.updated += 1,
                     None => {}
@@ -103,13 +167,13 @@ impl Share {
                     let Ok(inode) = self.ns.get(id) else { continue };
                     if inode.kind == Kind::Dir {
                         subdirs.remove(&name);
-                        pending.push((id, join(&path, &name)));
+                        pending.push((id, join(path, &name)));
                         continue;
                     }
                     let Some(uploaded) = inode.uploaded.as_ref() else {
                         continue;
                     };
-                    let listed_here = uploaded.path == join(&path, &name) && here.contains(&name);
+                    let listed_here = uploaded.path == join(path, &name) && here.contains(&name);
                     // Not listed; but an upload may have put it there since the listing:
                     // asked once more before the file goes.
                     let gone = !listed_here
@@ -124,11 +188,11 @@ impl Share {
             // Directories the bucket has and the share does not yet (only deeper objects).
             for name in subdirs {
                 if let Ok(id) = self.make_dir(dir, &name) {
-                    pending.push((id, join(&path, &name)));
+                    pending.push((id, join(path, &name)));
                 }
             }
         }
-        Ok(report)
+        Ok(pending)
     }
 
     /// The directory `name` of `dir`, made if missing, with the mode and owner its marker
@@ -151,6 +215,7 @@ impl Share {
                 let found = Uploaded {
                     path: marker,
                     size: 0,
+                    etag: None,
                 };
                 match self.ns.create_found(
                     dir,
@@ -176,7 +241,7 @@ impl Share {
         &self,
         parts: &[&str],
         path: &str,
-        size: u64,
+        object: &ObjectInfo,
         dirty: &HashSet<u64>,
     ) -> Result<Option<bool>, ShareError> {
         let (name, dirs) = parts.split_last().expect("a key has a name");
@@ -190,7 +255,8 @@ impl Share {
         }
         let found = Uploaded {
             path: path.to_string(),
-            size,
+            size: object.size,
+            etag: object.etag.clone(),
         };
         match self.ns.lookup(dir, name) {
             Err(ShareError::NotFound) => {
@@ -213,9 +279,20 @@ impl Share {
             Err(e) => Err(e),
             Ok(id) => {
                 let inode = self.ns.get(id)?;
-                let same = inode.uploaded.as_ref() == Some(&found);
-                if inode.kind != Kind::File || dirty.contains(&id) || same {
+                if inode.kind != Kind::File || dirty.contains(&id) {
                     return Ok(None);
+                }
+                match inode.uploaded.as_ref().map(|u| u.compare(&found)) {
+                    Some(Sameness::Same) => return Ok(None),
+                    Some(Sameness::Learned) => {
+                        // Our own upload, whose ETag the put did not tell: noted now.
+                        let guard = lock(&self.dirty);
+                        if !guard.contains_key(&id) {
+                            self.ns.update(id, |inode| inode.uploaded = Some(found))?;
+                        }
+                        return Ok(None);
+                    }
+                    Some(Sameness::Changed) | None => {}
                 }
                 // Changed by another tool: the object is the file's content now. Checked and
                 // dropped under the dirty lock, as eviction does.

@@ -208,7 +208,16 @@ async fn upload(share: &Arc<Share>, id: u64, generation: u64) -> Result<bool, St
         share.remember_upload(&path, len);
         share
             .ns
-            .uploaded(id, Uploaded { path, size: len }, attrs.mtime_ns, clean)
+            .uploaded(
+                id,
+                Uploaded {
+                    path,
+                    size: len,
+                    etag: None,
+                },
+                attrs.mtime_ns,
+                clean,
+            )
             .map(|()| clean)
     };
     match recorded {
