@@ -1153,3 +1153,136 @@ sys.stdout.buffer.write(s3.get_object(Bucket=sys.argv[2], Key="media/a.bin")["Bo
     ]);
     assert!(!ok && err.contains("kind = \"s3\""), "{err}");
 }
+
+/// Modes are enforced as a kernel NFS server enforces them: another user cannot look into a
+/// private directory, read or write a private file, chmod what it does not own or remove
+/// from a directory it cannot write; ACCESS says what each may do; an owner may still write
+/// a file it made read-only. A squashed root is nobody, and libnfs's `nfs-ls` (as root, so
+/// squashed) is refused a private directory too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modes_are_enforced_for_every_caller() {
+    let g = Gateway::start();
+    g.firn(&["share", "create", "p", "--squash", "root"]);
+    let mut alice = g.client("p", 1000, 100).await;
+    let mut bob = g.client("p", 2000, 200).await;
+    let root = alice.root_nfs_fh3();
+    let dirop = |dir: &nfs_fh3, name: &str| diropargs3 {
+        dir: dir.clone(),
+        name: filename3::from(name.as_bytes().to_vec()),
+    };
+    let mkdir = |mode: u32, name: &'static str| MKDIR3args {
+        where_: dirop(&root, name),
+        attributes: sattr3 {
+            mode: Nfs3Option::Some(mode),
+            ..sattr3::default()
+        },
+    };
+    let Nfs3Result::Ok(private) = alice.mkdir(&mkdir(0o700, "private")).await.expect("rpc") else {
+        panic!("mkdir private")
+    };
+    let private = private.obj.unwrap();
+    let Nfs3Result::Ok(shared) = alice.mkdir(&mkdir(0o755, "shared")).await.expect("rpc") else {
+        panic!("mkdir shared")
+    };
+    let shared = shared.obj.unwrap();
+    create_file(&mut alice, &private, "secret").await;
+    let notes = create_file(&mut alice, &shared, "notes").await;
+    assert!(matches!(
+        write_sync(&mut alice, &notes, 0, b"alice's").await,
+        Nfs3Result::Ok(_)
+    ));
+    let chmod = |file: &nfs_fh3, mode: u32| SETATTR3args {
+        object: file.clone(),
+        new_attributes: sattr3 {
+            mode: Nfs3Option::Some(mode),
+            ..sattr3::default()
+        },
+        guard: Nfs3Option::None,
+    };
+    assert!(matches!(
+        alice.setattr(&chmod(&notes, 0o600)).await.expect("rpc"),
+        Nfs3Result::Ok(_)
+    ));
+
+    // Bob: no way into the private directory, no reading or writing alice's file, no chmod.
+    let looked = bob
+        .lookup(&LOOKUP3args {
+            what: dirop(&private, "secret"),
+        })
+        .await
+        .expect("rpc");
+    assert!(
+        matches!(looked, Nfs3Result::Err((nfsstat3::NFS3ERR_ACCES, _))),
+        "{looked:?}"
+    );
+    let read = bob
+        .read(&READ3args {
+            file: notes.clone(),
+            offset: 0,
+            count: 100,
+        })
+        .await
+        .expect("rpc");
+    assert!(
+        matches!(read, Nfs3Result::Err((nfsstat3::NFS3ERR_ACCES, _))),
+        "{read:?}"
+    );
+    let written = write_sync(&mut bob, &notes, 0, b"bob's").await;
+    assert!(
+        matches!(written, Nfs3Result::Err((nfsstat3::NFS3ERR_ACCES, _))),
+        "{written:?}"
+    );
+    let chmodded = bob.setattr(&chmod(&notes, 0o666)).await.expect("rpc");
+    assert!(
+        matches!(chmodded, Nfs3Result::Err((nfsstat3::NFS3ERR_PERM, _))),
+        "{chmodded:?}"
+    );
+    let removed = bob
+        .remove(&REMOVE3args {
+            object: dirop(&shared, "notes"),
+        })
+        .await
+        .expect("rpc");
+    assert!(
+        matches!(removed, Nfs3Result::Err((nfsstat3::NFS3ERR_ACCES, _))),
+        "{removed:?}"
+    );
+    let made = bob
+        .create(&CREATE3args {
+            where_: dirop(&shared, "bobs"),
+            how: createhow3::GUARDED(sattr3::default()),
+        })
+        .await
+        .expect("rpc");
+    assert!(
+        matches!(made, Nfs3Result::Err((nfsstat3::NFS3ERR_ACCES, _))),
+        "{made:?}"
+    );
+    let all = ACCESS3_READ | ACCESS3_LOOKUP | ACCESS3_MODIFY | ACCESS3_EXTEND | ACCESS3_DELETE;
+    let access = ACCESS3args {
+        object: shared.clone(),
+        access: all,
+    };
+    let Nfs3Result::Ok(granted) = bob.access(&access).await.expect("rpc") else {
+        panic!("access")
+    };
+    assert_eq!(granted.access, ACCESS3_READ | ACCESS3_LOOKUP);
+    let Nfs3Result::Ok(granted) = alice.access(&access).await.expect("rpc") else {
+        panic!("access")
+    };
+    assert_eq!(granted.access, all);
+    // Alice made her file read-only, and may still write it.
+    assert!(matches!(
+        alice.setattr(&chmod(&notes, 0o400)).await.expect("rpc"),
+        Nfs3Result::Ok(_)
+    ));
+    assert!(matches!(
+        write_sync(&mut alice, &notes, 0, b"ALICE'S").await,
+        Nfs3Result::Ok(_)
+    ));
+    // nfs-ls runs as root, which the share squashes to nobody.
+    let (ok, _, _) = run("nfs-ls", &[&g.url("p/private")]);
+    assert!(!ok, "a squashed root listed a 0700 directory");
+    let (ok, listing, err) = run("nfs-ls", &[&g.url("p/shared")]);
+    assert!(ok && listing.contains("notes"), "{listing}{err}");
+}

@@ -408,9 +408,9 @@ fn empty_directories_persist_as_marker_objects() {
             .attrs(share.lookup(root, "implied").expect("implied"))
             .expect("attrs");
         assert_eq!(
-            (implied.kind, implied.mode),
-            (Kind::Dir, 0o755),
-            "the default mode"
+            (implied.kind, implied.mode, implied.uid),
+            (Kind::Dir, 0o777, 65534),
+            "the default mode and owner"
         );
         // Found there, not made here: nothing to upload.
         assert_eq!(share.status().dirty_files, 0);
@@ -843,7 +843,7 @@ fn objects_other_tools_put_or_delete_show_up_after_a_refresh() {
         let b = share.lookup(docs, "b.bin").expect("b.bin");
         assert_eq!(
             share.attrs(b).expect("attrs").mode,
-            0o644,
+            0o666,
             "the default mode"
         );
         assert!(share.read(b, 0, 4 << 20).expect("read").0 == big);

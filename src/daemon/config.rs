@@ -198,7 +198,7 @@ pub struct SharesConfig {
     /// A directory an NFS client lists is refreshed first (that level) when its last listing
     /// is older than this many seconds; 0: never.
     pub listing_ttl_secs: u64,
-    /// Mode of files from objects without `file-permissions` metadata (e.g. `0o644`).
+    /// Mode of files from objects without `file-permissions` metadata (e.g. `0o666`).
     pub default_file_mode: u32,
     /// Mode of directories that only objects' keys imply.
     pub default_dir_mode: u32,

@@ -143,10 +143,12 @@ pub struct Defaults {
 impl Default for Defaults {
     fn default() -> Defaults {
         Defaults {
-            file_mode: 0o644,
-            dir_mode: 0o755,
-            uid: 0,
-            gid: 0,
+            // AWS's file gateway's defaults, so a bucket reads the same through either, and
+            // files other tools put are usable by every client until someone chmods them.
+            file_mode: 0o666,
+            dir_mode: 0o777,
+            uid: 65534,
+            gid: 65534,
         }
     }
 }
@@ -473,8 +475,9 @@ impl Drop for Shares {
     }
 }
 
+/// A share's root: open to every user, as file gateways make it (modes below it decide).
 fn root_attrs() -> NewAttrs {
-    new_attrs(0o755, 0, 0)
+    new_attrs(0o777, 0, 0)
 }
 
 fn new_attrs(mode: u32, uid: u32, gid: u32) -> NewAttrs {
@@ -908,6 +911,11 @@ impl Share {
     /// The share-relative path of `id`.
     pub fn path(&self, id: u64) -> Result<String, ShareError> {
         self.ns.path(id)
+    }
+
+    /// The namespace's record of `id` (mode and owner, without a look at its content).
+    pub fn inode(&self, id: u64) -> Result<Inode, ShareError> {
+        self.ns.get(id)
     }
 
     pub fn attrs(&self, id: u64) -> Result<Attrs, ShareError> {

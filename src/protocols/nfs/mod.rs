@@ -12,6 +12,7 @@
 //!   requests in progress; a client outside a share's allowlist gets `NFS3ERR_ACCES` (MNT:
 //!   `MNT3ERR_ACCES`) for it.
 
+mod perm;
 mod procs;
 
 use std::io::Cursor;
@@ -151,6 +152,9 @@ pub struct Caller {
     pub peer: IpAddr,
     pub uid: u32,
     pub gid: u32,
+    /// Supplementary groups (AUTH_UNIX carries at most 16): the first `group_count`.
+    pub groups: [u32; 16],
+    pub group_count: usize,
 }
 
 impl NfsServer {
@@ -231,10 +235,16 @@ impl NfsServer {
         if call.rpcvers != RPC_VERSION_2 {
             return Some(denied(xid, rejected_reply::rpc_mismatch(2, 2)));
         }
+        let mut groups = [0; 16];
+        let mut group_count = 0;
         let (uid, gid) = match call.cred.flavor {
             auth_flavor::AUTH_UNIX => {
                 match auth_unix::unpack(&mut Cursor::new(&call.cred.body.0[..])) {
-                    Ok((auth, _)) => (auth.uid, auth.gid),
+                    Ok((auth, _)) => {
+                        group_count = auth.gids.len().min(16);
+                        groups[..group_count].copy_from_slice(&auth.gids[..group_count]);
+                        (auth.uid, auth.gid)
+                    }
                     Err(_) => {
                         return Some(denied(
                             xid,
@@ -251,7 +261,13 @@ impl NfsServer {
                 ));
             }
         };
-        let caller = Caller { peer, uid, gid };
+        let caller = Caller {
+            peer,
+            uid,
+            gid,
+            groups,
+            group_count,
+        };
         let args = &request[input.position() as usize..];
         let started = std::time::Instant::now();
         let outcome = match (call.prog, call.vers) {

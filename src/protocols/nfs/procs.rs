@@ -14,9 +14,10 @@ use nfs3_types::nfs3::*;
 use nfs3_types::rpc::accept_stat_data;
 use nfs3_types::xdr_codec::{List, Opaque, Void};
 
-use super::{Caller, NOBODY, NfsServer, ShareAccess, decode, encode};
+use super::perm::{self, Target, Who};
+use super::{Caller, NfsServer, ShareAccess, decode, encode};
 use crate::engines::share::namespace::{Kind, MAX_NAME};
-use crate::engines::share::{Attrs, MAX_FILE, SetAttrs, Share, ShareError, Squash};
+use crate::engines::share::{Attrs, MAX_FILE, SetAttrs, Share, ShareError};
 
 type Outcome = Result<Vec<u8>, accept_stat_data>;
 
@@ -184,17 +185,71 @@ fn name(raw: &filename3<'_>) -> Result<String, nfsstat3> {
 
 /// Who owns what a caller creates: the caller, after the share's squashing.
 fn owner(share: &Share, caller: Caller, attrs: &sattr3) -> (u32, u32, u32) {
-    let (mut uid, mut gid) = (caller.uid, caller.gid);
-    match share.info().squash {
-        Squash::All => (uid, gid) = (NOBODY, NOBODY),
-        Squash::Root if uid == 0 => (uid, gid) = (NOBODY, NOBODY),
-        _ => {}
-    }
+    let who = who(share, &caller);
     let mode = match attrs.mode {
         Nfs3Option::Some(mode) => mode,
         Nfs3Option::None => 0o644,
     };
-    (mode, uid, gid)
+    (mode, who.uid, who.gid)
+}
+
+fn who(share: &Share, caller: &Caller) -> Who {
+    Who::of(caller, share.info().squash)
+}
+
+/// The mode and owner of `id`, for a permission check.
+fn target(share: &Share, id: u64) -> Result<Target, nfsstat3> {
+    let inode = share.inode(id).map_err(|e| status(&e))?;
+    Ok(Target {
+        kind: inode.kind,
+        mode: inode.mode,
+        uid: inode.uid,
+        gid: inode.gid,
+    })
+}
+
+/// `NFS3ERR_ACCES` unless `allowed`.
+fn permit(allowed: bool) -> Result<(), nfsstat3> {
+    if allowed {
+        Ok(())
+    } else {
+        Err(nfsstat3::NFS3ERR_ACCES)
+    }
+}
+
+/// Whether `who` may make the changes in `set` to `target` (as chmod, chown, truncate and
+/// utimes check them): `Err` with the status to answer if not.
+fn may_set(
+    who: &Who,
+    target: &Target,
+    set: &SetAttrs,
+    to_server_time: bool,
+) -> Result<(), nfsstat3> {
+    let not_owner = || Err(nfsstat3::NFS3ERR_PERM);
+    if set.mode.is_some() && !who.owns(target) {
+        return not_owner();
+    }
+    if set.uid.is_some_and(|uid| uid != target.uid) && !who.is_root() {
+        return not_owner();
+    }
+    if let Some(gid) = set.gid.filter(|&gid| gid != target.gid)
+        && !(who.is_root() || who.uid == target.uid && who.in_group(gid))
+    {
+        return not_owner();
+    }
+    if set.size.is_some() {
+        permit(who.may_use(target, perm::WRITE))?;
+    }
+    let times = set.atime_ns.is_some() || set.mtime_ns.is_some();
+    if times && !who.owns(target) {
+        // "Now" needs only write permission; a time of the caller's choosing, ownership.
+        if to_server_time {
+            permit(who.may(target, perm::WRITE))?;
+        } else {
+            return not_owner();
+        }
+    }
+    Ok(())
 }
 
 fn set_attrs(attrs: &sattr3) -> SetAttrs {
@@ -312,6 +367,10 @@ fn setattr(server: &NfsServer, caller: Caller, args: SETATTR3args) -> Vec<u8> {
         }
         let set = set_attrs(&args.new_attributes);
         if is_set(&set) {
+            let now_only = !matches!(args.new_attributes.atime, set_atime::SET_TO_CLIENT_TIME(_))
+                && !matches!(args.new_attributes.mtime, set_mtime::SET_TO_CLIENT_TIME(_));
+            let file = target(&share, id).map_err(fail)?;
+            may_set(&who(&share, &caller), &file, &set, now_only).map_err(fail)?;
             share.setattr(id, set).map_err(|e| fail(status(&e)))?;
         }
         Ok(SETATTR3resok {
@@ -347,6 +406,10 @@ fn lookup(server: &NfsServer, caller: Caller, args: LOOKUP3args) -> Vec<u8> {
             )
         };
         let name = name(&args.what.name).map_err(fail)?;
+        let searched = target(&share, dir).map_err(fail)?;
+        if searched.kind == Kind::Dir {
+            permit(who(&share, &caller).may(&searched, perm::EXEC)).map_err(fail)?;
+        }
         let id = share.lookup(dir, &name).map_err(|e| fail(status(&e)))?;
         Ok(LOOKUP3resok {
             object: handle(&share, id),
@@ -366,9 +429,27 @@ fn access(server: &NfsServer, caller: Caller, args: ACCESS3args) -> Vec<u8> {
         let attrs = share
             .attrs(id)
             .map_err(|e| (status(&e), ACCESS3resfail::default()))?;
-        // Modes are recorded, not enforced (decision 0008): what the share allows, the
-        // caller may do; a read-only share allows no change.
-        let mut allowed = args.access;
+        // What the mode bits grant this caller; a read-only share grants no change.
+        let who = who(&share, &caller);
+        let file = target(&share, id).map_err(|e| (e, ACCESS3resfail::default()))?;
+        let dir = file.kind == Kind::Dir;
+        let mut allowed = 0;
+        for (bit, granted) in [
+            (ACCESS3_READ, who.may(&file, perm::READ)),
+            (ACCESS3_LOOKUP, dir && who.may(&file, perm::EXEC)),
+            (ACCESS3_MODIFY, who.may(&file, perm::WRITE)),
+            (ACCESS3_EXTEND, who.may(&file, perm::WRITE)),
+            (
+                ACCESS3_DELETE,
+                dir && who.may(&file, perm::WRITE | perm::EXEC),
+            ),
+            (ACCESS3_EXECUTE, !dir && who.may(&file, perm::EXEC)),
+        ] {
+            if granted {
+                allowed |= bit;
+            }
+        }
+        allowed &= args.access;
         if share.info().read_only {
             allowed &= !(ACCESS3_MODIFY | ACCESS3_EXTEND | ACCESS3_DELETE);
         }
@@ -411,6 +492,9 @@ fn read(server: &NfsServer, caller: Caller, args: READ3args) -> Vec<u8> {
                 },
             )
         };
+        let file = target(&share, id).map_err(|e| (e, READ3resfail::default()))?;
+        permit(who(&share, &caller).may_use(&file, perm::READ))
+            .map_err(|e| (e, READ3resfail::default()))?;
         let (data, eof) = share
             .read(id, args.offset, args.count.min(IO_MAX))
             .map_err(|e| fail(&e))?;
@@ -442,6 +526,9 @@ fn write(server: &NfsServer, caller: Caller, args: WRITE3args) -> Vec<u8> {
         if args.count as usize != data.len() {
             return Err((nfsstat3::NFS3ERR_INVAL, WRITE3resfail::default()));
         }
+        let file = target(&share, id).map_err(|e| (e, WRITE3resfail::default()))?;
+        permit(who(&share, &caller).may_use(&file, perm::WRITE))
+            .map_err(|e| (e, WRITE3resfail::default()))?;
         let sync = !matches!(args.stable, stable_how::UNSTABLE);
         share
             .write(id, args.offset, data, sync)
@@ -483,11 +570,15 @@ fn create(server: &NfsServer, caller: Caller, args: CREATE3args) -> Vec<u8> {
             createhow3::EXCLUSIVE(_) => (&sattr3::default(), true, SetAttrs::default()),
         };
         let (mode, uid, gid) = owner(&share, caller, attrs);
+        let parent = target(&share, dir).map_err(fail)?;
+        permit(who(&share, &caller).may(&parent, perm::WRITE | perm::EXEC)).map_err(fail)?;
         let made = share
             .create(dir, &name, mode, uid, gid, exclusive)
             .map_err(|e| fail(status(&e)))?;
         // A size asked for at create (usually 0: truncate an existing file).
         if then.size.is_some() {
+            let file = target(&share, made.fileid).map_err(fail)?;
+            permit(who(&share, &caller).may_use(&file, perm::WRITE)).map_err(fail)?;
             let only_size = SetAttrs {
                 size: then.size,
                 ..SetAttrs::default()
@@ -524,6 +615,8 @@ fn mkdir(server: &NfsServer, caller: Caller, args: MKDIR3args) -> Vec<u8> {
         if matches!(args.attributes.mode, Nfs3Option::None) {
             mode = 0o755;
         }
+        let parent = target(&share, dir).map_err(fail)?;
+        permit(who(&share, &caller).may(&parent, perm::WRITE | perm::EXEC)).map_err(fail)?;
         let made = share
             .mkdir(dir, &name, mode, uid, gid)
             .map_err(|e| fail(status(&e)))?;
@@ -551,11 +644,13 @@ fn symlink(server: &NfsServer, caller: Caller, args: SYMLINK3args) -> Vec<u8> {
             )
         };
         let name = name(&args.where_.name).map_err(fail)?;
-        let target = std::str::from_utf8(args.symlink.symlink_data.as_ref())
+        let link_to = std::str::from_utf8(args.symlink.symlink_data.as_ref())
             .map_err(|_| fail(nfsstat3::NFS3ERR_INVAL))?;
         let (_, uid, gid) = owner(&share, caller, &args.symlink.symlink_attributes);
+        let parent = target(&share, dir).map_err(fail)?;
+        permit(who(&share, &caller).may(&parent, perm::WRITE | perm::EXEC)).map_err(fail)?;
         let made = share
-            .symlink(dir, &name, target, uid, gid)
+            .symlink(dir, &name, link_to, uid, gid)
             .map_err(|e| fail(status(&e)))?;
         Ok(SYMLINK3resok {
             obj: post_op_fh3::Some(handle(&share, made.fileid)),
@@ -574,6 +669,12 @@ fn remove(server: &NfsServer, caller: Caller, args: REMOVE3args, dir_wanted: boo
         let (share, dir) =
             resolve(server, caller, &args.object.dir).map_err(|e| (e, wcc_data::default()))?;
         let name = name(&args.object.name).map_err(|e| (e, wcc(&share, dir)))?;
+        let allowed = (|| {
+            let parent = target(&share, dir)?;
+            let id = share.lookup(dir, &name).map_err(|e| status(&e))?;
+            permit(who(&share, &caller).may_unlink(&parent, &target(&share, id)?))
+        })();
+        allowed.map_err(|e| (e, wcc(&share, dir)))?;
         let removed = if dir_wanted {
             share.rmdir(dir, &name)
         } else {
@@ -614,6 +715,18 @@ fn rename(server: &NfsServer, caller: Caller, args: RENAME3args) -> Vec<u8> {
         }
         let from = name(&args.from.name).map_err(fail)?;
         let to = name(&args.to.name).map_err(fail)?;
+        let who = who(&share, &caller);
+        let allowed = (|| {
+            let (source_dir, target_dir) = (target(&share, from_dir)?, target(&share, to_dir)?);
+            let moved = share.lookup(from_dir, &from).map_err(|e| status(&e))?;
+            permit(who.may_unlink(&source_dir, &target(&share, moved)?))?;
+            permit(who.may(&target_dir, perm::WRITE | perm::EXEC))?;
+            match share.lookup(to_dir, &to) {
+                Ok(replaced) => permit(who.may_unlink(&target_dir, &target(&share, replaced)?)),
+                Err(_) => Ok(()),
+            }
+        })();
+        allowed.map_err(fail)?;
         share
             .rename(from_dir, &from, to_dir, &to)
             .map_err(|e| fail(status(&e)))?;
@@ -685,6 +798,8 @@ fn readdir(server: &NfsServer, caller: Caller, args: READDIR3args) -> Vec<u8> {
                 },
             )
         };
+        let listed = target(&share, dir).map_err(fail)?;
+        permit(who(&share, &caller).may(&listed, perm::READ)).map_err(fail)?;
         let (list, eof) = entries(&share, dir, args.cookie, args.count, 24).map_err(fail)?;
         let entries = list
             .into_iter()
@@ -720,6 +835,8 @@ fn readdirplus(server: &NfsServer, caller: Caller, args: READDIRPLUS3args) -> Ve
                 },
             )
         };
+        let listed = target(&share, dir).map_err(fail)?;
+        permit(who(&share, &caller).may(&listed, perm::READ)).map_err(fail)?;
         let (list, eof) =
             entries(&share, dir, args.cookie, args.maxcount, 24 + 88 + 36).map_err(fail)?;
         let entries = list
