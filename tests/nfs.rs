@@ -9,11 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nfs3_client::Nfs3ConnectionBuilder;
-use nfs3_client::tokio::TokioConnector;
 use nfs3_types::nfs3::*;
-use nfs3_types::rpc::{auth_flavor, auth_unix, opaque_auth};
-use nfs3_types::xdr_codec::{Opaque, Pack};
+use nfs3_types::xdr_codec::Opaque;
 use rand::RngCore;
 
 mod common;
@@ -99,26 +96,7 @@ impl Gateway {
 
     /// A scripted client on `/share`, calling as `uid`/`gid`.
     async fn client(&self, share: &str, uid: u32, gid: u32) -> Client {
-        let auth = auth_unix {
-            stamp: 1,
-            machinename: Opaque::owned(b"test".to_vec()),
-            uid,
-            gid,
-            gids: vec![gid],
-        };
-        let mut body = Vec::new();
-        auth.pack(&mut body).expect("pack");
-        Nfs3ConnectionBuilder::new(TokioConnector, "127.0.0.1", format!("/{share}"))
-            .connect_from_privileged_port(false)
-            .mount_port(self.nfs_port)
-            .nfs3_port(self.nfs_port)
-            .credential(opaque_auth {
-                flavor: auth_flavor::AUTH_UNIX,
-                body: Opaque::owned(body),
-            })
-            .mount()
-            .await
-            .expect("mount")
+        common::nfs_client(self.nfs_port, share, uid, gid).await
     }
 }
 
@@ -694,7 +672,7 @@ fn a_share_allowlist_keeps_other_clients_out() {
     assert!(!ok, "a share that does not exist mounted");
 }
 
-type Client = nfs3_client::Nfs3Connection<nfs3_client::tokio::TokioIo<tokio::net::TcpStream>>;
+use common::NfsClient as Client;
 
 /// A new file `name` in `dir` (GUARDED: it must not exist), by the scripted client.
 async fn create_file(c: &mut Client, dir: &nfs_fh3, name: &str) -> nfs_fh3 {

@@ -733,6 +733,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::warn!("stopping with clients still connected after {STOP_GRACE:?}");
     }
     let _ = std::fs::remove_file(&socket_path);
+    // Shares stop taking changes and are marked stopped in order (no recovery at start).
+    gateway.shares.close();
     // The last second's refused calls.
     gateway.audit.flush_refused(true);
     println!("firn stopped");

@@ -71,7 +71,8 @@ const GROUP_TABLE: &str = "meta-group-commit";
 pub struct MetaStore {
     path: PathBuf,
     db: Database,
-    /// Lazy commits made by `transaction_grouped`, counted.
+    /// Lazy commits (`transaction_lazy`, and the first step of `transaction_grouped`),
+    /// counted.
     grouped: std::sync::atomic::AtomicU64,
     /// How many of them a durable commit has covered; held while one is being made.
     durable: std::sync::Mutex<u64>,
@@ -234,7 +235,28 @@ impl MetaStore {
     where
         E: From<MetaError>,
     {
-        self.transaction_with(redb::Durability::None, body)
+        let value = self.transaction_with(redb::Durability::None, body)?;
+        self.grouped
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Ok(value)
+    }
+
+    /// Waits until a durable commit covers the first `mine` lazy commits, making one if
+    /// none does.
+    fn cover(&self, mine: u64) -> Result<(), MetaError> {
+        use std::sync::atomic::Ordering;
+        let mut durable = self
+            .durable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *durable < mine {
+            let covered = self.grouped.load(Ordering::Acquire);
+            self.transaction_with(redb::Durability::Immediate, |tx| {
+                tx.put(GROUP_TABLE, "covered", &covered.to_le_bytes())
+            })?;
+            *durable = covered;
+        }
+        Ok(())
     }
 
     /// `transaction`, durable when it returns like it, but sharing the wait for the disk with
@@ -254,17 +276,7 @@ impl MetaStore {
         // Numbered after the commit: a durable commit begun once this number is counted
         // covers it.
         let mine = self.grouped.fetch_add(1, Ordering::AcqRel) + 1;
-        let mut durable = self
-            .durable
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if *durable < mine {
-            let covered = self.grouped.load(Ordering::Acquire);
-            self.transaction_with(redb::Durability::Immediate, |tx| {
-                tx.put(GROUP_TABLE, "covered", &covered.to_le_bytes())
-            })?;
-            *durable = covered;
-        }
+        self.cover(mine)?;
         Ok(value)
     }
 

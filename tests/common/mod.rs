@@ -363,3 +363,37 @@ impl Drop for Moto {
         let _ = self.child.wait();
     }
 }
+
+/// The scripted NFSv3 client of the tests (`nfs3_client`), over TCP.
+pub type NfsClient =
+    nfs3_client::Nfs3Connection<nfs3_client::tokio::TokioIo<tokio::net::TcpStream>>;
+
+/// A scripted client mounting `/share` from the NFS server on `port` (MOUNT and NFS on one
+/// port), calling as `uid`/`gid`.
+pub async fn nfs_client(port: u16, share: &str, uid: u32, gid: u32) -> NfsClient {
+    use nfs3_types::xdr_codec::{Opaque, Pack};
+    let auth = nfs3_types::rpc::auth_unix {
+        stamp: 1,
+        machinename: Opaque::owned(b"test".to_vec()),
+        uid,
+        gid,
+        gids: vec![gid],
+    };
+    let mut body = Vec::new();
+    auth.pack(&mut body).expect("pack");
+    nfs3_client::Nfs3ConnectionBuilder::new(
+        nfs3_client::tokio::TokioConnector,
+        "127.0.0.1",
+        format!("/{share}"),
+    )
+    .connect_from_privileged_port(false)
+    .mount_port(port)
+    .nfs3_port(port)
+    .credential(nfs3_types::rpc::opaque_auth {
+        flavor: nfs3_types::rpc::auth_flavor::AUTH_UNIX,
+        body: Opaque::owned(body),
+    })
+    .mount()
+    .await
+    .expect("mount")
+}

@@ -19,8 +19,9 @@
 //! created directory) is fsynced, as ext4 and XFS commit a new name with the file's fsync.
 //! A power cut undoes the rest, newest first (`LoseSome` keeps a random oldest part of them,
 //! as a journal commits in order). Metadata (mode, owner, times) passes straight through and
-//! is durable at once. Unix sockets, symlinks, hard links and extended attributes are not
-//! supported (put sockets outside the mount). SEEK_DATA/SEEK_HOLE get the kernel's fallback
+//! is durable at once, and so are extended attributes (ext4 and XFS make a file's attributes
+//! durable with the file's fsync; a test relying on that fsyncs anyway). Unix sockets,
+//! symlinks and hard links are not supported (put sockets outside the mount). SEEK_DATA/SEEK_HOLE get the kernel's fallback
 //! (the whole file is data). File locks are the kernel's, local to the mount. Memory grows
 //! with the unsynced pages: it is for tests.
 //!
@@ -829,6 +830,76 @@ impl Filesystem for PowerLossFs {
             }
         };
         self.entry(&relative, reply);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let state = self.state();
+        let result = state
+            .node(ino)
+            .and_then(|node| Ok(xattr::set(state.backing(&node.path), name, value)?));
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
+        let state = self.state();
+        let result = state
+            .node(ino)
+            .and_then(|node| Ok(xattr::get(state.backing(&node.path), name)?));
+        match result {
+            Ok(Some(value)) if size == 0 => reply.size(value.len() as u32),
+            Ok(Some(value)) if value.len() <= size as usize => reply.data(&value),
+            Ok(Some(_)) => reply.error(Errno::ERANGE),
+            Ok(None) => reply.error(Errno::NO_XATTR),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        let state = self.state();
+        let result = state.node(ino).and_then(|node| {
+            let mut names = Vec::new();
+            for name in xattr::list(state.backing(&node.path))? {
+                names.extend_from_slice(std::os::unix::ffi::OsStrExt::as_bytes(name.as_os_str()));
+                names.push(0);
+            }
+            Ok(names)
+        });
+        match result {
+            Ok(names) if size == 0 => reply.size(names.len() as u32),
+            Ok(names) if names.len() <= size as usize => reply.data(&names),
+            Ok(_) => reply.error(Errno::ERANGE),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let state = self.state();
+        let result = state
+            .node(ino)
+            .and_then(|node| Ok(xattr::remove(state.backing(&node.path), name)?));
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {

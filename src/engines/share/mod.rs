@@ -425,6 +425,17 @@ impl Shares {
             .create(&files)
             .map_err(|e| io_error(&format!("creating {}", files.display()), e))?;
         let ns = Namespace::open(self.meta.clone(), &info.id, root_attrs())?;
+        if !ns.take_clean()? {
+            let recovered = ns.recover(&files)?;
+            if recovered != Default::default() {
+                tracing::info!(
+                    share = %info.name,
+                    "after a crash: {} file(s) whose creation was lost entered again, {} content file(s) of removed files deleted",
+                    recovered.entered,
+                    recovered.removed
+                );
+            }
+        }
         let share = Arc::new(Share {
             info: info.clone(),
             ns,
@@ -439,6 +450,7 @@ impl Shares {
             uploaded_bytes: AtomicU64::new(0),
             last_error: Mutex::new(None),
             recent: Mutex::new(std::collections::VecDeque::new()),
+            creating: std::sync::RwLock::new(()),
             listed: Mutex::new(HashMap::new()),
             newest_upload: tokio::sync::watch::Sender::new(0),
             used: Mutex::new(HashMap::new()),
@@ -467,11 +479,23 @@ impl Shares {
     }
 }
 
-impl Drop for Shares {
-    fn drop(&mut self) {
+impl Shares {
+    /// Stops every share: changes are refused from now on (NFS3ERR_JUKEBOX, which clients
+    /// retry), those under way finish, and each share is marked stopped in order, so the
+    /// next start skips `Namespace::recover`. Done again on drop; the second time is a no-op.
+    pub fn close(&self) {
         for share in lock(&self.open).values() {
             share.stop();
+            if let Err(e) = share.ns.mark_clean() {
+                tracing::warn!(share = %share.info.name, "marking the share stopped: {e}");
+            }
         }
+    }
+}
+
+impl Drop for Shares {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -585,6 +609,9 @@ pub struct Share {
     uploaded_files: AtomicU64,
     uploaded_bytes: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// Held (shared) by each file creation, so that `stop` can wait for them: a creation is
+    /// lazily committed, and must be done before the share is marked stopped in order.
+    creating: std::sync::RwLock<()>,
     /// When each directory was last refreshed for a client's listing (`listing_ttl`).
     listed: Mutex<HashMap<u64, Instant>>,
     /// The newest uploads, oldest first, at most `RECENT_UPLOADS`.
@@ -643,7 +670,12 @@ impl Share {
         &self.info
     }
 
+    /// Stops the uploader and refuses changes from now on; waits for creations under way.
     fn stop(&self) {
+        let _no_creation = self
+            .creating
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         self.stopped.store(true, Ordering::Release);
         self.wake.notify_one();
     }
@@ -651,6 +683,9 @@ impl Share {
     fn check_writable(&self) -> Result<(), ShareError> {
         if self.info.read_only {
             Err(ShareError::ReadOnly)
+        } else if self.stopped.load(Ordering::Acquire) {
+            // Stopping: the client tries again (after the restart).
+            Err(ShareError::NoSpace)
         } else {
             Ok(())
         }
@@ -962,6 +997,7 @@ impl Share {
         gid: u32,
         exclusive: bool,
     ) -> Result<Attrs, ShareError> {
+        let _creating = self.creating.read().unwrap_or_else(PoisonError::into_inner);
         self.check_writable()?;
         let attrs = new_attrs(mode, uid, gid);
         match self
@@ -969,7 +1005,20 @@ impl Share {
             .create(dir, name, Kind::File, attrs, None, self.info.prefix.len())
         {
             Ok((id, inode)) => {
-                self.content(id)?;
+                // The entry rides with the content: its creation is durable with the
+                // file's first COMMIT, and a crash that lost the commit enters it again.
+                let entry = namespace::Entry {
+                    parent: dir,
+                    name: name.to_string(),
+                    mode,
+                    uid,
+                    gid,
+                    now_ns: attrs.now_ns,
+                };
+                let file = self.content(id)?;
+                let json = serde_json::to_vec(&entry).unwrap_or_default();
+                xattr::FileExt::set_xattr(&*file, namespace::ENTRY_XATTR, &json)
+                    .map_err(|e| io_error("recording a new file's entry", e))?;
                 self.created(id);
                 self.attrs_of(id, &inode)
             }
@@ -1233,8 +1282,8 @@ impl Share {
         self.end_change(id);
         let file = written?;
         if sync {
-            file.sync_data()
-                .map_err(|e| io_error("syncing a file", e))?;
+            // FILE_SYNC: data and metadata, the entry a new file carries included.
+            file.sync_all().map_err(|e| io_error("syncing a file", e))?;
         }
         self.attrs_of(id, &inode)
     }
@@ -1244,6 +1293,7 @@ impl Share {
     pub fn commit(&self, id: u64) -> Result<(), ShareError> {
         let inode = self.ns.get(id)?;
         if inode.kind == Kind::File {
+            // Data and metadata: a new file's entry rides on it (`Namespace::recover`).
             self.content(id)?
                 .sync_all()
                 .map_err(|e| io_error("syncing a file", e))?;

@@ -23,6 +23,12 @@ pub const MAX_NAME: usize = 255;
 pub const MAX_KEY: usize = 1024;
 
 const NEXT: &str = "next";
+/// Every file created lazily with a fileid up to this one had its creation made durable
+/// (a durable commit followed it): written by each change that removes entries.
+const DURABLE_CREATES: &str = "durable-creates";
+/// Written when the share stops in order; its absence at open means a crash, after which
+/// lazily created files are recovered from their content files (`Namespace::recover`).
+const CLEAN: &str = "clean";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -108,7 +114,40 @@ pub struct Namespace {
     names: String,
     pub(super) dirty: String,
     pub(super) deletes: String,
+    /// Fileids to hand out: the next one, and the durable ceiling below which every fileid
+    /// handed out lies (`NEXT`). Raised durably a block at a time, so that a create whose
+    /// commit a crash loses never gives its fileid to another file after the restart.
+    ids: std::sync::Mutex<(u64, u64)>,
+    /// The highest fileid created lazily in this run (see `DURABLE_CREATES`).
+    created_max: std::sync::atomic::AtomicU64,
 }
+
+/// What a file's content carries of its entry, for a recovery after a crash that lost the
+/// lazy commit of its creation (the extended attribute `user.firn.entry`, JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Entry {
+    pub parent: u64,
+    pub name: String,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub now_ns: u64,
+}
+
+/// The extended attribute of a content file that holds its `Entry`.
+pub const ENTRY_XATTR: &str = "user.firn.entry";
+
+/// What `Namespace::recover` did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Recovered {
+    /// Files whose creation a crash had lost, entered again.
+    pub entered: u64,
+    /// Content files of entries removed before the crash, deleted.
+    pub removed: u64,
+}
+
+/// Fileids reserved at once (`Namespace::ids`).
+const ID_BLOCK: u64 = 1024;
 
 fn hex(id: u64) -> String {
     format!("{id:016x}")
@@ -151,16 +190,147 @@ impl Namespace {
             names: format!("share-{id}-names"),
             dirty: format!("share-{id}-dirty"),
             deletes: format!("share-{id}-deletes"),
+            ids: std::sync::Mutex::new((0, 0)),
+            created_max: std::sync::atomic::AtomicU64::new(0),
         };
-        ns.meta.transaction(|tx| {
+        let ceiling = ns.meta.transaction(|tx| {
             if tx.get(&ns.inodes, &hex(ROOT))?.is_none() {
                 let inode = new_inode(ROOT, String::new(), Kind::Dir, root);
                 tx.put_json(&ns.inodes, &hex(ROOT), &inode)?;
                 tx.put(&ns.inodes, NEXT, hex(ROOT + 1).as_bytes())?;
             }
-            Ok::<_, ShareError>(())
+            Ok::<_, ShareError>(
+                tx.get(&ns.inodes, NEXT)?
+                    .and_then(|v| std::str::from_utf8(&v).ok().and_then(parse_hex))
+                    .unwrap_or(ROOT + 1),
+            )
         })?;
+        // What was handed out below the ceiling before a restart may be lost with its lazy
+        // commit: start above it.
+        *ns.ids.lock().unwrap_or_else(|e| e.into_inner()) = (ceiling, ceiling);
         Ok(ns)
+    }
+
+    /// Records, in a transaction that removes entries, that every lazy creation so far is
+    /// durable once it is: read under redb's writer lock, so no creation committing later
+    /// is counted.
+    fn note_durable_creates(&self, tx: &mut MetaTransaction<'_>) -> Result<(), ShareError> {
+        let created = self.created_max.load(std::sync::atomic::Ordering::Acquire);
+        let stored = tx
+            .get(&self.inodes, DURABLE_CREATES)?
+            .and_then(|v| std::str::from_utf8(&v).ok().and_then(parse_hex))
+            .unwrap_or(0);
+        if created > stored {
+            tx.put(&self.inodes, DURABLE_CREATES, hex(created).as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Whether the share was stopped in order; clears the mark (durably), so that a crash
+    /// from now on is noticed at the next open.
+    pub fn take_clean(&self) -> Result<bool, ShareError> {
+        self.meta.transaction(|tx| {
+            let clean = tx.get(&self.inodes, CLEAN)?.is_some();
+            if clean {
+                tx.delete(&self.inodes, CLEAN)?;
+            }
+            Ok(clean)
+        })
+    }
+
+    /// Marks the share stopped in order (durably; every commit before it is durable too).
+    pub fn mark_clean(&self) -> Result<(), ShareError> {
+        self.meta
+            .transaction(|tx| tx.put(&self.inodes, CLEAN, b"").map_err(ShareError::from))
+    }
+
+    /// After a crash: each content file in `files` whose fileid the namespace does not know
+    /// was either created lazily and lost with that commit (its fileid above
+    /// `DURABLE_CREATES`), and is entered again from its `Entry`, dirty; or removed before
+    /// the crash, and is deleted. One directory listing and a lookup per local file.
+    pub fn recover(&self, files: &std::path::Path) -> Result<Recovered, ShareError> {
+        let mut recovered = Recovered::default();
+        let io = |e: std::io::Error| ShareError::Io(format!("recovering {}: {e}", files.display()));
+        let durable = self
+            .meta
+            .get(&self.inodes, DURABLE_CREATES)?
+            .and_then(|v| std::str::from_utf8(&v).ok().and_then(parse_hex))
+            .unwrap_or(0);
+        for entry in std::fs::read_dir(files).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let Some(id) = entry.file_name().to_str().and_then(parse_hex) else {
+                continue;
+            };
+            if self.meta.get(&self.inodes, &hex(id))?.is_some() {
+                continue;
+            }
+            let found: Option<Entry> = (id > durable)
+                .then(|| xattr::get(entry.path(), ENTRY_XATTR).ok().flatten())
+                .flatten()
+                .and_then(|json| serde_json::from_slice(&json).ok());
+            let size = entry.metadata().map_err(io)?.len();
+            let entered = match found {
+                Some(found) => self.reenter(id, &found, size)?,
+                None => false,
+            };
+            if entered {
+                recovered.entered += 1;
+            } else {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => recovered.removed += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io(e)),
+                }
+            }
+        }
+        Ok(recovered)
+    }
+
+    /// Enters file `id` as `entry` says, dirty, if its directory is there and the name free.
+    fn reenter(&self, id: u64, entry: &Entry, size: u64) -> Result<bool, ShareError> {
+        self.meta.transaction_grouped(|tx| {
+            let parent: Option<Inode> = tx.get_json(&self.inodes, &hex(entry.parent))?;
+            if !parent.is_some_and(|p| p.kind == Kind::Dir)
+                || check_name(&entry.name).is_err()
+                || tx
+                    .get(&self.names, &entry_key(entry.parent, &entry.name))?
+                    .is_some()
+            {
+                return Ok(false);
+            }
+            let attrs = NewAttrs {
+                mode: entry.mode & 0o7777,
+                uid: entry.uid,
+                gid: entry.gid,
+                now_ns: entry.now_ns,
+            };
+            let mut inode = new_inode(entry.parent, entry.name.clone(), Kind::File, attrs);
+            inode.size = size;
+            tx.put_json(&self.inodes, &hex(id), &inode)?;
+            tx.put(
+                &self.names,
+                &entry_key(entry.parent, &entry.name),
+                hex(id).as_bytes(),
+            )?;
+            tx.put(&self.dirty, &hex(id), b"")?;
+            Ok(true)
+        })
+    }
+
+    /// A fileid never handed out before, durably so.
+    fn allocate(&self) -> Result<u64, ShareError> {
+        let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        let (next, ceiling) = *ids;
+        if next >= ceiling {
+            let raised = next + ID_BLOCK;
+            self.meta.transaction_grouped(|tx| {
+                tx.put(&self.inodes, NEXT, hex(raised).as_bytes())
+                    .map_err(ShareError::from)
+            })?;
+            ids.1 = raised;
+        }
+        ids.0 = next + 1;
+        Ok(next)
     }
 
     /// Removes every table of the namespace's entries.
@@ -267,7 +437,9 @@ impl Namespace {
         if path_len > MAX_KEY {
             return Err(ShareError::NameTooLong(path_len));
         }
-        self.meta.transaction_grouped(|tx| {
+        let id = self.allocate()?;
+        let lazy = kind == Kind::File && found.is_none();
+        let body = |tx: &mut MetaTransaction<'_>| {
             let parent: Inode = tx
                 .get_json(&self.inodes, &hex(dir))?
                 .ok_or(ShareError::Stale(dir))?;
@@ -277,11 +449,11 @@ impl Namespace {
             if tx.get(&self.names, &entry_key(dir, name))?.is_some() {
                 return Err(ShareError::Exists);
             }
-            let id = tx
-                .get(&self.inodes, NEXT)?
-                .and_then(|v| std::str::from_utf8(&v).ok().and_then(parse_hex))
-                .unwrap_or(ROOT + 1);
-            tx.put(&self.inodes, NEXT, hex(id + 1).as_bytes())?;
+            if lazy {
+                // Under redb's writer lock: see `note_durable_creates`.
+                self.created_max
+                    .fetch_max(id, std::sync::atomic::Ordering::AcqRel);
+            }
             let mut inode = new_inode(dir, name.to_string(), kind, attrs);
             if let Some(target) = target {
                 inode.size = target.len() as u64;
@@ -300,7 +472,17 @@ impl Namespace {
                 tx.put(&self.dirty, &hex(id), b"")?;
             }
             Ok((id, inode))
-        })
+        };
+        // A new file's creation is committed lazily: the file's content carries its entry
+        // (`Entry`), made durable by the file's first COMMIT (or stable WRITE) with its data,
+        // and `recover` enters it again after a crash that lost the commit. One wait for the
+        // disk per file, not two. Directories and symlinks, which have no COMMIT, are durable
+        // at once.
+        if lazy {
+            self.meta.transaction_lazy(body)
+        } else {
+            self.meta.transaction_grouped(body)
+        }
     }
 
     /// Removes entry `name` of `dir`: a file or symlink (`dir_wanted` false) or an empty
@@ -318,6 +500,7 @@ impl Namespace {
         }
         let id = self.lookup(dir, name)?;
         self.meta.transaction_grouped(|tx| {
+            self.note_durable_creates(tx)?;
             let inode: Inode = tx
                 .get_json(&self.inodes, &hex(id))?
                 .ok_or(ShareError::NotFound)?;
@@ -377,6 +560,7 @@ impl Namespace {
         }
         let moved = self.entries_below(id)?;
         self.meta.transaction_grouped(|tx| {
+            self.note_durable_creates(tx)?;
             let mut inode: Inode = tx
                 .get_json(&self.inodes, &hex(id))?
                 .ok_or(ShareError::NotFound)?;
@@ -470,6 +654,7 @@ impl Namespace {
     pub fn forget(&self, dir: u64, name: &str, now_ns: u64) -> Result<bool, ShareError> {
         let id = self.lookup(dir, name)?;
         self.meta.transaction_grouped(|tx| {
+            self.note_durable_creates(tx)?;
             if tx.get(&self.dirty, &hex(id))?.is_some() {
                 return Ok(false);
             }
