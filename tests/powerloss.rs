@@ -694,42 +694,41 @@ fn committed_share_files_survive_power_loss() {
                 dir: root.clone(),
                 name: filename3::from(name.as_bytes().to_vec()),
             };
-            let make =
-                async |c: &mut common::NfsClient, name: &str, data: &[u8], commit: bool| {
-                    let made = c
-                        .create(&CREATE3args {
-                            where_: dirop(name),
-                            how: createhow3::GUARDED(sattr3::default()),
-                        })
-                        .await
-                        .expect("rpc");
-                    let Nfs3Result::Ok(made) = made else {
-                        panic!("create {name}: {made:?}")
-                    };
-                    let file = made.obj.unwrap();
-                    let written = c
-                        .write(&WRITE3args {
-                            file: file.clone(),
-                            offset: 0,
-                            count: data.len() as u32,
-                            stable: stable_how::UNSTABLE,
-                            data: Opaque::borrowed(data),
-                        })
-                        .await
-                        .expect("rpc");
-                    assert!(matches!(written, Nfs3Result::Ok(_)), "write {name}");
-                    if commit {
-                        let committed = c
-                            .commit(&COMMIT3args {
-                                file,
-                                offset: 0,
-                                count: 0,
-                            })
-                            .await
-                            .expect("rpc");
-                        assert!(matches!(committed, Nfs3Result::Ok(_)), "commit {name}");
-                    }
+            let make = async |c: &mut common::NfsClient, name: &str, data: &[u8], commit: bool| {
+                let made = c
+                    .create(&CREATE3args {
+                        where_: dirop(name),
+                        how: createhow3::GUARDED(sattr3::default()),
+                    })
+                    .await
+                    .expect("rpc");
+                let Nfs3Result::Ok(made) = made else {
+                    panic!("create {name}: {made:?}")
                 };
+                let file = made.obj.unwrap();
+                let written = c
+                    .write(&WRITE3args {
+                        file: file.clone(),
+                        offset: 0,
+                        count: data.len() as u32,
+                        stable: stable_how::UNSTABLE,
+                        data: Opaque::borrowed(data),
+                    })
+                    .await
+                    .expect("rpc");
+                assert!(matches!(written, Nfs3Result::Ok(_)), "write {name}");
+                if commit {
+                    let committed = c
+                        .commit(&COMMIT3args {
+                            file,
+                            offset: 0,
+                            count: 0,
+                        })
+                        .await
+                        .expect("rpc");
+                    assert!(matches!(committed, Nfs3Result::Ok(_)), "commit {name}");
+                }
+            };
             for i in 0..3 {
                 let name = format!("r{round}-gone{i}");
                 make(&mut c, &name, b"removed before the cut", true).await;

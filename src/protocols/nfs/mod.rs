@@ -12,6 +12,7 @@
 //!   requests in progress; a client outside a share's allowlist gets `NFS3ERR_ACCES` (MNT:
 //!   `MNT3ERR_ACCES`) for it.
 
+mod fits;
 mod perm;
 mod procs;
 
@@ -226,6 +227,11 @@ impl NfsServer {
     /// Answers one RPC call; `None` for what deserves no answer (a reply, garbage before
     /// the xid).
     pub fn call(&self, request: &[u8], peer: IpAddr) -> Option<Vec<u8>> {
+        if !fits::call_header(request) {
+            // Lengths that do not fit in the call: answered like any call that fails to
+            // decode (with nothing), before the decoder could reserve what they claim.
+            return None;
+        }
         let mut input = Cursor::new(request);
         let (message, _) = rpc_msg::unpack(&mut input).ok()?;
         let xid = message.xid;
@@ -272,7 +278,11 @@ impl NfsServer {
         let started = std::time::Instant::now();
         let outcome = match (call.prog, call.vers) {
             (NFS_PROGRAM, VERSION_3) => {
-                let outcome = procs::nfs(self, caller, call.proc, args);
+                let outcome = if fits::nfs_args(call.proc, args) {
+                    procs::nfs(self, caller, call.proc, args)
+                } else {
+                    Err(accept_stat_data::GARBAGE_ARGS)
+                };
                 if let Some(&procedure) = PROCEDURES.get(call.proc as usize) {
                     // Every result but NULL's starts with its nfsstat3.
                     let failed = match &outcome {
@@ -284,7 +294,11 @@ impl NfsServer {
                 outcome
             }
             (MOUNT_PROGRAM, VERSION_3) => {
-                let outcome = procs::mount(self, caller, call.proc, args);
+                let outcome = if fits::mount_args(call.proc, args) {
+                    procs::mount(self, caller, call.proc, args)
+                } else {
+                    Err(accept_stat_data::GARBAGE_ARGS)
+                };
                 self.metrics
                     .record("mount", outcome.is_err(), started.elapsed());
                 outcome
@@ -562,5 +576,26 @@ mod tests {
             assert_eq!(&reply[20..24], &[0; 4]);
         }
         assert!(read_only_share_is_empty());
+    }
+
+    /// A WRITE whose data claims 4 GiB (in a call of a few dozen bytes) is refused as garbage
+    /// before anything reserves what it claims; the honest one beside it is served.
+    #[test]
+    fn declared_lengths_beyond_the_call_are_garbage() {
+        let mut write = opaque(&root("rw"));
+        write.extend_from_slice(&[0; 12]);
+        write.extend_from_slice(&2u32.to_be_bytes());
+        write.extend_from_slice(&u32::MAX.to_be_bytes());
+        write.extend_from_slice(b"data");
+        let reply = rig()
+            .server
+            .call(&call(NFS_PROGRAM, 7, &write), IpAddr::from([127, 0, 0, 1]))
+            .expect("reply");
+        // Accepted, GARBAGE_ARGS (4).
+        assert_eq!(&reply[20..24], &4u32.to_be_bytes());
+        // A credential that claims 4 billion groups gets no answer at all.
+        let mut call = call(NFS_PROGRAM, 0, &[]);
+        call[52..56].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(rig().server.call(&call, IpAddr::from([127, 0, 0, 1])).is_none());
     }
 }
