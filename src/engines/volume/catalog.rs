@@ -899,6 +899,11 @@ impl Catalog {
             // The chunks the volume's checkpoints name lie outside its prefix.
             let mut chunks = cached::chunk_keys(remote.as_ref(), &sealer, &id, &prefix).await?;
             chunks.extend(pending);
+            // And those a gateway made and no checkpoint names (its own record may be lost
+            // with it): marked under the prefix.
+            for marker in remote.list(&format!("{prefix}gc-pending/")).await? {
+                chunks.extend(cached::marked_chunk(&marker.key));
+            }
             // Before the checkpoints that name them, or a retry could not find them.
             for key in chunks {
                 remote.delete(&key).await?;

@@ -21,7 +21,10 @@
 //!
 //! A crash anywhere leaves a consistent bucket: before the checkpoint, the old one still names
 //! the old objects, which nothing deleted; chunks made by a pass that a crash interrupted are
-//! listed in the progress record (`gc_pending`) and swept as garbage.
+//! listed in the progress record (`gc_pending`) and swept as garbage. Each is also marked in
+//! the bucket, by an empty object `gc-pending/<chunk name>` under the volume's prefix, put
+//! before the chunk and deleted once a checkpoint names it: a gateway that takes the volume
+//! over (or deletes it) finds there the chunks a lost gateway had made and nothing names.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
@@ -90,6 +93,19 @@ pub(super) struct GcState {
 pub(super) fn chunk_key(name: &[u8; 32]) -> String {
     let hex = hex(name);
     format!("chunks/{}/{hex}", &hex[..2])
+}
+
+/// The bucket's mark of a chunk no checkpoint names yet: `<volume prefix>gc-pending/<hex>`.
+pub(super) fn pending_marker(volume_prefix: &str, chunk_key: &str) -> String {
+    let hex = chunk_key.rsplit('/').next().unwrap_or_default();
+    format!("{volume_prefix}gc-pending/{hex}")
+}
+
+/// The chunk a `gc-pending/` mark names, if the mark's name is a chunk name.
+pub fn marked_chunk(marker: &str) -> Option<String> {
+    let hex = marker.rsplit('/').next()?;
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| format!("chunks/{}/{hex}", &hex[..2]))
 }
 
 pub fn hex(bytes: &[u8]) -> String {
@@ -363,6 +379,17 @@ async fn write_chunk(inner: &Arc<Inner>, pieces: Vec<Piece>) -> Result<u64, Stri
                 state.progress.clone()
             };
             save_progress(inner, progress).await?;
+            // Marked in the bucket too, for a gateway that takes over after a crash here.
+            inner
+                .bucket
+                .remote
+                .put(
+                    &pending_marker(&inner.bucket.prefix, &key),
+                    Bytes::new(),
+                    Meta::new(),
+                )
+                .await
+                .map_err(|e| format!("garbage collection, marking {key}: {e}"))?;
             let body = Bytes::from(body);
             inner
                 .bucket
@@ -503,9 +530,23 @@ async fn sweep(inner: &Arc<Inner>) -> Result<bool, String> {
         .map(|c| inner.bucket.chunk_key(&c.name))
         .collect();
     let pending = lock(&inner.state).progress.gc_pending.clone();
-    for key in pending {
-        if !known.contains(&key) {
-            garbage.push((key, None));
+    for key in &pending {
+        if !known.contains(key) {
+            garbage.push((key.clone(), None));
+        }
+    }
+    // The bucket's marks: a chunk no table here knows (a lost gateway's, or one whose put
+    // a crash interrupted) goes, then its mark; a mark of a chunk a checkpoint names now
+    // (its delete after the checkpoint failed or was cut short) goes alone.
+    for marker in listed("gc-pending").await? {
+        let Some(chunk) = marked_chunk(&marker.key) else {
+            continue;
+        };
+        if !known.contains(&chunk) {
+            garbage.push((chunk, None));
+            garbage.push((marker.key, None));
+        } else if !pending.contains(&chunk) {
+            garbage.push((marker.key, None));
         }
     }
     let due: Vec<(String, Option<u64>)> = {

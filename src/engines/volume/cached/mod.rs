@@ -45,7 +45,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-pub use self::gc::chunk_keys;
+pub use self::gc::{chunk_keys, marked_chunk};
 use self::map::{Map, Place};
 use self::record::{FRAME, HEADER_LEN, Kind, LogKey, MAX_RECORD, RecordHeader, TAG_LEN};
 pub use self::state::{CachedStatus, Progress};

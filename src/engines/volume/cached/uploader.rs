@@ -407,12 +407,20 @@ async fn write_checkpoint(inner: &Arc<Inner>) -> Result<bool, String> {
     })
     .await
     .map_err(|e| format!("local checkpoint: {e}"))?;
+    let cleared: Vec<String>;
     let progress = {
         let mut state = lock(&inner.state);
         state.checkpoint = at;
         state.checkpoint_refs = refs;
         state.checkpoint_due = false;
         // Chunks a checkpoint names are no longer at risk of being lost by a crash.
+        cleared = state
+            .progress
+            .gc_pending
+            .iter()
+            .filter(|k| chunk_keys.contains(*k))
+            .cloned()
+            .collect();
         state
             .progress
             .gc_pending
@@ -424,6 +432,13 @@ async fn write_checkpoint(inner: &Arc<Inner>) -> Result<bool, String> {
         state.progress.clone()
     };
     save_progress(inner, progress).await?;
+    // Their marks in the bucket may go (a sweep deletes any this leaves).
+    for key in cleared {
+        let marker = super::gc::pending_marker(&inner.bucket.prefix, &key);
+        if let Err(e) = inner.bucket.remote.delete(&marker).await {
+            tracing::debug!(volume = %inner.name, "deleting {marker}: {e}");
+        }
+    }
     Ok(true)
 }
 
