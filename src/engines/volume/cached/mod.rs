@@ -269,6 +269,9 @@ struct Writer {
     end: u64,
     opened: Instant,
     next_record: u64,
+    /// Places handed out in the log (`Inner::reserve`); `Inner::published` counts those
+    /// whose records are written and mapped.
+    tickets: u64,
     /// Closed segments written since the last flush: the next flush syncs them.
     unsynced: Vec<Arc<File>>,
     /// A segment file was created since the last flush: its directory needs a sync.
@@ -307,6 +310,12 @@ struct Inner {
     bucket: Bucket,
     settings: Settings,
     log: Mutex<Writer>,
+    /// How many reserved records are written and mapped, in log order: a record is mapped
+    /// only after every record before it, so the map (and what reads see) follows log
+    /// order, and the log below `published` has no holes.
+    published: Mutex<u64>,
+    /// Signalled when `published` grows.
+    published_cv: Condvar,
     map: RwLock<Map>,
     salts: RwLock<BTreeMap<u64, [u8; 16]>>,
     /// The chunks of `Checkpoint::chunks`, as they stand now.
@@ -336,6 +345,17 @@ struct Inner {
     /// Deleted while in use (`CachedVolume::retire`): every request fails. An atomic, as
     /// every read asks.
     retired: AtomicBool,
+}
+
+/// A record's place in the log, taken under the log's lock (`Inner::reserve`).
+struct Reserved {
+    /// Its turn to be mapped.
+    ticket: u64,
+    file: Arc<File>,
+    salt: [u8; 16],
+    segment: u64,
+    pos: u64,
+    header: RecordHeader,
 }
 
 /// A cached volume. Dropping it stops its uploader; what was not uploaded stays in the log
@@ -561,6 +581,7 @@ impl CachedVolume {
                 end: HEADER_LEN as u64,
                 opened: Instant::now(),
                 next_record,
+                tickets: 0,
                 unsynced: Vec::new(),
                 dir_dirty: false,
                 // The end of the log as found: the new segment is empty.
@@ -579,6 +600,8 @@ impl CachedVolume {
                 end: HEADER_LEN as u64,
             }),
             failed: Mutex::new(None),
+            published: Mutex::new(0),
+            published_cv: Condvar::new(),
             state: Mutex::new(state),
             room: Condvar::new(),
             wake: tokio::sync::Notify::new(),
@@ -819,12 +842,15 @@ impl Inner {
                 return None;
             }
         }
-        let mut w = lock(&self.log);
-        if w.end > HEADER_LEN as u64 && w.end + bytes > self.settings.segment_bytes {
-            return None;
-        }
+        let place = {
+            let mut w = lock(&self.log);
+            if w.end > HEADER_LEN as u64 && w.end + bytes > self.settings.segment_bytes {
+                return None;
+            }
+            self.reserve(&mut w, kind, offset, data.len() as u64)
+        };
         let payload = if kind == Kind::Zero { &[][..] } else { data };
-        Some(self.append_locked(&mut w, kind, offset, data.len() as u64, payload))
+        Some(self.complete(place, payload))
     }
 
     /// Waits until the reserve can give a segment's space (an upload gave some back).
@@ -835,7 +861,7 @@ impl Inner {
     /// Appends one record and maps it. `data` is empty for a zero record.
     fn append(&self, kind: Kind, offset: u64, length: u64, data: &[u8]) -> BlockResult<()> {
         let bytes = record::record_len(kind, length);
-        let mut w = loop {
+        let place = loop {
             self.wait_for_room(bytes)?;
             let mut w = lock(&self.log);
             if w.end > HEADER_LEN as u64 && w.end + bytes > self.settings.segment_bytes {
@@ -848,60 +874,102 @@ impl Inner {
                 self.roll(&mut w)
                     .map_err(|e| io_error("opening a new log segment", e))?;
             }
-            break w;
+            break self.reserve(&mut w, kind, offset, length);
         };
-        self.append_locked(&mut w, kind, offset, length, data)
+        self.complete(place, data)
     }
 
-    /// Appends a record to the open segment, which has room for it, and maps it. The record
-    /// is sealed into this thread's buffer, so appending allocates nothing.
-    fn append_locked(
-        &self,
-        w: &mut Writer,
-        kind: Kind,
-        offset: u64,
-        length: u64,
-        data: &[u8],
-    ) -> BlockResult<()> {
+    /// Takes the place of the next record in the open segment, which has room for it: the
+    /// only step of an append made under the log's lock. Sealing and writing the record
+    /// (`complete`) happen outside it, so that appends on several cores encrypt and copy at
+    /// once; each append must be completed, or no later one is ever mapped.
+    fn reserve(&self, w: &mut Writer, kind: Kind, offset: u64, length: u64) -> Reserved {
         let bytes = record::record_len(kind, length);
-        let pos = w.end as u32;
-        let header = RecordHeader {
-            kind,
-            offset,
-            length,
-            seq: w.next_record,
+        let place = Reserved {
+            ticket: w.tickets,
+            file: w.file.clone(),
+            salt: w.salt,
+            segment: w.seq,
+            pos: w.end,
+            header: RecordHeader {
+                kind,
+                offset,
+                length,
+                seq: w.next_record,
+            },
         };
-        SEALED.with_borrow_mut(|sealed| {
+        w.tickets += 1;
+        w.end += bytes;
+        w.next_record += 1;
+        place
+    }
+
+    /// Seals and writes a reserved record, then maps it once every record reserved before
+    /// it is mapped. The record is sealed into this thread's buffer, so appending allocates
+    /// nothing. A write that fails leaves a hole in the log: the volume's flushes fail from
+    /// then on (as after a failed sync), so nothing after the hole is ever promised.
+    fn complete(&self, place: Reserved, data: &[u8]) -> BlockResult<()> {
+        let header = &place.header;
+        let bytes = record::record_len(header.kind, header.length);
+        let written = SEALED.with_borrow_mut(|sealed| {
             // Grown once, never cleared: sealing writes every byte it sends.
             if sealed.len() < bytes as usize {
                 sealed.resize(bytes as usize, 0);
             }
             let sealed = &mut sealed[..bytes as usize];
             self.key
-                .seal_record_into(&w.salt, pos, &header, data, sealed);
-            w.file.write_all_at(sealed, w.end)
-        })?;
-        w.end += bytes;
-        w.next_record += 1;
-        let place = match kind {
-            Kind::Zero => Place::Zero,
-            Kind::ZeroData => Place::ZeroData,
-            Kind::Write => Place::Data {
-                segment: w.seq,
-                pos,
-                rec_len: length as u32,
-                skip: 0,
-            },
-        };
-        self.map
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(offset, length, place);
-        let mut state = lock(&self.state);
-        state.dirty_bytes += bytes;
-        state.local_bytes += bytes;
-        state.bytes_written += length;
-        Ok(())
+                .seal_record_into(&place.salt, place.pos as u32, header, data, sealed);
+            place.file.write_all_at(sealed, place.pos)
+        });
+        if let Err(e) = &written {
+            lock(&self.failed).get_or_insert_with(|| format!("writing the log: {e}"));
+        }
+        let mut published = lock(&self.published);
+        while *published != place.ticket {
+            published = self
+                .published_cv
+                .wait(published)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        if written.is_ok() {
+            let mapped = match header.kind {
+                Kind::Zero => Place::Zero,
+                Kind::ZeroData => Place::ZeroData,
+                Kind::Write => Place::Data {
+                    segment: place.segment,
+                    pos: place.pos as u32,
+                    rec_len: header.length as u32,
+                    skip: 0,
+                },
+            };
+            self.map
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(header.offset, header.length, mapped);
+        }
+        {
+            let mut state = lock(&self.state);
+            state.dirty_bytes += bytes;
+            state.local_bytes += bytes;
+            if written.is_ok() {
+                state.bytes_written += header.length;
+            }
+        }
+        *published += 1;
+        drop(published);
+        self.published_cv.notify_all();
+        written.map_err(|e| io_error("writing the log", e))
+    }
+
+    /// Waits until the first `tickets` reserved records are written and mapped.
+    fn wait_published(&self, tickets: u64) {
+        let mut published = lock(&self.published);
+        while *published < tickets {
+            published = self
+                .published_cv
+                .wait(published)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
     }
 
     /// Makes the end of the log a new cut, with a record that changes nothing (a zero
@@ -910,20 +978,23 @@ impl Inner {
     /// key) of its own rather than that of the checkpoint the newest commit names, and the
     /// next commit names it. `Ok(false)` if the open segment has no room for it now.
     fn mark_cut(&self) -> BlockResult<bool> {
-        {
+        let place = {
             let mut w = lock(&self.log);
             if w.end > HEADER_LEN as u64 && w.end + HEADER_LEN as u64 > self.settings.segment_bytes
             {
                 return Ok(false);
             }
-            self.append_locked(&mut w, Kind::Zero, 0, 0, &[])?;
-        }
+            self.reserve(&mut w, Kind::Zero, 0, 0)
+        };
+        self.complete(place, &[])?;
         self.sync_log(true)?;
         Ok(true)
     }
 
-    /// Closes the open segment and opens the next. Called with the log locked.
+    /// Closes the open segment and opens the next. Called with the log locked; waits for the
+    /// records reserved in the segment to be written, since it is then sealed for upload.
     fn roll(&self, w: &mut Writer) -> io::Result<()> {
+        self.wait_published(w.tickets);
         let seq = w.seq + 1;
         let (file, salt) = state::create_segment(&self.dir.join("segments"), &self.key, seq)?;
         reserve::preallocate(&file, self.segment_alloc);
@@ -983,13 +1054,18 @@ impl Inner {
             }
             return Ok(());
         }
-        let (files, dir_dirty, cut) = {
+        let (files, dir_dirty, cut, tickets) = {
             let mut w = lock(&self.log);
             let mut files = std::mem::take(&mut w.unsynced);
             files.push(w.file.clone());
             let dir_dirty = std::mem::take(&mut w.dir_dirty);
-            (files, dir_dirty, w.position())
+            (files, dir_dirty, w.position(), w.tickets)
         };
+        // Records reserved before the cut but still being written would be holes under it.
+        self.wait_published(tickets);
+        if let Some(e) = lock(&self.failed).as_ref() {
+            return Err(BlockError::Io(format!("an earlier write failed: {e}")));
+        }
         let result = (|| {
             for file in &files {
                 file.sync_data()?;

@@ -351,6 +351,8 @@ async fn write_checkpoint(inner: &Arc<Inner>) -> Result<bool, String> {
     let (at, sealed, refs, chunk_keys) = blocking(move || -> Result<Taken, String> {
         let checkpoint = {
             let w = lock(&taker.log);
+            // Everything up to its point mapped: no record still being written.
+            taker.wait_published(w.tickets);
             let chunks = taker.chunks.read().unwrap_or_else(|e| e.into_inner());
             super::Checkpoint {
                 // Where the log's last record ends (in the previous segment when the open
