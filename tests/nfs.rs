@@ -1051,23 +1051,7 @@ fn a_share_in_another_bucket_puts_its_files_there() {
         return;
     };
     let other = "firn-other-bucket";
-    let created = common::run(
-        "curl",
-        &[
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-X",
-            "PUT",
-            "--aws-sigv4",
-            "aws:amz:us-east-1:s3",
-            "--user",
-            "test:test",
-            &format!("{}/{other}", moto.endpoint),
-        ],
-    );
+    let created = moto.put(&[&format!("{}/{other}", moto.endpoint)]);
     assert_eq!(created, "200", "creating the other bucket");
     let g = Gateway::start_with(&format!(
         "[remote]\nkind = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"us-east-1\"\n\
@@ -1091,24 +1075,15 @@ for bucket in sys.argv[2:]:
             print(bucket, o["Key"])
 sys.stdout.buffer.write(s3.get_object(Bucket=sys.argv[2], Key="media/a.bin")["Body"].read())
 "#;
-    let out = std::process::Command::new("python3")
-        .args(["-c", script, &moto.endpoint, other, common::MOTO_BUCKET])
-        .env_remove("AWS_CA_BUNDLE")
-        .output()
-        .expect("python3 (python3-boto3)");
-    assert!(
-        out.status.success(),
-        "boto3: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = common::boto3(script, &[&moto.endpoint, other, common::MOTO_BUCKET]);
     let listing = format!("{other} media/a.bin\n");
     assert!(
-        out.stdout.starts_with(listing.as_bytes()),
+        stdout.starts_with(listing.as_bytes()),
         "{}",
-        String::from_utf8_lossy(&out.stdout)
+        String::from_utf8_lossy(&stdout)
     );
     assert!(
-        out.stdout[listing.len()..] == data,
+        stdout[listing.len()..] == data,
         "the object differs from the file"
     );
     let shown = g.show("media");

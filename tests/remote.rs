@@ -398,16 +398,7 @@ s3 = boto3.client("s3", endpoint_url=os.environ["FIRN_TEST_S3_ENDPOINT"],
 s3.put_object(Bucket=os.environ["FIRN_TEST_S3_BUCKET"], Key=sys.argv[1], Body=b"")
 "#;
     let marker = format!("{}/marked/", options.prefix);
-    let out = std::process::Command::new("python3")
-        .args(["-c", script, &marker])
-        .env_remove("AWS_CA_BUNDLE")
-        .output()
-        .expect("run python3 (python3-boto3)");
-    assert!(
-        out.status.success(),
-        "boto3 put failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::boto3(script, &[&marker]);
     let top = r.list_dir("").await.expect("list_dir top");
     assert_eq!(top.dirs, ["marked/"]);
     assert!(top.objects.is_empty(), "{top:?}");
@@ -1751,20 +1742,13 @@ for key in sys.argv[3:]:
         .iter()
         .map(|k| format!("{}/sse/{k}", options.prefix))
         .collect();
-    let mut args = vec!["-c", script, &moto.endpoint, common::MOTO_BUCKET];
+    let mut args = vec![&moto.endpoint[..], common::MOTO_BUCKET];
     args.extend(keys.iter().map(|k| k.as_str()));
-    let out = std::process::Command::new("python3")
-        .args(&args)
-        .env_remove("AWS_CA_BUNDLE")
-        .output()
-        .expect("python3 (python3-boto3)");
-    assert!(
-        out.status.success(),
-        "boto3: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let expected: String = keys.iter().map(|k| format!("{k} AES256\n")).collect();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
+    assert_eq!(
+        String::from_utf8_lossy(&common::boto3(script, &args)),
+        expected
+    );
 
     for (kind, key_id) in [("aes256", None), ("AES256", Some("key-1")), ("sse-c", None)] {
         let mut bad = options.clone();

@@ -266,17 +266,25 @@ for page in s3.get_paginator("list_objects_v2").paginate(
     keys += [o["Key"] for o in page.get("Contents", [])]
 print(json.dumps(sorted(keys)))
 "#;
+    serde_json::from_slice(&boto3(script, &[prefix])).expect("boto3 printed JSON")
+}
+
+/// Runs a Python script that uses boto3 (`python3 -c script args...`), which must succeed;
+/// its stdout. Without `AWS_CA_BUNDLE`, which breaks clients of plain-HTTP endpoints.
+pub fn boto3(script: &str, args: &[&str]) -> Vec<u8> {
     let out = std::process::Command::new("python3")
-        .args(["-c", script, prefix])
+        .arg("-c")
+        .arg(script)
+        .args(args)
         .env_remove("AWS_CA_BUNDLE")
         .output()
         .expect("run python3 (python3-boto3)");
     assert!(
         out.status.success(),
-        "boto3 listing failed: {}",
+        "boto3 script failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).expect("boto3 printed JSON")
+    out.stdout
 }
 
 /// The bucket a moto server (`Moto::start`) holds.
@@ -324,24 +332,7 @@ impl Moto {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        // Signed (moto answers an unsigned conditional put with 403).
-        let status = |args: &[&str]| {
-            let mut full = vec![
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-X",
-                "PUT",
-                "--aws-sigv4",
-                "aws:amz:us-east-1:s3",
-                "--user",
-                "test:test",
-            ];
-            full.extend_from_slice(args);
-            run("curl", &full)
-        };
+        let status = |args: &[&str]| moto.put(args);
         let bucket = format!("{}/{MOTO_BUCKET}", moto.endpoint);
         assert_eq!(status(&[&bucket]), "200", "creating the bucket");
         // The store must refuse a second create for the fencing under test to exist at all.
@@ -354,6 +345,28 @@ impl Moto {
             "this moto does not refuse a second PutObject with If-None-Match: *"
         );
         Some(moto)
+    }
+}
+
+impl Moto {
+    /// A signed PUT to moto with curl's `args` (the URL last); the HTTP status. Signed: moto
+    /// answers an unsigned conditional put with 403.
+    pub fn put(&self, args: &[&str]) -> String {
+        let mut full = vec![
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "PUT",
+            "--aws-sigv4",
+            "aws:amz:us-east-1:s3",
+            "--user",
+            "test:test",
+        ];
+        full.extend_from_slice(args);
+        run("curl", &full)
     }
 }
 

@@ -596,6 +596,11 @@ mod tests {
         // A credential that claims 4 billion groups gets no answer at all.
         let mut call = call(NFS_PROGRAM, 0, &[]);
         call[52..56].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert!(rig().server.call(&call, IpAddr::from([127, 0, 0, 1])).is_none());
+        assert!(
+            rig()
+                .server
+                .call(&call, IpAddr::from([127, 0, 0, 1]))
+                .is_none()
+        );
     }
 }
