@@ -1266,19 +1266,26 @@ fn garbage_collection_keeps_the_image(bucket: Bucket) {
     }
 }
 
-/// Bytes of segment and chunk objects in a directory bucket.
+/// Bytes of segment and chunk objects in a directory bucket. The collector deletes objects
+/// (and prunes the directories they leave empty) while this walks: what vanishes under it
+/// counts as gone.
 fn data_bytes(root: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).expect("read_dir").flatten() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => panic!("read_dir {}: {e}", dir.display()),
+        };
+        for entry in entries.flatten() {
             let path = entry.path();
             if path.is_dir() {
                 stack.push(path);
             } else {
                 let text = path.to_string_lossy();
                 if text.contains("/segments/") || text.contains("/chunks/") {
-                    total += entry.metadata().expect("metadata").len();
+                    total += entry.metadata().map_or(0, |m| m.len());
                 }
             }
         }
