@@ -1017,8 +1017,7 @@ impl Share {
                 };
                 let file = self.content(id)?;
                 let json = serde_json::to_vec(&entry).unwrap_or_default();
-                if let Err(e) = xattr::FileExt::set_xattr(&*file, namespace::ENTRY_XATTR, &json)
-                {
+                if let Err(e) = xattr::FileExt::set_xattr(&*file, namespace::ENTRY_XATTR, &json) {
                     // A file system without user attributes: the creation is made durable
                     // now instead (a grouped commit covers the lazy one).
                     tracing::debug!(share = %self.info.name, "no entry attribute on a new file ({e}): committing its creation at once");
