@@ -235,10 +235,24 @@ impl MetaStore {
     where
         E: From<MetaError>,
     {
+        self.counted_lazy(body).map(|(value, _)| value)
+    }
+
+    /// A lazy commit, counted: its value and its number among the lazy commits. Numbered
+    /// after the commit, so a durable commit begun once the number is counted covers it.
+    fn counted_lazy<T, E>(
+        &self,
+        body: impl FnOnce(&mut MetaTransaction<'_>) -> Result<T, E>,
+    ) -> Result<(T, u64), E>
+    where
+        E: From<MetaError>,
+    {
         let value = self.transaction_with(redb::Durability::None, body)?;
-        self.grouped
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        Ok(value)
+        let mine = self
+            .grouped
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+            + 1;
+        Ok((value, mine))
     }
 
     /// Waits until a durable commit covers the first `mine` lazy commits, making one if
@@ -271,11 +285,7 @@ impl MetaStore {
     where
         E: From<MetaError>,
     {
-        use std::sync::atomic::Ordering;
-        let value = self.transaction_with(redb::Durability::None, body)?;
-        // Numbered after the commit: a durable commit begun once this number is counted
-        // covers it.
-        let mine = self.grouped.fetch_add(1, Ordering::AcqRel) + 1;
+        let (value, mine) = self.counted_lazy(body)?;
         self.cover(mine)?;
         Ok(value)
     }
