@@ -794,6 +794,142 @@ fn clean_files_are_evicted_past_cache_max_and_fetched_back_when_used() {
     }
 }
 
+/// Waits until file `id` of the share in `files_dir` has been evicted by cache_max.
+fn wait_evicted(files_dir: &std::path::Path, id: u64) {
+    let started = Instant::now();
+    while files_dir.join(format!("{id:016x}")).exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "fileid {id} not evicted"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Bytes a file takes on disk (a part file is sparse).
+fn allocated(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+}
+
+#[test]
+fn an_evicted_file_is_read_back_a_verified_block_at_a_time() {
+    const MIB: u64 = 1 << 20;
+    for mut rig in rigs(Duration::ZERO) {
+        rig.cache_max = MIB;
+        rig.reopen(Duration::ZERO);
+        let info = rig
+            .shares()
+            .create("p", "p/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let files_dir = rig.dir.path().join("shares").join(&info.id).join("files");
+        let share = rig.share("p");
+        let f = share
+            .create(share.root(), "big", 0o644, 0, 0, true)
+            .expect("create");
+        let id = f.fileid;
+        let data = random((6 * MIB + 123) as usize);
+        for at in (0..data.len()).step_by(MIB as usize) {
+            let end = (at + MIB as usize).min(data.len());
+            share
+                .write(id, at as u64, &data[at..end], false)
+                .expect("write");
+        }
+        share.commit(id).expect("commit");
+        rig.wait_clean("p");
+        wait_evicted(&files_dir, id);
+        drop(share);
+        // A cache large enough that nothing is evicted while the test looks.
+        rig.cache_max = 1 << 30;
+        rig.reopen(Duration::ZERO);
+        let share = rig.share("p");
+        let content = files_dir.join(format!("{id:016x}"));
+        let part = files_dir.join(format!("{id:016x}.part"));
+
+        // A small read fetches the one block it lies in, not the file.
+        let at = 3 * MIB + 10;
+        let (read, eof) = share.read(id, at, 4096).expect("read");
+        assert!(!eof);
+        assert!(
+            read == data[at as usize..at as usize + 4096],
+            "read differs"
+        );
+        assert!(!content.exists(), "a 4 KiB read fetched the whole file");
+        let fetched = allocated(&part);
+        assert!(
+            (4096..=MIB + 65536).contains(&fetched),
+            "{fetched} bytes fetched for a 4 KiB read"
+        );
+
+        // Read in order to the end: every byte right, and then it is the file's content.
+        let mut back = Vec::new();
+        loop {
+            let (read, eof) = share.read(id, back.len() as u64, MIB as u32).expect("read");
+            back.extend_from_slice(&read);
+            if eof {
+                break;
+            }
+        }
+        assert!(back == data, "read back in order differs");
+        assert!(content.exists() && !part.exists(), "not made the content");
+
+        // Evicted again, and the object corrupted in the bucket behind firn's back (same
+        // size, same metadata): blocks that still match are served, the bad one is not.
+        drop(share);
+        rig.cache_max = MIB;
+        rig.reopen(Duration::ZERO);
+        wait_evicted(&files_dir, id);
+        rig.cache_max = 1 << 30;
+        rig.reopen(Duration::ZERO);
+        let share = rig.share("p");
+        let meta = rig
+            .runtime
+            .block_on(rig.raw.head("p/big"))
+            .expect("head")
+            .expect("object")
+            .meta;
+        let mut bad = data.clone();
+        bad[(4 * MIB + 99) as usize] ^= 0x40;
+        rig.runtime
+            .block_on(rig.raw.put("p/big", bytes::Bytes::from(bad), meta))
+            .expect("corrupt the object");
+        let (read, _) = share.read(id, MIB, 8192).expect("a good block");
+        assert!(read == data[MIB as usize..MIB as usize + 8192]);
+        let err = share
+            .read(id, 4 * MIB, 4096)
+            .expect_err("a corrupt block was served");
+        assert!(err.to_string().contains("does not match"), "{err}");
+        assert!(!content.exists(), "a corrupt object became the content");
+
+        // An object another tool put carries no digest: its blocks are fetched as needed.
+        let other = random((3 * MIB + 5) as usize);
+        rig.runtime
+            .block_on(rig.raw.put(
+                "p/other",
+                bytes::Bytes::from(other.clone()),
+                Default::default(),
+            ))
+            .expect("put by another tool");
+        share.refresh("").expect("refresh");
+        let o = share.lookup(share.root(), "other").expect("other");
+        let (read, eof) = share.read(o, 2 * MIB + 5, 4096).expect("read");
+        assert!(!eof);
+        assert!(read == other[(2 * MIB + 5) as usize..(2 * MIB + 5) as usize + 4096]);
+        assert!(!files_dir.join(format!("{o:016x}")).exists());
+        assert!(files_dir.join(format!("{o:016x}.part")).exists());
+
+        // A restart forgets fetched blocks (their map was in memory).
+        drop(share);
+        rig.reopen(Duration::ZERO);
+        let parts = std::fs::read_dir(&files_dir)
+            .expect("files")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
+            .count();
+        assert_eq!(parts, 0, "part files left after a restart");
+    }
+}
+
 #[test]
 fn objects_other_tools_put_or_delete_show_up_after_a_refresh() {
     for rig in rigs(Duration::from_secs(3600)) {

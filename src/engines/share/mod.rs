@@ -10,14 +10,15 @@
 //!   settle time, or at once after a commit; a write during the upload fails it, so no object
 //!   is ever torn. Removed and renamed files' old objects are deleted after.
 //!
-//! - Eviction: clean files past `cache_max`, least recently used first; an evicted file is
-//!   fetched back whole from its object when next read or written.
+//! - Eviction: clean files past `cache_max`, least recently used first. A read of an evicted
+//!   file fetches only the blocks it needs (`blocks`); a write fetches it whole first.
 //!
 //! - `refresh`: what other tools put into or deleted from the prefix shows up or goes.
 //!
 //! - Directories: each has a marker object, `<prefix><path>/`, empty, with the directory's
 //!   metadata, so empty ones persist in the bucket. The share's root has none.
 
+mod blocks;
 pub mod namespace;
 mod refresh;
 mod upload;
@@ -424,6 +425,8 @@ impl Shares {
             .mode(0o700)
             .create(&files)
             .map_err(|e| io_error(&format!("creating {}", files.display()), e))?;
+        blocks::clean_leftovers(&files)
+            .map_err(|e| io_error(&format!("cleaning {}", files.display()), e))?;
         let ns = Namespace::open(self.meta.clone(), &info.id, root_attrs())?;
         if !ns.take_clean()? {
             let recovered = ns.recover(&files)?;
@@ -455,6 +458,7 @@ impl Shares {
             newest_upload: tokio::sync::watch::Sender::new(0),
             used: Mutex::new(HashMap::new()),
             fetching: Mutex::new(()),
+            partials: Mutex::new(HashMap::new()),
             runtime: self.runtime.clone(),
             space: self.space.clone(),
         });
@@ -620,8 +624,10 @@ pub struct Share {
     newest_upload: tokio::sync::watch::Sender<u64>,
     /// When each file's content was last used, for eviction.
     used: Mutex<HashMap<u64, Instant>>,
-    /// Held while an evicted file is fetched back.
+    /// Held while an evicted file is fetched back whole.
     fetching: Mutex<()>,
+    /// Evicted files being read back a block at a time.
+    partials: Mutex<HashMap<u64, Arc<blocks::Partial>>>,
     runtime: tokio::runtime::Handle,
     space: Option<Arc<crate::local::space::SpaceBudget>>,
 }
@@ -695,12 +701,38 @@ impl Share {
         self.files.join(format!("{id:016x}"))
     }
 
-    /// The content file of `id`, created empty if missing (a crash before a new file's
-    /// content reached the disk leaves an inode whose content is empty).
-    fn content(&self, id: u64) -> Result<Arc<File>, ShareError> {
+    /// The content file of `id` if it is on local disk (not evicted, not new and unwritten).
+    fn cached(&self, id: u64) -> Result<Option<Arc<File>>, ShareError> {
         lock(&self.used).insert(id, Instant::now());
         if let Some(file) = lock(&self.files_open).get(&id) {
-            return Ok(file.clone());
+            return Ok(Some(file.clone()));
+        }
+        match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.content_path(id))
+        {
+            Ok(file) => Ok(Some(self.keep_open(id, file))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error("opening a file's local content", e)),
+        }
+    }
+
+    fn keep_open(&self, id: u64, file: File) -> Arc<File> {
+        let file = Arc::new(file);
+        let mut open = lock(&self.files_open);
+        if open.len() >= OPEN_FILES {
+            open.clear();
+        }
+        open.insert(id, file.clone());
+        file
+    }
+
+    /// The content file of `id`, fetched whole if evicted, created empty if missing (a crash
+    /// before a new file's content reached the disk leaves an inode whose content is empty).
+    fn content(&self, id: u64) -> Result<Arc<File>, ShareError> {
+        if let Some(file) = self.cached(id)? {
+            return Ok(file);
         }
         let open = |create: bool| {
             OpenOptions::new()
@@ -723,13 +755,7 @@ impl Share {
             }
             Err(e) => return Err(io_error("opening a file's local content", e)),
         };
-        let file = Arc::new(file);
-        let mut open = lock(&self.files_open);
-        if open.len() >= OPEN_FILES {
-            open.clear();
-        }
-        open.insert(id, file.clone());
-        Ok(file)
+        Ok(self.keep_open(id, file))
     }
 
     /// Whether `bytes` more of local space may be taken; if not, clean files are evicted to
@@ -761,19 +787,33 @@ impl Share {
         };
         let key = format!("{}{}", self.info.prefix, uploaded.path);
         let staging = self.files.join(format!("{id:016x}.fetch"));
-        let fetched = self.fetch_into(&key, uploaded.size, &staging);
-        if let Err(e) = fetched {
-            let _ = std::fs::remove_file(&staging);
-            return Err(e);
-        }
+        let cvs = match self.fetch_into(&key, uploaded.size, &staging) {
+            Ok(cvs) => cvs,
+            Err(e) => {
+                let _ = std::fs::remove_file(&staging);
+                return Err(e);
+            }
+        };
         std::fs::rename(&staging, &path).map_err(|e| io_error("fetching a file", e))?;
+        self.drop_partial(id);
+        if let Some(cvs) = cvs {
+            // Checked against the digest with the whole: an eviction from now on reads
+            // back a block at a time.
+            self.ns.set_blocks(id, &cvs)?;
+        }
         Ok(())
     }
 
     /// The object `key` of `size` bytes into the file `to`, in ranged reads of 8 MiB (memory
-    /// stays at one range). Objects put by other tools carry no digest, so whole-object reads
-    /// (which demand firn's) cannot fetch them; a digest firn wrote is checked here instead.
-    fn fetch_into(&self, key: &str, size: u64, to: &std::path::Path) -> Result<(), ShareError> {
+    /// stays at one range), on disk when it returns. Objects put by other tools carry no
+    /// digest, so whole-object reads (which demand firn's) cannot fetch them; a digest firn
+    /// wrote is checked here instead, and then the object's block hashes are returned.
+    fn fetch_into(
+        &self,
+        key: &str,
+        size: u64,
+        to: &std::path::Path,
+    ) -> Result<Option<Vec<u8>>, ShareError> {
         const RANGE: u64 = 8 << 20;
         let failed = |e: crate::remote::Error| ShareError::Io(format!("fetching {key}: {e}"));
         let file = File::create(to).map_err(|e| io_error("fetching a file", e))?;
@@ -783,6 +823,7 @@ impl Share {
             .map_err(failed)?
             .and_then(|info| info.meta.get(crate::remote::verify::DIGEST_META).cloned());
         let mut hasher = blake3::Hasher::new();
+        let gathered = blocks::Gathered::new(size).filter(|_| digest.is_some());
         let mut at = 0;
         while at < size {
             let end = (at + RANGE).min(size);
@@ -791,6 +832,9 @@ impl Share {
                 .block_on(self.remote.get_range(key, at..end))
                 .map_err(failed)?;
             hasher.update(&bytes);
+            if let Some(gathered) = &gathered {
+                gathered.gather(at, &bytes, &gathered.wanted(at, end - at));
+            }
             file.write_all_at(&bytes, at)
                 .map_err(|e| io_error("fetching a file", e))?;
             at = end;
@@ -802,7 +846,10 @@ impl Share {
                 "{key} in the bucket does not match its digest: not fetched"
             )));
         }
-        Ok(())
+        // On disk before it is named as the content, which is taken as whole after a crash.
+        file.sync_data()
+            .map_err(|e| io_error("fetching a file", e))?;
+        Ok(gathered.and_then(|g| g.finish()))
     }
 
     /// Evicts the least recently used clean files until their local bytes are under
@@ -820,6 +867,18 @@ impl Share {
         let dirty: std::collections::HashSet<u64> = lock(&self.dirty).keys().copied().collect();
         for entry in std::fs::read_dir(&self.files).map_err(|e| io_error("listing files", e))? {
             let Ok(entry) = entry else { continue };
+            let name = entry.file_name();
+            if let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".part"))
+                .and_then(|n| u64::from_str_radix(n, 16).ok())
+            {
+                // Fetched blocks of an evicted file: sparse, so their blocks count.
+                let size = entry.metadata().map_or(0, |m| m.blocks() * 512);
+                total += size;
+                clean.push((id, size, true));
+                continue;
+            }
             let Some(id) = entry
                 .file_name()
                 .to_str()
@@ -833,23 +892,27 @@ impl Share {
             }
             let size = entry.metadata().map_or(0, |m| m.len());
             total += size;
-            clean.push((id, size));
+            clean.push((id, size, false));
         }
         if need.is_none() && total <= limit {
             return Ok(0);
         }
         let used = lock(&self.used).clone();
         // Least recently used first; files not used since the start count as oldest.
-        clean.sort_by_key(|(id, _)| used.get(id).copied());
+        clean.sort_by_key(|(id, _, _)| used.get(id).copied());
         let target = limit / 10 * 9;
         let mut freed = 0;
-        for (id, size) in clean {
+        for (id, size, part) in clean {
             let done = match need {
                 Some(need) => freed >= need,
                 None => total - freed <= target,
             };
             if done {
                 break;
+            }
+            if part {
+                freed += self.drop_partial(id);
+                continue;
             }
             // Only a file whose object holds what it holds here.
             let Ok(inode) = self.ns.get(id) else { continue };
@@ -876,6 +939,7 @@ impl Share {
         lock(&self.used).remove(&id);
         lock(&self.files_open).remove(&id);
         let _ = std::fs::remove_file(self.content_path(id));
+        self.drop_partial(id);
         lock(&self.dirty).remove(&id);
     }
 
@@ -1236,7 +1300,18 @@ impl Share {
             }
             Kind::File => {}
         }
-        let file = self.content(id)?;
+        let file = match self.cached(id)? {
+            Some(file) => file,
+            None => {
+                // Evicted: only the blocks the read needs, when they can be checked.
+                if let Some(uploaded) = inode.uploaded.as_ref().filter(|u| u.size > blocks::BLOCK)
+                    && let Some(read) = self.read_blocks(id, uploaded, offset, count)?
+                {
+                    return Ok(read);
+                }
+                self.content(id)?
+            }
+        };
         let size = file
             .metadata()
             .map_err(|e| io_error("reading a file", e))?

@@ -114,6 +114,9 @@ pub struct Namespace {
     names: String,
     pub(super) dirty: String,
     pub(super) deletes: String,
+    /// Per file uploaded by firn and larger than a block: its object's block hashes, so an
+    /// evicted file is read back a verified block at a time (`super::blocks`).
+    blocks: String,
     /// Fileids to hand out: the next one, and the durable ceiling below which every fileid
     /// handed out lies (`NEXT`). Raised durably a block at a time, so that a create whose
     /// commit a crash loses never gives its fileid to another file after the restart.
@@ -190,6 +193,7 @@ impl Namespace {
             names: format!("share-{id}-names"),
             dirty: format!("share-{id}-dirty"),
             deletes: format!("share-{id}-deletes"),
+            blocks: format!("share-{id}-blocks"),
             ids: std::sync::Mutex::new((0, 0)),
             created_max: std::sync::atomic::AtomicU64::new(0),
         };
@@ -335,7 +339,13 @@ impl Namespace {
 
     /// Removes every table of the namespace's entries.
     pub fn destroy(&self) -> Result<(), ShareError> {
-        for table in [&self.inodes, &self.names, &self.dirty, &self.deletes] {
+        for table in [
+            &self.inodes,
+            &self.names,
+            &self.dirty,
+            &self.deletes,
+            &self.blocks,
+        ] {
             loop {
                 let page = self.meta.list_page(table, "", None, 1024)?;
                 if page.is_empty() {
@@ -349,6 +359,20 @@ impl Namespace {
                 })?;
             }
         }
+        Ok(())
+    }
+
+    /// The block hashes of file `id`'s object (`super::blocks`), if firn recorded them.
+    pub fn blocks(&self, id: u64) -> Result<Option<Vec<u8>>, ShareError> {
+        Ok(self.meta.get(&self.blocks, &hex(id))?)
+    }
+
+    /// Records the block hashes of file `id`'s object, learned by fetching it whole. Lazily
+    /// durable: they are checked against the object's digest before use, so a lost or stale
+    /// record only costs a whole fetch.
+    pub fn set_blocks(&self, id: u64, blocks: &[u8]) -> Result<(), ShareError> {
+        self.meta
+            .transaction_lazy(|tx| tx.put(&self.blocks, &hex(id), blocks))?;
         Ok(())
     }
 
@@ -516,6 +540,7 @@ impl Namespace {
             }
             tx.delete(&self.names, &entry_key(dir, name))?;
             tx.delete(&self.inodes, &hex(id))?;
+            tx.delete(&self.blocks, &hex(id))?;
             tx.delete(&self.dirty, &hex(id))?;
             if let Some(uploaded) = &inode.uploaded {
                 tx.put(&self.deletes, &uploaded.path, b"")?;
@@ -593,6 +618,7 @@ impl Namespace {
                     (false, false) => {}
                 }
                 tx.delete(&self.inodes, &hex(old_id))?;
+                tx.delete(&self.blocks, &hex(old_id))?;
                 tx.delete(&self.dirty, &hex(old_id))?;
                 // Its object is usually at the moved file's new key, which that file's upload
                 // overwrites: `delete_decision` keeps it until then.
@@ -660,6 +686,7 @@ impl Namespace {
             }
             tx.delete(&self.names, &entry_key(dir, name))?;
             tx.delete(&self.inodes, &hex(id))?;
+            tx.delete(&self.blocks, &hex(id))?;
             touch_dir(tx, &self.inodes, dir, now_ns)?;
             Ok(true)
         })
@@ -729,6 +756,7 @@ impl Namespace {
         uploaded: Uploaded,
         mtime_ns: u64,
         clean: bool,
+        blocks: Option<&[u8]>,
     ) -> Result<(), ShareError> {
         // Lazily durable: a crash that forgets it only makes the file dirty again, and its
         // upload is done again (same content, same key).
@@ -753,6 +781,12 @@ impl Namespace {
             inode.mtime_ns = mtime_ns;
             inode.uploaded = Some(uploaded);
             tx.put_json(&self.inodes, &hex(id), &inode)?;
+            match blocks {
+                Some(blocks) => tx.put(&self.blocks, &hex(id), blocks)?,
+                None => {
+                    tx.delete(&self.blocks, &hex(id))?;
+                }
+            }
             if clean && !moved {
                 tx.delete(&self.dirty, &hex(id))?;
             }

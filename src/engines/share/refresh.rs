@@ -311,6 +311,7 @@ impl Share {
                 })?;
                 lock(&self.files_open).remove(&id);
                 let _ = std::fs::remove_file(self.content_path(id));
+                self.drop_partial(id);
                 drop(guard);
                 Ok(Some(false))
             }

@@ -170,14 +170,20 @@ async fn upload(share: &Arc<Share>, id: u64, generation: u64) -> Result<bool, St
         _ => path,
     };
     let key = format!("{}{path}", share.info.prefix);
+    let mut content = None;
     let body: Arc<dyn Body> = match (inode.kind, file) {
-        (Kind::File, Some(file)) => Arc::new(Content {
-            file,
-            len: attrs.size,
-            share: share.clone(),
-            id,
-            generation,
-        }),
+        (Kind::File, Some(file)) => {
+            let body = Arc::new(Content {
+                file,
+                len: attrs.size,
+                share: share.clone(),
+                id,
+                generation,
+                gathered: super::blocks::Gathered::new(attrs.size),
+            });
+            content = Some(body.clone());
+            body
+        }
         (Kind::Symlink, _) => Arc::new(Bytes::from(inode.target.clone().unwrap_or_default())),
         (Kind::Dir, _) => Arc::new(Bytes::new()),
         _ => {
@@ -197,6 +203,9 @@ async fn upload(share: &Arc<Share>, id: u64, generation: u64) -> Result<bool, St
     // (so a rename or remove since deletes it). The file is clean only if nothing changed
     // since the upload read it; the lock keeps a new change from slipping in between the
     // check and the record.
+    // Read whole for the upload: its block hashes, so that once evicted it is read back a
+    // block at a time.
+    let blocks = content.and_then(|c| c.gathered.as_ref().and_then(|g| g.finish()));
     let recorded = {
         let mut dirty = lock(&share.dirty);
         let clean = dirty
@@ -217,6 +226,7 @@ async fn upload(share: &Arc<Share>, id: u64, generation: u64) -> Result<bool, St
                 },
                 attrs.mtime_ns,
                 clean,
+                blocks.as_deref(),
             )
             .map(|()| clean)
     };
@@ -283,6 +293,8 @@ struct Content {
     share: Arc<Share>,
     id: u64,
     generation: u64,
+    /// The block hashes, gathered as the upload reads the file.
+    gathered: Option<super::blocks::Gathered>,
 }
 
 impl Content {
@@ -311,8 +323,15 @@ impl Body for Content {
         }
         let file = self.file.clone();
         let mut buf = vec![0; (range.end - range.start) as usize];
+        // Block hashes the first time the upload reads a block (hashing its digest).
+        let (size, wanted) = self.gathered.as_ref().map_or((0, Vec::new()), |g| {
+            (g.size(), g.wanted(range.start, range.end - range.start))
+        });
         let read = tokio::task::spawn_blocking(move || {
-            file.read_exact_at(&mut buf, range.start).map(|()| buf)
+            file.read_exact_at(&mut buf, range.start).map(|()| {
+                let found = super::blocks::hash_blocks(size, range.start, &buf, &wanted);
+                (buf, found)
+            })
         })
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
@@ -320,6 +339,10 @@ impl Body for Content {
         if !self.unchanged() {
             return Err(changed());
         }
-        read.map(Bytes::from).map_err(|_| changed())
+        let (buf, found) = read.map_err(|_| changed())?;
+        if let Some(gathered) = &self.gathered {
+            gathered.keep(found);
+        }
+        Ok(Bytes::from(buf))
     }
 }

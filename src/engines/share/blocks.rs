@@ -1,0 +1,430 @@
+//! Reading an evicted file back a block at a time, with ranged GETs of only the blocks a
+//! read needs, each verified before a client sees it.
+//!
+//! A file larger than one block (`BLOCK`) that firn uploads gets its object's block hashes
+//! recorded: the BLAKE3 chaining value of each 1 MiB block, which is a subtree of the BLAKE3
+//! tree of the whole object. Merged up the tree they give the object's BLAKE3 hash, which is
+//! its digest in the bucket (`firn-blake3`); so one HEAD tells whether the recorded hashes
+//! describe the object there now, and each fetched block is then checked against its own.
+//!
+//! A file whose hashes are not known (a new gateway, or after another firn rewrote it) is
+//! fetched whole and checked against the digest, and its hashes recorded on the way. An
+//! object another tool put has no digest: nothing can verify it, whole or in part, so its
+//! blocks are fetched as needed without a check (as any S3 client reads it).
+//!
+//! The blocks fetched so far live in a sparse `<fileid>.part` file, with the map of which
+//! are there in memory only: a restart deletes the part files. A part file whose blocks are
+//! all there becomes the file's content.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use blake3::hazmat::{ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root};
+
+use super::namespace::Uploaded;
+use super::{Share, ShareError, io_error, lock};
+use crate::remote::verify::DIGEST_META;
+
+/// The unit of fetching and verification. A power of two and a whole number of BLAKE3
+/// chunks, so each block is a subtree of the object's BLAKE3 tree.
+pub const BLOCK: u64 = 1 << 20;
+/// Blocks fetched by one GET when a file is read in order.
+const READAHEAD: u64 = 8;
+const CV_LEN: usize = 32;
+
+/// The chaining value of the block at `offset` (a multiple of `BLOCK`) of an object larger
+/// than one block.
+pub fn block_cv(offset: u64, data: &[u8]) -> ChainingValue {
+    let mut hasher = blake3::Hasher::new();
+    hasher.set_input_offset(offset);
+    hasher.update(data);
+    hasher.finalize_non_root()
+}
+
+/// The number of blocks of an object of `size` bytes.
+pub fn blocks_of(size: u64) -> u64 {
+    size.div_ceil(BLOCK)
+}
+
+/// The BLAKE3 hash of an object of `size` bytes (more than one block) whose blocks have the
+/// chaining values `cvs` (32 bytes each, in order); `None` if their number does not fit.
+pub fn root_of(cvs: &[u8], size: u64) -> Option<blake3::Hash> {
+    if size <= BLOCK || cvs.len() as u64 != blocks_of(size) * CV_LEN as u64 {
+        return None;
+    }
+    fn subtree(cvs: &[u8], first: u64, len: u64) -> ChainingValue {
+        if len <= BLOCK {
+            let at = first as usize * CV_LEN;
+            return cvs[at..at + CV_LEN].try_into().expect("32 bytes");
+        }
+        let left = left_subtree_len(len);
+        merge_subtrees_non_root(
+            &subtree(cvs, first, left),
+            &subtree(cvs, first + left / BLOCK, len - left),
+            Mode::Hash,
+        )
+    }
+    let left = left_subtree_len(size);
+    Some(blake3::hazmat::merge_subtrees_root(
+        &subtree(cvs, 0, left),
+        &subtree(cvs, left / BLOCK, size - left),
+        Mode::Hash,
+    ))
+}
+
+/// The chaining values of blocks `wanted` (`Gathered::wanted`) of an object of `size` bytes,
+/// from `data` read at `offset`.
+pub fn hash_blocks(
+    size: u64,
+    offset: u64,
+    data: &[u8],
+    wanted: &[u64],
+) -> Vec<(u64, ChainingValue)> {
+    wanted
+        .iter()
+        .map(|&b| {
+            let start = (b * BLOCK - offset) as usize;
+            let end = ((b * BLOCK + BLOCK).min(size) - offset) as usize;
+            (b, block_cv(b * BLOCK, &data[start..end]))
+        })
+        .collect()
+}
+
+/// Chaining values gathered while a file is read for its upload, in whatever order and
+/// slices the upload reads it.
+#[derive(Debug)]
+pub struct Gathered {
+    size: u64,
+    cvs: Mutex<Vec<Option<ChainingValue>>>,
+}
+
+impl Gathered {
+    /// For a file of `size` bytes; `None` if it is one block or less (fetched whole).
+    pub fn new(size: u64) -> Option<Gathered> {
+        (size > BLOCK).then(|| Gathered {
+            size,
+            cvs: Mutex::new(vec![None; blocks_of(size) as usize]),
+        })
+    }
+
+    /// The blocks wholly inside `data`, read at `offset`, whose values are still missing.
+    pub fn wanted(&self, offset: u64, len: u64) -> Vec<u64> {
+        let cvs = lock(&self.cvs);
+        let end = offset + len;
+        (offset.div_ceil(BLOCK)..blocks_of(self.size))
+            .filter(|&b| (b * BLOCK + BLOCK).min(self.size) <= end)
+            .filter(|&b| cvs[b as usize].is_none())
+            .collect()
+    }
+
+    /// Hashes the blocks `wanted` of `data`, read at `offset`, and keeps their values.
+    pub fn gather(&self, offset: u64, data: &[u8], wanted: &[u64]) {
+        self.keep(hash_blocks(self.size, offset, data, wanted));
+    }
+
+    /// Keeps values `hash_blocks` found.
+    pub fn keep(&self, found: Vec<(u64, ChainingValue)>) {
+        let mut cvs = lock(&self.cvs);
+        for (b, cv) in found {
+            cvs[b as usize] = Some(cv);
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Every value, in order, once every block has been read.
+    pub fn finish(&self) -> Option<Vec<u8>> {
+        let cvs = lock(&self.cvs);
+        let mut out = Vec::with_capacity(cvs.len() * CV_LEN);
+        for cv in cvs.iter() {
+            out.extend_from_slice(cv.as_ref()?);
+        }
+        Some(out)
+    }
+}
+
+/// An evicted file being read back a block at a time.
+#[derive(Debug)]
+pub(super) struct Partial {
+    key: String,
+    size: u64,
+    /// The blocks' chaining values, to check each against; `None` for an object that has no
+    /// digest (put by another tool).
+    cvs: Option<Vec<u8>>,
+    file: File,
+    have: Mutex<Vec<bool>>,
+}
+
+impl Share {
+    fn part_path(&self, id: u64) -> PathBuf {
+        self.files.join(format!("{id:016x}.part"))
+    }
+
+    /// `count` bytes at `offset` of evicted file `id`, whose object is `uploaded`, fetching
+    /// only the blocks they lie in; `None` if the file must be fetched whole first (its
+    /// object has a digest, and no block hashes that match it are known).
+    pub(super) fn read_blocks(
+        &self,
+        id: u64,
+        uploaded: &Uploaded,
+        offset: u64,
+        count: u32,
+    ) -> Result<Option<(Vec<u8>, bool)>, ShareError> {
+        let Some(part) = self.partial(id, uploaded)? else {
+            return Ok(None);
+        };
+        lock(&self.used).insert(id, Instant::now());
+        let end = offset.saturating_add(count as u64).min(part.size);
+        if offset >= end {
+            return Ok(Some((Vec::new(), true)));
+        }
+        self.fetch_blocks(&part, offset / BLOCK, (end - 1) / BLOCK)?;
+        let mut buf = vec![0; (end - offset) as usize];
+        part.file
+            .read_exact_at(&mut buf, offset)
+            .map_err(|e| io_error("reading a file's fetched blocks", e))?;
+        if lock(&part.have).iter().all(|&h| h) {
+            self.complete(id, &part)?;
+        }
+        Ok(Some((buf, end >= part.size)))
+    }
+
+    /// The part file of `id`, made (after a HEAD of its object) if there is none yet.
+    fn partial(&self, id: u64, uploaded: &Uploaded) -> Result<Option<Arc<Partial>>, ShareError> {
+        let key = format!("{}{}", self.info.prefix, uploaded.path);
+        if let Some(part) = lock(&self.partials).get(&id)
+            && part.key == key
+            && part.size == uploaded.size
+        {
+            return Ok(Some(part.clone()));
+        }
+        let failed = |e: crate::remote::Error| ShareError::Io(format!("fetching {key}: {e}"));
+        let info = self
+            .runtime
+            .block_on(self.remote.head(&key))
+            .map_err(failed)?
+            .ok_or_else(|| {
+                ShareError::Io(format!(
+                    "fetching {key}: the object is gone from the bucket"
+                ))
+            })?;
+        if info.size != uploaded.size {
+            return Err(ShareError::Io(format!(
+                "fetching {key}: it is {} bytes in the bucket, {} in the share; a refresh \
+                 takes the bucket's",
+                info.size, uploaded.size
+            )));
+        }
+        let cvs = match info.meta.get(DIGEST_META) {
+            None => None,
+            Some(digest) => match self.ns.blocks(id)? {
+                Some(cvs)
+                    if root_of(&cvs, info.size)
+                        .is_some_and(|root| root.to_hex().as_str() == digest) =>
+                {
+                    Some(cvs)
+                }
+                _ => return Ok(None),
+            },
+        };
+        let mut partials = lock(&self.partials);
+        if let Some(part) = partials.get(&id)
+            && part.key == key
+            && part.size == uploaded.size
+        {
+            return Ok(Some(part.clone()));
+        }
+        let path = self.part_path(id);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|file| file.set_len(info.size).map(|()| file))
+            .map_err(|e| io_error("making a file's part file", e))?;
+        let part = Arc::new(Partial {
+            key,
+            size: info.size,
+            cvs,
+            file,
+            have: Mutex::new(vec![false; blocks_of(info.size) as usize]),
+        });
+        partials.insert(id, part.clone());
+        Ok(Some(part))
+    }
+
+    /// Makes blocks `first..=last` of `part` present: a read in order (from the start, or
+    /// just after a block that is there) fetches up to `READAHEAD` blocks per GET.
+    fn fetch_blocks(&self, part: &Partial, first: u64, last: u64) -> Result<(), ShareError> {
+        let missing: Vec<u64> = {
+            let have = lock(&part.have);
+            let in_order = first == 0 || have[first as usize - 1];
+            let mut last = last;
+            if in_order {
+                let until = (first + READAHEAD - 1).min(have.len() as u64 - 1);
+                while last < until && !have[last as usize + 1] {
+                    last += 1;
+                }
+            }
+            (first..=last).filter(|&b| !have[b as usize]).collect()
+        };
+        // Runs of consecutive missing blocks, at most `READAHEAD` each: one GET per run.
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for b in missing {
+            match runs.last_mut() {
+                Some((start, end)) if *end == b && b - *start < READAHEAD => *end = b + 1,
+                _ => runs.push((b, b + 1)),
+            }
+        }
+        for (start, end) in runs {
+            let range = start * BLOCK..(end * BLOCK).min(part.size);
+            let bytes = self
+                .runtime
+                .block_on(self.remote.get_range(&part.key, range.clone()))
+                .map_err(|e| ShareError::Io(format!("fetching {}: {e}", part.key)))?;
+            if bytes.len() as u64 != range.end - range.start {
+                return Err(ShareError::Io(format!(
+                    "fetching {}: {} bytes came for {range:?}",
+                    part.key,
+                    bytes.len()
+                )));
+            }
+            if let Some(cvs) = &part.cvs {
+                for b in start..end {
+                    let from = ((b - start) * BLOCK) as usize;
+                    let to = (from + BLOCK as usize).min(bytes.len());
+                    let at = b as usize * CV_LEN;
+                    if block_cv(b * BLOCK, &bytes[from..to])[..] != cvs[at..at + CV_LEN] {
+                        return Err(ShareError::Io(format!(
+                            "{} in the bucket does not match its digest at bytes {}..{}: not served",
+                            part.key,
+                            b * BLOCK,
+                            b * BLOCK + (to - from) as u64
+                        )));
+                    }
+                }
+            }
+            part.file
+                .write_all_at(&bytes, range.start)
+                .map_err(|e| io_error("storing a file's fetched blocks", e))?;
+            let mut have = lock(&part.have);
+            for b in start..end {
+                have[b as usize] = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every block of `part` is there: it becomes the file's content (unless the file was
+    /// fetched whole or changed meanwhile).
+    fn complete(&self, id: u64, part: &Arc<Partial>) -> Result<(), ShareError> {
+        // On disk before it is named as the content, which is taken as whole after a crash.
+        part.file
+            .sync_data()
+            .map_err(|e| io_error("storing a fetched file", e))?;
+        // Under the dirty lock, as eviction: a write marks its file dirty under it before it
+        // opens the content, so no write goes into a file this rename then replaces.
+        let dirty = lock(&self.dirty);
+        let mut partials = lock(&self.partials);
+        if !partials.get(&id).is_some_and(|p| Arc::ptr_eq(p, part)) {
+            return Ok(());
+        }
+        partials.remove(&id);
+        let content = self.content_path(id);
+        if dirty.contains_key(&id) || content.exists() {
+            let _ = std::fs::remove_file(self.part_path(id));
+        } else {
+            std::fs::rename(self.part_path(id), content)
+                .map_err(|e| io_error("storing a fetched file", e))?;
+        }
+        Ok(())
+    }
+
+    /// Forgets file `id`'s fetched blocks (evicted, fetched whole, removed or changed).
+    /// Returns the bytes its part file took.
+    pub(super) fn drop_partial(&self, id: u64) -> u64 {
+        let mut partials = lock(&self.partials);
+        if partials.remove(&id).is_none() {
+            return 0;
+        }
+        let path = self.part_path(id);
+        let used = std::fs::metadata(&path).map_or(0, |m| {
+            use std::os::unix::fs::MetadataExt;
+            m.blocks() * 512
+        });
+        let _ = std::fs::remove_file(path);
+        used
+    }
+}
+
+/// Removes what fetches left in `files` before a restart: part files (whose map of blocks
+/// was in memory) and staging files of whole fetches.
+pub(super) fn clean_leftovers(files: &std::path::Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(files)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.ends_with(".part") || name.ends_with(".fetch") {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 1000) as u8).collect()
+    }
+
+    #[test]
+    fn block_values_merge_into_the_hash_of_the_whole() {
+        for size in [
+            BLOCK + 1,
+            2 * BLOCK,
+            3 * BLOCK - 5,
+            5 * BLOCK + 777,
+            8 * BLOCK,
+            9 * BLOCK,
+        ] {
+            let bytes = data(size as usize);
+            let gathered = Gathered::new(size).expect("more than a block");
+            // In slices that do not line up with blocks, as an upload may read.
+            let mut at = 0;
+            for slice in [BLOCK / 2 + 3, 3 * BLOCK, 5 * BLOCK].iter().cycle() {
+                if at >= size {
+                    break;
+                }
+                let end = (at + slice).min(size);
+                let wanted = gathered.wanted(at, end - at);
+                gathered.gather(at, &bytes[at as usize..end as usize], &wanted);
+                at = end;
+            }
+            // Slices that cut blocks leave those to a later read, as the upload's second
+            // pass does.
+            let mut at = 0;
+            while at < size {
+                let end = (at + 4 * BLOCK).min(size);
+                let wanted = gathered.wanted(at, end - at);
+                gathered.gather(at, &bytes[at as usize..end as usize], &wanted);
+                at = end;
+            }
+            let cvs = gathered.finish().expect("every block read");
+            assert_eq!(root_of(&cvs, size), Some(blake3::hash(&bytes)), "{size}");
+            let mut wrong = cvs.clone();
+            wrong[40] ^= 1;
+            assert_ne!(root_of(&wrong, size), Some(blake3::hash(&bytes)));
+            assert_eq!(root_of(&cvs[32..], size), None);
+        }
+        assert!(Gathered::new(BLOCK).is_none());
+    }
+}
