@@ -740,6 +740,89 @@ fn a_gateway_killed_during_an_upload_uploads_the_file_whole_after_restart() {
     assert!(ok && listing.contains("big.bin"), "{listing} {err}");
 }
 
+/// Bytes of the files under `root`.
+fn local_bytes(root: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            match entry.metadata() {
+                Ok(m) if m.is_dir() => stack.push(entry.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+/// The BLAKE3 hash of everything `read` yields, read 8 MiB at a time.
+fn hash_stream(mut read: impl std::io::Read) -> blake3::Hash {
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0; 8 << 20];
+    loop {
+        let n = read.read(&mut buf).expect("read");
+        if n == 0 {
+            return hasher.finalize();
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
+#[test]
+fn a_file_of_several_gib_lands_whole_and_reads_back_after_eviction() {
+    // Past 4 GiB, so offsets that do not fit 32 bits are exercised on both paths.
+    const SIZE: u64 = (4 << 30) + (300 << 20) + 12345;
+    let g = Gateway::start_with("cache_max = \"1MiB\"\n");
+    g.firn(&["share", "create", "media"]);
+    let local = g.dir.path().join("huge.bin");
+    let written = {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&local).expect("create"));
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0; 8 << 20];
+        let mut left = SIZE;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            rand::rng().fill_bytes(&mut buf[..n]);
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).expect("write");
+            left -= n as u64;
+        }
+        out.flush().expect("flush");
+        hasher.finalize()
+    };
+    copy_in(&local, &g.url("media/huge.bin"));
+    std::fs::remove_file(&local).expect("remove the local copy");
+    g.wait_uploaded("media");
+    let object = g.bucket().join("media/huge.bin");
+    assert_eq!(std::fs::metadata(&object).expect("object").len(), SIZE);
+    assert_eq!(
+        hash_stream(std::fs::File::open(&object).expect("object")),
+        written,
+        "the object is not the file"
+    );
+    // Past cache_max, the file's content is evicted; read back through NFS, it is fetched
+    // a verified block at a time.
+    let files = g.dir.path().join("data/shares");
+    let started = Instant::now();
+    while local_bytes(&files) > 64 << 20 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "not evicted: {} bytes",
+            local_bytes(&files)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut cat = std::process::Command::new("nfs-cat")
+        .arg(g.url("media/huge.bin"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("nfs-cat (scripts/test installs libnfs-utils)");
+    let read = hash_stream(cat.stdout.take().expect("stdout"));
+    assert!(cat.wait().expect("nfs-cat").success(), "nfs-cat failed");
+    assert_eq!(read, written, "read back differs");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tree_copied_through_store_errors_and_an_outage_arrives_whole() {
     // The first 5 s of the daemon's life the bucket is out, then 30% of requests fail.
