@@ -19,6 +19,9 @@
 #   nfs-tree-bucket   seconds from the start of the tree's copy into firn until the bucket
 #                     holds every file, over `rclone copy` of the same tree to the same
 #                     Garage (LOWER is better; goal <= 1.2)
+#   nfs-cold-read     firn MiB/s / rclone MiB/s reading the BIG file back once evicted
+#                     (firn fetching it from Garage block by block, read with libnfs's
+#                     nfs-cat; rclone cat of the same object)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -31,8 +34,10 @@ connections=${CONNECTIONS:-4}
 if [ "${FIRN_BENCH_NETNS:-}" != 1 ]; then
     [ "$(id -u)" = 0 ] || { echo "needs root (network namespace, ganesha)" >&2; exit 1; }
     if ! command -v ganesha.nfsd >/dev/null || ! command -v rpcbind >/dev/null ||
+        ! command -v nfs-cat >/dev/null ||
         ! compgen -G '/usr/lib/*/ganesha/libfsalvfs.so' >/dev/null; then
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q nfs-ganesha nfs-ganesha-vfs rpcbind >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q nfs-ganesha nfs-ganesha-vfs rpcbind \
+            libnfs-utils >/dev/null
     fi
     cargo build --release --quiet
     cargo build --release --quiet --example nfs_copy
@@ -134,6 +139,21 @@ firn_bucket_s=$(calc "f'{$(now) - $t0:.3f}'")
 echo "firn: $big in ${firn_big_s}s; $files files in ${firn_tree_s}s; the tree in the bucket ${firn_bucket_s}s after its copy began (${wait_s}s after it ended)"
 kill -TERM "$firn_pid"; wait "$firn_pid" 2>/dev/null || true; firn_pid=
 
+# --- cold read: firn again with a 1 MiB cache, so the big file is evicted -----------------------
+printf '[shares]\ncache_max = "1MiB"\n' >>"$work/firn.toml"
+env -u AWS_CA_BUNDLE "$firn" serve --config "$work/firn.toml" >"$work/firn.out" 2>>"$work/firn.err" &
+firn_pid=$!
+for _ in $(seq 1 100); do grep -q '^Press Ctrl-C to stop\.' "$work/firn.out" && break; sleep 0.1; done
+for _ in $(seq 1 300); do
+    [ "$(du -sb "$work/firn-data/shares" | cut -f1)" -lt $((64 << 20)) ] && break
+    sleep 0.2
+done
+drop_caches
+t0=$(now)
+nfs-cat "nfs://127.0.0.1/bench/big/big.bin?nfsport=2050&mountport=2050" | cmp - "$work/big.bin"
+firn_cold_s=$(calc "f'{$(now) - $t0:.3f}'")
+kill -TERM "$firn_pid"; wait "$firn_pid" 2>/dev/null || true; firn_pid=
+
 # --- rclone, the same tree to the same Garage --------------------------------------------------
 export RCLONE_CONFIG_BENCH_TYPE=s3 RCLONE_CONFIG_BENCH_PROVIDER=Other
 export RCLONE_CONFIG_BENCH_ENDPOINT=$FIRN_TEST_S3_ENDPOINT RCLONE_CONFIG_BENCH_REGION=$FIRN_TEST_S3_REGION
@@ -145,6 +165,11 @@ t0=$(now)
 env -u AWS_CA_BUNDLE rclone -q copy "$work/tree" "bench:$FIRN_TEST_S3_BUCKET/bench-rclone/tree"
 rclone_s=$(calc "f'{$(now) - $t0:.3f}'")
 echo "rclone copy of the tree: ${rclone_s}s"
+drop_caches
+t0=$(now)
+env -u AWS_CA_BUNDLE rclone cat "bench:$FIRN_TEST_S3_BUCKET/bench-nfs/bench/big/big.bin" | cmp - "$work/big.bin"
+rclone_cat_s=$(calc "f'{$(now) - $t0:.3f}'")
+echo "cold read of $big: firn (nfs-cat) ${firn_cold_s}s, rclone cat ${rclone_cat_s}s"
 
 # --- ganesha ---------------------------------------------------------------------------------
 mkdir -p "$work/export" "$work/ganesha"
@@ -192,3 +217,5 @@ printf 'ratio: %-24s %6s    goal >= 0.8   (firn %s / ganesha %s files/s)\n' nfs-
     "$(calc "f'{$ganesha_tree_s / $firn_tree_s:.2f}'")" "$(fps "$firn_tree_s")" "$(fps "$ganesha_tree_s")"
 printf 'ratio: %-24s %6s    goal <= 1.2   (firn %ss / rclone %ss, lower is better)\n' nfs-tree-bucket \
     "$(calc "f'{$firn_bucket_s / $rclone_s:.2f}'")" "$firn_bucket_s" "$rclone_s"
+printf 'ratio: %-24s %6s    goal >= 0.8   (firn %s / rclone cat %s MiB/s)\n' nfs-cold-read \
+    "$(calc "f'{$rclone_cat_s / $firn_cold_s:.2f}'")" "$(mibs "$firn_cold_s")" "$(mibs "$rclone_cat_s")"

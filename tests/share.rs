@@ -164,7 +164,7 @@ impl Remote for Inspecting {
         key: &str,
         body: Arc<dyn remote::Body>,
         meta: remote::Meta,
-    ) -> remote::Result<()> {
+    ) -> remote::Result<remote::Stored> {
         let mut bytes = Vec::with_capacity(body.len() as usize);
         let mut at = 0;
         while at < body.len() {
@@ -1081,5 +1081,13 @@ fn same_size_rewrites_and_listed_directories_are_noticed() {
         assert_eq!(share.read(mine.fileid, 0, 100).expect("read").0, b"ours");
         rig.wait_clean("t");
         assert_eq!(rig.get("t/mine.txt").expect("uploaded").0, b"ours");
+        // The upload's own answer tells its ETag: a same-size rewrite right after it, before
+        // any listing, is noticed too.
+        share.write(mine.fileid, 0, b"once", true).expect("write");
+        rig.wait_clean("t");
+        put("t/mine.txt", b"more");
+        let report = share.refresh("").expect("refresh");
+        assert_eq!(report.updated, 1, "{report:?}");
+        assert_eq!(share.read(mine.fileid, 0, 100).expect("read").0, b"more");
     }
 }

@@ -41,8 +41,8 @@ use xattr::FileExt;
 
 use super::limit::{Direction, Limiter, SLICE};
 use super::{
-    Body, Error, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink, check_key, dir_of,
-    is_marker,
+    Body, Error, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink, Stored, check_key,
+    dir_of, is_marker,
 };
 
 /// Where puts are staged before their rename; never listed, never a valid key.
@@ -296,16 +296,18 @@ impl DirStore {
         Ok(file)
     }
 
-    fn put_blocking(&self, key: &str, body: &dyn Body, meta: &Meta) -> Result<()> {
+    fn put_blocking(&self, key: &str, body: &dyn Body, meta: &Meta) -> Result<Stored> {
         self.write_blocking("put", key, body, meta, Place::Replace)
     }
 
     fn create_blocking(&self, key: &str, body: &dyn Body, meta: &Meta) -> Result<()> {
         self.write_blocking("create", key, body, meta, Place::NoReplace)
+            .map(|_| ())
     }
 
     /// Reads the body a slice at a time (each through the limiter) into a staging file, then
-    /// gives it its name as `place` says.
+    /// gives it its name as `place` says. Its identity (as listings show it) is taken after
+    /// the rename, which changes the file's change time.
     fn write_blocking(
         &self,
         op: &'static str,
@@ -313,7 +315,7 @@ impl DirStore {
         body: &dyn Body,
         meta: &Meta,
         place: Place,
-    ) -> Result<()> {
+    ) -> Result<Stored> {
         let segments = self.segments(key)?;
         let io_err = |e: io::Error| local_error(op, key, e);
         let n = NEXT_STAGING.fetch_add(1, Ordering::Relaxed);
@@ -359,7 +361,10 @@ impl DirStore {
                     Err(e) => return Err(io_from(e)),
                 }
                 nix::unistd::fsync(&parent).map_err(io_from)?;
-                Ok(Ok(()))
+                let stat = nix::sys::stat::fstat(&file).map_err(io_from)?;
+                Ok(Ok(Stored {
+                    etag: Some(identity(&stat)),
+                }))
             };
             finish().map_err(io_err)?
         })();
@@ -791,10 +796,11 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 
 #[async_trait]
 impl Remote for DirStore {
-    async fn put_body(&self, key: &str, body: Arc<dyn Body>, meta: Meta) -> Result<()> {
+    async fn put_body(&self, key: &str, body: Arc<dyn Body>, meta: Meta) -> Result<Stored> {
         let (this, key) = (self.clone(), key.to_string());
         if is_marker(&key) {
-            return blocking(move || this.put_marker_blocking(&key, body.len(), &meta)).await;
+            blocking(move || this.put_marker_blocking(&key, body.len(), &meta)).await?;
+            return Ok(Stored::default());
         }
         blocking(move || this.put_blocking(&key, &*body, &meta)).await
     }

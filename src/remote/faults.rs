@@ -14,7 +14,7 @@ use bytes::Bytes;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{Body, Error, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink};
+use super::{Body, Error, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink, Stored};
 
 /// What to inject; the `[faults]` config section has the same fields.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -147,7 +147,7 @@ fn injected(op: &'static str, key: &str, what: &str) -> Error {
 
 #[async_trait]
 impl Remote for Faulty {
-    async fn put_body(&self, key: &str, body: Arc<dyn Body>, meta: Meta) -> Result<()> {
+    async fn put_body(&self, key: &str, body: Arc<dyn Body>, meta: Meta) -> Result<Stored> {
         let s = self.before("put", key).await?;
         if self.plan.roll(s.error_rate) {
             if rand::rng().random_bool(0.5) {

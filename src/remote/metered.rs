@@ -14,7 +14,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use super::{Body, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink};
+use super::{Body, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink, Stored};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabels {
@@ -121,12 +121,13 @@ impl Metered {
 
 #[async_trait]
 impl Remote for Metered {
-    async fn put_body(&self, key: &str, body: Arc<dyn Body>, meta: Meta) -> Result<()> {
+    async fn put_body(&self, key: &str, body: Arc<dyn Body>, meta: Meta) -> Result<Stored> {
         let n = body.len();
-        self.observe("put", self.inner.put_body(key, body, meta))
+        let stored = self
+            .observe("put", self.inner.put_body(key, body, meta))
             .await?;
         self.count_bytes("upload", n as usize);
-        Ok(())
+        Ok(stored)
     }
 
     /// Counted as a put: one upload request either way. A refusal (`Exists`) counts as an

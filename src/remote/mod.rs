@@ -38,6 +38,14 @@ pub struct Fetched {
     pub meta: Meta,
 }
 
+/// What a put tells about the object it stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stored {
+    /// The new object's ETag as the store answered it (the same value a listing or HEAD
+    /// shows), where the store tells one.
+    pub etag: Option<String>,
+}
+
 /// What a listing or a HEAD tells about an object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
@@ -45,8 +53,8 @@ pub struct ObjectInfo {
     pub size: u64,
     /// The object's user metadata: from a HEAD; a listing leaves it empty.
     pub meta: Meta,
-    /// What changes when the object is replaced: S3's ETag from a listing; the directory
-    /// store's file identity (inode, change time, size). `None` where not known (a HEAD).
+    /// What changes when the object is replaced: S3's ETag; the directory store's file
+    /// identity (inode, change time, size). `None` where not known (a directory marker).
     pub etag: Option<String>,
 }
 
@@ -214,12 +222,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// in-memory forms for small objects; wrappers implement only the streaming ones.
 #[async_trait]
 pub trait Remote: Send + Sync + std::fmt::Debug {
-    async fn put_body(&self, key: &str, body: Arc<dyn Body>, meta: Meta) -> Result<()>;
+    async fn put_body(&self, key: &str, body: Arc<dyn Body>, meta: Meta) -> Result<Stored>;
     /// The whole object into `sink`, in order; its size and metadata.
     async fn get_to(&self, key: &str, sink: &dyn Sink) -> Result<Fetched>;
 
     async fn put(&self, key: &str, body: Bytes, meta: Meta) -> Result<()> {
-        self.put_body(key, Arc::new(body), meta).await
+        self.put_body(key, Arc::new(body), meta).await.map(|_| ())
     }
 
     /// Create-if-absent: atomic like `put`, but fails with [`Error::Exists`] when an object

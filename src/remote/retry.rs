@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rand::Rng;
 
-use super::{Body, Error, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink};
+use super::{Body, Error, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink, Stored};
 
 /// Reads that fail verification are retried this many times, not until the deadline.
 const CORRUPT_RETRIES: u32 = 5;
@@ -82,7 +82,7 @@ impl Retrying {
 
 #[async_trait]
 impl Remote for Retrying {
-    async fn put_body(&self, key: &str, body: Arc<dyn Body>, meta: Meta) -> Result<()> {
+    async fn put_body(&self, key: &str, body: Arc<dyn Body>, meta: Meta) -> Result<Stored> {
         self.run(|| self.inner.put_body(key, body.clone(), meta.clone()))
             .await
     }

@@ -31,8 +31,8 @@ use object_store::{
 use super::limit::{Direction, Limiter, Throttled};
 
 use super::{
-    Body, Error, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink, bad_range, check_key,
-    dir_of, is_marker,
+    Body, Error, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink, Stored, bad_range,
+    check_key, dir_of, is_marker,
 };
 
 /// S3's limit on an object name, in bytes of UTF-8.
@@ -436,7 +436,7 @@ impl S3Store {
         key: &str,
         body: Arc<dyn Body>,
         meta: Meta,
-    ) -> Result<()> {
+    ) -> Result<Stored> {
         let options = PutMultipartOptions {
             attributes: attributes(meta),
             ..Default::default()
@@ -478,11 +478,11 @@ impl S3Store {
         drop(in_flight);
         match outcome {
             Ok(()) => {
-                upload
+                let done = upload
                     .complete()
                     .await
                     .map_err(|e| s3_error("put", key, e))?;
-                Ok(())
+                Ok(Stored { etag: done.e_tag })
             }
             Err(e) => {
                 // Leave no half-uploaded parts behind to be billed for.
@@ -741,7 +741,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 #[async_trait]
 impl Remote for S3Store {
-    async fn put_body(&self, key: &str, body: Arc<dyn Body>, meta: Meta) -> Result<()> {
+    async fn put_body(&self, key: &str, body: Arc<dyn Body>, meta: Meta) -> Result<Stored> {
         if is_marker(key) {
             if !body.is_empty() {
                 return Err(Error::BadKey {
@@ -757,7 +757,12 @@ impl Remote for S3Store {
                     message: "404: no such bucket".into(),
                 });
             }
-            return Ok(());
+            let etag = response
+                .headers()
+                .get(http::header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            return Ok(Stored { etag });
         }
         let path = self.path(key)?;
         if body.len() > self.multipart_threshold as u64 {
@@ -768,11 +773,12 @@ impl Remote for S3Store {
             ..Default::default()
         };
         let data = body.read(0..body.len()).await?;
-        self.store
+        let done = self
+            .store
             .put_opts(&path, PutPayload::from(data), options)
             .await
             .map_err(|e| s3_error("put", key, e))?;
-        Ok(())
+        Ok(Stored { etag: done.e_tag })
     }
 
     /// One PUT with `If-None-Match: *`, with the same metadata and checksum as a put's. The

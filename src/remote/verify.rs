@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{Body, Error, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink};
+use super::{Body, Error, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink, Stored};
 
 pub const DIGEST_META: &str = "firn-blake3";
 
@@ -83,7 +83,7 @@ impl Sink for Hashing<'_> {
 
 #[async_trait]
 impl Remote for Verified {
-    async fn put_body(&self, key: &str, body: Arc<dyn Body>, mut meta: Meta) -> Result<()> {
+    async fn put_body(&self, key: &str, body: Arc<dyn Body>, mut meta: Meta) -> Result<Stored> {
         // The digest goes into the metadata, which S3 takes before the first byte, so the body
         // is read once to hash it (a slice at a time) and again to send it.
         let mut hasher = blake3::Hasher::new();

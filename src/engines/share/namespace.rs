@@ -68,8 +68,8 @@ pub struct Uploaded {
     /// The key below the share's prefix (the share-relative path).
     pub path: String,
     pub size: u64,
-    /// The object's ETag as a listing showed it; unknown just after firn's own upload, and
-    /// learned at the next refresh.
+    /// The object's ETag, as firn's upload was answered or a listing showed it; where the
+    /// store told none, learned at the next refresh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etag: Option<String>,
 }

@@ -192,13 +192,13 @@ async fn upload(share: &Arc<Share>, id: u64, generation: u64) -> Result<bool, St
         }
     };
     let len = body.len();
-    match share.remote.put_body(&key, body, object_meta(&attrs)).await {
-        Ok(()) => {}
+    let stored = match share.remote.put_body(&key, body, object_meta(&attrs)).await {
+        Ok(stored) => stored,
         Err(remote::Error::Permanent { message, .. }) if message.contains(CHANGED) => {
             return Ok(false);
         }
         Err(e) => return Err(format!("uploading {key}: {e}")),
-    }
+    };
     // The object is in the bucket whatever happened meanwhile, and is recorded as the file's
     // (so a rename or remove since deletes it). The file is clean only if nothing changed
     // since the upload read it; the lock keeps a new change from slipping in between the
@@ -222,7 +222,7 @@ async fn upload(share: &Arc<Share>, id: u64, generation: u64) -> Result<bool, St
                 Uploaded {
                     path,
                     size: len,
-                    etag: None,
+                    etag: stored.etag,
                 },
                 attrs.mtime_ns,
                 clean,
