@@ -19,7 +19,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use blake3::hazmat::{ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root};
@@ -31,7 +31,8 @@ use crate::remote::verify::DIGEST_META;
 /// The unit of fetching and verification. A power of two and a whole number of BLAKE3
 /// chunks, so each block is a subtree of the object's BLAKE3 tree.
 pub const BLOCK: u64 = 1 << 20;
-/// Blocks fetched by one GET when a file is read in order.
+/// Blocks fetched by one GET when a file is read in order. Such a reader also has the next
+/// runs fetched in the background, up to `2 * READAHEAD` blocks ahead of it.
 const READAHEAD: u64 = 8;
 const CV_LEN: usize = 32;
 
@@ -157,7 +158,76 @@ pub(super) struct Partial {
     /// digest (put by another tool).
     cvs: Option<Vec<u8>>,
     file: File,
-    have: Mutex<Vec<bool>>,
+    state: Mutex<Vec<Block>>,
+    /// Signalled when a fetch ends, for readers waiting on blocks it brings.
+    fetched: Condvar,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Block {
+    Missing,
+    Fetching,
+    Present,
+}
+
+impl Partial {
+    /// Fetches blocks `start..end` into the part file, checked; they are `Fetching` until it
+    /// ends, then `Present`, or `Missing` again if it failed.
+    async fn fetch_run(
+        self: Arc<Self>,
+        remote: Arc<dyn crate::remote::Remote>,
+        start: u64,
+        end: u64,
+    ) -> Result<(), ShareError> {
+        let range = start * BLOCK..(end * BLOCK).min(self.size);
+        let stored = match remote.get_range(&self.key, range.clone()).await {
+            Ok(bytes) if bytes.len() as u64 != range.end - range.start => {
+                Err(ShareError::Io(format!(
+                    "fetching {}: {} bytes came for {range:?}",
+                    self.key,
+                    bytes.len()
+                )))
+            }
+            Ok(bytes) => {
+                let part = self.clone();
+                tokio::task::spawn_blocking(move || part.store(start, range.start, &bytes))
+                    .await
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+            }
+            Err(e) => Err(ShareError::Io(format!("fetching {}: {e}", self.key))),
+        };
+        let mut state = lock(&self.state);
+        for b in start..end {
+            state[b as usize] = if stored.is_ok() {
+                Block::Present
+            } else {
+                Block::Missing
+            };
+        }
+        self.fetched.notify_all();
+        stored
+    }
+
+    /// Checks `bytes`, blocks from `first` on, against their hashes and writes them at `at`.
+    fn store(&self, first: u64, at: u64, bytes: &[u8]) -> Result<(), ShareError> {
+        if let Some(cvs) = &self.cvs {
+            for (i, block) in bytes.chunks(BLOCK as usize).enumerate() {
+                let b = first + i as u64;
+                let cv = b as usize * CV_LEN;
+                if block_cv(b * BLOCK, block)[..] != cvs[cv..cv + CV_LEN] {
+                    return Err(ShareError::Io(format!(
+                        "{} in the bucket does not match its digest at bytes {}..{}: not served",
+                        self.key,
+                        b * BLOCK,
+                        b * BLOCK + block.len() as u64
+                    )));
+                }
+            }
+        }
+        self.file
+            .write_all_at(bytes, at)
+            .map_err(|e| io_error("storing a file's fetched blocks", e))
+    }
 }
 
 impl Share {
@@ -188,7 +258,7 @@ impl Share {
         part.file
             .read_exact_at(&mut buf, offset)
             .map_err(|e| io_error("reading a file's fetched blocks", e))?;
-        if lock(&part.have).iter().all(|&h| h) {
+        if lock(&part.state).iter().all(|&b| b == Block::Present) {
             self.complete(id, &part)?;
         }
         Ok(Some((buf, end >= part.size)))
@@ -254,72 +324,95 @@ impl Share {
             size: info.size,
             cvs,
             file,
-            have: Mutex::new(vec![false; blocks_of(info.size) as usize]),
+            state: Mutex::new(vec![Block::Missing; blocks_of(info.size) as usize]),
+            fetched: Condvar::new(),
         });
         partials.insert(id, part.clone());
         Ok(Some(part))
     }
 
-    /// Makes blocks `first..=last` of `part` present: a read in order (from the start, or
-    /// just after a block that is there) fetches up to `READAHEAD` blocks per GET.
-    fn fetch_blocks(&self, part: &Partial, first: u64, last: u64) -> Result<(), ShareError> {
-        let missing: Vec<u64> = {
-            let have = lock(&part.have);
-            let in_order = first == 0 || have[first as usize - 1];
-            let mut last = last;
-            if in_order {
-                let until = (first + READAHEAD - 1).min(have.len() as u64 - 1);
-                while last < until && !have[last as usize + 1] {
-                    last += 1;
-                }
-            }
-            (first..=last).filter(|&b| !have[b as usize]).collect()
-        };
-        // Runs of consecutive missing blocks, at most `READAHEAD` each: one GET per run.
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for b in missing {
-            match runs.last_mut() {
-                Some((start, end)) if *end == b && b - *start < READAHEAD => *end = b + 1,
-                _ => runs.push((b, b + 1)),
-            }
-        }
-        for (start, end) in runs {
-            let range = start * BLOCK..(end * BLOCK).min(part.size);
-            let bytes = self
-                .runtime
-                .block_on(self.remote.get_range(&part.key, range.clone()))
-                .map_err(|e| ShareError::Io(format!("fetching {}: {e}", part.key)))?;
-            if bytes.len() as u64 != range.end - range.start {
-                return Err(ShareError::Io(format!(
-                    "fetching {}: {} bytes came for {range:?}",
-                    part.key,
-                    bytes.len()
-                )));
-            }
-            if let Some(cvs) = &part.cvs {
-                for b in start..end {
-                    let from = ((b - start) * BLOCK) as usize;
-                    let to = (from + BLOCK as usize).min(bytes.len());
-                    let at = b as usize * CV_LEN;
-                    if block_cv(b * BLOCK, &bytes[from..to])[..] != cvs[at..at + CV_LEN] {
-                        return Err(ShareError::Io(format!(
-                            "{} in the bucket does not match its digest at bytes {}..{}: not served",
-                            part.key,
-                            b * BLOCK,
-                            b * BLOCK + (to - from) as u64
-                        )));
+    /// Makes blocks `first..=last` of `part` present. A read in order (from the start, or
+    /// just after a block that is there or coming) fetches up to `READAHEAD` blocks per GET,
+    /// and has the next run fetched in the background.
+    fn fetch_blocks(&self, part: &Arc<Partial>, first: u64, last: u64) -> Result<(), ShareError> {
+        loop {
+            let (mine, ahead) = {
+                let mut state = lock(&part.state);
+                let n = state.len() as u64;
+                let in_order = first == 0 || state[first as usize - 1] != Block::Missing;
+                let mut until = last;
+                if in_order {
+                    let most = (first + READAHEAD - 1).min(n - 1);
+                    while until < most && state[until as usize + 1] == Block::Missing {
+                        until += 1;
                     }
                 }
+                let mine: Vec<u64> = (first..=until)
+                    .filter(|&b| state[b as usize] == Block::Missing)
+                    .collect();
+                // The first missing block within two runs ahead starts the next run.
+                let ahead = in_order
+                    .then(|| {
+                        (until + 1..(until + 1 + 2 * READAHEAD).min(n))
+                            .find(|&b| state[b as usize] == Block::Missing)
+                    })
+                    .flatten()
+                    .map(|start| {
+                        let mut end = start + 1;
+                        while end < (start + READAHEAD).min(n)
+                            && state[end as usize] == Block::Missing
+                        {
+                            end += 1;
+                        }
+                        (start, end)
+                    });
+                let ahead_blocks = ahead.map_or(0..0, |(start, end)| start..end);
+                for b in mine.iter().copied().chain(ahead_blocks) {
+                    state[b as usize] = Block::Fetching;
+                }
+                (mine, ahead)
+            };
+            if let Some((start, end)) = ahead {
+                let (part, remote) = (part.clone(), self.remote.clone());
+                self.runtime.spawn(async move {
+                    if let Err(e) = part.fetch_run(remote, start, end).await {
+                        tracing::debug!("reading ahead: {e}");
+                    }
+                });
             }
-            part.file
-                .write_all_at(&bytes, range.start)
-                .map_err(|e| io_error("storing a file's fetched blocks", e))?;
-            let mut have = lock(&part.have);
-            for b in start..end {
-                have[b as usize] = true;
+            // Runs of consecutive blocks, at most `READAHEAD` each: one GET per run.
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            for b in mine {
+                match runs.last_mut() {
+                    Some((start, end)) if *end == b && b - *start < READAHEAD => *end = b + 1,
+                    _ => runs.push((b, b + 1)),
+                }
             }
+            let mut failed = None;
+            for (start, end) in runs {
+                let fetched =
+                    self.runtime
+                        .block_on(part.clone().fetch_run(self.remote.clone(), start, end));
+                if let Err(e) = fetched {
+                    failed.get_or_insert(e);
+                }
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            // Blocks another read (or a read ahead) is fetching: wait for them.
+            let mut state = lock(&part.state);
+            while (first..=last).any(|b| state[b as usize] == Block::Fetching) {
+                state = part
+                    .fetched
+                    .wait(state)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            if (first..=last).all(|b| state[b as usize] == Block::Present) {
+                return Ok(());
+            }
+            // A fetch by another failed: try them here.
         }
-        Ok(())
     }
 
     /// Every block of `part` is there: it becomes the file's content (unless the file was
