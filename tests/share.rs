@@ -331,6 +331,36 @@ fn rclone(args: &[&str]) -> Vec<u8> {
 /// the bucket, a rename moves the markers below it, a chmod rewrites one, an rmdir deletes
 /// it, and a marker another tool wrote brings its directory, mode and owner into the share.
 #[test]
+fn new_directories_and_symlinks_go_up_without_waiting_to_settle() {
+    for rig in rigs(Duration::from_secs(3600)) {
+        rig.shares()
+            .create("n", "n/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("n");
+        let d = share.mkdir(share.root(), "d", 0o755, 0, 0).expect("mkdir");
+        share
+            .symlink(d.fileid, "l", "../elsewhere", 0, 0)
+            .expect("symlink");
+        let f = share
+            .create(d.fileid, "f", 0o644, 0, 0, true)
+            .expect("create");
+        share.write(f.fileid, 0, b"settling", false).expect("write");
+        let head = |key: &str| rig.runtime.block_on(rig.raw.head(key)).expect("head");
+        let started = Instant::now();
+        while head("n/d/").is_none() || head("n/d/l").is_none() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the new directory or symlink waits to settle"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The file, neither committed nor settled, is not up yet.
+        assert!(head("n/d/f").is_none());
+        assert_eq!(share.status().dirty_files, 1);
+    }
+}
+
+#[test]
 fn empty_directories_persist_as_marker_objects() {
     for rig in rigs(Duration::from_millis(100)) {
         rig.shares()

@@ -979,17 +979,21 @@ impl Share {
     }
 
     /// A file just made: the namespace marked it dirty in the same transaction, so only the
-    /// uploader's view needs it.
-    fn created(&self, id: u64) {
+    /// uploader's view needs it. A directory or symlink is complete when made (no writes,
+    /// no COMMIT follow), so it goes up at once (`now`), without waiting to settle.
+    fn created(&self, id: u64, now: bool) {
         lock(&self.dirty).insert(
             id,
             Dirty {
                 generation: 1,
                 writing: 0,
                 last_change: Instant::now(),
-                now: false,
+                now,
             },
         );
+        if now {
+            self.wake.notify_one();
+        }
     }
 
     /// A change made in one step (a rename, new attributes).
@@ -1087,7 +1091,7 @@ impl Share {
                     tracing::debug!(share = %self.info.name, "no entry attribute on a new file ({e}): committing its creation at once");
                     self.ns.mark_dirty(id)?;
                 }
-                self.created(id);
+                self.created(id, false);
                 self.attrs_of(id, &inode)
             }
             Err(ShareError::Exists) if !exclusive => {
@@ -1115,7 +1119,7 @@ impl Share {
         let (id, inode) =
             self.ns
                 .create(dir, name, Kind::Dir, attrs, None, self.info.prefix.len())?;
-        self.created(id);
+        self.created(id, true);
         self.attrs_of(id, &inode)
     }
 
@@ -1149,7 +1153,7 @@ impl Share {
             Some(target.to_string()),
             self.info.prefix.len(),
         )?;
-        self.created(id);
+        self.created(id, true);
         self.attrs_of(id, &inode)
     }
 
