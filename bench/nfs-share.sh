@@ -145,7 +145,7 @@ env -u AWS_CA_BUNDLE "$firn" serve --config "$work/firn.toml" >"$work/firn.out" 
 firn_pid=$!
 for _ in $(seq 1 100); do grep -q '^Press Ctrl-C to stop\.' "$work/firn.out" && break; sleep 0.1; done
 for _ in $(seq 1 300); do
-    [ "$(du -sb "$work/firn-data/shares" | cut -f1)" -lt $((64 << 20)) ] && break
+    [ "$(du -sb "$work/firn-data/shares" 2>/dev/null | cut -f1)" -lt $((64 << 20)) ] && break
     sleep 0.2
 done
 drop_caches

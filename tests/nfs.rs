@@ -212,6 +212,12 @@ fn libnfs_tools_copy_files_in_and_out_and_they_land_as_objects() {
         2.0
     );
     assert_eq!(value("firn_share_dirty_files{share=\"media\"}"), 0.0);
+    // Every read was of a file on local disk.
+    assert_eq!(
+        value("firn_share_cache_hit_percent{share=\"media\"}"),
+        100.0
+    );
+    assert!(value("firn_share_cached_bytes{share=\"media\"}") > 0.0);
     // When each file reached the bucket, for workflows waiting on them.
     let uploads = g.firn(&["share", "uploads", "media"]);
     let keys: Vec<&str> = uploads
@@ -821,6 +827,17 @@ fn a_file_of_several_gib_lands_whole_and_reads_back_after_eviction() {
     let read = hash_stream(cat.stdout.take().expect("stdout"));
     assert!(cat.wait().expect("nfs-cat").success(), "nfs-cat failed");
     assert_eq!(read, written, "read back differs");
+    // Fetched a block at a time, about once each: with 1 MiB of cache the part file is
+    // evicted every 2 s under the reader, losing the blocks fetched ahead of it.
+    let status = &g.show("media")["status"];
+    let downloaded = status["downloaded_bytes"]
+        .as_u64()
+        .expect("downloaded_bytes");
+    assert!(
+        (SIZE..=SIZE + SIZE / 10).contains(&downloaded),
+        "{downloaded} bytes fetched to read {SIZE}: {status}"
+    );
+    assert!(status["cache_misses"].as_u64() >= Some(1), "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -890,6 +890,9 @@ fn an_evicted_file_is_read_back_a_verified_block_at_a_time() {
             (4096..=MIB + 65536).contains(&fetched),
             "{fetched} bytes fetched for a 4 KiB read"
         );
+        let status = share.status();
+        assert_eq!(status.downloaded_bytes, MIB, "{status:?}");
+        assert_eq!((status.cache_hits, status.cache_misses), (0, 1));
 
         // Read in order to the end: every byte right, and then it is the file's content.
         let mut back = Vec::new();
@@ -902,6 +905,10 @@ fn an_evicted_file_is_read_back_a_verified_block_at_a_time() {
         }
         assert!(back == data, "read back in order differs");
         assert!(content.exists() && !part.exists(), "not made the content");
+        // Each block fetched once, read ahead or not.
+        let status = share.status();
+        assert_eq!(status.downloaded_bytes, data.len() as u64, "{status:?}");
+        assert!(status.cache_misses >= 2, "{status:?}");
 
         // Evicted again, and the object corrupted in the bucket behind firn's back (same
         // size, same metadata): blocks that still match are served, the bad one is not.

@@ -186,37 +186,68 @@ async fn metrics(State(gateway): Shared) -> Response {
 /// The cached volumes' gauges and counters, named after what Storage Gateway users watch.
 /// Each share's upload state, read at scrape time.
 fn share_metrics(shares: &crate::engines::share::Shares) -> String {
-    type Value = fn(&crate::engines::share::ShareStatus) -> u64;
-    let families: [(&str, &str, &str, Value); 5] = [
+    type Value = fn(&crate::engines::share::ShareStatus) -> f64;
+    let families: [(&str, &str, &str, Value); 9] = [
+        (
+            "firn_share_cache_hit_percent",
+            "gauge",
+            "Reads answered from local disk, percent of all reads since the daemon started.",
+            |s| {
+                let all = s.cache_hits + s.cache_misses;
+                if all == 0 {
+                    100.0
+                } else {
+                    s.cache_hits as f64 * 100.0 / all as f64
+                }
+            },
+        ),
+        (
+            "firn_share_cached_bytes",
+            "gauge",
+            "Local bytes of the share's files, dirty and clean.",
+            |s| s.cached_bytes as f64,
+        ),
+        (
+            "firn_share_cache_misses",
+            "counter",
+            "Reads that waited for data from the bucket.",
+            |s| s.cache_misses as f64,
+        ),
+        (
+            "firn_share_downloaded_bytes",
+            "counter",
+            "Bytes fetched from the bucket for reads and writes of files not on local disk.",
+            |s| s.downloaded_bytes as f64,
+        ),
         (
             "firn_share_dirty_files",
             "gauge",
             "Files changed here and not yet in the bucket.",
-            |s| s.dirty_files,
+            |s| s.dirty_files as f64,
         ),
         (
             "firn_share_dirty_bytes",
             "gauge",
             "Local bytes of the files not yet in the bucket (the upload backlog).",
-            |s| s.dirty_bytes,
+            |s| s.dirty_bytes as f64,
         ),
         (
             "firn_share_pending_deletes",
             "gauge",
             "Objects of removed or moved files still to delete from the bucket.",
-            |s| s.pending_deletes,
+            |s| s.pending_deletes as f64,
         ),
         (
             "firn_share_uploaded_files",
             "counter",
             "Files uploaded since the daemon started.",
-            |s| s.uploaded_files,
+            |s| s.uploaded_files as f64,
         ),
         (
             "firn_share_uploaded_bytes",
             "counter",
             "Bytes of files uploaded since the daemon started.",
-            |s| s.uploaded_bytes,
+            |s| s.uploaded_bytes as f64,
         ),
     ];
     let statuses: Vec<(String, crate::engines::share::ShareStatus)> = shares

@@ -158,6 +158,8 @@ pub(super) struct Partial {
     /// digest (put by another tool).
     cvs: Option<Vec<u8>>,
     file: File,
+    /// The share's count of bytes fetched.
+    downloaded: Arc<std::sync::atomic::AtomicU64>,
     state: Mutex<Vec<Block>>,
     /// Signalled when a fetch ends, for readers waiting on blocks it brings.
     fetched: Condvar,
@@ -189,6 +191,8 @@ impl Partial {
                 )))
             }
             Ok(bytes) => {
+                self.downloaded
+                    .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 let part = self.clone();
                 tokio::task::spawn_blocking(move || part.store(start, range.start, &bytes))
                     .await
@@ -253,7 +257,12 @@ impl Share {
         if offset >= end {
             return Ok(Some((Vec::new(), true)));
         }
-        self.fetch_blocks(&part, offset / BLOCK, (end - 1) / BLOCK)?;
+        let counter = if self.fetch_blocks(&part, offset / BLOCK, (end - 1) / BLOCK)? {
+            &self.cache_misses
+        } else {
+            &self.cache_hits
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut buf = vec![0; (end - offset) as usize];
         part.file
             .read_exact_at(&mut buf, offset)
@@ -324,6 +333,7 @@ impl Share {
             size: info.size,
             cvs,
             file,
+            downloaded: self.downloaded_bytes.clone(),
             state: Mutex::new(vec![Block::Missing; blocks_of(info.size) as usize]),
             fetched: Condvar::new(),
         });
@@ -333,8 +343,10 @@ impl Share {
 
     /// Makes blocks `first..=last` of `part` present. A read in order (from the start, or
     /// just after a block that is there or coming) fetches up to `READAHEAD` blocks per GET,
-    /// and has the next run fetched in the background.
-    fn fetch_blocks(&self, part: &Arc<Partial>, first: u64, last: u64) -> Result<(), ShareError> {
+    /// and has the next run fetched in the background. Whether the read had to wait for the
+    /// bucket (a cache miss).
+    fn fetch_blocks(&self, part: &Arc<Partial>, first: u64, last: u64) -> Result<bool, ShareError> {
+        let mut waited = false;
         loop {
             let (mine, ahead) = {
                 let mut state = lock(&part.state);
@@ -389,6 +401,7 @@ impl Share {
                 }
             }
             let mut failed = None;
+            waited |= !runs.is_empty();
             for (start, end) in runs {
                 let fetched =
                     self.runtime
@@ -403,13 +416,14 @@ impl Share {
             // Blocks another read (or a read ahead) is fetching: wait for them.
             let mut state = lock(&part.state);
             while (first..=last).any(|b| state[b as usize] == Block::Fetching) {
+                waited = true;
                 state = part
                     .fetched
                     .wait(state)
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
             }
             if (first..=last).all(|b| state[b as usize] == Block::Present) {
-                return Ok(());
+                return Ok(waited);
             }
             // A fetch by another failed: try them here.
         }

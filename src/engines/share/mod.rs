@@ -451,6 +451,10 @@ impl Shares {
             stopped: AtomicBool::new(false),
             uploaded_files: AtomicU64::new(0),
             uploaded_bytes: AtomicU64::new(0),
+            clean_bytes: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
+            downloaded_bytes: Arc::new(AtomicU64::new(0)),
             last_error: Mutex::new(None),
             recent: Mutex::new(std::collections::VecDeque::new()),
             creating: std::sync::RwLock::new(()),
@@ -594,6 +598,16 @@ pub struct ShareStatus {
     pub pending_deletes: u64,
     pub uploaded_files: u64,
     pub uploaded_bytes: u64,
+    /// Local bytes of the share's files (and of blocks fetched for reads): the dirty ones
+    /// now, the clean ones as counted at the last eviction check (every 2 s) plus what was
+    /// uploaded since.
+    pub cached_bytes: u64,
+    /// Reads answered from local disk, and reads that had to fetch from the bucket first,
+    /// since the daemon started.
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    /// Bytes fetched from the bucket for reads and writes of evicted or new-found files.
+    pub downloaded_bytes: u64,
     pub last_error: Option<String>,
 }
 
@@ -612,6 +626,11 @@ pub struct Share {
     stopped: AtomicBool,
     uploaded_files: AtomicU64,
     uploaded_bytes: AtomicU64,
+    /// Local bytes of clean files (and part files), as the last eviction check found them.
+    clean_bytes: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
+    downloaded_bytes: Arc<AtomicU64>,
     last_error: Mutex<Option<String>>,
     /// Held (shared) by each file creation, so that `stop` can wait for them: a creation is
     /// lazily committed, and must be done before the share is marked stopped in order.
@@ -832,6 +851,8 @@ impl Share {
                 .block_on(self.remote.get_range(key, at..end))
                 .map_err(failed)?;
             hasher.update(&bytes);
+            self.downloaded_bytes
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
             if let Some(gathered) = &gathered {
                 gathered.gather(at, &bytes, &gathered.wanted(at, end - at));
             }
@@ -894,6 +915,7 @@ impl Share {
             total += size;
             clean.push((id, size, false));
         }
+        self.clean_bytes.store(total, Ordering::Relaxed);
         if need.is_none() && total <= limit {
             return Ok(0);
         }
@@ -932,6 +954,8 @@ impl Share {
             }
             drop(dirty);
         }
+        self.clean_bytes
+            .store(total.saturating_sub(freed), Ordering::Relaxed);
         Ok(freed)
     }
 
@@ -1305,7 +1329,10 @@ impl Share {
             Kind::File => {}
         }
         let file = match self.cached(id)? {
-            Some(file) => file,
+            Some(file) => {
+                self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                file
+            }
             None => {
                 // Evicted: only the blocks the read needs, when they can be checked.
                 if let Some(uploaded) = inode.uploaded.as_ref().filter(|u| u.size > blocks::BLOCK)
@@ -1313,6 +1340,7 @@ impl Share {
                 {
                     return Ok(read);
                 }
+                self.cache_misses.fetch_add(1, Ordering::Relaxed);
                 self.content(id)?
             }
         };
@@ -1418,6 +1446,10 @@ impl Share {
             pending_deletes: self.ns.deletes(100_000).map_or(0, |d| d.len() as u64),
             uploaded_files: self.uploaded_files.load(Ordering::Relaxed),
             uploaded_bytes: self.uploaded_bytes.load(Ordering::Relaxed),
+            cached_bytes: self.clean_bytes.load(Ordering::Relaxed) + dirty_bytes,
+            cache_hits: self.cache_hits.load(Ordering::Relaxed),
+            cache_misses: self.cache_misses.load(Ordering::Relaxed),
+            downloaded_bytes: self.downloaded_bytes.load(Ordering::Relaxed),
             last_error: lock(&self.last_error).clone(),
         }
     }

@@ -234,6 +234,8 @@ async fn upload(share: &Arc<Share>, id: u64, generation: u64) -> Result<bool, St
         Ok(true) => {
             share.uploaded_files.fetch_add(1, Ordering::Relaxed);
             share.uploaded_bytes.fetch_add(len, Ordering::Relaxed);
+            // Clean now; the next eviction check counts it exactly.
+            share.clean_bytes.fetch_add(len, Ordering::Relaxed);
             Ok(true)
         }
         Ok(false) => Ok(false),
