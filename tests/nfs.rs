@@ -897,6 +897,51 @@ async fn a_tree_copied_through_store_errors_and_an_outage_arrives_whole() {
 }
 
 #[test]
+fn evicted_files_read_back_whole_through_store_errors() {
+    // A 1 MiB cache, so every file is evicted once uploaded; then 30% of requests fail.
+    let g = Gateway::start_with("cache_max = \"1MiB\"\n[faults]\nerror_rate = 0.3\n");
+    g.firn(&["share", "create", "media"]);
+    let mut files = Vec::new();
+    for (name, len) in [
+        ("a.bin", (20 << 20) + 77),
+        ("b.bin", 3 << 20),
+        ("c.bin", 5000),
+    ] {
+        let local = g.dir.path().join(name);
+        let data = random_file(&local, len);
+        copy_in(&local, &g.url(&format!("media/{name}")));
+        files.push((name, data));
+    }
+    g.wait_uploaded("media");
+    let files_dir = g.dir.path().join("data/shares");
+    let started = Instant::now();
+    while local_bytes(&files_dir) > 1 << 20 {
+        assert!(started.elapsed() < Duration::from_secs(60), "not evicted");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for (name, data) in &files {
+        let (read, err) = run_bytes("nfs-cat", &[&g.url(&format!("media/{name}"))]);
+        let read = read.unwrap_or_else(|| panic!("nfs-cat {name}: {err}"));
+        assert!(read == *data, "{name} read back differs");
+    }
+    let status = &g.show("media")["status"];
+    // The two larger ones were evicted (the small one fits the cache).
+    assert!(status["cache_misses"].as_u64() >= Some(2), "{status}");
+}
+
+/// `program args`: its stdout if it succeeded, and its stderr.
+fn run_bytes(program: &str, args: &[&str]) -> (Option<Vec<u8>>, String) {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e} (scripts/test installs libnfs-utils)"));
+    (
+        out.status.success().then_some(out.stdout),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
 fn files_another_tool_puts_in_the_bucket_show_up_after_a_refresh() {
     // Objects without the file-tool metadata get the configured mode.
     let g = Gateway::start_with("default_file_mode = 0o600\n");
