@@ -115,8 +115,14 @@ impl Gathered {
     pub fn wanted(&self, offset: u64, len: u64) -> Vec<u64> {
         let cvs = lock(&self.cvs);
         let end = offset + len;
-        (offset.div_ceil(BLOCK)..blocks_of(self.size))
-            .filter(|&b| (b * BLOCK + BLOCK).min(self.size) <= end)
+        let n = blocks_of(self.size);
+        // Whole blocks inside the range; the short last one ends at the object's end.
+        let upto = if end >= self.size {
+            n
+        } else {
+            (end / BLOCK).min(n)
+        };
+        (offset.div_ceil(BLOCK)..upto)
             .filter(|&b| cvs[b as usize].is_none())
             .collect()
     }
@@ -152,6 +158,9 @@ impl Gathered {
 /// An evicted file being read back a block at a time.
 #[derive(Debug)]
 pub(super) struct Partial {
+    /// The object it holds blocks of: the file's `uploaded` when it was made. A file whose
+    /// `uploaded` differs now (rewritten, or changed by another tool) gets a new one.
+    uploaded: Uploaded,
     key: String,
     size: u64,
     /// The blocks' chaining values, to check each against; `None` for an object that has no
@@ -160,9 +169,15 @@ pub(super) struct Partial {
     file: File,
     /// The share's count of bytes fetched.
     downloaded: Arc<std::sync::atomic::AtomicU64>,
-    state: Mutex<Vec<Block>>,
+    state: Mutex<State>,
     /// Signalled when a fetch ends, for readers waiting on blocks it brings.
     fetched: Condvar,
+}
+
+#[derive(Debug)]
+struct State {
+    blocks: Vec<Block>,
+    present: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,48 +187,108 @@ enum Block {
     Present,
 }
 
-impl Partial {
-    /// Fetches blocks `start..end` into the part file, checked; they are `Fetching` until it
-    /// ends, then `Present`, or `Missing` again if it failed.
-    async fn fetch_run(
-        self: Arc<Self>,
-        remote: Arc<dyn crate::remote::Remote>,
-        start: u64,
-        end: u64,
-    ) -> Result<(), ShareError> {
-        let range = start * BLOCK..(end * BLOCK).min(self.size);
-        let stored = match remote.get_range(&self.key, range.clone()).await {
-            Ok(bytes) if bytes.len() as u64 != range.end - range.start => {
-                Err(ShareError::Io(format!(
-                    "fetching {}: {} bytes came for {range:?}",
-                    self.key,
-                    bytes.len()
-                )))
-            }
-            Ok(bytes) => {
-                self.downloaded
-                    .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                let part = self.clone();
-                tokio::task::spawn_blocking(move || part.store(start, range.start, &bytes))
-                    .await
-                    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
-            }
-            Err(e) => Err(ShareError::Io(format!("fetching {}: {e}", self.key))),
-        };
-        let mut state = lock(&self.state);
+/// Blocks `start..end`, marked `Fetching` when it is made: when dropped (done, failed, or
+/// cancelled with its task, even before it ran), they are `Present` if stored, else
+/// `Missing` again, and waiting readers wake.
+struct Claim {
+    part: Arc<Partial>,
+    start: u64,
+    end: u64,
+    stored: bool,
+}
+
+impl Claim {
+    /// Claims blocks `start..end` of `state`, which must all be `Missing`.
+    fn new(part: &Arc<Partial>, state: &mut State, start: u64, end: u64) -> Claim {
         for b in start..end {
-            state[b as usize] = if stored.is_ok() {
+            state.blocks[b as usize] = Block::Fetching;
+        }
+        Claim {
+            part: part.clone(),
+            start,
+            end,
+            stored: false,
+        }
+    }
+
+    /// Fetches the claimed blocks on this (blocking) thread.
+    fn fetch_now(
+        mut self,
+        runtime: &tokio::runtime::Handle,
+        remote: &dyn crate::remote::Remote,
+    ) -> Result<(), ShareError> {
+        let part = self.part.clone();
+        let bytes = runtime.block_on(part.get(remote, self.start, self.end))?;
+        part.store(self.start, &bytes)?;
+        self.stored = true;
+        Ok(())
+    }
+
+    /// Fetches the claimed blocks on an async worker: checking and writing a run takes
+    /// milliseconds, and needs no blocking thread (which every waiting reader may hold).
+    async fn fetch_ahead(mut self, remote: Arc<dyn crate::remote::Remote>) {
+        let part = self.part.clone();
+        match part.get(&*remote, self.start, self.end).await {
+            Ok(bytes) => match part.store(self.start, &bytes) {
+                Ok(()) => self.stored = true,
+                Err(e) => tracing::debug!("reading ahead: {e}"),
+            },
+            Err(e) => tracing::debug!("reading ahead: {e}"),
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut state = lock(&self.part.state);
+        for b in self.start..self.end {
+            let block = &mut state.blocks[b as usize];
+            let was_present = *block == Block::Present;
+            *block = if self.stored || was_present {
                 Block::Present
             } else {
                 Block::Missing
             };
+            if self.stored && !was_present {
+                state.present += 1;
+            }
         }
-        self.fetched.notify_all();
-        stored
+        self.part.fetched.notify_all();
+    }
+}
+
+impl Partial {
+    fn complete(&self) -> bool {
+        let state = lock(&self.state);
+        state.present == state.blocks.len() as u64
     }
 
-    /// Checks `bytes`, blocks from `first` on, against their hashes and writes them at `at`.
-    fn store(&self, first: u64, at: u64, bytes: &[u8]) -> Result<(), ShareError> {
+    /// Blocks `start..end` from the bucket.
+    async fn get(
+        &self,
+        remote: &dyn crate::remote::Remote,
+        start: u64,
+        end: u64,
+    ) -> Result<bytes::Bytes, ShareError> {
+        let range = start * BLOCK..(end * BLOCK).min(self.size);
+        let bytes = remote
+            .get_range(&self.key, range.clone())
+            .await
+            .map_err(|e| ShareError::Io(format!("fetching {}: {e}", self.key)))?;
+        self.downloaded
+            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        if bytes.len() as u64 != range.end - range.start {
+            return Err(ShareError::Io(format!(
+                "fetching {}: {} bytes came for {range:?}",
+                self.key,
+                bytes.len()
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// Checks `bytes`, blocks from `first` on, against their hashes and writes them.
+    fn store(&self, first: u64, bytes: &[u8]) -> Result<(), ShareError> {
         if let Some(cvs) = &self.cvs {
             for (i, block) in bytes.chunks(BLOCK as usize).enumerate() {
                 let b = first + i as u64;
@@ -229,7 +304,7 @@ impl Partial {
             }
         }
         self.file
-            .write_all_at(bytes, at)
+            .write_all_at(bytes, first * BLOCK)
             .map_err(|e| io_error("storing a file's fetched blocks", e))
     }
 }
@@ -241,7 +316,8 @@ impl Share {
 
     /// `count` bytes at `offset` of evicted file `id`, whose object is `uploaded`, fetching
     /// only the blocks they lie in; `None` if the file must be fetched whole first (its
-    /// object has a digest, and no block hashes that match it are known).
+    /// object has a digest, and no block hashes that match it are known) or is on local
+    /// disk again.
     pub(super) fn read_blocks(
         &self,
         id: u64,
@@ -267,21 +343,21 @@ impl Share {
         part.file
             .read_exact_at(&mut buf, offset)
             .map_err(|e| io_error("reading a file's fetched blocks", e))?;
-        if lock(&part.state).iter().all(|&b| b == Block::Present) {
+        if part.complete() {
             self.complete(id, &part)?;
         }
         Ok(Some((buf, end >= part.size)))
     }
 
-    /// The part file of `id`, made (after a HEAD of its object) if there is none yet.
+    /// The part file of `id` for its object `uploaded`, made (after a HEAD of the object)
+    /// if there is none yet.
     fn partial(&self, id: u64, uploaded: &Uploaded) -> Result<Option<Arc<Partial>>, ShareError> {
-        let key = format!("{}{}", self.info.prefix, uploaded.path);
         if let Some(part) = lock(&self.partials).get(&id)
-            && part.key == key
-            && part.size == uploaded.size
+            && part.uploaded == *uploaded
         {
             return Ok(Some(part.clone()));
         }
+        let key = format!("{}{}", self.info.prefix, uploaded.path);
         let failed = |e: crate::remote::Error| ShareError::Io(format!("fetching {key}: {e}"));
         let info = self
             .runtime
@@ -313,28 +389,38 @@ impl Share {
         };
         let mut partials = lock(&self.partials);
         if let Some(part) = partials.get(&id)
-            && part.key == key
-            && part.size == uploaded.size
+            && part.uploaded == *uploaded
         {
             return Ok(Some(part.clone()));
         }
+        // Fetched whole (or written) meanwhile, or another object now: not for blocks.
+        if self.content_path(id).exists() || self.ns.get(id)?.uploaded.as_ref() != Some(uploaded) {
+            return Ok(None);
+        }
+        // A part file of an earlier object goes first (its readers keep their open file),
+        // so nobody reads one object's blocks as another's.
+        partials.remove(&id);
         let path = self.part_path(id);
+        let _ = std::fs::remove_file(&path);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .open(&path)
             .and_then(|file| file.set_len(info.size).map(|()| file))
             .map_err(|e| io_error("making a file's part file", e))?;
         let part = Arc::new(Partial {
+            uploaded: uploaded.clone(),
             key,
             size: info.size,
             cvs,
             file,
             downloaded: self.downloaded_bytes.clone(),
-            state: Mutex::new(vec![Block::Missing; blocks_of(info.size) as usize]),
+            state: Mutex::new(State {
+                blocks: vec![Block::Missing; blocks_of(info.size) as usize],
+                present: 0,
+            }),
             fetched: Condvar::new(),
         });
         partials.insert(id, part.clone());
@@ -350,91 +436,86 @@ impl Share {
         loop {
             let (mine, ahead) = {
                 let mut state = lock(&part.state);
-                let n = state.len() as u64;
-                let in_order = first == 0 || state[first as usize - 1] != Block::Missing;
+                let blocks = &mut state.blocks;
+                let n = blocks.len() as u64;
+                let in_order = first == 0 || blocks[first as usize - 1] != Block::Missing;
                 let mut until = last;
                 if in_order {
                     let most = (first + READAHEAD - 1).min(n - 1);
-                    while until < most && state[until as usize + 1] == Block::Missing {
+                    while until < most && blocks[until as usize + 1] == Block::Missing {
                         until += 1;
                     }
                 }
-                let mine: Vec<u64> = (first..=until)
-                    .filter(|&b| state[b as usize] == Block::Missing)
+                let missing: Vec<u64> = (first..=until)
+                    .filter(|&b| blocks[b as usize] == Block::Missing)
                     .collect();
                 // The first missing block within two runs ahead starts the next run.
                 let ahead = in_order
                     .then(|| {
                         (until + 1..(until + 1 + 2 * READAHEAD).min(n))
-                            .find(|&b| state[b as usize] == Block::Missing)
+                            .find(|&b| blocks[b as usize] == Block::Missing)
                     })
                     .flatten()
                     .map(|start| {
                         let mut end = start + 1;
                         while end < (start + READAHEAD).min(n)
-                            && state[end as usize] == Block::Missing
+                            && blocks[end as usize] == Block::Missing
                         {
                             end += 1;
                         }
                         (start, end)
                     });
-                let ahead_blocks = ahead.map_or(0..0, |(start, end)| start..end);
-                for b in mine.iter().copied().chain(ahead_blocks) {
-                    state[b as usize] = Block::Fetching;
+                // Runs of consecutive blocks, at most `READAHEAD` each: one GET per run.
+                let mut runs: Vec<(u64, u64)> = Vec::new();
+                for b in missing {
+                    match runs.last_mut() {
+                        Some((start, end)) if *end == b && b - *start < READAHEAD => *end = b + 1,
+                        _ => runs.push((b, b + 1)),
+                    }
                 }
+                let mine: Vec<Claim> = runs
+                    .into_iter()
+                    .map(|(start, end)| Claim::new(part, &mut state, start, end))
+                    .collect();
+                let ahead = ahead.map(|(start, end)| Claim::new(part, &mut state, start, end));
                 (mine, ahead)
             };
-            if let Some((start, end)) = ahead {
-                let (part, remote) = (part.clone(), self.remote.clone());
-                self.runtime.spawn(async move {
-                    if let Err(e) = part.fetch_run(remote, start, end).await {
-                        tracing::debug!("reading ahead: {e}");
-                    }
-                });
+            if let Some(claim) = ahead {
+                self.runtime.spawn(claim.fetch_ahead(self.remote.clone()));
             }
-            // Runs of consecutive blocks, at most `READAHEAD` each: one GET per run.
-            let mut runs: Vec<(u64, u64)> = Vec::new();
-            for b in mine {
-                match runs.last_mut() {
-                    Some((start, end)) if *end == b && b - *start < READAHEAD => *end = b + 1,
-                    _ => runs.push((b, b + 1)),
-                }
-            }
-            let mut failed = None;
-            waited |= !runs.is_empty();
-            for (start, end) in runs {
-                let fetched =
-                    self.runtime
-                        .block_on(part.clone().fetch_run(self.remote.clone(), start, end));
-                if let Err(e) = fetched {
-                    failed.get_or_insert(e);
-                }
-            }
-            if let Some(e) = failed {
-                return Err(e);
+            waited |= !mine.is_empty();
+            // One failure ends the read; the claims not fetched are released as dropped.
+            for claim in mine {
+                claim.fetch_now(&self.runtime, &*self.remote)?;
             }
             // Blocks another read (or a read ahead) is fetching: wait for them.
             let mut state = lock(&part.state);
-            while (first..=last).any(|b| state[b as usize] == Block::Fetching) {
+            while (first..=last).any(|b| state.blocks[b as usize] == Block::Fetching) {
                 waited = true;
                 state = part
                     .fetched
                     .wait(state)
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
             }
-            if (first..=last).all(|b| state[b as usize] == Block::Present) {
+            if (first..=last).all(|b| state.blocks[b as usize] == Block::Present) {
                 return Ok(waited);
             }
             // A fetch by another failed: try them here.
         }
     }
 
-    /// Every block of `part` is there: it becomes the file's content (unless the file was
-    /// fetched whole or changed meanwhile).
+    /// Every block of `part` is there: it becomes the file's content, unless the file was
+    /// fetched whole, changed, or names another object meanwhile.
     fn complete(&self, id: u64, part: &Arc<Partial>) -> Result<(), ShareError> {
-        // On disk before it is named as the content, which is taken as whole after a crash.
+        // The file's time, as a fetched file keeps it (clients would take a new one for a
+        // change); on disk before it is named as the content, which is taken as whole
+        // after a crash.
+        let inode = self.ns.get(id)?;
+        let time =
+            std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_nanos(inode.mtime_ns);
         part.file
-            .sync_data()
+            .set_modified(time)
+            .and_then(|()| part.file.sync_data())
             .map_err(|e| io_error("storing a fetched file", e))?;
         // Under the dirty lock, as eviction: a write marks its file dirty under it before it
         // opens the content, so no write goes into a file this rename then replaces.
@@ -445,7 +526,8 @@ impl Share {
         }
         partials.remove(&id);
         let content = self.content_path(id);
-        if dirty.contains_key(&id) || content.exists() {
+        let current = self.ns.get(id)?.uploaded;
+        if dirty.contains_key(&id) || content.exists() || current.as_ref() != Some(&part.uploaded) {
             let _ = std::fs::remove_file(self.part_path(id));
         } else {
             std::fs::rename(self.part_path(id), content)
@@ -454,19 +536,18 @@ impl Share {
         Ok(())
     }
 
-    /// Forgets file `id`'s fetched blocks (evicted, fetched whole, removed or changed).
-    /// Returns the bytes its part file took.
+    /// Forgets file `id`'s fetched blocks (evicted, fetched whole, removed or changed), and
+    /// its part file, whether or not one is in use. Returns the bytes that file took.
     pub(super) fn drop_partial(&self, id: u64) -> u64 {
         let mut partials = lock(&self.partials);
-        if partials.remove(&id).is_none() {
-            return 0;
-        }
+        partials.remove(&id);
         let path = self.part_path(id);
         let used = std::fs::metadata(&path).map_or(0, |m| {
             use std::os::unix::fs::MetadataExt;
             m.blocks() * 512
         });
         let _ = std::fs::remove_file(path);
+        drop(partials);
         used
     }
 }

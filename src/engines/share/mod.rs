@@ -527,6 +527,16 @@ pub fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// Keeps `file` in `open` (the share's open content files, at most `OPEN_FILES`).
+fn keep_open(open: &mut HashMap<u64, Arc<File>>, id: u64, file: File) -> Arc<File> {
+    let file = Arc::new(file);
+    if open.len() >= OPEN_FILES {
+        open.clear();
+    }
+    open.insert(id, file.clone());
+    file
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -723,7 +733,9 @@ impl Share {
     /// The content file of `id` if it is on local disk (not evicted, not new and unwritten).
     fn cached(&self, id: u64) -> Result<Option<Arc<File>>, ShareError> {
         lock(&self.used).insert(id, Instant::now());
-        if let Some(file) = lock(&self.files_open).get(&id) {
+        // Opened under the lock eviction holds to unlink: never an evicted file kept open.
+        let mut open = lock(&self.files_open);
+        if let Some(file) = open.get(&id) {
             return Ok(Some(file.clone()));
         }
         match OpenOptions::new()
@@ -731,20 +743,10 @@ impl Share {
             .write(true)
             .open(self.content_path(id))
         {
-            Ok(file) => Ok(Some(self.keep_open(id, file))),
+            Ok(file) => Ok(Some(keep_open(&mut open, id, file))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_error("opening a file's local content", e)),
         }
-    }
-
-    fn keep_open(&self, id: u64, file: File) -> Arc<File> {
-        let file = Arc::new(file);
-        let mut open = lock(&self.files_open);
-        if open.len() >= OPEN_FILES {
-            open.clear();
-        }
-        open.insert(id, file.clone());
-        file
     }
 
     /// The content file of `id`, fetched whole if evicted, created empty if missing (a crash
@@ -774,7 +776,7 @@ impl Share {
             }
             Err(e) => return Err(io_error("opening a file's local content", e)),
         };
-        Ok(self.keep_open(id, file))
+        Ok(keep_open(&mut lock(&self.files_open), id, file))
     }
 
     /// Whether `bytes` more of local space may be taken; if not, clean files are evicted to
@@ -813,7 +815,20 @@ impl Share {
                 return Err(e);
             }
         };
-        std::fs::rename(&staging, &path).map_err(|e| io_error("fetching a file", e))?;
+        let time = SystemTime::UNIX_EPOCH + Duration::from_nanos(self.ns.get(id)?.mtime_ns);
+        let _ = File::options()
+            .write(true)
+            .open(&staging)
+            .and_then(|f| f.set_modified(time));
+        // Under the dirty lock, and only if the content is still missing: a read may have
+        // just completed it from fetched blocks, and a write gone into that file.
+        let dirty = lock(&self.dirty);
+        if path.exists() {
+            let _ = std::fs::remove_file(&staging);
+        } else {
+            std::fs::rename(&staging, &path).map_err(|e| io_error("fetching a file", e))?;
+        }
+        drop(dirty);
         self.drop_partial(id);
         if let Some(cvs) = cvs {
             // Checked against the digest with the whole: an eviction from now on reads
@@ -947,11 +962,13 @@ impl Share {
             if dirty.contains_key(&id) {
                 continue;
             }
-            lock(&self.files_open).remove(&id);
             lock(&self.used).remove(&id);
+            let mut open = lock(&self.files_open);
+            open.remove(&id);
             if std::fs::remove_file(self.content_path(id)).is_ok() {
                 freed += size;
             }
+            drop(open);
             drop(dirty);
         }
         self.clean_bytes
