@@ -34,6 +34,9 @@ pub const BLOCK: u64 = 1 << 20;
 /// Blocks fetched by one GET when a file is read in order. Such a reader also has the next
 /// runs fetched in the background, up to `2 * READAHEAD` blocks ahead of it.
 const READAHEAD: u64 = 8;
+/// Runs read ahead at once per share, so their memory stays bounded (8 MiB each) whatever
+/// the number of readers; a reader that finds none free reads without.
+pub(super) const READAHEAD_RUNS: usize = 8;
 const CV_LEN: usize = 32;
 
 /// The chaining value of the block at `offset` (a multiple of `BLOCK`) of an object larger
@@ -195,6 +198,8 @@ struct Claim {
     start: u64,
     end: u64,
     stored: bool,
+    /// A read ahead's permit (`READAHEAD_RUNS`), returned with the claim.
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Claim {
@@ -208,6 +213,7 @@ impl Claim {
             start,
             end,
             stored: false,
+            _permit: None,
         }
     }
 
@@ -450,7 +456,11 @@ impl Share {
                     .filter(|&b| blocks[b as usize] == Block::Missing)
                     .collect();
                 // The first missing block within two runs ahead starts the next run.
-                let ahead = in_order
+                let permit = in_order
+                    .then(|| self.readahead.clone().try_acquire_owned().ok())
+                    .flatten();
+                let ahead = permit
+                    .is_some()
                     .then(|| {
                         (until + 1..(until + 1 + 2 * READAHEAD).min(n))
                             .find(|&b| blocks[b as usize] == Block::Missing)
@@ -477,7 +487,11 @@ impl Share {
                     .into_iter()
                     .map(|(start, end)| Claim::new(part, &mut state, start, end))
                     .collect();
-                let ahead = ahead.map(|(start, end)| Claim::new(part, &mut state, start, end));
+                let ahead = ahead.map(|(start, end)| {
+                    let mut claim = Claim::new(part, &mut state, start, end);
+                    claim._permit = permit;
+                    claim
+                });
                 (mine, ahead)
             };
             if let Some(claim) = ahead {

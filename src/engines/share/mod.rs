@@ -463,6 +463,7 @@ impl Shares {
             used: Mutex::new(HashMap::new()),
             fetching: Mutex::new(()),
             partials: Mutex::new(HashMap::new()),
+            readahead: Arc::new(tokio::sync::Semaphore::new(blocks::READAHEAD_RUNS)),
             runtime: self.runtime.clone(),
             space: self.space.clone(),
         });
@@ -657,6 +658,8 @@ pub struct Share {
     fetching: Mutex<()>,
     /// Evicted files being read back a block at a time.
     partials: Mutex<HashMap<u64, Arc<blocks::Partial>>>,
+    /// Permits for runs read ahead (`blocks::READAHEAD_RUNS`).
+    readahead: Arc<tokio::sync::Semaphore>,
     runtime: tokio::runtime::Handle,
     space: Option<Arc<crate::local::space::SpaceBudget>>,
 }
