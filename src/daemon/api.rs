@@ -183,8 +183,15 @@ async fn metrics(State(gateway): Shared) -> Response {
         .into_response()
 }
 
-/// The cached volumes' gauges and counters, named after what Storage Gateway users watch.
-/// Each share's upload state, read at scrape time.
+/// Reads answered from local disk, percent of all (100 before any read).
+fn hit_percent(hits: u64, misses: u64) -> f64 {
+    match hits + misses {
+        0 => 100.0,
+        all => hits as f64 * 100.0 / all as f64,
+    }
+}
+
+/// Each share's cache and upload state, read at scrape time.
 fn share_metrics(shares: &crate::engines::share::Shares) -> String {
     type Value = fn(&crate::engines::share::ShareStatus) -> f64;
     let families: [(&str, &str, &str, Value); 9] = [
@@ -192,14 +199,7 @@ fn share_metrics(shares: &crate::engines::share::Shares) -> String {
             "firn_share_cache_hit_percent",
             "gauge",
             "Reads answered from local disk, percent of all reads since the daemon started.",
-            |s| {
-                let all = s.cache_hits + s.cache_misses;
-                if all == 0 {
-                    100.0
-                } else {
-                    s.cache_hits as f64 * 100.0 / all as f64
-                }
-            },
+            |s| hit_percent(s.cache_hits, s.cache_misses),
         ),
         (
             "firn_share_cached_bytes",
@@ -267,6 +267,7 @@ fn share_metrics(shares: &crate::engines::share::Shares) -> String {
     text
 }
 
+/// The cached volumes' gauges and counters, named after what Storage Gateway users watch.
 fn volume_metrics(volumes: &[(String, crate::engines::volume::cached::CachedStatus)]) -> String {
     type Value = fn(&crate::engines::volume::cached::CachedStatus) -> f64;
     let families: [(&str, &str, &str, Value); 15] = [
@@ -274,14 +275,7 @@ fn volume_metrics(volumes: &[(String, crate::engines::volume::cached::CachedStat
             "firn_volume_cache_hit_percent",
             "gauge",
             "Reads answered from local disk, percent of all reads of written data.",
-            |s| {
-                let all = s.cache_hits + s.cache_misses;
-                if all == 0 {
-                    100.0
-                } else {
-                    s.cache_hits as f64 * 100.0 / all as f64
-                }
-            },
+            |s| hit_percent(s.cache_hits, s.cache_misses),
         ),
         (
             "firn_volume_cache_percent_used",
