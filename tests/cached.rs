@@ -825,6 +825,36 @@ fn writes_wait_for_room_in_a_full_log_during_an_outage() {
     fio(&g.uri("v"), &strs(&verify));
 }
 
+/// SIGTERM while writes wait for room in a full log (the bucket out of reach for good):
+/// firn stops after its grace for clients, the waiting writes failing unacknowledged.
+#[test]
+fn a_stop_while_writes_wait_for_room_ends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let mut g = Gateway::start_with(
+        &dir.path().join("a"),
+        &bucket,
+        "18MiB",
+        None,
+        "[faults]\noutage_secs = 600\n",
+    );
+    g.firn(&["volume", "create", "v", "--size", "80M"]);
+    let job = fio_verified("64M", "1M", &[]);
+    let writer = fio_spawn(&g.uri("v"), &job);
+    let started = Instant::now();
+    while g.show("v")["cache"]["queued_writes"].as_u64() == Some(0) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no write waits for room"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let daemon = g.daemon.take().expect("running");
+    // The grace for connected clients (10 s), then the waiting writes fail.
+    assert!(daemon.stop_within(Duration::from_secs(30)).success());
+    kill_fio(writer);
+}
+
 /// A flush every 8 writes of 4 KiB, all during an outage: no error, and all of it verifies,
 /// then again from the bucket once the outage is over.
 #[test]

@@ -732,6 +732,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if tokio::time::timeout(STOP_GRACE, drained).await.is_err() {
         tracing::warn!("stopping with clients still connected after {STOP_GRACE:?}");
     }
+    // Writes still waiting for room in a cached volume's log (the bucket out of reach) fail
+    // now: unacknowledged, so nothing is lost, and their threads end.
+    gateway.volumes.stop_cached_volumes();
     let _ = std::fs::remove_file(&socket_path);
     // Shares stop taking changes and are marked stopped in order (no recovery at start).
     gateway.shares.close();

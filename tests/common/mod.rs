@@ -96,7 +96,12 @@ impl Daemon {
     }
 
     /// SIGTERM, and the exit status.
-    pub fn stop(mut self) -> std::process::ExitStatus {
+    pub fn stop(self) -> std::process::ExitStatus {
+        self.stop_within(Duration::from_secs(10))
+    }
+
+    /// SIGTERM, and the exit status, which must come within `limit`.
+    pub fn stop_within(mut self, limit: Duration) -> std::process::ExitStatus {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
@@ -107,10 +112,7 @@ impl Daemon {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status;
             }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "firn ignored SIGTERM"
-            );
+            assert!(started.elapsed() < limit, "firn ignored SIGTERM");
             std::thread::sleep(Duration::from_millis(50));
         }
     }

@@ -687,6 +687,15 @@ impl Catalog {
         failed
     }
 
+    /// Stops every open cached volume (the daemon is stopping): writes still waiting for room
+    /// in a log whose uploads cannot make any fail, as do later requests, so that the
+    /// threads serving them end. What was written before stays in the logs.
+    pub fn stop_cached_volumes(&self) {
+        for volume in self.pinned_volumes().values() {
+            volume.stop();
+        }
+    }
+
     /// A cached volume's upload state, if it is one and open.
     pub fn cached_status(&self, name: &str) -> Option<cached::CachedStatus> {
         let info = self.get(name).ok()??;

@@ -376,10 +376,7 @@ impl std::fmt::Debug for CachedVolume {
 
 impl Drop for CachedVolume {
     fn drop(&mut self) {
-        lock(&self.inner.state).stopped = true;
-        self.inner.room.notify_all();
-        self.inner.wake.notify_one();
-        self.inner.stopping.notify_one();
+        self.stop();
     }
 }
 
@@ -634,6 +631,15 @@ impl CachedVolume {
         self.inner.size.fetch_max(size, Ordering::AcqRel);
         lock(&self.inner.state).describe = true;
         self.inner.wake.notify_one();
+    }
+
+    /// Stops the volume (the daemon is stopping, or the volume is dropped): writes waiting
+    /// for room in the log, and every later request, fail; the uploader ends its loop.
+    pub fn stop(&self) {
+        lock(&self.inner.state).stopped = true;
+        self.inner.room.notify_all();
+        self.inner.wake.notify_one();
+        self.inner.stopping.notify_one();
     }
 
     /// Stops the volume for good (it was deleted): every later request fails, and the
