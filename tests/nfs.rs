@@ -840,6 +840,32 @@ fn a_file_of_several_gib_lands_whole_and_reads_back_after_eviction() {
     assert!(status["cache_misses"].as_u64() >= Some(1), "{status}");
 }
 
+#[test]
+fn a_stop_while_uploads_are_paused_is_prompt_and_places_no_object() {
+    let mut g = Gateway::start();
+    g.firn(&["share", "create", "media"]);
+    g.firn(&["bandwidth", "--upload", "paused"]);
+    let local = g.dir.path().join("f.bin");
+    let data = random_file(&local, 3 << 20);
+    copy_in(&local, &g.url("media/f.bin"));
+    // Settled after a second: its upload then waits for the paused uplink.
+    std::thread::sleep(Duration::from_secs(3));
+    let daemon = g.daemon.take().expect("running");
+    assert!(daemon.stop_within(Duration::from_secs(15)).success());
+    // The waiting upload gave up cleanly: no object, and no staged part of one (a thread
+    // that died waiting would have left its staging file).
+    let object = g.bucket().join("media/f.bin");
+    assert!(!object.exists(), "uploaded while paused");
+    let staged: Vec<_> = std::fs::read_dir(g.bucket().join(".firn-staging"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(staged.is_empty(), "left staged: {staged:?}");
+    // The bandwidth policy was the stopped daemon's: after a start the file goes up.
+    g.restart();
+    g.wait_uploaded("media");
+    assert!(std::fs::read(&object).expect("object") == data);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tree_copied_through_store_errors_and_an_outage_arrives_whole() {
     // The first 5 s of the daemon's life the bucket is out, then 30% of requests fail.

@@ -738,6 +738,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket_path);
     // Shares stop taking changes and are marked stopped in order (no recovery at start).
     gateway.shares.close();
+    // Transfers waiting for a paused or slow uplink give up: nothing holds the stop.
+    gateway.remote.limiter.close();
     // The last second's refused calls.
     gateway.audit.flush_refused(true);
     println!("firn stopped");

@@ -199,17 +199,22 @@ impl DirStore {
     }
 
     /// Waits for the limiter; called on blocking threads, which run inside the runtime.
-    fn charge(&self, direction: Direction, bytes: usize) {
+    fn charge(&self, direction: Direction, bytes: usize) -> io::Result<()> {
         if let Some(limiter) = &self.limiter {
-            tokio::runtime::Handle::current().block_on(limiter.acquire(direction, bytes as u64));
+            let passed = tokio::runtime::Handle::current()
+                .block_on(limiter.acquire(direction, bytes as u64));
+            if !passed {
+                return Err(io::Error::other("the gateway is stopping"));
+            }
         }
+        Ok(())
     }
 
     /// Reads `len` bytes at `offset`, slice by slice through the limiter.
     fn read_at(&self, file: &File, offset: u64, len: u64) -> io::Result<Vec<u8>> {
         let mut body = vec![0; len as usize];
         for (i, chunk) in body.chunks_mut(SLICE).enumerate() {
-            self.charge(Direction::Download, chunk.len());
+            self.charge(Direction::Download, chunk.len())?;
             file.read_exact_at(chunk, offset + (i * SLICE) as u64)?;
         }
         Ok(body)
@@ -338,7 +343,8 @@ impl DirStore {
                 let end = (offset + READ_SLICE).min(len);
                 let bytes = runtime.block_on(body.read(offset..end))?;
                 for chunk in bytes.chunks(SLICE) {
-                    self.charge(Direction::Upload, chunk.len());
+                    self.charge(Direction::Upload, chunk.len())
+                        .map_err(io_err)?;
                     file.write_all(chunk).map_err(io_err)?;
                 }
                 offset = end;

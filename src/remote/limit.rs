@@ -223,6 +223,8 @@ pub struct Limiter {
     download: Mutex<Bucket>,
     /// Wakes every waiter when the policy changes.
     changed: tokio::sync::Notify,
+    /// The gateway is stopping: nothing waits any more (`close`).
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Limiter {
@@ -238,6 +240,7 @@ impl Limiter {
             upload: bucket(),
             download: bucket(),
             changed: tokio::sync::Notify::new(),
+            closed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -263,17 +266,29 @@ impl Limiter {
     }
 
     /// Waits until `bytes` more may pass in `direction`, slice by slice, under the rate in
-    /// force at each slice.
-    pub async fn acquire(&self, direction: Direction, bytes: u64) {
+    /// force at each slice. `false` if the limiter was closed instead (the gateway is
+    /// stopping): the bytes should not move.
+    pub async fn acquire(&self, direction: Direction, bytes: u64) -> bool {
         let mut left = bytes;
         while left > 0 {
             let slice = left.min(SLICE as u64);
-            self.acquire_slice(direction, slice).await;
+            if !self.acquire_slice(direction, slice).await {
+                return false;
+            }
             left -= slice;
         }
+        true
     }
 
-    async fn acquire_slice(&self, direction: Direction, bytes: u64) {
+    /// Ends every wait, now and later (`acquire` answers `false`): the gateway is stopping,
+    /// and transfers waiting for a paused or slow uplink give up rather than hold it up.
+    pub fn close(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    async fn acquire_slice(&self, direction: Direction, bytes: u64) -> bool {
         let bucket = match direction {
             Direction::Upload => &self.upload,
             Direction::Download => &self.download,
@@ -284,12 +299,15 @@ impl Limiter {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
+            if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+                return false;
+            }
             let wait = match self.rate_now(direction) {
                 Rate::Unlimited => {
                     let mut b = bucket.lock().unwrap_or_else(|e| e.into_inner());
                     b.tokens = 0.0;
                     b.last = Instant::now();
-                    return;
+                    return true;
                 }
                 Rate::Paused => RECHECK,
                 Rate::PerSecond(rate) => {
@@ -302,7 +320,7 @@ impl Limiter {
                     if b.tokens >= 0.0 {
                         // Paid from the bucket, perhaps into debt that later slices wait out.
                         b.tokens -= bytes as f64;
-                        return;
+                        return true;
                     }
                     Duration::from_secs_f64(-b.tokens / rate).min(RECHECK)
                 }
@@ -373,8 +391,9 @@ where
                 };
                 let (direction, n) = (this.direction, slice.len() as u64);
                 this.ready = Some(slice);
+                // Closed (the gateway stopping, its tasks about to be dropped): passes.
                 this.wait = Some(Mutex::new(Box::pin(async move {
-                    limiter.acquire(direction, n).await
+                    limiter.acquire(direction, n).await;
                 })));
                 continue;
             }
