@@ -25,7 +25,7 @@ use std::time::Instant;
 use blake3::hazmat::{ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root};
 
 use super::namespace::Uploaded;
-use super::{Share, ShareError, io_error, lock};
+use super::{Share, ShareError, io_error, lock, write_error};
 use crate::remote::verify::DIGEST_META;
 
 /// The unit of fetching and verification. A power of two and a whole number of BLAKE3
@@ -311,7 +311,7 @@ impl Partial {
         }
         self.file
             .write_all_at(bytes, first * BLOCK)
-            .map_err(|e| io_error("storing a file's fetched blocks", e))
+            .map_err(|e| write_error("storing a file's fetched blocks", e))
     }
 }
 
@@ -496,6 +496,11 @@ impl Share {
             };
             if let Some(claim) = ahead {
                 self.runtime.spawn(claim.fetch_ahead(self.remote.clone()));
+            }
+            if !mine.is_empty() {
+                // Room for them, clean files evicted if need be, or the client tries again.
+                let bytes: u64 = mine.iter().map(|c| (c.end - c.start) * BLOCK).sum();
+                self.make_room(bytes)?;
             }
             waited |= !mine.is_empty();
             // One failure ends the read; the claims not fetched are released as dropped.

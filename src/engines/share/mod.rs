@@ -85,6 +85,16 @@ fn io_error(what: &str, e: std::io::Error) -> ShareError {
     ShareError::Io(format!("{what}: {e}"))
 }
 
+/// A failed write to local disk: a full disk is `NoSpace` (the client tries again once
+/// uploads and eviction made room), anything else an I/O error.
+fn write_error(what: &str, e: std::io::Error) -> ShareError {
+    if e.raw_os_error() == Some(nix::libc::ENOSPC) {
+        ShareError::NoSpace
+    } else {
+        io_error(what, e)
+    }
+}
+
 /// What who squashes to the anonymous user (NFS `root_squash`, `all_squash`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -810,6 +820,8 @@ impl Share {
             return Ok(());
         };
         let key = format!("{}{}", self.info.prefix, uploaded.path);
+        // Room for it, clean files evicted if need be, or the client tries again.
+        self.make_room(uploaded.size)?;
         let staging = self.files.join(format!("{id:016x}.fetch"));
         let cvs = match self.fetch_into(&key, uploaded.size, &staging) {
             Ok(cvs) => cvs,
@@ -875,7 +887,7 @@ impl Share {
                 gathered.gather(at, &bytes, &gathered.wanted(at, end - at));
             }
             file.write_all_at(&bytes, at)
-                .map_err(|e| io_error("fetching a file", e))?;
+                .map_err(|e| write_error("fetching a file", e))?;
             at = end;
         }
         if let Some(digest) = digest
@@ -1401,13 +1413,8 @@ impl Share {
         // Dirty before the content is opened: eviction never takes a dirty file.
         self.begin_change(id)?;
         let written = self.content(id).and_then(|file| {
-            file.write_all_at(data, offset).map_err(|e| {
-                if e.raw_os_error() == Some(nix::libc::ENOSPC) {
-                    ShareError::NoSpace
-                } else {
-                    io_error("writing a file", e)
-                }
-            })?;
+            file.write_all_at(data, offset)
+                .map_err(|e| write_error("writing a file", e))?;
             Ok(file)
         });
         self.end_change(id);
