@@ -1088,6 +1088,114 @@ async fn a_full_disk_makes_writers_wait_and_loses_nothing() {
     }
 }
 
+/// A read of an evicted file while dirty files fill the local disk gets NFS3ERR_JUKEBOX (the
+/// client tries again), not an I/O error, and succeeds once uploads have made room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_read_on_a_full_disk_waits_for_room() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mnt, _teardown) = common::small_ext4(dir.path());
+    let (http_port, nfs_port) = (free_port(), free_port());
+    let config = dir.path().join("firn.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[local]\ndata_dir = \"{}\"\nmin_free = \"4MiB\"\n[remote]\nkind = \"local\"\npath = \"{}\"\n\
+             [http]\nlisten = \"127.0.0.1:{http_port}\"\n[nbd]\nlisten = \"\"\n\
+             [nfs]\nlisten = \"127.0.0.1:{nfs_port}\"\n[shares]\nsettle_secs = 1\ncache_max = \"1MiB\"\n",
+            mnt.join("data").display(),
+            dir.path().join("bucket").display()
+        ),
+    )
+    .expect("config");
+    let g = Gateway {
+        dir,
+        config: config.clone(),
+        nfs_port,
+        daemon: Some(Daemon::start(&config, http_port, &[])),
+        http_port,
+    };
+    g.firn(&["share", "create", "full"]);
+    let mut c = g.client("full", 0, 0).await;
+    let root = c.root_nfs_fh3();
+    let mut cold_data = vec![0u8; 8 << 20];
+    rand::rng().fill_bytes(&mut cold_data);
+    let cold = create_file(&mut c, &root, "cold").await;
+    for (i, chunk) in cold_data.chunks(1 << 20).enumerate() {
+        let written = write_sync(&mut c, &cold, (i as u64) << 20, chunk).await;
+        assert!(matches!(written, Nfs3Result::Ok(_)), "write cold");
+    }
+    g.wait_uploaded("full");
+    let shares = mnt.join("data/shares");
+    let started = Instant::now();
+    while local_bytes(&shares) > 1 << 20 {
+        assert!(started.elapsed() < Duration::from_secs(30), "not evicted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The uplink goes down and dirty files fill the disk.
+    g.firn(&["bandwidth", "--upload", "paused"]);
+    let chunk = vec![7u8; 1 << 20];
+    let mut full = false;
+    'files: for i in 0..40 {
+        let file = create_file(&mut c, &root, &format!("f{i:02}")).await;
+        for j in 0..2u64 {
+            match write_sync(&mut c, &file, j << 20, &chunk).await {
+                Nfs3Result::Ok(_) => {}
+                Nfs3Result::Err((nfsstat3::NFS3ERR_JUKEBOX, _)) => {
+                    full = true;
+                    break 'files;
+                }
+                Nfs3Result::Err((e, _)) => panic!("write: {e:?} instead of JUKEBOX"),
+            }
+        }
+    }
+    assert!(full, "the disk never filled");
+    let outcome = read_at(&mut c, &cold, 3 << 20, 65536).await;
+    assert_eq!(
+        outcome,
+        Err(nfsstat3::NFS3ERR_JUKEBOX),
+        "a cold read on a full disk"
+    );
+    // The uplink comes back: uploads make the files clean, eviction makes room.
+    g.firn(&["bandwidth", "--upload", "unlimited"]);
+    let started = Instant::now();
+    loop {
+        match read_at(&mut c, &cold, 3 << 20, 65536).await {
+            Ok(data) => {
+                assert!(
+                    data == cold_data[3 << 20..(3 << 20) + 65536],
+                    "read back differs"
+                );
+                break;
+            }
+            Err(nfsstat3::NFS3ERR_JUKEBOX) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "the read still waits for room"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("retried read: {e:?}"),
+        }
+    }
+}
+
+async fn read_at(
+    c: &mut Client,
+    file: &nfs_fh3,
+    offset: u64,
+    count: u32,
+) -> Result<Vec<u8>, nfsstat3> {
+    let args = READ3args {
+        file: file.clone(),
+        offset,
+        count,
+    };
+    match c.read(&args).await.expect("rpc") {
+        Nfs3Result::Ok(ok) => Ok(ok.data.as_ref().to_vec()),
+        Nfs3Result::Err((e, _)) => Err(e),
+    }
+}
+
 /// Reads `child`'s stdout on a thread; the lines so far, shared.
 fn collect_lines(child: &mut std::process::Child) -> Arc<Mutex<Vec<String>>> {
     use std::io::BufRead;
