@@ -28,18 +28,32 @@ use super::namespace::Uploaded;
 use super::{Share, ShareError, io_error, lock, write_error};
 use crate::remote::verify::DIGEST_META;
 
-/// The unit of fetching and verification. A power of two and a whole number of BLAKE3
-/// chunks, so each block is a subtree of the object's BLAKE3 tree.
+/// The unit of fetching and verification for objects up to 64 GiB; larger ones have larger
+/// blocks (`block_size`). A power of two and a whole number of BLAKE3 chunks, so each block
+/// is a subtree of the object's BLAKE3 tree. Files of one block or less are fetched whole.
 pub const BLOCK: u64 = 1 << 20;
-/// Blocks fetched by one GET when a file is read in order. Such a reader also has the next
-/// runs fetched in the background, up to `2 * READAHEAD` blocks ahead of it.
-const READAHEAD: u64 = 8;
+/// The largest block: a divisor of the 8 MiB slices uploads and whole fetches read in, so
+/// that every slice holds whole blocks.
+const MAX_BLOCK: u64 = 8 << 20;
+/// Blocks per object, up to which `BLOCK` is kept: 2 MiB of hashes at most, and 20 MiB for
+/// the largest object S3 holds (5 TiB, in `MAX_BLOCK`s).
+const MAX_BLOCKS: u64 = 1 << 16;
+/// Bytes fetched by one GET when a file is read in order. Such a reader also has the next
+/// runs fetched in the background, up to two runs ahead of it.
+const RUN_BYTES: u64 = 8 << 20;
 /// Runs read ahead at once per share, so their memory stays bounded (8 MiB each) whatever
 /// the number of readers; a reader that finds none free reads without.
 pub(super) const READAHEAD_RUNS: usize = 8;
 const CV_LEN: usize = 32;
 
-/// The chaining value of the block at `offset` (a multiple of `BLOCK`) of an object larger
+/// The block size of an object of `size` bytes.
+pub fn block_size(size: u64) -> u64 {
+    size.div_ceil(MAX_BLOCKS)
+        .next_power_of_two()
+        .clamp(BLOCK, MAX_BLOCK)
+}
+
+/// The chaining value of the block at `offset` (a multiple of its size) of an object larger
 /// than one block.
 pub fn block_cv(offset: u64, data: &[u8]) -> ChainingValue {
     let mut hasher = blake3::Hasher::new();
@@ -48,40 +62,42 @@ pub fn block_cv(offset: u64, data: &[u8]) -> ChainingValue {
     hasher.finalize_non_root()
 }
 
-/// The number of blocks of an object of `size` bytes.
-pub fn blocks_of(size: u64) -> u64 {
-    size.div_ceil(BLOCK)
-}
-
 /// The BLAKE3 hash of an object of `size` bytes (more than one block) whose blocks have the
 /// chaining values `cvs` (32 bytes each, in order); `None` if their number does not fit.
 pub fn root_of(cvs: &[u8], size: u64) -> Option<blake3::Hash> {
-    if size <= BLOCK || cvs.len() as u64 != blocks_of(size) * CV_LEN as u64 {
+    root_with(cvs, size, block_size(size))
+}
+
+fn root_with(cvs: &[u8], size: u64, block: u64) -> Option<blake3::Hash> {
+    if size <= block || cvs.len() as u64 != size.div_ceil(block) * CV_LEN as u64 {
         return None;
     }
-    fn subtree(cvs: &[u8], first: u64, len: u64) -> ChainingValue {
-        if len <= BLOCK {
+    // Every split of a range longer than a block falls on a block boundary: the left part is
+    // the largest power of two of chunks below the length, at least one block.
+    fn subtree(cvs: &[u8], block: u64, first: u64, len: u64) -> ChainingValue {
+        if len <= block {
             let at = first as usize * CV_LEN;
             return cvs[at..at + CV_LEN].try_into().expect("32 bytes");
         }
         let left = left_subtree_len(len);
         merge_subtrees_non_root(
-            &subtree(cvs, first, left),
-            &subtree(cvs, first + left / BLOCK, len - left),
+            &subtree(cvs, block, first, left),
+            &subtree(cvs, block, first + left / block, len - left),
             Mode::Hash,
         )
     }
     let left = left_subtree_len(size);
     Some(blake3::hazmat::merge_subtrees_root(
-        &subtree(cvs, 0, left),
-        &subtree(cvs, left / BLOCK, size - left),
+        &subtree(cvs, block, 0, left),
+        &subtree(cvs, block, left / block, size - left),
         Mode::Hash,
     ))
 }
 
-/// The chaining values of blocks `wanted` (`Gathered::wanted`) of an object of `size` bytes,
-/// from `data` read at `offset`.
+/// The chaining values of blocks `wanted` (`Gathered::wanted`), of `block` bytes, of an
+/// object of `size` bytes, from `data` read at `offset`.
 pub fn hash_blocks(
+    block: u64,
     size: u64,
     offset: u64,
     data: &[u8],
@@ -90,9 +106,9 @@ pub fn hash_blocks(
     wanted
         .iter()
         .map(|&b| {
-            let start = (b * BLOCK - offset) as usize;
-            let end = ((b * BLOCK + BLOCK).min(size) - offset) as usize;
-            (b, block_cv(b * BLOCK, &data[start..end]))
+            let start = (b * block - offset) as usize;
+            let end = ((b * block + block).min(size) - offset) as usize;
+            (b, block_cv(b * block, &data[start..end]))
         })
         .collect()
 }
@@ -102,15 +118,21 @@ pub fn hash_blocks(
 #[derive(Debug)]
 pub struct Gathered {
     size: u64,
+    block: u64,
     cvs: Mutex<Vec<Option<ChainingValue>>>,
 }
 
 impl Gathered {
     /// For a file of `size` bytes; `None` if it is one block or less (fetched whole).
     pub fn new(size: u64) -> Option<Gathered> {
-        (size > BLOCK).then(|| Gathered {
+        Gathered::with_block(size, block_size(size))
+    }
+
+    fn with_block(size: u64, block: u64) -> Option<Gathered> {
+        (size > block).then(|| Gathered {
             size,
-            cvs: Mutex::new(vec![None; blocks_of(size) as usize]),
+            block,
+            cvs: Mutex::new(vec![None; size.div_ceil(block) as usize]),
         })
     }
 
@@ -118,21 +140,21 @@ impl Gathered {
     pub fn wanted(&self, offset: u64, len: u64) -> Vec<u64> {
         let cvs = lock(&self.cvs);
         let end = offset + len;
-        let n = blocks_of(self.size);
+        let n = self.size.div_ceil(self.block);
         // Whole blocks inside the range; the short last one ends at the object's end.
         let upto = if end >= self.size {
             n
         } else {
-            (end / BLOCK).min(n)
+            (end / self.block).min(n)
         };
-        (offset.div_ceil(BLOCK)..upto)
+        (offset.div_ceil(self.block)..upto)
             .filter(|&b| cvs[b as usize].is_none())
             .collect()
     }
 
     /// Hashes the blocks `wanted` of `data`, read at `offset`, and keeps their values.
     pub fn gather(&self, offset: u64, data: &[u8], wanted: &[u64]) {
-        self.keep(hash_blocks(self.size, offset, data, wanted));
+        self.keep(hash_blocks(self.block, self.size, offset, data, wanted));
     }
 
     /// Keeps values `hash_blocks` found.
@@ -145,6 +167,10 @@ impl Gathered {
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    pub fn block(&self) -> u64 {
+        self.block
     }
 
     /// Every value, in order, once every block has been read.
@@ -166,6 +192,8 @@ pub(super) struct Partial {
     uploaded: Uploaded,
     key: String,
     size: u64,
+    /// Its block size (`block_size`).
+    block: u64,
     /// The blocks' chaining values, to check each against; `None` for an object that has no
     /// digest (put by another tool).
     cvs: Option<Vec<u8>>,
@@ -276,7 +304,7 @@ impl Partial {
         start: u64,
         end: u64,
     ) -> Result<bytes::Bytes, ShareError> {
-        let range = start * BLOCK..(end * BLOCK).min(self.size);
+        let range = start * self.block..(end * self.block).min(self.size);
         let bytes = remote
             .get_range(&self.key, range.clone())
             .await
@@ -296,21 +324,21 @@ impl Partial {
     /// Checks `bytes`, blocks from `first` on, against their hashes and writes them.
     fn store(&self, first: u64, bytes: &[u8]) -> Result<(), ShareError> {
         if let Some(cvs) = &self.cvs {
-            for (i, block) in bytes.chunks(BLOCK as usize).enumerate() {
-                let b = first + i as u64;
-                let cv = b as usize * CV_LEN;
-                if block_cv(b * BLOCK, block)[..] != cvs[cv..cv + CV_LEN] {
+            for (i, data) in bytes.chunks(self.block as usize).enumerate() {
+                let at = (first + i as u64) * self.block;
+                let cv = (first as usize + i) * CV_LEN;
+                if block_cv(at, data)[..] != cvs[cv..cv + CV_LEN] {
                     return Err(ShareError::Io(format!(
                         "{} in the bucket does not match its digest at bytes {}..{}: not served",
                         self.key,
-                        b * BLOCK,
-                        b * BLOCK + block.len() as u64
+                        at,
+                        at + data.len() as u64
                     )));
                 }
             }
         }
         self.file
-            .write_all_at(bytes, first * BLOCK)
+            .write_all_at(bytes, first * self.block)
             .map_err(|e| write_error("storing a file's fetched blocks", e))
     }
 }
@@ -339,7 +367,7 @@ impl Share {
         if offset >= end {
             return Ok(Some((Vec::new(), true)));
         }
-        let counter = if self.fetch_blocks(&part, offset / BLOCK, (end - 1) / BLOCK)? {
+        let counter = if self.fetch_blocks(&part, offset / part.block, (end - 1) / part.block)? {
             &self.cache_misses
         } else {
             &self.cache_hits
@@ -420,11 +448,12 @@ impl Share {
             uploaded: uploaded.clone(),
             key,
             size: info.size,
+            block: block_size(info.size),
             cvs,
             file,
             downloaded: self.downloaded_bytes.clone(),
             state: Mutex::new(State {
-                blocks: vec![Block::Missing; blocks_of(info.size) as usize],
+                blocks: vec![Block::Missing; info.size.div_ceil(block_size(info.size)) as usize],
                 present: 0,
             }),
             fetched: Condvar::new(),
@@ -438,6 +467,8 @@ impl Share {
     /// and has the next run fetched in the background. Whether the read had to wait for the
     /// bucket (a cache miss).
     fn fetch_blocks(&self, part: &Arc<Partial>, first: u64, last: u64) -> Result<bool, ShareError> {
+        // Blocks per GET for a reader in order.
+        let run = (RUN_BYTES / part.block).max(1);
         let mut waited = false;
         loop {
             let (mine, ahead) = {
@@ -447,7 +478,7 @@ impl Share {
                 let in_order = first == 0 || blocks[first as usize - 1] != Block::Missing;
                 let mut until = last;
                 if in_order {
-                    let most = (first + READAHEAD - 1).min(n - 1);
+                    let most = (first + run - 1).min(n - 1);
                     while until < most && blocks[until as usize + 1] == Block::Missing {
                         until += 1;
                     }
@@ -462,15 +493,13 @@ impl Share {
                 let ahead = permit
                     .is_some()
                     .then(|| {
-                        (until + 1..(until + 1 + 2 * READAHEAD).min(n))
+                        (until + 1..(until + 1 + 2 * run).min(n))
                             .find(|&b| blocks[b as usize] == Block::Missing)
                     })
                     .flatten()
                     .map(|start| {
                         let mut end = start + 1;
-                        while end < (start + READAHEAD).min(n)
-                            && blocks[end as usize] == Block::Missing
-                        {
+                        while end < (start + run).min(n) && blocks[end as usize] == Block::Missing {
                             end += 1;
                         }
                         (start, end)
@@ -479,7 +508,7 @@ impl Share {
                 let mut runs: Vec<(u64, u64)> = Vec::new();
                 for b in missing {
                     match runs.last_mut() {
-                        Some((start, end)) if *end == b && b - *start < READAHEAD => *end = b + 1,
+                        Some((start, end)) if *end == b && b - *start < run => *end = b + 1,
                         _ => runs.push((b, b + 1)),
                     }
                 }
@@ -499,7 +528,7 @@ impl Share {
             }
             if !mine.is_empty() {
                 // Room for them, clean files evicted if need be, or the client tries again.
-                let bytes: u64 = mine.iter().map(|c| (c.end - c.start) * BLOCK).sum();
+                let bytes: u64 = mine.iter().map(|c| (c.end - c.start) * part.block).sum();
                 self.make_room(bytes)?;
             }
             waited |= !mine.is_empty();
@@ -590,48 +619,65 @@ mod tests {
     use super::*;
 
     fn data(len: usize) -> Vec<u8> {
-        (0..len).map(|i| (i * 7 + i / 1000) as u8).collect()
+        let mut bytes = vec![0; len];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+        bytes
     }
 
     #[test]
     fn block_values_merge_into_the_hash_of_the_whole() {
-        for size in [
-            BLOCK + 1,
-            2 * BLOCK,
-            3 * BLOCK - 5,
-            5 * BLOCK + 777,
-            8 * BLOCK,
-            9 * BLOCK,
+        // The 1 MiB blocks of objects up to 64 GiB, and the larger blocks of larger objects
+        // (tried here on small objects: the tree's shape depends on the block only).
+        for (block, counts) in [
+            (BLOCK, &[1, 2, 3, 5, 8, 9][..]),
+            (2 * BLOCK, &[1, 2, 3, 5][..]),
+            (MAX_BLOCK, &[1, 2][..]),
         ] {
-            let bytes = data(size as usize);
-            let gathered = Gathered::new(size).expect("more than a block");
-            // In slices that do not line up with blocks, as an upload may read.
-            let mut at = 0;
-            for slice in [BLOCK / 2 + 3, 3 * BLOCK, 5 * BLOCK].iter().cycle() {
-                if at >= size {
-                    break;
+            for &blocks in counts {
+                for size in [
+                    blocks * block + 1,
+                    (blocks + 1) * block - 5,
+                    (blocks + 1) * block,
+                ] {
+                    check_merge(block, size);
                 }
-                let end = (at + slice).min(size);
-                let wanted = gathered.wanted(at, end - at);
-                gathered.gather(at, &bytes[at as usize..end as usize], &wanted);
-                at = end;
             }
-            // Slices that cut blocks leave those to a later read, as the upload's second
-            // pass does.
-            let mut at = 0;
-            while at < size {
-                let end = (at + 4 * BLOCK).min(size);
-                let wanted = gathered.wanted(at, end - at);
-                gathered.gather(at, &bytes[at as usize..end as usize], &wanted);
-                at = end;
-            }
-            let cvs = gathered.finish().expect("every block read");
-            assert_eq!(root_of(&cvs, size), Some(blake3::hash(&bytes)), "{size}");
-            let mut wrong = cvs.clone();
-            wrong[40] ^= 1;
-            assert_ne!(root_of(&wrong, size), Some(blake3::hash(&bytes)));
-            assert_eq!(root_of(&cvs[32..], size), None);
         }
         assert!(Gathered::new(BLOCK).is_none());
+        assert_eq!(block_size(64 << 30), BLOCK);
+        assert_eq!(block_size((64 << 30) + 1), 2 * BLOCK);
+        assert_eq!(block_size(5 << 40), MAX_BLOCK);
+    }
+
+    fn check_merge(block: u64, size: u64) {
+        let bytes = data(size as usize);
+        let gathered = Gathered::with_block(size, block).expect("more than a block");
+        // In slices that do not line up with blocks, as an upload may read.
+        let mut at = 0;
+        for slice in [block / 2 + 3, 3 * block, 5 * block].iter().cycle() {
+            if at >= size {
+                break;
+            }
+            let end = (at + slice).min(size);
+            let wanted = gathered.wanted(at, end - at);
+            gathered.gather(at, &bytes[at as usize..end as usize], &wanted);
+            at = end;
+        }
+        // Slices that cut blocks leave those to a later read, as the upload's second pass
+        // does.
+        let mut at = 0;
+        while at < size {
+            let end = (at + 4 * block).min(size);
+            let wanted = gathered.wanted(at, end - at);
+            gathered.gather(at, &bytes[at as usize..end as usize], &wanted);
+            at = end;
+        }
+        let cvs = gathered.finish().expect("every block read");
+        let whole = Some(blake3::hash(&bytes));
+        assert_eq!(root_with(&cvs, size, block), whole, "{size} in {block}");
+        let mut wrong = cvs.clone();
+        wrong[40] ^= 1;
+        assert_ne!(root_with(&wrong, size, block), whole);
+        assert_eq!(root_with(&cvs[32..], size, block), None);
     }
 }

@@ -326,12 +326,16 @@ impl Body for Content {
         let file = self.file.clone();
         let mut buf = vec![0; (range.end - range.start) as usize];
         // Block hashes the first time the upload reads a block (hashing its digest).
-        let (size, wanted) = self.gathered.as_ref().map_or((0, Vec::new()), |g| {
-            (g.size(), g.wanted(range.start, range.end - range.start))
+        let (block, size, wanted) = self.gathered.as_ref().map_or((1, 0, Vec::new()), |g| {
+            (
+                g.block(),
+                g.size(),
+                g.wanted(range.start, range.end - range.start),
+            )
         });
         let read = tokio::task::spawn_blocking(move || {
             file.read_exact_at(&mut buf, range.start).map(|()| {
-                let found = super::blocks::hash_blocks(size, range.start, &buf, &wanted);
+                let found = super::blocks::hash_blocks(block, size, range.start, &buf, &wanted);
                 (buf, found)
             })
         })
