@@ -1011,11 +1011,12 @@ fn files_another_tool_puts_in_the_bucket_show_up_after_a_refresh() {
     assert!(ok && !listing.contains("report.csv"), "{listing}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_makes_writers_wait_and_loses_nothing() {
+/// A gateway whose data directory is on a 32 MiB file system with 4 MiB kept free (the
+/// bucket elsewhere), `[shares]` ending with `extra`; and the file system's mount point. The
+/// gateway stops before the file system goes (bind the three in this order).
+fn on_a_small_disk(extra: &str) -> (common::Teardown, PathBuf, Gateway) {
     let dir = tempfile::tempdir().expect("tempdir");
-    // The data directory on a 32 MiB file system, 4 MiB of it kept free; the bucket elsewhere.
-    let (mnt, _teardown) = common::small_ext4(dir.path());
+    let (mnt, teardown) = common::small_ext4(dir.path());
     let (http_port, nfs_port) = (free_port(), free_port());
     let config = dir.path().join("firn.toml");
     std::fs::write(
@@ -1023,7 +1024,7 @@ async fn a_full_disk_makes_writers_wait_and_loses_nothing() {
         format!(
             "[local]\ndata_dir = \"{}\"\nmin_free = \"4MiB\"\n[remote]\nkind = \"local\"\npath = \"{}\"\n\
              [http]\nlisten = \"127.0.0.1:{http_port}\"\n[nbd]\nlisten = \"\"\n\
-             [nfs]\nlisten = \"127.0.0.1:{nfs_port}\"\n[shares]\nsettle_secs = 1\n",
+             [nfs]\nlisten = \"127.0.0.1:{nfs_port}\"\n[shares]\nsettle_secs = 1\n{extra}",
             mnt.join("data").display(),
             dir.path().join("bucket").display()
         ),
@@ -1036,6 +1037,13 @@ async fn a_full_disk_makes_writers_wait_and_loses_nothing() {
         daemon: Some(Daemon::start(&config, http_port, &[])),
         http_port,
     };
+    (teardown, mnt, g)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_makes_writers_wait_and_loses_nothing() {
+    // The data directory on a 32 MiB file system, 4 MiB of it kept free; the bucket elsewhere.
+    let (_teardown, _, g) = on_a_small_disk("");
     g.firn(&["share", "create", "full"]);
     // The uplink is down: nothing leaves the disk.
     g.firn(&["bandwidth", "--upload", "paused"]);
@@ -1092,28 +1100,7 @@ async fn a_full_disk_makes_writers_wait_and_loses_nothing() {
 /// client tries again), not an I/O error, and succeeds once uploads have made room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_read_on_a_full_disk_waits_for_room() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (mnt, _teardown) = common::small_ext4(dir.path());
-    let (http_port, nfs_port) = (free_port(), free_port());
-    let config = dir.path().join("firn.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[local]\ndata_dir = \"{}\"\nmin_free = \"4MiB\"\n[remote]\nkind = \"local\"\npath = \"{}\"\n\
-             [http]\nlisten = \"127.0.0.1:{http_port}\"\n[nbd]\nlisten = \"\"\n\
-             [nfs]\nlisten = \"127.0.0.1:{nfs_port}\"\n[shares]\nsettle_secs = 1\ncache_max = \"1MiB\"\n",
-            mnt.join("data").display(),
-            dir.path().join("bucket").display()
-        ),
-    )
-    .expect("config");
-    let g = Gateway {
-        dir,
-        config: config.clone(),
-        nfs_port,
-        daemon: Some(Daemon::start(&config, http_port, &[])),
-        http_port,
-    };
+    let (_teardown, mnt, g) = on_a_small_disk("cache_max = \"1MiB\"\n");
     g.firn(&["share", "create", "full"]);
     let mut c = g.client("full", 0, 0).await;
     let root = c.root_nfs_fh3();
