@@ -823,18 +823,16 @@ impl Share {
         // Room for it, clean files evicted if need be, or the client tries again.
         self.make_room(uploaded.size)?;
         let staging = self.files.join(format!("{id:016x}.fetch"));
-        let cvs = match self.fetch_into(&key, uploaded.size, &staging) {
+        // With the file's time, as when it was evicted (clients would take a new one for a
+        // change).
+        let time = SystemTime::UNIX_EPOCH + Duration::from_nanos(self.ns.get(id)?.mtime_ns);
+        let cvs = match self.fetch_into(&key, uploaded.size, time, &staging) {
             Ok(cvs) => cvs,
             Err(e) => {
                 let _ = std::fs::remove_file(&staging);
                 return Err(e);
             }
         };
-        let time = SystemTime::UNIX_EPOCH + Duration::from_nanos(self.ns.get(id)?.mtime_ns);
-        let _ = File::options()
-            .write(true)
-            .open(&staging)
-            .and_then(|f| f.set_modified(time));
         // Under the dirty lock, and only if the content is still missing: a read may have
         // just completed it from fetched blocks, and a write gone into that file.
         let dirty = lock(&self.dirty);
@@ -861,6 +859,7 @@ impl Share {
         &self,
         key: &str,
         size: u64,
+        time: SystemTime,
         to: &std::path::Path,
     ) -> Result<Option<Vec<u8>>, ShareError> {
         const RANGE: u64 = 8 << 20;
@@ -898,7 +897,8 @@ impl Share {
             )));
         }
         // On disk before it is named as the content, which is taken as whole after a crash.
-        file.sync_data()
+        file.set_modified(time)
+            .and_then(|()| file.sync_data())
             .map_err(|e| io_error("fetching a file", e))?;
         Ok(gathered.and_then(|g| g.finish()))
     }
