@@ -379,6 +379,84 @@ async fn one_level_listings_show_objects_and_directories() {
     }
 }
 
+/// Every upload carries a checksum the store verifies: CRC64-NVME to a loopback endpoint,
+/// one PUT and a multipart upload alike. What the store kept (asked with boto3's checksum
+/// mode) equals a CRC64-NVME computed here, from the bytes, by a table of our own.
+#[tokio::test]
+async fn uploads_carry_a_checksum_the_store_keeps() {
+    let Some(options) = s3_options() else { return };
+    let store: Arc<dyn Remote> = Arc::new(S3Store::new(&options, unlimited()).expect("s3 store"));
+    let small = Bytes::from((0..1000u32).map(|i| (i * 7) as u8).collect::<Vec<_>>());
+    // Over the test store's 6 MiB threshold: two parts of 5 MiB and one of 1 MiB.
+    let large = Bytes::from(
+        (0..(11u32 << 20))
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<_>>(),
+    );
+    store
+        .put("ck/small", small.clone(), Meta::new())
+        .await
+        .expect("put");
+    store
+        .put("ck/large", large.clone(), Meta::new())
+        .await
+        .expect("multipart put");
+    let script = r#"
+import json, os, sys, boto3
+s3 = boto3.client("s3", endpoint_url=os.environ["FIRN_TEST_S3_ENDPOINT"],
+    region_name=os.environ.get("FIRN_TEST_S3_REGION", "garage"),
+    aws_access_key_id=os.environ["FIRN_TEST_S3_ACCESS_KEY_ID"],
+    aws_secret_access_key=os.environ["FIRN_TEST_S3_SECRET_ACCESS_KEY"])
+out = {}
+for key in sys.argv[1:]:
+    h = s3.head_object(Bucket=os.environ["FIRN_TEST_S3_BUCKET"], Key=key, ChecksumMode="ENABLED")
+    out[key] = [h.get("ChecksumCRC64NVME"), h.get("ChecksumType"), h["ETag"]]
+print(json.dumps(out))
+"#;
+    let keys = [
+        format!("{}/ck/small", options.prefix),
+        format!("{}/ck/large", options.prefix),
+    ];
+    let kept: std::collections::HashMap<String, Vec<Option<String>>> =
+        serde_json::from_slice(&common::boto3(script, &[&keys[0], &keys[1]])).expect("JSON");
+    for (key, body) in keys.iter().zip([&small, &large]) {
+        let want = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            crc64nvme(body).to_be_bytes(),
+        );
+        let got = &kept[key];
+        assert_eq!(got[0].as_deref(), Some(&want[..]), "{key}: {got:?}");
+        assert_eq!(got[1].as_deref(), Some("FULL_OBJECT"), "{key}: {got:?}");
+    }
+    // The large one did go up in parts (a multipart ETag ends in -<parts>).
+    let etag = kept[&keys[1]][2].clone().unwrap_or_default();
+    assert!(etag.trim_matches('"').ends_with("-3"), "{etag}");
+}
+
+/// CRC-64/NVME (reflected, polynomial 0xAD93D23594C93659, all ones in and out).
+fn crc64nvme(data: &[u8]) -> u64 {
+    let table: Vec<u64> = (0..256u64)
+        .map(|i| {
+            (0..8).fold(i, |c, _| {
+                if c & 1 == 1 {
+                    (c >> 1) ^ 0x9A6C_9329_AC4B_C9B5
+                } else {
+                    c >> 1
+                }
+            })
+        })
+        .collect();
+    let crc = data.iter().fold(u64::MAX, |c, &b| {
+        table[((c ^ u64::from(b)) & 0xff) as usize] ^ (c >> 8)
+    });
+    crc ^ u64::MAX
+}
+
+#[test]
+fn crc64nvme_gives_the_check_value() {
+    assert_eq!(crc64nvme(b"123456789"), 0xAE8B_1486_0A79_9888);
+}
+
 /// Some S3 tools write an empty object named like a directory (`dir/`) to show a folder.
 #[tokio::test]
 async fn a_directory_marker_is_no_entry_of_its_own_directory() {

@@ -52,7 +52,8 @@ pub struct RemoteConfig {
     /// Otherwise from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or ~/.aws/credentials.
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
-    /// Send a SHA-256 checksum with every upload for the store to verify.
+    /// Send a checksum with every upload for the store to verify (CRC64-NVME over HTTPS or
+    /// loopback, SHA-256 over plain HTTP; `remote::s3::checksum_for`).
     pub checksum: bool,
     pub multipart_threshold: ByteSize,
     pub part_size: ByteSize,
