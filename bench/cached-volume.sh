@@ -16,7 +16,10 @@
 #      iodepth 8 (MiB/s), 4 KiB random writes with a FLUSH every 8 writes at iodepth 1
 #      (`--fsync=8`, IOPS), and that job again while Garage is frozen (SIGSTOP); then the
 #      three write jobs again with firn's uploads paused during its job (`-uploads-paused`,
-#      diagnostic: firn's own write path without upload work on the shared cores). The 4 KiB
+#      diagnostic: firn's own write path without upload work on the shared cores), and once
+#      more with Garage on one core and firn, nbdkit and fio on the other (`-store-own-core`,
+#      diagnostic: as with a remote bucket, the store's hashing and writing off the client's
+#      CPU, firn's own upload work still on it). The 4 KiB
 #      random and 1 MiB sequential write jobs each write WRITE_IO rather than run for RUNTIME:
 #      a burst that the log (log_max, 2 GiB by default) absorbs at local-disk speed while it
 #      uploads. Writes past log_max of backlog go at the bucket's speed, whatever the disk's:
@@ -179,11 +182,12 @@ calc() { python3 -c "print($*)"; }
 now() { date +%s.%N; }
 
 # cwd = work dir, so fio leaves no state files in the repository.
+pin=() # a command prefix for fio (taskset), for the store-own-core jobs
 fio_run() { # json-out uri rw bs iodepth [more fio args]
     local out=$1 target=$2 rw=$3 bs=$4 depth=$5
     shift 5
     drop_caches
-    (cd "$work" && fio --name=bench --ioengine=nbd --uri="$target" --rw="$rw" --bs="$bs" \
+    (cd "$work" && "${pin[@]}" fio --name=bench --ioengine=nbd --uri="$target" --rw="$rw" --bs="$bs" \
         --iodepth="$depth" --numjobs=1 --output-format=json --output="$out" "$@")
 }
 fio_result() { # json-file iops|mibs|bytes
@@ -281,6 +285,25 @@ for job in "${jobs[0]}" "${jobs[2]}" "${jobs[4]}"; do
     fio_pair "$name-uploads-paused" $rest
 done
 uploads_paused= goal=
+
+# The write jobs again with Garage on a core of its own and firn, nbdkit and fio sharing the
+# other (taskset): as when the bucket is elsewhere, the store's work (hashing and writing what
+# it receives) takes none of the client's CPU, while firn's own upload work (reading segments,
+# sending them, checksums) still does. Not a goal either (the goal is on the shared cores);
+# it tells what the gap on shared cores owes to Garage being on the same machine.
+if [ "$(nproc)" -ge 2 ]; then
+    all_cpus=0-$(($(nproc) - 1))
+    taskset -a -p -c 1 "$GARAGE_PID" >/dev/null
+    for pid in "$firn_pid" "$nbdkit_pid"; do taskset -a -p -c 0 "$pid" >/dev/null; done
+    pin=(taskset -c 0) goal="(diagnostic)"
+    for job in "${jobs[0]}" "${jobs[2]}" "${jobs[4]}"; do
+        read -r name rest <<<"$job"
+        # shellcheck disable=SC2086 # the fio arguments split on purpose
+        fio_pair "$name-store-own-core" $rest
+    done
+    for pid in "$GARAGE_PID" "$firn_pid" "$nbdkit_pid"; do taskset -a -p -c "$all_cpus" "$pid" >/dev/null; done
+    pin=() goal=
+fi
 
 # The bucket stops answering (the process is frozen: connections hang rather than fail).
 wait_committed fio >/dev/null

@@ -457,6 +457,48 @@ fn crc64nvme_gives_the_check_value() {
     assert_eq!(crc64nvme(b"123456789"), 0xAE8B_1486_0A79_9888);
 }
 
+/// A ranged read pinned to a version (the ETag a HEAD told) reads that version, and once
+/// another is stored under the key it fails with `Changed` at once: not retried, never the
+/// other version's bytes.
+#[tokio::test]
+async fn a_ranged_read_of_a_version_fails_once_another_is_stored() {
+    for b in backends() {
+        let stack = stacked(&b.store, None);
+        let r = &stack.remote;
+        let (one, two) = (
+            Bytes::from(vec![1u8; 100_000]),
+            Bytes::from(vec![2u8; 100_000]),
+        );
+        r.put("pin/a", one.clone(), Meta::new()).await.expect("put");
+        let etag = r.head("pin/a").await.expect("head").expect("there").etag;
+        let etag = etag.unwrap_or_else(|| panic!("{}: a HEAD tells no ETag", b.name));
+        let read = r
+            .get_range_if("pin/a", 10..5000, Some(&etag))
+            .await
+            .expect("read of the version");
+        assert_eq!(read, one.slice(10..5000), "{}", b.name);
+        r.put("pin/a", two.clone(), Meta::new()).await.expect("put");
+        let started = Instant::now();
+        match r.get_range_if("pin/a", 10..5000, Some(&etag)).await {
+            Err(Error::Changed { key }) => assert_eq!(key, "pin/a", "{}", b.name),
+            other => panic!("{}: the old version read after a put: {other:?}", b.name),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{}: retried a read of a version that is gone",
+            b.name
+        );
+        // Unpinned, and pinned to the new version, it reads the new bytes.
+        assert_eq!(
+            r.get_range("pin/a", 0..10).await.expect("get"),
+            two.slice(0..10)
+        );
+        let etag = r.head("pin/a").await.expect("head").expect("there").etag;
+        let read = r.get_range_if("pin/a", 0..10, etag.as_deref()).await;
+        assert_eq!(read.expect("read of the new version"), two.slice(0..10));
+    }
+}
+
 /// Some S3 tools write an empty object named like a directory (`dir/`) to show a folder.
 #[tokio::test]
 async fn a_directory_marker_is_no_entry_of_its_own_directory() {

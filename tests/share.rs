@@ -10,6 +10,7 @@ use firn::engines::share::namespace::Kind;
 use firn::engines::share::{Settings, Share, ShareError, Shares, Squash};
 use firn::local::meta::MetaStore;
 use firn::remote::dir::DirStore;
+use firn::remote::faults::FaultPlan;
 use firn::remote::limit::{Limiter, Policy};
 use firn::remote::metered::RemoteMetrics;
 use firn::remote::retry::RetryPolicy;
@@ -33,6 +34,9 @@ struct Rig {
     shares: Option<Shares>,
     cache_max: u64,
     listing_ttl: Option<Duration>,
+    read_timeout: Duration,
+    /// The fault injector in the stack (injecting nothing until a test says so).
+    faults: Arc<FaultPlan>,
 }
 
 /// A rig per bucket: the directory store, and Garage when the environment has one.
@@ -53,6 +57,7 @@ fn rigs(settle: Duration) -> Vec<Rig> {
         .map(|(backend, s3_prefix)| {
             let mut registry = prometheus_client::registry::Registry::default();
             let raw = backend.clone();
+            let faults = Arc::new(FaultPlan::default());
             let stack = remote::stack(
                 backend,
                 RetryPolicy {
@@ -62,7 +67,7 @@ fn rigs(settle: Duration) -> Vec<Rig> {
                 },
                 Arc::new(Limiter::new(Policy::default())),
                 Arc::new(RemoteMetrics::new(&mut registry)),
-                None,
+                Some(faults.clone()),
             );
             let dir = tempfile::tempdir().expect("tempdir");
             let meta = Arc::new(MetaStore::open(dir.path().join("meta.redb")).expect("meta"));
@@ -80,6 +85,8 @@ fn rigs(settle: Duration) -> Vec<Rig> {
                 shares: None,
                 cache_max: Settings::default().cache_max,
                 listing_ttl: None,
+                read_timeout: Settings::default().read_timeout,
+                faults,
             };
             rig.reopen(settle);
             rig
@@ -105,6 +112,7 @@ impl Rig {
                     cache_max: self.cache_max,
                     refresh: None,
                     listing_ttl: self.listing_ttl,
+                    read_timeout: self.read_timeout,
                     defaults: Default::default(),
                 },
                 None,
@@ -192,12 +200,13 @@ impl Remote for Inspecting {
     ) -> remote::Result<()> {
         self.inner.create(key, body, meta).await
     }
-    async fn get_range(
+    async fn get_range_if(
         &self,
         key: &str,
         range: std::ops::Range<u64>,
+        etag: Option<&str>,
     ) -> remote::Result<bytes::Bytes> {
-        self.inner.get_range(key, range).await
+        self.inner.get_range_if(key, range, etag).await
     }
     async fn head(&self, key: &str) -> remote::Result<Option<remote::ObjectInfo>> {
         self.inner.head(key).await
@@ -833,6 +842,206 @@ fn wait_evicted(files_dir: &std::path::Path, id: u64) {
             "fileid {id} not evicted"
         );
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// With the bucket out of reach, a read of an evicted file fails with an I/O error once
+/// `read_timeout` has passed (for its own fetch, or for blocks another read is fetching),
+/// while the share goes on serving everything else; once the bucket is back, the same reads
+/// give the file's bytes.
+#[test]
+fn a_read_of_an_evicted_file_fails_in_bounded_time_during_an_outage() {
+    const MIB: u64 = 1 << 20;
+    for mut rig in rigs(Duration::ZERO) {
+        rig.cache_max = 64 << 10;
+        rig.reopen(Duration::ZERO);
+        let info = rig
+            .shares()
+            .create("o", "o/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let files_dir = rig.dir.path().join("shares").join(&info.id).join("files");
+        let share = rig.share("o");
+        // Read back whole (up to 1 MiB), and a block at a time.
+        let (small, big) = (random(200_000), random((3 * MIB + 5) as usize));
+        let mut ids = Vec::new();
+        for (name, data) in [("small", &small), ("big", &big)] {
+            let f = share
+                .create(share.root(), name, 0o644, 0, 0, true)
+                .expect("create");
+            for at in (0..data.len()).step_by(MIB as usize) {
+                let end = (at + MIB as usize).min(data.len());
+                share
+                    .write(f.fileid, at as u64, &data[at..end], false)
+                    .expect("write");
+            }
+            share.commit(f.fileid).expect("commit");
+            ids.push(f.fileid);
+        }
+        rig.wait_clean("o");
+        for &id in &ids {
+            wait_evicted(&files_dir, id);
+        }
+        drop(share);
+        rig.cache_max = 1 << 30;
+        rig.read_timeout = Duration::from_secs(1);
+        rig.reopen(Duration::ZERO);
+        let share = rig.share("o");
+        let (small_id, big_id) = (ids[0], ids[1]);
+        // One block of the big file, out of order (nothing read ahead): its part file is
+        // made, with the object's HEAD, before the outage.
+        let (read, _) = share.read(big_id, MIB + 10, 4096).expect("read");
+        assert!(read == big[(MIB + 10) as usize..][..4096], "read differs");
+
+        rig.faults.outage(Duration::from_secs(600));
+        let timed_out = |result: Result<(Vec<u8>, bool), ShareError>, what: &str| match result {
+            Err(ShareError::Io(message)) => {
+                assert!(
+                    message.contains("did not answer within"),
+                    "{what}: {message}"
+                )
+            }
+            other => panic!("{what} during the outage: {other:?}"),
+        };
+        let started = Instant::now();
+        timed_out(share.read(small_id, 0, 4096), "small");
+        // The next block, by two readers at once: one fetches it, the other waits for it.
+        std::thread::scope(|s| {
+            let readers: Vec<_> = (0..2)
+                .map(|_| s.spawn(|| share.read(big_id, 2 * MIB + 7, 4096)))
+                .collect();
+            for reader in readers {
+                timed_out(reader.join().expect("reader"), "big");
+            }
+        });
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(10),
+            "reads took {took:?} to fail"
+        );
+        // Everything else goes on: attributes, and a new file written and read back.
+        assert_eq!(share.attrs(big_id).expect("attrs").size, big.len() as u64);
+        let new = share
+            .create(share.root(), "new", 0o644, 0, 0, true)
+            .expect("create during the outage");
+        share
+            .write(new.fileid, 0, b"written offline", false)
+            .expect("write during the outage");
+        assert_eq!(
+            share.read(new.fileid, 0, 100).expect("read").0,
+            b"written offline"
+        );
+
+        rig.faults.end_outage();
+        let (read, eof) = share.read(small_id, 0, 300_000).expect("read small");
+        assert!(eof && read == small, "small read back differs");
+        let (read, _) = share.read(big_id, 2 * MIB + 7, 4096).expect("read big");
+        assert!(
+            read == big[(2 * MIB + 7) as usize..][..4096],
+            "big read differs"
+        );
+    }
+}
+
+/// Reading an evicted file larger than the cache keeps the share's local bytes near
+/// `cache_max`: each fetch makes room first, so reads do not overrun the bound between two
+/// eviction passes (a 160 MiB file read at local speed would otherwise be on disk whole).
+#[test]
+fn reading_an_evicted_file_keeps_near_the_cache_bound() {
+    const MIB: u64 = 1 << 20;
+    for mut rig in rigs(Duration::ZERO) {
+        rig.cache_max = MIB;
+        rig.reopen(Duration::ZERO);
+        let info = rig
+            .shares()
+            .create("c", "c/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let files_dir = rig.dir.path().join("shares").join(&info.id).join("files");
+        let share = rig.share("c");
+        let f = share
+            .create(share.root(), "big", 0o644, 0, 0, true)
+            .expect("create");
+        let data = random((160 * MIB) as usize);
+        for (i, piece) in data.chunks(MIB as usize).enumerate() {
+            share
+                .write(f.fileid, i as u64 * MIB, piece, false)
+                .expect("write");
+        }
+        share.commit(f.fileid).expect("commit");
+        rig.wait_clean("c");
+        wait_evicted(&files_dir, f.fileid);
+        drop(share);
+        rig.cache_max = 16 * MIB;
+        rig.reopen(Duration::ZERO);
+        let share = rig.share("c");
+        let mut most = 0;
+        let mut at = 0;
+        while at < data.len() {
+            let (read, _) = share.read(f.fileid, at as u64, MIB as u32).expect("read");
+            assert!(read == data[at..at + read.len()], "read at {at} differs");
+            at += read.len();
+            let local: u64 = std::fs::read_dir(&files_dir)
+                .expect("files")
+                .filter_map(|e| e.ok())
+                .map(|e| allocated(&e.path()))
+                .sum();
+            most = most.max(local);
+        }
+        // The bound, plus what reads fetch at once: a run of 8 MiB and two ahead of it.
+        assert!(
+            most <= 16 * MIB + 4 * 8 * MIB,
+            "{} MiB on disk for a 16 MiB cache",
+            most / MIB
+        );
+    }
+}
+
+/// Another tool's object (no digest, so its blocks cannot be checked) rewritten in place at
+/// the same size while the share reads it by blocks: the blocks already fetched are of the
+/// old version, so they are dropped and the read starts over on the new one. A file never
+/// mixes two versions.
+#[test]
+fn a_file_read_by_blocks_never_mixes_two_versions_of_its_object() {
+    const MIB: usize = 1 << 20;
+    for rig in rigs(Duration::ZERO) {
+        rig.shares()
+            .create("v", "v/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("v");
+        let (old, new) = (vec![1u8; 4 * MIB], vec![2u8; 4 * MIB]);
+        let key = "v/theirs.bin";
+        let put = |body: &Vec<u8>| {
+            rig.runtime
+                .block_on(
+                    rig.raw
+                        .put(key, bytes::Bytes::from(body.clone()), remote::Meta::new()),
+                )
+                .expect("put by another tool")
+        };
+        put(&old);
+        share.refresh("").expect("refresh");
+        let id = share.lookup(share.root(), "theirs.bin").expect("listed");
+        // One block, out of order (nothing read ahead): the part file holds the old version.
+        let (read, _) = share.read(id, (2 * MIB) as u64, 4096).expect("read");
+        assert!(
+            read.iter().all(|&b| b == 1),
+            "first read is not the old version"
+        );
+        put(&new);
+        // Read it all, in order, before any refresh: one version throughout.
+        let mut back = Vec::new();
+        loop {
+            let (read, eof) = share.read(id, back.len() as u64, MIB as u32).expect("read");
+            back.extend_from_slice(&read);
+            if eof {
+                break;
+            }
+        }
+        assert_eq!(back.len(), 4 * MIB);
+        assert!(
+            back == new,
+            "read back mixes versions: {} bytes of the old one",
+            back.iter().filter(|&&b| b == 1).count()
+        );
     }
 }
 

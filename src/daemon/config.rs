@@ -199,6 +199,8 @@ pub struct SharesConfig {
     /// A directory an NFS client lists is refreshed first (that level) when its last listing
     /// is older than this many seconds; 0: never.
     pub listing_ttl_secs: u64,
+    /// Seconds a read of data only the bucket holds waits for it before failing with EIO.
+    pub read_timeout_secs: u64,
     /// Mode of files from objects without `file-permissions` metadata (e.g. `0o666`).
     pub default_file_mode: u32,
     /// Mode of directories that only objects' keys imply.
@@ -216,6 +218,7 @@ impl Default for SharesConfig {
             cache_max: ByteSize(settings.cache_max),
             refresh_secs: settings.refresh.map_or(0, |d| d.as_secs()),
             listing_ttl_secs: settings.listing_ttl.map_or(0, |d| d.as_secs()),
+            read_timeout_secs: settings.read_timeout.as_secs(),
             default_file_mode: settings.defaults.file_mode,
             default_dir_mode: settings.defaults.dir_mode,
             default_uid: settings.defaults.uid,
@@ -467,6 +470,9 @@ impl Config {
                 "[nfs] listen {:?} is not an address such as 127.0.0.1:2049",
                 self.nfs.listen
             ));
+        }
+        if self.shares.read_timeout_secs == 0 {
+            return Err("[shares] read_timeout_secs must be positive".to_string());
         }
         for block in &self.nfs.allow {
             Cidr::parse(block).map_err(|e| format!("[nfs] allow {block:?}: {e}"))?;
@@ -727,6 +733,7 @@ mod tests {
             ("[nbd]\nmax_connections = 0", "max_connections"),
             ("[nbd]\nmemory = \"64MiB\"", "memory must be at least"),
             ("[nbd]\nsend_timeout_secs = 0", "send_timeout_secs"),
+            ("[shares]\nread_timeout_secs = 0", "read_timeout_secs"),
             (
                 "[nbd]\nnegotiation_timeout_secs = 0",
                 "negotiation_timeout_secs",

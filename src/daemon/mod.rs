@@ -443,6 +443,7 @@ impl Gateway {
                         .then(|| std::time::Duration::from_secs(config.shares.refresh_secs)),
                     listing_ttl: (config.shares.listing_ttl_secs > 0)
                         .then(|| std::time::Duration::from_secs(config.shares.listing_ttl_secs)),
+                    read_timeout: std::time::Duration::from_secs(config.shares.read_timeout_secs),
                     defaults: crate::engines::share::Defaults {
                         file_mode: config.shares.default_file_mode & 0o7777,
                         dir_mode: config.shares.default_dir_mode & 0o7777,

@@ -391,10 +391,23 @@ impl DirStore {
         Ok((file, size, meta))
     }
 
-    fn get_range_blocking(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+    fn get_range_blocking(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        etag: Option<&str>,
+    ) -> Result<Bytes> {
         let segments = self.segments(key)?;
         let io_err = |e: io::Error| local_error("get_range", key, e);
         let file = self.open_object(&segments).map_err(io_err)?;
+        // A put replaces the file (a rename): the open one is one version throughout.
+        if let Some(etag) = etag
+            && file_identity(&file).map_err(io_err)? != etag
+        {
+            return Err(Error::Changed {
+                key: key.to_string(),
+            });
+        }
         let size = file.metadata().map_err(io_err)?.len();
         let range = check_range(key, range, size)?;
         let body = self
@@ -413,7 +426,7 @@ impl DirStore {
                     .map_err(|e| local_error("head", key, e))?
                     .len(),
                 meta: read_meta(&file).map_err(|e| local_error("head", key, e))?,
-                etag: None,
+                etag: Some(file_identity(&file).map_err(|e| local_error("head", key, e))?),
             })),
             Err(e) if gone(&e) => Ok(None),
             Err(e) => Err(local_error("head", key, e)),
@@ -713,6 +726,11 @@ fn prune(fds: &[OwnedFd], dirs: &[&str]) {
 
 /// What the directory store offers as an ETag: the file's inode, change time and size, which
 /// a put (a new file renamed into place) always changes.
+/// The identity (`identity`) of an open object file.
+fn file_identity(file: &File) -> io::Result<String> {
+    Ok(identity(&nix::sys::stat::fstat(file).map_err(io_from)?))
+}
+
 fn identity(stat: &nix::sys::stat::FileStat) -> String {
     format!(
         "{:x}-{:x}.{:x}-{:x}",
@@ -839,9 +857,14 @@ impl Remote for DirStore {
         Ok(Fetched { size, meta })
     }
 
-    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
-        let (this, key) = (self.clone(), key.to_string());
-        blocking(move || this.get_range_blocking(&key, range)).await
+    async fn get_range_if(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        etag: Option<&str>,
+    ) -> Result<Bytes> {
+        let (this, key, etag) = (self.clone(), key.to_string(), etag.map(str::to_string));
+        blocking(move || this.get_range_blocking(&key, range, etag.as_deref())).await
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {

@@ -190,12 +190,17 @@ impl Remote for Faulty {
         self.inner.get_to(key, &cut).await
     }
 
-    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+    async fn get_range_if(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        etag: Option<&str>,
+    ) -> Result<Bytes> {
         let s = self.before("get_range", key).await?;
         if self.plan.roll(s.error_rate) {
             return Err(injected("get_range", key, "error"));
         }
-        let mut body = self.inner.get_range(key, range).await?;
+        let mut body = self.inner.get_range_if(key, range, etag).await?;
         if !body.is_empty() && self.plan.roll(s.truncate_rate) {
             let keep = rand::rng().random_range(0..body.len());
             body.truncate(keep);

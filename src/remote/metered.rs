@@ -146,9 +146,14 @@ impl Remote for Metered {
         Ok(fetched)
     }
 
-    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+    async fn get_range_if(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        etag: Option<&str>,
+    ) -> Result<Bytes> {
         let body = self
-            .observe("get_range", self.inner.get_range(key, range))
+            .observe("get_range", self.inner.get_range_if(key, range, etag))
             .await?;
         self.count_bytes("download", body.len());
         Ok(body)

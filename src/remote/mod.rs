@@ -181,6 +181,10 @@ pub enum Error {
     /// A [`Remote::create`] found an object under the key. Not retryable: the object stays.
     #[error("object {key:?} already exists")]
     Exists { key: String },
+    /// A read pinned to one version of an object (`get_range_if`) found another one stored.
+    /// Not retryable: the version asked for is gone.
+    #[error("object {key:?} changed: the version read from is no longer stored")]
+    Changed { key: String },
     /// Worth another try: network errors, timeouts, 5xx, throttling, injected faults.
     #[error("{op} {key:?}: {message}")]
     Transient {
@@ -263,7 +267,14 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
         })
     }
 
-    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes>;
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+        self.get_range_if(key, range, None).await
+    }
+    /// Bytes `range` of the object; with `etag`, only of the version with that ETag (as a
+    /// HEAD or listing told it): another version stored under `key` is [`Error::Changed`],
+    /// so that reads of one object in ranges never mix two versions of it.
+    async fn get_range_if(&self, key: &str, range: Range<u64>, etag: Option<&str>)
+    -> Result<Bytes>;
     /// `Ok(None)` when the object does not exist.
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>>;
     /// Every object whose key starts with `prefix`, in key order. `prefix` is a key prefix,

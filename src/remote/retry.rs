@@ -99,8 +99,14 @@ impl Remote for Retrying {
         self.run(|| self.inner.get_to(key, sink)).await
     }
 
-    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
-        self.run(|| self.inner.get_range(key, range.clone())).await
+    async fn get_range_if(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        etag: Option<&str>,
+    ) -> Result<Bytes> {
+        self.run(|| self.inner.get_range_if(key, range.clone(), etag))
+            .await
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {

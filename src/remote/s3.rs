@@ -927,7 +927,12 @@ impl Remote for S3Store {
         Ok(Fetched { size, meta })
     }
 
-    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+    async fn get_range_if(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        etag: Option<&str>,
+    ) -> Result<Bytes> {
         let path = self.path(key)?;
         if range.start > range.end {
             return Err(bad_range(key, &range, None));
@@ -943,12 +948,18 @@ impl Remote for S3Store {
         }
         let options = GetOptions {
             range: Some(GetRange::Bounded(range.clone())),
+            if_match: etag.map(str::to_string),
             ..Default::default()
         };
         let result = match self.store.get_opts(&path, options).await {
             Ok(result) => result,
             Err(e @ object_store::Error::NotFound { .. }) => {
                 return Err(s3_error("get_range", key, e));
+            }
+            Err(object_store::Error::Precondition { .. }) if etag.is_some() => {
+                return Err(Error::Changed {
+                    key: key.to_string(),
+                });
             }
             Err(e) => {
                 // S3 answers 416 to a range that starts past the end; tell that apart from

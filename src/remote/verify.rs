@@ -149,9 +149,14 @@ impl Remote for Verified {
         Ok(fetched)
     }
 
-    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+    async fn get_range_if(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        etag: Option<&str>,
+    ) -> Result<Bytes> {
         let wanted = range.end.saturating_sub(range.start);
-        let body = self.inner.get_range(key, range.clone()).await?;
+        let body = self.inner.get_range_if(key, range.clone(), etag).await?;
         if body.len() as u64 != wanted {
             return Err(Error::Corrupt {
                 key: key.to_string(),

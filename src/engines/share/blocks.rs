@@ -20,7 +20,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use blake3::hazmat::{ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root};
 
@@ -191,6 +191,12 @@ pub(super) struct Partial {
     /// `uploaded` differs now (rewritten, or changed by another tool) gets a new one.
     uploaded: Uploaded,
     key: String,
+    /// The version of the object its blocks come from (the ETag its HEAD told), which every
+    /// ranged GET asks for: blocks of two versions never meet in one part file.
+    etag: Option<String>,
+    /// Set when a GET found another version stored: the part file is dropped, and the read
+    /// starts over on the object as it is now.
+    changed: std::sync::atomic::AtomicBool,
     size: u64,
     /// Its block size (`block_size`).
     block: u64,
@@ -250,9 +256,13 @@ impl Claim {
         mut self,
         runtime: &tokio::runtime::Handle,
         remote: &dyn crate::remote::Remote,
+        limit: Duration,
     ) -> Result<(), ShareError> {
         let part = self.part.clone();
-        let bytes = runtime.block_on(part.get(remote, self.start, self.end))?;
+        let get = part.get(remote, self.start, self.end);
+        let bytes = runtime
+            .block_on(async { tokio::time::timeout(limit, get).await })
+            .map_err(|_| timed_out(&part.key, limit))??;
         part.store(self.start, &bytes)?;
         self.stored = true;
         Ok(())
@@ -260,16 +270,27 @@ impl Claim {
 
     /// Fetches the claimed blocks on an async worker: checking and writing a run takes
     /// milliseconds, and needs no blocking thread (which every waiting reader may hold).
-    async fn fetch_ahead(mut self, remote: Arc<dyn crate::remote::Remote>) {
+    /// Bounded by `limit` like a read's own fetch, so its blocks are not held as coming
+    /// for longer than a read waits for them.
+    async fn fetch_ahead(mut self, remote: Arc<dyn crate::remote::Remote>, limit: Duration) {
         let part = self.part.clone();
-        match part.get(&*remote, self.start, self.end).await {
-            Ok(bytes) => match part.store(self.start, &bytes) {
+        match tokio::time::timeout(limit, part.get(&*remote, self.start, self.end)).await {
+            Ok(Ok(bytes)) => match part.store(self.start, &bytes) {
                 Ok(()) => self.stored = true,
                 Err(e) => tracing::debug!("reading ahead: {e}"),
             },
-            Err(e) => tracing::debug!("reading ahead: {e}"),
+            Ok(Err(e)) => tracing::debug!("reading ahead: {e}"),
+            Err(_) => tracing::debug!("reading ahead: {}", timed_out(&part.key, limit)),
         }
     }
+}
+
+/// A read's wait for the bucket that ran out.
+pub(super) fn timed_out(key: &str, limit: Duration) -> ShareError {
+    ShareError::Io(format!(
+        "fetching {key}: the bucket did not answer within {} s ([shares] read_timeout_secs)",
+        limit.as_secs_f64()
+    ))
 }
 
 impl Drop for Claim {
@@ -306,9 +327,15 @@ impl Partial {
     ) -> Result<bytes::Bytes, ShareError> {
         let range = start * self.block..(end * self.block).min(self.size);
         let bytes = remote
-            .get_range(&self.key, range.clone())
+            .get_range_if(&self.key, range.clone(), self.etag.as_deref())
             .await
-            .map_err(|e| ShareError::Io(format!("fetching {}: {e}", self.key)))?;
+            .map_err(|e| {
+                if matches!(e, crate::remote::Error::Changed { .. }) {
+                    self.changed
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                ShareError::Io(format!("fetching {}: {e}", self.key))
+            })?;
         self.downloaded
             .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
         if bytes.len() as u64 != range.end - range.start {
@@ -362,12 +389,44 @@ impl Share {
         let Some(part) = self.partial(id, uploaded)? else {
             return Ok(None);
         };
+        match self.read_part(id, &part, offset, count) {
+            // Another version of the object was stored since the part file was made (by
+            // another tool, in place): start over on the one there now, once.
+            Err(_) if part.changed.load(std::sync::atomic::Ordering::Relaxed) => {
+                self.drop_changed(id, &part);
+                let Some(part) = self.partial(id, uploaded)? else {
+                    return Ok(None);
+                };
+                self.read_part(id, &part, offset, count).map(Some)
+            }
+            result => result.map(Some),
+        }
+    }
+
+    /// Forgets `part`, a part file of a version no longer stored, if it is still `id`'s.
+    fn drop_changed(&self, id: u64, part: &Arc<Partial>) {
+        if lock(&self.partials)
+            .get(&id)
+            .is_some_and(|p| Arc::ptr_eq(p, part))
+        {
+            self.drop_partial(id);
+        }
+    }
+
+    /// `count` bytes at `offset` of the file from `part`, fetching the blocks they lie in.
+    fn read_part(
+        &self,
+        id: u64,
+        part: &Arc<Partial>,
+        offset: u64,
+        count: u32,
+    ) -> Result<(Vec<u8>, bool), ShareError> {
         lock(&self.used).insert(id, Instant::now());
         let end = offset.saturating_add(count as u64).min(part.size);
         if offset >= end {
-            return Ok(Some((Vec::new(), true)));
+            return Ok((Vec::new(), true));
         }
-        let counter = if self.fetch_blocks(&part, offset / part.block, (end - 1) / part.block)? {
+        let counter = if self.fetch_blocks(part, offset / part.block, (end - 1) / part.block)? {
             &self.cache_misses
         } else {
             &self.cache_hits
@@ -378,9 +437,9 @@ impl Share {
             .read_exact_at(&mut buf, offset)
             .map_err(|e| io_error("reading a file's fetched blocks", e))?;
         if part.complete() {
-            self.complete(id, &part)?;
+            self.complete(id, part)?;
         }
-        Ok(Some((buf, end >= part.size)))
+        Ok((buf, end >= part.size))
     }
 
     /// The part file of `id` for its object `uploaded`, made (after a HEAD of the object)
@@ -392,11 +451,8 @@ impl Share {
             return Ok(Some(part.clone()));
         }
         let key = format!("{}{}", self.info.prefix, uploaded.path);
-        let failed = |e: crate::remote::Error| ShareError::Io(format!("fetching {key}: {e}"));
         let info = self
-            .runtime
-            .block_on(self.remote.head(&key))
-            .map_err(failed)?
+            .bucket_answer(&key, self.remote.head(&key))?
             .ok_or_else(|| {
                 ShareError::Io(format!(
                     "fetching {key}: the object is gone from the bucket"
@@ -447,6 +503,8 @@ impl Share {
         let part = Arc::new(Partial {
             uploaded: uploaded.clone(),
             key,
+            etag: info.etag,
+            changed: Default::default(),
             size: info.size,
             block: block_size(info.size),
             cvs,
@@ -523,27 +581,41 @@ impl Share {
                 });
                 (mine, ahead)
             };
-            if let Some(claim) = ahead {
-                self.runtime.spawn(claim.fetch_ahead(self.remote.clone()));
-            }
+            let limit = self.settings.read_timeout;
             if !mine.is_empty() {
                 // Room for them, clean files evicted if need be, or the client tries again.
                 let bytes: u64 = mine.iter().map(|c| (c.end - c.start) * part.block).sum();
-                self.make_room(bytes)?;
+                self.room_to_fetch(bytes)?;
+            }
+            // Read ahead only into room there is (a claim dropped is released).
+            if let Some(claim) = ahead
+                && self
+                    .room_to_fetch((claim.end - claim.start) * part.block)
+                    .is_ok()
+            {
+                self.runtime
+                    .spawn(claim.fetch_ahead(self.remote.clone(), limit));
             }
             waited |= !mine.is_empty();
             // One failure ends the read; the claims not fetched are released as dropped.
             for claim in mine {
-                claim.fetch_now(&self.runtime, &*self.remote)?;
+                claim.fetch_now(&self.runtime, &*self.remote, limit)?;
             }
-            // Blocks another read (or a read ahead) is fetching: wait for them.
+            // Blocks another read (or a read ahead) is fetching: wait for them, as long as
+            // for an answer of our own.
+            let deadline = Instant::now() + limit;
             let mut state = lock(&part.state);
             while (first..=last).any(|b| state.blocks[b as usize] == Block::Fetching) {
                 waited = true;
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(timed_out(&part.key, limit));
+                }
                 state = part
                     .fetched
-                    .wait(state)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    .wait_timeout(state, left)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
             }
             if (first..=last).all(|b| state.blocks[b as usize] == Block::Present) {
                 return Ok(waited);

@@ -137,6 +137,10 @@ pub struct Settings {
     /// A directory a client lists is refreshed first (that level only) when its listing is
     /// older than this; `None`: never (only the periodic and on-demand refreshes).
     pub listing_ttl: Option<Duration>,
+    /// How long a read of data only the bucket holds waits for each answer from it (its own
+    /// request, or a block another read is fetching) before it fails with an I/O error, so
+    /// that an outage costs a client an error, not a hung request.
+    pub read_timeout: Duration,
     /// What objects without the file-tool metadata (put by other tools) look like: file and
     /// directory modes, owner and group.
     pub defaults: Defaults,
@@ -171,6 +175,7 @@ impl Default for Settings {
             cache_max: 10 << 30,
             refresh: Some(Duration::from_secs(300)),
             listing_ttl: None,
+            read_timeout: Duration::from_secs(20),
             defaults: Defaults::default(),
         }
     }
@@ -807,6 +812,36 @@ impl Share {
         Err(ShareError::NoSpace)
     }
 
+    /// Room for `bytes` about to be fetched from the bucket: under `[local] min_free`
+    /// (`make_room`), and under `cache_max`, which reads would otherwise overrun by what
+    /// they fetch between two eviction passes.
+    fn room_to_fetch(&self, bytes: u64) -> Result<(), ShareError> {
+        self.make_room(bytes)?;
+        let cached = self.clean_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if cached > self.settings.cache_max {
+            self.evict_down_to(self.settings.cache_max, None)?;
+        }
+        Ok(())
+    }
+
+    /// The answer to `request`, a read of object `key` for a client, waited for at most
+    /// `read_timeout`.
+    fn bucket_answer<T>(
+        &self,
+        key: &str,
+        request: impl std::future::Future<Output = crate::remote::Result<T>>,
+    ) -> Result<T, ShareError> {
+        let limit = self.settings.read_timeout;
+        // The timer is made inside the runtime, whose context it needs.
+        let answer = self
+            .runtime
+            .block_on(async { tokio::time::timeout(limit, request).await });
+        match answer {
+            Ok(answer) => answer.map_err(|e| ShareError::Io(format!("fetching {key}: {e}"))),
+            Err(_) => Err(blocks::timed_out(key, limit)),
+        }
+    }
+
     /// Brings an evicted file's content back from its object. One fetch at a time: a second
     /// reader of the same file finds it fetched.
     fn fetch(&self, id: u64) -> Result<(), ShareError> {
@@ -821,7 +856,7 @@ impl Share {
         };
         let key = format!("{}{}", self.info.prefix, uploaded.path);
         // Room for it, clean files evicted if need be, or the client tries again.
-        self.make_room(uploaded.size)?;
+        self.room_to_fetch(uploaded.size)?;
         let staging = self.files.join(format!("{id:016x}.fetch"));
         // With the file's time, as when it was evicted (clients would take a new one for a
         // change).
@@ -863,22 +898,16 @@ impl Share {
         to: &std::path::Path,
     ) -> Result<Option<Vec<u8>>, ShareError> {
         const RANGE: u64 = 8 << 20;
-        let failed = |e: crate::remote::Error| ShareError::Io(format!("fetching {key}: {e}"));
         let file = File::create(to).map_err(|e| io_error("fetching a file", e))?;
         let digest = self
-            .runtime
-            .block_on(self.remote.head(key))
-            .map_err(failed)?
+            .bucket_answer(key, self.remote.head(key))?
             .and_then(|info| info.meta.get(crate::remote::verify::DIGEST_META).cloned());
         let mut hasher = blake3::Hasher::new();
         let gathered = blocks::Gathered::new(size).filter(|_| digest.is_some());
         let mut at = 0;
         while at < size {
             let end = (at + RANGE).min(size);
-            let bytes = self
-                .runtime
-                .block_on(self.remote.get_range(key, at..end))
-                .map_err(failed)?;
+            let bytes = self.bucket_answer(key, self.remote.get_range(key, at..end))?;
             hasher.update(&bytes);
             self.downloaded_bytes
                 .fetch_add(bytes.len() as u64, Ordering::Relaxed);
