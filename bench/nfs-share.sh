@@ -19,6 +19,8 @@
 #   nfs-tree-bucket   seconds from the start of the tree's copy into firn until the bucket
 #                     holds every file, over `rclone copy` of the same tree to the same
 #                     Garage (LOWER is better; goal <= 1.2)
+#   nfs-tree-files-store-own-core   the tree again, Garage on one core and the server and
+#                     client on the other (diagnostic: the store's work off the client's CPU)
 #   nfs-cold-read     firn MiB/s / rclone MiB/s reading the BIG file back once evicted
 #                     (firn fetching it from Garage block by block, read with libnfs's
 #                     nfs-cat; rclone cat of the same object)
@@ -82,6 +84,7 @@ for i in range(count):
 PY
 big_bytes=$(stat -c %s "$work/big.bin")
 
+pin_client=(taskset -c 0) # the client of the store-own-core copies
 copy() { # addr export local dir -> "files bytes seconds"
     drop_caches
     "$work/nfs_copy" "$1" "$2" "$3" "$4" "$connections"
@@ -137,6 +140,21 @@ read -r _ _ firn_tree_s < <(copy 127.0.0.1:2050:2050 /bench "$work/tree" tree)
 wait_s=$(uploaded)
 firn_bucket_s=$(calc "f'{$(now) - $t0:.3f}'")
 echo "firn: $big in ${firn_big_s}s; $files files in ${firn_tree_s}s; the tree in the bucket ${firn_bucket_s}s after its copy began (${wait_s}s after it ended)"
+# Diagnostic: the tree again, with Garage on a core of its own and firn and the client on the
+# other (ganesha and the client get that same one core below): the store's work off the
+# client's CPU, as with a remote bucket, firn's own upload work still on it.
+pinned=
+if [ "$(nproc)" -ge 2 ]; then
+    pinned=1
+    all_cpus=0-$(($(nproc) - 1))
+    taskset -a -p -c 1 "$GARAGE_PID" >/dev/null
+    taskset -a -p -c 0 "$firn_pid" >/dev/null
+    drop_caches
+    read -r _ _ firn_pinned_s < <("${pin_client[@]}" "$work/nfs_copy" 127.0.0.1:2050:2050 /bench "$work/tree" tree-pinned "$connections")
+    uploaded >/dev/null
+    taskset -a -p -c "$all_cpus" "$GARAGE_PID" >/dev/null
+    echo "firn, Garage on its own core: $files files in ${firn_pinned_s}s"
+fi
 kill -TERM "$firn_pid"; wait "$firn_pid" 2>/dev/null || true; firn_pid=
 
 # --- cold read: firn again with a 1 MiB cache, so the big file is evicted -----------------------
@@ -207,6 +225,12 @@ done
 read -r _ _ ganesha_big_s < <(copy 127.0.0.1:2049:20048 "$work/export" "$work/big.bin" big)
 read -r _ _ ganesha_tree_s < <(copy 127.0.0.1:2049:20048 "$work/export" "$work/tree" tree)
 echo "ganesha: $big in ${ganesha_big_s}s; $files files in ${ganesha_tree_s}s"
+if [ -n "$pinned" ]; then
+    taskset -a -p -c 0 "$ganesha_pid" >/dev/null
+    drop_caches
+    read -r _ _ ganesha_pinned_s < <("${pin_client[@]}" "$work/nfs_copy" 127.0.0.1:2049:20048 "$work/export" "$work/tree" tree-pinned "$connections")
+    echo "ganesha, on the one core firn had: $files files in ${ganesha_pinned_s}s"
+fi
 
 mibs() { calc "f'{$big_bytes / 2**20 / $1:.1f}'"; }
 fps() { calc "f'{$files / $1:.0f}'"; }
@@ -215,6 +239,9 @@ printf 'ratio: %-24s %6s    goal >= 0.8   (firn %s / ganesha %s MiB/s)\n' nfs-wr
     "$(calc "f'{$ganesha_big_s / $firn_big_s:.2f}'")" "$(mibs "$firn_big_s")" "$(mibs "$ganesha_big_s")"
 printf 'ratio: %-24s %6s    goal >= 0.8   (firn %s / ganesha %s files/s)\n' nfs-tree-files \
     "$(calc "f'{$ganesha_tree_s / $firn_tree_s:.2f}'")" "$(fps "$firn_tree_s")" "$(fps "$ganesha_tree_s")"
+[ -n "$pinned" ] && printf 'ratio: %-24s %6s    goal (diagnostic)   (firn %s / ganesha %s files/s, Garage on its own core)\n' \
+    nfs-tree-files-store-own-core "$(calc "f'{$ganesha_pinned_s / $firn_pinned_s:.2f}'")" \
+    "$(fps "$firn_pinned_s")" "$(fps "$ganesha_pinned_s")"
 printf 'ratio: %-24s %6s    goal <= 1.2   (firn %ss / rclone %ss, lower is better)\n' nfs-tree-bucket \
     "$(calc "f'{$firn_bucket_s / $rclone_s:.2f}'")" "$firn_bucket_s" "$rclone_s"
 printf 'ratio: %-24s %6s    goal >= 0.8   (firn %s / rclone cat %s MiB/s)\n' nfs-cold-read \

@@ -426,7 +426,8 @@ impl Share {
         if offset >= end {
             return Ok((Vec::new(), true));
         }
-        let counter = if self.fetch_blocks(part, offset / part.block, (end - 1) / part.block)? {
+        let (first, last) = (offset / part.block, (end - 1) / part.block);
+        let counter = if self.fetch_blocks(id, part, first, last)? {
             &self.cache_misses
         } else {
             &self.cache_hits
@@ -524,7 +525,13 @@ impl Share {
     /// just after a block that is there or coming) fetches up to `READAHEAD` blocks per GET,
     /// and has the next run fetched in the background. Whether the read had to wait for the
     /// bucket (a cache miss).
-    fn fetch_blocks(&self, part: &Arc<Partial>, first: u64, last: u64) -> Result<bool, ShareError> {
+    fn fetch_blocks(
+        &self,
+        id: u64,
+        part: &Arc<Partial>,
+        first: u64,
+        last: u64,
+    ) -> Result<bool, ShareError> {
         // Blocks per GET for a reader in order.
         let run = (RUN_BYTES / part.block).max(1);
         let mut waited = false;
@@ -585,12 +592,12 @@ impl Share {
             if !mine.is_empty() {
                 // Room for them, clean files evicted if need be, or the client tries again.
                 let bytes: u64 = mine.iter().map(|c| (c.end - c.start) * part.block).sum();
-                self.room_to_fetch(bytes)?;
+                self.room_to_fetch(id, bytes)?;
             }
             // Read ahead only into room there is (a claim dropped is released).
             if let Some(claim) = ahead
                 && self
-                    .room_to_fetch((claim.end - claim.start) * part.block)
+                    .room_to_fetch(id, (claim.end - claim.start) * part.block)
                     .is_ok()
             {
                 self.runtime

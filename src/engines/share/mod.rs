@@ -467,6 +467,7 @@ impl Shares {
             uploaded_files: AtomicU64::new(0),
             uploaded_bytes: AtomicU64::new(0),
             clean_bytes: AtomicU64::new(0),
+            evict_at: AtomicU64::new(0),
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
             downloaded_bytes: Arc::new(AtomicU64::new(0)),
@@ -654,6 +655,9 @@ pub struct Share {
     uploaded_bytes: AtomicU64,
     /// Local bytes of clean files (and part files), as the last eviction check found them.
     clean_bytes: AtomicU64,
+    /// Local bytes of clean files above which a fetch runs an eviction pass first, when
+    /// above `cache_max` (`room_to_fetch`).
+    evict_at: AtomicU64,
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
     downloaded_bytes: Arc<AtomicU64>,
@@ -806,20 +810,34 @@ impl Share {
         if space.allows(bytes) {
             return Ok(());
         }
-        if self.evict_down_to(0, Some(bytes))? > 0 && space.allows(bytes) {
+        if self.evict_down_to(0, Some(bytes), None)? > 0 && space.allows(bytes) {
             return Ok(());
         }
         Err(ShareError::NoSpace)
     }
 
-    /// Room for `bytes` about to be fetched from the bucket: under `[local] min_free`
-    /// (`make_room`), and under `cache_max`, which reads would otherwise overrun by what
-    /// they fetch between two eviction passes.
-    fn room_to_fetch(&self, bytes: u64) -> Result<(), ShareError> {
+    /// Room for `bytes` about to be fetched from the bucket into file `id`: under `[local]
+    /// min_free` (`make_room`), and under `cache_max`, which reads would otherwise overrun
+    /// by what they fetch between two eviction passes. For `cache_max` other files go, not
+    /// `id`'s fetched blocks: dropping those under their reader would throw away its
+    /// read-ahead at every fetch. A file being read that alone outgrows the cache is the
+    /// periodic pass's to evict.
+    fn room_to_fetch(&self, id: u64, bytes: u64) -> Result<(), ShareError> {
         self.make_room(bytes)?;
+        let limit = self.settings.cache_max;
         let cached = self.clean_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        if cached > self.settings.cache_max {
-            self.evict_down_to(self.settings.cache_max, None)?;
+        if cached > limit.max(self.evict_at.load(Ordering::Relaxed)) {
+            self.evict_down_to(limit, None, Some(id))?;
+            // What the pass left over the bound is what reads are fetching into: look again
+            // only once they have fetched a tenth of the cache (at least 64 MiB) more, not
+            // at every fetch (a pass lists every local file).
+            let left = self.clean_bytes.load(Ordering::Relaxed);
+            let again = if left > limit {
+                left + (limit / 10).max(64 << 20)
+            } else {
+                0
+            };
+            self.evict_at.store(again, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -856,7 +874,7 @@ impl Share {
         };
         let key = format!("{}{}", self.info.prefix, uploaded.path);
         // Room for it, clean files evicted if need be, or the client tries again.
-        self.room_to_fetch(uploaded.size)?;
+        self.room_to_fetch(id, uploaded.size)?;
         let staging = self.files.join(format!("{id:016x}.fetch"));
         // With the file's time, as when it was evicted (clients would take a new one for a
         // change).
@@ -936,12 +954,18 @@ impl Share {
     /// `cache_max` (down to nine tenths of it, so eviction does not run on every pass).
     /// Returns the bytes freed.
     fn evict(&self) -> Result<u64, ShareError> {
-        self.evict_down_to(self.settings.cache_max, None)
+        self.evict_down_to(self.settings.cache_max, None, None)
     }
 
     /// Evicts clean files, least recently used first, until their bytes are at most nine
     /// tenths of `limit` (when over `limit`) or, with `need`, until that many are freed.
-    fn evict_down_to(&self, limit: u64, need: Option<u64>) -> Result<u64, ShareError> {
+    /// `keep`, if given, is left whatever it takes.
+    fn evict_down_to(
+        &self,
+        limit: u64,
+        need: Option<u64>,
+        keep: Option<u64>,
+    ) -> Result<u64, ShareError> {
         let mut clean = Vec::new();
         let mut total = 0u64;
         let dirty: std::collections::HashSet<u64> = lock(&self.dirty).keys().copied().collect();
@@ -984,6 +1008,9 @@ impl Share {
         let target = limit / 10 * 9;
         let mut freed = 0;
         for (id, size, part) in clean {
+            if keep == Some(id) {
+                continue;
+            }
             let done = match need {
                 Some(need) => freed >= need,
                 None => total - freed <= target,
