@@ -12,12 +12,21 @@ pub mod powerloss;
 
 pub const FIRN: &str = env!("CARGO_BIN_EXE_firn");
 
+/// A port for a server a test starts, free now. Taken below the kernel's ephemeral range
+/// (32768 and up here), where port 0 binds and outgoing connections land, so that neither
+/// another test's listener nor some client's connection takes it before the server binds;
+/// never the same twice in one test process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..10_000 {
+        let port = rand::random_range(20_000..32_000);
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no free port between 20000 and 32000");
 }
 
 pub struct Daemon {
