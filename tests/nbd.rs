@@ -836,9 +836,19 @@ fn ext4_on(g: &Gateway, size: u64) -> LoopDevice {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    let mountpoint = image.clone();
     teardown.0.push(Box::new(move || {
-        let _ = qsd.kill();
+        // SIGTERM, so that the daemon takes its FUSE export down as it exits (killed, it
+        // would leave the mount behind); then a lazy unmount in case it could not.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(qsd.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let _ = qsd.wait();
+        let _ = Command::new("fusermount3")
+            .args(["-u", "-z", "-q"])
+            .arg(&mountpoint)
+            .status();
     }));
     let image_arg = image.to_str().expect("utf-8").to_string();
     let loop_dev = run("losetup", &["-f", "--show", &image_arg])
