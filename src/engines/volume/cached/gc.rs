@@ -610,7 +610,6 @@ async fn forget(inner: &Arc<Inner>, key: &str, object: Option<u64>) -> Result<()
     let remover = inner.clone();
     blocking(move || {
         lock(&remover.files).remove(&object);
-        remover.unmap(object);
         let mut state = lock(&remover.state);
         if let Some(bytes) = state.cached.remove(&object) {
             state.local_bytes = state.local_bytes.saturating_sub(bytes);

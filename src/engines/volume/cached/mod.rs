@@ -59,11 +59,6 @@ use crate::seal::Sealer;
 pub const PROGRESS_TABLE: &str = "cached-volumes";
 /// Open segment files kept at once; more are opened per read.
 const OPEN_FILES: usize = 128;
-/// Segment maps kept for large reads (`Inner::mapped`): at most this many segments' pages,
-/// from the page cache, count in firn's resident size.
-const MAPPED: usize = 8;
-/// Reads from this size up go through a map (`Inner::mapped`); smaller ones `pread`.
-const MAP_READ: usize = 64 << 10;
 /// The map names chunks by numbers from here up; segments by numbers below.
 pub const CHUNK_BASE: u64 = 1 << 63;
 /// The most a cold sequential read fetches ahead of the reader, in one ranged GET.
@@ -329,9 +324,6 @@ struct Inner {
     /// Signalled when a fetch ahead ends.
     ahead_done: Condvar,
     files: Mutex<HashMap<u64, Arc<File>>>,
-    /// Read-only maps of the local segments large reads last used (at most `MAPPED`), which
-    /// they decrypt straight out of: one copy of the data fewer than a `pread`.
-    maps: Mutex<Vec<(u64, Arc<memmap2::Mmap>)>>,
     /// Local space held for the log (`reserve.rs`).
     reserve: Mutex<reserve::Reserve>,
     /// Bytes a segment can take at most, preallocated when it is created.
@@ -598,7 +590,6 @@ impl CachedVolume {
             ahead: Mutex::new(Ahead::default()),
             ahead_done: Condvar::new(),
             files: Mutex::new(files),
-            maps: Mutex::new(Vec::new()),
             reserve: Mutex::new(reserve),
             segment_alloc,
             sync: Mutex::new(Cut {
@@ -1144,42 +1135,6 @@ impl Inner {
         Some(file)
     }
 
-    /// A map of local segment (or chunk) `seq` at least `len` bytes long, made if need be;
-    /// `None` if it is not on local disk or shorter.
-    fn mapped(&self, seq: u64, len: u64) -> Option<Arc<memmap2::Mmap>> {
-        let mut maps = lock(&self.maps);
-        if let Some(i) = maps.iter().position(|(s, _)| *s == seq) {
-            if maps[i].1.len() as u64 >= len {
-                let entry = maps.remove(i);
-                let map = entry.1.clone();
-                maps.push(entry);
-                return Some(map);
-            }
-            maps.remove(i);
-        }
-        drop(maps);
-        let file = self.file(seq)?;
-        if file.metadata().ok()?.len() < len {
-            return None;
-        }
-        // SAFETY: firn never truncates a segment's file while it exists (a read past its
-        // end would fault), only appends to it, punches holes in what is evicted (read as
-        // zeros, which then fail to open) and unlinks it; the bytes read are authenticated
-        // before use, so a change under the read is an error, not data.
-        let map = Arc::new(unsafe { memmap2::Mmap::map(&*file) }.ok()?);
-        let mut maps = lock(&self.maps);
-        if maps.len() >= MAPPED {
-            maps.remove(0);
-        }
-        maps.push((seq, map.clone()));
-        Some(map)
-    }
-
-    /// Forgets the map of segment (or chunk) `seq`, evicted or deleted.
-    fn unmap(&self, seq: u64) {
-        lock(&self.maps).retain(|(s, _)| *s != seq);
-    }
-
     fn salt(&self, seq: u64) -> BlockResult<[u8; 16]> {
         self.salts
             .read()
@@ -1214,27 +1169,6 @@ impl Inner {
         sealed.resize((end - start) as usize, 0);
         let mut sealed = ReadBuffer(sealed);
         let within = (skip as u64 - first * FRAME as u64) as usize;
-        // A large read on a blocking thread: out of a map of the segment if it holds the
-        // frames (a hole, after an eviction, fails to open and takes the path below).
-        if wait
-            && out.len() >= MAP_READ
-            && let Some(map) = self.mapped(segment, end)
-            && self
-                .key
-                .open_frames_into(
-                    &salt,
-                    pos,
-                    rec_len,
-                    first,
-                    &map[start as usize..end as usize],
-                    within,
-                    out,
-                )
-                .is_ok()
-        {
-            self.cache_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(true);
-        }
         let file = if wait {
             self.file(segment)
         } else {

@@ -639,7 +639,6 @@ async fn evict(inner: &Arc<Inner>) -> Result<bool, String> {
     blocking(move || {
         for seq in &victims {
             lock(&remover.files).remove(seq);
-            remover.unmap(*seq);
             if let Err(e) = std::fs::remove_file(remover.local_path(*seq))
                 && e.kind() != std::io::ErrorKind::NotFound
             {
