@@ -467,7 +467,7 @@ impl Shares {
             uploaded_files: AtomicU64::new(0),
             uploaded_bytes: AtomicU64::new(0),
             clean_bytes: AtomicU64::new(0),
-            evict_at: AtomicU64::new(0),
+            evict_at: Mutex::new((0, 0)),
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
             downloaded_bytes: Arc::new(AtomicU64::new(0)),
@@ -655,9 +655,10 @@ pub struct Share {
     uploaded_bytes: AtomicU64,
     /// Local bytes of clean files (and part files), as the last eviction check found them.
     clean_bytes: AtomicU64,
-    /// Local bytes of clean files above which a fetch runs an eviction pass first, when
-    /// above `cache_max` (`room_to_fetch`).
-    evict_at: AtomicU64,
+    /// The file whose fetches run an eviction pass first only above these local bytes of
+    /// clean files (and `cache_max`); fetches for other files, above `cache_max`
+    /// (`room_to_fetch`).
+    evict_at: Mutex<(u64, u64)>,
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
     downloaded_bytes: Arc<AtomicU64>,
@@ -826,7 +827,11 @@ impl Share {
         self.make_room(bytes)?;
         let limit = self.settings.cache_max;
         let cached = self.clean_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        if cached > limit.max(self.evict_at.load(Ordering::Relaxed)) {
+        // The slack below holds for the file it was set for; a fetch for another file may
+        // have others to evict.
+        let (for_id, at) = *lock(&self.evict_at);
+        let threshold = if for_id == id { at } else { 0 };
+        if cached > limit.max(threshold) {
             self.evict_down_to(limit, None, Some(id))?;
             // What the pass left over the bound is what reads are fetching into: look again
             // only once they have fetched a tenth of the cache (at least 64 MiB) more, not
@@ -837,7 +842,7 @@ impl Share {
             } else {
                 0
             };
-            self.evict_at.store(again, Ordering::Relaxed);
+            *lock(&self.evict_at) = (id, again);
         }
         Ok(())
     }
