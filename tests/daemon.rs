@@ -161,6 +161,7 @@ fn config_mistakes_get_one_clear_message() {
             "[keys]\nsource = \"env\"\nenv = \"FIRN_TEST_UNSET_KEY\"\n",
             "FIRN_TEST_UNSET_KEY",
         ),
+        ("[remote]\nupload_nice = 25\n", "upload_nice"),
     ];
     for (text, expected) in cases {
         let path = dir.path().join("firn.toml");
@@ -177,6 +178,41 @@ fn config_mistakes_get_one_clear_message() {
     }
     let (ok, _, err) = firn(&["status", "--config", "/nonexistent/firn.toml"]);
     assert!(!ok && err.contains("/nonexistent/firn.toml"), "{err}");
+}
+
+/// The nice value of each of a process's threads, by thread name.
+fn thread_nice_values(pid: u32) -> Vec<(String, i64)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let task = task.expect("task").path();
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(task.join("comm")),
+            std::fs::read_to_string(task.join("stat")),
+        ) else {
+            continue; // the thread ended between the listing and the read
+        };
+        // After the ")" that closes the name: state is field 3, nice is field 19.
+        let fields: Vec<&str> = stat[stat.rfind(')').expect("stat") + 2..]
+            .split(' ')
+            .collect();
+        threads.push((comm.trim().to_string(), fields[16].parse().expect("nice")));
+    }
+    threads
+}
+
+#[test]
+fn uploads_run_at_the_configured_lower_priority() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = write_config(dir.path(), port, "[remote]\nupload_nice = 15\n");
+    let daemon = Daemon::start(&config, port, &[]);
+    let threads = thread_nice_values(daemon.child.id());
+    let (uploads, serving): (Vec<_>, Vec<_>) =
+        threads.iter().partition(|(name, _)| name == "firn-upload");
+    assert!(!uploads.is_empty(), "no upload threads: {threads:?}");
+    assert!(uploads.iter().all(|(_, nice)| *nice == 15), "{threads:?}");
+    assert!(serving.iter().all(|(_, nice)| *nice == 0), "{threads:?}");
+    assert!(daemon.stop().success());
 }
 
 #[test]

@@ -303,6 +303,17 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// The runtime that uploads run on: its threads (workers and blocking pool alike) run at
+/// nice value `nice`, so on a busy CPU they yield to the threads serving clients.
+fn upload_runtime(nice: i32) -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .thread_name("firn-upload")
+        .on_thread_start(move || crate::daemon::process::lower_thread_priority(nice))
+        .enable_all()
+        .build()
+        .context("cannot start the upload runtime")
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Keygen = cli.command {
         println!("{}", *crate::seal::MasterKey::generate().to_hex());
@@ -316,7 +327,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let rt = runtime()?;
     match cli.command {
-        Command::Serve => rt.block_on(crate::daemon::serve(config)),
+        Command::Serve => {
+            let uploads = upload_runtime(config.remote.upload_nice)?;
+            let served = rt.block_on(crate::daemon::serve(config, uploads.handle().clone()));
+            // The volumes and shares have stopped their uploads by now.
+            uploads.shutdown_background();
+            served
+        }
         Command::Status { json } => {
             let client = ApiClient::new(&config)?;
             let status: serde_json::Value = rt.block_on(client.get("status"))?;

@@ -67,6 +67,10 @@ pub struct RemoteConfig {
     /// kind = s3: the KMS key for `aws:kms` and `aws:kms:dsse`.
     pub sse_kms_key_id: Option<String>,
     pub bandwidth: Policy,
+    /// The nice value (0 to 19) of the threads that upload to the bucket and tidy it (volume
+    /// segments, checkpoints, commits and garbage collection; share files): on a busy CPU
+    /// they yield to the threads serving clients. 0 runs them like the rest of the daemon.
+    pub upload_nice: i32,
 }
 
 impl Default for RemoteConfig {
@@ -90,6 +94,7 @@ impl Default for RemoteConfig {
             server_side_encryption: None,
             sse_kms_key_id: None,
             bandwidth: Policy::default(),
+            upload_nice: 10,
         }
     }
 }
@@ -458,6 +463,12 @@ impl Config {
         }
         if r.part_concurrency == 0 {
             return Err("[remote] part_concurrency must be at least 1".to_string());
+        }
+        if !(0..=19).contains(&r.upload_nice) {
+            return Err(format!(
+                "[remote] upload_nice = {}: a nice value from 0 (as the daemon) to 19 (the lowest priority)",
+                r.upload_nice
+            ));
         }
         if !self.nbd.listen.is_empty() && self.nbd.listen.parse::<SocketAddr>().is_err() {
             return Err(format!(

@@ -320,7 +320,10 @@ fn read_or_create_token(data_dir: &Path) -> anyhow::Result<(String, bool)> {
 impl Gateway {
     /// Opens the data directory, the keys and the remote. Fails with a message that names
     /// what to fix; an unreachable remote is not a failure (the gateway works offline).
-    pub async fn open(config: Config) -> anyhow::Result<Arc<Gateway>> {
+    pub async fn open(
+        config: Config,
+        uploads: tokio::runtime::Handle,
+    ) -> anyhow::Result<Arc<Gateway>> {
         let data_dir = config.local.data_dir.clone();
         // Keys (in dev mode), the token, the catalog and the audit log live here.
         std::fs::DirBuilder::new()
@@ -395,6 +398,7 @@ impl Gateway {
         let volumes = Arc::new(volumes.with_bucket(BucketContext {
             remote: remote.remote.clone(),
             runtime: tokio::runtime::Handle::current(),
+            uploads: uploads.clone(),
             gateway: gateway_id.clone(),
             settings,
         }));
@@ -436,6 +440,7 @@ impl Gateway {
                 remote.remote.clone(),
                 Some(Arc::new(OtherBuckets::new(&config, &remote))),
                 tokio::runtime::Handle::current(),
+                uploads,
                 ShareSettings {
                     settle: std::time::Duration::from_secs(config.shares.settle_secs),
                     cache_max: config.shares.cache_max.0,
@@ -637,9 +642,10 @@ impl Gateway {
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// `firn serve`: runs until Ctrl-C or SIGTERM.
-pub async fn serve(config: Config) -> anyhow::Result<()> {
+/// Serves until SIGINT or SIGTERM; uploads to the bucket run on `uploads`.
+pub async fn serve(config: Config, uploads: tokio::runtime::Handle) -> anyhow::Result<()> {
     let listen = config.http.listen;
-    let gateway = Gateway::open(config).await?;
+    let gateway = Gateway::open(config, uploads).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("[http] listen: cannot bind {listen}"))?;

@@ -67,3 +67,20 @@ pub fn limit_malloc_arenas() {
         tracing::debug!("mallopt(M_ARENA_MAX) refused; memory may grow with the thread count");
     }
 }
+
+/// Lowers the calling thread's CPU priority to nice value `nice` (Linux keeps one per thread).
+/// For the threads of the upload runtime (`[remote] upload_nice`); a refusal is logged and
+/// the thread goes on at the daemon's priority.
+pub fn lower_thread_priority(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: setpriority only changes the scheduling of the thread it names (0: the caller).
+    let rc = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, nice) };
+    if rc != 0 {
+        tracing::debug!(
+            "setpriority({nice}) refused ({}); uploads run at the daemon's priority",
+            std::io::Error::last_os_error()
+        );
+    }
+}

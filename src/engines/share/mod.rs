@@ -252,6 +252,9 @@ pub struct Shares {
     remote: Arc<dyn Remote>,
     buckets: Option<Arc<dyn Buckets>>,
     runtime: tokio::runtime::Handle,
+    /// Where the shares' upload tasks run: a runtime of its own in the daemon, whose threads
+    /// yield the CPU to clients' requests (`[remote] upload_nice`).
+    uploads: tokio::runtime::Handle,
     settings: Settings,
     open: Mutex<HashMap<String, Arc<Share>>>,
     space: Option<Arc<crate::local::space::SpaceBudget>>,
@@ -269,17 +272,20 @@ impl Shares {
         settings: Settings,
         space: Option<Arc<crate::local::space::SpaceBudget>>,
     ) -> Result<Shares, ShareError> {
-        Shares::open_with_buckets(meta, dir, remote, None, runtime, settings, space)
+        let uploads = runtime.clone();
+        Shares::open_with_buckets(meta, dir, remote, None, runtime, uploads, settings, space)
     }
 
     /// `open`, with `buckets` for shares in other buckets than `remote`'s (without, creating
-    /// one is refused, and one in the catalog fails to open).
+    /// one is refused, and one in the catalog fails to open), and the uploads on `uploads`.
+    #[allow(clippy::too_many_arguments)]
     pub fn open_with_buckets(
         meta: Arc<MetaStore>,
         dir: impl Into<PathBuf>,
         remote: Arc<dyn Remote>,
         buckets: Option<Arc<dyn Buckets>>,
         runtime: tokio::runtime::Handle,
+        uploads: tokio::runtime::Handle,
         settings: Settings,
         space: Option<Arc<crate::local::space::SpaceBudget>>,
     ) -> Result<Shares, ShareError> {
@@ -289,6 +295,7 @@ impl Shares {
             remote,
             buckets,
             runtime,
+            uploads,
             settings,
             open: Mutex::new(HashMap::new()),
             space,
@@ -498,7 +505,7 @@ impl Shares {
                 },
             );
         }
-        self.runtime.spawn(upload::run(share.clone()));
+        self.uploads.spawn(upload::run(share.clone()));
         lock(&self.open).insert(info.name.clone(), share);
         Ok(())
     }

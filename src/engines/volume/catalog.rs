@@ -192,12 +192,13 @@ pub struct Catalog {
     pinned: Mutex<HashMap<String, Arc<CachedVolume>>>,
 }
 
-/// What cached volumes need from the daemon: the bucket, the runtime their uploads run on,
-/// this gateway's id, and their settings.
+/// What cached volumes need from the daemon: the bucket, the runtimes their bucket reads and
+/// their uploads run on, this gateway's id, and their settings.
 #[derive(Clone, Debug)]
 pub struct BucketContext {
     pub remote: Arc<dyn crate::remote::Remote>,
     pub runtime: tokio::runtime::Handle,
+    pub uploads: tokio::runtime::Handle,
     pub gateway: String,
     pub settings: cached::Settings,
 }
@@ -663,6 +664,7 @@ impl Catalog {
                 remote: bucket.remote.clone(),
                 prefix: format!("volumes/{}/", info.id),
                 runtime: bucket.runtime.clone(),
+                uploads: bucket.uploads.clone(),
                 gateway: bucket.gateway.clone(),
             },
             settings: bucket.settings.clone(),
@@ -804,6 +806,7 @@ impl Catalog {
             remote: bucket.remote.clone(),
             prefix: format!("volumes/{id}/"),
             runtime: bucket.runtime.clone(),
+            uploads: bucket.uploads.clone(),
             gateway: bucket.gateway.clone(),
         };
         let taken = bucket.runtime.block_on(cached::restore::take_over(

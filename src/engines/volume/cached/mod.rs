@@ -171,14 +171,17 @@ impl Default for Settings {
     }
 }
 
-/// The bucket side of a volume: where its objects go, and the runtime the uploader and
-/// read-through fetches run on.
+/// The bucket side of a volume: where its objects go, the runtime read-through fetches run
+/// on, and the one the uploader runs on.
 #[derive(Clone, Debug)]
 pub struct Bucket {
     pub remote: Arc<dyn Remote>,
     /// `volumes/<id>/`.
     pub prefix: String,
     pub runtime: tokio::runtime::Handle,
+    /// The uploader's runtime: in the daemon, one whose threads yield the CPU to clients'
+    /// requests (`[remote] upload_nice`).
+    pub uploads: tokio::runtime::Handle,
     /// This gateway's id, written into commits.
     pub gateway: String,
 }
@@ -616,7 +619,7 @@ impl CachedVolume {
         };
         let uploader = inner
             .bucket
-            .runtime
+            .uploads
             .spawn(uploader::run(inner.clone(), descriptor));
         Ok(CachedVolume {
             inner,
