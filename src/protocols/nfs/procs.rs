@@ -303,7 +303,7 @@ pub(super) fn nfs(server: &NfsServer, caller: Caller, proc: u32, args: &[u8]) ->
         4 => access(server, caller, decode(args)?),
         5 => readlink(server, caller, decode(args)?),
         6 => read(server, caller, decode(args)?),
-        7 => write(server, caller, decode(args)?),
+        7 => write(server, caller, decode_write(args)?),
         8 => create(server, caller, decode(args)?),
         9 => mkdir(server, caller, decode(args)?),
         10 => symlink(server, caller, decode(args)?),
@@ -508,6 +508,30 @@ fn read(server: &NfsServer, caller: Caller, args: READ3args) -> Vec<u8> {
     encode(&match result {
         Ok(ok) => READ3res::Ok(ok),
         Err(e) => READ3res::Err(e),
+    })
+}
+
+/// WRITE's arguments with the data borrowed from the request: the generic decoder would
+/// zero a buffer and copy up to 1 MiB into it for every write.
+fn decode_write(args: &[u8]) -> Result<WRITE3args<'_>, accept_stat_data> {
+    use nfs3_types::xdr_codec::Unpack;
+    let garbage = |_| accept_stat_data::GARBAGE_ARGS;
+    let mut input = std::io::Cursor::new(args);
+    let (file, _) = nfs_fh3::unpack(&mut input).map_err(garbage)?;
+    let (offset, _) = u64::unpack(&mut input).map_err(garbage)?;
+    let (count, _) = u32::unpack(&mut input).map_err(garbage)?;
+    let (stable, _) = stable_how::unpack(&mut input).map_err(garbage)?;
+    let (len, _) = u32::unpack(&mut input).map_err(garbage)?;
+    let at = input.position() as usize;
+    let data = args
+        .get(at..at.saturating_add(len as usize))
+        .ok_or(accept_stat_data::GARBAGE_ARGS)?;
+    Ok(WRITE3args {
+        file,
+        offset,
+        count,
+        stable,
+        data: Opaque(std::borrow::Cow::Borrowed(data)),
     })
 }
 
