@@ -25,9 +25,9 @@ use nfs3_types::rpc::{
     opaque_auth, rejected_reply, reply_body, rpc_msg,
 };
 use nfs3_types::xdr_codec::{Pack, Unpack};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 
 use crate::engines::share::{Share, ShareInfo, Shares};
 
@@ -194,19 +194,13 @@ impl NfsServer {
         stream: TcpStream,
         peer: SocketAddr,
     ) -> std::io::Result<()> {
-        let (mut reader, mut writer) = stream.into_split();
-        let (replies, mut outbox) = mpsc::channel::<Vec<u8>>(IN_FLIGHT);
-        let writing = tokio::spawn(async move {
-            while let Some(reply) = outbox.recv().await {
-                writer.write_all(&reply).await?;
-            }
-            writer.shutdown().await
-        });
+        // Replies go out from the thread that made them, through a second handle on the
+        // socket: a hand-off to a writer task cost a wake-up per call.
+        let stream = stream.into_std()?;
+        let replies = Arc::new(Replies(std::sync::Mutex::new(stream.try_clone()?)));
+        let mut reader = TcpStream::from_std(stream)?;
         let permits = Arc::new(Semaphore::new(IN_FLIGHT));
-        loop {
-            let Some(request) = read_record(&mut reader).await? else {
-                break;
-            };
+        while let Some(request) = read_record(&mut reader).await? {
             let permit = permits
                 .clone()
                 .acquire_owned()
@@ -214,14 +208,22 @@ impl NfsServer {
                 .map_err(std::io::Error::other)?;
             let (server, replies) = (self.clone(), replies.clone());
             tokio::task::spawn_blocking(move || {
-                if let Some(reply) = server.call(&request, peer.ip()) {
-                    let _ = replies.blocking_send(reply);
+                if let Some(reply) = server.call(&request, peer.ip())
+                    && let Err(e) = replies.send(&reply)
+                {
+                    tracing::debug!(%peer, "nfs reply not sent: {e}");
+                    replies.close();
                 }
                 drop(permit);
             });
         }
-        drop(replies);
-        writing.await.map_err(std::io::Error::other)?
+        // The calls in progress answer before the connection is closed.
+        let _all = permits
+            .acquire_many(IN_FLIGHT as u32)
+            .await
+            .map_err(std::io::Error::other)?;
+        replies.close();
+        Ok(())
     }
 
     /// Answers one RPC call with a whole record (its record mark first); `None` for what
@@ -325,6 +327,59 @@ impl NfsServer {
             return Err(ShareAccess::Refused);
         }
         Ok(share)
+    }
+}
+
+/// The sending side of a connection, shared by the threads answering its calls; a whole
+/// reply goes out under the lock, so replies never interleave.
+struct Replies(std::sync::Mutex<std::net::TcpStream>);
+
+/// How long a reply may wait for a client to read what came before it; past that the
+/// connection is closed, so a client that stops reading cannot hold threads forever.
+const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Replies {
+    /// Sends `reply` whole. The socket is non-blocking (the reading side is the runtime's):
+    /// a full send buffer is waited out with `poll`.
+    fn send(&self, reply: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::fd::AsFd;
+        let mut stream = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut rest = reply;
+        while !rest.is_empty() {
+            match stream.write(rest) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let mut fds = [nix::poll::PollFd::new(
+                        stream.as_fd(),
+                        nix::poll::PollFlags::POLLOUT,
+                    )];
+                    let timeout = nix::poll::PollTimeout::try_from(SEND_TIMEOUT)
+                        .unwrap_or(nix::poll::PollTimeout::MAX);
+                    match nix::poll::poll(&mut fds, timeout) {
+                        Ok(0) => return Err(std::io::ErrorKind::TimedOut.into()),
+                        Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the connection both ways, which also ends its reading side.
+    fn close(&self) {
+        let stream = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = stream.shutdown(std::net::Shutdown::Both);
     }
 }
 
