@@ -641,8 +641,7 @@ impl Gateway {
 /// How long a stop waits for HTTP requests and NBD connections to end.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
-/// `firn serve`: runs until Ctrl-C or SIGTERM.
-/// Serves until SIGINT or SIGTERM; uploads to the bucket run on `uploads`.
+/// `firn serve`: runs until Ctrl-C or SIGTERM, with uploads to the bucket on `uploads`.
 pub async fn serve(config: Config, uploads: tokio::runtime::Handle) -> anyhow::Result<()> {
     let listen = config.http.listen;
     let gateway = Gateway::open(config, uploads).await?;
