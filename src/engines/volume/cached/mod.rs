@@ -281,6 +281,10 @@ struct Writer {
     dir_dirty: bool,
     /// Where the previous segment ended: the same state as the start of an empty one.
     prev: Cut,
+    /// The open segment is a spare: written with zeros to its full size ahead of use.
+    prewritten: bool,
+    /// Flushes that synced the open segment.
+    flushes: u64,
 }
 
 impl Writer {
@@ -329,6 +333,8 @@ struct Inner {
     files: Mutex<HashMap<u64, Arc<File>>>,
     /// Local space held for the log (`reserve.rs`).
     reserve: Mutex<reserve::Reserve>,
+    /// The next segment, written ahead for a log that flushes often.
+    spare: Mutex<reserve::Spare>,
     /// Bytes a segment can take at most, preallocated when it is created.
     segment_alloc: u64,
     /// Held by the flush that syncs; others wait on it and usually find their work done.
@@ -543,6 +549,11 @@ impl CachedVolume {
         }
 
         let segment_alloc = record::max_segment(settings.segment_bytes);
+        // A spare made before a stop or crash is made anew when the log needs one.
+        match std::fs::remove_file(segments_dir.join(reserve::SPARE_FILE)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         // The log's room, less what the segments waiting for upload (and the new one) hold.
         let waiting = state.sealed.len() as u64 + 1;
         let cap = settings.log_max;
@@ -553,7 +564,7 @@ impl CachedVolume {
             cap,
         )?;
         let seq = last + 1;
-        let (file, salt) = state::create_segment(&segments_dir, &key, seq)?;
+        let (file, salt) = state::create_segment(&segments_dir, &key, seq, None)?;
         reserve::preallocate(&file, segment_alloc);
         crate::local::sync_parent_dir(&segments_dir.join(segment_name(seq)))?;
         salts.insert(seq, salt);
@@ -586,6 +597,8 @@ impl CachedVolume {
                 dir_dirty: false,
                 // The end of the log as found: the new segment is empty.
                 prev: replayed.cut.unwrap_or(checkpoint_at),
+                prewritten: false,
+                flushes: 0,
             }),
             map: RwLock::new(map),
             salts: RwLock::new(salts),
@@ -594,6 +607,7 @@ impl CachedVolume {
             ahead_done: Condvar::new(),
             files: Mutex::new(files),
             reserve: Mutex::new(reserve),
+            spare: Mutex::new(reserve::Spare::None),
             segment_alloc,
             sync: Mutex::new(Cut {
                 segment: seq,
@@ -862,9 +876,13 @@ impl Inner {
         Some(self.complete(place, payload))
     }
 
-    /// Waits until the reserve can give a segment's space (an upload gave some back).
+    /// Waits until the reserve can give a segment's space (an upload gave some back), or a
+    /// spare is ready.
     fn wait_for_reserve(&self) -> BlockResult<()> {
-        self.wait_while(|_| lock(&self.reserve).held() < self.segment_alloc)
+        self.wait_while(|_| {
+            let spare_ready = matches!(*lock(&self.spare), reserve::Spare::Ready(_));
+            !spare_ready && lock(&self.reserve).held() < self.segment_alloc
+        })
     }
 
     /// Appends one record and maps it. `data` is empty for a zero record.
@@ -874,13 +892,13 @@ impl Inner {
             self.wait_for_room(bytes)?;
             let mut w = lock(&self.log);
             if w.end > HEADER_LEN as u64 && w.end + bytes > self.settings.segment_bytes {
-                if !lock(&self.reserve).take(self.segment_alloc) {
+                let Some(space) = self.segment_space() else {
                     // The disk holds less than the log's room: wait for an upload.
                     drop(w);
                     self.wait_for_reserve()?;
                     continue;
-                }
-                self.roll(&mut w)
+                };
+                self.roll(&mut w, space)
                     .map_err(|e| io_error("opening a new log segment", e))?;
             }
             break self.reserve(&mut w, kind, offset, length);
@@ -1000,13 +1018,77 @@ impl Inner {
         Ok(true)
     }
 
-    /// Closes the open segment and opens the next. Called with the log locked; waits for the
-    /// records reserved in the segment to be written, since it is then sealed for upload.
-    fn roll(&self, w: &mut Writer) -> io::Result<()> {
+    /// Space for the next segment: a spare written ahead, whose space the reserve gave up
+    /// when it was made, or the reserve's. `None` if there is neither.
+    fn segment_space(&self) -> Option<Option<File>> {
+        let mut spare = lock(&self.spare);
+        if matches!(*spare, reserve::Spare::Ready(_))
+            && let reserve::Spare::Ready(file) = std::mem::take(&mut *spare)
+        {
+            return Some(Some(file));
+        }
+        drop(spare);
+        lock(&self.reserve).take(self.segment_alloc).then_some(None)
+    }
+
+    /// Starts writing a spare segment in the background (`reserve::Spare`), if there is
+    /// none and the reserve can give its space.
+    fn make_spare(&self) {
+        {
+            let mut spare = lock(&self.spare);
+            if spare.holds_space() || !lock(&self.reserve).take(self.segment_alloc) {
+                return;
+            }
+            *spare = reserve::Spare::Making;
+        }
+        let me = self.me.clone();
+        let path = self.dir.join("segments").join(reserve::SPARE_FILE);
+        let bytes = self.segment_alloc;
+        self.bucket.uploads.spawn_blocking(move || {
+            let made = reserve::make_spare(&path, bytes);
+            let Some(inner) = me.upgrade() else { return };
+            let mut spare = lock(&inner.spare);
+            match made {
+                Ok(file) => {
+                    *spare = reserve::Spare::Ready(file);
+                    drop(spare);
+                    inner.room.notify_all();
+                }
+                Err(e) => {
+                    tracing::debug!(volume = %inner.name, "writing a spare segment: {e}");
+                    *spare = reserve::Spare::None;
+                    drop(spare);
+                    let _ = std::fs::remove_file(&path);
+                    lock(&inner.reserve).give(bytes);
+                }
+            }
+        });
+    }
+
+    /// Closes the open segment and opens the next, in `space` (`segment_space`). Called with
+    /// the log locked; waits for the records reserved in the segment to be written, since it
+    /// is then sealed for upload.
+    fn roll(&self, w: &mut Writer, space: Option<File>) -> io::Result<()> {
         self.wait_published(w.tickets);
         let seq = w.seq + 1;
-        let (file, salt) = state::create_segment(&self.dir.join("segments"), &self.key, seq)?;
-        reserve::preallocate(&file, self.segment_alloc);
+        if w.prewritten {
+            // Closed at its last record, as a segment written from scratch is, and its
+            // space held past that end all the same until the upload gives it back.
+            w.file.set_len(w.end)?;
+            reserve::preallocate(&w.file, self.segment_alloc);
+        }
+        let spare_path = self.dir.join("segments").join(reserve::SPARE_FILE);
+        let prewritten = space.is_some();
+        let spare = space.map(|file| (spare_path.as_path(), file));
+        let (file, salt) =
+            state::create_segment(&self.dir.join("segments"), &self.key, seq, spare)?;
+        if !prewritten {
+            reserve::preallocate(&file, self.segment_alloc);
+        }
+        w.prewritten = prewritten;
+        if std::mem::take(&mut w.flushes) >= reserve::SPARE_AFTER_FLUSHES {
+            self.make_spare();
+        }
         let file = Arc::new(file);
         let old = std::mem::replace(&mut w.file, file.clone());
         w.unsynced.push(old);
@@ -1067,6 +1149,7 @@ impl Inner {
             let mut w = lock(&self.log);
             let mut files = std::mem::take(&mut w.unsynced);
             files.push(w.file.clone());
+            w.flushes += 1;
             let dir_dirty = std::mem::take(&mut w.dir_dirty);
             (files, dir_dirty, w.position(), w.tickets)
         };

@@ -127,3 +127,58 @@ pub(super) fn release_tail(file: &File, end: u64, bytes: u64) {
         );
     }
 }
+
+/// The spare segment's file, beside the segments (so that the sync of that one directory,
+/// which the next flush makes, covers its rename into a segment's name). Replay reads only
+/// names of 16 hex digits.
+pub(super) const SPARE_FILE: &str = "spare";
+
+/// A segment closed after at least this many flushes has a spare made for a later one.
+pub(super) const SPARE_AFTER_FLUSHES: u64 = 32;
+
+/// A segment file written ahead of use (`make_spare`), for a log that flushes often.
+///
+/// A flush is an `fdatasync` of the open segment. Into a freshly preallocated file, whose
+/// blocks are unwritten extents past its end, every such sync also commits the file
+/// system's journal: the extents the appends turned into written ones, and the file's new
+/// length. Into blocks written and synced before, it writes the data and nothing else. On
+/// this machine, 4 KiB appends with an `fdatasync` every 8 went from 27k to 45k a second
+/// (fio, ext4), and a cached volume's flush-every-8 job from about 7.6k to 9.0k IOPS. The
+/// zeros cost a segment's worth of writing, so a spare is made only for a log that closed a
+/// segment after `SPARE_AFTER_FLUSHES` flushes, not for one written in long unflushed runs.
+#[derive(Debug, Default)]
+pub(super) enum Spare {
+    #[default]
+    None,
+    /// Being written; its space is taken from the reserve already.
+    Making,
+    Ready(File),
+}
+
+impl Spare {
+    /// Whether it holds space that the reserve gave up.
+    pub fn holds_space(&self) -> bool {
+        !matches!(self, Spare::None)
+    }
+}
+
+/// Writes `bytes` of zeros to a new file at `path` and syncs it.
+pub(super) fn make_spare(path: &Path, bytes: u64) -> io::Result<File> {
+    use std::os::unix::fs::FileExt;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < bytes {
+        let n = (bytes - at).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    file.sync_all()?;
+    Ok(file)
+}

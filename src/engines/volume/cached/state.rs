@@ -157,19 +157,32 @@ impl State {
     }
 }
 
-/// Creates segment `seq` with a fresh salt and its header written.
-pub(super) fn create_segment(dir: &Path, key: &LogKey, seq: u64) -> io::Result<(File, [u8; 16])> {
+/// Creates segment `seq` with a fresh salt and its header written: a new file, or `spare`
+/// (a file written ahead, at the path given) renamed into place. Beyond the header a spare
+/// holds zeros, which replay reads as the end of the log.
+pub(super) fn create_segment(
+    dir: &Path,
+    key: &LogKey,
+    seq: u64,
+    spare: Option<(&Path, File)>,
+) -> io::Result<(File, [u8; 16])> {
     let mut salt = [0u8; 16];
     rand::rng().fill_bytes(&mut salt);
     let path = dir.join(segment_name(seq));
     // A leftover of a crash that never got a header synced holds nothing: replace it.
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
+    let file = match spare {
+        Some((from, file)) => {
+            std::fs::rename(from, &path)?;
+            file
+        }
+        None => OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)?,
+    };
     use std::os::unix::fs::FileExt;
     file.write_all_at(&key.segment_header(seq, &salt), 0)?;
     Ok((file, salt))
@@ -333,7 +346,9 @@ pub(super) fn replay_records(
     let mut scratch = Vec::new();
     while pos < bytes.len() {
         let Ok(header) = key.open_record_header(&salt, pos as u32, &bytes[pos..]) else {
-            return Ok((pos as u64, true));
+            // Zeros to the end are a spare segment's, never written: the log ends cleanly.
+            let torn = bytes[pos..].iter().any(|&b| b != 0);
+            return Ok((pos as u64, torn));
         };
         let len = record::record_len(header.kind, header.length) as usize;
         if pos + len > bytes.len() {
@@ -607,5 +622,46 @@ mod tests {
         for cut in 0..bytes.len() {
             assert!(decode_checkpoint(&bytes[..cut]).is_none());
         }
+    }
+
+    /// A spare segment's zeros after the last record end the log cleanly; anything else
+    /// after it is a torn record.
+    #[test]
+    fn zeros_after_the_records_are_a_clean_end_and_other_bytes_a_torn_one() {
+        use super::super::record::{Kind, RecordHeader};
+        let key = LogKey::new(crate::seal::secret::Secret::new_with(|k| k.fill(5)));
+        let salt = [3u8; 16];
+        let mut segment = key.segment_header(7, &salt).to_vec();
+        for (seq, offset) in [(1u64, 0u64), (2, 8192)] {
+            let header = RecordHeader {
+                kind: Kind::Write,
+                offset,
+                length: 5000,
+                seq,
+            };
+            let pos = segment.len() as u32;
+            key.seal_record(&salt, pos, &header, &[seq as u8; 5000], &mut segment);
+        }
+        let end = segment.len() as u64;
+        let replay = |bytes: &[u8]| {
+            let (mut map, mut salts, mut next) = (Map::new(), BTreeMap::new(), 0);
+            let found =
+                replay_records(&key, 7, bytes, 0, true, &mut map, &mut salts, &mut next).unwrap();
+            (found, next, map.lookup(0, 16384).len())
+        };
+        assert_eq!(replay(&segment), ((end, false), 3, 4));
+        let mut spare = segment.clone();
+        spare.resize(segment.len() + (1 << 20), 0);
+        assert_eq!(replay(&spare), ((end, false), 3, 4), "a zero tail");
+        for junk_at in [0, 100, 1 << 19] {
+            let mut torn = spare.clone();
+            torn[end as usize + junk_at] = 1;
+            assert_eq!(replay(&torn), ((end, true), 3, 4), "a byte at +{junk_at}");
+        }
+        // The second record's data lost (zeros) under an intact header: torn, not clean.
+        let mut lost = spare.clone();
+        let first_end = 64 + record::record_len(Kind::Write, 5000) as usize;
+        lost[first_end + 64..end as usize].fill(0);
+        assert_eq!(replay(&lost), ((first_end as u64, true), 2, 2));
     }
 }

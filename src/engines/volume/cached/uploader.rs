@@ -185,12 +185,13 @@ async fn close_if_due(inner: &Arc<Inner>) -> Result<(), String> {
         let mut w = lock(&inner.log);
         let has_cut = lock(&inner.state).cuts.contains_key(&w.seq);
         let roll = |w: &mut super::Writer| {
-            // The next segment's space comes from the reserve; without it, wait for uploads.
-            if !lock(&inner.reserve).take(inner.segment_alloc) {
+            // The next segment's space comes from a spare or the reserve; without it, wait
+            // for uploads.
+            let Some(space) = inner.segment_space() else {
                 return Ok(());
-            }
+            };
             inner
-                .roll(w)
+                .roll(w, space)
                 .map_err(|e| format!("closing a log segment: {e}"))
         };
         if w.end <= super::HEADER_LEN as u64 {
@@ -587,7 +588,10 @@ const KEEP_COMMITS: u64 = 16;
 /// (eviction may have freed space since).
 async fn refill_reserve(inner: &Arc<Inner>) {
     let target = {
-        let waiting = lock(&inner.state).sealed.len() as u64 + 1;
+        // The segments waiting, the open one, and a spare.
+        let waiting = lock(&inner.state).sealed.len() as u64
+            + 1
+            + u64::from(lock(&inner.spare).holds_space());
         let reserve = lock(&inner.reserve);
         reserve
             .cap()
