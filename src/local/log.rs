@@ -372,14 +372,8 @@ fn create(path: &Path) -> Result<File, LogError> {
     header[..8].copy_from_slice(&MAGIC);
     header[8..12].copy_from_slice(&VERSION.to_le_bytes());
 
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        // Logs hold what the gateway was told (the audit log: who did what).
-        .mode(0o600)
-        .open(&temp_path)
+    // Logs hold what the gateway was told (the audit log: who did what).
+    let file = super::create_private(&temp_path)
         .and_then(|mut file| {
             file.write_all(&header)?;
             file.sync_all()?;

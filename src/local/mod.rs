@@ -17,6 +17,19 @@ use std::fs::File;
 use std::io;
 use std::path::Path;
 
+/// Creates `path` empty (truncating what is there), readable and writable by the daemon's
+/// user alone: everything firn keeps holds what clients or the gateway were told.
+pub(crate) fn create_private(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
 /// Makes a new directory entry at `path` durable: a created file's own fsync does not cover the
 /// directory that names it, so without this a crash could lose the file as a whole.
 pub(crate) fn sync_parent_dir(path: &Path) -> io::Result<()> {

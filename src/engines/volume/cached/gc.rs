@@ -414,12 +414,7 @@ async fn write_chunk(inner: &Arc<Inner>, pieces: Vec<Piece>) -> Result<u64, Stri
             // Kept locally too: the data was read a moment ago.
             let keeper = inner.clone();
             blocking(move || {
-                let kept = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(keeper.local_path(number))
+                let kept = crate::local::create_private(&keeper.local_path(number))
                     .and_then(|file| file.write_all_at(&body, 0));
                 if kept.is_ok() {
                     let mut state = lock(&keeper.state);

@@ -165,13 +165,7 @@ impl Spare {
 /// Writes `bytes` of zeros to a new file at `path` and syncs it.
 pub(super) fn make_spare(path: &Path, bytes: u64) -> io::Result<File> {
     use std::os::unix::fs::FileExt;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
+    let file = crate::local::create_private(path)?;
     let zeros = vec![0u8; 1 << 20];
     let mut at = 0;
     while at < bytes {

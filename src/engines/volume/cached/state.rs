@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::SystemTime;
 
@@ -175,13 +175,7 @@ pub(super) fn create_segment(
             std::fs::rename(from, &path)?;
             file
         }
-        None => OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)?,
+        None => crate::local::create_private(&path)?,
     };
     use std::os::unix::fs::FileExt;
     file.write_all_at(&key.segment_header(seq, &salt), 0)?;
@@ -564,12 +558,7 @@ pub(super) fn load_local_checkpoint(
 /// Replaces the local checkpoint atomically (write aside, sync, rename, sync the directory).
 pub(super) fn store_local_checkpoint(dir: &Path, sealed: &[u8]) -> io::Result<()> {
     let temporary = dir.join(format!("{CHECKPOINT_FILE}.new"));
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temporary)?;
+    let file = crate::local::create_private(&temporary)?;
     use std::io::Write;
     (&file).write_all(sealed)?;
     file.sync_all()?;
