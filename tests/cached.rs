@@ -294,6 +294,10 @@ fn written_data_reads_back_from_the_cache_and_from_the_bucket(bucket: Bucket) {
             "write -P 0xab 50M 1M",
             "-c",
             "write -P 0xcd 1000 5000",
+            // A record whose 4 KiB frames start 1000 bytes into a volume block: the reads
+            // below take frames whole, and in part at either end.
+            "-c",
+            "write -P 0x3e 7341032 20000",
             "-c",
             "write -z 52M 2M",
             "-c",
@@ -314,6 +318,16 @@ fn written_data_reads_back_from_the_cache_and_from_the_bucket(bucket: Bucket) {
                 "-c",
                 "read -P 0xcd 1000 5000",
                 "-c",
+                "read -P 0x3e 7341032 20000",
+                "-c",
+                "read -P 0x3e 7343032 4000",
+                "-c",
+                "read -P 0x3e 7345128 8192",
+                "-c",
+                "read -P 0x3e 7360032 1000",
+                "-c",
+                "read -P 0x3e 7346000 3",
+                "-c",
                 "read -P 0 52M 2M",
                 "-c",
                 "read -P 0 60M 4M",
@@ -326,6 +340,7 @@ fn written_data_reads_back_from_the_cache_and_from_the_bucket(bucket: Bucket) {
         want.resize(64 << 20, 0);
         want[50 << 20..51 << 20].fill(0xab);
         want[1000..6000].fill(0xcd);
+        want[7341032..7361032].fill(0x3e);
         want[52 << 20..54 << 20].fill(0);
         want[60 << 20..].fill(0);
         let got = std::fs::read(&back).unwrap();

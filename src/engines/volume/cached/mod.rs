@@ -403,24 +403,6 @@ pub struct OpenParams {
     pub settings: Settings,
 }
 
-/// Fills `buf` from the page cache only (`preadv2` with `RWF_NOWAIT`); false if not all of
-/// it was there.
-fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> bool {
-    use std::os::fd::AsRawFd;
-    let iov = nix::libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let Ok(offset) = nix::libc::off_t::try_from(offset) else {
-        return false;
-    };
-    // SAFETY: the one iovec covers exactly `buf`, which outlives the call; the kernel writes
-    // only within it.
-    let read =
-        unsafe { nix::libc::preadv2(file.as_raw_fd(), &iov, 1, offset, nix::libc::RWF_NOWAIT) };
-    read >= 0 && read as usize == buf.len()
-}
-
 thread_local! {
     /// A record sealed for its `pwrite`: kept per thread (at most a 1 MiB record and its tags)
     /// so that appends do not allocate.
@@ -1230,6 +1212,101 @@ impl Inner {
             .ok_or_else(|| BlockError::Io(format!("segment {seq} is unknown to the map")))
     }
 
+    /// `out.len()` bytes of a record's data, starting `skip` bytes into it, from the
+    /// segment's local `file` in one scatter read: the body of each frame `out` takes whole
+    /// lands in its place in `out` and is opened there; tags, and frames `out` takes only
+    /// part of, land in this thread's buffer. So the bytes are copied once (by the kernel)
+    /// and pass the cipher once. Without `wait`, only what the page cache holds. `false` if
+    /// the file holds less than the frames (an evicted or partly fetched copy) or a tag does
+    /// not match; what `out` then holds is never let out.
+    #[allow(clippy::too_many_arguments)]
+    fn read_local(
+        &self,
+        file: &File,
+        salt: &[u8; 16],
+        pos: u32,
+        rec_len: u32,
+        skip: u32,
+        out: &mut [u8],
+        wait: bool,
+    ) -> bool {
+        use std::os::fd::AsRawFd;
+        const SEALED: usize = FRAME + TAG_LEN;
+        let (skip, want_end) = (skip as usize, skip as usize + out.len());
+        let first = skip / FRAME;
+        let last = (want_end - 1) / FRAME;
+        let frame_len = |index: usize| (rec_len as usize - index * FRAME).min(FRAME);
+        let whole =
+            |index: usize| index * FRAME >= skip && index * FRAME + frame_len(index) <= want_end;
+        let frames = last - first + 1;
+        // A span lies in one record (at most 256 frames): two pieces each stay under IOV_MAX.
+        debug_assert!(2 * frames <= 1024);
+        // This thread's buffer: the tags of whole frames, then the (at most two) partial ones.
+        let mut scratch = ReadBuffer(READ_BUFFER.take());
+        if scratch.0.len() < TAG_LEN * frames + 2 * SEALED {
+            scratch.0.resize(TAG_LEN * frames + 2 * SEALED, 0);
+        }
+        let (tags, partial) = scratch.split_at_mut(TAG_LEN * frames);
+        let mut iov = Vec::with_capacity(2 * frames);
+        let piece = |at: *mut u8, len: usize| nix::libc::iovec {
+            iov_base: at.cast(),
+            iov_len: len,
+        };
+        for index in first..=last {
+            let len = frame_len(index);
+            if whole(index) {
+                let body = &mut out[index * FRAME - skip..][..len];
+                iov.push(piece(body.as_mut_ptr(), len));
+                let tag = &mut tags[(index - first) * TAG_LEN..][..TAG_LEN];
+                iov.push(piece(tag.as_mut_ptr(), TAG_LEN));
+            } else {
+                let slot = if index == first { 0 } else { SEALED };
+                iov.push(piece(partial[slot..].as_mut_ptr(), len + TAG_LEN));
+            }
+        }
+        let total: usize = iov.iter().map(|v| v.iov_len).sum();
+        let Ok(offset) = nix::libc::off_t::try_from(record::frame_pos(pos, first as u64)) else {
+            return false;
+        };
+        let flags = if wait { 0 } else { nix::libc::RWF_NOWAIT };
+        // SAFETY: every iovec covers a distinct range of `out`, `tags` or `partial`, all of
+        // which outlive the call and none of which is otherwise used during it; the kernel
+        // writes only within them.
+        let read = unsafe {
+            nix::libc::preadv2(
+                file.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len() as i32,
+                offset,
+                flags,
+            )
+        };
+        drop(iov);
+        if read < 0 || read as usize != total {
+            return false;
+        }
+        self.key.with_frames(salt, |frames| {
+            (first..=last).all(|index| {
+                let len = frame_len(index);
+                if whole(index) {
+                    let body = &mut out[index * FRAME - skip..][..len];
+                    let tag = &tags[(index - first) * TAG_LEN..][..TAG_LEN];
+                    return frames.open(pos, index as u32, body, tag);
+                }
+                let slot = if index == first { 0 } else { SEALED };
+                let (body, tag) = partial[slot..][..len + TAG_LEN].split_at_mut(len);
+                if !frames.open(pos, index as u32, body, tag) {
+                    return false;
+                }
+                let from = skip.max(index * FRAME);
+                let to = want_end.min(index * FRAME + len);
+                out[from - skip..to - skip]
+                    .copy_from_slice(&body[from - index * FRAME..to - index * FRAME]);
+                true
+            })
+        })
+    }
+
     /// `out.len()` bytes of a record's data, starting `skip` bytes into it (volume bytes
     /// from `at` on). Without `wait`, only from a segment file already open and only what
     /// the page cache holds: `Ok(false)` if that is not enough.
@@ -1245,34 +1322,12 @@ impl Inner {
         wait: bool,
     ) -> BlockResult<bool> {
         let salt = self.salt(segment)?;
-        let first = skip as u64 / FRAME as u64;
-        let last = (skip as u64 + out.len() as u64 - 1) / FRAME as u64;
-        let last_len = (rec_len as u64 - last * FRAME as u64).min(FRAME as u64);
-        let start = record::frame_pos(pos, first);
-        let end = record::frame_pos(pos, last) + last_len + TAG_LEN as u64;
-        // This thread's buffer, taken out while in use: no allocation and no zeroing per read.
-        let mut sealed = READ_BUFFER.take();
-        sealed.resize((end - start) as usize, 0);
-        let mut sealed = ReadBuffer(sealed);
-        let within = (skip as u64 - first * FRAME as u64) as usize;
         let file = if wait {
             self.file(segment)
         } else {
             lock(&self.files).get(&segment).cloned()
         };
-        let local = file.is_some_and(|file| {
-            if wait {
-                file.read_exact_at(&mut sealed, start).is_ok()
-            } else {
-                pread_nowait(&file, &mut sealed, start)
-            }
-        });
-        if local
-            && self
-                .key
-                .open_frames_into(&salt, pos, rec_len, first, &sealed, within, out)
-                .is_ok()
-        {
+        if file.is_some_and(|file| self.read_local(&file, &salt, pos, rec_len, skip, out, wait)) {
             self.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(true);
         }
@@ -1290,7 +1345,12 @@ impl Inner {
                 )));
             }
         }
-        drop(sealed);
+        let first = skip as u64 / FRAME as u64;
+        let last = (skip as u64 + out.len() as u64 - 1) / FRAME as u64;
+        let last_len = (rec_len as u64 - last * FRAME as u64).min(FRAME as u64);
+        let start = record::frame_pos(pos, first);
+        let end = record::frame_pos(pos, last) + last_len + TAG_LEN as u64;
+        let within = (skip as u64 - first * FRAME as u64) as usize;
         let fetched = self.fetch_ahead(segment, start..end, at, out.len() as u64)?;
         self.key
             .open_frames_into(&salt, pos, rec_len, first, &fetched, within, out)

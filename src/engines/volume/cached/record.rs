@@ -400,6 +400,12 @@ impl LogKey {
         })
     }
 
+    /// Runs `body` with the key of the segment with `salt`, to open single frames of its
+    /// records wherever they are (`Frames::open`).
+    pub fn with_frames<T>(&self, salt: &[u8; 16], body: impl FnOnce(&Frames) -> T) -> T {
+        self.with_context(salt, |key| body(&Frames { key }))
+    }
+
     /// Decrypts and verifies each frame in place, then calls `each(sealed, at, len, plain_at)`
     /// with where its plaintext is and where it falls in the record's plaintext (from frame
     /// `first` on). Returns the plaintext length.
@@ -437,6 +443,31 @@ impl LogKey {
             }
             Ok(written)
         })
+    }
+}
+
+/// A segment's key, set up for opening frames one by one (`LogKey::with_frames`).
+pub struct Frames<'a> {
+    key: &'a LessSafeKey,
+}
+
+impl Frames<'_> {
+    /// Decrypts frame `index` of the record at `pos` in place (`body`, with `tag` read
+    /// apart); whether the tag matched. On a mismatch `body` holds unverified bytes, which
+    /// the caller never lets out.
+    pub fn open(&self, pos: u32, index: u32, body: &mut [u8], tag: &[u8]) -> bool {
+        let Ok(tag) = Tag::try_from(tag) else {
+            return false;
+        };
+        self.key
+            .open_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce(pos, index)),
+                Aad::empty(),
+                tag,
+                body,
+                0..,
+            )
+            .is_ok()
     }
 }
 
@@ -484,18 +515,8 @@ fn open_into(
     tag: &[u8],
     out: &mut [u8],
 ) -> bool {
-    let Ok(tag) = Tag::try_from(tag) else {
-        return false;
-    };
     out.copy_from_slice(body);
-    key.open_in_place_separate_tag(
-        Nonce::assume_unique_for_key(nonce(pos, frame)),
-        Aad::empty(),
-        tag,
-        out,
-        0..,
-    )
-    .is_ok()
+    Frames { key }.open(pos, frame, out, tag)
 }
 
 /// Compares tags in constant time.
