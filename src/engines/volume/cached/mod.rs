@@ -1003,13 +1003,13 @@ impl Inner {
     /// Space for the next segment: a spare written ahead, whose space the reserve gave up
     /// when it was made, or the reserve's. `None` if there is neither.
     fn segment_space(&self) -> Option<Option<File>> {
-        let mut spare = lock(&self.spare);
-        if matches!(*spare, reserve::Spare::Ready(_))
-            && let reserve::Spare::Ready(file) = std::mem::take(&mut *spare)
         {
-            return Some(Some(file));
+            let mut spare = lock(&self.spare);
+            match std::mem::take(&mut *spare) {
+                reserve::Spare::Ready(file) => return Some(Some(file)),
+                other => *spare = other,
+            }
         }
-        drop(spare);
         lock(&self.reserve).take(self.segment_alloc).then_some(None)
     }
 
@@ -1059,11 +1059,11 @@ impl Inner {
             w.file.set_len(w.end)?;
             reserve::preallocate(&w.file, self.segment_alloc);
         }
-        let spare_path = self.dir.join("segments").join(reserve::SPARE_FILE);
+        let segments = self.dir.join("segments");
+        let spare_path = segments.join(reserve::SPARE_FILE);
         let prewritten = space.is_some();
         let spare = space.map(|file| (spare_path.as_path(), file));
-        let (file, salt) =
-            state::create_segment(&self.dir.join("segments"), &self.key, seq, spare)?;
+        let (file, salt) = state::create_segment(&segments, &self.key, seq, spare)?;
         if !prewritten {
             reserve::preallocate(&file, self.segment_alloc);
         }

@@ -335,9 +335,9 @@ impl LogKey {
         )
     }
 
-    /// As `open_frames`, but the plaintext bytes `within..within + out.len()` are decrypted
-    /// straight from `sealed` into `out`, one pass with no copy between; `sealed` is only
-    /// read. On an error, `out` holds nothing meaningful: the caller must not pass it on.
+    /// As `open_frames`, but the plaintext bytes `within..within + out.len()` end up in `out`
+    /// (each frame copied there and opened in place); `sealed` is only read. On an error,
+    /// `out` holds nothing meaningful: the caller must not pass it on.
     #[allow(clippy::too_many_arguments)]
     pub fn open_frames_into(
         &self,
