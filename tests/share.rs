@@ -554,6 +554,80 @@ fn a_restart_keeps_fileids_and_uploads_what_was_left() {
 }
 
 #[test]
+fn status_counts_what_waits_to_go_up() {
+    for mut rig in rigs(Duration::from_secs(3600)) {
+        rig.shares()
+            .create("st", "", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("st");
+        let root = share.root();
+        let a = share
+            .create(root, "a", 0o644, 0, 0, true)
+            .expect("a")
+            .fileid;
+        let b = share
+            .create(root, "b", 0o644, 0, 0, true)
+            .expect("b")
+            .fileid;
+        share.write(a, 0, &random(100_000), false).expect("write a");
+        // Writes inside a file and past its end, with a hole.
+        share.write(b, 0, &random(60_000), false).expect("write b");
+        share.write(b, 200_000, &random(5), false).expect("write b");
+        share.write(b, 1000, &random(10), false).expect("write b");
+        let status = share.status();
+        assert_eq!((status.dirty_files, status.dirty_bytes), (2, 300_005));
+        // Truncated.
+        share
+            .setattr(
+                a,
+                firn::engines::share::SetAttrs {
+                    size: Some(1000),
+                    ..Default::default()
+                },
+            )
+            .expect("truncate");
+        assert_eq!(share.status().dirty_bytes, 201_005);
+        // The same after a restart, before anything went up.
+        drop(share);
+        rig.reopen(Duration::from_secs(3600));
+        let share = rig.share("st");
+        let status = share.status();
+        assert_eq!((status.dirty_files, status.dirty_bytes), (2, 201_005));
+        share.commit(a).expect("commit");
+        share.commit(b).expect("commit");
+        rig.wait_clean("st");
+        let status = share.status();
+        assert_eq!((status.dirty_files, status.dirty_bytes), (0, 0));
+        assert!(status.cached_bytes >= 201_005, "{status:?}");
+        // New attributes: the whole object goes up again, so its bytes wait again.
+        share
+            .setattr(
+                a,
+                firn::engines::share::SetAttrs {
+                    mode: Some(0o600),
+                    ..Default::default()
+                },
+            )
+            .expect("chmod");
+        let status = share.status();
+        assert_eq!((status.dirty_files, status.dirty_bytes), (1, 1000));
+        // Removes wait as deletes while the bucket is unreachable.
+        rig.faults.outage(Duration::from_secs(600));
+        share.remove(root, "b").expect("remove");
+        share.remove(root, "a").expect("remove");
+        let status = share.status();
+        assert_eq!(
+            (status.dirty_files, status.pending_deletes),
+            (0, 2),
+            "{status:?}"
+        );
+        rig.faults.end_outage();
+        rig.wait_clean("st");
+        assert!(rig.get("a").is_none() && rig.get("b").is_none());
+    }
+}
+
+#[test]
 fn a_file_changing_during_its_upload_is_never_stored_torn() {
     for mut rig in rigs(Duration::ZERO) {
         let torn = Arc::new(std::sync::atomic::AtomicU64::new(0));

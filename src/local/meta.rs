@@ -149,6 +149,12 @@ impl MetaStore {
         self.read(table, Vec::new(), |table| list_from(table, prefix))
     }
 
+    /// How many entries `table` holds, read from the table's header (no scan).
+    pub fn len(&self, table: &str) -> Result<u64, MetaError> {
+        use redb::ReadableTableMetadata;
+        self.read(table, 0, |table| table.len())
+    }
+
     /// At most `limit` entries of `table` whose key starts with `prefix` and sorts after
     /// `after` (from the first such key if `after` is `None`), in key order: a listing read a
     /// page at a time, in memory bounded by `limit`.

@@ -474,6 +474,7 @@ impl Shares {
             uploaded_files: AtomicU64::new(0),
             uploaded_bytes: AtomicU64::new(0),
             clean_bytes: AtomicU64::new(0),
+            counted: Mutex::new(None),
             evict_at: Mutex::new((0, 0)),
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
@@ -495,6 +496,10 @@ impl Shares {
             .checked_sub(self.settings.settle)
             .unwrap_or_else(Instant::now);
         for id in share.ns.dirty()? {
+            let bytes = match std::fs::metadata(share.content_path(id)) {
+                Ok(m) => m.len(),
+                Err(_) => share.ns.get(id).map_or(0, |inode| inode.size),
+            };
             lock(&share.dirty).insert(
                 id,
                 Dirty {
@@ -502,6 +507,7 @@ impl Shares {
                     writing: 0,
                     last_change: long_ago,
                     now: false,
+                    bytes,
                 },
             );
         }
@@ -565,6 +571,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// How often the eviction pass counts the clean files even when its count says the cache
+/// is under `cache_max`, which corrects what a race may have left it short of.
+const RECOUNT_EVERY: Duration = Duration::from_secs(60);
+
 /// A file changed since its last upload.
 #[derive(Debug, Clone, Copy)]
 struct Dirty {
@@ -576,6 +586,19 @@ struct Dirty {
     last_change: Instant,
     /// Upload without waiting to settle (a COMMIT asked).
     now: bool,
+    /// The file's size as of its last change: what its upload will send (status counts
+    /// these rather than asking the file system about every dirty file).
+    bytes: u64,
+}
+
+/// What a change did to a file's size (`Share::end_change`).
+#[derive(Debug, Clone, Copy)]
+enum Resized {
+    Same,
+    /// A write that ended here: the file is at least this long now.
+    AtLeast(u64),
+    /// Truncated or extended to exactly this.
+    To(u64),
 }
 
 /// What a file, directory or symlink looks like to a client.
@@ -660,8 +683,12 @@ pub struct Share {
     stopped: AtomicBool,
     uploaded_files: AtomicU64,
     uploaded_bytes: AtomicU64,
-    /// Local bytes of clean files (and part files), as the last eviction check found them.
+    /// Local bytes of clean files (and part files), as the last eviction pass counted them,
+    /// plus what uploads and fetches added since: never less than the truth but for a race
+    /// with a pass, since a file that turns dirty stays counted until the next pass.
     clean_bytes: AtomicU64,
+    /// When an eviction pass last counted the clean files (listing every local file).
+    counted: Mutex<Option<Instant>>,
     /// The file whose fetches run an eviction pass first only above these local bytes of
     /// clean files (and `cache_max`); fetches for other files, above `cache_max`
     /// (`room_to_fetch`).
@@ -965,7 +992,13 @@ impl Share {
     /// Evicts the least recently used clean files until their local bytes are under
     /// `cache_max` (down to nine tenths of it, so eviction does not run on every pass).
     /// Returns the bytes freed.
+    /// Lists the local files only when the count says the cache may be over, or when the
+    /// count is `RECOUNT_EVERY` old: a share of many files is not listed every few seconds.
     fn evict(&self) -> Result<u64, ShareError> {
+        let fresh = lock(&self.counted).is_some_and(|at| at.elapsed() < RECOUNT_EVERY);
+        if fresh && self.clean_bytes.load(Ordering::Relaxed) <= self.settings.cache_max {
+            return Ok(0);
+        }
         self.evict_down_to(self.settings.cache_max, None, None)
     }
 
@@ -1011,6 +1044,7 @@ impl Share {
             clean.push((id, size, false));
         }
         self.clean_bytes.store(total, Ordering::Relaxed);
+        *lock(&self.counted) = Some(Instant::now());
         if need.is_none() && total <= limit {
             return Ok(0);
         }
@@ -1080,6 +1114,8 @@ impl Share {
             }
             None => {
                 self.ns.mark_dirty(id)?;
+                // Clean until now, so the namespace has its size (that of its object).
+                let bytes = self.ns.get(id).map_or(0, |inode| inode.size);
                 dirty.insert(
                     id,
                     Dirty {
@@ -1087,6 +1123,7 @@ impl Share {
                         writing: 1,
                         last_change: Instant::now(),
                         now: false,
+                        bytes,
                     },
                 );
             }
@@ -1094,11 +1131,16 @@ impl Share {
         Ok(())
     }
 
-    fn end_change(&self, id: u64) {
+    fn end_change(&self, id: u64, resized: Resized) {
         if let Some(d) = lock(&self.dirty).get_mut(&id) {
             d.generation += 1;
             d.writing -= 1;
             d.last_change = Instant::now();
+            d.bytes = match resized {
+                Resized::Same => d.bytes,
+                Resized::AtLeast(end) => d.bytes.max(end),
+                Resized::To(size) => size,
+            };
         }
     }
 
@@ -1113,6 +1155,7 @@ impl Share {
                 writing: 0,
                 last_change: Instant::now(),
                 now,
+                bytes: 0,
             },
         );
         if now {
@@ -1123,7 +1166,7 @@ impl Share {
     /// A change made in one step (a rename, new attributes).
     fn changed(&self, id: u64) -> Result<(), ShareError> {
         self.begin_change(id)?;
-        self.end_change(id);
+        self.end_change(id, Resized::Same);
         Ok(())
     }
 
@@ -1386,7 +1429,11 @@ impl Share {
                 }
                 Ok::<_, ShareError>(())
             })();
-            self.end_change(id);
+            let resized = match (done.is_ok(), set.size) {
+                (true, Some(size)) => Resized::To(size),
+                _ => Resized::Same,
+            };
+            self.end_change(id, resized);
             done?;
         }
         let now = now_ns();
@@ -1485,7 +1532,13 @@ impl Share {
                 .map_err(|e| write_error("writing a file", e))?;
             Ok(file)
         });
-        self.end_change(id);
+        let end = offset + data.len() as u64;
+        self.end_change(
+            id,
+            written
+                .as_ref()
+                .map_or(Resized::Same, |_| Resized::AtLeast(end)),
+        );
         let file = written?;
         if sync {
             // FILE_SYNC: data and metadata, the entry a new file carries included.
@@ -1529,16 +1582,14 @@ impl Share {
     }
 
     pub fn status(&self) -> ShareStatus {
-        let dirty: Vec<u64> = lock(&self.dirty).keys().copied().collect();
-        let dirty_bytes = dirty
-            .iter()
-            .filter_map(|id| std::fs::metadata(self.content_path(*id)).ok())
-            .map(|m| m.len())
-            .sum();
+        let (dirty_files, dirty_bytes) = {
+            let dirty = lock(&self.dirty);
+            (dirty.len() as u64, dirty.values().map(|d| d.bytes).sum())
+        };
         ShareStatus {
-            dirty_files: dirty.len() as u64,
+            dirty_files,
             dirty_bytes,
-            pending_deletes: self.ns.deletes(100_000).map_or(0, |d| d.len() as u64),
+            pending_deletes: self.ns.pending_deletes().unwrap_or(0),
             uploaded_files: self.uploaded_files.load(Ordering::Relaxed),
             uploaded_bytes: self.uploaded_bytes.load(Ordering::Relaxed),
             cached_bytes: self.clean_bytes.load(Ordering::Relaxed) + dirty_bytes,

@@ -830,6 +830,11 @@ impl Namespace {
             .collect())
     }
 
+    /// How many objects wait to be deleted (without reading them).
+    pub fn pending_deletes(&self) -> Result<u64, ShareError> {
+        Ok(self.meta.len(&self.deletes)?)
+    }
+
     /// The object at `path` is gone from the bucket. Lazily durable: a crash that forgets it
     /// only deletes the object again.
     pub fn deleted(&self, path: &str) -> Result<(), ShareError> {

@@ -246,6 +246,7 @@ async fn upload(share: &Arc<Share>, id: u64, generation: u64) -> Result<bool, St
                 writing: 0,
                 last_change: std::time::Instant::now(),
                 now: true,
+                bytes: len,
             });
             Err(format!("recording the upload of {key}: {e}"))
         }
