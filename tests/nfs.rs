@@ -957,6 +957,35 @@ fn evicted_files_read_back_whole_through_store_errors() {
     assert!(status["cache_misses"].as_u64() >= Some(2), "{status}");
 }
 
+#[test]
+fn a_gateway_killed_right_after_an_eviction_still_has_the_file() {
+    // A 1 MiB cache: the file is evicted once uploaded, and the gateway is killed at once.
+    // The record of the upload must be on disk before the eviction, or the restarted
+    // gateway would find the file dirty, with no local copy to upload and none to fetch.
+    let mut g = Gateway::start_with("cache_max = \"1MiB\"\n");
+    g.firn(&["share", "create", "media"]);
+    let local = g.dir.path().join("f.bin");
+    let data = random_file(&local, 3 << 20);
+    copy_in(&local, &g.url("media/f.bin"));
+    g.wait_uploaded("media");
+    let files_dir = g.dir.path().join("data/shares");
+    let started = Instant::now();
+    while local_bytes(&files_dir) > 1 << 20 {
+        assert!(started.elapsed() < Duration::from_secs(60), "not evicted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    g.daemon.take().expect("daemon").kill9();
+    g.restart();
+    g.wait_uploaded("media");
+    let object = g.bucket().join("media/f.bin");
+    assert!(
+        std::fs::read(&object).expect("object") == data,
+        "the object is not the file"
+    );
+    let (read, err) = run_bytes("nfs-cat", &[&g.url("media/f.bin")]);
+    assert!(read.expect(&err) == data, "the file reads back different");
+}
+
 /// `program args`: its stdout if it succeeded, and its stderr.
 fn run_bytes(program: &str, args: &[&str]) -> (Option<Vec<u8>>, String) {
     let out = std::process::Command::new(program)

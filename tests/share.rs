@@ -736,6 +736,25 @@ fn hostile_names_are_refused_and_create_nothing() {
             }
         }
         assert!(refused, "a 2000-byte path was taken");
+        // A directory's "." and ".." are not entries to rename or remove: taking them would
+        // give a directory a second name and, moved below itself, a cycle.
+        let sub = share.mkdir(root, "sub", 0o755, 0, 0).expect("mkdir").fileid;
+        for name in [".", ".."] {
+            for (from, to) in [(sub, root), (root, sub)] {
+                assert!(
+                    matches!(
+                        share.rename(from, name, to, "z"),
+                        Err(ShareError::Invalid(_))
+                    ),
+                    "rename {name:?}"
+                );
+            }
+            assert!(share.remove(sub, name).is_err(), "remove {name:?}");
+            assert!(share.rmdir(sub, name).is_err(), "rmdir {name:?}");
+        }
+        assert_eq!(share.path(sub).expect("path"), "sub");
+        assert!(share.list(sub, None, 10).expect("list").is_empty());
+        share.rmdir(root, "sub").expect("rmdir");
         assert_eq!(
             share.list(root, None, 10).expect("list").len(),
             1,

@@ -261,6 +261,12 @@ impl MetaStore {
         Ok((value, mine))
     }
 
+    /// Makes every lazy commit so far durable: one durable commit, unless one since covers
+    /// them. For a caller about to do what a lost lazy commit would make unsafe.
+    pub fn sync(&self) -> Result<(), MetaError> {
+        self.cover(self.grouped.load(std::sync::atomic::Ordering::Acquire))
+    }
+
     /// Waits until a durable commit covers the first `mine` lazy commits, making one if
     /// none does.
     fn cover(&self, mine: u64) -> Result<(), MetaError> {

@@ -1053,6 +1053,10 @@ impl Share {
         clean.sort_by_key(|(id, _, _)| used.get(id).copied());
         let target = limit / 10 * 9;
         let mut freed = 0;
+        // A file is evicted only on the strength of its upload's record, which is committed
+        // lazily: on disk before any local copy goes, or a crash would bring the file back
+        // dirty with nothing to upload.
+        let mut synced = false;
         for (id, size, part) in clean {
             if keep == Some(id) {
                 continue;
@@ -1072,6 +1076,10 @@ impl Share {
             let Ok(inode) = self.ns.get(id) else { continue };
             if inode.uploaded.as_ref().is_none_or(|u| u.size != size) {
                 continue;
+            }
+            if !synced {
+                self.ns.sync()?;
+                synced = true;
             }
             // Checked and removed under the dirty lock: a write marks its file dirty under
             // it before it touches the content, so it never writes into an evicted file.

@@ -321,9 +321,8 @@ impl Namespace {
         })
     }
 
-    /// A fileid never handed out before, durably so.
-    fn allocate(&self) -> Result<u64, ShareError> {
-        let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+    /// A fileid never handed out before, durably so, from `ids` (held by the caller).
+    fn allocate(&self, ids: &mut (u64, u64)) -> Result<u64, ShareError> {
         let (next, ceiling) = *ids;
         if next >= ceiling {
             let raised = next + ID_BLOCK;
@@ -461,8 +460,18 @@ impl Namespace {
         if path_len > MAX_KEY {
             return Err(ShareError::NameTooLong(path_len));
         }
-        let id = self.allocate()?;
         let lazy = kind == Kind::File && found.is_none();
+        // A lazy creation takes its fileid and commits under one lock, so lazy creations
+        // commit in fileid order: a durable commit that notes fileid n as created
+        // (`note_durable_creates`) then covers every lazy creation below n.
+        let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        let id = self.allocate(&mut ids)?;
+        let _ids = if lazy {
+            Some(ids)
+        } else {
+            drop(ids);
+            None
+        };
         let body = |tx: &mut MetaTransaction<'_>| {
             let parent: Inode = tx
                 .get_json(&self.inodes, &hex(dir))?
@@ -565,6 +574,11 @@ impl Namespace {
         prefix_len: usize,
     ) -> Result<Option<u64>, ShareError> {
         check_name(to)?;
+        if from == "." || from == ".." {
+            // A directory's own entries are not its children: moving one would give a
+            // directory a second name and can make a cycle.
+            return Err(ShareError::Invalid(format!("cannot rename {from:?}")));
+        }
         let id = self.lookup(from_dir, from)?;
         if from_dir == to_dir && from == to {
             return Ok(None);
@@ -828,6 +842,11 @@ impl Namespace {
             .into_iter()
             .map(|(key, _)| key)
             .collect())
+    }
+
+    /// Makes every lazily committed record durable (`uploaded` ones included).
+    pub fn sync(&self) -> Result<(), ShareError> {
+        Ok(self.meta.sync()?)
     }
 
     /// How many objects wait to be deleted (without reading them).

@@ -74,13 +74,18 @@ impl Walk<'_> {
     }
 }
 
-/// Whether the credential and verifier of a call (the bytes from its start) declare lengths
+/// Whether the message is a call (a reply's layout differs, and its decoder trusts the
+/// lengths in it) whose credential and verifier (the bytes from its start) declare lengths
 /// that fit, and an AUTH_UNIX credential's name and group list too.
 pub fn call_header(request: &[u8]) -> bool {
     let walk = || {
         let mut w = Walk(request);
-        // xid, message type, RPC version, program, version, procedure.
-        w.skip(24)?;
+        // xid, message type (0, a call), RPC version, program, version, procedure.
+        w.skip(4)?;
+        if w.u32()? != 0 {
+            return None;
+        }
+        w.skip(16)?;
         let flavor = w.u32()?;
         let len = w.u32()? as usize;
         if len > MAX_AUTH {
@@ -197,6 +202,12 @@ mod tests {
         huge_cred[28..32].copy_from_slice(&word(u32::MAX));
         assert!(!call_header(&huge_cred));
         assert!(!call_header(&header(1, 1, 4)[..30]), "cut short");
+        // A reply (message type 1) whose verifier would claim 4 GiB in a call's layout.
+        let mut reply = header(2, 2, 4);
+        reply[4..8].copy_from_slice(&word(1));
+        assert!(!call_header(&reply), "a reply");
+        reply[16..20].copy_from_slice(&word(u32::MAX));
+        assert!(!call_header(&reply), "a reply with a huge verifier");
     }
 
     #[test]
