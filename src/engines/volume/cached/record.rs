@@ -304,8 +304,10 @@ impl LogKey {
             length: word(16),
             seq: word(24),
         };
-        if header.length as usize > MAX_RECORD || header.offset.checked_add(header.length).is_none()
-        {
+        // A write carries its data, at most `MAX_RECORD`; zeroes and trims carry none, and
+        // span up to a whole volume.
+        let too_long = kind == Kind::Write && header.length > MAX_RECORD as u64;
+        if too_long || header.offset.checked_add(header.length).is_none() {
             return Err(FormatError::NoRecord(pos));
         }
         Ok(header)
@@ -620,6 +622,30 @@ mod tests {
         let mut all = out[64..].to_vec();
         let n = key.open_frames(&salt, 64, 10_000, 0, &mut all).unwrap();
         assert_eq!(&all[..n], &data[..]);
+    }
+
+    #[test]
+    fn zero_records_span_any_length_and_write_records_at_most_max_record() {
+        let key = key();
+        let salt = [3; 16];
+        for (kind, length, opens) in [
+            (Kind::Zero, 2 << 40, true),
+            (Kind::ZeroData, (4 << 30) - 4096, true),
+            (Kind::Write, MAX_RECORD as u64, true),
+            (Kind::Write, MAX_RECORD as u64 + 1, false),
+        ] {
+            let header = RecordHeader {
+                kind,
+                offset: 4096,
+                length,
+                seq: 9,
+            };
+            let mut out = Vec::new();
+            // Only the header matters here: a write's frames are not read.
+            key.seal_record(&salt, 64, &header, &[], &mut out);
+            let opened = key.open_record_header(&salt, 64, &out[..HEADER_LEN]);
+            assert_eq!(opened.is_ok(), opens, "{kind:?} of {length}: {opened:?}");
+        }
     }
 
     #[test]
