@@ -227,6 +227,7 @@ pub(super) fn replay(
         }
     }
     found.sort_unstable();
+    let newest = found.last().copied();
     let mut replayed = Replayed::default();
     let mut broken = false;
     // The checkpoint's own segment is replayed from where the checkpoint stands (a takeover's
@@ -266,6 +267,13 @@ pub(super) fn replay(
         };
         match replay_records(key, seq, &bytes, from, verify, map, salts, next_record) {
             Ok((end, damaged)) => {
+                // Zeros after the records are the unwritten rest of a spare segment. In the
+                // newest segment that is a clean end. In an earlier one it is the length
+                // that a roll cut, which no flush made durable, while writes that followed
+                // into a later segment reached the disk: a crash lost the end of this
+                // segment and kept what came after it, so the log ends here.
+                let short = end < bytes.len() as u64;
+                let damaged = damaged || short && Some(seq) != newest;
                 if damaged {
                     tracing::warn!(
                         segment = seq,
@@ -275,6 +283,11 @@ pub(super) fn replay(
                     file.set_len(end)?;
                     file.sync_all()?;
                     broken = true;
+                } else if short {
+                    // Cut to its records, so that its upload carries no zeros.
+                    let file = OpenOptions::new().write(true).open(&path)?;
+                    file.set_len(end)?;
+                    file.sync_all()?;
                 } else {
                     File::open(&path)?.sync_data()?;
                 }
@@ -652,5 +665,97 @@ mod tests {
         let first_end = 64 + record::record_len(Kind::Write, 5000) as usize;
         lost[first_end + 64..end as usize].fill(0);
         assert_eq!(replay(&lost), ((first_end as u64, true), 2, 2));
+    }
+
+    /// A segment with records and zeros, then one more segment. Zeros end the log cleanly
+    /// only in the newest segment, which replay cuts to its records.
+    #[test]
+    fn zeros_end_the_log_cleanly_only_in_the_newest_segment() {
+        use super::super::record::{Kind, RecordHeader};
+        let key = LogKey::new(crate::seal::secret::Secret::new_with(|k| k.fill(5)));
+        let segment = |seq: u64, record: u64, tail: usize| {
+            let salt = [seq as u8; 16];
+            let mut bytes = key.segment_header(seq, &salt).to_vec();
+            let header = RecordHeader {
+                kind: Kind::Write,
+                offset: record * 8192,
+                length: 4096,
+                seq: record,
+            };
+            let pos = bytes.len() as u32;
+            key.seal_record(&salt, pos, &header, &[record as u8; 4096], &mut bytes);
+            let end = bytes.len() as u64;
+            bytes.resize(bytes.len() + tail, 0);
+            (bytes, end)
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (first, first_end) = segment(1, 1, 1 << 20);
+        let (second, _) = segment(2, 2, 0);
+        std::fs::write(dir.path().join(segment_name(1)), &first).unwrap();
+        std::fs::write(dir.path().join(segment_name(2)), &second).unwrap();
+        let (mut map, mut salts, mut next) = (Map::new(), BTreeMap::new(), 1);
+        let replayed = replay(
+            dir.path(),
+            &key,
+            Cut::default(),
+            0,
+            &mut map,
+            &mut salts,
+            &mut next,
+        )
+        .unwrap();
+        // The first segment lost its end, so the second cannot follow it.
+        assert_eq!(
+            replayed.cut,
+            Some(Cut {
+                segment: 1,
+                end: first_end
+            })
+        );
+        assert_eq!(next, 2);
+        assert!(
+            dir.path()
+                .join(format!("{}.damaged", segment_name(2)))
+                .exists()
+        );
+        assert_eq!(
+            std::fs::metadata(dir.path().join(segment_name(1)))
+                .unwrap()
+                .len(),
+            first_end
+        );
+
+        // The zeros in the newest segment: a clean end, cut away.
+        let dir = tempfile::tempdir().unwrap();
+        let (first, _) = segment(1, 1, 0);
+        let (second, second_end) = segment(2, 2, 1 << 20);
+        std::fs::write(dir.path().join(segment_name(1)), &first).unwrap();
+        std::fs::write(dir.path().join(segment_name(2)), &second).unwrap();
+        let (mut map, mut salts, mut next) = (Map::new(), BTreeMap::new(), 1);
+        let replayed = replay(
+            dir.path(),
+            &key,
+            Cut::default(),
+            0,
+            &mut map,
+            &mut salts,
+            &mut next,
+        )
+        .unwrap();
+        assert_eq!(
+            replayed.cut,
+            Some(Cut {
+                segment: 2,
+                end: second_end
+            })
+        );
+        assert_eq!(next, 3);
+        assert_eq!(
+            std::fs::metadata(dir.path().join(segment_name(2)))
+                .unwrap()
+                .len(),
+            second_end
+        );
+        assert_eq!(replayed.sizes.get(&2), Some(&second_end));
     }
 }
