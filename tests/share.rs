@@ -753,6 +753,20 @@ fn hostile_names_are_refused_and_create_nothing() {
             assert!(share.rmdir(sub, name).is_err(), "rmdir {name:?}");
         }
         assert_eq!(share.path(sub).expect("path"), "sub");
+        // Past the largest object S3 stores: FBIG for the client, nothing written.
+        let big = share
+            .create(sub, "big", 0o644, 0, 0, true)
+            .expect("create")
+            .fileid;
+        let max = firn::engines::share::MAX_FILE;
+        assert_eq!(share.write(big, max, b"x", false), Err(ShareError::TooBig));
+        let grow = firn::engines::share::SetAttrs {
+            size: Some(max + 1),
+            ..Default::default()
+        };
+        assert_eq!(share.setattr(big, grow), Err(ShareError::TooBig));
+        assert_eq!(share.attrs(big).expect("attrs").size, 0);
+        share.remove(sub, "big").expect("remove");
         assert!(share.list(sub, None, 10).expect("list").is_empty());
         share.rmdir(root, "sub").expect("rmdir");
         assert_eq!(

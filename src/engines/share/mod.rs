@@ -61,6 +61,9 @@ pub enum ShareError {
     NameTooLong(usize),
     #[error("{0}")]
     Invalid(String),
+    /// Past the largest file a share holds (`MAX_FILE`, S3's largest object).
+    #[error("a file ends at {MAX_FILE} bytes at most")]
+    TooBig,
     #[error("the share is read-only")]
     ReadOnly,
     /// Local space is short: try again once uploads and eviction have made room (NFS's
@@ -1422,6 +1425,9 @@ impl Share {
         if set.size.is_some() && inode.kind != Kind::File {
             return Err(ShareError::Invalid("only a file has a size to set".into()));
         }
+        if set.size.is_some_and(|size| size > MAX_FILE) {
+            return Err(ShareError::TooBig);
+        }
         if set.size.is_some() || set.mtime_ns.is_some() && inode.kind == Kind::File {
             self.begin_change(id)?;
             let done = (|| {
@@ -1528,9 +1534,7 @@ impl Share {
         }
         let end = offset.checked_add(data.len() as u64);
         if end.is_none_or(|end| end > MAX_FILE) {
-            return Err(ShareError::Invalid(format!(
-                "a file ends at {MAX_FILE} bytes at most"
-            )));
+            return Err(ShareError::TooBig);
         }
         self.make_room(data.len() as u64)?;
         // Dirty before the content is opened: eviction never takes a dirty file.

@@ -24,6 +24,8 @@ type Outcome = Result<Vec<u8>, accept_stat_data>;
 const HANDLE_VERSION: u8 = 1;
 /// Largest READ and WRITE, and the preferred size of both.
 const IO_MAX: u32 = 1 << 20;
+/// The most bytes of entries one READDIR or READDIRPLUS reply lists, whatever its count.
+const READDIR_MAX: usize = 1 << 20;
 
 pub(super) fn mount(server: &NfsServer, caller: Caller, proc: u32, args: &[u8]) -> Outcome {
     match proc {
@@ -126,6 +128,7 @@ fn status(e: &ShareError) -> nfsstat3 {
         ShareError::NotEmpty => nfsstat3::NFS3ERR_NOTEMPTY,
         ShareError::NameTooLong(_) => nfsstat3::NFS3ERR_NAMETOOLONG,
         ShareError::Invalid(_) => nfsstat3::NFS3ERR_INVAL,
+        ShareError::TooBig => nfsstat3::NFS3ERR_FBIG,
         ShareError::ReadOnly => nfsstat3::NFS3ERR_ROFS,
         ShareError::NoSpace => nfsstat3::NFS3ERR_JUKEBOX,
         ShareError::Io(_) => nfsstat3::NFS3ERR_IO,
@@ -784,8 +787,9 @@ fn entries(
             .map_err(|_| nfsstat3::NFS3ERR_BAD_COOKIE)?;
         Some(path.rsplit('/').next().unwrap_or_default().to_string())
     };
-    // The reply's fixed part takes about 120 bytes.
-    let room = (count as usize).saturating_sub(120);
+    // The reply's fixed part takes about 120 bytes. A client's count is capped: one reply
+    // lists at most about a megabyte of entries however many it asks for.
+    let room = (count as usize).min(READDIR_MAX).saturating_sub(120);
     let mut taken = Vec::new();
     let mut used = 0;
     let mut after = after;
