@@ -163,6 +163,8 @@ struct Inspecting {
     torn: Arc<std::sync::atomic::AtomicU64>,
     /// How long a put waits between reading its body and storing it.
     hold: Duration,
+    /// While set, every delete fails (transiently): removed files' objects stay.
+    refuse_deletes: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[async_trait::async_trait]
@@ -218,6 +220,16 @@ impl Remote for Inspecting {
         self.inner.list_dir(prefix).await
     }
     async fn delete(&self, key: &str) -> remote::Result<()> {
+        if self
+            .refuse_deletes
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(remote::Error::Transient {
+                op: "delete",
+                key: key.to_string(),
+                message: "refused by the test".into(),
+            });
+        }
         self.inner.delete(key).await
     }
 }
@@ -635,6 +647,7 @@ fn a_file_changing_during_its_upload_is_never_stored_torn() {
             inner: rig.remote.clone(),
             torn: torn.clone(),
             hold: Duration::ZERO,
+            refuse_deletes: Default::default(),
         });
         rig.reopen(Duration::ZERO);
         rig.shares()
@@ -699,6 +712,70 @@ fn a_file_changing_during_its_upload_is_never_stored_torn() {
             0,
             "uploads read a file while it changed"
         );
+    }
+}
+
+#[test]
+fn a_refresh_before_the_bucket_catches_up_brings_back_nothing_removed_or_renamed() {
+    for mut rig in rigs(Duration::from_secs(3600)) {
+        let refuse = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        rig.remote = Arc::new(Inspecting {
+            inner: rig.remote.clone(),
+            torn: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            hold: Duration::ZERO,
+            refuse_deletes: refuse.clone(),
+        });
+        rig.reopen(Duration::from_secs(3600));
+        rig.shares()
+            .create("g", "g/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("g");
+        let root = share.root();
+        let d = share.mkdir(root, "d", 0o755, 0, 0).expect("mkdir").fileid;
+        for (dir, name) in [(root, "x"), (d, "y"), (root, "z")] {
+            let f = share.create(dir, name, 0o644, 0, 0, true).expect("create");
+            share
+                .write(f.fileid, 0, name.as_bytes(), false)
+                .expect("write");
+            share.commit(f.fileid).expect("commit");
+        }
+        rig.wait_clean("g");
+        // The objects of x (removed) and of d/ and d/y (renamed, not uploaded again: an
+        // hour to settle) stay in the bucket while a refresh lists them.
+        refuse.store(true, std::sync::atomic::Ordering::Relaxed);
+        share.remove(root, "x").expect("remove");
+        share.rename(root, "d", root, "e").expect("rename");
+        share.rename(root, "z", root, "w").expect("rename");
+        assert!(rig.get("g/x").is_some() && rig.get("g/d/y").is_some());
+        let report = share.refresh("").expect("refresh");
+        let names = |dir| -> Vec<String> {
+            let mut names: Vec<String> = share
+                .list(dir, None, 100)
+                .expect("list")
+                .into_iter()
+                .map(|(name, _)| name)
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(names(root), ["e", "w"], "{report:?}");
+        let e = share.lookup(root, "e").expect("e");
+        assert_eq!(names(e), ["y"]);
+        // Once the bucket catches up, the old keys go and the new ones hold the files.
+        refuse.store(false, std::sync::atomic::Ordering::Relaxed);
+        for (dir, name) in [(root, "e"), (e, "y"), (root, "w")] {
+            share
+                .commit(share.lookup(dir, name).expect("lookup"))
+                .expect("commit");
+        }
+        rig.wait_clean("g");
+        for gone in ["g/x", "g/d/y", "g/z"] {
+            assert!(rig.get(gone).is_none(), "{gone} is still in the bucket");
+        }
+        assert_eq!(rig.get("g/e/y").expect("e/y").0, b"y");
+        assert_eq!(rig.get("g/w").expect("w").0, b"z");
+        share.refresh("").expect("refresh");
+        assert_eq!(names(root), ["e", "w"]);
     }
 }
 
@@ -815,6 +892,7 @@ fn files_renamed_or_removed_during_their_upload_leave_no_object_behind() {
             inner: rig.remote.clone(),
             torn: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             hold: Duration::from_millis(200),
+            refuse_deletes: Default::default(),
         });
         rig.reopen(Duration::ZERO);
         rig.shares()

@@ -114,6 +114,10 @@ pub struct Namespace {
     names: String,
     pub(super) dirty: String,
     pub(super) deletes: String,
+    /// The keys of objects whose file or directory was renamed and is not uploaded under its
+    /// new name yet (then the key is queued in `deletes`): a refresh must not take such an
+    /// object in as a new file.
+    leaving: String,
     /// Per file uploaded by firn and larger than a block: its object's block hashes, so an
     /// evicted file is read back a verified block at a time (`super::blocks`).
     blocks: String,
@@ -193,6 +197,7 @@ impl Namespace {
             names: format!("share-{id}-names"),
             dirty: format!("share-{id}-dirty"),
             deletes: format!("share-{id}-deletes"),
+            leaving: format!("share-{id}-leaving"),
             blocks: format!("share-{id}-blocks"),
             ids: std::sync::Mutex::new((0, 0)),
             created_max: std::sync::atomic::AtomicU64::new(0),
@@ -343,6 +348,7 @@ impl Namespace {
             &self.names,
             &self.dirty,
             &self.deletes,
+            &self.leaving,
             &self.blocks,
         ] {
             loop {
@@ -649,6 +655,10 @@ impl Namespace {
             tx.put_json(&self.inodes, &hex(id), &inode)?;
             for entry in &moved {
                 tx.put(&self.dirty, &hex(*entry), b"")?;
+                let below: Option<Inode> = tx.get_json(&self.inodes, &hex(*entry))?;
+                if let Some(uploaded) = below.and_then(|inode| inode.uploaded) {
+                    tx.put(&self.leaving, &uploaded.path, b"")?;
+                }
             }
             touch_dir(tx, &self.inodes, from_dir, now_ns)?;
             touch_dir(tx, &self.inodes, to_dir, now_ns)?;
@@ -783,9 +793,11 @@ impl Namespace {
                 && old.path != uploaded.path
             {
                 tx.put(&self.deletes, &old.path, b"")?;
+                tx.delete(&self.leaving, &old.path)?;
             }
             // The new key may have been queued for deletion by an earlier rename or remove.
             tx.delete(&self.deletes, &uploaded.path)?;
+            tx.delete(&self.leaving, &uploaded.path)?;
             let mut path = self.path_tx(tx, id)?;
             if inode.kind == Kind::Dir {
                 path.push('/');
@@ -857,9 +869,18 @@ impl Namespace {
     /// The object at `path` is gone from the bucket. Lazily durable: a crash that forgets it
     /// only deletes the object again.
     pub fn deleted(&self, path: &str) -> Result<(), ShareError> {
-        self.meta
-            .transaction_lazy(|tx| tx.delete(&self.deletes, path).map(|_| ()))?;
+        self.meta.transaction_lazy(|tx| {
+            tx.delete(&self.deletes, path)?;
+            tx.delete(&self.leaving, path).map(|_| ())
+        })?;
         Ok(())
+    }
+
+    /// Whether the object at `path` (share-relative) is on its way out of the bucket: its
+    /// file was removed or renamed here. A refresh leaves such objects alone.
+    pub fn going(&self, path: &str) -> Result<bool, ShareError> {
+        Ok(self.meta.get(&self.deletes, path)?.is_some()
+            || self.meta.get(&self.leaving, path)?.is_some())
     }
 }
 

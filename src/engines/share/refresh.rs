@@ -185,8 +185,12 @@ impl Share {
                     }
                 }
             }
-            // Directories the bucket has and the share does not yet (only deeper objects).
+            // Directories the bucket has and the share does not yet (only deeper objects),
+            // but for those that were removed or renamed here.
             for name in subdirs {
+                if self.ns.going(&format!("{}/", join(path, &name)))? {
+                    continue;
+                }
                 if let Ok(id) = self.make_dir(dir, &name) {
                     pending.push((id, join(path, &name)));
                 }
@@ -245,6 +249,11 @@ impl Share {
         dirty: &HashSet<u64>,
     ) -> Result<Option<bool>, ShareError> {
         let (name, dirs) = parts.split_last().expect("a key has a name");
+        // Removed or renamed here: its deletion is queued (or will be, after the upload
+        // under the new name), and taking it in would bring the file back.
+        if self.ns.going(path)? {
+            return Ok(None);
+        }
         let mut dir = ROOT;
         for part in dirs {
             dir = match self.make_dir(dir, part) {
