@@ -1371,28 +1371,31 @@ impl Share {
         to: &str,
     ) -> Result<(), ShareError> {
         self.check_writable()?;
-        let moved = self.ns.lookup(from_dir, from)?;
-        let replaced =
+        let (replaced, moved) =
             self.ns
                 .rename(from_dir, from, to_dir, to, now_ns(), self.info.prefix.len())?;
         if let Some(old) = replaced {
             self.forget_content(old);
         }
-        // Every entry the rename moved changed its key: a change, for the uploader.
-        let mut stack = vec![moved];
-        while let Some(id) = stack.pop() {
-            let inode = self.ns.get(id)?;
-            self.changed(id)?;
-            if inode.kind == Kind::Dir {
-                let mut after: Option<String> = None;
-                loop {
-                    let page = self.ns.list(id, after.as_deref(), 1024)?;
-                    let Some((last, _)) = page.last() else { break };
-                    after = Some(last.clone());
-                    stack.extend(page.into_iter().map(|(_, child)| child));
-                }
-            }
+        // Every entry the rename moved changed its key: a change, for the uploader. The
+        // rename's transaction marked them dirty on disk; here only the uploader's view.
+        let sizes: Vec<(u64, u64)> = moved
+            .iter()
+            .map(|&id| (id, self.ns.get(id).map_or(0, |inode| inode.size)))
+            .collect();
+        let mut dirty = lock(&self.dirty);
+        for (id, size) in sizes {
+            let d = dirty.entry(id).or_insert(Dirty {
+                generation: 0,
+                writing: 0,
+                last_change: Instant::now(),
+                now: false,
+                bytes: size,
+            });
+            d.generation += 1;
+            d.last_change = Instant::now();
         }
+        drop(dirty);
         self.wake.notify_one();
         Ok(())
     }

@@ -568,7 +568,7 @@ impl Namespace {
     /// Renames `from_dir/from` to `to_dir/to`, replacing a file there (or an empty directory,
     /// when the source is one). Every file below a renamed directory gets a new key: each is
     /// marked dirty (uploaded again under it; its old object is deleted after). Returns the
-    /// fileid replaced, if any.
+    /// fileid replaced, if any, and every entry moved (the one renamed and all below it).
     #[allow(clippy::too_many_arguments)]
     pub fn rename(
         &self,
@@ -578,7 +578,7 @@ impl Namespace {
         to: &str,
         now_ns: u64,
         prefix_len: usize,
-    ) -> Result<Option<u64>, ShareError> {
+    ) -> Result<(Option<u64>, Vec<u64>), ShareError> {
         check_name(to)?;
         if from == "." || from == ".." {
             // A directory's own entries are not its children: moving one would give a
@@ -587,7 +587,7 @@ impl Namespace {
         }
         let id = self.lookup(from_dir, from)?;
         if from_dir == to_dir && from == to {
-            return Ok(None);
+            return Ok((None, Vec::new()));
         }
         // A directory cannot move below itself.
         let mut at = to_dir;
@@ -664,6 +664,7 @@ impl Namespace {
             touch_dir(tx, &self.inodes, to_dir, now_ns)?;
             Ok(replaced)
         })
+        .map(|replaced| (replaced, moved))
     }
 
     /// `id` and every entry below it.
