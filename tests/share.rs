@@ -987,6 +987,15 @@ fn clean_files_are_evicted_past_cache_max_and_fetched_back_when_used() {
             .filter(|&i| !files_dir.join(format!("{:016x}", files[i].0)).exists())
             .collect();
         assert!(evicted.len() >= 3, "evicted {evicted:?}");
+        // A COMMIT of an evicted file has nothing to make durable: it fetches nothing.
+        let downloaded = share.status().downloaded_bytes;
+        let (id, _) = files[evicted[0]];
+        share.commit(id).expect("commit");
+        assert!(
+            !files_dir.join(format!("{id:016x}")).exists(),
+            "fetched back"
+        );
+        assert_eq!(share.status().downloaded_bytes, downloaded);
         // Attributes stay; every file reads back whole, fetched from the bucket if evicted.
         for (id, data) in &files {
             assert_eq!(share.attrs(*id).expect("attrs").size, data.len() as u64);

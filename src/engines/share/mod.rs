@@ -1566,11 +1566,12 @@ impl Share {
     /// to settle.
     pub fn commit(&self, id: u64) -> Result<(), ShareError> {
         let inode = self.ns.get(id)?;
-        if inode.kind == Kind::File {
-            // Data and metadata: a new file's entry rides on it (`Namespace::recover`).
-            self.content(id)?
-                .sync_all()
-                .map_err(|e| io_error("syncing a file", e))?;
+        // Data and metadata: a new file's entry rides on it (`Namespace::recover`). An
+        // evicted file is clean, in the bucket already: nothing to fetch or sync.
+        if inode.kind == Kind::File
+            && let Some(file) = self.cached(id)?
+        {
+            file.sync_all().map_err(|e| io_error("syncing a file", e))?;
         }
         if let Some(d) = lock(&self.dirty).get_mut(&id) {
             d.now = true;

@@ -604,67 +604,68 @@ impl Namespace {
             return Err(ShareError::NameTooLong(path_len));
         }
         let moved = self.entries_below(id)?;
-        self.meta.transaction_grouped(|tx| {
-            self.note_durable_creates(tx)?;
-            let mut inode: Inode = tx
-                .get_json(&self.inodes, &hex(id))?
-                .ok_or(ShareError::NotFound)?;
-            let to_parent: Inode = tx
-                .get_json(&self.inodes, &hex(to_dir))?
-                .ok_or(ShareError::Stale(to_dir))?;
-            if to_parent.kind != Kind::Dir {
-                return Err(ShareError::NotDir);
-            }
-            let mut replaced = None;
-            if let Some(old) = tx.get(&self.names, &entry_key(to_dir, to))? {
-                let old_id = std::str::from_utf8(&old)
-                    .ok()
-                    .and_then(parse_hex)
-                    .ok_or_else(|| ShareError::Io("a damaged directory entry".into()))?;
-                let old_inode: Inode = tx
-                    .get_json(&self.inodes, &hex(old_id))?
+        self.meta
+            .transaction_grouped(|tx| {
+                self.note_durable_creates(tx)?;
+                let mut inode: Inode = tx
+                    .get_json(&self.inodes, &hex(id))?
                     .ok_or(ShareError::NotFound)?;
-                match (inode.kind == Kind::Dir, old_inode.kind == Kind::Dir) {
-                    (false, true) => return Err(ShareError::IsDir),
-                    (true, false) => return Err(ShareError::NotDir),
-                    (true, true) => {
-                        if !tx
-                            .list(&self.names, &format!("{}/", hex(old_id)))?
-                            .is_empty()
-                        {
-                            return Err(ShareError::NotEmpty);
+                let to_parent: Inode = tx
+                    .get_json(&self.inodes, &hex(to_dir))?
+                    .ok_or(ShareError::Stale(to_dir))?;
+                if to_parent.kind != Kind::Dir {
+                    return Err(ShareError::NotDir);
+                }
+                let mut replaced = None;
+                if let Some(old) = tx.get(&self.names, &entry_key(to_dir, to))? {
+                    let old_id = std::str::from_utf8(&old)
+                        .ok()
+                        .and_then(parse_hex)
+                        .ok_or_else(|| ShareError::Io("a damaged directory entry".into()))?;
+                    let old_inode: Inode = tx
+                        .get_json(&self.inodes, &hex(old_id))?
+                        .ok_or(ShareError::NotFound)?;
+                    match (inode.kind == Kind::Dir, old_inode.kind == Kind::Dir) {
+                        (false, true) => return Err(ShareError::IsDir),
+                        (true, false) => return Err(ShareError::NotDir),
+                        (true, true) => {
+                            if !tx
+                                .list(&self.names, &format!("{}/", hex(old_id)))?
+                                .is_empty()
+                            {
+                                return Err(ShareError::NotEmpty);
+                            }
                         }
+                        (false, false) => {}
                     }
-                    (false, false) => {}
+                    tx.delete(&self.inodes, &hex(old_id))?;
+                    tx.delete(&self.blocks, &hex(old_id))?;
+                    tx.delete(&self.dirty, &hex(old_id))?;
+                    // Its object is usually at the moved file's new key, which that file's upload
+                    // overwrites: `delete_decision` keeps it until then.
+                    if let Some(uploaded) = &old_inode.uploaded {
+                        tx.put(&self.deletes, &uploaded.path, b"")?;
+                    }
+                    replaced = Some(old_id);
                 }
-                tx.delete(&self.inodes, &hex(old_id))?;
-                tx.delete(&self.blocks, &hex(old_id))?;
-                tx.delete(&self.dirty, &hex(old_id))?;
-                // Its object is usually at the moved file's new key, which that file's upload
-                // overwrites: `delete_decision` keeps it until then.
-                if let Some(uploaded) = &old_inode.uploaded {
-                    tx.put(&self.deletes, &uploaded.path, b"")?;
+                tx.delete(&self.names, &entry_key(from_dir, from))?;
+                tx.put(&self.names, &entry_key(to_dir, to), hex(id).as_bytes())?;
+                inode.parent = to_dir;
+                inode.name = to.to_string();
+                inode.ctime_ns = now_ns;
+                tx.put_json(&self.inodes, &hex(id), &inode)?;
+                for entry in &moved {
+                    tx.put(&self.dirty, &hex(*entry), b"")?;
+                    let below: Option<Inode> = tx.get_json(&self.inodes, &hex(*entry))?;
+                    if let Some(uploaded) = below.and_then(|inode| inode.uploaded) {
+                        tx.put(&self.leaving, &uploaded.path, b"")?;
+                    }
                 }
-                replaced = Some(old_id);
-            }
-            tx.delete(&self.names, &entry_key(from_dir, from))?;
-            tx.put(&self.names, &entry_key(to_dir, to), hex(id).as_bytes())?;
-            inode.parent = to_dir;
-            inode.name = to.to_string();
-            inode.ctime_ns = now_ns;
-            tx.put_json(&self.inodes, &hex(id), &inode)?;
-            for entry in &moved {
-                tx.put(&self.dirty, &hex(*entry), b"")?;
-                let below: Option<Inode> = tx.get_json(&self.inodes, &hex(*entry))?;
-                if let Some(uploaded) = below.and_then(|inode| inode.uploaded) {
-                    tx.put(&self.leaving, &uploaded.path, b"")?;
-                }
-            }
-            touch_dir(tx, &self.inodes, from_dir, now_ns)?;
-            touch_dir(tx, &self.inodes, to_dir, now_ns)?;
-            Ok(replaced)
-        })
-        .map(|replaced| (replaced, moved))
+                touch_dir(tx, &self.inodes, from_dir, now_ns)?;
+                touch_dir(tx, &self.inodes, to_dir, now_ns)?;
+                Ok(replaced)
+            })
+            .map(|replaced| (replaced, moved))
     }
 
     /// `id` and every entry below it.
