@@ -847,6 +847,51 @@ fn writes_wait_for_room_in_a_full_log_during_an_outage() {
     fio(&g.uri("v"), &strs(&verify));
 }
 
+/// The data directory on a 64 MiB disk, the log's reserve taking 18 MiB of it, and a cache
+/// allowed far more than the disk holds: once uploaded segments fill the disk, they are
+/// evicted to give the reserve its room back, and the writes (waiting meanwhile) go on.
+#[test]
+fn a_disk_filled_by_the_cache_gives_the_log_its_room_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mnt, _teardown) = common::ext4_of(dir.path(), 64);
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let mut g = Gateway::start_with(
+        &dir.path().join("a"),
+        &bucket,
+        "18MiB",
+        Some(&mnt.join("data")),
+        "",
+    );
+    let text = std::fs::read_to_string(&g.config).expect("config");
+    std::fs::write(
+        &g.config,
+        text.replace("cache_max = \"0\"", "cache_max = \"1GiB\""),
+    )
+    .expect("config");
+    g.restart();
+    g.firn(&["volume", "create", "v", "--size", "160M"]);
+    let job = fio_verified("128M", "1M", &["--fsync=4", "--end_fsync=1"]);
+    let mut writer = fio_spawn(&g.uri("v"), &job);
+    let started = Instant::now();
+    while writer.try_wait().expect("fio").is_none() {
+        if started.elapsed() > Duration::from_secs(120) {
+            let shown = g.show("v");
+            kill_fio(writer);
+            panic!("128 MiB not written in 120 s: {shown:#}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    fio_finish(writer);
+    let shown = g.wait_drained("v", false);
+    assert!(
+        shown["cache"]["cached_bytes"].as_u64().unwrap() < 64 << 20,
+        "more cached than the disk holds: {shown:#}"
+    );
+    let mut verify = job.clone();
+    verify.push("--verify_only".to_string());
+    fio(&g.uri("v"), &strs(&verify));
+}
+
 /// SIGTERM while writes wait for room in a full log (the bucket out of reach for good):
 /// firn stops after its grace for clients, the waiting writes failing unacknowledged.
 #[test]

@@ -214,9 +214,14 @@ impl Drop for Teardown {
 /// A 32 MiB ext4 file system mounted (through a loop device) at `dir/mnt`, for tests of a
 /// full disk; the returned teardown unmounts it.
 pub fn small_ext4(dir: &Path) -> (PathBuf, Teardown) {
+    ext4_of(dir, 32)
+}
+
+/// As `small_ext4`, `mib` MiB large.
+pub fn ext4_of(dir: &Path, mib: u64) -> (PathBuf, Teardown) {
     let image = dir.join("small-fs.img");
     std::fs::File::create(&image)
-        .and_then(|f| f.set_len(32 << 20))
+        .and_then(|f| f.set_len(mib << 20))
         .expect("image");
     let image_arg = image.to_str().expect("utf-8");
     run("mkfs.ext4", &["-q", "-m", "0", image_arg]);

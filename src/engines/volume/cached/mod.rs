@@ -1003,14 +1003,24 @@ impl Inner {
     /// Space for the next segment: a spare written ahead, whose space the reserve gave up
     /// when it was made, or the reserve's. `None` if there is neither.
     fn segment_space(&self) -> Option<Option<File>> {
+        // Promised until `roll` counts the segment among the log's (`refill_reserve`).
         {
             let mut spare = lock(&self.spare);
             match std::mem::take(&mut *spare) {
-                reserve::Spare::Ready(file) => return Some(Some(file)),
+                reserve::Spare::Ready(file) => {
+                    lock(&self.reserve).promise();
+                    return Some(Some(file));
+                }
                 other => *spare = other,
             }
         }
-        lock(&self.reserve).take(self.segment_alloc).then_some(None)
+        // Taken by `roll` itself, under the log's lock, which every taker holds.
+        let mut reserve = lock(&self.reserve);
+        let room = reserve.held() >= self.segment_alloc;
+        if room {
+            reserve.promise();
+        }
+        room.then_some(None)
     }
 
     /// Starts writing a spare segment in the background (`reserve::Spare`), if there is
@@ -1051,6 +1061,12 @@ impl Inner {
     /// the log locked; waits for the records reserved in the segment to be written, since it
     /// is then sealed for upload.
     fn roll(&self, w: &mut Writer, space: Option<File>) -> io::Result<()> {
+        let rolled = self.roll_into(w, space);
+        lock(&self.reserve).settle();
+        rolled
+    }
+
+    fn roll_into(&self, w: &mut Writer, space: Option<File>) -> io::Result<()> {
         self.wait_published(w.tickets);
         let seq = w.seq + 1;
         if w.prewritten {
@@ -1062,11 +1078,29 @@ impl Inner {
         let segments = self.dir.join("segments");
         let spare_path = segments.join(reserve::SPARE_FILE);
         let prewritten = space.is_some();
-        let spare = space.map(|file| (spare_path.as_path(), file));
-        let (file, salt) = state::create_segment(&segments, &self.key, seq, spare)?;
-        if !prewritten {
-            reserve::preallocate(&file, self.segment_alloc);
-        }
+        let (file, salt) = match space {
+            Some(file) => {
+                state::create_segment(&segments, &self.key, seq, Some((&spare_path, file)))?
+            }
+            None => {
+                // The reserve's space passes to the new segment under the reserve's lock: a
+                // refill cannot take it back in between, which on a full disk would leave
+                // the segment without room for its writes.
+                let mut reserve = lock(&self.reserve);
+                if !reserve.take(self.segment_alloc) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::StorageFull,
+                        "the log's reserve holds no room for a segment",
+                    ));
+                }
+                let created = state::create_segment(&segments, &self.key, seq, None);
+                match &created {
+                    Ok((file, _)) => reserve::preallocate(file, self.segment_alloc),
+                    Err(_) => reserve.give(self.segment_alloc),
+                }
+                created?
+            }
+        };
         w.prewritten = prewritten;
         if std::mem::take(&mut w.flushes) >= reserve::SPARE_AFTER_FLUSHES {
             self.make_spare();

@@ -24,6 +24,11 @@ pub(super) struct Reserve {
     held: u64,
     /// Bytes it should hold when nothing is waiting to be uploaded.
     cap: u64,
+    /// Bytes the disk refused the last time the reserve grew (0 if it gave all).
+    short: u64,
+    /// Segments being opened with space handed out for them (`promise`), not yet counted
+    /// among the log's segments: a refill leaves their space alone.
+    pending: u64,
 }
 
 impl Reserve {
@@ -42,6 +47,8 @@ impl Reserve {
             file,
             held: have,
             cap,
+            short: 0,
+            pending: 0,
         };
         if have > want {
             reserve.file.set_len(want)?;
@@ -71,6 +78,28 @@ impl Reserve {
         self.cap
     }
 
+    /// Space was handed out for a segment about to open (from the reserve or a spare).
+    pub fn promise(&mut self) {
+        self.pending += 1;
+    }
+
+    /// The segment promised is open and counted among the log's segments (or failed to
+    /// open).
+    pub fn settle(&mut self) {
+        self.pending = self.pending.saturating_sub(1);
+    }
+
+    pub fn pending(&self) -> u64 {
+        self.pending
+    }
+
+    /// How far the reserve fell short of what it last grew towards: the disk was full. The
+    /// cache then gives up clean segments whatever its own bound, so that the log gets its
+    /// room back.
+    pub fn short(&self) -> u64 {
+        self.short
+    }
+
     /// Gives up `bytes` of the reserve for a new segment; false (nothing changed) if it
     /// holds less.
     pub fn take(&mut self, bytes: u64) -> bool {
@@ -94,6 +123,7 @@ impl Reserve {
     /// Grows towards `target` in steps, stopping at the first the disk refuses.
     fn grow_to(&mut self, target: u64) {
         const STEP: u64 = 64 << 20;
+        self.short = 0;
         while self.held < target {
             let len = (target - self.held).min(STEP);
             if fallocate(
@@ -104,6 +134,7 @@ impl Reserve {
             )
             .is_err()
             {
+                self.short = target - self.held;
                 break;
             }
             self.held += len;
@@ -111,9 +142,15 @@ impl Reserve {
     }
 }
 
-/// Preallocates `bytes` of a new segment file without changing its length.
+/// Preallocates `bytes` of a new segment file without changing its length, with the space
+/// the reserve just gave up. A file system may hold freed blocks back until its journal
+/// commits (ext4 does): on a full disk the first try then fails, and a sync, which commits,
+/// lets the second succeed.
 pub(super) fn preallocate(file: &File, bytes: u64) {
-    let _ = fallocate(file, FallocateFlags::FALLOC_FL_KEEP_SIZE, 0, bytes as i64);
+    let try_once = || fallocate(file, FallocateFlags::FALLOC_FL_KEEP_SIZE, 0, bytes as i64);
+    if try_once().is_err() && file.sync_all().is_ok() && try_once().is_err() {
+        tracing::warn!("no room on disk to preallocate a log segment: its writes may fail");
+    }
 }
 
 /// Releases what a segment preallocated past its end.

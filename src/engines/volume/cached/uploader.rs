@@ -310,17 +310,19 @@ pub(super) async fn fence(inner: &Arc<Inner>, why: String) {
 }
 
 /// Writes a checkpoint of the map when one is due: every `checkpoint_segments` uploaded
-/// segments, or sooner when the cache is over its size and nothing in it may go (only
+/// segments, or sooner when the cache is over its size (or the disk too full for the log's
+/// reserve) and nothing in it may go (only
 /// segments before the newest checkpoint's may). The map is taken as it stands, under the
 /// log's lock, and the log is synced past that point before the checkpoint names it.
 async fn write_checkpoint(inner: &Arc<Inner>) -> Result<bool, String> {
+    let short = lock(&inner.reserve).short();
     let due = {
         let state = lock(&inner.state);
         let behind = state
             .progress
             .uploaded
             .saturating_sub(state.checkpoint.segment);
-        let stuck = state.local_bytes > inner.settings.cache_max
+        let stuck = (state.local_bytes > inner.settings.cache_max || short > 0)
             && state
                 .cached
                 .range(..state.checkpoint.segment)
@@ -587,35 +589,53 @@ const KEEP_COMMITS: u64 = 16;
 /// Grows the reserve back to the log's room where an earlier attempt found the disk full
 /// (eviction may have freed space since).
 async fn refill_reserve(inner: &Arc<Inner>) {
-    let target = {
-        // The segments waiting, the open one, and a spare.
+    let (target, short) = {
+        // The reserve read first: a segment opening meanwhile is then counted as promised
+        // or among the waiting, perhaps both (the target errs low), never neither.
+        let (cap, held, pending, short) = {
+            let reserve = lock(&inner.reserve);
+            (
+                reserve.cap(),
+                reserve.held(),
+                reserve.pending(),
+                reserve.short(),
+            )
+        };
+        // The segments waiting, the open one, those opening, and a spare.
         let waiting = lock(&inner.state).sealed.len() as u64
             + 1
+            + pending
             + u64::from(lock(&inner.spare).holds_space());
-        let reserve = lock(&inner.reserve);
-        reserve
-            .cap()
+        let target = cap
             .saturating_sub(waiting * inner.segment_alloc)
-            .saturating_sub(reserve.held())
+            .saturating_sub(held);
+        (target, short)
     };
-    if target >= inner.segment_alloc {
+    // Tried again after a shortfall even for less than a segment, which settles it.
+    if target >= inner.segment_alloc || short > 0 {
         let filler = inner.clone();
         blocking(move || lock(&filler.reserve).give(target)).await;
         inner.room.notify_all();
     }
 }
 
-/// Deletes the oldest clean segment files while the cache is over its size. Only segments a
+/// Deletes the oldest clean segment files while the cache is over its size, or while the disk
+/// is too full for the log's reserve to grow back (`Reserve::short`). Only segments a
 /// local checkpoint covers go: a restart never needs to replay them.
 async fn evict(inner: &Arc<Inner>) -> Result<bool, String> {
     // Accounted for first, deleted after: frames a read fetches meanwhile into a segment
     // being evicted are counted anew, in a file that a later eviction finds.
+    let short = lock(&inner.reserve).short();
     let victims: Vec<u64> = {
         let mut state = lock(&inner.state);
-        if state.local_bytes <= inner.settings.cache_max {
+        // Over the cache's bound, or the disk too full for the log's reserve.
+        let mut over = state
+            .local_bytes
+            .saturating_sub(inner.settings.cache_max)
+            .max(short);
+        if over == 0 {
             return Ok(false);
         }
-        let mut over = state.local_bytes - inner.settings.cache_max;
         let mut victims = Vec::new();
         // Chunks are always in the bucket and never replayed: evictable whenever.
         let clean = state
