@@ -176,9 +176,10 @@ impl Share {
                     let listed_here = uploaded.path == join(path, &name) && here.contains(&name);
                     // Not listed; but an upload may have put it there since the listing:
                     // asked once more before the file goes.
+                    // A failed HEAD says nothing: the file stays.
                     let gone = !listed_here
                         && !dirty.contains(&id)
-                        && self.object_size(&uploaded.path).ok().flatten().is_none();
+                        && matches!(self.object_size(&uploaded.path), Ok(None));
                     if gone && self.ns.forget(dir, &name, now_ns())? {
                         self.forget_content(id);
                         report.removed += 1;
@@ -303,11 +304,28 @@ impl Share {
                     }
                     Some(Sameness::Changed) | None => {}
                 }
-                // Changed by another tool: the object is the file's content now. Checked and
-                // dropped under the dirty lock, as eviction does.
-                let attrs = attrs_from(&self.head_meta(path)?, self.default_attrs());
+                // Changed by another tool, as the listing says; asked again, since an upload
+                // of ours may have replaced the object since the listing: what the bucket
+                // holds now is what the file takes. Checked and dropped under the dirty lock,
+                // as eviction does.
+                let key = format!("{}{path}", self.info.prefix);
+                let head = self
+                    .runtime
+                    .block_on(self.remote.head(&key))
+                    .map_err(|e| ShareError::Io(format!("{key}: {e}")))?;
+                let Some(head) = head else { return Ok(None) };
+                let attrs = attrs_from(&head.meta, self.default_attrs());
+                let found = Uploaded {
+                    path: path.to_string(),
+                    size: head.size,
+                    etag: head.etag,
+                };
                 let guard = lock(&self.dirty);
                 if guard.contains_key(&id) {
+                    return Ok(None);
+                }
+                let ours = self.ns.get(id)?.uploaded;
+                if ours.is_some_and(|u| u.compare(&found) == Sameness::Same) {
                     return Ok(None);
                 }
                 self.ns.update(id, |inode| {
