@@ -665,6 +665,55 @@ fn malformed_calls_get_errors_and_the_server_keeps_serving() {
     assert!(ok, "nfs-ls after the bad calls: {err}");
 }
 
+/// One NULL call on an open connection: its reply, `None` if the server closed it.
+fn null_call(stream: &mut std::net::TcpStream) -> Option<Vec<u8>> {
+    let record = call(100_003, 3, 0);
+    let mut framed = (0x8000_0000u32 | record.len() as u32)
+        .to_be_bytes()
+        .to_vec();
+    framed.extend_from_slice(&record);
+    stream.write_all(&framed).ok()?;
+    let mut header = [0u8; 4];
+    stream.read_exact(&mut header).ok()?;
+    let mut reply = vec![0; (u32::from_be_bytes(header) & 0x7fff_ffff) as usize];
+    stream.read_exact(&mut reply).ok()?;
+    Some(reply)
+}
+
+#[test]
+fn connections_past_the_limit_from_one_address_are_closed() {
+    let g = Gateway::start();
+    g.firn(&["share", "create", "media"]);
+    let connect = || {
+        let stream = std::net::TcpStream::connect(("127.0.0.1", g.nfs_port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        stream
+    };
+    // 32 connections from one address are served; the 33rd is closed at once.
+    let mut held: Vec<_> = (0..32).map(|_| connect()).collect();
+    for stream in &mut held {
+        assert_eq!(accept_status(&null_call(stream).expect("a reply")), 0);
+    }
+    let mut extra = connect();
+    assert!(
+        null_call(&mut extra).is_none(),
+        "a 33rd connection was served"
+    );
+    // Once one closes, a new one is served again.
+    drop(held.pop());
+    let started = Instant::now();
+    loop {
+        if let Some(reply) = null_call(&mut connect()) {
+            assert_eq!(accept_status(&reply), 0);
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "no room again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn a_share_allowlist_keeps_other_clients_out() {
     let g = Gateway::start();

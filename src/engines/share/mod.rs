@@ -959,15 +959,27 @@ impl Share {
     ) -> Result<Option<Vec<u8>>, ShareError> {
         const RANGE: u64 = 8 << 20;
         let file = File::create(to).map_err(|e| io_error("fetching a file", e))?;
-        let digest = self
-            .bucket_answer(key, self.remote.head(key))?
-            .and_then(|info| info.meta.get(crate::remote::verify::DIGEST_META).cloned());
+        let Some(head) = self.bucket_answer(key, self.remote.head(key))? else {
+            return Err(ShareError::Io(format!("{key} is gone from the bucket")));
+        };
+        if head.size != size {
+            return Err(ShareError::Io(format!(
+                "{key} changed in the bucket since it was listed ({} bytes, not {size}): a refresh takes it in",
+                head.size
+            )));
+        }
+        let digest = head.meta.get(crate::remote::verify::DIGEST_META).cloned();
         let mut hasher = blake3::Hasher::new();
         let gathered = blocks::Gathered::new(size).filter(|_| digest.is_some());
         let mut at = 0;
         while at < size {
             let end = (at + RANGE).min(size);
-            let bytes = self.bucket_answer(key, self.remote.get_range(key, at..end))?;
+            // Pinned to the version the HEAD saw: one replaced meanwhile fails the fetch
+            // rather than mixing two versions in one file.
+            let bytes = self.bucket_answer(
+                key,
+                self.remote.get_range_if(key, at..end, head.etag.as_deref()),
+            )?;
             hasher.update(&bytes);
             self.downloaded_bytes
                 .fetch_add(bytes.len() as u64, Ordering::Relaxed);

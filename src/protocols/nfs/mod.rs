@@ -9,8 +9,11 @@
 //! - Write verifier: random per start, so a client resends what an `UNSTABLE` write left
 //!   uncommitted when firn restarted.
 //! - Bounds: a request is at most `MAX_REQUEST` bytes; a connection has at most `IN_FLIGHT`
-//!   requests in progress; a client outside a share's allowlist gets `NFS3ERR_ACCES` (MNT:
-//!   `MNT3ERR_ACCES`) for it.
+//!   requests in progress, and all connections together `IN_FLIGHT_ALL`; at most
+//!   `MAX_CONNECTIONS` connections are open, `MAX_CONNECTIONS_PER_ADDRESS` from one address
+//!   (more are closed at once). So requests and replies in memory stay under about
+//!   `(MAX_CONNECTIONS + 2 * IN_FLIGHT_ALL)` MiB. A client outside a share's allowlist gets
+//!   `NFS3ERR_ACCES` (MNT: `MNT3ERR_ACCES`) for it.
 
 mod fits;
 mod perm;
@@ -38,6 +41,11 @@ const VERSION_3: u32 = 3;
 pub const MAX_REQUEST: usize = (1 << 20) + 4096;
 /// Requests of one connection in progress at once.
 const IN_FLIGHT: usize = 16;
+/// Requests of all connections in progress at once.
+const IN_FLIGHT_ALL: usize = 64;
+/// Connections open at once, and from one client address.
+const MAX_CONNECTIONS: usize = 128;
+const MAX_CONNECTIONS_PER_ADDRESS: usize = 32;
 
 /// Who may use which share: the daemon's allowlists.
 pub type Admit = Arc<dyn Fn(&ShareInfo, IpAddr) -> bool + Send + Sync>;
@@ -49,6 +57,28 @@ pub struct NfsServer {
     /// The write verifier of this run.
     verifier: [u8; 8],
     metrics: Arc<NfsMetrics>,
+    /// Requests in progress, all connections together (`IN_FLIGHT_ALL`).
+    in_flight: Arc<Semaphore>,
+    /// Connections open, by client address.
+    open: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
+}
+
+/// A connection counted in `NfsServer::open`, until dropped.
+struct Counted<'a> {
+    server: &'a NfsServer,
+    peer: IpAddr,
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        let mut open = self.server.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// NFS procedure names, by number (RFC 1813); MOUNT calls count as "mount".
@@ -165,7 +195,21 @@ impl NfsServer {
             admit,
             verifier: rand::random(),
             metrics,
+            in_flight: Arc::new(Semaphore::new(IN_FLIGHT_ALL)),
+            open: std::sync::Mutex::new(std::collections::HashMap::new()),
         })
+    }
+
+    /// Counts a new connection from `peer`; `None` if there are too many.
+    fn count(&self, peer: IpAddr) -> Option<Counted<'_>> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = open.values().sum();
+        let mine = open.get(&peer).copied().unwrap_or(0);
+        if total >= MAX_CONNECTIONS || mine >= MAX_CONNECTIONS_PER_ADDRESS {
+            return None;
+        }
+        *open.entry(peer).or_insert(0) += 1;
+        Some(Counted { server: self, peer })
     }
 
     /// Serves connections from `listener` until the task is dropped.
@@ -194,6 +238,10 @@ impl NfsServer {
         stream: TcpStream,
         peer: SocketAddr,
     ) -> std::io::Result<()> {
+        let Some(_counted) = self.count(peer.ip()) else {
+            tracing::debug!(%peer, "nfs: refused: too many connections");
+            return Ok(());
+        };
         // Replies go out from the thread that made them, through a second handle on the
         // socket: a hand-off to a writer task cost a wake-up per call.
         let stream = stream.into_std()?;
@@ -206,6 +254,12 @@ impl NfsServer {
                 .acquire_owned()
                 .await
                 .map_err(std::io::Error::other)?;
+            let shared = self
+                .in_flight
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(std::io::Error::other)?;
             let (server, replies) = (self.clone(), replies.clone());
             tokio::task::spawn_blocking(move || {
                 if let Some(reply) = server.call(&request, peer.ip())
@@ -214,7 +268,7 @@ impl NfsServer {
                     tracing::debug!(%peer, "nfs reply not sent: {e}");
                     replies.close();
                 }
-                drop(permit);
+                drop((permit, shared));
             });
         }
         // The calls in progress answer before the connection is closed.
