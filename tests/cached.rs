@@ -1037,6 +1037,55 @@ fn flushed_writes_survive_power_loss() {
 /// A takeover on a store that refuses a second create fences the old gateway while it still
 /// runs: its next commit collides with the takeover's (412), it turns read-only but keeps
 /// serving reads, and the new gateway serves the image as of the takeover.
+/// A gateway whose volume another took over fences itself at its next lease renewal, even if
+/// its clients never flush (a commit, refused, would tell it only at a flush).
+#[test]
+fn a_gateway_taken_over_fences_itself_without_a_flush() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let mut a = Gateway::start(&dir.path().join("a"), &bucket, "");
+    // No garbage collection on A, whose sweep would notice B's commit.
+    let text = std::fs::read_to_string(&a.config).expect("config");
+    std::fs::write(
+        &a.config,
+        text.replace(
+            "gc_interval_secs = 1\n",
+            "gc_interval_secs = 40\ngc_grace_secs = 600\n",
+        ),
+    )
+    .expect("config");
+    a.restart();
+    a.firn(&["volume", "create", "v", "--size", "16M"]);
+    qemu_io(&a.uri("v"), &["write -P 0x11 0 4M"]);
+    a.wait_drained("v", false);
+    let b = Gateway::start(&dir.path().join("b"), &bucket, "");
+    b.firn(&["volume", "takeover", "v", "--force"]);
+    let started = Instant::now();
+    let shown = loop {
+        let shown = a.show("v");
+        if !shown["cache"]["fenced"].is_null() {
+            break shown;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the old gateway was not fenced: {shown:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let fenced = shown["cache"]["fenced"].as_str().unwrap_or_default();
+    assert!(fenced.contains("took the volume over"), "{shown:#}");
+    // The new one serves and commits, unfenced by the old one's renewals.
+    qemu_io(&b.uri("v"), &["read -P 0x11 0 4M", "write -P 0x22 0 1M"]);
+    std::thread::sleep(restore_lease_renew());
+    let shown = b.wait_drained("v", false);
+    assert!(shown["cache"]["fenced"].is_null(), "{shown:#}");
+}
+
+/// Longer than a lease renewal (10 s), so that each gateway has renewed (or tried) once.
+fn restore_lease_renew() -> Duration {
+    Duration::from_secs(11)
+}
+
 #[test]
 fn a_takeover_fences_the_running_gateway_on_a_store_with_conditional_creates() {
     let Some(moto) = Moto::start() else { return };

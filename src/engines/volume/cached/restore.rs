@@ -108,6 +108,21 @@ pub async fn newest_commit(
         .map_err(|e| TakeoverError::Damaged(format!("{}: {e}", newest.key)))
 }
 
+/// Says that `bucket`'s gateway serves volume `id`, as of now.
+pub(super) async fn put_lease(bucket: &Bucket, sealer: &Sealer, id: &str) -> remote::Result<()> {
+    let lease = Lease {
+        gateway: bucket.gateway.clone(),
+        time: now_secs(),
+    };
+    let plain = serde_json::to_vec(&lease).expect("a lease serializes");
+    let sealed = sealer.seal(&lease_context(id), &plain);
+    bucket
+        .remote
+        .put(&bucket.lease_key(), Bytes::from(sealed), Meta::new())
+        .await
+        .map(|_| ())
+}
+
 /// The volume's lease, if one is there.
 pub async fn lease(
     bucket: &Bucket,
@@ -301,6 +316,9 @@ pub async fn take_over(
         }
         Err(e) => return Err(e.into()),
     }
+    // This gateway's lease from now on: a running gateway that served the volume finds it
+    // at its next renewal and fences itself.
+    put_lease(bucket, sealer, id).await?;
     std::fs::create_dir_all(dir.join("segments"))?;
     store_local_checkpoint(dir, &sealed)?;
     let progress = Progress {

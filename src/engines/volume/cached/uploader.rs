@@ -95,23 +95,30 @@ async fn put_descriptor(inner: &Inner, descriptor: &Descriptor) -> Result<(), St
         .map_err(|e| format!("descriptor: {e}"))
 }
 
-/// Says that this gateway serves the volume, as of now (`restore::Lease`).
-async fn put_lease(inner: &Inner) -> Result<(), String> {
+/// Says that this gateway serves the volume, as of now (`restore::Lease`), unless another
+/// gateway holds a live lease: that one took the volume over (a takeover writes its lease),
+/// and this one fences itself even if its clients never flush (a commit would find out only
+/// at the next flush).
+async fn put_lease(inner: &Arc<Inner>) -> Result<(), String> {
     if lock(&inner.state).fenced.is_some() {
         return Ok(());
     }
-    let lease = super::restore::Lease {
-        gateway: inner.bucket.gateway.clone(),
-        time: super::restore::now_secs(),
-    };
-    let plain = serde_json::to_vec(&lease).map_err(|e| e.to_string())?;
-    let sealed = inner
-        .sealer
-        .seal(&super::restore::lease_context(&inner.id), &plain);
-    inner
-        .bucket
-        .remote
-        .put(&inner.bucket.lease_key(), Bytes::from(sealed), Meta::new())
+    let current = super::restore::lease(&inner.bucket, &inner.sealer, &inner.id)
+        .await
+        .map_err(|e| format!("lease: {e}"))?;
+    if let Some(current) = current
+        && current.gateway != inner.bucket.gateway
+        && super::restore::now_secs().saturating_sub(current.time)
+            < super::restore::LEASE_LIVE.as_secs()
+    {
+        let why = format!(
+            "another gateway ({}) holds the volume's lease: it took the volume over",
+            current.gateway
+        );
+        fence(inner, why).await;
+        return Ok(());
+    }
+    super::restore::put_lease(&inner.bucket, &inner.sealer, &inner.id)
         .await
         .map_err(|e| format!("lease: {e}"))
 }
