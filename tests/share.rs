@@ -1413,8 +1413,14 @@ fn objects_other_tools_put_or_delete_show_up_after_a_refresh() {
         );
         put("r/docs/b.bin", big.clone(), &[]);
         put("elsewhere/c.txt", b"not the share's".to_vec(), &[]);
+        // A symlink as firn (and AWS's file tools) store one: its target as the body.
+        put(
+            "r/docs/link",
+            b"../elsewhere/c.txt".to_vec(),
+            &[("file-permissions", "120777"), ("file-owner", "7")],
+        );
         let report = share.refresh("").expect("refresh");
-        assert_eq!((report.added, report.removed), (2, 0), "{report:?}");
+        assert_eq!((report.added, report.removed), (3, 0), "{report:?}");
         let docs = share.lookup(share.root(), "docs").expect("docs");
         let a = share.lookup(docs, "a.txt").expect("a.txt");
         let attrs = share.attrs(a).expect("attrs");
@@ -1436,6 +1442,13 @@ fn objects_other_tools_put_or_delete_show_up_after_a_refresh() {
             "the default mode"
         );
         assert!(share.read(b, 0, 4 << 20).expect("read").0 == big);
+        let link = share.lookup(docs, "link").expect("link");
+        let attrs = share.attrs(link).expect("attrs");
+        assert_eq!((attrs.kind, attrs.uid), (Kind::Symlink, 7));
+        assert_eq!(
+            share.readlink(link).expect("readlink"),
+            "../elsewhere/c.txt"
+        );
         // Refreshing again changes nothing.
         assert_eq!(share.refresh("").expect("refresh"), Default::default());
         // A file here where another tool made a directory: the file stays, and the refresh

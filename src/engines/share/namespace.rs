@@ -438,6 +438,7 @@ impl Namespace {
     /// `create`, for a file or directory whose object is already in the bucket (`found`, by
     /// a refresh; a directory's is its marker, `a/b/`, which need not exist): it starts
     /// clean, with that object as its own.
+    #[allow(clippy::too_many_arguments)]
     pub fn create_found(
         &self,
         dir: u64,
@@ -445,9 +446,10 @@ impl Namespace {
         kind: Kind,
         attrs: NewAttrs,
         found: Uploaded,
+        target: Option<String>,
         prefix_len: usize,
     ) -> Result<(u64, Inode), ShareError> {
-        self.create_as(dir, name, kind, attrs, None, prefix_len, Some(found))
+        self.create_as(dir, name, kind, attrs, target, prefix_len, Some(found))
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -35,6 +35,16 @@ pub struct Refreshed {
 
 /// Mode, owner, group and modification time from an object's metadata; what is missing
 /// comes from `defaults`.
+/// The longest symlink target a refresh takes in (Linux's `PATH_MAX`).
+const MAX_TARGET: u64 = 4096;
+
+/// Whether `file-permissions` says symlink (`120777` and the like).
+fn symlink_mode(meta: &Meta) -> bool {
+    meta.get("file-permissions")
+        .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        .is_some_and(|mode| mode & 0o170000 == 0o120000)
+}
+
 pub(super) fn attrs_from(meta: &Meta, defaults: NewAttrs) -> NewAttrs {
     let number = |key: &str, radix: u32| {
         meta.get(key)
@@ -228,6 +238,7 @@ impl Share {
                     Kind::Dir,
                     attrs,
                     found,
+                    None,
                     self.info.prefix.len(),
                 ) {
                     Ok((id, _)) => Ok(id),
@@ -270,13 +281,26 @@ impl Share {
         };
         match self.ns.lookup(dir, name) {
             Err(ShareError::NotFound) => {
-                let attrs = attrs_from(&self.head_meta(path)?, self.default_attrs());
+                let meta = self.head_meta(path)?;
+                let attrs = attrs_from(&meta, self.default_attrs());
+                // A symlink (as firn and AWS's file tools write one): its body is the target.
+                let target = if symlink_mode(&meta) && (1..=MAX_TARGET).contains(&object.size) {
+                    self.symlink_target(path, object.size)?
+                } else {
+                    None
+                };
+                let kind = if target.is_some() {
+                    Kind::Symlink
+                } else {
+                    Kind::File
+                };
                 match self.ns.create_found(
                     dir,
                     name,
-                    Kind::File,
+                    kind,
                     attrs,
                     found,
+                    target,
                     self.info.prefix.len(),
                 ) {
                     Ok(_) => Ok(Some(true)),
@@ -352,6 +376,20 @@ impl Share {
             .block_on(self.remote.head(&key))
             .map_err(|e| ShareError::Io(format!("{key}: {e}")))?;
         Ok(info.map(|i| i.size))
+    }
+
+    /// The target a symlink's object holds, if it is one a symlink can have (UTF-8).
+    /// (A ranged read: whole-object reads demand firn's digest, which other tools' objects
+    /// lack.)
+    fn symlink_target(&self, path: &str, size: u64) -> Result<Option<String>, ShareError> {
+        let key = format!("{}{path}", self.info.prefix);
+        let body = self
+            .runtime
+            .block_on(self.remote.get_range(&key, 0..size))
+            .map_err(|e| ShareError::Io(format!("{key}: {e}")))?;
+        Ok(String::from_utf8(body.to_vec())
+            .ok()
+            .filter(|t| !t.is_empty() && !t.contains('\0')))
     }
 
     fn head_meta(&self, path: &str) -> Result<Meta, ShareError> {
