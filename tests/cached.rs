@@ -231,6 +231,22 @@ impl Gateway {
         serde_json::from_str(&self.firn(&["volume", "show", name])).expect("json")
     }
 
+    /// Waits (30 s at most) until volume `name` is fenced here; what `show` then says.
+    fn wait_fenced(&self, name: &str) -> serde_json::Value {
+        let started = Instant::now();
+        loop {
+            let shown = self.show(name);
+            if !shown["cache"]["fenced"].is_null() {
+                return shown;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the old gateway was not fenced: {shown:#}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Waits until every flush so far is committed to the bucket and, with an empty
     /// cache, until the uploaded data has left the local disk.
     fn wait_drained(&self, name: &str, evicted: bool) -> serde_json::Value {
@@ -1060,31 +1076,18 @@ fn a_gateway_taken_over_fences_itself_without_a_flush() {
     a.wait_drained("v", false);
     let b = Gateway::start(&dir.path().join("b"), &bucket, "");
     b.firn(&["volume", "takeover", "v", "--force"]);
-    let started = Instant::now();
-    let shown = loop {
-        let shown = a.show("v");
-        if !shown["cache"]["fenced"].is_null() {
-            break shown;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the old gateway was not fenced: {shown:#}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let shown = a.wait_fenced("v");
     let fenced = shown["cache"]["fenced"].as_str().unwrap_or_default();
     assert!(fenced.contains("took the volume over"), "{shown:#}");
     // The new one serves and commits, unfenced by the old one's renewals.
     qemu_io(&b.uri("v"), &["read -P 0x11 0 4M", "write -P 0x22 0 1M"]);
-    std::thread::sleep(restore_lease_renew());
+    std::thread::sleep(LEASE_RENEWED);
     let shown = b.wait_drained("v", false);
     assert!(shown["cache"]["fenced"].is_null(), "{shown:#}");
 }
 
 /// Longer than a lease renewal (10 s), so that each gateway has renewed (or tried) once.
-fn restore_lease_renew() -> Duration {
-    Duration::from_secs(11)
-}
+const LEASE_RENEWED: Duration = Duration::from_secs(11);
 
 #[test]
 fn a_takeover_fences_the_running_gateway_on_a_store_with_conditional_creates() {
@@ -1114,18 +1117,7 @@ fn a_takeover_fences_the_running_gateway_on_a_store_with_conditional_creates() {
 
     // A, still running, takes a write and a flush; its commit must be refused.
     qemu_io(&a.uri("v"), &["write -P 0x22 4M 1M"]);
-    let started = Instant::now();
-    let shown = loop {
-        let shown = a.show("v");
-        if !shown["cache"]["fenced"].is_null() {
-            break shown;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the old gateway was not fenced: {shown:#}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let shown = a.wait_fenced("v");
     let fenced = shown["cache"]["fenced"].as_str().unwrap_or_default();
     assert!(fenced.contains("another gateway"), "{shown:#}");
     assert_eq!(

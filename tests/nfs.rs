@@ -599,6 +599,11 @@ fn exchange(port: u16, record: &[u8]) -> Option<Vec<u8>> {
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
+    round_trip(&mut stream, record)
+}
+
+/// Sends one RPC record on `stream` and reads one back (or `None` if the server closed).
+fn round_trip(stream: &mut std::net::TcpStream, record: &[u8]) -> Option<Vec<u8>> {
     let mut framed = (0x8000_0000u32 | record.len() as u32)
         .to_be_bytes()
         .to_vec();
@@ -667,17 +672,7 @@ fn malformed_calls_get_errors_and_the_server_keeps_serving() {
 
 /// One NULL call on an open connection: its reply, `None` if the server closed it.
 fn null_call(stream: &mut std::net::TcpStream) -> Option<Vec<u8>> {
-    let record = call(100_003, 3, 0);
-    let mut framed = (0x8000_0000u32 | record.len() as u32)
-        .to_be_bytes()
-        .to_vec();
-    framed.extend_from_slice(&record);
-    stream.write_all(&framed).ok()?;
-    let mut header = [0u8; 4];
-    stream.read_exact(&mut header).ok()?;
-    let mut reply = vec![0; (u32::from_be_bytes(header) & 0x7fff_ffff) as usize];
-    stream.read_exact(&mut reply).ok()?;
-    Some(reply)
+    round_trip(stream, &call(100_003, 3, 0))
 }
 
 #[test]

@@ -688,22 +688,33 @@ mod tests {
             bytes.resize(bytes.len() + tail, 0);
             (bytes, end)
         };
-        let dir = tempfile::tempdir().unwrap();
+        // The segments' files in a fresh directory; the replay of it, and the record
+        // number after it.
+        let write_dir = |segments: [&[u8]; 2]| {
+            let dir = tempfile::tempdir().unwrap();
+            for (seq, bytes) in (1..).zip(segments) {
+                std::fs::write(dir.path().join(segment_name(seq)), bytes).unwrap();
+            }
+            dir
+        };
+        let replay_dir = |dir: &Path| {
+            let (mut map, mut salts, mut next) = (Map::new(), BTreeMap::new(), 1);
+            let replayed = replay(
+                dir,
+                &key,
+                Cut::default(),
+                0,
+                &mut map,
+                &mut salts,
+                &mut next,
+            )
+            .unwrap();
+            (replayed, next)
+        };
         let (first, first_end) = segment(1, 1, 1 << 20);
         let (second, _) = segment(2, 2, 0);
-        std::fs::write(dir.path().join(segment_name(1)), &first).unwrap();
-        std::fs::write(dir.path().join(segment_name(2)), &second).unwrap();
-        let (mut map, mut salts, mut next) = (Map::new(), BTreeMap::new(), 1);
-        let replayed = replay(
-            dir.path(),
-            &key,
-            Cut::default(),
-            0,
-            &mut map,
-            &mut salts,
-            &mut next,
-        )
-        .unwrap();
+        let dir = write_dir([&first, &second]);
+        let (replayed, next) = replay_dir(dir.path());
         // The first segment lost its end, so the second cannot follow it.
         assert_eq!(
             replayed.cut,
@@ -726,22 +737,10 @@ mod tests {
         );
 
         // The zeros in the newest segment: a clean end, cut away.
-        let dir = tempfile::tempdir().unwrap();
         let (first, _) = segment(1, 1, 0);
         let (second, second_end) = segment(2, 2, 1 << 20);
-        std::fs::write(dir.path().join(segment_name(1)), &first).unwrap();
-        std::fs::write(dir.path().join(segment_name(2)), &second).unwrap();
-        let (mut map, mut salts, mut next) = (Map::new(), BTreeMap::new(), 1);
-        let replayed = replay(
-            dir.path(),
-            &key,
-            Cut::default(),
-            0,
-            &mut map,
-            &mut salts,
-            &mut next,
-        )
-        .unwrap();
+        let dir = write_dir([&first, &second]);
+        let (replayed, next) = replay_dir(dir.path());
         assert_eq!(
             replayed.cut,
             Some(Cut {
