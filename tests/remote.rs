@@ -896,6 +896,38 @@ async fn an_object_without_its_digest_is_corrupt() {
     }
 }
 
+/// What goes through `Stack::sealed` (objects that verify themselves) is stored and read
+/// back as given, without a digest; `remote` would call it corrupt for lacking one.
+#[tokio::test]
+async fn the_sealed_stack_stores_no_digest() {
+    for b in backends() {
+        let stack = stacked(&b.store, None);
+        let body = random_bytes(100_000);
+        stack
+            .sealed
+            .put("sealed/a", body.clone(), Meta::new())
+            .await
+            .expect("sealed put");
+        let got = stack.sealed.get("sealed/a").await.expect("sealed get");
+        assert_eq!(got.body, body, "{}", b.name);
+        assert!(
+            !got.meta.contains_key("firn-blake3"),
+            "{}: {:?}",
+            b.name,
+            got.meta
+        );
+        assert!(
+            matches!(
+                stack.remote.get("sealed/a").await,
+                Err(Error::Corrupt { .. })
+            ),
+            "{}",
+            b.name
+        );
+        stack.sealed.delete("sealed/a").await.expect("delete");
+    }
+}
+
 #[tokio::test]
 async fn ranges_are_exact_or_errors() {
     for b in backends() {

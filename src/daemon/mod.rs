@@ -396,7 +396,8 @@ impl Gateway {
         // Nothing serves yet, so no volume can be half made.
         let settings = config.volumes.settings().map_err(anyhow::Error::msg)?;
         let volumes = Arc::new(volumes.with_bucket(BucketContext {
-            remote: remote.remote.clone(),
+            // Everything a cached volume stores is sealed, so its reader checks every byte.
+            remote: remote.sealed.clone(),
             runtime: tokio::runtime::Handle::current(),
             uploads: uploads.clone(),
             gateway: gateway_id.clone(),

@@ -196,6 +196,8 @@ pub struct Catalog {
 /// their uploads run on, this gateway's id, and their settings.
 #[derive(Clone, Debug)]
 pub struct BucketContext {
+    /// The bucket, without the remote layer's digests: all a cached volume stores is sealed,
+    /// and it checks the tags of what it reads (`remote::Stack::sealed`).
     pub remote: Arc<dyn crate::remote::Remote>,
     pub runtime: tokio::runtime::Handle,
     pub uploads: tokio::runtime::Handle,

@@ -181,7 +181,17 @@ async fn image(
             let object = bucket.remote.get(&bucket.segment_key(seq)).await?;
             let mut body: &[u8] = &object.body;
             if Some(seq) == last && commit.cut.segment == seq {
-                body = &body[..(commit.cut.end as usize).min(body.len())];
+                // Records up to the cut must all be there: a body cut short at a record's
+                // end would otherwise replay as a clean, shorter log.
+                if body.len() < commit.cut.end as usize {
+                    return Err(TakeoverError::Damaged(format!(
+                        "segment {seq} holds {} bytes, but commit {} cuts it at {}",
+                        body.len(),
+                        commit.n,
+                        commit.cut.end
+                    )));
+                }
+                body = &body[..commit.cut.end as usize];
             }
             let from = if seq == commit.checkpoint.segment {
                 commit.checkpoint.end as usize
