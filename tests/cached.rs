@@ -1086,6 +1086,43 @@ fn a_gateway_taken_over_fences_itself_without_a_flush() {
     assert!(shown["cache"]["fenced"].is_null(), "{shown:#}");
 }
 
+/// A commit's cut lies on a client's FLUSH: writes that no client flushed stay out of the
+/// bucket's image, even after they are uploaded and a checkpoint past them waits for a commit
+/// to name it (garbage collection marks a cut of its own only where a flush left the log).
+#[test]
+fn writes_no_client_flushed_stay_out_of_the_bucket_image() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let mut a = Gateway::start(&dir.path().join("a"), &bucket, "");
+    a.firn(&["volume", "create", "v", "--size", "16M"]);
+    qemu_io(&a.uri("v"), &["write -P 0x11 0 4M"]);
+    let commit = a.wait_drained("v", false)["cache"]["commit"].clone();
+    // Never flushed (fio sends no FLUSH here): its segments close by age and go up, and a
+    // checkpoint follows them.
+    run(
+        "fio",
+        &[
+            "--name=unflushed",
+            "--ioengine=nbd",
+            &format!("--uri={}", a.uri("v")),
+            "--rw=write",
+            "--bs=64k",
+            "--size=2M",
+            "--offset=1M",
+            "--buffer_pattern=0x55",
+        ],
+    );
+    a.wait_drained("v", false);
+    // Garbage collection runs every second here: time for a few passes.
+    std::thread::sleep(Duration::from_secs(4));
+    let shown = a.show("v");
+    assert_eq!(shown["cache"]["commit"], commit, "{shown:#}");
+    a.kill9();
+    let b = Gateway::start(&dir.path().join("b"), &bucket, "");
+    b.firn(&["volume", "takeover", "v", "--force"]);
+    qemu_io(&b.uri("v"), &["read -P 0x11 0 4M"]);
+}
+
 /// Longer than a lease renewal (10 s), so that each gateway has renewed (or tried) once.
 const LEASE_RENEWED: Duration = Duration::from_secs(11);
 

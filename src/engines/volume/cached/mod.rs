@@ -285,6 +285,9 @@ struct Writer {
     prewritten: bool,
     /// Flushes that synced the open segment.
     flushes: u64,
+    /// A record was placed after the position the newest flush cut the log at: a cut at
+    /// the end now would put writes no client flushed into the bucket's image.
+    unflushed: bool,
 }
 
 impl Writer {
@@ -581,6 +584,8 @@ impl CachedVolume {
                 prev: replayed.cut.unwrap_or(checkpoint_at),
                 prewritten: false,
                 flushes: 0,
+                // The log as found is the volume as it is now, whatever flushed it.
+                unflushed: false,
             }),
             map: RwLock::new(map),
             salts: RwLock::new(salts),
@@ -910,6 +915,7 @@ impl Inner {
         w.tickets += 1;
         w.end += bytes;
         w.next_record += 1;
+        w.unflushed = true;
         place
     }
 
@@ -985,11 +991,16 @@ impl Inner {
     /// record of no bytes) and a sync: the volume is as it was at the last flush, at a new
     /// position. A checkpoint garbage collection needs there then has a place (and a bucket
     /// key) of its own rather than that of the checkpoint the newest commit names, and the
-    /// next commit names it. `Ok(false)` if the open segment has no room for it now.
+    /// next commit names it. `Ok(false)` if the open segment has no room for it now, or if
+    /// records were written since the last flush: a cut after them would commit writes that
+    /// no client flushed, and the bucket's image is always the volume as of a FLUSH. The
+    /// client's next flush makes the cut instead.
     fn mark_cut(&self) -> BlockResult<bool> {
         let place = {
             let mut w = lock(&self.log);
-            if w.end > HEADER_LEN as u64 && w.end + HEADER_LEN as u64 > self.settings.segment_bytes
+            if w.unflushed
+                || (w.end > HEADER_LEN as u64
+                    && w.end + HEADER_LEN as u64 > self.settings.segment_bytes)
             {
                 return Ok(false);
             }
@@ -1151,7 +1162,11 @@ impl Inner {
         if let Some(e) = lock(&self.failed).as_ref() {
             return Err(BlockError::Io(format!("an earlier flush failed: {e}")));
         }
-        let target = lock(&self.log).position();
+        let target = {
+            let mut w = lock(&self.log);
+            w.unflushed &= !record_cut;
+            w.position()
+        };
         let mut synced = lock(&self.sync);
         if *synced >= target {
             // Synced already (by a concurrent flush, or the log's own sync).
@@ -1167,6 +1182,7 @@ impl Inner {
             files.push(w.file.clone());
             w.flushes += 1;
             let dir_dirty = std::mem::take(&mut w.dir_dirty);
+            w.unflushed &= !record_cut;
             (files, dir_dirty, w.position(), w.tickets)
         };
         // Records reserved before the cut but still being written would be holes under it.
