@@ -325,6 +325,29 @@ async fn a_scripted_client_works_the_namespace_and_gets_clear_errors() {
         exists,
         Nfs3Result::Err((nfsstat3::NFS3ERR_EXIST, _))
     ));
+    // An EXCLUSIVE create sent again with its verifier (its reply was lost) gets the file it
+    // made; with another verifier, EXIST.
+    let exclusive = |verf: [u8; 8]| CREATE3args {
+        where_: dirop(&a, "x.txt"),
+        how: createhow3::EXCLUSIVE(createverf3(verf)),
+    };
+    let mut made = Vec::new();
+    for verf in [*b"verifier", *b"verifier", *b"another!"] {
+        made.push(match c.create(&exclusive(verf)).await.expect("rpc") {
+            Nfs3Result::Ok(ok) => Ok(ok.obj),
+            Nfs3Result::Err((e, _)) => Err(e),
+        });
+    }
+    assert!(made[0].is_ok(), "{made:?}");
+    assert_eq!(made[1], made[0], "a retransmitted EXCLUSIVE create");
+    assert_eq!(made[2], Err(nfsstat3::NFS3ERR_EXIST));
+    let removed = c
+        .remove(&REMOVE3args {
+            object: dirop(&a, "x.txt"),
+        })
+        .await
+        .expect("rpc");
+    assert!(matches!(removed, Nfs3Result::Ok(_)));
     let long = "x".repeat(300);
     for (name, want) in [
         ("..", nfsstat3::NFS3ERR_INVAL),

@@ -592,16 +592,42 @@ fn create(server: &NfsServer, caller: Caller, args: CREATE3args) -> Vec<u8> {
         let (attrs, exclusive, then) = match &args.how {
             createhow3::UNCHECKED(a) => (a, false, set_attrs(a)),
             createhow3::GUARDED(a) => (a, true, set_attrs(a)),
-            // The verifier is not kept: a retried EXCLUSIVE create finds the file and
-            // fails with EXIST, which clients take as the file being there.
             createhow3::EXCLUSIVE(_) => (&sattr3::default(), true, SetAttrs::default()),
+        };
+        let verifier = match &args.how {
+            createhow3::EXCLUSIVE(verf) => Some(verifier_times(verf)),
+            _ => None,
         };
         let (mode, uid, gid) = owner(&share, caller, attrs);
         let parent = target(&share, dir).map_err(fail)?;
         permit(who(&share, &caller).may(&parent, perm::WRITE | perm::EXEC)).map_err(fail)?;
-        let made = share
-            .create(dir, &name, mode, uid, gid, exclusive)
-            .map_err(|e| fail(status(&e)))?;
+        let made = match share.create(dir, &name, mode, uid, gid, exclusive) {
+            Ok(made) => {
+                if let Some((atime_ns, mtime_ns)) = verifier {
+                    let times = SetAttrs {
+                        atime_ns: Some(atime_ns),
+                        mtime_ns: Some(mtime_ns),
+                        ..SetAttrs::default()
+                    };
+                    share
+                        .setattr(made.fileid, times)
+                        .map_err(|e| fail(status(&e)))?;
+                }
+                made
+            }
+            // The same EXCLUSIVE create again (its reply was lost): the file it made.
+            Err(ShareError::Exists) if verifier.is_some() => {
+                let found = share
+                    .lookup(dir, &name)
+                    .and_then(|id| share.attrs(id))
+                    .map_err(|e| fail(status(&e)))?;
+                if found.kind != Kind::File || Some((found.atime_ns, found.mtime_ns)) != verifier {
+                    return Err(fail(nfsstat3::NFS3ERR_EXIST));
+                }
+                found
+            }
+            Err(e) => return Err(fail(status(&e))),
+        };
         // A size asked for at create (usually 0: truncate an existing file).
         if then.size.is_some() {
             let file = target(&share, made.fileid).map_err(fail)?;
@@ -624,6 +650,16 @@ fn create(server: &NfsServer, caller: Caller, args: CREATE3args) -> Vec<u8> {
         Ok(ok) => CREATE3res::Ok(ok),
         Err(e) => CREATE3res::Err(e),
     })
+}
+
+/// Where an EXCLUSIVE create's verifier is kept, as other NFSv3 servers keep it: the new
+/// file's access and modification times, whole seconds from each half. A retransmitted create
+/// finds them and gets the file it made; any other finds EXIST. The client then sets the
+/// file's real attributes (RFC 1813, 3.3.8), which replaces them.
+fn verifier_times(verf: &createverf3) -> (u64, u64) {
+    let [a0, a1, a2, a3, m0, m1, m2, m3] = verf.0;
+    let seconds = |b: [u8; 4]| u64::from(u32::from_be_bytes(b)) * 1_000_000_000;
+    (seconds([a0, a1, a2, a3]), seconds([m0, m1, m2, m3]))
 }
 
 fn mkdir(server: &NfsServer, caller: Caller, args: MKDIR3args) -> Vec<u8> {
