@@ -330,8 +330,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => {
             let uploads = upload_runtime(config.remote.upload_nice)?;
             let served = rt.block_on(crate::daemon::serve(config, uploads.handle().clone()));
-            // The volumes and shares have stopped their uploads by now.
-            uploads.shutdown_background();
+            // The volumes and shares have stopped their uploads by now, and nothing waits
+            // on the limiter; the blocking threads still finishing (a put cleaning up what
+            // it staged) get a moment.
+            uploads.shutdown_timeout(std::time::Duration::from_secs(3));
             served
         }
         Command::Status { json } => {

@@ -747,6 +747,9 @@ pub async fn serve(config: Config, uploads: tokio::runtime::Handle) -> anyhow::R
     gateway.shares.close();
     // Transfers waiting for a paused or slow uplink give up: nothing holds the stop.
     gateway.remote.limiter.close();
+    if !gateway.remote.limiter.settled(Duration::from_secs(2)).await {
+        tracing::warn!("a transfer still waited for the bandwidth limit 2 s after the stop");
+    }
     // The last second's refused calls.
     gateway.audit.flush_refused(true);
     println!("firn stopped");

@@ -225,6 +225,17 @@ pub struct Limiter {
     changed: tokio::sync::Notify,
     /// The gateway is stopping: nothing waits any more (`close`).
     closed: std::sync::atomic::AtomicBool,
+    /// Calls of `acquire` in progress (`settled`).
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts one call of `acquire` while it lasts, however it ends.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl Limiter {
@@ -241,6 +252,7 @@ impl Limiter {
             download: bucket(),
             changed: tokio::sync::Notify::new(),
             closed: std::sync::atomic::AtomicBool::new(false),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -269,6 +281,9 @@ impl Limiter {
     /// force at each slice. `false` if the limiter was closed instead (the gateway is
     /// stopping): the bytes should not move.
     pub async fn acquire(&self, direction: Direction, bytes: u64) -> bool {
+        self.waiting
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let _waiting = Waiting(&self.waiting);
         let mut left = bytes;
         while left > 0 {
             let slice = left.min(SLICE as u64);
@@ -286,6 +301,21 @@ impl Limiter {
         self.closed
             .store(true, std::sync::atomic::Ordering::Release);
         self.changed.notify_waiters();
+    }
+
+    /// After `close`: waits, `within` at most, until every wait in progress has seen it.
+    /// Whether none is left. A wait on a blocking thread (the directory store's) runs on the
+    /// timers of the runtime that thread belongs to, and a timer polled once that runtime
+    /// shut down panics: the caller stops the runtime only after this.
+    pub async fn settled(&self, within: Duration) -> bool {
+        let started = Instant::now();
+        while self.waiting.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            if started.elapsed() >= within {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
     }
 
     async fn acquire_slice(&self, direction: Direction, bytes: u64) -> bool {
