@@ -908,6 +908,47 @@ fn a_disk_filled_by_the_cache_gives_the_log_its_room_back() {
     fio(&g.uri("v"), &strs(&verify));
 }
 
+/// `[local] min_free` holds for cached volumes too: clean data goes, whatever `cache_max`
+/// allows, to keep that much of the disk free, and reads back from the bucket.
+#[test]
+fn the_cache_leaves_min_free_on_the_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mnt, _teardown) = common::ext4_of(dir.path(), 64);
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let mut g = Gateway::start_with(
+        &dir.path().join("a"),
+        &bucket,
+        "8MiB",
+        Some(&mnt.join("data")),
+        "",
+    );
+    let text = std::fs::read_to_string(&g.config).expect("config");
+    let text = text
+        .replace("cache_max = \"0\"", "cache_max = \"1GiB\"")
+        .replace("min_free = \"0\"", "min_free = \"24MiB\"");
+    std::fs::write(&g.config, text).expect("config");
+    g.restart();
+    g.firn(&["volume", "create", "v", "--size", "64M"]);
+    qemu_io(&g.uri("v"), &["write -P 0x33 0 40M"]);
+    g.wait_drained("v", false);
+    let free = || {
+        let stat = nix::sys::statvfs::statvfs(&mnt).expect("statvfs");
+        stat.blocks_available() * stat.fragment_size()
+    };
+    // Eviction follows the uploads by a step or two.
+    let started = Instant::now();
+    while free() < 23 << 20 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{} MiB free, under min_free: {:#}",
+            free() >> 20,
+            g.show("v")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    qemu_io(&g.uri("v"), &["read -P 0x33 0 40M"]);
+}
+
 /// SIGTERM while writes wait for room in a full log (the bucket out of reach for good):
 /// firn stops after its grace for clients, the waiting writes failing unacknowledged.
 #[test]

@@ -315,6 +315,8 @@ impl VolumesConfig {
             gc_live_percent: self.gc_live_percent,
             gc_interval: Duration::from_secs(self.gc_interval_secs),
             gc_grace: Duration::from_secs(self.gc_grace_secs),
+            // `[local] min_free`, set by the daemon.
+            min_free: 0,
         })
     }
 }

@@ -394,7 +394,10 @@ impl Gateway {
         let (audit, recovery) = audit::Audit::open(&data_dir.join("audit.log"))?;
         audit::report_recovery(audit.path(), &recovery);
         // Nothing serves yet, so no volume can be half made.
-        let settings = config.volumes.settings().map_err(anyhow::Error::msg)?;
+        let settings = crate::engines::volume::cached::Settings {
+            min_free: config.local.min_free.0,
+            ..config.volumes.settings().map_err(anyhow::Error::msg)?
+        };
         let volumes = Arc::new(volumes.with_bucket(BucketContext {
             // Everything a cached volume stores is sealed, so its reader checks every byte.
             remote: remote.sealed.clone(),

@@ -153,6 +153,9 @@ pub struct Settings {
     /// How long an object stays in the bucket after nothing names it any more (a reader
     /// that looked it up just before may still fetch it).
     pub gc_grace: Duration,
+    /// Space kept free on the data directory's file system (`[local] min_free`): clean data
+    /// is evicted below it, whatever `cache_max` allows.
+    pub min_free: u64,
 }
 
 impl Default for Settings {
@@ -167,6 +170,7 @@ impl Default for Settings {
             gc_live_percent: 50,
             gc_interval: Duration::from_secs(60),
             gc_grace: Duration::from_secs(600),
+            min_free: 0,
         }
     }
 }

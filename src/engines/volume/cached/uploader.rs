@@ -318,18 +318,19 @@ pub(super) async fn fence(inner: &Arc<Inner>, why: String) {
 
 /// Writes a checkpoint of the map when one is due: every `checkpoint_segments` uploaded
 /// segments, or sooner when the cache is over its size (or the disk too full for the log's
-/// reserve) and nothing in it may go (only
+/// reserve, or under `[local] min_free`) and nothing in it may go (only
 /// segments before the newest checkpoint's may). The map is taken as it stands, under the
 /// log's lock, and the log is synced past that point before the checkpoint names it.
 async fn write_checkpoint(inner: &Arc<Inner>) -> Result<bool, String> {
     let short = lock(&inner.reserve).short();
+    let below = below_min_free(inner).await;
     let due = {
         let state = lock(&inner.state);
         let behind = state
             .progress
             .uploaded
             .saturating_sub(state.checkpoint.segment);
-        let stuck = (state.local_bytes > inner.settings.cache_max || short > 0)
+        let stuck = (state.local_bytes > inner.settings.cache_max || short > 0 || below > 0)
             && state
                 .cached
                 .range(..state.checkpoint.segment)
@@ -629,17 +630,36 @@ async fn refill_reserve(inner: &Arc<Inner>) {
 /// Deletes the oldest clean segment files while the cache is over its size, or while the disk
 /// is too full for the log's reserve to grow back (`Reserve::short`). Only segments a
 /// local checkpoint covers go: a restart never needs to replay them.
+/// How far the data directory's file system is under `[local] min_free` (0 when it is not,
+/// or cannot be measured).
+async fn below_min_free(inner: &Arc<Inner>) -> u64 {
+    let min_free = inner.settings.min_free;
+    if min_free == 0 {
+        return 0;
+    }
+    let dir = inner.dir.clone();
+    blocking(move || {
+        nix::sys::statvfs::statvfs(&dir)
+            .map(|stat| min_free.saturating_sub(stat.blocks_available() * stat.fragment_size()))
+            .unwrap_or(0)
+    })
+    .await
+}
+
 async fn evict(inner: &Arc<Inner>) -> Result<bool, String> {
     // Accounted for first, deleted after: frames a read fetches meanwhile into a segment
     // being evicted are counted anew, in a file that a later eviction finds.
     let short = lock(&inner.reserve).short();
+    let below = below_min_free(inner).await;
     let victims: Vec<u64> = {
         let mut state = lock(&inner.state);
-        // Over the cache's bound, or the disk too full for the log's reserve.
+        // Over the cache's bound, the disk too full for the log's reserve, or its free
+        // space under `[local] min_free`.
         let mut over = state
             .local_bytes
             .saturating_sub(inner.settings.cache_max)
-            .max(short);
+            .max(short)
+            .max(below);
         if over == 0 {
             return Ok(false);
         }
