@@ -146,6 +146,17 @@ impl Gateway {
         g
     }
 
+    /// Replaces `from` with `to` in the config, each pair once, and restarts.
+    fn reconfigure(&mut self, changes: &[(&str, &str)]) {
+        let mut text = std::fs::read_to_string(&self.config).expect("config");
+        for (from, to) in changes {
+            assert!(text.contains(from), "{from:?} is not in the config");
+            text = text.replacen(from, to, 1);
+        }
+        std::fs::write(&self.config, text).expect("config");
+        self.restart();
+    }
+
     fn restart(&mut self) {
         self.daemon = None;
         let env = [("FIRN_MASTER_KEY", KEY), ("FIRN_PASSPHRASE", PASSPHRASE)];
@@ -878,13 +889,7 @@ fn a_disk_filled_by_the_cache_gives_the_log_its_room_back() {
         Some(&mnt.join("data")),
         "",
     );
-    let text = std::fs::read_to_string(&g.config).expect("config");
-    std::fs::write(
-        &g.config,
-        text.replace("cache_max = \"0\"", "cache_max = \"1GiB\""),
-    )
-    .expect("config");
-    g.restart();
+    g.reconfigure(&[("cache_max = \"0\"", "cache_max = \"1GiB\"")]);
     g.firn(&["volume", "create", "v", "--size", "160M"]);
     let job = fio_verified("128M", "1M", &["--fsync=4", "--end_fsync=1"]);
     let mut writer = fio_spawn(&g.uri("v"), &job);
@@ -922,12 +927,10 @@ fn the_cache_leaves_min_free_on_the_disk() {
         Some(&mnt.join("data")),
         "",
     );
-    let text = std::fs::read_to_string(&g.config).expect("config");
-    let text = text
-        .replace("cache_max = \"0\"", "cache_max = \"1GiB\"")
-        .replace("min_free = \"0\"", "min_free = \"24MiB\"");
-    std::fs::write(&g.config, text).expect("config");
-    g.restart();
+    g.reconfigure(&[
+        ("cache_max = \"0\"", "cache_max = \"1GiB\""),
+        ("min_free = \"0\"", "min_free = \"24MiB\""),
+    ]);
     g.firn(&["volume", "create", "v", "--size", "64M"]);
     qemu_io(&g.uri("v"), &["write -P 0x33 0 40M"]);
     g.wait_drained("v", false);
@@ -1102,16 +1105,10 @@ fn a_gateway_taken_over_fences_itself_without_a_flush() {
     let bucket = Bucket::Dir(dir.path().join("bucket"));
     let mut a = Gateway::start(&dir.path().join("a"), &bucket, "");
     // No garbage collection on A, whose sweep would notice B's commit.
-    let text = std::fs::read_to_string(&a.config).expect("config");
-    std::fs::write(
-        &a.config,
-        text.replace(
-            "gc_interval_secs = 1\n",
-            "gc_interval_secs = 40\ngc_grace_secs = 600\n",
-        ),
-    )
-    .expect("config");
-    a.restart();
+    a.reconfigure(&[(
+        "gc_interval_secs = 1\n",
+        "gc_interval_secs = 40\ngc_grace_secs = 600\n",
+    )]);
     a.firn(&["volume", "create", "v", "--size", "16M"]);
     qemu_io(&a.uri("v"), &["write -P 0x11 0 4M"]);
     a.wait_drained("v", false);
