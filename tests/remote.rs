@@ -1240,6 +1240,39 @@ async fn relay_to(upstream: &str) -> Relay {
     Relay { endpoint, sent }
 }
 
+/// Paused uploads hold S3 requests unsent: nothing reaches the store while the pause lasts
+/// (no PUT waits there with its body half sent until a timeout ends it), and the put goes
+/// through once uploads resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_upload_sends_nothing_until_it_resumes() {
+    let Some(mut options) = s3_options() else {
+        return;
+    };
+    let relay = relay_to(options.endpoint.as_deref().expect("endpoint")).await;
+    options.endpoint = Some(relay.endpoint.clone());
+    let limiter = Arc::new(Limiter::new(
+        toml::from_str("upload = \"paused\"").expect("policy"),
+    ));
+    let store = Arc::new(S3Store::new(&options, limiter.clone()).expect("s3 store"));
+    let body = random_bytes(1 << 20);
+    let put = tokio::spawn({
+        let (store, body) = (store.clone(), body.clone());
+        async move { store.put("paused/a", body, Meta::new()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sent: usize = relay.sent.lock().expect("log").iter().map(|(_, n)| n).sum();
+    assert_eq!(sent, 0, "bytes reached the store while uploads were paused");
+    assert!(!put.is_finished());
+    limiter.set_policy(Policy::default());
+    tokio::time::timeout(Duration::from_secs(30), put)
+        .await
+        .expect("the put ends once uploads resume")
+        .expect("task")
+        .expect("put");
+    assert_eq!(store.get("paused/a").await.expect("get").body, body);
+    store.delete("paused/a").await.expect("delete");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_limit_holds_at_the_store_through_errors() {
     let Some(mut options) = s3_options() else {

@@ -295,6 +295,16 @@ impl Limiter {
         true
     }
 
+    /// Waits while `direction` is paused (or in debt to its rate). `false` if the limiter was
+    /// closed instead. A request waits here before it is sent, so that a pause holds no
+    /// request open at the store, to time out there with its body half sent.
+    pub async fn wait_open(&self, direction: Direction) -> bool {
+        self.waiting
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let _waiting = Waiting(&self.waiting);
+        self.acquire_slice(direction, 0).await
+    }
+
     /// Ends every wait, now and later (`acquire` answers `false`): the gateway is stopping,
     /// and transfers waiting for a paused or slow uplink give up rather than hold it up.
     pub fn close(&self) {

@@ -609,6 +609,15 @@ impl HttpService for LimitedHttp {
         let charge_up = (parts.method == http::Method::PUT).then(|| self.limiter.clone());
         let charge_down =
             (parts.method == http::Method::GET && !listing).then(|| self.limiter.clone());
+        // While a direction is paused its requests wait here, unsent: sent, a PUT would stall
+        // mid-body and a GET mid-answer, each until the store or the read timeout ends it.
+        // Closed (the gateway stopping), the request goes, as its body's slices do.
+        if let Some(limiter) = &charge_up {
+            limiter.wait_open(Direction::Upload).await;
+        }
+        if let Some(limiter) = &charge_down {
+            limiter.wait_open(Direction::Download).await;
+        }
         let url = reqwest::Url::parse(&parts.uri.to_string())
             .map_err(|e| HttpError::new(HttpErrorKind::Unknown, e))?;
         let mut outgoing = reqwest::Request::new(parts.method, url);
