@@ -639,8 +639,15 @@ fn status_counts_what_waits_to_go_up() {
     }
 }
 
+/// Large files are read for their upload as it goes, small ones whole before it: both ways.
 #[test]
 fn a_file_changing_during_its_upload_is_never_stored_torn() {
+    for len in [8 << 20, 64 << 10] {
+        a_file_of_len_changing_during_its_upload_is_never_stored_torn(len);
+    }
+}
+
+fn a_file_of_len_changing_during_its_upload_is_never_stored_torn(len: usize) {
     for mut rig in rigs(Duration::ZERO) {
         let torn = Arc::new(std::sync::atomic::AtomicU64::new(0));
         rig.remote = Arc::new(Inspecting {
@@ -657,19 +664,22 @@ fn a_file_changing_during_its_upload_is_never_stored_torn() {
         let f = share
             .create(share.root(), "f", 0o644, 0, 0, true)
             .expect("create");
-        const LEN: usize = 8 << 20;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        // Each write replaces the whole file with one byte value: any object that mixes
-        // two values was read while a write was under way.
+        // Each round replaces the whole file with one byte value: any object that mixes
+        // two values was read while a round was under way.
         let writer = {
             let (share, stop) = (share.clone(), stop.clone());
             std::thread::spawn(move || {
                 let mut value = 0u8;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     value = value.wrapping_add(1);
-                    share
-                        .write(f.fileid, 0, &vec![value; LEN], false)
-                        .expect("write");
+                    // A small file in 4 KiB writes, so that a read can fall between two.
+                    let piece = if len > 1 << 20 { len } else { 4096 };
+                    for at in (0..len).step_by(piece) {
+                        share
+                            .write(f.fileid, at as u64, &vec![value; piece], false)
+                            .expect("write");
+                    }
                     share.commit(f.fileid).expect("commit");
                     // Now and then quiet for longer than an upload takes, so some finish.
                     let pause = if rand::random_bool(0.2) {
@@ -687,7 +697,7 @@ fn a_file_changing_during_its_upload_is_never_stored_torn() {
         while started.elapsed() < Duration::from_secs(4) {
             // Empty is the file as created, uploaded before the first write reached it.
             if let Some((body, _)) = rig.get("t/f").filter(|(body, _)| !body.is_empty()) {
-                assert_eq!(body.len(), LEN);
+                assert_eq!(body.len(), len);
                 assert!(
                     body.iter().all(|&b| b == body[0]),
                     "a torn object: it mixes {} and others",

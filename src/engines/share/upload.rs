@@ -21,6 +21,10 @@ use crate::remote::{self, Body, Meta};
 const BATCH: usize = 64;
 /// Files uploading at once.
 const CONCURRENCY: usize = 8;
+/// Files up to this size are read whole with their attributes, in the same hop to a blocking
+/// thread, and go up from memory: for small files the hops cost more than the bytes (the
+/// digest's read and the upload's each took one). At most `CONCURRENCY` of them are held.
+const READ_WHOLE: u64 = 256 << 10;
 /// How often the local bytes of clean files are checked against `cache_max`.
 const EVICT_EVERY: Duration = Duration::from_secs(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -149,10 +153,22 @@ async fn upload(share: &Arc<Share>, id: u64, generation: u64) -> Result<bool, St
             Kind::File => Some(share.content(id)?),
             _ => None,
         };
-        Ok((inode, path, attrs, file))
+        // Read between two looks at the file's generation, as `Content` reads: `None` if it
+        // changed, and it stays dirty.
+        let whole = match &file {
+            Some(file) if attrs.size <= READ_WHOLE => {
+                use std::os::unix::fs::FileExt;
+                let unchanged = || unchanged(share, id, generation);
+                let mut buf = vec![0; attrs.size as usize];
+                let read = unchanged() && file.read_exact_at(&mut buf, 0).is_ok() && unchanged();
+                Some(read.then(|| Bytes::from(buf)))
+            }
+            _ => None,
+        };
+        Ok((inode, path, attrs, file, whole))
     })
     .await;
-    let (inode, path, attrs, file) = match found {
+    let (inode, path, attrs, file, whole) = match found {
         Ok(found) => found,
         Err(e) if e.starts_with("gone:") => {
             lock(&share.dirty).remove(&id);
@@ -171,8 +187,10 @@ async fn upload(share: &Arc<Share>, id: u64, generation: u64) -> Result<bool, St
     };
     let key = format!("{}{path}", share.info.prefix);
     let mut content = None;
-    let body: Arc<dyn Body> = match (inode.kind, file) {
-        (Kind::File, Some(file)) => {
+    let body: Arc<dyn Body> = match (inode.kind, file, whole) {
+        (Kind::File, _, Some(None)) => return Ok(false),
+        (Kind::File, _, Some(Some(bytes))) => Arc::new(bytes),
+        (Kind::File, Some(file), None) => {
             let body = Arc::new(Content {
                 file,
                 len: attrs.size,
@@ -184,8 +202,8 @@ async fn upload(share: &Arc<Share>, id: u64, generation: u64) -> Result<bool, St
             content = Some(body.clone());
             body
         }
-        (Kind::Symlink, _) => Arc::new(Bytes::from(inode.target.clone().unwrap_or_default())),
-        (Kind::Dir, _) => Arc::new(Bytes::new()),
+        (Kind::Symlink, ..) => Arc::new(Bytes::from(inode.target.clone().unwrap_or_default())),
+        (Kind::Dir, ..) => Arc::new(Bytes::new()),
         _ => {
             lock(&share.dirty).remove(&id);
             return Ok(false);
@@ -300,11 +318,16 @@ struct Content {
     gathered: Option<super::blocks::Gathered>,
 }
 
+/// Whether file `id` is still as it was at `generation`, with no write in progress.
+fn unchanged(share: &Share, id: u64, generation: u64) -> bool {
+    lock(&share.dirty)
+        .get(&id)
+        .is_some_and(|d| d.generation == generation && d.writing == 0)
+}
+
 impl Content {
     fn unchanged(&self) -> bool {
-        lock(&self.share.dirty)
-            .get(&self.id)
-            .is_some_and(|d| d.generation == self.generation && d.writing == 0)
+        unchanged(&self.share, self.id, self.generation)
     }
 }
 
