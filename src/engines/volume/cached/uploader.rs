@@ -318,19 +318,21 @@ pub(super) async fn fence(inner: &Arc<Inner>, why: String) {
 
 /// Writes a checkpoint of the map when one is due: every `checkpoint_segments` uploaded
 /// segments, or sooner when the cache is over its size (or the disk too full for the log's
-/// reserve, or under `[local] min_free`) and nothing in it may go (only
+/// reserve) and nothing in it may go (only
 /// segments before the newest checkpoint's may). The map is taken as it stands, under the
 /// log's lock, and the log is synced past that point before the checkpoint names it.
 async fn write_checkpoint(inner: &Arc<Inner>) -> Result<bool, String> {
     let short = lock(&inner.reserve).short();
-    let below = below_min_free(inner).await;
     let due = {
         let state = lock(&inner.state);
         let behind = state
             .progress
             .uploaded
             .saturating_sub(state.checkpoint.segment);
-        let stuck = (state.local_bytes > inner.settings.cache_max || short > 0 || below > 0)
+        // Not for `[local] min_free`: a disk kept under it by other files would then cost a
+        // checkpoint (the whole map) per segment; what stays is the segments since the newest
+        // checkpoint, `checkpoint_segments` at most.
+        let stuck = (state.local_bytes > inner.settings.cache_max || short > 0)
             && state
                 .cached
                 .range(..state.checkpoint.segment)
