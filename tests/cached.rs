@@ -874,22 +874,36 @@ fn writes_wait_for_room_in_a_full_log_during_an_outage() {
     fio(&g.uri("v"), &strs(&verify));
 }
 
+/// A gateway in `dir` whose data directory is on a 64 MiB ext4 of its own (the mount point
+/// returned), with the log capped at `log_max`, a cache allowed far more than the disk holds,
+/// and `changes` to its config. The gateway goes first, then the file system.
+fn on_small_disk(
+    dir: &Path,
+    log_max: &str,
+    changes: &[(&str, &str)],
+) -> (PathBuf, common::Teardown, Gateway) {
+    let (mnt, teardown) = common::ext4_of(dir, 64);
+    let bucket = Bucket::Dir(dir.join("bucket"));
+    let mut g = Gateway::start_with(
+        &dir.join("a"),
+        &bucket,
+        log_max,
+        Some(&mnt.join("data")),
+        "",
+    );
+    let mut all = vec![("cache_max = \"0\"", "cache_max = \"1GiB\"")];
+    all.extend_from_slice(changes);
+    g.reconfigure(&all);
+    (mnt, teardown, g)
+}
+
 /// The data directory on a 64 MiB disk, the log's reserve taking 18 MiB of it, and a cache
 /// allowed far more than the disk holds: once uploaded segments fill the disk, they are
 /// evicted to give the reserve its room back, and the writes (waiting meanwhile) go on.
 #[test]
 fn a_disk_filled_by_the_cache_gives_the_log_its_room_back() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mnt, _teardown) = common::ext4_of(dir.path(), 64);
-    let bucket = Bucket::Dir(dir.path().join("bucket"));
-    let mut g = Gateway::start_with(
-        &dir.path().join("a"),
-        &bucket,
-        "18MiB",
-        Some(&mnt.join("data")),
-        "",
-    );
-    g.reconfigure(&[("cache_max = \"0\"", "cache_max = \"1GiB\"")]);
+    let (_mnt, _teardown, g) = on_small_disk(dir.path(), "18MiB", &[]);
     g.firn(&["volume", "create", "v", "--size", "160M"]);
     let job = fio_verified("128M", "1M", &["--fsync=4", "--end_fsync=1"]);
     let mut writer = fio_spawn(&g.uri("v"), &job);
@@ -918,19 +932,11 @@ fn a_disk_filled_by_the_cache_gives_the_log_its_room_back() {
 #[test]
 fn the_cache_leaves_min_free_on_the_disk() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mnt, _teardown) = common::ext4_of(dir.path(), 64);
-    let bucket = Bucket::Dir(dir.path().join("bucket"));
-    let mut g = Gateway::start_with(
-        &dir.path().join("a"),
-        &bucket,
+    let (mnt, _teardown, g) = on_small_disk(
+        dir.path(),
         "8MiB",
-        Some(&mnt.join("data")),
-        "",
+        &[("min_free = \"0\"", "min_free = \"24MiB\"")],
     );
-    g.reconfigure(&[
-        ("cache_max = \"0\"", "cache_max = \"1GiB\""),
-        ("min_free = \"0\"", "min_free = \"24MiB\""),
-    ]);
     g.firn(&["volume", "create", "v", "--size", "64M"]);
     qemu_io(&g.uri("v"), &["write -P 0x33 0 40M"]);
     g.wait_drained("v", false);

@@ -281,9 +281,7 @@ impl Limiter {
     /// force at each slice. `false` if the limiter was closed instead (the gateway is
     /// stopping): the bytes should not move.
     pub async fn acquire(&self, direction: Direction, bytes: u64) -> bool {
-        self.waiting
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let _waiting = Waiting(&self.waiting);
+        let _waiting = self.waiting();
         let mut left = bytes;
         while left > 0 {
             let slice = left.min(SLICE as u64);
@@ -299,9 +297,7 @@ impl Limiter {
     /// closed instead. A request waits here before it is sent, so that a pause holds no
     /// request open at the store, to time out there with its body half sent.
     pub async fn wait_open(&self, direction: Direction) -> bool {
-        self.waiting
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let _waiting = Waiting(&self.waiting);
+        let _waiting = self.waiting();
         self.acquire_slice(direction, 0).await
     }
 
@@ -326,6 +322,13 @@ impl Limiter {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         true
+    }
+
+    /// Counts a wait in progress until the guard goes.
+    fn waiting(&self) -> Waiting<'_> {
+        self.waiting
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Waiting(&self.waiting)
     }
 
     async fn acquire_slice(&self, direction: Direction, bytes: u64) -> bool {
