@@ -10,7 +10,7 @@ pub mod environment;
 pub mod keys;
 pub mod secret;
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use rand::RngCore;
 
@@ -131,28 +131,70 @@ impl Sealer {
             Some(c) => (FLAG_ZSTD, c.as_slice()),
             None => (0, plain),
         };
+        let mut sealed = self.header(flags, plain.len() as u64, HEADER_LEN + body.len() + TAG_LEN);
+        sealed.extend_from_slice(body);
+        drop(compressed);
+        self.encrypt(sealed, context)
+    }
+
+    /// `seal` of the `plain_len` bytes that `write` produces, compressed as they come: a
+    /// large object (a volume's checkpoint, written from its live map) is never in memory
+    /// whole before it is compressed. Always compressed; an error if `write` fails or
+    /// produces another length.
+    pub fn seal_streamed(
+        &self,
+        context: &[u8],
+        plain_len: u64,
+        write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> std::io::Result<Vec<u8>> {
+        use std::io::Error;
+        if plain_len > MAX_PLAIN_LEN {
+            return Err(Error::other(format!(
+                "{plain_len} bytes: more than a seal holds"
+            )));
+        }
+        let sealed = self.header(FLAG_ZSTD, plain_len, HEADER_LEN + 4096);
+        let mut encoder = zstd::stream::Encoder::new(sealed, ZSTD_LEVEL)?;
+        encoder.set_pledged_src_size(Some(plain_len))?;
+        let mut counted = Counted {
+            inner: &mut encoder,
+            bytes: 0,
+        };
+        write(&mut counted)?;
+        if counted.bytes != plain_len {
+            return Err(Error::other(format!(
+                "{} bytes written to a seal of {plain_len}",
+                counted.bytes
+            )));
+        }
+        Ok(self.encrypt(encoder.finish()?, context))
+    }
+
+    /// A sealed object's header, in a buffer with room for `capacity` bytes.
+    fn header(&self, flags: u8, plain_len: u64, capacity: usize) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
-        let mut header = Vec::with_capacity(HEADER_LEN + body.len() + TAG_LEN);
-        header.extend_from_slice(MAGIC);
-        header.extend_from_slice(&[VERSION, ALGORITHM_XCHACHA20_POLY1305, flags, 0]);
-        header.extend_from_slice(&self.key_id.to_le_bytes());
-        header.extend_from_slice(&(plain.len() as u64).to_le_bytes());
-        header.extend_from_slice(&nonce);
-        let aad = [header.as_slice(), context].concat();
-        let ciphertext = self
+        let mut sealed = Vec::with_capacity(capacity);
+        sealed.extend_from_slice(MAGIC);
+        sealed.extend_from_slice(&[VERSION, ALGORITHM_XCHACHA20_POLY1305, flags, 0]);
+        sealed.extend_from_slice(&self.key_id.to_le_bytes());
+        sealed.extend_from_slice(&plain_len.to_le_bytes());
+        sealed.extend_from_slice(&nonce);
+        sealed
+    }
+
+    /// Encrypts the body after the header in place and appends the tag: the object is in
+    /// memory once as it is sealed.
+    fn encrypt(&self, mut sealed: Vec<u8>, context: &[u8]) -> Vec<u8> {
+        let aad = [&sealed[..HEADER_LEN], context].concat();
+        let nonce = *XNonce::from_slice(&sealed[20..HEADER_LEN]);
+        let tag = self
             .cipher()
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: body,
-                    aad: &aad,
-                },
-            )
+            .encrypt_in_place_detached(&nonce, &aad, &mut sealed[HEADER_LEN..])
             // XChaCha20-Poly1305 fails only for messages beyond 256 GiB.
             .unwrap_or_else(|_| unreachable!("message within XChaCha20-Poly1305 limits"));
-        header.extend_from_slice(&ciphertext);
-        header
+        sealed.extend_from_slice(&tag);
+        sealed
     }
 
     pub fn open(&self, context: &[u8], sealed: &[u8]) -> Result<Vec<u8>, SealError> {
@@ -199,6 +241,24 @@ impl Sealer {
             )));
         }
         Ok(plain)
+    }
+}
+
+/// A writer that counts what passes through it.
+struct Counted<'a, W: std::io::Write> {
+    inner: &'a mut W,
+    bytes: u64,
+}
+
+impl<W: std::io::Write> std::io::Write for Counted<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -254,6 +314,38 @@ mod tests {
                 "truncation to {n} accepted"
             );
         }
+    }
+
+    #[test]
+    fn a_streamed_seal_opens_like_a_sealed_one_and_must_be_as_long_as_it_says() {
+        let s = sealer(1);
+        let plain: Vec<u8> = (0..300_000u32)
+            .flat_map(|n| (n / 7).to_le_bytes())
+            .collect();
+        let streamed = s
+            .seal_streamed(b"checkpoint", plain.len() as u64, |to| {
+                for piece in plain.chunks(4099) {
+                    to.write_all(piece)?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(s.open(b"checkpoint", &streamed), Ok(plain.clone()));
+        assert!(streamed.len() < plain.len() / 2, "compressed");
+        assert_eq!(
+            s.open(b"checkpoint/2", &streamed),
+            Err(SealError::Authentication)
+        );
+        for claimed in [plain.len() as u64 - 1, plain.len() as u64 + 1] {
+            let short = s.seal_streamed(b"checkpoint", claimed, |to| to.write_all(&plain));
+            assert!(
+                short.is_err(),
+                "{claimed} bytes claimed, {} written",
+                plain.len()
+            );
+        }
+        let failed = s.seal_streamed(b"checkpoint", 10, |_| Err(std::io::Error::other("no")));
+        assert!(failed.is_err());
     }
 
     #[test]

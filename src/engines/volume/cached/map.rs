@@ -6,8 +6,11 @@
 //! covers, splitting the pieces at its ends, so the map always says what the newest record of
 //! each byte is: the map is updated in log order, under the log's lock.
 //!
-//! Memory is one B-tree entry per piece (about 40 bytes): it grows with the number of distinct
-//! writes that are still live, not with the volume's size.
+//! Memory is one B-tree entry per piece (40 bytes, about 60 with the nodes' slack): it grows
+//! with the number of distinct writes that are still live, not with the volume's size. A
+//! million scattered 4 KiB writes (4 GiB of a 1 TiB volume) keep the daemon under 200 MiB;
+//! a volume written all over in small pieces needs the map paged to disk, which it is not
+//! yet (docs/format.md, "Memory").
 
 use std::collections::BTreeMap;
 

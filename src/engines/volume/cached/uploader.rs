@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-use super::state::{seal_checkpoint, store_local_checkpoint};
+use super::state::{Blocks, CheckpointOf, checkpoint_context, store_local_checkpoint};
 use super::{Commit, Cut, Descriptor, Inner, PROGRESS_TABLE, lock, segment_name};
 use crate::remote::{self, Meta};
 
@@ -362,43 +362,49 @@ async fn write_checkpoint(inner: &Arc<Inner>) -> Result<bool, String> {
     let taker = inner.clone();
     type Taken = (Cut, Vec<u8>, std::collections::BTreeSet<u64>, Vec<String>);
     let (at, sealed, refs, chunk_keys) = blocking(move || -> Result<Taken, String> {
-        let checkpoint = {
+        let (at, plain_len, blocks, refs, chunk_keys) = {
             let w = lock(&taker.log);
             // Everything up to its point mapped: no record still being written.
             taker.wait_published(w.tickets);
             let chunks = taker.chunks.read().unwrap_or_else(|e| e.into_inner());
-            super::Checkpoint {
+            let map = taker.map.read().unwrap_or_else(|e| e.into_inner());
+            let of = CheckpointOf {
                 // Where the log's last record ends (in the previous segment when the open
                 // one is empty: a new segment's file may not be synced yet).
                 at: w.position(),
                 next_record: w.next_record,
                 size: taker.size(),
-                map: taker.map.read().unwrap_or_else(|e| e.into_inner()).clone(),
-                salts: taker
-                    .salts
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone(),
-                chunks: chunks.table.clone(),
+                map: &map,
+                salts: &taker.salts.read().unwrap_or_else(|e| e.into_inner()),
+                chunks: &chunks.table,
                 next_chunk: chunks.next,
-            }
+            };
+            let mut blocks = Blocks::default();
+            // Writing to memory cannot fail.
+            let _ = of.write_to(&mut blocks);
+            let chunk_keys: Vec<String> = chunks
+                .table
+                .values()
+                .map(|c| taker.bucket.chunk_key(&c.name))
+                .collect();
+            let refs = super::gc::objects_of(&map);
+            (of.at, of.len(), blocks.0, refs, chunk_keys)
         };
-        let refs = super::gc::objects_of(&checkpoint.map);
-        let chunk_keys = checkpoint
-            .chunks
-            .values()
-            .map(|c| taker.bucket.chunk_key(&c.name))
-            .collect();
         // The records the checkpoint stands on must survive a power cut before it does.
         taker
             .sync_log(false)
             .map_err(|e| format!("syncing the log for a checkpoint: {e}"))?;
-        Ok((
-            checkpoint.at,
-            seal_checkpoint(&taker.sealer, &taker.id, &checkpoint),
-            refs,
-            chunk_keys,
-        ))
+        let sealed = taker
+            .sealer
+            .seal_streamed(&checkpoint_context(&taker.id), plain_len, |to| {
+                // Each block is freed once compressed.
+                for block in blocks {
+                    to.write_all(&block)?;
+                }
+                Ok(())
+            })
+            .map_err(|e| format!("sealing a checkpoint: {e}"))?;
+        Ok((at, sealed, refs, chunk_keys))
     })
     .await?;
     let sealed = Bytes::from(sealed);
