@@ -10,8 +10,8 @@ pub mod environment;
 pub mod keys;
 pub mod secret;
 
-use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
 use rand::RngCore;
 
 pub use keys::{KeySource, MasterKey};
@@ -198,41 +198,28 @@ impl Sealer {
     }
 
     pub fn open(&self, context: &[u8], sealed: &[u8]) -> Result<Vec<u8>, SealError> {
-        if sealed.len() < HEADER_LEN + TAG_LEN || &sealed[..4] != MAGIC {
-            return Err(SealError::NotSealed);
-        }
-        let (header, ciphertext) = sealed.split_at(HEADER_LEN);
-        if header[4] != VERSION {
-            return Err(SealError::Version(header[4]));
-        }
-        if header[5] != ALGORITHM_XCHACHA20_POLY1305 {
-            return Err(SealError::Algorithm(header[5]));
-        }
-        let flags = header[6];
-        let key_id = u32::from_le_bytes(header[8..12].try_into().unwrap_or_default());
-        if key_id != self.key_id {
-            return Err(SealError::UnknownKey(key_id));
-        }
-        let plain_len = u64::from_le_bytes(header[12..20].try_into().unwrap_or_default());
-        if plain_len > MAX_PLAIN_LEN {
-            return Err(SealError::TooLarge(plain_len));
-        }
-        let nonce = XNonce::from_slice(&header[20..HEADER_LEN]);
-        let aad = [header, context].concat();
-        let body = self
-            .cipher()
-            .decrypt(
-                nonce,
-                Payload {
-                    msg: ciphertext,
-                    aad: &aad,
-                },
-            )
+        // Checked before the copy, so bytes that are no sealed object are not copied.
+        self.check(sealed)?;
+        self.open_owned(context, sealed.to_vec())
+    }
+
+    /// `open` of a sealed object the caller gives up: decrypted where it lies, so a large
+    /// one (a volume's checkpoint) is not in memory twice before it is decompressed.
+    pub fn open_owned(&self, context: &[u8], mut sealed: Vec<u8>) -> Result<Vec<u8>, SealError> {
+        let (flags, plain_len) = self.check(&sealed)?;
+        let aad = [&sealed[..HEADER_LEN], context].concat();
+        let nonce = *XNonce::from_slice(&sealed[20..HEADER_LEN]);
+        let body_end = sealed.len() - TAG_LEN;
+        let tag = *Tag::from_slice(&sealed[body_end..]);
+        self.cipher()
+            .decrypt_in_place_detached(&nonce, &aad, &mut sealed[HEADER_LEN..body_end], &tag)
             .map_err(|_| SealError::Authentication)?;
         if flags & FLAG_ZSTD == 0 {
-            return Ok(body);
+            sealed.truncate(body_end);
+            sealed.drain(..HEADER_LEN);
+            return Ok(sealed);
         }
-        let plain = zstd::bulk::decompress(&body, plain_len as usize)
+        let plain = zstd::bulk::decompress(&sealed[HEADER_LEN..body_end], plain_len as usize)
             .map_err(|e| SealError::Decompress(e.to_string()))?;
         if plain.len() as u64 != plain_len {
             return Err(SealError::Decompress(format!(
@@ -241,6 +228,29 @@ impl Sealer {
             )));
         }
         Ok(plain)
+    }
+
+    /// The header's flags and plain length, if it is a header this gateway can open.
+    fn check(&self, sealed: &[u8]) -> Result<(u8, u64), SealError> {
+        if sealed.len() < HEADER_LEN + TAG_LEN || &sealed[..4] != MAGIC {
+            return Err(SealError::NotSealed);
+        }
+        let header = &sealed[..HEADER_LEN];
+        if header[4] != VERSION {
+            return Err(SealError::Version(header[4]));
+        }
+        if header[5] != ALGORITHM_XCHACHA20_POLY1305 {
+            return Err(SealError::Algorithm(header[5]));
+        }
+        let key_id = u32::from_le_bytes(header[8..12].try_into().unwrap_or_default());
+        if key_id != self.key_id {
+            return Err(SealError::UnknownKey(key_id));
+        }
+        let plain_len = u64::from_le_bytes(header[12..20].try_into().unwrap_or_default());
+        if plain_len > MAX_PLAIN_LEN {
+            return Err(SealError::TooLarge(plain_len));
+        }
+        Ok((header[6], plain_len))
     }
 }
 

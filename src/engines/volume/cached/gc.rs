@@ -659,7 +659,7 @@ pub async fn chunk_keys(
     let mut keys = BTreeSet::new();
     for object in remote.list(&format!("{prefix}checkpoints/")).await? {
         let body = remote.get(&object.key).await?.body;
-        match super::state::open_checkpoint(sealer, id, &body) {
+        match super::state::open_checkpoint(sealer, id, Vec::from(body)) {
             Ok(checkpoint) => keys.extend(checkpoint.chunks.values().map(|c| chunk_key(&c.name))),
             Err(e) => tracing::warn!("{}: {e}", object.key),
         }

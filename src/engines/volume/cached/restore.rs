@@ -166,7 +166,7 @@ async fn image(
     let mut image = if commit.checkpoint.segment > 0 {
         let key = bucket.checkpoint_key(commit.checkpoint);
         let object = bucket.remote.get(&key).await?;
-        open_checkpoint(sealer, id, &object.body)
+        open_checkpoint(sealer, id, Vec::from(object.body))
             .map_err(|e| TakeoverError::Damaged(format!("{key}: {e}")))?
     } else {
         Checkpoint {

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
-use super::map::{Map, Place};
+use super::map::{Map, Place, Sorted};
 use super::record::{self, FormatError, HEADER_LEN, Kind, LogKey};
 use super::{Checkpoint, Cut, segment_name};
 use crate::seal::Sealer;
@@ -561,7 +561,8 @@ pub(super) fn decode_checkpoint(bytes: &[u8]) -> Option<Checkpoint> {
         salts.insert(seq, salt);
     }
     let pieces = c.u64()?;
-    let mut map = Map::new();
+    // No more pieces than the bytes left can hold: a count cannot make this allocate more.
+    let mut sorted = Sorted::with_capacity(pieces.min(c.0.len() as u64 / 37) as usize);
     for _ in 0..pieces {
         let offset = c.u64()?;
         let len = c.u64()?;
@@ -583,11 +584,14 @@ pub(super) fn decode_checkpoint(bytes: &[u8]) -> Option<Checkpoint> {
             },
             _ => return None,
         };
-        if offset.checked_add(len).is_none_or(|end| end > size) {
+        if offset.checked_add(len).is_none_or(|end| end > size)
+            || place.object().is_some_and(|n| n > super::map::MAX_OBJECT)
+        {
             return None;
         }
-        map.insert(offset, len, place);
+        sorted.push(offset, len, place)?;
     }
+    let map = sorted.finish();
     let mut chunks = BTreeMap::new();
     let mut next_chunk = 0;
     if with_chunks {
@@ -620,9 +624,14 @@ pub(super) fn seal_checkpoint(sealer: &Sealer, id: &str, checkpoint: &Checkpoint
     sealer.seal(&checkpoint_context(id), &encode_checkpoint(checkpoint))
 }
 
-pub(super) fn open_checkpoint(sealer: &Sealer, id: &str, sealed: &[u8]) -> io::Result<Checkpoint> {
+/// Opens a sealed checkpoint, decrypting it where it lies.
+pub(super) fn open_checkpoint(
+    sealer: &Sealer,
+    id: &str,
+    sealed: Vec<u8>,
+) -> io::Result<Checkpoint> {
     let plain = sealer
-        .open(&checkpoint_context(id), sealed)
+        .open_owned(&checkpoint_context(id), sealed)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("checkpoint: {e}")))?;
     decode_checkpoint(&plain)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "checkpoint: malformed"))
@@ -634,7 +643,7 @@ pub(super) fn load_local_checkpoint(
     id: &str,
 ) -> io::Result<Option<Checkpoint>> {
     match std::fs::read(dir.join(CHECKPOINT_FILE)) {
-        Ok(sealed) => open_checkpoint(sealer, id, &sealed).map(Some),
+        Ok(sealed) => open_checkpoint(sealer, id, sealed).map(Some),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
@@ -702,8 +711,11 @@ mod tests {
                 Ok(())
             })
             .unwrap();
-        assert_eq!(open_checkpoint(&sealer, "v1", &sealed).unwrap(), checkpoint);
-        assert!(open_checkpoint(&sealer, "v2", &sealed).is_err());
+        assert_eq!(
+            open_checkpoint(&sealer, "v1", sealed.clone()).unwrap(),
+            checkpoint
+        );
+        assert!(open_checkpoint(&sealer, "v2", sealed).is_err());
     }
 
     #[test]
