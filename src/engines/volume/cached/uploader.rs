@@ -380,14 +380,14 @@ async fn write_checkpoint(inner: &Arc<Inner>) -> Result<bool, String> {
                 next_chunk: chunks.next,
             };
             let mut blocks = Blocks::default();
-            // Writing to memory cannot fail.
-            let _ = of.write_to(&mut blocks);
+            let refs = of
+                .write_to(&mut blocks)
+                .map_err(|e| format!("encoding a checkpoint: {e}"))?;
             let chunk_keys: Vec<String> = chunks
                 .table
                 .values()
                 .map(|c| taker.bucket.chunk_key(&c.name))
                 .collect();
-            let refs = super::gc::objects_of(&map);
             (of.at, of.len(), blocks.0, refs, chunk_keys)
         };
         // The records the checkpoint stands on must survive a power cut before it does.
