@@ -958,6 +958,59 @@ fn the_cache_leaves_min_free_on_the_disk() {
     qemu_io(&g.uri("v"), &["read -P 0x33 0 40M"]);
 }
 
+/// Each cached volume takes its log's room (`log_max`) when it opens: a volume the disk has no
+/// room for beside `min_free` is refused with 507 and leaves nothing behind (no entry, no
+/// directory, no space taken), and the volumes there go on working.
+#[test]
+fn a_volume_the_disk_has_no_room_for_is_refused_and_leaves_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mnt, _teardown, g) = on_small_disk(
+        dir.path(),
+        "20MiB",
+        &[("min_free = \"0\"", "min_free = \"8MiB\"")],
+    );
+    let free = || {
+        let stat = nix::sys::statvfs::statvfs(&mnt).expect("statvfs");
+        stat.blocks_available() * stat.fragment_size()
+    };
+    let mut created = Vec::new();
+    let refusal = loop {
+        let name = format!("v{}", created.len() + 1);
+        let (ok, out) = g.try_firn(&["volume", "create", &name, "--size", "64M"]);
+        if !ok {
+            break out;
+        }
+        created.push(name);
+        assert!(
+            created.len() < 4,
+            "a 64 MiB disk took {created:?} of 20 MiB logs"
+        );
+    };
+    assert!(!created.is_empty(), "none created: {refusal}");
+    assert!(
+        refusal.contains("507") && refusal.contains("not enough local space"),
+        "{refusal}"
+    );
+    assert!(
+        free() >= 8 << 20,
+        "{} KiB free after: {refusal}",
+        free() >> 10
+    );
+    let listed = g.firn(&["volume", "list"]);
+    let names: Vec<&str> = listed
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(names, created, "{listed}");
+    let dirs = std::fs::read_dir(mnt.join("data/volumes"))
+        .expect("volumes")
+        .count();
+    assert_eq!(dirs, created.len());
+    let last = created.last().expect("one");
+    qemu_io(&g.uri(last), &["write -P 0x5a 0 1M"]);
+    qemu_io(&g.uri(last), &["read -P 0x5a 0 1M"]);
+}
+
 /// SIGTERM while writes wait for room in a full log (the bucket out of reach for good):
 /// firn stops after its grace for clients, the waiting writes failing unacknowledged.
 #[test]

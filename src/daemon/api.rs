@@ -555,6 +555,9 @@ async fn create_volume(State(gateway): Shared, body: axum::body::Bytes) -> Respo
     .await;
     match created {
         Ok(Ok(info)) => (StatusCode::CREATED, Json(info)).into_response(),
+        Ok(Err(e @ crate::engines::volume::catalog::CatalogError::NoSpace { .. })) => {
+            error(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
+        }
         Ok(Err(e)) => error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }

@@ -162,6 +162,17 @@ pub enum CatalogError {
     )]
     NoBucket { name: String },
 
+    #[error(
+        "volume {name:?}: not enough local space: its log reserves {} MiB ([volumes] log_max) and {} MiB must stay free ([local] min_free), but {} MiB are free",
+        *.reserve >> 20, *.min_free >> 20, *.free >> 20
+    )]
+    NoSpace {
+        name: String,
+        reserve: u64,
+        min_free: u64,
+        free: u64,
+    },
+
     #[error("volume {name:?} cannot be resized: {reason}")]
     Resize { name: String, reason: String },
 
@@ -308,6 +319,25 @@ impl Catalog {
             clients,
         };
         let path = self.path(&info);
+        if let (Mode::Cached, Some(bucket)) = (mode, &self.bucket) {
+            // Its log's room is taken when it opens: a volume the disk has no room for is
+            // refused here rather than filling the disk and then failing to open.
+            let settings = &bucket.settings;
+            let free = nix::sys::statvfs::statvfs(&self.dir)
+                .map(|s| s.blocks_available() * s.fragment_size())
+                .map_err(|e| CatalogError::Directory {
+                    path: self.dir.clone(),
+                    source: e.into(),
+                })?;
+            if free < settings.log_max + settings.min_free {
+                return Err(CatalogError::NoSpace {
+                    name: name.to_string(),
+                    reserve: settings.log_max,
+                    min_free: settings.min_free,
+                    free,
+                });
+            }
+        }
         self.meta
             .put_json(INTENTS, &info.id, &intent(IntentOp::Create, name))
             .map_err(|source| meta_error(name, source))?;
@@ -351,11 +381,25 @@ impl Catalog {
         });
         let failure = match inserted {
             Ok(true) => {
-                if info.mode == Mode::Cached {
-                    // Its uploader starts now, and first puts the descriptor in the bucket.
-                    self.open(name)?;
+                if info.mode != Mode::Cached {
+                    return Ok(info);
                 }
-                return Ok(info);
+                // Its uploader starts now, and first puts the descriptor in the bucket. A
+                // volume that does not open (its log's room taken by another meanwhile) was
+                // never used: it goes again, entry and directory.
+                match self.open(name) {
+                    Ok(_) => return Ok(info),
+                    Err(e) => {
+                        if let Err(gone) = self.meta.transaction(|tx| {
+                            tx.put_json(INTENTS, &info.id, &intent(IntentOp::Delete, name))?;
+                            tx.delete(TABLE, name)
+                        }) {
+                            tracing::warn!(volume = name, "cannot drop its entry: {gone}");
+                            return Err(e);
+                        }
+                        e
+                    }
+                }
             }
             Ok(false) => CatalogError::Exists {
                 name: name.to_string(),

@@ -551,6 +551,7 @@ impl CachedVolume {
             cap.saturating_sub(waiting * segment_alloc),
             segment_alloc.min(cap),
             cap,
+            settings.min_free,
         )?;
         let seq = last + 1;
         let (file, salt) = state::create_segment(&segments_dir, &key, seq, None)?;

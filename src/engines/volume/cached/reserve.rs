@@ -33,8 +33,15 @@ pub(super) struct Reserve {
 
 impl Reserve {
     /// Opens (or creates) the reserve and makes it hold `want` bytes, or as many as the disk
-    /// gives; fails if it cannot hold `at_least`.
-    pub fn open(dir: &Path, want: u64, at_least: u64, cap: u64) -> io::Result<Reserve> {
+    /// gives without going under `keep_free` bytes free (`[local] min_free`); fails if it
+    /// cannot hold `at_least`, which it takes even from `keep_free`.
+    pub fn open(
+        dir: &Path,
+        want: u64,
+        at_least: u64,
+        cap: u64,
+        keep_free: u64,
+    ) -> io::Result<Reserve> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -54,7 +61,11 @@ impl Reserve {
             reserve.file.set_len(want)?;
             reserve.held = want;
         } else {
-            reserve.grow_to(want);
+            let free = nix::sys::statvfs::fstatvfs(&reserve.file)
+                .map(|s| s.blocks_available() * s.fragment_size())
+                .map_err(io::Error::from)?;
+            let target = want.min(have + free.saturating_sub(keep_free));
+            reserve.grow_to(target.max(at_least.min(want)));
         }
         if reserve.held < at_least {
             return Err(io::Error::new(
