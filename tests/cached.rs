@@ -874,6 +874,12 @@ fn writes_wait_for_room_in_a_full_log_during_an_outage() {
     fio(&g.uri("v"), &strs(&verify));
 }
 
+/// Bytes free on the file system of `path` (for an unprivileged user).
+fn free_bytes(path: &Path) -> u64 {
+    let stat = nix::sys::statvfs::statvfs(path).expect("statvfs");
+    stat.blocks_available() * stat.fragment_size()
+}
+
 /// A gateway in `dir` whose data directory is on a 64 MiB ext4 of its own (the mount point
 /// returned), with the log capped at `log_max`, a cache allowed far more than the disk holds,
 /// and `changes` to its config. The gateway goes first, then the file system.
@@ -940,10 +946,7 @@ fn the_cache_leaves_min_free_on_the_disk() {
     g.firn(&["volume", "create", "v", "--size", "64M"]);
     qemu_io(&g.uri("v"), &["write -P 0x33 0 40M"]);
     g.wait_drained("v", false);
-    let free = || {
-        let stat = nix::sys::statvfs::statvfs(&mnt).expect("statvfs");
-        stat.blocks_available() * stat.fragment_size()
-    };
+    let free = || free_bytes(&mnt);
     // Eviction follows the uploads by a step or two.
     let started = Instant::now();
     while free() < 23 << 20 {
@@ -969,10 +972,7 @@ fn a_volume_the_disk_has_no_room_for_is_refused_and_leaves_nothing() {
         "20MiB",
         &[("min_free = \"0\"", "min_free = \"8MiB\"")],
     );
-    let free = || {
-        let stat = nix::sys::statvfs::statvfs(&mnt).expect("statvfs");
-        stat.blocks_available() * stat.fragment_size()
-    };
+    let free = || free_bytes(&mnt);
     let mut created = Vec::new();
     let refusal = loop {
         let name = format!("v{}", created.len() + 1);
