@@ -1009,6 +1009,24 @@ fn a_volume_the_disk_has_no_room_for_is_refused_and_leaves_nothing() {
     let last = created.last().expect("one");
     qemu_io(&g.uri(last), &["write -P 0x5a 0 1M"]);
     qemu_io(&g.uri(last), &["read -P 0x5a 0 1M"]);
+    g.wait_drained(last, false);
+    // A takeover the disk has no room for is refused the same way, before anything is made.
+    let second = dir.path().join("second");
+    std::fs::create_dir(&second).expect("dir");
+    let (mnt_b, _teardown_b) = common::ext4_of(&second, 64);
+    let b = Gateway::start_with(
+        &dir.path().join("b"),
+        &Bucket::Dir(dir.path().join("bucket")),
+        "60MiB",
+        Some(&mnt_b.join("data")),
+        "",
+    );
+    let (ok, out) = b.try_firn(&["volume", "takeover", last, "--force"]);
+    assert!(
+        !ok && out.contains("507") && out.contains("not enough local space"),
+        "{out}"
+    );
+    assert_eq!(b.firn(&["volume", "list"]).trim(), "");
 }
 
 /// SIGTERM while writes wait for room in a full log (the bucket out of reach for good):

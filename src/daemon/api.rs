@@ -516,6 +516,9 @@ async fn take_over_volume(
         Ok(Err(e @ crate::engines::volume::catalog::CatalogError::Exists { .. })) => {
             error(StatusCode::CONFLICT, e.to_string())
         }
+        Ok(Err(e @ crate::engines::volume::catalog::CatalogError::NoSpace { .. })) => {
+            error(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
+        }
         Ok(Err(e)) => error(StatusCode::CONFLICT, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }

@@ -319,24 +319,8 @@ impl Catalog {
             clients,
         };
         let path = self.path(&info);
-        if let (Mode::Cached, Some(bucket)) = (mode, &self.bucket) {
-            // Its log's room is taken when it opens: a volume the disk has no room for is
-            // refused here rather than filling the disk and then failing to open.
-            let settings = &bucket.settings;
-            let free = nix::sys::statvfs::statvfs(&self.dir)
-                .map(|s| s.blocks_available() * s.fragment_size())
-                .map_err(|e| CatalogError::Directory {
-                    path: self.dir.clone(),
-                    source: e.into(),
-                })?;
-            if free < settings.log_max + settings.min_free {
-                return Err(CatalogError::NoSpace {
-                    name: name.to_string(),
-                    reserve: settings.log_max,
-                    min_free: settings.min_free,
-                    free,
-                });
-            }
+        if mode == Mode::Cached {
+            self.check_room(name)?;
         }
         self.meta
             .put_json(INTENTS, &info.id, &intent(IntentOp::Create, name))
@@ -418,6 +402,31 @@ impl Catalog {
             ),
         }
         Err(failure)
+    }
+
+    /// A cached volume's log takes its room (`log_max`) when the volume opens: one the disk
+    /// has no room for beside `min_free` is refused before anything is made, rather than
+    /// filling the disk and then failing to open.
+    fn check_room(&self, name: &str) -> Result<(), CatalogError> {
+        let Some(bucket) = &self.bucket else {
+            return Ok(());
+        };
+        let settings = &bucket.settings;
+        let free = nix::sys::statvfs::statvfs(&self.dir)
+            .map(|s| s.blocks_available() * s.fragment_size())
+            .map_err(|e| CatalogError::Directory {
+                path: self.dir.clone(),
+                source: e.into(),
+            })?;
+        if free < settings.log_max + settings.min_free {
+            return Err(CatalogError::NoSpace {
+                name: name.to_string(),
+                reserve: settings.log_max,
+                min_free: settings.min_free,
+                free,
+            });
+        }
+        Ok(())
     }
 
     /// Volume-like files (`<32 hex digits>.img`) in the volume directory that no entry names,
@@ -843,6 +852,7 @@ impl Catalog {
             clients: Vec::new(),
         };
         let dir = self.path(&info);
+        self.check_room(name)?;
         // A deletion of this volume still to be retried here would wipe it in the bucket.
         let _ = self.meta.delete(BUCKET_DELETES, &id);
         self.meta

@@ -131,12 +131,16 @@ impl Reserve {
         self.grow_to((self.held + bytes).min(self.cap));
     }
 
-    /// Grows towards `target` in steps, stopping at the first the disk refuses.
+    /// Grows towards `target` in steps, halving a step the disk refuses (a nearly full disk
+    /// still gives what it has: one refused step of 64 MiB left the reserve empty), and
+    /// stopping when it refuses a MiB.
     fn grow_to(&mut self, target: u64) {
         const STEP: u64 = 64 << 20;
+        const SMALLEST: u64 = 1 << 20;
         self.short = 0;
+        let mut step = STEP;
         while self.held < target {
-            let len = (target - self.held).min(STEP);
+            let len = (target - self.held).min(step);
             if fallocate(
                 &self.file,
                 FallocateFlags::empty(),
@@ -145,6 +149,10 @@ impl Reserve {
             )
             .is_err()
             {
+                if len > SMALLEST {
+                    step = len / 2;
+                    continue;
+                }
                 self.short = target - self.held;
                 break;
             }
