@@ -673,13 +673,12 @@ fn a_file_of_len_changing_during_its_upload_is_never_stored_torn(len: usize) {
                 let mut value = 0u8;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     value = value.wrapping_add(1);
-                    // A small file in 4 KiB writes, so that a read can fall between two.
-                    let piece = if len > 1 << 20 { len } else { 4096 };
-                    for at in (0..len).step_by(piece) {
-                        share
-                            .write(f.fileid, at as u64, &vec![value; piece], false)
-                            .expect("write");
-                    }
+                    // One write per round: the file between two writes is a state an upload
+                    // may take (each write is whole, no more is promised), so a round in
+                    // pieces could be uploaded half old, half new without any tear.
+                    share
+                        .write(f.fileid, 0, &vec![value; len], false)
+                        .expect("write");
                     share.commit(f.fileid).expect("commit");
                     // Now and then quiet for longer than an upload takes, so some finish.
                     let pause = if rand::random_bool(0.2) {
