@@ -1174,14 +1174,11 @@ fn flushed_writes_survive_power_loss() {
 /// A takeover on a store that refuses a second create fences the old gateway while it still
 /// runs: its next commit collides with the takeover's (412), it turns read-only but keeps
 /// serving reads, and the new gateway serves the image as of the takeover.
-/// A gateway whose volume another took over fences itself at its next lease renewal, even if
-/// its clients never flush (a commit, refused, would tell it only at a flush).
-#[test]
-fn a_gateway_taken_over_fences_itself_without_a_flush() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let bucket = Bucket::Dir(dir.path().join("bucket"));
-    let mut a = Gateway::start(&dir.path().join("a"), &bucket, "");
-    // No garbage collection on A, whose sweep would notice B's commit.
+/// Gateway A, serving volume `v` (16 MiB, its first 4 MiB 0x11, all of it committed) and
+/// about to be taken over; its garbage collection, whose sweep would notice the new owner's
+/// commit, is off for the length of a test.
+fn serving_old_gateway(dir: &Path, bucket: &Bucket) -> Gateway {
+    let mut a = Gateway::start(dir, bucket, "");
     a.reconfigure(&[(
         "gc_interval_secs = 1\n",
         "gc_interval_secs = 40\ngc_grace_secs = 600\n",
@@ -1189,6 +1186,16 @@ fn a_gateway_taken_over_fences_itself_without_a_flush() {
     a.firn(&["volume", "create", "v", "--size", "16M"]);
     qemu_io(&a.uri("v"), &["write -P 0x11 0 4M"]);
     a.wait_drained("v", false);
+    a
+}
+
+/// A gateway whose volume another took over fences itself at its next lease renewal, even if
+/// its clients never flush (a commit, refused, would tell it only at a flush).
+#[test]
+fn a_gateway_taken_over_fences_itself_without_a_flush() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let a = serving_old_gateway(&dir.path().join("a"), &bucket);
     let b = Gateway::start(&dir.path().join("b"), &bucket, "");
     b.firn(&["volume", "takeover", "v", "--force"]);
     let shown = a.wait_fenced("v");
@@ -1198,6 +1205,47 @@ fn a_gateway_taken_over_fences_itself_without_a_flush() {
     qemu_io(&b.uri("v"), &["read -P 0x11 0 4M", "write -P 0x22 0 1M"]);
     std::thread::sleep(LEASE_RENEWED);
     let shown = b.wait_drained("v", false);
+    assert!(shown["cache"]["fenced"].is_null(), "{shown:#}");
+}
+
+/// A renewal of the old gateway's lease that lands just after a takeover wrote the new one's
+/// (the old gateway read its own lease a moment before) leaves a live lease of the old
+/// gateway in the bucket. The new owner must not take that for a newer takeover: it keeps
+/// serving and writes its lease again, and the old gateway is the one fenced.
+#[test]
+fn an_old_gateways_late_lease_renewal_does_not_fence_the_new_owner() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("bucket");
+    let bucket = Bucket::Dir(root.clone());
+    let a = serving_old_gateway(&dir.path().join("a"), &bucket);
+    let lease = bucket_objects(&root)
+        .into_iter()
+        .find(|p| p.file_name().is_some_and(|n| n == "lease"))
+        .expect("the volume's lease is in the bucket");
+    let b = Gateway::start(&dir.path().join("b"), &bucket, "");
+    // A's renewal, as A would put it now: its lease is at most one renewal old.
+    let renewal = std::fs::read(&lease).expect("lease");
+    b.firn(&["volume", "takeover", "v", "--force"]);
+    // After the lease B puts when the volume opens.
+    std::thread::sleep(Duration::from_secs(2));
+    let landed = lease.with_extension("late");
+    std::fs::write(&landed, &renewal).expect("lease");
+    std::fs::rename(&landed, &lease).expect("lease");
+
+    // B renews (and finds A's live lease) at least once, and serves and commits through it.
+    std::thread::sleep(LEASE_RENEWED);
+    qemu_io(&b.uri("v"), &["read -P 0x11 0 4M", "write -P 0x22 0 1M"]);
+    let shown = b.wait_drained("v", false);
+    assert!(shown["cache"]["fenced"].is_null(), "{shown:#}");
+    assert_ne!(
+        std::fs::read(&lease).expect("lease"),
+        renewal,
+        "the new owner did not put its lease back"
+    );
+    let shown = a.wait_fenced("v");
+    let fenced = shown["cache"]["fenced"].as_str().unwrap_or_default();
+    assert!(fenced.contains("took the volume over"), "{shown:#}");
+    let shown = b.show("v");
     assert!(shown["cache"]["fenced"].is_null(), "{shown:#}");
 }
 

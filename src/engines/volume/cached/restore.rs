@@ -40,6 +40,12 @@ pub struct Lease {
     pub gateway: String,
     /// Seconds since the epoch.
     pub time: u64,
+    /// The number of the commit by which the gateway took the volume over (0: it made the
+    /// volume). Each takeover creates a commit numbered past every earlier one, so of two
+    /// leases the one with the higher `since` is the newer owner's: an old gateway's renewal
+    /// that lands just after a takeover's lease cannot make the new owner fence itself.
+    #[serde(default)]
+    pub since: u64,
 }
 
 pub(super) fn lease_context(id: &str) -> Vec<u8> {
@@ -108,11 +114,18 @@ pub async fn newest_commit(
         .map_err(|e| TakeoverError::Damaged(format!("{}: {e}", newest.key)))
 }
 
-/// Says that `bucket`'s gateway serves volume `id`, as of now.
-pub(super) async fn put_lease(bucket: &Bucket, sealer: &Sealer, id: &str) -> remote::Result<()> {
+/// Says that `bucket`'s gateway serves volume `id`, as of now, since the takeover commit
+/// `since` (0: since it made the volume).
+pub(super) async fn put_lease(
+    bucket: &Bucket,
+    sealer: &Sealer,
+    id: &str,
+    since: u64,
+) -> remote::Result<()> {
     let lease = Lease {
         gateway: bucket.gateway.clone(),
         time: now_secs(),
+        since,
     };
     let plain = serde_json::to_vec(&lease).expect("a lease serializes");
     let sealed = sealer.seal(&lease_context(id), &plain);
@@ -328,7 +341,7 @@ pub async fn take_over(
     }
     // This gateway's lease from now on: a running gateway that served the volume finds it
     // at its next renewal and fences itself.
-    put_lease(bucket, sealer, id).await?;
+    put_lease(bucket, sealer, id, n).await?;
     std::fs::create_dir_all(dir.join("segments"))?;
     store_local_checkpoint(dir, &sealed)?;
     let progress = Progress {
@@ -340,6 +353,7 @@ pub async fn take_over(
         fenced: None,
         commit_checkpoint: label,
         gc_pending: Vec::new(),
+        leased_since: n,
     };
     meta.put_json(PROGRESS_TABLE, id, &progress)
         .map_err(|e| std::io::Error::other(e.to_string()))?;

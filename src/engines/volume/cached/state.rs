@@ -42,6 +42,10 @@ pub struct Progress {
     /// crash lost the collection's work, they are garbage.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gc_pending: Vec<String>,
+    /// The commit by which this gateway took the volume over (0: it made the volume): its
+    /// lease says so (`restore::Lease::since`).
+    #[serde(default)]
+    pub leased_since: u64,
 }
 
 /// What `firn volume show` tells about a cached volume.

@@ -95,14 +95,20 @@ async fn put_descriptor(inner: &Inner, descriptor: &Descriptor) -> Result<(), St
         .map_err(|e| format!("descriptor: {e}"))
 }
 
-/// Says that this gateway serves the volume, as of now (`restore::Lease`), unless another
-/// gateway holds a live lease: that one took the volume over (a takeover writes its lease),
-/// and this one fences itself even if its clients never flush (a commit would find out only
-/// at the next flush).
+/// Says that this gateway serves the volume, as of now (`restore::Lease`), unless a newer
+/// owner holds a live lease: a gateway that took the volume over after this one did (a
+/// takeover writes its lease). Then this one fences itself, even if its clients never flush
+/// (a commit would find out only at the next flush). A live lease of an older owner is one
+/// that gateway renewed just as this one took the volume over: it is overwritten, and that
+/// gateway fences itself at its next renewal (or commit).
 async fn put_lease(inner: &Arc<Inner>) -> Result<(), String> {
-    if lock(&inner.state).fenced.is_some() {
-        return Ok(());
-    }
+    let since = {
+        let state = lock(&inner.state);
+        if state.fenced.is_some() {
+            return Ok(());
+        }
+        state.progress.leased_since
+    };
     let current = super::restore::lease(&inner.bucket, &inner.sealer, &inner.id)
         .await
         .map_err(|e| format!("lease: {e}"))?;
@@ -111,14 +117,21 @@ async fn put_lease(inner: &Arc<Inner>) -> Result<(), String> {
         && super::restore::now_secs().saturating_sub(current.time)
             < super::restore::LEASE_LIVE.as_secs()
     {
-        let why = format!(
-            "another gateway ({}) holds the volume's lease: it took the volume over",
+        if current.since >= since {
+            let why = format!(
+                "another gateway ({}) holds the volume's lease: it took the volume over",
+                current.gateway
+            );
+            fence(inner, why).await;
+            return Ok(());
+        }
+        tracing::warn!(
+            volume = %inner.name,
+            "gateway {} renewed its lease after this one took the volume over (at commit {since}); it is fenced at its next renewal",
             current.gateway
         );
-        fence(inner, why).await;
-        return Ok(());
     }
-    super::restore::put_lease(&inner.bucket, &inner.sealer, &inner.id)
+    super::restore::put_lease(&inner.bucket, &inner.sealer, &inner.id, since)
         .await
         .map_err(|e| format!("lease: {e}"))
 }
