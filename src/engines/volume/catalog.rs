@@ -1177,12 +1177,12 @@ mod tests {
         let volume = f.catalog.open("db-1").unwrap();
         assert_eq!(volume.size(), 1 << 30);
         assert!(!volume.read_only());
-        volume.write(4096, b"hello", true).unwrap();
+        volume.write(4096, &mut b"hello".to_owned(), true).unwrap();
         // One handle per volume while it is open.
         assert!(Arc::ptr_eq(&volume, &f.catalog.open("db-1").unwrap()));
         let read_only = f.catalog.open("a.b_c").unwrap();
         assert!(matches!(
-            read_only.write(0, b"x", false),
+            read_only.write(0, &mut b"x".to_owned(), false),
             Err(BlockError::ReadOnly)
         ));
     }
@@ -1192,7 +1192,9 @@ mod tests {
         let f = fixture();
         f.catalog.create("v", 1 << 20, Mode::Local, false).unwrap();
         let volume = f.catalog.open("v").unwrap();
-        volume.write(100, b"kept across restarts", false).unwrap();
+        volume
+            .write(100, &mut b"kept across restarts".to_owned(), false)
+            .unwrap();
         volume.flush().unwrap();
         drop(volume);
         let Fixture { dir, meta, catalog } = f;
@@ -1309,7 +1311,7 @@ mod tests {
         f.catalog
             .open("kept")
             .unwrap()
-            .write(0, &[7u8; 4096], true)
+            .write(0, &mut [7u8; 4096], true)
             .unwrap();
         // Creates and deletes leave no intent behind.
         let gone = f.catalog.create("gone", 4096, Mode::Local, false).unwrap();

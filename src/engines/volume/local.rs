@@ -509,7 +509,7 @@ impl BlockDevice for LocalVolume {
         }
     }
 
-    fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()> {
+    fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> BlockResult<()> {
         self.check_writable()?;
         check_range(offset, data.len() as u64, self.size)?;
         self.check_space(offset, data.len() as u64)?;
@@ -533,7 +533,7 @@ impl BlockDevice for LocalVolume {
     /// measurement: such a write takes no lock and reads nothing, it encrypts and `pwrite`s.
     /// (The kernel may still pace a `pwrite` when dirty pages pile up; `RWF_NOWAIT` would
     /// decline instead, but ext4 refuses it for buffered writes: decision 0002.)
-    fn write_now(&self, offset: u64, data: &[u8]) -> Option<BlockResult<()>> {
+    fn write_now(&self, offset: u64, data: &mut [u8]) -> Option<BlockResult<()>> {
         let aligned = offset % SECTOR_SIZE == 0 && data.len() % SECTOR == 0 && !data.is_empty();
         if !aligned {
             return None;
@@ -936,7 +936,7 @@ mod tests {
     fn cached_reads_answer_from_memory_and_decline_otherwise() {
         let (_dir, path, volume) = create(64 * S);
         let data = pattern(9, 3 * S as usize + 100);
-        volume.write(S - 50, &data, false).unwrap();
+        volume.write(S - 50, &mut data.clone(), false).unwrap();
         volume.flush().unwrap();
         let expected = read(&volume, S - 50, data.len());
         assert_eq!(expected, data);
@@ -975,7 +975,9 @@ mod tests {
     fn cached_reads_decline_a_partial_sector_whose_lock_is_held() {
         let (_dir, _path, volume) = create(64 * S);
         let volume = Arc::new(volume);
-        volume.write(0, &pattern(3, 8 * S as usize), false).unwrap();
+        volume
+            .write(0, &mut pattern(3, 8 * S as usize), false)
+            .unwrap();
         let mut buf = vec![0u8; 100];
         assert!(
             matches!(volume.read_cached(S + 10, &mut buf), Some(Ok(()))),
@@ -1004,15 +1006,15 @@ mod tests {
         let (dir, _path, mut volume) = create(64 * S);
         let data = pattern(5, 2 * S as usize);
         assert!(
-            volume.write_now(10, &data[..100]).is_none(),
+            volume.write_now(10, &mut data[..100].to_vec()).is_none(),
             "a partial sector"
         );
-        assert!(volume.write_now(S, &data).unwrap().is_ok());
+        assert!(volume.write_now(S, &mut data.clone()).unwrap().is_ok());
         let mut back = vec![0u8; data.len()];
         volume.read(S, &mut back).unwrap();
         assert_eq!(back, data);
         assert!(matches!(
-            volume.write_now(63 * S, &data),
+            volume.write_now(63 * S, &mut data.clone()),
             Some(Err(BlockError::Invalid(_)))
         ));
         // With a space budget: declined until a measurement exists (measuring is I/O),
@@ -1020,16 +1022,16 @@ mod tests {
         let budget = Arc::new(SpaceBudget::new(dir.path(), 0, Some(u64::MAX)));
         volume.set_space_budget(budget.clone());
         assert!(
-            volume.write_now(4 * S, &data).is_none(),
+            volume.write_now(4 * S, &mut data.clone()).is_none(),
             "no measurement yet"
         );
         assert!(budget.allows(0));
-        assert!(volume.write_now(4 * S, &data).unwrap().is_ok());
+        assert!(volume.write_now(4 * S, &mut data.clone()).unwrap().is_ok());
         let full = Arc::new(SpaceBudget::new(dir.path(), u64::MAX, None));
         assert!(!full.allows(0), "nothing fits under min_free = u64::MAX");
         volume.set_space_budget(full);
         assert!(
-            volume.write_now(8 * S, &data).is_none(),
+            volume.write_now(8 * S, &mut data.clone()).is_none(),
             "would not fit: not answered here"
         );
     }
@@ -1171,7 +1173,7 @@ mod tests {
                     Op::Write { offset, len, seed, fua } => {
                         // Seed 0 writes zeros, which must still be stored encrypted.
                         let data = if seed == 0 { vec![0; len as usize] } else { pattern(seed, len as usize) };
-                        v.write(offset, &data, fua).unwrap();
+                        v.write(offset, &mut data.clone(), fua).unwrap();
                         model[offset as usize..(offset + len) as usize].copy_from_slice(&data);
                         for s in sectors(offset, len).0 { allocated[s as usize] = true; }
                     }
@@ -1242,9 +1244,11 @@ mod tests {
         let (_dir, path, volume) = create(64 * S);
         let marker = b"firn plaintext marker, must not reach the disk. ";
         let text: Vec<u8> = marker.iter().copied().cycle().take(3 * SECTOR).collect();
-        volume.write(0, &text, false).unwrap();
-        volume.write(5 * S + 123, &text[..2000], false).unwrap();
-        volume.write(10 * S, &[0u8; SECTOR], false).unwrap();
+        volume.write(0, &mut text.clone(), false).unwrap();
+        volume
+            .write(5 * S + 123, &mut text[..2000].to_vec(), false)
+            .unwrap();
+        volume.write(10 * S, &mut [0u8; SECTOR], false).unwrap();
         volume.flush().unwrap();
         drop(volume);
 
@@ -1283,7 +1287,7 @@ mod tests {
     fn trim_makes_holes_that_extents_report() {
         let (_dir, _path, volume) = create(16 * S);
         assert_eq!(volume.extents(0, 16 * S).unwrap(), [extent(16 * S, true)]);
-        volume.write(0, &pattern(1, 4 * SECTOR), false).unwrap();
+        volume.write(0, &mut pattern(1, 4 * SECTOR), false).unwrap();
         assert_eq!(
             volume.extents(0, 16 * S).unwrap(),
             [extent(4 * S, false), extent(12 * S, true)]
@@ -1327,7 +1331,9 @@ mod tests {
     fn write_zeroes_without_trim_spans_many_chunks() {
         let size = 8 * CHUNK as u64 + 3 * S;
         let (_dir, _path, volume) = create(size);
-        volume.write(0, &pattern(9, size as usize), false).unwrap();
+        volume
+            .write(0, &mut pattern(9, size as usize), false)
+            .unwrap();
         volume.write_zeroes(100, size - 200, false).unwrap();
         let data = read(&volume, 0, size as usize);
         assert_eq!(data[..100], pattern(9, 100));
@@ -1340,10 +1346,12 @@ mod tests {
         let size = 2 << 40;
         let (_dir, _path, volume) = create(size);
         for offset in [0, 1 << 40, (1 << 40) + 7 * S, size - S] {
-            volume.write(offset, &pattern(3, SECTOR), false).unwrap();
+            volume
+                .write(offset, &mut pattern(3, SECTOR), false)
+                .unwrap();
         }
         volume
-            .write(size - 3 * S - 5, &pattern(4, 2 * SECTOR), false)
+            .write(size - 3 * S - 5, &mut pattern(4, 2 * SECTOR), false)
             .unwrap();
         volume.flush().unwrap();
         let started = Instant::now();
@@ -1362,12 +1370,12 @@ mod tests {
     #[test]
     fn read_only_volumes_refuse_changes() {
         let (_dir, path, volume) = create(4 * S);
-        volume.write(0, &pattern(5, SECTOR), false).unwrap();
+        volume.write(0, &mut pattern(5, SECTOR), false).unwrap();
         drop(volume);
         let volume = LocalVolume::open(&path, 4 * S, &KEY, true).unwrap();
         assert!(volume.read_only());
         assert!(matches!(
-            volume.write(0, b"x", false),
+            volume.write(0, &mut b"x".to_owned(), false),
             Err(BlockError::ReadOnly)
         ));
         assert!(matches!(volume.trim(0, S), Err(BlockError::ReadOnly)));
@@ -1390,15 +1398,15 @@ mod tests {
             |result: BlockResult<()>| assert!(matches!(result, Err(BlockError::Invalid(_))));
         invalid(volume.read(4 * S - 10, &mut [0; 11]));
         invalid(volume.read(u64::MAX, &mut [0; 1]));
-        invalid(volume.write(4 * S, b"x", false));
-        invalid(volume.write(u64::MAX - 1, b"xyz", false));
+        invalid(volume.write(4 * S, &mut b"x".to_owned(), false));
+        invalid(volume.write(u64::MAX - 1, &mut b"xyz".to_owned(), false));
         invalid(volume.trim(0, 4 * S + 1));
         invalid(volume.write_zeroes(S, u64::MAX, true));
         invalid(volume.extents(0, 4 * S + 1).map(drop));
         invalid(volume.extents(S, 0).map(drop));
         // Empty requests at the very end are fine.
         volume.read(4 * S, &mut []).unwrap();
-        volume.write(4 * S, &[], true).unwrap();
+        volume.write(4 * S, &mut [], true).unwrap();
         volume.trim(4 * S, 0).unwrap();
     }
 
@@ -1440,7 +1448,7 @@ mod tests {
     fn zero_bytes_in_allocated_space_read_as_never_written() {
         // What a file system with blocks larger than a sector leaves around a small write.
         let (_dir, path, volume) = create(4 * S);
-        volume.write(0, &pattern(2, 2 * SECTOR), false).unwrap();
+        volume.write(0, &mut pattern(2, 2 * SECTOR), false).unwrap();
         let raw = OpenOptions::new().write(true).open(&path).unwrap();
         raw.write_all_at(&[0u8; SECTOR], S).unwrap();
         assert_eq!(
@@ -1463,7 +1471,7 @@ mod tests {
                     let (offset, len) = region(t);
                     for round in 0..300u32 {
                         let byte = (t as u8 + 1).wrapping_mul(17).wrapping_add(round as u8);
-                        volume.write(offset, &vec![byte; len], false).unwrap();
+                        volume.write(offset, &mut vec![byte; len], false).unwrap();
                         // Reads of this region are never disturbed by the others' writes.
                         assert_eq!(read(&volume, offset, len), vec![byte; len]);
                     }
@@ -1486,7 +1494,7 @@ mod tests {
         let (_dir, _path, volume) = create(sectors * S);
         for sector in (0..sectors).step_by(2) {
             volume
-                .write(sector * S, &pattern(7, SECTOR), false)
+                .write(sector * S, &mut pattern(7, SECTOR), false)
                 .unwrap();
         }
         let offset = 100;

@@ -81,12 +81,14 @@ pub trait BlockDevice: Send + Sync {
         let _ = (offset, buf);
         None
     }
-    fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()>;
+    /// Writes `data` at `offset`. `data` is the device's to scribble on: it may hold anything
+    /// afterwards (a device that encrypts does it in place, sparing a copy of every write).
+    fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> BlockResult<()>;
     /// `write` without FUA, if it can finish without waiting for the disk or for a lock held
     /// across disk I/O (the data only goes to the page cache); or `None`, having changed
-    /// nothing, if it would have to wait. Async callers run small writes in place with it and
-    /// hand the rest to a blocking thread. The default never answers.
-    fn write_now(&self, offset: u64, data: &[u8]) -> Option<BlockResult<()>> {
+    /// nothing (`data` included), if it would have to wait. Async callers run small writes in
+    /// place with it and hand the rest to a blocking thread. The default never answers.
+    fn write_now(&self, offset: u64, data: &mut [u8]) -> Option<BlockResult<()>> {
         let _ = (offset, data);
         None
     }

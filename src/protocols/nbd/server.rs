@@ -1455,7 +1455,7 @@ mod tests {
             buf.copy_from_slice(&data[offset as usize..offset as usize + buf.len()]);
             Ok(())
         }
-        fn write(&self, offset: u64, src: &[u8], _fua: bool) -> Result<(), BlockError> {
+        fn write(&self, offset: u64, src: &mut [u8], _fua: bool) -> Result<(), BlockError> {
             let mut data = self.data.lock().expect("lock");
             data[offset as usize..offset as usize + src.len()].copy_from_slice(src);
             Ok(())
@@ -1508,7 +1508,7 @@ mod tests {
             }
             Some(self.inner.read(offset, buf))
         }
-        fn write(&self, offset: u64, src: &[u8], fua: bool) -> Result<(), BlockError> {
+        fn write(&self, offset: u64, src: &mut [u8], fua: bool) -> Result<(), BlockError> {
             self.inner.write(offset, src, fua)
         }
         fn flush(&self) -> Result<(), BlockError> {
@@ -1613,7 +1613,7 @@ mod tests {
         fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
             self.inner.read(offset, buf)
         }
-        fn write(&self, offset: u64, src: &[u8], fua: bool) -> Result<(), BlockError> {
+        fn write(&self, offset: u64, src: &mut [u8], fua: bool) -> Result<(), BlockError> {
             // Every write waits for the "disk": a partial block reads it, and even a whole
             // block can be held up by the kernel's dirty-page throttling.
             let open = self.open.lock().expect("lock");

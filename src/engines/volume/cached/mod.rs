@@ -411,9 +411,32 @@ pub struct OpenParams {
 }
 
 thread_local! {
-    /// A record sealed for its `pwrite`: kept per thread (at most a 1 MiB record and its tags)
-    /// so that appends do not allocate.
+    /// A record without data (a zero record's header) sealed for its `pwrite`, and the tags
+    /// of a write record's frames: kept per thread so that appends do not allocate them.
     static SEALED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static TAGS: std::cell::RefCell<Vec<[u8; record::TAG_LEN]>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `pwritev` of all of `slices` at `offset`, however many calls it takes.
+fn write_all_vectored_at(
+    file: &File,
+    mut slices: &mut [std::io::IoSlice<'_>],
+    mut offset: u64,
+) -> std::io::Result<()> {
+    while !slices.is_empty() {
+        let at = i64::try_from(offset).map_err(std::io::Error::other)?;
+        match nix::sys::uio::pwritev(file, slices, at) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                std::io::IoSlice::advance_slices(&mut slices, n);
+                offset += n as u64;
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 thread_local! {
@@ -835,7 +858,7 @@ impl Inner {
     /// segment's close holds, once per segment, while it creates the next file: declining
     /// whenever the lock was taken sent a quarter of 4 KiB writes at queue depth 32 to the
     /// blocking pool (29.9k IOPS against 38.2k waiting, measured with fio).
-    fn write_now(&self, offset: u64, data: &[u8]) -> Option<BlockResult<()>> {
+    fn write_now(&self, offset: u64, data: &mut [u8]) -> Option<BlockResult<()>> {
         if data.is_empty() || data.len() > MAX_RECORD {
             return None;
         }
@@ -864,7 +887,11 @@ impl Inner {
             }
             self.reserve(&mut w, kind, offset, data.len() as u64)
         };
-        let payload = if kind == Kind::Zero { &[][..] } else { data };
+        let payload = if kind == Kind::Zero {
+            &mut [][..]
+        } else {
+            data
+        };
         Some(self.complete(place, payload))
     }
 
@@ -878,7 +905,7 @@ impl Inner {
     }
 
     /// Appends one record and maps it. `data` is empty for a zero record.
-    fn append(&self, kind: Kind, offset: u64, length: u64, data: &[u8]) -> BlockResult<()> {
+    fn append(&self, kind: Kind, offset: u64, length: u64, data: &mut [u8]) -> BlockResult<()> {
         let bytes = record::record_len(kind, length);
         let place = loop {
             self.wait_for_room(bytes)?;
@@ -928,19 +955,35 @@ impl Inner {
     /// it is mapped. The record is sealed into this thread's buffer, so appending allocates
     /// nothing. A write that fails leaves a hole in the log: the volume's flushes fail from
     /// then on (as after a failed sync), so nothing after the hole is ever promised.
-    fn complete(&self, place: Reserved, data: &[u8]) -> BlockResult<()> {
+    fn complete(&self, place: Reserved, data: &mut [u8]) -> BlockResult<()> {
         let header = &place.header;
         let bytes = record::record_len(header.kind, header.length);
-        let written = SEALED.with_borrow_mut(|sealed| {
-            // Grown once, never cleared: sealing writes every byte it sends.
-            if sealed.len() < bytes as usize {
-                sealed.resize(bytes as usize, 0);
-            }
-            let sealed = &mut sealed[..bytes as usize];
-            self.key
-                .seal_record_into(&place.salt, place.pos as u32, header, data, sealed);
-            place.file.write_all_at(sealed, place.pos)
-        });
+        let written = if header.kind == Kind::Write {
+            // The data is encrypted where the client's request left it, and written with
+            // the header and tags around it by one `pwritev`: no copy of it is made.
+            TAGS.with_borrow_mut(|tags| {
+                let head = self.key.seal_record_in_place(
+                    &place.salt,
+                    place.pos as u32,
+                    header,
+                    data,
+                    tags,
+                );
+                let mut slices = record::record_slices(&head, data, tags);
+                write_all_vectored_at(&place.file, &mut slices, place.pos)
+            })
+        } else {
+            SEALED.with_borrow_mut(|sealed| {
+                // Grown once, never cleared: sealing writes every byte it sends.
+                if sealed.len() < bytes as usize {
+                    sealed.resize(bytes as usize, 0);
+                }
+                let sealed = &mut sealed[..bytes as usize];
+                self.key
+                    .seal_record_into(&place.salt, place.pos as u32, header, data, sealed);
+                place.file.write_all_at(sealed, place.pos)
+            })
+        };
         if let Err(e) = &written {
             lock(&self.failed).get_or_insert_with(|| format!("writing the log: {e}"));
         }
@@ -1011,7 +1054,7 @@ impl Inner {
             }
             self.reserve(&mut w, Kind::Zero, 0, 0)
         };
-        self.complete(place, &[])?;
+        self.complete(place, &mut [])?;
         self.sync_log(true)?;
         Ok(true)
     }
@@ -1715,21 +1758,22 @@ impl BlockDevice for CachedVolume {
         }
     }
 
-    fn write_now(&self, offset: u64, data: &[u8]) -> Option<BlockResult<()>> {
+    fn write_now(&self, offset: u64, data: &mut [u8]) -> Option<BlockResult<()>> {
         self.inner.write_now(offset, data)
     }
 
-    fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()> {
+    fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> BlockResult<()> {
         check_range(offset, data.len() as u64, self.inner.size())?;
         self.inner.check_writable()?;
         let mut at = 0;
         while at < data.len() {
-            let chunk = &data[at..(at + MAX_RECORD).min(data.len())];
+            let end = (at + MAX_RECORD).min(data.len());
+            let chunk = &mut data[at..end];
             let offset = offset + at as u64;
             // An all-zero write is a zero record: no data in the log or the bucket.
             if chunk.iter().all(|&b| b == 0) {
                 self.inner
-                    .append(Kind::Zero, offset, chunk.len() as u64, &[])?;
+                    .append(Kind::Zero, offset, chunk.len() as u64, &mut [])?;
             } else {
                 self.inner
                     .append(Kind::Write, offset, chunk.len() as u64, chunk)?;
@@ -1757,7 +1801,7 @@ impl BlockDevice for CachedVolume {
             return Ok(());
         }
         let kind = if may_trim { Kind::Zero } else { Kind::ZeroData };
-        self.inner.append(kind, offset, length, &[])
+        self.inner.append(kind, offset, length, &mut [])
     }
 
     fn extents(&self, offset: u64, length: u64) -> BlockResult<Vec<Extent>> {

@@ -259,16 +259,8 @@ impl LogKey {
             record_len(Kind::Write, data.len() as u64),
             "a record's buffer fits it exactly"
         );
-        let mut h = [0u8; HEADER_LEN];
-        h[..4].copy_from_slice(RECORD_MAGIC);
-        h[4] = header.kind as u8;
-        h[8..16].copy_from_slice(&header.offset.to_le_bytes());
-        h[16..24].copy_from_slice(&header.length.to_le_bytes());
-        h[24..32].copy_from_slice(&header.seq.to_le_bytes());
         self.with_context(salt, |context| {
-            let tag = seal(context, pos, u32::MAX, &h[..48], &[], &mut []);
-            h[48..].copy_from_slice(&tag);
-            out[..HEADER_LEN].copy_from_slice(&h);
+            out[..HEADER_LEN].copy_from_slice(&sealed_header(context, pos, header));
             let sealed = out[HEADER_LEN..].chunks_mut(FRAME + TAG_LEN);
             for ((index, frame), sealed) in data.chunks(FRAME).enumerate().zip(sealed) {
                 let (body, tag) = sealed.split_at_mut(frame.len());
@@ -276,6 +268,26 @@ impl LogKey {
                 tag.copy_from_slice(&made);
             }
         });
+    }
+
+    /// As `seal_record`, with `data` encrypted where it lies rather than copied first: the
+    /// record is the header returned, then each frame of `data` followed by its tag, which
+    /// go to `tags` (cleared first). `record_slices` lays them out for one `pwritev`.
+    pub fn seal_record_in_place(
+        &self,
+        salt: &[u8; 16],
+        pos: u32,
+        header: &RecordHeader,
+        data: &mut [u8],
+        tags: &mut Vec<[u8; TAG_LEN]>,
+    ) -> [u8; HEADER_LEN] {
+        tags.clear();
+        self.with_context(salt, |context| {
+            for (index, frame) in data.chunks_mut(FRAME).enumerate() {
+                tags.push(seal_in_place(context, pos, index as u32, &[], frame));
+            }
+            sealed_header(context, pos, header)
+        })
     }
 
     /// The record header at `pos`, verified.
@@ -485,14 +497,54 @@ fn seal(
     out: &mut [u8],
 ) -> [u8; TAG_LEN] {
     out.copy_from_slice(plain);
+    seal_in_place(key, pos, frame, aad, out)
+}
+
+/// Encrypts frame `frame` of the record at `pos` where it lies; its tag.
+fn seal_in_place(
+    key: &LessSafeKey,
+    pos: u32,
+    frame: u32,
+    aad: &[u8],
+    data: &mut [u8],
+) -> [u8; TAG_LEN] {
     let tag = key
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(nonce(pos, frame)),
             Aad::from(aad),
-            out,
+            data,
         )
         .expect("AES-256-GCM seals any frame of at most 4 KiB");
     tag.as_ref().try_into().expect("AES-GCM tags are 16 bytes")
+}
+
+/// The header of the record at `pos`, sealed: its fields, then the tag over them.
+fn sealed_header(key: &LessSafeKey, pos: u32, header: &RecordHeader) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..4].copy_from_slice(RECORD_MAGIC);
+    h[4] = header.kind as u8;
+    h[8..16].copy_from_slice(&header.offset.to_le_bytes());
+    h[16..24].copy_from_slice(&header.length.to_le_bytes());
+    h[24..32].copy_from_slice(&header.seq.to_le_bytes());
+    let tag = seal(key, pos, u32::MAX, &h[..48], &[], &mut []);
+    h[48..].copy_from_slice(&tag);
+    h
+}
+
+/// The bytes of a record sealed in place (`LogKey::seal_record_in_place`), in order: the
+/// header, then each frame and its tag.
+pub fn record_slices<'a>(
+    head: &'a [u8],
+    data: &'a [u8],
+    tags: &'a [[u8; TAG_LEN]],
+) -> Vec<std::io::IoSlice<'a>> {
+    let mut slices = Vec::with_capacity(1 + 2 * tags.len());
+    slices.push(std::io::IoSlice::new(head));
+    for (frame, tag) in data.chunks(FRAME).zip(tags) {
+        slices.push(std::io::IoSlice::new(frame));
+        slices.push(std::io::IoSlice::new(tag));
+    }
+    slices
 }
 
 /// Decrypts a sealed frame (`body || tag`) in place under the nonce of `frame` of the
