@@ -839,6 +839,32 @@ impl Share {
         Ok(keep_open(&mut lock(&self.files_open), id, file))
     }
 
+    /// The content file of `id`, a file just created: made at once, rather than looked for
+    /// first as `content` does (two opens that fail and a namespace read, for each new file).
+    fn new_content(&self, id: u64) -> Result<Arc<File>, ShareError> {
+        lock(&self.used).insert(id, Instant::now());
+        let mut open = lock(&self.files_open);
+        let made = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(self.content_path(id));
+        match made {
+            Ok(file) => Ok(keep_open(&mut open, id, file)),
+            // Left by a crash that lost the creation of an earlier file with this id: none
+            // of its bytes belong to the new, empty file.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                drop(open);
+                let file = self.content(id)?;
+                file.set_len(0)
+                    .map_err(|e| io_error("emptying a file's local content", e))?;
+                Ok(file)
+            }
+            Err(e) => Err(io_error("creating a file's local content", e)),
+        }
+    }
+
     /// Whether `bytes` more of local space may be taken; if not, clean files are evicted to
     /// make room, and if that is not enough, `NoSpace`: the write waits for uploads.
     fn make_room(&self, bytes: u64) -> Result<(), ShareError> {
@@ -1273,7 +1299,7 @@ impl Share {
                     gid,
                     now_ns: attrs.now_ns,
                 };
-                let file = self.content(id)?;
+                let file = self.new_content(id)?;
                 let json = serde_json::to_vec(&entry).unwrap_or_default();
                 if let Err(e) = xattr::FileExt::set_xattr(&*file, namespace::ENTRY_XATTR, &json) {
                     // A file system without user attributes: the creation is made durable
