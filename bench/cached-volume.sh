@@ -23,7 +23,8 @@
 #      random and 1 MiB sequential write jobs each write WRITE_IO rather than run for RUNTIME:
 #      a burst that the log (log_max, 2 GiB by default) absorbs at local-disk speed while it
 #      uploads. Writes past log_max of backlog go at the bucket's speed, whatever the disk's:
-#      part 2 measures that speed against rclone.
+#      part 2 measures that speed against rclone. Each job, firn's and nbdkit's, starts with
+#      the bucket holding everything and the page cache dropped.
 #      `ratio: cached-<job> <firn/nbdkit>`, higher is better; goal >= 0.8.
 #   2. Drain: SIZE of 4 KiB random writes and a flush land in the log while uploads are paused
 #      (`firn bandwidth --upload paused`); then uploads resume and the clock runs until the
@@ -260,6 +261,9 @@ fio_pair() { # name rw bs depth unit [fio args]
         # job before competes for the CPU, nbdkit's included (firn's job's own uploads do
         # compete with it: that is the product).
         [ -n "$garage_stopped" ] || wait_committed fio >/dev/null
+        # And with the page cache dropped: what one job's writes and reads leave there (large
+        # folios, dirty pages still being written back) changes the next job's cost.
+        drop_caches
         [ "$server" = firn ] && [ -n "$uploads_paused" ] && f bandwidth --upload paused >/dev/null
         fio_run "$work/$name-$server.json" "${uri[$server]}" "$rw" "$bs" "$depth" \
             --size="$fio_size" "${timing[@]}" "$@"
