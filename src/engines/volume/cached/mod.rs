@@ -411,9 +411,7 @@ pub struct OpenParams {
 }
 
 thread_local! {
-    /// A record without data (a zero record's header) sealed for its `pwrite`, and the tags
-    /// of a write record's frames: kept per thread so that appends do not allocate them.
-    static SEALED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The tags of a record's frames, kept per thread so that appends do not allocate them.
     static TAGS: std::cell::RefCell<Vec<[u8; record::TAG_LEN]>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -952,38 +950,23 @@ impl Inner {
     }
 
     /// Seals and writes a reserved record, then maps it once every record reserved before
-    /// it is mapped. The record is sealed into this thread's buffer, so appending allocates
-    /// nothing. A write that fails leaves a hole in the log: the volume's flushes fail from
-    /// then on (as after a failed sync), so nothing after the hole is ever promised.
+    /// it is mapped. `data` is sealed where it lies (it is the caller's to give up); only
+    /// the list of slices for the `pwritev` is allocated. A write that fails leaves a hole in
+    /// the log: the volume's flushes fail from then on (as after a failed sync), so nothing
+    /// after the hole is ever promised.
     fn complete(&self, place: Reserved, data: &mut [u8]) -> BlockResult<()> {
         let header = &place.header;
         let bytes = record::record_len(header.kind, header.length);
-        let written = if header.kind == Kind::Write {
-            // The data is encrypted where the client's request left it, and written with
-            // the header and tags around it by one `pwritev`: no copy of it is made.
-            TAGS.with_borrow_mut(|tags| {
-                let head = self.key.seal_record_in_place(
-                    &place.salt,
-                    place.pos as u32,
-                    header,
-                    data,
-                    tags,
-                );
-                let mut slices = record::record_slices(&head, data, tags);
-                write_all_vectored_at(&place.file, &mut slices, place.pos)
-            })
-        } else {
-            SEALED.with_borrow_mut(|sealed| {
-                // Grown once, never cleared: sealing writes every byte it sends.
-                if sealed.len() < bytes as usize {
-                    sealed.resize(bytes as usize, 0);
-                }
-                let sealed = &mut sealed[..bytes as usize];
+        // The data is encrypted where the client's request left it, and written with the
+        // header and tags around it by one `pwritev`: no copy of it is made. A zero record
+        // is its header alone.
+        let written = TAGS.with_borrow_mut(|tags| {
+            let head =
                 self.key
-                    .seal_record_into(&place.salt, place.pos as u32, header, data, sealed);
-                place.file.write_all_at(sealed, place.pos)
-            })
-        };
+                    .seal_record_in_place(&place.salt, place.pos as u32, header, data, tags);
+            let mut slices = record::record_slices(&head, data, tags);
+            write_all_vectored_at(&place.file, &mut slices, place.pos)
+        });
         if let Err(e) = &written {
             lock(&self.failed).get_or_insert_with(|| format!("writing the log: {e}"));
         }
