@@ -97,6 +97,19 @@ impl Uploaded {
     }
 }
 
+/// An upload that ended: file `id` went up as `uploaded` (`Namespace::uploaded`).
+#[derive(Debug, Clone)]
+pub struct Done {
+    pub id: u64,
+    pub uploaded: Uploaded,
+    /// The file's modification time as the upload read it.
+    pub mtime_ns: u64,
+    /// Nothing changed since the upload read the file.
+    pub clean: bool,
+    /// The object's block hashes (`super::blocks`), when firn gathered them.
+    pub blocks: Option<Vec<u8>>,
+}
+
 /// Attributes a new entry starts with.
 #[derive(Debug, Clone, Copy)]
 pub struct NewAttrs {
@@ -773,55 +786,56 @@ impl Namespace {
             .collect())
     }
 
-    /// Records that `id` was uploaded as `uploaded`: the object it had before (under another
-    /// key) is queued for deletion, and, with `clean` (nothing changed during the upload),
-    /// the file is clean unless it moved meanwhile (then it goes up again under its new key).
-    /// If the file was removed during the upload, the object just made is queued for
-    /// deletion.
-    pub fn uploaded(
-        &self,
-        id: u64,
-        uploaded: Uploaded,
-        mtime_ns: u64,
-        clean: bool,
-        blocks: Option<&[u8]>,
-    ) -> Result<(), ShareError> {
-        // Lazily durable: a crash that forgets it only makes the file dirty again, and its
-        // upload is done again (same content, same key).
+    /// Records uploads that ended, in one transaction (see [`Done`]): the object each file
+    /// had before (under another key) is queued for deletion, and, with `clean` (nothing
+    /// changed during the upload), the file is clean unless it moved meanwhile (then it goes
+    /// up again under its new key). If the file was removed during its upload, the object
+    /// just made is queued for deletion.
+    pub fn uploaded(&self, done: &[Done]) -> Result<(), ShareError> {
+        // Lazily durable: a crash that forgets it only makes the files dirty again, and their
+        // uploads are done again (same content, same key).
         self.meta.transaction_lazy(|tx| {
-            let Some(mut inode) = tx.get_json::<Inode>(&self.inodes, &hex(id))? else {
-                tx.put(&self.deletes, &uploaded.path, b"")?;
-                return Ok(());
-            };
-            if let Some(old) = &inode.uploaded
-                && old.path != uploaded.path
-            {
-                tx.put(&self.deletes, &old.path, b"")?;
-                tx.delete(&self.leaving, &old.path)?;
-            }
-            // The new key may have been queued for deletion by an earlier rename or remove.
-            tx.delete(&self.deletes, &uploaded.path)?;
-            tx.delete(&self.leaving, &uploaded.path)?;
-            let mut path = self.path_tx(tx, id)?;
-            if inode.kind == Kind::Dir {
-                path.push('/');
-            }
-            let moved = path != uploaded.path;
-            inode.size = uploaded.size;
-            inode.mtime_ns = mtime_ns;
-            inode.uploaded = Some(uploaded);
-            tx.put_json(&self.inodes, &hex(id), &inode)?;
-            match blocks {
-                Some(blocks) => tx.put(&self.blocks, &hex(id), blocks)?,
-                None => {
-                    tx.delete(&self.blocks, &hex(id))?;
-                }
-            }
-            if clean && !moved {
-                tx.delete(&self.dirty, &hex(id))?;
+            for done in done {
+                self.record_upload(tx, done)?;
             }
             Ok(())
         })
+    }
+
+    fn record_upload(&self, tx: &mut MetaTransaction<'_>, done: &Done) -> Result<(), ShareError> {
+        let (id, uploaded) = (done.id, &done.uploaded);
+        let Some(mut inode) = tx.get_json::<Inode>(&self.inodes, &hex(id))? else {
+            tx.put(&self.deletes, &uploaded.path, b"")?;
+            return Ok(());
+        };
+        if let Some(old) = &inode.uploaded
+            && old.path != uploaded.path
+        {
+            tx.put(&self.deletes, &old.path, b"")?;
+            tx.delete(&self.leaving, &old.path)?;
+        }
+        // The new key may have been queued for deletion by an earlier rename or remove.
+        tx.delete(&self.deletes, &uploaded.path)?;
+        tx.delete(&self.leaving, &uploaded.path)?;
+        let mut path = self.path_tx(tx, id)?;
+        if inode.kind == Kind::Dir {
+            path.push('/');
+        }
+        let moved = path != uploaded.path;
+        inode.size = uploaded.size;
+        inode.mtime_ns = done.mtime_ns;
+        inode.uploaded = Some(uploaded.clone());
+        tx.put_json(&self.inodes, &hex(id), &inode)?;
+        match &done.blocks {
+            Some(blocks) => tx.put(&self.blocks, &hex(id), blocks)?,
+            None => {
+                tx.delete(&self.blocks, &hex(id))?;
+            }
+        }
+        if done.clean && !moved {
+            tx.delete(&self.dirty, &hex(id))?;
+        }
+        Ok(())
     }
 
     /// What to do with the object at `path`, queued for deletion: a file that lives at that

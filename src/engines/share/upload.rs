@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::namespace::{Decision, Kind, Uploaded};
+use super::namespace::{Decision, Done, Kind, Uploaded};
 use super::{Share, ShareError, lock};
 use crate::remote::{self, Body, Meta};
 
@@ -127,24 +127,120 @@ async fn pass(share: &Arc<Share>) -> Result<bool, String> {
             .take(BATCH)
             .collect()
     };
-    // Several files at once: small files cost a round trip each, not bandwidth.
-    let outcomes: Vec<Result<bool, String>> = futures::stream::iter(due)
+    // Several files at once: small files cost a round trip each, not bandwidth. The uploads
+    // that ended together are recorded together, in one transaction.
+    let mut ended = futures::stream::iter(due)
         .map(|(id, generation)| upload(share, id, generation))
         .buffer_unordered(CONCURRENCY)
-        .collect()
-        .await;
+        .ready_chunks(BATCH);
     let mut uploaded = 0;
-    for outcome in outcomes {
-        if outcome? {
-            uploaded += 1;
+    let mut first_error = None;
+    while let Some(outcomes) = ended.next().await {
+        let mut went_up = Vec::with_capacity(outcomes.len());
+        for outcome in outcomes {
+            match outcome {
+                Ok(Some(up)) => went_up.push(up),
+                Ok(None) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
+        match record(share, went_up) {
+            Ok(clean) => uploaded += clean,
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
     }
     Ok(deleted > 0 || uploaded > 0)
 }
 
-/// Uploads file `id` as it is at `generation`. Whether it went up; `Ok(false)` if it
+/// A file's upload that reached the bucket, to be recorded (`record`).
+struct WentUp {
+    id: u64,
+    generation: u64,
+    path: String,
+    len: u64,
+    etag: Option<String>,
+    mtime_ns: u64,
+    blocks: Option<Vec<u8>>,
+}
+
+/// Records uploads that reached the bucket: each object is the file's whatever happened
+/// meanwhile (so a rename or remove since deletes it), and a file is clean only if nothing
+/// changed since its upload read it. The lock keeps a new change from slipping in between
+/// that check and the record. How many files are clean now.
+fn record(share: &Share, went_up: Vec<WentUp>) -> Result<usize, String> {
+    if went_up.is_empty() {
+        return Ok(0);
+    }
+    let mut dirty = lock(&share.dirty);
+    let done: Vec<Done> = went_up
+        .into_iter()
+        .map(|up| {
+            let clean = dirty
+                .get(&up.id)
+                .is_some_and(|d| d.generation == up.generation && d.writing == 0);
+            if clean {
+                dirty.remove(&up.id);
+            }
+            share.remember_upload(&up.path, up.len);
+            Done {
+                id: up.id,
+                uploaded: Uploaded {
+                    path: up.path,
+                    size: up.len,
+                    etag: up.etag,
+                },
+                mtime_ns: up.mtime_ns,
+                clean,
+                blocks: up.blocks,
+            }
+        })
+        .collect();
+    match share.ns.uploaded(&done) {
+        Ok(()) => {
+            let clean: Vec<&Done> = done.iter().filter(|d| d.clean).collect();
+            for d in &clean {
+                share.uploaded_files.fetch_add(1, Ordering::Relaxed);
+                share
+                    .uploaded_bytes
+                    .fetch_add(d.uploaded.size, Ordering::Relaxed);
+                // Clean now; the next eviction check counts it exactly.
+                share
+                    .clean_bytes
+                    .fetch_add(d.uploaded.size, Ordering::Relaxed);
+            }
+            Ok(clean.len())
+        }
+        Err(e) => {
+            // Still dirty on disk: the next pass uploads them again.
+            for d in &done {
+                dirty.entry(d.id).or_insert(super::Dirty {
+                    generation: 0,
+                    writing: 0,
+                    last_change: std::time::Instant::now(),
+                    now: true,
+                    bytes: d.uploaded.size,
+                });
+            }
+            Err(format!(
+                "recording the upload of {} files ({}{}, ...): {e}",
+                done.len(),
+                share.info.prefix,
+                done[0].uploaded.path
+            ))
+        }
+    }
+}
+
+/// Uploads file `id` as it is at `generation`: what went up, to be recorded; `None` if it
 /// changed meanwhile (it stays dirty) or is gone.
-async fn upload(share: &Arc<Share>, id: u64, generation: u64) -> Result<bool, String> {
+async fn upload(share: &Arc<Share>, id: u64, generation: u64) -> Result<Option<WentUp>, String> {
     let found = blocking(share, move |share| {
         let inode = share.ns.get(id)?;
         let path = share.ns.path(id)?;
@@ -172,7 +268,7 @@ async fn upload(share: &Arc<Share>, id: u64, generation: u64) -> Result<bool, St
         Ok(found) => found,
         Err(e) if e.starts_with("gone:") => {
             lock(&share.dirty).remove(&id);
-            return Ok(false);
+            return Ok(None);
         }
         Err(e) => return Err(e),
     };
@@ -180,7 +276,7 @@ async fn upload(share: &Arc<Share>, id: u64, generation: u64) -> Result<bool, St
     let path = match inode.kind {
         Kind::Dir if path.is_empty() => {
             lock(&share.dirty).remove(&id);
-            return Ok(false);
+            return Ok(None);
         }
         Kind::Dir => path + "/",
         _ => path,
@@ -188,7 +284,7 @@ async fn upload(share: &Arc<Share>, id: u64, generation: u64) -> Result<bool, St
     let key = format!("{}{path}", share.info.prefix);
     let mut content = None;
     let body: Arc<dyn Body> = match (inode.kind, file, whole) {
-        (Kind::File, _, Some(None)) => return Ok(false),
+        (Kind::File, _, Some(None)) => return Ok(None),
         (Kind::File, _, Some(Some(bytes))) => Arc::new(bytes),
         (Kind::File, Some(file), None) => {
             let body = Arc::new(Content {
@@ -206,69 +302,29 @@ async fn upload(share: &Arc<Share>, id: u64, generation: u64) -> Result<bool, St
         (Kind::Dir, ..) => Arc::new(Bytes::new()),
         _ => {
             lock(&share.dirty).remove(&id);
-            return Ok(false);
+            return Ok(None);
         }
     };
     let len = body.len();
     let stored = match share.remote.put_body(&key, body, object_meta(&attrs)).await {
         Ok(stored) => stored,
         Err(remote::Error::Permanent { message, .. }) if message.contains(CHANGED) => {
-            return Ok(false);
+            return Ok(None);
         }
         Err(e) => return Err(format!("uploading {key}: {e}")),
     };
-    // The object is in the bucket whatever happened meanwhile, and is recorded as the file's
-    // (so a rename or remove since deletes it). The file is clean only if nothing changed
-    // since the upload read it; the lock keeps a new change from slipping in between the
-    // check and the record.
     // Read whole for the upload: its block hashes, so that once evicted it is read back a
     // block at a time.
     let blocks = content.and_then(|c| c.gathered.as_ref().and_then(|g| g.finish()));
-    let recorded = {
-        let mut dirty = lock(&share.dirty);
-        let clean = dirty
-            .get(&id)
-            .is_some_and(|d| d.generation == generation && d.writing == 0);
-        if clean {
-            dirty.remove(&id);
-        }
-        share.remember_upload(&path, len);
-        share
-            .ns
-            .uploaded(
-                id,
-                Uploaded {
-                    path,
-                    size: len,
-                    etag: stored.etag,
-                },
-                attrs.mtime_ns,
-                clean,
-                blocks.as_deref(),
-            )
-            .map(|()| clean)
-    };
-    match recorded {
-        Ok(true) => {
-            share.uploaded_files.fetch_add(1, Ordering::Relaxed);
-            share.uploaded_bytes.fetch_add(len, Ordering::Relaxed);
-            // Clean now; the next eviction check counts it exactly.
-            share.clean_bytes.fetch_add(len, Ordering::Relaxed);
-            Ok(true)
-        }
-        Ok(false) => Ok(false),
-        Err(e) => {
-            // Still dirty on disk: the next pass uploads it again.
-            lock(&share.dirty).entry(id).or_insert(super::Dirty {
-                generation: 0,
-                writing: 0,
-                last_change: std::time::Instant::now(),
-                now: true,
-                bytes: len,
-            });
-            Err(format!("recording the upload of {key}: {e}"))
-        }
-    }
+    Ok(Some(WentUp {
+        id,
+        generation,
+        path,
+        len,
+        etag: stored.etag,
+        mtime_ns: attrs.mtime_ns,
+        blocks,
+    }))
 }
 
 /// The object metadata of a file, in the convention of AWS's file tools.
