@@ -31,8 +31,11 @@ pub const LEASE_LIVE: Duration = Duration::from_secs(30);
 /// How often a serving gateway renews its lease.
 pub const LEASE_RENEW: Duration = Duration::from_secs(10);
 /// Segment numbers skipped at a takeover past the last one found in the bucket, so that an
-/// old gateway still uploading collides with nothing of the new one's.
-const SEGMENT_GAP: u64 = 16;
+/// old gateway still uploading collides with nothing of the new one's: it goes on uploading
+/// its backlog, in order, until its next commit or lease renewal fences it, and that backlog
+/// is up to its `log_max` (thousands of segments), so the gap is more than any log holds.
+/// Nothing walks the numbers in between; chunks are numbered from `CHUNK_BASE` (2^63) up.
+const SEGMENT_GAP: u64 = 1 << 32;
 
 /// Who serves a volume, renewed while it does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

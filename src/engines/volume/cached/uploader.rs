@@ -96,9 +96,10 @@ async fn put_descriptor(inner: &Inner, descriptor: &Descriptor) -> Result<(), St
 }
 
 /// Says that this gateway serves the volume, as of now (`restore::Lease`), unless a newer
-/// owner holds a live lease: a gateway that took the volume over after this one did (a
-/// takeover writes its lease). Then this one fences itself, even if its clients never flush
-/// (a commit would find out only at the next flush). A live lease of an older owner is one
+/// owner holds the lease: a gateway that took the volume over after this one did (a
+/// takeover writes its lease), live or not (it may be down; its commit is the newest all the
+/// same). Then this one fences itself, even if its clients never flush (a commit would find
+/// out only at the next flush). A live lease of an older owner is one
 /// that gateway renewed just as this one took the volume over: it is overwritten, and that
 /// gateway fences itself at its next renewal (or commit).
 async fn put_lease(inner: &Arc<Inner>) -> Result<(), String> {
@@ -114,10 +115,12 @@ async fn put_lease(inner: &Arc<Inner>) -> Result<(), String> {
         .map_err(|e| format!("lease: {e}"))?;
     if let Some(current) = current
         && current.gateway != inner.bucket.gateway
-        && super::restore::now_secs().saturating_sub(current.time)
-            < super::restore::LEASE_LIVE.as_secs()
     {
-        if current.since >= since {
+        let live = super::restore::now_secs().saturating_sub(current.time)
+            < super::restore::LEASE_LIVE.as_secs();
+        // A higher `since` is a takeover after this gateway's own, whatever the lease's age:
+        // the bucket's newest commit is that gateway's, so nothing written here can commit.
+        if current.since > since || (live && current.since == since) {
             let why = format!(
                 "another gateway ({}) holds the volume's lease: it took the volume over",
                 current.gateway
@@ -125,11 +128,13 @@ async fn put_lease(inner: &Arc<Inner>) -> Result<(), String> {
             fence(inner, why).await;
             return Ok(());
         }
-        tracing::warn!(
-            volume = %inner.name,
-            "gateway {} renewed its lease after this one took the volume over (at commit {since}); it is fenced at its next renewal",
-            current.gateway
-        );
+        if live {
+            tracing::warn!(
+                volume = %inner.name,
+                "gateway {} renewed its lease after this one took the volume over (at commit {since}); it is fenced at its next renewal",
+                current.gateway
+            );
+        }
     }
     super::restore::put_lease(&inner.bucket, &inner.sealer, &inner.id, since)
         .await
@@ -497,12 +502,15 @@ async fn commit(inner: &Arc<Inner>) -> Result<bool, String> {
             return Ok(false);
         };
         let segment = cut.segment;
-        // The newest checkpoint at or before the cut.
+        // The newest checkpoint at or before the cut. The newest commit's own is one (its cut
+        // is older), and garbage collection keeps it: the list of recent checkpoints may have
+        // moved past the cut while uploads kept the commit waiting.
         let checkpoint = state
             .progress
             .checkpoints
             .iter()
             .copied()
+            .chain([state.progress.commit_checkpoint])
             .filter(|&c| c <= cut)
             .max()
             .unwrap_or_default();
@@ -721,3 +729,6 @@ async fn evict(inner: &Arc<Inner>) -> Result<bool, String> {
     .await;
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests;

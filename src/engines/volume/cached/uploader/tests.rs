@@ -1,0 +1,388 @@
+//! The uploader driven by hand: a cached volume whose uploader task never runs by itself (it
+//! is spawned on a runtime nobody drives); a test calls `step`, so it chooses every
+//! interleaving of uploads, checkpoints and commits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::super::{Bucket, CachedVolume, OpenParams, Settings, lock};
+use super::step;
+use crate::engines::volume::BlockDevice;
+use crate::local::meta::MetaStore;
+use crate::remote::Remote;
+use crate::seal::{MasterKey, Sealer};
+
+struct Harness {
+    dir: tempfile::TempDir,
+    rt: tokio::runtime::Runtime,
+    idle: tokio::runtime::Runtime,
+    vol: CachedVolume,
+    remote: Arc<dyn Remote>,
+    sealer: Arc<Sealer>,
+    id: String,
+}
+
+fn settings() -> Settings {
+    Settings {
+        segment_bytes: 64 << 10,
+        log_max: 64 << 20,
+        cache_max: 1 << 30,
+        commit_interval: Duration::from_millis(1),
+        checkpoint_segments: 1,
+        read_timeout: Duration::from_secs(5),
+        gc_live_percent: 50,
+        gc_interval: Duration::ZERO,
+        gc_grace: Duration::ZERO,
+        min_free: 0,
+    }
+}
+
+fn open(settings: Settings) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let idle = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let remote: Arc<dyn Remote> =
+        Arc::new(crate::remote::dir::DirStore::open(dir.path().join("bucket")).unwrap());
+    let sealer = Arc::new(Sealer::new(&MasterKey::from_bytes([9; 32])));
+    let meta = Arc::new(MetaStore::open(dir.path().join("meta.redb")).unwrap());
+    let id = "0123456789abcdef0123456789abcdef".to_string();
+    let vol = CachedVolume::open(OpenParams {
+        id: id.clone(),
+        name: "v".into(),
+        size: 64 << 20,
+        read_only: false,
+        created: "now".into(),
+        dir: dir.path().join("vol"),
+        sealer: sealer.clone(),
+        meta,
+        bucket: Bucket {
+            remote: remote.clone(),
+            prefix: format!("volumes/{id}/"),
+            runtime: rt.handle().clone(),
+            uploads: idle.handle().clone(),
+            gateway: "gw-a".into(),
+        },
+        settings,
+    })
+    .unwrap();
+    // What the uploader's loop does first.
+    let descriptor = super::super::Descriptor {
+        format: 1,
+        id: id.clone(),
+        name: "v".into(),
+        size: 64 << 20,
+        created: "now".into(),
+    };
+    rt.block_on(super::put_descriptor(&vol.inner, &descriptor))
+        .unwrap();
+    Harness {
+        dir,
+        rt,
+        idle,
+        vol,
+        remote,
+        sealer,
+        id,
+    }
+}
+
+impl Harness {
+    /// One uploader step, as the uploader's loop runs it.
+    fn step(&self) -> bool {
+        std::thread::sleep(Duration::from_millis(3)); // commit_interval passes
+        let inner = self.vol.inner.clone();
+        self.rt.block_on(step(&inner)).unwrap()
+    }
+    /// Steps until the uploader has nothing to do.
+    fn drive(&self) {
+        for _ in 0..200 {
+            if !self.step() {
+                return;
+            }
+        }
+        panic!("the uploader never went idle");
+    }
+    fn write(&self, offset: u64, byte: u8) {
+        let mut data = vec![byte; 4096];
+        self.vol.write(offset, &mut data, false).unwrap();
+    }
+    fn bucket_has(&self, key: &str) -> bool {
+        self.rt.block_on(self.remote.head(key)).unwrap().is_some()
+    }
+    fn prefix(&self) -> String {
+        format!("volumes/{}/", self.id)
+    }
+    /// A second gateway takes the volume over from the bucket (`--force`), into a new
+    /// directory and metadata store.
+    fn take_over(&self) -> Result<(), String> {
+        // On a copy of the bucket, so that the takeover's commit fences nothing here.
+        let n = TAKEOVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let copy = self.dir.path().join(format!("bucket-copy-{n}"));
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(self.dir.path().join("bucket"))
+            .arg(&copy)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let remote: Arc<dyn Remote> = Arc::new(crate::remote::dir::DirStore::open(&copy).unwrap());
+        let meta = MetaStore::open(self.dir.path().join(format!("meta-b{n}.redb"))).unwrap();
+        let bucket = Bucket {
+            remote,
+            prefix: self.prefix(),
+            runtime: self.rt.handle().clone(),
+            uploads: self.rt.handle().clone(),
+            gateway: "gw-b".into(),
+        };
+        self.rt
+            .block_on(super::super::restore::take_over(
+                &bucket,
+                &self.sealer,
+                &meta,
+                &self.id,
+                &self.dir.path().join(format!("vol-b{n}")),
+                true,
+                true,
+            ))
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+    fn newest_commit(&self) -> super::super::Commit {
+        let bucket = Bucket {
+            remote: self.remote.clone(),
+            prefix: self.prefix(),
+            runtime: self.rt.handle().clone(),
+            uploads: self.rt.handle().clone(),
+            gateway: "gw-x".into(),
+        };
+        self.rt
+            .block_on(super::super::restore::newest_commit(
+                &bucket,
+                &self.sealer,
+                &self.id,
+            ))
+            .unwrap()
+            .unwrap()
+    }
+}
+
+const B: u64 = 4096;
+static TAKEOVERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A commit whose cut is older than every checkpoint the progress record still lists must
+/// still name a checkpoint that is in the bucket (the newest commit's), not replay from
+/// segment 1, which garbage collection deleted long before.
+#[test]
+fn a_commit_behind_many_checkpoints_names_one_still_in_the_bucket() {
+    let h = open(settings());
+    // Phase 1: segment 1 holds data overwritten later, so it is garbage once a commit
+    // names a checkpoint past it.
+    for round in 1..=2u8 {
+        for block in 0..16 {
+            h.write(block * B, round);
+        }
+    }
+    h.vol.flush().unwrap();
+    h.drive();
+    h.drive();
+    let seg1 = format!("{}segments/{:016x}", h.prefix(), 1);
+    assert!(!h.bucket_has(&seg1), "garbage collection deleted segment 1");
+    let before = h.newest_commit();
+    eprintln!("after phase 1: {before:?}");
+    assert!(before.checkpoint.segment > 1);
+    h.take_over().expect("the image restores before");
+
+    // Phase 2: a client flushes once, then keeps writing without flushing while the
+    // uploader is busy: each time its backlog drains it writes a checkpoint (one per
+    // segment here), and a segment fills meanwhile, so no commit runs in between.
+    h.write(100 * B, 7);
+    h.vol.flush().unwrap();
+    let flushed_at = h.vol.inner.log.lock().unwrap().position();
+    h.write(101 * B, 8); // not flushed
+    let commit_n = lock(&h.vol.inner.state).progress.commit;
+    let mut next = 200;
+    let mut checkpoints = 0;
+    for _ in 0..40 {
+        let before = lock(&h.vol.inner.state).checkpoint;
+        assert!(h.step());
+        if lock(&h.vol.inner.state).checkpoint != before {
+            checkpoints += 1;
+            if checkpoints == 5 {
+                break;
+            }
+            // A segment's worth of writes arrived while the checkpoint was written.
+            for _ in 0..32 {
+                h.write(next * B, 9);
+                next += 1;
+            }
+        }
+        assert_eq!(
+            lock(&h.vol.inner.state).progress.commit,
+            commit_n,
+            "no commit in between"
+        );
+    }
+    assert_eq!(checkpoints, 5);
+    // (With gc_interval 0, collect keeps asking for a cut that the unflushed writes
+    // forbid, so the uploader never idles: step a while instead.)
+    for _ in 0..20 {
+        h.step();
+    }
+    let after = h.newest_commit();
+    assert!(after.n > before.n, "a commit ran after the checkpoints");
+    assert!(
+        after.cut >= flushed_at,
+        "{after:?} covers the flush at {flushed_at:?}"
+    );
+    assert_ne!(after.checkpoint.segment, 0, "{after:?} names a checkpoint");
+    h.take_over()
+        .expect("a new gateway restores the bucket's newest image");
+}
+
+/// An old gateway that still holds a backlog when the volume is taken over uploads it, in
+/// order, until its next commit or lease renewal fences it. The new owner's segments are
+/// numbered past all of that backlog, so they collide with none of it and the new owner
+/// keeps the volume.
+#[test]
+fn an_old_gateways_backlog_does_not_collide_with_the_new_owners_segments() {
+    let h = open(settings());
+    h.write(0, 1);
+    h.vol.flush().unwrap();
+    h.drive();
+    // A backlog of many segments (16 writes fill one here), flushed and not uploaded yet.
+    for block in 0..40 * 16 {
+        h.write(block * B, 2);
+    }
+    h.vol.flush().unwrap();
+
+    // Gateway B takes the volume over in the same bucket.
+    let meta = Arc::new(MetaStore::open(h.dir.path().join("meta-b.redb")).unwrap());
+    let bucket = |gateway: &str| Bucket {
+        remote: h.remote.clone(),
+        prefix: h.prefix(),
+        runtime: h.rt.handle().clone(),
+        uploads: h.idle.handle().clone(),
+        gateway: gateway.into(),
+    };
+    let dir = h.dir.path().join("vol-b");
+    let descriptor =
+        h.rt.block_on(super::super::restore::take_over(
+            &bucket("gw-b"),
+            &h.sealer,
+            &meta,
+            &h.id,
+            &dir,
+            true,
+            true,
+        ))
+        .unwrap();
+
+    // The old gateway uploads its backlog, then its commit is refused.
+    for _ in 0..200 {
+        let inner = h.vol.inner.clone();
+        if !matches!(h.rt.block_on(step(&inner)), Ok(true)) {
+            break;
+        }
+    }
+    assert!(
+        lock(&h.vol.inner.state).fenced.is_some(),
+        "the old gateway is fenced"
+    );
+
+    // The new owner writes, flushes and commits.
+    let b = CachedVolume::open(OpenParams {
+        id: h.id.clone(),
+        name: "v".into(),
+        size: descriptor.size,
+        read_only: false,
+        created: descriptor.created.clone(),
+        dir,
+        sealer: h.sealer.clone(),
+        meta,
+        bucket: bucket("gw-b"),
+        settings: settings(),
+    })
+    .unwrap();
+    for block in 0..3 * 16 {
+        let mut data = vec![3; 4096];
+        b.write(block * B, &mut data, false).unwrap();
+    }
+    b.flush().unwrap();
+    for _ in 0..200 {
+        std::thread::sleep(Duration::from_millis(3));
+        let inner = b.inner.clone();
+        if !h.rt.block_on(step(&inner)).unwrap() {
+            break;
+        }
+    }
+    let fenced = lock(&b.inner.state).fenced.clone();
+    assert_eq!(fenced, None, "the new owner keeps the volume");
+    let newest = h.newest_commit();
+    assert_eq!(newest.gateway, "gw-b");
+    assert!(newest.cut == lock(&b.inner.state).committed.unwrap());
+}
+
+/// A gateway that comes back after another took the volume over, and finds that one's lease
+/// stale (it is down), fences itself all the same: the newest commit is the other's, so
+/// nothing it would accept could ever commit.
+#[test]
+fn a_stale_lease_of_a_newer_owner_fences_the_old_one() {
+    let h = open(settings());
+    h.write(0, 1);
+    h.vol.flush().unwrap();
+    h.drive();
+    let meta = MetaStore::open(h.dir.path().join("meta-b.redb")).unwrap();
+    let bucket = Bucket {
+        remote: h.remote.clone(),
+        prefix: h.prefix(),
+        runtime: h.rt.handle().clone(),
+        uploads: h.idle.handle().clone(),
+        gateway: "gw-b".into(),
+    };
+    h.rt.block_on(super::super::restore::take_over(
+        &bucket,
+        &h.sealer,
+        &meta,
+        &h.id,
+        &h.dir.path().join("vol-b"),
+        true,
+        true,
+    ))
+    .unwrap();
+    // Gateway B's lease, as B left it long ago.
+    let mut lease =
+        h.rt.block_on(super::super::restore::lease(&bucket, &h.sealer, &h.id))
+            .unwrap()
+            .unwrap();
+    assert!(lease.since > 0);
+    lease.time = 1;
+    let sealed = h.sealer.seal(
+        &super::super::restore::lease_context(&h.id),
+        &serde_json::to_vec(&lease).unwrap(),
+    );
+    h.rt.block_on(h.remote.put(
+        &format!("{}lease", h.prefix()),
+        sealed.into(),
+        crate::remote::Meta::new(),
+    ))
+    .unwrap();
+
+    let inner = h.vol.inner.clone();
+    h.rt.block_on(super::put_lease(&inner)).unwrap();
+    assert!(
+        lock(&inner.state).fenced.is_some(),
+        "the old owner is fenced"
+    );
+    let after =
+        h.rt.block_on(super::super::restore::lease(&bucket, &h.sealer, &h.id))
+            .unwrap()
+            .unwrap();
+    assert_eq!(after.gateway, "gw-b", "the newer owner's lease stays");
+}
