@@ -747,24 +747,6 @@ fn a_share_allowlist_keeps_other_clients_out() {
 
 use common::NfsClient as Client;
 
-/// A new file `name` in `dir` (GUARDED: it must not exist), by the scripted client.
-async fn create_file(c: &mut Client, dir: &nfs_fh3, name: &str) -> nfs_fh3 {
-    let made = c
-        .create(&CREATE3args {
-            where_: diropargs3 {
-                dir: dir.clone(),
-                name: filename3::from(name.as_bytes().to_vec()),
-            },
-            how: createhow3::GUARDED(sattr3::default()),
-        })
-        .await
-        .expect("rpc");
-    let Nfs3Result::Ok(made) = made else {
-        panic!("create {name}")
-    };
-    made.obj.unwrap()
-}
-
 /// A FILE_SYNC write by the scripted client.
 async fn write_sync(c: &mut Client, file: &nfs_fh3, offset: u64, data: &[u8]) -> WRITE3res {
     c.write(&WRITE3args {
@@ -946,7 +928,7 @@ async fn a_tree_copied_through_store_errors_and_an_outage_arrives_whole() {
         let name = format!("f{i:04}.dat");
         let mut data = vec![0u8; 100 + (i % 1000) * 7];
         rand::rng().fill_bytes(&mut data);
-        let file = create_file(&mut c, &root, &name).await;
+        let file = common::nfs_create(&mut c, &root, &name).await;
         let written = c
             .write(&WRITE3args {
                 file: file.clone(),
@@ -1152,7 +1134,7 @@ async fn a_full_disk_makes_writers_wait_and_loses_nothing() {
     let mut jukebox = None;
     'files: for i in 0..40 {
         let name = format!("f{i:02}");
-        let file = create_file(&mut c, &root, &name).await;
+        let file = common::nfs_create(&mut c, &root, &name).await;
         for j in 0..2u64 {
             match write_sync(&mut c, &file, j << 20, &chunk).await {
                 Nfs3Result::Ok(_) => {}
@@ -1204,7 +1186,7 @@ async fn a_cold_read_on_a_full_disk_waits_for_room() {
     let root = c.root_nfs_fh3();
     let mut cold_data = vec![0u8; 8 << 20];
     rand::rng().fill_bytes(&mut cold_data);
-    let cold = create_file(&mut c, &root, "cold").await;
+    let cold = common::nfs_create(&mut c, &root, "cold").await;
     for (i, chunk) in cold_data.chunks(1 << 20).enumerate() {
         let written = write_sync(&mut c, &cold, (i as u64) << 20, chunk).await;
         assert!(matches!(written, Nfs3Result::Ok(_)), "write cold");
@@ -1221,7 +1203,7 @@ async fn a_cold_read_on_a_full_disk_waits_for_room() {
     let chunk = vec![7u8; 1 << 20];
     let mut full = false;
     'files: for i in 0..40 {
-        let file = create_file(&mut c, &root, &format!("f{i:02}")).await;
+        let file = common::nfs_create(&mut c, &root, &format!("f{i:02}")).await;
         for j in 0..2u64 {
             match write_sync(&mut c, &file, j << 20, &chunk).await {
                 Nfs3Result::Ok(_) => {}
@@ -1502,8 +1484,8 @@ async fn modes_are_enforced_for_every_caller() {
         panic!("mkdir shared")
     };
     let shared = shared.obj.unwrap();
-    create_file(&mut alice, &private, "secret").await;
-    let notes = create_file(&mut alice, &shared, "notes").await;
+    common::nfs_create(&mut alice, &private, "secret").await;
+    let notes = common::nfs_create(&mut alice, &shared, "notes").await;
     assert!(matches!(
         write_sync(&mut alice, &notes, 0, b"alice's").await,
         Nfs3Result::Ok(_)

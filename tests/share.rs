@@ -1566,3 +1566,178 @@ fn same_size_rewrites_and_listed_directories_are_noticed() {
         assert_eq!(share.read(mine.fileid, 0, 100).expect("read").0, b"more");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Renames and removes from several clients at once, and the key limit below a renamed
+// directory: every check of a namespace change is made under the metadata store's writer
+// lock, in the change's own transaction.
+
+/// A directory rename that would give a file below it a key past S3's 1024 bytes (which no
+/// upload could ever store) is refused, and nothing moves.
+#[test]
+fn a_directory_rename_never_gives_a_file_below_a_key_past_the_limit() {
+    let rig = rigs(Duration::ZERO).remove(0);
+    rig.shares()
+        .create("k", "k/", false, Vec::new(), Squash::Root)
+        .expect("create");
+    let share = rig.share("k");
+    let root = share.root();
+    let mut dir = share.mkdir(root, "a", 0o755, 0, 0).expect("mkdir").fileid;
+    for _ in 0..4 {
+        dir = share
+            .mkdir(dir, &"d".repeat(200), 0o755, 0, 0)
+            .expect("mkdir")
+            .fileid;
+    }
+    // Key: "k/" + "a/" + 4 x 201 + 200 = 1008 bytes.
+    let f = share
+        .create(dir, &"f".repeat(200), 0o644, 0, 0, true)
+        .expect("create")
+        .fileid;
+    share.write(f, 0, b"hello", false).expect("write");
+    share.commit(f).expect("commit");
+    rig.wait_clean("k");
+    // The renamed directory's own key is short; the file's would be 1107 bytes.
+    let renamed = share.rename(root, "a", root, &"b".repeat(100));
+    assert!(renamed.is_err(), "refused: {renamed:?}");
+    let path = share.path(f).expect("path");
+    assert!(path.starts_with("a/"), "nothing moved: {path}");
+    assert!(share.status().dirty_files == 0, "nothing to upload again");
+    // A shorter name fits.
+    share
+        .rename(root, "a", root, "b")
+        .expect("a rename that fits");
+    assert_eq!("k/".len() + share.path(f).expect("path").len(), 1008);
+}
+
+/// Two RENAMEs of one file from two clients at once: one lands, and the file has one name.
+#[test]
+fn concurrent_renames_of_one_file_never_give_it_two_names() {
+    let rig = rigs(Duration::from_secs(3600)).remove(0);
+    rig.shares()
+        .create("r", "r/", false, Vec::new(), Squash::Root)
+        .expect("create");
+    let share = rig.share("r");
+    let root = share.root();
+    for round in 0..50 {
+        let x = format!("x{round}");
+        share.create(root, &x, 0o644, 0, 0, true).expect("create");
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let threads: Vec<_> = ["y", "z"]
+            .into_iter()
+            .map(|to| {
+                let (share, barrier, x) = (share.clone(), barrier.clone(), x.clone());
+                let to = format!("{to}{round}");
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    share.rename(root, &x, root, &to)
+                })
+            })
+            .collect();
+        let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let y = share.lookup(root, &format!("y{round}"));
+        let z = share.lookup(root, &format!("z{round}"));
+        assert!(
+            !(y.is_ok() && z.is_ok()),
+            "round {round}: renames {results:?}: y{round} -> {y:?} and z{round} -> {z:?}, one file with two names"
+        );
+    }
+}
+
+/// A REMOVE racing a RENAME of the same file never leaves a name pointing at nothing (which
+/// CREATE would call taken and LOOKUP would answer with a stale handle).
+#[test]
+fn a_remove_racing_a_rename_never_leaves_a_dangling_entry() {
+    let rig = rigs(Duration::from_secs(3600)).remove(0);
+    rig.shares()
+        .create("q", "q/", false, Vec::new(), Squash::Root)
+        .expect("create");
+    let share = rig.share("q");
+    let root = share.root();
+    for round in 0..300 {
+        let (x, y) = (format!("x{round}"), format!("y{round}"));
+        share.create(root, &x, 0o644, 0, 0, true).expect("create");
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let remover = {
+            let (share, barrier, x) = (share.clone(), barrier.clone(), x.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                // A little later than the rename, by a varying amount.
+                let spin = Instant::now();
+                while spin.elapsed() < Duration::from_micros((round % 30) as u64 * 5) {}
+                share.remove(root, &x)
+            })
+        };
+        let renamer = {
+            let (share, barrier, x, y) = (share.clone(), barrier.clone(), x.clone(), y.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                share.rename(root, &x, root, &y)
+            })
+        };
+        let removed = remover.join().unwrap();
+        let renamed = renamer.join().unwrap();
+        if let Ok(id) = share.lookup(root, &y) {
+            assert!(
+                share.attrs(id).is_ok(),
+                "round {round}: remove {removed:?}, rename {renamed:?}: {y} names fileid {id}, which is gone ({:?}); creating {y} again: {:?}",
+                share.attrs(id),
+                share.create(root, &y, 0o644, 0, 0, true).map(|_| ())
+            );
+        }
+    }
+}
+
+/// Two directory renames at once, `a` into `b` and `b` into `a`: one is refused, so the two
+/// never form a cycle cut off from the root with everything below them.
+#[test]
+fn concurrent_directory_renames_never_make_a_cycle() {
+    let rig = rigs(Duration::from_secs(3600)).remove(0);
+    rig.shares()
+        .create("c", "c/", false, Vec::new(), Squash::Root)
+        .expect("create");
+    let share = rig.share("c");
+    let root = share.root();
+    for round in 0..50 {
+        let (a, b) = (format!("a{round}"), format!("b{round}"));
+        let a_id = share.mkdir(root, &a, 0o755, 0, 0).expect("mkdir").fileid;
+        let b_id = share.mkdir(root, &b, 0o755, 0, 0).expect("mkdir").fileid;
+        let f = share
+            .create(a_id, "data", 0o644, 0, 0, true)
+            .expect("create")
+            .fileid;
+        share.write(f, 0, b"precious", false).expect("write");
+        // a -> b/x and b -> a/y at once: each alone is fine, both make a cycle.
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let one = {
+            let (share, barrier, a) = (share.clone(), barrier.clone(), a.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                share.rename(root, &a, b_id, "x")
+            })
+        };
+        let two = {
+            let (share, barrier, b) = (share.clone(), barrier.clone(), b.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                share.rename(root, &b, a_id, "y")
+            })
+        };
+        let (one, two) = (one.join().unwrap(), two.join().unwrap());
+        assert!(
+            one.is_ok() != two.is_ok(),
+            "round {round}: exactly one rename succeeds: {one:?}, {two:?}"
+        );
+        let path = share
+            .path(f)
+            .expect("the file below is still reachable from the root");
+        // a moved into b, or b into a (which stays where it was).
+        let expected = if one.is_ok() {
+            format!("{b}/x/data")
+        } else {
+            format!("{a}/data")
+        };
+        assert_eq!(path, expected, "round {round}");
+        assert_eq!(share.read(f, 0, 100).expect("read").0, b"precious");
+    }
+}

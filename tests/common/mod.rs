@@ -397,6 +397,66 @@ impl Drop for Moto {
 pub type NfsClient =
     nfs3_client::Nfs3Connection<nfs3_client::tokio::TokioIo<tokio::net::TcpStream>>;
 
+/// Makes file `name` in directory `dir` through the scripted client (GUARDED); its handle.
+pub async fn nfs_create(
+    c: &mut NfsClient,
+    dir: &nfs3_types::nfs3::nfs_fh3,
+    name: &str,
+) -> nfs3_types::nfs3::nfs_fh3 {
+    use nfs3_types::nfs3::*;
+    let made = c
+        .create(&CREATE3args {
+            where_: diropargs3 {
+                dir: dir.clone(),
+                name: filename3::from(name.as_bytes().to_vec()),
+            },
+            how: createhow3::GUARDED(sattr3::default()),
+        })
+        .await
+        .expect("rpc");
+    let Nfs3Result::Ok(made) = made else {
+        panic!("create {name}: {made:?}")
+    };
+    made.obj.unwrap()
+}
+
+/// Makes file `name` in directory `dir` through the scripted client, writes `data` to it
+/// (UNSTABLE) and, with `commit`, commits it; its handle.
+pub async fn nfs_new_file(
+    c: &mut NfsClient,
+    dir: &nfs3_types::nfs3::nfs_fh3,
+    name: &str,
+    data: &[u8],
+    commit: bool,
+) -> nfs3_types::nfs3::nfs_fh3 {
+    use nfs3_types::nfs3::*;
+    use nfs3_types::xdr_codec::Opaque;
+    let file = nfs_create(c, dir, name).await;
+    let written = c
+        .write(&WRITE3args {
+            file: file.clone(),
+            offset: 0,
+            count: data.len() as u32,
+            stable: stable_how::UNSTABLE,
+            data: Opaque::borrowed(data),
+        })
+        .await
+        .expect("rpc");
+    assert!(matches!(written, Nfs3Result::Ok(_)), "write {name}");
+    if commit {
+        let committed = c
+            .commit(&COMMIT3args {
+                file: file.clone(),
+                offset: 0,
+                count: 0,
+            })
+            .await
+            .expect("rpc");
+        assert!(matches!(committed, Nfs3Result::Ok(_)), "commit {name}");
+    }
+    file
+}
+
 /// A scripted client mounting `/share` from the NFS server on `port` (MOUNT and NFS on one
 /// port), calling as `uid`/`gid`.
 pub async fn nfs_client(port: u16, share: &str, uid: u32, gid: u32) -> NfsClient {

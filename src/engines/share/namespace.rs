@@ -230,6 +230,11 @@ impl Namespace {
         // What was handed out below the ceiling before a restart may be lost with its lazy
         // commit: start above it.
         *ns.ids.lock().unwrap_or_else(|e| e.into_inner()) = (ceiling, ceiling);
+        // And by the time the share serves, each of those files' creation is durable or was
+        // settled by `recover`: a removal in this run counts them as durable creations, so a
+        // power cut that undoes its unlink cannot have `recover` enter the file again.
+        ns.created_max
+            .store(ceiling - 1, std::sync::atomic::Ordering::Release);
         Ok(ns)
     }
 
@@ -477,10 +482,6 @@ impl Namespace {
         found: Option<Uploaded>,
     ) -> Result<(u64, Inode), ShareError> {
         check_name(name)?;
-        let path_len = self.path(dir)?.len() + 1 + name.len() + prefix_len;
-        if path_len > MAX_KEY {
-            return Err(ShareError::NameTooLong(path_len));
-        }
         let lazy = kind == Kind::File && found.is_none();
         // A lazy creation takes its fileid and commits under one lock, so lazy creations
         // commit in fileid order: a durable commit that notes fileid n as created
@@ -502,6 +503,15 @@ impl Namespace {
             }
             if tx.get(&self.names, &entry_key(dir, name))?.is_some() {
                 return Err(ShareError::Exists);
+            }
+            // A directory's object is its marker, `a/b/`.
+            let key_len = prefix_len
+                + self.path_tx(tx, dir)?.len()
+                + 1
+                + name.len()
+                + usize::from(kind == Kind::Dir);
+            if key_len > MAX_KEY {
+                return Err(ShareError::NameTooLong(key_len));
             }
             if lazy {
                 // Under redb's writer lock: see `note_durable_creates`.
@@ -552,9 +562,11 @@ impl Namespace {
         if name == "." || name == ".." {
             return Err(ShareError::Invalid(format!("cannot remove {name:?}")));
         }
-        let id = self.lookup(dir, name)?;
+        self.lookup(dir, name)?;
         self.meta.transaction_grouped(|tx| {
             self.note_durable_creates(tx)?;
+            // Looked up again under the writer's lock: a rename may have moved the name since.
+            let id = self.lookup_tx(tx, dir, name)?;
             let inode: Inode = tx
                 .get_json(&self.inodes, &hex(id))?
                 .ok_or(ShareError::NotFound)?;
@@ -600,106 +612,132 @@ impl Namespace {
             // directory a second name and can make a cycle.
             return Err(ShareError::Invalid(format!("cannot rename {from:?}")));
         }
-        let id = self.lookup(from_dir, from)?;
+        self.lookup(from_dir, from)?;
         if from_dir == to_dir && from == to {
             return Ok((None, Vec::new()));
         }
-        // A directory cannot move below itself.
-        let mut at = to_dir;
-        while at != ROOT {
-            if at == id {
-                return Err(ShareError::Invalid(
-                    "a directory cannot be moved into itself".into(),
-                ));
+        self.meta.transaction_grouped(|tx| {
+            self.note_durable_creates(tx)?;
+            // Every check under the writer's lock, so that concurrent renames and removes
+            // see each other: the entry as it is now, ...
+            let id = self.lookup_tx(tx, from_dir, from)?;
+            // ... a directory cannot move below itself, ...
+            let mut at = to_dir;
+            for _ in 0..=MAX_KEY {
+                if at == id {
+                    return Err(ShareError::Invalid(
+                        "a directory cannot be moved into itself".into(),
+                    ));
+                }
+                if at == ROOT {
+                    break;
+                }
+                at = tx
+                    .get_json::<Inode>(&self.inodes, &hex(at))?
+                    .ok_or(ShareError::Stale(at))?
+                    .parent;
             }
-            at = self.get(at)?.parent;
-        }
-        let path_len = self.path(to_dir)?.len() + 1 + to.len() + prefix_len;
-        if path_len > MAX_KEY {
-            return Err(ShareError::NameTooLong(path_len));
-        }
-        let moved = self.entries_below(id)?;
-        self.meta
-            .transaction_grouped(|tx| {
-                self.note_durable_creates(tx)?;
-                let mut inode: Inode = tx
-                    .get_json(&self.inodes, &hex(id))?
+            // ... and no key below it may pass the limit.
+            let (moved, longest) = self.entries_below(tx, id)?;
+            let key_len = prefix_len + self.path_tx(tx, to_dir)?.len() + 1 + to.len() + longest;
+            if key_len > MAX_KEY {
+                return Err(ShareError::NameTooLong(key_len));
+            }
+            let mut inode: Inode = tx
+                .get_json(&self.inodes, &hex(id))?
+                .ok_or(ShareError::NotFound)?;
+            let to_parent: Inode = tx
+                .get_json(&self.inodes, &hex(to_dir))?
+                .ok_or(ShareError::Stale(to_dir))?;
+            if to_parent.kind != Kind::Dir {
+                return Err(ShareError::NotDir);
+            }
+            let mut replaced = None;
+            if let Some(old) = tx.get(&self.names, &entry_key(to_dir, to))? {
+                let old_id = std::str::from_utf8(&old)
+                    .ok()
+                    .and_then(parse_hex)
+                    .ok_or_else(|| ShareError::Io("a damaged directory entry".into()))?;
+                let old_inode: Inode = tx
+                    .get_json(&self.inodes, &hex(old_id))?
                     .ok_or(ShareError::NotFound)?;
-                let to_parent: Inode = tx
-                    .get_json(&self.inodes, &hex(to_dir))?
-                    .ok_or(ShareError::Stale(to_dir))?;
-                if to_parent.kind != Kind::Dir {
-                    return Err(ShareError::NotDir);
-                }
-                let mut replaced = None;
-                if let Some(old) = tx.get(&self.names, &entry_key(to_dir, to))? {
-                    let old_id = std::str::from_utf8(&old)
-                        .ok()
-                        .and_then(parse_hex)
-                        .ok_or_else(|| ShareError::Io("a damaged directory entry".into()))?;
-                    let old_inode: Inode = tx
-                        .get_json(&self.inodes, &hex(old_id))?
-                        .ok_or(ShareError::NotFound)?;
-                    match (inode.kind == Kind::Dir, old_inode.kind == Kind::Dir) {
-                        (false, true) => return Err(ShareError::IsDir),
-                        (true, false) => return Err(ShareError::NotDir),
-                        (true, true) => {
-                            if !tx
-                                .list(&self.names, &format!("{}/", hex(old_id)))?
-                                .is_empty()
-                            {
-                                return Err(ShareError::NotEmpty);
-                            }
+                match (inode.kind == Kind::Dir, old_inode.kind == Kind::Dir) {
+                    (false, true) => return Err(ShareError::IsDir),
+                    (true, false) => return Err(ShareError::NotDir),
+                    (true, true) => {
+                        if !tx
+                            .list(&self.names, &format!("{}/", hex(old_id)))?
+                            .is_empty()
+                        {
+                            return Err(ShareError::NotEmpty);
                         }
-                        (false, false) => {}
                     }
-                    tx.delete(&self.inodes, &hex(old_id))?;
-                    tx.delete(&self.blocks, &hex(old_id))?;
-                    tx.delete(&self.dirty, &hex(old_id))?;
-                    // Its object is usually at the moved file's new key, which that file's upload
-                    // overwrites: `delete_decision` keeps it until then.
-                    if let Some(uploaded) = &old_inode.uploaded {
-                        tx.put(&self.deletes, &uploaded.path, b"")?;
-                    }
-                    replaced = Some(old_id);
+                    (false, false) => {}
                 }
-                tx.delete(&self.names, &entry_key(from_dir, from))?;
-                tx.put(&self.names, &entry_key(to_dir, to), hex(id).as_bytes())?;
-                inode.parent = to_dir;
-                inode.name = to.to_string();
-                inode.ctime_ns = now_ns;
-                tx.put_json(&self.inodes, &hex(id), &inode)?;
-                for entry in &moved {
-                    tx.put(&self.dirty, &hex(*entry), b"")?;
-                    let below: Option<Inode> = tx.get_json(&self.inodes, &hex(*entry))?;
-                    if let Some(uploaded) = below.and_then(|inode| inode.uploaded) {
-                        tx.put(&self.leaving, &uploaded.path, b"")?;
-                    }
+                tx.delete(&self.inodes, &hex(old_id))?;
+                tx.delete(&self.blocks, &hex(old_id))?;
+                tx.delete(&self.dirty, &hex(old_id))?;
+                // Its object is usually at the moved file's new key, which that file's upload
+                // overwrites: `delete_decision` keeps it until then.
+                if let Some(uploaded) = &old_inode.uploaded {
+                    tx.put(&self.deletes, &uploaded.path, b"")?;
                 }
-                touch_dir(tx, &self.inodes, from_dir, now_ns)?;
-                touch_dir(tx, &self.inodes, to_dir, now_ns)?;
-                Ok(replaced)
-            })
-            .map(|replaced| (replaced, moved))
+                replaced = Some(old_id);
+            }
+            tx.delete(&self.names, &entry_key(from_dir, from))?;
+            tx.put(&self.names, &entry_key(to_dir, to), hex(id).as_bytes())?;
+            inode.parent = to_dir;
+            inode.name = to.to_string();
+            inode.ctime_ns = now_ns;
+            tx.put_json(&self.inodes, &hex(id), &inode)?;
+            for entry in &moved {
+                tx.put(&self.dirty, &hex(*entry), b"")?;
+                let below: Option<Inode> = tx.get_json(&self.inodes, &hex(*entry))?;
+                if let Some(uploaded) = below.and_then(|inode| inode.uploaded) {
+                    tx.put(&self.leaving, &uploaded.path, b"")?;
+                }
+            }
+            touch_dir(tx, &self.inodes, from_dir, now_ns)?;
+            touch_dir(tx, &self.inodes, to_dir, now_ns)?;
+            Ok((replaced, moved))
+        })
     }
 
-    /// `id` and every entry below it.
-    fn entries_below(&self, id: u64) -> Result<Vec<u64>, ShareError> {
-        let mut files = Vec::new();
-        let mut dirs = vec![id];
-        while let Some(dir) = dirs.pop() {
-            let inode = self.get(dir)?;
-            files.push(dir);
+    /// `id` and every entry below it, and the longest a key below `id` is past `id`'s own
+    /// path (a directory's marker counts its `/`).
+    fn entries_below(
+        &self,
+        tx: &MetaTransaction<'_>,
+        id: u64,
+    ) -> Result<(Vec<u64>, usize), ShareError> {
+        let mut entries = Vec::new();
+        let mut longest = 0;
+        let mut dirs = vec![(id, 0)];
+        while let Some((dir, len)) = dirs.pop() {
+            let inode: Inode = tx
+                .get_json(&self.inodes, &hex(dir))?
+                .ok_or(ShareError::Stale(dir))?;
+            entries.push(dir);
             if inode.kind != Kind::Dir {
+                longest = longest.max(len);
                 continue;
             }
-            for (_, value) in self.meta.list(&self.names, &format!("{}/", hex(dir)))? {
+            longest = longest.max(len + 1);
+            let prefix = format!("{}/", hex(dir));
+            for (key, value) in tx.list(&self.names, &prefix)? {
                 if let Some(child) = std::str::from_utf8(&value).ok().and_then(parse_hex) {
-                    dirs.push(child);
+                    dirs.push((child, len + 1 + key.len() - prefix.len()));
                 }
             }
         }
-        Ok(files)
+        Ok((entries, longest))
+    }
+
+    /// The fileid entry `name` of `dir` names, as transaction `tx` sees it.
+    fn lookup_tx(&self, tx: &MetaTransaction<'_>, dir: u64, name: &str) -> Result<u64, ShareError> {
+        tx.get(&self.names, &entry_key(dir, name))?
+            .and_then(|v| std::str::from_utf8(&v).ok().and_then(parse_hex))
+            .ok_or(ShareError::NotFound)
     }
 
     fn path_tx(&self, tx: &MetaTransaction<'_>, id: u64) -> Result<String, ShareError> {
@@ -711,6 +749,11 @@ impl Namespace {
                 .ok_or(ShareError::Stale(at))?;
             parts.push(inode.name);
             at = inode.parent;
+            if parts.len() > MAX_KEY {
+                return Err(ShareError::Io(format!(
+                    "fileid {id} has a cycle of parents"
+                )));
+            }
         }
         parts.reverse();
         Ok(parts.join("/"))
@@ -722,7 +765,10 @@ impl Namespace {
         let id = self.lookup(dir, name)?;
         self.meta.transaction_grouped(|tx| {
             self.note_durable_creates(tx)?;
-            if tx.get(&self.dirty, &hex(id))?.is_some() {
+            // Renamed or replaced since the refresh looked: that is a change here.
+            if self.lookup_tx(tx, dir, name).ok() != Some(id)
+                || tx.get(&self.dirty, &hex(id))?.is_some()
+            {
                 return Ok(false);
             }
             tx.delete(&self.names, &entry_key(dir, name))?;
