@@ -35,6 +35,8 @@ struct Rig {
     cache_max: u64,
     listing_ttl: Option<Duration>,
     read_timeout: Duration,
+    /// `Settings::bucket_prefix`: the S3 store's own prefix and its `/`.
+    bucket_prefix: usize,
     /// The fault injector in the stack (injecting nothing until a test says so).
     faults: Arc<FaultPlan>,
 }
@@ -79,13 +81,16 @@ fn rigs(settle: Duration) -> Vec<Rig> {
                     .expect("runtime"),
                 remote: stack.remote,
                 raw,
-                s3_prefix,
+                s3_prefix: s3_prefix.clone(),
                 meta,
                 dir,
                 shares: None,
                 cache_max: Settings::default().cache_max,
                 listing_ttl: None,
                 read_timeout: Settings::default().read_timeout,
+                bucket_prefix: s3_prefix
+                    .as_deref()
+                    .map_or(0, |p| p.trim_matches('/').len() + 1),
                 faults,
             };
             rig.reopen(settle);
@@ -114,6 +119,7 @@ impl Rig {
                     listing_ttl: self.listing_ttl,
                     read_timeout: self.read_timeout,
                     defaults: Default::default(),
+                    bucket_prefix: self.bucket_prefix,
                 },
                 None,
             )
@@ -1740,4 +1746,31 @@ fn concurrent_directory_renames_never_make_a_cycle() {
         assert_eq!(path, expected, "round {round}");
         assert_eq!(share.read(f, 0, 100).expect("read").0, b"precious");
     }
+}
+
+/// The bucket's own prefix (`[remote] prefix`) takes room from every key too: a name that
+/// would fit without it is refused, rather than made into a file no upload can store.
+#[test]
+fn the_bucket_prefix_counts_in_the_key_limit() {
+    let mut rig = rigs(Duration::ZERO).remove(0);
+    rig.bucket_prefix = 100;
+    rig.reopen(Duration::ZERO);
+    rig.shares()
+        .create("p", "p/", false, Vec::new(), Squash::Root)
+        .expect("create");
+    let share = rig.share("p");
+    let root = share.root();
+    let mut dir = root;
+    for _ in 0..4 {
+        dir = share
+            .mkdir(dir, &"d".repeat(180), 0o755, 0, 0)
+            .expect("mkdir")
+            .fileid;
+    }
+    // 100 + "p/" + 4 x 181 + 200 = 1026 bytes: two too many.
+    let made = share.create(dir, &"f".repeat(200), 0o644, 0, 0, true);
+    assert!(made.is_err(), "refused: {made:?}");
+    let made = share.create(dir, &"f".repeat(198), 0o644, 0, 0, true);
+    assert!(made.is_ok(), "1024 bytes fit: {made:?}");
+    rig.wait_clean("p");
 }

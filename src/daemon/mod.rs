@@ -459,6 +459,10 @@ impl Gateway {
                         uid: config.shares.default_uid,
                         gid: config.shares.default_gid,
                     },
+                    bucket_prefix: match config.remote.prefix.trim_matches('/') {
+                        "" => 0,
+                        prefix => prefix.len() + 1,
+                    },
                 },
                 Some(space),
             )

@@ -147,6 +147,9 @@ pub struct Settings {
     /// What objects without the file-tool metadata (put by other tools) look like: file and
     /// directory modes, owner and group.
     pub defaults: Defaults,
+    /// Bytes of every object key the bucket's own prefix takes (`[remote] prefix` and its
+    /// `/`): a file's key, share prefix included, must leave room for it.
+    pub bucket_prefix: usize,
 }
 
 /// See `Settings::defaults`.
@@ -180,6 +183,7 @@ impl Default for Settings {
             listing_ttl: None,
             read_timeout: Duration::from_secs(20),
             defaults: Defaults::default(),
+            bucket_prefix: 0,
         }
     }
 }
@@ -852,14 +856,12 @@ impl Share {
             .open(self.content_path(id));
         match made {
             Ok(file) => Ok(keep_open(&mut open, id, file)),
-            // Left by a crash that lost the creation of an earlier file with this id: none
-            // of its bytes belong to the new, empty file.
+            // Another request for the new file got there first, through its name once the
+            // creation committed (a WRITE with a handle from a listing): its bytes are the
+            // file's. Fileids are never reused, so it is no leftover of an earlier file.
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 drop(open);
-                let file = self.content(id)?;
-                file.set_len(0)
-                    .map_err(|e| io_error("emptying a file's local content", e))?;
-                Ok(file)
+                self.content(id)
             }
             Err(e) => Err(io_error("creating a file's local content", e)),
         }
@@ -1242,6 +1244,12 @@ impl Share {
         self.attrs_of(id, &inode)
     }
 
+    /// Bytes of a file's object key before its share-relative path: the bucket's prefix and
+    /// the share's.
+    fn key_prefix_len(&self) -> usize {
+        self.settings.bucket_prefix + self.info.prefix.len()
+    }
+
     fn attrs_of(&self, id: u64, inode: &Inode) -> Result<Attrs, ShareError> {
         let mut attrs = Attrs {
             fileid: id,
@@ -1286,7 +1294,7 @@ impl Share {
         let attrs = new_attrs(mode, uid, gid);
         match self
             .ns
-            .create(dir, name, Kind::File, attrs, None, self.info.prefix.len())
+            .create(dir, name, Kind::File, attrs, None, self.key_prefix_len())
         {
             Ok((id, inode)) => {
                 // The entry rides with the content: its creation is durable with the
@@ -1334,7 +1342,7 @@ impl Share {
         let attrs = new_attrs(mode, uid, gid);
         let (id, inode) =
             self.ns
-                .create(dir, name, Kind::Dir, attrs, None, self.info.prefix.len())?;
+                .create(dir, name, Kind::Dir, attrs, None, self.key_prefix_len())?;
         self.created(id, true);
         self.attrs_of(id, &inode)
     }
@@ -1367,7 +1375,7 @@ impl Share {
             Kind::Symlink,
             attrs,
             Some(target.to_string()),
-            self.info.prefix.len(),
+            self.key_prefix_len(),
         )?;
         self.created(id, true);
         self.attrs_of(id, &inode)
@@ -1411,7 +1419,7 @@ impl Share {
         self.check_writable()?;
         let (replaced, moved) =
             self.ns
-                .rename(from_dir, from, to_dir, to, now_ns(), self.info.prefix.len())?;
+                .rename(from_dir, from, to_dir, to, now_ns(), self.key_prefix_len())?;
         if let Some(old) = replaced {
             self.forget_content(old);
         }
