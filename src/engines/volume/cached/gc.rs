@@ -157,10 +157,10 @@ pub(super) async fn collect(inner: &Arc<Inner>) -> Result<bool, String> {
     };
     if unnamed {
         let marker = inner.clone();
-        blocking(move || marker.mark_cut())
+        // Nothing marked while writes wait for a flush (their cut comes with it).
+        return blocking(move || marker.mark_cut())
             .await
-            .map_err(|e| format!("garbage collection, marking a cut: {e}"))?;
-        return Ok(true);
+            .map_err(|e| format!("garbage collection, marking a cut: {e}"));
     }
     let swept = sweep(inner).await?;
     let moved = rewrite(inner).await?;
