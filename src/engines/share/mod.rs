@@ -147,8 +147,9 @@ pub struct Settings {
     /// What objects without the file-tool metadata (put by other tools) look like: file and
     /// directory modes, owner and group.
     pub defaults: Defaults,
-    /// Bytes of every object key the bucket's own prefix takes (`[remote] prefix` and its
-    /// `/`): a file's key, share prefix included, must leave room for it.
+    /// Bytes of every object key the gateway bucket's own prefix takes (`[remote] prefix` and
+    /// its `/`; not for shares in a bucket of their own): a file's key, share prefix
+    /// included, must leave room for it.
     pub bucket_prefix: usize,
 }
 
@@ -1244,10 +1245,14 @@ impl Share {
         self.attrs_of(id, &inode)
     }
 
-    /// Bytes of a file's object key before its share-relative path: the bucket's prefix and
-    /// the share's.
+    /// Bytes of a file's object key before its share-relative path: the gateway bucket's
+    /// prefix (a share in a bucket of its own has none) and the share's.
     fn key_prefix_len(&self) -> usize {
-        self.settings.bucket_prefix + self.info.prefix.len()
+        let bucket = match self.info.bucket {
+            None => self.settings.bucket_prefix,
+            Some(_) => 0,
+        };
+        bucket + self.info.prefix.len()
     }
 
     fn attrs_of(&self, id: u64, inode: &Inode) -> Result<Attrs, ShareError> {
