@@ -928,27 +928,7 @@ async fn a_tree_copied_through_store_errors_and_an_outage_arrives_whole() {
         let name = format!("f{i:04}.dat");
         let mut data = vec![0u8; 100 + (i % 1000) * 7];
         rand::rng().fill_bytes(&mut data);
-        let file = common::nfs_create(&mut c, &root, &name).await;
-        let written = c
-            .write(&WRITE3args {
-                file: file.clone(),
-                offset: 0,
-                count: data.len() as u32,
-                stable: stable_how::UNSTABLE,
-                data: Opaque::borrowed(&data),
-            })
-            .await
-            .expect("rpc");
-        assert!(matches!(written, Nfs3Result::Ok(_)), "write {name}");
-        let committed = c
-            .commit(&COMMIT3args {
-                file,
-                offset: 0,
-                count: 0,
-            })
-            .await
-            .expect("rpc");
-        assert!(matches!(committed, Nfs3Result::Ok(_)), "commit {name}");
+        common::nfs_new_file(&mut c, &root, &name, &data, true).await;
         files.push((name, data));
     }
     // Also nfs-cp, a client of its own, during the errors.

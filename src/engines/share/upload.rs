@@ -204,8 +204,9 @@ fn record(share: &Share, went_up: Vec<WentUp>) -> Result<usize, String> {
         .collect();
     match share.ns.uploaded(&done) {
         Ok(()) => {
-            let clean: Vec<&Done> = done.iter().filter(|d| d.clean).collect();
-            for d in &clean {
+            let mut clean = 0;
+            for d in done.iter().filter(|d| d.clean) {
+                clean += 1;
                 share.uploaded_files.fetch_add(1, Ordering::Relaxed);
                 share
                     .uploaded_bytes
@@ -215,7 +216,7 @@ fn record(share: &Share, went_up: Vec<WentUp>) -> Result<usize, String> {
                     .clean_bytes
                     .fetch_add(d.uploaded.size, Ordering::Relaxed);
             }
-            Ok(clean.len())
+            Ok(clean)
         }
         Err(e) => {
             // Still dirty on disk: the next pass uploads them again.
