@@ -199,6 +199,11 @@ struct Gateway {
 
 impl Gateway {
     fn start() -> Gateway {
+        Gateway::start_with("")
+    }
+
+    /// With `extra` appended to the config.
+    fn start_with(extra: &str) -> Gateway {
         let (dir, mount) = mounted();
         let (http_port, nbd_port, nfs_port) = (free_port(), free_port(), free_port());
         let config = dir.path().join("firn.toml");
@@ -209,7 +214,7 @@ impl Gateway {
                  [remote]\nkind = \"local\"\npath = \"{}\"\n\
                  [http]\nlisten = \"127.0.0.1:{http_port}\"\n\
                  [nfs]\nlisten = \"127.0.0.1:{nfs_port}\"\n[shares]\nsettle_secs = 3600\n\
-                 [nbd]\nlisten = \"127.0.0.1:{nbd_port}\"\nsocket = \"{}\"\n",
+                 [nbd]\nlisten = \"127.0.0.1:{nbd_port}\"\nsocket = \"{}\"\n{extra}",
                 mount.path().join("data").display(),
                 dir.path().join("bucket").display(),
                 dir.path().join("nbd.sock").display(),
@@ -247,6 +252,46 @@ impl Gateway {
 
     fn uri(&self, export: &str) -> String {
         format!("nbd://127.0.0.1:{}/{export}", self.nbd_port)
+    }
+
+    /// Removes `name` from the root of share `share` over NFS; the answer must be OK.
+    async fn nfs_remove(&self, share: &str, name: &str) {
+        use nfs3_types::nfs3::*;
+        let mut c = common::nfs_client(self.nfs_port, share, 1000, 1000).await;
+        let root = c.root_nfs_fh3();
+        let removed = c
+            .remove(&REMOVE3args {
+                object: diropargs3 {
+                    dir: root,
+                    name: filename3::from(name.as_bytes().to_vec()),
+                },
+            })
+            .await
+            .expect("rpc");
+        assert!(
+            matches!(removed, Nfs3Result::Ok(_)),
+            "remove {name}: {removed:?}"
+        );
+    }
+
+    /// Asserts that the root of share `share` has no entry `name`: a removed file stayed so.
+    async fn assert_gone(&self, share: &str, name: &str) {
+        use nfs3_types::nfs3::*;
+        let mut c = common::nfs_client(self.nfs_port, share, 1000, 1000).await;
+        let root = c.root_nfs_fh3();
+        let looked = c
+            .lookup(&LOOKUP3args {
+                what: diropargs3 {
+                    dir: root,
+                    name: filename3::from(name.as_bytes().to_vec()),
+                },
+            })
+            .await
+            .expect("rpc");
+        assert!(
+            matches!(looked, Nfs3Result::Err((nfsstat3::NFS3ERR_NOENT, _))),
+            "the removed file {name} came back after the power cut: {looked:?}"
+        );
     }
 
     /// The data directory as the backing file system holds it (what survived).
@@ -789,14 +834,9 @@ fn committed_share_files_survive_power_loss() {
 /// file's, not a lost creation's.
 #[test]
 fn a_file_removed_after_a_restart_stays_removed_after_a_power_cut() {
-    use nfs3_types::nfs3::*;
     let mut g = Gateway::start();
     g.firn(&["share", "create", "s"]);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let dirop = |root: &nfs_fh3, name: &str| diropargs3 {
-        dir: root.clone(),
-        name: filename3::from(name.as_bytes().to_vec()),
-    };
     runtime.block_on(async {
         let mut c = common::nfs_client(g.nfs_port, "s", 1000, 1000).await;
         let root = c.root_nfs_fh3();
@@ -805,32 +845,50 @@ fn a_file_removed_after_a_restart_stays_removed_after_a_power_cut() {
     // Stopped in order, started again.
     g.daemon.take().expect("running").stop();
     g.restart();
-    runtime.block_on(async {
-        let mut c = common::nfs_client(g.nfs_port, "s", 1000, 1000).await;
-        let root = c.root_nfs_fh3();
-        let removed = c
-            .remove(&REMOVE3args {
-                object: dirop(&root, "old"),
-            })
-            .await
-            .expect("rpc");
-        assert!(matches!(removed, Nfs3Result::Ok(_)), "remove: {removed:?}");
-    });
+    runtime.block_on(g.nfs_remove("s", "old"));
     // The REMOVE was answered: it is durable.
     g.crash(PowerCut::LoseAll);
     g.restart();
+    runtime.block_on(g.assert_gone("s", "old"));
+}
+
+/// A file removed while its first upload is under way (no record names its object yet) stays
+/// removed when a power cut loses the upload's lazily committed record: the key was on
+/// record before the upload began, so the restart deletes the object instead of a refresh
+/// taking it in as a new file.
+#[test]
+fn a_file_removed_during_its_first_upload_stays_removed_after_a_power_cut() {
+    // Every request to the bucket waits 1.5 s first: time to remove the file mid-upload.
+    let mut g = Gateway::start_with("[faults]\nlatency_ms = 1500\n");
+    g.firn(&["share", "create", "s"]);
+    let object = g.dir.path().join("bucket/s/f");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let mut c = common::nfs_client(g.nfs_port, "s", 1000, 1000).await;
         let root = c.root_nfs_fh3();
-        let looked = c
-            .lookup(&LOOKUP3args {
-                what: dirop(&root, "old"),
-            })
-            .await
-            .expect("rpc");
-        assert!(
-            matches!(looked, Nfs3Result::Err((nfsstat3::NFS3ERR_NOENT, _))),
-            "a file removed (and answered) before the power cut came back: {looked:?}"
-        );
+        // COMMIT sends it up at once.
+        common::nfs_new_file(&mut c, &root, "f", b"removed during its upload", true).await;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!object.exists(), "the upload was not slowed");
+        g.nfs_remove("s", "f").await;
     });
+    let started = std::time::Instant::now();
+    while !object.exists() {
+        assert!(started.elapsed().as_secs() < 30, "the upload never landed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Its record is committed lazily just after; then the power goes.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    g.crash(PowerCut::LoseAll);
+    g.restart();
+    g.firn(&["share", "refresh", "s"]);
+    runtime.block_on(g.assert_gone("s", "f"));
+    let started = std::time::Instant::now();
+    while object.exists() {
+        assert!(
+            started.elapsed().as_secs() < 30,
+            "the removed file's object stayed in the bucket"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

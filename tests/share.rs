@@ -171,6 +171,8 @@ struct Inspecting {
     hold: Duration,
     /// While set, every delete fails (transiently): removed files' objects stay.
     refuse_deletes: Arc<std::sync::atomic::AtomicBool>,
+    /// How long a put waits between storing its object and answering.
+    answer_after: Duration,
 }
 
 #[async_trait::async_trait]
@@ -193,9 +195,12 @@ impl Remote for Inspecting {
             self.torn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         tokio::time::sleep(self.hold).await;
-        self.inner
+        let stored = self
+            .inner
             .put_body(key, Arc::new(bytes::Bytes::from(bytes)), meta)
-            .await
+            .await;
+        tokio::time::sleep(self.answer_after).await;
+        stored
     }
     async fn get_to(&self, key: &str, sink: &dyn remote::Sink) -> remote::Result<remote::Fetched> {
         self.inner.get_to(key, sink).await
@@ -238,6 +243,18 @@ impl Remote for Inspecting {
         }
         self.inner.delete(key).await
     }
+}
+
+/// The names in directory `dir` of `share`, sorted.
+fn names(share: &Share, dir: u64) -> Vec<String> {
+    let mut names: Vec<String> = share
+        .list(dir, None, 100)
+        .expect("list")
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    names.sort();
+    names
 }
 
 fn random(len: usize) -> Vec<u8> {
@@ -661,6 +678,7 @@ fn a_file_of_len_changing_during_its_upload_is_never_stored_torn(len: usize) {
             torn: torn.clone(),
             hold: Duration::ZERO,
             refuse_deletes: Default::default(),
+            answer_after: Duration::ZERO,
         });
         rig.reopen(Duration::ZERO);
         rig.shares()
@@ -739,6 +757,7 @@ fn a_refresh_before_the_bucket_catches_up_brings_back_nothing_removed_or_renamed
             torn: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             hold: Duration::ZERO,
             refuse_deletes: refuse.clone(),
+            answer_after: Duration::ZERO,
         });
         rig.reopen(Duration::from_secs(3600));
         rig.shares()
@@ -763,16 +782,7 @@ fn a_refresh_before_the_bucket_catches_up_brings_back_nothing_removed_or_renamed
         share.rename(root, "z", root, "w").expect("rename");
         assert!(rig.get("g/x").is_some() && rig.get("g/d/y").is_some());
         let report = share.refresh("").expect("refresh");
-        let names = |dir| -> Vec<String> {
-            let mut names: Vec<String> = share
-                .list(dir, None, 100)
-                .expect("list")
-                .into_iter()
-                .map(|(name, _)| name)
-                .collect();
-            names.sort();
-            names
-        };
+        let names = |dir| names(&share, dir);
         assert_eq!(names(root), ["e", "w"], "{report:?}");
         let e = share.lookup(root, "e").expect("e");
         assert_eq!(names(e), ["y"]);
@@ -791,6 +801,51 @@ fn a_refresh_before_the_bucket_catches_up_brings_back_nothing_removed_or_renamed
         assert_eq!(rig.get("g/w").expect("w").0, b"z");
         share.refresh("").expect("refresh");
         assert_eq!(names(root), ["e", "w"]);
+    }
+}
+
+/// A file removed or renamed while its first upload is being answered (its object stored,
+/// the answer not back yet, so nothing records the object): a refresh in that window takes
+/// nothing in, and once the answers come, the objects of the old names go.
+#[test]
+fn a_refresh_during_a_first_upload_brings_back_nothing_removed_or_renamed() {
+    for mut rig in rigs(Duration::ZERO) {
+        rig.remote = Arc::new(Inspecting {
+            inner: rig.remote.clone(),
+            torn: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            hold: Duration::ZERO,
+            refuse_deletes: Default::default(),
+            answer_after: Duration::from_secs(3),
+        });
+        rig.reopen(Duration::ZERO);
+        rig.shares()
+            .create("r", "r/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("r");
+        let root = share.root();
+        for name in ["x", "y"] {
+            let f = share.create(root, name, 0o644, 0, 0, true).expect("create");
+            share
+                .write(f.fileid, 0, name.as_bytes(), false)
+                .expect("write");
+            share.commit(f.fileid).expect("commit");
+        }
+        let started = Instant::now();
+        while rig.get("r/x").is_none() || rig.get("r/y").is_none() {
+            assert!(started.elapsed() < Duration::from_secs(20), "never stored");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        share.remove(root, "x").expect("remove");
+        share.rename(root, "y", root, "z").expect("rename");
+        let names = || names(&share, root);
+        let report = share.refresh("").expect("refresh");
+        assert_eq!(names(), ["z"], "the refresh took in {report:?}");
+        rig.wait_clean("r");
+        assert!(rig.get("r/x").is_none(), "the removed file's object stayed");
+        assert!(rig.get("r/y").is_none(), "the old name's object stayed");
+        assert_eq!(rig.get("r/z").expect("z").0, b"y");
+        share.refresh("").expect("refresh");
+        assert_eq!(names(), ["z"]);
     }
 }
 
@@ -908,6 +963,7 @@ fn files_renamed_or_removed_during_their_upload_leave_no_object_behind() {
             torn: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             hold: Duration::from_millis(200),
             refuse_deletes: Default::default(),
+            answer_after: Duration::ZERO,
         });
         rig.reopen(Duration::ZERO);
         rig.shares()

@@ -128,8 +128,19 @@ impl Body for FileBody {
         let outcome = tokio::task::spawn_blocking(move || {
             file.read_exact_at(&mut buf, range.start).map(|()| buf)
         })
-        .await
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        .await;
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            // The runtime is shutting down: the read never ran, or its outcome is lost.
+            Err(e) if e.is_cancelled() => {
+                return Err(Error::Transient {
+                    op: "read",
+                    key: self.path.display().to_string(),
+                    message: "the daemon is stopping".into(),
+                });
+            }
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
         outcome.map(Bytes::from).map_err(|e| Error::Permanent {
             op: "read",
             key: self.path.display().to_string(),

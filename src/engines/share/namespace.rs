@@ -131,6 +131,12 @@ pub struct Namespace {
     /// new name yet (then the key is queued in `deletes`): a refresh must not take such an
     /// object in as a new file.
     leaving: String,
+    /// The keys of objects an upload may be making that no record names yet: entered
+    /// durably before the upload of a file to a key it has no object at, dropped by the
+    /// upload's record. A refresh takes in no such object, and one left by a crash (or by a
+    /// failed upload) is queued for deletion, so a file removed or renamed during its upload
+    /// never comes back as a new file.
+    uploading: String,
     /// Per file uploaded by firn and larger than a block: its object's block hashes, so an
     /// evicted file is read back a verified block at a time (`super::blocks`).
     blocks: String,
@@ -211,6 +217,7 @@ impl Namespace {
             dirty: format!("share-{id}-dirty"),
             deletes: format!("share-{id}-deletes"),
             leaving: format!("share-{id}-leaving"),
+            uploading: format!("share-{id}-uploading"),
             blocks: format!("share-{id}-blocks"),
             ids: std::sync::Mutex::new((0, 0)),
             created_max: std::sync::atomic::AtomicU64::new(0),
@@ -220,6 +227,12 @@ impl Namespace {
                 let inode = new_inode(ROOT, String::new(), Kind::Dir, root);
                 tx.put_json(&ns.inodes, &hex(ROOT), &inode)?;
                 tx.put(&ns.inodes, NEXT, hex(ROOT + 1).as_bytes())?;
+            }
+            // Uploads the last run left unrecorded may or may not have made their objects:
+            // each is deleted unless a file lives at its key (`delete_decision`).
+            for (key, _) in tx.list(&ns.uploading, "")? {
+                tx.delete(&ns.uploading, &key)?;
+                tx.put(&ns.deletes, &key, b"")?;
             }
             Ok::<_, ShareError>(
                 tx.get(&ns.inodes, NEXT)?
@@ -367,6 +380,7 @@ impl Namespace {
             &self.dirty,
             &self.deletes,
             &self.leaving,
+            &self.uploading,
             &self.blocks,
         ] {
             loop {
@@ -832,6 +846,64 @@ impl Namespace {
             .collect())
     }
 
+    /// The keys files `ids` upload to now (a directory's is its marker, `a/b/`; the root
+    /// and files that are gone have none), each entered durably in `-uploading`, in one
+    /// commit, unless the file's object is already at that key (a remove or rename then
+    /// queues its deletion, so no record is needed to find it).
+    pub fn start_uploads(&self, ids: &[u64]) -> Result<Vec<(u64, String)>, ShareError> {
+        let mut keys = Vec::with_capacity(ids.len());
+        let mut new = Vec::new();
+        for &id in ids {
+            let inode = match self.get(id) {
+                Ok(inode) => inode,
+                Err(ShareError::NotFound | ShareError::Stale(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            let mut path = match self.path(id) {
+                Ok(path) => path,
+                Err(ShareError::NotFound | ShareError::Stale(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            if inode.kind == Kind::Dir {
+                if path.is_empty() {
+                    continue;
+                }
+                path.push('/');
+            }
+            if inode.uploaded.as_ref().is_none_or(|u| u.path != path) {
+                new.push(path.clone());
+            }
+            keys.push((id, path));
+        }
+        if !new.is_empty() {
+            self.meta.transaction_grouped(|tx| {
+                for path in &new {
+                    tx.put(&self.uploading, path, b"")?;
+                }
+                Ok::<_, ShareError>(())
+            })?;
+        }
+        Ok(keys)
+    }
+
+    /// Uploads that ended without a record: those that may have made their object (`landed`)
+    /// have it deleted unless a file lives at its key; the others are just forgotten. Lazily
+    /// durable: a crash that loses it leaves the keys to the next open, which queues them
+    /// all.
+    pub fn uploads_unrecorded(&self, ended: &[(String, bool)]) -> Result<(), ShareError> {
+        if ended.is_empty() {
+            return Ok(());
+        }
+        self.meta.transaction_lazy(|tx| {
+            for (path, landed) in ended {
+                if tx.delete(&self.uploading, path)? && *landed {
+                    tx.put(&self.deletes, path, b"")?;
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// Records uploads that ended, in one transaction (see [`Done`]): the object each file
     /// had before (under another key) is queued for deletion, and, with `clean` (nothing
     /// changed during the upload), the file is clean unless it moved meanwhile (then it goes
@@ -850,6 +922,7 @@ impl Namespace {
 
     fn record_upload(&self, tx: &mut MetaTransaction<'_>, done: &Done) -> Result<(), ShareError> {
         let (id, uploaded) = (done.id, &done.uploaded);
+        tx.delete(&self.uploading, &uploaded.path)?;
         let Some(mut inode) = tx.get_json::<Inode>(&self.inodes, &hex(id))? else {
             tx.put(&self.deletes, &uploaded.path, b"")?;
             return Ok(());
@@ -944,7 +1017,8 @@ impl Namespace {
     /// file was removed or renamed here. A refresh leaves such objects alone.
     pub fn going(&self, path: &str) -> Result<bool, ShareError> {
         Ok(self.meta.get(&self.deletes, path)?.is_some()
-            || self.meta.get(&self.leaving, path)?.is_some())
+            || self.meta.get(&self.leaving, path)?.is_some()
+            || self.meta.get(&self.uploading, path)?.is_some())
     }
 }
 

@@ -30,6 +30,8 @@ const EVICT_EVERY: Duration = Duration::from_secs(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The message of a read that found its file changing.
 const CHANGED: &str = "the file changed during its upload";
+/// The message of a call the stopping daemon cancelled.
+const STOPPING: &str = "the daemon is stopping";
 
 pub(super) async fn run(share: Arc<Share>) {
     let mut backoff = Duration::from_millis(250);
@@ -127,30 +129,60 @@ async fn pass(share: &Arc<Share>) -> Result<bool, String> {
             .take(BATCH)
             .collect()
     };
+    if due.is_empty() {
+        return Ok(deleted > 0);
+    }
+    // Each key an object may appear at is on record before its upload begins, so that a file
+    // removed or renamed meanwhile cannot come back from it (`Namespace::start_uploads`).
+    let ids: Vec<u64> = due.iter().map(|&(id, _)| id).collect();
+    let keys: std::collections::HashMap<u64, String> =
+        blocking(share, move |share| share.ns.start_uploads(&ids))
+            .await?
+            .into_iter()
+            .collect();
+    let due: Vec<(u64, u64, Option<String>)> = due
+        .into_iter()
+        .map(|(id, generation)| (id, generation, keys.get(&id).cloned()))
+        .collect();
     // Several files at once: small files cost a round trip each, not bandwidth. The uploads
     // that ended together are recorded together, in one transaction.
     let mut ended = futures::stream::iter(due)
-        .map(|(id, generation)| upload(share, id, generation))
+        .map(|(id, generation, key)| async move {
+            let outcome = match &key {
+                Some(key) => upload(share, id, generation, key).await,
+                None => gone(share, id),
+            };
+            (key, outcome)
+        })
         .buffer_unordered(CONCURRENCY)
         .ready_chunks(BATCH);
     let mut uploaded = 0;
     let mut first_error = None;
     while let Some(outcomes) = ended.next().await {
         let mut went_up = Vec::with_capacity(outcomes.len());
-        for outcome in outcomes {
+        // Uploads that end with no record: whether each may have made its object.
+        let mut unrecorded = Vec::new();
+        for (key, outcome) in outcomes {
             match outcome {
                 Ok(Some(up)) => went_up.push(up),
-                Ok(None) => {}
+                Ok(None) => unrecorded.extend(key.map(|key| (key, false))),
                 Err(e) => {
+                    unrecorded.extend(key.map(|key| (key, true)));
                     first_error.get_or_insert(e);
                 }
             }
         }
+        let keys: Vec<String> = went_up.iter().map(|up| up.path.clone()).collect();
         match record(share, went_up) {
             Ok(clean) => uploaded += clean,
             Err(e) => {
+                unrecorded.extend(keys.into_iter().map(|key| (key, true)));
                 first_error.get_or_insert(e);
             }
+        }
+        let result = blocking(share, move |share| share.ns.uploads_unrecorded(&unrecorded)).await;
+        if let Err(e) = result {
+            first_error.get_or_insert(e);
         }
     }
     if let Some(e) = first_error {
@@ -239,9 +271,21 @@ fn record(share: &Share, went_up: Vec<WentUp>) -> Result<usize, String> {
     }
 }
 
-/// Uploads file `id` as it is at `generation`: what went up, to be recorded; `None` if it
-/// changed meanwhile (it stays dirty) or is gone.
-async fn upload(share: &Arc<Share>, id: u64, generation: u64) -> Result<Option<WentUp>, String> {
+/// File `id`, due for upload, has no key: it is gone, or the share's root.
+fn gone(share: &Share, id: u64) -> Result<Option<WentUp>, String> {
+    lock(&share.dirty).remove(&id);
+    Ok(None)
+}
+
+/// Uploads file `id` as it is at `generation` to `key` (share-relative): what went up, to be
+/// recorded; `None` if it changed meanwhile (it stays dirty), moved from `key` since
+/// (it goes up under its new one next time) or is gone.
+async fn upload(
+    share: &Arc<Share>,
+    id: u64,
+    generation: u64,
+    key: &str,
+) -> Result<Option<WentUp>, String> {
     let found = blocking(share, move |share| {
         let inode = share.ns.get(id)?;
         let path = share.ns.path(id)?;
@@ -282,6 +326,9 @@ async fn upload(share: &Arc<Share>, id: u64, generation: u64) -> Result<Option<W
         Kind::Dir => path + "/",
         _ => path,
     };
+    if path != key {
+        return Ok(None);
+    }
     let key = format!("{}{path}", share.info.prefix);
     let mut content = None;
     let body: Arc<dyn Body> = match (inode.kind, file, whole) {
@@ -353,13 +400,15 @@ async fn blocking<T: Send + 'static>(
     call: impl FnOnce(&Share) -> Result<T, ShareError> + Send + 'static,
 ) -> Result<T, String> {
     let share = share.clone();
-    tokio::task::spawn_blocking(move || call(&share))
-        .await
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
-        .map_err(|e| match e {
+    match tokio::task::spawn_blocking(move || call(&share)).await {
+        Ok(outcome) => outcome.map_err(|e| match e {
             ShareError::Stale(_) | ShareError::NotFound => format!("gone: {e}"),
             e => e.to_string(),
-        })
+        }),
+        // The runtime is shutting down: the call never ran, or its outcome is lost.
+        Err(e) if e.is_cancelled() => Err(STOPPING.to_string()),
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }
 
 /// A file's local content as an upload body: every read fails if the file changed since
@@ -420,8 +469,18 @@ impl Body for Content {
                 (buf, found)
             })
         })
-        .await
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        .await;
+        let read = match read {
+            Ok(read) => read,
+            Err(e) if e.is_cancelled() => {
+                return Err(remote::Error::Transient {
+                    op: "read",
+                    key: format!("fileid {}", self.id),
+                    message: STOPPING.to_string(),
+                });
+            }
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
         // Checked after the read: a change that began before it ended may be in the bytes.
         if !self.unchanged() {
             return Err(changed());
