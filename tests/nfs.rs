@@ -1263,7 +1263,7 @@ fn collect_lines(child: &mut std::process::Child) -> Arc<Mutex<Vec<String>>> {
 /// after.
 #[test]
 fn an_event_stream_tells_when_each_file_reaches_the_bucket() {
-    let g = Gateway::start();
+    let mut g = Gateway::start();
     g.firn(&["share", "create", "media"]);
     let token = std::fs::read_to_string(g.dir.path().join("data/api-token")).expect("token");
     let url = format!(
@@ -1319,10 +1319,12 @@ fn an_event_stream_tells_when_each_file_reaches_the_bucket() {
     assert_eq!(seen, ["media/a.bin", "media/b.bin"]);
     let lines = streamed.lock().expect("lines").clone();
     assert!(lines.contains(&"event: uploaded".to_string()), "{lines:?}");
-    assert!(
-        lines.contains(&"id: 1".to_string()) && lines.contains(&"id: 2".to_string()),
-        "{lines:?}"
-    );
+    // Consecutive sequence numbers.
+    let ids: Vec<u64> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("id: ")?.parse().ok())
+        .collect();
+    assert!(ids.len() == 2 && ids[1] == ids[0] + 1, "{lines:?}");
     let started = Instant::now();
     while followed.lock().expect("lines").len() < 2 {
         assert!(
@@ -1337,23 +1339,21 @@ fn an_event_stream_tells_when_each_file_reaches_the_bucket() {
         printed.contains("media/a.bin") && printed.contains("media/b.bin"),
         "{printed}"
     );
-    // Reconnecting after event 1: only event 2 comes, then the stream waits (cut at 2 s).
-    let resumed = std::process::Command::new("curl")
-        .args([
-            "-sN",
-            "--max-time",
-            "2",
-            "-H",
-            &auth,
-            "-H",
-            "Last-Event-ID: 1",
-            &url,
-        ])
-        .output()
-        .expect("curl");
-    let resumed = String::from_utf8_lossy(&resumed.stdout);
+    // Reconnecting after the first event: only the second comes, then the stream waits
+    // (cut at 2 s).
+    let resume = |after: u64| {
+        let resumed = std::process::Command::new("curl")
+            .args(["-sN", "--max-time", "2", "-H", &auth, "-H"])
+            .arg(format!("Last-Event-ID: {after}"))
+            .arg(&url)
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&resumed.stdout).into_owned()
+    };
+    let resumed = resume(ids[0]);
     assert!(
-        resumed.contains("id: 2") && !resumed.contains("id: 1\n"),
+        resumed.contains(&format!("id: {}\n", ids[1]))
+            && !resumed.contains(&format!("id: {}\n", ids[0])),
         "{resumed}"
     );
     // Without the token: refused, as every API call.
@@ -1366,6 +1366,20 @@ fn an_event_stream_tells_when_each_file_reaches_the_bucket() {
         let _ = child.kill();
         let _ = child.wait();
     }
+    // After a restart, what came before is not remembered: a client resuming from the last
+    // event it saw is told so, and numbers go on growing.
+    g.restart();
+    random_file(&local.join("c.bin"), 1000);
+    copy_in(&local.join("c.bin"), &g.url("media/c.bin"));
+    g.wait_uploaded("media");
+    let resumed = resume(ids[1]);
+    assert!(resumed.contains("event: lost"), "{resumed}");
+    let id: u64 = resumed
+        .lines()
+        .find_map(|l| l.strip_prefix("id: ")?.parse().ok())
+        .expect("an uploaded event");
+    assert!(id > ids[1] + 1, "{resumed}");
+    assert!(resumed.contains("media/c.bin"), "{resumed}");
 }
 
 /// A share in another bucket (`--bucket`) on the gateway's S3 endpoint: its files land there
@@ -1414,6 +1428,14 @@ sys.stdout.buffer.write(s3.get_object(Bucket=sys.argv[2], Key="media/a.bin")["Bo
     );
     let shown = g.show("media");
     assert_eq!(shown["bucket"], other);
+    // Upload records name whole keys: `[remote] prefix` applies in the gateway's bucket only.
+    g.firn(&["share", "create", "home"]);
+    copy_in(&local.join("a.bin"), &g.url("home/a.bin"));
+    g.wait_uploaded("home");
+    for (share, key) in [("media", "media/a.bin"), ("home", "gw/home/a.bin")] {
+        let uploads = g.firn(&["share", "uploads", share]);
+        assert!(uploads.trim_end().ends_with(key), "{share}: {uploads}");
+    }
     for (bucket, reason) in [
         ("no-such-bucket", "no-such-bucket"),
         ("Bad_Name", "not a bucket name"),

@@ -36,7 +36,7 @@ struct Rig {
     listing_ttl: Option<Duration>,
     read_timeout: Duration,
     /// `Settings::bucket_prefix`: the S3 store's own prefix and its `/`.
-    bucket_prefix: usize,
+    bucket_prefix: String,
     /// The fault injector in the stack (injecting nothing until a test says so).
     faults: Arc<FaultPlan>,
 }
@@ -90,7 +90,7 @@ fn rigs(settle: Duration) -> Vec<Rig> {
                 read_timeout: Settings::default().read_timeout,
                 bucket_prefix: s3_prefix
                     .as_deref()
-                    .map_or(0, |p| p.trim_matches('/').len() + 1),
+                    .map_or(String::new(), |p| format!("{}/", p.trim_matches('/'))),
                 faults,
             };
             rig.reopen(settle);
@@ -119,7 +119,7 @@ impl Rig {
                     listing_ttl: self.listing_ttl,
                     read_timeout: self.read_timeout,
                     defaults: Default::default(),
-                    bucket_prefix: self.bucket_prefix,
+                    bucket_prefix: self.bucket_prefix.clone(),
                 },
                 None,
             )
@@ -632,7 +632,10 @@ fn status_counts_what_waits_to_go_up() {
         share.commit(b).expect("commit");
         rig.wait_clean("st");
         let status = share.status();
-        assert_eq!((status.dirty_files, status.dirty_bytes), (0, 0));
+        assert_eq!(
+            (status.dirty_files, status.dirty_bytes, status.cached_files),
+            (0, 0, 2)
+        );
         assert!(status.cached_bytes >= 201_005, "{status:?}");
         // New attributes: the whole object goes up again, so its bytes wait again.
         share
@@ -1472,16 +1475,22 @@ fn objects_other_tools_put_or_delete_show_up_after_a_refresh() {
         };
         let small = b"written by another tool".to_vec();
         let big = random(3 << 20);
-        put(
-            "r/docs/a.txt",
-            small.clone(),
-            &[
-                ("file-permissions", "100600"),
-                ("file-owner", "1234"),
-                ("file-group", "99"),
-                ("file-mtime", "1700000000123456789ns"),
-            ],
-        );
+        let aws_meta = [
+            ("file-permissions", "100600"),
+            ("file-owner", "1234"),
+            ("file-group", "99"),
+            ("file-mtime", "1700000000123456789ns"),
+            ("file-atime", "1700000001000000007ns"),
+        ];
+        match &rig.s3_prefix {
+            // In Garage, put by boto3 with the headers AWS's file tools send.
+            Some(prefix) => common::boto3_put(
+                &format!("{}/r/docs/a.txt", prefix.trim_matches('/')),
+                &small,
+                &aws_meta,
+            ),
+            None => put("r/docs/a.txt", small.clone(), &aws_meta),
+        }
         put("r/docs/b.bin", big.clone(), &[]);
         put("elsewhere/c.txt", b"not the share's".to_vec(), &[]);
         // A symlink as firn (and AWS's file tools) store one: its target as the body.
@@ -1490,19 +1499,29 @@ fn objects_other_tools_put_or_delete_show_up_after_a_refresh() {
             b"../elsewhere/c.txt".to_vec(),
             &[("file-permissions", "120777"), ("file-owner", "7")],
         );
+        assert_eq!(share.status().last_refresh, None);
         let report = share.refresh("").expect("refresh");
         assert_eq!((report.added, report.removed), (3, 0), "{report:?}");
+        assert!(share.status().last_refresh.is_some(), "no refresh time");
         let docs = share.lookup(share.root(), "docs").expect("docs");
         let a = share.lookup(docs, "a.txt").expect("a.txt");
         let attrs = share.attrs(a).expect("attrs");
         assert_eq!(
-            (attrs.mode, attrs.uid, attrs.gid, attrs.size, attrs.mtime_ns),
+            (
+                attrs.mode,
+                attrs.uid,
+                attrs.gid,
+                attrs.size,
+                attrs.mtime_ns,
+                attrs.atime_ns
+            ),
             (
                 0o600,
                 1234,
                 99,
                 small.len() as u64,
-                1_700_000_000_123_456_789
+                1_700_000_000_123_456_789,
+                1_700_000_001_000_000_007
             )
         );
         assert_eq!(share.read(a, 0, 1000).expect("read").0, small);
@@ -1809,7 +1828,7 @@ fn concurrent_directory_renames_never_make_a_cycle() {
 #[test]
 fn the_bucket_prefix_counts_in_the_key_limit() {
     let mut rig = rigs(Duration::ZERO).remove(0);
-    rig.bucket_prefix = 100;
+    rig.bucket_prefix = format!("{}/", "b".repeat(99));
     rig.reopen(Duration::ZERO);
     rig.shares()
         .create("p", "p/", false, Vec::new(), Squash::Root)

@@ -789,10 +789,7 @@ async fn share_events(
                     let batch = {
                         let share = share.upgrade()?;
                         let mut events = Vec::new();
-                        if check_lost
-                            && let Some(oldest) = share.oldest_upload()
-                            && oldest > after + 1
-                        {
+                        if check_lost && let Some(oldest) = share.missed_uploads(after) {
                             events.push(
                                 Event::default()
                                     .event("lost")

@@ -460,8 +460,8 @@ impl Gateway {
                         gid: config.shares.default_gid,
                     },
                     bucket_prefix: match config.remote.prefix.trim_matches('/') {
-                        "" => 0,
-                        prefix => prefix.len() + 1,
+                        "" => String::new(),
+                        prefix => format!("{prefix}/"),
                     },
                 },
                 Some(space),

@@ -285,6 +285,29 @@ print(json.dumps(sorted(keys)))
     serde_json::from_slice(&boto3(script, &[prefix])).expect("boto3 printed JSON")
 }
 
+/// Puts `body` at `key` of the test bucket with boto3, with user metadata `meta` (sent as
+/// `x-amz-meta-*` headers, as AWS's file tools write them).
+pub fn boto3_put(key: &str, body: &[u8], meta: &[(&str, &str)]) {
+    let script = r#"
+import json, os, sys, boto3
+s3 = boto3.client("s3", endpoint_url=os.environ["FIRN_TEST_S3_ENDPOINT"],
+    region_name=os.environ.get("FIRN_TEST_S3_REGION", "garage"),
+    aws_access_key_id=os.environ["FIRN_TEST_S3_ACCESS_KEY_ID"],
+    aws_secret_access_key=os.environ["FIRN_TEST_S3_SECRET_ACCESS_KEY"])
+s3.put_object(Bucket=os.environ["FIRN_TEST_S3_BUCKET"], Key=sys.argv[1],
+    Body=bytes.fromhex(sys.argv[2]), Metadata=json.loads(sys.argv[3]))
+"#;
+    let hex: String = body.iter().map(|b| format!("{b:02x}")).collect();
+    let meta: serde_json::Map<String, serde_json::Value> = meta
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+        .collect();
+    boto3(
+        script,
+        &[key, &hex, &serde_json::Value::Object(meta).to_string()],
+    );
+}
+
 /// Runs a Python script that uses boto3 (`python3 -c script args...`), which must succeed;
 /// its stdout. Without `AWS_CA_BUNDLE`, which breaks clients of plain-HTTP endpoints.
 pub fn boto3(script: &str, args: &[&str]) -> Vec<u8> {

@@ -127,7 +127,7 @@ pub struct ShareInfo {
 }
 
 /// How shares behave; `[shares]` in the config.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     /// How long a file must be quiet before it is uploaded.
     pub settle: Duration,
@@ -147,10 +147,11 @@ pub struct Settings {
     /// What objects without the file-tool metadata (put by other tools) look like: file and
     /// directory modes, owner and group.
     pub defaults: Defaults,
-    /// Bytes of every object key the gateway bucket's own prefix takes (`[remote] prefix` and
-    /// its `/`; not for shares in a bucket of their own): a file's key, share prefix
-    /// included, must leave room for it.
-    pub bucket_prefix: usize,
+    /// The gateway bucket's own key prefix (`[remote] prefix` and its `/`, or empty), which
+    /// every key of a share in that bucket has (not of one in a bucket of its own): a
+    /// file's key, share prefix included, must leave room for it, and upload records name
+    /// whole keys.
+    pub bucket_prefix: String,
 }
 
 /// See `Settings::defaults`.
@@ -184,7 +185,7 @@ impl Default for Settings {
             listing_ttl: None,
             read_timeout: Duration::from_secs(20),
             defaults: Defaults::default(),
-            bucket_prefix: 0,
+            bucket_prefix: String::new(),
         }
     }
 }
@@ -474,7 +475,7 @@ impl Shares {
             ns,
             files,
             remote,
-            settings: self.settings,
+            settings: self.settings.clone(),
             dirty: Mutex::new(HashMap::new()),
             files_open: Mutex::new(HashMap::new()),
             wake: tokio::sync::Notify::new(),
@@ -482,6 +483,9 @@ impl Shares {
             uploaded_files: AtomicU64::new(0),
             uploaded_bytes: AtomicU64::new(0),
             clean_bytes: AtomicU64::new(0),
+            clean_files: AtomicU64::new(0),
+            last_refresh: Mutex::new(None),
+            first_upload: (chrono::Utc::now().timestamp_micros().max(1)) as u64,
             counted: Mutex::new(None),
             evict_at: Mutex::new((0, 0)),
             cache_hits: AtomicU64::new(0),
@@ -556,6 +560,7 @@ fn new_attrs(mode: u32, uid: u32, gid: u32) -> NewAttrs {
         uid,
         gid,
         now_ns: now_ns(),
+        atime_ns: None,
     }
 }
 
@@ -639,11 +644,16 @@ pub struct SetAttrs {
 /// A file that reached the bucket (`Share::uploads`).
 #[derive(Debug, Clone, Serialize)]
 pub struct UploadRecord {
-    /// Counts the share's uploads since the daemon started: ask for those after one.
+    /// Orders the share's uploads, and grows across restarts (each run starts its count at
+    /// the microseconds since the epoch): ask for those after one.
     pub seq: u64,
-    /// The share-relative path; the object is `<prefix><path>`.
+    /// The share-relative path.
     pub path: String,
+    /// The object's whole key in its bucket (`[remote] prefix` included).
     pub key: String,
+    /// The bucket, for a share in a bucket of its own; absent for the gateway's bucket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
     pub size: u64,
     /// When the object was stored (RFC 3339).
     pub at: String,
@@ -673,6 +683,12 @@ pub struct ShareStatus {
     pub cache_misses: u64,
     /// Bytes fetched from the bucket for reads and writes of evicted or new-found files.
     pub downloaded_bytes: u64,
+    /// Files whose content is on local disk: the dirty ones now, the clean ones counted as
+    /// `cached_bytes` is.
+    pub cached_files: u64,
+    /// When the last refresh from the bucket (periodic or asked for) completed (RFC 3339);
+    /// absent if none has in this run.
+    pub last_refresh: Option<String>,
     pub last_error: Option<String>,
 }
 
@@ -695,6 +711,12 @@ pub struct Share {
     /// plus what uploads and fetches added since: never less than the truth but for a race
     /// with a pass, since a file that turns dirty stays counted until the next pass.
     clean_bytes: AtomicU64,
+    /// Clean files on local disk, counted as `clean_bytes` is.
+    clean_files: AtomicU64,
+    /// When the last refresh completed.
+    last_refresh: Mutex<Option<chrono::DateTime<chrono::Utc>>>,
+    /// The sequence number of this run's first upload (`UploadRecord::seq`).
+    first_upload: u64,
     /// When an eviction pass last counted the clean files (listing every local file).
     counted: Mutex<Option<Instant>>,
     /// The file whose fetches run an eviction pass first only above these local bytes of
@@ -738,10 +760,18 @@ impl Share {
             .collect()
     }
 
-    /// The oldest upload still remembered, if any: a reader that asks for uploads after an
-    /// older one has missed some.
-    pub fn oldest_upload(&self) -> Option<u64> {
-        lock(&self.recent).front().map(|r| r.seq)
+    /// Whether a reader that asks for the uploads after `after` has missed some that are no
+    /// longer remembered: the oldest one still remembered, if so. From 0, what this run
+    /// forgot counts; from a sequence number, what came after it (in this run or an
+    /// earlier one).
+    pub fn missed_uploads(&self, after: u64) -> Option<u64> {
+        let oldest = lock(&self.recent).front().map(|r| r.seq)?;
+        let first = if after == 0 {
+            self.first_upload
+        } else {
+            after + 1
+        };
+        (oldest > first).then_some(oldest)
     }
 
     /// Sees the newest upload's sequence number change; closed when the share goes.
@@ -751,14 +781,15 @@ impl Share {
 
     fn remember_upload(&self, path: &str, size: u64) {
         let mut recent = lock(&self.recent);
-        let seq = recent.back().map_or(1, |r| r.seq + 1);
+        let seq = recent.back().map_or(self.first_upload, |r| r.seq + 1);
         if recent.len() >= RECENT_UPLOADS {
             recent.pop_front();
         }
         recent.push_back(UploadRecord {
             seq,
             path: path.to_string(),
-            key: format!("{}{path}", self.info.prefix),
+            key: format!("{}{path}", self.key_prefix()),
+            bucket: self.info.bucket.clone(),
             size,
             at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         });
@@ -1057,6 +1088,7 @@ impl Share {
     ) -> Result<u64, ShareError> {
         let mut clean = Vec::new();
         let mut total = 0u64;
+        let mut files = 0u64;
         let dirty: std::collections::HashSet<u64> = lock(&self.dirty).keys().copied().collect();
         for entry in std::fs::read_dir(&self.files).map_err(|e| io_error("listing files", e))? {
             let Ok(entry) = entry else { continue };
@@ -1085,9 +1117,11 @@ impl Share {
             }
             let size = entry.metadata().map_or(0, |m| m.len());
             total += size;
+            files += 1;
             clean.push((id, size, false));
         }
         self.clean_bytes.store(total, Ordering::Relaxed);
+        self.clean_files.store(files, Ordering::Relaxed);
         *lock(&self.counted) = Some(Instant::now());
         if need.is_none() && total <= limit {
             return Ok(0);
@@ -1136,12 +1170,14 @@ impl Share {
             open.remove(&id);
             if std::fs::remove_file(self.content_path(id)).is_ok() {
                 freed += size;
+                files -= 1;
             }
             drop(open);
             drop(dirty);
         }
         self.clean_bytes
             .store(total.saturating_sub(freed), Ordering::Relaxed);
+        self.clean_files.store(files, Ordering::Relaxed);
         Ok(freed)
     }
 
@@ -1248,11 +1284,16 @@ impl Share {
     /// Bytes of a file's object key before its share-relative path: the gateway bucket's
     /// prefix (a share in a bucket of its own has none) and the share's.
     fn key_prefix_len(&self) -> usize {
-        let bucket = match self.info.bucket {
-            None => self.settings.bucket_prefix,
-            Some(_) => 0,
-        };
-        bucket + self.info.prefix.len()
+        self.key_prefix().len()
+    }
+
+    /// What a file's object key has before its share-relative path: the gateway bucket's
+    /// prefix (a share in a bucket of its own has none) and the share's.
+    fn key_prefix(&self) -> String {
+        match self.info.bucket {
+            None => format!("{}{}", self.settings.bucket_prefix, self.info.prefix),
+            Some(_) => self.info.prefix.clone(),
+        }
     }
 
     fn attrs_of(&self, id: u64, inode: &Inode) -> Result<Attrs, ShareError> {
@@ -1373,6 +1414,7 @@ impl Share {
             uid,
             gid,
             now_ns: now_ns(),
+            atime_ns: None,
         };
         let (id, inode) = self.ns.create(
             dir,
@@ -1663,6 +1705,9 @@ impl Share {
             cache_hits: self.cache_hits.load(Ordering::Relaxed),
             cache_misses: self.cache_misses.load(Ordering::Relaxed),
             downloaded_bytes: self.downloaded_bytes.load(Ordering::Relaxed),
+            cached_files: self.clean_files.load(Ordering::Relaxed) + dirty_files,
+            last_refresh: lock(&self.last_refresh)
+                .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
             last_error: lock(&self.last_error).clone(),
         }
     }

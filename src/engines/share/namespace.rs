@@ -116,7 +116,10 @@ pub struct NewAttrs {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
+    /// Its creation, and so its modification and change times.
     pub now_ns: u64,
+    /// Its access time, when not `now_ns` (an object's `file-atime`).
+    pub atime_ns: Option<u64>,
 }
 
 /// The namespace of one share.
@@ -343,6 +346,7 @@ impl Namespace {
                 uid: entry.uid,
                 gid: entry.gid,
                 now_ns: entry.now_ns,
+                atime_ns: None,
             };
             let mut inode = new_inode(entry.parent, entry.name.clone(), Kind::File, attrs);
             inode.size = size;
@@ -1046,7 +1050,7 @@ fn new_inode(parent: u64, name: String, kind: Kind, attrs: NewAttrs) -> Inode {
         uid: attrs.uid,
         gid: attrs.gid,
         mtime_ns: attrs.now_ns,
-        atime_ns: attrs.now_ns,
+        atime_ns: attrs.atime_ns.unwrap_or(attrs.now_ns),
         ctime_ns: attrs.now_ns,
         size: 0,
         target: None,

@@ -33,8 +33,6 @@ pub struct Refreshed {
     pub skipped: u64,
 }
 
-/// Mode, owner, group and modification time from an object's metadata; what is missing
-/// comes from `defaults`.
 /// The longest symlink target a refresh takes in (Linux's `PATH_MAX`).
 const MAX_TARGET: u64 = 4096;
 
@@ -45,6 +43,8 @@ fn symlink_mode(meta: &Meta) -> bool {
         .is_some_and(|mode| mode & 0o170000 == 0o120000)
 }
 
+/// Mode, owner, group, modification and access times from an object's metadata; what is
+/// missing comes from `defaults`.
 pub(super) fn attrs_from(meta: &Meta, defaults: NewAttrs) -> NewAttrs {
     let number = |key: &str, radix: u32| {
         meta.get(key)
@@ -55,6 +55,7 @@ pub(super) fn attrs_from(meta: &Meta, defaults: NewAttrs) -> NewAttrs {
         uid: number("file-owner", 10).map_or(defaults.uid, |v| v as u32),
         gid: number("file-group", 10).map_or(defaults.gid, |v| v as u32),
         now_ns: number("file-mtime", 10).unwrap_or(defaults.now_ns),
+        atime_ns: number("file-atime", 10).or(defaults.atime_ns),
     }
 }
 
@@ -83,6 +84,7 @@ impl Share {
                 .map_err(|e| ShareError::Io(format!("listing {prefix}: {e}")))?;
             pending.extend(self.take_listing(dir, &path, &listing, &dirty, &mut report)?);
         }
+        *lock(&self.last_refresh) = Some(chrono::Utc::now());
         Ok(report)
     }
 
@@ -224,6 +226,7 @@ impl Share {
                     uid: defaults.uid,
                     gid: defaults.gid,
                     now_ns: now_ns(),
+                    atime_ns: None,
                 };
                 let marker = format!("{}/", join(&self.ns.path(dir)?, name));
                 let attrs = attrs_from(&self.head_meta(&marker)?, defaults);
@@ -357,6 +360,7 @@ impl Share {
                     inode.uid = attrs.uid;
                     inode.gid = attrs.gid;
                     inode.mtime_ns = attrs.now_ns;
+                    inode.atime_ns = attrs.atime_ns.unwrap_or(attrs.now_ns);
                     inode.size = found.size;
                     inode.uploaded = Some(found);
                 })?;
@@ -408,6 +412,7 @@ impl Share {
             uid: defaults.uid,
             gid: defaults.gid,
             now_ns: now_ns(),
+            atime_ns: None,
         }
     }
 }

@@ -247,6 +247,7 @@ fn record(share: &Share, went_up: Vec<WentUp>) -> Result<usize, String> {
                 share
                     .clean_bytes
                     .fetch_add(d.uploaded.size, Ordering::Relaxed);
+                share.clean_files.fetch_add(1, Ordering::Relaxed);
             }
             Ok(clean)
         }
