@@ -616,6 +616,187 @@ async fn handles_outlive_a_restart_and_the_write_verifier_does_not() {
     ));
 }
 
+/// SETATTR's owner, group, times and size reach the file and its object's metadata; a
+/// guard that no longer matches is NOT_SYNC and changes nothing; FSSTAT, FSINFO and PATHCONF
+/// answer what the share can hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setattr_and_the_file_system_calls_answer_as_nfs_says() {
+    let g = Gateway::start();
+    g.firn(&["share", "create", "attrs", "--squash", "none"]);
+    let mut c = g.client("attrs", 0, 0).await;
+    let root = c.root_nfs_fh3();
+    let f = common::nfs_create(&mut c, &root, "f").await;
+    assert!(matches!(
+        write_sync(&mut c, &f, 0, &[7u8; 10_000]).await,
+        Nfs3Result::Ok(_)
+    ));
+    let before = getattr(&mut c, &f).await;
+    let (atime, mtime) = (
+        nfstime3 {
+            seconds: 1_600_000_000,
+            nseconds: 5,
+        },
+        nfstime3 {
+            seconds: 1_650_000_000,
+            nseconds: 7,
+        },
+    );
+    let set = |guard: Option<nfstime3>| SETATTR3args {
+        object: f.clone(),
+        new_attributes: sattr3 {
+            uid: Nfs3Option::Some(1234),
+            gid: Nfs3Option::Some(99),
+            size: Nfs3Option::Some(100),
+            atime: set_atime::SET_TO_CLIENT_TIME(atime),
+            mtime: set_mtime::SET_TO_CLIENT_TIME(mtime),
+            ..sattr3::default()
+        },
+        guard: guard.map_or(Nfs3Option::None, Nfs3Option::Some),
+    };
+    // A guard of another ctime: refused, nothing changed.
+    let stale = nfstime3 {
+        seconds: before.ctime.seconds.wrapping_sub(100),
+        nseconds: 0,
+    };
+    assert!(matches!(
+        c.setattr(&set(Some(stale))).await.expect("rpc"),
+        Nfs3Result::Err((nfsstat3::NFS3ERR_NOT_SYNC, _))
+    ));
+    let unchanged = getattr(&mut c, &f).await;
+    assert_eq!((unchanged.size, unchanged.uid), (10_000, 0));
+    // The right guard: everything at once.
+    assert!(matches!(
+        c.setattr(&set(Some(before.ctime))).await.expect("rpc"),
+        Nfs3Result::Ok(_)
+    ));
+    let after = getattr(&mut c, &f).await;
+    assert_eq!(
+        (after.size, after.uid, after.gid, after.atime, after.mtime),
+        (100, 1234, 99, atime, mtime)
+    );
+    let read = c
+        .read(&READ3args {
+            file: f.clone(),
+            offset: 0,
+            count: 1 << 20,
+        })
+        .await
+        .expect("rpc");
+    let Nfs3Result::Ok(read) = read else {
+        panic!("read")
+    };
+    assert!(read.eof && read.data.as_ref() == [7u8; 100], "truncated");
+    // The object carries them.
+    let _ = c
+        .commit(&COMMIT3args {
+            file: f,
+            offset: 0,
+            count: 0,
+        })
+        .await
+        .expect("rpc");
+    g.wait_uploaded("attrs");
+    let object = g.bucket().join("attrs/f");
+    assert_eq!(std::fs::metadata(&object).expect("object").len(), 100);
+    for (name, value) in [
+        ("file-owner", "1234"),
+        ("file-group", "99"),
+        ("file-mtime", "1650000000000000007ns"),
+        ("file-atime", "1600000000000000005ns"),
+        ("file-permissions", "100644"),
+    ] {
+        assert_eq!(xattr(&object, name).as_deref(), Some(value), "{name}");
+    }
+    // What the share can hold.
+    let Nfs3Result::Ok(stat) = c
+        .fsstat(&FSSTAT3args {
+            fsroot: root.clone(),
+        })
+        .await
+        .expect("rpc")
+    else {
+        panic!("fsstat")
+    };
+    assert!(stat.tbytes > 0 && stat.fbytes <= stat.tbytes && stat.abytes <= stat.fbytes);
+    let Nfs3Result::Ok(info) = c
+        .fsinfo(&FSINFO3args {
+            fsroot: root.clone(),
+        })
+        .await
+        .expect("rpc")
+    else {
+        panic!("fsinfo")
+    };
+    assert!(info.rtmax >= 65536 && info.wtmax >= 65536, "{info:?}");
+    assert_eq!(info.maxfilesize, firn::engines::share::MAX_FILE);
+    let Nfs3Result::Ok(conf) = c
+        .pathconf(&PATHCONF3args { object: root })
+        .await
+        .expect("rpc")
+    else {
+        panic!("pathconf")
+    };
+    assert_eq!((conf.name_max, conf.no_trunc), (255, true));
+}
+
+/// `firn share delete` refuses while files wait to go up (they would be lost), deletes with
+/// `--force`; the objects stay in the bucket, the share's local files go, and its name can
+/// be used again, for a share that starts empty of local state.
+#[test]
+fn deleting_a_share_keeps_its_objects_and_refuses_while_files_wait() {
+    let g = Gateway::start();
+    g.firn(&["share", "create", "gone"]);
+    let id = g.show("gone")["id"].as_str().expect("id").to_string();
+    let local = g.dir.path().join("local");
+    std::fs::create_dir_all(&local).expect("mkdir");
+    let kept = random_file(&local.join("kept.bin"), 50_000);
+    copy_in(&local.join("kept.bin"), &g.url("gone/kept.bin"));
+    g.wait_uploaded("gone");
+    g.firn(&["bandwidth", "--upload", "paused"]);
+    random_file(&local.join("waiting.bin"), 1000);
+    copy_in(&local.join("waiting.bin"), &g.url("gone/waiting.bin"));
+    let config = g.config.to_str().expect("utf-8");
+    let (ok, _, err) = common::firn(&["share", "delete", "gone", "--config", config]);
+    assert!(!ok && err.contains("not yet in the bucket"), "{err}");
+    assert!(g.firn(&["share", "list"]).contains("gone"));
+    g.firn(&["share", "delete", "gone", "--force"]);
+    assert!(!g.firn(&["share", "list"]).contains("gone"));
+    let (ok, _, _) = run("nfs-ls", &[&g.url("gone")]);
+    assert!(!ok, "a deleted share still mounts");
+    assert_eq!(
+        std::fs::read(g.bucket().join("gone/kept.bin")).expect("the object stayed"),
+        kept
+    );
+    assert!(!g.bucket().join("gone/waiting.bin").exists());
+    let share_dir = g.dir.path().join("data/shares").join(&id);
+    assert!(!share_dir.exists(), "{} stayed", share_dir.display());
+    // The name again: a new share, which finds the objects at the next refresh.
+    g.firn(&["bandwidth", "--upload", "unlimited"]);
+    g.firn(&["share", "create", "gone"]);
+    assert_ne!(g.show("gone")["id"].as_str(), Some(id.as_str()));
+    g.firn(&["share", "refresh", "gone"]);
+    let (ok, listed, err) = run("nfs-ls", &[&g.url("gone")]);
+    assert!(ok, "{err}");
+    assert!(
+        listed.contains("kept.bin") && !listed.contains("waiting.bin"),
+        "{listed}"
+    );
+}
+
+/// A file's attributes by the scripted client.
+async fn getattr(c: &mut Client, file: &nfs_fh3) -> fattr3 {
+    match c
+        .getattr(&GETATTR3args {
+            object: file.clone(),
+        })
+        .await
+        .expect("rpc")
+    {
+        Nfs3Result::Ok(ok) => ok.obj_attributes,
+        Nfs3Result::Err((e, _)) => panic!("getattr: {e:?}"),
+    }
+}
+
 /// Sends one RPC record and reads one back (or `None` if the server closed).
 fn exchange(port: u16, record: &[u8]) -> Option<Vec<u8>> {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");

@@ -114,6 +114,27 @@ pub struct DirStore {
     root: Arc<OwnedFd>,
 }
 
+/// The async call a blocking write runs for. Once that call is dropped (its caller gave up:
+/// an attempt past its time, an upload cancelled), the write stops waiting for the limiter
+/// and does not place its object, so an abandoned put never lands after a later one. Only
+/// the rename places an object, so a write past that point has already landed.
+struct Caller(tokio::sync::oneshot::Receiver<()>);
+
+impl Caller {
+    /// The caller's end (to hold while it waits) and the write's.
+    fn new() -> (tokio::sync::oneshot::Sender<()>, Caller) {
+        let (alive, watch) = tokio::sync::oneshot::channel();
+        (alive, Caller(watch))
+    }
+
+    fn gone(&mut self) -> bool {
+        matches!(
+            self.0.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed)
+        )
+    }
+}
+
 fn dir_flags() -> OFlag {
     OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
 }
@@ -199,12 +220,29 @@ impl DirStore {
     }
 
     /// Waits for the limiter; called on blocking threads, which run inside the runtime.
-    fn charge(&self, direction: Direction, bytes: usize) -> io::Result<()> {
+    /// With `caller`, stops waiting when the caller gives up.
+    fn charge(
+        &self,
+        direction: Direction,
+        bytes: usize,
+        caller: Option<&mut Caller>,
+    ) -> io::Result<()> {
         if let Some(limiter) = &self.limiter {
-            let passed = tokio::runtime::Handle::current()
-                .block_on(limiter.acquire(direction, bytes as u64));
+            let runtime = tokio::runtime::Handle::current();
+            let acquire = limiter.acquire(direction, bytes as u64);
+            let passed = match caller {
+                Some(Caller(gone)) => runtime.block_on(async {
+                    tokio::select! {
+                        passed = acquire => passed,
+                        _ = gone => false,
+                    }
+                }),
+                None => runtime.block_on(acquire),
+            };
             if !passed {
-                return Err(io::Error::other("the gateway is stopping"));
+                return Err(io::Error::other(
+                    "the gateway is stopping, or the caller gave up",
+                ));
             }
         }
         Ok(())
@@ -214,7 +252,7 @@ impl DirStore {
     fn read_at(&self, file: &File, offset: u64, len: u64) -> io::Result<Vec<u8>> {
         let mut body = vec![0; len as usize];
         for (i, chunk) in body.chunks_mut(SLICE).enumerate() {
-            self.charge(Direction::Download, chunk.len())?;
+            self.charge(Direction::Download, chunk.len(), None)?;
             file.read_exact_at(chunk, offset + (i * SLICE) as u64)?;
         }
         Ok(body)
@@ -301,18 +339,30 @@ impl DirStore {
         Ok(file)
     }
 
-    fn put_blocking(&self, key: &str, body: &dyn Body, meta: &Meta) -> Result<Stored> {
-        self.write_blocking("put", key, body, meta, Place::Replace)
+    fn put_blocking(
+        &self,
+        key: &str,
+        body: &dyn Body,
+        meta: &Meta,
+        caller: Option<Caller>,
+    ) -> Result<Stored> {
+        self.write_blocking("put", key, body, meta, Place::Replace, caller)
     }
 
-    fn create_blocking(&self, key: &str, body: &dyn Body, meta: &Meta) -> Result<()> {
-        self.write_blocking("create", key, body, meta, Place::NoReplace)
+    fn create_blocking(
+        &self,
+        key: &str,
+        body: &dyn Body,
+        meta: &Meta,
+        caller: Option<Caller>,
+    ) -> Result<()> {
+        self.write_blocking("create", key, body, meta, Place::NoReplace, caller)
             .map(|_| ())
     }
 
     /// Reads the body a slice at a time (each through the limiter) into a staging file, then
-    /// gives it its name as `place` says. Its identity (as listings show it) is taken after
-    /// the rename, which changes the file's change time.
+    /// gives it its name as `place` says, unless `caller` gave up meanwhile. Its identity (as
+    /// listings show it) is taken after the rename, which changes the file's change time.
     fn write_blocking(
         &self,
         op: &'static str,
@@ -320,6 +370,7 @@ impl DirStore {
         body: &dyn Body,
         meta: &Meta,
         place: Place,
+        mut caller: Option<Caller>,
     ) -> Result<Stored> {
         let segments = self.segments(key)?;
         let io_err = |e: io::Error| local_error(op, key, e);
@@ -343,17 +394,20 @@ impl DirStore {
                 let end = (offset + READ_SLICE).min(len);
                 let bytes = runtime.block_on(body.read(offset..end))?;
                 for chunk in bytes.chunks(SLICE) {
-                    self.charge(Direction::Upload, chunk.len())
+                    self.charge(Direction::Upload, chunk.len(), caller.as_mut())
                         .map_err(io_err)?;
                     file.write_all(chunk).map_err(io_err)?;
                 }
                 offset = end;
             }
-            let finish = || {
+            let mut finish = || {
                 for (name, value) in meta {
                     file.set_xattr(format!("{XATTR_PREFIX}{name}"), value.as_bytes())?;
                 }
                 file.sync_all()?;
+                if caller.as_mut().is_some_and(Caller::gone) {
+                    return Err(io::Error::other("the caller gave up"));
+                }
                 let (leaf, dirs) = segments.split_last().ok_or(io::ErrorKind::InvalidInput)?;
                 let parent = self.walk_creating(dirs)?;
                 let leaf = OsStr::new(leaf);
@@ -826,12 +880,15 @@ impl Remote for DirStore {
             blocking(move || this.put_marker_blocking(&key, body.len(), &meta)).await?;
             return Ok(Stored::default());
         }
-        blocking(move || this.put_blocking(&key, &*body, &meta)).await
+        // Held until the write returns: dropped with this call if its caller gives up.
+        let (_alive, caller) = Caller::new();
+        blocking(move || this.put_blocking(&key, &*body, &meta, Some(caller))).await
     }
 
     async fn create(&self, key: &str, body: Bytes, meta: Meta) -> Result<()> {
         let (this, key) = (self.clone(), key.to_string());
-        blocking(move || this.create_blocking(&key, &body, &meta)).await
+        let (_alive, caller) = Caller::new();
+        blocking(move || this.create_blocking(&key, &body, &meta, Some(caller))).await
     }
 
     async fn get_to(&self, key: &str, sink: &dyn Sink) -> Result<Fetched> {
@@ -963,7 +1020,7 @@ mod tests {
                         let body = Bytes::from(format!("writer {i}"));
                         start.wait();
                         store
-                            .create_blocking(&key, &body, &meta(&i.to_string()))
+                            .create_blocking(&key, &body, &meta(&i.to_string()), None)
                             .map(|()| i)
                     })
                 })
@@ -1007,6 +1064,31 @@ mod tests {
             );
         }
         assert!(dir.path().join("link").is_symlink());
+        assert!(staging_files(dir.path()).is_empty());
+    }
+
+    /// A put whose caller gives up while it waits for the limiter (a paused upload) never
+    /// lands, even once uploads go on (where it could overwrite a later put of the key).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_abandoned_put_never_lands() {
+        use crate::remote::limit::{Limiter, Policy, Rate};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limiter = Arc::new(Limiter::new(Policy {
+            upload: Rate::Paused,
+            ..Policy::default()
+        }));
+        let store = DirStore::open(dir.path())
+            .expect("open")
+            .with_limiter(limiter.clone());
+        let waiting = tokio::time::timeout(
+            std::time::Duration::from_millis(300),
+            store.put("k", Bytes::from_static(b"old"), Meta::new()),
+        )
+        .await;
+        assert!(waiting.is_err(), "a paused put went through: {waiting:?}");
+        limiter.set_policy(Policy::default());
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!dir.path().join("k").exists(), "the abandoned put landed");
         assert!(staging_files(dir.path()).is_empty());
     }
 

@@ -416,14 +416,23 @@ impl Shares {
     }
 
     /// Removes the share from this gateway: its namespace and local files. Its objects in
-    /// the bucket stay; files not yet uploaded are lost, so the caller asks first.
+    /// the bucket stay; files not yet uploaded are lost, so the caller asks first. Waits for
+    /// the share's uploader to end: not to be called on an async worker thread.
     pub fn delete(&self, name: &str) -> Result<ShareInfo, ShareError> {
         let info = self
             .get(name)?
             .ok_or_else(|| ShareError::NoShare(name.to_string()))?;
         self.meta.delete(TABLE, name)?;
-        if let Some(share) = lock(&self.open).remove(name) {
+        let share = lock(&self.open).remove(name);
+        if let Some(share) = share {
             share.stop();
+            // An upload under way is cut short: nothing of a deleted share reaches the
+            // bucket after its delete.
+            let uploader = lock(&share.uploader).take();
+            if let Some(uploader) = uploader {
+                uploader.abort();
+                let _ = self.uploads.block_on(uploader);
+            }
         }
         let dir = self.dir.join(&info.id);
         let ns = Namespace::open(self.meta.clone(), &info.id, root_attrs())?;
@@ -493,6 +502,7 @@ impl Shares {
             downloaded_bytes: Arc::new(AtomicU64::new(0)),
             last_error: Mutex::new(None),
             recent: Mutex::new(std::collections::VecDeque::new()),
+            uploader: Mutex::new(None),
             creating: std::sync::RwLock::new(()),
             listed: Mutex::new(HashMap::new()),
             newest_upload: tokio::sync::watch::Sender::new(0),
@@ -523,7 +533,7 @@ impl Shares {
                 },
             );
         }
-        self.uploads.spawn(upload::run(share.clone()));
+        *lock(&share.uploader) = Some(self.uploads.spawn(upload::run(share.clone())));
         lock(&self.open).insert(info.name.clone(), share);
         Ok(())
     }
@@ -732,6 +742,8 @@ pub struct Share {
     creating: std::sync::RwLock<()>,
     /// When each directory was last refreshed for a client's listing (`listing_ttl`).
     listed: Mutex<HashMap<u64, Instant>>,
+    /// The task that uploads the share's files.
+    uploader: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The newest uploads, oldest first, at most `RECENT_UPLOADS`.
     recent: Mutex<std::collections::VecDeque<UploadRecord>>,
     /// The sequence number of the newest upload, for those who wait for the next.
