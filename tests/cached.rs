@@ -488,6 +488,47 @@ fn a_new_gateway_restores_the_committed_image(bucket: Bucket, refusal: &str) {
     );
 }
 
+/// `firn volume resize` grows a cached volume while it is served: new connections see the
+/// new size, the added space reads as zeros and takes writes, the old data stays; a shrink
+/// is refused; the size holds across a restart and reaches the bucket, so a takeover sees it.
+#[test]
+fn a_cached_volume_grows_online_and_never_shrinks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let mut a = Gateway::start(&dir.path().join("a"), &bucket, "");
+    a.firn(&["volume", "create", "db", "--size", "16M"]);
+    qemu_io(&a.uri("db"), &["write -P 0x11 1M 1M"]);
+    let size = |g: &Gateway| -> u64 {
+        run("nbdinfo", &["--size", &g.uri("db")])
+            .trim()
+            .parse()
+            .expect("nbdinfo --size")
+    };
+    assert_eq!(size(&a), 16 << 20);
+    a.firn(&["volume", "resize", "db", "--size", "32M"]);
+    assert_eq!(size(&a), 32 << 20);
+    qemu_io(
+        &a.uri("db"),
+        &[
+            "read -P 0 20M 1M",
+            "write -P 0x22 24M 1M",
+            "read -P 0x11 1M 1M",
+        ],
+    );
+    let (ok, out) = a.try_firn(&["volume", "resize", "db", "--size", "8M"]);
+    assert!(!ok && out.contains("only grow"), "{out}");
+    assert_eq!(a.show("db")["size"], 32 << 20);
+    a.restart();
+    assert_eq!(size(&a), 32 << 20);
+    a.wait_drained("db", false);
+    a.kill9();
+    std::fs::remove_dir_all(a.dir.join("data")).expect("lose the disk");
+    let b = Gateway::start(&dir.path().join("b"), &bucket, "");
+    b.firn(&["volume", "takeover", "db", "--force"]);
+    assert_eq!(size(&b), 32 << 20);
+    qemu_io(&b.uri("db"), &["read -P 0x22 24M 1M", "read -P 0x11 1M 1M"]);
+}
+
 #[test]
 fn a_new_gateway_restores_the_committed_image_from_a_directory_bucket() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -753,6 +794,11 @@ fn flushed_data_survives_a_restart_and_the_upload_resumes() {
         g.show("v")["cache"]["bytes_downloaded"].as_u64().unwrap() >= 10 << 20,
         "the reads after the drain did not come from the bucket"
     );
+    // The newest commit's age is known after a restart with nothing new to commit.
+    g.restart();
+    let shown = g.show("v");
+    let age = shown["cache"]["last_commit_age_secs"].as_f64();
+    assert!(age.is_some_and(|age| age < 600.0), "{shown:#}");
 }
 
 /// 30% of the remote's requests fail: no error reaches the client, everything drains, and

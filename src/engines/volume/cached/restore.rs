@@ -357,6 +357,8 @@ pub async fn take_over(
         commit_checkpoint: label,
         gc_pending: Vec::new(),
         leased_since: n,
+        // The takeover's own commit.
+        commit_time: now_secs(),
     };
     meta.put_json(PROGRESS_TABLE, id, &progress)
         .map_err(|e| std::io::Error::other(e.to_string()))?;

@@ -46,6 +46,14 @@ pub struct Progress {
     /// lease says so (`restore::Lease::since`).
     #[serde(default)]
     pub leased_since: u64,
+    /// When this gateway made or found the newest commit, in seconds since the epoch (0:
+    /// not known), so its age is known after a restart.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub commit_time: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What `firn volume show` tells about a cached volume.
@@ -134,6 +142,8 @@ pub(super) struct State {
 impl State {
     pub fn new(progress: Progress, checkpoint: Cut) -> State {
         let fenced = progress.fenced.clone();
+        let last_commit = (progress.commit_time > 0)
+            .then(|| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(progress.commit_time));
         State {
             checkpoint: checkpoint.max(progress.checkpoint),
             committed: progress.committed,
@@ -143,7 +153,7 @@ impl State {
             cached: BTreeMap::new(),
             cuts: BTreeMap::new(),
             pending_since: None,
-            last_commit: None,
+            last_commit,
             dirty_bytes: 0,
             local_bytes: 0,
             bytes_written: 0,

@@ -590,7 +590,11 @@ async fn commit(inner: &Arc<Inner>) -> Result<bool, String> {
         state.progress.committed = Some(commit.cut);
         state.progress.commit_checkpoint = commit.checkpoint;
         state.committed = Some(commit.cut);
-        state.last_commit = Some(SystemTime::now());
+        let now = SystemTime::now();
+        state.last_commit = Some(now);
+        state.progress.commit_time = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         let committed = state.committed;
         state
             .cuts
