@@ -783,6 +783,71 @@ fn deleting_a_share_keeps_its_objects_and_refuses_while_files_wait() {
     );
 }
 
+/// Four clients write at once: each its own 25 files in one directory, and two of them the
+/// two halves of one shared file, 64 KiB at a time. Every object in the bucket is its file
+/// whole, the shared one both halves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_each_land_whole() {
+    let g = Gateway::start();
+    g.firn(&["share", "create", "busy"]);
+    let mut c = g.client("busy", 1000, 1000).await;
+    let root = c.root_nfs_fh3();
+    let shared = common::nfs_create(&mut c, &root, "shared.bin").await;
+    const HALF: usize = 1 << 20;
+    let half = |w: usize| -> Vec<u8> { (0..HALF).map(|i| (i * 7 + w * 101) as u8).collect() };
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..4usize {
+        let (port, root, shared) = (g.nfs_port, root.clone(), shared.clone());
+        writers.spawn(async move {
+            let mut c = common::nfs_client(port, "busy", 1000, 1000).await;
+            let mut files = Vec::new();
+            let mine = (w < 2).then(|| half(w));
+            for i in 0..25usize {
+                let name = format!("w{w}-{i}.bin");
+                let data = vec![(w * 25 + i) as u8; 1000 + i * 997 + w * 131];
+                common::nfs_new_file(&mut c, &root, &name, &data, true).await;
+                files.push((name, data));
+                // Between files, a piece of this writer's half of the shared file.
+                if let Some(mine) = &mine {
+                    for at in (i * HALF / 25..(i + 1) * HALF / 25).step_by(65536) {
+                        let end = (at + 65536).min((i + 1) * HALF / 25);
+                        let offset = (w * HALF + at) as u64;
+                        assert!(matches!(
+                            write_sync(&mut c, &shared, offset, &mine[at..end]).await,
+                            Nfs3Result::Ok(_)
+                        ));
+                    }
+                }
+            }
+            files
+        });
+    }
+    let mut files = Vec::new();
+    while let Some(written) = writers.join_next().await {
+        files.extend(written.expect("writer"));
+    }
+    let _ = c
+        .commit(&COMMIT3args {
+            file: shared,
+            offset: 0,
+            count: 0,
+        })
+        .await
+        .expect("rpc");
+    g.wait_uploaded("busy");
+    let objects = g.bucket().join("busy");
+    for (name, data) in &files {
+        let stored = std::fs::read(objects.join(name)).expect(name);
+        assert!(stored == *data, "{name} differs in the bucket");
+    }
+    let stored = std::fs::read(objects.join("shared.bin")).expect("shared.bin");
+    assert!(
+        stored.len() == 2 * HALF && stored[..HALF] == half(0)[..] && stored[HALF..] == half(1)[..],
+        "the shared file is not both halves"
+    );
+    assert_eq!(std::fs::read_dir(&objects).expect("list").count(), 101);
+}
+
 /// A file's attributes by the scripted client.
 async fn getattr(c: &mut Client, file: &nfs_fh3) -> fattr3 {
     match c

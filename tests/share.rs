@@ -34,6 +34,8 @@ struct Rig {
     shares: Option<Shares>,
     cache_max: u64,
     listing_ttl: Option<Duration>,
+    /// `Settings::refresh`: how often the share refreshes from the bucket by itself.
+    refresh: Option<Duration>,
     read_timeout: Duration,
     /// `Settings::bucket_prefix`: the S3 store's own prefix and its `/`.
     bucket_prefix: String,
@@ -87,6 +89,7 @@ fn rigs(settle: Duration) -> Vec<Rig> {
                 shares: None,
                 cache_max: Settings::default().cache_max,
                 listing_ttl: None,
+                refresh: None,
                 read_timeout: Settings::default().read_timeout,
                 bucket_prefix: s3_prefix
                     .as_deref()
@@ -115,7 +118,7 @@ impl Rig {
                 Settings {
                     settle,
                     cache_max: self.cache_max,
-                    refresh: None,
+                    refresh: self.refresh,
                     listing_ttl: self.listing_ttl,
                     read_timeout: self.read_timeout,
                     defaults: Default::default(),
@@ -1585,6 +1588,42 @@ fn objects_other_tools_put_or_delete_show_up_after_a_refresh() {
 /// Refresh tells objects apart by ETag, not only size: a same-size rewrite by another tool
 /// replaces a clean file's content, while firn's own uploads are not mistaken for one. With a
 /// listing TTL, a client's listing of a directory brings in what another tool just put there.
+/// With `refresh` set, what other tools put or delete shows up with no one asking.
+#[test]
+fn the_share_refreshes_from_the_bucket_by_itself() {
+    for mut rig in rigs(Duration::from_secs(3600)) {
+        rig.refresh = Some(Duration::from_millis(500));
+        rig.reopen(Duration::from_secs(3600));
+        rig.shares()
+            .create("p", "p/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("p");
+        let wait_for = |present: bool| {
+            let started = Instant::now();
+            while share.lookup(share.root(), "theirs.txt").is_ok() != present {
+                assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "no refresh brought the change (present: {present})"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+        rig.runtime
+            .block_on(rig.raw.put(
+                "p/theirs.txt",
+                bytes::Bytes::from_static(b"put by another tool"),
+                remote::Meta::new(),
+            ))
+            .expect("put");
+        wait_for(true);
+        assert!(share.status().last_refresh.is_some());
+        rig.runtime
+            .block_on(rig.raw.delete("p/theirs.txt"))
+            .expect("delete");
+        wait_for(false);
+    }
+}
+
 #[test]
 fn same_size_rewrites_and_listed_directories_are_noticed() {
     for mut rig in rigs(Duration::from_millis(50)) {
