@@ -529,6 +529,36 @@ fn a_cached_volume_grows_online_and_never_shrinks() {
     qemu_io(&b.uri("db"), &["read -P 0x22 24M 1M", "read -P 0x11 1M 1M"]);
 }
 
+/// Lose the gateway: an ext4 made and written through the kernel (a loop device over a FUSE
+/// export) on a cached volume, unmounted (which flushes it) and committed, is served by a
+/// new gateway from the bucket alone; it passes `e2fsck -n` there, its files intact.
+#[test]
+fn an_ext4_on_a_lost_gateways_volume_passes_e2fsck_on_the_new_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let mut a = Gateway::start(&dir.path().join("a"), &bucket, "");
+    a.firn(&["volume", "create", "fs", "--size", "128M"]);
+    let files = {
+        let ext4 = common::ext4_on(&a.dir.join("data/nbd.sock"), "fs", 128 << 20, &a.dir);
+        ext4.files.clone()
+    };
+    a.wait_drained("fs", false);
+    a.kill9();
+    std::fs::remove_dir_all(a.dir.join("data")).expect("lose the disk");
+    let b = Gateway::start(&dir.path().join("b"), &bucket, "");
+    b.firn(&["volume", "takeover", "fs", "--force"]);
+    let image = dir.path().join("restored.img");
+    run("nbdcopy", &[&b.uri("fs"), image.to_str().expect("utf-8")]);
+    run("e2fsck", &["-fn", image.to_str().expect("utf-8")]);
+    let (mnt, _mounted) = common::mount_image(&image, dir.path());
+    for (i, data) in files.iter().enumerate() {
+        assert!(
+            std::fs::read(mnt.join(format!("f{i}"))).expect("read back") == *data,
+            "f{i} differs on the new gateway"
+        );
+    }
+}
+
 #[test]
 fn a_new_gateway_restores_the_committed_image_from_a_directory_bucket() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Daemon, FIRN, Teardown, firn, free_port, run, small_ext4};
+use common::{Daemon, FIRN, firn, free_port, run, small_ext4};
 
 struct Gateway {
     daemon: Option<Daemon>,
@@ -736,7 +736,7 @@ fn ext4_through_qemu_storage_daemon_fuse_and_a_loop_device() {
     g.firn(&[
         "volume", "create", "fs", "--size", "256M", "--mode", "local",
     ]);
-    ext4_on(&g, 256 << 20);
+    common::ext4_on(&g.path("data/nbd.sock"), "fs", 256 << 20, g.dir.path());
 }
 
 /// mkfs.ext4 and blkdiscard of a 2 TiB cached volume: quick, and next to nothing uploaded
@@ -746,7 +746,7 @@ fn ext4_and_blkdiscard_on_a_2_tib_cached_volume_upload_next_to_nothing() {
     let g = Gateway::start();
     g.firn(&["volume", "create", "fs", "--size", "2T"]);
     let started = std::time::Instant::now();
-    let loop_dev = ext4_on(&g, 2 << 40);
+    let loop_dev = common::ext4_on(&g.path("data/nbd.sock"), "fs", 2 << 40, g.dir.path());
     let took = started.elapsed();
     assert!(
         took < Duration::from_secs(120),
@@ -799,95 +799,6 @@ fn ext4_and_blkdiscard_on_a_2_tib_cached_volume_upload_next_to_nothing() {
     );
     assert!(!zeros.contains("failed"), "{zeros}");
     drop(loop_dev);
-}
-
-/// A loop device over a FUSE export of `fs` (through qemu-storage-daemon), its teardown
-/// inside.
-struct LoopDevice {
-    dev: String,
-    _teardown: Teardown,
-}
-
-/// mkfs.ext4 on volume `fs` of `size` bytes through qemu-storage-daemon's FUSE export and a
-/// loop device; files written through the mount read back after an unmount and `e2fsck -n`.
-/// The loop device stays attached (unmounted) for the caller.
-fn ext4_on(g: &Gateway, size: u64) -> LoopDevice {
-    let image = g.path("fuse-image");
-    std::fs::write(&image, b"").expect("mountpoint file");
-    let mut teardown = Teardown(Vec::new());
-    let mut qsd = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=nbd,node-name=n0,discard=unmap,server.type=unix,server.path={},export=fs",
-            g.path("data/nbd.sock").display()
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=fuse,id=e0,node-name=n0,mountpoint={},writable=on",
-            image.display()
-        ))
-        .spawn()
-        .expect("qemu-storage-daemon (from qemu-utils)");
-    let started = std::time::Instant::now();
-    while std::fs::metadata(&image).map(|m| m.len()).unwrap_or(0) != size {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the FUSE export did not appear"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let mountpoint = image.clone();
-    teardown.0.push(Box::new(move || {
-        // SIGTERM, so that the daemon takes its FUSE export down as it exits (killed, it
-        // would leave the mount behind); then a lazy unmount in case it could not.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(qsd.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = qsd.wait();
-        let _ = Command::new("fusermount3")
-            .args(["-u", "-z", "-q"])
-            .arg(&mountpoint)
-            .status();
-    }));
-    let image_arg = image.to_str().expect("utf-8").to_string();
-    let loop_dev = run("losetup", &["-f", "--show", &image_arg])
-        .trim()
-        .to_string();
-    let detach = loop_dev.clone();
-    teardown.0.push(Box::new(move || {
-        let _ = Command::new("losetup").args(["-d", &detach]).status();
-    }));
-    run("mkfs.ext4", &["-q", &loop_dev]);
-    let mnt = g.path("mnt");
-    std::fs::create_dir(&mnt).expect("mkdir");
-    let mnt_arg = mnt.to_str().expect("utf-8").to_string();
-    run("mount", &[&loop_dev, &mnt_arg]);
-    let unmount = mnt_arg.clone();
-    teardown.0.push(Box::new(move || {
-        let _ = Command::new("umount").arg(&unmount).status();
-    }));
-    let mut files = Vec::new();
-    for i in 0..8 {
-        let mut data = vec![0u8; 1 << (12 + i)];
-        rand::RngCore::fill_bytes(&mut rand::rng(), &mut data);
-        std::fs::write(mnt.join(format!("f{i}")), &data).expect("write through ext4");
-        files.push(data);
-    }
-    run("umount", &[&mnt_arg]);
-    run("e2fsck", &["-fn", &loop_dev]);
-    run("mount", &[&loop_dev, &mnt_arg]);
-    for (i, data) in files.iter().enumerate() {
-        assert!(
-            std::fs::read(mnt.join(format!("f{i}"))).expect("read back") == *data,
-            "f{i} differs"
-        );
-    }
-    run("umount", &[&mnt_arg]);
-    LoopDevice {
-        dev: loop_dev,
-        _teardown: teardown,
-    }
 }
 
 /// A CA and a server certificate for 127.0.0.1, made with the openssl command.

@@ -223,12 +223,23 @@ pub fn ext4_of(dir: &Path, mib: u64) -> (PathBuf, Teardown) {
     std::fs::File::create(&image)
         .and_then(|f| f.set_len(mib << 20))
         .expect("image");
-    let image_arg = image.to_str().expect("utf-8");
-    run("mkfs.ext4", &["-q", "-m", "0", image_arg]);
+    run(
+        "mkfs.ext4",
+        &["-q", "-m", "0", image.to_str().expect("utf-8")],
+    );
+    mount_image(&image, dir)
+}
+
+/// Mounts the file system image `image` (through a loop device) at `dir/mnt`; the returned
+/// teardown unmounts it.
+pub fn mount_image(image: &Path, dir: &Path) -> (PathBuf, Teardown) {
     let mnt = dir.join("mnt");
-    std::fs::create_dir(&mnt).expect("mkdir");
+    std::fs::create_dir_all(&mnt).expect("mkdir");
     let mnt_arg = mnt.to_str().expect("utf-8").to_string();
-    run("mount", &["-o", "loop", image_arg, &mnt_arg]);
+    run(
+        "mount",
+        &["-o", "loop", image.to_str().expect("utf-8"), &mnt_arg],
+    );
     let teardown = Teardown(vec![Box::new(move || {
         let _ = Command::new("umount").arg(&mnt_arg).status();
     })]);
@@ -508,4 +519,97 @@ pub async fn nfs_client(port: u16, share: &str, uid: u32, gid: u32) -> NfsClient
     .mount()
     .await
     .expect("mount")
+}
+
+/// A loop device over a FUSE export of `fs` (through qemu-storage-daemon), its teardown
+/// inside.
+pub struct LoopDevice {
+    pub dev: String,
+    /// The files written through the mount, `f0` to `f7`.
+    pub files: Vec<Vec<u8>>,
+    _teardown: Teardown,
+}
+
+/// mkfs.ext4 on NBD export `export` (`size` bytes) of the server at unix socket `socket`,
+/// through qemu-storage-daemon's FUSE export and a loop device, with its mount points in
+/// `work`; files written through the mount read back after an unmount (which flushes
+/// them) and `e2fsck -n`. The loop device stays attached (unmounted) for the caller.
+pub fn ext4_on(socket: &Path, export: &str, size: u64, work: &Path) -> LoopDevice {
+    let image = work.join("fuse-image");
+    std::fs::write(&image, b"").expect("mountpoint file");
+    let mut teardown = Teardown(Vec::new());
+    let mut qsd = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=nbd,node-name=n0,discard=unmap,server.type=unix,server.path={},export={export}",
+            socket.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=fuse,id=e0,node-name=n0,mountpoint={},writable=on",
+            image.display()
+        ))
+        .spawn()
+        .expect("qemu-storage-daemon (from qemu-utils)");
+    let started = std::time::Instant::now();
+    while std::fs::metadata(&image).map(|m| m.len()).unwrap_or(0) != size {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the FUSE export did not appear"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mountpoint = image.clone();
+    teardown.0.push(Box::new(move || {
+        // SIGTERM, so that the daemon takes its FUSE export down as it exits (killed, it
+        // would leave the mount behind); then a lazy unmount in case it could not.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(qsd.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = qsd.wait();
+        let _ = Command::new("fusermount3")
+            .args(["-u", "-z", "-q"])
+            .arg(&mountpoint)
+            .status();
+    }));
+    let image_arg = image.to_str().expect("utf-8").to_string();
+    let loop_dev = run("losetup", &["-f", "--show", &image_arg])
+        .trim()
+        .to_string();
+    let detach = loop_dev.clone();
+    teardown.0.push(Box::new(move || {
+        let _ = Command::new("losetup").args(["-d", &detach]).status();
+    }));
+    run("mkfs.ext4", &["-q", &loop_dev]);
+    let mnt = work.join("mnt");
+    std::fs::create_dir_all(&mnt).expect("mkdir");
+    let mnt_arg = mnt.to_str().expect("utf-8").to_string();
+    run("mount", &[&loop_dev, &mnt_arg]);
+    let unmount = mnt_arg.clone();
+    teardown.0.push(Box::new(move || {
+        let _ = Command::new("umount").arg(&unmount).status();
+    }));
+    let mut files = Vec::new();
+    for i in 0..8 {
+        let mut data = vec![0u8; 1 << (12 + i)];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut data);
+        std::fs::write(mnt.join(format!("f{i}")), &data).expect("write through ext4");
+        files.push(data);
+    }
+    run("umount", &[&mnt_arg]);
+    run("e2fsck", &["-fn", &loop_dev]);
+    run("mount", &[&loop_dev, &mnt_arg]);
+    for (i, data) in files.iter().enumerate() {
+        assert!(
+            std::fs::read(mnt.join(format!("f{i}"))).expect("read back") == *data,
+            "f{i} differs"
+        );
+    }
+    run("umount", &[&mnt_arg]);
+    LoopDevice {
+        dev: loop_dev,
+        files,
+        _teardown: teardown,
+    }
 }
