@@ -3,7 +3,7 @@
 # one run, with a throwaway Garage on loopback that the script starts and stops.
 #
 #   bench/cached-volume.sh
-#   SIZE=512M RUNTIME=10 FIO_SIZE=1G WRITE_IO=1G COLD_SIZE=256M COLD_RAND_IO=16M SCATTER_IO=256M \
+#   SIZE=1G RUNTIME=10 FIO_SIZE=1G WRITE_IO=1G COLD_SIZE=256M COLD_RAND_IO=16M SCATTER_IO=256M \
 #       bench/cached-volume.sh                    (the defaults: about 4 minutes on 2 cores)
 #   PARTS="cold lag" bench/cached-volume.sh       (only some parts: fio drain trim cold lag)
 #
@@ -56,7 +56,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-size=${SIZE:-512M}           # drain and amplification jobs
+size=${SIZE:-1G}             # drain and amplification jobs (the issue's 1 GiB)
 runtime=${RUNTIME:-10}       # each timed fio job, and the commit-lag load
 fio_size=${FIO_SIZE:-1G}     # the volume/file the fio comparison runs on
 write_io=${WRITE_IO:-1G}     # what each 4 KiB random and 1 MiB sequential write job writes
