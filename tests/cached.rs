@@ -831,6 +831,54 @@ fn flushed_data_survives_a_restart_and_the_upload_resumes() {
     assert!(age.is_some_and(|age| age < 600.0), "{shown:#}");
 }
 
+/// During an outage, a read of data that only the bucket holds fails with EIO once
+/// `read_timeout_secs` has passed, while writes, flushes and reads of what is local are still
+/// served; after the outage the same read succeeds.
+#[test]
+fn a_read_the_bucket_cannot_answer_fails_in_bounded_time_and_the_rest_is_served() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let mut g = Gateway::start(&dir.path().join("a"), &bucket, "");
+    g.firn(&["volume", "create", "v", "--size", "32M"]);
+    qemu_io(&g.uri("v"), &["write -P 0x5a 0 4M"]);
+    g.wait_drained("v", true);
+    g.reconfigure(&[
+        ("[volumes]\n", "[volumes]\nread_timeout_secs = 2\n"),
+        ("[nfs]\n", "[faults]\noutage_secs = 10\n[nfs]\n"),
+    ]);
+    let outage = Instant::now();
+    let started = Instant::now();
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read -P 0x5a 0 64k", &g.uri("v")])
+        .output()
+        .expect("qemu-io");
+    let took = started.elapsed();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("Input/output error"), "{said}");
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(9),
+        "the read failed after {took:?}"
+    );
+    // Writes, flushes and reads of them do not wait for the bucket.
+    qemu_io(
+        &g.uri("v"),
+        &["write -P 0x77 8M 64k", "read -P 0x77 8M 64k"],
+    );
+    assert!(
+        outage.elapsed() < Duration::from_secs(10),
+        "too slow to check"
+    );
+    // Once the bucket is back, the read succeeds.
+    while outage.elapsed() < Duration::from_secs(11) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    qemu_io(&g.uri("v"), &["read -P 0x5a 0 4M", "read -P 0x77 8M 64k"]);
+}
+
 /// 30% of the remote's requests fail: no error reaches the client, everything drains, and
 /// the bucket image (restored on a second gateway) equals the volume.
 #[test]
