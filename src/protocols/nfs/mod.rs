@@ -549,6 +549,7 @@ mod tests {
     /// One server over a read-only share and a writable one, for every case.
     struct Rig {
         server: Arc<NfsServer>,
+        bucket: std::path::PathBuf,
         _runtime: tokio::runtime::Runtime,
         _dir: tempfile::TempDir,
     }
@@ -585,6 +586,7 @@ mod tests {
             let server = NfsServer::new(Arc::new(shares), Arc::new(|_, _| true), metrics);
             Rig {
                 server,
+                bucket: dir.path().join("bucket"),
                 _runtime: runtime,
                 _dir: dir,
             }
@@ -643,8 +645,9 @@ mod tests {
         out
     }
 
-    /// Valid calls to start mutating from: a CREATE, a WRITE and a READDIRPLUS on the
-    /// read-only share, a LOOKUP on the writable one.
+    /// Valid calls to start mutating from: a CREATE, a WRITE, a READDIRPLUS, a RENAME and a
+    /// SETATTR on the read-only share, a LOOKUP on the writable one; MOUNT's MNT, UMNT and
+    /// EXPORT.
     fn seeds() -> Vec<Vec<u8>> {
         let (ro, rw) = (root("ro"), root("rw"));
         let mut create = opaque(&ro);
@@ -659,12 +662,35 @@ mod tests {
         readdir.extend_from_slice(&[0, 0, 16, 0, 0, 0, 32, 0]);
         let mut lookup = opaque(&rw);
         lookup.extend_from_slice(&opaque(b"missing"));
+        let mut rename = opaque(&ro);
+        rename.extend_from_slice(&opaque(b"a"));
+        rename.extend_from_slice(&opaque(&ro));
+        rename.extend_from_slice(&opaque(b"b"));
+        // Every attribute "don't change", no guard.
+        let mut setattr = opaque(&ro);
+        setattr.extend_from_slice(&[0; 28]);
         vec![
             call(NFS_PROGRAM, 8, &create),
             call(NFS_PROGRAM, 7, &write),
             call(NFS_PROGRAM, 17, &readdir),
             call(NFS_PROGRAM, 3, &lookup),
+            call(NFS_PROGRAM, 14, &rename),
+            call(NFS_PROGRAM, 2, &setattr),
+            call(MOUNT_PROGRAM, 1, &opaque(b"/rw")),
+            call(MOUNT_PROGRAM, 3, &opaque(b"/rw")),
+            call(MOUNT_PROGRAM, 5, &[]),
         ]
+    }
+
+    /// Whether every object in the bucket is under a share's prefix (`rw/`; the read-only
+    /// share's stays empty).
+    fn bucket_holds_only_shares_objects() -> bool {
+        std::fs::read_dir(&rig().bucket).is_ok_and(|entries| {
+            entries.flatten().all(|e| {
+                let name = e.file_name();
+                name == "rw" || name.to_string_lossy().starts_with(".firn")
+            })
+        })
     }
 
     /// Whether the read-only share is still empty.
@@ -678,11 +704,12 @@ mod tests {
         fn random_records_never_crash(record in proptest::collection::vec(any::<u8>(), 0..400)) {
             let _ = answer(&record, IpAddr::from([127, 0, 0, 1]));
             prop_assert!(read_only_share_is_empty());
+            prop_assert!(bucket_holds_only_shares_objects());
         }
 
         #[test]
         fn changed_calls_never_crash_or_change_a_read_only_share(
-            seed in 0usize..4,
+            seed in 0usize..9,
             flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
             cut in any::<usize>(),
         ) {
@@ -695,6 +722,7 @@ mod tests {
             record.truncate(keep);
             let _ = answer(&record, IpAddr::from([127, 0, 0, 1]));
             prop_assert!(read_only_share_is_empty());
+            prop_assert!(bucket_holds_only_shares_objects());
         }
     }
 
