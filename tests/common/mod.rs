@@ -319,6 +319,43 @@ s3.put_object(Bucket=os.environ["FIRN_TEST_S3_BUCKET"], Key=sys.argv[1],
     );
 }
 
+/// Downloads `key` of the test bucket with boto3 into `to`: false if there is no such object.
+pub fn boto3_get(key: &str, to: &Path) -> bool {
+    let script = r#"
+import os, sys, boto3, botocore
+s3 = boto3.client("s3", endpoint_url=os.environ["FIRN_TEST_S3_ENDPOINT"],
+    region_name=os.environ.get("FIRN_TEST_S3_REGION", "garage"),
+    aws_access_key_id=os.environ["FIRN_TEST_S3_ACCESS_KEY_ID"],
+    aws_secret_access_key=os.environ["FIRN_TEST_S3_SECRET_ACCESS_KEY"])
+try:
+    s3.download_file(os.environ["FIRN_TEST_S3_BUCKET"], sys.argv[1], sys.argv[2])
+    print("found")
+except botocore.exceptions.ClientError as e:
+    if e.response["Error"]["Code"] not in ("404", "NoSuchKey"):
+        raise
+    print("missing")
+"#;
+    let out = boto3(script, &[key, to.to_str().expect("utf-8")]);
+    String::from_utf8_lossy(&out).trim() == "found"
+}
+
+/// The `[remote]` section of a gateway on the test Garage, under a prefix of its own (its
+/// object keys start with it and `/`), or `None` outside CI without one.
+pub fn garage_remote() -> Option<(String, String)> {
+    let options = s3_options()?;
+    let section = format!(
+        "[remote]\nkind = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"{}\"\n\
+         access_key_id = \"{}\"\nsecret_access_key = \"{}\"\nprefix = \"{}\"\n",
+        options.endpoint.clone().unwrap_or_default(),
+        options.bucket,
+        options.region,
+        options.access_key_id.clone().unwrap_or_default(),
+        options.secret_access_key.clone().unwrap_or_default(),
+        options.prefix,
+    );
+    Some((section, options.prefix.clone()))
+}
+
 /// Runs a Python script that uses boto3 (`python3 -c script args...`), which must succeed;
 /// its stdout. Without `AWS_CA_BUNDLE`, which breaks clients of plain-HTTP endpoints.
 pub fn boto3(script: &str, args: &[&str]) -> Vec<u8> {
