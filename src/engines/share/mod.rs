@@ -1296,7 +1296,12 @@ impl Share {
     /// Bytes of a file's object key before its share-relative path: the gateway bucket's
     /// prefix (a share in a bucket of its own has none) and the share's.
     fn key_prefix_len(&self) -> usize {
-        self.key_prefix().len()
+        // Without building the prefix: every create, mkdir and rename asks.
+        let bucket = match self.info.bucket {
+            None => self.settings.bucket_prefix.len(),
+            Some(_) => 0,
+        };
+        bucket + self.info.prefix.len()
     }
 
     /// What a file's object key has before its share-relative path: the gateway bucket's

@@ -172,17 +172,20 @@ async fn pass(share: &Arc<Share>) -> Result<bool, String> {
                 }
             }
         }
-        let keys: Vec<String> = went_up.iter().map(|up| up.path.clone()).collect();
+        let recorded: Vec<String> = went_up.iter().map(|up| up.path.clone()).collect();
         match record(share, went_up) {
             Ok(clean) => uploaded += clean,
             Err(e) => {
-                unrecorded.extend(keys.into_iter().map(|key| (key, true)));
+                unrecorded.extend(recorded.into_iter().map(|key| (key, true)));
                 first_error.get_or_insert(e);
             }
         }
-        let result = blocking(share, move |share| share.ns.uploads_unrecorded(&unrecorded)).await;
-        if let Err(e) = result {
-            first_error.get_or_insert(e);
+        if !unrecorded.is_empty() {
+            let result =
+                blocking(share, move |share| share.ns.uploads_unrecorded(&unrecorded)).await;
+            if let Err(e) = result {
+                first_error.get_or_insert(e);
+            }
         }
     }
     if let Some(e) = first_error {
