@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, MOTO_BUCKET, Moto, firn, free_port, run};
+use common::{Daemon, MOTO_BUCKET, Moto, firn, free_port, metric, run};
 
 /// A master key shared by the gateways of one test, so one can restore what another wrote.
 const KEY: &str = "5e2b6f0d8c1a4e7b9f3d2c6a8b0e4f1d7c9a3b5e2d8f0a6c4b1e9d7f3a5c2b80";
@@ -236,6 +236,10 @@ impl Gateway {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    fn metrics(&self) -> String {
+        common::metrics(self.http)
     }
 
     fn show(&self, name: &str) -> serde_json::Value {
@@ -985,6 +989,22 @@ fn writes_wait_for_room_in_a_full_log_during_an_outage() {
         cache["bytes_uploaded"].as_u64().unwrap() == 0,
         "uploaded during the outage: {shown:#}"
     );
+    // The gateway's figures say the same as the volume's.
+    let metrics = g.metrics();
+    for (name, at_least) in [
+        ("firn_gateway_queued_writes", 1.0),
+        ("firn_gateway_upload_backlog_bytes", (1 << 20) as f64),
+        ("firn_gateway_cache_percent_dirty", 5.0),
+        ("firn_gateway_seconds_since_last_recovery_point", 0.0),
+        ("firn_gateway_write_ops_total", 1.0),
+    ] {
+        let value = metric(&metrics, name);
+        assert!(value >= at_least, "{name} = {value}\n{metrics}");
+    }
+    assert!(
+        metric(&metrics, "firn_gateway_cache_percent_dirty") <= 100.0,
+        "{metrics}"
+    );
     let mut writer = writer;
     assert!(
         writer.try_wait().expect("fio").is_none(),
@@ -993,9 +1013,17 @@ fn writes_wait_for_room_in_a_full_log_during_an_outage() {
     fio_finish(writer);
     eprintln!("fio done after {:?}", started.elapsed());
     g.wait_drained("v", true);
+    let metrics = g.metrics();
+    // What stays is the open segment's header.
+    assert!(metric(&metrics, "firn_gateway_upload_backlog_bytes") <= 64.0);
+    assert_eq!(metric(&metrics, "firn_gateway_queued_writes"), 0.0);
     let mut verify = job.clone();
     verify.push("--verify_only".to_string());
     fio(&g.uri("v"), &strs(&verify));
+    let metrics = g.metrics();
+    let hit = metric(&metrics, "firn_gateway_cache_hit_percent");
+    assert!((0.0..=100.0).contains(&hit), "{metrics}");
+    assert!(metric(&metrics, "firn_gateway_read_bytes_total") >= (64 << 20) as f64);
 }
 
 /// Bytes free on the file system of `path` (for an unprivileged user).

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Daemon, FIRN, firn, free_port, run, small_ext4};
+use common::{Daemon, FIRN, firn, free_port, metric, run, small_ext4};
 
 struct Gateway {
     daemon: Option<Daemon>,
@@ -98,16 +98,7 @@ impl Gateway {
 
     /// GET /metrics (it needs no token).
     fn metrics(&self) -> String {
-        let mut s = TcpStream::connect(("127.0.0.1", self.http_port)).expect("connect");
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: firn\r\n\r\n")
-            .expect("request");
-        let mut response = String::new();
-        s.read_to_string(&mut response).expect("response");
-        assert!(
-            response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
-            "{response}"
-        );
-        response
+        common::metrics(self.http_port)
     }
 }
 
@@ -322,13 +313,6 @@ fn real_clients_interoperate(mode: &str) {
         let hit = metric(&metrics, "firn_volume_cache_hit_percent{volume=\"disk\"}");
         assert!((0.0..=100.0).contains(&hit), "{metrics}");
     }
-}
-
-/// One sample's value from an OpenMetrics text, which must have it.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} in\n{text}"))
 }
 
 /// A raw NBD client for what polite clients never send.
@@ -1476,11 +1460,32 @@ fn show_lists_the_attached_clients_and_metrics_count_each_volume() {
             assert!(sum > 0.0, "{op} of {name}: {sum}");
         }
     }
-    // A deleted volume's metrics go with it.
+    // The gateway's totals count both volumes.
+    let per_volume = |metrics: &str, family: &str| {
+        ["seen", "other"]
+            .iter()
+            .map(|name| metric(metrics, &format!("{family}{{volume=\"{name}\"}}")))
+            .sum::<f64>()
+    };
+    let gateway_writes = metric(&metrics, "firn_gateway_write_ops_total");
+    assert_eq!(
+        gateway_writes,
+        per_volume(&metrics, "firn_volume_write_ops_total")
+    );
+    assert_eq!(
+        metric(&metrics, "firn_gateway_read_bytes_total"),
+        per_volume(&metrics, "firn_volume_read_bytes_total")
+    );
+    assert!(metric(&metrics, "firn_gateway_op_seconds_count{op=\"trim\"}") >= 2.0);
+    // A deleted volume's metrics go with it; the gateway's totals keep what it did.
     g.firn(&["volume", "delete", "other"]);
     let metrics = g.metrics();
     assert!(!metrics.contains("volume=\"other\""), "{metrics}");
     assert!(metrics.contains("firn_volume_write_ops_total{volume=\"seen\"}"));
+    assert_eq!(
+        metric(&metrics, "firn_gateway_write_ops_total"),
+        gateway_writes
+    );
 }
 
 /// The resident memory of a process (VmRSS), in bytes.

@@ -162,7 +162,10 @@ async fn metrics(State(gateway): Shared) -> Response {
     text += &format!(
         "# HELP firn_local_total_bytes Size of the data directory's file system.\n# TYPE firn_local_total_bytes gauge\nfirn_local_total_bytes {total}\n"
     );
-    text += &volume_metrics(&gateway.volumes.cached_statuses());
+    let cached = gateway.volumes.cached_statuses();
+    text += &volume_metrics(&cached);
+    text += &gateway_metrics(&cached);
+    text += &gateway.nbd_metrics.encode_gateway();
     text += &share_metrics(&gateway.shares);
     // Without the list, nothing is shown and nothing dropped: a volume's counts stay.
     if let Ok(volumes) = gateway.volumes.list() {
@@ -379,6 +382,61 @@ fn volume_metrics(volumes: &[(String, crate::engines::volume::cached::CachedStat
             };
             text += &format!("{sample}{{volume=\"{volume}\"}} {}\n", value(status));
         }
+    }
+    text
+}
+
+/// All cached volumes together, as Storage Gateway shows a gateway's figures beside its
+/// volumes': `firn_gateway_*` (requests and their latencies come from the NBD door).
+fn gateway_metrics(volumes: &[(String, crate::engines::volume::cached::CachedStatus)]) -> String {
+    let sum = |value: fn(&crate::engines::volume::cached::CachedStatus) -> u64| -> u64 {
+        volumes.iter().map(|(_, s)| value(s)).sum()
+    };
+    let percent = |part: u64, whole: u64| {
+        if whole == 0 {
+            0.0
+        } else {
+            part as f64 * 100.0 / whole as f64
+        }
+    };
+    let families: [(&str, &str, f64); 6] = [
+        (
+            "firn_gateway_cache_hit_percent",
+            "Reads of cached volumes answered from local disk, percent of all reads of written data.",
+            hit_percent(sum(|s| s.cache_hits), sum(|s| s.cache_misses)),
+        ),
+        (
+            "firn_gateway_cache_percent_used",
+            "Local bytes of all cached volumes (logs and caches), percent of their cache_max together.",
+            percent(sum(|s| s.cached_bytes), sum(|s| s.cache_max)),
+        ),
+        (
+            "firn_gateway_cache_percent_dirty",
+            "Log bytes of all cached volumes not yet in the bucket, percent of their log_max together.",
+            percent(sum(|s| s.dirty_bytes), sum(|s| s.log_max)),
+        ),
+        (
+            "firn_gateway_upload_backlog_bytes",
+            "Log bytes of all cached volumes not yet in the bucket.",
+            sum(|s| s.dirty_bytes) as f64,
+        ),
+        (
+            "firn_gateway_queued_writes",
+            "Writes to cached volumes waiting for room in their logs.",
+            sum(|s| s.queued_writes) as f64,
+        ),
+        (
+            "firn_gateway_seconds_since_last_recovery_point",
+            "The largest firn_volume_seconds_since_last_recovery_point of the cached volumes.",
+            volumes
+                .iter()
+                .map(|(_, s)| s.commit_lag_secs)
+                .fold(0.0, f64::max),
+        ),
+    ];
+    let mut text = String::new();
+    for (name, help, value) in families {
+        text += &format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n");
     }
     text
 }

@@ -186,6 +186,28 @@ impl Daemon {
 
 /// Runs a real client or tool and returns its stdout; panics, with its output, unless it
 /// succeeds.
+/// GET /metrics of the daemon whose HTTP API listens on `port` (it needs no token).
+pub fn metrics(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: firn\r\n\r\n")
+        .expect("request");
+    let mut response = String::new();
+    s.read_to_string(&mut response).expect("response");
+    assert!(
+        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+        "{response}"
+    );
+    response
+}
+
+/// One sample's value from an OpenMetrics text, which must have it.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in\n{text}"))
+}
+
 pub fn run(program: &str, args: &[&str]) -> String {
     let out = Command::new(program)
         .args(args)

@@ -68,6 +68,9 @@ pub struct NbdMetrics {
     /// Each export's counts and latencies, by name. Locked when a session starts, when a
     /// volume is deleted and at scrape time, never per request.
     exports: Mutex<HashMap<String, Arc<ExportOps>>>,
+    /// Every export's counts and latencies together, kept apart so that they never go back
+    /// when a volume is deleted: `firn_gateway_*`.
+    gateway: Arc<ExportOps>,
 }
 
 impl NbdMetrics {
@@ -104,6 +107,7 @@ impl NbdMetrics {
                 .map(|reason| refused.get_or_create(&ReasonLabels { reason }).clone())
                 .collect(),
             exports: Mutex::new(HashMap::new()),
+            gateway: Arc::default(),
         };
         registry.register(
             "firn_nbd_connections",
@@ -193,7 +197,12 @@ impl NbdMetrics {
     pub(super) fn export(&self, name: &str) -> Arc<ExportOps> {
         self.exports_map()
             .entry(name.to_string())
-            .or_default()
+            .or_insert_with(|| {
+                Arc::new(ExportOps {
+                    gateway: Some(self.gateway.clone()),
+                    ..ExportOps::default()
+                })
+            })
             .clone()
     }
 
@@ -217,64 +226,98 @@ impl NbdMetrics {
                 .collect()
         };
         exports.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut text = String::new();
-        type Value = fn(&ExportOps) -> u64;
-        let counters: [(&str, &str, Value); 4] = [
-            (
-                "firn_volume_read_ops",
-                "NBD reads of the volume since the daemon started.",
-                |o| o.count(Op::Read),
-            ),
-            (
-                "firn_volume_write_ops",
-                "NBD writes to the volume since the daemon started.",
-                |o| o.count(Op::Write),
-            ),
-            (
-                "firn_volume_read_bytes",
-                "Bytes NBD clients read from the volume since the daemon started.",
-                |o| o.read_bytes.load(Ordering::Relaxed),
-            ),
-            (
-                "firn_volume_write_bytes",
-                "Bytes NBD clients wrote to the volume since the daemon started.",
-                |o| o.write_bytes.load(Ordering::Relaxed),
-            ),
-        ];
-        for (name, help, value) in counters {
-            let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (volume, ops) in &exports {
-                let _ = writeln!(text, "{name}_total{{volume=\"{volume}\"}} {}", value(ops));
-            }
-        }
-        let name = "firn_volume_op_seconds";
-        let _ = writeln!(
-            text,
-            "# HELP {name} Time the volume took for NBD requests, by operation: the device call alone, \
-             without queueing or the network.\n# TYPE {name} histogram"
-        );
-        for (volume, ops) in &exports {
-            for op in Op::ALL {
-                let stats = &ops.ops[op as usize];
-                let labels = format!("volume=\"{volume}\",op=\"{}\"", op.name());
-                let mut count = 0;
-                for ((_, bound), bucket) in BUCKETS.iter().zip(&stats.buckets) {
-                    count += bucket.load(Ordering::Relaxed);
-                    let _ = writeln!(text, "{name}_bucket{{{labels},le=\"{bound}\"}} {count}");
-                }
-                count += stats.buckets[BUCKETS.len()].load(Ordering::Relaxed);
-                let _ = writeln!(text, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
-                let sum = stats.nanos.load(Ordering::Relaxed) as f64 / 1e9;
-                let _ = writeln!(text, "{name}_sum{{{labels}}} {sum}");
-                let _ = writeln!(text, "{name}_count{{{labels}}} {count}");
-            }
-        }
-        text
+        let labelled: Vec<(String, &ExportOps)> = exports
+            .iter()
+            .map(|(name, ops)| (format!("volume=\"{name}\""), &**ops))
+            .collect();
+        encode_ops(
+            "firn_volume",
+            "the volume",
+            "NBD requests of the volume",
+            &labelled,
+        )
+    }
+
+    /// Every export's counts and latencies together, in OpenMetrics text:
+    /// `firn_gateway_{read,write}_{ops,bytes}_total` and `firn_gateway_op_seconds` by `op`.
+    /// Counted since the daemon started, deleted volumes included.
+    pub fn encode_gateway(&self) -> String {
+        encode_ops(
+            "firn_gateway",
+            "all volumes",
+            "NBD requests of all volumes",
+            &[(String::new(), &*self.gateway)],
+        )
     }
 
     fn exports_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ExportOps>>> {
         self.exports.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// `ops`' counters and latency histograms as OpenMetrics families named `{prefix}_...`, one
+/// sample per entry with its labels (`""` for none).
+fn encode_ops(prefix: &str, whose: &str, requests: &str, ops: &[(String, &ExportOps)]) -> String {
+    let mut text = String::new();
+    type Value = fn(&ExportOps) -> u64;
+    let counters: [(&str, &str, Value); 4] = [
+        ("read_ops", "NBD reads of", |o| o.count(Op::Read)),
+        ("write_ops", "NBD writes to", |o| o.count(Op::Write)),
+        ("read_bytes", "Bytes NBD clients read from", |o| {
+            o.read_bytes.load(Ordering::Relaxed)
+        }),
+        ("write_bytes", "Bytes NBD clients wrote to", |o| {
+            o.write_bytes.load(Ordering::Relaxed)
+        }),
+    ];
+    let braced = |labels: &str| {
+        if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        }
+    };
+    for (name, help, value) in counters {
+        let _ = writeln!(
+            text,
+            "# HELP {prefix}_{name} {help} {whose} since the daemon started.\n# TYPE {prefix}_{name} counter"
+        );
+        for (labels, ops) in ops {
+            let _ = writeln!(
+                text,
+                "{prefix}_{name}_total{} {}",
+                braced(labels),
+                value(ops)
+            );
+        }
+    }
+    let name = format!("{prefix}_op_seconds");
+    let _ = writeln!(
+        text,
+        "# HELP {name} Time the device took for {requests}, by operation: the device call alone, \
+         without queueing or the network.\n# TYPE {name} histogram"
+    );
+    for (labels, ops) in ops {
+        for op in Op::ALL {
+            let stats = &ops.ops[op as usize];
+            let labels = if labels.is_empty() {
+                format!("op=\"{}\"", op.name())
+            } else {
+                format!("{labels},op=\"{}\"", op.name())
+            };
+            let mut count = 0;
+            for ((_, bound), bucket) in BUCKETS.iter().zip(&stats.buckets) {
+                count += bucket.load(Ordering::Relaxed);
+                let _ = writeln!(text, "{name}_bucket{{{labels},le=\"{bound}\"}} {count}");
+            }
+            count += stats.buckets[BUCKETS.len()].load(Ordering::Relaxed);
+            let _ = writeln!(text, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+            let sum = stats.nanos.load(Ordering::Relaxed) as f64 / 1e9;
+            let _ = writeln!(text, "{name}_sum{{{labels}}} {sum}");
+            let _ = writeln!(text, "{name}_count{{{labels}}} {count}");
+        }
+    }
+    text
 }
 
 /// What an export's latency histogram is split on: upper bounds in nanoseconds, and as the
@@ -336,6 +379,8 @@ pub struct ExportOps {
     ops: [OpStats; Op::ALL.len()],
     read_bytes: AtomicU64,
     write_bytes: AtomicU64,
+    /// Where the gateway's totals are counted too (none for the totals themselves).
+    gateway: Option<Arc<ExportOps>>,
 }
 
 impl ExportOps {
@@ -349,16 +394,25 @@ impl ExportOps {
             .unwrap_or(BUCKETS.len());
         stats.buckets[bucket].fetch_add(1, Ordering::Relaxed);
         stats.nanos.fetch_add(nanos, Ordering::Relaxed);
+        if let Some(gateway) = &self.gateway {
+            gateway.done(op, took);
+        }
     }
 
     pub(super) fn read(&self, bytes: u32) {
         self.read_bytes
             .fetch_add(u64::from(bytes), Ordering::Relaxed);
+        if let Some(gateway) = &self.gateway {
+            gateway.read(bytes);
+        }
     }
 
     pub(super) fn written(&self, bytes: u32) {
         self.write_bytes
             .fetch_add(u64::from(bytes), Ordering::Relaxed);
+        if let Some(gateway) = &self.gateway {
+            gateway.written(bytes);
+        }
     }
 
     /// Requests of `op` that ran.
@@ -429,5 +483,23 @@ mod tests {
         metrics.export("disk").done(Op::Flush, Duration::ZERO);
         metrics.forget_export("disk");
         assert_eq!(metrics.export("disk").count(Op::Flush), 0);
+
+        // The gateway's totals count every volume's requests, the dropped ones included.
+        metrics
+            .export("other")
+            .done(Op::Read, Duration::from_micros(10));
+        let text = metrics.encode_gateway();
+        for line in [
+            "firn_gateway_read_ops_total 4",
+            "firn_gateway_write_ops_total 1",
+            "firn_gateway_read_bytes_total 4096",
+            "firn_gateway_write_bytes_total 512",
+            "firn_gateway_op_seconds_bucket{op=\"read\",le=\"0.00005\"} 2",
+            "firn_gateway_op_seconds_count{op=\"read\"} 4",
+            "firn_gateway_op_seconds_count{op=\"flush\"} 1",
+            "# TYPE firn_gateway_op_seconds histogram",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
     }
 }
