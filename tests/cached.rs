@@ -533,6 +533,97 @@ fn a_cached_volume_grows_online_and_never_shrinks() {
     qemu_io(&b.uri("db"), &["read -P 0x22 24M 1M", "read -P 0x11 1M 1M"]);
 }
 
+/// A volume's own `--log-max` and `--cache-max` replace `[volumes]`' for it alone, are
+/// checked as the config's are, and last across a restart and into a takeover.
+#[test]
+fn a_volume_keeps_its_own_limits_on_local_space() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let mut a = Gateway::start(&dir.path().join("a"), &bucket, "");
+    let refused = [
+        (
+            vec!["--log-max", "1MiB"],
+            "log_max must hold at least two segments",
+        ),
+        (
+            vec!["--mode", "local", "--cache-max", "1G"],
+            "for cached volumes",
+        ),
+        (vec!["--cache-max", "lots"], "lots"),
+    ];
+    for (flags, says) in refused {
+        let mut args = vec!["volume", "create", "bad", "--size", "8M"];
+        args.extend(flags);
+        let (ok, out) = a.try_firn(&args);
+        assert!(!ok && out.contains(says), "{args:?}: {out}");
+    }
+    assert!(a.firn(&["volume", "list"]).trim().is_empty());
+
+    a.firn(&[
+        "volume",
+        "create",
+        "kept",
+        "--size",
+        "32M",
+        "--log-max",
+        "8MiB",
+        "--cache-max",
+        "24MiB",
+    ]);
+    a.firn(&["volume", "create", "plain", "--size", "32M"]);
+    let limits = |g: &Gateway, name: &str| {
+        let shown = g.show(name);
+        let cache = &shown["cache"];
+        (
+            shown["log_max"].as_u64(),
+            shown["cache_max"].as_u64(),
+            cache["log_max"].as_u64().unwrap(),
+            cache["cache_max"].as_u64().unwrap(),
+        )
+    };
+    assert_eq!(
+        limits(&a, "kept"),
+        (Some(8 << 20), Some(24 << 20), 8 << 20, 24 << 20)
+    );
+    assert_eq!(limits(&a, "plain"), (None, None, 64 << 20, 0));
+
+    // The cache each keeps after its upload: all of it, and none (the config's `cache_max`).
+    for name in ["kept", "plain"] {
+        fio(
+            &a.uri(name),
+            &strs(&fio_verified("16M", "1M", &["--end_fsync=1"])),
+        );
+    }
+    let kept = a.wait_drained("kept", false)["cache"]["cached_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!((15 << 20..=26 << 20).contains(&kept), "kept {kept} bytes");
+    a.wait_drained("plain", true);
+
+    a.restart();
+    assert_eq!(
+        limits(&a, "kept"),
+        (Some(8 << 20), Some(24 << 20), 8 << 20, 24 << 20)
+    );
+    a.kill9();
+    std::fs::remove_dir_all(a.dir.join("data")).expect("lose the disk");
+    let b = Gateway::start(&dir.path().join("b"), &bucket, "");
+    let (ok, out) = b.try_firn(&["volume", "takeover", "kept", "--force", "--log-max", "1KiB"]);
+    assert!(!ok && out.contains("two segments"), "{out}");
+    b.firn(&[
+        "volume",
+        "takeover",
+        "kept",
+        "--force",
+        "--cache-max",
+        "4MiB",
+    ]);
+    assert_eq!(limits(&b, "kept"), (None, Some(4 << 20), 64 << 20, 4 << 20));
+    let mut verify = fio_verified("16M", "1M", &[]);
+    verify.push("--verify_only".to_string());
+    fio(&b.uri("kept"), &strs(&verify));
+}
+
 /// Lose the gateway: an ext4 made and written through the kernel (a loop device over a FUSE
 /// export) on a cached volume, unmounted (which flushes it) and committed, is served by a
 /// new gateway from the bucket alone; it passes `e2fsck -n` there, its files intact.
@@ -960,14 +1051,21 @@ fn writes_wait_for_room_in_a_full_log_during_an_outage() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bucket = Bucket::Dir(dir.path().join("bucket"));
     let started = Instant::now();
-    let g = Gateway::start_with(
+    let g = Gateway::start(
         &dir.path().join("a"),
         &bucket,
-        "18MiB",
-        None,
         "[faults]\noutage_secs = 12\n",
     );
-    g.firn(&["volume", "create", "v", "--size", "80M"]);
+    // The volume's own log_max, far under the config's.
+    g.firn(&[
+        "volume",
+        "create",
+        "v",
+        "--size",
+        "80M",
+        "--log-max",
+        "18MiB",
+    ]);
     let job = fio_verified("64M", "1M", &["--end_fsync=1"]);
     let writer = fio_spawn(&g.uri("v"), &job);
     std::thread::sleep(Duration::from_secs(5));

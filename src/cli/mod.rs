@@ -56,6 +56,32 @@ enum Command {
     Keygen,
 }
 
+/// A cached volume's own limits on local space.
+#[derive(clap::Args)]
+struct LimitArgs {
+    /// Most bytes of the volume's log not yet in the bucket, e.g. 512MiB (default: [volumes]
+    /// log_max); reserved on local disk while the volume is open.
+    #[arg(long)]
+    log_max: Option<String>,
+    /// Most local bytes of the volume's uploaded data kept for reads, e.g. 20GiB (default:
+    /// [volumes] cache_max).
+    #[arg(long)]
+    cache_max: Option<String>,
+}
+
+impl LimitArgs {
+    /// The limits as API fields (absent ones left out).
+    fn fields(&self) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+        let mut fields = serde_json::Map::new();
+        for (key, value) in [("log_max", &self.log_max), ("cache_max", &self.cache_max)] {
+            if let Some(value) = value {
+                fields.insert(key.into(), crate::size::parse_size(value)?.into());
+            }
+        }
+        Ok(fields)
+    }
+}
+
 #[derive(Subcommand)]
 enum VolumeCommand {
     /// Create a volume.
@@ -77,6 +103,8 @@ enum VolumeCommand {
         /// repeat for more. Default: any client the door admits.
         #[arg(long = "client")]
         clients: Vec<String>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// List volumes.
     List {
@@ -93,6 +121,8 @@ enum VolumeCommand {
         /// fence the old gateway (it ignores If-None-Match). Only when that gateway is gone.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Show one volume.
     Show { name: String },
@@ -412,9 +442,13 @@ async fn volume(client: &ApiClient, command: VolumeCommand) -> anyhow::Result<()
             read_only,
             allow,
             clients,
+            limits,
         } => {
             let size = crate::size::parse_size(&size)?;
-            let body = json!({ "name": name, "size": size, "mode": mode, "read_only": read_only, "allow": allow, "clients": clients });
+            let mut body = json!({ "name": name, "size": size, "mode": mode, "read_only": read_only, "allow": allow, "clients": clients });
+            body.as_object_mut()
+                .expect("an object")
+                .extend(limits.fields()?);
             let created: Value = client.post("volumes", &body).await?;
             println!("created {}", line(&created).trim_end());
         }
@@ -439,12 +473,17 @@ async fn volume(client: &ApiClient, command: VolumeCommand) -> anyhow::Result<()
                 );
             }
         }
-        VolumeCommand::Takeover { name, force } => {
+        VolumeCommand::Takeover {
+            name,
+            force,
+            limits,
+        } => {
+            let mut body = json!({ "force": force });
+            body.as_object_mut()
+                .expect("an object")
+                .extend(limits.fields()?);
             let taken: Value = client
-                .post(
-                    &format!("volumes/{name}/takeover"),
-                    &json!({ "force": force }),
-                )
+                .post(&format!("volumes/{name}/takeover"), &body)
                 .await?;
             println!("took over {}", line(&taken).trim_end());
         }

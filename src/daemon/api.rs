@@ -17,6 +17,7 @@ use super::Gateway;
 use super::audit::Call;
 use super::status::{Status, disk_space};
 use crate::engines::volume::Mode;
+use crate::engines::volume::catalog::{Limits, VolumeOptions};
 use crate::remote::limit::Policy;
 use crate::size::ByteSize;
 
@@ -476,6 +477,18 @@ struct CreateVolume {
     /// TLS identities (PSK identity or certificate common name) that may attach.
     #[serde(default)]
     clients: Vec<String>,
+    /// A cached volume's own `log_max` and `cache_max`, instead of `[volumes]`'.
+    #[serde(default)]
+    log_max: Option<ByteSize>,
+    #[serde(default)]
+    cache_max: Option<ByteSize>,
+}
+
+fn limits(log_max: Option<ByteSize>, cache_max: Option<ByteSize>) -> Limits {
+    Limits {
+        log_max: log_max.map(|b| b.0),
+        cache_max: cache_max.map(|b| b.0),
+    }
 }
 
 fn default_mode() -> Mode {
@@ -540,6 +553,10 @@ async fn resize_volume(
 struct TakeOver {
     #[serde(default)]
     force: bool,
+    #[serde(default)]
+    log_max: Option<ByteSize>,
+    #[serde(default)]
+    cache_max: Option<ByteSize>,
 }
 
 async fn take_over_volume(
@@ -563,9 +580,11 @@ async fn take_over_volume(
         crate::daemon::status::ConditionalCreate::Honoured
     );
     let volumes = gateway.volumes.clone();
-    let taken =
-        tokio::task::spawn_blocking(move || volumes.take_over(&name, honoured, request.force))
-            .await;
+    let taken = tokio::task::spawn_blocking(move || {
+        let limits = limits(request.log_max, request.cache_max);
+        volumes.take_over(&name, limits, honoured, request.force)
+    })
+    .await;
     match taken {
         Ok(Ok(info)) => (StatusCode::CREATED, Json(info)).into_response(),
         Ok(Err(e @ crate::engines::volume::catalog::CatalogError::NotFound { .. })) => {
@@ -576,6 +595,9 @@ async fn take_over_volume(
         }
         Ok(Err(e @ crate::engines::volume::catalog::CatalogError::NoSpace { .. })) => {
             error(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
+        }
+        Ok(Err(e @ crate::engines::volume::catalog::CatalogError::InvalidLimits { .. })) => {
+            error(StatusCode::BAD_REQUEST, e.to_string())
         }
         Ok(Err(e)) => error(StatusCode::CONFLICT, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -604,14 +626,13 @@ async fn create_volume(State(gateway): Shared, body: axum::body::Bytes) -> Respo
     }
     let volumes = gateway.volumes.clone();
     let created = tokio::task::spawn_blocking(move || {
-        volumes.create_with_access(
-            &request.name,
-            request.size.0,
-            request.mode,
-            request.read_only,
-            request.allow,
-            request.clients,
-        )
+        let options = VolumeOptions {
+            read_only: request.read_only,
+            allow: request.allow,
+            clients: request.clients,
+            limits: limits(request.log_max, request.cache_max),
+        };
+        volumes.create_with(&request.name, request.size.0, request.mode, options)
     })
     .await;
     match created {

@@ -464,8 +464,12 @@ mod tests {
         let catalog = Arc::new(Catalog::new(meta, dir.join("volumes"), sealer).unwrap());
         for (name, allow) in volumes {
             let allow = allow.iter().map(|b| b.to_string()).collect();
+            let options = crate::engines::volume::catalog::VolumeOptions {
+                allow,
+                ..Default::default()
+            };
             catalog
-                .create_with_access(name, 1 << 20, Mode::Local, false, allow, Vec::new())
+                .create_with(name, 1 << 20, Mode::Local, options)
                 .unwrap();
         }
         let everyone = vec![Cidr::parse("0.0.0.0/0").unwrap()];

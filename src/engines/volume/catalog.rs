@@ -65,6 +65,41 @@ pub struct VolumeInfo {
     /// empty means any client the door admits. The door enforces it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub clients: Vec<String>,
+    /// A cached volume's own limits on local space, where they differ from `[volumes]`.
+    #[serde(flatten)]
+    pub limits: Limits,
+}
+
+/// A cached volume's own `log_max` and `cache_max`, instead of `[volumes]`' (for this
+/// gateway: they are kept in its catalog, not in the bucket).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_max: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_max: Option<u64>,
+}
+
+impl Limits {
+    /// `defaults` with these limits in place of theirs.
+    pub fn apply(&self, defaults: &cached::Settings) -> cached::Settings {
+        cached::Settings {
+            log_max: self.log_max.unwrap_or(defaults.log_max),
+            cache_max: self.cache_max.unwrap_or(defaults.cache_max),
+            ..defaults.clone()
+        }
+    }
+}
+
+/// How a new volume may be reached and what local space it may take.
+#[derive(Debug, Clone, Default)]
+pub struct VolumeOptions {
+    pub read_only: bool,
+    /// Address blocks (CIDR) whose network clients may attach; empty: the server-wide list.
+    pub allow: Vec<String>,
+    /// TLS identities that may attach; empty: any client the door admits.
+    pub clients: Vec<String>,
+    pub limits: Limits,
 }
 
 /// A change to the volume files in progress, recorded before it starts so that a crash in
@@ -109,6 +144,9 @@ pub enum CatalogError {
         local::MAX_SIZE
     )]
     InvalidSize { name: String, size: u64 },
+
+    #[error("volume {name:?}: {message}")]
+    InvalidLimits { name: String, message: String },
 
     #[error("volume {name:?} already exists")]
     Exists { name: String },
@@ -278,19 +316,21 @@ impl Catalog {
         mode: Mode,
         read_only: bool,
     ) -> Result<VolumeInfo, CatalogError> {
-        self.create_with_access(name, size, mode, read_only, Vec::new(), Vec::new())
+        let options = VolumeOptions {
+            read_only,
+            ..VolumeOptions::default()
+        };
+        self.create_with(name, size, mode, options)
     }
 
-    /// `create`, with the volume's own client address allowlist and the TLS identities that
-    /// may attach, recorded in the same entry.
-    pub fn create_with_access(
+    /// `create`, with the volume's own client address allowlist, the TLS identities that
+    /// may attach and its limits on local space, recorded in the same entry.
+    pub fn create_with(
         &self,
         name: &str,
         size: u64,
         mode: Mode,
-        read_only: bool,
-        allow: Vec<String>,
-        clients: Vec<String>,
+        options: VolumeOptions,
     ) -> Result<VolumeInfo, CatalogError> {
         check_name(name)?;
         if size == 0 || size % local::SECTOR_SIZE != 0 || size > local::MAX_SIZE {
@@ -299,6 +339,13 @@ impl Catalog {
                 size,
             });
         }
+        if mode == Mode::Local && options.limits != Limits::default() {
+            return Err(CatalogError::InvalidLimits {
+                name: name.to_string(),
+                message: "log_max and cache_max are for cached volumes; a local volume keeps all its data here".into(),
+            });
+        }
+        self.check_limits(name, &options.limits)?;
         // Checked again when the entry is written; this spares creating a file in vain.
         if self.get(name)?.is_some() {
             return Err(CatalogError::Exists {
@@ -312,15 +359,16 @@ impl Catalog {
             id: hex::encode(id),
             size,
             mode,
-            read_only,
             created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             format: LOCAL_FORMAT,
-            allow,
-            clients,
+            read_only: options.read_only,
+            allow: options.allow,
+            clients: options.clients,
+            limits: options.limits,
         };
         let path = self.path(&info);
         if mode == Mode::Cached {
-            self.check_room(name)?;
+            self.check_room(&info)?;
         }
         self.meta
             .put_json(INTENTS, &info.id, &intent(IntentOp::Create, name))
@@ -407,11 +455,12 @@ impl Catalog {
     /// A cached volume's log takes its room (`log_max`) when the volume opens: one the disk
     /// has no room for beside `min_free` is refused before anything is made, rather than
     /// filling the disk and then failing to open.
-    fn check_room(&self, name: &str) -> Result<(), CatalogError> {
+    fn check_room(&self, info: &VolumeInfo) -> Result<(), CatalogError> {
         let Some(bucket) = &self.bucket else {
             return Ok(());
         };
-        let settings = &bucket.settings;
+        let name = &info.name;
+        let settings = &info.limits.apply(&bucket.settings);
         let free = nix::sys::statvfs::statvfs(&self.dir)
             .map(|s| s.blocks_available() * s.fragment_size())
             .map_err(|e| CatalogError::Directory {
@@ -427,6 +476,26 @@ impl Catalog {
             });
         }
         Ok(())
+    }
+
+    /// A log must hold two segments, as `[volumes] log_max` must.
+    fn check_limits(&self, name: &str, limits: &Limits) -> Result<(), CatalogError> {
+        let segment_bytes = self
+            .bucket
+            .as_ref()
+            .map_or(cached::Settings::default().segment_bytes, |b| {
+                b.settings.segment_bytes
+            });
+        let least = 2 * cached::record::max_segment(segment_bytes);
+        match limits.log_max {
+            Some(log_max) if log_max < least => Err(CatalogError::InvalidLimits {
+                name: name.to_string(),
+                message: format!(
+                    "log_max must hold at least two segments ({least} bytes with [volumes] segment_size = {segment_bytes})"
+                ),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Volume-like files (`<32 hex digits>.img`) in the volume directory that no entry names,
@@ -722,7 +791,7 @@ impl Catalog {
                 uploads: bucket.uploads.clone(),
                 gateway: bucket.gateway.clone(),
             },
-            settings: bucket.settings.clone(),
+            settings: info.limits.apply(&bucket.settings),
         })
         .map_err(|source| CatalogError::Directory {
             path: self.path(info),
@@ -821,9 +890,11 @@ impl Catalog {
     pub fn take_over(
         &self,
         name: &str,
+        limits: Limits,
         honoured: bool,
         force: bool,
     ) -> Result<VolumeInfo, CatalogError> {
+        self.check_limits(name, &limits)?;
         if self.get(name)?.is_some() {
             return Err(CatalogError::Exists {
                 name: name.to_string(),
@@ -850,9 +921,10 @@ impl Catalog {
             format: LOCAL_FORMAT,
             allow: Vec::new(),
             clients: Vec::new(),
+            limits,
         };
         let dir = self.path(&info);
-        self.check_room(name)?;
+        self.check_room(&info)?;
         // A deletion of this volume still to be retried here would wipe it in the bucket.
         let _ = self.meta.delete(BUCKET_DELETES, &id);
         self.meta
