@@ -403,10 +403,28 @@ impl Raw {
 }
 
 #[test]
-fn hostile_input_gets_the_spec_errors_and_changes_nothing() {
+fn hostile_input_gets_the_spec_errors_and_changes_nothing_on_a_cached_volume() {
+    hostile_input_gets_the_spec_errors_and_changes_nothing("cached");
+}
+
+#[test]
+fn hostile_input_gets_the_spec_errors_and_changes_nothing_on_a_local_volume() {
+    hostile_input_gets_the_spec_errors_and_changes_nothing("local");
+}
+
+fn hostile_input_gets_the_spec_errors_and_changes_nothing(mode: &str) {
     let g = Gateway::start();
-    g.firn(&["volume", "create", "disk", "--size", "1M"]);
-    g.firn(&["volume", "create", "frozen", "--size", "1M", "--read-only"]);
+    g.firn(&["volume", "create", "disk", "--size", "1M", "--mode", mode]);
+    g.firn(&[
+        "volume",
+        "create",
+        "frozen",
+        "--size",
+        "1M",
+        "--read-only",
+        "--mode",
+        mode,
+    ]);
     let pattern: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
 
     let mut c = Raw::connect(g.nbd_port);
@@ -503,9 +521,18 @@ fn hostile_input_gets_the_spec_errors_and_changes_nothing() {
 }
 
 #[test]
-fn requests_during_a_stop_get_eshutdown_and_the_stop_waits_for_clients() {
+fn requests_during_a_stop_get_eshutdown_and_the_stop_waits_for_clients_on_a_cached_volume() {
+    requests_during_a_stop_get_eshutdown_and_the_stop_waits_for_clients("cached");
+}
+
+#[test]
+fn requests_during_a_stop_get_eshutdown_and_the_stop_waits_for_clients_on_a_local_volume() {
+    requests_during_a_stop_get_eshutdown_and_the_stop_waits_for_clients("local");
+}
+
+fn requests_during_a_stop_get_eshutdown_and_the_stop_waits_for_clients(mode: &str) {
     let mut g = Gateway::start();
-    g.firn(&["volume", "create", "disk", "--size", "1M"]);
+    g.firn(&["volume", "create", "disk", "--size", "1M", "--mode", mode]);
     let mut c = Raw::connect(g.nbd_port);
     c.go("disk").expect("go");
     c.request(0, 1, 0, 4096, &[0x11; 4096]);
@@ -546,9 +573,18 @@ fn requests_during_a_stop_get_eshutdown_and_the_stop_waits_for_clients() {
 }
 
 #[test]
-fn flushed_writes_survive_kill_9() {
+fn flushed_writes_survive_kill_9_on_a_cached_volume() {
+    flushed_writes_survive_kill_9("cached");
+}
+
+#[test]
+fn flushed_writes_survive_kill_9_on_a_local_volume() {
+    flushed_writes_survive_kill_9("local");
+}
+
+fn flushed_writes_survive_kill_9(mode: &str) {
     let mut g = Gateway::start();
-    g.firn(&["volume", "create", "disk", "--size", "16M"]);
+    g.firn(&["volume", "create", "disk", "--size", "16M", "--mode", mode]);
     run(
         "qemu-io",
         &[
@@ -596,17 +632,26 @@ fn flushed_writes_survive_kill_9() {
             &g.tcp("disk"),
         ],
     );
-    let raw = std::fs::read_dir(g.path("data/volumes")).expect("volumes dir");
-    for entry in raw {
-        let path = entry.expect("entry").path();
-        if path.is_dir() {
-            continue;
+    // Nothing under the data directory (volume files, a cached volume's log) holds the
+    // plaintext.
+    let mut dirs = vec![g.path("data")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            if !path.is_file() {
+                continue; // the NBD socket
+            }
+            let bytes = std::fs::read(&path).expect("read");
+            assert!(
+                !bytes.windows(64).any(|w| w.iter().all(|&b| b == 0x5a)),
+                "plaintext in {}",
+                path.display()
+            );
         }
-        let bytes = std::fs::read(path).expect("read");
-        assert!(
-            !bytes.windows(64).any(|w| w.iter().all(|&b| b == 0x5a)),
-            "plaintext on disk"
-        );
     }
 }
 
@@ -1194,9 +1239,18 @@ fn psk_identities_name_the_clients_a_volume_admits() {
 }
 
 #[test]
-fn trim_and_zeroing_a_2_tib_volume_is_metadata_not_io() {
+fn trim_and_zeroing_a_2_tib_volume_is_metadata_not_io_on_a_cached_volume() {
+    trim_and_zeroing_a_2_tib_volume_is_metadata_not_io("cached");
+}
+
+#[test]
+fn trim_and_zeroing_a_2_tib_volume_is_metadata_not_io_on_a_local_volume() {
+    trim_and_zeroing_a_2_tib_volume_is_metadata_not_io("local");
+}
+
+fn trim_and_zeroing_a_2_tib_volume_is_metadata_not_io(mode: &str) {
     let g = Gateway::start();
-    g.firn(&["volume", "create", "huge", "--size", "2T"]);
+    g.firn(&["volume", "create", "huge", "--size", "2T", "--mode", mode]);
     let mut c = Raw::connect(g.nbd_port);
     let size = c.go("huge").expect("go");
     assert_eq!(size, 2 << 40);
@@ -1864,9 +1918,18 @@ h.shutdown()
 "#;
 
 #[test]
-fn odd_requests_from_libnbd_get_clean_errors_and_the_connection_lives() {
+fn odd_requests_from_libnbd_get_clean_errors_and_the_connection_lives_on_a_cached_volume() {
+    odd_requests_from_libnbd_get_clean_errors_and_the_connection_lives("cached");
+}
+
+#[test]
+fn odd_requests_from_libnbd_get_clean_errors_and_the_connection_lives_on_a_local_volume() {
+    odd_requests_from_libnbd_get_clean_errors_and_the_connection_lives("local");
+}
+
+fn odd_requests_from_libnbd_get_clean_errors_and_the_connection_lives(mode: &str) {
     let g = Gateway::start();
-    g.firn(&["volume", "create", "disk", "--size", "1M"]);
+    g.firn(&["volume", "create", "disk", "--size", "1M", "--mode", mode]);
     const EINVAL: i32 = 22;
     const ENOSPC: i32 = 28;
     for structured in ["1", "0"] {
