@@ -130,3 +130,70 @@ impl From<ByteSize> for String {
         size.0.to_string()
     }
 }
+
+/// Local space in a config file: a byte size as [`ByteSize`] takes, or a share of the file
+/// system it lives on, `"25%"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "SizeText")]
+pub enum Space {
+    Bytes(u64),
+    /// Percent of the file system's size, 0 to 100.
+    Percent(u8),
+}
+
+impl Space {
+    /// The bytes this stands for on a file system of `total` bytes.
+    pub fn bytes_of(self, total: u64) -> u64 {
+        match self {
+            Space::Bytes(bytes) => bytes,
+            Space::Percent(percent) => (u128::from(total) * u128::from(percent) / 100) as u64,
+        }
+    }
+}
+
+impl TryFrom<SizeText> for Space {
+    type Error = SizeError;
+    fn try_from(value: SizeText) -> Result<Self, SizeError> {
+        if let SizeText::Text(text) = &value
+            && let Some(number) = text.trim().strip_suffix('%')
+        {
+            return match number.trim().parse::<u8>() {
+                Ok(percent) if percent <= 100 => Ok(Space::Percent(percent)),
+                _ => Err(SizeError {
+                    input: text.clone(),
+                }),
+            };
+        }
+        ByteSize::try_from(value).map(|size| Space::Bytes(size.0))
+    }
+}
+
+#[cfg(test)]
+mod space_tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Holder {
+        space: Space,
+    }
+
+    fn parse(text: &str) -> Result<Space, String> {
+        toml::from_str::<Holder>(&format!("space = {text}"))
+            .map(|h| h.space)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn spaces_are_sizes_or_shares() {
+        assert_eq!(parse("\"4GiB\""), Ok(Space::Bytes(4 << 30)));
+        assert_eq!(parse("1024"), Ok(Space::Bytes(1024)));
+        assert_eq!(parse("\"25%\""), Ok(Space::Percent(25)));
+        assert_eq!(Space::Percent(25).bytes_of(1000), 250);
+        assert_eq!(Space::Bytes(7).bytes_of(1000), 7);
+        assert_eq!(Space::Percent(100).bytes_of(u64::MAX), u64::MAX);
+        for bad in ["\"101%\"", "\"-5%\"", "\"%\"", "\"2.5%\"", "\"lots\""] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.contains("invalid size"), "{bad}: {e}");
+        }
+    }
+}

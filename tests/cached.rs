@@ -607,7 +607,7 @@ fn a_volume_keeps_its_own_limits_on_local_space() {
     );
     a.kill9();
     std::fs::remove_dir_all(a.dir.join("data")).expect("lose the disk");
-    let b = Gateway::start(&dir.path().join("b"), &bucket, "");
+    let mut b = Gateway::start(&dir.path().join("b"), &bucket, "");
     let (ok, out) = b.try_firn(&["volume", "takeover", "kept", "--force", "--log-max", "1KiB"]);
     assert!(!ok && out.contains("two segments"), "{out}");
     b.firn(&[
@@ -622,6 +622,14 @@ fn a_volume_keeps_its_own_limits_on_local_space() {
     let mut verify = fio_verified("16M", "1M", &[]);
     verify.push("--verify_only".to_string());
     fio(&b.uri("kept"), &strs(&verify));
+
+    // `[volumes] cache_max` as a share of the data directory's file system.
+    b.firn(&["volume", "takeover", "plain", "--force"]);
+    b.reconfigure(&[("cache_max = \"0\"", "cache_max = \"3%\"")]);
+    let stat = nix::sys::statvfs::statvfs(&b.dir.join("data")).expect("statvfs");
+    let disk = stat.blocks() * stat.fragment_size();
+    assert_eq!(limits(&b, "plain"), (None, None, 64 << 20, disk * 3 / 100));
+    assert_eq!(limits(&b, "kept").3, 4 << 20, "its own stays");
 }
 
 /// Lose the gateway: an ext4 made and written through the kernel (a loop device over a FUSE

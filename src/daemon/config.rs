@@ -240,8 +240,9 @@ pub struct VolumesConfig {
     pub segment_size: ByteSize,
     /// Most bytes of a volume's log not yet in the bucket; writes wait beyond it.
     pub log_max: ByteSize,
-    /// Most local bytes of a volume's clean, uploaded data kept as its read cache.
-    pub cache_max: ByteSize,
+    /// Most local bytes of a volume's clean, uploaded data kept as its read cache, or a
+    /// share of the data directory's file system ("25%").
+    pub cache_max: crate::size::Space,
     /// Milliseconds a completed flush may wait before its segment is closed and committed.
     pub commit_interval_ms: u64,
     /// A checkpoint of the volume's map is written every this many segments.
@@ -262,7 +263,7 @@ impl Default for VolumesConfig {
         VolumesConfig {
             segment_size: ByteSize(settings.segment_bytes),
             log_max: ByteSize(settings.log_max),
-            cache_max: ByteSize(settings.cache_max),
+            cache_max: crate::size::Space::Bytes(settings.cache_max),
             commit_interval_ms: settings.commit_interval.as_millis() as u64,
             checkpoint_segments: settings.checkpoint_segments,
             read_timeout_secs: settings.read_timeout.as_secs(),
@@ -274,7 +275,11 @@ impl Default for VolumesConfig {
 }
 
 impl VolumesConfig {
-    pub fn settings(&self) -> Result<crate::engines::volume::cached::Settings, String> {
+    /// The cached volumes' settings, for a data directory on a file system of `disk_bytes`.
+    pub fn settings(
+        &self,
+        disk_bytes: u64,
+    ) -> Result<crate::engines::volume::cached::Settings, String> {
         let segment = crate::engines::volume::cached::record::max_segment(self.segment_size.0);
         // A segment goes up in one PUT (create-if-absent has no multipart form everywhere).
         if self.segment_size.0 < (1 << 20) || self.segment_size.0 > (16 << 20) {
@@ -308,7 +313,7 @@ impl VolumesConfig {
         Ok(crate::engines::volume::cached::Settings {
             segment_bytes: self.segment_size.0,
             log_max: self.log_max.0,
-            cache_max: self.cache_max.0,
+            cache_max: self.cache_max.bytes_of(disk_bytes),
             commit_interval: Duration::from_millis(self.commit_interval_ms),
             checkpoint_segments: self.checkpoint_segments,
             read_timeout: Duration::from_secs(self.read_timeout_secs),

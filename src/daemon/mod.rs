@@ -396,7 +396,10 @@ impl Gateway {
         // Nothing serves yet, so no volume can be half made.
         let settings = crate::engines::volume::cached::Settings {
             min_free: config.local.min_free.0,
-            ..config.volumes.settings().map_err(anyhow::Error::msg)?
+            ..config
+                .volumes
+                .settings(status::disk_space(&data_dir).1)
+                .map_err(anyhow::Error::msg)?
         };
         let volumes = Arc::new(volumes.with_bucket(BucketContext {
             // Everything a cached volume stores is sealed, so its reader checks every byte.
