@@ -632,6 +632,58 @@ fn a_volume_keeps_its_own_limits_on_local_space() {
     assert_eq!(limits(&b, "kept").3, 4 << 20, "its own stays");
 }
 
+/// NBD_CMD_CACHE (libnbd's `cache`) brings a range of a volume that only the bucket holds to
+/// local disk: read afterwards with the bucket gone, it is all there.
+#[test]
+fn nbd_cache_brings_a_range_to_local_disk_before_the_bucket_goes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("bucket");
+    let bucket = Bucket::Dir(root.clone());
+    let mut a = Gateway::start(&dir.path().join("a"), &bucket, "");
+    a.firn(&["volume", "create", "v", "--size", "32M"]);
+    qemu_io(
+        &a.uri("v"),
+        &["write -P 0x3c 4M 8M", "write -P 0x5d 16M 4M", "flush"],
+    );
+    a.wait_drained("v", true);
+    a.kill9();
+    std::fs::remove_dir_all(a.dir.join("data")).expect("lose the disk");
+    let tuned = "read_timeout_secs = 2\ngc_grace_secs = 5\n";
+    let b = Gateway::start_tuned(&dir.path().join("b"), &bucket, "64MiB", None, tuned, "");
+    b.firn(&["volume", "takeover", "v", "--force", "--cache-max", "64MiB"]);
+    let before = b.show("v")["cache"]["bytes_downloaded"].as_u64().unwrap();
+    run(
+        "/usr/bin/python3",
+        &[
+            "-c",
+            "import nbd, sys\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\nassert h.can_cache()\nh.cache(8 << 20, 4 << 20)\nh.shutdown()",
+            &b.uri("v"),
+        ],
+    );
+    let fetched = b.show("v")["cache"]["bytes_downloaded"].as_u64().unwrap() - before;
+    assert!(fetched >= 8 << 20, "fetched {fetched} bytes");
+    // The bucket emptied (the store holds its root open, so what it holds moves out), the
+    // range reads from local disk.
+    let gone = dir.path().join("gone");
+    let move_all = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to).expect("dir");
+        for entry in std::fs::read_dir(from).expect("read_dir") {
+            let entry = entry.expect("entry");
+            std::fs::rename(entry.path(), to.join(entry.file_name())).expect("move");
+        }
+    };
+    move_all(&root, &gone);
+    qemu_io(&b.uri("v"), &["read -P 0x3c 4M 8M"]);
+    // A written range not fetched cannot be read.
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read -P 0x5d 16M 4M", &b.uri("v")])
+        .output()
+        .expect("qemu-io");
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("Input/output error"), "{text}");
+    move_all(&gone, &root);
+}
+
 /// Lose the gateway: an ext4 made and written through the kernel (a loop device over a FUSE
 /// export) on a cached volume, unmounted (which flushes it) and committed, is served by a
 /// new gateway from the bucket alone; it passes `e2fsck -n` there, its files intact.

@@ -99,6 +99,11 @@ pub trait BlockDevice: Send + Sync {
     fn write_zeroes(&self, offset: u64, length: u64, may_trim: bool) -> BlockResult<()>;
     /// The extents covering `offset..offset + length`, in order, at least one.
     fn extents(&self, offset: u64, length: u64) -> BlockResult<Vec<Extent>>;
+    /// Brings `offset..offset + length` to local disk, so that reads of it need not wait for
+    /// the network (NBD_CMD_CACHE). The default has nothing to bring: all its data is here.
+    fn prefetch(&self, offset: u64, length: u64) -> BlockResult<()> {
+        check_range(offset, length, self.size())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

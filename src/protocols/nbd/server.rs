@@ -1148,7 +1148,8 @@ fn execute_guarded(
 }
 
 /// Runs one request and builds its reply. With `Wait::No` a read that would wait for the disk
-/// is not run, and the answer is `None`; every other request runs either way.
+/// and a prefetch (NBD_CMD_CACHE) are not run, and the answer is `None`; every other request
+/// runs either way.
 fn execute(session: &Session, r: Request, payload: &mut Vec<u8>, wait: Wait) -> Option<Vec<u8>> {
     let reply = run_request(session, r, payload, wait)?;
     // Counted once it ran: a read declined with Wait::No runs again.
@@ -1272,7 +1273,11 @@ fn run_request(
             session.ops.done(Op::WriteZeroes, started.elapsed());
             zeroed
         }
-        CMD_CACHE => Ok(()),
+        // A prefetch may wait for the bucket: on a blocking thread.
+        CMD_CACHE => match wait {
+            Wait::No => return None,
+            Wait::Yes => device.prefetch(offset, length),
+        },
         CMD_BLOCK_STATUS => {
             if !(session.structured && session.base_allocation) {
                 return Some(fail(EINVAL, "no meta context negotiated"));

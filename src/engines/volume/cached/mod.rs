@@ -1733,6 +1733,21 @@ impl BlockDevice for CachedVolume {
         self.inner.read(offset, buf, true).map(|_| ())
     }
 
+    /// Reads the range a piece at a time, which fetches what is not here into the read
+    /// cache (where `cache_max` lets it stay); what is here costs a local read.
+    fn prefetch(&self, offset: u64, length: u64) -> BlockResult<()> {
+        const PIECE: u64 = 1 << 20;
+        check_range(offset, length, self.size())?;
+        let mut buf = vec![0; PIECE.min(length) as usize];
+        let mut at = offset;
+        while at < offset + length {
+            let len = PIECE.min(offset + length - at) as usize;
+            self.inner.read(at, &mut buf[..len], true)?;
+            at += len as u64;
+        }
+        Ok(())
+    }
+
     fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Option<BlockResult<()>> {
         match self.inner.read(offset, buf, false) {
             Ok(true) => Some(Ok(())),
