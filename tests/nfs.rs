@@ -1343,6 +1343,91 @@ fn files_another_tool_puts_in_the_bucket_show_up_after_a_refresh() {
     assert!(ok && !listing.contains("report.csv"), "{listing}");
 }
 
+/// The same against Garage, with real S3 tools on the other side: rclone and s3cmd put
+/// objects (one with the file gateway's mode metadata) that a refresh brings into the share,
+/// a file written over NFS is what s3cmd fetches, with its metadata, and s3cmd's delete
+/// takes a file out at the next refresh.
+#[test]
+fn objects_rclone_and_s3cmd_put_show_up_through_nfs_and_nfs_files_through_them() {
+    let Some((remote, prefix)) = common::garage_remote() else {
+        return;
+    };
+    let g = Gateway::start_with(&remote);
+    g.firn(&["share", "create", "media"]);
+    let bucket = std::env::var("FIRN_TEST_S3_BUCKET").expect("bucket");
+    let work = tempfile::tempdir().expect("tempdir");
+    let report = random_file(&work.path().join("report.csv"), 70_000);
+    let plain = random_file(&work.path().join("plain.txt"), 10);
+    let incoming = format!("{bucket}/{prefix}/media/incoming");
+    common::rclone(&[
+        "copyto",
+        "--metadata",
+        "--metadata-set",
+        "file-permissions=100640",
+        work.path().join("report.csv").to_str().unwrap(),
+        &format!("garage:{incoming}/report.csv"),
+    ]);
+    common::s3cmd(&[
+        "put",
+        work.path().join("plain.txt").to_str().unwrap(),
+        &format!("s3://{incoming}/plain.txt"),
+    ]);
+    let listed = g.firn(&["share", "refresh", "media"]);
+    assert!(listed.contains("2 added"), "{listed}");
+    let (ok, listing, err) = run("nfs-ls", &[&g.url("media/incoming")]);
+    assert!(ok, "nfs-ls: {err}");
+    let line = |listing: &str, name: &str| {
+        listing
+            .lines()
+            .find(|l| l.ends_with(name))
+            .unwrap_or_else(|| panic!("no {name} in {listing}"))
+            .to_string()
+    };
+    assert!(
+        line(&listing, "report.csv").starts_with("-rw-r-----"),
+        "{listing}"
+    );
+    // No metadata: the default mode, 0666.
+    assert!(
+        line(&listing, "plain.txt").starts_with("-rw-rw-rw-"),
+        "{listing}"
+    );
+    for (name, body) in [("report.csv", &report), ("plain.txt", &plain)] {
+        let cat = std::process::Command::new("nfs-cat")
+            .arg(g.url(&format!("media/incoming/{name}")))
+            .output()
+            .expect("nfs-cat");
+        assert!(cat.status.success(), "nfs-cat: {:?}", cat.stderr);
+        assert!(cat.stdout == *body, "{name} differs from the object");
+    }
+
+    // A file written over NFS, as s3cmd sees it.
+    let written = random_file(&work.path().join("out.bin"), 300_000);
+    copy_in(
+        &work.path().join("out.bin"),
+        &g.url("media/incoming/out.bin"),
+    );
+    g.wait_uploaded("media");
+    let fetched = work.path().join("fetched.bin");
+    common::s3cmd(&[
+        "get",
+        &format!("s3://{incoming}/out.bin"),
+        fetched.to_str().unwrap(),
+    ]);
+    assert!(std::fs::read(&fetched).expect("fetched") == written);
+    let info = common::s3cmd(&["info", &format!("s3://{incoming}/out.bin")]);
+    assert!(info.contains("x-amz-meta-file-permissions: 100"), "{info}");
+    assert!(info.contains("x-amz-meta-file-mtime:"), "{info}");
+
+    // Deleted by s3cmd: gone from the share after the next refresh.
+    common::s3cmd(&["del", &format!("s3://{incoming}/report.csv")]);
+    let listed = g.firn(&["share", "refresh", "media", "--path", "incoming"]);
+    assert!(listed.contains("1 removed"), "{listed}");
+    let (ok, listing, _) = run("nfs-ls", &[&g.url("media/incoming")]);
+    assert!(ok && !listing.contains("report.csv"), "{listing}");
+    assert!(listing.contains("out.bin"), "{listing}");
+}
+
 /// A gateway whose data directory is on a 32 MiB file system with 4 MiB kept free (the
 /// bucket elsewhere), `[shares]` ending with `extra`; and the file system's mount point. The
 /// gateway stops before the file system goes (bind the three in this order).

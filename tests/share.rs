@@ -19,7 +19,7 @@ use firn::remote::{self, Remote};
 use rand::RngCore;
 
 mod common;
-use common::{boto3_keys, s3_options};
+use common::{boto3_keys, rclone, s3_options};
 
 /// One gateway's share engine over one bucket, reopenable on the same local state.
 struct Rig {
@@ -340,38 +340,6 @@ fn files_land_as_plain_objects_with_their_metadata() {
             assert_eq!(meta["file-group"], "100", "{listed}");
         }
     }
-}
-
-/// rclone against the test Garage (configured from the environment); its stdout.
-fn rclone(args: &[&str]) -> Vec<u8> {
-    let var = |name: &str| std::env::var(name).expect(name);
-    let out = std::process::Command::new("rclone")
-        .args(args)
-        .env_remove("AWS_CA_BUNDLE")
-        .env("RCLONE_CONFIG_GARAGE_TYPE", "s3")
-        .env("RCLONE_CONFIG_GARAGE_PROVIDER", "Other")
-        .env(
-            "RCLONE_CONFIG_GARAGE_ENDPOINT",
-            var("FIRN_TEST_S3_ENDPOINT"),
-        )
-        .env("RCLONE_CONFIG_GARAGE_REGION", var("FIRN_TEST_S3_REGION"))
-        .env(
-            "RCLONE_CONFIG_GARAGE_ACCESS_KEY_ID",
-            var("FIRN_TEST_S3_ACCESS_KEY_ID"),
-        )
-        .env(
-            "RCLONE_CONFIG_GARAGE_SECRET_ACCESS_KEY",
-            var("FIRN_TEST_S3_SECRET_ACCESS_KEY"),
-        )
-        .env("RCLONE_CONFIG_GARAGE_FORCE_PATH_STYLE", "true")
-        .output()
-        .expect("rclone (scripts/test installs it)");
-    assert!(
-        out.status.success(),
-        "rclone {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
 }
 
 /// Directories are marker objects (`a/b/`) with their metadata: an empty one persists in

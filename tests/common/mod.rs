@@ -341,6 +341,67 @@ s3.put_object(Bucket=os.environ["FIRN_TEST_S3_BUCKET"], Key=sys.argv[1],
     );
 }
 
+/// rclone against the test Garage (configured from the environment); its stdout.
+pub fn rclone(args: &[&str]) -> Vec<u8> {
+    let var = |name: &str| std::env::var(name).expect(name);
+    let out = std::process::Command::new("rclone")
+        .args(args)
+        .env_remove("AWS_CA_BUNDLE")
+        .env("RCLONE_CONFIG_GARAGE_TYPE", "s3")
+        .env("RCLONE_CONFIG_GARAGE_PROVIDER", "Other")
+        .env(
+            "RCLONE_CONFIG_GARAGE_ENDPOINT",
+            var("FIRN_TEST_S3_ENDPOINT"),
+        )
+        .env("RCLONE_CONFIG_GARAGE_REGION", var("FIRN_TEST_S3_REGION"))
+        .env(
+            "RCLONE_CONFIG_GARAGE_ACCESS_KEY_ID",
+            var("FIRN_TEST_S3_ACCESS_KEY_ID"),
+        )
+        .env(
+            "RCLONE_CONFIG_GARAGE_SECRET_ACCESS_KEY",
+            var("FIRN_TEST_S3_SECRET_ACCESS_KEY"),
+        )
+        .env("RCLONE_CONFIG_GARAGE_FORCE_PATH_STYLE", "true")
+        .output()
+        .expect("rclone (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "rclone {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// s3cmd against the test Garage (configured from the environment, no config file); its
+/// stdout and stderr.
+pub fn s3cmd(args: &[&str]) -> String {
+    let var = |name: &str| std::env::var(name).expect(name);
+    let endpoint = var("FIRN_TEST_S3_ENDPOINT");
+    let host = endpoint.trim_start_matches("http://");
+    let out = std::process::Command::new("s3cmd")
+        .args([
+            "--no-ssl",
+            "--config=/dev/null",
+            &format!("--host={host}"),
+            &format!("--host-bucket={host}"),
+            &format!("--access_key={}", var("FIRN_TEST_S3_ACCESS_KEY_ID")),
+            &format!("--secret_key={}", var("FIRN_TEST_S3_SECRET_ACCESS_KEY")),
+            &format!("--region={}", var("FIRN_TEST_S3_REGION")),
+        ])
+        .args(args)
+        .env_remove("AWS_CA_BUNDLE")
+        .output()
+        .expect("s3cmd (scripts/test installs it)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "s3cmd {args:?}: {text}");
+    text
+}
+
 /// Downloads `key` of the test bucket with boto3 into `to`: false if there is no such object.
 pub fn boto3_get(key: &str, to: &Path) -> bool {
     let script = r#"
