@@ -344,7 +344,8 @@ s3.put_object(Bucket=os.environ["FIRN_TEST_S3_BUCKET"], Key=sys.argv[1],
 /// rclone against the test Garage (configured from the environment); its stdout.
 pub fn rclone(args: &[&str]) -> Vec<u8> {
     let var = |name: &str| std::env::var(name).expect(name);
-    let out = std::process::Command::new("rclone")
+    let mut command = std::process::Command::new("rclone");
+    command
         .args(args)
         .env_remove("AWS_CA_BUNDLE")
         .env("RCLONE_CONFIG_GARAGE_TYPE", "s3")
@@ -362,15 +363,8 @@ pub fn rclone(args: &[&str]) -> Vec<u8> {
             "RCLONE_CONFIG_GARAGE_SECRET_ACCESS_KEY",
             var("FIRN_TEST_S3_SECRET_ACCESS_KEY"),
         )
-        .env("RCLONE_CONFIG_GARAGE_FORCE_PATH_STYLE", "true")
-        .output()
-        .expect("rclone (scripts/test installs it)");
-    assert!(
-        out.status.success(),
-        "rclone {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
+        .env("RCLONE_CONFIG_GARAGE_FORCE_PATH_STYLE", "true");
+    checked(command, &format!("rclone {args:?}")).stdout
 }
 
 /// s3cmd against the test Garage (configured from the environment, no config file); its
@@ -379,7 +373,8 @@ pub fn s3cmd(args: &[&str]) -> String {
     let var = |name: &str| std::env::var(name).expect(name);
     let endpoint = var("FIRN_TEST_S3_ENDPOINT");
     let host = endpoint.trim_start_matches("http://");
-    let out = std::process::Command::new("s3cmd")
+    let mut command = std::process::Command::new("s3cmd");
+    command
         .args([
             "--no-ssl",
             "--config=/dev/null",
@@ -390,16 +385,26 @@ pub fn s3cmd(args: &[&str]) -> String {
             &format!("--region={}", var("FIRN_TEST_S3_REGION")),
         ])
         .args(args)
-        .env_remove("AWS_CA_BUNDLE")
-        .output()
-        .expect("s3cmd (scripts/test installs it)");
-    let text = format!(
+        .env_remove("AWS_CA_BUNDLE");
+    let out = checked(command, &format!("s3cmd {args:?}"));
+    format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs `command` (named `what` in messages), which must succeed; its output.
+pub fn checked(mut command: Command, what: &str) -> std::process::Output {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: {e} (scripts/test installs it)"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "s3cmd {args:?}: {text}");
-    text
+    out
 }
 
 /// Downloads `key` of the test bucket with boto3 into `to`: false if there is no such object.
@@ -442,19 +447,13 @@ pub fn garage_remote() -> Option<(String, String)> {
 /// Runs a Python script that uses boto3 (`python3 -c script args...`), which must succeed;
 /// its stdout. Without `AWS_CA_BUNDLE`, which breaks clients of plain-HTTP endpoints.
 pub fn boto3(script: &str, args: &[&str]) -> Vec<u8> {
-    let out = std::process::Command::new("python3")
+    let mut command = std::process::Command::new("python3");
+    command
         .arg("-c")
         .arg(script)
         .args(args)
-        .env_remove("AWS_CA_BUNDLE")
-        .output()
-        .expect("run python3 (python3-boto3)");
-    assert!(
-        out.status.success(),
-        "boto3 script failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
+        .env_remove("AWS_CA_BUNDLE");
+    checked(command, "a boto3 script").stdout
 }
 
 /// The bucket a moto server (`Moto::start`) holds.
