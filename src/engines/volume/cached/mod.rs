@@ -638,7 +638,7 @@ impl CachedVolume {
             retired: AtomicBool::new(false),
         });
         let descriptor = Descriptor {
-            format: 1,
+            format: restore::FORMAT,
             id: inner.id.clone(),
             name: inner.name.clone(),
             size: inner.size(),

@@ -40,6 +40,9 @@ const SEGMENT_GAP: u64 = 1 << 32;
 /// Who serves a volume, renewed while it does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
+    /// [`FORMAT`]; leases written before it had the field are format 1 too.
+    #[serde(default = "first_format")]
+    pub format: u32,
     pub gateway: String,
     /// Seconds since the epoch.
     pub time: u64,
@@ -49,6 +52,24 @@ pub struct Lease {
     /// that lands just after a takeover's lease cannot make the new owner fence itself.
     #[serde(default)]
     pub since: u64,
+}
+
+/// The version of the descriptor, commit and lease formats this firn writes and reads.
+pub const FORMAT: u32 = 1;
+
+fn first_format() -> u32 {
+    1
+}
+
+/// `Ok` if `format` is one this firn reads; the error names `what` and the version.
+pub(super) fn check_format(what: &str, format: u32) -> Result<(), String> {
+    if format == FORMAT {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} format version {format} is not one this firn reads (it reads {FORMAT}); a newer firn wrote it"
+        ))
+    }
 }
 
 pub(super) fn lease_context(id: &str) -> Vec<u8> {
@@ -126,6 +147,7 @@ pub(super) async fn put_lease(
     since: u64,
 ) -> remote::Result<()> {
     let lease = Lease {
+        format: FORMAT,
         gateway: bucket.gateway.clone(),
         time: now_secs(),
         since,
@@ -152,9 +174,10 @@ pub async fn lease(
             let plain = sealer
                 .open(&lease_context(id), &object.body)
                 .map_err(|e| TakeoverError::Damaged(format!("lease: {e}")))?;
-            serde_json::from_slice(&plain)
-                .map(Some)
-                .map_err(|e| TakeoverError::Damaged(format!("lease: {e}")))
+            let lease: Lease = serde_json::from_slice(&plain)
+                .map_err(|e| TakeoverError::Damaged(format!("lease: {e}")))?;
+            check_format("lease", lease.format).map_err(TakeoverError::Damaged)?;
+            Ok(Some(lease))
         }
     }
 }
@@ -312,7 +335,7 @@ pub async fn take_over(
     let n = commit.as_ref().map_or(0, |c| c.n) + 1;
     let cut = label;
     let takeover = Commit {
-        format: 1,
+        format: FORMAT,
         volume: id.to_string(),
         n,
         size: descriptor.size,

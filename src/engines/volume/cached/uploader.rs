@@ -150,7 +150,9 @@ pub fn open_descriptor(
     let plain = sealer
         .open(&descriptor_context(id), sealed)
         .map_err(|e| e.to_string())?;
-    serde_json::from_slice(&plain).map_err(|e| e.to_string())
+    let descriptor: Descriptor = serde_json::from_slice(&plain).map_err(|e| e.to_string())?;
+    super::restore::check_format("descriptor", descriptor.format)?;
+    Ok(descriptor)
 }
 
 /// Reads a commit.
@@ -162,7 +164,9 @@ pub fn open_commit(
     let plain = sealer
         .open(&commit_context(id), sealed)
         .map_err(|e| e.to_string())?;
-    serde_json::from_slice(&plain).map_err(|e| e.to_string())
+    let commit: Commit = serde_json::from_slice(&plain).map_err(|e| e.to_string())?;
+    super::restore::check_format("commit", commit.format)?;
+    Ok(commit)
 }
 
 pub(super) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -528,7 +532,7 @@ async fn commit(inner: &Arc<Inner>) -> Result<bool, String> {
         };
         let n = state.progress.commit + 1;
         let commit = Commit {
-            format: 1,
+            format: super::restore::FORMAT,
             volume: inner.id.clone(),
             n,
             size: inner.size(),
