@@ -1034,6 +1034,72 @@ fn a_read_the_bucket_cannot_answer_fails_in_bounded_time_and_the_rest_is_served(
     qemu_io(&g.uri("v"), &["read -P 0x5a 0 4M", "read -P 0x77 8M 64k"]);
 }
 
+/// Many reads that only the bucket can answer, in flight at once on one connection during an
+/// outage, do not hold up that connection's writes and flush: those wait for workers, which
+/// reads waiting for the bucket do not keep.
+#[test]
+fn reads_waiting_for_the_bucket_do_not_hold_up_the_connections_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let mut g = Gateway::start(&dir.path().join("a"), &bucket, "");
+    g.firn(&["volume", "create", "v", "--size", "32M"]);
+    qemu_io(&g.uri("v"), &["write -P 0x5a 0 16M", "flush"]);
+    g.wait_drained("v", true);
+    g.reconfigure(&[
+        (
+            "[volumes]\n",
+            "[volumes]\nread_timeout_secs = 5\ngc_grace_secs = 20\n",
+        ),
+        ("[nfs]\n", "[faults]\noutage_secs = 30\n[nfs]\n"),
+    ]);
+    // 48 reads of 64 KiB spread over 16 MiB (three times the connection's workers), then a
+    // write and a flush on the same connection: the seconds until those two are done, and
+    // how many reads failed (EIO, at the read timeout).
+    let script = r#"
+import nbd, sys, time
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+buffers = [nbd.Buffer(65536) for _ in range(48)]
+reads = [h.aio_pread(b, i * 349525 // 4096 * 4096) for i, b in enumerate(buffers)]
+time.sleep(0.5)
+start = time.monotonic()
+data = nbd.Buffer.from_bytearray(bytearray(b"\x77" * 65536))
+outcome = {}
+def finish(cookie):
+    while cookie not in outcome:
+        try:
+            if h.aio_command_completed(cookie):
+                outcome[cookie] = "ok"
+        except nbd.Error:
+            outcome[cookie] = "failed"
+        if cookie not in outcome:
+            h.poll(-1)
+    return outcome[cookie]
+write = h.aio_pwrite(data, 20 << 20)
+flush = h.aio_flush()
+done = finish(write), finish(flush)
+print(round(time.monotonic() - start, 3), *done)
+print(sum(finish(cookie) == "failed" for cookie in reads))
+h.shutdown()
+"#;
+    let out = run("/usr/bin/python3", &["-c", script, &g.uri("v")]);
+    let mut lines = out.lines();
+    let first: Vec<&str> = lines.next().expect("timing").split(' ').collect();
+    let took: f64 = first[0].parse().expect("seconds");
+    assert_eq!(first[1..], ["ok", "ok"], "{out}");
+    assert!(
+        took < 2.5,
+        "the write and flush took {took} s behind reads: {out}"
+    );
+    let failed: u32 = lines.next().expect("failed").parse().expect("count");
+    // Reads of what the newest checkpoint kept here succeed; the rest fail.
+    assert!(
+        failed >= 40,
+        "reads of what only the bucket holds fail: {out}"
+    );
+    qemu_io(&g.uri("v"), &["read -P 0x77 20M 64k"]);
+}
+
 /// 30% of the remote's requests fail: no error reaches the client, everything drains, and
 /// the bucket image (restored on a second gateway) equals the volume.
 #[test]

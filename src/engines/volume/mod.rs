@@ -84,6 +84,13 @@ pub trait BlockDevice: Send + Sync {
     /// Writes `data` at `offset`. `data` is the device's to scribble on: it may hold anything
     /// afterwards (a device that encrypts does it in place, sparing a copy of every write).
     fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> BlockResult<()>;
+    /// `read`, if it needs nothing from the network (it may wait for the local disk); or
+    /// `None`, with `buf` left in no particular state, if some of the range is only in the
+    /// bucket. Callers wait for the bucket elsewhere, so that such reads do not hold up the
+    /// rest. The default reads: all its data is here.
+    fn read_local(&self, offset: u64, buf: &mut [u8]) -> Option<BlockResult<()>> {
+        Some(self.read(offset, buf))
+    }
     /// `write` without FUA, if it can finish without waiting for the disk or for a lock held
     /// across disk I/O (the data only goes to the page cache); or `None`, having changed
     /// nothing (`data` included), if it would have to wait. Async callers run small writes in

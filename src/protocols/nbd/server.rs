@@ -26,6 +26,10 @@ pub const MAX_PAYLOAD: u32 = 32 << 20;
 /// Requests of one connection running at once. More threads than this only queue on the file
 /// system's per-file locks (measured: 4 KiB random writes fall as this grows past a few).
 const WORKERS_PER_CONNECTION: usize = 16;
+/// Reads of one connection waiting for the bucket at once (data only the bucket holds). They
+/// wait apart from the workers, so that writes, flushes and reads of local data go on while
+/// the bucket is slow or away.
+const BUCKET_READS_PER_CONNECTION: usize = 16;
 /// Reads at least this long are answered with holes as OFFSET_HOLE chunks.
 const SPARSE_READ_MIN: usize = 64 << 10;
 /// Bytes a connection's requests may hold, in KiB: payloads, and replies until they are
@@ -847,6 +851,8 @@ impl NbdServer {
         });
         let budget = Arc::new(Semaphore::new(IN_FLIGHT_BUDGET_KIB));
         let workers = Arc::new(Semaphore::new(WORKERS_PER_CONNECTION));
+        let bucket_reads = Arc::new(Semaphore::new(BUCKET_READS_PER_CONNECTION));
+        let runtime = tokio::runtime::Handle::current();
         let mut shutdown = self.shutdown.clone();
         let outcome: ConnResult<()> = async {
             loop {
@@ -932,12 +938,33 @@ impl NbdServer {
                     .map_err(|_| ConnectionError::Protocol("workers closed".into()))?;
                 let session = session.clone();
                 let replies = replies.clone();
-                // One hop to a blocking thread, which sends the reply itself.
+                let (bucket_reads, runtime) = (bucket_reads.clone(), runtime.clone());
+                // One hop to a blocking thread, which sends the reply itself; what needs the
+                // bucket is declined there (Wait::Disk) and waits for it without the worker.
                 tokio::task::spawn_blocking(move || {
-                    let reply = execute_guarded(&session, request, &mut payload, Wait::Yes)
-                        .unwrap_or_else(|| simple_reply(EIO, request.cookie));
+                    let reply = execute_guarded(&session, request, &mut payload, Wait::Disk);
                     drop(worker);
-                    let _ = replies.send(Outgoing { reply, permits });
+                    match reply {
+                        Some(reply) => {
+                            let _ = replies.send(Outgoing { reply, permits });
+                        }
+                        None => {
+                            runtime.spawn(async move {
+                                let slot = bucket_reads.acquire_owned().await;
+                                let reply = tokio::task::spawn_blocking(move || {
+                                    let reply =
+                                        execute_guarded(&session, request, &mut payload, Wait::Yes);
+                                    drop(slot);
+                                    reply
+                                })
+                                .await
+                                .ok()
+                                .flatten()
+                                .unwrap_or_else(|| simple_reply(EIO, request.cookie));
+                                let _ = replies.send(Outgoing { reply, permits });
+                            });
+                        }
+                    }
                 });
             }
         }
@@ -1147,9 +1174,9 @@ fn execute_guarded(
     })
 }
 
-/// Runs one request and builds its reply. With `Wait::No` a read that would wait for the disk
-/// and a prefetch (NBD_CMD_CACHE) are not run, and the answer is `None`; every other request
-/// runs either way.
+/// Runs one request and builds its reply. A read that would wait for more than `wait` allows
+/// (`No`: the disk, `Disk`: the bucket) and a prefetch (NBD_CMD_CACHE) short of `Yes` are not
+/// run, and the answer is `None`; every other request runs either way.
 fn execute(session: &Session, r: Request, payload: &mut Vec<u8>, wait: Wait) -> Option<Vec<u8>> {
     let reply = run_request(session, r, payload, wait)?;
     // Counted once it ran: a read declined with Wait::No runs again.
@@ -1239,7 +1266,7 @@ fn run_request(
             let written = match wait {
                 // Declined (None): the payload stays with the caller for a blocking thread.
                 Wait::No => device.write_now(offset, payload)?,
-                Wait::Yes => device.write(offset, payload, fua),
+                Wait::Disk | Wait::Yes => device.write(offset, payload, fua),
             };
             session.ops.done(Op::Write, started.elapsed());
             if written.is_ok() {
@@ -1273,9 +1300,9 @@ fn run_request(
             session.ops.done(Op::WriteZeroes, started.elapsed());
             zeroed
         }
-        // A prefetch may wait for the bucket: on a blocking thread.
+        // A prefetch may wait for the bucket: apart from the workers.
         CMD_CACHE => match wait {
-            Wait::No => return None,
+            Wait::No | Wait::Disk => return None,
             Wait::Yes => device.prefetch(offset, length),
         },
         CMD_BLOCK_STATUS => {
@@ -1295,11 +1322,31 @@ fn run_request(
     })
 }
 
-/// Whether a request may wait for the disk: not on the connection's own task.
+/// What a request may wait for: nothing on the connection's own task, the disk on a worker,
+/// and the bucket apart from the workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Wait {
+    /// The disk and the bucket.
     Yes,
+    /// The disk, not the bucket.
+    Disk,
+    /// Nothing.
     No,
+}
+
+/// Reads `buf` at `offset` as far as `wait` allows: `Ok(false)` if that is not far enough.
+fn device_read(
+    device: &dyn BlockDevice,
+    wait: Wait,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<bool, BlockError> {
+    let answer = match wait {
+        Wait::Yes => Some(device.read(offset, buf)),
+        Wait::Disk => device.read_local(offset, buf),
+        Wait::No => device.read_cached(offset, buf),
+    };
+    answer.map_or(Ok(false), |result| result.map(|()| true))
 }
 
 fn read_reply(session: &Session, r: Request, wait: Wait) -> Result<Option<Vec<u8>>, BlockError> {
@@ -1310,15 +1357,9 @@ fn read_reply(session: &Session, r: Request, wait: Wait) -> Result<Option<Vec<u8
         let mut reply = BUFFERS.take_filled(header.len() + length);
         reply[..header.len()].copy_from_slice(header);
         let data = &mut reply[header.len()..];
-        match wait {
-            Wait::Yes => device.read(r.offset, data)?,
-            Wait::No => match device.read_cached(r.offset, data) {
-                Some(result) => result?,
-                None => {
-                    BUFFERS.give(reply);
-                    return Ok(None);
-                }
-            },
+        if !device_read(device, wait, r.offset, data)? {
+            BUFFERS.give(reply);
+            return Ok(None);
         }
         Ok(Some(reply))
     };
@@ -1336,7 +1377,7 @@ fn read_reply(session: &Session, r: Request, wait: Wait) -> Result<Option<Vec<u8
     }
     // Holes go back as NBD_REPLY_TYPE_OFFSET_HOLE: no zeros on the wire. Reads this long
     // never run on the connection's task.
-    debug_assert_eq!(wait, Wait::Yes);
+    debug_assert_ne!(wait, Wait::No);
     let mut reply = BUFFERS.take(length + 32 * (extents.len() + 2));
     let mut offset = r.offset;
     let end = r.offset + u64::from(r.length);
@@ -1350,19 +1391,20 @@ fn read_reply(session: &Session, r: Request, wait: Wait) -> Result<Option<Vec<u8
             reply.extend_from_slice(&offset.to_be_bytes());
             reply.extend_from_slice(&(len as u32).to_be_bytes());
         } else {
-            push_data_chunk(&mut reply, device, r.cookie, offset, len as usize, false)?;
+            let chunk = (r.cookie, offset, len as usize);
+            if !push_data_chunk(&mut reply, device, wait, chunk)? {
+                BUFFERS.give(reply);
+                return Ok(None);
+            }
         }
         offset += len;
     }
     if offset < end {
-        push_data_chunk(
-            &mut reply,
-            device,
-            r.cookie,
-            offset,
-            (end - offset) as usize,
-            false,
-        )?;
+        let chunk = (r.cookie, offset, (end - offset) as usize);
+        if !push_data_chunk(&mut reply, device, wait, chunk)? {
+            BUFFERS.give(reply);
+            return Ok(None);
+        }
     }
     reply.extend_from_slice(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, r.cookie, 0));
     Ok(Some(reply))
@@ -1377,18 +1419,17 @@ fn data_chunk_header(cookie: u64, offset: u64, len: usize, done: bool) -> Vec<u8
 }
 
 /// Appends an OFFSET_DATA chunk, reading the data straight into `reply`.
+/// `Ok(false)` if the data needs more than `wait` allows.
 fn push_data_chunk(
     reply: &mut Vec<u8>,
     device: &dyn BlockDevice,
-    cookie: u64,
-    offset: u64,
-    len: usize,
-    done: bool,
-) -> Result<(), BlockError> {
-    reply.extend_from_slice(&data_chunk_header(cookie, offset, len, done));
+    wait: Wait,
+    (cookie, offset, len): (u64, u64, usize),
+) -> Result<bool, BlockError> {
+    reply.extend_from_slice(&data_chunk_header(cookie, offset, len, false));
     let start = reply.len();
     reply.resize(start + len, 0);
-    device.read(offset, &mut reply[start..])
+    device_read(device, wait, offset, &mut reply[start..])
 }
 
 fn block_status_reply(r: Request, extents: &[Extent]) -> Vec<u8> {

@@ -323,7 +323,15 @@ async fn write_chunk(inner: &Arc<Inner>, pieces: Vec<Piece>) -> Result<u64, Stri
                 continue;
             };
             sealer
-                .read_data(piece.offset, segment, pos, rec_len, skip, &mut data, true)
+                .read_data(
+                    piece.offset,
+                    segment,
+                    pos,
+                    rec_len,
+                    skip,
+                    &mut data,
+                    super::Reach::Bucket,
+                )
                 .map_err(|e| format!("garbage collection: {e}"))?;
             plain.push((*piece, data));
         }

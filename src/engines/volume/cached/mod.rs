@@ -125,6 +125,17 @@ impl Ahead {
     }
 }
 
+/// How far a read may go for its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// The page cache only: nothing that waits.
+    Memory,
+    /// The local disk too.
+    Disk,
+    /// The bucket too, for what only it holds.
+    Bucket,
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -819,8 +830,8 @@ impl Inner {
         Ok(())
     }
 
-    /// `read`; without `wait`, `Ok(false)` unless the page cache holds everything.
-    fn read(&self, offset: u64, buf: &mut [u8], wait: bool) -> BlockResult<bool> {
+    /// `read`, going as far as `reach` allows: `Ok(false)` if that is not enough.
+    fn read(&self, offset: u64, buf: &mut [u8], reach: Reach) -> BlockResult<bool> {
         check_range(offset, buf.len() as u64, self.size())?;
         if self.retired.load(Ordering::Acquire) {
             return Err(BlockError::Io("the volume was deleted".into()));
@@ -841,7 +852,7 @@ impl Inner {
                     rec_len,
                     skip,
                 }) => {
-                    if !self.read_data(span.offset, segment, pos, rec_len, skip, out, wait)? {
+                    if !self.read_data(span.offset, segment, pos, rec_len, skip, out, reach)? {
                         return Ok(false);
                     }
                 }
@@ -1389,8 +1400,7 @@ impl Inner {
     }
 
     /// `out.len()` bytes of a record's data, starting `skip` bytes into it (volume bytes
-    /// from `at` on). Without `wait`, only from a segment file already open and only what
-    /// the page cache holds: `Ok(false)` if that is not enough.
+    /// from `at` on), from as far as `reach` allows: `Ok(false)` if that is not enough.
     #[allow(clippy::too_many_arguments)]
     fn read_data(
         &self,
@@ -1400,8 +1410,9 @@ impl Inner {
         rec_len: u32,
         skip: u32,
         out: &mut [u8],
-        wait: bool,
+        reach: Reach,
     ) -> BlockResult<bool> {
+        let wait = reach != Reach::Memory;
         let salt = self.salt(segment)?;
         let file = if wait {
             self.file(segment)
@@ -1412,7 +1423,7 @@ impl Inner {
             self.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(true);
         }
-        if !wait {
+        if reach != Reach::Bucket {
             return Ok(false);
         }
         // Not here, or not whole: it must be in the bucket.
@@ -1730,7 +1741,7 @@ impl BlockDevice for CachedVolume {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
-        self.inner.read(offset, buf, true).map(|_| ())
+        self.inner.read(offset, buf, Reach::Bucket).map(|_| ())
     }
 
     /// Reads the range a piece at a time, which fetches what is not here into the read
@@ -1742,14 +1753,22 @@ impl BlockDevice for CachedVolume {
         let mut at = offset;
         while at < offset + length {
             let len = PIECE.min(offset + length - at) as usize;
-            self.inner.read(at, &mut buf[..len], true)?;
+            self.inner.read(at, &mut buf[..len], Reach::Bucket)?;
             at += len as u64;
         }
         Ok(())
     }
 
     fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Option<BlockResult<()>> {
-        match self.inner.read(offset, buf, false) {
+        match self.inner.read(offset, buf, Reach::Memory) {
+            Ok(true) => Some(Ok(())),
+            Ok(false) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    fn read_local(&self, offset: u64, buf: &mut [u8]) -> Option<BlockResult<()>> {
+        match self.inner.read(offset, buf, Reach::Disk) {
             Ok(true) => Some(Ok(())),
             Ok(false) => None,
             Err(e) => Some(Err(e)),
