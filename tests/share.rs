@@ -1856,3 +1856,59 @@ fn the_bucket_prefix_counts_in_the_key_limit() {
     assert!(made.is_ok(), "1024 bytes fit: {made:?}");
     rig.wait_clean("p");
 }
+
+/// A share deleted while clients keep changing it: the changes under way finish before the
+/// delete clears the share's tables, so nothing of it is left in the metadata store.
+#[test]
+fn a_share_deleted_under_busy_writers_leaves_no_rows() {
+    let rig = rigs(Duration::from_secs(60)).swap_remove(0);
+    for round in 0..5 {
+        let name = format!("busy{round}");
+        let info = rig
+            .shares()
+            .create(&name, &format!("{name}/"), false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share(&name);
+        let writers: Vec<_> = (0..4)
+            .map(|t| {
+                let share = share.clone();
+                std::thread::spawn(move || {
+                    let mut changes = 0u64;
+                    for i in 0.. {
+                        let file = format!("t{t}-{i}");
+                        let Ok(f) = share.create(share.root(), &file, 0o644, 0, 0, true) else {
+                            break;
+                        };
+                        if share.write(f.fileid, 0, &[7; 4096], false).is_err()
+                            || share.remove(share.root(), &file).is_err()
+                        {
+                            break;
+                        }
+                        changes += 3;
+                    }
+                    changes
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        rig.shares().delete(&name).expect("delete");
+        let changes: u64 = writers.into_iter().map(|w| w.join().expect("writer")).sum();
+        assert!(changes > 0, "the writers never got going");
+        for table in [
+            "inodes",
+            "names",
+            "dirty",
+            "deletes",
+            "leaving",
+            "uploading",
+            "blocks",
+        ] {
+            let table = format!("share-{}-{table}", info.id);
+            assert_eq!(
+                rig.meta.len(&table).unwrap_or(0),
+                0,
+                "round {round}: {table} kept rows after {changes} changes"
+            );
+        }
+    }
+}

@@ -503,7 +503,7 @@ impl Shares {
             last_error: Mutex::new(None),
             recent: Mutex::new(std::collections::VecDeque::new()),
             uploader: Mutex::new(None),
-            creating: std::sync::RwLock::new(()),
+            changing: std::sync::RwLock::new(()),
             listed: Mutex::new(HashMap::new()),
             newest_upload: tokio::sync::watch::Sender::new(0),
             used: Mutex::new(HashMap::new()),
@@ -737,9 +737,10 @@ pub struct Share {
     cache_misses: AtomicU64,
     downloaded_bytes: Arc<AtomicU64>,
     last_error: Mutex<Option<String>>,
-    /// Held (shared) by each file creation, so that `stop` can wait for them: a creation is
-    /// lazily committed, and must be done before the share is marked stopped in order.
-    creating: std::sync::RwLock<()>,
+    /// Held (shared) by each change (`check_writable`), so that `stop` can wait for those
+    /// under way: a creation is lazily committed, and must be done before the share is marked
+    /// stopped in order; and a deleted share's tables must get no rows after they are gone.
+    changing: std::sync::RwLock<()>,
     /// When each directory was last refreshed for a client's listing (`listing_ttl`).
     listed: Mutex<HashMap<u64, Instant>>,
     /// The task that uploads the share's files.
@@ -813,24 +814,27 @@ impl Share {
         &self.info
     }
 
-    /// Stops the uploader and refuses changes from now on; waits for creations under way.
+    /// Stops the uploader and refuses changes from now on; waits for changes under way.
     fn stop(&self) {
-        let _no_creation = self
-            .creating
+        let _no_change = self
+            .changing
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         self.stopped.store(true, Ordering::Release);
         self.wake.notify_one();
     }
 
-    fn check_writable(&self) -> Result<(), ShareError> {
+    /// Whether the share takes changes now; held while one runs (`stop` waits for it).
+    fn check_writable(&self) -> Result<std::sync::RwLockReadGuard<'_, ()>, ShareError> {
         if self.info.read_only {
-            Err(ShareError::ReadOnly)
-        } else if self.stopped.load(Ordering::Acquire) {
+            return Err(ShareError::ReadOnly);
+        }
+        let changing = self.changing.read().unwrap_or_else(PoisonError::into_inner);
+        if self.stopped.load(Ordering::Acquire) {
             // Stopping: the client tries again (after the restart).
             Err(ShareError::NoSpace)
         } else {
-            Ok(())
+            Ok(changing)
         }
     }
 
@@ -1352,8 +1356,7 @@ impl Share {
         gid: u32,
         exclusive: bool,
     ) -> Result<Attrs, ShareError> {
-        let _creating = self.creating.read().unwrap_or_else(PoisonError::into_inner);
-        self.check_writable()?;
+        let _changing = self.check_writable()?;
         let attrs = new_attrs(mode, uid, gid);
         match self
             .ns
@@ -1401,7 +1404,7 @@ impl Share {
         uid: u32,
         gid: u32,
     ) -> Result<Attrs, ShareError> {
-        self.check_writable()?;
+        let _changing = self.check_writable()?;
         let attrs = new_attrs(mode, uid, gid);
         let (id, inode) =
             self.ns
@@ -1420,7 +1423,7 @@ impl Share {
         uid: u32,
         gid: u32,
     ) -> Result<Attrs, ShareError> {
-        self.check_writable()?;
+        let _changing = self.check_writable()?;
         if target.is_empty() || target.len() > 4096 || target.contains('\0') {
             return Err(ShareError::Invalid(
                 "a symlink's target must be 1 to 4096 bytes without NUL".into(),
@@ -1455,7 +1458,7 @@ impl Share {
 
     /// Removes file or symlink `name` of `dir`; its object goes from the bucket after.
     pub fn remove(&self, dir: u64, name: &str) -> Result<(), ShareError> {
-        self.check_writable()?;
+        let _changing = self.check_writable()?;
         let (id, _) = self.ns.remove(dir, name, false, now_ns())?;
         self.forget_content(id);
         self.wake.notify_one();
@@ -1464,7 +1467,7 @@ impl Share {
 
     /// Removes the empty directory `name` of `dir`; its marker goes from the bucket after.
     pub fn rmdir(&self, dir: u64, name: &str) -> Result<(), ShareError> {
-        self.check_writable()?;
+        let _changing = self.check_writable()?;
         let (id, _) = self.ns.remove(dir, name, true, now_ns())?;
         lock(&self.dirty).remove(&id);
         self.wake.notify_one();
@@ -1480,7 +1483,7 @@ impl Share {
         to_dir: u64,
         to: &str,
     ) -> Result<(), ShareError> {
-        self.check_writable()?;
+        let _changing = self.check_writable()?;
         let (replaced, moved) =
             self.ns
                 .rename(from_dir, from, to_dir, to, now_ns(), self.key_prefix_len())?;
@@ -1533,7 +1536,7 @@ impl Share {
     }
 
     pub fn setattr(&self, id: u64, set: SetAttrs) -> Result<Attrs, ShareError> {
-        self.check_writable()?;
+        let _changing = self.check_writable()?;
         let inode = self.ns.get(id)?;
         if set.size.is_some() && inode.kind != Kind::File {
             return Err(ShareError::Invalid("only a file has a size to set".into()));
@@ -1638,7 +1641,7 @@ impl Share {
         data: &[u8],
         sync: bool,
     ) -> Result<Attrs, ShareError> {
-        self.check_writable()?;
+        let _changing = self.check_writable()?;
         let inode = self.ns.get(id)?;
         match inode.kind {
             Kind::Dir => return Err(ShareError::IsDir),
