@@ -122,7 +122,7 @@ start = time.monotonic()
 while True:
     s = json.loads(subprocess.run([firn, "share", "show", "bench", "--config", cfg],
                                   check=True, capture_output=True, text=True).stdout)["status"]
-    if s["dirty_files"] == 0 and s["pending_deletes"] == 0:
+    if s["dirty_files"] == 0 and s["pending_deletes"] == 0 and s["uploading_files"] == 0:
         print(f"{time.monotonic() - start:.3f}")
         break
     if time.monotonic() - start > 1800:

@@ -82,7 +82,10 @@ impl Gateway {
         let started = Instant::now();
         loop {
             let status = &self.show(share)["status"];
-            if status["dirty_files"] == 0 && status["pending_deletes"] == 0 {
+            if status["dirty_files"] == 0
+                && status["pending_deletes"] == 0
+                && status["uploading_files"] == 0
+            {
                 return;
             }
             // Generous: under injected errors a thousand uploads retry on a loaded machine.

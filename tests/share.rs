@@ -4,6 +4,7 @@
 //! upload is never stored torn, and hostile names are refused with nothing created.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use firn::engines::share::namespace::Kind;
@@ -143,7 +144,8 @@ impl Rig {
         let started = Instant::now();
         loop {
             let status = self.share(name).status();
-            if status.dirty_files == 0 && status.pending_deletes == 0 {
+            if status.dirty_files == 0 && status.pending_deletes == 0 && status.uploading_files == 0
+            {
                 return;
             }
             assert!(
@@ -1911,4 +1913,262 @@ fn a_share_deleted_under_busy_writers_leaves_no_rows() {
             );
         }
     }
+}
+
+/// A step of `random_sequences_of_changes_match_a_model`: paths are indexes into `PATHS`.
+#[derive(Debug, Clone)]
+enum Step {
+    Create(usize),
+    Mkdir(usize),
+    Write(usize, u16, u16, u8),
+    Truncate(usize, u16),
+    Remove(usize),
+    Rmdir(usize),
+    Rename(usize, usize),
+}
+
+/// Every path a sequence touches: two names at the top and under each of them.
+const PATHS: [&str; 6] = ["a", "b", "a/a", "a/b", "b/a", "b/b"];
+
+#[derive(Debug, Clone, PartialEq)]
+enum Node {
+    File(Vec<u8>),
+    Dir,
+}
+
+fn parent_and_name(path: &str) -> (&str, &str) {
+    path.rsplit_once('/').unwrap_or(("", path))
+}
+
+/// What a POSIX file system does with `step`: `false` (an error, nothing changed) or `true`
+/// with the model changed.
+fn model_step(model: &mut std::collections::BTreeMap<String, Node>, step: &Step) -> bool {
+    let parent_is_dir = |model: &std::collections::BTreeMap<String, Node>, path: &str| {
+        let (parent, _) = parent_and_name(path);
+        parent.is_empty() || model.get(parent) == Some(&Node::Dir)
+    };
+    let has_children = |model: &std::collections::BTreeMap<String, Node>, path: &str| {
+        let below = format!("{path}/");
+        model.keys().any(|k| k.starts_with(&below))
+    };
+    match *step {
+        Step::Create(p) | Step::Mkdir(p) => {
+            let path = PATHS[p];
+            if !parent_is_dir(model, path) || model.contains_key(path) {
+                return false;
+            }
+            let node = match step {
+                Step::Mkdir(_) => Node::Dir,
+                _ => Node::File(Vec::new()),
+            };
+            model.insert(path.to_string(), node);
+            true
+        }
+        Step::Write(p, at, len, byte) => match model.get_mut(PATHS[p]) {
+            Some(Node::File(data)) => {
+                let end = at as usize + len as usize;
+                if data.len() < end {
+                    data.resize(end, 0);
+                }
+                data[at as usize..end].fill(byte);
+                true
+            }
+            _ => false,
+        },
+        Step::Truncate(p, size) => match model.get_mut(PATHS[p]) {
+            Some(Node::File(data)) => {
+                data.resize(size as usize, 0);
+                true
+            }
+            _ => false,
+        },
+        Step::Remove(p) => match model.get(PATHS[p]) {
+            Some(Node::File(_)) => {
+                model.remove(PATHS[p]);
+                true
+            }
+            _ => false,
+        },
+        Step::Rmdir(p) => match model.get(PATHS[p]) {
+            Some(Node::Dir) if !has_children(model, PATHS[p]) => {
+                model.remove(PATHS[p]);
+                true
+            }
+            _ => false,
+        },
+        Step::Rename(from, to) => {
+            let (from, to) = (PATHS[from], PATHS[to]);
+            let Some(moving) = model.get(from).cloned() else {
+                return false;
+            };
+            if !parent_is_dir(model, to) || to.starts_with(&format!("{from}/")) {
+                return false;
+            }
+            if from == to {
+                return true;
+            }
+            match (&moving, model.get(to)) {
+                (_, None) => {}
+                (Node::File(_), Some(Node::File(_))) => {}
+                (Node::Dir, Some(Node::Dir)) if !has_children(model, to) => {}
+                _ => return false,
+            }
+            model.remove(to);
+            let below = format!("{from}/");
+            let moved: Vec<(String, Node)> = model
+                .iter()
+                .filter(|(k, _)| *k == from || k.starts_with(&below))
+                .map(|(k, v)| (format!("{to}{}", &k[from.len()..]), v.clone()))
+                .collect();
+            model.retain(|k, _| k != from && !k.starts_with(&below));
+            model.extend(moved);
+            true
+        }
+    }
+}
+
+/// What the share holds, walked from its root: paths, kinds and contents.
+fn share_tree(share: &Share) -> std::collections::BTreeMap<String, Node> {
+    let mut tree = std::collections::BTreeMap::new();
+    let mut dirs = vec![(share.root(), String::new())];
+    while let Some((dir, path)) = dirs.pop() {
+        for (name, attrs) in share.list(dir, None, 100).expect("list") {
+            let child = if path.is_empty() {
+                name
+            } else {
+                format!("{path}/{name}")
+            };
+            if attrs.kind == Kind::Dir {
+                dirs.push((attrs.fileid, child.clone()));
+                tree.insert(child, Node::Dir);
+            } else {
+                let (data, _) = share.read(attrs.fileid, 0, 1 << 20).expect("read");
+                tree.insert(child, Node::File(data));
+            }
+        }
+    }
+    tree
+}
+
+fn step_strategy() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    let path = 0..PATHS.len();
+    prop_oneof![
+        path.clone().prop_map(Step::Create),
+        path.clone().prop_map(Step::Mkdir),
+        (path.clone(), 0..5000u16, 1..3000u16, any::<u8>())
+            .prop_map(|(p, at, len, byte)| Step::Write(p, at, len, byte)),
+        (path.clone(), 0..6000u16).prop_map(|(p, size)| Step::Truncate(p, size)),
+        path.clone().prop_map(Step::Remove),
+        path.clone().prop_map(Step::Rmdir),
+        (path.clone(), path).prop_map(|(from, to)| Step::Rename(from, to)),
+    ]
+}
+
+/// Random sequences of creates, writes, truncations, removes and renames (of files and
+/// directories, over and into each other) on a share that uploads as it goes: each step
+/// succeeds exactly when a POSIX file system's would, the tree then matches the model, and
+/// once uploaded the bucket holds the model's files (same bytes) and directory markers under
+/// the share's prefix, and nothing else.
+#[test]
+fn random_sequences_of_changes_match_a_model() {
+    use proptest::prelude::*;
+    let rig = rigs(Duration::ZERO).swap_remove(0);
+    let case = std::sync::atomic::AtomicU32::new(0);
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(24);
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(cases));
+    runner
+        .run(
+            &proptest::collection::vec(step_strategy(), 1..40),
+            |steps| {
+                let name = format!("m{}", case.fetch_add(1, Ordering::Relaxed));
+                run_steps(&rig, &name, &steps)
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// One case of `random_sequences_of_changes_match_a_model`, on a new share `name`.
+fn run_steps(
+    rig: &Rig,
+    name: &str,
+    steps: &[Step],
+) -> Result<(), proptest::test_runner::TestCaseError> {
+    use proptest::prelude::*;
+    let name = name.to_string();
+    rig.shares()
+        .create(&name, &format!("{name}/"), false, Vec::new(), Squash::Root)
+        .expect("create");
+    let share = rig.share(&name);
+    let mut model = std::collections::BTreeMap::new();
+    for step in steps {
+        let expected = model_step(&mut model, step);
+        let id = |path: &str| -> Result<u64, ShareError> {
+            let mut id = share.root();
+            for part in path.split('/').filter(|p| !p.is_empty()) {
+                id = share.lookup(id, part)?;
+            }
+            Ok(id)
+        };
+        let parent = |path: &str| id(parent_and_name(path).0);
+        let name_of = |path: &str| parent_and_name(path).1.to_string();
+        let done = match *step {
+            Step::Create(p) => parent(PATHS[p])
+                .and_then(|d| share.create(d, &name_of(PATHS[p]), 0o644, 0, 0, true))
+                .is_ok(),
+            Step::Mkdir(p) => parent(PATHS[p])
+                .and_then(|d| share.mkdir(d, &name_of(PATHS[p]), 0o755, 0, 0))
+                .is_ok(),
+            Step::Write(p, at, len, byte) => id(PATHS[p])
+                .and_then(|f| share.write(f, u64::from(at), &vec![byte; len as usize], false))
+                .is_ok(),
+            Step::Truncate(p, size) => id(PATHS[p])
+                .and_then(|f| {
+                    let set = firn::engines::share::SetAttrs {
+                        size: Some(u64::from(size)),
+                        ..Default::default()
+                    };
+                    share.setattr(f, set)
+                })
+                .is_ok(),
+            Step::Remove(p) => parent(PATHS[p])
+                .and_then(|d| share.remove(d, &name_of(PATHS[p])))
+                .is_ok(),
+            Step::Rmdir(p) => parent(PATHS[p])
+                .and_then(|d| share.rmdir(d, &name_of(PATHS[p])))
+                .is_ok(),
+            Step::Rename(from, to) => parent(PATHS[from])
+                .and_then(|fd| {
+                    let td = parent(PATHS[to])?;
+                    share.rename(fd, &name_of(PATHS[from]), td, &name_of(PATHS[to]))
+                })
+                .is_ok(),
+        };
+        prop_assert_eq!(done, expected, "{:?} after {:?}", step, steps);
+    }
+    prop_assert_eq!(&share_tree(&share), &model);
+    rig.wait_clean(&name);
+    let mut bucket = std::collections::BTreeMap::new();
+    for object in rig
+        .runtime
+        .block_on(rig.raw.list(&format!("{name}/")))
+        .expect("list")
+    {
+        let path = object.key[name.len() + 1..].to_string();
+        if let Some(dir) = path.strip_suffix('/') {
+            bucket.insert(dir.to_string(), Node::Dir);
+        } else {
+            let body = rig
+                .runtime
+                .block_on(rig.raw.get(&object.key))
+                .expect("get")
+                .body;
+            bucket.insert(path, Node::File(body.to_vec()));
+        }
+    }
+    prop_assert_eq!(&bucket, &model, "the bucket after {:?}", steps);
+    Ok(())
 }

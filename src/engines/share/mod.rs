@@ -490,6 +490,7 @@ impl Shares {
             wake: tokio::sync::Notify::new(),
             stopped: AtomicBool::new(false),
             uploaded_files: AtomicU64::new(0),
+            uploading_files: AtomicU64::new(0),
             uploaded_bytes: AtomicU64::new(0),
             clean_bytes: AtomicU64::new(0),
             clean_files: AtomicU64::new(0),
@@ -681,6 +682,11 @@ pub struct ShareStatus {
     pub dirty_bytes: u64,
     /// Objects of removed or moved files still to delete from the bucket.
     pub pending_deletes: u64,
+    /// Uploads under way, until recorded: an upload of a file removed meanwhile is one (its
+    /// object is deleted once it lands). The share and its bucket agree when this,
+    /// `dirty_files` and `pending_deletes` are all 0.
+    #[serde(default)]
+    pub uploading_files: u64,
     pub uploaded_files: u64,
     pub uploaded_bytes: u64,
     /// Local bytes of the share's files (and of blocks fetched for reads): the dirty ones
@@ -716,6 +722,8 @@ pub struct Share {
     wake: tokio::sync::Notify,
     stopped: AtomicBool,
     uploaded_files: AtomicU64,
+    /// Uploads of the current pass not yet recorded (`ShareStatus::uploading_files`).
+    uploading_files: AtomicU64,
     uploaded_bytes: AtomicU64,
     /// Local bytes of clean files (and part files), as the last eviction pass counted them,
     /// plus what uploads and fetches added since: never less than the truth but for a race
@@ -1719,6 +1727,7 @@ impl Share {
             dirty_files,
             dirty_bytes,
             pending_deletes: self.ns.pending_deletes().unwrap_or(0),
+            uploading_files: self.uploading_files.load(Ordering::Relaxed),
             uploaded_files: self.uploaded_files.load(Ordering::Relaxed),
             uploaded_bytes: self.uploaded_bytes.load(Ordering::Relaxed),
             cached_bytes: self.clean_bytes.load(Ordering::Relaxed) + dirty_bytes,

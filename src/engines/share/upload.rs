@@ -135,6 +135,12 @@ async fn pass(share: &Arc<Share>) -> Result<bool, String> {
     // Each key an object may appear at is on record before its upload begins, so that a file
     // removed or renamed meanwhile cannot come back from it (`Namespace::start_uploads`).
     let ids: Vec<u64> = due.iter().map(|&(id, _)| id).collect();
+    // Counted from before their keys are on record until each outcome is: a file removed
+    // meanwhile leaves the dirty set, but not this.
+    share
+        .uploading_files
+        .store(ids.len() as u64, Ordering::Relaxed);
+    let in_flight = InFlight(share);
     let keys: std::collections::HashMap<u64, String> =
         blocking(share, move |share| share.ns.start_uploads(&ids))
             .await?
@@ -159,6 +165,7 @@ async fn pass(share: &Arc<Share>) -> Result<bool, String> {
     let mut uploaded = 0;
     let mut first_error = None;
     while let Some(outcomes) = ended.next().await {
+        let ended_now = outcomes.len();
         let mut went_up = Vec::with_capacity(outcomes.len());
         // Uploads that end with no record: whether each may have made its object.
         let mut unrecorded = Vec::new();
@@ -187,11 +194,24 @@ async fn pass(share: &Arc<Share>) -> Result<bool, String> {
                 first_error.get_or_insert(e);
             }
         }
+        share
+            .uploading_files
+            .fetch_sub(ended_now as u64, Ordering::Relaxed);
     }
+    drop(in_flight);
     if let Some(e) = first_error {
         return Err(e);
     }
     Ok(deleted > 0 || uploaded > 0)
+}
+
+/// Clears the share's count of uploads under way when a pass ends, however it ends.
+struct InFlight<'a>(&'a Share);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.uploading_files.store(0, Ordering::Relaxed);
+    }
 }
 
 /// A file's upload that reached the bucket, to be recorded (`record`).
