@@ -2073,22 +2073,23 @@ fn step_strategy() -> impl proptest::strategy::Strategy<Value = Step> {
 #[test]
 fn random_sequences_of_changes_match_a_model() {
     use proptest::prelude::*;
-    let rig = rigs(Duration::ZERO).swap_remove(0);
-    let case = std::sync::atomic::AtomicU32::new(0);
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|c| c.parse().ok())
         .unwrap_or(24);
-    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(cases));
-    runner
-        .run(
-            &proptest::collection::vec(step_strategy(), 1..40),
-            |steps| {
-                let name = format!("m{}", case.fetch_add(1, Ordering::Relaxed));
-                run_steps(&rig, &name, &steps)
-            },
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+    for rig in rigs(Duration::ZERO) {
+        let case = std::sync::atomic::AtomicU32::new(0);
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(cases));
+        runner
+            .run(
+                &proptest::collection::vec(step_strategy(), 1..40),
+                |steps| {
+                    let name = format!("m{}", case.fetch_add(1, Ordering::Relaxed));
+                    run_steps(&rig, &name, &steps)
+                },
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
 }
 
 /// One case of `random_sequences_of_changes_match_a_model`, on a new share `name`.
