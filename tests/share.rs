@@ -1586,7 +1586,15 @@ fn the_share_refreshes_from_the_bucket_by_itself() {
             ))
             .expect("put");
         wait_for(true);
-        assert!(share.status().last_refresh.is_some());
+        // Set as the refresh that brought the file ends, a moment after the file shows.
+        let started = Instant::now();
+        while share.status().last_refresh.is_none() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "no last refresh"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         rig.runtime
             .block_on(rig.raw.delete("p/theirs.txt"))
             .expect("delete");
