@@ -8,6 +8,7 @@
 
 pub mod dir;
 pub mod faults;
+mod http;
 pub mod limit;
 pub mod metered;
 pub mod retry;

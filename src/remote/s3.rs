@@ -18,19 +18,16 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use http_body_util::BodyExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, AwsAuthorizer};
-use object_store::client::{
-    HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse,
-    HttpResponseBody, HttpService,
-};
+use object_store::client::{HttpClient, HttpConnector, HttpResponse};
 use object_store::path::Path;
 use object_store::{
     Attribute, Attributes, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt,
     PutMode, PutMultipartOptions, PutOptions, PutPayload, RetryConfig,
 };
 
-use super::limit::{Direction, Limiter, Throttled};
+use super::http::LimitedConnector;
+use super::limit::Limiter;
 
 use super::{
     Body, Error, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink, Stored, bad_range,
@@ -562,106 +559,6 @@ fn attributes(meta: Meta) -> Attributes {
         attributes.insert(Attribute::Metadata(name.into()), value.into());
     }
     attributes
-}
-
-/// object_store's HTTP client, with the bandwidth limiter in every request and response body.
-/// It is built here rather than from object_store's `ClientOptions` because a throttled body
-/// can take longer than any fixed request timeout: the timeout applies to each read instead.
-#[derive(Debug)]
-struct LimitedConnector {
-    limiter: Arc<Limiter>,
-    read_timeout: Duration,
-}
-
-impl HttpConnector for LimitedConnector {
-    fn connect(&self, _options: &ClientOptions) -> object_store::Result<HttpClient> {
-        // HTTP/1.1 only, as object_store's own client does: S3 endpoints speak nothing else.
-        let client = reqwest::Client::builder()
-            .http1_only()
-            .connect_timeout(Duration::from_secs(5))
-            .read_timeout(self.read_timeout)
-            .build()
-            .map_err(|e| object_store::Error::Generic {
-                store: "S3",
-                source: Box::new(e),
-            })?;
-        Ok(HttpClient::new(LimitedHttp {
-            client,
-            limiter: self.limiter.clone(),
-        }))
-    }
-}
-
-#[derive(Debug)]
-struct LimitedHttp {
-    client: reqwest::Client,
-    limiter: Arc<Limiter>,
-}
-
-#[async_trait]
-impl HttpService for LimitedHttp {
-    async fn call(&self, request: HttpRequest) -> std::result::Result<HttpResponse, HttpError> {
-        let (parts, body) = request.into_parts();
-        // Object data is charged: PUT bodies (objects and parts) and GET answers other than
-        // listings. Listings, HEADs and multipart bookkeeping pass free, so health probes and
-        // listings still answer while a direction is paused.
-        let listing = parts.uri.query().is_some_and(|q| q.contains("list-type"));
-        let charge_up = (parts.method == http::Method::PUT).then(|| self.limiter.clone());
-        let charge_down =
-            (parts.method == http::Method::GET && !listing).then(|| self.limiter.clone());
-        // While a direction is paused its requests wait here, unsent: sent, a PUT would stall
-        // mid-body and a GET mid-answer, each until the store or the read timeout ends it.
-        // Closed (the gateway stopping), the request goes, as its body's slices do.
-        if let Some(limiter) = &charge_up {
-            limiter.wait_open(Direction::Upload).await;
-        }
-        if let Some(limiter) = &charge_down {
-            limiter.wait_open(Direction::Download).await;
-        }
-        let url = reqwest::Url::parse(&parts.uri.to_string())
-            .map_err(|e| HttpError::new(HttpErrorKind::Unknown, e))?;
-        let mut outgoing = reqwest::Request::new(parts.method, url);
-        *outgoing.headers_mut() = parts.headers;
-        *outgoing.body_mut() = Some(reqwest::Body::wrap(Throttled::new(
-            body,
-            charge_up,
-            Direction::Upload,
-        )));
-        let response = self.client.execute(outgoing).await.map_err(http_error)?;
-        let (parts, body) = http::Response::<reqwest::Body>::from(response).into_parts();
-        let body = Throttled::new(body, charge_down, Direction::Download).map_err(http_error);
-        Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(body)))
-    }
-}
-
-/// What object_store's own retries need to know about a failed request.
-fn http_error(e: reqwest::Error) -> HttpError {
-    let mut kind = if e.is_timeout() {
-        HttpErrorKind::Timeout
-    } else if e.is_connect() {
-        HttpErrorKind::Connect
-    } else if e.is_decode() {
-        HttpErrorKind::Decode
-    } else if e.is_request() || e.is_body() {
-        HttpErrorKind::Request
-    } else {
-        HttpErrorKind::Unknown
-    };
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind as K;
-            match io.kind() {
-                K::TimedOut => kind = HttpErrorKind::Timeout,
-                K::ConnectionAborted | K::ConnectionReset | K::BrokenPipe | K::UnexpectedEof => {
-                    kind = HttpErrorKind::Interrupted
-                }
-                _ => {}
-            }
-        }
-        source = s.source();
-    }
-    HttpError::new(kind, e.without_url())
 }
 
 /// Maps `object_store` errors to what a caller can act on: gone, retry, or give up.
