@@ -534,7 +534,8 @@ fn a_cached_volume_grows_online_and_never_shrinks() {
 }
 
 /// A volume's own `--log-max` and `--cache-max` replace `[volumes]`' for it alone, are
-/// checked as the config's are, and last across a restart and into a takeover.
+/// checked as the config's are, change while it is served (`firn volume limits`), and last
+/// across a restart and into a takeover.
 #[test]
 fn a_volume_keeps_its_own_limits_on_local_space() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -600,10 +601,47 @@ fn a_volume_keeps_its_own_limits_on_local_space() {
     assert!((15 << 20..=26 << 20).contains(&kept), "kept {kept} bytes");
     a.wait_drained("plain", true);
 
+    // Changed while served: cache_max at once (the cache empties), log_max from the next
+    // start, whose room the open volume holds.
+    a.firn(&[
+        "volume",
+        "limits",
+        "kept",
+        "--cache-max",
+        "0",
+        "--log-max",
+        "16MiB",
+    ]);
+    assert_eq!(limits(&a, "kept"), (Some(16 << 20), Some(0), 8 << 20, 0));
+    a.wait_drained("kept", true);
+    a.firn(&["volume", "limits", "kept", "--cache-max", "24MiB"]);
+    a.firn(&[
+        "volume", "create", "here", "--size", "8M", "--mode", "local",
+    ]);
+    let refused = [
+        (vec!["kept", "--log-max", "1MiB"], "two segments"),
+        (vec!["here", "--cache-max", "1G"], "for cached volumes"),
+        (vec!["nowhere", "--cache-max", "1G"], "nowhere"),
+        (vec!["kept"], "nothing to change"),
+    ];
+    for (args, says) in refused {
+        let (ok, out) = a.try_firn(&[&["volume", "limits"][..], &args].concat());
+        assert!(!ok && out.contains(says), "{args:?}: {out}");
+    }
+    assert_eq!(
+        limits(&a, "kept"),
+        (Some(16 << 20), Some(24 << 20), 8 << 20, 24 << 20)
+    );
+
     a.restart();
     assert_eq!(
         limits(&a, "kept"),
-        (Some(8 << 20), Some(24 << 20), 8 << 20, 24 << 20)
+        (Some(16 << 20), Some(24 << 20), 16 << 20, 24 << 20)
+    );
+    a.firn(&["volume", "limits", "kept", "--log-max", "default"]);
+    assert_eq!(
+        limits(&a, "kept"),
+        (None, Some(24 << 20), 16 << 20, 24 << 20)
     );
     a.kill9();
     std::fs::remove_dir_all(a.dir.join("data")).expect("lose the disk");

@@ -75,7 +75,12 @@ impl LimitArgs {
         let mut fields = serde_json::Map::new();
         for (key, value) in [("log_max", &self.log_max), ("cache_max", &self.cache_max)] {
             if let Some(value) = value {
-                fields.insert(key.into(), crate::size::parse_size(value)?.into());
+                let value = if value == "default" {
+                    "default".into()
+                } else {
+                    crate::size::parse_size(value)?.into()
+                };
+                fields.insert(key.into(), value);
             }
         }
         Ok(fields)
@@ -139,6 +144,14 @@ enum VolumeCommand {
         /// The new size, larger than the current one, e.g. 200G.
         #[arg(long)]
         size: String,
+    },
+    /// Change a cached volume's own limits on local space (`default`: [volumes]' again).
+    /// cache_max holds at once; log_max, whose room is held on disk while the volume is
+    /// open, from the next start.
+    Limits {
+        name: String,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
 }
 
@@ -506,6 +519,24 @@ async fn volume(client: &ApiClient, command: VolumeCommand) -> anyhow::Result<()
                 .post(&format!("volumes/{name}/resize"), &json!({ "size": size }))
                 .await?;
             println!("resized {}", line(&resized).trim_end());
+        }
+        VolumeCommand::Limits { name, limits } => {
+            let fields = limits.fields()?;
+            if fields.is_empty() {
+                anyhow::bail!("nothing to change: give --log-max and/or --cache-max");
+            }
+            let info: Value = client
+                .post(&format!("volumes/{name}/limits"), &Value::Object(fields))
+                .await?;
+            let limit = |key: &str| match info.get(key).and_then(Value::as_u64) {
+                Some(bytes) => crate::size::Human(bytes).to_string(),
+                None => "default ([volumes])".to_string(),
+            };
+            println!(
+                "limits of {name}: log_max {} (holds from the next start), cache_max {}",
+                limit("log_max"),
+                limit("cache_max")
+            );
         }
     }
     Ok(())

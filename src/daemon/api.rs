@@ -31,6 +31,10 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/volumes/{name}", get(show_volume).delete(delete_volume))
         .route("/volumes/{name}/resize", axum::routing::post(resize_volume))
         .route(
+            "/volumes/{name}/limits",
+            axum::routing::post(set_volume_limits),
+        )
+        .route(
             "/volumes/{name}/takeover",
             axum::routing::post(take_over_volume),
         )
@@ -538,6 +542,50 @@ async fn resize_volume(
     };
     let volumes = gateway.volumes.clone();
     match tokio::task::spawn_blocking(move || volumes.resize(&name, request.size.0)).await {
+        Ok(Ok(info)) => Json(info).into_response(),
+        Ok(Err(e @ crate::engines::volume::catalog::CatalogError::NotFound { .. })) => {
+            error(StatusCode::NOT_FOUND, e.to_string())
+        }
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `POST /api/v1/volumes/{name}/limits`: `{"log_max": SIZE, "cache_max": SIZE}`, either
+/// left out to keep it, or `"default"` for `[volumes]`' again.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetLimits {
+    #[serde(default, deserialize_with = "limit_change")]
+    log_max: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "limit_change")]
+    cache_max: Option<Option<u64>>,
+}
+
+/// A size, or `"default"` (`None`); the field's absence is the outer `None`.
+fn limit_change<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, D::Error> {
+    use serde::Deserialize;
+    let value = serde_json::Value::deserialize(d)?;
+    if value.as_str() == Some("default") {
+        return Ok(Some(None));
+    }
+    ByteSize::deserialize(value)
+        .map(|size| Some(Some(size.0)))
+        .map_err(serde::de::Error::custom)
+}
+
+async fn set_volume_limits(
+    State(gateway): Shared,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let request: SetLimits = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("limits: {e}")),
+    };
+    let volumes = gateway.volumes.clone();
+    let set = move || volumes.set_limits(&name, request.log_max, request.cache_max);
+    match tokio::task::spawn_blocking(set).await {
         Ok(Ok(info)) => Json(info).into_response(),
         Ok(Err(e @ crate::engines::volume::catalog::CatalogError::NotFound { .. })) => {
             error(StatusCode::NOT_FOUND, e.to_string())

@@ -1078,29 +1078,68 @@ impl Catalog {
             });
         }
         info.size = size;
+        self.rewrite(&info)?;
+        if let Some(volume) = self.pinned_volumes().get(&info.id) {
+            volume.grow(size);
+        }
+        Ok(info)
+    }
+
+    /// Changes a cached volume's own limits on local space, each to a size, back to
+    /// `[volumes]`' (`Some(None)`), or not at all (`None`). `cache_max` holds from now on
+    /// (the volume evicts down to it); `log_max`, whose room the volume holds on local disk
+    /// while it is open, from its next open (the daemon's next start). `firn volume show`
+    /// gives both the volume's limits and those in force.
+    pub fn set_limits(
+        &self,
+        name: &str,
+        log_max: Option<Option<u64>>,
+        cache_max: Option<Option<u64>>,
+    ) -> Result<VolumeInfo, CatalogError> {
+        let mut info = self.get(name)?.ok_or_else(|| CatalogError::NotFound {
+            name: name.to_string(),
+        })?;
+        if info.mode != Mode::Cached {
+            return Err(CatalogError::InvalidLimits {
+                name: name.to_string(),
+                message: "log_max and cache_max are for cached volumes; a local volume keeps all its data here".into(),
+            });
+        }
+        if let Some(log_max) = log_max {
+            info.limits.log_max = log_max;
+        }
+        if let Some(cache_max) = cache_max {
+            info.limits.cache_max = cache_max;
+        }
+        self.check_limits(name, &info.limits)?;
+        self.rewrite(&info)?;
+        if let (Some(volume), Some(bucket)) = (self.pinned_volumes().get(&info.id), &self.bucket) {
+            volume.set_cache_max(info.limits.apply(&bucket.settings).cache_max);
+        }
+        Ok(info)
+    }
+
+    /// Stores `info` in place of its entry, unless the name was deleted (or taken by another
+    /// volume) meanwhile.
+    fn rewrite(&self, info: &VolumeInfo) -> Result<(), CatalogError> {
+        let name = &info.name;
         let updated = self.meta.transaction(|tx| {
             let current: Option<VolumeInfo> = tx.get_json(TABLE, name)?;
             match current {
                 Some(current) if current.id == info.id => {
-                    tx.put_json(TABLE, name, &info)?;
+                    tx.put_json(TABLE, name, info)?;
                     Ok(true)
                 }
                 _ => Ok(false),
             }
         });
         match updated {
-            Ok(true) => {}
-            Ok(false) => {
-                return Err(CatalogError::NotFound {
-                    name: name.to_string(),
-                });
-            }
-            Err(source) => return Err(meta_error(name, source)),
+            Ok(true) => Ok(()),
+            Ok(false) => Err(CatalogError::NotFound {
+                name: name.to_string(),
+            }),
+            Err(source) => Err(meta_error(name, source)),
         }
-        if let Some(volume) = self.pinned_volumes().get(&info.id) {
-            volume.grow(size);
-        }
-        Ok(info)
     }
 
     /// Whether a handle from `open` is alive for the volume (a client has it attached).

@@ -369,6 +369,8 @@ struct Inner {
     /// Reads of written data answered from local disk, and from the bucket.
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
+    /// The read cache's bound: `settings.cache_max` until `CachedVolume::set_cache_max`.
+    cache_max: AtomicU64,
     /// Deleted while in use (`CachedVolume::retire`): every request fails. An atomic, as
     /// every read asks.
     retired: AtomicBool,
@@ -595,6 +597,7 @@ impl CachedVolume {
         state.dirty_bytes += HEADER_LEN as u64;
         let mut files = HashMap::new();
         files.insert(seq, file.clone());
+        let cache_max = settings.cache_max;
         let inner = Arc::new_cyclic(|me| Inner {
             me: me.clone(),
             id,
@@ -646,6 +649,7 @@ impl CachedVolume {
             stopping: tokio::sync::Notify::new(),
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
+            cache_max: AtomicU64::new(cache_max),
             retired: AtomicBool::new(false),
         });
         let descriptor = Descriptor {
@@ -671,6 +675,12 @@ impl CachedVolume {
     pub fn grow(&self, size: u64) {
         self.inner.size.fetch_max(size, Ordering::AcqRel);
         lock(&self.inner.state).describe = true;
+        self.inner.wake.notify_one();
+    }
+
+    /// Bounds the read cache at `bytes` from now on; the uploader evicts down to it.
+    pub fn set_cache_max(&self, bytes: u64) {
+        self.inner.cache_max.store(bytes, Ordering::Relaxed);
         self.inner.wake.notify_one();
     }
 
@@ -778,12 +788,17 @@ impl Inner {
             commit_lag_secs: state
                 .pending_since
                 .map_or(0.0, |since| since.elapsed().as_secs_f64()),
-            cache_max: self.settings.cache_max,
+            cache_max: self.cache_max(),
             log_max: self.settings.log_max,
             chunks,
             gc_moved_bytes: state.gc.moved_bytes,
             gc_deleted_objects: state.gc.deleted,
         }
+    }
+
+    /// Most local bytes of clean data kept for reads.
+    fn cache_max(&self) -> u64 {
+        self.cache_max.load(Ordering::Relaxed)
     }
 
     fn check_writable(&self) -> BlockResult<()> {

@@ -354,7 +354,7 @@ async fn write_checkpoint(inner: &Arc<Inner>) -> Result<bool, String> {
         // Not for `[local] min_free`: a disk kept under it by other files would then cost a
         // checkpoint (the whole map) per segment; what stays is the segments since the newest
         // checkpoint, `checkpoint_segments` at most.
-        let stuck = (state.local_bytes > inner.settings.cache_max || short > 0)
+        let stuck = (state.local_bytes > inner.cache_max() || short > 0)
             && state
                 .cached
                 .range(..state.checkpoint.segment)
@@ -694,7 +694,7 @@ async fn evict(inner: &Arc<Inner>) -> Result<bool, String> {
         // space under `[local] min_free`.
         let mut over = state
             .local_bytes
-            .saturating_sub(inner.settings.cache_max)
+            .saturating_sub(inner.cache_max())
             .max(short)
             .max(below);
         if over == 0 {
