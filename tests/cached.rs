@@ -671,7 +671,8 @@ fn a_volume_keeps_its_own_limits_on_local_space() {
 }
 
 /// NBD_CMD_CACHE (libnbd's `cache`) brings a range of a volume that only the bucket holds to
-/// local disk: read afterwards with the bucket gone, it is all there.
+/// local disk: read afterwards with the bucket gone, it is all there. The prefetch counts as
+/// neither a cache hit nor a miss; the reads after it are hits.
 #[test]
 fn nbd_cache_brings_a_range_to_local_disk_before_the_bucket_goes() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -700,6 +701,15 @@ fn nbd_cache_brings_a_range_to_local_disk_before_the_bucket_goes() {
     );
     let fetched = b.show("v")["cache"]["bytes_downloaded"].as_u64().unwrap() - before;
     assert!(fetched >= 8 << 20, "fetched {fetched} bytes");
+    // No client read anything: the hit rate is the clients' alone.
+    let counts = |g: &Gateway| {
+        let cache = &g.show("v")["cache"];
+        (
+            cache["cache_hits"].as_u64().unwrap(),
+            cache["cache_misses"].as_u64().unwrap(),
+        )
+    };
+    assert_eq!(counts(&b), (0, 0), "a prefetch counted as reads");
     // The bucket emptied (the store holds its root open, so what it holds moves out), the
     // range reads from local disk.
     let gone = dir.path().join("gone");
@@ -712,6 +722,8 @@ fn nbd_cache_brings_a_range_to_local_disk_before_the_bucket_goes() {
     };
     move_all(&root, &gone);
     qemu_io(&b.uri("v"), &["read -P 0x3c 4M 8M"]);
+    let (hits, misses) = counts(&b);
+    assert!(hits > 0 && misses == 0, "{hits} hits, {misses} misses");
     // A written range not fetched cannot be read.
     let out = std::process::Command::new("qemu-io")
         .args(["-f", "raw", "-c", "read -P 0x5d 16M 4M", &b.uri("v")])

@@ -134,6 +134,9 @@ enum Reach {
     Disk,
     /// The bucket too, for what only it holds.
     Bucket,
+    /// As far as `Bucket`, for a prefetch (NBD_CMD_CACHE): no client reads the data, so it
+    /// counts as neither a cache hit nor a miss.
+    Prefetch,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1434,15 +1437,20 @@ impl Inner {
         } else {
             lock(&self.files).get(&segment).cloned()
         };
+        let counted = reach != Reach::Prefetch;
         if file.is_some_and(|file| self.read_local(&file, &salt, pos, rec_len, skip, out, wait)) {
-            self.cache_hits.fetch_add(1, Ordering::Relaxed);
+            if counted {
+                self.cache_hits.fetch_add(1, Ordering::Relaxed);
+            }
             return Ok(true);
         }
-        if reach != Reach::Bucket {
+        if !matches!(reach, Reach::Bucket | Reach::Prefetch) {
             return Ok(false);
         }
         // Not here, or not whole: it must be in the bucket.
-        self.cache_misses.fetch_add(1, Ordering::Relaxed);
+        if counted {
+            self.cache_misses.fetch_add(1, Ordering::Relaxed);
+        }
         if segment < CHUNK_BASE {
             let state = lock(&self.state);
             if segment > state.progress.uploaded {
@@ -1768,7 +1776,7 @@ impl BlockDevice for CachedVolume {
         let mut at = offset;
         while at < offset + length {
             let len = PIECE.min(offset + length - at) as usize;
-            self.inner.read(at, &mut buf[..len], Reach::Bucket)?;
+            self.inner.read(at, &mut buf[..len], Reach::Prefetch)?;
             at += len as u64;
         }
         Ok(())
