@@ -2138,3 +2138,70 @@ async fn small_ranged_reads_do_not_wait_for_a_delayed_ack() {
         "4 KiB GETs took {small:?} (median), 64 KiB ones {large:?}: small answers wait for a delayed ACK"
     );
 }
+
+/// `request_timeout` bounds each wait for the store, not a whole request: a PUT that the
+/// bandwidth limit stretches well past it goes through, as long as its bytes keep moving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_slower_than_the_request_timeout_goes_through_while_it_moves() {
+    let Some(mut options) = s3_options() else {
+        return;
+    };
+    options.request_timeout = Duration::from_secs(2);
+    const RATE: u64 = 1 << 20;
+    let limiter = Arc::new(Limiter::new(
+        toml::from_str(&format!("upload = \"{RATE}/s\"")).expect("policy"),
+    ));
+    let store = S3Store::new(&options, limiter).expect("s3 store");
+    let body = random_bytes(6 << 20);
+    let key = "slow/object.bin";
+    let started = Instant::now();
+    store
+        .put(key, body.clone(), Meta::new())
+        .await
+        .expect("a put slower than the request timeout");
+    let took = started.elapsed();
+    assert!(
+        took > Duration::from_secs(4),
+        "the limit did not hold: {took:?}"
+    );
+    assert_eq!(store.get(key).await.expect("get").body, body);
+}
+
+/// A store that accepts connections and then neither reads nor answers: a GET, a small PUT
+/// (sent whole into the socket, then no answer) and a large one (stalled mid-body) each fail
+/// once `request_timeout` passes without progress, saying so, rather than hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_stops_answering_fails_requests_after_the_timeout() {
+    let Some(mut options) = s3_options() else {
+        return;
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    options.endpoint = Some(format!("http://{}", listener.local_addr().expect("addr")));
+    options.request_timeout = Duration::from_secs(1);
+    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            keep.lock().expect("held").push(socket);
+        }
+    });
+    let store = S3Store::new(&options, unlimited()).expect("s3 store");
+    for (what, size) in [("get", 0), ("small put", 64 << 10), ("large put", 64 << 20)] {
+        let started = Instant::now();
+        let failed = if size == 0 {
+            store.get("hung/object").await.map(|_| ())
+        } else {
+            store
+                .put("hung/object", random_bytes(size), Meta::new())
+                .await
+        };
+        let took = started.elapsed();
+        let e = failed.expect_err(what).to_string();
+        assert!(e.contains("read timeout"), "{what}: {e}");
+        // object_store tries three times, each bounded by the timeout.
+        assert!(took < Duration::from_secs(15), "{what} took {took:?}: {e}");
+    }
+    assert!(!held.lock().expect("held").is_empty());
+}

@@ -72,7 +72,7 @@ impl object_store::client::HttpConnector for LimitedConnector {
 }
 
 type Connector = hyper_rustls::HttpsConnector<QuickAckConnector>;
-type RequestBody = Throttled<HttpRequestBody>;
+type RequestBody = Moving<Throttled<HttpRequestBody>>;
 
 struct LimitedHttp {
     client: Client<Connector, RequestBody>,
@@ -108,16 +108,103 @@ impl HttpService for LimitedHttp {
         if let Some(limiter) = &charge_down {
             limiter.wait_open(Direction::Download).await;
         }
-        let outgoing =
-            http::Request::from_parts(parts, Throttled::new(body, charge_up, Direction::Upload));
-        let response = tokio::time::timeout(self.read_timeout, self.client.request(outgoing))
-            .await
-            .map_err(|_| timed_out("no answer"))?
+        let progress = Arc::new(Progress::new());
+        let body = Moving {
+            inner: Throttled::new(body, charge_up, Direction::Upload),
+            progress: progress.clone(),
+        };
+        let outgoing = http::Request::from_parts(parts, body);
+        let response = answer(self.client.request(outgoing), &progress, self.read_timeout)
+            .await?
             .map_err(client_error)?;
         let (parts, body) = response.into_parts();
         let body = ReadTimeout::new(body.map_err(hyper_error), self.read_timeout);
         let body = Throttled::new(body, charge_down, Direction::Download);
         Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(body)))
+    }
+}
+
+/// `request`'s answer, failed once the store has kept the request waiting for `limit`: the
+/// request's body has not moved on (the store takes no more of it) or, once it is sent, no
+/// answer came. A body held back by the bandwidth limit is not the store's wait, so a
+/// throttled upload may take as long as its rate makes it.
+async fn answer<F: Future>(
+    request: F,
+    progress: &Progress,
+    limit: Duration,
+) -> Result<F::Output, HttpError> {
+    tokio::pin!(request);
+    loop {
+        let deadline = progress.store_waited_since().map(|since| since + limit);
+        let sleep = async {
+            match deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                // Held back by the limiter: look again within the limit.
+                None => tokio::time::sleep(limit).await,
+            }
+        };
+        tokio::select! {
+            answered = &mut request => return Ok(answered),
+            () = sleep => {
+                if progress
+                    .store_waited_since()
+                    .is_some_and(|since| since.elapsed() >= limit)
+                {
+                    return Err(timed_out("no answer"));
+                }
+            }
+        }
+    }
+}
+
+/// Where a request's body stands: when it last handed bytes on, and whether it is waiting
+/// on itself (the bandwidth limiter) rather than on the store.
+struct Progress(std::sync::Mutex<(tokio::time::Instant, bool)>);
+
+impl Progress {
+    fn new() -> Self {
+        Progress(std::sync::Mutex::new((tokio::time::Instant::now(), false)))
+    }
+
+    /// Since when the request has waited on the store; `None` while its body waits on itself.
+    fn store_waited_since(&self) -> Option<tokio::time::Instant> {
+        let (moved, held) = *self.0.lock().unwrap_or_else(|e| e.into_inner());
+        (!held).then_some(moved)
+    }
+
+    fn mark(&self, held: bool) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = (tokio::time::Instant::now(), held);
+    }
+}
+
+/// A request body that tells its [`Progress`].
+struct Moving<B> {
+    inner: B,
+    progress: Arc<Progress>,
+}
+
+impl<B> http_body::Body for Moving<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        self.progress.mark(polled.is_pending());
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
