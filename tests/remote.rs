@@ -2205,3 +2205,145 @@ async fn a_store_that_stops_answering_fails_requests_after_the_timeout() {
     }
     assert!(!held.lock().expect("held").is_empty());
 }
+
+/// A forward proxy on loopback, as an office's would be: CONNECT tunnels (for `https`), and
+/// plain-HTTP requests in absolute form, relayed to their host. Returns its address and the
+/// head of every request it was sent.
+fn forward_proxy(rt: &tokio::runtime::Runtime) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind proxy");
+    let address = listener.local_addr().expect("addr").to_string();
+    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    rt.spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if client.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&head).to_string();
+                seen.lock().expect("heads").push(text.clone());
+                let target = text.split_whitespace().nth(1).unwrap_or("").to_string();
+                let tunnel = text.starts_with("CONNECT ");
+                let host = if tunnel {
+                    target
+                } else {
+                    target
+                        .trim_start_matches("http://")
+                        .split('/')
+                        .next()
+                        .unwrap_or("")
+                        .to_string()
+                };
+                let Ok(mut server) = tokio::net::TcpStream::connect(&host).await else {
+                    return;
+                };
+                if tunnel {
+                    let ok = b"HTTP/1.1 200 Connection established\r\n\r\n";
+                    if client.write_all(ok).await.is_err() {
+                        return;
+                    }
+                } else if server.write_all(&head).await.is_err() {
+                    return;
+                }
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    (address, heads)
+}
+
+/// The proxy the environment names is used, as curl would use it: `HTTPS_PROXY` (with
+/// credentials) for an `https` store, through a CONNECT tunnel; `HTTP_PROXY` for a plain-HTTP
+/// one, in absolute form; and none for a host in `NO_PROXY`.
+#[test]
+fn the_store_is_reached_through_the_proxy_the_environment_names() {
+    let Some(options) = s3_options() else { return };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (proxy, heads) = forward_proxy(&rt);
+    let mut tls = options.clone();
+    tls.endpoint = Some(tls_relay_to(
+        &rt,
+        options.endpoint.as_deref().expect("endpoint"),
+        dir.path(),
+    ));
+    let source = dir.path().join("source.bin");
+    std::fs::write(&source, random_bytes(1 << 20)).expect("source");
+    let ca = dir.path().join("ca.pem");
+    let cases = [
+        (
+            "https",
+            &tls,
+            vec![
+                ("HTTPS_PROXY", format!("http://firn:secret@{proxy}")),
+                ("SSL_CERT_FILE", ca.display().to_string()),
+            ],
+        ),
+        (
+            "http",
+            &options,
+            vec![("HTTP_PROXY", format!("http://{proxy}"))],
+        ),
+        (
+            "no_proxy",
+            &options,
+            vec![
+                ("HTTP_PROXY", "http://127.0.0.1:9".to_string()),
+                ("NO_PROXY", "127.0.0.1".to_string()),
+            ],
+        ),
+    ];
+    for (name, store, env) in cases {
+        let case_dir = dir.path().join(name);
+        std::fs::create_dir_all(&case_dir).expect("dir");
+        let config = s3_config(&case_dir, store);
+        let before = heads.lock().expect("heads").len();
+        let mut command = std::process::Command::new(common::FIRN);
+        command
+            .args(["remote", "--config", config.to_str().expect("utf-8"), "put"])
+            .arg(&source)
+            .arg(format!("proxied/{name}.bin"));
+        for var in [
+            "AWS_CA_BUNDLE",
+            "SSL_CERT_DIR",
+            "HTTPS_PROXY",
+            "HTTP_PROXY",
+            "ALL_PROXY",
+        ] {
+            command.env_remove(var).env_remove(var.to_lowercase());
+        }
+        command.env_remove("NO_PROXY").env_remove("no_proxy");
+        command.envs(env);
+        let out = command.output().expect("run firn");
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let seen: Vec<String> = heads.lock().expect("heads")[before..].to_vec();
+        match name {
+            "https" => assert!(
+                seen.iter()
+                    .any(|h| h.starts_with("CONNECT 127.0.0.1:")
+                        && h.contains("Basic ZmlybjpzZWNyZXQ=")),
+                "{name}: no CONNECT with the proxy's credentials: {seen:?}"
+            ),
+            "http" => assert!(
+                seen.iter().any(|h| h.starts_with("PUT http://127.0.0.1:")),
+                "{name}: no absolute-form PUT: {seen:?}"
+            ),
+            _ => assert!(seen.is_empty(), "{name}: went through the proxy: {seen:?}"),
+        }
+    }
+    let keys = boto3_keys(&format!("{}/proxied/", options.prefix));
+    assert_eq!(keys.len(), 3, "{keys:?}");
+}

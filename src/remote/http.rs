@@ -1,6 +1,7 @@
-//! The HTTP client under the S3 backend: hyper (HTTP/1.1, over rustls for `https`), with the
-//! bandwidth limiter in every request and response body, and the read timeout and TCP
-//! settings firn needs.
+//! The HTTP client under the S3 backend: hyper (HTTP/1.1, over rustls for `https`, through
+//! the proxy that `HTTPS_PROXY`, `HTTP_PROXY` or `ALL_PROXY` names unless `NO_PROXY` exempts
+//! the host), with the bandwidth limiter in every request and response body, and the timeout
+//! and TCP settings firn needs.
 //!
 //! It is hyper rather than reqwest (object_store's own client) for one socket option.
 //! Stores that leave Nagle's algorithm on (Garage; Ceph RGW's beast front end by default)
@@ -23,7 +24,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::proxy::Tunnel;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use object_store::ClientOptions;
 use object_store::client::{
@@ -38,7 +41,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// object_store's HTTP client, with the bandwidth limiter in every request and response body.
 /// It is built here rather than from object_store's `ClientOptions` because a throttled body
-/// can take longer than any fixed request timeout: the timeout applies to each read instead.
+/// can take longer than any fixed request timeout: the timeout applies to each wait on the
+/// store instead.
 #[derive(Debug)]
 pub(super) struct LimitedConnector {
     pub limiter: Arc<Limiter>,
@@ -48,6 +52,8 @@ pub(super) struct LimitedConnector {
 
 impl object_store::client::HttpConnector for LimitedConnector {
     fn connect(&self, _options: &ClientOptions) -> object_store::Result<HttpClient> {
+        // `HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and `NO_PROXY`, as curl reads them.
+        let proxies = Arc::new(Matcher::from_env());
         let mut tcp = HttpConnector::new();
         tcp.enforce_http(false); // the TLS layer above takes `https`
         tcp.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -61,10 +67,14 @@ impl object_store::client::HttpConnector for LimitedConnector {
             .https_or_http()
             // HTTP/1.1 only, as object_store's own client does: S3 endpoints speak nothing else.
             .enable_http1()
-            .wrap_connector(QuickAckConnector(tcp));
+            .wrap_connector(QuickAckConnector {
+                direct: tcp,
+                proxies: proxies.clone(),
+            });
         let client = Client::builder(TokioExecutor::new()).build(tls);
         Ok(HttpClient::new(LimitedHttp {
             client,
+            proxies,
             limiter: self.limiter.clone(),
             read_timeout: self.read_timeout,
         }))
@@ -76,6 +86,7 @@ type RequestBody = Moving<Throttled<HttpRequestBody>>;
 
 struct LimitedHttp {
     client: Client<Connector, RequestBody>,
+    proxies: Arc<Matcher>,
     limiter: Arc<Limiter>,
     read_timeout: Duration,
 }
@@ -107,6 +118,19 @@ impl HttpService for LimitedHttp {
         }
         if let Some(limiter) = &charge_down {
             limiter.wait_open(Direction::Download).await;
+        }
+        let mut parts = parts;
+        // A plain-HTTP request through a proxy carries the proxy's credentials itself; an
+        // `https` one goes through a CONNECT tunnel that carried them (`QuickAckConnector`).
+        if parts.uri.scheme() == Some(&http::uri::Scheme::HTTP)
+            && let Some(auth) = self
+                .proxies
+                .intercept(&parts.uri)
+                .and_then(|proxy| proxy.basic_auth().cloned())
+        {
+            parts
+                .headers
+                .insert(http::header::PROXY_AUTHORIZATION, auth);
         }
         let progress = Arc::new(Progress::new());
         let body = Moving {
@@ -317,9 +341,14 @@ where
     }
 }
 
-/// hyper's TCP connector, its connections wrapped in [`QuickAck`].
+/// hyper's TCP connector, through the proxy the environment names for a destination (a
+/// CONNECT tunnel for `https`, the proxy itself for plain HTTP), its connections wrapped in
+/// [`QuickAck`].
 #[derive(Clone)]
-struct QuickAckConnector(HttpConnector);
+struct QuickAckConnector {
+    direct: HttpConnector,
+    proxies: Arc<Matcher>,
+}
 
 impl tower_service::Service<http::Uri> for QuickAckConnector {
     type Response = QuickAck;
@@ -327,17 +356,41 @@ impl tower_service::Service<http::Uri> for QuickAckConnector {
     type Future = Pin<Box<dyn Future<Output = Result<QuickAck, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.0.poll_ready(cx).map_err(Into::into)
+        self.direct.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let connecting = self.0.call(uri);
-        Box::pin(async move { Ok(QuickAck(connecting.await?)) })
+        let mut direct = self.direct.clone();
+        let proxy = self.proxies.intercept(&uri);
+        Box::pin(async move {
+            let Some(proxy) = proxy else {
+                return Ok(QuickAck::new(direct.call(uri).await?, false));
+            };
+            if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+                let mut tunnel = Tunnel::new(proxy.uri().clone(), direct);
+                if let Some(auth) = proxy.basic_auth() {
+                    tunnel = tunnel.with_auth(auth.clone());
+                }
+                return Ok(QuickAck::new(tunnel.call(uri).await?, false));
+            }
+            // Plain HTTP: requests go to the proxy in absolute form.
+            Ok(QuickAck::new(direct.call(proxy.uri().clone()).await?, true))
+        })
     }
 }
 
 /// A connection that acknowledges at once whatever it reads (see the module's note).
-struct QuickAck(TokioIo<TcpStream>);
+struct QuickAck {
+    io: TokioIo<TcpStream>,
+    /// To a plain-HTTP proxy, which takes requests in absolute form.
+    proxied: bool,
+}
+
+impl QuickAck {
+    fn new(io: TokioIo<TcpStream>, proxied: bool) -> Self {
+        QuickAck { io, proxied }
+    }
+}
 
 impl hyper::rt::Read for QuickAck {
     fn poll_read(
@@ -345,11 +398,11 @@ impl hyper::rt::Read for QuickAck {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let read = Pin::new(&mut self.0).poll_read(cx, buf);
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
         if read.is_ready() {
             // Not permanent: the kernel goes back to delaying once the connection looks
             // interactive again, so it is set after every read. A failure only costs time.
-            let _ = socket2::SockRef::from(self.0.inner()).set_tcp_quickack(true);
+            let _ = socket2::SockRef::from(self.io.inner()).set_tcp_quickack(true);
         }
         read
     }
@@ -361,7 +414,7 @@ impl hyper::rt::Write for QuickAck {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -369,24 +422,24 @@ impl hyper::rt::Write for QuickAck {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
 impl Connection for QuickAck {
     fn connected(&self) -> Connected {
-        self.0.connected()
+        self.io.connected().proxy(self.proxied)
     }
 }
