@@ -541,7 +541,19 @@ async fn resize_volume(
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("resize: {e}")),
     };
     let volumes = gateway.volumes.clone();
-    match tokio::task::spawn_blocking(move || volumes.resize(&name, request.size.0)).await {
+    change_volume(move || volumes.resize(&name, request.size.0)).await
+}
+
+/// The answer to a change of an existing volume made by `change` (on a blocking thread): the
+/// volume as it now is, 404 for a volume that does not exist, 400 for a change refused.
+async fn change_volume(
+    change: impl FnOnce() -> Result<
+        crate::engines::volume::catalog::VolumeInfo,
+        crate::engines::volume::catalog::CatalogError,
+    > + Send
+    + 'static,
+) -> Response {
+    match tokio::task::spawn_blocking(change).await {
         Ok(Ok(info)) => Json(info).into_response(),
         Ok(Err(e @ crate::engines::volume::catalog::CatalogError::NotFound { .. })) => {
             error(StatusCode::NOT_FOUND, e.to_string())
@@ -584,15 +596,7 @@ async fn set_volume_limits(
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("limits: {e}")),
     };
     let volumes = gateway.volumes.clone();
-    let set = move || volumes.set_limits(&name, request.log_max, request.cache_max);
-    match tokio::task::spawn_blocking(set).await {
-        Ok(Ok(info)) => Json(info).into_response(),
-        Ok(Err(e @ crate::engines::volume::catalog::CatalogError::NotFound { .. })) => {
-            error(StatusCode::NOT_FOUND, e.to_string())
-        }
-        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, e.to_string()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
+    change_volume(move || volumes.set_limits(&name, request.log_max, request.cache_max)).await
 }
 
 /// `POST /api/v1/volumes/{name}/takeover`.

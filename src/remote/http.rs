@@ -102,7 +102,7 @@ impl std::fmt::Debug for LimitedHttp {
 #[async_trait]
 impl HttpService for LimitedHttp {
     async fn call(&self, request: HttpRequest) -> std::result::Result<HttpResponse, HttpError> {
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
         // Object data is charged: PUT bodies (objects and parts) and GET answers other than
         // listings. Listings, HEADs and multipart bookkeeping pass free, so health probes and
         // listings still answer while a direction is paused.
@@ -119,7 +119,6 @@ impl HttpService for LimitedHttp {
         if let Some(limiter) = &charge_down {
             limiter.wait_open(Direction::Download).await;
         }
-        let mut parts = parts;
         // A plain-HTTP request through a proxy carries the proxy's credentials itself; an
         // `https` one goes through a CONNECT tunnel that carried them (`QuickAckConnector`).
         if parts.uri.scheme() == Some(&http::uri::Scheme::HTTP)
