@@ -14,7 +14,7 @@
 # Installs nfs-ganesha, nfs-ganesha-vfs and rpcbind (Debian) when missing.
 #
 # Prints raw figures, then `ratio:` lines:
-#   nfs-write-big     firn MiB/s / ganesha MiB/s copying one BIG file      (goal >= 0.8)
+#   nfs-write-big     firn MiB/s / ganesha MiB/s copying one BIG file (faster of 2; goal >= 0.8)
 #   nfs-tree-files    firn files/s / ganesha files/s copying FILES files   (goal >= 0.8)
 #   nfs-tree-bucket   seconds from the start of the tree's copy into firn until the bucket
 #                     holds every file, over `rclone copy` of the same tree to the same
@@ -131,8 +131,21 @@ while True:
 PY
 }
 
-read -r _ _ firn_big_s < <(copy 127.0.0.1:2050:2050 /bench "$work/big.bin" big)
-uploaded >/dev/null
+# The large file twice (a directory each), the faster copy counted, for firn as for ganesha.
+# On this kind of virtual machine one copy's time varies 3x from run to run with the state of
+# memory (a balloon that reports free pages to the host: memory unused for a few seconds faults
+# on the host at its next touch) and of the disk's write-back; nfs_copy prints, on stderr, its
+# writes' time apart from the commit's.
+big_copies() { # addr export -> seconds of the faster of two copies
+    local first second
+    read -r _ _ first < <(copy "$1" "$2" "$work/big.bin" big)
+    [ "$1" = 127.0.0.1:2050:2050 ] && uploaded >/dev/null
+    read -r _ _ second < <(copy "$1" "$2" "$work/big.bin" big-again)
+    [ "$1" = 127.0.0.1:2050:2050 ] && uploaded >/dev/null
+    echo "big copies: $first s, $second s" >&2
+    calc "min($first, $second)"
+}
+firn_big_s=$(big_copies 127.0.0.1:2050:2050 /bench)
 t0=$(now)
 [ -n "${PAUSE_UPLOADS:-}" ] && f bandwidth --upload paused >/dev/null
 read -r _ _ firn_tree_s < <(copy 127.0.0.1:2050:2050 /bench "$work/tree" tree)
@@ -227,7 +240,7 @@ for _ in $(seq 1 100); do
     "$work/nfs_copy" 127.0.0.1:2049:20048 "$work/export" /dev/null probe 1 >/dev/null 2>&1 && break
     sleep 0.2
 done
-read -r _ _ ganesha_big_s < <(copy 127.0.0.1:2049:20048 "$work/export" "$work/big.bin" big)
+ganesha_big_s=$(big_copies 127.0.0.1:2049:20048 "$work/export")
 read -r _ _ ganesha_tree_s < <(copy 127.0.0.1:2049:20048 "$work/export" "$work/tree" tree)
 echo "ganesha: $big in ${ganesha_big_s}s; $files files in ${ganesha_tree_s}s"
 if [ -n "$pinned" ]; then
