@@ -601,8 +601,12 @@ fn a_volume_keeps_its_own_limits_on_local_space() {
     assert!((15 << 20..=26 << 20).contains(&kept), "kept {kept} bytes");
     a.wait_drained("plain", true);
 
-    // Changed while served: cache_max at once (the cache empties), log_max from the next
-    // start, whose room the open volume holds.
+    // Changed while served, at once: the cache empties, and the log's room on local disk (the
+    // reserve file) grows by the 8 MiB more it may hold.
+    let id = a.show("kept")["id"].as_str().unwrap().to_string();
+    let reserve = a.dir.join("data/volumes").join(&id).join("reserve");
+    let held = || std::fs::metadata(&reserve).expect("reserve").len();
+    let before = held();
     a.firn(&[
         "volume",
         "limits",
@@ -612,8 +616,29 @@ fn a_volume_keeps_its_own_limits_on_local_space() {
         "--log-max",
         "16MiB",
     ]);
-    assert_eq!(limits(&a, "kept"), (Some(16 << 20), Some(0), 8 << 20, 0));
+    assert_eq!(limits(&a, "kept"), (Some(16 << 20), Some(0), 16 << 20, 0));
     a.wait_drained("kept", true);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while held() < before + (8 << 20) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let grown = held();
+    assert!(
+        grown >= before + (8 << 20) && grown <= 16 << 20,
+        "the reserve grows to the new log_max: {before} -> {grown}"
+    );
+    // A log the disk has no room for is refused, and nothing changes.
+    let (ok, out) = a.try_firn(&["volume", "limits", "kept", "--log-max", "900TiB"]);
+    assert!(!ok && out.contains("not enough local space"), "{out}");
+    assert_eq!(limits(&a, "kept"), (Some(16 << 20), Some(0), 16 << 20, 0));
+    // A smaller one gives the room back at once.
+    a.firn(&["volume", "limits", "kept", "--log-max", "8MiB"]);
+    assert_eq!(
+        held() + (8 << 20),
+        grown,
+        "the reserve shrinks with log_max"
+    );
+    a.firn(&["volume", "limits", "kept", "--log-max", "16MiB"]);
     a.firn(&["volume", "limits", "kept", "--cache-max", "24MiB"]);
     a.firn(&[
         "volume", "create", "here", "--size", "8M", "--mode", "local",
@@ -630,7 +655,7 @@ fn a_volume_keeps_its_own_limits_on_local_space() {
     }
     assert_eq!(
         limits(&a, "kept"),
-        (Some(16 << 20), Some(24 << 20), 8 << 20, 24 << 20)
+        (Some(16 << 20), Some(24 << 20), 16 << 20, 24 << 20)
     );
 
     a.restart();
@@ -641,7 +666,7 @@ fn a_volume_keeps_its_own_limits_on_local_space() {
     a.firn(&["volume", "limits", "kept", "--log-max", "default"]);
     assert_eq!(
         limits(&a, "kept"),
-        (None, Some(24 << 20), 16 << 20, 24 << 20)
+        (None, Some(24 << 20), 64 << 20, 24 << 20)
     );
     a.kill9();
     std::fs::remove_dir_all(a.dir.join("data")).expect("lose the disk");

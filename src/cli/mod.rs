@@ -533,7 +533,7 @@ async fn volume(client: &ApiClient, command: VolumeCommand) -> anyhow::Result<()
                 None => "default ([volumes])".to_string(),
             };
             println!(
-                "limits of {name}: log_max {} (holds from the next start), cache_max {}",
+                "limits of {name}: log_max {}, cache_max {}",
                 limit("log_max"),
                 limit("cache_max")
             );

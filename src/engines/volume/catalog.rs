@@ -459,19 +459,23 @@ impl Catalog {
         let Some(bucket) = &self.bucket else {
             return Ok(());
         };
-        let name = &info.name;
         let settings = &info.limits.apply(&bucket.settings);
+        self.check_free(&info.name, settings.log_max, settings.min_free)
+    }
+
+    /// Whether `needed` bytes for volume `name`'s log are free beside `min_free`.
+    fn check_free(&self, name: &str, needed: u64, min_free: u64) -> Result<(), CatalogError> {
         let free = nix::sys::statvfs::statvfs(&self.dir)
             .map(|s| s.blocks_available() * s.fragment_size())
             .map_err(|e| CatalogError::Directory {
                 path: self.dir.clone(),
                 source: e.into(),
             })?;
-        if free < settings.log_max + settings.min_free {
+        if free < needed + min_free {
             return Err(CatalogError::NoSpace {
                 name: name.to_string(),
-                reserve: settings.log_max,
-                min_free: settings.min_free,
+                reserve: needed,
+                min_free,
                 free,
             });
         }
@@ -1086,10 +1090,11 @@ impl Catalog {
     }
 
     /// Changes a cached volume's own limits on local space, each to a size, back to
-    /// `[volumes]`' (`Some(None)`), or not at all (`None`). `cache_max` holds from now on
-    /// (the volume evicts down to it); `log_max`, whose room the volume holds on local disk
-    /// while it is open, from its next open (the daemon's next start). `firn volume show`
-    /// gives both the volume's limits and those in force.
+    /// `[volumes]`' (`Some(None)`), or not at all (`None`). Both hold from now on: the
+    /// volume evicts down to a smaller `cache_max`; a smaller `log_max` gives local space
+    /// back and makes writes wait until the backlog is under it; a larger one takes its room
+    /// on local disk, which must be free beside `[local] min_free`. `firn volume show` gives
+    /// both the volume's limits and those in force.
     pub fn set_limits(
         &self,
         name: &str,
@@ -1112,9 +1117,21 @@ impl Catalog {
             info.limits.cache_max = cache_max;
         }
         self.check_limits(name, &info.limits)?;
+        let open = self.pinned_volumes().get(&info.id).cloned();
+        if let (Some(volume), Some(bucket)) = (&open, &self.bucket) {
+            // A larger log takes its room at once: refused, as at open, if the disk has
+            // not that much more free.
+            let now = volume.status().log_max;
+            let wanted = info.limits.apply(&bucket.settings).log_max;
+            if wanted > now {
+                self.check_free(name, wanted - now, bucket.settings.min_free)?;
+            }
+        }
         self.rewrite(&info)?;
-        if let (Some(volume), Some(bucket)) = (self.pinned_volumes().get(&info.id), &self.bucket) {
-            volume.set_cache_max(info.limits.apply(&bucket.settings).cache_max);
+        if let (Some(volume), Some(bucket)) = (open, &self.bucket) {
+            let settings = info.limits.apply(&bucket.settings);
+            volume.set_cache_max(settings.cache_max);
+            volume.set_log_max(settings.log_max);
         }
         Ok(info)
     }

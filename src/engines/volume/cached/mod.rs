@@ -374,6 +374,8 @@ struct Inner {
     cache_misses: AtomicU64,
     /// The read cache's bound: `settings.cache_max` until `CachedVolume::set_cache_max`.
     cache_max: AtomicU64,
+    /// The log's bound: `settings.log_max` until `CachedVolume::set_log_max`.
+    log_max: AtomicU64,
     /// Deleted while in use (`CachedVolume::retire`): every request fails. An atomic, as
     /// every read asks.
     retired: AtomicBool,
@@ -653,6 +655,7 @@ impl CachedVolume {
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
             cache_max: AtomicU64::new(cache_max),
+            log_max: AtomicU64::new(cap),
             retired: AtomicBool::new(false),
         });
         let descriptor = Descriptor {
@@ -685,6 +688,20 @@ impl CachedVolume {
     pub fn set_cache_max(&self, bytes: u64) {
         self.inner.cache_max.store(bytes, Ordering::Relaxed);
         self.inner.wake.notify_one();
+    }
+
+    /// Bounds the log's backlog at `bytes` from now on. A smaller bound gives its room on
+    /// local disk back at once, and writes wait until uploads bring the backlog under it; a
+    /// larger one lets waiting writes go on, and the uploader grows the reserve to it, as
+    /// far as the disk gives (what the disk cannot give, writes wait for).
+    pub fn set_log_max(&self, bytes: u64) {
+        let inner = &self.inner;
+        inner.log_max.store(bytes, Ordering::Relaxed);
+        let pending = lock(&inner.reserve).pending();
+        let in_segments = inner.log_room_in_segments(pending);
+        lock(&inner.reserve).set_cap(bytes, bytes.saturating_sub(in_segments));
+        inner.room.notify_all();
+        inner.wake.notify_one();
     }
 
     /// Stops the volume (the daemon is stopping, or the volume is dropped): writes waiting
@@ -792,7 +809,7 @@ impl Inner {
                 .pending_since
                 .map_or(0.0, |since| since.elapsed().as_secs_f64()),
             cache_max: self.cache_max(),
-            log_max: self.settings.log_max,
+            log_max: self.log_max(),
             chunks,
             gc_moved_bytes: state.gc.moved_bytes,
             gc_deleted_objects: state.gc.deleted,
@@ -802,6 +819,24 @@ impl Inner {
     /// Most local bytes of clean data kept for reads.
     fn cache_max(&self) -> u64 {
         self.cache_max.load(Ordering::Relaxed)
+    }
+
+    /// Most log bytes not yet uploaded; writes wait beyond it.
+    fn log_max(&self) -> u64 {
+        self.log_max.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of local disk held for segments that are not in the bucket yet: those waiting
+    /// for upload, the open one, those opening, and a spare. The reserve holds the rest of
+    /// the log's room. `pending` is the reserve's count of segments opening, read first:
+    /// a segment opening meanwhile is then counted as opening or as waiting, perhaps both
+    /// (the total errs high), never neither.
+    fn log_room_in_segments(&self, pending: u64) -> u64 {
+        let waiting = lock(&self.state).sealed.len() as u64
+            + 1
+            + pending
+            + u64::from(lock(&self.spare).holds_space());
+        waiting * self.segment_alloc
     }
 
     fn check_writable(&self) -> BlockResult<()> {
@@ -824,8 +859,7 @@ impl Inner {
 
     /// Waits while the log holds `log_max` bytes that are not uploaded yet.
     fn wait_for_room(&self, bytes: u64) -> BlockResult<()> {
-        let log_max = self.settings.log_max;
-        self.wait_while(|state| state.dirty_bytes > 0 && state.dirty_bytes + bytes > log_max)
+        self.wait_while(|state| state.dirty_bytes > 0 && state.dirty_bytes + bytes > self.log_max())
     }
 
     /// Waits, counted as a queued write, while `blocked` says so; the uploader is woken, as
@@ -903,7 +937,7 @@ impl Inner {
         let bytes = record::record_len(kind, data.len() as u64);
         {
             let state = lock(&self.state);
-            if state.dirty_bytes > 0 && state.dirty_bytes + bytes > self.settings.log_max {
+            if state.dirty_bytes > 0 && state.dirty_bytes + bytes > self.log_max() {
                 return None;
             }
         }

@@ -89,6 +89,15 @@ impl Reserve {
         self.cap
     }
 
+    /// A new cap (`log_max`), holding at most `keep` bytes now: a smaller cap gives space
+    /// back at once; a larger one is grown to by the next `give`.
+    pub fn set_cap(&mut self, cap: u64, keep: u64) {
+        self.cap = cap;
+        if self.held > keep && self.file.set_len(keep).is_ok() {
+            self.held = keep;
+        }
+    }
+
     /// Space was handed out for a segment about to open (from the reserve or a spare).
     pub fn promise(&mut self) {
         self.pending += 1;

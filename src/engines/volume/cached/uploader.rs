@@ -635,8 +635,6 @@ const KEEP_COMMITS: u64 = 16;
 /// (eviction may have freed space since).
 async fn refill_reserve(inner: &Arc<Inner>) {
     let (target, short) = {
-        // The reserve read first: a segment opening meanwhile is then counted as promised
-        // or among the waiting, perhaps both (the target errs low), never neither.
         let (cap, held, pending, short) = {
             let reserve = lock(&inner.reserve);
             (
@@ -646,13 +644,8 @@ async fn refill_reserve(inner: &Arc<Inner>) {
                 reserve.short(),
             )
         };
-        // The segments waiting, the open one, those opening, and a spare.
-        let waiting = lock(&inner.state).sealed.len() as u64
-            + 1
-            + pending
-            + u64::from(lock(&inner.spare).holds_space());
         let target = cap
-            .saturating_sub(waiting * inner.segment_alloc)
+            .saturating_sub(inner.log_room_in_segments(pending))
             .saturating_sub(held);
         (target, short)
     };
