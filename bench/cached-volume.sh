@@ -4,7 +4,7 @@
 #
 #   bench/cached-volume.sh
 #   SIZE=1G RUNTIME=10 FIO_SIZE=1G WRITE_IO=1G COLD_SIZE=256M COLD_RAND_IO=16M SCATTER_IO=256M \
-#       bench/cached-volume.sh                    (the defaults: about 4 minutes on 2 cores)
+#       bench/cached-volume.sh                    (the defaults: about 30 minutes on 2 cores, 18 of them part 1)
 #   PARTS="cold lag" bench/cached-volume.sh       (only some parts: fio drain trim cold lag)
 #
 # Needs root (drop_caches), fio, nbdkit, nbdinfo, qemu-img, python3-libnbd, rclone, garage, curl.
