@@ -176,8 +176,30 @@ struct Inspecting {
     hold: Duration,
     /// While set, every delete fails (transiently): removed files' objects stay.
     refuse_deletes: Arc<std::sync::atomic::AtomicBool>,
+    /// With `refuse_deletes`: deletes of directory markers (`a/b/`) go through all the same.
+    spare_markers: bool,
+    /// The first put of each key stores its object, then fails (transiently) as if its
+    /// answer were lost: below firn's retry layer, which sends the body again.
+    lose_first_answer: bool,
+    answered: std::sync::Mutex<std::collections::HashSet<String>>,
     /// How long a put waits between storing its object and answering.
     answer_after: Duration,
+}
+
+impl Inspecting {
+    /// A store over `inner` that inspects every body and changes nothing.
+    fn over(inner: Arc<dyn Remote>) -> Inspecting {
+        Inspecting {
+            inner,
+            torn: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            hold: Duration::ZERO,
+            refuse_deletes: Default::default(),
+            spare_markers: false,
+            answer_after: Duration::ZERO,
+            lose_first_answer: false,
+            answered: Default::default(),
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -205,6 +227,16 @@ impl Remote for Inspecting {
             .put_body(key, Arc::new(bytes::Bytes::from(bytes)), meta)
             .await;
         tokio::time::sleep(self.answer_after).await;
+        if self.lose_first_answer
+            && stored.is_ok()
+            && self.answered.lock().unwrap().insert(key.to_string())
+        {
+            return Err(remote::Error::Transient {
+                op: "put",
+                key: key.to_string(),
+                message: "stored, but the answer was lost (the test)".into(),
+            });
+        }
         stored
     }
     async fn get_to(&self, key: &str, sink: &dyn remote::Sink) -> remote::Result<remote::Fetched> {
@@ -239,6 +271,7 @@ impl Remote for Inspecting {
         if self
             .refuse_deletes
             .load(std::sync::atomic::Ordering::Relaxed)
+            && !(self.spare_markers && key.ends_with('/'))
         {
             return Err(remote::Error::Transient {
                 op: "delete",
@@ -650,11 +683,8 @@ fn a_file_of_len_changing_during_its_upload_is_never_stored_torn(len: usize) {
     for mut rig in rigs(Duration::ZERO) {
         let torn = Arc::new(std::sync::atomic::AtomicU64::new(0));
         rig.remote = Arc::new(Inspecting {
-            inner: rig.remote.clone(),
             torn: torn.clone(),
-            hold: Duration::ZERO,
-            refuse_deletes: Default::default(),
-            answer_after: Duration::ZERO,
+            ..Inspecting::over(rig.remote.clone())
         });
         rig.reopen(Duration::ZERO);
         rig.shares()
@@ -729,11 +759,8 @@ fn a_refresh_before_the_bucket_catches_up_brings_back_nothing_removed_or_renamed
     for mut rig in rigs(Duration::from_secs(3600)) {
         let refuse = Arc::new(std::sync::atomic::AtomicBool::new(false));
         rig.remote = Arc::new(Inspecting {
-            inner: rig.remote.clone(),
-            torn: Arc::new(std::sync::atomic::AtomicU64::new(0)),
-            hold: Duration::ZERO,
             refuse_deletes: refuse.clone(),
-            answer_after: Duration::ZERO,
+            ..Inspecting::over(rig.remote.clone())
         });
         rig.reopen(Duration::from_secs(3600));
         rig.shares()
@@ -780,6 +807,54 @@ fn a_refresh_before_the_bucket_catches_up_brings_back_nothing_removed_or_renamed
     }
 }
 
+#[test]
+fn a_removed_directory_never_comes_back_while_objects_below_it_wait_to_go() {
+    for mut rig in rigs(Duration::ZERO) {
+        let refuse = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        rig.remote = Arc::new(Inspecting {
+            refuse_deletes: refuse.clone(),
+            spare_markers: true,
+            ..Inspecting::over(rig.remote.clone())
+        });
+        rig.reopen(Duration::ZERO);
+        rig.shares()
+            .create("g", "g/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("g");
+        let root = share.root();
+        let d = share.mkdir(root, "d", 0o755, 0, 0).expect("mkdir").fileid;
+        for name in ["f0", "f1", "f2"] {
+            let f = share.create(d, name, 0o644, 0, 0, true).expect("create");
+            share.write(f.fileid, 0, b"x", false).expect("write");
+            share.commit(f.fileid).expect("commit");
+        }
+        rig.wait_clean("g");
+        // `rm -rf d` while the bucket refuses to delete the files' objects (but not the
+        // directory's marker): the objects below d/ stay, and list d as a directory.
+        refuse.store(true, std::sync::atomic::Ordering::Relaxed);
+        for name in ["f0", "f1", "f2"] {
+            share.remove(d, name).expect("remove");
+        }
+        share.rmdir(root, "d").expect("rmdir");
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            rig.get("g/d/f0").is_some(),
+            "no test: the object was deleted"
+        );
+        let report = share.refresh("").expect("refresh");
+        assert!(
+            names(&share, root).is_empty(),
+            "the refresh took in {report:?}"
+        );
+        refuse.store(false, std::sync::atomic::Ordering::Relaxed);
+        rig.wait_clean("g");
+        let listed = rig.runtime.block_on(rig.remote.list("g/")).expect("list");
+        assert!(listed.is_empty(), "left in the bucket: {listed:?}");
+        share.refresh("").expect("refresh");
+        assert!(names(&share, root).is_empty());
+    }
+}
+
 /// A file removed or renamed while its first upload is being answered (its object stored,
 /// the answer not back yet, so nothing records the object): a refresh in that window takes
 /// nothing in, and once the answers come, the objects of the old names go.
@@ -787,11 +862,8 @@ fn a_refresh_before_the_bucket_catches_up_brings_back_nothing_removed_or_renamed
 fn a_refresh_during_a_first_upload_brings_back_nothing_removed_or_renamed() {
     for mut rig in rigs(Duration::ZERO) {
         rig.remote = Arc::new(Inspecting {
-            inner: rig.remote.clone(),
-            torn: Arc::new(std::sync::atomic::AtomicU64::new(0)),
-            hold: Duration::ZERO,
-            refuse_deletes: Default::default(),
             answer_after: Duration::from_secs(3),
+            ..Inspecting::over(rig.remote.clone())
         });
         rig.reopen(Duration::ZERO);
         rig.shares()
@@ -822,6 +894,107 @@ fn a_refresh_during_a_first_upload_brings_back_nothing_removed_or_renamed() {
         assert_eq!(rig.get("r/z").expect("z").0, b"y");
         share.refresh("").expect("refresh");
         assert_eq!(names(), ["z"]);
+    }
+}
+
+#[test]
+fn an_upload_recorded_after_its_file_was_renamed_brings_back_no_old_name() {
+    // Uploads store their object 1 s after reading the file and answer 1 s after that: the
+    // file renamed in between goes up under its new name next, and until that object is
+    // stored, the old name's is the file's, under a name it no longer has. A refresh
+    // meanwhile must not take it in.
+    for mut rig in rigs(Duration::ZERO) {
+        rig.remote = Arc::new(Inspecting {
+            hold: Duration::from_secs(1),
+            answer_after: Duration::from_secs(1),
+            ..Inspecting::over(rig.remote.clone())
+        });
+        rig.reopen(Duration::ZERO);
+        rig.shares()
+            .create("r", "r/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("r");
+        let root = share.root();
+        let f = share.create(root, "y", 0o644, 0, 0, true).expect("create");
+        share.write(f.fileid, 0, b"y", false).expect("write");
+        share.commit(f.fileid).expect("commit");
+        let started = Instant::now();
+        while rig.get("r/y").is_none() {
+            assert!(started.elapsed() < Duration::from_secs(20), "never stored");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        share.rename(root, "y", root, "z").expect("rename");
+        // Half-way between y's upload being recorded (1 s after its object was stored) and
+        // z's object being stored (1 s after that).
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            rig.get("r/z").is_none(),
+            "z went up before the refresh: no test"
+        );
+        let report = share.refresh("").expect("refresh");
+        assert_eq!(names(&share, root), ["z"], "the refresh took in {report:?}");
+        rig.wait_clean("r");
+        assert!(rig.get("r/y").is_none(), "the old name's object stayed");
+        assert_eq!(rig.get("r/z").expect("z").0, b"y");
+        share.refresh("").expect("refresh");
+        assert_eq!(names(&share, root), ["z"]);
+    }
+}
+
+#[test]
+fn files_removed_or_renamed_while_their_upload_is_retried_leave_no_object_behind() {
+    for mut rig in rigs(Duration::from_millis(500)) {
+        // Firn's stack over a store that loses the first answer to each put: the retry sends
+        // the body again, and finds the file changed (removed, renamed) since.
+        let mut registry = prometheus_client::registry::Registry::default();
+        rig.remote = remote::stack(
+            Arc::new(Inspecting {
+                answer_after: Duration::from_secs(1),
+                lose_first_answer: true,
+                ..Inspecting::over(rig.raw.clone())
+            }),
+            RetryPolicy {
+                first_backoff: Duration::from_millis(20),
+                max_backoff: Duration::from_millis(500),
+                give_up_after: Duration::from_secs(30),
+            },
+            Arc::new(Limiter::new(Policy::default())),
+            Arc::new(RemoteMetrics::new(&mut registry)),
+            None,
+        )
+        .remote;
+        rig.reopen(Duration::from_millis(500));
+        rig.shares()
+            .create("t", "t/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("t");
+        let root = share.root();
+        // Past the size read whole before the upload: the retry reads the file again.
+        let data = random(512 << 10);
+        for name in ["gone", "moving"] {
+            let f = share.create(root, name, 0o644, 0, 0, true).expect("create");
+            share.write(f.fileid, 0, &data, false).expect("write");
+            share.commit(f.fileid).expect("commit");
+        }
+        let started = Instant::now();
+        while rig.get("t/gone").is_none() || rig.get("t/moving").is_none() {
+            assert!(started.elapsed() < Duration::from_secs(20), "never stored");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        share.remove(root, "gone").expect("remove");
+        share.rename(root, "moving", root, "moved").expect("rename");
+        rig.wait_clean("t");
+        assert!(
+            rig.get("t/gone").is_none(),
+            "the removed file's object stayed"
+        );
+        assert!(
+            rig.get("t/moving").is_none(),
+            "the old name's object stayed"
+        );
+        assert_eq!(rig.get("t/moved").expect("moved").0, data);
+        share.refresh("").expect("refresh");
+        assert_eq!(names(&share, root), ["moved"]);
     }
 }
 
@@ -935,11 +1108,8 @@ fn files_renamed_or_removed_during_their_upload_leave_no_object_behind() {
         // Uploads read their file, then take 200 ms to store it: the renames and removes
         // below land after the read and before the object is there.
         rig.remote = Arc::new(Inspecting {
-            inner: rig.remote.clone(),
-            torn: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             hold: Duration::from_millis(200),
-            refuse_deletes: Default::default(),
-            answer_after: Duration::ZERO,
+            ..Inspecting::over(rig.remote.clone())
         });
         rig.reopen(Duration::ZERO);
         rig.shares()
@@ -1662,6 +1832,23 @@ fn same_size_rewrites_and_listed_directories_are_noticed() {
         let report = share.refresh("").expect("refresh");
         assert_eq!(report.updated, 1, "{report:?}");
         assert_eq!(share.read(mine.fileid, 0, 100).expect("read").0, b"more");
+        // A rewrite that keeps the size and the mtime (a copy that keeps the metadata):
+        // the change time tells clients to drop what they cached.
+        let before = share.attrs(a).expect("attrs");
+        let meta =
+            remote::Meta::from([("file-mtime".to_string(), format!("{}ns", before.mtime_ns))]);
+        rig.runtime
+            .block_on(
+                rig.raw
+                    .put("t/a.txt", bytes::Bytes::from_static(b"cccc"), meta),
+            )
+            .expect("put by another tool");
+        let report = share.refresh("").expect("refresh");
+        assert_eq!(report.updated, 1, "{report:?}");
+        let after = share.attrs(a).expect("attrs");
+        assert_eq!(share.read(a, 0, 100).expect("read").0, b"cccc");
+        assert_eq!((after.size, after.mtime_ns), (before.size, before.mtime_ns));
+        assert!(after.ctime_ns > before.ctime_ns, "{before:?} -> {after:?}");
     }
 }
 

@@ -42,6 +42,9 @@ use crate::remote::Remote;
 const TABLE: &str = "shares";
 /// Open content files kept per share.
 const OPEN_FILES: usize = 256;
+/// How many times a read or write fetches an evicted file that is evicted again before it
+/// is opened, before the client is told to try later.
+const FETCH_TRIES: usize = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ShareError {
@@ -871,32 +874,34 @@ impl Share {
 
     /// The content file of `id`, fetched whole if evicted, created empty if missing (a crash
     /// before a new file's content reached the disk leaves an inode whose content is empty).
+    /// Opened under the lock eviction holds to unlink, as `cached` does: a file evicted
+    /// between its fetch and its opening is fetched again, never opened unlinked (writes
+    /// into it would be lost) nor made anew empty.
     fn content(&self, id: u64) -> Result<Arc<File>, ShareError> {
-        if let Some(file) = self.cached(id)? {
-            return Ok(file);
-        }
-        let open = |create: bool| {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(create)
-                .truncate(false)
-                .mode(0o600)
-                .open(self.content_path(id))
-        };
-        let file = match open(false) {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                // Evicted (its object holds it), or never written (a new file, or one whose
-                // content a crash took before it reached the disk).
-                if self.ns.get(id)?.uploaded.is_some() {
-                    self.fetch(id)?;
-                }
-                open(true).map_err(|e| io_error("opening a file's local content", e))?
+        for _ in 0..FETCH_TRIES {
+            if let Some(file) = self.cached(id)? {
+                return Ok(file);
             }
-            Err(e) => return Err(io_error("opening a file's local content", e)),
-        };
-        Ok(keep_open(&mut lock(&self.files_open), id, file))
+            if self.ns.get(id)?.uploaded.is_none() {
+                // Never uploaded, so never evicted: a new file, or one whose content a
+                // crash took before it reached the disk.
+                let mut open = lock(&self.files_open);
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600)
+                    .open(self.content_path(id))
+                    .map_err(|e| io_error("opening a file's local content", e))?;
+                return Ok(keep_open(&mut open, id, file));
+            }
+            // Evicted: its object holds it.
+            self.fetch(id)?;
+        }
+        // Evicted again as fast as it comes back: the cache is too small for what is in use
+        // (`NFS3ERR_JUKEBOX`; the client tries again).
+        Err(ShareError::NoSpace)
     }
 
     /// The content file of `id`, a file just created: made at once, rather than looked for

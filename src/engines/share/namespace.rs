@@ -937,14 +937,21 @@ impl Namespace {
             tx.put(&self.deletes, &old.path, b"")?;
             tx.delete(&self.leaving, &old.path)?;
         }
-        // The new key may have been queued for deletion by an earlier rename or remove.
-        tx.delete(&self.deletes, &uploaded.path)?;
-        tx.delete(&self.leaving, &uploaded.path)?;
         let mut path = self.path_tx(tx, id)?;
         if inode.kind == Kind::Dir {
             path.push('/');
         }
         let moved = path != uploaded.path;
+        // The new key may have been queued for deletion by an earlier rename or remove.
+        tx.delete(&self.deletes, &uploaded.path)?;
+        if moved {
+            // Renamed during the upload: the object just made is its, under a name it no
+            // longer has, until its upload under the new one queues it for deletion. Until
+            // then a refresh must not take it in as a file of its own.
+            tx.put(&self.leaving, &uploaded.path, b"")?;
+        } else {
+            tx.delete(&self.leaving, &uploaded.path)?;
+        }
         inode.size = uploaded.size;
         inode.mtime_ns = done.mtime_ns;
         inode.uploaded = Some(uploaded.clone());
@@ -966,6 +973,16 @@ impl Namespace {
     /// same for a directory marker (`a/b/`) and the directory at `a/b`.
     pub fn delete_decision(&self, path: &str) -> Result<Decision, ShareError> {
         let marker = path.ends_with('/');
+        // A directory's marker goes after every object below it that is on its way out: while
+        // one is left, a refresh would find the directory by that key and, its marker no
+        // longer queued, take it in again (empty, for good).
+        if marker {
+            for table in [&self.deletes, &self.leaving] {
+                if !self.meta.list_page(table, path, Some(path), 1)?.is_empty() {
+                    return Ok(Decision::Keep);
+                }
+            }
+        }
         let mut at = ROOT;
         for name in path.trim_end_matches('/').split('/') {
             match self.lookup(at, name) {

@@ -356,6 +356,8 @@ impl Share {
                     return Ok(None);
                 }
                 self.ns.update(id, |inode| {
+                    // Past every change time clients were told, which takes in the mtime.
+                    let told = inode.ctime_ns.max(inode.mtime_ns);
                     inode.mode = attrs.mode;
                     inode.uid = attrs.uid;
                     inode.gid = attrs.gid;
@@ -363,6 +365,9 @@ impl Share {
                     inode.atime_ns = attrs.atime_ns.unwrap_or(attrs.now_ns);
                     inode.size = found.size;
                     inode.uploaded = Some(found);
+                    // Changed: clients compare the change time to drop what they cached,
+                    // and a rewrite that kept its size and mtime changes nothing else.
+                    inode.ctime_ns = super::now_ns().max(told + 1).max(inode.mtime_ns);
                 })?;
                 lock(&self.files_open).remove(&id);
                 let _ = std::fs::remove_file(self.content_path(id));

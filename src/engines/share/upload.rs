@@ -171,8 +171,11 @@ async fn pass(share: &Arc<Share>) -> Result<bool, String> {
         let mut unrecorded = Vec::new();
         for (key, outcome) in outcomes {
             match outcome {
-                Ok(Some(up)) => went_up.push(up),
-                Ok(None) => unrecorded.extend(key.map(|key| (key, false))),
+                Ok(Ended::Up(up)) => went_up.push(up),
+                Ok(Ended::Nothing) => unrecorded.extend(key.map(|key| (key, false))),
+                // Queued for deletion, which `delete_decision` turns down while the file
+                // still lives at the key: a file removed or renamed meanwhile leaves nothing.
+                Ok(Ended::Changed) => unrecorded.extend(key.map(|key| (key, true))),
                 Err(e) => {
                     unrecorded.extend(key.map(|key| (key, true)));
                     first_error.get_or_insert(e);
@@ -296,20 +299,25 @@ fn record(share: &Share, went_up: Vec<WentUp>) -> Result<usize, String> {
 }
 
 /// File `id`, due for upload, has no key: it is gone, or the share's root.
-fn gone(share: &Share, id: u64) -> Result<Option<WentUp>, String> {
+fn gone(share: &Share, id: u64) -> Result<Ended, String> {
     lock(&share.dirty).remove(&id);
-    Ok(None)
+    Ok(Ended::Nothing)
 }
 
-/// Uploads file `id` as it is at `generation` to `key` (share-relative): what went up, to be
-/// recorded; `None` if it changed meanwhile (it stays dirty), moved from `key` since
-/// (it goes up under its new one next time) or is gone.
-async fn upload(
-    share: &Arc<Share>,
-    id: u64,
-    generation: u64,
-    key: &str,
-) -> Result<Option<WentUp>, String> {
+/// How an upload that did not fail ended.
+enum Ended {
+    /// It went up: to be recorded.
+    Up(WentUp),
+    /// Nothing was sent: the file moved from its key since (it goes up under its new one
+    /// next time) or is gone, or changed before its content was read (it stays dirty).
+    Nothing,
+    /// The file changed while its content was being sent (it stays dirty). An earlier try
+    /// whose answer was lost may have stored an object at the key all the same.
+    Changed,
+}
+
+/// Uploads file `id` as it is at `generation` to `key` (share-relative).
+async fn upload(share: &Arc<Share>, id: u64, generation: u64, key: &str) -> Result<Ended, String> {
     let found = blocking(share, move |share| {
         let inode = share.ns.get(id)?;
         let path = share.ns.path(id)?;
@@ -337,7 +345,7 @@ async fn upload(
         Ok(found) => found,
         Err(e) if e.starts_with("gone:") => {
             lock(&share.dirty).remove(&id);
-            return Ok(None);
+            return Ok(Ended::Nothing);
         }
         Err(e) => return Err(e),
     };
@@ -345,18 +353,18 @@ async fn upload(
     let path = match inode.kind {
         Kind::Dir if path.is_empty() => {
             lock(&share.dirty).remove(&id);
-            return Ok(None);
+            return Ok(Ended::Nothing);
         }
         Kind::Dir => path + "/",
         _ => path,
     };
     if path != key {
-        return Ok(None);
+        return Ok(Ended::Nothing);
     }
     let key = format!("{}{path}", share.info.prefix);
     let mut content = None;
     let body: Arc<dyn Body> = match (inode.kind, file, whole) {
-        (Kind::File, _, Some(None)) => return Ok(None),
+        (Kind::File, _, Some(None)) => return Ok(Ended::Nothing),
         (Kind::File, _, Some(Some(bytes))) => Arc::new(bytes),
         (Kind::File, Some(file), None) => {
             let body = Arc::new(Content {
@@ -374,21 +382,21 @@ async fn upload(
         (Kind::Dir, ..) => Arc::new(Bytes::new()),
         _ => {
             lock(&share.dirty).remove(&id);
-            return Ok(None);
+            return Ok(Ended::Nothing);
         }
     };
     let len = body.len();
     let stored = match share.remote.put_body(&key, body, object_meta(&attrs)).await {
         Ok(stored) => stored,
         Err(remote::Error::Permanent { message, .. }) if message.contains(CHANGED) => {
-            return Ok(None);
+            return Ok(Ended::Changed);
         }
         Err(e) => return Err(format!("uploading {key}: {e}")),
     };
     // Read whole for the upload: its block hashes, so that once evicted it is read back a
     // block at a time.
     let blocks = content.and_then(|c| c.gathered.as_ref().and_then(|g| g.finish()));
-    Ok(Some(WentUp {
+    Ok(Ended::Up(WentUp {
         id,
         generation,
         path,
