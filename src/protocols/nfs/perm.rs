@@ -32,26 +32,36 @@ pub struct Who {
 }
 
 impl Who {
-    /// The caller after `squash`: everyone, or root, becomes nobody.
+    /// The caller after `squash`: everyone becomes nobody, or (as a kernel NFS server's
+    /// `root_squash` does) user 0 and group 0 do, the supplementary group 0 included: a
+    /// caller claiming group 0 must not get root's group rights (nor make files of it).
     pub fn of(caller: &Caller, squash: Squash) -> Who {
-        let squashed = match squash {
-            Squash::All => true,
-            Squash::Root => caller.uid == 0,
-            Squash::None => false,
-        };
-        if squashed {
-            return Who {
+        match squash {
+            Squash::All => Who {
                 uid: NOBODY,
                 gid: NOBODY,
                 groups: [0; 16],
                 group_count: 0,
-            };
-        }
-        Who {
-            uid: caller.uid,
-            gid: caller.gid,
-            groups: caller.groups,
-            group_count: caller.group_count,
+            },
+            Squash::Root => {
+                let anon = |id: u32| if id == 0 { NOBODY } else { id };
+                let mut groups = caller.groups;
+                groups[..caller.group_count]
+                    .iter_mut()
+                    .for_each(|g| *g = anon(*g));
+                Who {
+                    uid: anon(caller.uid),
+                    gid: anon(caller.gid),
+                    groups,
+                    group_count: caller.group_count,
+                }
+            }
+            Squash::None => Who {
+                uid: caller.uid,
+                gid: caller.gid,
+                groups: caller.groups,
+                group_count: caller.group_count,
+            },
         }
     }
 
@@ -147,6 +157,17 @@ mod tests {
         let squashed = Who::of(&caller(0, 0, &[]), Squash::Root);
         assert!(!squashed.may(&f, READ));
         assert!(squashed.may(&file(0o666, 1000, 100), WRITE));
+        // Group 0, claimed as the primary group or a supplementary one, is squashed too.
+        let root_group = file(0o660, 0, 0);
+        assert!(Who::of(&caller(1000, 0, &[]), Squash::None).may(&root_group, WRITE));
+        for claimed in [caller(1000, 0, &[]), caller(1000, 100, &[0])] {
+            let who = Who::of(&claimed, Squash::Root);
+            assert_eq!(who.uid, 1000);
+            assert!(!who.in_group(0), "{claimed:?} keeps group 0");
+            assert!(!who.may(&root_group, READ));
+        }
+        let kept = Who::of(&caller(1000, 100, &[0, 20]), Squash::Root);
+        assert!(kept.in_group(100) && kept.in_group(20));
         let all = Who::of(&caller(1000, 100, &[]), Squash::All);
         assert_eq!((all.uid, all.gid), (NOBODY, NOBODY));
         assert!(!all.may(&f, READ));
