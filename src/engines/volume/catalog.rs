@@ -950,15 +950,24 @@ impl Catalog {
             honoured,
             force,
         ));
-        if let Err(e) = taken {
-            let _ = remove_volume_path(&dir);
-            let _ = self.meta.delete(cached::PROGRESS_TABLE, &id);
-            let _ = self.meta.delete(INTENTS, &id);
-            return Err(CatalogError::Takeover {
-                name: name.to_string(),
-                message: e.to_string(),
-            });
-        }
+        let taken = match taken {
+            Ok(taken) => taken,
+            Err(e) => {
+                let _ = remove_volume_path(&dir);
+                let _ = self.meta.delete(cached::PROGRESS_TABLE, &id);
+                let _ = self.meta.delete(INTENTS, &id);
+                return Err(CatalogError::Takeover {
+                    name: name.to_string(),
+                    message: e.to_string(),
+                });
+            }
+        };
+        // The size of the newest commit where the volume grew after its descriptor was last
+        // written (or a gateway that lost it wrote an old size again): never smaller.
+        let info = VolumeInfo {
+            size: info.size.max(taken.size),
+            ..info
+        };
         sync_parent_dir(&dir).map_err(|source| CatalogError::Directory {
             path: dir.clone(),
             source,

@@ -521,7 +521,22 @@ impl CachedVolume {
             .map_err(io::Error::other)?
             .unwrap_or_default();
 
-        let checkpoint = state::load_local_checkpoint(&dir, &sealer, &id)?.unwrap_or_default();
+        let checkpoint = match state::load_local_checkpoint(&dir, &sealer, &id)? {
+            Some(checkpoint) => checkpoint,
+            None if progress.checkpoint.segment == 0 => Default::default(),
+            // Stored before the progress that names it: lost since. Opened without it, the
+            // volume would read as zeros and set its flushed log aside.
+            None => {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "the local checkpoint of volume {id} ({}) is missing, though the volume has one at segment {}: put the file back, or take the volume over from the bucket on a new data directory",
+                        dir.join(state::CHECKPOINT_FILE).display(),
+                        progress.checkpoint.segment
+                    ),
+                ));
+            }
+        };
         let checkpoint_at = checkpoint.at;
         let chunks = gc::Chunks::new(checkpoint.chunks, checkpoint.next_chunk);
         let checkpoint_refs = gc::objects_of(&checkpoint.map);

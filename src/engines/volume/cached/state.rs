@@ -405,7 +405,7 @@ pub(super) fn replay_records(
 const CHECKPOINT_MAGIC: &[u8; 4] = b"FCP2";
 /// Checkpoints from before garbage collection: no chunk table.
 const CHECKPOINT_MAGIC_1: &[u8; 4] = b"FCP1";
-const CHECKPOINT_FILE: &str = "checkpoint";
+pub(super) const CHECKPOINT_FILE: &str = "checkpoint";
 
 pub(super) fn checkpoint_context(id: &str) -> Vec<u8> {
     format!("firn volume checkpoint {id}").into_bytes()

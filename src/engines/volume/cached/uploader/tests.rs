@@ -424,3 +424,70 @@ fn other_format_versions_are_refused_by_name() {
     let e = read_lease(r#"{"format":2,"gateway":"gw","time":5,"since":3}"#).unwrap_err();
     assert!(e.to_string().contains("lease format version 2"), "{e}");
 }
+
+/// A volume whose local checkpoint file is gone (deleted by hand, left out of a restored
+/// backup) is not opened: without it the volume would read as zeros and set its flushed,
+/// not yet uploaded log aside. The error names the file.
+#[test]
+fn a_volume_whose_local_checkpoint_is_gone_is_not_opened() {
+    let h = open(settings());
+    for block in 0..32 {
+        h.write(block * B, 1);
+    }
+    h.vol.flush().unwrap();
+    h.drive();
+    assert_ne!(
+        lock(&h.vol.inner.state).checkpoint.segment,
+        0,
+        "no checkpoint"
+    );
+    // Flushed after the checkpoint, not uploaded: only the local log holds it.
+    h.write(40 * B, 2);
+    h.vol.flush().unwrap();
+    let Harness {
+        dir,
+        rt,
+        idle,
+        vol,
+        remote,
+        sealer,
+        id,
+    } = h;
+    // The store stays open (the volume's uploader task, never run, holds it too).
+    let meta = vol.inner.meta.clone();
+    vol.stop();
+    drop(vol);
+    let reopen = || {
+        CachedVolume::open(OpenParams {
+            id: id.clone(),
+            name: "v".into(),
+            size: 64 << 20,
+            read_only: false,
+            created: "now".into(),
+            dir: dir.path().join("vol"),
+            sealer: sealer.clone(),
+            meta: meta.clone(),
+            bucket: Bucket {
+                remote: remote.clone(),
+                prefix: format!("volumes/{id}/"),
+                runtime: rt.handle().clone(),
+                uploads: idle.handle().clone(),
+                gateway: "gw-a".into(),
+            },
+            settings: settings(),
+        })
+    };
+    let checkpoint = dir.path().join("vol/checkpoint");
+    let kept = dir.path().join("checkpoint-aside");
+    std::fs::rename(&checkpoint, &kept).unwrap();
+    let e = reopen().expect_err("opened without its checkpoint");
+    assert!(e.to_string().contains("local checkpoint"), "{e}");
+    // Put back, the volume opens with every flushed write.
+    std::fs::rename(&kept, &checkpoint).unwrap();
+    let vol = reopen().expect("reopen");
+    let mut buf = vec![0; 4096];
+    vol.read(0, &mut buf).unwrap();
+    assert_eq!(buf, vec![1; 4096]);
+    vol.read(40 * B, &mut buf).unwrap();
+    assert_eq!(buf, vec![2; 4096]);
+}
