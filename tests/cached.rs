@@ -2291,3 +2291,36 @@ fn a_volume_deleted_during_an_outage_leaves_the_bucket_after_it() {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// A gateway that lost a volume to a takeover while it was down, and is cut off from the
+/// bucket when the volume is deleted there, cannot learn that it lost it. Its deletion of the
+/// bucket's objects, retried once the bucket answers, asks the bucket first: the newest commit
+/// is the new owner's, so it deletes only its own copy, and the new owner's volume stays whole.
+#[test]
+fn a_gateway_that_lost_a_volume_unknowing_deletes_only_its_own_copy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let quick = "retry_for_secs = 1\n";
+    let mut a = Gateway::start(&dir.path().join("a"), &bucket, quick);
+    a.firn(&["volume", "create", "v", "--size", "8M"]);
+    qemu_io(&a.uri("v"), &["write -P 7 0 4M"]);
+    a.wait_drained("v", false);
+    a.kill9();
+    let b = Gateway::start(&dir.path().join("b"), &bucket, "");
+    b.firn(&["volume", "takeover", "v", "--force"]);
+    qemu_io(&b.uri("v"), &["write -P 9 4M 1M"]);
+    b.wait_drained("v", false);
+    // A comes back cut off from the bucket for 6 s, and the volume is deleted there.
+    let mut config = std::fs::read_to_string(&a.config).expect("config");
+    config.push_str("[faults]\noutage_secs = 6\n");
+    std::fs::write(&a.config, config).expect("config");
+    let restarted = Instant::now();
+    a.restart();
+    a.firn(&["volume", "delete", "v", "--force"]);
+    // A retries the bucket's part every 10 s: once after the outage, and once more.
+    std::thread::sleep(Duration::from_secs(22).saturating_sub(restarted.elapsed()));
+    a.stop();
+    let c = Gateway::start(&dir.path().join("c"), &bucket, "");
+    c.firn(&["volume", "takeover", "v", "--force"]);
+    qemu_io(&c.uri("v"), &["read -P 7 0 4M", "read -P 9 4M 1M"]);
+}

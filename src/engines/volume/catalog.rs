@@ -1047,7 +1047,24 @@ impl Catalog {
             .flatten()
             .map(|p| p.gc_pending)
             .unwrap_or_default();
+        let context = cached::Bucket {
+            remote: remote.clone(),
+            prefix: prefix.clone(),
+            runtime: bucket.runtime.clone(),
+            uploads: bucket.uploads.clone(),
+            gateway: bucket.gateway.clone(),
+        };
+        let name = info.name.clone();
         bucket.runtime.block_on(async move {
+            // Asked at every try: a gateway cut off from the bucket may have lost the volume
+            // to a takeover without knowing it, and its objects are the new owner's now.
+            if let Some(owner) = owner_elsewhere(&context, &sealer, &id).await? {
+                tracing::warn!(
+                    volume = %name,
+                    "deleted here only: gateway {owner} took the volume over, and its objects in the bucket are that gateway's"
+                );
+                return Ok(());
+            }
             remote.delete(&format!("{prefix}descriptor")).await?;
             // The chunks the volume's checkpoints name lie outside its prefix.
             let mut chunks = cached::chunk_keys(remote.as_ref(), &sealer, &id, &prefix).await?;
@@ -1200,6 +1217,32 @@ impl Catalog {
 
     fn pinned_volumes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<CachedVolume>>> {
         self.pinned.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The gateway other than `bucket`'s that holds volume `id`, if one does: its commit is the
+/// newest, or its lease is in the bucket (a takeover writes both). A commit or lease that
+/// cannot be read proves nothing either way, so it counts as another owner: the bucket's
+/// objects are left alone.
+async fn owner_elsewhere(
+    bucket: &cached::Bucket,
+    sealer: &crate::seal::Sealer,
+    id: &str,
+) -> Result<Option<String>, crate::remote::Error> {
+    use cached::restore::TakeoverError;
+    let unreadable = |what: &str, e: TakeoverError| match e {
+        TakeoverError::Remote(e) => Err(e),
+        e => Ok(Some(format!("unknown (the {what} cannot be read: {e})"))),
+    };
+    match cached::restore::newest_commit(bucket, sealer, id).await {
+        Ok(Some(commit)) if commit.gateway != bucket.gateway => return Ok(Some(commit.gateway)),
+        Ok(_) => {}
+        Err(e) => return unreadable("newest commit", e),
+    }
+    match cached::restore::lease(bucket, sealer, id).await {
+        Ok(Some(lease)) if lease.gateway != bucket.gateway => Ok(Some(lease.gateway)),
+        Ok(_) => Ok(None),
+        Err(e) => unreadable("lease", e),
     }
 }
 
