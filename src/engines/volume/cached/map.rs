@@ -249,6 +249,12 @@ impl Map {
 
     /// What covers `offset..offset + len`, in order, without gaps.
     pub fn lookup(&self, offset: u64, len: u64) -> Vec<Span> {
+        self.lookup_at_most(offset, len, usize::MAX)
+    }
+
+    /// `lookup`, of no more than the first `most` spans of the range (whose length then
+    /// falls short of `len`): memory and time bounded however many pieces the range holds.
+    pub fn lookup_at_most(&self, offset: u64, len: u64, most: usize) -> Vec<Span> {
         let end = offset + len;
         let mut spans = Vec::new();
         let mut at = offset;
@@ -260,6 +266,9 @@ impl Map {
             .map(|(o, _)| *o)
             .unwrap_or(offset);
         for (&start, piece) in self.pieces.range(first..end) {
+            if spans.len() >= most {
+                return spans;
+            }
             let piece_end = start + piece.len();
             if start > at {
                 spans.push(Span {
@@ -270,7 +279,7 @@ impl Map {
                 at = start;
             }
             let stop = piece_end.min(end);
-            if stop > at {
+            if stop > at && spans.len() < most {
                 spans.push(Span {
                     offset: at,
                     len: stop - at,
@@ -279,7 +288,7 @@ impl Map {
                 at = stop;
             }
         }
-        if at < end {
+        if at < end && spans.len() < most {
             spans.push(Span {
                 offset: at,
                 len: end - at,
@@ -410,6 +419,12 @@ mod tests {
             }
             for (offset, len) in probes {
                 prop_assert_eq!(read(&map, offset, len), model[offset as usize..(offset + len) as usize].to_vec());
+                // At most a few spans: the first ones of the whole answer, end to end.
+                let all = map.lookup(offset, len);
+                for most in [1, 2, 3] {
+                    let some = map.lookup_at_most(offset, len, most);
+                    prop_assert_eq!(&some[..], &all[..most.min(all.len())]);
+                }
             }
             // Pieces never overlap and zeros next to zeros are merged.
             let pieces: Vec<_> = map.iter().collect();

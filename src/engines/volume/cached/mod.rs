@@ -59,6 +59,10 @@ use crate::seal::Sealer;
 pub const PROGRESS_TABLE: &str = "cached-volumes";
 /// Open segment files kept at once; more are opened per read.
 const OPEN_FILES: usize = 128;
+/// The most map spans one block-status answer looks at: it describes that much of the range
+/// asked for (the client asks again for the rest), in bounded memory and time, and the map's
+/// lock is held that long, however fragmented the volume.
+const EXTENT_SPANS: usize = 4096;
 /// The map names chunks by numbers from here up; segments by numbers below.
 pub const CHUNK_BASE: u64 = 1 << 63;
 /// The most a cold sequential read fetches ahead of the reader, in one ranged GET.
@@ -1900,7 +1904,7 @@ impl BlockDevice for CachedVolume {
             .map
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .lookup(offset, length);
+            .lookup_at_most(offset, length, EXTENT_SPANS);
         let mut extents: Vec<Extent> = Vec::new();
         for span in spans {
             let hole = matches!(span.place, None | Some(Place::Zero));
