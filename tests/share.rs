@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use firn::engines::share::namespace::Kind;
-use firn::engines::share::{Settings, Share, ShareError, Shares, Squash};
+use firn::engines::share::{SetAttrs, Settings, Share, ShareError, Shares, Squash};
 use firn::local::meta::MetaStore;
 use firn::remote::dir::DirStore;
 use firn::remote::faults::FaultPlan;
@@ -1245,6 +1245,51 @@ fn clean_files_are_evicted_past_cache_max_and_fetched_back_when_used() {
 }
 
 /// Waits until file `id` of the share in `files_dir` has been evicted by cache_max.
+/// A file emptied by SETATTR (O_TRUNC, a copy over it) while evicted is not fetched first:
+/// emptying it works during an outage, and what is written then goes up.
+#[test]
+fn an_evicted_file_emptied_is_not_fetched_first() {
+    for mut rig in rigs(Duration::ZERO) {
+        rig.cache_max = 64 << 10;
+        rig.reopen(Duration::ZERO);
+        let info = rig
+            .shares()
+            .create("e", "e/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let files_dir = rig.dir.path().join("shares").join(&info.id).join("files");
+        let share = rig.share("e");
+        let old = random(3 << 20);
+        let f = share
+            .create(share.root(), "f", 0o644, 0, 0, true)
+            .expect("create");
+        for at in (0..old.len()).step_by(1 << 20) {
+            share
+                .write(f.fileid, at as u64, &old[at..at + (1 << 20)], false)
+                .expect("write");
+        }
+        share.commit(f.fileid).expect("commit");
+        rig.wait_clean("e");
+        wait_evicted(&files_dir, f.fileid);
+        rig.faults.outage(Duration::from_secs(600));
+        let emptied = share
+            .setattr(
+                f.fileid,
+                SetAttrs {
+                    size: Some(0),
+                    ..Default::default()
+                },
+            )
+            .expect("emptied during the outage");
+        assert_eq!(emptied.size, 0);
+        share.write(f.fileid, 0, b"new", false).expect("write");
+        assert_eq!(share.read(f.fileid, 0, 100).expect("read").0, b"new");
+        rig.faults.end_outage();
+        share.commit(f.fileid).expect("commit");
+        rig.wait_clean("e");
+        assert_eq!(rig.get("e/f").expect("uploaded").0, b"new");
+    }
+}
+
 fn wait_evicted(files_dir: &std::path::Path, id: u64) {
     let started = Instant::now();
     while files_dir.join(format!("{id:016x}")).exists() {

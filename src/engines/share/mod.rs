@@ -904,6 +904,26 @@ impl Share {
         Err(ShareError::NoSpace)
     }
 
+    /// The content file of `id`, emptied, made empty if it was evicted (no fetch). The file
+    /// must be marked changing (`begin_change`): eviction then leaves it alone.
+    fn emptied_content(&self, id: u64) -> Result<Arc<File>, ShareError> {
+        lock(&self.used).insert(id, Instant::now());
+        let mut open = lock(&self.files_open);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(self.content_path(id))
+            .map_err(|e| io_error("emptying a file's local content", e))?;
+        let file = keep_open(&mut open, id, file);
+        drop(open);
+        // Blocks fetched of its old object are not its content any more.
+        self.drop_partial(id);
+        Ok(file)
+    }
+
     /// The content file of `id`, a file just created: made at once, rather than looked for
     /// first as `content` does (two opens that fail and a namespace read, for each new file).
     fn new_content(&self, id: u64) -> Result<Arc<File>, ShareError> {
@@ -1560,7 +1580,13 @@ impl Share {
         if set.size.is_some() || set.mtime_ns.is_some() && inode.kind == Kind::File {
             self.begin_change(id)?;
             let done = (|| {
-                let file = self.content(id)?;
+                // Emptied (O_TRUNC, a copy over the file): nothing of the old content is
+                // needed, so an evicted file is not fetched first.
+                let file = if set.size == Some(0) {
+                    self.emptied_content(id)?
+                } else {
+                    self.content(id)?
+                };
                 if let Some(size) = set.size {
                     file.set_len(size)
                         .map_err(|e| io_error("truncating a file", e))?;
