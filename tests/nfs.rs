@@ -981,6 +981,30 @@ fn connections_past_the_limit_from_one_address_are_closed() {
     }
 }
 
+/// A client that no share admits gets no connection at all: it could mount nothing, but
+/// could hold the door's connections and calls from the clients that can.
+#[test]
+fn a_client_no_share_admits_gets_no_connection() {
+    let g = Gateway::start();
+    g.firn(&["share", "create", "closed", "--allow", "10.9.0.0/16"]);
+    let connect = || {
+        let stream = std::net::TcpStream::connect(("127.0.0.1", g.nfs_port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        stream
+    };
+    assert!(
+        null_call(&mut connect()).is_none(),
+        "a client no share admits was served"
+    );
+    g.firn(&["share", "create", "open"]);
+    assert_eq!(
+        accept_status(&null_call(&mut connect()).expect("a reply")),
+        0
+    );
+}
+
 #[test]
 fn a_share_allowlist_keeps_other_clients_out() {
     let g = Gateway::start();

@@ -238,6 +238,18 @@ impl NfsServer {
         stream: TcpStream,
         peer: SocketAddr,
     ) -> std::io::Result<()> {
+        // Only a client some share admits gets a connection: the others could not mount
+        // anything, but could hold the door's connections and calls.
+        let admitted = self
+            .shares
+            .list()
+            .unwrap_or_default()
+            .iter()
+            .any(|share| (self.admit)(share, peer.ip()));
+        if !admitted {
+            tracing::debug!(%peer, "nfs: refused: no share admits this address");
+            return Ok(());
+        }
         let Some(_counted) = self.count(peer.ip()) else {
             tracing::debug!(%peer, "nfs: refused: too many connections");
             return Ok(());
