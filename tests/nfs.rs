@@ -1971,3 +1971,88 @@ async fn modes_are_enforced_for_every_caller() {
     let (ok, listing, err) = run("nfs-ls", &[&g.url("p/shared")]);
     assert!(ok && listing.contains("notes"), "{listing}{err}");
 }
+
+/// A listing read a page at a time goes on after the last name it was given, even when that
+/// entry was removed (iterate-and-delete, as `rm -r` does) or renamed in between: nothing is
+/// skipped, and no NFS3ERR_BAD_COOKIE ends it early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_goes_on_after_its_last_entry_is_removed_or_renamed() {
+    let g = Gateway::start();
+    g.firn(&["share", "create", "list", "--squash", "none"]);
+    let mut c = g.client("list", 0, 0).await;
+    let root = c.root_nfs_fh3();
+    let dirop = |name: &str| diropargs3 {
+        dir: root.clone(),
+        name: filename3::from(name.as_bytes().to_vec()),
+    };
+    let all: Vec<String> = (0..60).map(|i| format!("f{i:03}")).collect();
+    for name in &all {
+        match c
+            .create(&CREATE3args {
+                where_: dirop(name),
+                how: createhow3::UNCHECKED(sattr3::default()),
+            })
+            .await
+            .expect("rpc")
+        {
+            Nfs3Result::Ok(_) => {}
+            Nfs3Result::Err((e, _)) => panic!("create {name}: {e:?}"),
+        }
+    }
+    // Pages of a few entries (READDIR's count is in bytes); after each page its last entry
+    // is removed (pages 1, 3, ...) or renamed past the end (pages 2, 4, ...).
+    let mut seen = Vec::new();
+    let mut cookie = 0;
+    for page in 1.. {
+        let reply = c
+            .readdir(&READDIR3args {
+                dir: root.clone(),
+                cookie,
+                cookieverf: cookieverf3::default(),
+                count: 400,
+            })
+            .await
+            .expect("rpc");
+        let ok = match reply {
+            Nfs3Result::Ok(ok) => ok,
+            Nfs3Result::Err((e, _)) => panic!("readdir page {page}: {e:?}"),
+        };
+        let entries = &ok.reply.entries.0;
+        for e in entries {
+            seen.push(String::from_utf8_lossy(e.name.as_ref()).into_owned());
+        }
+        if ok.reply.eof {
+            break;
+        }
+        let last = entries
+            .last()
+            .expect("a page that is not the end lists something");
+        cookie = last.cookie;
+        let name = String::from_utf8_lossy(last.name.as_ref()).into_owned();
+        let changed = if page % 2 == 1 {
+            matches!(
+                c.remove(&REMOVE3args {
+                    object: dirop(&name)
+                })
+                .await
+                .expect("rpc"),
+                Nfs3Result::Ok(_)
+            )
+        } else {
+            matches!(
+                c.rename(&RENAME3args {
+                    from: dirop(&name),
+                    to: dirop(&format!("z-{name}")),
+                })
+                .await
+                .expect("rpc"),
+                Nfs3Result::Ok(_)
+            )
+        };
+        assert!(changed, "changing {name}");
+        assert!(page < 100, "the listing never ends");
+    }
+    for name in &all {
+        assert!(seen.contains(name), "{name} was never listed: {seen:?}");
+    }
+}

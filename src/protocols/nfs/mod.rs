@@ -61,6 +61,38 @@ pub struct NfsServer {
     in_flight: Arc<Semaphore>,
     /// Connections open, by client address.
     open: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
+    /// The name each directory listing's last cookie stood for when it was given out.
+    cookies: std::sync::Mutex<Cookies>,
+}
+
+/// The names that the last cookies of READDIR and READDIRPLUS replies stood for, newest
+/// `COOKIES` of them: a listing goes on after the name its cookie was given for, even once
+/// that entry is renamed or removed (iterate-and-delete, `rm -r`). A cookie is an entry's
+/// fileid; one forgotten here is looked up by the entry's name now.
+#[derive(Default)]
+struct Cookies {
+    names: std::collections::HashMap<(String, u64, u64), String>,
+    order: std::collections::VecDeque<(String, u64, u64)>,
+}
+
+/// Cookies remembered, all shares together.
+const COOKIES: usize = 4096;
+
+impl Cookies {
+    fn remember(&mut self, key: (String, u64, u64), name: String) {
+        if self.names.insert(key.clone(), name).is_none() {
+            self.order.push_back(key);
+            if self.order.len() > COOKIES
+                && let Some(oldest) = self.order.pop_front()
+            {
+                self.names.remove(&oldest);
+            }
+        }
+    }
+
+    fn name(&self, key: &(String, u64, u64)) -> Option<String> {
+        self.names.get(key).cloned()
+    }
 }
 
 /// A connection counted in `NfsServer::open`, until dropped.
@@ -189,6 +221,22 @@ pub struct Caller {
 }
 
 impl NfsServer {
+    /// Notes that `cookie` of directory `dir` in share `share` stands for entry `name`.
+    fn remember_cookie(&self, share: &str, dir: u64, cookie: u64, name: &str) {
+        self.cookies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remember((share.to_string(), dir, cookie), name.to_string());
+    }
+
+    /// The name `cookie` of directory `dir` in share `share` stood for, if remembered.
+    fn cookie_name(&self, share: &str, dir: u64, cookie: u64) -> Option<String> {
+        self.cookies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .name(&(share.to_string(), dir, cookie))
+    }
+
     pub fn new(shares: Arc<Shares>, admit: Admit, metrics: Arc<NfsMetrics>) -> Arc<NfsServer> {
         Arc::new(NfsServer {
             shares,
@@ -197,6 +245,7 @@ impl NfsServer {
             metrics,
             in_flight: Arc::new(Semaphore::new(IN_FLIGHT_ALL)),
             open: std::sync::Mutex::new(std::collections::HashMap::new()),
+            cookies: Default::default(),
         })
     }
 

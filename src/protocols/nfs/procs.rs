@@ -809,20 +809,40 @@ fn rename(server: &NfsServer, caller: Caller, args: RENAME3args) -> Vec<u8> {
 /// entry is gone.
 #[allow(clippy::type_complexity)]
 fn entries(
+    server: &NfsServer,
     share: &Share,
     dir: u64,
     cookie: u64,
     count: u32,
     entry_size: usize,
 ) -> Result<(Vec<(String, Attrs)>, bool), nfsstat3> {
+    let share_id = &share.info().id;
+    // After the name the cookie was given for (the entry may have been renamed or removed
+    // since), else the entry's name now.
     let after = if cookie == 0 {
         None
+    } else if let Some(name) = server.cookie_name(share_id, dir, cookie) {
+        Some(name)
     } else {
         let path = share
             .path(cookie)
             .map_err(|_| nfsstat3::NFS3ERR_BAD_COOKIE)?;
         Some(path.rsplit('/').next().unwrap_or_default().to_string())
     };
+    let listed = entries_after(share, dir, after, count, entry_size)?;
+    if let Some((name, attrs)) = listed.0.last() {
+        server.remember_cookie(share_id, dir, attrs.fileid, name);
+    }
+    Ok(listed)
+}
+
+fn entries_after(
+    share: &Share,
+    dir: u64,
+    after: Option<String>,
+    count: u32,
+    entry_size: usize,
+) -> Result<(Vec<(String, Attrs)>, bool), nfsstat3> {
     // The reply's fixed part takes about 120 bytes. A client's count is capped: one reply
     // lists at most about a megabyte of entries however many it asks for.
     let room = (count as usize).min(READDIR_MAX).saturating_sub(120);
@@ -864,7 +884,8 @@ fn readdir(server: &NfsServer, caller: Caller, args: READDIR3args) -> Vec<u8> {
         };
         let listed = target(&share, dir).map_err(fail)?;
         permit(who(&share, &caller).may(&listed, perm::READ)).map_err(fail)?;
-        let (list, eof) = entries(&share, dir, args.cookie, args.count, 24).map_err(fail)?;
+        let (list, eof) =
+            entries(server, &share, dir, args.cookie, args.count, 24).map_err(fail)?;
         let entries = list
             .into_iter()
             .map(|(name, attrs)| entry3 {
@@ -901,8 +922,15 @@ fn readdirplus(server: &NfsServer, caller: Caller, args: READDIRPLUS3args) -> Ve
         };
         let listed = target(&share, dir).map_err(fail)?;
         permit(who(&share, &caller).may(&listed, perm::READ)).map_err(fail)?;
-        let (list, eof) =
-            entries(&share, dir, args.cookie, args.maxcount, 24 + 88 + 36).map_err(fail)?;
+        let (list, eof) = entries(
+            server,
+            &share,
+            dir,
+            args.cookie,
+            args.maxcount,
+            24 + 88 + 36,
+        )
+        .map_err(fail)?;
         let entries = list
             .into_iter()
             .map(|(name, attrs)| entryplus3 {
