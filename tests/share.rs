@@ -1290,6 +1290,39 @@ fn an_evicted_file_emptied_is_not_fetched_first() {
     }
 }
 
+/// Files read a block at a time keep a part file open each: however many are read, the
+/// share keeps a bounded number open (the directory store alone: 400 objects of a little
+/// more than a block each).
+#[test]
+fn reading_many_files_a_block_at_a_time_keeps_open_files_bounded() {
+    let rig = rigs(Duration::ZERO).swap_remove(0);
+    rig.shares()
+        .create("p", "p/", false, Vec::new(), Squash::Root)
+        .expect("create");
+    let share = rig.share("p");
+    let body = bytes::Bytes::from(random((1 << 20) + 4096));
+    for i in 0..400 {
+        rig.runtime
+            .block_on(
+                rig.raw
+                    .put(&format!("p/f{i:03}"), body.clone(), remote::Meta::new()),
+            )
+            .expect("put by another tool");
+    }
+    share.refresh("").expect("refresh");
+    let open_files = || std::fs::read_dir("/proc/self/fd").expect("fds").count();
+    let before = open_files();
+    for i in 0..400 {
+        let id = share
+            .lookup(share.root(), &format!("f{i:03}"))
+            .expect("lookup");
+        let (read, _) = share.read(id, 1 << 20, 4096).expect("read");
+        assert!(read == body[1 << 20..], "f{i:03} reads otherwise");
+    }
+    let opened = open_files().saturating_sub(before);
+    assert!(opened <= 300, "{opened} files more open after reading 400");
+}
+
 fn wait_evicted(files_dir: &std::path::Path, id: u64) {
     let started = Instant::now();
     while files_dir.join(format!("{id:016x}")).exists() {

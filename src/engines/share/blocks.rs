@@ -45,6 +45,8 @@ const RUN_BYTES: u64 = 8 << 20;
 /// the number of readers; a reader that finds none free reads without.
 pub(super) const READAHEAD_RUNS: usize = 8;
 const CV_LEN: usize = 32;
+/// Files read a block at a time whose part files are kept open at once, per share.
+const MAX_PARTIALS: usize = 256;
 
 /// The block size of an object of `size` bytes.
 pub fn block_size(size: u64) -> u64 {
@@ -517,6 +519,20 @@ impl Share {
             }),
             fetched: Condvar::new(),
         });
+        if partials.len() >= MAX_PARTIALS {
+            // Each holds its part file open: one goes, not in use if one is not (its blocks
+            // are fetched again when wanted), so open files stay bounded however many files
+            // are read a block at a time.
+            let victim = partials
+                .iter()
+                .find(|(_, p)| Arc::strong_count(p) == 1)
+                .or_else(|| partials.iter().next())
+                .map(|(&victim, _)| victim);
+            if let Some(victim) = victim {
+                partials.remove(&victim);
+                let _ = std::fs::remove_file(self.part_path(victim));
+            }
+        }
         partials.insert(id, part.clone());
         Ok(Some(part))
     }
