@@ -367,6 +367,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         // While the process has one thread: the runtime below starts the others.
         crate::daemon::process::harden(&config.keys);
         crate::daemon::process::limit_malloc_arenas();
+        crate::daemon::process::raise_open_files_limit();
     }
     let rt = runtime()?;
     match cli.command {

@@ -48,6 +48,22 @@ fn forbid_core_dumps() {
     }
 }
 
+/// Raises the soft limit on open files to the hard one (commonly 1,024 against 524,288): the
+/// daemon keeps files open per volume and share (each bounded) and a socket per client, and
+/// the soft default is sized for interactive programs, not servers.
+pub fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!("cannot raise the open files limit from {soft} to {hard}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!("cannot read the open files limit: {e}"),
+    }
+}
+
 /// Most glibc malloc arenas. glibc gives a thread that allocates under contention an arena of
 /// its own (up to 8 per core), and freed memory stays in it: with the runtime's many blocking
 /// threads each request's buffers ended up spread over 16 arenas of 10 to 16 MiB each, which
