@@ -1323,6 +1323,57 @@ fn reading_many_files_a_block_at_a_time_keeps_open_files_bounded() {
     assert!(opened <= 300, "{opened} files more open after reading 400");
 }
 
+/// A large file fetched back whole does not hold up the fetch of a small one (every request
+/// to the bucket slowed by 200 ms: the large one takes eight ranged GETs).
+#[test]
+fn a_large_whole_fetch_does_not_hold_up_a_small_one() {
+    for rig in rigs(Duration::ZERO) {
+        rig.shares()
+            .create("w", "w/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("w");
+        // Through firn's stack, as another gateway puts them: with a digest, and no block
+        // hashes here, so a read fetches each whole.
+        let (big, small) = (random(64 << 20), random(100_000));
+        for (key, body) in [("w/big", &big), ("w/small", &small)] {
+            rig.runtime
+                .block_on(rig.remote.put(
+                    key,
+                    bytes::Bytes::from(body.clone()),
+                    remote::Meta::new(),
+                ))
+                .expect("put");
+        }
+        share.refresh("").expect("refresh");
+        let (big_id, small_id) = (
+            share.lookup(share.root(), "big").expect("big"),
+            share.lookup(share.root(), "small").expect("small"),
+        );
+        rig.faults.set(firn::remote::faults::FaultSettings {
+            latency_ms: 200,
+            ..Default::default()
+        });
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            let large = s.spawn(|| {
+                let read = share.read(big_id, 0, 4096).expect("read big");
+                assert!(read.0 == big[..4096]);
+                started.elapsed()
+            });
+            std::thread::sleep(Duration::from_millis(300));
+            let (read, _) = share.read(small_id, 0, 4096).expect("read small");
+            assert!(read == small[..4096]);
+            let small_took = started.elapsed() - Duration::from_millis(300);
+            let large_took = large.join().expect("large");
+            assert!(
+                small_took < Duration::from_millis(1000) && large_took > small_took * 2,
+                "the small read took {small_took:?}, the large one {large_took:?}"
+            );
+        });
+        rig.faults.set(Default::default());
+    }
+}
+
 fn wait_evicted(files_dir: &std::path::Path, id: u64) {
     let started = Instant::now();
     while files_dir.join(format!("{id:016x}")).exists() {

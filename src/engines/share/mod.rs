@@ -42,6 +42,22 @@ use crate::remote::Remote;
 const TABLE: &str = "shares";
 /// Open content files kept per share.
 const OPEN_FILES: usize = 256;
+/// Evicted files fetched back whole at once, per share.
+const WHOLE_FETCHES: usize = 4;
+
+/// A file's turn to be fetched whole (`Share::fetch_turn`), until dropped.
+struct FetchTurn<'a> {
+    share: &'a Share,
+    id: u64,
+}
+
+impl Drop for FetchTurn<'_> {
+    fn drop(&mut self) {
+        lock(&self.share.fetching).remove(&self.id);
+        self.share.fetched.notify_all();
+    }
+}
+
 /// How many times a read or write fetches an evicted file that is evicted again before it
 /// is opened, before the client is told to try later.
 const FETCH_TRIES: usize = 3;
@@ -511,7 +527,8 @@ impl Shares {
             listed: Mutex::new(HashMap::new()),
             newest_upload: tokio::sync::watch::Sender::new(0),
             used: Mutex::new(HashMap::new()),
-            fetching: Mutex::new(()),
+            fetching: Mutex::new(Default::default()),
+            fetched: std::sync::Condvar::new(),
             partials: Mutex::new(HashMap::new()),
             readahead: Arc::new(tokio::sync::Semaphore::new(blocks::READAHEAD_RUNS)),
             runtime: self.runtime.clone(),
@@ -762,8 +779,10 @@ pub struct Share {
     newest_upload: tokio::sync::watch::Sender<u64>,
     /// When each file's content was last used, for eviction.
     used: Mutex<HashMap<u64, Instant>>,
-    /// Held while an evicted file is fetched back whole.
-    fetching: Mutex<()>,
+    /// Evicted files being fetched back whole (`WHOLE_FETCHES` at most at once), and the
+    /// signal that one ended.
+    fetching: Mutex<std::collections::HashSet<u64>>,
+    fetched: std::sync::Condvar,
     /// Evicted files being read back a block at a time.
     partials: Mutex<HashMap<u64, Arc<blocks::Partial>>>,
     /// Permits for runs read ahead (`blocks::READAHEAD_RUNS`).
@@ -1011,10 +1030,11 @@ impl Share {
         }
     }
 
-    /// Brings an evicted file's content back from its object. One fetch at a time: a second
-    /// reader of the same file finds it fetched.
+    /// Brings an evicted file's content back from its object. One fetch per file at a time
+    /// (a second reader of the same file finds it fetched), and a few files at once: a large
+    /// file's fetch does not hold up the fetch of a small one.
     fn fetch(&self, id: u64) -> Result<(), ShareError> {
-        let _one = lock(&self.fetching);
+        let _turn = self.fetch_turn(id);
         let path = self.content_path(id);
         if path.exists() {
             return Ok(());
@@ -1053,6 +1073,20 @@ impl Share {
             self.ns.set_blocks(id, &cvs)?;
         }
         Ok(())
+    }
+
+    /// Waits until file `id` may be fetched whole: no fetch of it is under way, and fewer
+    /// than `WHOLE_FETCHES` in all.
+    fn fetch_turn(&self, id: u64) -> FetchTurn<'_> {
+        let mut fetching = lock(&self.fetching);
+        while fetching.contains(&id) || fetching.len() >= WHOLE_FETCHES {
+            fetching = self
+                .fetched
+                .wait(fetching)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        fetching.insert(id);
+        FetchTurn { share: self, id }
     }
 
     /// The object `key` of `size` bytes into the file `to`, in ranged reads of 8 MiB (memory
