@@ -97,6 +97,15 @@ impl Gateway {
         }
     }
 
+    /// A plain TCP connection to the NFS port, reads timing out after 10 s.
+    fn connect(&self) -> std::net::TcpStream {
+        let stream = std::net::TcpStream::connect(("127.0.0.1", self.nfs_port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        stream
+    }
+
     /// A scripted client on `/share`, calling as `uid`/`gid`.
     async fn client(&self, share: &str, uid: u32, gid: u32) -> Client {
         common::nfs_client(self.nfs_port, share, uid, gid).await
@@ -951,13 +960,7 @@ fn null_call(stream: &mut std::net::TcpStream) -> Option<Vec<u8>> {
 fn connections_past_the_limit_from_one_address_are_closed() {
     let g = Gateway::start();
     g.firn(&["share", "create", "media"]);
-    let connect = || {
-        let stream = std::net::TcpStream::connect(("127.0.0.1", g.nfs_port)).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        stream
-    };
+    let connect = || g.connect();
     // 32 connections from one address are served; the 33rd is closed at once.
     let mut held: Vec<_> = (0..32).map(|_| connect()).collect();
     for stream in &mut held {
@@ -987,13 +990,7 @@ fn connections_past_the_limit_from_one_address_are_closed() {
 fn a_client_no_share_admits_gets_no_connection() {
     let g = Gateway::start();
     g.firn(&["share", "create", "closed", "--allow", "10.9.0.0/16"]);
-    let connect = || {
-        let stream = std::net::TcpStream::connect(("127.0.0.1", g.nfs_port)).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        stream
-    };
+    let connect = || g.connect();
     assert!(
         null_call(&mut connect()).is_none(),
         "a client no share admits was served"

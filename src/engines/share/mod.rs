@@ -904,16 +904,7 @@ impl Share {
             if self.ns.get(id)?.uploaded.is_none() {
                 // Never uploaded, so never evicted: a new file, or one whose content a
                 // crash took before it reached the disk.
-                let mut open = lock(&self.files_open);
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .mode(0o600)
-                    .open(self.content_path(id))
-                    .map_err(|e| io_error("opening a file's local content", e))?;
-                return Ok(keep_open(&mut open, id, file));
+                return self.open_content(id, false);
             }
             // Evicted: its object holds it.
             self.fetch(id)?;
@@ -923,21 +914,26 @@ impl Share {
         Err(ShareError::NoSpace)
     }
 
-    /// The content file of `id`, emptied, made empty if it was evicted (no fetch). The file
-    /// must be marked changing (`begin_change`): eviction then leaves it alone.
-    fn emptied_content(&self, id: u64) -> Result<Arc<File>, ShareError> {
-        lock(&self.used).insert(id, Instant::now());
+    /// Opens (making it if missing, emptying it with `empty`) the content file of `id` under
+    /// the lock eviction holds to unlink, and keeps it open.
+    fn open_content(&self, id: u64, empty: bool) -> Result<Arc<File>, ShareError> {
         let mut open = lock(&self.files_open);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(empty)
             .mode(0o600)
             .open(self.content_path(id))
-            .map_err(|e| io_error("emptying a file's local content", e))?;
-        let file = keep_open(&mut open, id, file);
-        drop(open);
+            .map_err(|e| io_error("opening a file's local content", e))?;
+        Ok(keep_open(&mut open, id, file))
+    }
+
+    /// The content file of `id`, emptied, made empty if it was evicted (no fetch). The file
+    /// must be marked changing (`begin_change`): eviction then leaves it alone.
+    fn emptied_content(&self, id: u64) -> Result<Arc<File>, ShareError> {
+        lock(&self.used).insert(id, Instant::now());
+        let file = self.open_content(id, true)?;
         // Blocks fetched of its old object are not its content any more.
         self.drop_partial(id);
         Ok(file)
