@@ -997,8 +997,14 @@ impl Inner {
                     self.wait_for_reserve()?;
                     continue;
                 };
-                self.roll(&mut w, space)
+                let rolled = self
+                    .roll(&mut w, space)
                     .map_err(|e| io_error("opening a new log segment", e))?;
+                if !rolled {
+                    drop(w);
+                    self.wait_for_reserve()?;
+                    continue;
+                }
             }
             break self.reserve(&mut w, kind, offset, length);
         };
@@ -1035,7 +1041,7 @@ impl Inner {
     /// it is mapped. `data` is sealed where it lies (it is the caller's to give up); only
     /// the list of slices for the `pwritev` is allocated. A write that fails leaves a hole in
     /// the log: the volume's flushes fail from then on (as after a failed sync), so nothing
-    /// after the hole is ever promised.
+    /// after the hole is ever promised, and its segment is never closed for upload (`roll`).
     fn complete(&self, place: Reserved, data: &mut [u8]) -> BlockResult<()> {
         let header = &place.header;
         let bytes = record::record_len(header.kind, header.length);
@@ -1183,15 +1189,25 @@ impl Inner {
 
     /// Closes the open segment and opens the next, in `space` (`segment_space`). Called with
     /// the log locked; waits for the records reserved in the segment to be written, since it
-    /// is then sealed for upload.
-    fn roll(&self, w: &mut Writer, space: Option<File>) -> io::Result<()> {
+    /// is then sealed for upload. `Ok(false)`, with the segment still open, if the reserve no
+    /// longer holds the room `segment_space` saw: while this waited, a checkpoint took some
+    /// (on a full disk) or a smaller `log_max` gave some back. The caller waits for room, as
+    /// when `segment_space` finds none.
+    fn roll(&self, w: &mut Writer, space: Option<File>) -> io::Result<bool> {
         let rolled = self.roll_into(w, space);
         lock(&self.reserve).settle();
         rolled
     }
 
-    fn roll_into(&self, w: &mut Writer, space: Option<File>) -> io::Result<()> {
+    fn roll_into(&self, w: &mut Writer, space: Option<File>) -> io::Result<bool> {
         self.wait_published(w.tickets);
+        // A failed write left a hole in the segment (or a failed sync left it unknown): it
+        // is never sealed for upload, and the next open cuts it where its records end.
+        if let Some(e) = lock(&self.failed).as_ref() {
+            return Err(io::Error::other(format!(
+                "the log segment holds a failed write ({e}); reattach the volume"
+            )));
+        }
         let seq = w.seq + 1;
         if w.prewritten {
             // Closed at its last record, as a segment written from scratch is, and its
@@ -1212,10 +1228,7 @@ impl Inner {
                 // the segment without room for its writes.
                 let mut reserve = lock(&self.reserve);
                 if !reserve.take(self.segment_alloc) {
-                    return Err(io::Error::new(
-                        io::ErrorKind::StorageFull,
-                        "the log's reserve holds no room for a segment",
-                    ));
+                    return Ok(false);
                 }
                 let created = state::create_segment(&segments, &self.key, seq, None);
                 match &created {
@@ -1256,13 +1269,12 @@ impl Inner {
         }
         let mut state = lock(&self.state);
         state.sealed.insert(closed, closed_len);
-        let _ = closed_len;
         state.sealed_upto = closed;
         state.dirty_bytes += HEADER_LEN as u64;
         state.local_bytes += HEADER_LEN as u64;
         drop(state);
         self.wake.notify_one();
-        Ok(())
+        Ok(true)
     }
 
     fn flush(&self) -> BlockResult<()> {

@@ -219,8 +219,10 @@ async fn close_if_due(inner: &Arc<Inner>) -> Result<(), String> {
             let Some(space) = inner.segment_space() else {
                 return Ok(());
             };
+            // Without room after all (`Inner::roll`), the next step tries again.
             inner
                 .roll(w, space)
+                .map(drop)
                 .map_err(|e| format!("closing a log segment: {e}"))
         };
         if w.end <= super::HEADER_LEN as u64 {

@@ -172,6 +172,80 @@ impl Harness {
     }
 }
 
+/// A harness whose volume was stopped and dropped, as by a daemon's restart: its
+/// directory, bucket and metadata store stay for the next open.
+struct Closed {
+    dir: tempfile::TempDir,
+    rt: tokio::runtime::Runtime,
+    idle: tokio::runtime::Runtime,
+    remote: Arc<dyn Remote>,
+    sealer: Arc<Sealer>,
+    id: String,
+    meta: Arc<MetaStore>,
+}
+
+impl Harness {
+    fn close(self) -> Closed {
+        let Harness {
+            dir,
+            rt,
+            idle,
+            vol,
+            remote,
+            sealer,
+            id,
+        } = self;
+        // The store stays open (the volume's uploader task, never run, holds it too).
+        let meta = vol.inner.meta.clone();
+        vol.stop();
+        drop(vol);
+        Closed {
+            dir,
+            rt,
+            idle,
+            remote,
+            sealer,
+            id,
+            meta,
+        }
+    }
+}
+
+impl Closed {
+    fn open(&self, settings: Settings) -> std::io::Result<CachedVolume> {
+        CachedVolume::open(OpenParams {
+            id: self.id.clone(),
+            name: "v".into(),
+            size: 64 << 20,
+            read_only: false,
+            created: "now".into(),
+            dir: self.dir.path().join("vol"),
+            sealer: self.sealer.clone(),
+            meta: self.meta.clone(),
+            bucket: Bucket {
+                remote: self.remote.clone(),
+                prefix: format!("volumes/{}/", self.id),
+                runtime: self.rt.handle().clone(),
+                uploads: self.idle.handle().clone(),
+                gateway: "gw-a".into(),
+            },
+            settings,
+        })
+    }
+    fn reopen(self, settings: Settings) -> Harness {
+        let vol = self.open(settings).expect("reopen");
+        Harness {
+            dir: self.dir,
+            rt: self.rt,
+            idle: self.idle,
+            vol,
+            remote: self.remote,
+            sealer: self.sealer,
+            id: self.id,
+        }
+    }
+}
+
 const B: u64 = 4096;
 static TAKEOVERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -444,50 +518,135 @@ fn a_volume_whose_local_checkpoint_is_gone_is_not_opened() {
     // Flushed after the checkpoint, not uploaded: only the local log holds it.
     h.write(40 * B, 2);
     h.vol.flush().unwrap();
-    let Harness {
-        dir,
-        rt,
-        idle,
-        vol,
-        remote,
-        sealer,
-        id,
-    } = h;
-    // The store stays open (the volume's uploader task, never run, holds it too).
-    let meta = vol.inner.meta.clone();
-    vol.stop();
-    drop(vol);
-    let reopen = || {
-        CachedVolume::open(OpenParams {
-            id: id.clone(),
-            name: "v".into(),
-            size: 64 << 20,
-            read_only: false,
-            created: "now".into(),
-            dir: dir.path().join("vol"),
-            sealer: sealer.clone(),
-            meta: meta.clone(),
-            bucket: Bucket {
-                remote: remote.clone(),
-                prefix: format!("volumes/{id}/"),
-                runtime: rt.handle().clone(),
-                uploads: idle.handle().clone(),
-                gateway: "gw-a".into(),
-            },
-            settings: settings(),
-        })
-    };
-    let checkpoint = dir.path().join("vol/checkpoint");
-    let kept = dir.path().join("checkpoint-aside");
+    let closed = h.close();
+    let checkpoint = closed.dir.path().join("vol/checkpoint");
+    let kept = closed.dir.path().join("checkpoint-aside");
     std::fs::rename(&checkpoint, &kept).unwrap();
-    let e = reopen().expect_err("opened without its checkpoint");
+    let e = closed
+        .open(settings())
+        .expect_err("opened without its checkpoint");
     assert!(e.to_string().contains("local checkpoint"), "{e}");
     // Put back, the volume opens with every flushed write.
     std::fs::rename(&kept, &checkpoint).unwrap();
-    let vol = reopen().expect("reopen");
+    let vol = closed.open(settings()).expect("reopen");
     let mut buf = vec![0; 4096];
     vol.read(0, &mut buf).unwrap();
     assert_eq!(buf, vec![1; 4096]);
     vol.read(40 * B, &mut buf).unwrap();
     assert_eq!(buf, vec![2; 4096]);
+}
+
+/// A write that closes a segment sees room in the reserve, then waits for the records still
+/// being written into the old segment; if the reserve shrinks meanwhile (a checkpoint takes
+/// its file's space out of it on a full disk, a smaller `log_max` gives some back), the
+/// write waits for room, as it does when there was none to begin with. It failed with EIO.
+#[test]
+fn a_reserve_that_shrinks_while_a_segment_closes_makes_the_write_wait() {
+    use super::super::record::{self, Kind};
+    let h = open(settings());
+    let inner = h.vol.inner.clone();
+    let record = record::record_len(Kind::Write, B);
+    // Fill the open segment until it has room for one more record.
+    let mut block = 0;
+    while lock(&inner.log).end + 2 * record <= inner.settings.segment_bytes {
+        h.write(block * B, 3);
+        block += 1;
+    }
+    // That record is taken and held half-written, as another connection's would be.
+    let held = {
+        let mut w = lock(&inner.log);
+        inner.reserve(&mut w, Kind::Write, block * B, B)
+    };
+    let writer = {
+        let inner = inner.clone();
+        std::thread::spawn(move || {
+            let mut data = vec![4u8; B as usize];
+            inner.append(Kind::Write, (block + 1) * B, B, &mut data)
+        })
+    };
+    // The writer saw room, and waits for the held record before it closes the segment.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!writer.is_finished());
+    let taken = {
+        let mut reserve = lock(&inner.reserve);
+        let all = reserve.held();
+        assert!(reserve.take(all));
+        all
+    };
+    let mut data = vec![3u8; B as usize];
+    inner.complete(held, &mut data).unwrap();
+    // No room now: the writer waits rather than failing.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !writer.is_finished(),
+        "the write ended without room: {:?}",
+        writer.join().unwrap()
+    );
+    lock(&inner.reserve).give(taken);
+    inner.room.notify_all();
+    writer
+        .join()
+        .unwrap()
+        .expect("the write once room came back");
+    let mut buf = vec![0; B as usize];
+    h.vol.read((block + 1) * B, &mut buf).unwrap();
+    assert_eq!(buf, vec![4; B as usize]);
+    h.vol.read(block * B, &mut buf).unwrap();
+    assert_eq!(buf, vec![3; B as usize]);
+}
+
+/// A log write that fails (a disk error) leaves a hole in its segment, and records after it
+/// when other writes were in flight. That segment is never sealed and uploaded as it is: a
+/// restart cuts it at the hole, and the bucket's copy must be what the log replays, or a
+/// later commit past it could not be restored (the hole reads as a torn record).
+#[test]
+fn a_segment_with_a_failed_write_is_not_uploaded_with_its_hole() {
+    use super::super::record::Kind;
+    let h = open(settings());
+    let inner = h.vol.inner.clone();
+    for block in 0..4 {
+        h.write(block * B, 1);
+    }
+    h.vol.flush().unwrap();
+    h.drive();
+    // The next record's write fails: the open segment's handle refuses writes for it.
+    let (path, writable) = {
+        let w = lock(&inner.log);
+        let path = h.dir.path().join(format!("vol/segments/{:016x}", w.seq));
+        (path, w.file.clone())
+    };
+    lock(&inner.log).file = Arc::new(std::fs::File::open(&path).unwrap());
+    let mut data = vec![2u8; B as usize];
+    h.vol
+        .write(8 * B, &mut data, false)
+        .expect_err("a write into a read-only handle");
+    // A write that was in flight at the time lands after the hole.
+    lock(&inner.log).file = writable;
+    let mut data = vec![3u8; B as usize];
+    inner.append(Kind::Write, 9 * B, B, &mut data).unwrap();
+    h.vol.flush().expect_err("a flush after a failed write");
+    // The uploader's steps would close the segment by age (each then stops at the failed
+    // sync a checkpoint needs).
+    std::thread::sleep(Duration::from_millis(50));
+    for _ in 0..5 {
+        let _ = h.rt.block_on(step(&inner));
+    }
+    drop(inner);
+    // Reattached: the log is cut at the hole; new writes go on, and are committed.
+    let h = h.close().reopen(Settings {
+        // No checkpoint past the hole's segment: a restore replays it.
+        checkpoint_segments: 1000,
+        ..settings()
+    });
+    for block in 16..20 {
+        h.write(block * B, 4);
+    }
+    h.vol.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+    h.drive();
+    let mut buf = vec![0; B as usize];
+    h.vol.read(9 * B, &mut buf).unwrap();
+    assert_eq!(buf, vec![0; B as usize], "a write after the hole survived");
+    // Another gateway restores the newest commit, past the hole's segment.
+    h.take_over().expect("a takeover of the newest commit");
 }
