@@ -1962,6 +1962,49 @@ async fn modes_are_enforced_for_every_caller() {
         write_sync(&mut alice, &notes, 0, b"ALICE'S").await,
         Nfs3Result::Ok(_)
     ));
+    // Moving a directory to another parent rewrites its `..`: bob, who may write both
+    // parents but not alice's directory, may rename it in place but not move it.
+    let Nfs3Result::Ok(open) = alice.mkdir(&mkdir(0o777, "open")).await.expect("rpc") else {
+        panic!("mkdir open")
+    };
+    let open = open.obj.unwrap();
+    let Nfs3Result::Ok(other) = alice.mkdir(&mkdir(0o777, "other")).await.expect("rpc") else {
+        panic!("mkdir other")
+    };
+    let other = other.obj.unwrap();
+    let made = alice
+        .mkdir(&MKDIR3args {
+            where_: dirop(&open, "alices"),
+            attributes: sattr3 {
+                mode: Nfs3Option::Some(0o755),
+                ..sattr3::default()
+            },
+        })
+        .await
+        .expect("rpc");
+    assert!(matches!(made, Nfs3Result::Ok(_)), "{made:?}");
+    let rename = |from: &nfs_fh3, from_name: &str, to: &nfs_fh3, to_name: &str| RENAME3args {
+        from: dirop(from, from_name),
+        to: dirop(to, to_name),
+    };
+    let moved = bob
+        .rename(&rename(&open, "alices", &other, "alices"))
+        .await
+        .expect("rpc");
+    assert!(
+        matches!(moved, Nfs3Result::Err((nfsstat3::NFS3ERR_ACCES, _))),
+        "{moved:?}"
+    );
+    let renamed = bob
+        .rename(&rename(&open, "alices", &open, "renamed"))
+        .await
+        .expect("rpc");
+    assert!(matches!(renamed, Nfs3Result::Ok(_)), "{renamed:?}");
+    let moved = alice
+        .rename(&rename(&open, "renamed", &other, "alices"))
+        .await
+        .expect("rpc");
+    assert!(matches!(moved, Nfs3Result::Ok(_)), "{moved:?}");
     // nfs-ls runs as root, which the share squashes to nobody.
     let (ok, _, _) = run("nfs-ls", &[&g.url("p/private")]);
     assert!(!ok, "a squashed root listed a 0700 directory");

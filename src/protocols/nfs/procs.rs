@@ -782,8 +782,14 @@ fn rename(server: &NfsServer, caller: Caller, args: RENAME3args) -> Vec<u8> {
         let allowed = (|| {
             let (source_dir, target_dir) = (target(&share, from_dir)?, target(&share, to_dir)?);
             let moved = share.lookup(from_dir, &from).map_err(|e| status(&e))?;
-            permit(who.may_unlink(&source_dir, &target(&share, moved)?))?;
+            let moved = target(&share, moved)?;
+            permit(who.may_unlink(&source_dir, &moved))?;
             permit(who.may(&target_dir, perm::WRITE | perm::EXEC))?;
+            // A directory moved to another parent has its `..` changed: as on a local file
+            // system, that takes write permission on the directory itself.
+            if moved.kind == Kind::Dir && from_dir != to_dir {
+                permit(who.may(&moved, perm::WRITE))?;
+            }
             match share.lookup(to_dir, &to) {
                 Ok(replaced) => permit(who.may_unlink(&target_dir, &target(&share, replaced)?)),
                 Err(_) => Ok(()),
