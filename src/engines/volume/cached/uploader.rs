@@ -244,8 +244,11 @@ async fn upload_segment(inner: &Arc<Inner>, seq: u64) -> Result<(), String> {
         let path = reader.dir.join("segments").join(segment_name(seq));
         let file = std::fs::File::open(&path)?;
         // Never upload what a power loss could still take from the local log: a segment in
-        // the bucket must stay the same segment here.
+        // the bucket must stay the same segment here. Its name too: ext4 and XFS commit a
+        // new file's entry with the file's sync, POSIX promises it only for a sync of the
+        // directory.
         file.sync_data()?;
+        std::fs::File::open(reader.dir.join("segments"))?.sync_all()?;
         std::fs::read(&path)
     })
     .await
