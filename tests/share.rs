@@ -42,6 +42,8 @@ struct Rig {
     bucket_prefix: String,
     /// The fault injector in the stack (injecting nothing until a test says so).
     faults: Arc<FaultPlan>,
+    /// The stack's request counts.
+    metrics: Arc<RemoteMetrics>,
 }
 
 /// A rig per bucket: the directory store, and Garage when the environment has one.
@@ -63,6 +65,7 @@ fn rigs(settle: Duration) -> Vec<Rig> {
             let mut registry = prometheus_client::registry::Registry::default();
             let raw = backend.clone();
             let faults = Arc::new(FaultPlan::default());
+            let metrics = Arc::new(RemoteMetrics::new(&mut registry));
             let stack = remote::stack(
                 backend,
                 RetryPolicy {
@@ -71,7 +74,7 @@ fn rigs(settle: Duration) -> Vec<Rig> {
                     give_up_after: Duration::from_secs(30),
                 },
                 Arc::new(Limiter::new(Policy::default())),
-                Arc::new(RemoteMetrics::new(&mut registry)),
+                metrics.clone(),
                 Some(faults.clone()),
             );
             let dir = tempfile::tempdir().expect("tempdir");
@@ -96,6 +99,7 @@ fn rigs(settle: Duration) -> Vec<Rig> {
                     .as_deref()
                     .map_or(String::new(), |p| format!("{}/", p.trim_matches('/'))),
                 faults,
+                metrics,
             };
             rig.reopen(settle);
             rig
@@ -266,6 +270,13 @@ impl Remote for Inspecting {
     }
     async fn list_dir(&self, prefix: &str) -> remote::Result<remote::Listing> {
         self.inner.list_dir(prefix).await
+    }
+    async fn list_dir_page(
+        &self,
+        prefix: &str,
+        cursor: Option<&str>,
+    ) -> remote::Result<remote::ListingPage> {
+        self.inner.list_dir_page(prefix, cursor).await
     }
     async fn delete(&self, key: &str) -> remote::Result<()> {
         if self
@@ -2496,4 +2507,84 @@ fn run_steps(
     }
     prop_assert_eq!(&bucket, &model, "the bucket after {:?}", steps);
     Ok(())
+}
+
+/// A directory of more objects than one page of the bucket's listing holds (S3 gives 1,000
+/// a page, the directory store 10,000) is refreshed whole, a page at a time: every object
+/// comes in, a file written here and not uploaded stays, and of the objects deleted from
+/// the bucket, on every page, exactly those go.
+#[test]
+fn a_directory_of_many_listing_pages_is_refreshed_whole() {
+    for rig in rigs(Duration::from_secs(3600)) {
+        let count = if rig.s3_prefix.is_some() {
+            2_100
+        } else {
+            10_100
+        };
+        rig.shares()
+            .create("m", "m/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("m");
+        let name = |i: usize| format!("f{i:05}");
+        let keys: Vec<String> = (0..count).map(|i| format!("m/{}", name(i))).collect();
+        let put_all = |keys: &[String]| {
+            for batch in keys.chunks(64) {
+                rig.runtime
+                    .block_on(futures::future::try_join_all(batch.iter().map(|key| {
+                        rig.raw
+                            .put(key, bytes::Bytes::from(key.clone()), remote::Meta::new())
+                    })))
+                    .expect("put by another tool");
+            }
+        };
+        put_all(&keys);
+        // A directory among the files, and a file of the share's own between them.
+        put_all(&["m/f01000.d/inner".to_string()]);
+        let own = share
+            .create(share.root(), "f01500-own", 0o644, 0, 0, true)
+            .expect("create");
+        share.write(own.fileid, 0, b"mine", false).expect("write");
+        let report = share.refresh("").expect("refresh");
+        assert_eq!(
+            (report.added, report.removed),
+            (count as u64 + 1, 0),
+            "{report:?}"
+        );
+        let dir = share
+            .lookup(share.root(), "f01000.d")
+            .expect("the directory");
+        share.lookup(dir, "inner").expect("the file in it");
+        // Every 7th goes from the bucket.
+        let deleted: Vec<usize> = (0..count).step_by(7).collect();
+        for batch in deleted.chunks(64) {
+            rig.runtime
+                .block_on(futures::future::try_join_all(
+                    batch.iter().map(|&i| rig.raw.delete(&keys[i])),
+                ))
+                .expect("delete by another tool");
+        }
+        let heads = rig.metrics.requests_total("head");
+        let report = share.refresh("").expect("refresh");
+        assert_eq!(
+            (report.added, report.removed),
+            (0, deleted.len() as u64),
+            "{report:?}"
+        );
+        // The walk of the namespace kept pace with the listing: only the files no page
+        // listed were asked for once more (a HEAD each) before they went.
+        assert_eq!(
+            rig.metrics.requests_total("head") - heads,
+            deleted.len() as u64
+        );
+        for i in 0..count {
+            let found = share.lookup(share.root(), &name(i)).is_ok();
+            assert_eq!(found, i % 7 != 0, "{}", name(i));
+        }
+        share
+            .lookup(share.root(), "f01500-own")
+            .expect("the share's own file");
+        share
+            .lookup(dir, "inner")
+            .expect("the file in the directory");
+    }
 }

@@ -346,6 +346,19 @@ impl MetaTransaction<'_> {
         list_from(&table, prefix).map_err(|e| store_error(self.path, e))
     }
 
+    /// Whether `table` has a key starting with `prefix` (reading one entry at most).
+    pub fn any_with_prefix(&self, table: &str, prefix: &str) -> Result<bool, MetaError> {
+        let table = self.open(table)?;
+        let first = (|| {
+            let mut range = table.range(prefix..)?;
+            match range.next() {
+                Some(entry) => Ok(entry?.0.value().starts_with(prefix)),
+                None => Ok(false),
+            }
+        })();
+        first.map_err(|e: StorageError| store_error(self.path, e))
+    }
+
     pub fn put(&mut self, table: &str, key: &str, value: &[u8]) -> Result<(), MetaError> {
         let mut table = self.open(table)?;
         table

@@ -41,12 +41,16 @@ use xattr::FileExt;
 
 use super::limit::{Direction, Limiter, SLICE};
 use super::{
-    Body, Error, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink, Stored, check_key,
-    dir_of, is_marker,
+    Body, Error, Fetched, Listing, ListingPage, Meta, ObjectInfo, Remote, Result, Sink, Stored,
+    check_key, dir_of, is_marker,
 };
 
 /// Where puts are staged before their rename; never listed, never a valid key.
 const STAGING: &str = ".firn-staging";
+/// Names in a page of `list_dir_page`. Each page reads the whole directory to choose its
+/// names, so a level of n entries costs n²/DIR_PAGE name reads in all: larger than an S3
+/// page, as a local directory gives its names cheaply.
+const DIR_PAGE: usize = 10_000;
 const XATTR_PREFIX: &str = "user.firn.";
 /// Set on a directory that holds a directory marker (outside `XATTR_PREFIX`: not metadata).
 const MARKER_XATTR: &str = "user.firn-marker";
@@ -574,17 +578,41 @@ impl DirStore {
     /// entered; links, the staging directory and anything neither a file nor a directory are
     /// skipped, as `list` skips them.
     fn list_dir_blocking(&self, prefix: &str) -> Result<Listing> {
+        let mut found = Listing::default();
+        self.list_level(prefix, None, usize::MAX, &mut found)?;
+        Ok(found)
+    }
+
+    /// The page of level `prefix` after name `cursor`: its `DIR_PAGE` smallest names
+    /// (objects in key order across pages, since their keys are the prefix and the name),
+    /// chosen in one pass over the directory, so memory stays bounded by the page.
+    fn list_dir_page_blocking(&self, prefix: &str, cursor: Option<&str>) -> Result<ListingPage> {
+        let mut listing = Listing::default();
+        let next = self.list_level(prefix, cursor, DIR_PAGE, &mut listing)?;
+        Ok(ListingPage { listing, next })
+    }
+
+    /// Fills `found` with the entries of level `prefix` among the `most` smallest names
+    /// after `cursor`; the last of those names if more are left.
+    fn list_level(
+        &self,
+        prefix: &str,
+        cursor: Option<&str>,
+        most: usize,
+        found: &mut Listing,
+    ) -> Result<Option<String>> {
         let dir = dir_of(prefix)?;
         let fd = match self.open_prefix_dir(dir)? {
             Ok(fd) => fd,
             // Nothing stored under it (or a file or a link where the directory would be).
-            Err(e) if gone(&e) => return Ok(Listing::default()),
+            Err(e) if gone(&e) => return Ok(None),
             Err(e) => return Err(local_error("list", prefix, e)),
         };
         let listing =
             nix::dir::Dir::from_fd(fd.try_clone().map_err(|e| local_error("list", prefix, e))?);
         let mut listing = listing.map_err(|e| local_error("list", prefix, io_from(e)))?;
-        let mut found = Listing::default();
+        let mut names = std::collections::BTreeSet::new();
+        let mut more = false;
         for entry in listing.iter() {
             let entry = entry.map_err(|e| local_error("list", prefix, io_from(e)))?;
             let name: &CStr = entry.file_name();
@@ -592,9 +620,27 @@ impl DirStore {
             if name == "." || name == ".." || (dir.is_empty() && name == STAGING) {
                 continue;
             }
+            if cursor.is_some_and(|cursor| name <= cursor) {
+                continue;
+            }
+            if names.len() == most {
+                if names
+                    .last()
+                    .is_some_and(|last: &String| name > last.as_str())
+                {
+                    more = true;
+                    continue;
+                }
+                names.pop_last();
+                more = true;
+            }
+            names.insert(name.to_string());
+        }
+        let next = more.then(|| names.last().cloned()).flatten();
+        for name in names {
             let key = format!("{prefix}{name}");
             // Never follow: a symlink is neither an object nor a directory of objects.
-            let stat = match fstatat(&fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            let stat = match fstatat(&fd, name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
                 Ok(stat) => stat,
                 Err(Errno::ENOENT) => continue, // deleted while we looked
                 Err(e) => return Err(local_error("list", &key, io_from(e))),
@@ -611,9 +657,9 @@ impl DirStore {
                 });
             }
         }
+        // In name order already; a directory's key has its `/`.
         found.dirs.sort();
-        found.objects.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(found)
+        Ok(next)
     }
 
     /// Makes the directory of marker `key` (and those above it) and marks it, with `meta`
@@ -942,6 +988,12 @@ impl Remote for DirStore {
         blocking(move || this.list_dir_blocking(&prefix)).await
     }
 
+    async fn list_dir_page(&self, prefix: &str, cursor: Option<&str>) -> Result<ListingPage> {
+        let (this, prefix) = (self.clone(), prefix.to_string());
+        let cursor = cursor.map(str::to_string);
+        blocking(move || this.list_dir_page_blocking(&prefix, cursor.as_deref())).await
+    }
+
     async fn delete(&self, key: &str) -> Result<()> {
         let (this, key) = (self.clone(), key.to_string());
         blocking(move || this.delete_blocking(&key)).await
@@ -1198,5 +1250,54 @@ mod tests {
             !dir.path().join("staged-2").exists(),
             "the staging name stays"
         );
+    }
+
+    /// A level read a few names at a time gives what one listing gives: every object once,
+    /// in key order across pages, and every directory once.
+    #[tokio::test]
+    async fn a_level_listed_in_pages_is_the_level_listed_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = DirStore::open(dir.path()).expect("open");
+        for key in [
+            "l/b", "l/a!", "l/a/x", "l/c/y/z", "l/a.d", "l/e", "l/d", "other",
+        ] {
+            store
+                .put(key, Bytes::from_static(b"x"), Meta::new())
+                .await
+                .expect("put");
+        }
+        let whole = store.list_dir("l/").await.expect("list");
+        for most in 1..=7 {
+            let mut paged = Listing::default();
+            let mut cursor = None;
+            loop {
+                let mut page = Listing::default();
+                let next = store
+                    .list_level("l/", cursor.as_deref(), most, &mut page)
+                    .expect("page");
+                assert!(page.objects.len() + page.dirs.len() <= most);
+                paged.objects.extend(page.objects);
+                paged.dirs.extend(page.dirs);
+                match next {
+                    Some(next) => cursor = Some(next),
+                    None => break,
+                }
+            }
+            paged.dirs.sort();
+            let keys = |l: &Listing| l.objects.iter().map(|o| o.key.clone()).collect::<Vec<_>>();
+            assert_eq!(keys(&paged), keys(&whole), "{most} a page");
+            assert_eq!(paged.dirs, whole.dirs, "{most} a page");
+        }
+        assert_eq!(
+            whole
+                .objects
+                .iter()
+                .map(|o| o.key.as_str())
+                .collect::<Vec<_>>(),
+            ["l/a!", "l/a.d", "l/b", "l/d", "l/e"]
+        );
+        assert_eq!(whole.dirs, ["l/a/", "l/c/"]);
+        let page = store.list_dir_page("l/", None).await.expect("page");
+        assert_eq!((page.listing.objects.len(), page.next), (5, None));
     }
 }

@@ -14,7 +14,9 @@ use bytes::Bytes;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{Body, Error, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink, Stored};
+use super::{
+    Body, Error, Fetched, Listing, ListingPage, Meta, ObjectInfo, Remote, Result, Sink, Stored,
+};
 
 /// What to inject; the `[faults]` config section has the same fields.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -230,6 +232,14 @@ impl Remote for Faulty {
             return Err(injected("list", prefix, "error"));
         }
         self.inner.list_dir(prefix).await
+    }
+
+    async fn list_dir_page(&self, prefix: &str, cursor: Option<&str>) -> Result<ListingPage> {
+        let s = self.before("list", prefix).await?;
+        if self.plan.roll(s.error_rate) {
+            return Err(injected("list", prefix, "error"));
+        }
+        self.inner.list_dir_page(prefix, cursor).await
     }
 
     async fn delete(&self, key: &str) -> Result<()> {

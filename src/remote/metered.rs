@@ -14,7 +14,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use super::{Body, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink, Stored};
+use super::{Body, Fetched, Listing, ListingPage, Meta, ObjectInfo, Remote, Result, Sink, Stored};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabels {
@@ -74,6 +74,10 @@ impl RemoteMetrics {
         self.bytes
             .get_or_create(&DirectionLabels { direction })
             .get()
+    }
+
+    pub fn requests_total(&self, op: &'static str) -> u64 {
+        self.requests.get_or_create(&OpLabels { op }).get()
     }
 
     pub fn errors_total(&self, op: &'static str) -> u64 {
@@ -170,6 +174,11 @@ impl Remote for Metered {
     /// Counted as a list: one listing request as far as callers are concerned.
     async fn list_dir(&self, prefix: &str) -> Result<Listing> {
         self.observe("list", self.inner.list_dir(prefix)).await
+    }
+
+    async fn list_dir_page(&self, prefix: &str, cursor: Option<&str>) -> Result<ListingPage> {
+        self.observe("list", self.inner.list_dir_page(prefix, cursor))
+            .await
     }
 
     async fn delete(&self, key: &str) -> Result<()> {

@@ -70,6 +70,15 @@ pub struct Listing {
     pub objects: Vec<ObjectInfo>,
 }
 
+/// One page of a level's listing ([`Remote::list_dir_page`]).
+#[derive(Debug, Default)]
+pub struct ListingPage {
+    pub listing: Listing,
+    /// Where the next page starts (a cursor only the store that gave it reads); `None` after
+    /// the last page.
+    pub next: Option<String>,
+}
+
 /// An upload's bytes: its length and any slice of it, read when needed (a part at a time)
 /// and read again for a retry, so an upload never has to hold the whole object.
 #[async_trait]
@@ -303,6 +312,11 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
     /// a put interrupted before its rename left empty (S3 has no such thing); a caller that
     /// lists it finds nothing in it.
     async fn list_dir(&self, prefix: &str) -> Result<Listing>;
+    /// [`Remote::list_dir`] a page at a time, for levels of any size: up to about a
+    /// thousand entries from `cursor` (`None`: the first page; then the `next` of the page
+    /// before). The objects of all pages together are in key order, and each directory comes
+    /// once (in no promised order across pages); memory is bounded by the page.
+    async fn list_dir_page(&self, prefix: &str, cursor: Option<&str>) -> Result<ListingPage>;
     /// Deleting an object that does not exist succeeds.
     async fn delete(&self, key: &str) -> Result<()>;
 }

@@ -10,7 +10,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rand::Rng;
 
-use super::{Body, Error, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink, Stored};
+use super::{
+    Body, Error, Fetched, Listing, ListingPage, Meta, ObjectInfo, Remote, Result, Sink, Stored,
+};
 
 /// Reads that fail verification are retried this many times, not until the deadline.
 const CORRUPT_RETRIES: u32 = 5;
@@ -119,6 +121,10 @@ impl Remote for Retrying {
 
     async fn list_dir(&self, prefix: &str) -> Result<Listing> {
         self.run(|| self.inner.list_dir(prefix)).await
+    }
+
+    async fn list_dir_page(&self, prefix: &str, cursor: Option<&str>) -> Result<ListingPage> {
+        self.run(|| self.inner.list_dir_page(prefix, cursor)).await
     }
 
     async fn delete(&self, key: &str) -> Result<()> {

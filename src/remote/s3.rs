@@ -30,8 +30,8 @@ use super::http::LimitedConnector;
 use super::limit::Limiter;
 
 use super::{
-    Body, Error, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink, Stored, bad_range,
-    check_key, dir_of, is_marker,
+    Body, Error, Fetched, Listing, ListingPage, Meta, ObjectInfo, Remote, Result, Sink, Stored,
+    bad_range, check_key, dir_of, is_marker,
 };
 
 /// S3's limit on an object name, in bytes of UTF-8.
@@ -354,16 +354,51 @@ impl S3Store {
         )
     }
 
+    /// The full prefix a listing of level `prefix` asks for.
+    fn dir_key(&self, prefix: &str) -> String {
+        if prefix.is_empty() && self.prefix.is_empty() {
+            String::new()
+        } else {
+            self.full_key(prefix)
+        }
+    }
+
     /// ListObjectsV2, every page, of the full keys starting with `full_prefix`, one level
-    /// deep with `delimiter`. Its own request rather than object_store's, whose paths drop
-    /// the `/` of a directory marker: here every key comes back exactly as stored. The keys
-    /// and common prefixes are returned relative to the store's prefix.
+    /// deep with `delimiter`. The keys and common prefixes are returned relative to the
+    /// store's prefix.
     async fn list_objects(
         &self,
         prefix: &str,
         full_prefix: &str,
         delimiter: bool,
     ) -> Result<(Vec<ObjectInfo>, Vec<String>)> {
+        let mut objects = Vec::new();
+        let mut dirs = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .list_page(prefix, full_prefix, delimiter, token.as_deref())
+                .await?;
+            objects.extend(page.objects);
+            dirs.extend(page.dirs);
+            match page.next {
+                Some(next) => token = Some(next),
+                None => break,
+            }
+        }
+        Ok((objects, dirs))
+    }
+
+    /// One ListObjectsV2 page (up to 1,000 keys and common prefixes), from continuation
+    /// `token`. Its own request rather than object_store's, whose paths drop the `/` of a
+    /// directory marker: here every key comes back exactly as stored.
+    async fn list_page(
+        &self,
+        prefix: &str,
+        full_prefix: &str,
+        delimiter: bool,
+        token: Option<&str>,
+    ) -> Result<ListPage> {
         #[derive(serde::Deserialize)]
         #[serde(rename_all = "PascalCase")]
         struct Page {
@@ -387,10 +422,7 @@ impl S3Store {
         struct CommonPrefix {
             prefix: String,
         }
-        let mut objects = Vec::new();
-        let mut dirs = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
+        {
             let mut url = reqwest::Url::parse(&self.bucket_url).map_err(|e| Error::Permanent {
                 op: "list",
                 key: prefix.to_string(),
@@ -403,7 +435,7 @@ impl S3Store {
                 if delimiter {
                     query.append_pair("delimiter", "/");
                 }
-                if let Some(token) = &token {
+                if let Some(token) = token {
                     query.append_pair("continuation-token", token);
                 }
             }
@@ -434,23 +466,25 @@ impl S3Store {
                     key: prefix.to_string(),
                     message: format!("an unreadable listing: {e}"),
                 })?;
-            objects.extend(page.contents.into_iter().map(|c| ObjectInfo {
-                key: self.strip_prefix(&c.key).to_string(),
-                size: c.size,
-                meta: Meta::new(),
-                etag: c.e_tag,
-            }));
-            dirs.extend(
-                page.common_prefixes
+            Ok(ListPage {
+                objects: page
+                    .contents
                     .into_iter()
-                    .map(|p| self.strip_prefix(&p.prefix).to_string()),
-            );
-            match page.next_continuation_token {
-                Some(next) if !next.is_empty() => token = Some(next),
-                _ => break,
-            }
+                    .map(|c| ObjectInfo {
+                        key: self.strip_prefix(&c.key).to_string(),
+                        size: c.size,
+                        meta: Meta::new(),
+                        etag: c.e_tag,
+                    })
+                    .collect(),
+                dirs: page
+                    .common_prefixes
+                    .into_iter()
+                    .map(|p| self.strip_prefix(&p.prefix).to_string())
+                    .collect(),
+                next: page.next_continuation_token.filter(|next| !next.is_empty()),
+            })
         }
-        Ok((objects, dirs))
     }
 
     /// Parts are read from the body as they are needed: a few ahead of the uploads, so
@@ -519,6 +553,35 @@ impl S3Store {
 }
 
 /// Downloads of a large object's parts, oldest first; dropped early, it aborts the rest.
+/// One page of a ListObjectsV2, keys relative to the store's prefix.
+struct ListPage {
+    objects: Vec<ObjectInfo>,
+    dirs: Vec<String>,
+    /// The continuation token of the next page; `None` after the last.
+    next: Option<String>,
+}
+
+/// The entries of the level `prefix` among a listing's `objects` and common prefixes, each
+/// in key order: only what lies strictly below the prefix (a directory marker of the prefix
+/// itself, `a/b/` when listing `a/b/`, is no entry of it).
+fn level(prefix: &str, objects: Vec<ObjectInfo>, dirs: Vec<String>) -> Listing {
+    let below = |key: &str| {
+        key.strip_prefix(prefix)
+            .is_some_and(|rest| !rest.is_empty() && !rest.trim_end_matches('/').contains('/'))
+    };
+    let mut dirs: Vec<String> = dirs
+        .into_iter()
+        .filter(|d| d.ends_with('/') && below(d))
+        .collect();
+    let mut objects: Vec<ObjectInfo> = objects
+        .into_iter()
+        .filter(|o| !o.key.ends_with('/') && below(&o.key))
+        .collect();
+    dirs.sort();
+    objects.sort_by(|a, b| a.key.cmp(&b.key));
+    Listing { dirs, objects }
+}
+
 struct InOrder<T>(std::collections::VecDeque<tokio::task::JoinHandle<T>>);
 
 impl<T> Drop for InOrder<T> {
@@ -963,29 +1026,22 @@ impl Remote for S3Store {
     /// A ListObjectsV2 with `delimiter=/` (all its pages).
     async fn list_dir(&self, prefix: &str) -> Result<Listing> {
         dir_of(prefix)?;
-        let full = if prefix.is_empty() && self.prefix.is_empty() {
-            String::new()
-        } else {
-            self.full_key(prefix)
-        };
-        let (objects, dirs) = self.list_objects(prefix, &full, true).await?;
-        // Only what lies strictly below the prefix: a directory marker of the prefix itself
-        // (`a/b/` when listing `a/b/`) is no entry of it.
-        let below = |key: &str| {
-            key.strip_prefix(prefix)
-                .is_some_and(|rest| !rest.is_empty() && !rest.trim_end_matches('/').contains('/'))
-        };
-        let mut dirs: Vec<String> = dirs
-            .into_iter()
-            .filter(|d| d.ends_with('/') && below(d))
-            .collect();
-        let mut objects: Vec<ObjectInfo> = objects
-            .into_iter()
-            .filter(|o| !o.key.ends_with('/') && below(&o.key))
-            .collect();
-        dirs.sort();
-        objects.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(Listing { dirs, objects })
+        let (objects, dirs) = self
+            .list_objects(prefix, &self.dir_key(prefix), true)
+            .await?;
+        Ok(level(prefix, objects, dirs))
+    }
+
+    /// One ListObjectsV2 page with `delimiter=/`; the cursor is its continuation token.
+    async fn list_dir_page(&self, prefix: &str, cursor: Option<&str>) -> Result<ListingPage> {
+        dir_of(prefix)?;
+        let page = self
+            .list_page(prefix, &self.dir_key(prefix), true, cursor)
+            .await?;
+        Ok(ListingPage {
+            listing: level(prefix, page.objects, page.dirs),
+            next: page.next,
+        })
     }
 
     async fn delete(&self, key: &str) -> Result<()> {

@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{Body, Error, Fetched, Listing, Meta, ObjectInfo, Remote, Result, Sink, Stored};
+use super::{
+    Body, Error, Fetched, Listing, ListingPage, Meta, ObjectInfo, Remote, Result, Sink, Stored,
+};
 
 pub const DIGEST_META: &str = "firn-blake3";
 
@@ -181,6 +183,10 @@ impl Remote for Verified {
 
     async fn list_dir(&self, prefix: &str) -> Result<Listing> {
         self.inner.list_dir(prefix).await
+    }
+
+    async fn list_dir_page(&self, prefix: &str, cursor: Option<&str>) -> Result<ListingPage> {
+        self.inner.list_dir_page(prefix, cursor).await
     }
 
     async fn delete(&self, key: &str) -> Result<()> {

@@ -592,7 +592,7 @@ impl Namespace {
                 (true, false) => return Err(ShareError::IsDir),
                 (false, true) => return Err(ShareError::NotDir),
                 (true, true) => {
-                    if !tx.list(&self.names, &format!("{}/", hex(id)))?.is_empty() {
+                    if tx.any_with_prefix(&self.names, &format!("{}/", hex(id)))? {
                         return Err(ShareError::NotEmpty);
                     }
                 }
@@ -683,10 +683,7 @@ impl Namespace {
                     (false, true) => return Err(ShareError::IsDir),
                     (true, false) => return Err(ShareError::NotDir),
                     (true, true) => {
-                        if !tx
-                            .list(&self.names, &format!("{}/", hex(old_id)))?
-                            .is_empty()
-                        {
+                        if tx.any_with_prefix(&self.names, &format!("{}/", hex(old_id)))? {
                             return Err(ShareError::NotEmpty);
                         }
                     }

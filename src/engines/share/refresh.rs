@@ -1,5 +1,5 @@
 //! Refresh: what other tools put into or deleted from the share's prefix shows up in the
-//! share. The bucket's listing, one directory level at a time, is compared with the
+//! share. The bucket's listing, a page of one directory level at a time, is compared with the
 //! namespace: objects no file has become files (clean: their object is their content, fetched
 //! when first read), with the mode, owner and times their metadata gives in the AWS file-tool
 //! convention; objects that changed size replace a clean file's content; clean files whose
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::namespace::{self, Kind, NewAttrs, ROOT, Sameness, Uploaded};
 use super::{Share, ShareError, lock, now_ns};
-use crate::remote::{Listing, Meta, ObjectInfo};
+use crate::remote::{ListingPage, Meta, ObjectInfo};
 
 /// How long a client's listing waits for the bucket's (`refresh_if_stale`).
 const LISTING_WAIT: Duration = Duration::from_secs(2);
@@ -61,8 +61,9 @@ pub(super) fn attrs_from(meta: &Meta, defaults: NewAttrs) -> NewAttrs {
 
 impl Share {
     /// Brings the share in line with the bucket under `under` (a share-relative directory
-    /// path; the whole share if empty). Directory by directory: one level of the bucket's
-    /// listing is in memory at a time, however large the share.
+    /// path; the whole share if empty). Directory by directory, depth first, a page of the
+    /// bucket's listing and of the namespace at a time: memory is bounded by the depth of
+    /// the tree, however many entries a directory holds.
     pub fn refresh(&self, under: &str) -> Result<Refreshed, ShareError> {
         let under = under.trim_matches('/');
         let mut root = ROOT;
@@ -73,16 +74,20 @@ impl Share {
         }
         let mut report = Refreshed::default();
         let dirty: HashSet<u64> = lock(&self.dirty).keys().copied().collect();
-        // (local directory, its share-relative path): every directory below `root`, those
-        // the bucket has and those only the share has.
-        let mut pending = vec![(root, under.to_string())];
-        while let Some((dir, path)) = pending.pop() {
-            let prefix = format!("{}{}", self.info.prefix, namespace_dir(&path));
-            let listing = self
-                .runtime
-                .block_on(self.remote.list_dir(&prefix))
-                .map_err(|e| ShareError::Io(format!("listing {prefix}: {e}")))?;
-            pending.extend(self.take_listing(dir, &path, &listing, &dirty, &mut report)?);
+        self.refresh_dir(root, under, &dirty, &mut report, None)?;
+        // (directory, its share-relative path, the subdirectory it goes on after): every
+        // directory below `root`, those the bucket has (made by the refresh of their
+        // parent) and those only the share has.
+        let mut stack = vec![(root, under.to_string(), None::<String>)];
+        while let Some((dir, path, after)) = stack.last_mut() {
+            let Some((name, id)) = self.next_subdir(*dir, after.as_deref())? else {
+                stack.pop();
+                continue;
+            };
+            let sub = join(path, &name);
+            *after = Some(name);
+            self.refresh_dir(id, &sub, &dirty, &mut report, None)?;
+            stack.push((id, sub, None));
         }
         *lock(&self.last_refresh) = Some(chrono::Utc::now());
         Ok(report)
@@ -90,8 +95,8 @@ impl Share {
 
     /// Refreshes directory `dir` alone (not what is below it) if its listing is older than
     /// `[shares] listing_ttl`: what a client listing it sees is then at most that old. A
-    /// listing the bucket does not give within `LISTING_WAIT` is skipped (the client is
-    /// served what is here), and not asked for again before the TTL passes.
+    /// listing the bucket does not give within `LISTING_WAIT` is left where it got to (the
+    /// client is served what is here), and not asked for again before the TTL passes.
     pub(super) fn refresh_if_stale(&self, dir: u64) {
         let Some(ttl) = self.settings.listing_ttl else {
             return;
@@ -107,40 +112,60 @@ impl Share {
             listed.insert(dir, Instant::now());
         }
         let Ok(path) = self.ns.path(dir) else { return };
-        let prefix = format!("{}{}", self.info.prefix, namespace_dir(&path));
-        let listing = self.runtime.block_on(async {
-            tokio::time::timeout(LISTING_WAIT, self.remote.list_dir(&prefix)).await
-        });
-        let listing = match listing {
-            Ok(Ok(listing)) => listing,
-            Ok(Err(e)) => {
-                tracing::debug!(share = %self.info.name, "listing {prefix}: {e}");
-                return;
-            }
-            Err(_) => return,
-        };
         let dirty: HashSet<u64> = lock(&self.dirty).keys().copied().collect();
         let mut report = Refreshed::default();
-        if let Err(e) = self.take_listing(dir, &path, &listing, &dirty, &mut report) {
-            tracing::debug!(share = %self.info.name, "refreshing {prefix}: {e}");
+        let deadline = Instant::now() + LISTING_WAIT;
+        if let Err(e) = self.refresh_dir(dir, &path, &dirty, &mut report, Some(deadline)) {
+            tracing::debug!(share = %self.info.name, "refreshing {path:?}: {e}");
         }
     }
 
-    /// Brings directory `dir` (at share-relative `path`) in line with `listing`, one level of
-    /// the bucket; the directories below it to visit next.
-    fn take_listing(
+    /// The first subdirectory of `dir` whose name sorts after `after`.
+    fn next_subdir(
+        &self,
+        dir: u64,
+        after: Option<&str>,
+    ) -> Result<Option<(String, u64)>, ShareError> {
+        let mut after = after.map(str::to_string);
+        loop {
+            let page = self.ns.list(dir, after.as_deref(), 1024)?;
+            let Some((end, _)) = page.last() else {
+                return Ok(None);
+            };
+            after = Some(end.clone());
+            for (name, id) in page {
+                if self.ns.get(id).is_ok_and(|inode| inode.kind == Kind::Dir) {
+                    return Ok(Some((name, id)));
+                }
+            }
+        }
+    }
+
+    /// Brings directory `dir` (at share-relative `path`) in line with its level of the
+    /// bucket: objects no file has become files, directories only the bucket has are made,
+    /// and clean files whose object is gone go. The listing's objects come in name order, and
+    /// the namespace's entries are walked alongside them: an entry is known to be unlisted
+    /// once the listing has passed its name. With a `deadline`, a page the bucket does not
+    /// give by then ends the refresh with an error, and nothing is taken as gone.
+    fn refresh_dir(
         &self,
         dir: u64,
         path: &str,
-        listing: &Listing,
         dirty: &HashSet<u64>,
         report: &mut Refreshed,
-    ) -> Result<Vec<(u64, String)>, ShareError> {
+        deadline: Option<Instant>,
+    ) -> Result<(), ShareError> {
         let prefix = format!("{}{}", self.info.prefix, namespace_dir(path));
-        let mut pending = Vec::new();
-        {
-            let mut here = HashSet::new();
-            for object in &listing.objects {
+        let mut local = LocalWalk {
+            dir,
+            page: std::collections::VecDeque::new(),
+            after: None,
+            done: false,
+        };
+        let mut cursor: Option<String> = None;
+        loop {
+            let page = self.listing_page(&prefix, cursor.as_deref(), deadline)?;
+            for object in &page.listing.objects {
                 let Some(key) = object.key.strip_prefix(&self.info.prefix) else {
                     continue;
                 };
@@ -149,15 +174,21 @@ impl Share {
                     report.skipped += 1;
                     continue;
                 }
-                here.insert(parts[parts.len() - 1].to_string());
+                let name = parts[parts.len() - 1];
+                // The namespace's entries before this name are in no page of the listing.
+                while let Some((before, id)) = local.next_before(self, name)? {
+                    self.drop_if_gone(dir, path, &before, id, false, dirty, report)?;
+                }
                 match self.take_in(&parts, key, object, dirty)? {
                     Some(true) => report.added += 1,
                     Some(false) => report.updated += 1,
                     None => {}
                 }
+                if let Some(id) = local.take(self, name)? {
+                    self.drop_if_gone(dir, path, name, id, true, dirty, report)?;
+                }
             }
-            let mut subdirs = HashSet::new();
-            for sub in &listing.dirs {
+            for sub in &page.listing.dirs {
                 let name = sub
                     .strip_prefix(&prefix)
                     .unwrap_or_default()
@@ -166,50 +197,80 @@ impl Share {
                     report.skipped += 1;
                     continue;
                 }
-                subdirs.insert(name.to_string());
-            }
-            // This directory's entries: clean files whose object is gone go; directories,
-            // the bucket's or the share's own, are visited next.
-            let mut after: Option<String> = None;
-            loop {
-                let page = self.ns.list(dir, after.as_deref(), 1024)?;
-                let Some((last, _)) = page.last() else { break };
-                after = Some(last.clone());
-                for (name, id) in page {
-                    let Ok(inode) = self.ns.get(id) else { continue };
-                    if inode.kind == Kind::Dir {
-                        subdirs.remove(&name);
-                        pending.push((id, join(path, &name)));
-                        continue;
-                    }
-                    let Some(uploaded) = inode.uploaded.as_ref() else {
-                        continue;
-                    };
-                    let listed_here = uploaded.path == join(path, &name) && here.contains(&name);
-                    // Not listed; but an upload may have put it there since the listing:
-                    // asked once more before the file goes.
-                    // A failed HEAD says nothing: the file stays.
-                    let gone = !listed_here
-                        && !dirty.contains(&id)
-                        && matches!(self.object_size(&uploaded.path), Ok(None));
-                    if gone && self.ns.forget(dir, &name, now_ns())? {
-                        self.forget_content(id);
-                        report.removed += 1;
-                    }
+                // Only deeper objects: the directory is made, but for one removed or renamed
+                // here.
+                if matches!(self.ns.lookup(dir, name), Err(ShareError::NotFound))
+                    && !self.ns.going(&format!("{}/", join(path, name)))?
+                {
+                    let _ = self.make_dir(dir, name);
                 }
             }
-            // Directories the bucket has and the share does not yet (only deeper objects),
-            // but for those that were removed or renamed here.
-            for name in subdirs {
-                if self.ns.going(&format!("{}/", join(path, &name)))? {
-                    continue;
-                }
-                if let Ok(id) = self.make_dir(dir, &name) {
-                    pending.push((id, join(path, &name)));
-                }
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => break,
             }
         }
-        Ok(pending)
+        while let Some((name, id)) = local.next_before(self, "")? {
+            self.drop_if_gone(dir, path, &name, id, false, dirty, report)?;
+        }
+        Ok(())
+    }
+
+    /// A page of the bucket's listing of `prefix`, by `deadline` if there is one.
+    fn listing_page(
+        &self,
+        prefix: &str,
+        cursor: Option<&str>,
+        deadline: Option<Instant>,
+    ) -> Result<ListingPage, ShareError> {
+        let failed = |e: String| ShareError::Io(format!("listing {prefix}: {e}"));
+        let listed = self.runtime.block_on(async {
+            let list = self.remote.list_dir_page(prefix, cursor);
+            match deadline {
+                None => Ok(list.await),
+                Some(at) => tokio::time::timeout_at(at.into(), list).await,
+            }
+        });
+        match listed {
+            Ok(Ok(page)) => Ok(page),
+            Ok(Err(e)) => Err(failed(e.to_string())),
+            Err(_) => Err(failed("no answer in time".into())),
+        }
+    }
+
+    /// Entry `name` (`id`) of `dir`: a clean file whose object is gone from the bucket goes.
+    /// `listed`: the listing has an object of that name. Not listed, an upload may have put
+    /// it there since the listing: it is asked for once more before the file goes; a failed
+    /// HEAD says nothing, and the file stays.
+    #[allow(clippy::too_many_arguments)]
+    fn drop_if_gone(
+        &self,
+        dir: u64,
+        path: &str,
+        name: &str,
+        id: u64,
+        listed: bool,
+        dirty: &HashSet<u64>,
+        report: &mut Refreshed,
+    ) -> Result<(), ShareError> {
+        let Ok(inode) = self.ns.get(id) else {
+            return Ok(());
+        };
+        if inode.kind == Kind::Dir {
+            return Ok(());
+        }
+        let Some(uploaded) = inode.uploaded.as_ref() else {
+            return Ok(());
+        };
+        let listed_here = listed && uploaded.path == join(path, name);
+        let gone = !listed_here
+            && !dirty.contains(&id)
+            && matches!(self.object_size(&uploaded.path), Ok(None));
+        if gone && self.ns.forget(dir, name, now_ns())? {
+            self.forget_content(id);
+            report.removed += 1;
+        }
+        Ok(())
     }
 
     /// The directory `name` of `dir`, made if missing, with the mode and owner its marker
@@ -418,6 +479,51 @@ impl Share {
             gid: defaults.gid,
             now_ns: now_ns(),
             atime_ns: None,
+        }
+    }
+}
+
+/// A directory's entries in name order, a page of the namespace at a time, walked alongside
+/// the bucket's listing (`Share::refresh_dir`).
+struct LocalWalk {
+    dir: u64,
+    page: std::collections::VecDeque<(String, u64)>,
+    /// The last name read from the namespace.
+    after: Option<String>,
+    done: bool,
+}
+
+impl LocalWalk {
+    /// The next entry, without taking it.
+    fn peek(&mut self, share: &Share) -> Result<Option<&(String, u64)>, ShareError> {
+        if self.page.is_empty() && !self.done {
+            let page = share.ns.list(self.dir, self.after.as_deref(), 1024)?;
+            match page.last() {
+                Some((last, _)) => self.after = Some(last.clone()),
+                None => self.done = true,
+            }
+            self.page.extend(page);
+        }
+        Ok(self.page.front())
+    }
+
+    /// The next entry if its name sorts before `name` (any next entry if `name` is empty).
+    fn next_before(
+        &mut self,
+        share: &Share,
+        name: &str,
+    ) -> Result<Option<(String, u64)>, ShareError> {
+        match self.peek(share)? {
+            Some((next, _)) if name.is_empty() || next.as_str() < name => Ok(self.page.pop_front()),
+            _ => Ok(None),
+        }
+    }
+
+    /// The next entry's id if it is `name`, taking it.
+    fn take(&mut self, share: &Share, name: &str) -> Result<Option<u64>, ShareError> {
+        match self.peek(share)? {
+            Some((next, _)) if next == name => Ok(self.page.pop_front().map(|(_, id)| id)),
+            _ => Ok(None),
         }
     }
 }
