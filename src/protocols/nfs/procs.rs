@@ -557,11 +557,15 @@ fn write(server: &NfsServer, caller: Caller, args: WRITE3args) -> Vec<u8> {
         permit(who(&share, &caller).may_use(&file, perm::WRITE))
             .map_err(|e| (e, WRITE3resfail::default()))?;
         let sync = !matches!(args.stable, stable_how::UNSTABLE);
-        share
+        let written = share
             .write(id, args.offset, data, sync)
             .map_err(|e| fail(&e))?;
         Ok(WRITE3resok {
-            file_wcc: wcc(&share, id),
+            // The attributes the write ended with: no second look at the file.
+            file_wcc: wcc_data {
+                before: pre_op_attr::None,
+                after: post_op_attr::Some(fattr(&share, &written)),
+            },
             count: args.count,
             committed: if sync {
                 stable_how::FILE_SYNC
@@ -628,8 +632,10 @@ fn create(server: &NfsServer, caller: Caller, args: CREATE3args) -> Vec<u8> {
             }
             Err(e) => return Err(fail(status(&e))),
         };
+        let mut changed = verifier.is_some();
         // A size asked for at create (usually 0: truncate an existing file).
         if then.size.is_some() {
+            changed = true;
             let file = target(&share, made.fileid).map_err(fail)?;
             permit(who(&share, &caller).may_use(&file, perm::WRITE)).map_err(fail)?;
             let only_size = SetAttrs {
@@ -642,7 +648,12 @@ fn create(server: &NfsServer, caller: Caller, args: CREATE3args) -> Vec<u8> {
         }
         Ok(CREATE3resok {
             obj: post_op_fh3::Some(handle(&share, made.fileid)),
-            obj_attributes: post_attr(&share, made.fileid),
+            // As made, unless times or a size were set on it since.
+            obj_attributes: if changed {
+                post_attr(&share, made.fileid)
+            } else {
+                post_op_attr::Some(fattr(&share, &made))
+            },
             dir_wcc: wcc(&share, dir),
         })
     })();
