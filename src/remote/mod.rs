@@ -312,9 +312,9 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
     /// a put interrupted before its rename left empty (S3 has no such thing); a caller that
     /// lists it finds nothing in it.
     async fn list_dir(&self, prefix: &str) -> Result<Listing>;
-    /// [`Remote::list_dir`] a page at a time, for levels of any size: up to about a
-    /// thousand entries from `cursor` (`None`: the first page; then the `next` of the page
-    /// before). The objects of all pages together are in key order, and each directory comes
+    /// [`Remote::list_dir`] a page at a time, for levels of any size: a bounded number of
+    /// entries (1,000 from S3) from `cursor` (`None`: the first page; then the `next` of the
+    /// page before). The objects of all pages together are in key order, and each directory comes
     /// once (in no promised order across pages); memory is bounded by the page.
     async fn list_dir_page(&self, prefix: &str, cursor: Option<&str>) -> Result<ListingPage>;
     /// Deleting an object that does not exist succeeds.

@@ -552,7 +552,6 @@ impl S3Store {
     }
 }
 
-/// Downloads of a large object's parts, oldest first; dropped early, it aborts the rest.
 /// One page of a ListObjectsV2, keys relative to the store's prefix.
 struct ListPage {
     objects: Vec<ObjectInfo>,
@@ -582,6 +581,7 @@ fn level(prefix: &str, objects: Vec<ObjectInfo>, dirs: Vec<String>) -> Listing {
     Listing { dirs, objects }
 }
 
+/// Downloads of a large object's parts, oldest first; dropped early, it aborts the rest.
 struct InOrder<T>(std::collections::VecDeque<tokio::task::JoinHandle<T>>);
 
 impl<T> Drop for InOrder<T> {

@@ -146,7 +146,9 @@ impl Share {
     /// and clean files whose object is gone go. The listing's objects come in name order, and
     /// the namespace's entries are walked alongside them: an entry is known to be unlisted
     /// once the listing has passed its name. With a `deadline`, a page the bucket does not
-    /// give by then ends the refresh with an error, and nothing is taken as gone.
+    /// give by then ends the refresh with an error: the entries after the last page given
+    /// are left as they are. A store that lists out of order costs a HEAD per clean file (the
+    /// check before a file goes), and drops nothing it still has.
     fn refresh_dir(
         &self,
         dir: u64,

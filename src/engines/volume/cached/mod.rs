@@ -1158,7 +1158,9 @@ impl Inner {
     fn make_spare(&self) {
         {
             let mut spare = lock(&self.spare);
-            if spare.holds_space() || !lock(&self.reserve).take(self.segment_alloc) {
+            if spare.holds_space()
+                || !matches!(lock(&self.reserve).take(self.segment_alloc), Ok(true))
+            {
                 return;
             }
             *spare = reserve::Spare::Making;
@@ -1202,8 +1204,12 @@ impl Inner {
     fn roll_into(&self, w: &mut Writer, space: Option<File>) -> io::Result<bool> {
         self.wait_published(w.tickets);
         // A failed write left a hole in the segment (or a failed sync left it unknown): it
-        // is never sealed for upload, and the next open cuts it where its records end.
+        // is never sealed for upload, and the next open cuts it where its records end. A
+        // spare handed out for the next segment goes back.
         if let Some(e) = lock(&self.failed).as_ref() {
+            if let Some(file) = space {
+                *lock(&self.spare) = reserve::Spare::Ready(file);
+            }
             return Err(io::Error::other(format!(
                 "the log segment holds a failed write ({e}); reattach the volume"
             )));
@@ -1227,7 +1233,7 @@ impl Inner {
                 // refill cannot take it back in between, which on a full disk would leave
                 // the segment without room for its writes.
                 let mut reserve = lock(&self.reserve);
-                if !reserve.take(self.segment_alloc) {
+                if !reserve.take(self.segment_alloc)? {
                     return Ok(false);
                 }
                 let created = state::create_segment(&segments, &self.key, seq, None);

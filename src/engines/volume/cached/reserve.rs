@@ -120,19 +120,15 @@ impl Reserve {
         self.short
     }
 
-    /// Gives up `bytes` of the reserve for a new segment; false (nothing changed) if it
-    /// holds less.
-    pub fn take(&mut self, bytes: u64) -> bool {
+    /// Gives up `bytes` of the reserve for a new segment; `Ok(false)` (nothing changed) if
+    /// it holds less, an error if the file could not be shortened.
+    pub fn take(&mut self, bytes: u64) -> io::Result<bool> {
         if self.held < bytes {
-            return false;
+            return Ok(false);
         }
-        match self.file.set_len(self.held - bytes) {
-            Ok(()) => {
-                self.held -= bytes;
-                true
-            }
-            Err(_) => false,
-        }
+        self.file.set_len(self.held - bytes)?;
+        self.held -= bytes;
+        Ok(true)
     }
 
     /// Grows the reserve by `bytes`, up to its cap, as far as the disk allows.

@@ -214,6 +214,11 @@ async fn close_if_due(inner: &Arc<Inner>) -> Result<(), String> {
         let mut w = lock(&inner.log);
         let has_cut = lock(&inner.state).cuts.contains_key(&w.seq);
         let roll = |w: &mut super::Writer| {
+            // A volume whose log write failed keeps its open segment until it is attached
+            // again (`Inner::roll`); the sealed ones go on being uploaded.
+            if lock(&inner.failed).is_some() {
+                return Ok(());
+            }
             // The next segment's space comes from a spare or the reserve; without it, wait
             // for uploads.
             let Some(space) = inner.segment_space() else {
@@ -450,7 +455,8 @@ async fn write_checkpoint(inner: &Arc<Inner>) -> Result<bool, String> {
     let writer = inner.clone();
     blocking(move || {
         let needed = (sealed.len() as u64).div_ceil(4096) * 4096 + 4096;
-        lock(&writer.reserve).take(needed);
+        // Short of that, or unable to shorten the reserve, the file takes what the disk has.
+        let _ = lock(&writer.reserve).take(needed);
         store_local_checkpoint(&writer.dir, &sealed)
     })
     .await

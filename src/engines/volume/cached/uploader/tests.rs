@@ -570,7 +570,7 @@ fn a_reserve_that_shrinks_while_a_segment_closes_makes_the_write_wait() {
     let taken = {
         let mut reserve = lock(&inner.reserve);
         let all = reserve.held();
-        assert!(reserve.take(all));
+        assert!(reserve.take(all).unwrap());
         all
     };
     let mut data = vec![3u8; B as usize];
@@ -609,6 +609,14 @@ fn a_segment_with_a_failed_write_is_not_uploaded_with_its_hole() {
     }
     h.vol.flush().unwrap();
     h.drive();
+    // A backlog: a segment closed (and flushed) before the failure, not uploaded yet.
+    let sealed = lock(&inner.log).seq;
+    let mut block = 100;
+    while lock(&inner.log).seq == sealed {
+        h.write(block * B, 5);
+        block += 1;
+    }
+    h.vol.flush().unwrap();
     // The next record's write fails: the open segment's handle refuses writes for it.
     let (path, writable) = {
         let w = lock(&inner.log);
@@ -631,6 +639,11 @@ fn a_segment_with_a_failed_write_is_not_uploaded_with_its_hole() {
     for _ in 0..5 {
         let _ = h.rt.block_on(step(&inner));
     }
+    // The backlog from before the failure still goes up.
+    assert!(
+        h.bucket_has(&inner.bucket.segment_key(sealed)),
+        "the segment closed before the failure was not uploaded"
+    );
     drop(inner);
     // Reattached: the log is cut at the hole; new writes go on, and are committed.
     let h = h.close().reopen(Settings {
