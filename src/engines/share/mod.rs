@@ -1745,8 +1745,8 @@ impl Share {
     }
 
     /// Makes file `id`'s writes durable (NFS COMMIT) and uploads it without waiting for it
-    /// to settle.
-    pub fn commit(&self, id: u64) -> Result<(), ShareError> {
+    /// to settle. Its attributes after.
+    pub fn commit(&self, id: u64) -> Result<Attrs, ShareError> {
         let inode = self.ns.get(id)?;
         // Data and metadata: a new file's entry rides on it (`Namespace::recover`). An
         // evicted file is clean, in the bucket already: nothing to fetch or sync.
@@ -1759,7 +1759,7 @@ impl Share {
             d.now = true;
         }
         self.wake.notify_one();
-        Ok(())
+        self.attrs_of(id, &inode)
     }
 
     /// Bytes in all and free, files in all and free, of the local disk the share's files

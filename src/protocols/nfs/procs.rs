@@ -1049,7 +1049,7 @@ fn commit(server: &NfsServer, caller: Caller, args: COMMIT3args) -> Vec<u8> {
                 },
             )
         })?;
-        share.commit(id).map_err(|e| {
+        let committed = share.commit(id).map_err(|e| {
             (
                 status(&e),
                 COMMIT3resfail {
@@ -1058,7 +1058,10 @@ fn commit(server: &NfsServer, caller: Caller, args: COMMIT3args) -> Vec<u8> {
             )
         })?;
         Ok(COMMIT3resok {
-            file_wcc: wcc(&share, id),
+            file_wcc: wcc_data {
+                before: pre_op_attr::None,
+                after: post_op_attr::Some(fattr(&share, &committed)),
+            },
             verf: writeverf3(server.verifier),
         })
     })();
