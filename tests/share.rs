@@ -2588,3 +2588,50 @@ fn a_directory_of_many_listing_pages_is_refreshed_whole() {
             .expect("the file in the directory");
     }
 }
+
+/// A client's listing that refreshes its directory waits at most about `LISTING_WAIT` (2 s)
+/// however slow the bucket and however many objects are new (each costs a HEAD), and later
+/// listings take in the rest.
+#[test]
+fn a_listing_waits_boundedly_for_a_slow_refresh_and_later_ones_finish_it() {
+    for mut rig in rigs(Duration::from_secs(3600)) {
+        rig.listing_ttl = Some(Duration::ZERO);
+        rig.reopen(Duration::from_secs(3600));
+        rig.shares()
+            .create("s", "s/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("s");
+        let root = share.root();
+        for i in 0..40 {
+            rig.runtime
+                .block_on(rig.raw.put(
+                    &format!("s/n{i:02}"),
+                    bytes::Bytes::from_static(b"new"),
+                    remote::Meta::new(),
+                ))
+                .expect("put by another tool");
+        }
+        // 40 HEADs of 150 ms each would take 6 s.
+        rig.faults.set(firn::remote::faults::FaultSettings {
+            latency_ms: 150,
+            ..Default::default()
+        });
+        let started = Instant::now();
+        let first = share.list(root, None, 100).expect("list").len();
+        let waited = started.elapsed();
+        assert!(
+            waited < Duration::from_secs(4),
+            "the listing waited {waited:?}"
+        );
+        assert!(first < 40, "all {first} taken in within {waited:?}");
+        rig.faults.set(Default::default());
+        let mut listed = first;
+        for _ in 0..10 {
+            listed = share.list(root, None, 100).expect("list").len();
+            if listed == 40 {
+                break;
+            }
+        }
+        assert_eq!(listed, 40);
+    }
+}

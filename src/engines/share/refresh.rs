@@ -95,8 +95,9 @@ impl Share {
 
     /// Refreshes directory `dir` alone (not what is below it) if its listing is older than
     /// `[shares] listing_ttl`: what a client listing it sees is then at most that old. A
-    /// listing the bucket does not give within `LISTING_WAIT` is left where it got to (the
-    /// client is served what is here), and not asked for again before the TTL passes.
+    /// refresh that takes longer than `LISTING_WAIT` (a slow bucket, many new objects) stops
+    /// where it got to: the client is served what is here, and the next refresh, after the
+    /// TTL, goes on.
     pub(super) fn refresh_if_stale(&self, dir: u64) {
         let Some(ttl) = self.settings.listing_ttl else {
             return;
@@ -145,9 +146,10 @@ impl Share {
     /// bucket: objects no file has become files, directories only the bucket has are made,
     /// and clean files whose object is gone go. The listing's objects come in name order, and
     /// the namespace's entries are walked alongside them: an entry is known to be unlisted
-    /// once the listing has passed its name. With a `deadline`, a page the bucket does not
-    /// give by then ends the refresh with an error: the entries after the last page given
-    /// are left as they are. A store that lists out of order costs a HEAD per clean file (the
+    /// once the listing has passed its name. With a `deadline` (a client's READDIR waits on
+    /// it), the refresh ends with an error once it passes, whether the bucket is slow to list
+    /// or there are many new objects to look at (a HEAD each): what it did not reach is left
+    /// as it is, for the next one. A store that lists out of order costs a HEAD per clean file (the
     /// check before a file goes), and drops nothing it still has.
     fn refresh_dir(
         &self,
@@ -164,10 +166,19 @@ impl Share {
             after: None,
             done: false,
         };
+        let out_of_time = || {
+            if deadline.is_some_and(|at| Instant::now() >= at) {
+                return Err(ShareError::Io(format!(
+                    "refreshing {prefix}: out of time, part of it done"
+                )));
+            }
+            Ok(())
+        };
         let mut cursor: Option<String> = None;
         loop {
             let page = self.listing_page(&prefix, cursor.as_deref(), deadline)?;
             for object in &page.listing.objects {
+                out_of_time()?;
                 let Some(key) = object.key.strip_prefix(&self.info.prefix) else {
                     continue;
                 };
@@ -179,6 +190,7 @@ impl Share {
                 let name = parts[parts.len() - 1];
                 // The namespace's entries before this name are in no page of the listing.
                 while let Some((before, id)) = local.next_before(self, name)? {
+                    out_of_time()?;
                     self.drop_if_gone(dir, path, &before, id, false, dirty, report)?;
                 }
                 match self.take_in(&parts, key, object, dirty)? {
@@ -213,6 +225,7 @@ impl Share {
             }
         }
         while let Some((name, id)) = local.next_before(self, "")? {
+            out_of_time()?;
             self.drop_if_gone(dir, path, &name, id, false, dirty, report)?;
         }
         Ok(())
