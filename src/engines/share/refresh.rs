@@ -127,19 +127,13 @@ impl Share {
         dir: u64,
         after: Option<&str>,
     ) -> Result<Option<(String, u64)>, ShareError> {
-        let mut after = after.map(str::to_string);
-        loop {
-            let page = self.ns.list(dir, after.as_deref(), 1024)?;
-            let Some((end, _)) = page.last() else {
-                return Ok(None);
-            };
-            after = Some(end.clone());
-            for (name, id) in page {
-                if self.ns.get(id).is_ok_and(|inode| inode.kind == Kind::Dir) {
-                    return Ok(Some((name, id)));
-                }
+        let mut entries = LocalWalk::new(dir, after);
+        while let Some((name, id)) = entries.next(self)? {
+            if self.ns.get(id).is_ok_and(|inode| inode.kind == Kind::Dir) {
+                return Ok(Some((name, id)));
             }
         }
+        Ok(None)
     }
 
     /// Brings directory `dir` (at share-relative `path`) in line with its level of the
@@ -149,8 +143,8 @@ impl Share {
     /// once the listing has passed its name. With a `deadline` (a client's READDIR waits on
     /// it), the refresh ends with an error once it passes, whether the bucket is slow to list
     /// or there are many new objects to look at (a HEAD each): what it did not reach is left
-    /// as it is, for the next one. A store that lists out of order costs a HEAD per clean file (the
-    /// check before a file goes), and drops nothing it still has.
+    /// as it is, for the next one. A store that lists out of order costs a HEAD per clean
+    /// file (the check before a file goes), and drops nothing it still has.
     fn refresh_dir(
         &self,
         dir: u64,
@@ -160,12 +154,7 @@ impl Share {
         deadline: Option<Instant>,
     ) -> Result<(), ShareError> {
         let prefix = format!("{}{}", self.info.prefix, namespace_dir(path));
-        let mut local = LocalWalk {
-            dir,
-            page: std::collections::VecDeque::new(),
-            after: None,
-            done: false,
-        };
+        let mut local = LocalWalk::new(dir, None);
         let out_of_time = || {
             if deadline.is_some_and(|at| Instant::now() >= at) {
                 return Err(ShareError::Io(format!(
@@ -224,7 +213,7 @@ impl Share {
                 None => break,
             }
         }
-        while let Some((name, id)) = local.next_before(self, "")? {
+        while let Some((name, id)) = local.next(self)? {
             out_of_time()?;
             self.drop_if_gone(dir, path, &name, id, false, dirty, report)?;
         }
@@ -498,8 +487,8 @@ impl Share {
     }
 }
 
-/// A directory's entries in name order, a page of the namespace at a time, walked alongside
-/// the bucket's listing (`Share::refresh_dir`).
+/// A directory's entries in name order, a page of the namespace at a time: walked alongside
+/// the bucket's listing (`Share::refresh_dir`), and for the next subdirectory to visit.
 struct LocalWalk {
     dir: u64,
     page: std::collections::VecDeque<(String, u64)>,
@@ -509,6 +498,16 @@ struct LocalWalk {
 }
 
 impl LocalWalk {
+    /// The entries of `dir` whose names sort after `after`.
+    fn new(dir: u64, after: Option<&str>) -> LocalWalk {
+        LocalWalk {
+            dir,
+            page: std::collections::VecDeque::new(),
+            after: after.map(str::to_string),
+            done: false,
+        }
+    }
+
     /// The next entry, without taking it.
     fn peek(&mut self, share: &Share) -> Result<Option<&(String, u64)>, ShareError> {
         if self.page.is_empty() && !self.done {
@@ -522,14 +521,20 @@ impl LocalWalk {
         Ok(self.page.front())
     }
 
-    /// The next entry if its name sorts before `name` (any next entry if `name` is empty).
+    /// The next entry.
+    fn next(&mut self, share: &Share) -> Result<Option<(String, u64)>, ShareError> {
+        self.peek(share)?;
+        Ok(self.page.pop_front())
+    }
+
+    /// The next entry if its name sorts before `name`.
     fn next_before(
         &mut self,
         share: &Share,
         name: &str,
     ) -> Result<Option<(String, u64)>, ShareError> {
         match self.peek(share)? {
-            Some((next, _)) if name.is_empty() || next.as_str() < name => Ok(self.page.pop_front()),
+            Some((next, _)) if next.as_str() < name => Ok(self.page.pop_front()),
             _ => Ok(None),
         }
     }

@@ -53,44 +53,27 @@ fn open(settings: Settings) -> Harness {
     let sealer = Arc::new(Sealer::new(&MasterKey::from_bytes([9; 32])));
     let meta = Arc::new(MetaStore::open(dir.path().join("meta.redb")).unwrap());
     let id = "0123456789abcdef0123456789abcdef".to_string();
-    let vol = CachedVolume::open(OpenParams {
+    let h = Closed {
+        dir,
+        rt,
+        idle,
+        remote,
+        sealer,
         id: id.clone(),
-        name: "v".into(),
-        size: 64 << 20,
-        read_only: false,
-        created: "now".into(),
-        dir: dir.path().join("vol"),
-        sealer: sealer.clone(),
         meta,
-        bucket: Bucket {
-            remote: remote.clone(),
-            prefix: format!("volumes/{id}/"),
-            runtime: rt.handle().clone(),
-            uploads: idle.handle().clone(),
-            gateway: "gw-a".into(),
-        },
-        settings,
-    })
-    .unwrap();
+    }
+    .reopen(settings);
     // What the uploader's loop does first.
     let descriptor = super::super::Descriptor {
         format: 1,
-        id: id.clone(),
+        id,
         name: "v".into(),
         size: 64 << 20,
         created: "now".into(),
     };
-    rt.block_on(super::put_descriptor(&vol.inner, &descriptor))
+    h.rt.block_on(super::put_descriptor(&h.vol.inner, &descriptor))
         .unwrap();
-    Harness {
-        dir,
-        rt,
-        idle,
-        vol,
-        remote,
-        sealer,
-        id,
-    }
+    h
 }
 
 impl Harness {
