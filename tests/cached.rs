@@ -1096,6 +1096,49 @@ fn flushed_data_survives_a_restart_and_the_upload_resumes() {
     assert!(age.is_some_and(|age| age < 600.0), "{shown:#}");
 }
 
+/// A cached volume that cannot be opened at start (here its local checkpoint is gone) is
+/// shown with the reason, a client's attach fails, other volumes are served; with the file
+/// back, the next attach opens it with its data.
+#[test]
+fn a_volume_that_cannot_open_says_why_and_opens_once_mended() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let mut g = Gateway::start(&dir.path().join("a"), &bucket, "");
+    g.firn(&["volume", "create", "v", "--size", "8M"]);
+    g.firn(&["volume", "create", "w", "--size", "8M"]);
+    qemu_io(&g.uri("v"), &["write -P 0x3d 0 2M"]);
+    g.wait_drained("v", false);
+    let id = g.show("v")["id"].as_str().expect("id").to_string();
+    g.stop();
+    let checkpoint = g.dir.join("data/volumes").join(&id).join("checkpoint");
+    let aside = checkpoint.with_extension("aside");
+    std::fs::rename(&checkpoint, &aside).expect("move the checkpoint aside");
+    g.restart();
+    let shown = g.show("v");
+    let error = shown["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("local checkpoint") && shown["cache"].is_null(),
+        "{shown:#}"
+    );
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read 0 4k", &g.uri("v")])
+        .output()
+        .expect("qemu-io");
+    assert!(
+        !out.status.success(),
+        "attached a volume that cannot open: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    qemu_io(&g.uri("w"), &["write -P 0x11 0 1M", "read -P 0x11 0 1M"]);
+    std::fs::rename(&aside, &checkpoint).expect("put the checkpoint back");
+    qemu_io(&g.uri("v"), &["read -P 0x3d 0 2M"]);
+    let shown = g.show("v");
+    assert!(
+        shown["error"].is_null() && !shown["cache"].is_null(),
+        "{shown:#}"
+    );
+}
+
 /// During an outage, a read of data that only the bucket holds fails with EIO once
 /// `read_timeout_secs` has passed, while writes, flushes and reads of what is local are still
 /// served; after the outage the same read succeeds.
@@ -1516,7 +1559,9 @@ fn a_volume_the_disk_has_no_room_for_is_refused_and_leaves_nothing() {
 }
 
 /// SIGTERM while writes wait for room in a full log (the bucket out of reach for good):
-/// firn stops after its grace for clients, the waiting writes failing unacknowledged.
+/// firn stops after its grace for clients, the waiting writes failing unacknowledged. Started
+/// again, still in the outage, the volume opens with its full log and serves reads; once the
+/// bucket is back, the log drains and writes go on.
 #[test]
 fn a_stop_while_writes_wait_for_room_ends() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1543,6 +1588,20 @@ fn a_stop_while_writes_wait_for_room_ends() {
     // The grace for connected clients (10 s), then the waiting writes fail.
     assert!(daemon.stop_within(Duration::from_secs(30)).success());
     kill_fio(writer);
+    let flushed = "write -P 0x6b 70M 1M";
+    g.restart();
+    let shown = g.show("v");
+    assert!(
+        shown["cache"]["dirty_bytes"]
+            .as_u64()
+            .is_some_and(|dirty| dirty > 16 << 20),
+        "the full log is not there after the restart: {shown:#}"
+    );
+    qemu_io(&g.uri("v"), &["read 0 1M"]);
+    g.reconfigure(&[("outage_secs = 600", "outage_secs = 0")]);
+    qemu_io(&g.uri("v"), &[flushed]);
+    g.wait_drained("v", false);
+    qemu_io(&g.uri("v"), &["read -P 0x6b 70M 1M"]);
 }
 
 /// A flush every 8 writes of 4 KiB, all during an outage: no error, and all of it verifies,

@@ -703,6 +703,9 @@ async fn show_volume(State(gateway): Shared, Path(name): Path<String>) -> Respon
             let mut shown = serde_json::to_value(&info).unwrap_or_default();
             if let Some(status) = gateway.volumes.cached_status(&name) {
                 shown["cache"] = serde_json::to_value(status).unwrap_or_default();
+            } else if let Some(e) = gateway.volumes.open_error(&name) {
+                // Not open: it uploads nothing and serves no client until this is mended.
+                shown["error"] = format!("cannot open the volume: {e}").into();
             }
             let clients = gateway.exports.clients(&info);
             // A client between its open and its first request holds the volume but is not

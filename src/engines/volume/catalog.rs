@@ -239,6 +239,9 @@ pub struct Catalog {
     open: Mutex<HashMap<String, Weak<dyn BlockDevice>>>,
     /// Cached volumes stay open while the daemon runs, attached or not: their uploads go on.
     pinned: Mutex<HashMap<String, Arc<CachedVolume>>>,
+    /// Why a cached volume's last open failed, by id, until one succeeds: shown to the
+    /// operator, since such a volume uploads nothing and serves no client.
+    open_errors: Mutex<HashMap<String, String>>,
 }
 
 /// What cached volumes need from the daemon: the bucket, the runtimes their bucket reads and
@@ -293,6 +296,7 @@ impl Catalog {
             bucket: None,
             open: Mutex::new(HashMap::new()),
             pinned: Mutex::new(HashMap::new()),
+            open_errors: Mutex::new(HashMap::new()),
         })
     }
 
@@ -764,7 +768,17 @@ impl Catalog {
                 Arc::new(volume)
             }
             Mode::Cached => {
-                let volume = self.open_cached(&info)?;
+                let opened = self.open_cached(&info);
+                let mut errors = self
+                    .open_errors
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                match &opened {
+                    Ok(_) => errors.remove(&info.id),
+                    Err(e) => errors.insert(info.id.clone(), e.to_string()),
+                };
+                drop(errors);
+                let volume = opened?;
                 self.pinned_volumes()
                     .insert(info.id.clone(), volume.clone());
                 volume
@@ -831,6 +845,16 @@ impl Catalog {
         let info = self.get(name).ok()??;
         let pinned = self.pinned_volumes();
         pinned.get(&info.id).map(|volume| volume.status())
+    }
+
+    /// Why cached volume `name` could not be opened, if its last open failed.
+    pub fn open_error(&self, name: &str) -> Option<String> {
+        let info = self.get(name).ok()??;
+        let errors = self
+            .open_errors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        errors.get(&info.id).cloned()
     }
 
     /// Every open cached volume's name and upload state, in name order.

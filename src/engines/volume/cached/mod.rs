@@ -604,10 +604,18 @@ impl CachedVolume {
         // The log's room, less what the segments waiting for upload (and the new one) hold.
         let waiting = state.sealed.len() as u64 + 1;
         let cap = settings.log_max;
+        // A volume with writes still to upload opens whatever room is left (a log that was
+        // full at the stop leaves none): refused, it would never upload them and give the
+        // room back. Its writes wait for room meanwhile, as before the stop.
+        let at_least = if state.sealed.is_empty() {
+            segment_alloc.min(cap)
+        } else {
+            0
+        };
         let reserve = reserve::Reserve::open(
             &dir,
             cap.saturating_sub(waiting * segment_alloc),
-            segment_alloc.min(cap),
+            at_least,
             cap,
             settings.min_free,
         )?;
