@@ -1484,7 +1484,7 @@ fn on_a_small_disk(extra: &str) -> (common::Teardown, PathBuf, Gateway) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_makes_writers_wait_and_loses_nothing() {
     // The data directory on a 32 MiB file system, 4 MiB of it kept free; the bucket elsewhere.
-    let (_teardown, _, g) = on_a_small_disk("");
+    let (_teardown, _, mut g) = on_a_small_disk("");
     g.firn(&["share", "create", "full"]);
     // The uplink is down: nothing leaves the disk.
     g.firn(&["bandwidth", "--upload", "paused"]);
@@ -1510,6 +1510,39 @@ async fn a_full_disk_makes_writers_wait_and_loses_nothing() {
     }
     let (name, file, offset) = jukebox.expect("the disk never filled");
     assert!(written.len() >= 5, "full after {} files", written.len());
+    // Killed and started again on the full disk, with the uplink still down: the share is
+    // back with every file written, and a writer still waits.
+    drop(c);
+    let mut config = std::fs::read_to_string(&g.config).expect("config");
+    config.push_str("[remote.bandwidth]\nupload = \"paused\"\n");
+    std::fs::write(&g.config, config).expect("config");
+    g.restart();
+    let mut c = g.client("full", 0, 0).await;
+    for name in &written {
+        let found = c
+            .lookup(&LOOKUP3args {
+                what: diropargs3 {
+                    dir: root.clone(),
+                    name: filename3::from(name.as_bytes().to_vec()),
+                },
+            })
+            .await
+            .expect("rpc");
+        let Nfs3Result::Ok(found) = found else {
+            panic!("{name} after the restart: {found:?}")
+        };
+        let Nfs3Option::Some(attrs) = found.obj_attributes else {
+            panic!("{name}: no attributes")
+        };
+        assert_eq!(attrs.size, 2 << 20, "{name} after the restart");
+    }
+    assert!(
+        matches!(
+            write_sync(&mut c, &file, offset << 20, &chunk).await,
+            Nfs3Result::Err((nfsstat3::NFS3ERR_JUKEBOX, _))
+        ),
+        "a write found room on the full disk after the restart"
+    );
     // The uplink comes back: uploads make the written files clean, eviction makes room, and
     // the waiting write goes through when the client retries it.
     g.firn(&["bandwidth", "--upload", "unlimited"]);
