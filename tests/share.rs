@@ -1332,6 +1332,12 @@ fn reading_many_files_a_block_at_a_time_keeps_open_files_bounded() {
     }
     let opened = open_files().saturating_sub(before);
     assert!(opened <= 300, "{opened} files more open after reading 400");
+    // Nor does the memory kept for eviction grow with every file ever read.
+    let remembered = share.remembered_uses();
+    assert!(
+        remembered <= 300,
+        "{remembered} uses remembered after 400 files"
+    );
 }
 
 /// A large file fetched back whole does not hold up the fetch of a small one (every request

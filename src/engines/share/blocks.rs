@@ -531,6 +531,8 @@ impl Share {
             if let Some(victim) = victim {
                 partials.remove(&victim);
                 let _ = std::fs::remove_file(self.part_path(victim));
+                // Nothing of it is local now: its last use is not needed for eviction.
+                lock(&self.used).remove(&victim);
             }
         }
         partials.insert(id, part.clone());
@@ -690,6 +692,11 @@ impl Share {
             m.blocks() * 512
         });
         let _ = std::fs::remove_file(path);
+        // Unless the file is whole here, nothing of it is local now. (`used` is a leaf: no
+        // lock is ever taken while it is held.)
+        if !self.content_path(id).exists() {
+            lock(&self.used).remove(&id);
+        }
         drop(partials);
         used
     }

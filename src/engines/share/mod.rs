@@ -1779,6 +1779,12 @@ impl Share {
         }
     }
 
+    /// Files whose last use is remembered for eviction: at most those with content on local
+    /// disk, whole or in part (each costs memory).
+    pub fn remembered_uses(&self) -> usize {
+        lock(&self.used).len()
+    }
+
     pub fn status(&self) -> ShareStatus {
         let (dirty_files, dirty_bytes) = {
             let dirty = lock(&self.dirty);
