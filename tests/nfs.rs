@@ -1853,6 +1853,7 @@ sys.stdout.buffer.write(s3.get_object(Bucket=sys.argv[2], Key="media/a.bin")["Bo
     for (bucket, reason) in [
         ("no-such-bucket", "no-such-bucket"),
         ("Bad_Name", "not a bucket name"),
+        (common::MOTO_BUCKET, "the gateway's own bucket"),
     ] {
         let config = g.config.to_str().expect("utf-8");
         let (ok, _, err) = common::firn(&[
@@ -1867,6 +1868,37 @@ sys.stdout.buffer.write(s3.get_object(Bucket=sys.argv[2], Key="media/a.bin")["Bo
         "share", "create", "x", "--bucket", other, "--config", config,
     ]);
     assert!(!ok && err.contains("kind = \"s3\""), "{err}");
+}
+
+/// A share in the gateway's own bucket never lies over the gateway's own objects: not the
+/// whole bucket, not `volumes/` (a share named `volumes` included, whose prefix would be
+/// that), nor the other names of the bucket layout; below a prefix of its own they are
+/// ordinary names.
+#[test]
+fn a_share_never_lies_over_the_gateways_own_objects() {
+    let g = Gateway::start();
+    let config = g.config.to_str().expect("utf-8");
+    for (args, reason) in [
+        (
+            vec!["all", "--prefix", ""],
+            "the whole of the gateway's bucket",
+        ),
+        (
+            vec!["volumes"],
+            "volumes/ is where the gateway keeps its own objects",
+        ),
+        (vec!["k", "--prefix", "keys/x/"], "keys/ is where"),
+        (vec!["c", "--prefix", "chunks/"], "chunks/ is where"),
+        (vec!["p", "--prefix", "firn-probe/"], "firn-probe/ is where"),
+    ] {
+        let mut full = vec!["share", "create"];
+        full.extend(&args);
+        full.extend(["--config", config]);
+        let (ok, _, err) = common::firn(&full);
+        assert!(!ok && err.contains(reason), "{args:?}: {err}");
+    }
+    assert_eq!(g.firn(&["share", "list"]).trim(), "");
+    g.firn(&["share", "create", "media", "--prefix", "media/volumes/"]);
 }
 
 /// Modes are enforced as a kernel NFS server enforces them: another user cannot look into a

@@ -324,6 +324,18 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
 /// Where [`probe_create`] writes; the health probe lists the same prefix.
 pub const PROBE_PREFIX: &str = "firn-probe/";
 
+/// The first components of the keys the gateway writes for itself under its `[remote]`
+/// prefix (the bucket layout of DESIGN.md, and the directory store's staging): a share's
+/// files never go there, or a client could read or remove a volume's objects through it.
+pub const GATEWAY_NAMES: &[&str] = &[
+    "volumes",
+    "chunks",
+    "snapshots",
+    "keys",
+    "firn-probe",
+    ".firn-staging",
+];
+
 /// Whether the store honours create-if-absent: creates `firn-probe/create-<random hex>`
 /// twice and deletes it. `Ok(true)` when the second create was refused with
 /// [`Error::Exists`], `Ok(false)` when the store took it (it overwrote: it ignores the

@@ -246,11 +246,28 @@ pub fn check_bucket_name(bucket: &str) -> Result<(), ShareError> {
     }
 }
 
-pub fn check_prefix(prefix: &str) -> Result<(), ShareError> {
+/// A share's prefix: empty or names ending in '/'. In the gateway's own bucket, never where
+/// the gateway keeps its own objects (`remote::GATEWAY_NAMES`), nor over all of them.
+pub fn check_prefix(prefix: &str, own_bucket: bool) -> Result<(), ShareError> {
+    let bad = |reason: &str| Err(ShareError::Invalid(format!("prefix {prefix:?}: {reason}")));
+    if own_bucket {
+        // The gateway's own objects are at the top of its bucket.
+        let first = prefix.split('/').next().unwrap_or_default();
+        if prefix.is_empty() {
+            return bad(&format!(
+                "the whole of the gateway's bucket, where it keeps its own objects ({}/): give the share a prefix of its own, such as media/, or another bucket",
+                crate::remote::GATEWAY_NAMES.join("/, ")
+            ));
+        }
+        if crate::remote::GATEWAY_NAMES.contains(&first) {
+            return bad(&format!(
+                "{first}/ is where the gateway keeps its own objects: choose another prefix (--prefix)"
+            ));
+        }
+    }
     if prefix.is_empty() {
         return Ok(());
     }
-    let bad = |reason: &str| Err(ShareError::Invalid(format!("prefix {prefix:?}: {reason}")));
     let Some(dirs) = prefix.strip_suffix('/') else {
         return bad("must end with '/'");
     };
@@ -398,7 +415,7 @@ impl Shares {
         squash: Squash,
     ) -> Result<ShareInfo, ShareError> {
         check_share_name(name)?;
-        check_prefix(prefix)?;
+        check_prefix(prefix, bucket.is_none())?;
         if let Some(bucket) = bucket {
             check_bucket_name(bucket)?;
             let remote = self.bucket_remote(bucket)?;
