@@ -567,7 +567,7 @@ fn renames_and_removes_move_and_delete_the_objects() {
 fn a_restart_keeps_fileids_and_uploads_what_was_left() {
     for mut rig in rigs(Duration::from_secs(3600)) {
         rig.shares()
-            .create("r", "", false, Vec::new(), Squash::Root)
+            .create("r", "r/", false, Vec::new(), Squash::Root)
             .expect("create");
         let share = rig.share("r");
         let f = share
@@ -595,10 +595,10 @@ fn a_restart_keeps_fileids_and_uploads_what_was_left() {
             pending.fileid
         );
         rig.wait_clean("r");
-        let (body, meta) = rig.get("later").expect("uploaded after the restart");
+        let (body, meta) = rig.get("r/later").expect("uploaded after the restart");
         assert_eq!(body, b"later");
         assert_eq!(meta["file-permissions"], "100644");
-        let (body, meta) = rig.get("kept").expect("kept");
+        let (body, meta) = rig.get("r/kept").expect("kept");
         assert!(body == data);
         assert_eq!(meta["file-owner"], "7");
         assert_eq!(meta["file-group"], "8");
@@ -609,7 +609,7 @@ fn a_restart_keeps_fileids_and_uploads_what_was_left() {
 fn status_counts_what_waits_to_go_up() {
     for mut rig in rigs(Duration::from_secs(3600)) {
         rig.shares()
-            .create("st", "", false, Vec::new(), Squash::Root)
+            .create("st", "st/", false, Vec::new(), Squash::Root)
             .expect("create");
         let share = rig.share("st");
         let root = share.root();
@@ -678,7 +678,7 @@ fn status_counts_what_waits_to_go_up() {
         );
         rig.faults.end_outage();
         rig.wait_clean("st");
-        assert!(rig.get("a").is_none() && rig.get("b").is_none());
+        assert!(rig.get("st/a").is_none() && rig.get("st/b").is_none());
     }
 }
 
@@ -1252,6 +1252,97 @@ fn clean_files_are_evicted_past_cache_max_and_fetched_back_when_used() {
         rig.wait_clean("e");
         let (body, _) = rig.get(&format!("e/f{victim}")).expect("object");
         assert!(body == data, "the patched object lost the rest of the file");
+    }
+}
+
+/// Evicted files whose objects another tool deleted or replaced, then changed here without
+/// their content (a write that fails for want of it, a chmod, a rename): no upload retries
+/// forever. The bucket wins: the deleted one's file goes at the next refresh, the replaced
+/// one's takes the new version in, and the rename moves the new version to the new name.
+#[test]
+fn changes_to_an_evicted_file_give_way_to_another_tools_change_of_its_object() {
+    for mut rig in rigs(Duration::ZERO) {
+        rig.cache_max = 64 << 10;
+        rig.reopen(Duration::ZERO);
+        let info = rig
+            .shares()
+            .create("g", "g/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("g");
+        let files_dir = rig.dir.path().join("shares").join(&info.id).join("files");
+        let mut ids = Vec::new();
+        for name in ["deleted", "replaced", "moved", "moved-gone"] {
+            let f = share
+                .create(share.root(), name, 0o644, 0, 0, true)
+                .expect("create");
+            share
+                .write(f.fileid, 0, &random(200 << 10), false)
+                .expect("write");
+            share.commit(f.fileid).expect("commit");
+            ids.push(f.fileid);
+        }
+        rig.wait_clean("g");
+        for &id in &ids {
+            wait_evicted(&files_dir, id);
+        }
+        let replaced = bytes::Bytes::from(random(300 << 10));
+        let moved = bytes::Bytes::from(random(100 << 10));
+        rig.runtime.block_on(async {
+            for key in ["g/deleted", "g/moved-gone"] {
+                rig.raw.delete(key).await.expect("delete by another tool");
+            }
+            for (key, body) in [("g/replaced", &replaced), ("g/moved", &moved)] {
+                rig.raw
+                    .put(key, body.clone(), remote::Meta::new())
+                    .await
+                    .expect("put by another tool");
+            }
+        });
+        assert!(share.write(ids[0], 0, b"x", false).is_err());
+        share
+            .setattr(
+                ids[1],
+                SetAttrs {
+                    mode: Some(0o600),
+                    ..SetAttrs::default()
+                },
+            )
+            .expect("chmod");
+        let root = share.root();
+        share.rename(root, "moved", root, "moved2").expect("rename");
+        share
+            .rename(root, "moved-gone", root, "moved-gone2")
+            .expect("rename");
+        rig.wait_clean("g");
+        share.refresh("").expect("refresh");
+        for name in ["deleted", "moved-gone2", "moved-gone"] {
+            assert!(
+                matches!(share.lookup(root, name), Err(ShareError::NotFound)),
+                "{name} is still in the share"
+            );
+        }
+        for (name, body) in [("replaced", &replaced), ("moved2", &moved)] {
+            let id = share.lookup(root, name).expect(name);
+            let (read, _) = share.read(id, 0, 1 << 20).expect("read");
+            assert!(read == body[..], "{name} reads otherwise");
+        }
+        rig.wait_clean("g");
+        let (object, _) = rig.get("g/moved2").expect("the renamed file's object");
+        assert!(object == moved[..], "g/moved2 is not the bucket's version");
+        assert!(
+            rig.get("g/moved").is_none(),
+            "the old name stays in the bucket"
+        );
+        assert!(rig.get("g/deleted").is_none());
+        // The old name of the file that went is free: what another tool puts there shows up.
+        rig.runtime
+            .block_on(
+                rig.raw
+                    .put("g/moved-gone", moved.clone(), remote::Meta::new()),
+            )
+            .expect("put by another tool");
+        share.refresh("").expect("refresh");
+        share.lookup(root, "moved-gone").expect("taken in");
     }
 }
 

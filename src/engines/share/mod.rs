@@ -95,6 +95,11 @@ pub enum ShareError {
     ShareExists(String),
     #[error("{0}")]
     Io(String),
+    /// The object an evicted file's content was to come from is gone from the bucket, or
+    /// another tool changed it: what the share has of the file cannot be had. A refresh
+    /// takes in what the bucket holds.
+    #[error("{0}")]
+    Changed(String),
 }
 
 impl From<MetaError> for ShareError {
@@ -1116,10 +1121,12 @@ impl Share {
         const RANGE: u64 = 8 << 20;
         let file = File::create(to).map_err(|e| io_error("fetching a file", e))?;
         let Some(head) = self.bucket_answer(key, self.remote.head(key))? else {
-            return Err(ShareError::Io(format!("{key} is gone from the bucket")));
+            return Err(ShareError::Changed(format!(
+                "{key} is gone from the bucket: a refresh takes that in"
+            )));
         };
         if head.size != size {
-            return Err(ShareError::Io(format!(
+            return Err(ShareError::Changed(format!(
                 "{key} changed in the bucket since it was listed ({} bytes, not {size}): a refresh takes it in",
                 head.size
             )));

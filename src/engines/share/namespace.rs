@@ -837,6 +837,24 @@ impl Namespace {
         Ok(())
     }
 
+    /// File `id` is as its object is, with no upload: what changed here gave way to what
+    /// another tool did to the object. Lazily durable: a crash that forgets it makes the file
+    /// dirty again, and its upload gives way again.
+    pub fn clear_dirty(&self, id: u64) -> Result<(), ShareError> {
+        self.meta.transaction_lazy(|tx| {
+            tx.delete(&self.dirty, &hex(id))?;
+            // Renamed since its upload: the object at its old key is not on its way out any
+            // more (it is gone, or another tool's), so a refresh may take in what is there.
+            let inode: Option<Inode> = tx.get_json(&self.inodes, &hex(id))?;
+            if let Some(uploaded) = inode.and_then(|inode| inode.uploaded)
+                && self.path_tx(tx, id)? != uploaded.path
+            {
+                tx.delete(&self.leaving, &uploaded.path)?;
+            }
+            Ok::<_, ShareError>(())
+        })
+    }
+
     /// Files that may differ from their objects.
     pub fn dirty(&self) -> Result<Vec<u64>, ShareError> {
         Ok(self

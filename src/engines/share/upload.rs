@@ -304,6 +304,54 @@ fn gone(share: &Share, id: u64) -> Result<Ended, String> {
     Ok(Ended::Nothing)
 }
 
+/// File `id` is evicted, and the object its content was to come from is gone, or another
+/// tool put another version there: what made the file dirty (a rename, new attributes, a
+/// write that failed for want of the content) changed none of its bytes, and they cannot be
+/// had. The bucket wins. Gone: the file is clean, and the next refresh removes it. Another
+/// version, the file renamed since its upload: that version is its content now, and goes up
+/// under the new name (the rename completes). Another version, not renamed: the file is
+/// clean, and the next refresh takes the version in. Unless the file changed since this
+/// upload began: then the next pass looks again.
+fn give_way(share: &Share, id: u64, generation: u64) -> Result<Ended, ShareError> {
+    let inode = share.ns.get(id)?;
+    let Some(uploaded) = inode.uploaded else {
+        return Ok(Ended::Nothing);
+    };
+    let renamed = share.ns.path(id)? != uploaded.path;
+    let key = format!("{}{}", share.info.prefix, uploaded.path);
+    let head = share.bucket_answer(&key, share.remote.head(&key))?;
+    let mut dirty = lock(&share.dirty);
+    let unchanged = dirty
+        .get(&id)
+        .is_some_and(|d| d.generation == generation && d.writing == 0);
+    if !unchanged || share.content_path(id).exists() {
+        return Ok(Ended::Nothing);
+    }
+    match head {
+        Some(head) if renamed => {
+            let found = Uploaded {
+                path: uploaded.path,
+                size: head.size,
+                etag: head.etag,
+            };
+            tracing::warn!(share = %share.info.name, "{key} changed in the bucket while its file was evicted and renamed here: the rename moves the bucket's version");
+            share.ns.update(id, |inode| {
+                inode.size = found.size;
+                inode.uploaded = Some(found);
+            })?;
+            if let Some(d) = dirty.get_mut(&id) {
+                d.bytes = head.size;
+            }
+        }
+        _ => {
+            tracing::warn!(share = %share.info.name, "{key} is gone or changed in the bucket, and its file was evicted here: the changes made here give way to the bucket's, which the next refresh takes in");
+            share.ns.clear_dirty(id)?;
+            dirty.remove(&id);
+        }
+    }
+    Ok(Ended::Nothing)
+}
+
 /// How an upload that did not fail ended.
 enum Ended {
     /// It went up: to be recorded.
@@ -346,6 +394,9 @@ async fn upload(share: &Arc<Share>, id: u64, generation: u64, key: &str) -> Resu
         Err(e) if e.starts_with("gone:") => {
             lock(&share.dirty).remove(&id);
             return Ok(Ended::Nothing);
+        }
+        Err(e) if e.starts_with(CHANGED_OBJECT) => {
+            return blocking(share, move |share| give_way(share, id, generation)).await;
         }
         Err(e) => return Err(e),
     };
@@ -426,7 +477,11 @@ pub fn object_meta(attrs: &super::Attrs) -> Meta {
     ])
 }
 
-/// Runs a namespace call off the async workers. A file that is gone is `gone: ...`.
+/// How `blocking` begins the error of an evicted file whose object is gone or changed.
+const CHANGED_OBJECT: &str = "object changed: ";
+
+/// Runs a namespace call off the async workers. A file that is gone is `gone: ...`; one
+/// whose object is gone or changed (`ShareError::Changed`), `CHANGED_OBJECT...`.
 async fn blocking<T: Send + 'static>(
     share: &Arc<Share>,
     call: impl FnOnce(&Share) -> Result<T, ShareError> + Send + 'static,
@@ -435,6 +490,7 @@ async fn blocking<T: Send + 'static>(
     match tokio::task::spawn_blocking(move || call(&share)).await {
         Ok(outcome) => outcome.map_err(|e| match e {
             ShareError::Stale(_) | ShareError::NotFound => format!("gone: {e}"),
+            ShareError::Changed(_) => format!("{CHANGED_OBJECT}{e}"),
             e => e.to_string(),
         }),
         // The runtime is shutting down: the call never ran, or its outcome is lost.

@@ -131,7 +131,7 @@ fn status(e: &ShareError) -> nfsstat3 {
         ShareError::TooBig => nfsstat3::NFS3ERR_FBIG,
         ShareError::ReadOnly => nfsstat3::NFS3ERR_ROFS,
         ShareError::NoSpace => nfsstat3::NFS3ERR_JUKEBOX,
-        ShareError::Io(_) => nfsstat3::NFS3ERR_IO,
+        ShareError::Io(_) | ShareError::Changed(_) => nfsstat3::NFS3ERR_IO,
     }
 }
 
