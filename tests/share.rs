@@ -1346,6 +1346,48 @@ fn changes_to_an_evicted_file_give_way_to_another_tools_change_of_its_object() {
     }
 }
 
+/// A directory another tool deleted whole in the bucket (marker, objects, subdirectories)
+/// goes at the next refresh, with everything below it; one whose marker alone went stays for
+/// the objects below it, and an empty one with its marker stays.
+#[test]
+fn a_directory_deleted_whole_in_the_bucket_goes_at_a_refresh() {
+    for rig in rigs(Duration::ZERO) {
+        rig.shares()
+            .create("x", "x/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("x");
+        let root = share.root();
+        let w1 = share.mkdir(root, "w1", 0o755, 0, 0).expect("mkdir").fileid;
+        let sub = share.mkdir(w1, "sub", 0o755, 0, 0).expect("mkdir").fileid;
+        let w2 = share.mkdir(root, "w2", 0o755, 0, 0).expect("mkdir").fileid;
+        share.mkdir(root, "keep", 0o755, 0, 0).expect("mkdir");
+        for (dir, name) in [(sub, "f"), (w1, "g"), (w2, "h")] {
+            let f = share.create(dir, name, 0o644, 0, 0, true).expect("create");
+            share.write(f.fileid, 0, b"data", false).expect("write");
+            share.commit(f.fileid).expect("commit");
+        }
+        rig.wait_clean("x");
+        rig.runtime.block_on(async {
+            for key in ["x/w1/sub/f", "x/w1/sub/", "x/w1/g", "x/w1/", "x/w2/"] {
+                rig.raw.delete(key).await.expect("delete by another tool");
+            }
+        });
+        let report = share.refresh("").expect("refresh");
+        assert!(
+            matches!(share.lookup(root, "w1"), Err(ShareError::NotFound)),
+            "w1 stays: {report:?}"
+        );
+        assert_eq!(report.removed, 4, "{report:?}");
+        share
+            .lookup(root, "keep")
+            .expect("an empty directory with its marker");
+        let w2 = share
+            .lookup(root, "w2")
+            .expect("a directory with an object below");
+        share.lookup(w2, "h").expect("its object");
+    }
+}
+
 /// Waits until file `id` of the share in `files_dir` has been evicted by cache_max.
 /// A file emptied by SETATTR (O_TRUNC, a copy over it) while evicted is not fetched first:
 /// emptying it works during an outage, and what is written then goes up.

@@ -774,15 +774,18 @@ impl Namespace {
         Ok(parts.join("/"))
     }
 
-    /// Drops entry `name` of `dir`, a clean file whose object another tool deleted: nothing
-    /// is queued for deletion. `false` if it changed here meanwhile (it is kept).
+    /// Drops entry `name` of `dir`, a clean file whose object another tool deleted (or an
+    /// empty clean directory with nothing left under it in the bucket): nothing is queued
+    /// for deletion. `false` if it changed here meanwhile (it is kept).
     pub fn forget(&self, dir: u64, name: &str, now_ns: u64) -> Result<bool, ShareError> {
         let id = self.lookup(dir, name)?;
         self.meta.transaction_grouped(|tx| {
             self.note_durable_creates(tx)?;
-            // Renamed or replaced since the refresh looked: that is a change here.
+            // Renamed or replaced since the refresh looked, or (a directory) given an entry
+            // since: that is a change here.
             if self.lookup_tx(tx, dir, name).ok() != Some(id)
                 || tx.get(&self.dirty, &hex(id))?.is_some()
+                || tx.any_with_prefix(&self.names, &format!("{}/", hex(id)))?
             {
                 return Ok(false);
             }

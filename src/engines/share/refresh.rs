@@ -81,7 +81,11 @@ impl Share {
         let mut stack = vec![(root, under.to_string(), None::<String>)];
         while let Some((dir, path, after)) = stack.last_mut() {
             let Some((name, id)) = self.next_subdir(*dir, after.as_deref())? else {
-                stack.pop();
+                // Its whole subtree is refreshed: only now can it be found empty.
+                let (dir, path, _) = stack.pop().expect("on the stack");
+                if let Some((parent, ..)) = stack.last() {
+                    self.drop_dir_if_gone(*parent, dir, &path, &dirty, &mut report)?;
+                }
                 continue;
             };
             let sub = join(path, &name);
@@ -272,6 +276,40 @@ impl Share {
             && matches!(self.object_size(&uploaded.path), Ok(None));
         if gone && self.ns.forget(dir, name, now_ns())? {
             self.forget_content(id);
+            report.removed += 1;
+        }
+        Ok(())
+    }
+
+    /// Directory `id` (entry `path` of `parent`), refreshed with all below it: if it holds
+    /// nothing here now, is clean, and the bucket holds nothing under it (no marker, no
+    /// object below: another tool deleted the lot), it goes too. A directory made here and
+    /// never uploaded is dirty, and stays.
+    fn drop_dir_if_gone(
+        &self,
+        parent: u64,
+        id: u64,
+        path: &str,
+        dirty: &HashSet<u64>,
+        report: &mut Refreshed,
+    ) -> Result<(), ShareError> {
+        if dirty.contains(&id) || LocalWalk::new(id, None).next(self)?.is_some() {
+            return Ok(());
+        }
+        if self.ns.get(id)?.uploaded.is_none() {
+            return Ok(());
+        }
+        let prefix = format!("{}{}", self.info.prefix, namespace_dir(path));
+        let page = self.listing_page(&prefix, None, None)?;
+        if !page.listing.objects.is_empty() || !page.listing.dirs.is_empty() {
+            return Ok(());
+        }
+        // A listing of a prefix need not name the marker at the prefix itself.
+        if !matches!(self.object_size(&namespace_dir(path)), Ok(None)) {
+            return Ok(());
+        }
+        let name = path.rsplit('/').next().unwrap_or(path);
+        if self.ns.forget(parent, name, now_ns())? {
             report.removed += 1;
         }
         Ok(())
