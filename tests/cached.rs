@@ -1735,17 +1735,46 @@ fn serving_old_gateway(dir: &Path, bucket: &Bucket) -> Gateway {
 }
 
 /// A gateway whose volume another took over fences itself at its next lease renewal, even if
-/// its clients never flush (a commit, refused, would tell it only at a flush).
+/// its clients never flush (a commit, refused, would tell it only at a flush); a write that
+/// waited for room in its full log then fails rather than waiting for good.
 #[test]
 fn a_gateway_taken_over_fences_itself_without_a_flush() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bucket = Bucket::Dir(dir.path().join("bucket"));
     let a = serving_old_gateway(&dir.path().join("a"), &bucket);
+    a.firn(&["volume", "limits", "v", "--log-max", "4MiB"]);
+    a.firn(&["bandwidth", "--upload", "128KiB"]);
+    let mut waiting = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x33 4M 8M", &a.uri("v")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("qemu-io");
+    let started = Instant::now();
+    while a.show("v")["cache"]["queued_writes"].as_u64() == Some(0) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no write waits for room"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let b = Gateway::start(&dir.path().join("b"), &bucket, "");
     b.firn(&["volume", "takeover", "v", "--force"]);
     let shown = a.wait_fenced("v");
     let fenced = shown["cache"]["fenced"].as_str().unwrap_or_default();
     assert!(fenced.contains("took the volume over"), "{shown:#}");
+    let fenced_at = Instant::now();
+    while waiting.try_wait().expect("qemu-io").is_none() {
+        if fenced_at.elapsed() > Duration::from_secs(10) {
+            let _ = waiting.kill();
+            let _ = waiting.wait();
+            panic!("a write waiting for room still waits after the fence");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = waiting.wait_with_output().expect("qemu-io");
+    let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("failed"), "the waiting write: {said}");
     // The new one serves and commits, unfenced by the old one's renewals.
     qemu_io(&b.uri("v"), &["read -P 0x11 0 4M", "write -P 0x22 0 1M"]);
     std::thread::sleep(LEASE_RENEWED);

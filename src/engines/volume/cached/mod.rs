@@ -897,6 +897,11 @@ impl Inner {
             if state.stopped {
                 return Err(BlockError::Io("the volume is closing".into()));
             }
+            // Taken over meanwhile: no room will come (the uploads stopped), and the write
+            // would not be taken now.
+            if state.fenced.is_some() {
+                return Err(BlockError::ReadOnly);
+            }
             state.queued_writes += 1;
             self.wake.notify_one();
             state = self

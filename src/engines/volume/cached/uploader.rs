@@ -343,6 +343,8 @@ pub(super) async fn fence(inner: &Arc<Inner>, why: String) {
         state.progress.fenced = Some(why);
         state.progress.clone()
     };
+    // Writes waiting for room in the log fail now (`wait_while`).
+    inner.room.notify_all();
     if let Err(e) = save_progress(inner, progress).await {
         tracing::error!(volume = %inner.name, "{e}: the fence holds until a restart only");
     }
