@@ -1403,6 +1403,59 @@ fn writes_wait_for_room_in_a_full_log_during_an_outage() {
     assert!(metric(&metrics, "firn_gateway_read_bytes_total") >= (64 << 20) as f64);
 }
 
+/// A larger `log_max` (`firn volume limits`) lets writes that wait for room in a full log go
+/// on at once, uploads paused or not: the log's room on disk grows then, not when an upload
+/// next gives some back.
+#[test]
+fn a_larger_log_max_lets_waiting_writes_go_on_while_uploads_are_paused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let g = Gateway::start(&dir.path().join("a"), &bucket, "");
+    g.firn(&[
+        "volume",
+        "create",
+        "v",
+        "--size",
+        "32M",
+        "--log-max",
+        "4MiB",
+    ]);
+    g.firn(&["bandwidth", "--upload", "paused"]);
+    let mut writer = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x44 0 8M", &g.uri("v")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("qemu-io");
+    let started = Instant::now();
+    while g.show("v")["cache"]["queued_writes"].as_u64() == Some(0) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no write waits for room"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    g.firn(&["volume", "limits", "v", "--log-max", "32MiB"]);
+    let raised = Instant::now();
+    while writer.try_wait().expect("qemu-io").is_none() {
+        if raised.elapsed() > Duration::from_secs(15) {
+            let _ = writer.kill();
+            let _ = writer.wait();
+            panic!(
+                "the write still waits with log_max raised: {:#}",
+                g.show("v")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = writer.wait_with_output().expect("qemu-io");
+    let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !said.contains("failed"), "{said}");
+    qemu_io(&g.uri("v"), &["read -P 0x44 0 8M"]);
+    g.firn(&["bandwidth", "--upload", "unlimited"]);
+    g.wait_drained("v", false);
+}
+
 /// Bytes free on the file system of `path` (for an unprivileged user).
 fn free_bytes(path: &Path) -> u64 {
     let stat = nix::sys::statvfs::statvfs(path).expect("statvfs");

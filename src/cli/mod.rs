@@ -146,8 +146,8 @@ enum VolumeCommand {
         size: String,
     },
     /// Change a cached volume's own limits on local space (`default`: [volumes]' again).
-    /// cache_max holds at once; log_max, whose room is held on disk while the volume is
-    /// open, from the next start.
+    /// Both hold at once: a smaller log_max gives its room on disk back, a larger one takes
+    /// it (writes waiting for room go on).
     Limits {
         name: String,
         #[command(flatten)]

@@ -719,8 +719,8 @@ impl CachedVolume {
 
     /// Bounds the log's backlog at `bytes` from now on. A smaller bound gives its room on
     /// local disk back at once, and writes wait until uploads bring the backlog under it; a
-    /// larger one lets waiting writes go on, and the uploader grows the reserve to it, as
-    /// far as the disk gives (what the disk cannot give, writes wait for).
+    /// larger one takes its room at once, as far as the disk gives, and lets waiting writes
+    /// go on (what the disk cannot give, writes wait for).
     pub fn set_log_max(&self, bytes: u64) {
         let inner = &self.inner;
         inner.log_max.store(bytes, Ordering::Relaxed);

@@ -89,12 +89,17 @@ impl Reserve {
         self.cap
     }
 
-    /// A new cap (`log_max`), holding at most `keep` bytes now: a smaller cap gives space
-    /// back at once; a larger one is grown to by the next `give`.
+    /// A new cap (`log_max`), the reserve to hold `keep` bytes (the cap less what segments
+    /// hold): a smaller cap gives space back at once, and a larger one takes it at once, as
+    /// far as the disk gives, so that writes waiting for room go on without an upload.
     pub fn set_cap(&mut self, cap: u64, keep: u64) {
         self.cap = cap;
-        if self.held > keep && self.file.set_len(keep).is_ok() {
-            self.held = keep;
+        if self.held > keep {
+            if self.file.set_len(keep).is_ok() {
+                self.held = keep;
+            }
+        } else {
+            self.grow_to(keep.min(cap));
         }
     }
 
