@@ -1421,39 +1421,50 @@ fn a_larger_log_max_lets_waiting_writes_go_on_while_uploads_are_paused() {
         "4MiB",
     ]);
     g.firn(&["bandwidth", "--upload", "paused"]);
-    let mut writer = std::process::Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x44 0 8M", &g.uri("v")])
+    let writer = waiting_write(&g, "v", "write -P 0x44 0 8M");
+    g.firn(&["volume", "limits", "v", "--log-max", "32MiB"]);
+    let (ok, said) = finished(writer, "the write, with log_max raised");
+    assert!(ok && !said.contains("failed"), "{said}");
+    qemu_io(&g.uri("v"), &["read -P 0x44 0 8M"]);
+    g.firn(&["bandwidth", "--upload", "unlimited"]);
+    g.wait_drained("v", false);
+}
+
+/// qemu-io running `command` on volume `name`, once the volume has a write waiting for room
+/// in its log (30 s at most).
+fn waiting_write(g: &Gateway, name: &str, command: &str) -> std::process::Child {
+    let writer = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", command, &g.uri(name)])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("qemu-io");
     let started = Instant::now();
-    while g.show("v")["cache"]["queued_writes"].as_u64() == Some(0) {
+    while g.show(name)["cache"]["queued_writes"].as_u64() == Some(0) {
         assert!(
             started.elapsed() < Duration::from_secs(30),
             "no write waits for room"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    g.firn(&["volume", "limits", "v", "--log-max", "32MiB"]);
-    let raised = Instant::now();
-    while writer.try_wait().expect("qemu-io").is_none() {
-        if raised.elapsed() > Duration::from_secs(15) {
-            let _ = writer.kill();
-            let _ = writer.wait();
-            panic!(
-                "the write still waits with log_max raised: {:#}",
-                g.show("v")
-            );
+    writer
+}
+
+/// Whether `child` (qemu-io) succeeded, and what it said, once it ends: within 15 s, or the
+/// test fails (`what` still waits).
+fn finished(mut child: std::process::Child, what: &str) -> (bool, String) {
+    let started = Instant::now();
+    while child.try_wait().expect("qemu-io").is_none() {
+        if started.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} still waits");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let out = writer.wait_with_output().expect("qemu-io");
+    let out = child.wait_with_output().expect("qemu-io");
     let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && !said.contains("failed"), "{said}");
-    qemu_io(&g.uri("v"), &["read -P 0x44 0 8M"]);
-    g.firn(&["bandwidth", "--upload", "unlimited"]);
-    g.wait_drained("v", false);
+    (out.status.success(), said.into_owned())
 }
 
 /// Bytes free on the file system of `path` (for an unprivileged user).
@@ -1797,36 +1808,13 @@ fn a_gateway_taken_over_fences_itself_without_a_flush() {
     let a = serving_old_gateway(&dir.path().join("a"), &bucket);
     a.firn(&["volume", "limits", "v", "--log-max", "4MiB"]);
     a.firn(&["bandwidth", "--upload", "128KiB"]);
-    let mut waiting = std::process::Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x33 4M 8M", &a.uri("v")])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("qemu-io");
-    let started = Instant::now();
-    while a.show("v")["cache"]["queued_writes"].as_u64() == Some(0) {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no write waits for room"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let waiting = waiting_write(&a, "v", "write -P 0x33 4M 8M");
     let b = Gateway::start(&dir.path().join("b"), &bucket, "");
     b.firn(&["volume", "takeover", "v", "--force"]);
     let shown = a.wait_fenced("v");
     let fenced = shown["cache"]["fenced"].as_str().unwrap_or_default();
     assert!(fenced.contains("took the volume over"), "{shown:#}");
-    let fenced_at = Instant::now();
-    while waiting.try_wait().expect("qemu-io").is_none() {
-        if fenced_at.elapsed() > Duration::from_secs(10) {
-            let _ = waiting.kill();
-            let _ = waiting.wait();
-            panic!("a write waiting for room still waits after the fence");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = waiting.wait_with_output().expect("qemu-io");
-    let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    let (_, said) = finished(waiting, "a write waiting for room, after the fence");
     assert!(said.contains("failed"), "the waiting write: {said}");
     // The new one serves and commits, unfenced by the old one's renewals.
     qemu_io(&b.uri("v"), &["read -P 0x11 0 4M", "write -P 0x22 0 1M"]);
