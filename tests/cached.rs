@@ -1440,7 +1440,7 @@ fn waiting_write(g: &Gateway, name: &str, command: &str) -> std::process::Child 
         .spawn()
         .expect("qemu-io");
     let started = Instant::now();
-    while g.show(name)["cache"]["queued_writes"].as_u64() == Some(0) {
+    while g.show(name)["cache"]["queued_writes"].as_u64().unwrap_or(0) == 0 {
         assert!(
             started.elapsed() < Duration::from_secs(30),
             "no write waits for room"
@@ -1808,7 +1808,8 @@ fn a_gateway_taken_over_fences_itself_without_a_flush() {
     let a = serving_old_gateway(&dir.path().join("a"), &bucket);
     a.firn(&["volume", "limits", "v", "--log-max", "4MiB"]);
     a.firn(&["bandwidth", "--upload", "128KiB"]);
-    let waiting = waiting_write(&a, "v", "write -P 0x33 4M 8M");
+    // 8 MiB past what the log holds: a minute of uploads, well past the fence.
+    let waiting = waiting_write(&a, "v", "write -P 0x33 4M 12M");
     let b = Gateway::start(&dir.path().join("b"), &bucket, "");
     b.firn(&["volume", "takeover", "v", "--force"]);
     let shown = a.wait_fenced("v");

@@ -1853,7 +1853,6 @@ sys.stdout.buffer.write(s3.get_object(Bucket=sys.argv[2], Key="media/a.bin")["Bo
     for (bucket, reason) in [
         ("no-such-bucket", "no-such-bucket"),
         ("Bad_Name", "not a bucket name"),
-        (common::MOTO_BUCKET, "the gateway's own bucket"),
     ] {
         let config = g.config.to_str().expect("utf-8");
         let (ok, _, err) = common::firn(&[
@@ -1861,6 +1860,36 @@ sys.stdout.buffer.write(s3.get_object(Bucket=sys.argv[2], Key="media/a.bin")["Bo
         ]);
         assert!(!ok && err.contains(reason), "{bucket}: {err}");
     }
+    // The gateway's own bucket named as another: never over the gateway's own objects
+    // (under its `[remote] prefix`, gw/), but beside them.
+    let config = g.config.to_str().expect("utf-8");
+    for (prefix, reason) in [
+        ("", "holds the gateway's own objects"),
+        ("gw/", "holds the gateway's own objects"),
+        ("gw/volumes/", "volumes/ is where"),
+    ] {
+        let (ok, _, err) = common::firn(&[
+            "share",
+            "create",
+            "x",
+            "--bucket",
+            common::MOTO_BUCKET,
+            "--prefix",
+            prefix,
+            "--config",
+            config,
+        ]);
+        assert!(!ok && err.contains(reason), "{prefix:?}: {err}");
+    }
+    g.firn(&[
+        "share",
+        "create",
+        "beside",
+        "--bucket",
+        common::MOTO_BUCKET,
+        "--prefix",
+        "beside/",
+    ]);
     // A gateway whose bucket is a directory has no other buckets.
     let local_gateway = Gateway::start();
     let config = local_gateway.config.to_str().expect("utf-8");

@@ -1271,7 +1271,7 @@ fn changes_to_an_evicted_file_give_way_to_another_tools_change_of_its_object() {
         let share = rig.share("g");
         let files_dir = rig.dir.path().join("shares").join(&info.id).join("files");
         let mut ids = Vec::new();
-        for name in ["deleted", "replaced", "moved", "moved-gone"] {
+        for name in ["deleted", "replaced", "moved", "moved-gone", "back"] {
             let f = share
                 .create(share.root(), name, 0o644, 0, 0, true)
                 .expect("create");
@@ -1291,7 +1291,11 @@ fn changes_to_an_evicted_file_give_way_to_another_tools_change_of_its_object() {
             for key in ["g/deleted", "g/moved-gone"] {
                 rig.raw.delete(key).await.expect("delete by another tool");
             }
-            for (key, body) in [("g/replaced", &replaced), ("g/moved", &moved)] {
+            for (key, body) in [
+                ("g/replaced", &replaced),
+                ("g/moved", &moved),
+                ("g/back", &replaced),
+            ] {
                 rig.raw
                     .put(key, body.clone(), remote::Meta::new())
                     .await
@@ -1313,6 +1317,9 @@ fn changes_to_an_evicted_file_give_way_to_another_tools_change_of_its_object() {
         share
             .rename(root, "moved-gone", root, "moved-gone2")
             .expect("rename");
+        // Away and back: at its old key again, whose object another tool replaced.
+        share.rename(root, "back", root, "back2").expect("rename");
+        share.rename(root, "back2", root, "back").expect("rename");
         rig.wait_clean("g");
         share.refresh("").expect("refresh");
         for name in ["deleted", "moved-gone2", "moved-gone"] {
@@ -1321,7 +1328,11 @@ fn changes_to_an_evicted_file_give_way_to_another_tools_change_of_its_object() {
                 "{name} is still in the share"
             );
         }
-        for (name, body) in [("replaced", &replaced), ("moved2", &moved)] {
+        for (name, body) in [
+            ("replaced", &replaced),
+            ("moved2", &moved),
+            ("back", &replaced),
+        ] {
             let id = share.lookup(root, name).expect(name);
             let (read, _) = share.read(id, 0, 1 << 20).expect("read");
             assert!(read == body[..], "{name} reads otherwise");
@@ -1361,6 +1372,17 @@ fn a_directory_deleted_whole_in_the_bucket_goes_at_a_refresh() {
         let sub = share.mkdir(w1, "sub", 0o755, 0, 0).expect("mkdir").fileid;
         let w2 = share.mkdir(root, "w2", 0o755, 0, 0).expect("mkdir").fileid;
         share.mkdir(root, "keep", 0o755, 0, 0).expect("mkdir");
+        // Made by a refresh from a deeper key (no marker), then emptied by a client.
+        rig.runtime
+            .block_on(rig.raw.put(
+                "x/deep/a",
+                bytes::Bytes::from_static(b"a"),
+                remote::Meta::new(),
+            ))
+            .expect("put by another tool");
+        share.refresh("").expect("refresh");
+        let deep = share.lookup(root, "deep").expect("made from a deeper key");
+        share.remove(deep, "a").expect("remove");
         for (dir, name) in [(sub, "f"), (w1, "g"), (w2, "h")] {
             let f = share.create(dir, name, 0o644, 0, 0, true).expect("create");
             share.write(f.fileid, 0, b"data", false).expect("write");
@@ -1381,6 +1403,9 @@ fn a_directory_deleted_whole_in_the_bucket_goes_at_a_refresh() {
         share
             .lookup(root, "keep")
             .expect("an empty directory with its marker");
+        share
+            .lookup(root, "deep")
+            .expect("a directory a client emptied here");
         let w2 = share
             .lookup(root, "w2")
             .expect("a directory with an object below");

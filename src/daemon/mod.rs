@@ -150,16 +150,21 @@ impl OtherBuckets {
 }
 
 impl crate::engines::share::Buckets for OtherBuckets {
+    fn gateway_prefix(&self, bucket: &str) -> Option<String> {
+        if self.config.remote.bucket.as_deref() != Some(bucket) {
+            return None;
+        }
+        let prefix = self.config.remote.prefix.trim_matches('/');
+        Some(if prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{prefix}/")
+        })
+    }
+
     fn open(&self, bucket: &str) -> Result<Arc<dyn Remote>, String> {
         if self.config.remote.kind != RemoteKind::S3 {
             return Err("shares in other buckets need [remote] kind = \"s3\"".into());
-        }
-        // Named as another, the gateway's own bucket would lose the checks that keep shares
-        // off its volumes' objects.
-        if self.config.remote.bucket.as_deref() == Some(bucket) {
-            return Err(format!(
-                "{bucket:?} is the gateway's own bucket ([remote] bucket): create the share without --bucket"
-            ));
         }
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(remote) = open.get(bucket) {

@@ -292,6 +292,12 @@ pub trait Buckets: Send + Sync + std::fmt::Debug {
     /// The remote stack for `bucket` (one per bucket, shared by its shares). Fails with a
     /// message for the user when the gateway's remote cannot reach other buckets.
     fn open(&self, bucket: &str) -> Result<Arc<dyn Remote>, String>;
+
+    /// Where the gateway keeps its own objects in `bucket` (its `[remote] prefix`, ending
+    /// in '/' unless empty), if `bucket` is the gateway's own.
+    fn gateway_prefix(&self, _bucket: &str) -> Option<String> {
+        None
+    }
 }
 
 /// The shares of this gateway.
@@ -423,6 +429,17 @@ impl Shares {
         check_prefix(prefix, bucket.is_none())?;
         if let Some(bucket) = bucket {
             check_bucket_name(bucket)?;
+            // The gateway's own bucket named as another: its objects are under its prefix.
+            if let Some(own) = self.buckets.as_ref().and_then(|b| b.gateway_prefix(bucket)) {
+                if own.starts_with(prefix) {
+                    return Err(ShareError::Invalid(format!(
+                        "prefix {prefix:?} of bucket {bucket:?} holds the gateway's own objects (under {own:?}): choose a prefix beside them"
+                    )));
+                }
+                if let Some(below) = prefix.strip_prefix(own.as_str()) {
+                    check_prefix(below, true)?;
+                }
+            }
             let remote = self.bucket_remote(bucket)?;
             let listing = self.runtime.block_on(remote.list_dir(prefix));
             if let Err(
@@ -1801,6 +1818,15 @@ impl Share {
             }
             Err(_) => (0, 0, 0, 0),
         }
+    }
+
+    /// The entry at share-relative `path`, if there is one.
+    fn resolve(&self, path: &str) -> Option<u64> {
+        let mut at = self.root();
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            at = self.ns.lookup(at, part).ok()?;
+        }
+        Some(at)
     }
 
     /// Files whose last use is remembered for eviction: at most those with content on local

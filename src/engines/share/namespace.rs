@@ -840,21 +840,23 @@ impl Namespace {
         Ok(())
     }
 
-    /// File `id` is as its object is, with no upload: what changed here gave way to what
-    /// another tool did to the object. Lazily durable: a crash that forgets it makes the file
-    /// dirty again, and its upload gives way again.
-    pub fn clear_dirty(&self, id: u64) -> Result<(), ShareError> {
+    /// File `id`, at `path`, is as its object is, with no upload: what changed here gave way
+    /// to what another tool did to the object. `false` (nothing done) if it is no longer at
+    /// `path`. Lazily durable: a crash that forgets it makes the file dirty again, and its
+    /// upload gives way again.
+    pub fn clear_dirty(&self, id: u64, path: &str) -> Result<bool, ShareError> {
         self.meta.transaction_lazy(|tx| {
+            if self.path_tx(tx, id)? != path {
+                return Ok(false);
+            }
             tx.delete(&self.dirty, &hex(id))?;
-            // Renamed since its upload: the object at its old key is not on its way out any
-            // more (it is gone, or another tool's), so a refresh may take in what is there.
+            // Its old key is not on its way out any more (renamed away, or away and back):
+            // the object there is gone, or another tool's, which a refresh may take in.
             let inode: Option<Inode> = tx.get_json(&self.inodes, &hex(id))?;
-            if let Some(uploaded) = inode.and_then(|inode| inode.uploaded)
-                && self.path_tx(tx, id)? != uploaded.path
-            {
+            if let Some(uploaded) = inode.and_then(|inode| inode.uploaded) {
                 tx.delete(&self.leaving, &uploaded.path)?;
             }
-            Ok::<_, ShareError>(())
+            Ok::<_, ShareError>(true)
         })
     }
 

@@ -75,23 +75,29 @@ impl Share {
         let mut report = Refreshed::default();
         let dirty: HashSet<u64> = lock(&self.dirty).keys().copied().collect();
         self.refresh_dir(root, under, &dirty, &mut report, None)?;
-        // (directory, its share-relative path, the subdirectory it goes on after): every
-        // directory below `root`, those the bucket has (made by the refresh of their
-        // parent) and those only the share has.
-        let mut stack = vec![(root, under.to_string(), None::<String>)];
-        while let Some((dir, path, after)) = stack.last_mut() {
+        // (directory, its share-relative path, the subdirectory it goes on after, entries
+        // removed before its own refresh): every directory below `root`, those the bucket
+        // has (made by the refresh of their parent) and those only the share has.
+        let mut stack = vec![(root, under.to_string(), None::<String>, 0)];
+        while let Some((dir, path, after, _)) = stack.last_mut() {
             let Some((name, id)) = self.next_subdir(*dir, after.as_deref())? else {
-                // Its whole subtree is refreshed: only now can it be found empty.
-                let (dir, path, _) = stack.pop().expect("on the stack");
-                if let Some((parent, ..)) = stack.last() {
+                // Its whole subtree is refreshed: only now can it be found empty. Only one
+                // this refresh emptied (at least in part) may go: a directory clients
+                // emptied here, whose marker was never needed (it was made from deeper
+                // keys), is theirs, not gone.
+                let (dir, path, _, removed) = stack.pop().expect("on the stack");
+                if let Some((parent, ..)) = stack.last()
+                    && report.removed > removed
+                {
                     self.drop_dir_if_gone(*parent, dir, &path, &dirty, &mut report)?;
                 }
                 continue;
             };
             let sub = join(path, &name);
             *after = Some(name);
+            let removed = report.removed;
             self.refresh_dir(id, &sub, &dirty, &mut report, None)?;
-            stack.push((id, sub, None));
+            stack.push((id, sub, None, removed));
         }
         *lock(&self.last_refresh) = Some(chrono::Utc::now());
         Ok(report)
@@ -281,10 +287,10 @@ impl Share {
         Ok(())
     }
 
-    /// Directory `id` (entry `path` of `parent`), refreshed with all below it: if it holds
-    /// nothing here now, is clean, and the bucket holds nothing under it (no marker, no
-    /// object below: another tool deleted the lot), it goes too. A directory made here and
-    /// never uploaded is dirty, and stays.
+    /// Directory `id` (entry `path` of `parent`), refreshed with all below it, which took
+    /// entries out of it: if it holds nothing here now, is clean, and the bucket holds
+    /// nothing under it (no marker, no object below: another tool deleted the lot), it goes
+    /// too. A directory made here and never uploaded is dirty, and stays.
     fn drop_dir_if_gone(
         &self,
         parent: u64,

@@ -317,9 +317,27 @@ fn give_way(share: &Share, id: u64, generation: u64) -> Result<Ended, ShareError
     let Some(uploaded) = inode.uploaded else {
         return Ok(Ended::Nothing);
     };
-    let renamed = share.ns.path(id)? != uploaded.path;
+    let path = share.ns.path(id)?;
+    let renamed = path != uploaded.path;
     let key = format!("{}{}", share.info.prefix, uploaded.path);
     let head = share.bucket_answer(&key, share.remote.head(&key))?;
+    if let Some(head) = &head {
+        // As it was: the fetch failed for another reason, and the next pass tries again.
+        if head.size == uploaded.size && (uploaded.etag.is_none() || head.etag == uploaded.etag) {
+            return Ok(Ended::Nothing);
+        }
+        // Another file of the share lives at the old key now: the object there may be its
+        // own upload, not another tool's. It is not this file's content; the error stays.
+        if renamed
+            && share
+                .resolve(&uploaded.path)
+                .is_some_and(|other| other != id)
+        {
+            return Err(ShareError::Io(format!(
+                "{key} changed in the bucket before the file renamed from it was fetched, and another file of the share lives there now: the renamed file's content cannot be had"
+            )));
+        }
+    }
     let mut dirty = lock(&share.dirty);
     let unchanged = dirty
         .get(&id)
@@ -344,9 +362,12 @@ fn give_way(share: &Share, id: u64, generation: u64) -> Result<Ended, ShareError
             }
         }
         _ => {
-            tracing::warn!(share = %share.info.name, "{key} is gone or changed in the bucket, and its file was evicted here: the changes made here give way to the bucket's, which the next refresh takes in");
-            share.ns.clear_dirty(id)?;
-            dirty.remove(&id);
+            // Only if it is still where it was looked at (a rename commits before it counts
+            // as a change): else the next pass looks again.
+            if share.ns.clear_dirty(id, &path)? {
+                tracing::warn!(share = %share.info.name, "{key} is gone or changed in the bucket, and its file was evicted here: the changes made here give way to the bucket's, which the next refresh takes in");
+                dirty.remove(&id);
+            }
         }
     }
     Ok(Ended::Nothing)
