@@ -1519,15 +1519,7 @@ async fn a_full_disk_makes_writers_wait_and_loses_nothing() {
     g.restart();
     let mut c = g.client("full", 0, 0).await;
     for name in &written {
-        let found = c
-            .lookup(&LOOKUP3args {
-                what: diropargs3 {
-                    dir: root.clone(),
-                    name: filename3::from(name.as_bytes().to_vec()),
-                },
-            })
-            .await
-            .expect("rpc");
+        let found = common::nfs_lookup(&mut c, &root, name).await;
         let Nfs3Result::Ok(found) = found else {
             panic!("{name} after the restart: {found:?}")
         };

@@ -780,15 +780,7 @@ fn committed_share_files_survive_power_loss() {
             let mut c = common::nfs_client(g.nfs_port, "s", 1000, 1000).await;
             let root = c.root_nfs_fh3();
             for (name, data) in &kept {
-                let looked = c
-                    .lookup(&LOOKUP3args {
-                        what: diropargs3 {
-                            dir: root.clone(),
-                            name: filename3::from(name.as_bytes().to_vec()),
-                        },
-                    })
-                    .await
-                    .expect("rpc");
+                let looked = common::nfs_lookup(&mut c, &root, name).await;
                 let Nfs3Result::Ok(looked) = looked else {
                     panic!("round {round}: the committed file {name} is gone: {looked:?}")
                 };

@@ -550,6 +550,23 @@ impl Drop for Moto {
 pub type NfsClient =
     nfs3_client::Nfs3Connection<nfs3_client::tokio::TokioIo<tokio::net::TcpStream>>;
 
+/// LOOKUP of `name` in directory `dir` through the scripted client.
+pub async fn nfs_lookup(
+    c: &mut NfsClient,
+    dir: &nfs3_types::nfs3::nfs_fh3,
+    name: &str,
+) -> nfs3_types::nfs3::LOOKUP3res {
+    use nfs3_types::nfs3::*;
+    c.lookup(&LOOKUP3args {
+        what: diropargs3 {
+            dir: dir.clone(),
+            name: filename3::from(name.as_bytes().to_vec()),
+        },
+    })
+    .await
+    .expect("rpc")
+}
+
 /// Makes file `name` in directory `dir` through the scripted client (GUARDED); its handle.
 pub async fn nfs_create(
     c: &mut NfsClient,

@@ -1820,15 +1820,6 @@ impl Share {
         }
     }
 
-    /// The entry at share-relative `path`, if there is one.
-    fn resolve(&self, path: &str) -> Option<u64> {
-        let mut at = self.root();
-        for part in path.split('/').filter(|p| !p.is_empty()) {
-            at = self.ns.lookup(at, part).ok()?;
-        }
-        Some(at)
-    }
-
     /// Files whose last use is remembered for eviction: at most those with content on local
     /// disk, whole or in part (each costs memory).
     pub fn remembered_uses(&self) -> usize {

@@ -774,6 +774,15 @@ impl Namespace {
         Ok(parts.join("/"))
     }
 
+    /// The entry at share-relative `path` (the root if empty).
+    pub fn resolve(&self, path: &str) -> Result<u64, ShareError> {
+        let mut at = ROOT;
+        for name in path.split('/').filter(|name| !name.is_empty()) {
+            at = self.lookup(at, name)?;
+        }
+        Ok(at)
+    }
+
     /// Drops entry `name` of `dir`, a clean file whose object another tool deleted (or an
     /// empty clean directory with nothing left under it in the bucket): nothing is queued
     /// for deletion. `false` if it changed here meanwhile (it is kept).

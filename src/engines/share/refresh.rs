@@ -66,12 +66,7 @@ impl Share {
     /// the tree, however many entries a directory holds.
     pub fn refresh(&self, under: &str) -> Result<Refreshed, ShareError> {
         let under = under.trim_matches('/');
-        let mut root = ROOT;
-        if !under.is_empty() {
-            for part in under.split('/') {
-                root = self.ns.lookup(root, part)?;
-            }
-        }
+        let root = self.ns.resolve(under)?;
         let mut report = Refreshed::default();
         let dirty: HashSet<u64> = lock(&self.dirty).keys().copied().collect();
         self.refresh_dir(root, under, &dirty, &mut report, None)?;

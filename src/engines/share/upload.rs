@@ -330,8 +330,9 @@ fn give_way(share: &Share, id: u64, generation: u64) -> Result<Ended, ShareError
         // own upload, not another tool's. It is not this file's content; the error stays.
         if renamed
             && share
+                .ns
                 .resolve(&uploaded.path)
-                .is_some_and(|other| other != id)
+                .is_ok_and(|other| other != id)
         {
             return Err(ShareError::Io(format!(
                 "{key} changed in the bucket before the file renamed from it was fetched, and another file of the share lives there now: the renamed file's content cannot be had"
