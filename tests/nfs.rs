@@ -2182,3 +2182,47 @@ async fn a_listing_goes_on_after_its_last_entry_is_removed_or_renamed() {
         assert!(seen.contains(name), "{name} was never listed: {seen:?}");
     }
 }
+
+/// A stop during a long refresh (a slow bucket, many directories to list) is prompt and
+/// clean: the refresh ends with an answer that says why, the daemon exits at once, well
+/// within its grace for clients, and nothing panics on a runtime that is going away.
+#[test]
+fn a_stop_during_a_long_refresh_is_prompt_and_clean() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = write_config(
+        dir.path(),
+        port,
+        &format!(
+            "[nfs]\nlisten = \"127.0.0.1:{}\"\n[faults]\nlatency_ms = 300\n",
+            free_port()
+        ),
+    );
+    let log = dir.path().join("stderr.log");
+    let daemon = Daemon::start_logged(&config, port, &log);
+    common::firn_ok(&config, &["share", "create", "slow"]);
+    // A hundred directories: a listing each, 300 ms apiece, half a minute of refresh.
+    let bucket = dir.path().join("data/bucket/slow");
+    for i in 0..100 {
+        std::fs::create_dir_all(bucket.join(format!("d{i}"))).expect("mkdir");
+        std::fs::write(bucket.join(format!("d{i}/f")), b"x").expect("object");
+    }
+    let refresh = std::process::Command::new(common::FIRN)
+        .args(["share", "refresh", "slow", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the refresh");
+    std::thread::sleep(Duration::from_secs(2));
+    let status = daemon.stop_within(Duration::from_secs(5));
+    assert!(status.success(), "{status:?}");
+    let refresh = refresh.wait_with_output().expect("the refresh's end");
+    let said = String::from_utf8_lossy(&refresh.stderr);
+    assert!(
+        !refresh.status.success() && said.contains("stopping"),
+        "the refresh cut short by the stop said: {said}"
+    );
+    let logged = std::fs::read_to_string(&log).expect("the log");
+    assert!(!logged.contains("panicked"), "{logged}");
+}

@@ -780,6 +780,7 @@ fn share_error(e: &crate::engines::share::ShareError) -> Response {
         ShareError::NoShare(_) => StatusCode::NOT_FOUND,
         ShareError::ShareExists(_) => StatusCode::CONFLICT,
         ShareError::Invalid(_) => StatusCode::BAD_REQUEST,
+        ShareError::Stopping => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, e.to_string())

@@ -69,11 +69,27 @@ impl Daemon {
         Daemon::try_spawn(command, port)
     }
 
+    /// `start`, with the daemon's stderr written to `log` instead of the test's.
+    pub fn start_logged(config: &Path, port: u16, log: &Path) -> Daemon {
+        let mut command = Command::new(FIRN);
+        command.args(["serve", "--config"]).arg(config);
+        let log = std::fs::File::create(log).expect("create the log");
+        match Daemon::try_spawn_to(command, port, log.into()) {
+            Ok(daemon) => daemon,
+            Err(stdout) => panic!("firn did not start: {stdout:?}"),
+        }
+    }
+
     /// `spawn`, or what the daemon printed when it exited before its banner.
-    pub fn try_spawn(mut command: Command, port: u16) -> Result<Daemon, Vec<String>> {
+    pub fn try_spawn(command: Command, port: u16) -> Result<Daemon, Vec<String>> {
+        Daemon::try_spawn_to(command, port, Stdio::inherit())
+    }
+
+    /// `try_spawn`, the daemon's stderr going to `stderr`.
+    fn try_spawn_to(mut command: Command, port: u16, stderr: Stdio) -> Result<Daemon, Vec<String>> {
         let mut child = command
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn firn");
         let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();

@@ -254,16 +254,11 @@ impl Claim {
     }
 
     /// Fetches the claimed blocks on this (blocking) thread.
-    fn fetch_now(
-        mut self,
-        runtime: &tokio::runtime::Handle,
-        remote: &dyn crate::remote::Remote,
-        limit: Duration,
-    ) -> Result<(), ShareError> {
+    fn fetch_now(mut self, share: &Share, limit: Duration) -> Result<(), ShareError> {
         let part = self.part.clone();
-        let get = part.get(remote, self.start, self.end);
-        let bytes = runtime
-            .block_on(async { tokio::time::timeout(limit, get).await })
+        let get = part.get(&*share.remote, self.start, self.end);
+        let bytes = share
+            .bucket(async { tokio::time::timeout(limit, get).await })?
             .map_err(|_| timed_out(&part.key, limit))??;
         part.store(self.start, &bytes)?;
         self.stored = true;
@@ -624,7 +619,7 @@ impl Share {
             waited |= !mine.is_empty();
             // One failure ends the read; the claims not fetched are released as dropped.
             for claim in mine {
-                claim.fetch_now(&self.runtime, &*self.remote, limit)?;
+                claim.fetch_now(self, limit)?;
             }
             // Blocks another read (or a read ahead) is fetching: wait for them, as long as
             // for an answer of our own.

@@ -89,6 +89,10 @@ pub enum ShareError {
     /// JUKEBOX, which clients retry).
     #[error("local space is full until uploads make room")]
     NoSpace,
+    /// The daemon is stopping: what needed the bucket was dropped (NFS's JUKEBOX: the client
+    /// tries again, after the restart).
+    #[error("the share is stopping")]
+    Stopping,
     #[error("no share named {0:?}")]
     NoShare(String),
     #[error("a share named {0:?} exists")]
@@ -547,6 +551,8 @@ impl Shares {
             files_open: Mutex::new(HashMap::new()),
             wake: tokio::sync::Notify::new(),
             stopped: AtomicBool::new(false),
+            stopping: tokio::sync::watch::Sender::new(false),
+            in_bucket: std::sync::RwLock::new(()),
             uploaded_files: AtomicU64::new(0),
             uploading_files: AtomicU64::new(0),
             uploaded_bytes: AtomicU64::new(0),
@@ -600,12 +606,29 @@ impl Shares {
 }
 
 impl Shares {
+    /// The first step of a stop: calls to the bucket that blocking threads wait on (a
+    /// refresh, a read of an evicted file) end now, with `ShareError::Stopping`, so that
+    /// neither an API request nor a client holds the stop up.
+    pub fn begin_stop(&self) {
+        for share in lock(&self.open).values() {
+            share.stopping.send_replace(true);
+        }
+    }
+
     /// Stops every share: changes are refused from now on (NFS3ERR_JUKEBOX, which clients
     /// retry), those under way finish, and each share is marked stopped in order, so the
     /// next start skips `Namespace::recover`. Done again on drop; the second time is a no-op.
     pub fn close(&self) {
         for share in lock(&self.open).values() {
             share.stop();
+            // Calls to the bucket from blocking threads (a refresh, a client's read) end at
+            // the stop: none may outlive the runtime they run on.
+            drop(
+                share
+                    .in_bucket
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
             if let Err(e) = share.ns.mark_clean() {
                 tracing::warn!(share = %share.info.name, "marking the share stopped: {e}");
             }
@@ -780,6 +803,12 @@ pub struct Share {
     /// Wakes the uploader: a commit, a remove, a stop.
     wake: tokio::sync::Notify,
     stopped: AtomicBool,
+    /// Set at the stop, before the changes under way are waited for: calls to the bucket
+    /// from blocking threads end at once (`bucket`).
+    stopping: tokio::sync::watch::Sender<bool>,
+    /// Held (shared) by each call to the bucket from a blocking thread; `Shares::close` waits
+    /// for them.
+    in_bucket: std::sync::RwLock<()>,
     uploaded_files: AtomicU64,
     /// Uploads of the current pass not yet recorded (`ShareStatus::uploading_files`).
     uploading_files: AtomicU64,
@@ -885,6 +914,7 @@ impl Share {
 
     /// Stops the uploader and refuses changes from now on; waits for changes under way.
     fn stop(&self) {
+        self.stopping.send_replace(true);
         let _no_change = self
             .changing
             .write()
@@ -1047,6 +1077,27 @@ impl Share {
         Ok(())
     }
 
+    /// `request`, a call to the bucket, run on the runtime from this blocking thread; dropped
+    /// if the share stops first (`Stopping`), so that no call outlives the runtime at a stop
+    /// (`Shares::close` waits for those under way).
+    fn bucket<T>(&self, request: impl std::future::Future<Output = T>) -> Result<T, ShareError> {
+        let _running = self
+            .in_bucket
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut stopping = self.stopping.subscribe();
+        if *stopping.borrow_and_update() {
+            return Err(ShareError::Stopping);
+        }
+        self.runtime.block_on(async move {
+            tokio::select! {
+                biased;
+                _ = stopping.wait_for(|stopping| *stopping) => Err(ShareError::Stopping),
+                answer = request => Ok(answer),
+            }
+        })
+    }
+
     /// The answer to `request`, a read of object `key` for a client, waited for at most
     /// `read_timeout`.
     fn bucket_answer<T>(
@@ -1056,9 +1107,7 @@ impl Share {
     ) -> Result<T, ShareError> {
         let limit = self.settings.read_timeout;
         // The timer is made inside the runtime, whose context it needs.
-        let answer = self
-            .runtime
-            .block_on(async { tokio::time::timeout(limit, request).await });
+        let answer = self.bucket(async { tokio::time::timeout(limit, request).await })?;
         match answer {
             Ok(answer) => answer.map_err(|e| ShareError::Io(format!("fetching {key}: {e}"))),
             Err(_) => Err(blocks::timed_out(key, limit)),

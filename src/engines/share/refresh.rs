@@ -233,13 +233,13 @@ impl Share {
         deadline: Option<Instant>,
     ) -> Result<ListingPage, ShareError> {
         let failed = |e: String| ShareError::Io(format!("listing {prefix}: {e}"));
-        let listed = self.runtime.block_on(async {
+        let listed = self.bucket(async {
             let list = self.remote.list_dir_page(prefix, cursor);
             match deadline {
                 None => Ok(list.await),
                 Some(at) => tokio::time::timeout_at(at.into(), list).await,
             }
-        });
+        })?;
         match listed {
             Ok(Ok(page)) => Ok(page),
             Ok(Err(e)) => Err(failed(e.to_string())),
@@ -441,8 +441,7 @@ impl Share {
                 // as eviction does.
                 let key = format!("{}{path}", self.info.prefix);
                 let head = self
-                    .runtime
-                    .block_on(self.remote.head(&key))
+                    .bucket(self.remote.head(&key))?
                     .map_err(|e| ShareError::Io(format!("{key}: {e}")))?;
                 let Some(head) = head else { return Ok(None) };
                 let attrs = attrs_from(&head.meta, self.default_attrs());
@@ -485,8 +484,7 @@ impl Share {
     fn object_size(&self, path: &str) -> Result<Option<u64>, ShareError> {
         let key = format!("{}{path}", self.info.prefix);
         let info = self
-            .runtime
-            .block_on(self.remote.head(&key))
+            .bucket(self.remote.head(&key))?
             .map_err(|e| ShareError::Io(format!("{key}: {e}")))?;
         Ok(info.map(|i| i.size))
     }
@@ -497,8 +495,7 @@ impl Share {
     fn symlink_target(&self, path: &str, size: u64) -> Result<Option<String>, ShareError> {
         let key = format!("{}{path}", self.info.prefix);
         let body = self
-            .runtime
-            .block_on(self.remote.get_range(&key, 0..size))
+            .bucket(self.remote.get_range(&key, 0..size))?
             .map_err(|e| ShareError::Io(format!("{key}: {e}")))?;
         Ok(String::from_utf8(body.to_vec())
             .ok()
@@ -508,8 +505,7 @@ impl Share {
     fn head_meta(&self, path: &str) -> Result<Meta, ShareError> {
         let key = format!("{}{path}", self.info.prefix);
         let info = self
-            .runtime
-            .block_on(self.remote.head(&key))
+            .bucket(self.remote.head(&key))?
             .map_err(|e| ShareError::Io(format!("{key}: {e}")))?;
         Ok(info.map(|i| i.meta).unwrap_or_default())
     }

@@ -130,7 +130,7 @@ fn status(e: &ShareError) -> nfsstat3 {
         ShareError::Invalid(_) => nfsstat3::NFS3ERR_INVAL,
         ShareError::TooBig => nfsstat3::NFS3ERR_FBIG,
         ShareError::ReadOnly => nfsstat3::NFS3ERR_ROFS,
-        ShareError::NoSpace => nfsstat3::NFS3ERR_JUKEBOX,
+        ShareError::NoSpace | ShareError::Stopping => nfsstat3::NFS3ERR_JUKEBOX,
         ShareError::Io(_) | ShareError::Changed(_) => nfsstat3::NFS3ERR_IO,
     }
 }
