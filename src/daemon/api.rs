@@ -558,6 +558,10 @@ async fn change_volume(
         Ok(Err(e @ crate::engines::volume::catalog::CatalogError::NotFound { .. })) => {
             error(StatusCode::NOT_FOUND, e.to_string())
         }
+        // As at create: a larger log_max whose room the disk has not.
+        Ok(Err(e @ crate::engines::volume::catalog::CatalogError::NoSpace { .. })) => {
+            error(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
+        }
         Ok(Err(e)) => error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }

@@ -201,7 +201,7 @@ pub enum CatalogError {
     NoBucket { name: String },
 
     #[error(
-        "volume {name:?}: not enough local space: its log reserves {} MiB ([volumes] log_max) and {} MiB must stay free ([local] min_free), but {} MiB are free",
+        "volume {name:?}: not enough local space: its log needs {} MiB more of it (log_max: the volume's own, or [volumes]') and {} MiB must stay free ([local] min_free), but {} MiB are free",
         *.reserve >> 20, *.min_free >> 20, *.free >> 20
     )]
     NoSpace {
