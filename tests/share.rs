@@ -2029,6 +2029,47 @@ fn objects_other_tools_put_or_delete_show_up_after_a_refresh() {
     }
 }
 
+/// Objects no file here can be are left alone, counted and named: one where the share has a
+/// directory of that name, and objects below a name the share has a file at. The share's own
+/// entries stay as they are.
+#[test]
+fn objects_no_file_here_can_be_are_left_alone_counted_and_named() {
+    for rig in rigs(Duration::from_secs(3600)) {
+        rig.shares()
+            .create("k", "k/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("k");
+        let put = |key: &str| {
+            rig.runtime
+                .block_on(
+                    rig.raw
+                        .put(key, bytes::Bytes::from_static(b"other"), Default::default()),
+                )
+                .expect("put by another tool");
+        };
+        put("k/d");
+        put("k/f/x");
+        let root = share.root();
+        let d = share.mkdir(root, "d", 0o755, 0, 0).expect("mkdir").fileid;
+        let f = share
+            .create(root, "f", 0o644, 0, 0, false)
+            .expect("create")
+            .fileid;
+        share.write(f, 0, b"local", false).expect("write");
+        let report = share.refresh("").expect("refresh");
+        assert_eq!((report.added, report.skipped), (0, 2), "{report:?}");
+        let first = report.first_skipped.as_deref().unwrap_or_default();
+        assert!(
+            first.contains("k/d") && first.contains("directory of that name"),
+            "{report:?}"
+        );
+        assert_eq!(share.lookup(root, "d").expect("d"), d);
+        assert_eq!(share.attrs(d).expect("d").kind, Kind::Dir);
+        assert_eq!(share.lookup(root, "f").expect("f"), f);
+        assert_eq!(share.read(f, 0, 100).expect("read").0, b"local");
+    }
+}
+
 /// Refresh tells objects apart by ETag, not only size: a same-size rewrite by another tool
 /// replaces a clean file's content, while firn's own uploads are not mistaken for one. With a
 /// listing TTL, a client's listing of a directory brings in what another tool just put there.

@@ -31,7 +31,34 @@ pub struct Refreshed {
     /// Objects whose keys no file can have (a name NFS cannot carry, a file where a
     /// directory is): left alone.
     pub skipped: u64,
+    /// The first of them, and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_skipped: Option<String>,
 }
+
+impl Refreshed {
+    /// Object (or directory of objects) `key` is left alone, for reason `why`.
+    fn skip(&mut self, key: &str, why: &str) {
+        self.skipped += 1;
+        if self.first_skipped.is_none() {
+            self.first_skipped = Some(format!("{key:?}: {why}"));
+        }
+    }
+}
+
+/// What `take_in` did with an object.
+enum Took {
+    Added,
+    /// A clean file took the object's new content.
+    Updated,
+    Nothing,
+    /// No file can be the object here (a directory has its name, or a file one of its
+    /// parents' names): why.
+    Conflict(&'static str),
+}
+
+/// The reason given for an object whose key a file here cannot have.
+const BAD_NAME: &str = "a name NFS cannot carry";
 
 /// The longest symlink target a refresh takes in (Linux's `PATH_MAX`).
 const MAX_TARGET: u64 = 4096;
@@ -95,6 +122,13 @@ impl Share {
             stack.push((id, sub, None, removed));
         }
         *lock(&self.last_refresh) = Some(chrono::Utc::now());
+        if let Some(first) = &report.first_skipped {
+            tracing::info!(
+                share = %self.info.name,
+                "the refresh left {} object(s) aside that no file here can be; the first, {first}",
+                report.skipped
+            );
+        }
         Ok(report)
     }
 
@@ -178,7 +212,7 @@ impl Share {
                 };
                 let parts: Vec<&str> = key.split('/').collect();
                 if parts.iter().any(|p| namespace::check_name(p).is_err()) {
-                    report.skipped += 1;
+                    report.skip(&object.key, BAD_NAME);
                     continue;
                 }
                 let name = parts[parts.len() - 1];
@@ -188,9 +222,10 @@ impl Share {
                     self.drop_if_gone(dir, path, &before, id, false, dirty, report)?;
                 }
                 match self.take_in(&parts, key, object, dirty)? {
-                    Some(true) => report.added += 1,
-                    Some(false) => report.updated += 1,
-                    None => {}
+                    Took::Added => report.added += 1,
+                    Took::Updated => report.updated += 1,
+                    Took::Nothing => {}
+                    Took::Conflict(why) => report.skip(&object.key, why),
                 }
                 if let Some(id) = local.take(self, name)? {
                     self.drop_if_gone(dir, path, name, id, true, dirty, report)?;
@@ -202,15 +237,21 @@ impl Share {
                     .unwrap_or_default()
                     .trim_end_matches('/');
                 if namespace::check_name(name).is_err() {
-                    report.skipped += 1;
+                    report.skip(sub, BAD_NAME);
                     continue;
                 }
                 // Only deeper objects: the directory is made, but for one removed or renamed
                 // here.
-                if matches!(self.ns.lookup(dir, name), Err(ShareError::NotFound))
-                    && !self.ns.going(&format!("{}/", join(path, name)))?
-                {
-                    let _ = self.make_dir(dir, name);
+                match self.ns.lookup(dir, name) {
+                    Err(ShareError::NotFound)
+                        if !self.ns.going(&format!("{}/", join(path, name)))? =>
+                    {
+                        let _ = self.make_dir(dir, name);
+                    }
+                    Ok(id) if self.ns.get(id).is_ok_and(|inode| inode.kind != Kind::Dir) => {
+                        report.skip(sub, "objects below a name the share has a file at");
+                    }
+                    _ => {}
                 }
             }
             match page.next {
@@ -357,27 +398,30 @@ impl Share {
         }
     }
 
-    /// Makes the object at `path` (split into `parts`) a file of the share. `Some(true)` if
-    /// it was added, `Some(false)` if a clean file took its new content, `None` if nothing
-    /// changed.
+    /// Makes the object at `path` (split into `parts`) a file of the share, as far as it can
+    /// be one.
     fn take_in(
         &self,
         parts: &[&str],
         path: &str,
         object: &ObjectInfo,
         dirty: &HashSet<u64>,
-    ) -> Result<Option<bool>, ShareError> {
+    ) -> Result<Took, ShareError> {
         let (name, dirs) = parts.split_last().expect("a key has a name");
         // Removed or renamed here: its deletion is queued (or will be, after the upload
         // under the new name), and taking it in would bring the file back.
         if self.ns.going(path)? {
-            return Ok(None);
+            return Ok(Took::Nothing);
         }
         let mut dir = ROOT;
         for part in dirs {
             dir = match self.make_dir(dir, part) {
                 Ok(id) => id,
-                Err(ShareError::NotDir) => return Ok(None),
+                Err(ShareError::NotDir) => {
+                    return Ok(Took::Conflict(
+                        "the share has a file where its key has a directory",
+                    ));
+                }
                 Err(e) => return Err(e),
             };
         }
@@ -410,28 +454,33 @@ impl Share {
                     target,
                     self.info.prefix.len(),
                 ) {
-                    Ok(_) => Ok(Some(true)),
+                    Ok(_) => Ok(Took::Added),
                     // Made here since the listing: the local file wins.
-                    Err(ShareError::Exists) => Ok(None),
+                    Err(ShareError::Exists) => Ok(Took::Nothing),
                     Err(e) => Err(e),
                 }
             }
-            Err(ShareError::NotDir) => Ok(None),
+            Err(ShareError::NotDir) => Ok(Took::Conflict(
+                "the share has a file where its key has a directory",
+            )),
             Err(e) => Err(e),
             Ok(id) => {
                 let inode = self.ns.get(id)?;
+                if inode.kind == Kind::Dir {
+                    return Ok(Took::Conflict("the share has a directory of that name"));
+                }
                 if inode.kind != Kind::File || dirty.contains(&id) {
-                    return Ok(None);
+                    return Ok(Took::Nothing);
                 }
                 match inode.uploaded.as_ref().map(|u| u.compare(&found)) {
-                    Some(Sameness::Same) => return Ok(None),
+                    Some(Sameness::Same) => return Ok(Took::Nothing),
                     Some(Sameness::Learned) => {
                         // Our own upload, whose ETag the put did not tell: noted now.
                         let guard = lock(&self.dirty);
                         if !guard.contains_key(&id) {
                             self.ns.update(id, |inode| inode.uploaded = Some(found))?;
                         }
-                        return Ok(None);
+                        return Ok(Took::Nothing);
                     }
                     Some(Sameness::Changed) | None => {}
                 }
@@ -443,7 +492,9 @@ impl Share {
                 let head = self
                     .bucket(self.remote.head(&key))?
                     .map_err(|e| ShareError::Io(format!("{key}: {e}")))?;
-                let Some(head) = head else { return Ok(None) };
+                let Some(head) = head else {
+                    return Ok(Took::Nothing);
+                };
                 let attrs = attrs_from(&head.meta, self.default_attrs());
                 let found = Uploaded {
                     path: path.to_string(),
@@ -452,11 +503,11 @@ impl Share {
                 };
                 let guard = lock(&self.dirty);
                 if guard.contains_key(&id) {
-                    return Ok(None);
+                    return Ok(Took::Nothing);
                 }
                 let ours = self.ns.get(id)?.uploaded;
                 if ours.is_some_and(|u| u.compare(&found) == Sameness::Same) {
-                    return Ok(None);
+                    return Ok(Took::Nothing);
                 }
                 self.ns.update(id, |inode| {
                     // Past every change time clients were told, which takes in the mtime.
@@ -476,7 +527,7 @@ impl Share {
                 let _ = std::fs::remove_file(self.content_path(id));
                 self.drop_partial(id);
                 drop(guard);
-                Ok(Some(false))
+                Ok(Took::Updated)
             }
         }
     }
