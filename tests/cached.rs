@@ -551,6 +551,45 @@ fn a_cached_volume_grows_online_and_never_shrinks() {
     qemu_io(&b.uri("db"), &["read -P 0x22 24M 1M", "read -P 0x11 1M 1M"]);
 }
 
+/// A volume grown after its newest checkpoint, and written past its old size, is taken over
+/// whole: the new gateway's checkpoint has the grown size, so the volume opens, there and on
+/// any later gateway.
+#[test]
+fn a_volume_grown_since_its_checkpoint_is_taken_over_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let mut a = Gateway::start(&dir.path().join("a"), &bucket, "");
+    a.firn(&["volume", "create", "db", "--size", "16M"]);
+    qemu_io(&a.uri("db"), &["write -P 0x11 0 8M"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while a.show("db")["cache"]["checkpoint"]["segment"].as_u64() == Some(0) {
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint: {:#}",
+            a.show("db")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // No checkpoint from now on: the commits after it carry the growth.
+    a.reconfigure(&[
+        ("checkpoint_segments = 1", "checkpoint_segments = 1000"),
+        ("cache_max = \"0\"", "cache_max = \"1GiB\""),
+    ]);
+    a.firn(&["volume", "resize", "db", "--size", "32M"]);
+    qemu_io(&a.uri("db"), &["write -P 0x22 24M 64k"]);
+    a.wait_drained("db", false);
+    a.kill9();
+    std::fs::remove_dir_all(a.dir.join("data")).expect("lose the disk");
+    for name in ["b", "c"] {
+        let mut g = Gateway::start(&dir.path().join(name), &bucket, "");
+        g.firn(&["volume", "takeover", "db", "--force"]);
+        assert_eq!(g.show("db")["size"], 32 << 20);
+        assert_eq!(g.show("db").get("error"), None, "{:#}", g.show("db"));
+        qemu_io(&g.uri("db"), &["read -P 0x22 24M 64k", "read -P 0x11 0 8M"]);
+        g.kill9();
+    }
+}
+
 /// Every file below `dir`.
 fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();

@@ -256,7 +256,10 @@ async fn image(
             }
         }
     }
-    image.map.truncate(size);
+    // The volume as of the commit, which may have grown since the checkpoint: a checkpoint
+    // sealed from this image must hold every piece below its size.
+    image.size = image.size.max(size);
+    image.map.truncate(image.size);
     Ok(image)
 }
 
@@ -307,6 +310,7 @@ pub async fn take_over(
         }
     }
     let mut image = image(bucket, sealer, &key, id, descriptor.size, commit.as_ref()).await?;
+    descriptor.size = image.size;
 
     // Past every segment in the bucket: the old gateway's uncommitted ones included.
     let mut free = commit
