@@ -1382,6 +1382,67 @@ fn an_attached_volume_cannot_be_deleted() {
     assert!(!g.firn(&["volume", "list"]).contains("busy"));
 }
 
+/// The CLI sends each name as one segment of the API's path: a name that looks like a path
+/// or a query names nothing else, and nothing changes.
+#[test]
+fn a_name_never_reaches_another_object_through_the_cli() {
+    let g = Gateway::start();
+    g.firn(&[
+        "volume", "create", "victim", "--size", "1M", "--mode", "local",
+    ]);
+    let config = g.config.to_str().expect("utf-8");
+    for args in [
+        &["share", "delete", "../volumes/victim"][..],
+        &["volume", "delete", "victim?force=true"],
+        &["volume", "delete", "victim#"],
+        &["volume", "delete", "x/../victim"],
+        &["volume", "delete", ".."],
+    ] {
+        let (ok, out, err) = firn(&[args, &["--config", config]].concat());
+        assert!(!ok, "{args:?} succeeded: {out}");
+        assert!(
+            err.contains("no volume") || err.contains("no share") || err.contains("404"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(g.firn(&["volume", "list"]).contains("victim"));
+}
+
+/// A forced delete cuts off the clients still attached, whatever the volume's mode: their
+/// writes, flushes and reads fail from then on, and none is acknowledged into a volume that
+/// is gone.
+#[test]
+fn a_forced_delete_fails_the_attached_clients_requests() {
+    let g = Gateway::start();
+    for mode in ["local", "cached"] {
+        let name = format!("gone-{mode}");
+        g.firn(&["volume", "create", &name, "--size", "1M", "--mode", mode]);
+        let mut c = Raw::connect(g.nbd_port);
+        c.go(&name).expect("go");
+        c.request(0, 1, 0, 4096, &[7u8; 4096]); // NBD_CMD_WRITE
+        assert_eq!(c.reply(0).0, 0, "{mode}: a write before the delete");
+        g.firn(&["volume", "delete", &name, "--force"]);
+        c.request(0, 1, 4096, 4096, &[8u8; 4096]);
+        assert_ne!(
+            c.reply(0).0,
+            0,
+            "{mode}: a write after the delete succeeded"
+        );
+        c.request(0, 3, 0, 0, &[]); // NBD_CMD_FLUSH
+        assert_ne!(
+            c.reply(0).0,
+            0,
+            "{mode}: a flush after the delete succeeded"
+        );
+        c.request(0, 0, 0, 4096, &[]); // NBD_CMD_READ
+        assert_ne!(
+            c.reply(4096).0,
+            0,
+            "{mode}: a read after the delete succeeded"
+        );
+    }
+}
+
 /// A real NBD client (libnbd, through Debian's python3, which has its module) held open
 /// until its stdin closes.
 fn hold_open(uri: &str) -> std::process::Child {

@@ -209,6 +209,21 @@ enum ShareCommand {
     },
 }
 
+/// `name` as one segment of an API path, percent-encoded: no name reaches another path
+/// (`../volumes/x`) or adds to the query (`v?force=true`).
+fn segment(name: &str) -> anyhow::Result<String> {
+    use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+    const KEEP: &AsciiSet = &NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~');
+    if name.is_empty() || name == "." || name == ".." {
+        bail!("no volume or share can be named {name:?}");
+    }
+    Ok(utf8_percent_encode(name, KEEP).to_string())
+}
+
 async fn share(client: &ApiClient, command: ShareCommand) -> anyhow::Result<()> {
     use serde_json::{Value, json};
     let line = |v: &Value| {
@@ -244,12 +259,15 @@ async fn share(client: &ApiClient, command: ShareCommand) -> anyhow::Result<()> 
             }
         }
         ShareCommand::Show { name } => {
-            let v: Value = client.get(&format!("shares/{name}")).await?;
+            let v: Value = client.get(&format!("shares/{}", segment(&name)?)).await?;
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         ShareCommand::Refresh { name, path } => {
             let report: Value = client
-                .post(&format!("shares/{name}/refresh"), &json!({ "path": path }))
+                .post(
+                    &format!("shares/{}/refresh", segment(&name)?),
+                    &json!({ "path": path }),
+                )
                 .await?;
             println!(
                 "refreshed {name}: {} added, {} updated, {} removed, {} skipped",
@@ -272,7 +290,7 @@ async fn share(client: &ApiClient, command: ShareCommand) -> anyhow::Result<()> 
             };
             if follow {
                 let mut response = client
-                    .stream(&format!("shares/{name}/events?after={after}"))
+                    .stream(&format!("shares/{}/events?after={after}", segment(&name)?))
                     .await?;
                 // Server-Sent Events: `event:` and `data:` lines, a blank line after each.
                 let (mut pending, mut event) = (Vec::new(), String::new());
@@ -303,7 +321,7 @@ async fn share(client: &ApiClient, command: ShareCommand) -> anyhow::Result<()> 
                 bail!("the daemon ended the stream (share {name} deleted, or firn stopped)");
             }
             let uploads: Vec<Value> = client
-                .get(&format!("shares/{name}/uploads?after={after}"))
+                .get(&format!("shares/{}/uploads?after={after}", segment(&name)?))
                 .await?;
             for u in &uploads {
                 print(u);
@@ -311,9 +329,9 @@ async fn share(client: &ApiClient, command: ShareCommand) -> anyhow::Result<()> 
         }
         ShareCommand::Delete { name, force } => {
             let path = if force {
-                format!("shares/{name}?force=true")
+                format!("shares/{}?force=true", segment(&name)?)
             } else {
-                format!("shares/{name}")
+                format!("shares/{}", segment(&name)?)
             };
             client.delete(&path).await?;
             println!("deleted share {name} (its objects stay in the bucket)");
@@ -497,19 +515,19 @@ async fn volume(client: &ApiClient, command: VolumeCommand) -> anyhow::Result<()
                 .expect("an object")
                 .extend(limits.fields()?);
             let taken: Value = client
-                .post(&format!("volumes/{name}/takeover"), &body)
+                .post(&format!("volumes/{}/takeover", segment(&name)?), &body)
                 .await?;
             println!("took over {}", line(&taken).trim_end());
         }
         VolumeCommand::Show { name } => {
-            let v: Value = client.get(&format!("volumes/{name}")).await?;
+            let v: Value = client.get(&format!("volumes/{}", segment(&name)?)).await?;
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         VolumeCommand::Delete { name, force } => {
             let path = if force {
-                format!("volumes/{name}?force=true")
+                format!("volumes/{}?force=true", segment(&name)?)
             } else {
-                format!("volumes/{name}")
+                format!("volumes/{}", segment(&name)?)
             };
             client.delete(&path).await?;
             println!("deleted {name}");
@@ -517,7 +535,10 @@ async fn volume(client: &ApiClient, command: VolumeCommand) -> anyhow::Result<()
         VolumeCommand::Resize { name, size } => {
             let size = crate::size::parse_size(&size)?;
             let resized: Value = client
-                .post(&format!("volumes/{name}/resize"), &json!({ "size": size }))
+                .post(
+                    &format!("volumes/{}/resize", segment(&name)?),
+                    &json!({ "size": size }),
+                )
                 .await?;
             println!("resized {}", line(&resized).trim_end());
         }
@@ -527,7 +548,10 @@ async fn volume(client: &ApiClient, command: VolumeCommand) -> anyhow::Result<()
                 anyhow::bail!("nothing to change: give --log-max and/or --cache-max");
             }
             let info: Value = client
-                .post(&format!("volumes/{name}/limits"), &Value::Object(fields))
+                .post(
+                    &format!("volumes/{}/limits", segment(&name)?),
+                    &Value::Object(fields),
+                )
                 .await?;
             let limit = |key: &str| match info.get(key).and_then(Value::as_u64) {
                 Some(bytes) => crate::size::Human(bytes).to_string(),

@@ -753,8 +753,10 @@ pub async fn serve(config: Config, uploads: tokio::runtime::Handle) -> anyhow::R
     let http = tokio::spawn(async move { http.await });
     stop_requested.await;
     let _ = stop.send(true);
-    // A refresh under way would hold up the HTTP drain below.
+    // A refresh, a delete or a takeover waiting on the bucket would hold up the HTTP drain
+    // below.
     gateway.shares.begin_stop();
+    gateway.volumes.begin_stop();
     // NBD clients get ESHUTDOWN for new requests and a moment to finish; HTTP drains.
     let drained = async {
         let _ = http.await;

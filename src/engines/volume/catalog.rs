@@ -242,7 +242,16 @@ pub struct Catalog {
     /// Why a cached volume's last open failed, by id, until one succeeds: shown to the
     /// operator, since such a volume uploads nothing and serves no client.
     open_errors: Mutex<HashMap<String, String>>,
+    /// Set when the daemon begins to stop: calls to the bucket from blocking threads end
+    /// (`bucket_call`).
+    stopping: tokio::sync::watch::Sender<bool>,
+    /// Held (shared) by each such call; the stop waits for them (`stop_cached_volumes`).
+    bucket_calls: std::sync::RwLock<()>,
 }
+
+/// How long a delete waits for the bucket to take the volume's objects; past it, the delete
+/// is done here and the objects go later (`retry_bucket_deletes`).
+const DELETE_WAIT: Duration = Duration::from_secs(10);
 
 /// What cached volumes need from the daemon: the bucket, the runtimes their bucket reads and
 /// their uploads run on, this gateway's id, and their settings.
@@ -297,6 +306,8 @@ impl Catalog {
             open: Mutex::new(HashMap::new()),
             pinned: Mutex::new(HashMap::new()),
             open_errors: Mutex::new(HashMap::new()),
+            stopping: tokio::sync::watch::Sender::new(false),
+            bucket_calls: std::sync::RwLock::new(()),
         })
     }
 
@@ -686,13 +697,18 @@ impl Catalog {
             }
             Err(source) => return Err(meta_error(name, source)),
         };
-        self.open_volumes().remove(&info.id);
+        // Clients still attached to a local volume (a forced delete) get errors from now on.
+        if let Some(volume) = self
+            .open_volumes()
+            .remove(&info.id)
+            .and_then(|v| v.upgrade())
+        {
+            volume.mark_deleted();
+        }
         let pinned = self.pinned_volumes().remove(&info.id);
         // Clients still attached (a forced delete) get errors from now on, and the uploader
         // is stopped before the bucket's objects go, so none of its puts outlives them.
-        if let Some(volume) = pinned {
-            volume.retire(RETIRE_GRACE);
-        }
+        let answering = pinned.is_none_or(|volume| volume.retire(RETIRE_GRACE));
         if info.mode == Mode::Cached {
             // A gateway that lost the volume to another deletes only its own copy: the
             // bucket's objects are the new owner's now.
@@ -709,10 +725,18 @@ impl Catalog {
                 );
                 let _ = self.meta.delete(BUCKET_DELETES, &info.id);
                 let _ = self.meta.delete(cached::PROGRESS_TABLE, &info.id);
-            } else {
+            } else if answering {
                 // The progress record goes with the last of the objects: it names the
                 // chunks a collection made since the newest checkpoint.
                 self.delete_bucket_objects(&info);
+            } else {
+                // The bucket did not answer the uploader: the retry deletes the objects
+                // once it does, rather than this delete waiting longer.
+                tracing::warn!(
+                    volume = %info.name,
+                    "the bucket is not answering: the volume's objects under volumes/{}/ are deleted once it does",
+                    info.id
+                );
             }
         }
         let path = self.path(&info);
@@ -835,9 +859,63 @@ impl Catalog {
     /// in a log whose uploads cannot make any fail, as do later requests, so that the
     /// threads serving them end. What was written before stays in the logs.
     pub fn stop_cached_volumes(&self) {
+        self.begin_stop();
         for volume in self.pinned_volumes().values() {
             volume.stop();
         }
+        // No call to the bucket from a blocking thread outlives the runtime it runs on.
+        drop(
+            self.bucket_calls
+                .write()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+    }
+
+    /// The first step of a stop: calls to the bucket that blocking threads wait on (a
+    /// delete's, a takeover's, a listing's) end now, so that none holds the stop up.
+    pub fn begin_stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// `call`, to the bucket, run on `runtime` from this blocking thread: for `limit` at
+    /// most, if given, and never past the start of a stop (`begin_stop`). Either ends it
+    /// with a transient error (what it did not do is done again later).
+    fn bucket_call<T>(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        limit: Option<Duration>,
+        call: impl std::future::Future<Output = T>,
+    ) -> Result<T, crate::remote::Error> {
+        let _running = self
+            .bucket_calls
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let cut_short = |message: String| crate::remote::Error::Transient {
+            op: "call",
+            key: String::new(),
+            message,
+        };
+        let mut stopping = self.stopping.subscribe();
+        if *stopping.borrow_and_update() {
+            return Err(cut_short("the daemon is stopping".into()));
+        }
+        runtime.block_on(async move {
+            let limited = async {
+                match limit {
+                    Some(limit) => tokio::time::timeout(limit, call)
+                        .await
+                        .map_err(|_| cut_short(format!("no answer within {limit:?}"))),
+                    None => Ok(call.await),
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = stopping.wait_for(|stopping| *stopping) => {
+                    Err(cut_short("the daemon is stopping".into()))
+                }
+                answer = limited => answer,
+            }
+        })
     }
 
     /// A cached volume's upload state, if it is one and open.
@@ -883,7 +961,7 @@ impl Catalog {
         let known: HashSet<String> = self.list()?.into_iter().map(|info| info.id).collect();
         let remote = bucket.remote.clone();
         let sealer = self.sealer.clone();
-        let found = bucket.runtime.block_on(async move {
+        let found = self.bucket_call(&bucket.runtime, None, async move {
             let listing = remote.list_dir("volumes/").await?;
             let mut found = Vec::new();
             for dir in listing.dirs {
@@ -906,9 +984,11 @@ impl Catalog {
             }
             Ok(found)
         });
-        found.map_err(|e| CatalogError::Bucket {
-            message: e.to_string(),
-        })
+        found
+            .and_then(|found| found)
+            .map_err(|e| CatalogError::Bucket {
+                message: e.to_string(),
+            })
     }
 
     /// Serves here the cached volume `name` that the bucket holds: restores the image of its
@@ -965,15 +1045,21 @@ impl Catalog {
             uploads: bucket.uploads.clone(),
             gateway: bucket.gateway.clone(),
         };
-        let taken = bucket.runtime.block_on(cached::restore::take_over(
-            &context,
-            &self.sealer,
-            &self.meta,
-            &id,
-            &dir,
-            honoured,
-            force,
-        ));
+        let taken = self
+            .bucket_call(
+                &bucket.runtime,
+                None,
+                cached::restore::take_over(
+                    &context,
+                    &self.sealer,
+                    &self.meta,
+                    &id,
+                    &dir,
+                    honoured,
+                    force,
+                ),
+            )
+            .unwrap_or_else(|e| Err(e.into()));
         let taken = match taken {
             Ok(taken) => taken,
             Err(e) => {
@@ -1011,7 +1097,9 @@ impl Catalog {
     /// half-deleted volume, then the rest. If the bucket does not answer, the volume is noted
     /// and `retry_bucket_deletes` tries again later.
     fn delete_bucket_objects(&self, info: &VolumeInfo) {
-        match self.try_delete_bucket_objects(info) {
+        // A bucket out of reach (or uploads paused) does not hold the delete up: the note
+        // made with it stays, and the retry finishes the work.
+        match self.try_delete_bucket_objects(info, Some(DELETE_WAIT)) {
             Ok(()) => {
                 let _ = self.meta.delete(BUCKET_DELETES, &info.id);
                 let _ = self.meta.delete(cached::PROGRESS_TABLE, &info.id);
@@ -1041,7 +1129,7 @@ impl Catalog {
                 let _ = self.meta.delete(BUCKET_DELETES, &id);
                 continue;
             };
-            match self.try_delete_bucket_objects(&info) {
+            match self.try_delete_bucket_objects(&info, None) {
                 Ok(()) => {
                     tracing::info!(volume = %info.name, "the deleted volume's objects are gone from the bucket");
                     let _ = self.meta.delete(BUCKET_DELETES, &id);
@@ -1056,7 +1144,12 @@ impl Catalog {
         left
     }
 
-    fn try_delete_bucket_objects(&self, info: &VolumeInfo) -> Result<(), crate::remote::Error> {
+    /// Deletes the bucket objects of `info`, for `limit` at most if given.
+    fn try_delete_bucket_objects(
+        &self,
+        info: &VolumeInfo,
+        limit: Option<Duration>,
+    ) -> Result<(), crate::remote::Error> {
         let Some(bucket) = &self.bucket else {
             return Ok(());
         };
@@ -1079,7 +1172,7 @@ impl Catalog {
             gateway: bucket.gateway.clone(),
         };
         let name = info.name.clone();
-        bucket.runtime.block_on(async move {
+        let done = self.bucket_call(&bucket.runtime, limit, async move {
             // Asked at every try: a gateway cut off from the bucket may have lost the volume
             // to a takeover without knowing it, and its objects are the new owner's now.
             if let Some(owner) = owner_elsewhere(&context, &sealer, &id).await? {
@@ -1106,7 +1199,8 @@ impl Catalog {
                 remote.delete(&object.key).await?;
             }
             Ok::<(), crate::remote::Error>(())
-        })
+        });
+        done.and_then(|done| done)
     }
 
     /// Grows a cached volume to `size` bytes, online. Local volumes cannot be resized yet.

@@ -132,6 +132,8 @@ pub struct LocalVolume {
     sync: Mutex<()>,
     /// Asked before a write may take new space (`[local] min_free`, `max_bytes`).
     space: Option<Arc<SpaceBudget>>,
+    /// Deleted under its clients (`BlockDevice::mark_deleted`): every request fails.
+    deleted: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for LocalVolume {
@@ -233,6 +235,7 @@ impl LocalVolume {
             write_back_error: OnceLock::new(),
             sync: Mutex::new(()),
             space: None,
+            deleted: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -294,7 +297,19 @@ impl LocalVolume {
         }
     }
 
+    /// Fails once the volume was deleted under its clients.
+    fn check_live(&self) -> BlockResult<()> {
+        if self.deleted.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(BlockError::Io(format!(
+                "local volume {}: the volume was deleted",
+                self.path.display()
+            )));
+        }
+        Ok(())
+    }
+
     fn check_writable(&self) -> BlockResult<()> {
+        self.check_live()?;
         if self.read_only {
             Err(BlockError::ReadOnly)
         } else {
@@ -380,6 +395,7 @@ impl LocalVolume {
     /// `read`, waiting for the disk or not; `Ok(false)` if not waiting and the data is not
     /// all in memory.
     fn read_with(&self, offset: u64, buf: &mut [u8], wait: Wait) -> BlockResult<bool> {
+        self.check_live()?;
         check_range(offset, buf.len() as u64, self.size)?;
         let span = Span::new(offset, buf.len() as u64);
         if !span.whole.is_empty() {
@@ -554,6 +570,7 @@ impl BlockDevice for LocalVolume {
 
     fn flush(&self) -> BlockResult<()> {
         let _one_at_a_time = self.sync.lock().unwrap_or_else(PoisonError::into_inner);
+        self.check_live()?;
         self.check_write_back()?;
         self.file.sync_data().map_err(|e| {
             let _ = self.write_back_error.set(e.to_string());
@@ -587,7 +604,13 @@ impl BlockDevice for LocalVolume {
         Ok(())
     }
 
+    fn mark_deleted(&self) {
+        self.deleted
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
     fn extents(&self, offset: u64, length: u64) -> BlockResult<Vec<Extent>> {
+        self.check_live()?;
         check_range(offset, length, self.size)?;
         if length == 0 {
             return Err(BlockError::Invalid(

@@ -111,6 +111,10 @@ pub trait BlockDevice: Send + Sync {
     fn prefetch(&self, offset: u64, length: u64) -> BlockResult<()> {
         check_range(offset, length, self.size())
     }
+    /// The volume was deleted under its clients (a forced delete): every request from now on
+    /// fails, so that no write is acknowledged into a file that is gone. A device that
+    /// retires another way (a cached volume's `retire`) keeps the default, which does nothing.
+    fn mark_deleted(&self) {}
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -745,23 +745,26 @@ impl CachedVolume {
     /// bucket after the caller deletes the volume's objects. The uploader finishes the step
     /// it is in (a segment, a checkpoint, a commit) for up to `grace`, and is then
     /// cancelled: a PUT that the store had wholly received may still land, within moments.
-    /// Call it from outside the bucket's runtime.
-    pub fn retire(&self, grace: Duration) {
+    /// Call it from outside the bucket's runtime. False if the uploader had to be cancelled
+    /// (the bucket was not answering it).
+    pub fn retire(&self, grace: Duration) -> bool {
         self.inner.retired.store(true, Ordering::Release);
         lock(&self.inner.state).stopped = true;
         self.inner.room.notify_all();
         self.inner.wake.notify_one();
         self.inner.stopping.notify_one();
         let Some(mut uploader) = lock(&self.uploader).take() else {
-            return;
+            return true;
         };
         self.inner.bucket.runtime.block_on(async {
             if tokio::time::timeout(grace, &mut uploader).await.is_err() {
                 tracing::warn!(volume = %self.inner.name, "the uploader did not stop within {grace:?}; cancelling it");
                 uploader.abort();
                 let _ = uploader.await;
+                return false;
             }
-        });
+            true
+        })
     }
 
     /// What the volume's status shows.
@@ -1911,6 +1914,9 @@ impl BlockDevice for CachedVolume {
     }
 
     fn flush(&self) -> BlockResult<()> {
+        if self.inner.retired.load(Ordering::Acquire) {
+            return Err(BlockError::Io("the volume was deleted".into()));
+        }
         self.inner.flush()
     }
 

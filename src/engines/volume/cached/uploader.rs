@@ -190,6 +190,18 @@ async fn step(inner: &Arc<Inner>) -> Result<bool, String> {
     };
     if next <= sealed_upto {
         upload_segment(inner, next).await?;
+        // Writers outpacing the uplink keep sealed segments waiting for good: while more
+        // wait, what keeps the bucket's image recent and the local disk bounded goes on
+        // between uploads (a commit once `commit_interval` has passed since the last, a
+        // checkpoint when due, eviction). Garbage collection, more uploads, waits for the
+        // backlog to clear.
+        if next < sealed_upto && commit_due(inner) {
+            commit(inner).await?;
+        }
+        if next < sealed_upto {
+            write_checkpoint(inner).await?;
+            evict(inner).await?;
+        }
         return Ok(true);
     }
     if write_checkpoint(inner).await? {
@@ -204,6 +216,16 @@ async fn step(inner: &Arc<Inner>) -> Result<bool, String> {
     let evicted = evict(inner).await?;
     refill_reserve(inner).await;
     Ok(evicted)
+}
+
+/// Whether the newest commit is `commit_interval` old (or there is none), for a commit
+/// between uploads.
+fn commit_due(inner: &Inner) -> bool {
+    let last = lock(&inner.state).last_commit;
+    last.is_none_or(|at| {
+        at.elapsed()
+            .map_or(true, |age| age >= inner.settings.commit_interval)
+    })
 }
 
 /// Closes the open segment once it holds a cut for `commit_interval` (so the bucket's image
