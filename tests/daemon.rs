@@ -325,3 +325,54 @@ fn remote_cli_rides_out_a_drilled_outage_and_errors() {
     assert!(ok);
     assert_eq!(out.lines().count(), 11, "f1, f10..f19: {out}");
 }
+
+/// Idle HTTP connections beyond the door's bound (256) wait in the kernel's backlog (128
+/// more), not in the daemon: a local process holding hundreds of half-sent requests leaves
+/// the daemon its
+/// file descriptors, and the NBD door serves meanwhile. Once they close, the API answers.
+#[test]
+fn idle_http_connections_cannot_take_the_daemons_descriptors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (port, nbd) = (free_port(), free_port());
+    let config = write_config(
+        dir.path(),
+        port,
+        &format!("[nbd]\nlisten = \"127.0.0.1:{nbd}\"\n"),
+    );
+    let daemon = Daemon::start(&config, port, &[]);
+    common::firn_ok(
+        &config,
+        &["volume", "create", "v", "--size", "1M", "--mode", "local"],
+    );
+    let open_fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", daemon.child.id()))
+            .expect("fds")
+            .count()
+    };
+    let before = open_fds();
+    let mut idle = Vec::new();
+    for _ in 0..350 {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        std::io::Write::write_all(&mut c, b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\n")
+            .expect("half a request");
+        idle.push(c);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let during = open_fds();
+    assert!(
+        during < before + 300,
+        "{before} descriptors before, {during} with 350 idle HTTP connections"
+    );
+    let size = common::run("nbdinfo", &["--size", &format!("nbd://127.0.0.1:{nbd}/v")]);
+    assert_eq!(size.trim(), "1048576");
+    drop(idle);
+    let started = Instant::now();
+    while firn(&["status", "--config", config.to_str().expect("utf-8")]).0 == false {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the API did not answer after the idle connections closed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(daemon.stop().success());
+}

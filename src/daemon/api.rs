@@ -1,7 +1,6 @@
 //! The HTTP API (axum): `/healthz` and `/metrics` open on the listen address, everything
 //! under `/api/v1` behind the bearer token and recorded in the audit log.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Path, Request, State};
@@ -80,8 +79,8 @@ fn token_ok(gateway: &Gateway, request: &Request) -> bool {
 async fn audit(State(gateway): Shared, request: Request, next: Next) -> Response {
     let peer = request
         .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.to_string());
+        .get::<ConnectInfo<super::capped::Peer>>()
+        .map(|c| c.0.0.to_string());
     let call = Call::new(
         request.method().as_str(),
         &format!("/api/v1{}", request.uri().path()),

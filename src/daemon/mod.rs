@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod capped;
 pub mod config;
 pub mod nbd;
 pub mod process;
@@ -744,8 +745,8 @@ pub async fn serve(config: Config, uploads: tokio::runtime::Handle) -> anyhow::R
     let app = api::router(gateway.clone());
     let mut http_stopped = stopped.clone();
     let http = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        capped::Capped::new(listener, capped::MAX_CONNECTIONS),
+        app.into_make_service_with_connect_info::<capped::Peer>(),
     )
     .with_graceful_shutdown(async move {
         let _ = http_stopped.changed().await;
