@@ -367,7 +367,7 @@ fn idle_http_connections_cannot_take_the_daemons_descriptors() {
     assert_eq!(size.trim(), "1048576");
     drop(idle);
     let started = Instant::now();
-    while firn(&["status", "--config", config.to_str().expect("utf-8")]).0 == false {
+    while !firn(&["status", "--config", config.to_str().expect("utf-8")]).0 {
         assert!(
             started.elapsed() < Duration::from_secs(20),
             "the API did not answer after the idle connections closed"
