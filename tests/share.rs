@@ -2840,3 +2840,29 @@ fn a_listing_waits_boundedly_for_a_slow_refresh_and_later_ones_finish_it() {
         assert_eq!(listed, 40);
     }
 }
+
+/// Two shares never hold the same objects: a prefix inside, around or equal to another
+/// share's in the same bucket is refused, and nothing is made; beside it, it is fine.
+#[test]
+fn shares_in_one_bucket_never_overlap() {
+    let rig = rigs(Duration::from_secs(3600)).remove(0);
+    let shares = rig.shares();
+    let create =
+        |name: &str, prefix: &str| shares.create(name, prefix, false, Vec::new(), Squash::Root);
+    let refused = |name: &str, prefix: &str, over: &str| {
+        match create(name, prefix) {
+            Err(ShareError::Invalid(why)) => {
+                assert!(why.contains("overlaps") && why.contains(over), "{why}")
+            }
+            other => panic!("{prefix:?} over {over}: {other:?}"),
+        }
+        assert!(shares.get(name).expect("get").is_none(), "{name} was made");
+    };
+    create("media", "media/").expect("media");
+    refused("inside", "media/sub/", "media");
+    refused("same", "media/", "media");
+    create("beside", "mediax/").expect("a prefix beside another");
+    shares.delete("media").expect("delete media");
+    create("deep", "media/sub/").expect("free once media is gone");
+    refused("around", "media/", "deep");
+}

@@ -467,6 +467,21 @@ impl Shares {
             if tx.get(TABLE, name)?.is_some() {
                 return Err(ShareError::ShareExists(name.to_string()));
             }
+            // Two shares over one object would each take it for its own (upload over,
+            // delete, evict it) without knowing of the other.
+            for (_, bytes) in tx.list(TABLE, "")? {
+                let Ok(other) = serde_json::from_slice::<ShareInfo>(&bytes) else {
+                    continue;
+                };
+                if other.bucket == info.bucket
+                    && (other.prefix.starts_with(prefix) || prefix.starts_with(&other.prefix))
+                {
+                    return Err(ShareError::Invalid(format!(
+                        "prefix {prefix:?} overlaps share {:?}'s ({:?}) in the same bucket: two shares never hold the same objects",
+                        other.name, other.prefix
+                    )));
+                }
+            }
             tx.put_json(TABLE, name, &info)?;
             Ok(())
         })?;
