@@ -157,8 +157,10 @@ impl From<TimeOfDay> for String {
     }
 }
 
+/// Rates for a span of the day on some days. A window whose end comes before its start
+/// runs past midnight: it starts on its days and ends the next morning.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, try_from = "WindowFields")]
 pub struct Window {
     pub days: Days,
     pub start: TimeOfDay,
@@ -167,6 +169,53 @@ pub struct Window {
     pub upload: Rate,
     #[serde(default)]
     pub download: Rate,
+}
+
+/// A window as written, checked into a `Window`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WindowFields {
+    days: Days,
+    start: TimeOfDay,
+    end: TimeOfDay,
+    #[serde(default)]
+    upload: Rate,
+    #[serde(default)]
+    download: Rate,
+}
+
+impl TryFrom<WindowFields> for Window {
+    type Error = String;
+
+    fn try_from(w: WindowFields) -> Result<Window, String> {
+        if w.start == w.end {
+            return Err(format!(
+                "a window's start and end must differ (both are {}); one past midnight ends the next day, e.g. start = \"20:00\", end = \"06:00\"",
+                String::from(w.start)
+            ));
+        }
+        Ok(Window {
+            days: w.days,
+            start: w.start,
+            end: w.end,
+            upload: w.upload,
+            download: w.download,
+        })
+    }
+}
+
+impl Window {
+    /// Whether the window holds on `weekday` (0 = Monday) at `minute` past midnight.
+    fn holds(&self, weekday: u32, minute: u32) -> bool {
+        let on = |day: u32| self.days.0 & (1 << day) != 0;
+        let (start, end) = (self.start.0, self.end.0);
+        if start < end {
+            on(weekday) && start <= minute && minute < end
+        } else {
+            // Past midnight: the evening of one of its days, or the morning after.
+            (on(weekday) && start <= minute) || (on((weekday + 6) % 7) && minute < end)
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -197,7 +246,7 @@ impl Policy {
         };
         self.schedule
             .iter()
-            .find(|w| w.days.0 & (1 << weekday) != 0 && w.start.0 <= minute && minute < w.end.0)
+            .find(|w| w.holds(weekday, minute))
             .map(|w| pick(w.upload, w.download))
             .unwrap_or_else(|| pick(self.upload, self.download))
     }
@@ -506,6 +555,41 @@ mod tests {
         assert_eq!(up(5, 12 * 60), Rate::Unlimited, "Saturday is outside");
         assert_eq!(up(2, 7 * 60 + 59), Rate::Unlimited, "before the window");
         assert_eq!(p.rate_at(Direction::Download, 0, 9 * 60), Rate::Unlimited);
+    }
+
+    #[test]
+    fn a_window_past_midnight_ends_the_next_morning() {
+        let p = policy(
+            r#"
+            upload = "unlimited"
+            [[schedule]]
+            days = "fri"
+            start = "20:00"
+            end = "06:00"
+            upload = "paused"
+            "#,
+        );
+        let up = |day, minute| p.rate_at(Direction::Upload, day, minute);
+        assert_eq!(up(4, 20 * 60), Rate::Paused, "Friday 20:00");
+        assert_eq!(up(4, 23 * 60 + 59), Rate::Paused, "Friday 23:59");
+        assert_eq!(up(5, 0), Rate::Paused, "Saturday 00:00");
+        assert_eq!(up(5, 5 * 60 + 59), Rate::Paused, "Saturday 05:59");
+        assert_eq!(up(5, 6 * 60), Rate::Unlimited, "it ends Saturday 06:00");
+        assert_eq!(
+            up(4, 5 * 60),
+            Rate::Unlimited,
+            "Friday morning is Thursday's"
+        );
+        assert_eq!(
+            up(5, 21 * 60),
+            Rate::Unlimited,
+            "Saturday evening is not a day of it"
+        );
+        let same = toml::from_str::<Policy>(
+            "[[schedule]]\ndays = \"daily\"\nstart = \"19:00\"\nend = \"19:00\"\nupload = \"paused\"",
+        )
+        .expect_err("an empty window");
+        assert!(same.to_string().contains("must differ"), "{same}");
     }
 
     #[test]
