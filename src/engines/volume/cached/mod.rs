@@ -1811,14 +1811,28 @@ impl Inner {
         Ok(self.bucket.chunk_key(&chunk.name))
     }
 
-    /// A ranged GET of a segment or chunk, bounded by the read timeout.
+    /// A ranged GET of a segment or chunk, bounded by the read timeout. The range lies
+    /// inside the object, so a shorter body was cut short on the way: it is asked for again,
+    /// within the same bound.
     fn fetch(&self, segment: u64, range: std::ops::Range<u64>) -> BlockResult<bytes::Bytes> {
         let key = self.object_key(segment)?;
         let remote = self.bucket.remote.clone();
         let timeout = self.settings.read_timeout;
         let len = range.end - range.start;
-        let fetched = self.bucket.runtime.block_on(async move {
-            tokio::time::timeout(timeout, remote.get_range(&key, range)).await
+        let short = std::sync::atomic::AtomicUsize::new(usize::MAX);
+        let fetched = self.bucket.runtime.block_on(async {
+            tokio::time::timeout(timeout, async {
+                loop {
+                    match remote.get_range(&key, range.clone()).await {
+                        Ok(bytes) if (bytes.len() as u64) < len => {
+                            short.store(bytes.len(), Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        answer => return answer,
+                    }
+                }
+            })
+            .await
         });
         match fetched {
             Ok(Ok(bytes)) if bytes.len() as u64 == len => {
@@ -1828,6 +1842,10 @@ impl Inner {
             Ok(Ok(bytes)) => Err(BlockError::Io(format!(
                 "segment {segment}: the bucket returned {} bytes, asked for {len}",
                 bytes.len()
+            ))),
+            Err(_) if short.load(Ordering::Relaxed) != usize::MAX => Err(BlockError::Io(format!(
+                "segment {segment}: the bucket returned {} of {len} bytes, again and again for {timeout:?}",
+                short.load(Ordering::Relaxed)
             ))),
             Ok(Err(e)) => Err(BlockError::Io(format!(
                 "reading segment {segment} of volume {} from the bucket: {e}",
