@@ -376,3 +376,30 @@ fn idle_http_connections_cannot_take_the_daemons_descriptors() {
     }
     assert!(daemon.stop().success());
 }
+
+/// Calls that cannot be done say why with the status that fits: a name taken (409), a
+/// volume gone (404), a refresh of a path that is a file (400).
+#[test]
+fn refused_calls_get_the_status_that_fits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = write_config(dir.path(), port, "");
+    let daemon = Daemon::start(&config, port, &[]);
+    let path = config.to_str().expect("utf-8");
+    let refused = |args: &[&str], status: &str| {
+        let (ok, out, err) = firn(&[args, &["--config", path]].concat());
+        assert!(
+            !ok && err.contains(status),
+            "{args:?}: wanted {status}: {out}{err}"
+        );
+    };
+    common::firn_ok(&config, &["volume", "create", "v", "--size", "1M"]);
+    refused(&["volume", "create", "v", "--size", "1M"], "409");
+    refused(&["volume", "delete", "nowhere"], "404");
+    common::firn_ok(&config, &["share", "create", "media"]);
+    std::fs::create_dir_all(dir.path().join("data/bucket/media")).expect("mkdir");
+    std::fs::write(dir.path().join("data/bucket/media/f.txt"), b"x").expect("object");
+    common::firn_ok(&config, &["share", "refresh", "media"]);
+    refused(&["share", "refresh", "media", "--path", "f.txt"], "400");
+    assert!(daemon.stop().success());
+}

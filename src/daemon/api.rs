@@ -695,6 +695,10 @@ async fn create_volume(State(gateway): Shared, body: axum::body::Bytes) -> Respo
         Ok(Err(e @ crate::engines::volume::catalog::CatalogError::NoSpace { .. })) => {
             error(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
         }
+        // As for shares: the name is taken.
+        Ok(Err(e @ crate::engines::volume::catalog::CatalogError::Exists { .. })) => {
+            error(StatusCode::CONFLICT, e.to_string())
+        }
         Ok(Err(e)) => error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
@@ -756,6 +760,10 @@ async fn delete_volume(
             gateway.nbd_metrics.forget_export(&info.name);
             StatusCode::NO_CONTENT.into_response()
         }
+        // Deleted by a call that raced this one.
+        Ok(Err(e @ crate::engines::volume::catalog::CatalogError::NotFound { .. })) => {
+            error(StatusCode::NOT_FOUND, e.to_string())
+        }
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
@@ -782,7 +790,8 @@ fn share_error(e: &crate::engines::share::ShareError) -> Response {
     let status = match e {
         ShareError::NoShare(_) => StatusCode::NOT_FOUND,
         ShareError::ShareExists(_) => StatusCode::CONFLICT,
-        ShareError::Invalid(_) => StatusCode::BAD_REQUEST,
+        // A path that names a file where a directory is wanted, or nothing.
+        ShareError::Invalid(_) | ShareError::NotDir => StatusCode::BAD_REQUEST,
         ShareError::Stopping => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
