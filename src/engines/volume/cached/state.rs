@@ -120,6 +120,9 @@ pub(super) struct State {
     pub pending_since: Option<std::time::Instant>,
     pub committed: Option<Cut>,
     pub last_commit: Option<SystemTime>,
+    /// When this run made its newest commit, on the monotonic clock: commits between
+    /// uploads keep `commit_interval` from it.
+    pub last_commit_at: Option<std::time::Instant>,
     pub dirty_bytes: u64,
     pub local_bytes: u64,
     pub bytes_written: u64,
@@ -154,6 +157,7 @@ impl State {
             cuts: BTreeMap::new(),
             pending_since: None,
             last_commit,
+            last_commit_at: None,
             dirty_bytes: 0,
             local_bytes: 0,
             bytes_written: 0,

@@ -221,11 +221,8 @@ async fn step(inner: &Arc<Inner>) -> Result<bool, String> {
 /// Whether the newest commit is `commit_interval` old (or there is none), for a commit
 /// between uploads.
 fn commit_due(inner: &Inner) -> bool {
-    let last = lock(&inner.state).last_commit;
-    last.is_none_or(|at| {
-        at.elapsed()
-            .map_or(true, |age| age >= inner.settings.commit_interval)
-    })
+    let last = lock(&inner.state).last_commit_at;
+    last.is_none_or(|at| at.elapsed() >= inner.settings.commit_interval)
 }
 
 /// Closes the open segment once it holds a cut for `commit_interval` (so the bucket's image
@@ -649,6 +646,7 @@ async fn commit(inner: &Arc<Inner>) -> Result<bool, String> {
         state.committed = Some(commit.cut);
         let now = SystemTime::now();
         state.last_commit = Some(now);
+        state.last_commit_at = Some(std::time::Instant::now());
         state.progress.commit_time = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());

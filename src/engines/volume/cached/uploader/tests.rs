@@ -257,7 +257,10 @@ fn a_commit_behind_many_checkpoints_names_one_still_in_the_bucket() {
 
     // Phase 2: a client flushes once, then keeps writing without flushing while the
     // uploader is busy: each time its backlog drains it writes a checkpoint (one per
-    // segment here), and a segment fills meanwhile, so no commit runs in between.
+    // segment here), and a segment fills meanwhile, so no commit runs in between (nor
+    // between uploads: the newest commit counts as made just now for the whole phase).
+    lock(&h.vol.inner.state).last_commit_at =
+        Some(std::time::Instant::now() + Duration::from_secs(3600));
     h.write(100 * B, 7);
     h.vol.flush().unwrap();
     let flushed_at = h.vol.inner.log.lock().unwrap().position();
