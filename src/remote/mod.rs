@@ -8,6 +8,7 @@
 
 pub mod dir;
 pub mod faults;
+pub mod gate;
 mod http;
 pub mod limit;
 pub mod metered;

@@ -566,8 +566,7 @@ impl Shares {
             files_open: Mutex::new(HashMap::new()),
             wake: tokio::sync::Notify::new(),
             stopped: AtomicBool::new(false),
-            stopping: tokio::sync::watch::Sender::new(false),
-            in_bucket: std::sync::RwLock::new(()),
+            gate: Default::default(),
             uploaded_files: AtomicU64::new(0),
             uploading_files: AtomicU64::new(0),
             uploaded_bytes: AtomicU64::new(0),
@@ -626,7 +625,7 @@ impl Shares {
     /// neither an API request nor a client holds the stop up.
     pub fn begin_stop(&self) {
         for share in lock(&self.open).values() {
-            share.stopping.send_replace(true);
+            share.gate.begin_stop();
         }
     }
 
@@ -638,12 +637,7 @@ impl Shares {
             share.stop();
             // Calls to the bucket from blocking threads (a refresh, a client's read) end at
             // the stop: none may outlive the runtime they run on.
-            drop(
-                share
-                    .in_bucket
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner),
-            );
+            share.gate.stop_and_wait();
             if let Err(e) = share.ns.mark_clean() {
                 tracing::warn!(share = %share.info.name, "marking the share stopped: {e}");
             }
@@ -818,12 +812,9 @@ pub struct Share {
     /// Wakes the uploader: a commit, a remove, a stop.
     wake: tokio::sync::Notify,
     stopped: AtomicBool,
-    /// Set at the stop, before the changes under way are waited for: calls to the bucket
-    /// from blocking threads end at once (`bucket`).
-    stopping: tokio::sync::watch::Sender<bool>,
-    /// Held (shared) by each call to the bucket from a blocking thread; `Shares::close` waits
-    /// for them.
-    in_bucket: std::sync::RwLock<()>,
+    /// Calls to the bucket from blocking threads (`bucket`): the stop ends them before it
+    /// waits for the changes under way, and `Shares::close` waits for them.
+    gate: crate::remote::gate::StopGate,
     uploaded_files: AtomicU64,
     /// Uploads of the current pass not yet recorded (`ShareStatus::uploading_files`).
     uploading_files: AtomicU64,
@@ -929,7 +920,7 @@ impl Share {
 
     /// Stops the uploader and refuses changes from now on; waits for changes under way.
     fn stop(&self) {
-        self.stopping.send_replace(true);
+        self.gate.begin_stop();
         let _no_change = self
             .changing
             .write()
@@ -1096,21 +1087,9 @@ impl Share {
     /// if the share stops first (`Stopping`), so that no call outlives the runtime at a stop
     /// (`Shares::close` waits for those under way).
     fn bucket<T>(&self, request: impl std::future::Future<Output = T>) -> Result<T, ShareError> {
-        let _running = self
-            .in_bucket
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        let mut stopping = self.stopping.subscribe();
-        if *stopping.borrow_and_update() {
-            return Err(ShareError::Stopping);
-        }
-        self.runtime.block_on(async move {
-            tokio::select! {
-                biased;
-                _ = stopping.wait_for(|stopping| *stopping) => Err(ShareError::Stopping),
-                answer = request => Ok(answer),
-            }
-        })
+        self.gate
+            .call(&self.runtime, request)
+            .ok_or(ShareError::Stopping)
     }
 
     /// The answer to `request`, a read of object `key` for a client, waited for at most

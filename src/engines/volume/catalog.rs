@@ -242,11 +242,8 @@ pub struct Catalog {
     /// Why a cached volume's last open failed, by id, until one succeeds: shown to the
     /// operator, since such a volume uploads nothing and serves no client.
     open_errors: Mutex<HashMap<String, String>>,
-    /// Set when the daemon begins to stop: calls to the bucket from blocking threads end
-    /// (`bucket_call`).
-    stopping: tokio::sync::watch::Sender<bool>,
-    /// Held (shared) by each such call; the stop waits for them (`stop_cached_volumes`).
-    bucket_calls: std::sync::RwLock<()>,
+    /// Calls to the bucket from blocking threads, which a stop ends (`bucket_call`).
+    gate: crate::remote::gate::StopGate,
 }
 
 /// How long a delete waits for the bucket to take the volume's objects; past it, the delete
@@ -306,8 +303,7 @@ impl Catalog {
             open: Mutex::new(HashMap::new()),
             pinned: Mutex::new(HashMap::new()),
             open_errors: Mutex::new(HashMap::new()),
-            stopping: tokio::sync::watch::Sender::new(false),
-            bucket_calls: std::sync::RwLock::new(()),
+            gate: Default::default(),
         })
     }
 
@@ -859,22 +855,17 @@ impl Catalog {
     /// in a log whose uploads cannot make any fail, as do later requests, so that the
     /// threads serving them end. What was written before stays in the logs.
     pub fn stop_cached_volumes(&self) {
-        self.begin_stop();
         for volume in self.pinned_volumes().values() {
             volume.stop();
         }
         // No call to the bucket from a blocking thread outlives the runtime it runs on.
-        drop(
-            self.bucket_calls
-                .write()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
+        self.gate.stop_and_wait();
     }
 
     /// The first step of a stop: calls to the bucket that blocking threads wait on (a
     /// delete's, a takeover's, a listing's) end now, so that none holds the stop up.
     pub fn begin_stop(&self) {
-        self.stopping.send_replace(true);
+        self.gate.begin_stop();
     }
 
     /// `call`, to the bucket, run on `runtime` from this blocking thread: for `limit` at
@@ -886,36 +877,22 @@ impl Catalog {
         limit: Option<Duration>,
         call: impl std::future::Future<Output = T>,
     ) -> Result<T, crate::remote::Error> {
-        let _running = self
-            .bucket_calls
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
         let cut_short = |message: String| crate::remote::Error::Transient {
             op: "call",
             key: String::new(),
             message,
         };
-        let mut stopping = self.stopping.subscribe();
-        if *stopping.borrow_and_update() {
-            return Err(cut_short("the daemon is stopping".into()));
-        }
-        runtime.block_on(async move {
-            let limited = async {
-                match limit {
-                    Some(limit) => tokio::time::timeout(limit, call)
-                        .await
-                        .map_err(|_| cut_short(format!("no answer within {limit:?}"))),
-                    None => Ok(call.await),
-                }
-            };
-            tokio::select! {
-                biased;
-                _ = stopping.wait_for(|stopping| *stopping) => {
-                    Err(cut_short("the daemon is stopping".into()))
-                }
-                answer = limited => answer,
+        let limited = async {
+            match limit {
+                Some(limit) => tokio::time::timeout(limit, call)
+                    .await
+                    .map_err(|_| cut_short(format!("no answer within {limit:?}"))),
+                None => Ok(call.await),
             }
-        })
+        };
+        self.gate
+            .call(runtime, limited)
+            .unwrap_or_else(|| Err(cut_short("the daemon is stopping".into())))
     }
 
     /// A cached volume's upload state, if it is one and open.

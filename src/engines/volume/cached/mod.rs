@@ -1819,13 +1819,14 @@ impl Inner {
         let remote = self.bucket.remote.clone();
         let timeout = self.settings.read_timeout;
         let len = range.end - range.start;
-        let short = std::sync::atomic::AtomicUsize::new(usize::MAX);
+        // The length of the last body cut short, if one was.
+        let mut short = None;
         let fetched = self.bucket.runtime.block_on(async {
             tokio::time::timeout(timeout, async {
                 loop {
                     match remote.get_range(&key, range.clone()).await {
                         Ok(bytes) if (bytes.len() as u64) < len => {
-                            short.store(bytes.len(), Ordering::Relaxed);
+                            short = Some(bytes.len());
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                         answer => return answer,
@@ -1843,9 +1844,8 @@ impl Inner {
                 "segment {segment}: the bucket returned {} bytes, asked for {len}",
                 bytes.len()
             ))),
-            Err(_) if short.load(Ordering::Relaxed) != usize::MAX => Err(BlockError::Io(format!(
-                "segment {segment}: the bucket returned {} of {len} bytes, again and again for {timeout:?}",
-                short.load(Ordering::Relaxed)
+            Err(_) if let Some(short) = short => Err(BlockError::Io(format!(
+                "segment {segment}: the bucket returned {short} of {len} bytes, again and again for {timeout:?}"
             ))),
             Ok(Err(e)) => Err(BlockError::Io(format!(
                 "reading segment {segment} of volume {} from the bucket: {e}",
