@@ -77,6 +77,19 @@ impl Gateway {
         serde_json::from_str(&self.firn(&["share", "show", share])).expect("json")
     }
 
+    /// Waits for the share's first refresh from the bucket (it runs as the share opens), so
+    /// that what a test puts into the bucket next is left for the refresh it asks for.
+    fn wait_refreshed(&self, share: &str) {
+        let started = Instant::now();
+        while self.show(share)["status"]["last_refresh"].is_null() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "no refresh as the share opened"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits until the share has nothing left to upload or delete.
     fn wait_uploaded(&self, share: &str) {
         let started = Instant::now();
@@ -782,7 +795,8 @@ fn deleting_a_share_keeps_its_objects_and_refuses_while_files_wait() {
     assert!(!g.bucket().join("gone/waiting.bin").exists());
     let share_dir = g.dir.path().join("data/shares").join(&id);
     assert!(!share_dir.exists(), "{} stayed", share_dir.display());
-    // The name again: a new share, which finds the objects at the next refresh.
+    // The name again: a new share, which finds the objects (its own refresh as it opens, and
+    // the one asked for, which waits for it).
     g.firn(&["bandwidth", "--upload", "unlimited"]);
     g.firn(&["share", "create", "gone"]);
     assert_ne!(g.show("gone")["id"].as_str(), Some(id.as_str()));
@@ -1328,6 +1342,7 @@ fn files_another_tool_puts_in_the_bucket_show_up_after_a_refresh() {
     // Objects without the file-tool metadata get the configured mode.
     let g = Gateway::start_with("default_file_mode = 0o600\n");
     g.firn(&["share", "create", "media"]);
+    g.wait_refreshed("media");
     // Another tool writes straight into the directory bucket (the embedded default), as
     // rclone or s3cmd would into S3; it keeps metadata in `user.firn.*` attributes.
     let dir = g.bucket().join("media/incoming");
@@ -1367,6 +1382,43 @@ fn files_another_tool_puts_in_the_bucket_show_up_after_a_refresh() {
     assert!(ok && !listing.contains("report.csv"), "{listing}");
 }
 
+/// A share made over objects already in the bucket shows them at once, and objects put
+/// while the gateway was down show as it starts again: each share refreshes as it opens,
+/// nobody has to ask.
+#[test]
+fn objects_already_in_the_bucket_show_without_a_refresh_asked_for() {
+    fn put(g: &Gateway, path: &str, len: usize) -> Vec<u8> {
+        let object = g.bucket().join(path);
+        std::fs::create_dir_all(object.parent().expect("parent")).expect("mkdir");
+        random_file(&object, len)
+    }
+    fn shows(g: &Gateway, dir: &str, name: &str, data: &[u8]) {
+        let started = Instant::now();
+        loop {
+            let (ok, listing, err) = run("nfs-ls", &[&g.url(dir)]);
+            if ok && listing.lines().any(|l| l.ends_with(name)) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "{name} never showed in {dir}: {listing} {err}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (read, err) = run_bytes("nfs-cat", &[&g.url(&format!("{dir}/{name}"))]);
+        assert!(read.expect(&err) == data, "{name} reads back different");
+    }
+    let mut g = Gateway::start();
+    let old = put(&g, "media/2025/old.bin", 5000);
+    g.firn(&["share", "create", "media"]);
+    shows(&g, "media/2025", "old.bin", &old);
+    let status = g.daemon.take().expect("daemon").stop();
+    assert!(status.success(), "{status:?}");
+    let new = put(&g, "media/2026/new.bin", 7000);
+    g.restart();
+    shows(&g, "media/2026", "new.bin", &new);
+}
+
 /// The same against Garage, with real S3 tools on the other side: rclone and s3cmd put
 /// objects (one with the file gateway's mode metadata) that a refresh brings into the share,
 /// a file written over NFS is what s3cmd fetches, with its metadata, and s3cmd's delete
@@ -1378,6 +1430,7 @@ fn objects_rclone_and_s3cmd_put_show_up_through_nfs_and_nfs_files_through_them()
     };
     let g = Gateway::start_with(&remote);
     g.firn(&["share", "create", "media"]);
+    g.wait_refreshed("media");
     let bucket = std::env::var("FIRN_TEST_S3_BUCKET").expect("bucket");
     let work = tempfile::tempdir().expect("tempdir");
     let report = random_file(&work.path().join("report.csv"), 70_000);

@@ -573,6 +573,7 @@ impl Shares {
             clean_bytes: AtomicU64::new(0),
             clean_files: AtomicU64::new(0),
             last_refresh: Mutex::new(None),
+            refreshing: Mutex::new(()),
             first_upload: (chrono::Utc::now().timestamp_micros().max(1)) as u64,
             counted: Mutex::new(None),
             evict_at: Mutex::new((0, 0)),
@@ -827,6 +828,8 @@ pub struct Share {
     clean_files: AtomicU64,
     /// When the last refresh completed.
     last_refresh: Mutex<Option<chrono::DateTime<chrono::Utc>>>,
+    /// Held by a whole refresh: one at a time.
+    refreshing: Mutex<()>,
     /// The sequence number of this run's first upload (`UploadRecord::seq`).
     first_upload: u64,
     /// When an eviction pass last counted the clean files (listing every local file).

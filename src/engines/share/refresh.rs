@@ -7,6 +7,8 @@
 //! local write wins, and its upload replaces the object.
 
 use std::collections::HashSet;
+use std::sync::PoisonError;
+use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
@@ -92,6 +94,15 @@ impl Share {
     /// bucket's listing and of the namespace at a time: memory is bounded by the depth of
     /// the tree, however many entries a directory holds.
     pub fn refresh(&self, under: &str) -> Result<Refreshed, ShareError> {
+        // One at a time (the share's own as it opens and every `refresh`, and those asked
+        // for): two would each take in the same new object, and one would fail on the other's.
+        let _one = lock(&self.refreshing);
+        // A stop (or the share's delete, which destroys the namespace) waits for the refresh
+        // to end; its next call to the bucket ends it, as the stop begins.
+        let _running = self.changing.read().unwrap_or_else(PoisonError::into_inner);
+        if self.stopped.load(Ordering::Acquire) {
+            return Err(ShareError::Stopping);
+        }
         let under = under.trim_matches('/');
         let root = self.ns.resolve(under)?;
         let mut report = Refreshed::default();

@@ -28,15 +28,55 @@ const READ_WHOLE: u64 = 256 << 10;
 /// How often the local bytes of clean files are checked against `cache_max`.
 const EVICT_EVERY: Duration = Duration::from_secs(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How soon a failed refresh is tried again (at most `Settings::refresh`).
+const REFRESH_RETRY: Duration = Duration::from_secs(30);
 /// The message of a read that found its file changing.
 const CHANGED: &str = "the file changed during its upload";
 /// The message of a call the stopping daemon cancelled.
 const STOPPING: &str = "the daemon is stopping";
 
 pub(super) async fn run(share: Arc<Share>) {
+    // One task, so that aborting it (a share's delete) ends both loops.
+    tokio::join!(uploads(share.clone()), refreshes(share));
+}
+
+/// Refreshes the share from the bucket as soon as it opens (a new share over objects other
+/// tools put, or objects put while the gateway was down, show at once), then every
+/// `Settings::refresh`; a failed one is tried again sooner. Beside the uploads, not between
+/// them: a refresh of a large prefix never holds an upload up.
+async fn refreshes(share: Arc<Share>) {
+    let Some(every) = share.settings.refresh else {
+        return;
+    };
+    loop {
+        let next = match blocking(&share, |share| share.refresh("")).await {
+            Ok(report) => {
+                tracing::debug!(share = %share.info.name, ?report, "refreshed from the bucket");
+                every
+            }
+            Err(e) => {
+                if !share.stopped.load(Ordering::Acquire) {
+                    tracing::warn!(share = %share.info.name, "refreshing from the bucket: {e}");
+                }
+                every.min(REFRESH_RETRY)
+            }
+        };
+        let started = std::time::Instant::now();
+        while started.elapsed() < next {
+            if share.stopped.load(Ordering::Acquire) {
+                return;
+            }
+            tokio::time::sleep((next - started.elapsed()).min(Duration::from_secs(1))).await;
+        }
+        if share.stopped.load(Ordering::Acquire) {
+            return;
+        }
+    }
+}
+
+async fn uploads(share: Arc<Share>) {
     let mut backoff = Duration::from_millis(250);
     let mut last_eviction = std::time::Instant::now();
-    let mut last_refresh = std::time::Instant::now();
     loop {
         if share.stopped.load(Ordering::Acquire) {
             return;
@@ -49,21 +89,6 @@ pub(super) async fn run(share: Arc<Share>) {
                     tracing::debug!(share = %share.info.name, "evicted {freed} bytes of clean files")
                 }
                 Err(e) => tracing::warn!(share = %share.info.name, "evicting clean files: {e}"),
-            }
-        }
-        if share
-            .settings
-            .refresh
-            .is_some_and(|every| last_refresh.elapsed() >= every)
-        {
-            last_refresh = std::time::Instant::now();
-            match blocking(&share, |share| share.refresh("")).await {
-                Ok(report) => {
-                    tracing::debug!(share = %share.info.name, ?report, "refreshed from the bucket")
-                }
-                Err(e) => {
-                    tracing::warn!(share = %share.info.name, "refreshing from the bucket: {e}")
-                }
             }
         }
         match pass(&share).await {
