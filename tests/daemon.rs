@@ -4,6 +4,8 @@
 mod common;
 
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Daemon, FIRN, firn, free_port, write_config};
@@ -374,6 +376,68 @@ fn idle_http_connections_cannot_take_the_daemons_descriptors() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    assert!(daemon.stop().success());
+}
+
+/// Clients that trickle requests' heads, a byte a second, on every place the HTTP door has
+/// (256) and more in the backlog, keep the API from nobody for long: a connection that has
+/// not sent its whole head within 30 s is closed, and the API answers others meanwhile.
+#[test]
+fn clients_trickling_request_heads_give_their_place_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = write_config(dir.path(), port, "");
+    let daemon = Daemon::start(&config, port, &[]);
+    let path = config.to_str().expect("utf-8").to_string();
+    let mut slow = Vec::new();
+    for _ in 0..300 {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        std::io::Write::write_all(&mut c, b"GET /api/v1/status HTTP/1.1\r\nX-Slow: ")
+            .expect("the start of a head");
+        slow.push(c);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let trickler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            // A byte a second on each, for as long as the daemon keeps them open.
+            let mut open = slow.len();
+            while !stop.load(Ordering::Relaxed) {
+                open = 0;
+                for c in &mut slow {
+                    if std::io::Write::write_all(c, b"x").is_ok() {
+                        open += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            open
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let started = Instant::now();
+    let mut status = Command::new(FIRN)
+        .args(["status", "--config", &path])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("firn status");
+    let answered = loop {
+        if let Some(answered) = status.try_wait().expect("wait") {
+            break answered;
+        }
+        if started.elapsed() > Duration::from_secs(45) {
+            let _ = status.kill();
+            panic!("the API did not answer within 45 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(answered.success(), "{answered:?}");
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    let open = trickler.join().expect("trickler");
+    // Writes to a closed connection fail from the second on; those accepted last may still
+    // be within their 30 s.
+    assert!(open < 100, "{open} of 300 trickling connections still open");
     assert!(daemon.stop().success());
 }
 

@@ -1,9 +1,12 @@
-//! The HTTP door's listener, with a bound on connections open at once. Past it, new
-//! connections wait in the kernel's backlog until one closes: a local process that opens
-//! thousands of idle connections cannot take the daemon's file descriptors, which its
-//! volumes' logs, leases and uploads need (it can still keep the API busy; the NBD and NFS
-//! doors and the uploads go on).
+//! The HTTP door: its listener, with a bound on connections open at once, and the server
+//! loop. Past the bound, new connections wait in the kernel's backlog until one closes: a
+//! local process that opens thousands of idle connections cannot take the daemon's file
+//! descriptors, which its volumes' logs, leases and uploads need. A connection that takes
+//! longer than `HEAD_TIMEOUT` to send a request's head (or sits that long idle between
+//! requests) is closed, so neither silent nor trickling clients can keep the API from others
+//! for long. (`axum::serve` sets no such timeout, hence this loop.)
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -17,6 +20,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// HTTP connections open at once.
 pub const MAX_CONNECTIONS: usize = 256;
+/// How long a client has to send a request's head, from the moment the server waits for it
+/// (a kept-alive connection's wait for its next request counts too).
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Capped {
     listener: TcpListener,
@@ -30,28 +36,8 @@ impl Capped {
             permits: Arc::new(Semaphore::new(max)),
         }
     }
-}
 
-/// A client's address, as handlers see it (`ConnectInfo<Peer>`).
-#[derive(Debug, Clone, Copy)]
-pub struct Peer(pub SocketAddr);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Capped>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, Capped>) -> Peer {
-        Peer(*stream.remote_addr())
-    }
-}
-
-/// A connection, holding its place under the bound until it closes.
-pub struct Stream {
-    stream: TcpStream,
-    _place: OwnedSemaphorePermit,
-}
-
-impl axum::serve::Listener for Capped {
-    type Io = Stream;
-    type Addr = SocketAddr;
-
+    /// The next connection, once it has a place under the bound.
     async fn accept(&mut self) -> (Stream, SocketAddr) {
         let place = self
             .permits
@@ -78,10 +64,50 @@ impl axum::serve::Listener for Capped {
             }
         }
     }
+}
 
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+/// A client's address, as handlers see it (`ConnectInfo<Peer>`).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// Serves `app` (HTTP/1.1) on `listener` until `stop`; then takes no new connection and
+/// waits for the requests under way (the caller bounds that wait).
+pub async fn serve(mut listener: Capped, app: axum::Router, stop: impl Future<Output = ()>) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let (stream, addr) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut stop => break,
+        };
+        let app = app.clone();
+        let service = hyper::service::service_fn(
+            move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(Peer(addr)));
+                tower_service::Service::call(&mut app.clone(), request)
+            },
+        );
+        let connection =
+            graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(client = %addr, "HTTP connection: {e}");
+            }
+        });
     }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// A connection, holding its place under the bound until it closes.
+pub struct Stream {
+    stream: TcpStream,
+    _place: OwnedSemaphorePermit,
 }
 
 impl AsyncRead for Stream {

@@ -744,14 +744,13 @@ pub async fn serve(config: Config, uploads: tokio::runtime::Handle) -> anyhow::R
     }
     let app = api::router(gateway.clone());
     let mut http_stopped = stopped.clone();
-    let http = axum::serve(
+    let http = tokio::spawn(capped::serve(
         capped::Capped::new(listener, capped::MAX_CONNECTIONS),
-        app.into_make_service_with_connect_info::<capped::Peer>(),
-    )
-    .with_graceful_shutdown(async move {
-        let _ = http_stopped.changed().await;
-    });
-    let http = tokio::spawn(async move { http.await });
+        app,
+        async move {
+            let _ = http_stopped.changed().await;
+        },
+    ));
     stop_requested.await;
     let _ = stop.send(true);
     // A refresh, a delete or a takeover waiting on the bucket would hold up the HTTP drain
