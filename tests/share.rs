@@ -11,7 +11,7 @@ use firn::engines::share::namespace::Kind;
 use firn::engines::share::{SetAttrs, Settings, Share, ShareError, Shares, Squash};
 use firn::local::meta::MetaStore;
 use firn::remote::dir::DirStore;
-use firn::remote::faults::FaultPlan;
+use firn::remote::faults::{FaultPlan, FaultSettings};
 use firn::remote::limit::{Limiter, Policy};
 use firn::remote::metered::RemoteMetrics;
 use firn::remote::retry::RetryPolicy;
@@ -905,6 +905,82 @@ fn a_refresh_during_a_first_upload_brings_back_nothing_removed_or_renamed() {
         assert_eq!(rig.get("r/z").expect("z").0, b"y");
         share.refresh("").expect("refresh");
         assert_eq!(names(), ["z"]);
+    }
+}
+
+/// A directory renamed while a refresh is taking its objects in moves whole: the files taken
+/// in before the rename and those taken in after it all live under the new name, their
+/// objects go to the new keys, and nothing comes back under the old name.
+#[test]
+fn a_directory_renamed_while_a_refresh_takes_it_in_moves_whole() {
+    const FILES: usize = 60;
+    for rig in rigs(Duration::ZERO) {
+        for i in 0..FILES {
+            rig.runtime
+                .block_on(rig.raw.put(
+                    &format!("m/d/s/f{i:03}"),
+                    bytes::Bytes::from(format!("file {i}")),
+                    remote::Meta::new(),
+                ))
+                .expect("put");
+        }
+        rig.shares()
+            .create("m", "m/", false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = rig.share("m");
+        let root = share.root();
+        // Every request waits: the refresh takes a while over the objects.
+        rig.faults.set(FaultSettings {
+            latency_ms: 30,
+            ..Default::default()
+        });
+        let refresh = {
+            let share = share.clone();
+            std::thread::spawn(move || share.refresh(""))
+        };
+        let in_s = |top: &str| {
+            share
+                .lookup(root, top)
+                .and_then(|d| share.lookup(d, "s"))
+                .map(|s| names(&share, s))
+        };
+        let started = Instant::now();
+        while in_s("d").map_or(0, |names| names.len()) < 10 {
+            assert!(started.elapsed() < Duration::from_secs(30), "no refresh");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        share.rename(root, "d", root, "e").expect("rename");
+        let report = refresh.join().expect("refresh").expect("refresh");
+        assert!(
+            report.added < FILES as u64 + 2,
+            "the rename came after the refresh: no test ({report:?})"
+        );
+        rig.faults.set(FaultSettings::default());
+        rig.wait_clean("m");
+        share.refresh("").expect("refresh again");
+        assert_eq!(names(&share, root), ["e"]);
+        let files = in_s("e").expect("e/s");
+        assert_eq!(files.len(), FILES, "{files:?}");
+        let s = share
+            .lookup(share.lookup(root, "e").expect("e"), "s")
+            .expect("s");
+        for i in [0, FILES / 2, FILES - 1] {
+            let id = share.lookup(s, &format!("f{i:03}")).expect("file");
+            let (data, _) = share.read(id, 0, 100).expect("read");
+            assert_eq!(data, format!("file {i}").as_bytes());
+        }
+        let keys: Vec<String> = rig
+            .runtime
+            .block_on(rig.remote.list("m/"))
+            .expect("list")
+            .into_iter()
+            .map(|o| o.key)
+            .filter(|k| !k.ends_with('/'))
+            .collect();
+        assert!(
+            keys.len() == FILES && keys.iter().all(|k| k.starts_with("m/e/s/f")),
+            "{keys:?}"
+        );
     }
 }
 

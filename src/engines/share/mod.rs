@@ -1640,8 +1640,14 @@ impl Share {
         if let Some(old) = replaced {
             self.forget_content(old);
         }
-        // Every entry the rename moved changed its key: a change, for the uploader. The
-        // rename's transaction marked them dirty on disk; here only the uploader's view.
+        self.moved(&moved);
+        Ok(())
+    }
+
+    /// Entries whose key changed (a rename, a file taken in under a directory renamed
+    /// meanwhile) are a change, for the uploader: the namespace marked them dirty on disk;
+    /// here the uploader's view.
+    fn moved(&self, moved: &[u64]) {
         let sizes: Vec<(u64, u64)> = moved
             .iter()
             .map(|&id| (id, self.ns.get(id).map_or(0, |inode| inode.size)))
@@ -1660,7 +1666,6 @@ impl Share {
         }
         drop(dirty);
         self.wake.notify_one();
-        Ok(())
     }
 
     /// Up to `limit` entries of `dir` after the name `after`, with their attributes.

@@ -718,6 +718,22 @@ impl Namespace {
         })
     }
 
+    /// File `id`, taken in at its object's key, is elsewhere now (a directory above it was
+    /// renamed meanwhile): as for a file a rename moves, it is marked dirty (uploaded again
+    /// under its new key) and its object is on its way out (deleted after).
+    pub fn mark_moved(&self, id: u64) -> Result<(), ShareError> {
+        self.meta.transaction_grouped(|tx| {
+            let Some(inode) = tx.get_json::<Inode>(&self.inodes, &hex(id))? else {
+                return Ok(());
+            };
+            tx.put(&self.dirty, &hex(id), b"")?;
+            if let Some(uploaded) = inode.uploaded {
+                tx.put(&self.leaving, &uploaded.path, b"")?;
+            }
+            Ok(())
+        })
+    }
+
     /// `id` and every entry below it, and the longest a key below `id` is past `id`'s own
     /// path (a directory's marker counts its `/`).
     fn entries_below(

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use std::time::{Duration, Instant};
 
-use super::namespace::{self, Kind, NewAttrs, ROOT, Sameness, Uploaded};
+use super::namespace::{self, Kind, NewAttrs, Sameness, Uploaded};
 use super::{Share, ShareError, lock, now_ns};
 use crate::remote::{ListingPage, Meta, ObjectInfo};
 
@@ -232,7 +232,7 @@ impl Share {
                     out_of_time()?;
                     self.drop_if_gone(dir, path, &before, id, false, dirty, report)?;
                 }
-                match self.take_in(&parts, key, object, dirty)? {
+                match self.take_in(dir, path, name, key, object, dirty)? {
                     Took::Added => report.added += 1,
                     Took::Updated => report.updated += 1,
                     Took::Nothing => {}
@@ -409,32 +409,21 @@ impl Share {
         }
     }
 
-    /// Makes the object at `path` (split into `parts`) a file of the share, as far as it can
-    /// be one.
+    /// Makes the object at `path`, entry `name` of directory `dir` (which was at `dir_path`
+    /// when its listing began), a file of the share, as far as it can be one.
     fn take_in(
         &self,
-        parts: &[&str],
+        dir: u64,
+        dir_path: &str,
+        name: &str,
         path: &str,
         object: &ObjectInfo,
         dirty: &HashSet<u64>,
     ) -> Result<Took, ShareError> {
-        let (name, dirs) = parts.split_last().expect("a key has a name");
         // Removed or renamed here: its deletion is queued (or will be, after the upload
         // under the new name), and taking it in would bring the file back.
         if self.ns.going(path)? {
             return Ok(Took::Nothing);
-        }
-        let mut dir = ROOT;
-        for part in dirs {
-            dir = match self.make_dir(dir, part) {
-                Ok(id) => id,
-                Err(ShareError::NotDir) => {
-                    return Ok(Took::Conflict(
-                        "the share has a file where its key has a directory",
-                    ));
-                }
-                Err(e) => return Err(e),
-            };
         }
         let found = Uploaded {
             path: path.to_string(),
@@ -465,9 +454,22 @@ impl Share {
                     target,
                     self.info.prefix.len(),
                 ) {
-                    Ok(_) => Ok(Took::Added),
+                    Ok((id, _)) => {
+                        // A directory above was renamed since the listing began: the file
+                        // moved with it, as those taken in before did (the rename moved
+                        // them), so its object goes to its new key too. Looked at after
+                        // the file is there: a rename from now on moves it itself.
+                        if self.ns.path(dir)? != dir_path {
+                            self.ns.mark_moved(id)?;
+                            self.moved(&[id]);
+                        }
+                        Ok(Took::Added)
+                    }
                     // Made here since the listing: the local file wins.
                     Err(ShareError::Exists) => Ok(Took::Nothing),
+                    // The directory was removed since (it was empty here): the object stays
+                    // for the next refresh, which finds it at a directory of that name.
+                    Err(ShareError::Stale(_)) => Ok(Took::Nothing),
                     Err(e) => Err(e),
                 }
             }
