@@ -590,6 +590,46 @@ fn a_volume_grown_since_its_checkpoint_is_taken_over_whole() {
     }
 }
 
+/// Two takeovers of one volume at once on one gateway: the second is refused at once, and
+/// the first's volume is whole, before and after a restart (the second's failure used to
+/// remove the local copy the first had restored, and flushed writes with it).
+#[test]
+fn a_second_takeover_under_way_is_refused_and_harms_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let mut a = Gateway::start(&dir.path().join("a"), &bucket, "");
+    a.firn(&["volume", "create", "db", "--size", "16M"]);
+    qemu_io(&a.uri("db"), &["write -P 0x33 0 4M"]);
+    a.wait_drained("db", false);
+    a.kill9();
+    // Every request to the bucket waits: the takeover takes seconds.
+    let mut b = Gateway::start(
+        &dir.path().join("b"),
+        &bucket,
+        "[faults]\nlatency_ms = 200\n",
+    );
+    let first = std::process::Command::new(common::FIRN)
+        .args(["volume", "takeover", "db", "--force", "--config"])
+        .arg(&b.config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the takeover");
+    std::thread::sleep(Duration::from_millis(600));
+    let (ok, out) = b.try_firn(&["volume", "takeover", "db", "--force"]);
+    let first = first.wait_with_output().expect("the first takeover");
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(!ok && out.contains("already under way"), "{out}");
+    qemu_io(&b.uri("db"), &["read -P 0x33 0 4M", "write -P 0x44 4M 1M"]);
+    b.restart();
+    assert_eq!(b.show("db").get("error"), None, "{:#}", b.show("db"));
+    qemu_io(&b.uri("db"), &["read -P 0x33 0 4M", "read -P 0x44 4M 1M"]);
+}
+
 /// Every file below `dir`.
 fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();

@@ -217,6 +217,9 @@ pub enum CatalogError {
     #[error("volume {name:?}: taking it over from the bucket: {message}")]
     Takeover { name: String, message: String },
 
+    #[error("volume {name:?}: a takeover of it is already under way here")]
+    TakeoverUnderWay { name: String },
+
     #[error("the bucket's volumes: {message}")]
     Bucket { message: String },
 
@@ -244,6 +247,45 @@ pub struct Catalog {
     open_errors: Mutex<HashMap<String, String>>,
     /// Calls to the bucket from blocking threads, which a stop ends (`bucket_call`).
     gate: crate::remote::gate::StopGate,
+    /// Names of volumes being taken over here: one takeover of a volume at a time (a
+    /// second's failure would remove what the first restored).
+    taking_over: Mutex<std::collections::HashSet<String>>,
+}
+
+/// A takeover of a volume under way here (`Catalog::take_over`), until dropped.
+struct TakingOver<'c> {
+    names: &'c Mutex<std::collections::HashSet<String>>,
+    name: String,
+}
+
+impl<'c> TakingOver<'c> {
+    fn begin(
+        names: &'c Mutex<std::collections::HashSet<String>>,
+        name: &str,
+    ) -> Result<TakingOver<'c>, CatalogError> {
+        if !names
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_string())
+        {
+            return Err(CatalogError::TakeoverUnderWay {
+                name: name.to_string(),
+            });
+        }
+        Ok(TakingOver {
+            names,
+            name: name.to_string(),
+        })
+    }
+}
+
+impl Drop for TakingOver<'_> {
+    fn drop(&mut self) {
+        self.names
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.name);
+    }
 }
 
 /// How long a delete waits for the bucket to take the volume's objects; past it, the delete
@@ -304,6 +346,7 @@ impl Catalog {
             pinned: Mutex::new(HashMap::new()),
             open_errors: Mutex::new(HashMap::new()),
             gate: Default::default(),
+            taking_over: Mutex::new(Default::default()),
         })
     }
 
@@ -980,6 +1023,7 @@ impl Catalog {
         force: bool,
     ) -> Result<VolumeInfo, CatalogError> {
         self.check_limits(name, &limits)?;
+        let _only = TakingOver::begin(&self.taking_over, name)?;
         if self.get(name)?.is_some() {
             return Err(CatalogError::Exists {
                 name: name.to_string(),
@@ -1059,13 +1103,26 @@ impl Catalog {
             path: dir.clone(),
             source,
         })?;
-        self.meta
+        let inserted = self
+            .meta
             .transaction(|tx| {
+                // A volume created here under the name meanwhile keeps it.
+                if tx.get(TABLE, name)?.is_some() {
+                    return Ok(false);
+                }
                 tx.put_json(TABLE, name, &info)?;
                 tx.delete(INTENTS, &id)?;
-                Ok(())
+                Ok(true)
             })
             .map_err(|source| meta_error(name, source))?;
+        if !inserted {
+            let _ = remove_volume_path(&dir);
+            let _ = self.meta.delete(cached::PROGRESS_TABLE, &id);
+            let _ = self.meta.delete(INTENTS, &id);
+            return Err(CatalogError::Exists {
+                name: name.to_string(),
+            });
+        }
         self.open(name)?;
         Ok(info)
     }
