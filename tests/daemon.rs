@@ -29,6 +29,26 @@ async fn serve_status_api_and_clean_stop() {
         "the first start shows the token"
     );
 
+    // A reader that stops reading (`firn status | true`) ends the command quietly, by
+    // SIGPIPE, as for any Unix tool: no panic.
+    let piped = Command::new(FIRN)
+        .args(["status", "--config", config_arg])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("firn status");
+    let mut piped = piped;
+    drop(piped.stdout.take());
+    let piped = piped.wait_with_output().expect("firn status");
+    let said = String::from_utf8_lossy(&piped.stderr);
+    assert!(!said.contains("panicked"), "{said}");
+    assert!(
+        piped.status.success()
+            || std::os::unix::process::ExitStatusExt::signal(&piped.status) == Some(13),
+        "{:?}: {said}",
+        piped.status
+    );
+
     let http = reqwest::Client::new();
     let health = http
         .get(daemon.url("/healthz"))

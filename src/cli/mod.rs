@@ -342,6 +342,19 @@ async fn share(client: &ApiClient, command: ShareCommand) -> anyhow::Result<()> 
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve) {
+        // A command's output piped into one that stops reading (`firn share show x | head`)
+        // ends the command quietly, as for any Unix tool, instead of a panic in `println!`.
+        // The daemon keeps SIGPIPE ignored: a client that goes away is an error for that
+        // connection alone.
+        // SAFETY: no other thread runs yet, and the default action has no handler to race.
+        let _ = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
