@@ -209,6 +209,41 @@ fn the_data_directory_and_its_files_are_private() {
     }
 }
 
+/// A full disk under the metadata store costs the changes tried while it is full, not the
+/// store: redb refuses every transaction after an I/O error until it is opened again, and
+/// the store does that itself, so once there is room changes go through again without a
+/// restart, and what was committed before is all there.
+#[test]
+fn the_metadata_store_takes_changes_again_once_a_full_disk_has_room() {
+    use firn::local::meta::MetaStore;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mnt, _teardown) = small_tmpfs(dir.path(), "8m");
+    let store = MetaStore::open(mnt.join("meta.redb")).expect("open");
+    store.put("t", "before", b"kept").expect("put");
+    fill(&mnt.join("filler"));
+    let value = vec![7u8; 64 << 10];
+    let refused = (0..256).any(|i| store.put("t", &format!("k{i}"), &value).is_err());
+    assert!(refused, "the full disk refused nothing: no test");
+    std::fs::remove_file(mnt.join("filler")).expect("room again");
+    store
+        .put("t", "after", b"taken")
+        .expect("a change once there is room");
+    assert_eq!(
+        store.get("t", "before").expect("get"),
+        Some(b"kept".to_vec())
+    );
+    assert_eq!(
+        store.get("t", "after").expect("get"),
+        Some(b"taken".to_vec())
+    );
+    drop(store);
+    let store = MetaStore::open(mnt.join("meta.redb")).expect("open again");
+    assert_eq!(
+        store.get("t", "after").expect("get"),
+        Some(b"taken".to_vec())
+    );
+}
+
 /// A small tmpfs at `dir/mnt`, unmounted when the returned guard drops.
 fn small_tmpfs(dir: &Path, size: &str) -> (PathBuf, Teardown) {
     let mnt = dir.join("mnt");

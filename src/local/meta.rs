@@ -16,6 +16,7 @@
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::PoisonError;
 
 use redb::{
     Database, ReadableDatabase, ReadableTable, StorageError, TableDefinition, TableError,
@@ -70,7 +71,14 @@ const GROUP_TABLE: &str = "meta-group-commit";
 #[derive(Debug)]
 pub struct MetaStore {
     path: PathBuf,
-    db: Database,
+    /// `None` only while a reopen failed (`broken` stays set, and the next use tries again).
+    db: std::sync::RwLock<Option<Database>>,
+    /// An I/O error (a full disk) left the database refusing every transaction until it is
+    /// closed and opened again, which recovers it as after a crash: to its last durable
+    /// commit. Set by the failing call; the next use reopens it.
+    broken: std::sync::atomic::AtomicBool,
+    /// How many times it was opened again (`reopens`).
+    reopens: std::sync::atomic::AtomicU64,
     /// Lazy commits (`transaction_lazy`, and the first step of `transaction_grouped`),
     /// counted.
     grouped: std::sync::atomic::AtomicU64,
@@ -108,7 +116,9 @@ impl MetaStore {
         }
         Ok(MetaStore {
             path,
-            db,
+            db: std::sync::RwLock::new(Some(db)),
+            broken: std::sync::atomic::AtomicBool::new(false),
+            reopens: std::sync::atomic::AtomicU64::new(0),
             grouped: std::sync::atomic::AtomicU64::new(0),
             durable: std::sync::Mutex::new(0),
         })
@@ -131,10 +141,12 @@ impl MetaStore {
         body: impl FnOnce(&redb::ReadOnlyTable<&'static str, &'static [u8]>) -> Result<T, StorageError>,
     ) -> Result<T, MetaError> {
         let definition = table_definition(&self.path, table)?;
-        let read = self
-            .db
+        let db = self.database()?;
+        let read = db
+            .as_ref()
+            .ok_or_else(|| self.closed())?
             .begin_read()
-            .map_err(|e| store_error(&self.path, e))?;
+            .map_err(|e| self.failed(e))?;
         let table = match read.open_table(definition) {
             Ok(table) => table,
             Err(TableError::TableDoesNotExist(_)) => return Ok(missing),
@@ -310,10 +322,12 @@ impl MetaStore {
     where
         E: From<MetaError>,
     {
-        let mut write = self
-            .db
+        let db = self.database()?;
+        let mut write = db
+            .as_ref()
+            .ok_or_else(|| self.closed())?
             .begin_write()
-            .map_err(|e| store_error(&self.path, e))?;
+            .map_err(|e| self.failed(e))?;
         write
             .set_durability(durability)
             .map_err(|e| store_error(&self.path, e))?;
@@ -323,8 +337,57 @@ impl MetaStore {
         };
         // On error, dropping the transaction aborts it.
         let value = body(&mut tx)?;
-        tx.write.commit().map_err(|e| store_error(&self.path, e))?;
+        tx.write.commit().map_err(|e| self.failed(e))?;
         Ok(value)
+    }
+
+    /// How many times an I/O error made the store open its database again in this run. Each
+    /// time, the lazy commits since the last durable one were lost, as in a crash: whoever
+    /// relies on recovery at start for those (a share's lazily created files) must not mark
+    /// itself stopped in order.
+    pub fn reopens(&self) -> u64 {
+        self.reopens.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The database, opened again first if an I/O error left it refusing transactions and
+    /// no transaction is under way (a reopen never waits: a caller may be inside another
+    /// transaction's body; the failing calls end quickly, and a later one reopens it).
+    fn database(&self) -> Result<std::sync::RwLockReadGuard<'_, Option<Database>>, MetaError> {
+        use std::sync::atomic::Ordering;
+        if self.broken.load(Ordering::Acquire)
+            && let Ok(mut db) = self.db.try_write()
+        {
+            // Another thread may have reopened it meanwhile.
+            if self.broken.load(Ordering::Acquire) {
+                // Closed first: redb allows one open handle on a file.
+                drop(db.take());
+                *db = Some(Database::create(&self.path).map_err(|e| store_error(&self.path, e))?);
+                self.broken.store(false, Ordering::Release);
+                self.reopens.fetch_add(1, Ordering::AcqRel);
+                tracing::info!("metadata store {}: opened again", self.path.display());
+            }
+        }
+        Ok(self.db.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// `error` from the database; one that leaves it refusing transactions until it is opened
+    /// again marks it for a reopen at the next use.
+    fn failed(&self, error: impl Into<redb::Error>) -> MetaError {
+        let error = error.into();
+        if matches!(error, redb::Error::PreviousIo | redb::Error::Io(_))
+            && !self.broken.swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            tracing::error!(
+                "metadata store {}: {error}; it is opened again at its next use",
+                self.path.display()
+            );
+        }
+        store_error(&self.path, error)
+    }
+
+    /// The error while a reopen has failed (the next use tries again).
+    fn closed(&self) -> MetaError {
+        store_error(&self.path, redb::Error::PreviousIo)
     }
 }
 

@@ -639,6 +639,11 @@ impl Shares {
             // Calls to the bucket from blocking threads (a refresh, a client's read) end at
             // the stop: none may outlive the runtime they run on.
             share.gate.stop_and_wait();
+            if self.meta.reopens() > 0 {
+                // Lazy commits were lost as in a crash: the next start recovers the share.
+                tracing::warn!(share = %share.info.name, "the metadata store was opened again after an I/O error: the share is checked at the next start");
+                continue;
+            }
             if let Err(e) = share.ns.mark_clean() {
                 tracing::warn!(share = %share.info.name, "marking the share stopped: {e}");
             }
