@@ -2236,6 +2236,41 @@ async fn a_listing_goes_on_after_its_last_entry_is_removed_or_renamed() {
     }
 }
 
+/// Clients that stall in the middle of a call, on every connection their address may have
+/// (32), lock nobody out for long: a call not sent whole within 30 s of its first byte
+/// costs its connection, and the address's clients get through again.
+#[test]
+fn clients_stalled_in_the_middle_of_a_call_give_their_connections_up() {
+    use std::io::Write;
+    let g = Gateway::start();
+    g.firn(&["share", "create", "media"]);
+    let mut stalled = Vec::new();
+    for _ in 0..32 {
+        let mut c = g.connect();
+        // A record of 100 bytes, 10 of them sent.
+        c.write_all(&(0x8000_0000u32 | 100).to_be_bytes())
+            .expect("mark");
+        c.write_all(&[0; 10]).expect("part of a call");
+        stalled.push(c);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, _, _) = run("nfs-ls", &[&g.url("media")]);
+    assert!(!ok, "a 33rd connection got through: no test");
+    let started = Instant::now();
+    loop {
+        let (ok, _, err) = run("nfs-ls", &[&g.url("media")]);
+        if ok {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(50),
+            "still locked out: {err}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    drop(stalled);
+}
+
 /// A stop during a long refresh (a slow bucket, many directories to list) is prompt and
 /// clean: the refresh ends with an answer that says why, the daemon exits at once, well
 /// within its grace for clients, and nothing panics on a runtime that is going away.

@@ -508,20 +508,44 @@ enum ShareAccess {
 /// The anonymous user: AUTH_NULL callers and squashed ones.
 pub const NOBODY: u32 = 65534;
 
+/// How long a client has to send the rest of a call once its first byte came: a client
+/// that stalls in the middle of one gives its connection up (its place among the
+/// connections from its address with it). Between calls a connection may idle as long as
+/// the client likes.
+const RECORD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Reads one RPC record (its fragments joined); `None` at a clean end of stream.
 async fn read_record(reader: &mut (impl AsyncReadExt + Unpin)) -> std::io::Result<Option<Vec<u8>>> {
-    let mut record = Vec::new();
-    loop {
-        let mut header = [0u8; 4];
-        match reader.read_exact(&mut header).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && record.is_empty() => {
-                return Ok(None);
-            }
+    let mut header = [0u8; 4];
+    // The wait for the next call, however long.
+    let got = loop {
+        match reader.read(&mut header).await {
+            Ok(0) => return Ok(None),
+            Ok(got) => break got,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
-        let header = u32::from_be_bytes(header);
-        let (last, len) = (header & 0x8000_0000 != 0, (header & 0x7fff_ffff) as usize);
+    };
+    match tokio::time::timeout(RECORD_TIMEOUT, read_rest(reader, header, got)).await {
+        Ok(record) => record.map(Some),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("a call not sent whole within {RECORD_TIMEOUT:?}"),
+        )),
+    }
+}
+
+/// The rest of a record whose first `got` bytes of `header` came.
+async fn read_rest(
+    reader: &mut (impl AsyncReadExt + Unpin),
+    mut header: [u8; 4],
+    got: usize,
+) -> std::io::Result<Vec<u8>> {
+    let mut record = Vec::new();
+    reader.read_exact(&mut header[got..]).await?;
+    loop {
+        let mark = u32::from_be_bytes(header);
+        let (last, len) = (mark & 0x8000_0000 != 0, (mark & 0x7fff_ffff) as usize);
         if record.len() + len > MAX_REQUEST {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
@@ -540,8 +564,9 @@ async fn read_record(reader: &mut (impl AsyncReadExt + Unpin)) -> std::io::Resul
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
         if last {
-            return Ok(Some(record));
+            return Ok(record);
         }
+        reader.read_exact(&mut header).await?;
     }
 }
 
