@@ -342,15 +342,17 @@ impl NfsServer {
     }
 
     /// Answers one RPC call with a whole record (its record mark first); `None` for what
-    /// deserves no answer (a reply, garbage before the xid).
+    /// deserves no answer (a reply, what cannot be told to be a call).
     pub fn call(&self, request: &[u8], peer: IpAddr) -> Option<Vec<u8>> {
         if !fits::call_header(request) {
-            // Lengths that do not fit in the call: answered like any call that fails to
-            // decode (with nothing), before the decoder could reserve what they claim.
-            return None;
+            // Lengths that do not fit in the call: refused before the decoder could reserve
+            // what they claim.
+            return refused_header(request);
         }
         let mut input = Cursor::new(request);
-        let (message, _) = rpc_msg::unpack(&mut input).ok()?;
+        let Ok((message, _)) = rpc_msg::unpack(&mut input) else {
+            return refused_header(request);
+        };
         let xid = message.xid;
         let msg_body::CALL(call) = message.body else {
             return None;
@@ -507,6 +509,28 @@ enum ShareAccess {
 
 /// The anonymous user: AUTH_NULL callers and squashed ones.
 pub const NOBODY: u32 = 65534;
+
+/// The answer to a message whose header does not decode: nothing for a reply or what
+/// cannot be told to be a call, AUTH_ERROR for a call (AUTH_TOOWEAK for a flavor firn does
+/// not speak, such as RPCSEC_GSS; AUTH_BADCRED for a credential that does not decode, such as
+/// AUTH_UNIX with more than 16 groups), so the client is told rather than left waiting.
+fn refused_header(request: &[u8]) -> Option<Vec<u8>> {
+    let word = |at: usize| {
+        request
+            .get(at..at + 4)
+            .map(|b| u32::from_be_bytes(b.try_into().expect("four bytes")))
+    };
+    let xid = word(0)?;
+    // A call (message type 0) of RPC version 2.
+    if word(4)? != 0 || word(8)? != RPC_VERSION_2 {
+        return None;
+    }
+    let why = match word(24) {
+        Some(0 | 1) | None => auth_stat::AUTH_BADCRED,
+        Some(_) => auth_stat::AUTH_TOOWEAK,
+    };
+    Some(denied(xid, rejected_reply::auth_error(why)))
+}
 
 /// How long a client has to send the rest of a call once its first byte came: a client
 /// that stalls in the middle of one gives its connection up (its place among the
@@ -835,9 +859,32 @@ mod tests {
             answer(&call(NFS_PROGRAM, 7, &write), IpAddr::from([127, 0, 0, 1])).expect("reply");
         // Accepted, GARBAGE_ARGS (4).
         assert_eq!(&reply[20..24], &4u32.to_be_bytes());
-        // A credential that claims 4 billion groups gets no answer at all.
-        let mut call = call(NFS_PROGRAM, 0, &[]);
-        call[52..56].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert!(answer(&call, IpAddr::from([127, 0, 0, 1])).is_none());
+        // A credential that claims 4 billion groups (or 17) is refused: MSG_DENIED (1),
+        // AUTH_ERROR (1), AUTH_BADCRED (1), for the call's xid.
+        let denied_for = |call: &[u8]| {
+            let reply = answer(call, IpAddr::from([127, 0, 0, 1])).expect("an answer");
+            assert_eq!(&reply[0..4], &9u32.to_be_bytes(), "the xid");
+            assert_eq!(
+                &reply[4..16],
+                &[0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1],
+                "a reply, MSG_DENIED, AUTH_ERROR"
+            );
+            u32::from_be_bytes(reply[16..20].try_into().expect("auth_stat"))
+        };
+        for groups in [u32::MAX, 17] {
+            let mut call = call(NFS_PROGRAM, 0, &[]);
+            call[52..56].copy_from_slice(&groups.to_be_bytes());
+            assert_eq!(denied_for(&call), 1, "{groups} groups");
+        }
+        // A flavor firn does not speak (RPCSEC_GSS, 6): AUTH_TOOWEAK (5).
+        let mut gss = call(NFS_PROGRAM, 0, &[]);
+        gss[24..28].copy_from_slice(&6u32.to_be_bytes());
+        assert_eq!(denied_for(&gss), 5);
+        // A reply, or bytes that are no call, get nothing.
+        let mut reply = call(NFS_PROGRAM, 0, &[]);
+        reply[4..8].copy_from_slice(&1u32.to_be_bytes());
+        reply[52..56].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(answer(&reply, IpAddr::from([127, 0, 0, 1])).is_none());
+        assert!(answer(&[0, 0], IpAddr::from([127, 0, 0, 1])).is_none());
     }
 }
