@@ -897,9 +897,11 @@ async fn an_object_without_its_digest_is_corrupt() {
 }
 
 /// What goes through `Stack::sealed` (objects that verify themselves) is stored and read
-/// back as given, without a digest; `remote` would call it corrupt for lacking one.
+/// back as given, without a digest; `remote` would call it corrupt for lacking one. Its
+/// reads are checked for length all the same: a torn response is read again, never
+/// returned (a sealed body cut short fails its tag as if another key had sealed it).
 #[tokio::test]
-async fn the_sealed_stack_stores_no_digest() {
+async fn the_sealed_stack_stores_no_digest_but_checks_lengths() {
     for b in backends() {
         let stack = stacked(&b.store, None);
         let body = random_bytes(100_000);
@@ -924,6 +926,28 @@ async fn the_sealed_stack_stores_no_digest() {
             "{}",
             b.name
         );
+        let torn = stacked(
+            &b.store,
+            Some(FaultSettings {
+                truncate_rate: 0.3,
+                ..FaultSettings::default()
+            }),
+        );
+        for _ in 0..40 {
+            let got = torn
+                .sealed
+                .get("sealed/a")
+                .await
+                .unwrap_or_else(|e| panic!("{}: torn get: {e}", b.name));
+            assert_eq!(got.body, body, "{}", b.name);
+            let range = torn
+                .sealed
+                .get_range("sealed/a", 1000..60_000)
+                .await
+                .unwrap_or_else(|e| panic!("{}: torn range: {e}", b.name));
+            assert_eq!(range, body.slice(1000..60_000), "{}", b.name);
+        }
+        assert!(torn.faults.as_ref().expect("faults").injected() > 10);
         stack.sealed.delete("sealed/a").await.expect("delete");
     }
 }
@@ -981,6 +1005,41 @@ async fn ranges_are_exact_or_errors() {
         }
         assert!(torn.faults.as_ref().expect("faults").injected() > 2);
     }
+}
+
+/// A ranged read (what a client waits on) keeps trying at least every second on a link that
+/// fails, however long the backoff of other requests has grown: a reader gets many tries
+/// within its read timeout, not a few long waits.
+#[tokio::test]
+async fn ranged_reads_keep_trying_every_second() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store: Arc<dyn Remote> =
+        Arc::new(DirStore::open(dir.path().join("bucket")).expect("dir store"));
+    store
+        .put("r/a", random_bytes(100), Meta::new())
+        .await
+        .expect("put");
+    let mut registry = prometheus_client::registry::Registry::default();
+    let stack = remote::stack(
+        store,
+        RetryPolicy {
+            first_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_secs(10),
+            give_up_after: Duration::from_secs(60),
+        },
+        unlimited(),
+        Arc::new(RemoteMetrics::new(&mut registry)),
+        Some(Arc::new(FaultPlan::new(FaultSettings {
+            error_rate: 1.0,
+            ..FaultSettings::default()
+        }))),
+    );
+    let read = stack.sealed.get_range("r/a", 0..50);
+    let waited = tokio::time::timeout(Duration::from_secs(8), read).await;
+    assert!(waited.is_err(), "every try fails: {waited:?}");
+    // Backing off to 1 s: 14 tries by 7.3 s. To 10 s, the 12th try would come at 10.2 s.
+    let tries = stack.faults.as_ref().expect("faults").injected();
+    assert!(tries >= 13, "{tries} tries in 8 s");
 }
 
 #[tokio::test]

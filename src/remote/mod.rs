@@ -452,7 +452,8 @@ pub struct Stack {
     /// writes). A BLAKE3 digest of such a body would only repeat that check, and its
     /// hashing (with the second read of the body it needs) was a third of firn's CPU per
     /// uploaded byte. Objects put here carry no `firn-blake3`, so a whole-object get through
-    /// `remote` calls them corrupt: read them back through this one.
+    /// `remote` calls them corrupt: read them back through this one. Its reads are still
+    /// checked for length, so a torn response is retried, not opened and called foreign.
     pub sealed: Arc<dyn Remote>,
     /// The backend (through the fault injector, when drilling) without retries: for health
     /// probes that must answer quickly (they move no object data, so no limit holds them).
@@ -478,7 +479,7 @@ pub fn stack(
         let retrying = Arc::new(retry::Retrying::new(inner, retry));
         Arc::new(metered::Metered::new(retrying, metrics.clone()))
     };
-    let sealed = outer(remote.clone());
+    let sealed = outer(Arc::new(verify::Verified::lengths(remote.clone())));
     let remote = outer(Arc::new(verify::Verified::new(remote)));
     Stack {
         remote,

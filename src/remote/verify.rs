@@ -9,6 +9,11 @@
 //! error. Their content is not checked here, because a digest of the whole object cannot
 //! vouch for a slice without reading the rest; firn's own ranged reads are of sealed objects,
 //! whose AEAD tags check each read.
+//!
+//! Objects that verify themselves (sealed, every byte under an AEAD tag) need no digest, but
+//! still their lengths checked ([`Verified::lengths`]): a body cut short on the way fails its
+//! tag like an altered one, and only the length tells the two apart, so that a torn response
+//! is read again (`Corrupt` is retried) instead of taken for a foreign or rotten object.
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -28,11 +33,25 @@ const HASH_SLICE: u64 = 8 << 20;
 #[derive(Debug)]
 pub struct Verified {
     inner: Arc<dyn Remote>,
+    /// Whether bodies carry and are checked against a digest; lengths are checked always.
+    digests: bool,
 }
 
 impl Verified {
     pub fn new(inner: Arc<dyn Remote>) -> Self {
-        Verified { inner }
+        Verified {
+            inner,
+            digests: true,
+        }
+    }
+
+    /// Lengths only, for objects that verify themselves: puts record no digest, and a
+    /// whole-object get is `Corrupt` only when it returns fewer bytes than the object holds.
+    pub fn lengths(inner: Arc<dyn Remote>) -> Self {
+        Verified {
+            inner,
+            digests: false,
+        }
     }
 }
 
@@ -51,10 +70,11 @@ async fn hash_into(hasher: blake3::Hasher, bytes: Bytes) -> blake3::Hasher {
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
-/// Hashes a read as it passes to the caller's sink.
+/// Counts (and, with a hasher, hashes) a read as it passes to the caller's sink.
 struct Hashing<'a> {
     inner: &'a dyn Sink,
     key: &'a str,
+    hash: bool,
     /// The hasher (taken while a slice is hashed) and the offset it has reached.
     state: Mutex<(Option<blake3::Hasher>, u64)>,
 }
@@ -77,7 +97,11 @@ impl Sink for Hashing<'_> {
             state.0.take().unwrap_or_default()
         };
         let n = bytes.len() as u64;
-        let hasher = hash_into(hasher, bytes.clone()).await;
+        let hasher = if self.hash {
+            hash_into(hasher, bytes.clone()).await
+        } else {
+            hasher
+        };
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = (Some(hasher), offset + n);
         self.inner.write(offset, bytes).await
     }
@@ -86,6 +110,9 @@ impl Sink for Hashing<'_> {
 #[async_trait]
 impl Remote for Verified {
     async fn put_body(&self, key: &str, body: Arc<dyn Body>, mut meta: Meta) -> Result<Stored> {
+        if !self.digests {
+            return self.inner.put_body(key, body, meta).await;
+        }
         // The digest goes into the metadata, which S3 takes before the first byte, so the body
         // is read once to hash it (a slice at a time) and again to send it.
         let mut hasher = blake3::Hasher::new();
@@ -105,6 +132,9 @@ impl Remote for Verified {
 
     /// The digest is recorded as for a put, so a created object reads back verified.
     async fn create(&self, key: &str, body: Bytes, mut meta: Meta) -> Result<()> {
+        if !self.digests {
+            return self.inner.create(key, body, meta).await;
+        }
         let hasher = hash_into(blake3::Hasher::new(), body.clone()).await;
         meta.insert(
             DIGEST_META.to_string(),
@@ -117,6 +147,7 @@ impl Remote for Verified {
         let hashing = Hashing {
             inner: sink,
             key,
+            hash: self.digests,
             state: Mutex::new((Some(blake3::Hasher::new()), 0)),
         };
         let mut fetched = self.inner.get_to(key, &hashing).await?;
@@ -124,6 +155,15 @@ impl Remote for Verified {
             .state
             .into_inner()
             .unwrap_or_else(|e| e.into_inner());
+        if read != fetched.size {
+            return Err(Error::Corrupt {
+                key: key.to_string(),
+                reason: format!("read {read} of its {} bytes", fetched.size),
+            });
+        }
+        if !self.digests {
+            return Ok(fetched);
+        }
         let Some(expected) = fetched.meta.remove(DIGEST_META) else {
             return Err(Error::Corrupt {
                 key: key.to_string(),
@@ -133,12 +173,6 @@ impl Remote for Verified {
                 ),
             });
         };
-        if read != fetched.size {
-            return Err(Error::Corrupt {
-                key: key.to_string(),
-                reason: format!("read {read} of its {} bytes", fetched.size),
-            });
-        }
         let actual = hasher.unwrap_or_default().finalize().to_hex().to_string();
         if actual != expected {
             return Err(Error::Corrupt {

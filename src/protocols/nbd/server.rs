@@ -1192,6 +1192,15 @@ fn run_request(
 ) -> Option<Vec<u8>> {
     let fail = |code: u32, message: &str| {
         session.metrics.error(r.kind);
+        if code == EIO {
+            // The client sees only the code (or, over structured replies, this message).
+            tracing::warn!(
+                command = r.kind,
+                offset = r.offset,
+                length = r.length,
+                "nbd: answered EIO: {message}"
+            );
+        }
         if session.structured && matches!(r.kind, CMD_READ | CMD_BLOCK_STATUS) {
             error_chunk(r.cookie, code, message)
         } else {

@@ -1812,21 +1812,22 @@ impl Inner {
     }
 
     /// A ranged GET of a segment or chunk, bounded by the read timeout. The range lies
-    /// inside the object, so a shorter body was cut short on the way: it is asked for again,
-    /// within the same bound.
+    /// inside the object, so a body of another length was cut short on the way (the remote
+    /// calls it corrupt, and gives up after a few tries): it is asked for again, within the
+    /// same bound.
     fn fetch(&self, segment: u64, range: std::ops::Range<u64>) -> BlockResult<bytes::Bytes> {
         let key = self.object_key(segment)?;
         let remote = self.bucket.remote.clone();
         let timeout = self.settings.read_timeout;
         let len = range.end - range.start;
-        // The length of the last body cut short, if one was.
-        let mut short = None;
+        // Why the last answer was refused, if one was.
+        let mut torn = None;
         let fetched = self.bucket.runtime.block_on(async {
             tokio::time::timeout(timeout, async {
                 loop {
                     match remote.get_range(&key, range.clone()).await {
-                        Ok(bytes) if (bytes.len() as u64) < len => {
-                            short = Some(bytes.len());
+                        Err(crate::remote::Error::Corrupt { reason, .. }) => {
+                            torn = Some(reason);
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                         answer => return answer,
@@ -1844,8 +1845,9 @@ impl Inner {
                 "segment {segment}: the bucket returned {} bytes, asked for {len}",
                 bytes.len()
             ))),
-            Err(_) if let Some(short) = short => Err(BlockError::Io(format!(
-                "segment {segment}: the bucket returned {short} of {len} bytes, again and again for {timeout:?}"
+            Err(_) if let Some(torn) = torn => Err(BlockError::Io(format!(
+                "segment {segment} of volume {}: {torn}, again and again for {timeout:?}",
+                self.name
             ))),
             Ok(Err(e)) => Err(BlockError::Io(format!(
                 "reading segment {segment} of volume {} from the bucket: {e}",
