@@ -6,8 +6,8 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use common::{Daemon, FIRN, firn, free_port, metric, run, small_ext4};
 
@@ -717,25 +717,39 @@ fn a_full_disk_gives_enospc_and_the_rest_keeps_working() {
     assert!(daemon.stop().success());
 }
 
+/// A gateway's config with its data directory on a 32 MiB ext4 file system under `dir` (no
+/// `min_free`), the bucket a directory beside it, and cached volumes of 1 MiB segments, an
+/// empty cache, `log_max` and `checkpoint_segments`: the mount, its teardown, the config and
+/// the HTTP and NBD ports.
+fn cached_on_small_ext4(
+    dir: &Path,
+    log_max: &str,
+    checkpoint_segments: u32,
+) -> (PathBuf, common::Teardown, PathBuf, u16, u16) {
+    let (mnt, teardown) = small_ext4(dir);
+    let bucket = dir.join("bucket");
+    let (config, http_port, nbd_port) = write_nbd_config(dir, "mnt/data", "");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replace("[local]\n", "[local]\nmin_free = \"0\"\n")
+            + &format!(
+                "[remote]\nkind = \"local\"\npath = \"{}\"\n[volumes]\nsegment_size = \"1MiB\"\nlog_max = \"{log_max}\"\ncache_max = \"0\"\ncheckpoint_segments = {checkpoint_segments}\n",
+                bucket.display()
+            ),
+    )
+    .expect("config");
+    (mnt, teardown, config, http_port, nbd_port)
+}
+
 #[test]
 fn a_full_disk_makes_cached_writes_wait_for_uploads_not_fail() {
     // The data directory on a 32 MiB ext4 file system, the bucket elsewhere, and a cached
     // volume twice that size: its log's room is held at attach, so filling the volume never
     // gives a client ENOSPC; writes wait for uploads to free room instead.
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_mnt, _teardown) = small_ext4(dir.path());
-    let bucket = dir.path().join("bucket");
-    let (config, http_port, nbd_port) = write_nbd_config(dir.path(), "mnt/data", "");
-    let text = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(
-        &config,
-        text.replace("[local]\n", "[local]\nmin_free = \"0\"\n")
-            + &format!(
-                "[remote]\nkind = \"local\"\npath = \"{}\"\n[volumes]\nsegment_size = \"1MiB\"\nlog_max = \"18MiB\"\ncache_max = \"0\"\ncheckpoint_segments = 1\n",
-                bucket.display()
-            ),
-    )
-    .expect("config");
+    let (_mnt, _teardown, config, http_port, nbd_port) =
+        cached_on_small_ext4(dir.path(), "18MiB", 1);
     let daemon = Daemon::start(&config, http_port, &[]);
     create_volume(&config, "big", "64M");
     let uri = format!("nbd://127.0.0.1:{nbd_port}/big");
@@ -756,6 +770,84 @@ fn a_full_disk_makes_cached_writes_wait_for_uploads_not_fail() {
     );
     let shown = firn_at(&config, &["volume", "show", "big"]);
     assert!(shown.contains("\"fenced\": null"), "{shown}");
+    drop(daemon);
+}
+
+/// Another program fills the disk while the log is full (uploads paused, as in an outage):
+/// once uploads go on, their records and the checkpoint that lets the uploaded segments go
+/// are written in the headroom the volume gives back, the cache frees the space, and the
+/// writer goes on (it waited for good before).
+#[test]
+fn a_disk_filled_by_another_program_during_an_outage_frees_itself() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mnt, _teardown, config, http_port, nbd_port) =
+        cached_on_small_ext4(dir.path(), "12MiB", 64);
+    let daemon = Daemon::start(&config, http_port, &[]);
+    create_volume(&config, "v", "64M");
+    firn_at(&config, &["bandwidth", "--upload", "paused"]);
+    let uri = format!("nbd://127.0.0.1:{nbd_port}/v");
+    let job = |name: &str, offset: &str, size: &str| -> Vec<String> {
+        [
+            &format!("--name={name}"),
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=write",
+            "--bs=256k",
+            &format!("--offset={offset}"),
+            &format!("--size={size}"),
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    // More than the log holds: the writer fills it and waits.
+    let args = job("fill", "0", "24M");
+    let mut writer = Command::new("fio")
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("fio");
+    let show = || -> serde_json::Value {
+        serde_json::from_str(&firn_at(&config, &["volume", "show", "v"])).expect("json")
+    };
+    let started = Instant::now();
+    let waiting = |shown: &serde_json::Value| {
+        let cache = &shown["cache"];
+        cache["queued_writes"].as_u64() > Some(0) && cache["dirty_bytes"].as_u64() > Some(6 << 20)
+    };
+    while !waiting(&show()) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the log did not fill: {:#}",
+            show()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Another program takes every free block.
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k", "status=none"])
+        .arg(format!("of={}", mnt.join("hog").display()))
+        .status();
+    firn_at(&config, &["bandwidth", "--upload", "unlimited"]);
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = writer.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(90) {
+            let _ = writer.kill();
+            panic!("the writer still waits for room: {:#}", show());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(status.success(), "fio: {status}");
+    let more = job("more", "32M", "8M");
+    run("fio", &more.iter().map(String::as_str).collect::<Vec<_>>());
+    let shown = show();
+    assert!(shown["cache"]["fenced"].is_null(), "{shown:#}");
     drop(daemon);
 }
 

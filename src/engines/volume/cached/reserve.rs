@@ -8,15 +8,27 @@
 //! free space: the cache's eviction makes it). So the log always has room for
 //! `log_max` bytes, or, when the disk could not give that much, writes wait for room rather
 //! than failing.
+//!
+//! Beside it, a second preallocated file, `headroom`, holds space for what the volume must
+//! write for itself to get out of a full disk: the record of each upload (in the metadata
+//! store) and the local checkpoint that lets uploaded segments be evicted. It is given up
+//! the moment the reserve finds the disk full, and taken again once the reserve is whole.
+//! Without it, a disk that another program filled while the log was full (uploads waiting,
+//! as in an outage) stayed full for good: evicting needs a checkpoint, and the checkpoint,
+//! like every upload's record, needs space.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::fcntl::{FallocateFlags, fallocate};
 
 pub(super) const RESERVE_FILE: &str = "reserve";
+pub(super) const HEADROOM_FILE: &str = "headroom";
+
+/// The headroom: a few times a checkpoint of a large map, and the metadata store's growth.
+pub(super) const HEADROOM: u64 = 4 << 20;
 
 pub(super) struct Reserve {
     file: File,
@@ -29,6 +41,12 @@ pub(super) struct Reserve {
     /// Segments being opened with space handed out for them (`promise`), not yet counted
     /// among the log's segments: a refill leaves their space alone.
     pending: u64,
+    /// The headroom file, and whether it holds its space now.
+    headroom: File,
+    headroom_held: bool,
+    /// `[local] min_free`: the headroom is taken only beside it.
+    keep_free: u64,
+    dir: PathBuf,
 }
 
 impl Reserve {
@@ -50,12 +68,23 @@ impl Reserve {
             .mode(0o600)
             .open(dir.join(RESERVE_FILE))?;
         let have = file.metadata()?.len();
+        let headroom = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(dir.join(HEADROOM_FILE))?;
+        let headroom_held = headroom.metadata()?.len() >= HEADROOM;
         let mut reserve = Reserve {
             file,
             held: have,
             cap,
             short: 0,
             pending: 0,
+            headroom,
+            headroom_held,
+            keep_free,
+            dir: dir.to_path_buf(),
         };
         if have > want {
             reserve.file.set_len(want)?;
@@ -66,6 +95,9 @@ impl Reserve {
                 .map_err(io::Error::from)?;
             let target = want.min(have + free.saturating_sub(keep_free));
             reserve.grow_to(target.max(at_least.min(want)));
+        }
+        if reserve.short == 0 && !reserve.headroom_held {
+            reserve.take_headroom();
         }
         if reserve.held < at_least {
             return Err(io::Error::new(
@@ -167,6 +199,51 @@ impl Reserve {
                 break;
             }
             self.held += len;
+        }
+        if self.short > 0 {
+            self.release_headroom();
+        } else if !self.headroom_held {
+            self.take_headroom();
+        }
+    }
+
+    /// The disk is full: the headroom's space goes back to it, for the volume's own writes.
+    fn release_headroom(&mut self) {
+        if !self.headroom_held {
+            return;
+        }
+        // Synced, so that a file system that holds freed blocks back until its journal
+        // commits (ext4) has them free now.
+        if self
+            .headroom
+            .set_len(0)
+            .and_then(|()| self.headroom.sync_all())
+            .is_ok()
+        {
+            self.headroom_held = false;
+            tracing::warn!(
+                "the disk under {} is full: the {} MiB of headroom kept for that are given back, for the volume's own records",
+                self.dir.display(),
+                HEADROOM >> 20
+            );
+        }
+    }
+
+    /// Room again: the headroom takes its space back once the disk has twice that free
+    /// beside `[local] min_free` (so that a disk kept just full by another program does not
+    /// see it taken and given back at every upload).
+    fn take_headroom(&mut self) {
+        let free = nix::sys::statvfs::fstatvfs(&self.headroom)
+            .map(|s| s.blocks_available() * s.fragment_size())
+            .unwrap_or(0);
+        if free < 2 * HEADROOM + self.keep_free {
+            return;
+        }
+        match fallocate(&self.headroom, FallocateFlags::empty(), 0, HEADROOM as i64) {
+            Ok(()) => self.headroom_held = true,
+            Err(_) => {
+                let _ = self.headroom.set_len(0);
+            }
         }
     }
 }
