@@ -630,6 +630,34 @@ fn a_second_takeover_under_way_is_refused_and_harms_nothing() {
     qemu_io(&b.uri("db"), &["read -P 0x33 0 4M", "read -P 0x44 4M 1M"]);
 }
 
+/// A takeover the bucket does not answer (an outage outlasting the retries) is refused with
+/// 503, not 409: nothing is in the way, and the same takeover works once the bucket answers.
+#[test]
+fn a_takeover_the_bucket_does_not_answer_is_503_and_works_later() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let a = Gateway::start(&dir.path().join("a"), &bucket, "");
+    a.firn(&["volume", "create", "v", "--size", "8M"]);
+    qemu_io(&a.uri("v"), &["write -P 0x5a 0 2M"]);
+    a.wait_drained("v", false);
+    drop(a);
+    let mut b = Gateway::start(
+        &dir.path().join("b"),
+        &bucket,
+        "retry_for_secs = 1\n[faults]\noutage_secs = 600\n",
+    );
+    let (ok, out) = b.try_firn(&["volume", "takeover", "v", "--force"]);
+    assert!(!ok && out.contains("503"), "{out}");
+    let listed = b.firn(&["volume", "list"]);
+    assert!(
+        listed.trim().is_empty(),
+        "after a failed takeover: {listed}"
+    );
+    b.reconfigure(&[("outage_secs = 600", "outage_secs = 0")]);
+    b.firn(&["volume", "takeover", "v", "--force"]);
+    qemu_io(&b.uri("v"), &["read -P 0x5a 0 2M"]);
+}
+
 /// Every file below `dir`.
 fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();

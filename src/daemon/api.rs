@@ -654,6 +654,10 @@ async fn take_over_volume(
         Ok(Err(e @ crate::engines::volume::catalog::CatalogError::InvalidLimits { .. })) => {
             error(StatusCode::BAD_REQUEST, e.to_string())
         }
+        // The bucket did not answer: nothing is in the way, try again later.
+        Ok(Err(e)) if e.bucket_unavailable() => {
+            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
         Ok(Err(e)) => error(StatusCode::CONFLICT, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }

@@ -214,20 +214,44 @@ pub enum CatalogError {
     #[error("volume {name:?} cannot be resized: {reason}")]
     Resize { name: String, reason: String },
 
+    /// `unavailable`: the bucket did not answer (an outage or errors that outlasted the
+    /// retries); the same takeover may work later.
     #[error("volume {name:?}: taking it over from the bucket: {message}")]
-    Takeover { name: String, message: String },
+    Takeover {
+        name: String,
+        message: String,
+        unavailable: bool,
+    },
 
     #[error("volume {name:?}: a takeover of it is already under way here")]
     TakeoverUnderWay { name: String },
 
+    /// `unavailable` as for `Takeover`.
     #[error("the bucket's volumes: {message}")]
-    Bucket { message: String },
+    Bucket { message: String, unavailable: bool },
 
     #[error("listing volumes: {source}")]
     List {
         #[source]
         source: Box<MetaError>,
     },
+}
+
+impl CatalogError {
+    /// The bucket did not answer (an outage, or errors that outlasted the retries): the same
+    /// request may work later.
+    pub fn bucket_unavailable(&self) -> bool {
+        matches!(
+            self,
+            CatalogError::Takeover {
+                unavailable: true,
+                ..
+            } | CatalogError::Bucket {
+                unavailable: true,
+                ..
+            }
+        )
+    }
 }
 
 /// The volumes of this gateway. Every method takes `&self`; share it behind an `Arc`.
@@ -1007,6 +1031,7 @@ impl Catalog {
         found
             .and_then(|found| found)
             .map_err(|e| CatalogError::Bucket {
+                unavailable: matches!(e, crate::remote::Error::Transient { .. }),
                 message: e.to_string(),
             })
     }
@@ -1087,9 +1112,15 @@ impl Catalog {
                 let _ = remove_volume_path(&dir);
                 let _ = self.meta.delete(cached::PROGRESS_TABLE, &id);
                 let _ = self.meta.delete(INTENTS, &id);
+                // Not `Corrupt`: a rotten object stays rotten.
+                let unavailable = matches!(
+                    &e,
+                    cached::restore::TakeoverError::Remote(crate::remote::Error::Transient { .. })
+                );
                 return Err(CatalogError::Takeover {
                     name: name.to_string(),
                     message: e.to_string(),
+                    unavailable,
                 });
             }
         };
