@@ -699,10 +699,11 @@ async fn create_volume(State(gateway): Shared, body: axum::body::Bytes) -> Respo
         Ok(Err(e @ crate::engines::volume::catalog::CatalogError::NoSpace { .. })) => {
             error(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
         }
-        // As for shares: the name is taken.
-        Ok(Err(e @ crate::engines::volume::catalog::CatalogError::Exists { .. })) => {
-            error(StatusCode::CONFLICT, e.to_string())
-        }
+        // As for shares: the name is taken (or being taken).
+        Ok(Err(
+            e @ (crate::engines::volume::catalog::CatalogError::Exists { .. }
+            | crate::engines::volume::catalog::CatalogError::NameBusy { .. }),
+        )) => error(StatusCode::CONFLICT, e.to_string()),
         Ok(Err(e)) => error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }

@@ -223,8 +223,8 @@ pub enum CatalogError {
         unavailable: bool,
     },
 
-    #[error("volume {name:?}: a takeover of it is already under way here")]
-    TakeoverUnderWay { name: String },
+    #[error("volume {name:?}: a create or takeover of that name is already under way here")]
+    NameBusy { name: String },
 
     /// `unavailable` as for `Takeover`.
     #[error("the bucket's volumes: {message}")]
@@ -271,39 +271,41 @@ pub struct Catalog {
     open_errors: Mutex<HashMap<String, String>>,
     /// Calls to the bucket from blocking threads, which a stop ends (`bucket_call`).
     gate: crate::remote::gate::StopGate,
-    /// Names of volumes being taken over here: one takeover of a volume at a time (a
-    /// second's failure would remove what the first restored).
-    taking_over: Mutex<std::collections::HashSet<String>>,
+    /// Names being created or taken over here: one at a time per name. A second takeover's
+    /// failure would remove what the first restored; a create that took the name during a
+    /// takeover failed it after its commit and lease were in the bucket, which fenced the
+    /// gateway serving the volume and left it served nowhere.
+    claimed: Mutex<std::collections::HashSet<String>>,
 }
 
-/// A takeover of a volume under way here (`Catalog::take_over`), until dropped.
-struct TakingOver<'c> {
+/// A create or takeover of a name under way here, until dropped.
+struct NameClaim<'c> {
     names: &'c Mutex<std::collections::HashSet<String>>,
     name: String,
 }
 
-impl<'c> TakingOver<'c> {
+impl<'c> NameClaim<'c> {
     fn begin(
         names: &'c Mutex<std::collections::HashSet<String>>,
         name: &str,
-    ) -> Result<TakingOver<'c>, CatalogError> {
+    ) -> Result<NameClaim<'c>, CatalogError> {
         if !names
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(name.to_string())
         {
-            return Err(CatalogError::TakeoverUnderWay {
+            return Err(CatalogError::NameBusy {
                 name: name.to_string(),
             });
         }
-        Ok(TakingOver {
+        Ok(NameClaim {
             names,
             name: name.to_string(),
         })
     }
 }
 
-impl Drop for TakingOver<'_> {
+impl Drop for NameClaim<'_> {
     fn drop(&mut self) {
         self.names
             .lock()
@@ -370,7 +372,7 @@ impl Catalog {
             pinned: Mutex::new(HashMap::new()),
             open_errors: Mutex::new(HashMap::new()),
             gate: Default::default(),
-            taking_over: Mutex::new(Default::default()),
+            claimed: Mutex::new(Default::default()),
         })
     }
 
@@ -424,6 +426,7 @@ impl Catalog {
             });
         }
         self.check_limits(name, &options.limits)?;
+        let _only = NameClaim::begin(&self.claimed, name)?;
         // Checked again when the entry is written; this spares creating a file in vain.
         if self.get(name)?.is_some() {
             return Err(CatalogError::Exists {
@@ -1048,7 +1051,7 @@ impl Catalog {
         force: bool,
     ) -> Result<VolumeInfo, CatalogError> {
         self.check_limits(name, &limits)?;
-        let _only = TakingOver::begin(&self.taking_over, name)?;
+        let _only = NameClaim::begin(&self.claimed, name)?;
         if self.get(name)?.is_some() {
             return Err(CatalogError::Exists {
                 name: name.to_string(),
@@ -1137,7 +1140,8 @@ impl Catalog {
         let inserted = self
             .meta
             .transaction(|tx| {
-                // A volume created here under the name meanwhile keeps it.
+                // Never so while the name is claimed (creates wait their turn); should it
+                // be, the volume there keeps it.
                 if tx.get(TABLE, name)?.is_some() {
                     return Ok(false);
                 }
