@@ -1089,6 +1089,10 @@ fn peak_rss(pid: u32) -> u64 {
 /// Runs qemu-io on `uri` with `commands` (it sends a FLUSH when it exits).
 fn qemu_io(uri: &str, commands: &[&str]) -> String {
     let mut args = vec!["-f", "raw"];
+    // Reads only: opened read-only, as a fenced volume's export must be.
+    if commands.iter().all(|c| c.starts_with("read")) {
+        args.push("-r");
+    }
     for c in commands {
         args.extend(["-c", c]);
     }
@@ -2121,12 +2125,21 @@ fn a_takeover_fences_the_running_gateway_on_a_store_with_conditional_creates() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(
-            text.contains("Operation not permitted") || text.contains("Read-only"),
+            // Refused per request, or (the export is read-only) at the open.
+            ["Operation not permitted", "Read-only", "Permission denied"]
+                .iter()
+                .any(|refusal| text.contains(refusal)),
             "the fenced gateway took a write: {text}"
         );
         qemu_io(&a.uri("v"), &["read -P 0x11 0 4M", "read -P 0x22 4M 1M"]);
     };
     refuses_writes_serves_reads(&a);
+    // New connections are told at the handshake, and a resize (which would never reach the
+    // bucket) is refused.
+    let info = run("nbdinfo", &["--json", &a.uri("v")]);
+    assert!(info.contains("\"is_read_only\": true"), "{info}");
+    let (resized, out) = a.try_firn(&["volume", "resize", "v", "--size", "32M"]);
+    assert!(!resized && out.contains("no longer serves"), "{out}");
     let mut a = a;
     a.stop();
     a.restart();

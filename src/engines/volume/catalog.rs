@@ -1294,6 +1294,17 @@ impl Catalog {
                 ),
             });
         }
+        // Its new size would never reach the bucket.
+        if let Some(why) = self
+            .pinned_volumes()
+            .get(&info.id)
+            .and_then(|volume| volume.fenced())
+        {
+            return Err(CatalogError::Resize {
+                name: name.to_string(),
+                reason: format!("this gateway no longer serves it ({why}); it is read-only here"),
+            });
+        }
         info.size = size;
         self.rewrite(&info)?;
         if let Some(volume) = self.pinned_volumes().get(&info.id) {

@@ -705,6 +705,12 @@ impl CachedVolume {
     /// Makes the volume `size` bytes long, online: new clients see the new size, the next
     /// commit carries it, and the descriptor in the bucket is rewritten. The caller records
     /// the size in the catalog first, so a crash keeps it.
+    /// Why this gateway no longer serves the volume, if it was fenced (another gateway took
+    /// it over): it is read-only here from then on.
+    pub fn fenced(&self) -> Option<String> {
+        lock(&self.inner.state).fenced.clone()
+    }
+
     pub fn grow(&self, size: u64) {
         self.inner.size.fetch_max(size, Ordering::AcqRel);
         lock(&self.inner.state).describe = true;
@@ -1866,8 +1872,9 @@ impl BlockDevice for CachedVolume {
         self.inner.size()
     }
 
+    /// Also once fenced: a client that connects then is told so at the handshake.
     fn read_only(&self) -> bool {
-        self.inner.read_only
+        self.inner.read_only || lock(&self.inner.state).fenced.is_some()
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
