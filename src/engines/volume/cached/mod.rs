@@ -702,15 +702,15 @@ impl CachedVolume {
         })
     }
 
-    /// Makes the volume `size` bytes long, online: new clients see the new size, the next
-    /// commit carries it, and the descriptor in the bucket is rewritten. The caller records
-    /// the size in the catalog first, so a crash keeps it.
     /// Why this gateway no longer serves the volume, if it was fenced (another gateway took
     /// it over): it is read-only here from then on.
     pub fn fenced(&self) -> Option<String> {
         lock(&self.inner.state).fenced.clone()
     }
 
+    /// Makes the volume `size` bytes long, online: new clients see the new size, the next
+    /// commit carries it, and the descriptor in the bucket is rewritten. The caller records
+    /// the size in the catalog first, so a crash keeps it.
     pub fn grow(&self, size: u64) {
         self.inner.size.fetch_max(size, Ordering::AcqRel);
         lock(&self.inner.state).describe = true;
