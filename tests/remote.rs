@@ -933,20 +933,22 @@ async fn the_sealed_stack_stores_no_digest_but_checks_lengths() {
                 ..FaultSettings::default()
             }),
         );
+        // Six torn answers in a row (0.3^6, about one read in 1,400) give up with `Corrupt`:
+        // an error the caller sees, never short bytes.
+        let mut gave_up = 0;
         for _ in 0..40 {
-            let got = torn
-                .sealed
-                .get("sealed/a")
-                .await
-                .unwrap_or_else(|e| panic!("{}: torn get: {e}", b.name));
-            assert_eq!(got.body, body, "{}", b.name);
-            let range = torn
-                .sealed
-                .get_range("sealed/a", 1000..60_000)
-                .await
-                .unwrap_or_else(|e| panic!("{}: torn range: {e}", b.name));
-            assert_eq!(range, body.slice(1000..60_000), "{}", b.name);
+            match torn.sealed.get("sealed/a").await {
+                Ok(got) => assert_eq!(got.body, body, "{}", b.name),
+                Err(Error::Corrupt { .. }) => gave_up += 1,
+                Err(e) => panic!("{}: torn get: {e}", b.name),
+            }
+            match torn.sealed.get_range("sealed/a", 1000..60_000).await {
+                Ok(range) => assert_eq!(range, body.slice(1000..60_000), "{}", b.name),
+                Err(Error::Corrupt { .. }) => gave_up += 1,
+                Err(e) => panic!("{}: torn range: {e}", b.name),
+            }
         }
+        assert!(gave_up <= 3, "{}: {gave_up} of 80 reads gave up", b.name);
         assert!(torn.faults.as_ref().expect("faults").injected() > 10);
         stack.sealed.delete("sealed/a").await.expect("delete");
     }
