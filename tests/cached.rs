@@ -2108,6 +2108,9 @@ fn a_takeover_fences_the_running_gateway_on_a_store_with_conditional_creates() {
     let shown = a.wait_fenced("v");
     let fenced = shown["cache"]["fenced"].as_str().unwrap_or_default();
     assert!(fenced.contains("another gateway"), "{shown:#}");
+    assert_eq!(shown["read_only"], true, "{shown:#}");
+    let listed = a.firn(&["volume", "list"]);
+    assert!(listed.contains("read-only"), "{listed}");
     assert_eq!(
         shown["cache"]["commit"].as_u64(),
         Some(before),

@@ -518,7 +518,13 @@ async fn list_volumes(
         };
     }
     match gateway.volumes.list() {
-        Ok(volumes) => Json(volumes).into_response(),
+        Ok(volumes) => Json(
+            volumes
+                .into_iter()
+                .map(|info| gateway.volumes.as_served(info))
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
@@ -712,6 +718,7 @@ async fn create_volume(State(gateway): Shared, body: axum::body::Bytes) -> Respo
 async fn show_volume(State(gateway): Shared, Path(name): Path<String>) -> Response {
     match gateway.volumes.get(&name) {
         Ok(Some(info)) => {
+            let info = gateway.volumes.as_served(info);
             let mut shown = serde_json::to_value(&info).unwrap_or_default();
             if let Some(status) = gateway.volumes.cached_status(&name) {
                 shown["cache"] = serde_json::to_value(status).unwrap_or_default();

@@ -972,6 +972,15 @@ impl Catalog {
         pinned.get(&info.id).map(|volume| volume.status())
     }
 
+    /// `info` as clients find the volume: a cached volume this gateway was fenced from (another
+    /// one took it over) is read-only, whatever its entry says.
+    pub fn as_served(&self, mut info: VolumeInfo) -> VolumeInfo {
+        if let Some(volume) = self.pinned_volumes().get(&info.id) {
+            info.read_only |= volume.fenced().is_some();
+        }
+        info
+    }
+
     /// Why cached volume `name` could not be opened, if its last open failed.
     pub fn open_error(&self, name: &str) -> Option<String> {
         let info = self.get(name).ok()??;
