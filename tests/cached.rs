@@ -1996,6 +1996,40 @@ fn a_gateway_taken_over_fences_itself_without_a_flush() {
     assert!(shown["cache"]["fenced"].is_null(), "{shown:#}");
 }
 
+/// A takeover whose lease does not go in (the bucket refuses that one put past the retries)
+/// has still decided the volume with its commit: it serves, and its uploads put the lease
+/// first once the bucket takes it, which fences the old gateway without a flush. It used to
+/// fail after the commit, which left the volume served by no gateway.
+#[test]
+fn a_takeover_whose_lease_does_not_go_in_serves_and_puts_it_later() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let a = serving_old_gateway(&dir.path().join("a"), &bucket);
+    let mut b = Gateway::start(
+        &dir.path().join("b"),
+        &bucket,
+        "retry_for_secs = 1\n[faults]\nerror_rate = 1.0\nonly_keys = \"/lease\"\n",
+    );
+    b.firn(&["volume", "takeover", "v", "--force"]);
+    qemu_io(&b.uri("v"), &["read -P 0x11 0 4M", "write -P 0x22 0 1M"]);
+    let started = Instant::now();
+    loop {
+        let shown = b.show("v");
+        let error = shown["cache"]["last_error"].as_str().unwrap_or_default();
+        if error.contains("lease") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{shown:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    b.reconfigure(&[("error_rate = 1.0", "error_rate = 0.0")]);
+    let shown = a.wait_fenced("v");
+    let fenced = shown["cache"]["fenced"].as_str().unwrap_or_default();
+    assert!(fenced.contains("took the volume over"), "{shown:#}");
+    b.wait_drained("v", false);
+    qemu_io(&b.uri("v"), &["read -P 0x22 0 1M", "read -P 0x11 1M 3M"]);
+}
+
 /// A renewal of the old gateway's lease that lands just after a takeover wrote the new one's
 /// (the old gateway read its own lease a moment before) leaves a live lease of the old
 /// gateway in the bucket. The new owner must not take that for a newer takeover: it keeps

@@ -169,7 +169,7 @@ async fn thirty_percent_injected_errors_lose_nothing() {
                 latency_ms: 0,
                 // On top of the errors: torn reads, retried a bounded number of times.
                 truncate_rate: 0.15,
-                outage_secs: 0,
+                ..FaultSettings::default()
             }),
         );
         let r = &stack.remote;

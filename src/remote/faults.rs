@@ -34,6 +34,10 @@ pub struct FaultSettings {
     /// Every request fails for this many seconds from start: a drill of an uplink outage.
     #[serde(default)]
     pub outage_secs: u64,
+    /// When set, faults (latency, outage, errors, torn reads) hit only requests whose key (or
+    /// listing prefix) contains this text: a drill of one kind of object failing.
+    #[serde(default)]
+    pub only_keys: String,
 }
 
 #[derive(Debug, Default)]
@@ -109,6 +113,9 @@ impl Faulty {
     /// Latency, then the outage, then the dice. `Err` means: fail this request.
     async fn before(&self, op: &'static str, key: &str) -> Result<FaultSettings> {
         let settings = self.plan.settings();
+        if !key.contains(&settings.only_keys) {
+            return Ok(FaultSettings::default());
+        }
         if settings.latency_ms > 0 {
             tokio::time::sleep(Duration::from_millis(settings.latency_ms)).await;
         }

@@ -1139,13 +1139,16 @@ impl Catalog {
         // The size of the newest commit where the volume grew after its descriptor was last
         // written (or a gateway that lost it wrote an old size again): never smaller.
         let info = VolumeInfo {
-            size: info.size.max(taken.size),
+            size: info.size.max(taken.descriptor.size),
             ..info
         };
-        sync_parent_dir(&dir).map_err(|source| CatalogError::Directory {
-            path: dir.clone(),
-            source,
-        })?;
+        // The bucket names this gateway the owner now: a failure from here on says so.
+        let after_commit = |cause: String| CatalogError::Takeover {
+            name: name.to_string(),
+            message: cached::restore::after_commit(taken.commit, &cause),
+            unavailable: false,
+        };
+        sync_parent_dir(&dir).map_err(|e| after_commit(format!("{}: {e}", dir.display())))?;
         let inserted = self
             .meta
             .transaction(|tx| {
@@ -1158,7 +1161,7 @@ impl Catalog {
                 tx.delete(INTENTS, &id)?;
                 Ok(true)
             })
-            .map_err(|source| meta_error(name, source))?;
+            .map_err(|source| after_commit(meta_error(name, source).to_string()))?;
         if !inserted {
             let _ = remove_volume_path(&dir);
             let _ = self.meta.delete(cached::PROGRESS_TABLE, &id);

@@ -104,6 +104,25 @@ pub enum TakeoverError {
     Damaged(String),
     #[error("local disk: {0}")]
     Local(#[from] std::io::Error),
+    /// Past the point of no return: the bucket names this gateway the volume's owner.
+    #[error("{}", after_commit(*.n, .cause))]
+    AfterCommit { n: u64, cause: String },
+}
+
+/// A volume taken over: its descriptor (the size as of the commit taken over) and the
+/// number of the takeover's own commit.
+#[derive(Debug)]
+pub struct Taken {
+    pub descriptor: Descriptor,
+    pub commit: u64,
+}
+
+/// What a takeover that failed after its commit tells the user: the volume is this gateway's
+/// in the bucket, and no gateway serves it until the takeover runs again.
+pub fn after_commit(n: u64, cause: &str) -> String {
+    format!(
+        "the takeover's commit {n} is in the bucket, so the volume is no longer the old gateway's to write, but setting it up here failed: {cause}. Mend that, then run the takeover again with --force; until then no gateway serves the volume"
+    )
 }
 
 /// The volume's descriptor, from the bucket.
@@ -274,7 +293,7 @@ pub async fn take_over(
     dir: &std::path::Path,
     honoured: bool,
     force: bool,
-) -> Result<Descriptor, TakeoverError> {
+) -> Result<Taken, TakeoverError> {
     let descriptor = descriptor(bucket, sealer, id).await?;
     if !force {
         if !honoured {
@@ -370,10 +389,20 @@ pub async fn take_over(
         Err(e) => return Err(e.into()),
     }
     // This gateway's lease from now on: a running gateway that served the volume finds it
-    // at its next renewal and fences itself.
-    put_lease(bucket, sealer, id, n).await?;
-    std::fs::create_dir_all(dir.join("segments"))?;
-    store_local_checkpoint(dir, &sealed)?;
+    // at its next renewal and fences itself. The commit has decided the takeover; should the
+    // lease not go in now, the volume's uploads put it before anything else.
+    if let Err(e) = put_lease(bucket, sealer, id, n).await {
+        tracing::warn!(
+            volume = %descriptor.name,
+            "the takeover's commit {n} is in the bucket but its lease is not ({e}); the volume's uploads put it first"
+        );
+    }
+    let local = |e: std::io::Error| TakeoverError::AfterCommit {
+        n,
+        cause: e.to_string(),
+    };
+    std::fs::create_dir_all(dir.join("segments")).map_err(local)?;
+    store_local_checkpoint(dir, &sealed).map_err(local)?;
     let progress = Progress {
         uploaded: label.segment,
         commit: n,
@@ -388,6 +417,12 @@ pub async fn take_over(
         commit_time: now_secs(),
     };
     meta.put_json(PROGRESS_TABLE, id, &progress)
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    Ok(descriptor)
+        .map_err(|e| TakeoverError::AfterCommit {
+            n,
+            cause: e.to_string(),
+        })?;
+    Ok(Taken {
+        descriptor,
+        commit: n,
+    })
 }

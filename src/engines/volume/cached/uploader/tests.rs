@@ -331,7 +331,8 @@ fn an_old_gateways_backlog_does_not_collide_with_the_new_owners_segments() {
             true,
             true,
         ))
-        .unwrap();
+        .unwrap()
+        .descriptor;
 
     // The old gateway uploads its backlog, then its commit is refused.
     for _ in 0..200 {
