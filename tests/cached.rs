@@ -666,6 +666,42 @@ fn a_takeover_the_bucket_does_not_answer_is_503_and_works_later() {
     qemu_io(&b.uri("v"), &["read -P 0x5a 0 2M"]);
 }
 
+/// Two gateways each made a volume of one name in a bucket (names are each gateway's own):
+/// a takeover of that name is refused, naming both, and `--id` picks one.
+#[test]
+fn a_takeover_of_a_name_two_volumes_share_needs_an_id() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let mut ids = Vec::new();
+    for (gateway, pattern) in [("a1", "0x11"), ("a2", "0x22")] {
+        let a = Gateway::start(&dir.path().join(gateway), &bucket, "");
+        a.firn(&["volume", "create", "dup", "--size", "8M"]);
+        qemu_io(&a.uri("dup"), &[&format!("write -P {pattern} 0 1M")]);
+        a.wait_drained("dup", false);
+        ids.push(a.show("dup")["id"].as_str().expect("id").to_string());
+    }
+    let b = Gateway::start(&dir.path().join("b"), &bucket, "");
+    let (ok, out) = b.try_firn(&["volume", "takeover", "dup", "--force"]);
+    assert!(
+        !ok && out.contains("409")
+            && out.contains("--id")
+            && ids.iter().all(|id| out.contains(id.as_str())),
+        "{out}"
+    );
+    assert!(b.firn(&["volume", "list"]).trim().is_empty());
+    let (ok, out) = b.try_firn(&["volume", "takeover", "dup", "--id", "nosuchid", "--force"]);
+    assert!(!ok && out.contains("404"), "{out}");
+    b.firn(&["volume", "takeover", "dup", "--id", &ids[1], "--force"]);
+    assert_eq!(b.show("dup")["id"], ids[1].as_str());
+    qemu_io(&b.uri("dup"), &["read -P 0x22 0 1M"]);
+    // The other one is still in the bucket to take.
+    let listed = b.firn(&["volume", "list", "--bucket"]);
+    assert!(
+        listed.contains(&ids[0]) && !listed.contains(&ids[1]),
+        "{listed}"
+    );
+}
+
 /// Every file below `dir`.
 fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();

@@ -122,6 +122,10 @@ enum VolumeCommand {
     /// (data is read on demand) and fences the gateway that served it before.
     Takeover {
         name: String,
+        /// Which volume, when the bucket holds several of that name (`list --bucket` shows
+        /// their ids).
+        #[arg(long)]
+        id: Option<String>,
         /// Take over although another gateway's lease is live, or the object store cannot
         /// fence the old gateway (it ignores If-None-Match). Only when that gateway is gone.
         #[arg(long)]
@@ -520,10 +524,11 @@ async fn volume(client: &ApiClient, command: VolumeCommand) -> anyhow::Result<()
         }
         VolumeCommand::Takeover {
             name,
+            id,
             force,
             limits,
         } => {
-            let mut body = json!({ "force": force });
+            let mut body = json!({ "force": force, "id": id });
             body.as_object_mut()
                 .expect("an object")
                 .extend(limits.fields()?);

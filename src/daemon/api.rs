@@ -614,6 +614,9 @@ async fn set_volume_limits(
 struct TakeOver {
     #[serde(default)]
     force: bool,
+    /// Which of several volumes of the name in the bucket (`volume list --bucket` shows ids).
+    #[serde(default)]
+    id: Option<String>,
     #[serde(default)]
     log_max: Option<ByteSize>,
     #[serde(default)]
@@ -643,7 +646,13 @@ async fn take_over_volume(
     let volumes = gateway.volumes.clone();
     let taken = tokio::task::spawn_blocking(move || {
         let limits = limits(request.log_max, request.cache_max);
-        volumes.take_over(&name, limits, honoured, request.force)
+        volumes.take_over(
+            &name,
+            request.id.as_deref(),
+            limits,
+            honoured,
+            request.force,
+        )
     })
     .await;
     match taken {

@@ -226,6 +226,9 @@ pub enum CatalogError {
     #[error("volume {name:?}: a create or takeover of that name is already under way here")]
     NameBusy { name: String },
 
+    #[error("the bucket holds {} volumes named {name:?} ({}): say which with --id", .found.len(), .found.join("; "))]
+    Ambiguous { name: String, found: Vec<String> },
+
     /// `unavailable` as for `Takeover`.
     #[error("the bucket's volumes: {message}")]
     Bucket { message: String, unavailable: bool },
@@ -1052,9 +1055,12 @@ impl Catalog {
     /// newest commit and fences the gateway that wrote it (`cached::restore`). `honoured`
     /// is whether the store refuses a second create; without it, or while another
     /// gateway's lease is live, only `force` takes over.
+    /// `id` picks one of several volumes of that name in the bucket (each gateway names its
+    /// own, so two may share one); without it, several are refused.
     pub fn take_over(
         &self,
         name: &str,
+        id: Option<&str>,
         limits: Limits,
         honoured: bool,
         force: bool,
@@ -1069,13 +1075,23 @@ impl Catalog {
         let bucket = self.bucket.as_ref().ok_or_else(|| CatalogError::NoBucket {
             name: name.to_string(),
         })?;
-        let descriptor = self
+        let mut found: Vec<_> = self
             .bucket_volumes()?
             .into_iter()
-            .find(|d| d.name == name)
-            .ok_or_else(|| CatalogError::NotFound {
+            .filter(|d| d.name == name && id.is_none_or(|id| d.id == id))
+            .collect();
+        if found.len() > 1 {
+            return Err(CatalogError::Ambiguous {
                 name: name.to_string(),
-            })?;
+                found: found
+                    .iter()
+                    .map(|d| format!("id {}, created {}", d.id, d.created))
+                    .collect(),
+            });
+        }
+        let descriptor = found.pop().ok_or_else(|| CatalogError::NotFound {
+            name: name.to_string(),
+        })?;
         let id = descriptor.id.clone();
         let info = VolumeInfo {
             name: name.to_string(),
