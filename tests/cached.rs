@@ -656,6 +656,8 @@ fn a_takeover_the_bucket_does_not_answer_is_503_and_works_later() {
     );
     let (ok, out) = b.try_firn(&["volume", "takeover", "v", "--force"]);
     assert!(!ok && out.contains("503"), "{out}");
+    let (ok, out) = b.try_firn(&["volume", "list", "--bucket"]);
+    assert!(!ok && out.contains("503"), "{out}");
     let listed = b.firn(&["volume", "list"]);
     assert!(
         listed.trim().is_empty(),

@@ -183,11 +183,17 @@ async fn thirty_percent_injected_errors_lose_nothing() {
         )
         .await
         .unwrap_or_else(|e| panic!("{}: put through faults: {e}", b.name));
+        // A get that met six torn answers in a row (0.15^6) gives up with `Corrupt`, an
+        // error rather than short bytes; it is asked again, as a caller would.
+        let mut gave_up = 0;
         for (key, body) in &objects {
-            let object = r
-                .get(key)
-                .await
-                .unwrap_or_else(|e| panic!("{}: get {key}: {e}", b.name));
+            let object = loop {
+                match r.get(key).await {
+                    Ok(object) => break object,
+                    Err(Error::Corrupt { .. }) if gave_up < 2 => gave_up += 1,
+                    Err(e) => panic!("{}: get {key}: {e}", b.name),
+                }
+            };
             assert_eq!(&object.body, body, "{}: {key} intact", b.name);
         }
         let injected = stack.faults.as_ref().expect("faults on").injected();
@@ -984,7 +990,9 @@ async fn ranges_are_exact_or_errors() {
                 }
             }
         }
-        // Torn ranged responses never reach the caller: they are caught and read again.
+        // Torn ranged responses never reach the caller: they are caught and read again. Six
+        // torn answers in a row (0.2^6, one read in 15,000) give up with `Corrupt`: an error,
+        // never short bytes.
         let torn = stacked(
             &b.store,
             Some(FaultSettings {
@@ -992,19 +1000,21 @@ async fn ranges_are_exact_or_errors() {
                 ..FaultSettings::default()
             }),
         );
-        for start in 0..50u64 {
-            let got = torn
-                .remote
-                .get_range("range/a", start..start + 50)
-                .await
-                .unwrap_or_else(|e| panic!("{}: torn range: {e}", b.name));
-            assert_eq!(
-                got,
-                body.slice(start as usize..start as usize + 50),
-                "{}",
-                b.name
-            );
+        let mut gave_up = 0;
+        for i in 0..200u64 {
+            let start = i % 50;
+            match torn.remote.get_range("range/a", start..start + 50).await {
+                Ok(got) => assert_eq!(
+                    got,
+                    body.slice(start as usize..start as usize + 50),
+                    "{}",
+                    b.name
+                ),
+                Err(Error::Corrupt { .. }) => gave_up += 1,
+                Err(e) => panic!("{}: torn range: {e}", b.name),
+            }
         }
+        assert!(gave_up <= 2, "{}: {gave_up} of 200 reads gave up", b.name);
         assert!(torn.faults.as_ref().expect("faults").injected() > 2);
     }
 }
@@ -1366,10 +1376,11 @@ async fn an_upload_limit_holds_at_the_store_through_errors() {
             ..FaultSettings::default()
         }))),
     );
-    // Sixteen single-part objects and two of three parts, all in flight at once: 72 MiB.
-    let objects: Vec<(String, Bytes)> = (0..18)
+    // 34 single-part objects and two of three parts, all in flight at once: 81 MiB. Enough
+    // attempts that 30% errors miss them all only once in 370,000 runs (0.7^36).
+    let objects: Vec<(String, Bytes)> = (0..36)
         .map(|i| {
-            let size = if i < 2 { 15 << 20 } else { 3 << 20 };
+            let size = if i < 2 { 15 << 20 } else { 3 << 19 };
             (format!("limited/{i}"), random_bytes(size))
         })
         .collect();
@@ -1404,7 +1415,7 @@ async fn an_upload_limit_holds_at_the_store_through_errors() {
     );
     assert!(injected >= 1, "no fault injected");
     assert!(
-        total >= 72 << 20,
+        total >= 81 << 20,
         "the store saw {total} bytes, less than the data"
     );
     // Never more than the limit; less only by the retries' waits (see the directory-store
@@ -1414,8 +1425,10 @@ async fn an_upload_limit_holds_at_the_store_through_errors() {
         (0.85..1.05).contains(&share),
         "{rate:.0} B/s at the store, limit {RATE}"
     );
+    // At most a second's worth, the burst allowance (a quarter) and one read (64 KiB): 1.26
+    // of the rate; the relay's timestamps get some leeway on top.
     assert!(
-        (worst as f64) < RATE as f64 * 1.3,
+        (worst as f64) < RATE as f64 * 1.4,
         "{worst} bytes in one second at the store, limit {RATE}/s"
     );
 }
@@ -1629,9 +1642,10 @@ async fn the_directory_store_holds_its_limit_through_errors() {
     );
     let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let started = Instant::now();
-    futures::future::try_join_all((0..24).map(|i| {
+    // 48 attempts at least: 30% errors miss them all once in 27 million runs.
+    futures::future::try_join_all((0..48).map(|i| {
         let body = Arc::new(CountedBody {
-            body: random_bytes(1 << 20),
+            body: random_bytes(1 << 19),
             read: read.clone(),
         });
         let r = &r;

@@ -513,6 +513,10 @@ async fn list_volumes(
         let volumes = gateway.volumes.clone();
         return match tokio::task::spawn_blocking(move || volumes.bucket_volumes()).await {
             Ok(Ok(found)) => Json(found).into_response(),
+            // The bucket did not answer: try again later.
+            Ok(Err(e)) if e.bucket_unavailable() => {
+                error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            }
             Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, e.to_string()),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         };
