@@ -170,6 +170,16 @@ async fn serve_status_api_and_clean_stop() {
     assert!(daemon.stop().success());
 }
 
+/// A daemon on a config of its own with `extra` in it: its directory (to keep until the
+/// end), config file, HTTP port and process.
+fn started(extra: &str) -> (tempfile::TempDir, std::path::PathBuf, u16, Daemon) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = write_config(dir.path(), port, extra);
+    let daemon = Daemon::start(&config, port, &[]);
+    (dir, config, port, daemon)
+}
+
 #[test]
 fn config_mistakes_get_one_clear_message() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -224,10 +234,7 @@ fn thread_nice_values(pid: u32) -> Vec<(String, i64)> {
 
 #[test]
 fn uploads_run_at_the_configured_lower_priority() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let config = write_config(dir.path(), port, "[remote]\nupload_nice = 15\n");
-    let daemon = Daemon::start(&config, port, &[]);
+    let (_dir, _, _, daemon) = started("[remote]\nupload_nice = 15\n");
     let threads = thread_nice_values(daemon.child.id());
     let (uploads, serving): (Vec<_>, Vec<_>) =
         threads.iter().partition(|(name, _)| name == "firn-upload");
@@ -259,6 +266,38 @@ fn an_unreachable_endpoint_is_named_and_the_gateway_keeps_working() {
     let (ok, out, err) = firn(&["status", "--config", config.to_str().expect("utf-8")]);
     assert!(ok, "{err}");
     assert!(out.contains("UNREACHABLE"), "{out}");
+    assert!(daemon.stop().success());
+}
+
+/// The CLI talks to the daemon on this machine directly, whatever proxy the environment
+/// names for the uplink: through one it failed, and handed the proxy its API token.
+#[test]
+fn the_cli_never_sends_its_token_through_a_proxy() {
+    let (_dir, config, _, daemon) = started("");
+    // A proxy that hangs up on whoever calls, and tells.
+    let proxy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let proxy_url = format!("http://{}", proxy.local_addr().expect("addr"));
+    let called = Arc::new(AtomicBool::new(false));
+    {
+        let called = called.clone();
+        std::thread::spawn(move || {
+            for stream in proxy.incoming() {
+                called.store(true, Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+    }
+    let mut status = Command::new(FIRN);
+    status
+        .args(["status", "--config", config.to_str().expect("utf-8")])
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .envs(
+            ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
+                .map(|var| (var, proxy_url.as_str())),
+        );
+    common::checked(status, "firn status");
+    assert!(!called.load(Ordering::SeqCst), "the CLI called the proxy");
     assert!(daemon.stop().success());
 }
 
@@ -404,10 +443,7 @@ fn idle_http_connections_cannot_take_the_daemons_descriptors() {
 /// not sent its whole head within 30 s is closed, and the API answers others meanwhile.
 #[test]
 fn clients_trickling_request_heads_give_their_place_up() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let config = write_config(dir.path(), port, "");
-    let daemon = Daemon::start(&config, port, &[]);
+    let (_dir, config, port, daemon) = started("");
     let path = config.to_str().expect("utf-8").to_string();
     let mut slow = Vec::new();
     for _ in 0..300 {
@@ -465,10 +501,7 @@ fn clients_trickling_request_heads_give_their_place_up() {
 /// volume gone (404), a refresh of a path that is a file (400).
 #[test]
 fn refused_calls_get_the_status_that_fits() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let config = write_config(dir.path(), port, "");
-    let daemon = Daemon::start(&config, port, &[]);
+    let (dir, config, _, daemon) = started("");
     let path = config.to_str().expect("utf-8");
     let refused = |args: &[&str], status: &str| {
         let (ok, out, err) = firn(&[args, &["--config", path]].concat());

@@ -597,10 +597,18 @@ impl ApiClient {
     fn new(config: &Config) -> anyhow::Result<ApiClient> {
         let token_path = config.local.data_dir.join(crate::daemon::TOKEN_FILE);
         let token = read_token(&token_path)?;
+        // Never through a proxy the environment names (there for the uplink): the daemon is
+        // on this machine, and the token would go to the proxy. And a daemon that does not
+        // take the connection is named at once, not waited on; a call itself may be long (a
+        // takeover restores a volume's image).
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .build()?;
         Ok(ApiClient {
             base: format!("http://{}/api/v1", config.http.listen),
             token,
-            http: reqwest::Client::new(),
+            http,
         })
     }
 
