@@ -225,12 +225,12 @@ pub fn check_share_name(name: &str) -> Result<(), ShareError> {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-        && !name.starts_with('.');
+        && !name.starts_with(['.', '-']);
     if ok {
         Ok(())
     } else {
         Err(ShareError::Invalid(format!(
-            "share name {name:?}: use 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'"
+            "share name {name:?}: use 1 to 64 letters, digits, '-', '_' or '.', not starting with '.' or '-'"
         )))
     }
 }
