@@ -661,9 +661,10 @@ async fn take_over_volume(
     .await;
     match taken {
         Ok(Ok(info)) => (StatusCode::CREATED, Json(info)).into_response(),
-        Ok(Err(e @ crate::engines::volume::catalog::CatalogError::NotFound { .. })) => {
-            error(StatusCode::NOT_FOUND, e.to_string())
-        }
+        Ok(Err(
+            e @ (crate::engines::volume::catalog::CatalogError::NotFound { .. }
+            | crate::engines::volume::catalog::CatalogError::NoSuchId { .. }),
+        )) => error(StatusCode::NOT_FOUND, e.to_string()),
         Ok(Err(e @ crate::engines::volume::catalog::CatalogError::Exists { .. })) => {
             error(StatusCode::CONFLICT, e.to_string())
         }

@@ -664,6 +664,8 @@ impl Gateway {
 
 /// How long a stop waits for HTTP requests and NBD connections to end.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a stop waits for cached volumes to commit what their clients flushed.
+const STOP_UPLOAD: Duration = Duration::from_secs(20);
 
 /// `firn serve`: runs until Ctrl-C or SIGTERM, with uploads to the bucket on `uploads`.
 pub async fn serve(config: Config, uploads: tokio::runtime::Handle) -> anyhow::Result<()> {
@@ -765,6 +767,27 @@ pub async fn serve(config: Config, uploads: tokio::runtime::Handle) -> anyhow::R
     if tokio::time::timeout(STOP_GRACE, drained).await.is_err() {
         tracing::warn!("stopping with clients still connected after {STOP_GRACE:?}");
     }
+    // What clients flushed goes to the bucket before the stop, so that a takeover elsewhere
+    // finds it: stopping one gateway and taking its volumes over on another is how volumes
+    // move. Not while the bucket is out of reach or uploads are paused: then the log says
+    // what stays here.
+    let reachable = gateway
+        .health
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .reachable;
+    let paused = gateway
+        .remote
+        .limiter
+        .rate_now(remote::limit::Direction::Upload)
+        == remote::limit::Rate::Paused;
+    let volumes = gateway.volumes.clone();
+    let limit = if reachable && !paused {
+        STOP_UPLOAD
+    } else {
+        Duration::ZERO
+    };
+    let _ = tokio::task::spawn_blocking(move || volumes.drain_cached_volumes(limit)).await;
     // Writes still waiting for room in a cached volume's log (the bucket out of reach) fail
     // now: unacknowledged, so nothing is lost, and their threads end.
     gateway.volumes.stop_cached_volumes();

@@ -154,6 +154,9 @@ pub enum CatalogError {
     #[error("no volume named {name:?}")]
     NotFound { name: String },
 
+    #[error("the bucket holds no volume named {name:?} with id {id:?}")]
+    NoSuchId { name: String, id: String },
+
     #[error("volume {name:?} has format version {format}; this firn reads version {LOCAL_FORMAT}")]
     Format { name: String, format: u32 },
 
@@ -927,6 +930,28 @@ impl Catalog {
     /// Stops every open cached volume (the daemon is stopping): writes still waiting for room
     /// in a log whose uploads cannot make any fail, as do later requests, so that the
     /// threads serving them end. What was written before stays in the logs.
+    /// At a stop, before `stop_cached_volumes`: has every cached volume commit what its
+    /// clients flushed (`CachedVolume::drain`), `limit` in all at most, and names each that
+    /// did not in the log.
+    pub fn drain_cached_volumes(&self, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        let volumes: Vec<_> = self
+            .pinned_volumes()
+            .iter()
+            .map(|(id, volume)| (id.clone(), volume.clone()))
+            .collect();
+        for (id, volume) in volumes {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let pending = volume.drain(left);
+            if pending > 0 {
+                tracing::warn!(
+                    volume = %volume.name(),
+                    "{pending} flushes made here are not in the bucket yet (volume id {id}): they upload when firn starts again here, and a takeover elsewhere before that does not have them"
+                );
+            }
+        }
+    }
+
     pub fn stop_cached_volumes(&self) {
         for volume in self.pinned_volumes().values() {
             volume.stop();
@@ -1089,8 +1114,14 @@ impl Catalog {
                     .collect(),
             });
         }
-        let descriptor = found.pop().ok_or_else(|| CatalogError::NotFound {
-            name: name.to_string(),
+        let descriptor = found.pop().ok_or_else(|| match id {
+            Some(id) => CatalogError::NoSuchId {
+                name: name.to_string(),
+                id: id.to_string(),
+            },
+            None => CatalogError::NotFound {
+                name: name.to_string(),
+            },
         })?;
         let id = descriptor.id.clone();
         let info = VolumeInfo {
@@ -1144,6 +1175,10 @@ impl Catalog {
                 let unavailable = matches!(
                     &e,
                     cached::restore::TakeoverError::Remote(crate::remote::Error::Transient { .. })
+                        | cached::restore::TakeoverError::Unconfirmed {
+                            source: crate::remote::Error::Transient { .. },
+                            ..
+                        }
                 );
                 return Err(CatalogError::Takeover {
                     name: name.to_string(),

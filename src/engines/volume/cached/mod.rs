@@ -746,6 +746,40 @@ impl CachedVolume {
         self.inner.stopping.notify_one();
     }
 
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The daemon is stopping and no client writes any more: closes the open segment at its
+    /// newest flush now and waits until the bucket holds a commit of every flush, for
+    /// `limit` at most, and only while uploads go on (none for 5 s: the bucket is failing
+    /// them). The number of flushes not committed then (0: all are; a fenced volume has
+    /// none to commit).
+    pub fn drain(&self, limit: Duration) -> u64 {
+        const STALLED: Duration = Duration::from_secs(5);
+        lock(&self.inner.state).draining = true;
+        self.inner.wake.notify_one();
+        let started = std::time::Instant::now();
+        let (mut seen, mut moved) = (None, started);
+        loop {
+            let (pending, progress) = {
+                let state = lock(&self.inner.state);
+                if state.fenced.is_some() {
+                    return 0;
+                }
+                let progress = (state.progress.uploaded, state.progress.commit);
+                (state.cuts.len() as u64, progress)
+            };
+            if seen != Some(progress) {
+                (seen, moved) = (Some(progress), std::time::Instant::now());
+            }
+            if pending == 0 || started.elapsed() >= limit || moved.elapsed() >= STALLED {
+                return pending;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stops the volume for good (it was deleted): every later request fails, and the
     /// uploader ends. Returns once it has, so that nothing it had in flight reaches the
     /// bucket after the caller deletes the volume's objects. The uploader finishes the step

@@ -107,6 +107,12 @@ pub enum TakeoverError {
     /// Past the point of no return: the bucket names this gateway the volume's owner.
     #[error("{}", after_commit(*.n, .cause))]
     AfterCommit { n: u64, cause: String },
+    /// The takeover's commit create found one there (its own answer lost, or a racer's),
+    /// and reading it back failed: the takeover may have happened.
+    #[error(
+        "commit {n} is in the bucket, but reading it back failed ({source}): it may be this takeover's own, whose answer was lost. If so, the volume is no longer the old gateway's to write and no gateway serves it: run the takeover again with --force once the bucket answers"
+    )]
+    Unconfirmed { n: u64, source: remote::Error },
 }
 
 /// A volume taken over: its descriptor (the size as of the commit taken over) and the
@@ -370,20 +376,29 @@ pub async fn take_over(
     };
     let plain = serde_json::to_vec(&takeover).map_err(|e| TakeoverError::Damaged(e.to_string()))?;
     let sealed_commit = sealer.seal(&commit_context(id), &plain);
+    let key = bucket.commit_key(n);
     match bucket
         .remote
-        .create(
-            &bucket.commit_key(n),
-            Bytes::from(sealed_commit),
-            Meta::new(),
-        )
+        .create(&key, Bytes::from(sealed_commit), Meta::new())
         .await
     {
         Ok(()) => {}
-        Err(remote::Error::Exists { .. }) => {
-            let there = bucket.remote.get(&bucket.commit_key(n)).await?;
-            if open_commit(sealer, id, &there.body).as_ref() != Ok(&takeover) {
-                return Err(TakeoverError::Raced);
+        // A create that failed for good, or that found a commit there: the one there says
+        // whether this takeover happened (an attempt whose answer was lost stored it) or
+        // another gateway's came first. Only a commit that is not there means nothing did.
+        Err(failed @ (remote::Error::Exists { .. } | remote::Error::Transient { .. })) => {
+            match bucket.remote.get(&key).await {
+                Ok(there) => {
+                    if open_commit(sealer, id, &there.body).as_ref() != Ok(&takeover) {
+                        return Err(TakeoverError::Raced);
+                    }
+                }
+                Err(remote::Error::NotFound { .. })
+                    if matches!(failed, remote::Error::Transient { .. }) =>
+                {
+                    return Err(failed.into());
+                }
+                Err(source) => return Err(TakeoverError::Unconfirmed { n, source }),
             }
         }
         Err(e) => return Err(e.into()),

@@ -136,6 +136,9 @@ pub(super) struct State {
     pub describe: bool,
     /// Garbage collection moved data: a checkpoint is due now.
     pub checkpoint_due: bool,
+    /// The daemon is stopping: the open segment is closed at its newest flush at once, not
+    /// `commit_interval` later, so that the bucket gets every flush before the stop.
+    pub draining: bool,
     /// The objects (segments and chunks) the newest checkpoint's map names.
     pub checkpoint_refs: std::collections::BTreeSet<u64>,
     /// Garbage collection's work: see `gc.rs`.
@@ -169,6 +172,7 @@ impl State {
             stopped: false,
             describe: true,
             checkpoint_due: false,
+            draining: false,
             checkpoint_refs: Default::default(),
             gc: Default::default(),
         }

@@ -22,6 +22,12 @@ pub(super) async fn run(inner: Arc<Inner>, descriptor: Descriptor) {
             return;
         }
         let outcome = async {
+            // Fenced: the volume is another gateway's, and so are its descriptor and lease
+            // (a restart of this one must not write its old size over them, or bring back a
+            // volume the new owner deleted).
+            if lock(&inner.state).fenced.is_some() {
+                return Ok(false);
+            }
             if std::mem::take(&mut lock(&inner.state).describe) {
                 let described = Descriptor {
                     size: inner.size(),
@@ -231,7 +237,10 @@ async fn close_if_due(inner: &Arc<Inner>) -> Result<(), String> {
     let inner = inner.clone();
     blocking(move || {
         let mut w = lock(&inner.log);
-        let has_cut = lock(&inner.state).cuts.contains_key(&w.seq);
+        let (has_cut, draining) = {
+            let state = lock(&inner.state);
+            (state.cuts.contains_key(&w.seq), state.draining)
+        };
         let roll = |w: &mut super::Writer| {
             // A volume whose log write failed keeps its open segment until it is attached
             // again (`Inner::roll`); the sealed ones go on being uploaded.
@@ -254,7 +263,7 @@ async fn close_if_due(inner: &Arc<Inner>) -> Result<(), String> {
         }
         let age = w.opened.elapsed();
         let interval = inner.settings.commit_interval;
-        if (has_cut && age >= interval) || age >= interval * 30 {
+        if (has_cut && (age >= interval || draining)) || age >= interval * 30 {
             roll(&mut w)?;
         }
         Ok(())
