@@ -2130,6 +2130,63 @@ fn a_takeover_whose_lease_does_not_go_in_serves_and_puts_it_later() {
     qemu_io(&b.uri("v"), &["read -P 0x22 0 1M", "read -P 0x11 1M 3M"]);
 }
 
+/// A takeover killed after its commit went in has made the volume this gateway's in the
+/// bucket, and fenced the old one: its next start finishes it (no `--force`), rather than
+/// leaving the volume served by no gateway.
+#[test]
+fn a_takeover_killed_after_its_commit_is_finished_at_the_next_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("bucket");
+    let bucket = Bucket::Dir(root.clone());
+    let a = serving_old_gateway(&dir.path().join("a"), &bucket);
+    let shown = a.show("v");
+    let id = shown["id"].as_str().expect("id").to_string();
+    let next = shown["cache"]["commit"].as_u64().expect("commit") + 1;
+    let commit = root.join(format!("volumes/{id}/commits/{next:016x}"));
+    // The lease, put right after the commit, takes 5 s: time to kill the takeover there.
+    let mut b = Gateway::start(
+        &dir.path().join("b"),
+        &bucket,
+        "[faults]\nlatency_ms = 5000\nonly_keys = \"/lease\"\n",
+    );
+    let mut taking = std::process::Command::new(env!("CARGO_BIN_EXE_firn"))
+        .args(["volume", "takeover", "v", "--force", "--config"])
+        .arg(&b.config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("firn");
+    let started = Instant::now();
+    while !commit.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the takeover's commit did not go in"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    b.kill9();
+    assert!(
+        !taking.wait().expect("firn").success(),
+        "the takeover ended before it was killed"
+    );
+
+    b.reconfigure(&[("latency_ms = 5000", "latency_ms = 0")]);
+    let started = Instant::now();
+    while !b.try_firn(&["volume", "show", "v"]).0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the takeover was not finished: {}",
+            b.try_firn(&["volume", "list"]).1
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    qemu_io(&b.uri("v"), &["read -P 0x11 0 4M", "write -P 0x22 0 1M"]);
+    b.wait_drained("v", false);
+    let shown = a.wait_fenced("v");
+    let fenced = shown["cache"]["fenced"].as_str().unwrap_or_default();
+    assert!(fenced.contains("took the volume over"), "{shown:#}");
+}
+
 /// A renewal of the old gateway's lease that lands just after a takeover wrote the new one's
 /// (the old gateway read its own lease a moment before) leaves a live lease of the old
 /// gateway in the bucket. The new owner must not take that for a newer takeover: it keeps

@@ -426,6 +426,9 @@ impl Gateway {
         for path in &recovered.removed {
             tracing::warn!(path = %path.display(), "removed the file of a volume create or delete that a crash interrupted");
         }
+        for name in &recovered.takeovers {
+            tracing::warn!(volume = %name, "a crash cut a takeover of this volume short: the bucket says whether its commit went in, and if so it is finished");
+        }
         for (from, to) in &recovered.quarantined {
             tracing::warn!(
                 "volume file {} is named by no volume (the metadata store may be older than the volumes); moved it to {}. Restore the metadata store that names it to get the volume back",
@@ -555,13 +558,26 @@ impl Gateway {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Deletes, every few seconds, the bucket objects of cached volumes deleted while the
-    /// bucket did not answer.
-    async fn retry_volume_deletes(self: Arc<Self>) {
+    /// Finishes, at start and then every few seconds until done, the takeovers a crash cut
+    /// short; and deletes the bucket objects of cached volumes deleted while the bucket did
+    /// not answer.
+    async fn finish_volume_work(self: Arc<Self>) {
+        let mut takeovers = true;
         loop {
-            tokio::time::sleep(Duration::from_secs(10)).await;
             let volumes = self.volumes.clone();
-            let _ = tokio::task::spawn_blocking(move || volumes.retry_bucket_deletes()).await;
+            let left = tokio::task::spawn_blocking(move || {
+                let left = if takeovers {
+                    volumes.finish_takeovers()
+                } else {
+                    0
+                };
+                volumes.retry_bucket_deletes();
+                left
+            });
+            if let Ok(left) = left.await {
+                takeovers = left > 0;
+            }
+            tokio::time::sleep(Duration::from_secs(10)).await;
         }
     }
 
@@ -739,7 +755,7 @@ pub async fn serve(config: Config, uploads: tokio::runtime::Handle) -> anyhow::R
     }
     tokio::spawn(gateway.clone().watch_remote());
     tokio::spawn(gateway.clone().flush_refused_calls());
-    tokio::spawn(gateway.clone().retry_volume_deletes());
+    tokio::spawn(gateway.clone().finish_volume_work());
     tokio::spawn(nbd.clone().serve_unix(unix));
     if let Some(tcp) = tcp {
         tokio::spawn(nbd.clone().serve_tcp(tcp));

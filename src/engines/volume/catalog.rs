@@ -37,6 +37,9 @@ const RETIRE_GRACE: Duration = Duration::from_secs(10);
 
 /// Deleted cached volumes whose bucket objects could not all be deleted yet, by id.
 const BUCKET_DELETES: &str = "volume-bucket-deletes";
+/// Takeovers a crash cut short, by id (value: the takeover's [`Intent`]): their commit may be
+/// in the bucket, so [`Catalog::finish_takeovers`] asks it and finishes them.
+const TAKEOVERS: &str = "volume-takeovers";
 /// Where files no entry or intent names are moved, inside the volume directory.
 pub const QUARANTINE: &str = "quarantine";
 const MAX_NAME_LEN: usize = 64;
@@ -106,11 +109,14 @@ pub struct VolumeOptions {
 /// the middle leaves a file the catalog knows about.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Intent {
-    /// `create` or `delete`.
+    /// `create`, `delete` or `takeover`.
     pub op: IntentOp,
     pub name: String,
     /// RFC 3339, UTC.
     pub time: String,
+    /// A takeover's limits, for finishing it after a crash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +124,9 @@ pub struct Intent {
 pub enum IntentOp {
     Create,
     Delete,
+    /// A cached volume taken over from the bucket: its commit there makes this gateway the
+    /// owner, so a crash after it must not be forgotten (`finish_takeovers`).
+    Takeover,
 }
 
 /// What [`Catalog::recover`] did at start.
@@ -128,6 +137,9 @@ pub struct Recovered {
     /// Files that no entry or intent names, moved into the quarantine folder (old path, new
     /// path).
     pub quarantined: Vec<(PathBuf, PathBuf)>,
+    /// Names of volumes whose takeover a crash cut short: `finish_takeovers` asks the bucket
+    /// whether it happened and finishes it if so.
+    pub takeovers: Vec<String>,
 }
 
 /// Why a catalog operation failed. Every message names the volume.
@@ -335,6 +347,19 @@ pub struct BucketContext {
     pub uploads: tokio::runtime::Handle,
     pub gateway: String,
     pub settings: cached::Settings,
+}
+
+impl BucketContext {
+    /// The bucket as the cached volume `id` sees it: its objects under `volumes/<id>/`.
+    fn volume(&self, id: &str) -> cached::Bucket {
+        cached::Bucket {
+            remote: self.remote.clone(),
+            prefix: format!("volumes/{id}/"),
+            runtime: self.runtime.clone(),
+            uploads: self.uploads.clone(),
+            gateway: self.gateway.clone(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Catalog {
@@ -644,10 +669,19 @@ impl Catalog {
         if !recovered.removed.is_empty() {
             sync_parent_dir(&recovered.removed[0]).map_err(directory_error)?;
         }
-        for (id, _) in &intents {
+        for (id, bytes) in &intents {
+            let takeover = serde_json::from_slice::<Intent>(bytes)
+                .ok()
+                .filter(|i| i.op == IntentOp::Takeover && !known.contains(id));
             self.meta
-                .delete(INTENTS, id)
+                .transaction(|tx| {
+                    if let Some(takeover) = &takeover {
+                        tx.put_json(TAKEOVERS, id, takeover)?;
+                    }
+                    tx.delete(INTENTS, id)
+                })
                 .map_err(|source| meta_error(id, source))?;
+            recovered.takeovers.extend(takeover.map(|t| t.name));
         }
         for (id, path) in self.volume_files()? {
             if known.contains(&id) || intended.contains(&id) {
@@ -898,13 +932,7 @@ impl Catalog {
             dir: self.path(info),
             sealer: self.sealer.clone(),
             meta: self.meta.clone(),
-            bucket: cached::Bucket {
-                remote: bucket.remote.clone(),
-                prefix: format!("volumes/{}/", info.id),
-                runtime: bucket.runtime.clone(),
-                uploads: bucket.uploads.clone(),
-                gateway: bucket.gateway.clone(),
-            },
+            bucket: bucket.volume(&info.id),
             settings: info.limits.apply(&bucket.settings),
         })
         .map_err(|source| CatalogError::Directory {
@@ -1141,15 +1169,16 @@ impl Catalog {
         // A deletion of this volume still to be retried here would wipe it in the bucket.
         let _ = self.meta.delete(BUCKET_DELETES, &id);
         self.meta
-            .put_json(INTENTS, &id, &intent(IntentOp::Create, name))
+            .put_json(
+                INTENTS,
+                &id,
+                &Intent {
+                    limits: Some(limits),
+                    ..intent(IntentOp::Takeover, name)
+                },
+            )
             .map_err(|source| meta_error(name, source))?;
-        let context = cached::Bucket {
-            remote: bucket.remote.clone(),
-            prefix: format!("volumes/{id}/"),
-            runtime: bucket.runtime.clone(),
-            uploads: bucket.uploads.clone(),
-            gateway: bucket.gateway.clone(),
-        };
+        let context = bucket.volume(&id);
         let taken = self
             .bucket_call(
                 &bucket.runtime,
@@ -1225,6 +1254,88 @@ impl Catalog {
         Ok(info)
     }
 
+    /// The records of work to retry in `table`, by volume id; an unreadable one is dropped.
+    fn to_retry<T: serde::de::DeserializeOwned>(&self, table: &str) -> Vec<(String, T)> {
+        let records = match self.meta.list(table, "") {
+            Ok(records) => records,
+            Err(e) => {
+                tracing::warn!("listing {table}: {e}");
+                return Vec::new();
+            }
+        };
+        let mut found = Vec::new();
+        for (id, bytes) in records {
+            match serde_json::from_slice(&bytes) {
+                Ok(record) => found.push((id, record)),
+                Err(e) => {
+                    tracing::warn!("{table} {id}: {e}; dropped");
+                    let _ = self.meta.delete(table, &id);
+                }
+            }
+        }
+        found
+    }
+
+    /// Finishes the takeovers a crash cut short (`recover` names them): one whose commit is
+    /// the newest in the bucket made this gateway the volume's owner, and no gateway serves
+    /// the volume until it is set up here, so it is taken over again (its own commit needs
+    /// no `force`); one whose commit is not there never happened. Those the bucket cannot
+    /// answer for now are kept for the next call; how many.
+    pub fn finish_takeovers(&self) -> usize {
+        let Some(bucket) = self.bucket.as_ref() else {
+            return 0;
+        };
+        let mut left = 0;
+        for (id, takeover) in self.to_retry::<Intent>(TAKEOVERS) {
+            let name = takeover.name.as_str();
+            let context = bucket.volume(&id);
+            let owner = self
+                .bucket_call(
+                    &bucket.runtime,
+                    Some(DELETE_WAIT),
+                    cached::restore::committed_by(&context, &self.sealer, &id),
+                )
+                .unwrap_or_else(|e| Err(e.into()));
+            let finished = match owner {
+                Err(e) => {
+                    tracing::warn!(volume = %name, "a takeover a crash cut short waits for the bucket to say whether its commit went in: {e}");
+                    left += 1;
+                    continue;
+                }
+                Ok(owner) if owner.as_deref() != Some(bucket.gateway.as_str()) => {
+                    tracing::info!(volume = %name, "the takeover a crash cut short never committed: the volume is where it was");
+                    true
+                }
+                Ok(_) => match self.take_over(
+                    name,
+                    Some(&id),
+                    takeover.limits.unwrap_or_default(),
+                    true,
+                    false,
+                ) {
+                    Ok(_) => {
+                        tracing::info!(volume = %name, "finished the takeover a crash cut short after its commit: the volume is served here");
+                        true
+                    }
+                    Err(e) if e.bucket_unavailable() => {
+                        tracing::warn!(volume = %name, "finishing the takeover a crash cut short after its commit waits for the bucket: {e}");
+                        false
+                    }
+                    Err(e) => {
+                        tracing::error!(volume = %name, "the takeover a crash cut short after its commit could not be finished ({e}): no gateway serves the volume until `firn volume takeover {name} --id {id}` works");
+                        true
+                    }
+                },
+            };
+            if finished {
+                let _ = self.meta.delete(TAKEOVERS, &id);
+            } else {
+                left += 1;
+            }
+        }
+        left
+    }
+
     /// Deletes a cached volume's objects: the descriptor first, so that no gateway finds a
     /// half-deleted volume, then the rest. If the bucket does not answer, the volume is noted
     /// and `retry_bucket_deletes` tries again later.
@@ -1248,19 +1359,8 @@ impl Catalog {
     /// Deletes the bucket objects of volumes deleted while the bucket did not answer; how
     /// many are still to do.
     pub fn retry_bucket_deletes(&self) -> usize {
-        let pending = match self.meta.list(BUCKET_DELETES, "") {
-            Ok(pending) => pending,
-            Err(e) => {
-                tracing::warn!("listing volume deletions to retry: {e}");
-                return 0;
-            }
-        };
         let mut left = 0;
-        for (id, bytes) in pending {
-            let Ok(info) = serde_json::from_slice::<VolumeInfo>(&bytes) else {
-                let _ = self.meta.delete(BUCKET_DELETES, &id);
-                continue;
-            };
+        for (id, info) in self.to_retry::<VolumeInfo>(BUCKET_DELETES) {
             match self.try_delete_bucket_objects(&info, None) {
                 Ok(()) => {
                     tracing::info!(volume = %info.name, "the deleted volume's objects are gone from the bucket");
@@ -1521,6 +1621,7 @@ fn intent(op: IntentOp, name: &str) -> Intent {
         op,
         name: name.to_string(),
         time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        limits: None,
     }
 }
 

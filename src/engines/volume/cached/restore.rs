@@ -288,8 +288,19 @@ async fn image(
     Ok(image)
 }
 
+/// Which gateway wrote the volume's newest commit, if it has one.
+pub async fn committed_by(
+    bucket: &Bucket,
+    sealer: &Sealer,
+    id: &str,
+) -> Result<Option<String>, TakeoverError> {
+    Ok(newest_commit(bucket, sealer, id).await?.map(|c| c.gateway))
+}
+
 /// Takes the volume `id` over from the bucket into `dir` (which must be empty): see the
-/// module documentation. `honoured` is whether the store refuses a second create.
+/// module documentation. `honoured` is whether the store refuses a second create. Where the
+/// newest commit is this gateway's own (a takeover of its own that a crash cut short), the
+/// takeover needs no `force`.
 #[allow(clippy::too_many_arguments)]
 pub async fn take_over(
     bucket: &Bucket,
@@ -301,7 +312,12 @@ pub async fn take_over(
     force: bool,
 ) -> Result<Taken, TakeoverError> {
     let descriptor = descriptor(bucket, sealer, id).await?;
-    if !force {
+    let key = LogKey::new(sealer.log_key(id));
+    let commit = newest_commit(bucket, sealer, id).await?;
+    // A takeover of this gateway's own that a crash cut short after its commit: the bucket
+    // names this gateway already, and the old one is fenced, whatever its lease says.
+    let resumed = commit.as_ref().is_some_and(|c| c.gateway == bucket.gateway);
+    if !force && !resumed {
         if !honoured {
             return Err(TakeoverError::Unfenced);
         }
@@ -317,8 +333,6 @@ pub async fn take_over(
             }
         }
     }
-    let key = LogKey::new(sealer.log_key(id));
-    let commit = newest_commit(bucket, sealer, id).await?;
     // The volume may have grown after the descriptor was last written.
     let mut descriptor = descriptor;
     if let Some(c) = &commit {
