@@ -143,6 +143,16 @@ impl Rig {
         self.shares().share(name).expect("share")
     }
 
+    /// A new share `name` over the prefix `name/`: it, and its root's id.
+    fn new_share(&self, name: &str) -> (Arc<Share>, u64) {
+        self.shares()
+            .create(name, &format!("{name}/"), false, Vec::new(), Squash::Root)
+            .expect("create");
+        let share = self.share(name);
+        let root = share.root();
+        (share, root)
+    }
+
     /// Waits until share `name` has nothing left to upload or delete.
     fn wait_clean(&self, name: &str) {
         let started = Instant::now();
@@ -424,11 +434,7 @@ fn new_directories_and_symlinks_go_up_without_waiting_to_settle() {
 #[test]
 fn empty_directories_persist_as_marker_objects() {
     for rig in rigs(Duration::from_millis(100)) {
-        rig.shares()
-            .create("m", "m/", false, Vec::new(), Squash::Root)
-            .expect("create");
-        let share = rig.share("m");
-        let root = share.root();
+        let (share, root) = rig.new_share("m");
         let head = |key: &str| rig.runtime.block_on(rig.raw.head(key)).expect("head");
         let empty = share.mkdir(root, "empty", 0o750, 7, 8).expect("mkdir");
         let p = share.mkdir(root, "p", 0o755, 0, 0).expect("mkdir");
@@ -517,11 +523,7 @@ fn empty_directories_persist_as_marker_objects() {
 #[test]
 fn renames_and_removes_move_and_delete_the_objects() {
     for rig in rigs(Duration::from_millis(100)) {
-        rig.shares()
-            .create("s", "s/", false, Vec::new(), Squash::Root)
-            .expect("create");
-        let share = rig.share("s");
-        let root = share.root();
+        let (share, root) = rig.new_share("s");
         let dir = share.mkdir(root, "d", 0o755, 0, 0).expect("mkdir");
         let mut files = Vec::new();
         for name in ["x", "y", "z"] {
@@ -608,11 +610,7 @@ fn a_restart_keeps_fileids_and_uploads_what_was_left() {
 #[test]
 fn status_counts_what_waits_to_go_up() {
     for mut rig in rigs(Duration::from_secs(3600)) {
-        rig.shares()
-            .create("st", "st/", false, Vec::new(), Squash::Root)
-            .expect("create");
-        let share = rig.share("st");
-        let root = share.root();
+        let (share, root) = rig.new_share("st");
         let a = share
             .create(root, "a", 0o644, 0, 0, true)
             .expect("a")
@@ -774,11 +772,7 @@ fn a_refresh_before_the_bucket_catches_up_brings_back_nothing_removed_or_renamed
             ..Inspecting::over(rig.remote.clone())
         });
         rig.reopen(Duration::from_secs(3600));
-        rig.shares()
-            .create("g", "g/", false, Vec::new(), Squash::Root)
-            .expect("create");
-        let share = rig.share("g");
-        let root = share.root();
+        let (share, root) = rig.new_share("g");
         let d = share.mkdir(root, "d", 0o755, 0, 0).expect("mkdir").fileid;
         for (dir, name) in [(root, "x"), (d, "y"), (root, "z")] {
             let f = share.create(dir, name, 0o644, 0, 0, true).expect("create");
@@ -828,11 +822,7 @@ fn a_removed_directory_never_comes_back_while_objects_below_it_wait_to_go() {
             ..Inspecting::over(rig.remote.clone())
         });
         rig.reopen(Duration::ZERO);
-        rig.shares()
-            .create("g", "g/", false, Vec::new(), Squash::Root)
-            .expect("create");
-        let share = rig.share("g");
-        let root = share.root();
+        let (share, root) = rig.new_share("g");
         let d = share.mkdir(root, "d", 0o755, 0, 0).expect("mkdir").fileid;
         for name in ["f0", "f1", "f2"] {
             let f = share.create(d, name, 0o644, 0, 0, true).expect("create");
@@ -877,11 +867,7 @@ fn a_refresh_during_a_first_upload_brings_back_nothing_removed_or_renamed() {
             ..Inspecting::over(rig.remote.clone())
         });
         rig.reopen(Duration::ZERO);
-        rig.shares()
-            .create("r", "r/", false, Vec::new(), Squash::Root)
-            .expect("create");
-        let share = rig.share("r");
-        let root = share.root();
+        let (share, root) = rig.new_share("r");
         for name in ["x", "y"] {
             let f = share.create(root, name, 0o644, 0, 0, true).expect("create");
             share
@@ -924,11 +910,7 @@ fn a_directory_renamed_while_a_refresh_takes_it_in_moves_whole() {
                 ))
                 .expect("put");
         }
-        rig.shares()
-            .create("m", "m/", false, Vec::new(), Squash::Root)
-            .expect("create");
-        let share = rig.share("m");
-        let root = share.root();
+        let (share, root) = rig.new_share("m");
         // Every request waits: the refresh takes a while over the objects.
         rig.faults.set(FaultSettings {
             latency_ms: 30,
@@ -997,11 +979,7 @@ fn an_upload_recorded_after_its_file_was_renamed_brings_back_no_old_name() {
             ..Inspecting::over(rig.remote.clone())
         });
         rig.reopen(Duration::ZERO);
-        rig.shares()
-            .create("r", "r/", false, Vec::new(), Squash::Root)
-            .expect("create");
-        let share = rig.share("r");
-        let root = share.root();
+        let (share, root) = rig.new_share("r");
         let f = share.create(root, "y", 0o644, 0, 0, true).expect("create");
         share.write(f.fileid, 0, b"y", false).expect("write");
         share.commit(f.fileid).expect("commit");
@@ -1051,11 +1029,7 @@ fn files_removed_or_renamed_while_their_upload_is_retried_leave_no_object_behind
         )
         .remote;
         rig.reopen(Duration::from_millis(500));
-        rig.shares()
-            .create("t", "t/", false, Vec::new(), Squash::Root)
-            .expect("create");
-        let share = rig.share("t");
-        let root = share.root();
+        let (share, root) = rig.new_share("t");
         // Past the size read whole before the upload: the retry reads the file again.
         let data = random(512 << 10);
         for name in ["gone", "moving"] {
@@ -1088,11 +1062,7 @@ fn files_removed_or_renamed_while_their_upload_is_retried_leave_no_object_behind
 #[test]
 fn hostile_names_are_refused_and_create_nothing() {
     for rig in rigs(Duration::from_millis(100)) {
-        rig.shares()
-            .create("h", "h/", false, Vec::new(), Squash::Root)
-            .expect("create");
-        let share = rig.share("h");
-        let root = share.root();
+        let (share, root) = rig.new_share("h");
         let long = "n".repeat(256);
         for name in ["", ".", "..", "a/b", "../x", "bad\nname", long.as_str()] {
             let made = share.create(root, name, 0o644, 0, 0, true);
@@ -1201,11 +1171,7 @@ fn files_renamed_or_removed_during_their_upload_leave_no_object_behind() {
             ..Inspecting::over(rig.remote.clone())
         });
         rig.reopen(Duration::ZERO);
-        rig.shares()
-            .create("m", "m/", false, Vec::new(), Squash::Root)
-            .expect("create");
-        let share = rig.share("m");
-        let root = share.root();
+        let (share, root) = rig.new_share("m");
         let data = random(4 << 20);
         for round in 0..6 {
             let dir = share
@@ -1248,6 +1214,89 @@ fn files_renamed_or_removed_during_their_upload_leave_no_object_behind() {
                 "m/moved4/f"
             ]
         );
+    }
+}
+
+/// One long upload holds up no other: a file a client committed while a large one is on its
+/// way goes up at once, not after it.
+#[test]
+fn a_long_upload_holds_up_no_other() {
+    // Files go up only when committed.
+    for rig in rigs(Duration::from_secs(3600)) {
+        let (share, root) = rig.new_share("m");
+        rig.faults.set(FaultSettings {
+            latency_ms: 8000,
+            only_keys: "/big".into(),
+            ..Default::default()
+        });
+        let big = share
+            .create(root, "big", 0o644, 0, 0, true)
+            .expect("create");
+        share
+            .write(big.fileid, 0, &random(1 << 20), false)
+            .expect("write");
+        share.commit(big.fileid).expect("commit");
+        let started = Instant::now();
+        while share.status().uploading_files == 0 {
+            assert!(started.elapsed() < Duration::from_secs(5), "no upload");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let small = share
+            .create(root, "small", 0o644, 0, 0, true)
+            .expect("create");
+        share
+            .write(small.fileid, 0, b"committed", false)
+            .expect("write");
+        share.commit(small.fileid).expect("commit");
+        let started = Instant::now();
+        while rig.get("m/small").is_none() {
+            assert!(
+                started.elapsed() < Duration::from_secs(4),
+                "the small file waited for the large one's upload"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Asked past the injected latency, which hits every request for the key.
+        let big_there = rig.runtime.block_on(rig.raw.head("m/big")).expect("head");
+        assert!(big_there.is_none(), "the large upload was not slow");
+        rig.faults.set(FaultSettings::default());
+        rig.wait_clean("m");
+        assert_eq!(rig.get("m/small").expect("small").0, b"committed");
+    }
+}
+
+/// An object another tool puts at a file's key after the file was removed here stays: the
+/// removal deletes the object firn knew there, not whatever is there when the deletion goes.
+#[test]
+fn another_tools_object_put_after_a_remove_stays() {
+    for rig in rigs(Duration::ZERO) {
+        let (share, root) = rig.new_share("m");
+        let f = share.create(root, "f", 0o644, 0, 0, true).expect("create");
+        share.write(f.fileid, 0, b"ours", false).expect("write");
+        share.commit(f.fileid).expect("commit");
+        rig.wait_clean("m");
+        // The deletion takes 3 s to reach the bucket; the other tool's put lands meanwhile.
+        rig.faults.set(FaultSettings {
+            latency_ms: 3000,
+            only_keys: "m/f".into(),
+            ..Default::default()
+        });
+        share.remove(root, "f").expect("remove");
+        std::thread::sleep(Duration::from_millis(500));
+        rig.runtime
+            .block_on(rig.raw.put(
+                "m/f",
+                bytes::Bytes::from_static(b"theirs"),
+                remote::Meta::new(),
+            ))
+            .expect("put by another tool");
+        rig.wait_clean("m");
+        rig.faults.set(FaultSettings::default());
+        let there = rig.runtime.block_on(rig.raw.get("m/f")).expect("get");
+        assert_eq!(&there.body[..], b"theirs");
+        share.refresh("").expect("refresh");
+        let f = share.lookup(root, "f").expect("taken in");
+        assert_eq!(share.read(f, 0, 100).expect("read").0, b"theirs");
     }
 }
 
@@ -1441,11 +1490,7 @@ fn changes_to_an_evicted_file_give_way_to_another_tools_change_of_its_object() {
 #[test]
 fn a_directory_deleted_whole_in_the_bucket_goes_at_a_refresh() {
     for rig in rigs(Duration::ZERO) {
-        rig.shares()
-            .create("x", "x/", false, Vec::new(), Squash::Root)
-            .expect("create");
-        let share = rig.share("x");
-        let root = share.root();
+        let (share, root) = rig.new_share("x");
         let w1 = share.mkdir(root, "w1", 0o755, 0, 0).expect("mkdir").fileid;
         let sub = share.mkdir(w1, "sub", 0o755, 0, 0).expect("mkdir").fileid;
         let w2 = share.mkdir(root, "w2", 0o755, 0, 0).expect("mkdir").fileid;
@@ -2200,11 +2245,7 @@ fn same_size_rewrites_and_listed_directories_are_noticed() {
     for mut rig in rigs(Duration::from_millis(50)) {
         rig.listing_ttl = Some(Duration::ZERO);
         rig.reopen(Duration::from_millis(50));
-        rig.shares()
-            .create("t", "t/", false, Vec::new(), Squash::Root)
-            .expect("create");
-        let share = rig.share("t");
-        let root = share.root();
+        let (share, root) = rig.new_share("t");
         let put = |key: &str, body: &[u8]| {
             rig.runtime
                 .block_on(rig.raw.put(
@@ -2880,11 +2921,7 @@ fn a_listing_waits_boundedly_for_a_slow_refresh_and_later_ones_finish_it() {
     for mut rig in rigs(Duration::from_secs(3600)) {
         rig.listing_ttl = Some(Duration::ZERO);
         rig.reopen(Duration::from_secs(3600));
-        rig.shares()
-            .create("s", "s/", false, Vec::new(), Squash::Root)
-            .expect("create");
-        let share = rig.share("s");
-        let root = share.root();
+        let (share, root) = rig.new_share("s");
         for i in 0..40 {
             rig.runtime
                 .block_on(rig.raw.put(

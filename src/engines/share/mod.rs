@@ -822,7 +822,7 @@ pub struct Share {
     /// waits for the changes under way, and `Shares::close` waits for them.
     gate: crate::remote::gate::StopGate,
     uploaded_files: AtomicU64,
-    /// Uploads of the current pass not yet recorded (`ShareStatus::uploading_files`).
+    /// Uploads under way or queued, not yet recorded (`ShareStatus::uploading_files`).
     uploading_files: AtomicU64,
     uploaded_bytes: AtomicU64,
     /// Local bytes of clean files (and part files), as the last eviction pass counted them,

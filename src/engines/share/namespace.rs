@@ -603,7 +603,7 @@ impl Namespace {
             tx.delete(&self.blocks, &hex(id))?;
             tx.delete(&self.dirty, &hex(id))?;
             if let Some(uploaded) = &inode.uploaded {
-                tx.put(&self.deletes, &uploaded.path, b"")?;
+                queue_delete(tx, &self.deletes, uploaded)?;
             }
             touch_dir(tx, &self.inodes, dir, now_ns)?;
             Ok((id, inode))
@@ -695,7 +695,7 @@ impl Namespace {
                 // Its object is usually at the moved file's new key, which that file's upload
                 // overwrites: `delete_decision` keeps it until then.
                 if let Some(uploaded) = &old_inode.uploaded {
-                    tx.put(&self.deletes, &uploaded.path, b"")?;
+                    queue_delete(tx, &self.deletes, uploaded)?;
                 }
                 replaced = Some(old_id);
             }
@@ -973,13 +973,13 @@ impl Namespace {
         let (id, uploaded) = (done.id, &done.uploaded);
         tx.delete(&self.uploading, &uploaded.path)?;
         let Some(mut inode) = tx.get_json::<Inode>(&self.inodes, &hex(id))? else {
-            tx.put(&self.deletes, &uploaded.path, b"")?;
+            queue_delete(tx, &self.deletes, uploaded)?;
             return Ok(());
         };
         if let Some(old) = &inode.uploaded
             && old.path != uploaded.path
         {
-            tx.put(&self.deletes, &old.path, b"")?;
+            queue_delete(tx, &self.deletes, old)?;
             tx.delete(&self.leaving, &old.path)?;
         }
         let mut path = self.path_tx(tx, id)?;
@@ -1049,13 +1049,17 @@ impl Namespace {
         })
     }
 
-    /// Objects (share-relative paths) queued for deletion, at most `limit`.
-    pub fn deletes(&self, limit: usize) -> Result<Vec<String>, ShareError> {
+    /// Objects queued for deletion, at most `limit`: each share-relative path, with the
+    /// ETag of the object firn knows there when it knows one (`queue_delete`).
+    pub fn deletes(&self, limit: usize) -> Result<Vec<(String, Option<String>)>, ShareError> {
         Ok(self
             .meta
             .list_page(&self.deletes, "", None, limit)?
             .into_iter()
-            .map(|(key, _)| key)
+            .map(|(key, etag)| {
+                let etag = String::from_utf8(etag).ok().filter(|e| !e.is_empty());
+                (key, etag)
+            })
             .collect())
     }
 
@@ -1097,6 +1101,17 @@ pub enum Decision {
     Drop,
     /// The file living there will overwrite it: ask again later.
     Keep,
+}
+
+/// Queues the object `uploaded` names for deletion, with its ETag where known: another tool
+/// may put an object of its own at that key before the deletion goes, and that one stays.
+fn queue_delete(
+    tx: &mut MetaTransaction<'_>,
+    deletes: &str,
+    uploaded: &Uploaded,
+) -> Result<(), MetaError> {
+    let etag = uploaded.etag.as_deref().unwrap_or_default();
+    tx.put(deletes, &uploaded.path, etag.as_bytes())
 }
 
 fn entry_key(dir: u64, name: &str) -> String {

@@ -1,23 +1,28 @@
-//! A share's uploader: one task per share. Each pass deletes the objects of removed and moved
-//! files, then uploads every dirty file that has settled (or that a commit asked for) as one
-//! whole object, streamed from its local content. A file changed while it is read fails its
+//! A share's uploader: one task per share. It deletes the objects of removed and moved files,
+//! and uploads every dirty file that has settled (or that a commit asked for) as one whole
+//! object, streamed from its local content, eight at a time; a slot that frees takes the next
+//! file. A file changed while it is read fails its
 //! upload before the object is complete, so the bucket never holds a torn file; it goes up
 //! again once it settles. The loop never gives up: errors pause it, then it tries again.
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 
 use super::namespace::{Decision, Done, Kind, Uploaded};
 use super::{Share, ShareError, lock};
 use crate::remote::{self, Body, Meta};
 
-/// Files uploaded per pass, and objects deleted.
+/// Files whose keys go on record in one commit before their uploads, objects deleted in a
+/// row, and uploads recorded in one commit at most.
 const BATCH: usize = 64;
 /// Files uploading at once.
 const CONCURRENCY: usize = 8;
@@ -27,6 +32,7 @@ const CONCURRENCY: usize = 8;
 const READ_WHOLE: u64 = 256 << 10;
 /// How often the local bytes of clean files are checked against `cache_max`.
 const EVICT_EVERY: Duration = Duration::from_secs(2);
+const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How soon a failed refresh is tried again (at most `Settings::refresh`).
 const REFRESH_RETRY: Duration = Duration::from_secs(30);
@@ -74,15 +80,29 @@ async fn refreshes(share: Arc<Share>) {
     }
 }
 
+/// Uploads under way: each yields its file, the key it went to, and how it ended.
+type Running<'a> = FuturesUnordered<BoxFuture<'a, (u64, Option<String>, Result<Ended, String>)>>;
+
+/// Deletes queued objects and uploads settled dirty files, `CONCURRENCY` at a time. A slot
+/// that frees takes the next file at once: a long upload holds up no other (a file a client
+/// committed goes up while a large one is still on its way).
 async fn uploads(share: Arc<Share>) {
-    let mut backoff = Duration::from_millis(250);
-    let mut last_eviction = std::time::Instant::now();
+    let mut backoff = MIN_BACKOFF;
+    // No new work before then, after an error; uploads under way go on.
+    let mut resume = Instant::now();
+    let mut last_eviction = Instant::now();
+    let mut running: Running<'_> = FuturesUnordered::new();
+    let mut queued = Queued::new();
+    // The files running or queued.
+    let mut in_flight = HashSet::new();
+    // Often enough for the settle time to be kept to within a quarter of it.
+    let tick = (share.settings.settle / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     loop {
         if share.stopped.load(Ordering::Acquire) {
             return;
         }
         if last_eviction.elapsed() >= EVICT_EVERY {
-            last_eviction = std::time::Instant::now();
+            last_eviction = Instant::now();
             match blocking(&share, |share| share.evict()).await {
                 Ok(0) => {}
                 Ok(freed) => {
@@ -91,155 +111,221 @@ async fn uploads(share: Arc<Share>) {
                 Err(e) => tracing::warn!(share = %share.info.name, "evicting clean files: {e}"),
             }
         }
-        match pass(&share).await {
-            Ok(true) => {
-                backoff = Duration::from_millis(250);
-                *lock(&share.last_error) = None;
+        let mut busy = false;
+        if Instant::now() >= resume {
+            let started = match delete_queued(&share).await {
+                Ok(deleted) => start_uploads(&share, &mut running, &mut queued, &mut in_flight)
+                    .await
+                    .map(|started| deleted || started),
+                Err(e) => Err(e),
+            };
+            busy = matches!(started, Ok(true));
+            if let Err(e) = started {
+                resume = failed(&share, e, &mut backoff);
             }
-            Ok(false) => {
-                *lock(&share.last_error) = None;
-                // Often enough for the settle time to be kept to within a quarter of it.
-                let tick = (share.settings.settle / 4)
-                    .clamp(Duration::from_millis(50), Duration::from_secs(1));
-                tokio::select! {
-                    _ = share.wake.notified() => {}
-                    _ = tokio::time::sleep(tick) => {}
+        }
+        let wait = if busy {
+            Duration::ZERO
+        } else {
+            tick.max(resume.saturating_duration_since(Instant::now()))
+        };
+        tokio::select! {
+            Some(first) = running.next(), if !running.is_empty() => {
+                // Those that ended together are recorded together, in one transaction.
+                let mut ended = vec![first];
+                while ended.len() < BATCH
+                    && let Some(Some(next)) = running.next().now_or_never()
+                {
+                    ended.push(next);
+                }
+                for (id, ..) in &ended {
+                    in_flight.remove(id);
+                }
+                let outcome = settle(&share, ended).await;
+                share.uploading_files.store(in_flight.len() as u64, Ordering::Relaxed);
+                match outcome {
+                    Ok(()) => {
+                        backoff = MIN_BACKOFF;
+                        *lock(&share.last_error) = None;
+                    }
+                    Err(e) => resume = failed(&share, e, &mut backoff),
                 }
             }
-            Err(e) => {
-                let repeated = lock(&share.last_error).replace(e.clone()).is_some();
-                if !repeated {
-                    tracing::warn!(share = %share.info.name, "upload paused: {e}; retrying until it succeeds");
-                }
-                tokio::select! {
-                    _ = share.wake.notified() => {}
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
+            _ = share.wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }
 
-/// One pass; whether it did anything.
-async fn pass(share: &Arc<Share>) -> Result<bool, String> {
+/// Notes an error (logged once while it repeats): when to go on.
+fn failed(share: &Share, e: String, backoff: &mut Duration) -> Instant {
+    let repeated = lock(&share.last_error).replace(e.clone()).is_some();
+    if !repeated {
+        tracing::warn!(share = %share.info.name, "upload paused: {e}; retrying until it succeeds");
+    }
+    let resume = Instant::now() + *backoff;
+    *backoff = (*backoff * 2).min(MAX_BACKOFF);
+    resume
+}
+
+/// Deletes up to `BATCH` of the objects queued for deletion; whether it deleted any.
+async fn delete_queued(share: &Arc<Share>) -> Result<bool, String> {
     let deletes = blocking(share, |share| share.ns.deletes(BATCH)).await?;
-    let mut deleted = 0;
-    for path in &deletes {
+    let mut deleted = false;
+    for (path, etag) in deletes {
         let asked = path.clone();
         match blocking(share, move |share| share.ns.delete_decision(&asked)).await? {
             Decision::Keep => continue,
             Decision::Drop => {}
             Decision::Delete => {
                 let key = format!("{}{path}", share.info.prefix);
-                share
-                    .remote
-                    .delete(&key)
-                    .await
-                    .map_err(|e| format!("deleting {key}: {e}"))?;
+                if let Some(etag) = etag
+                    && let Some(there) = share
+                        .remote
+                        .head(&key)
+                        .await
+                        .map_err(|e| format!("deleting {key}: {e}"))?
+                    && there.etag.is_some_and(|there| there != etag)
+                {
+                    // Not the object removed here: another tool's, put since. It stays,
+                    // and the next refresh takes it in.
+                    tracing::info!(share = %share.info.name, "{key} was written by another tool after its file was removed or renamed here: kept");
+                } else {
+                    share
+                        .remote
+                        .delete(&key)
+                        .await
+                        .map_err(|e| format!("deleting {key}: {e}"))?;
+                }
             }
         }
-        let path = path.clone();
         blocking(share, move |share| share.ns.deleted(&path)).await?;
-        deleted += 1;
+        deleted = true;
     }
+    Ok(deleted)
+}
+
+/// Files whose keys are on record, waiting for a free slot: (id, generation, key).
+type Queued = VecDeque<(u64, u64, Option<String>)>;
+
+/// Starts uploads while slots are free: of the files queued, and when none are, of up to
+/// `BATCH` settled dirty files (or those a commit asked for) not under way, whose keys go on
+/// record in one commit. Whether it started any.
+async fn start_uploads<'a>(
+    share: &'a Arc<Share>,
+    running: &mut Running<'a>,
+    queued: &mut Queued,
+    in_flight: &mut HashSet<u64>,
+) -> Result<bool, String> {
+    if queued.is_empty() && running.len() < CONCURRENCY {
+        queue_due(share, queued, in_flight).await?;
+    }
+    let mut started = false;
+    while running.len() < CONCURRENCY
+        && let Some((id, generation, key)) = queued.pop_front()
+    {
+        running.push(Box::pin(async move {
+            let outcome = match &key {
+                Some(key) => upload(share, id, generation, key).await,
+                None => gone(share, id),
+            };
+            (id, key, outcome)
+        }));
+        started = true;
+    }
+    Ok(started)
+}
+
+/// Queues up to `BATCH` of the files due for upload and not under way.
+async fn queue_due(
+    share: &Arc<Share>,
+    queued: &mut Queued,
+    in_flight: &mut HashSet<u64>,
+) -> Result<(), String> {
     let due: Vec<(u64, u64)> = {
         let dirty = lock(&share.dirty);
         dirty
             .iter()
-            .filter(|(_, d)| {
-                d.writing == 0 && (d.now || d.last_change.elapsed() >= share.settings.settle)
+            .filter(|(id, d)| {
+                !in_flight.contains(*id)
+                    && d.writing == 0
+                    && (d.now || d.last_change.elapsed() >= share.settings.settle)
             })
             .map(|(&id, d)| (id, d.generation))
             .take(BATCH)
             .collect()
     };
     if due.is_empty() {
-        return Ok(deleted > 0);
+        return Ok(());
     }
     // Each key an object may appear at is on record before its upload begins, so that a file
     // removed or renamed meanwhile cannot come back from it (`Namespace::start_uploads`).
-    let ids: Vec<u64> = due.iter().map(|&(id, _)| id).collect();
     // Counted from before their keys are on record until each outcome is: a file removed
     // meanwhile leaves the dirty set, but not this.
+    let ids: Vec<u64> = due.iter().map(|&(id, _)| id).collect();
+    in_flight.extend(ids.iter().copied());
     share
         .uploading_files
-        .store(ids.len() as u64, Ordering::Relaxed);
-    let in_flight = InFlight(share);
-    let keys: std::collections::HashMap<u64, String> =
-        blocking(share, move |share| share.ns.start_uploads(&ids))
-            .await?
-            .into_iter()
-            .collect();
-    let due: Vec<(u64, u64, Option<String>)> = due
-        .into_iter()
-        .map(|(id, generation)| (id, generation, keys.get(&id).cloned()))
-        .collect();
-    // Several files at once: small files cost a round trip each, not bandwidth. The uploads
-    // that ended together are recorded together, in one transaction.
-    let mut ended = futures::stream::iter(due)
-        .map(|(id, generation, key)| async move {
-            let outcome = match &key {
-                Some(key) => upload(share, id, generation, key).await,
-                None => gone(share, id),
-            };
-            (key, outcome)
-        })
-        .buffer_unordered(CONCURRENCY)
-        .ready_chunks(BATCH);
-    let mut uploaded = 0;
-    let mut first_error = None;
-    while let Some(outcomes) = ended.next().await {
-        let ended_now = outcomes.len();
-        let mut went_up = Vec::with_capacity(outcomes.len());
-        // Uploads that end with no record: whether each may have made its object.
-        let mut unrecorded = Vec::new();
-        for (key, outcome) in outcomes {
-            match outcome {
-                Ok(Ended::Up(up)) => went_up.push(up),
-                Ok(Ended::Nothing) => unrecorded.extend(key.map(|key| (key, false))),
-                // Queued for deletion, which `delete_decision` turns down while the file
-                // still lives at the key: a file removed or renamed meanwhile leaves nothing.
-                Ok(Ended::Changed) => unrecorded.extend(key.map(|key| (key, true))),
-                Err(e) => {
-                    unrecorded.extend(key.map(|key| (key, true)));
-                    first_error.get_or_insert(e);
-                }
+        .store(in_flight.len() as u64, Ordering::Relaxed);
+    let keys = blocking(share, {
+        let ids = ids.clone();
+        move |share| share.ns.start_uploads(&ids)
+    })
+    .await;
+    let keys: HashMap<u64, String> = match keys {
+        Ok(keys) => keys.into_iter().collect(),
+        Err(e) => {
+            for id in &ids {
+                in_flight.remove(id);
             }
+            share
+                .uploading_files
+                .store(in_flight.len() as u64, Ordering::Relaxed);
+            return Err(e);
         }
-        let recorded: Vec<String> = went_up.iter().map(|up| up.path.clone()).collect();
-        match record(share, went_up) {
-            Ok(clean) => uploaded += clean,
-            Err(e) => {
-                unrecorded.extend(recorded.into_iter().map(|key| (key, true)));
-                first_error.get_or_insert(e);
-            }
-        }
-        if !unrecorded.is_empty() {
-            let result =
-                blocking(share, move |share| share.ns.uploads_unrecorded(&unrecorded)).await;
-            if let Err(e) = result {
-                first_error.get_or_insert(e);
-            }
-        }
-        share
-            .uploading_files
-            .fetch_sub(ended_now as u64, Ordering::Relaxed);
-    }
-    drop(in_flight);
-    if let Some(e) = first_error {
-        return Err(e);
-    }
-    Ok(deleted > 0 || uploaded > 0)
+    };
+    queued.extend(
+        due.into_iter()
+            .map(|(id, generation)| (id, generation, keys.get(&id).cloned())),
+    );
+    Ok(())
 }
 
-/// Clears the share's count of uploads under way when a pass ends, however it ends.
-struct InFlight<'a>(&'a Share);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.uploading_files.store(0, Ordering::Relaxed);
+/// Records uploads that ended: those that went up, and the keys of those that did not
+/// (which may have made their object all the same). The first error, if any.
+async fn settle(
+    share: &Arc<Share>,
+    ended: Vec<(u64, Option<String>, Result<Ended, String>)>,
+) -> Result<(), String> {
+    let mut went_up = Vec::with_capacity(ended.len());
+    // Uploads that end with no record: whether each may have made its object.
+    let mut unrecorded = Vec::new();
+    let mut first_error = None;
+    for (_, key, outcome) in ended {
+        match outcome {
+            Ok(Ended::Up(up)) => went_up.push(up),
+            Ok(Ended::Nothing) => unrecorded.extend(key.map(|key| (key, false))),
+            // Queued for deletion, which `delete_decision` turns down while the file
+            // still lives at the key: a file removed or renamed meanwhile leaves nothing.
+            Ok(Ended::Changed) => unrecorded.extend(key.map(|key| (key, true))),
+            Err(e) => {
+                unrecorded.extend(key.map(|key| (key, true)));
+                first_error.get_or_insert(e);
+            }
+        }
     }
+    let recorded: Vec<String> = went_up.iter().map(|up| up.path.clone()).collect();
+    if let Err(e) = record(share, went_up) {
+        unrecorded.extend(recorded.into_iter().map(|key| (key, true)));
+        first_error.get_or_insert(e);
+    }
+    if !unrecorded.is_empty() {
+        let result = blocking(share, move |share| share.ns.uploads_unrecorded(&unrecorded)).await;
+        if let Err(e) = result {
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 /// A file's upload that reached the bucket, to be recorded (`record`).
