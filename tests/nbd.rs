@@ -1867,6 +1867,48 @@ fn clients_that_stop_reading_share_one_memory_budget_and_are_dropped() {
     }
 }
 
+/// A write's memory is taken before its payload arrives: clients that stop halfway through
+/// their payloads lose their connections, and hold no other client up for longer.
+#[test]
+fn clients_stalled_in_a_payload_are_dropped_and_hold_no_one_up() {
+    let g = Gateway::start_with("memory = \"192MiB\"\nsend_timeout_secs = 3\n");
+    g.firn(&["volume", "create", "big", "--size", "1G"]);
+    // Six 32 MiB writes take the whole budget, each with one byte of its payload sent.
+    let stalled: Vec<Raw> = (0..6u64)
+        .map(|i| {
+            let mut c = Raw::connect(g.nbd_port);
+            assert_eq!(c.go("big").expect("go"), 1 << 30);
+            c.request(0, 1, i << 25, 32 << 20, &[0x55]);
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    run(
+        "timeout",
+        &[
+            "30",
+            "qemu-io",
+            "-f",
+            "raw",
+            &g.tcp("big"),
+            "-c",
+            "read -P 0 0 64k",
+        ],
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "a read waited {:?} behind stalled writes",
+        started.elapsed()
+    );
+    for mut c in stalled {
+        assert!(
+            closed_at_once(&mut c.s),
+            "a stalled client kept its connection"
+        );
+    }
+}
+
 /// Whether the server closed `s` without a word (not even its greeting), within 5 s.
 fn closed_at_once(s: &mut TcpStream) -> bool {
     s.set_read_timeout(Some(Duration::from_secs(5)))

@@ -205,7 +205,8 @@ pub struct Limits {
     /// connection's own budget, so one request always fits.
     pub memory: usize,
     /// How long a reply may wait for the client to take any of it before the connection is
-    /// closed (and its share of `memory` given back).
+    /// closed (and its share of `memory` given back); as is one whose write payload has not
+    /// all arrived this long after its header.
     pub send_timeout: Duration,
 }
 
@@ -911,10 +912,20 @@ impl NbdServer {
                 let mut payload = Vec::new();
                 if request.kind == CMD_WRITE {
                     payload = BUFFERS.take(request.length as usize);
-                    (&mut reader)
-                        .take(u64::from(request.length))
-                        .read_to_end(&mut payload)
-                        .await?;
+                    // The budgets are held while it arrives: a client that stops halfway
+                    // through a payload loses its connection, or a few of them would hold
+                    // every other client's requests up for as long as they like.
+                    let mut arriving = (&mut reader).take(u64::from(request.length));
+                    let read = arriving.read_to_end(&mut payload);
+                    match tokio::time::timeout(self.limits.send_timeout, read).await {
+                        Ok(read) => read?,
+                        Err(_) => {
+                            return violation(format!(
+                                "a write's {} bytes did not arrive within {:?}",
+                                request.length, self.limits.send_timeout
+                            ));
+                        }
+                    };
                     if payload.len() != request.length as usize {
                         return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
                     }
