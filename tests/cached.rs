@@ -195,9 +195,11 @@ impl Gateway {
         }
     }
 
+    /// SIGTERM: a stop may upload for 20 s (what clients flushed), after up to 10 s for
+    /// clients to finish.
     fn stop(&mut self) {
         if let Some(daemon) = self.daemon.take() {
-            assert!(daemon.stop().success());
+            assert!(daemon.stop_within(Duration::from_secs(45)).success());
         }
     }
 
@@ -726,6 +728,28 @@ fn a_stop_commits_every_flush_before_it_ends() {
     let b = Gateway::start(&dir.path().join("b"), &bucket, "");
     b.firn(&["volume", "takeover", "v", "--force"]);
     qemu_io(&b.uri("v"), &["read -P 0x61 0 2M", "read -P 0x62 2M 2M"]);
+}
+
+/// A stop waits for an upload that is moving, however slowly (it gave up after 5 s without a
+/// whole segment up), and for a new size to reach the bucket; once all is in it releases the
+/// lease, so the takeover elsewhere right after needs no --force (it was refused for 30 s,
+/// the lease said "serving").
+#[test]
+fn a_stop_over_a_slow_uplink_hands_over_every_flush_the_size_and_the_lease() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let mut a = Gateway::start(&dir.path().join("a"), &bucket, "");
+    a.firn(&["volume", "create", "v", "--size", "16M"]);
+    // A 1 MiB segment takes 8 s to go up.
+    a.firn(&["bandwidth", "--upload", "128KiB"]);
+    qemu_io(&a.uri("v"), &["write -P 0x71 0 1536k", "flush"]);
+    a.firn(&["volume", "resize", "v", "--size", "24M"]);
+    a.stop();
+    let b = Gateway::start(&dir.path().join("b"), &bucket, "");
+    b.conditional_create_checked();
+    b.firn(&["volume", "takeover", "v"]);
+    assert_eq!(b.show("v")["size"].as_u64(), Some(24 << 20));
+    qemu_io(&b.uri("v"), &["read -P 0x71 0 1536k", "read -P 0 1536k 1M"]);
 }
 
 /// A takeover whose commit create had its answer lost (the commit is in) and whose read-back

@@ -785,25 +785,18 @@ pub async fn serve(config: Config, uploads: tokio::runtime::Handle) -> anyhow::R
     }
     // What clients flushed goes to the bucket before the stop, so that a takeover elsewhere
     // finds it: stopping one gateway and taking its volumes over on another is how volumes
-    // move. Not while the bucket is out of reach or uploads are paused: then the log says
-    // what stays here.
-    let reachable = gateway
-        .health
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .reachable;
-    let paused = gateway
-        .remote
-        .limiter
-        .rate_now(remote::limit::Direction::Upload)
-        == remote::limit::Rate::Paused;
-    let volumes = gateway.volumes.clone();
-    let limit = if reachable && !paused {
-        STOP_UPLOAD
-    } else {
+    // move. Not while uploads are paused, nor once nothing moves for a few seconds (the
+    // bucket out of reach): then the log says what stays here.
+    let limiter = gateway.remote.limiter.clone();
+    let limit = if limiter.rate_now(remote::limit::Direction::Upload) == remote::limit::Rate::Paused
+    {
         Duration::ZERO
+    } else {
+        STOP_UPLOAD
     };
-    let _ = tokio::task::spawn_blocking(move || volumes.drain_cached_volumes(limit)).await;
+    let volumes = gateway.volumes.clone();
+    let moving = move || limiter.passed(remote::limit::Direction::Upload);
+    let _ = tokio::task::spawn_blocking(move || volumes.drain_cached_volumes(limit, &moving)).await;
     // Writes still waiting for room in a cached volume's log (the bucket out of reach) fail
     // now: unacknowledged, so nothing is lost, and their threads end.
     gateway.volumes.stop_cached_volumes();

@@ -276,6 +276,8 @@ pub struct Limiter {
     closed: std::sync::atomic::AtomicBool,
     /// Calls of `acquire` in progress (`settled`).
     waiting: std::sync::atomic::AtomicUsize,
+    /// Bytes let through, up and down (`passed`).
+    passed: [std::sync::atomic::AtomicU64; 2],
 }
 
 /// Counts one call of `acquire` while it lasts, however it ends.
@@ -302,7 +304,13 @@ impl Limiter {
             changed: tokio::sync::Notify::new(),
             closed: std::sync::atomic::AtomicBool::new(false),
             waiting: std::sync::atomic::AtomicUsize::new(0),
+            passed: Default::default(),
         }
+    }
+
+    /// The bytes let through in `direction` so far: as a body is sent, slice by slice.
+    pub fn passed(&self, direction: Direction) -> u64 {
+        self.passed[direction as usize].load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn policy(&self) -> Policy {
@@ -337,6 +345,7 @@ impl Limiter {
             if !self.acquire_slice(direction, slice).await {
                 return false;
             }
+            self.passed[direction as usize].fetch_add(slice, std::sync::atomic::Ordering::Relaxed);
             left -= slice;
         }
         true

@@ -961,20 +961,30 @@ impl Catalog {
     /// At a stop, before `stop_cached_volumes`: has every cached volume commit what its
     /// clients flushed (`CachedVolume::drain`), `limit` in all at most, and names each that
     /// did not in the log.
-    pub fn drain_cached_volumes(&self, limit: Duration) {
+    pub fn drain_cached_volumes(&self, limit: Duration, moving: &dyn Fn() -> u64) {
         let deadline = std::time::Instant::now() + limit;
         let volumes: Vec<_> = self
             .pinned_volumes()
             .iter()
             .map(|(id, volume)| (id.clone(), volume.clone()))
             .collect();
+        for (_, volume) in &volumes {
+            volume.begin_drain();
+        }
         for (id, volume) in volumes {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let pending = volume.drain(left);
-            if pending > 0 {
+            let drained = volume.drain(left, moving);
+            if drained.flushes > 0 {
                 tracing::warn!(
                     volume = %volume.name(),
-                    "{pending} flushes made here are not in the bucket yet (volume id {id}): they upload when firn starts again here, and a takeover elsewhere before that does not have them"
+                    "{} flushes made here are not in the bucket yet (volume id {id}): they upload when firn starts again here, and a takeover elsewhere before that does not have them",
+                    drained.flushes
+                );
+            }
+            if drained.size {
+                tracing::warn!(
+                    volume = %volume.name(),
+                    "the volume's new size is not in the bucket yet (volume id {id}): it goes up when firn starts again here, and a takeover elsewhere before that serves the old size"
                 );
             }
         }

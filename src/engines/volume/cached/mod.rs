@@ -241,6 +241,15 @@ pub struct Cut {
     pub end: u64,
 }
 
+/// What a stop's drain left out of the bucket (`CachedVolume::drain`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Flushes no commit covers yet.
+    pub flushes: u64,
+    /// The volume grew, and the bucket's descriptor has the old size.
+    pub size: bool,
+}
+
 /// The volume's descriptor, kept sealed in the bucket so that another gateway can find the
 /// volume (docs/format.md, "Cached volume objects").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -751,33 +760,86 @@ impl CachedVolume {
     }
 
     /// The daemon is stopping and no client writes any more: closes the open segment at its
-    /// newest flush now and waits until the bucket holds a commit of every flush, for
-    /// `limit` at most, and only while uploads go on (none for 5 s: the bucket is failing
-    /// them). The number of flushes not committed then (0: all are; a fenced volume has
-    /// none to commit).
-    pub fn drain(&self, limit: Duration) -> u64 {
+    /// newest flush now and waits until the bucket holds a commit of every flush and the
+    /// volume's size, for `limit` at most, and only while uploads go on: `moving` counts the
+    /// bytes the gateway has sent to the bucket, and when neither it nor the volume's
+    /// uploads and commits move for 5 s, the bucket is failing them. Once all is in, the
+    /// uploader ends and the lease is released, so that a takeover elsewhere need not wait
+    /// for it to age. What is not in the bucket then (nothing, for a fenced volume).
+    pub fn drain(&self, limit: Duration, moving: &dyn Fn() -> u64) -> Drained {
         const STALLED: Duration = Duration::from_secs(5);
-        lock(&self.inner.state).draining = true;
-        self.inner.wake.notify_one();
+        self.begin_drain();
         let started = std::time::Instant::now();
         let (mut seen, mut moved) = (None, started);
         loop {
-            let (pending, progress) = {
+            let (left, progress) = {
                 let state = lock(&self.inner.state);
                 if state.fenced.is_some() {
-                    return 0;
+                    return Drained::default();
                 }
-                let progress = (state.progress.uploaded, state.progress.commit);
-                (state.cuts.len() as u64, progress)
+                let left = Drained {
+                    flushes: state.cuts.len() as u64,
+                    size: state.describe,
+                };
+                (
+                    left,
+                    (state.progress.uploaded, state.progress.commit, moving()),
+                )
             };
+            if left == Drained::default() {
+                self.release();
+                return left;
+            }
             if seen != Some(progress) {
                 (seen, moved) = (Some(progress), std::time::Instant::now());
             }
-            if pending == 0 || started.elapsed() >= limit || moved.elapsed() >= STALLED {
-                return pending;
+            if started.elapsed() >= limit || moved.elapsed() >= STALLED {
+                return left;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The first step of `drain`: the open segment closes at its newest flush now.
+    pub fn begin_drain(&self) {
+        lock(&self.inner.state).draining = true;
+        self.inner.wake.notify_one();
+    }
+
+    /// Ends the uploader (after the step it is in, 5 s at most) and puts a released lease:
+    /// a stop that left nothing to commit hands the volume on.
+    fn release(&self) {
+        const GRACE: Duration = Duration::from_secs(5);
+        self.stop();
+        let Some(mut uploader) = lock(&self.uploader).take() else {
+            return;
+        };
+        let inner = &self.inner;
+        inner.bucket.runtime.block_on(async {
+            if tokio::time::timeout(GRACE, &mut uploader).await.is_err() {
+                uploader.abort();
+                let _ = uploader.await;
+            }
+            let since = {
+                let state = lock(&inner.state);
+                if state.fenced.is_some() {
+                    return;
+                }
+                state.progress.leased_since
+            };
+            let release = restore::put_lease(&inner.bucket, &inner.sealer, &inner.id, since, 0);
+            match tokio::time::timeout(GRACE, release).await {
+                Ok(Ok(())) => {
+                    tracing::info!(volume = %inner.name, "every flush is in the bucket and the lease is released: another gateway may take the volume over")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(volume = %inner.name, "every flush is in the bucket, but releasing the lease failed ({e}): a takeover elsewhere waits for it to age, or needs --force")
+                }
+                Err(_) => {
+                    tracing::warn!(volume = %inner.name, "every flush is in the bucket, but releasing the lease took over {GRACE:?}: a takeover elsewhere waits for it to age, or needs --force")
+                }
+            }
+        });
     }
 
     /// Stops the volume for good (it was deleted): every later request fails, and the

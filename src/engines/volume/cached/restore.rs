@@ -165,16 +165,19 @@ pub async fn newest_commit(
 
 /// Says that `bucket`'s gateway serves volume `id`, as of now, since the takeover commit
 /// `since` (0: since it made the volume).
+/// Puts this gateway's lease, renewed at `time` (0: released, by a stop that left nothing
+/// to commit: a takeover need not wait for it to age).
 pub(super) async fn put_lease(
     bucket: &Bucket,
     sealer: &Sealer,
     id: &str,
     since: u64,
+    time: u64,
 ) -> remote::Result<()> {
     let lease = Lease {
         format: FORMAT,
         gateway: bucket.gateway.clone(),
-        time: now_secs(),
+        time,
         since,
     };
     let plain = serde_json::to_vec(&lease).expect("a lease serializes");
@@ -420,7 +423,7 @@ pub async fn take_over(
     // This gateway's lease from now on: a running gateway that served the volume finds it
     // at its next renewal and fences itself. The commit has decided the takeover; should the
     // lease not go in now, the volume's uploads put it before anything else.
-    if let Err(e) = put_lease(bucket, sealer, id, n).await {
+    if let Err(e) = put_lease(bucket, sealer, id, n, now_secs()).await {
         tracing::warn!(
             volume = %descriptor.name,
             "the takeover's commit {n} is in the bucket but its lease is not ({e}); the volume's uploads put it first"

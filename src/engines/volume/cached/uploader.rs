@@ -28,14 +28,16 @@ pub(super) async fn run(inner: Arc<Inner>, descriptor: Descriptor) {
             if lock(&inner.state).fenced.is_some() {
                 return Ok(false);
             }
-            if std::mem::take(&mut lock(&inner.state).describe) {
+            // Set until the bucket has it, so that a stop waits for it (`drain`).
+            if lock(&inner.state).describe {
                 let described = Descriptor {
                     size: inner.size(),
                     ..descriptor.clone()
                 };
-                if let Err(e) = put_descriptor(&inner, &described).await {
-                    lock(&inner.state).describe = true;
-                    return Err(e);
+                put_descriptor(&inner, &described).await?;
+                // Unless the volume grew again meanwhile.
+                if inner.size() == described.size {
+                    lock(&inner.state).describe = false;
                 }
             }
             if leased.is_none_or(|at| at.elapsed() >= super::restore::LEASE_RENEW) {
@@ -142,7 +144,8 @@ async fn put_lease(inner: &Arc<Inner>) -> Result<(), String> {
             );
         }
     }
-    super::restore::put_lease(&inner.bucket, &inner.sealer, &inner.id, since)
+    let now = super::restore::now_secs();
+    super::restore::put_lease(&inner.bucket, &inner.sealer, &inner.id, since, now)
         .await
         .map_err(|e| format!("lease: {e}"))
 }
