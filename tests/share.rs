@@ -198,6 +198,8 @@ struct Inspecting {
     answered: std::sync::Mutex<std::collections::HashSet<String>>,
     /// How long a put waits between storing its object and answering.
     answer_after: Duration,
+    /// Puts of keys that contain this fail at once, for good (as a store refusing a key).
+    refuse_puts_of: Option<&'static str>,
 }
 
 impl Inspecting {
@@ -212,6 +214,7 @@ impl Inspecting {
             answer_after: Duration::ZERO,
             lose_first_answer: false,
             answered: Default::default(),
+            refuse_puts_of: None,
         }
     }
 }
@@ -224,6 +227,13 @@ impl Remote for Inspecting {
         body: Arc<dyn remote::Body>,
         meta: remote::Meta,
     ) -> remote::Result<remote::Stored> {
+        if self.refuse_puts_of.is_some_and(|part| key.contains(part)) {
+            return Err(remote::Error::Permanent {
+                op: "put",
+                key: key.to_string(),
+                message: "refused by the test".into(),
+            });
+        }
         let mut bytes = Vec::with_capacity(body.len() as usize);
         let mut at = 0;
         while at < body.len() {
@@ -1262,6 +1272,56 @@ fn a_long_upload_holds_up_no_other() {
         rig.faults.set(FaultSettings::default());
         rig.wait_clean("m");
         assert_eq!(rig.get("m/small").expect("small").0, b"committed");
+    }
+}
+
+/// A file whose upload always fails (a key the store refuses) holds up no other: it is tried
+/// again on a back-off of its own, and the other files go up as they are committed.
+#[test]
+fn a_file_the_store_refuses_holds_up_no_other() {
+    for mut rig in rigs(Duration::from_secs(3600)) {
+        rig.remote = Arc::new(Inspecting {
+            refuse_puts_of: Some("/bad"),
+            ..Inspecting::over(rig.remote.clone())
+        });
+        rig.reopen(Duration::from_secs(3600));
+        let (share, root) = rig.new_share("m");
+        let bad = share
+            .create(root, "bad", 0o644, 0, 0, true)
+            .expect("create");
+        share
+            .write(bad.fileid, 0, b"refused", false)
+            .expect("write");
+        share.commit(bad.fileid).expect("commit");
+        // Failing all the while: a back-off held for the whole share would be 8 s by now.
+        std::thread::sleep(Duration::from_secs(8));
+        for i in 0..3 {
+            let name = format!("f{i}");
+            let f = share
+                .create(root, &name, 0o644, 0, 0, true)
+                .expect("create");
+            share
+                .write(f.fileid, 0, name.as_bytes(), false)
+                .expect("write");
+            share.commit(f.fileid).expect("commit");
+            let started = Instant::now();
+            while rig.get(&format!("m/{name}")).is_none() {
+                assert!(
+                    started.elapsed() < Duration::from_secs(2),
+                    "{name} waited behind the refused file"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let status = share.status();
+        assert_eq!(status.dirty_files, 1, "{status:?}");
+        assert!(
+            status
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("m/bad")),
+            "{status:?}"
+        );
     }
 }
 

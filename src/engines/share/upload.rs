@@ -95,6 +95,9 @@ async fn uploads(share: Arc<Share>) {
     let mut queued = Queued::new();
     // The files running or queued.
     let mut in_flight = HashSet::new();
+    // Files whose upload failed, held back until then (doubling while it fails): one that
+    // always fails (a key the store refuses) holds up no other file.
+    let mut held: HashMap<u64, (Instant, Duration)> = HashMap::new();
     // Often enough for the settle time to be kept to within a quarter of it.
     let tick = (share.settings.settle / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     loop {
@@ -110,13 +113,20 @@ async fn uploads(share: Arc<Share>) {
                 }
                 Err(e) => tracing::warn!(share = %share.info.name, "evicting clean files: {e}"),
             }
+            // Files removed or renamed away while held back.
+            if !held.is_empty() {
+                let dirty = lock(&share.dirty);
+                held.retain(|id, _| dirty.contains_key(id));
+            }
         }
         let mut busy = false;
         if Instant::now() >= resume {
             let started = match delete_queued(&share).await {
-                Ok(deleted) => start_uploads(&share, &mut running, &mut queued, &mut in_flight)
-                    .await
-                    .map(|started| deleted || started),
+                Ok(deleted) => {
+                    start_uploads(&share, &mut running, &mut queued, &mut in_flight, &held)
+                        .await
+                        .map(|started| deleted || started)
+                }
                 Err(e) => Err(e),
             };
             busy = matches!(started, Ok(true));
@@ -141,14 +151,26 @@ async fn uploads(share: Arc<Share>) {
                 for (id, ..) in &ended {
                     in_flight.remove(id);
                 }
-                let outcome = settle(&share, ended).await;
+                let settled = settle(&share, ended).await;
                 share.uploading_files.store(in_flight.len() as u64, Ordering::Relaxed);
-                match outcome {
-                    Ok(()) => {
-                        backoff = MIN_BACKOFF;
-                        *lock(&share.last_error) = None;
+                for id in settled.up {
+                    held.remove(&id);
+                }
+                for id in settled.failed {
+                    let wait = held.get(&id).map_or(MIN_BACKOFF, |&(_, d)| (d * 2).min(MAX_BACKOFF));
+                    held.insert(id, (Instant::now() + wait, wait));
+                }
+                match settled.error {
+                    // Until no file is held back either.
+                    None if held.is_empty() => *lock(&share.last_error) = None,
+                    None => {}
+                    Some(e) if settled.general => resume = failed(&share, e, &mut backoff),
+                    Some(e) => {
+                        note_error(&share, e);
                     }
-                    Err(e) => resume = failed(&share, e, &mut backoff),
+                }
+                if !settled.general {
+                    backoff = MIN_BACKOFF;
                 }
             }
             _ = share.wake.notified() => {}
@@ -157,15 +179,20 @@ async fn uploads(share: Arc<Share>) {
     }
 }
 
-/// Notes an error (logged once while it repeats): when to go on.
+/// Notes an error that holds every upload back (logged once while it repeats): when to go on.
 fn failed(share: &Share, e: String, backoff: &mut Duration) -> Instant {
+    note_error(share, e);
+    let resume = Instant::now() + *backoff;
+    *backoff = (*backoff * 2).min(MAX_BACKOFF);
+    resume
+}
+
+/// Notes an error in `last_error`, and in the log unless it repeats.
+fn note_error(share: &Share, e: String) {
     let repeated = lock(&share.last_error).replace(e.clone()).is_some();
     if !repeated {
         tracing::warn!(share = %share.info.name, "upload paused: {e}; retrying until it succeeds");
     }
-    let resume = Instant::now() + *backoff;
-    *backoff = (*backoff * 2).min(MAX_BACKOFF);
-    resume
 }
 
 /// Deletes up to `BATCH` of the objects queued for deletion; whether it deleted any.
@@ -216,9 +243,10 @@ async fn start_uploads<'a>(
     running: &mut Running<'a>,
     queued: &mut Queued,
     in_flight: &mut HashSet<u64>,
+    held: &HashMap<u64, (Instant, Duration)>,
 ) -> Result<bool, String> {
     if queued.is_empty() && running.len() < CONCURRENCY {
-        queue_due(share, queued, in_flight).await?;
+        queue_due(share, queued, in_flight, held).await?;
     }
     let mut started = false;
     while running.len() < CONCURRENCY
@@ -236,18 +264,21 @@ async fn start_uploads<'a>(
     Ok(started)
 }
 
-/// Queues up to `BATCH` of the files due for upload and not under way.
+/// Queues up to `BATCH` of the files due for upload, not under way and not `held` back.
 async fn queue_due(
     share: &Arc<Share>,
     queued: &mut Queued,
     in_flight: &mut HashSet<u64>,
+    held: &HashMap<u64, (Instant, Duration)>,
 ) -> Result<(), String> {
+    let now = Instant::now();
     let due: Vec<(u64, u64)> = {
         let dirty = lock(&share.dirty);
         dirty
             .iter()
             .filter(|(id, d)| {
                 !in_flight.contains(*id)
+                    && held.get(*id).is_none_or(|&(until, _)| until <= now)
                     && d.writing == 0
                     && (d.now || d.last_change.elapsed() >= share.settings.settle)
             })
@@ -291,17 +322,36 @@ async fn queue_due(
     Ok(())
 }
 
+/// How uploads that ended were recorded (`settle`).
+#[derive(Default)]
+struct Settled {
+    /// Files whose upload did not fail.
+    up: Vec<u64>,
+    /// Files whose upload failed.
+    failed: Vec<u64>,
+    /// The first error.
+    error: Option<String>,
+    /// Whether an error came from recording (the metadata store), not from one file's upload.
+    general: bool,
+}
+
 /// Records uploads that ended: those that went up, and the keys of those that did not
-/// (which may have made their object all the same). The first error, if any.
+/// (which may have made their object all the same).
 async fn settle(
     share: &Arc<Share>,
     ended: Vec<(u64, Option<String>, Result<Ended, String>)>,
-) -> Result<(), String> {
+) -> Settled {
     let mut went_up = Vec::with_capacity(ended.len());
     // Uploads that end with no record: whether each may have made its object.
     let mut unrecorded = Vec::new();
     let mut first_error = None;
-    for (_, key, outcome) in ended {
+    let mut settled = Settled::default();
+    for (id, key, outcome) in ended {
+        if outcome.is_err() {
+            settled.failed.push(id);
+        } else {
+            settled.up.push(id);
+        }
         match outcome {
             Ok(Ended::Up(up)) => went_up.push(up),
             Ok(Ended::Nothing) => unrecorded.extend(key.map(|key| (key, false))),
@@ -317,15 +367,18 @@ async fn settle(
     let recorded: Vec<String> = went_up.iter().map(|up| up.path.clone()).collect();
     if let Err(e) = record(share, went_up) {
         unrecorded.extend(recorded.into_iter().map(|key| (key, true)));
+        settled.general = true;
         first_error.get_or_insert(e);
     }
     if !unrecorded.is_empty() {
         let result = blocking(share, move |share| share.ns.uploads_unrecorded(&unrecorded)).await;
         if let Err(e) = result {
+            settled.general = true;
             first_error.get_or_insert(e);
         }
     }
-    first_error.map_or(Ok(()), Err)
+    settled.error = first_error;
+    settled
 }
 
 /// A file's upload that reached the bucket, to be recorded (`record`).
