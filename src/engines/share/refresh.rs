@@ -81,8 +81,13 @@ pub(super) fn attrs_from(meta: &Meta, defaults: NewAttrs) -> NewAttrs {
     };
     NewAttrs {
         mode: number("file-permissions", 8).map_or(defaults.mode, |m| (m & 0o7777) as u32),
-        uid: number("file-owner", 10).map_or(defaults.uid, |v| v as u32),
-        gid: number("file-group", 10).map_or(defaults.gid, |v| v as u32),
+        // An id past 32 bits is no id: the default, as for one that does not parse.
+        uid: number("file-owner", 10)
+            .and_then(|v| u32::try_from(v).ok())
+            .unwrap_or(defaults.uid),
+        gid: number("file-group", 10)
+            .and_then(|v| u32::try_from(v).ok())
+            .unwrap_or(defaults.gid),
         now_ns: number("file-mtime", 10).unwrap_or(defaults.now_ns),
         atime_ns: number("file-atime", 10).or(defaults.atime_ns),
     }
@@ -662,5 +667,32 @@ fn join(dir: &str, name: &str) -> String {
         name.to_string()
     } else {
         format!("{dir}/{name}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owners_past_32_bits_or_not_numbers_get_the_defaults() {
+        let defaults = NewAttrs {
+            mode: 0o644,
+            uid: 1000,
+            gid: 1001,
+            now_ns: 1,
+            atime_ns: None,
+        };
+        let attrs = |owner: &str, group: &str| {
+            let meta = Meta::from([
+                ("file-owner".to_string(), owner.to_string()),
+                ("file-group".to_string(), group.to_string()),
+            ]);
+            let attrs = attrs_from(&meta, defaults);
+            (attrs.uid, attrs.gid)
+        };
+        assert_eq!(attrs("0", "4294967295"), (0, u32::MAX));
+        assert_eq!(attrs("99999999999", "4294967296"), (1000, 1001));
+        assert_eq!(attrs("-5", "x"), (1000, 1001));
     }
 }
