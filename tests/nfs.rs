@@ -646,7 +646,7 @@ async fn handles_outlive_a_restart_and_the_write_verifier_does_not() {
 /// answer what the share can hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setattr_and_the_file_system_calls_answer_as_nfs_says() {
-    let g = Gateway::start();
+    let g = Gateway::start_with("max_file_size = \"1MiB\"\n");
     g.firn(&["share", "create", "attrs", "--squash", "none"]);
     let mut c = g.client("attrs", 0, 0).await;
     let root = c.root_nfs_fh3();
@@ -714,7 +714,7 @@ async fn setattr_and_the_file_system_calls_answer_as_nfs_says() {
     // The object carries them.
     let _ = c
         .commit(&COMMIT3args {
-            file: f,
+            file: f.clone(),
             offset: 0,
             count: 0,
         })
@@ -753,7 +753,26 @@ async fn setattr_and_the_file_system_calls_answer_as_nfs_says() {
         panic!("fsinfo")
     };
     assert!(info.rtmax >= 65536 && info.wtmax >= 65536, "{info:?}");
-    assert_eq!(info.maxfilesize, firn::engines::share::MAX_FILE);
+    assert_eq!(info.maxfilesize, 1 << 20, "[shares] max_file_size");
+    // Past it: FBIG, nothing changed (a far write would cost an upload of that size).
+    assert!(matches!(
+        write_sync(&mut c, &f, (1 << 20) - 1, b"xy").await,
+        Nfs3Result::Err((nfsstat3::NFS3ERR_FBIG, _))
+    ));
+    let mut grow = set(None);
+    grow.new_attributes = sattr3 {
+        size: Nfs3Option::Some((1 << 20) + 1),
+        ..sattr3::default()
+    };
+    assert!(matches!(
+        c.setattr(&grow).await.expect("rpc"),
+        Nfs3Result::Err((nfsstat3::NFS3ERR_FBIG, _))
+    ));
+    assert_eq!(getattr(&mut c, &f).await.size, 100);
+    assert!(matches!(
+        write_sync(&mut c, &f, (1 << 20) - 1, b"z").await,
+        Nfs3Result::Ok(_)
+    ));
     let Nfs3Result::Ok(conf) = c
         .pathconf(&PATHCONF3args { object: root })
         .await

@@ -128,6 +128,7 @@ impl Rig {
                     read_timeout: self.read_timeout,
                     defaults: Default::default(),
                     bucket_prefix: self.bucket_prefix.clone(),
+                    max_file: firn::engines::share::MAX_FILE,
                 },
                 None,
             )
@@ -1122,12 +1123,15 @@ fn hostile_names_are_refused_and_create_nothing() {
             .expect("create")
             .fileid;
         let max = firn::engines::share::MAX_FILE;
-        assert_eq!(share.write(big, max, b"x", false), Err(ShareError::TooBig));
+        assert_eq!(
+            share.write(big, max, b"x", false),
+            Err(ShareError::TooBig(max))
+        );
         let grow = firn::engines::share::SetAttrs {
             size: Some(max + 1),
             ..Default::default()
         };
-        assert_eq!(share.setattr(big, grow), Err(ShareError::TooBig));
+        assert_eq!(share.setattr(big, grow), Err(ShareError::TooBig(max)));
         assert_eq!(share.attrs(big).expect("attrs").size, 0);
         share.remove(sub, "big").expect("remove");
         assert!(share.list(sub, None, 10).expect("list").is_empty());
@@ -2209,6 +2213,22 @@ fn objects_other_tools_put_or_delete_show_up_after_a_refresh() {
         let report = share.refresh("").expect("refresh");
         assert_eq!(report.removed, 0, "{report:?}");
         assert_eq!(&share.read(a, 0, 4).expect("read").0, b"mine");
+        // A path only the bucket has yet (`share refresh --path new/deep`): its levels are
+        // taken in on the way down; one neither has is not found.
+        put("r/new/deep/x.txt", b"deep".to_vec(), &[]);
+        put("r/new/other.txt", b"beside".to_vec(), &[]);
+        share
+            .refresh("new/deep/")
+            .expect("refresh of a path only the bucket has");
+        let new = share.lookup(share.root(), "new").expect("new");
+        let deep = share.lookup(new, "deep").expect("deep");
+        let x = share.lookup(deep, "x.txt").expect("x.txt");
+        assert_eq!(&share.read(x, 0, 10).expect("read").0, b"deep");
+        assert!(share.lookup(new, "other.txt").is_ok(), "the level above");
+        assert!(matches!(
+            share.refresh("new/nowhere"),
+            Err(ShareError::NotFound)
+        ));
     }
 }
 

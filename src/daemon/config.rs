@@ -213,6 +213,8 @@ pub struct SharesConfig {
     /// Owner and group of files from objects without `file-owner`/`file-group`.
     pub default_uid: u32,
     pub default_gid: u32,
+    /// The largest file a client may make in a share (S3's 5 TiB at most).
+    pub max_file_size: ByteSize,
 }
 
 impl Default for SharesConfig {
@@ -228,6 +230,7 @@ impl Default for SharesConfig {
             default_dir_mode: settings.defaults.dir_mode,
             default_uid: settings.defaults.uid,
             default_gid: settings.defaults.gid,
+            max_file_size: ByteSize(settings.max_file),
         }
     }
 }
@@ -492,6 +495,12 @@ impl Config {
         if self.shares.read_timeout_secs == 0 {
             return Err("[shares] read_timeout_secs must be positive".to_string());
         }
+        let max_file = crate::engines::share::MAX_FILE;
+        if self.shares.max_file_size.0 == 0 || self.shares.max_file_size.0 > max_file {
+            return Err(format!(
+                "[shares] max_file_size must be between 1 byte and {max_file} (S3's largest object)"
+            ));
+        }
         for block in &self.nfs.allow {
             Cidr::parse(block).map_err(|e| format!("[nfs] allow {block:?}: {e}"))?;
         }
@@ -752,6 +761,8 @@ mod tests {
             ("[nbd]\nmemory = \"64MiB\"", "memory must be at least"),
             ("[nbd]\nsend_timeout_secs = 0", "send_timeout_secs"),
             ("[shares]\nread_timeout_secs = 0", "read_timeout_secs"),
+            ("[shares]\nmax_file_size = \"6TiB\"", "max_file_size"),
+            ("[shares]\nmax_file_size = 0", "max_file_size"),
             (
                 "[nbd]\nnegotiation_timeout_secs = 0",
                 "negotiation_timeout_secs",

@@ -482,6 +482,7 @@ impl Gateway {
                         "" => String::new(),
                         prefix => format!("{prefix}/"),
                     },
+                    max_file: config.shares.max_file_size.0,
                 },
                 Some(space),
             )

@@ -80,9 +80,10 @@ pub enum ShareError {
     NameTooLong(usize),
     #[error("{0}")]
     Invalid(String),
-    /// Past the largest file a share holds (`MAX_FILE`, S3's largest object).
-    #[error("a file ends at {MAX_FILE} bytes at most")]
-    TooBig,
+    /// Past the largest file a share holds (`Settings::max_file`; `MAX_FILE`, S3's largest
+    /// object, at most).
+    #[error("a file ends at {0} bytes at most")]
+    TooBig(u64),
     #[error("the share is read-only")]
     ReadOnly,
     /// Local space is short: try again once uploads and eviction have made room (NFS's
@@ -180,6 +181,10 @@ pub struct Settings {
     /// file's key, share prefix included, must leave room for it, and upload records name
     /// whole keys.
     pub bucket_prefix: String,
+    /// The largest file a client may make (`MAX_FILE` at most): a write or a size past it
+    /// is refused (NFS3ERR_FBIG). Every file goes up whole, holes as zeroes, so one write at
+    /// a far offset would otherwise cost an upload of that size.
+    pub max_file: u64,
 }
 
 /// See `Settings::defaults`.
@@ -214,6 +219,7 @@ impl Default for Settings {
             read_timeout: Duration::from_secs(20),
             defaults: Defaults::default(),
             bucket_prefix: String::new(),
+            max_file: MAX_FILE,
         }
     }
 }
@@ -1695,14 +1701,19 @@ impl Share {
         Ok(entries)
     }
 
+    /// The largest file a client may make here (`Settings::max_file`).
+    pub fn max_file(&self) -> u64 {
+        self.settings.max_file.min(MAX_FILE)
+    }
+
     pub fn setattr(&self, id: u64, set: SetAttrs) -> Result<Attrs, ShareError> {
         let _changing = self.check_writable()?;
         let inode = self.ns.get(id)?;
         if set.size.is_some() && inode.kind != Kind::File {
             return Err(ShareError::Invalid("only a file has a size to set".into()));
         }
-        if set.size.is_some_and(|size| size > MAX_FILE) {
-            return Err(ShareError::TooBig);
+        if set.size.is_some_and(|size| size > self.max_file()) {
+            return Err(ShareError::TooBig(self.max_file()));
         }
         if set.size.is_some() || set.mtime_ns.is_some() && inode.kind == Kind::File {
             self.begin_change(id)?;
@@ -1815,8 +1826,8 @@ impl Share {
             Kind::File => {}
         }
         let end = offset.checked_add(data.len() as u64);
-        if end.is_none_or(|end| end > MAX_FILE) {
-            return Err(ShareError::TooBig);
+        if end.is_none_or(|end| end > self.max_file()) {
+            return Err(ShareError::TooBig(self.max_file()));
         }
         self.make_room(data.len() as u64)?;
         // Dirty before the content is opened: eviction never takes a dirty file.

@@ -109,9 +109,9 @@ impl Share {
             return Err(ShareError::Stopping);
         }
         let under = under.trim_matches('/');
-        let root = self.ns.resolve(under)?;
         let mut report = Refreshed::default();
         let dirty: HashSet<u64> = lock(&self.dirty).keys().copied().collect();
+        let root = self.resolve_refreshing(under, &dirty, &mut report)?;
         self.refresh_dir(root, under, &dirty, &mut report, None)?;
         // (directory, its share-relative path, the subdirectory it goes on after, entries
         // removed before its own refresh): every directory below `root`, those the bucket
@@ -146,6 +146,30 @@ impl Share {
             );
         }
         Ok(report)
+    }
+
+    /// The directory at share-relative `path`. A level the share does not have yet (only the
+    /// bucket does: another tool put it since the last refresh) is taken in from the bucket
+    /// first, by a refresh of its parent alone; `NotFound` if the bucket has none either.
+    fn resolve_refreshing(
+        &self,
+        path: &str,
+        dirty: &HashSet<u64>,
+        report: &mut Refreshed,
+    ) -> Result<u64, ShareError> {
+        let mut dir = namespace::ROOT;
+        let mut at = String::new();
+        for name in path.split('/').filter(|name| !name.is_empty()) {
+            dir = match self.ns.lookup(dir, name) {
+                Err(ShareError::NotFound) => {
+                    self.refresh_dir(dir, &at, dirty, report, None)?;
+                    self.ns.lookup(dir, name)?
+                }
+                found => found?,
+            };
+            at = join(&at, name);
+        }
+        Ok(dir)
     }
 
     /// Refreshes directory `dir` alone (not what is below it) if its listing is older than

@@ -17,7 +17,7 @@ use nfs3_types::xdr_codec::{List, Opaque, Void};
 use super::perm::{self, Target, Who};
 use super::{Caller, NfsServer, ShareAccess, decode, encode};
 use crate::engines::share::namespace::{Kind, MAX_NAME};
-use crate::engines::share::{Attrs, MAX_FILE, SetAttrs, Share, ShareError};
+use crate::engines::share::{Attrs, SetAttrs, Share, ShareError};
 
 type Outcome = Result<Vec<u8>, accept_stat_data>;
 
@@ -128,7 +128,7 @@ fn status(e: &ShareError) -> nfsstat3 {
         ShareError::NotEmpty => nfsstat3::NFS3ERR_NOTEMPTY,
         ShareError::NameTooLong(_) => nfsstat3::NFS3ERR_NAMETOOLONG,
         ShareError::Invalid(_) => nfsstat3::NFS3ERR_INVAL,
-        ShareError::TooBig => nfsstat3::NFS3ERR_FBIG,
+        ShareError::TooBig(_) => nfsstat3::NFS3ERR_FBIG,
         ShareError::ReadOnly => nfsstat3::NFS3ERR_ROFS,
         ShareError::NoSpace | ShareError::Stopping => nfsstat3::NFS3ERR_JUKEBOX,
         ShareError::Io(_) | ShareError::Changed(_) => nfsstat3::NFS3ERR_IO,
@@ -1006,7 +1006,7 @@ fn fsinfo(server: &NfsServer, caller: Caller, args: FSINFO3args) -> Vec<u8> {
             wtpref: IO_MAX,
             wtmult: 4096,
             dtpref: 64 << 10,
-            maxfilesize: MAX_FILE,
+            maxfilesize: share.max_file(),
             time_delta: nfstime3 {
                 seconds: 0,
                 nseconds: 1,
