@@ -440,11 +440,25 @@ fn idle_http_connections_cannot_take_the_daemons_descriptors() {
 
 /// Clients that trickle requests' heads, a byte a second, on every place the HTTP door has
 /// (256) and more in the backlog, keep the API from nobody for long: a connection that has
-/// not sent its whole head within 30 s is closed, and the API answers others meanwhile.
+/// not sent its whole head within 30 s is closed, and the API answers others meanwhile. So
+/// is one that asks for answers and reads none of them.
 #[test]
 fn clients_trickling_request_heads_give_their_place_up() {
     let (_dir, config, port, daemon) = started("");
     let path = config.to_str().expect("utf-8").to_string();
+    // Requests sent until the daemon stops reading them: its answers fill the buffers.
+    let mut deaf = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    deaf.set_write_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let requests = b"GET /metrics HTTP/1.1\r\nHost: firn\r\n\r\n".repeat(64);
+    let mut asked = 0;
+    while std::io::Write::write_all(&mut deaf, &requests).is_ok() {
+        asked += 64;
+        assert!(
+            asked < 1_000_000,
+            "the daemon reads requests it cannot answer"
+        );
+    }
     let mut slow = Vec::new();
     for _ in 0..300 {
         let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
@@ -494,6 +508,16 @@ fn clients_trickling_request_heads_give_their_place_up() {
     // Writes to a closed connection fail from the second on; those accepted last may still
     // be within their 30 s.
     assert!(open < 100, "{open} of 300 trickling connections still open");
+    // The deaf client, 30 s on: its connection was closed before all its answers went.
+    deaf.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut answers = Vec::new();
+    let ended = std::io::Read::read_to_end(&mut deaf, &mut answers);
+    let answered = answers.windows(12).filter(|w| w == b"HTTP/1.1 200").count();
+    assert!(
+        answered < asked,
+        "all {asked} answers came ({ended:?}): the connection waited on its client"
+    );
     assert!(daemon.stop().success());
 }
 

@@ -1931,6 +1931,9 @@ sys.stdout.buffer.write(s3.get_object(Bucket=sys.argv[2], Key="media/a.bin")["Bo
         ("", "holds the gateway's own objects"),
         ("gw/", "holds the gateway's own objects"),
         ("gw/volumes/", "volumes/ is where"),
+        // Share home's objects (gw/home/ in the gateway's bucket), named another way.
+        ("gw/home/", "overlaps share \"home\""),
+        ("gw/home/sub/", "overlaps share \"home\""),
     ] {
         let (ok, _, err) = common::firn(&[
             "share",

@@ -2229,6 +2229,17 @@ fn objects_other_tools_put_or_delete_show_up_after_a_refresh() {
             share.refresh("new/nowhere"),
             Err(ShareError::NotFound)
         ));
+        // Names no directory has: refused before anything is listed.
+        for path in ["..", "./", "new/..", "new/../../x"] {
+            assert!(
+                matches!(share.refresh(path), Err(ShareError::Invalid(_))),
+                "{path:?}"
+            );
+        }
+        assert!(matches!(
+            share.refresh("new/other.txt"),
+            Err(ShareError::NotDir)
+        ));
     }
 }
 

@@ -3,8 +3,9 @@
 //! local process that opens thousands of idle connections cannot take the daemon's file
 //! descriptors, which its volumes' logs, leases and uploads need. A connection that takes
 //! longer than `HEAD_TIMEOUT` to send a request's head (or sits that long idle between
-//! requests) is closed, so neither silent nor trickling clients can keep the API from others
-//! for long. (`axum::serve` sets no such timeout, hence this loop.)
+//! requests) is closed, and so is one that reads nothing of its answers for `SEND_TIMEOUT`
+//! (its send buffer full): neither silent, trickling nor non-reading clients can keep the API
+//! from others for long. (`axum::serve` sets no such timeouts, hence this loop.)
 
 use std::future::Future;
 use std::io;
@@ -23,6 +24,8 @@ pub const MAX_CONNECTIONS: usize = 256;
 /// How long a client has to send a request's head, from the moment the server waits for it
 /// (a kept-alive connection's wait for its next request counts too).
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an answer may wait on a client that reads none of it.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Capped {
     listener: TcpListener,
@@ -52,6 +55,7 @@ impl Capped {
                         Stream {
                             stream,
                             _place: place,
+                            stalled: None,
                         },
                         addr,
                     );
@@ -108,6 +112,34 @@ pub async fn serve(mut listener: Capped, app: axum::Router, stop: impl Future<Ou
 pub struct Stream {
     stream: TcpStream,
     _place: OwnedSemaphorePermit,
+    /// Runs out `SEND_TIMEOUT` after a write found the client reading nothing (its buffers
+    /// full), unless a write goes through meanwhile.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Stream {
+    /// What a write that went through (`done`) or found the client's buffers full
+    /// (`Pending`) returns: a stall of `SEND_TIMEOUT` ends the connection.
+    fn stall_or<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        done: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if done.is_ready() {
+            self.stalled = None;
+            return done;
+        }
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(SEND_TIMEOUT)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client read nothing of its answer for 30 s",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 impl AsyncRead for Stream {
@@ -126,7 +158,8 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let done = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.stall_or(cx, done)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -142,7 +175,8 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let done = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.stall_or(cx, done)
     }
 
     fn is_write_vectored(&self) -> bool {

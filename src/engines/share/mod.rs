@@ -474,13 +474,16 @@ impl Shares {
                 return Err(ShareError::ShareExists(name.to_string()));
             }
             // Two shares over one object would each take it for its own (upload over,
-            // delete, evict it) without knowing of the other.
+            // delete, evict it) without knowing of the other. Compared where the objects
+            // are: the gateway's own bucket, named or not, and whole keys in it.
+            let (bucket, keys) = self.key_space(&info);
             for (_, bytes) in tx.list(TABLE, "")? {
                 let Ok(other) = serde_json::from_slice::<ShareInfo>(&bytes) else {
                     continue;
                 };
-                if other.bucket == info.bucket
-                    && (other.prefix.starts_with(prefix) || prefix.starts_with(&other.prefix))
+                let (other_bucket, other_keys) = self.key_space(&other);
+                if other_bucket == bucket
+                    && (other_keys.starts_with(&keys) || keys.starts_with(&other_keys))
                 {
                     return Err(ShareError::Invalid(format!(
                         "prefix {prefix:?} overlaps share {:?}'s ({:?}) in the same bucket: two shares never hold the same objects",
@@ -496,6 +499,21 @@ impl Shares {
             return Err(e);
         }
         Ok(info)
+    }
+
+    /// Where a share's objects are: their bucket (`None`: the gateway's own, whether the
+    /// share names it or not) and the prefix of their whole keys in it.
+    fn key_space(&self, info: &ShareInfo) -> (Option<String>, String) {
+        match info.bucket.as_deref() {
+            None => (
+                None,
+                format!("{}{}", self.settings.bucket_prefix, info.prefix),
+            ),
+            Some(bucket) => match self.buckets.as_ref().and_then(|b| b.gateway_prefix(bucket)) {
+                Some(_) => (None, info.prefix.clone()),
+                None => (Some(bucket.to_string()), info.prefix.clone()),
+            },
+        }
     }
 
     /// Removes the share from this gateway: its namespace and local files. Its objects in

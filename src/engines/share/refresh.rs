@@ -151,6 +151,7 @@ impl Share {
     /// The directory at share-relative `path`. A level the share does not have yet (only the
     /// bucket does: another tool put it since the last refresh) is taken in from the bucket
     /// first, by a refresh of its parent alone; `NotFound` if the bucket has none either.
+    /// A name no file can have (`.`, `..`) is `Invalid`, one that is a file `NotDir`.
     fn resolve_refreshing(
         &self,
         path: &str,
@@ -160,6 +161,7 @@ impl Share {
         let mut dir = namespace::ROOT;
         let mut at = String::new();
         for name in path.split('/').filter(|name| !name.is_empty()) {
+            namespace::check_name(name)?;
             dir = match self.ns.lookup(dir, name) {
                 Err(ShareError::NotFound) => {
                     self.refresh_dir(dir, &at, dirty, report, None)?;
@@ -168,6 +170,9 @@ impl Share {
                 found => found?,
             };
             at = join(&at, name);
+        }
+        if self.ns.get(dir)?.kind != Kind::Dir {
+            return Err(ShareError::NotDir);
         }
         Ok(dir)
     }
