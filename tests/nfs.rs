@@ -1528,6 +1528,11 @@ fn objects_rclone_and_s3cmd_put_show_up_through_nfs_and_nfs_files_through_them()
 /// bucket elsewhere), `[shares]` ending with `extra`; and the file system's mount point. The
 /// gateway stops before the file system goes (bind the three in this order).
 fn on_a_small_disk(extra: &str) -> (common::Teardown, PathBuf, Gateway) {
+    on_a_small_disk_keeping("4MiB", extra)
+}
+
+/// `on_a_small_disk`, keeping `min_free` free.
+fn on_a_small_disk_keeping(min_free: &str, extra: &str) -> (common::Teardown, PathBuf, Gateway) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mnt, teardown) = common::small_ext4(dir.path());
     let (http_port, nfs_port) = (free_port(), free_port());
@@ -1535,7 +1540,7 @@ fn on_a_small_disk(extra: &str) -> (common::Teardown, PathBuf, Gateway) {
     std::fs::write(
         &config,
         format!(
-            "[local]\ndata_dir = \"{}\"\nmin_free = \"4MiB\"\n[remote]\nkind = \"local\"\npath = \"{}\"\n\
+            "[local]\ndata_dir = \"{}\"\nmin_free = \"{min_free}\"\n[remote]\nkind = \"local\"\npath = \"{}\"\n\
              [http]\nlisten = \"127.0.0.1:{http_port}\"\n[nbd]\nlisten = \"\"\n\
              [nfs]\nlisten = \"127.0.0.1:{nfs_port}\"\n[shares]\nsettle_secs = 1\n{extra}",
             mnt.join("data").display(),
@@ -1630,6 +1635,104 @@ async fn a_full_disk_makes_writers_wait_and_loses_nothing() {
         assert!(
             object.len() == 2 << 20 && object.iter().all(|&b| b == 7),
             "{name} did not arrive whole"
+        );
+    }
+}
+
+/// A disk filled by something else (`[local] min_free = 0`) until the metadata store fails a
+/// commit: that call gets NFS3ERR_JUKEBOX, and the store is opened again, which loses its
+/// lazy commits as a crash would, among them the entry of a file just created. The running
+/// share enters it again before it answers anyone: the client never sees it go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_created_before_the_metadata_store_fails_on_a_full_disk_stay() {
+    let (_teardown, mnt, g) = on_a_small_disk_keeping("0", "");
+    g.firn(&["share", "create", "full"]);
+    g.firn(&["bandwidth", "--upload", "paused"]);
+    let mut c = g.client("full", 0, 0).await;
+    let root = c.root_nfs_fh3();
+    let filler = mnt.join("filler");
+    let fill = || {
+        let mut f = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&filler)
+            .expect("filler");
+        let chunk = vec![1u8; 1 << 20];
+        while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
+        // The last few blocks too.
+        while std::io::Write::write_all(&mut f, &chunk[..4096]).is_ok() {}
+        let _ = f.sync_all();
+    };
+    // Directories (committed durably) until the store fails one: the disk is full to it.
+    let mut made = 0;
+    let mut fail_one = async |c: &mut common::NfsClient, from: &str| loop {
+        let name = format!("{from}{made:05}");
+        made += 1;
+        assert!(made < 20_000, "the metadata store never failed");
+        let res = c
+            .mkdir(&MKDIR3args {
+                where_: diropargs3 {
+                    dir: root.clone(),
+                    name: filename3::from(name.into_bytes()),
+                },
+                attributes: sattr3::default(),
+            })
+            .await
+            .expect("rpc");
+        match res {
+            Nfs3Result::Ok(_) => {}
+            Nfs3Result::Err((status, _)) => return status,
+        }
+    };
+    fill();
+    let status = fail_one(&mut c, "a").await;
+    assert_eq!(status, nfsstat3::NFS3ERR_JUKEBOX, "a full disk");
+    // A little room, for files created now, whose commits are lazy (their entry rides with
+    // their content) ...
+    let len = std::fs::metadata(&filler).expect("filler").len();
+    std::fs::File::options()
+        .write(true)
+        .open(&filler)
+        .and_then(|f| f.set_len(len.saturating_sub(256 << 10)))
+        .expect("truncate");
+    let mut kept = Vec::new();
+    for i in 0..5 {
+        let name = format!("kept{i}");
+        let made = c
+            .create(&CREATE3args {
+                where_: diropargs3 {
+                    dir: root.clone(),
+                    name: filename3::from(name.clone().into_bytes()),
+                },
+                how: createhow3::GUARDED(sattr3::default()),
+            })
+            .await
+            .expect("rpc");
+        if let Nfs3Result::Ok(made) = made {
+            kept.push((name, made.obj.unwrap()));
+        }
+    }
+    assert!(!kept.is_empty(), "no file could be created");
+    // ... and lost from the store when it fails again and opens again.
+    fill();
+    fail_one(&mut c, "b").await;
+    std::fs::remove_file(&filler).expect("rm filler");
+    for (name, handle) in &kept {
+        let found = common::nfs_lookup(&mut c, &root, name).await;
+        assert!(matches!(found, Nfs3Result::Ok(_)), "{name}: {found:?}");
+        let attrs = c
+            .getattr(&GETATTR3args {
+                object: handle.clone(),
+            })
+            .await
+            .expect("rpc");
+        assert!(matches!(attrs, Nfs3Result::Ok(_)), "{name}: {attrs:?}");
+        assert!(
+            matches!(
+                write_sync(&mut c, handle, 0, b"data").await,
+                Nfs3Result::Ok(_)
+            ),
+            "{name}: write"
         );
     }
 }

@@ -523,6 +523,21 @@ fn decode_json<T: DeserializeOwned>(
     })
 }
 
+impl MetaError {
+    /// Whether the disk was full (ENOSPC): a change can go through once there is room.
+    pub fn is_no_space(&self) -> bool {
+        let io = match self {
+            MetaError::Store {
+                source: redb::Error::Io(io),
+                ..
+            }
+            | MetaError::Create { source: io, .. } => io,
+            _ => return false,
+        };
+        io.raw_os_error() == Some(nix::libc::ENOSPC)
+    }
+}
+
 fn store_error(path: &Path, source: impl Into<redb::Error>) -> MetaError {
     MetaError::Store {
         path: path.to_path_buf(),

@@ -108,8 +108,13 @@ pub enum ShareError {
 }
 
 impl From<MetaError> for ShareError {
+    /// A full disk is `NoSpace` here too: the client tries again once there is room.
     fn from(e: MetaError) -> ShareError {
-        ShareError::Io(e.to_string())
+        if e.is_no_space() {
+            ShareError::NoSpace
+        } else {
+            ShareError::Io(e.to_string())
+        }
     }
 }
 
@@ -608,6 +613,7 @@ impl Shares {
             recent: Mutex::new(std::collections::VecDeque::new()),
             uploader: Mutex::new(None),
             changing: std::sync::RwLock::new(()),
+            seen_reopens: AtomicU64::new(self.meta.reopens()),
             listed: Mutex::new(HashMap::new()),
             newest_upload: tokio::sync::watch::Sender::new(0),
             used: Mutex::new(HashMap::new()),
@@ -875,6 +881,8 @@ pub struct Share {
     /// under way: a creation is lazily committed, and must be done before the share is marked
     /// stopped in order; and a deleted share's tables must get no rows after they are gone.
     changing: std::sync::RwLock<()>,
+    /// The metadata store's reopens this share has caught up with (`after_reopen`).
+    seen_reopens: AtomicU64,
     /// When each directory was last refreshed for a client's listing (`listing_ttl`).
     listed: Mutex<HashMap<u64, Instant>>,
     /// The task that uploads the share's files.
@@ -962,6 +970,62 @@ impl Share {
     }
 
     /// Whether the share takes changes now; held while one runs (`stop` waits for it).
+    /// Catches up with a reopen of the metadata store in this run (an I/O error, a full
+    /// disk, made it recover to its last durable commit): the lazy commits since were lost
+    /// as in a crash, among them entries of files just created, which clients were answered
+    /// for. Before any client call goes on, those files are entered again from their content
+    /// (`Namespace::recover`, as at a start after a crash), and what the store has as dirty
+    /// (uploads whose records were lost) goes up again. One atomic load when nothing was
+    /// reopened; not to be called with `changing` held. An error (the disk still full) is
+    /// for the call to give its client, which tries again: nothing is answered from a store
+    /// that has not caught up.
+    pub fn after_reopen(&self) -> Result<(), ShareError> {
+        let reopens = self.ns.reopens();
+        if self.seen_reopens.load(Ordering::Acquire) == reopens {
+            return Ok(());
+        }
+        // Alone: no creation between its lazy commit and its content file.
+        let _alone = self
+            .changing
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.seen_reopens.load(Ordering::Acquire) == reopens {
+            return Ok(());
+        }
+        let caught_up = self
+            .ns
+            .recover(&self.files)
+            .and_then(|recovered| Ok((recovered, self.ns.dirty()?)));
+        match caught_up {
+            Ok((recovered, dirty)) => {
+                tracing::warn!(
+                    share = %self.info.name,
+                    "the metadata store was opened again after an I/O error: {} file(s) whose creation it lost entered again, {} content file(s) of removed files deleted",
+                    recovered.entered,
+                    recovered.removed
+                );
+                let mut known = lock(&self.dirty);
+                for id in dirty {
+                    known.entry(id).or_insert_with(|| Dirty {
+                        generation: 1,
+                        writing: 0,
+                        last_change: Instant::now(),
+                        now: false,
+                        bytes: std::fs::metadata(self.content_path(id)).map_or(0, |m| m.len()),
+                    });
+                }
+                drop(known);
+                self.wake.notify_one();
+                self.seen_reopens.store(reopens, Ordering::Release);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(share = %self.info.name, "catching up with the metadata store opened again: {e}");
+                Err(e)
+            }
+        }
+    }
+
     fn check_writable(&self) -> Result<std::sync::RwLockReadGuard<'_, ()>, ShareError> {
         if self.info.read_only {
             return Err(ShareError::ReadOnly);

@@ -1063,6 +1063,12 @@ impl Namespace {
             .collect())
     }
 
+    /// How many times the metadata store was opened again after an I/O error in this run
+    /// (`MetaStore::reopens`): each time, lazy commits were lost as in a crash.
+    pub fn reopens(&self) -> u64 {
+        self.meta.reopens()
+    }
+
     /// Makes every lazily committed record durable (`uploaded` ones included).
     pub fn sync(&self) -> Result<(), ShareError> {
         Ok(self.meta.sync()?)

@@ -115,6 +115,10 @@ fn resolve(
             ShareAccess::Refused => nfsstat3::NFS3ERR_ACCES,
         })?;
     let fileid = u64::from_be_bytes(data[17..25].try_into().unwrap_or_default());
+    // Until the share has caught up with a reopened metadata store, the client tries again.
+    share
+        .after_reopen()
+        .map_err(|_| nfsstat3::NFS3ERR_JUKEBOX)?;
     Ok((share, fileid))
 }
 
