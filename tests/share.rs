@@ -1361,6 +1361,18 @@ fn another_tools_object_put_after_a_remove_stays() {
         share.refresh("").expect("refresh");
         let f = share.lookup(root, "f").expect("taken in");
         assert_eq!(share.read(f, 0, 100).expect("read").0, b"theirs");
+        // A directory's marker with data in it (S3 lets another tool put one; the directory
+        // store cannot hold one) is that tool's object: a RMDIR here leaves it.
+        let Some(prefix) = &rig.s3_prefix else {
+            continue;
+        };
+        common::boto3_put(&format!("{}/m/d/", prefix.trim_matches('/')), b"bytes", &[]);
+        share.refresh("").expect("refresh");
+        share.lookup(root, "d").expect("a directory");
+        share.rmdir(root, "d").expect("rmdir");
+        rig.wait_clean("m");
+        let there = rig.runtime.block_on(rig.raw.head("m/d/")).expect("head");
+        assert_eq!(there.map(|o| o.size), Some(5), "the marker with data");
     }
 }
 

@@ -981,9 +981,15 @@ impl Remote for S3Store {
                     Some((name.to_string(), value.to_str().ok()?.to_string()))
                 })
                 .collect();
+            // Empty, as firn makes them; another tool may have put bytes in one.
+            let size = response
+                .headers()
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(0);
             return Ok(Some(ObjectInfo {
                 key: key.to_string(),
-                size: 0,
+                size,
                 meta,
                 etag: None,
             }));

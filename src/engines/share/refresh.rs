@@ -72,6 +72,11 @@ fn symlink_mode(meta: &Meta) -> bool {
         .is_some_and(|mode| mode & 0o170000 == 0o120000)
 }
 
+/// The latest time an object's metadata sets (in nanoseconds since the epoch): a year short
+/// of the end of NFSv3's times (32-bit seconds, in 2106), so that a file's change time can
+/// still grow past it and clients see the file change. Later ones are taken as this.
+const LATEST_NS: u64 = (u32::MAX as u64 - 365 * 86_400) * 1_000_000_000;
+
 /// Mode, owner, group, modification and access times from an object's metadata; what is
 /// missing comes from `defaults`.
 pub(super) fn attrs_from(meta: &Meta, defaults: NewAttrs) -> NewAttrs {
@@ -88,8 +93,10 @@ pub(super) fn attrs_from(meta: &Meta, defaults: NewAttrs) -> NewAttrs {
         gid: number("file-group", 10)
             .and_then(|v| u32::try_from(v).ok())
             .unwrap_or(defaults.gid),
-        now_ns: number("file-mtime", 10).unwrap_or(defaults.now_ns),
-        atime_ns: number("file-atime", 10).or(defaults.atime_ns),
+        now_ns: number("file-mtime", 10).map_or(defaults.now_ns, |t| t.min(LATEST_NS)),
+        atime_ns: number("file-atime", 10)
+            .map(|t| t.min(LATEST_NS))
+            .or(defaults.atime_ns),
     }
 }
 
@@ -568,7 +575,9 @@ impl Share {
                     inode.uploaded = Some(found);
                     // Changed: clients compare the change time to drop what they cached,
                     // and a rewrite that kept its size and mtime changes nothing else.
-                    inode.ctime_ns = super::now_ns().max(told + 1).max(inode.mtime_ns);
+                    inode.ctime_ns = super::now_ns()
+                        .max(told.saturating_add(1))
+                        .max(inode.mtime_ns);
                 })?;
                 lock(&self.files_open).remove(&id);
                 let _ = std::fs::remove_file(self.content_path(id));
@@ -723,5 +732,31 @@ mod tests {
         assert_eq!(attrs("0", "4294967295"), (0, u32::MAX));
         assert_eq!(attrs("99999999999", "4294967296"), (1000, 1001));
         assert_eq!(attrs("-5", "x"), (1000, 1001));
+    }
+
+    #[test]
+    fn times_past_what_nfs_carries_leave_room_for_changes() {
+        let defaults = NewAttrs {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            now_ns: 1,
+            atime_ns: None,
+        };
+        let times = |mtime: &str| {
+            let meta = Meta::from([
+                ("file-mtime".to_string(), mtime.to_string()),
+                ("file-atime".to_string(), mtime.to_string()),
+            ]);
+            let attrs = attrs_from(&meta, defaults);
+            (attrs.now_ns, attrs.atime_ns)
+        };
+        let latest = LATEST_NS;
+        assert_eq!(times("18446744073709551615ns"), (latest, Some(latest)));
+        assert_eq!(times("5000000000000000000ns"), (latest, Some(latest)));
+        let ordinary = 1_700_000_000_123_456_789;
+        assert_eq!(times("1700000000123456789ns"), (ordinary, Some(ordinary)));
+        // A year of change times is left before NFS's last second.
+        assert!(latest / 1_000_000_000 + 365 * 86_400 <= u64::from(u32::MAX));
     }
 }

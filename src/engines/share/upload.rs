@@ -206,17 +206,26 @@ async fn delete_queued(share: &Arc<Share>) -> Result<bool, String> {
             Decision::Drop => {}
             Decision::Delete => {
                 let key = format!("{}{path}", share.info.prefix);
-                if let Some(etag) = etag
-                    && let Some(there) = share
+                // A directory's marker is empty: one with data is another tool's object
+                // that no file here is (S3 lets `a/` hold bytes), and stays.
+                let marker = path.ends_with('/');
+                let there = if etag.is_some() || marker {
+                    share
                         .remote
                         .head(&key)
                         .await
                         .map_err(|e| format!("deleting {key}: {e}"))?
-                    && there.etag.is_some_and(|there| there != etag)
-                {
-                    // Not the object removed here: another tool's, put since. It stays,
-                    // and the next refresh takes it in.
-                    tracing::info!(share = %share.info.name, "{key} was written by another tool after its file was removed or renamed here: kept");
+                } else {
+                    None
+                };
+                let theirs = there.is_some_and(|there| {
+                    marker && there.size > 0
+                        || etag.is_some() && there.etag.is_some() && there.etag != etag
+                });
+                if theirs {
+                    // Not the object removed here: another tool's, put since (or a marker
+                    // with data). It stays, and the next refresh takes it in.
+                    tracing::info!(share = %share.info.name, "{key} is another tool's object, not the one removed or renamed here: kept");
                 } else {
                     share
                         .remote
