@@ -117,6 +117,13 @@ async fn serve_status_api_and_clean_stop() {
     assert_eq!(zero.status(), 400);
     let message = zero.text().await.expect("body");
     assert!(message.contains("paused"), "{message}");
+    let gone = http
+        .delete(daemon.url("/api/v1/volumes/nosuch?force=true"))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(gone.status(), 404);
     let (ok, out, err) = firn(&["bandwidth", "--config", config_arg, "--upload", "paused"]);
     assert!(ok, "{err}");
     assert!(out.contains("upload paused"), "{out}");
@@ -162,6 +169,25 @@ async fn serve_status_api_and_clean_stop() {
             .iter()
             .any(|r| r.contains("\"method\":\"PUT\"") && r.contains("bandwidth")),
         "{records:?}"
+    );
+    // A change's intent carries what it asked for: its query, its body.
+    assert!(
+        records.iter().any(
+            |r| r.contains("\"path\":\"/api/v1/volumes/nosuch?force=true\"")
+                && r.contains("\"status\":404")
+        ),
+        "{records:?}"
+    );
+    let asked: Vec<serde_json::Value> = records
+        .iter()
+        .map(|r| serde_json::from_str(r).expect("json"))
+        .filter(|r: &serde_json::Value| r["phase"] == "intent" && r["path"] == "/api/v1/bandwidth")
+        .collect();
+    assert!(
+        asked
+            .iter()
+            .any(|r| r["request"] == serde_json::json!({"upload": "warp speed"})),
+        "{asked:?}"
     );
 
     // The second start reuses the token and does not show it again.

@@ -76,14 +76,24 @@ fn token_ok(gateway: &Gateway, request: &Request) -> bool {
 /// recorded before it runs and refused with 503 if that fails; it then runs to the end even
 /// if the client hangs up, and its outcome is recorded. Calls with a bad token are counted
 /// (see `Audit::refused`).
+/// The largest request body the API takes (axum's default for the handlers too).
+const MAX_BODY: usize = 2 << 20;
+
 async fn audit(State(gateway): Shared, request: Request, next: Next) -> Response {
     let peer = request
         .extensions()
         .get::<ConnectInfo<super::capped::Peer>>()
         .map(|c| c.0.0.to_string());
+    // With the query: `?force=true` is part of what a call asks for.
     let call = Call::new(
         request.method().as_str(),
-        &format!("/api/v1{}", request.uri().path()),
+        &format!(
+            "/api/v1{}",
+            request
+                .uri()
+                .path_and_query()
+                .map_or("", |path| path.as_str())
+        ),
         peer,
     );
     if !token_ok(&gateway, &request) {
@@ -95,6 +105,32 @@ async fn audit(State(gateway): Shared, request: Request, next: Next) -> Response
     }
     let change = !matches!(*request.method(), Method::GET | Method::HEAD);
     let id = gateway.next_call();
+    let (call, request) = if change {
+        // What a change asks for is in its body too: read here (as large as the handlers
+        // take) for the intent record, and handed on.
+        let (parts, body) = request.into_parts();
+        let body = match axum::body::to_bytes(body, MAX_BODY).await {
+            Ok(body) => body,
+            Err(e) => {
+                let too_large = std::error::Error::source(&e)
+                    .is_some_and(|e| e.is::<http_body_util::LengthLimitError>());
+                return if too_large {
+                    error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("the request body is over {MAX_BODY} bytes"),
+                    )
+                } else {
+                    error(StatusCode::BAD_REQUEST, format!("request body: {e}"))
+                };
+            }
+        };
+        (
+            call.with_request(&body),
+            Request::from_parts(parts, axum::body::Body::from(body)),
+        )
+    } else {
+        (call, request)
+    };
     if change {
         let (g, c) = (gateway.clone(), call.clone());
         let recorded = tokio::task::spawn_blocking(move || g.audit.intent(id, &c)).await;

@@ -16,6 +16,9 @@ use crate::local::log::{Log, LogError, Recovery};
 /// The most bytes of a path (or a method) one record keeps.
 pub const MAX_PATH_BYTES: usize = 256;
 const MAX_METHOD_BYTES: usize = 16;
+/// The largest request body a change's intent record carries whole (a JSON body; a larger or
+/// other one is recorded by its length).
+pub const MAX_REQUEST_BYTES: usize = 4096;
 /// At most one record per this interval for each cause of refusal.
 pub const REFUSED_EVERY: Duration = Duration::from_secs(1);
 
@@ -27,6 +30,10 @@ pub struct Call {
     /// The path's length in bytes, when it was cut to [`MAX_PATH_BYTES`].
     pub path_bytes: Option<usize>,
     pub peer: Option<String>,
+    /// A change's request body (`with_request`).
+    pub request: Option<Value>,
+    /// Its length in bytes, when it is not in `request` (too large, or not JSON).
+    pub request_bytes: Option<usize>,
 }
 
 impl Call {
@@ -41,7 +48,22 @@ impl Call {
             path,
             path_bytes,
             peer,
+            request: None,
+            request_bytes: None,
         }
+    }
+
+    /// The call with its request body, for the intent record: whole if it is JSON of at most
+    /// [`MAX_REQUEST_BYTES`], else its length. (No call of the API carries a secret.)
+    pub fn with_request(mut self, body: &[u8]) -> Call {
+        if body.is_empty() {
+            return self;
+        }
+        match serde_json::from_slice::<Value>(body) {
+            Ok(value) if body.len() <= MAX_REQUEST_BYTES => self.request = Some(value),
+            _ => self.request_bytes = Some(body.len()),
+        }
+        self
     }
 
     fn record(&self) -> serde_json::Map<String, Value> {
@@ -110,6 +132,12 @@ impl Audit {
     /// The intent of a change, before it is made. An error means the change must not be made.
     pub fn intent(&self, id: u64, call: &Call) -> Result<(), LogError> {
         let mut record = call.record();
+        if let Some(request) = &call.request {
+            record.insert("request".into(), request.clone());
+        }
+        if let Some(len) = call.request_bytes {
+            record.insert("request_bytes".into(), len.into());
+        }
         record.insert("call".into(), id.into());
         record.insert("phase".into(), "intent".into());
         self.write(&Value::Object(record))
@@ -218,6 +246,22 @@ pub fn report_recovery(path: &Path, recovery: &Recovery) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_carries_its_body_whole_if_small_and_json_else_its_length() {
+        let call = |body: &[u8]| {
+            let call = Call::new("POST", "/api/v1/volumes", None).with_request(body);
+            (call.request, call.request_bytes)
+        };
+        assert_eq!(
+            call(br#"{"name":"db1","size":"1G"}"#),
+            (Some(serde_json::json!({"name": "db1", "size": "1G"})), None)
+        );
+        assert_eq!(call(b""), (None, None));
+        assert_eq!(call(b"not json"), (None, Some(8)));
+        let big = format!("{{\"allow\":[{}\"x\"]}}", "\"10.0.0.0/8\",".repeat(400));
+        assert_eq!(call(big.as_bytes()), (None, Some(big.len())));
+    }
 
     #[test]
     fn long_paths_and_methods_are_cut_at_a_character_boundary() {
