@@ -1459,8 +1459,9 @@ fn block_status_reply(r: Request, extents: &[Extent]) -> Vec<u8> {
         extents.len().clamp(1, MAX_STATUS_DESCRIPTORS)
     };
     let mut descriptors = Vec::with_capacity(limit * 8);
+    let longest = u64::from(u32::MAX) & !4095;
     for extent in extents.iter().take(limit) {
-        let length = extent.length.min(u64::from(u32::MAX) & !4095) as u32;
+        let length = extent.length.min(longest) as u32;
         if length == 0 {
             continue;
         }
@@ -1473,6 +1474,12 @@ fn block_status_reply(r: Request, extents: &[Extent]) -> Vec<u8> {
         }
         descriptors.extend_from_slice(&length.to_be_bytes());
         descriptors.extend_from_slice(&flags.to_be_bytes());
+        if extent.length > longest {
+            // Cut short: the next extent does not start where this descriptor ends, so
+            // the answer ends here (shorter than asked, as the protocol allows; the client
+            // asks again from its end).
+            break;
+        }
     }
     if descriptors.is_empty() {
         // Extents shorter than the request are allowed; an empty answer is not.
@@ -1494,6 +1501,39 @@ fn block_status_reply(r: Request, extents: &[Extent]) -> Vec<u8> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn an_extent_cut_to_fit_a_descriptor_ends_the_answer() {
+        let extent = |length, hole| Extent {
+            length,
+            hole,
+            zero: hole,
+        };
+        let request = Request {
+            flags: 0,
+            kind: CMD_BLOCK_STATUS,
+            cookie: 7,
+            offset: 0,
+            length: u32::MAX,
+        };
+        // Past what a descriptor holds, then data, then a hole: had the data's descriptor
+        // followed, it would have been placed 4095 bytes early, over the hole's bytes.
+        let reply = block_status_reply(
+            request,
+            &[
+                extent((1 << 32) + 0x200, false),
+                extent(0x200, false),
+                extent(0x9ff, true),
+            ],
+        );
+        let descriptors = &reply[reply.len() - 8..];
+        assert_eq!(reply.len(), 20 + 4 + 8, "one descriptor");
+        assert_eq!(descriptors[..4], 0xFFFF_F000u32.to_be_bytes());
+        assert_eq!(descriptors[4..], 0u32.to_be_bytes());
+        // Extents that fit all go.
+        let reply = block_status_reply(request, &[extent(4096, false), extent(8192, true)]);
+        assert_eq!(reply.len(), 20 + 4 + 16, "two descriptors");
+    }
 
     proptest! {
         #[test]
