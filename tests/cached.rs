@@ -553,6 +553,63 @@ fn a_cached_volume_grows_online_and_never_shrinks() {
     qemu_io(&b.uri("db"), &["read -P 0x22 24M 1M", "read -P 0x11 1M 1M"]);
 }
 
+/// Resizes and limit changes of one volume at once: each applies to the record as the others
+/// left it, so the catalog keeps the largest size granted, the one clients were given, and a
+/// restart serves it (a change made on a copy read before another's used to write back the
+/// older size).
+#[test]
+fn resizes_and_limit_changes_at_once_keep_the_largest_size() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let mut a = Gateway::start(&dir.path().join("a"), &bucket, "");
+    a.firn(&["volume", "create", "v", "--size", "16M"]);
+    let served = |g: &Gateway| -> u64 {
+        run("nbdinfo", &["--size", &g.uri("v")])
+            .trim()
+            .parse()
+            .expect("nbdinfo --size")
+    };
+    let mut granted = 16u64 << 20;
+    for round in 0..12u64 {
+        let sizes = [round * 8 + 20, round * 8 + 22, round * 8 + 24];
+        let results = std::thread::scope(|s| {
+            let resizes: Vec<_> = sizes
+                .iter()
+                .map(|mib| {
+                    let a = &a;
+                    s.spawn(move || {
+                        let size = format!("{mib}M");
+                        (
+                            mib << 20,
+                            a.try_firn(&["volume", "resize", "v", "--size", &size]).0,
+                        )
+                    })
+                })
+                .collect();
+            let limits = s.spawn(|| {
+                let cache = format!("{}M", 64 + round);
+                a.try_firn(&["volume", "limits", "v", "--cache-max", &cache])
+            });
+            let (ok, out) = limits.join().expect("limits");
+            assert!(ok, "limits: {out}");
+            resizes
+                .into_iter()
+                .map(|r| r.join().expect("resize"))
+                .collect::<Vec<_>>()
+        });
+        for (size, ok) in results {
+            if ok {
+                granted = granted.max(size);
+            }
+        }
+        assert_eq!(a.show("v")["size"], granted, "round {round}");
+        assert_eq!(served(&a), granted, "round {round}");
+    }
+    a.restart();
+    assert_eq!(a.show("v")["size"], granted);
+    assert_eq!(served(&a), granted);
+}
+
 /// A volume grown after its newest checkpoint, and written past its old size, is taken over
 /// whole: the new gateway's checkpoint has the grown size, so the volume opens, there and on
 /// any later gateway.

@@ -1447,7 +1447,7 @@ impl Catalog {
 
     /// Grows a cached volume to `size` bytes, online. Local volumes cannot be resized yet.
     pub fn resize(&self, name: &str, size: u64) -> Result<VolumeInfo, CatalogError> {
-        let mut info = self.get(name)?.ok_or_else(|| CatalogError::NotFound {
+        let info = self.get(name)?.ok_or_else(|| CatalogError::NotFound {
             name: name.to_string(),
         })?;
         if info.mode != Mode::Cached {
@@ -1456,17 +1456,21 @@ impl Catalog {
                 reason: "only cached volumes can be resized".into(),
             });
         }
-        if size <= info.size || size % local::SECTOR_SIZE != 0 || size > local::MAX_SIZE {
-            return Err(CatalogError::Resize {
-                name: name.to_string(),
-                reason: format!(
-                    "the new size must be larger than the current {} bytes (volumes only grow), a multiple of {} bytes, at most {}",
-                    info.size,
-                    local::SECTOR_SIZE,
-                    local::MAX_SIZE
-                ),
-            });
-        }
+        let check = |info: &VolumeInfo| {
+            if size <= info.size || size % local::SECTOR_SIZE != 0 || size > local::MAX_SIZE {
+                return Err(CatalogError::Resize {
+                    name: name.to_string(),
+                    reason: format!(
+                        "the new size must be larger than the current {} bytes (volumes only grow), a multiple of {} bytes, at most {}",
+                        info.size,
+                        local::SECTOR_SIZE,
+                        local::MAX_SIZE
+                    ),
+                });
+            }
+            Ok(())
+        };
+        check(&info)?;
         // Its new size would never reach the bucket.
         if let Some(why) = self
             .pinned_volumes()
@@ -1478,8 +1482,12 @@ impl Catalog {
                 reason: format!("this gateway no longer serves it ({why}); it is read-only here"),
             });
         }
-        info.size = size;
-        self.rewrite(&info)?;
+        // Checked again on the record as it is now: another resize may have grown it since.
+        let info = self.rewrite(name, &info.id, |info| {
+            check(info)?;
+            info.size = size;
+            Ok(())
+        })?;
         if let Some(volume) = self.pinned_volumes().get(&info.id) {
             volume.grow(size);
         }
@@ -1507,13 +1515,16 @@ impl Catalog {
                 message: "log_max and cache_max are for cached volumes; a local volume keeps all its data here".into(),
             });
         }
-        if let Some(log_max) = log_max {
-            info.limits.log_max = log_max;
-        }
-        if let Some(cache_max) = cache_max {
-            info.limits.cache_max = cache_max;
-        }
-        self.check_limits(name, &info.limits)?;
+        let change = |info: &mut VolumeInfo| {
+            if let Some(log_max) = log_max {
+                info.limits.log_max = log_max;
+            }
+            if let Some(cache_max) = cache_max {
+                info.limits.cache_max = cache_max;
+            }
+            self.check_limits(name, &info.limits)
+        };
+        change(&mut info)?;
         let open = self.pinned_volumes().get(&info.id).cloned();
         if let (Some(volume), Some(bucket)) = (&open, &self.bucket) {
             // A larger log takes its room at once: refused, as at open, if the disk has
@@ -1524,7 +1535,8 @@ impl Catalog {
                 self.check_free(name, wanted - now, bucket.settings.min_free)?;
             }
         }
-        self.rewrite(&info)?;
+        // Only the limits change, on the record as it is now (a resize may have run since).
+        let info = self.rewrite(name, &info.id, change)?;
         if let (Some(volume), Some(bucket)) = (open, &self.bucket) {
             let settings = info.limits.apply(&bucket.settings);
             volume.set_cache_max(settings.cache_max);
@@ -1535,23 +1547,30 @@ impl Catalog {
 
     /// Stores `info` in place of its entry, unless the name was deleted (or taken by another
     /// volume) meanwhile.
-    fn rewrite(&self, info: &VolumeInfo) -> Result<(), CatalogError> {
-        let name = &info.name;
+    fn rewrite(
+        &self,
+        name: &str,
+        id: &str,
+        change: impl FnOnce(&mut VolumeInfo) -> Result<(), CatalogError>,
+    ) -> Result<VolumeInfo, CatalogError> {
+        let mut refused = None;
         let updated = self.meta.transaction(|tx| {
             let current: Option<VolumeInfo> = tx.get_json(TABLE, name)?;
-            match current {
-                Some(current) if current.id == info.id => {
-                    tx.put_json(TABLE, name, info)?;
-                    Ok(true)
-                }
-                _ => Ok(false),
+            let Some(mut current) = current.filter(|current| current.id == id) else {
+                return Ok(None);
+            };
+            if let Err(e) = change(&mut current) {
+                refused = Some(e);
+                return Ok(None);
             }
+            tx.put_json(TABLE, name, &current)?;
+            Ok(Some(current))
         });
         match updated {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(CatalogError::NotFound {
+            Ok(Some(info)) => Ok(info),
+            Ok(None) => Err(refused.unwrap_or_else(|| CatalogError::NotFound {
                 name: name.to_string(),
-            }),
+            })),
             Err(source) => Err(meta_error(name, source)),
         }
     }
