@@ -1645,6 +1645,40 @@ fn commits_and_eviction_go_on_while_writes_outpace_the_uplink() {
     );
 }
 
+/// Data read back from the bucket is evicted past `cache_max` while the uploads wait (paused
+/// here; a slow commit or an outage alike): eviction runs beside them, not only between
+/// their steps, where everything read meanwhile stayed on local disk.
+#[test]
+fn reads_while_uploads_wait_keep_the_cache_bounded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let g = Gateway::start(&dir.path().join("a"), &bucket, "");
+    g.firn(&["volume", "create", "v", "--size", "64M"]);
+    qemu_io(&g.uri("v"), &["write -P 0x33 0 16M"]);
+    g.wait_drained("v", true);
+    // The uploader waits on a segment it may not send.
+    g.firn(&["bandwidth", "--upload", "paused"]);
+    qemu_io(&g.uri("v"), &["write -P 0x44 32M 1M"]);
+    qemu_io(&g.uri("v"), &["read -P 0x33 0 16M"]);
+    let started = Instant::now();
+    loop {
+        let shown = g.show("v");
+        let cache = &shown["cache"];
+        let clean = cache["cached_bytes"].as_u64().expect("cached")
+            - cache["dirty_bytes"].as_u64().expect("dirty");
+        if clean <= 4 << 20 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the cache (cache_max 0) kept {clean} bytes read back: {shown:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    g.firn(&["bandwidth", "--upload", "unlimited"]);
+    qemu_io(&g.uri("v"), &["read -P 0x33 0 16M", "read -P 0x44 32M 1M"]);
+}
+
 /// Starts fio over NBD in the background, its output captured.
 fn fio_spawn(uri: &str, args: &[String]) -> std::process::Child {
     std::process::Command::new("fio")

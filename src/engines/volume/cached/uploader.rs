@@ -15,6 +15,31 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Runs until the volume is dropped (`State::stopped`).
 pub(super) async fn run(inner: Arc<Inner>, descriptor: Descriptor) {
+    // One task, so that the end of the uploads (or their cancelling) ends the evictions.
+    tokio::select! {
+        () = uploads(inner.clone(), descriptor) => {}
+        () = evictions(&inner) => {}
+    }
+}
+
+/// How often the local data is checked against its bounds beside the uploads.
+const EVICT_EVERY: Duration = Duration::from_millis(500);
+
+/// Keeps the volume's clean local data within its bounds (`cache_max`, the log's reserve,
+/// `[local] min_free`) beside the uploads, not only between their steps: reads fetch data
+/// into the cache whatever the uploads wait on (a slow commit, a bucket out of reach, their
+/// back-off), and the cache grew past its bound by all that was read meanwhile.
+async fn evictions(inner: &Arc<Inner>) {
+    loop {
+        tokio::time::sleep(EVICT_EVERY).await;
+        let fenced = lock(&inner.state).fenced.is_some();
+        if !fenced && let Err(e) = evict(inner).await {
+            tracing::debug!(volume = %inner.name, "evicting: {e}");
+        }
+    }
+}
+
+async fn uploads(inner: Arc<Inner>, descriptor: Descriptor) {
     let mut backoff = Duration::from_millis(250);
     let mut leased: Option<std::time::Instant> = None;
     loop {
