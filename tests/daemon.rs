@@ -196,6 +196,41 @@ async fn serve_status_api_and_clean_stop() {
     assert!(daemon.stop().success());
 }
 
+/// Another program fills the data directory's disk: changes through the API are still
+/// recorded and made, in the space the audit log keeps aside (a bandwidth change that resumes
+/// paused uploads is what lets writers waiting for room go on).
+#[test]
+fn the_api_takes_changes_on_a_disk_another_program_filled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mnt, _teardown) = common::small_ext4(dir.path());
+    let port = free_port();
+    let config = write_config(&mnt, port, "");
+    let daemon = Daemon::start(&config, port, &[]);
+    let config_arg = config.to_str().expect("utf-8");
+    let filler = mnt.join("filler");
+    {
+        let mut f = std::fs::File::create(&filler).expect("filler");
+        let chunk = vec![1u8; 1 << 20];
+        while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
+        while std::io::Write::write_all(&mut f, &chunk[..4096]).is_ok() {}
+        let _ = f.sync_all();
+    }
+    for upload in ["paused", "unlimited", "paused", "unlimited"] {
+        let (ok, out, err) = firn(&["bandwidth", "--config", config_arg, "--upload", upload]);
+        assert!(ok, "bandwidth {upload} on a full disk: {out}{err}");
+    }
+    std::fs::remove_file(&filler).expect("rm filler");
+    assert!(daemon.stop().success());
+    let (mut log, _) = firn::local::log::Log::open(mnt.join("data/audit.log")).expect("audit log");
+    let outcomes = log
+        .iter()
+        .expect("iter")
+        .map(|r| String::from_utf8(r.expect("record").payload).expect("utf-8"))
+        .filter(|r| r.contains("/api/v1/bandwidth") && r.contains("\"phase\":\"outcome\""))
+        .count();
+    assert_eq!(outcomes, 4, "the bandwidth changes' outcomes");
+}
+
 /// A daemon on a config of its own with `extra` in it: its directory (to keep until the
 /// end), config file, HTTP port and process.
 fn started(extra: &str) -> (tempfile::TempDir, std::path::PathBuf, u16, Daemon) {

@@ -98,8 +98,19 @@ struct Refusals {
     sample: Option<(Call, u16)>,
 }
 
+/// Space the audit log keeps aside in a file of its own (`<log>.reserve`), given up when the
+/// disk is full: the records of changes that make room (a bandwidth change that resumes
+/// uploads, a delete) still go in when another program has filled the disk. About 3,000
+/// records.
+pub const RESERVE_BYTES: i64 = 1 << 20;
+/// How often a reserve given up is made again, once there is room.
+const RESERVE_RETRY: Duration = Duration::from_secs(10);
+
 pub struct Audit {
     path: PathBuf,
+    /// `<log>.reserve`; when it was last found missing and not made again.
+    reserve: PathBuf,
+    reserve_missing: Mutex<Option<Instant>>,
     /// `None` after a write failed: the next call reopens the log, whose recovery finds out
     /// what reached the disk.
     log: Mutex<Option<Log>>,
@@ -117,11 +128,21 @@ impl Audit {
     /// set aside.
     pub fn open(path: &Path) -> Result<(Audit, Recovery), LogError> {
         let (log, recovery) = Log::open(path)?;
+        let mut reserve = path.as_os_str().to_owned();
+        reserve.push(".reserve");
         let audit = Audit {
             path: path.to_path_buf(),
+            reserve: PathBuf::from(reserve),
+            reserve_missing: Mutex::new(None),
             log: Mutex::new(Some(log)),
             refused: Mutex::new(HashMap::new()),
         };
+        if !audit.make_reserve() {
+            *audit
+                .reserve_missing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+        }
         Ok((audit, recovery))
     }
 
@@ -200,9 +221,64 @@ impl Audit {
         }
     }
 
-    /// Appends one record and syncs it.
+    /// Makes the reserve again if it was given up (or could not be made) and not tried in the
+    /// last `RESERVE_RETRY`.
+    fn keep_reserve(&self) {
+        let mut missing = self
+            .reserve_missing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if missing.is_none_or(|since| since.elapsed() < RESERVE_RETRY) {
+            return;
+        }
+        *missing = (!self.make_reserve()).then(Instant::now);
+    }
+
+    /// Makes the reserve (`RESERVE_BYTES`), or tops it up; whether it is whole. Best effort:
+    /// a disk without the room has none to give.
+    fn make_reserve(&self) -> bool {
+        let made = (|| {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&self.reserve)?;
+            nix::fcntl::fallocate(&file, nix::fcntl::FallocateFlags::empty(), 0, RESERVE_BYTES)?;
+            file.sync_all()
+        })();
+        made.is_ok()
+    }
+
+    /// Gives the reserve up to the log; whether there was one.
+    fn give_up_reserve(&self) -> bool {
+        let gone = std::fs::remove_file(&self.reserve).is_ok();
+        if gone {
+            tracing::warn!(
+                "the disk of {} is full: the audit log takes the {RESERVE_BYTES} bytes it kept aside",
+                self.path.display()
+            );
+            *self
+                .reserve_missing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+        }
+        gone
+    }
+
+    /// Appends one record and syncs it; on a full disk, once more with the reserve given up.
     fn write(&self, record: &Value) -> Result<(), LogError> {
         let line = record.to_string();
+        match self.append(&line) {
+            Err(_) if self.give_up_reserve() => self.append(&line),
+            Ok(()) => {
+                self.keep_reserve();
+                Ok(())
+            }
+            failed => failed,
+        }
+    }
+
+    fn append(&self, line: &str) -> Result<(), LogError> {
         let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
         let open = match log.as_mut() {
             Some(open) => open,
