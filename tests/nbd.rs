@@ -395,6 +395,18 @@ impl Raw {
         (error, data)
     }
 
+    /// (type, payload) of one structured reply chunk.
+    fn structured_reply(&mut self) -> (u16, Vec<u8>) {
+        let mut h = [0u8; 20];
+        self.s.read_exact(&mut h).expect("structured reply");
+        assert_eq!(h[..4], 0x668e_33efu32.to_be_bytes());
+        let kind = u16::from_be_bytes(h[6..8].try_into().expect("2"));
+        let len = u32::from_be_bytes(h[16..20].try_into().expect("4"));
+        let mut data = vec![0u8; len as usize];
+        self.s.read_exact(&mut data).expect("structured reply data");
+        (kind, data)
+    }
+
     /// True when the server closed the connection.
     fn closed(&mut self) -> bool {
         let mut b = [0u8; 1];
@@ -512,6 +524,30 @@ fn hostile_input_gets_the_spec_errors_and_changes_nothing(mode: &str) {
         (0, pattern),
         "the daemon kept serving and the data is intact"
     );
+
+    // base:allocation selected for one export is not selected for a GO to another.
+    for (meta_for, served) in [("frozen", false), ("disk", true)] {
+        let mut c = Raw::connect(g.nbd_port);
+        c.option(8, &[]);
+        assert_eq!(c.option_reply().0, 1, "structured replies");
+        let mut meta = (meta_for.len() as u32).to_be_bytes().to_vec();
+        meta.extend_from_slice(meta_for.as_bytes());
+        meta.extend_from_slice(&1u32.to_be_bytes());
+        meta.extend_from_slice(&15u32.to_be_bytes());
+        meta.extend_from_slice(b"base:allocation");
+        c.option(10, &meta);
+        assert_eq!(c.option_reply().0, 4, "NBD_REP_META_CONTEXT");
+        assert_eq!(c.option_reply().0, 1, "NBD_REP_ACK");
+        c.go("disk").expect("go");
+        c.request(0, 7, 0, 4096, &[]);
+        let (kind, payload) = c.structured_reply();
+        if served {
+            assert_eq!(kind, 5, "NBD_REPLY_TYPE_BLOCK_STATUS");
+        } else {
+            assert_eq!(kind, 0x8001, "NBD_REPLY_TYPE_ERROR: {kind:#x}");
+            assert_eq!(payload[..4], 22u32.to_be_bytes(), "EINVAL");
+        }
+    }
 
     let info = run("nbdinfo", &[&g.tcp("disk")]);
     assert!(info.contains("export-size: 1048576"), "{info}");

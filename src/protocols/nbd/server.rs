@@ -581,7 +581,9 @@ impl NbdServer {
             structured_replies,
         };
         let mut structured = false;
-        let mut base_allocation = false;
+        // base:allocation, as selected for the export of the last NBD_OPT_SET_META_CONTEXT:
+        // a GO for another export has no context selected.
+        let mut base_allocation: Option<String> = None;
         loop {
             if io.read_u64().await? != IHAVEOPT {
                 return violation("option without IHAVEOPT");
@@ -631,6 +633,7 @@ impl NbdServer {
                     io.write_all(&b).await?;
                     io.flush().await?;
                     let attached = self.exports.attach(&name, attachment(structured));
+                    let base_allocation = base_allocation.as_deref() == Some(name.as_str());
                     return Ok(Negotiated::Session(Session::new(
                         device,
                         self.metrics.clone(),
@@ -741,6 +744,7 @@ impl NbdServer {
                     reply(io, option, REP_ACK, &[]).await?;
                     if option == OPT_GO {
                         let attached = self.exports.attach(&name, attachment(structured));
+                        let base_allocation = base_allocation.as_deref() == Some(name.as_str());
                         return Ok(Negotiated::Session(Session::new(
                             device,
                             self.metrics.clone(),
@@ -805,7 +809,7 @@ impl NbdServer {
                         reply(io, option, REP_META_CONTEXT, &b).await?;
                     }
                     if set {
-                        base_allocation = selected;
+                        base_allocation = selected.then_some(name);
                     }
                     reply(io, option, REP_ACK, &[]).await?;
                 }
