@@ -1282,6 +1282,66 @@ async fn a_tree_copied_through_store_errors_and_an_outage_arrives_whole() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_taken_over_during_an_upload_holds_the_new_files_bytes() {
+    // Every request of the share is slow and half fail (before or after the store took the
+    // put), so an upload retried lands more than once, and late.
+    let g = Gateway::start_with(
+        "[faults]\nerror_rate = 0.5\nlatency_ms = 300\nonly_keys = \"race/\"\n",
+    );
+    g.firn(&["share", "create", "race"]);
+    let mut c = g.client("race", 0, 0).await;
+    let root = c.root_nfs_fh3();
+    let dirop = |name: &str| diropargs3 {
+        dir: root.clone(),
+        name: filename3::from(name.as_bytes().to_vec()),
+    };
+    let mut expected = Vec::new();
+    for i in 0..16 {
+        // f{i} goes up, is renamed away while its put is on the way, and a new f{i} is
+        // committed at once: the bucket must end with the new one's bytes at f{i}.
+        let mut old = vec![0u8; 5000];
+        rand::rng().fill_bytes(&mut old);
+        let new = format!("new file {i}").into_bytes();
+        let (name, moved) = (format!("f{i}"), format!("moved{i}"));
+        common::nfs_new_file(&mut c, &root, &name, &old, true).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let renamed = c
+            .rename(&RENAME3args {
+                from: dirop(&name),
+                to: dirop(&moved),
+            })
+            .await
+            .expect("rpc");
+        assert!(matches!(renamed, Nfs3Result::Ok(_)), "rename {name}");
+        common::nfs_new_file(&mut c, &root, &name, &new, true).await;
+        expected.push((name, new));
+        expected.push((moved, old));
+    }
+    tokio::task::block_in_place(|| g.wait_uploaded("race"));
+    let bucket = g.bucket().join("race");
+    let mut found: Vec<String> = std::fs::read_dir(&bucket)
+        .expect("bucket")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    found.sort();
+    let mut names: Vec<String> = expected.iter().map(|(n, _)| n.clone()).collect();
+    names.sort();
+    assert_eq!(
+        found, names,
+        "the bucket holds the share's files, no others"
+    );
+    for (name, data) in &expected {
+        let object = std::fs::read(bucket.join(name)).expect("object");
+        assert!(
+            object == *data,
+            "{name} holds {} bytes, not its file's {}",
+            object.len(),
+            data.len()
+        );
+    }
+}
+
 #[test]
 fn evicted_files_read_back_whole_through_store_errors() {
     // A 1 MiB cache, so every file is evicted once uploaded; then 30% of requests fail.

@@ -939,8 +939,9 @@ async fn the_sealed_stack_stores_no_digest_but_checks_lengths() {
                 ..FaultSettings::default()
             }),
         );
-        // Six torn answers in a row (0.3^6, about one read in 1,400) give up with `Corrupt`:
-        // an error the caller sees, never short bytes.
+        // Six torn answers in a row to a whole get (0.3^6, about one read in 1,400) give up
+        // with `Corrupt`: an error the caller sees, never short bytes. A range is read again
+        // as long as the retries last.
         let mut gave_up = 0;
         for _ in 0..40 {
             match torn.sealed.get("sealed/a").await {
@@ -950,11 +951,14 @@ async fn the_sealed_stack_stores_no_digest_but_checks_lengths() {
             }
             match torn.sealed.get_range("sealed/a", 1000..60_000).await {
                 Ok(range) => assert_eq!(range, body.slice(1000..60_000), "{}", b.name),
-                Err(Error::Corrupt { .. }) => gave_up += 1,
                 Err(e) => panic!("{}: torn range: {e}", b.name),
             }
         }
-        assert!(gave_up <= 3, "{}: {gave_up} of 80 reads gave up", b.name);
+        assert!(
+            gave_up <= 2,
+            "{}: {gave_up} of 40 whole reads gave up",
+            b.name
+        );
         assert!(torn.faults.as_ref().expect("faults").injected() > 10);
         stack.sealed.delete("sealed/a").await.expect("delete");
     }
@@ -990,17 +994,17 @@ async fn ranges_are_exact_or_errors() {
                 }
             }
         }
-        // Torn ranged responses never reach the caller: they are caught and read again. Six
-        // torn answers in a row (0.2^6, one read in 15,000) give up with `Corrupt`: an error,
-        // never short bytes.
+        // Torn ranged responses never reach the caller: they are caught and read again, as
+        // long as the retries last (a range's length is known, so a short one is a transfer
+        // that failed, not a rotten object). More than half torn: a bounded number of tries
+        // would give up on about one read in 20.
         let torn = stacked(
             &b.store,
             Some(FaultSettings {
-                truncate_rate: 0.2,
+                truncate_rate: 0.6,
                 ..FaultSettings::default()
             }),
         );
-        let mut gave_up = 0;
         for i in 0..200u64 {
             let start = i % 50;
             match torn.remote.get_range("range/a", start..start + 50).await {
@@ -1010,12 +1014,10 @@ async fn ranges_are_exact_or_errors() {
                     "{}",
                     b.name
                 ),
-                Err(Error::Corrupt { .. }) => gave_up += 1,
                 Err(e) => panic!("{}: torn range: {e}", b.name),
             }
         }
-        assert!(gave_up <= 2, "{}: {gave_up} of 200 reads gave up", b.name);
-        assert!(torn.faults.as_ref().expect("faults").injected() > 2);
+        assert!(torn.faults.as_ref().expect("faults").injected() > 100);
     }
 }
 

@@ -6,7 +6,7 @@
 //! finds none is `Corrupt` too (its metadata was lost or it was not written by firn).
 //!
 //! Ranged reads are checked for length: a range returns exactly the bytes asked for, or an
-//! error. Their content is not checked here, because a digest of the whole object cannot
+//! error (transient: a body cut short is a torn response, read again). Their content is not checked here, because a digest of the whole object cannot
 //! vouch for a slice without reading the rest; firn's own ranged reads are of sealed objects,
 //! whose AEAD tags check each read.
 //!
@@ -194,9 +194,13 @@ impl Remote for Verified {
         let wanted = range.end.saturating_sub(range.start);
         let body = self.inner.get_range_if(key, range.clone(), etag).await?;
         if body.len() as u64 != wanted {
-            return Err(Error::Corrupt {
+            // A torn response (the object's length is known to the caller, or the read is
+            // conditional on its ETag): retried as long as the caller waits, like any other
+            // failed transfer, not given up after a few tries as a rotten object is.
+            return Err(Error::Transient {
+                op: "get",
                 key: key.to_string(),
-                reason: format!(
+                message: format!(
                     "range {}..{} returned {} bytes, not {wanted}",
                     range.start,
                     range.end,

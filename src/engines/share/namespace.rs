@@ -935,18 +935,35 @@ impl Namespace {
         Ok(keys)
     }
 
-    /// Uploads that ended without a record: those that may have made their object (`landed`)
-    /// have it deleted unless a file lives at its key; the others are just forgotten. Lazily
-    /// durable: a crash that loses it leaves the keys to the next open, which queues them
-    /// all.
-    pub fn uploads_unrecorded(&self, ended: &[(String, bool)]) -> Result<(), ShareError> {
+    /// Uploads of files (id, key) that ended without a record: those that may have made
+    /// their object (`landed`) have it deleted unless a file lives at its key; the others
+    /// are just forgotten. An object that may have landed at the key the file's record
+    /// names is of a version the record does not know: the record's ETag is forgotten (and
+    /// that of a deletion queued for the key), so that its deletion does not take it for
+    /// another tool's object and leave it. Lazily durable: a crash that loses it leaves the
+    /// keys to the next open, which queues them all, and the file dirty, to go up again.
+    pub fn uploads_unrecorded(&self, ended: &[(u64, String, bool)]) -> Result<(), ShareError> {
         if ended.is_empty() {
             return Ok(());
         }
         self.meta.transaction_lazy(|tx| {
-            for (path, landed) in ended {
+            for (id, path, landed) in ended {
                 if tx.delete(&self.uploading, path)? && *landed {
                     tx.put(&self.deletes, path, b"")?;
+                }
+                if !*landed {
+                    continue;
+                }
+                if tx.get(&self.deletes, path)?.is_some() {
+                    tx.put(&self.deletes, path, b"")?;
+                }
+                if let Some(mut inode) = tx.get_json::<Inode>(&self.inodes, &hex(*id))?
+                    && let Some(uploaded) = &mut inode.uploaded
+                    && uploaded.path == *path
+                    && uploaded.etag.is_some()
+                {
+                    uploaded.etag = None;
+                    tx.put_json(&self.inodes, &hex(*id), &inode)?;
                 }
             }
             Ok(())
@@ -1154,4 +1171,81 @@ fn touch_dir(
         tx.put_json(inodes, &hex(dir), &inode)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs() -> NewAttrs {
+        NewAttrs {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            now_ns: 1,
+            atime_ns: None,
+        }
+    }
+
+    fn up(ns: &Namespace, id: u64, path: &str, etag: &str) {
+        let done = Done {
+            id,
+            uploaded: Uploaded {
+                path: path.to_string(),
+                size: 5,
+                etag: Some(etag.to_string()),
+            },
+            mtime_ns: 1,
+            clean: true,
+            blocks: None,
+        };
+        ns.uploaded(&[done]).expect("recorded");
+    }
+
+    #[test]
+    fn an_upload_that_may_have_landed_unrecorded_makes_the_objects_etag_unknown() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let meta = std::sync::Arc::new(MetaStore::open(dir.path().join("meta")).expect("meta"));
+        let ns = Namespace::open(meta, "t", attrs()).expect("namespace");
+        let (a, _) = ns
+            .create(ROOT, "a", Kind::File, attrs(), None, 0)
+            .expect("a");
+        let (b, _) = ns
+            .create(ROOT, "b", Kind::File, attrs(), None, 0)
+            .expect("b");
+        up(&ns, a, "a", "e1");
+        up(&ns, b, "b", "e1");
+        // A's next version went to its key, and its upload ended with no answer kept; B's
+        // upload ended having sent nothing.
+        ns.uploads_unrecorded(&[(a, "a".into(), true), (b, "b".into(), false)])
+            .expect("unrecorded");
+        assert_eq!(ns.get(a).expect("a").uploaded.expect("uploaded").etag, None);
+        let b_etag = ns.get(b).expect("b").uploaded.expect("uploaded").etag;
+        assert_eq!(b_etag.as_deref(), Some("e1"));
+        // Removed now: the object at "a" is deleted whatever its ETag; "b"'s only if it is
+        // still the one uploaded here.
+        ns.remove(ROOT, "a", false, 2).expect("remove a");
+        ns.remove(ROOT, "b", false, 2).expect("remove b");
+        let deletes = ns.deletes(10).expect("deletes");
+        assert_eq!(
+            deletes,
+            vec![
+                ("a".to_string(), None),
+                ("b".to_string(), Some("e1".to_string()))
+            ]
+        );
+        // A deletion queued before such an upload ended forgets its ETag too.
+        let (c, _) = ns
+            .create(ROOT, "c", Kind::File, attrs(), None, 0)
+            .expect("c");
+        up(&ns, c, "c", "e1");
+        ns.remove(ROOT, "c", false, 3).expect("remove c");
+        ns.uploads_unrecorded(&[(c, "c".into(), true)])
+            .expect("unrecorded");
+        assert!(
+            ns.deletes(10)
+                .expect("deletes")
+                .contains(&("c".to_string(), None))
+        );
+    }
 }

@@ -93,8 +93,9 @@ async fn uploads(share: Arc<Share>) {
     let mut last_eviction = Instant::now();
     let mut running: Running<'_> = FuturesUnordered::new();
     let mut queued = Queued::new();
-    // The files running or queued.
+    // The files running or queued, and the keys they go to.
     let mut in_flight = HashSet::new();
+    let mut keys_in_flight = HashSet::new();
     // Files whose upload failed, held back until then (doubling while it fails): one that
     // always fails (a key the store refuses) holds up no other file.
     let mut held: HashMap<u64, (Instant, Duration)> = HashMap::new();
@@ -123,7 +124,11 @@ async fn uploads(share: Arc<Share>) {
         if Instant::now() >= resume {
             let started = match delete_queued(&share).await {
                 Ok(deleted) => {
-                    start_uploads(&share, &mut running, &mut queued, &mut in_flight, &held)
+                    let flight = Flight {
+                        files: &mut in_flight,
+                        keys: &mut keys_in_flight,
+                    };
+                    start_uploads(&share, &mut running, &mut queued, flight, &held)
                         .await
                         .map(|started| deleted || started)
                 }
@@ -148,8 +153,11 @@ async fn uploads(share: Arc<Share>) {
                 {
                     ended.push(next);
                 }
-                for (id, ..) in &ended {
+                for (id, key, _) in &ended {
                     in_flight.remove(id);
+                    if let Some(key) = key {
+                        keys_in_flight.remove(key);
+                    }
                 }
                 let settled = settle(&share, ended).await;
                 share.uploading_files.store(in_flight.len() as u64, Ordering::Relaxed);
@@ -244,6 +252,15 @@ async fn delete_queued(share: &Arc<Share>) -> Result<bool, String> {
 /// Files whose keys are on record, waiting for a free slot: (id, generation, key).
 type Queued = VecDeque<(u64, u64, Option<String>)>;
 
+/// The files running or queued, and the keys they go to. One upload at a time goes to a
+/// key: a file renamed or removed during its upload (which retries may stretch to minutes)
+/// must not have its bytes land over those of the file that took its name and went up
+/// since, nor its object appear after that name's deletion was decided.
+struct Flight<'a> {
+    files: &'a mut HashSet<u64>,
+    keys: &'a mut HashSet<String>,
+}
+
 /// Starts uploads while slots are free: of the files queued, and when none are, of up to
 /// `BATCH` settled dirty files (or those a commit asked for) not under way, whose keys go on
 /// record in one commit. Whether it started any.
@@ -251,11 +268,11 @@ async fn start_uploads<'a>(
     share: &'a Arc<Share>,
     running: &mut Running<'a>,
     queued: &mut Queued,
-    in_flight: &mut HashSet<u64>,
+    flight: Flight<'_>,
     held: &HashMap<u64, (Instant, Duration)>,
 ) -> Result<bool, String> {
     if queued.is_empty() && running.len() < CONCURRENCY {
-        queue_due(share, queued, in_flight, held).await?;
+        queue_due(share, queued, flight, held).await?;
     }
     let mut started = false;
     while running.len() < CONCURRENCY
@@ -273,13 +290,15 @@ async fn start_uploads<'a>(
     Ok(started)
 }
 
-/// Queues up to `BATCH` of the files due for upload, not under way and not `held` back.
+/// Queues up to `BATCH` of the files due for upload, not under way and not `held` back,
+/// and whose keys no upload under way goes to (those wait for it to end).
 async fn queue_due(
     share: &Arc<Share>,
     queued: &mut Queued,
-    in_flight: &mut HashSet<u64>,
+    flight: Flight<'_>,
     held: &HashMap<u64, (Instant, Duration)>,
 ) -> Result<(), String> {
+    let in_flight = flight.files;
     let now = Instant::now();
     let due: Vec<(u64, u64)> = {
         let dirty = lock(&share.dirty);
@@ -324,10 +343,21 @@ async fn queue_due(
             return Err(e);
         }
     };
-    queued.extend(
-        due.into_iter()
-            .map(|(id, generation)| (id, generation, keys.get(&id).cloned())),
-    );
+    for (id, generation) in due {
+        let key = keys.get(&id).cloned();
+        if let Some(key) = &key
+            && !flight.keys.insert(key.clone())
+        {
+            // Its key on record does no harm: the upload under way has it on record too, or
+            // it is the object of the file that upload is of.
+            in_flight.remove(&id);
+            continue;
+        }
+        queued.push_back((id, generation, key));
+    }
+    share
+        .uploading_files
+        .store(in_flight.len() as u64, Ordering::Relaxed);
     Ok(())
 }
 
@@ -363,19 +393,19 @@ async fn settle(
         }
         match outcome {
             Ok(Ended::Up(up)) => went_up.push(up),
-            Ok(Ended::Nothing) => unrecorded.extend(key.map(|key| (key, false))),
+            Ok(Ended::Nothing) => unrecorded.extend(key.map(|key| (id, key, false))),
             // Queued for deletion, which `delete_decision` turns down while the file
             // still lives at the key: a file removed or renamed meanwhile leaves nothing.
-            Ok(Ended::Changed) => unrecorded.extend(key.map(|key| (key, true))),
+            Ok(Ended::Changed) => unrecorded.extend(key.map(|key| (id, key, true))),
             Err(e) => {
-                unrecorded.extend(key.map(|key| (key, true)));
+                unrecorded.extend(key.map(|key| (id, key, true)));
                 first_error.get_or_insert(e);
             }
         }
     }
-    let recorded: Vec<String> = went_up.iter().map(|up| up.path.clone()).collect();
+    let recorded: Vec<(u64, String)> = went_up.iter().map(|up| (up.id, up.path.clone())).collect();
     if let Err(e) = record(share, went_up) {
-        unrecorded.extend(recorded.into_iter().map(|key| (key, true)));
+        unrecorded.extend(recorded.into_iter().map(|(id, key)| (id, key, true)));
         settled.general = true;
         first_error.get_or_insert(e);
     }
