@@ -2658,7 +2658,7 @@ fn a_new_gateway_with_the_same_passphrase_restores_the_volume() {
     a.wait_drained("db", false);
     a.kill9();
     std::fs::remove_dir_all(a.dir.join("data")).expect("lose the disk");
-    let b = Gateway::start(&dir.path().join("b"), &bucket, keys);
+    let mut b = Gateway::start(&dir.path().join("b"), &bucket, keys);
     b.firn(&["volume", "takeover", "db", "--force"]);
     run(
         "qemu-io",
@@ -2672,6 +2672,39 @@ fn a_new_gateway_with_the_same_passphrase_restores_the_volume() {
             &b.uri("db"),
         ],
     );
+
+    // The bucket's salt lost: a new gateway refuses to make one of its own (which would
+    // never open the volume, and, put in the bucket, would mislead every later gateway).
+    let salt_object = dir.path().join("bucket/keys/passphrase-salt");
+    let salt = std::fs::read(&salt_object).expect("the salt is in the bucket");
+    std::fs::remove_file(&salt_object).expect("lose the salt");
+    let c = dir.path().join("c");
+    std::fs::create_dir_all(&c).expect("dir");
+    std::fs::copy(&b.config, c.join("firn.toml")).expect("config");
+    let refused = |expected: &str| {
+        let out = std::process::Command::new(common::FIRN)
+            .args(["serve", "--config"])
+            .arg(c.join("firn.toml"))
+            .env("FIRN_PASSPHRASE", PASSPHRASE)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("firn serve");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started: {stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+        assert!(
+            !c.join("data/passphrase.salt").exists(),
+            "a salt was kept in the data directory"
+        );
+    };
+    refused("holds volumes but not their passphrase salt");
+    assert!(!salt_object.exists(), "a new salt was put in the bucket");
+    // A damaged salt is not taken in either.
+    std::fs::write(&salt_object, "garbage-not-hex!").expect("damage the salt");
+    refused("is not 32 hex digits");
+    // A gateway that has the salt puts it back at its start.
+    b.restart();
+    assert_eq!(std::fs::read(&salt_object).expect("salt"), salt);
 }
 
 /// Overwrites three quarters of the volume, round after round, with kill -9 at random moments

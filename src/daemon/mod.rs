@@ -194,31 +194,76 @@ impl crate::engines::share::Buckets for OtherBuckets {
 /// Where the passphrase's salt is kept in the bucket (it is not secret).
 const SALT_KEY: &str = "keys/passphrase-salt";
 
+/// Whether `salt` is one: 32 hex digits (16 bytes), as firn makes them.
+fn valid_salt(salt: &str) -> bool {
+    salt.len() == 32 && salt.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// Before a passphrase is stretched: when the data directory has no salt yet, takes the
 /// bucket's, if the bucket answers within the probe timeout and has one. Returns whether the
 /// bucket lacks the salt (`Some(true)`), so that the one in use is put there after the key is
-/// made, or `None` when there is nothing to do.
-async fn passphrase_salt(probe: &dyn Remote, data_dir: &Path) -> Option<bool> {
+/// made, or `None` when there is nothing to do. Refuses to start rather than make a salt of
+/// its own when the bucket holds volumes but not their salt (a new salt would never open
+/// them, and, put in the bucket, would lead every later gateway astray), or when the bucket's
+/// salt is damaged; a damaged salt is never copied here.
+async fn passphrase_salt(probe: &dyn Remote, data_dir: &Path) -> anyhow::Result<Option<bool>> {
     let local = data_dir.join(crate::seal::keys::SALT_FILE);
+    let ours = match std::fs::read_to_string(&local) {
+        Ok(ours) => Some(ours.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => anyhow::bail!("reading the passphrase salt {}: {e}", local.display()),
+    };
+    if let Some(ours) = &ours
+        && !valid_salt(ours)
+    {
+        anyhow::bail!(
+            "the passphrase salt {} is not 32 hex digits: put back the one this gateway made (the bucket keeps a copy at {SALT_KEY})",
+            local.display()
+        );
+    }
     let fetched = tokio::time::timeout(PROBE_TIMEOUT, probe.get(SALT_KEY)).await;
-    match fetched {
+    Ok(match fetched {
         Ok(Ok(object)) => {
             let theirs = String::from_utf8_lossy(&object.body).trim().to_string();
-            match std::fs::read_to_string(&local) {
-                Ok(ours) if ours.trim() == theirs => None,
-                Ok(_) => {
+            match ours {
+                _ if !valid_salt(&theirs) && ours.is_some() => {
+                    tracing::warn!(
+                        "the bucket's passphrase salt ({SALT_KEY}) is not 32 hex digits: putting this data directory's there"
+                    );
+                    Some(true)
+                }
+                None if !valid_salt(&theirs) => anyhow::bail!(
+                    "the bucket's passphrase salt ({SALT_KEY}) is not 32 hex digits: it is damaged, and the bucket's volumes cannot be opened without it. Put back the {} of a gateway that wrote them",
+                    crate::seal::keys::SALT_FILE
+                ),
+                Some(ours) if ours == theirs => None,
+                Some(_) => {
                     tracing::warn!(
                         "the bucket's passphrase salt ({SALT_KEY}) differs from this data directory's: volumes other gateways wrote will not open here"
                     );
                     None
                 }
-                Err(_) => {
+                None => {
                     if let Err(e) = crate::seal::keys::write_private(&local, theirs.as_bytes()) {
                         tracing::warn!("cannot keep the bucket's passphrase salt: {e}");
                     }
                     None
                 }
             }
+        }
+        Ok(Err(remote::Error::NotFound { .. })) if ours.is_none() => {
+            let volumes =
+                tokio::time::timeout(PROBE_TIMEOUT, probe.list_dir_page("volumes/", None)).await;
+            if let Ok(Ok(page)) = volumes
+                && !page.listing.dirs.is_empty()
+            {
+                anyhow::bail!(
+                    "the bucket holds volumes but not their passphrase salt ({SALT_KEY}): a new salt would not open them. Put back the {} of a gateway that wrote them (into the bucket, or into this data directory); to start with a new salt all the same, write 32 random hex digits to {}",
+                    crate::seal::keys::SALT_FILE,
+                    local.display()
+                );
+            }
+            Some(true)
         }
         Ok(Err(remote::Error::NotFound { .. })) => Some(true),
         Ok(Err(e)) => {
@@ -233,9 +278,12 @@ async fn passphrase_salt(probe: &dyn Remote, data_dir: &Path) -> Option<bool> {
             );
             None
         }
-    }
+    })
 }
 
+/// Puts the salt in use in the bucket, which lacks it (or holds a damaged one). Made only if
+/// absent where the bucket had none, so that of two new gateways starting at once, the
+/// second does not replace the salt the first's volumes need.
 async fn share_passphrase_salt(remote: &remote::Stack, data_dir: &Path, missing: bool) {
     if !missing {
         return;
@@ -243,11 +291,29 @@ async fn share_passphrase_salt(remote: &remote::Stack, data_dir: &Path, missing:
     let Ok(salt) = std::fs::read(data_dir.join(crate::seal::keys::SALT_FILE)) else {
         return;
     };
-    let put = remote
-        .probe
-        .put(SALT_KEY, bytes::Bytes::from(salt), remote::Meta::new());
+    let body = bytes::Bytes::from(salt);
+    let damaged = matches!(
+        tokio::time::timeout(PROBE_TIMEOUT, remote.probe.head(SALT_KEY)).await,
+        Ok(Ok(Some(_)))
+    );
+    let put = async {
+        if damaged {
+            remote
+                .probe
+                .put(SALT_KEY, body.clone(), remote::Meta::new())
+                .await
+        } else {
+            remote
+                .probe
+                .create(SALT_KEY, body.clone(), remote::Meta::new())
+                .await
+        }
+    };
     match tokio::time::timeout(PROBE_TIMEOUT, put).await {
         Ok(Ok(())) => {}
+        Ok(Err(remote::Error::Exists { .. })) => tracing::warn!(
+            "another gateway put its passphrase salt in the bucket ({SALT_KEY}) as this one started: volumes it writes will not open here; restart this gateway with an empty data directory to take its salt"
+        ),
         Ok(Err(e)) => tracing::warn!("cannot put the passphrase salt in the bucket: {e}"),
         Err(_) => tracing::warn!("the bucket did not answer; the passphrase salt is only here"),
     }
@@ -361,7 +427,7 @@ impl Gateway {
         // A passphrase's salt is in the bucket too, so that a new gateway derives the same key.
         let salt_from_bucket = match &config.keys {
             crate::seal::KeySource::Passphrase { .. } => {
-                passphrase_salt(remote.probe.as_ref(), &data_dir).await
+                passphrase_salt(remote.probe.as_ref(), &data_dir).await?
             }
             _ => None,
         };
