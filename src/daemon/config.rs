@@ -461,6 +461,12 @@ impl Config {
         if r.kind == RemoteKind::S3 && r.bucket.as_deref().unwrap_or("").is_empty() {
             return Err("[remote] bucket is required when kind = \"s3\"".to_string());
         }
+        if r.kind == RemoteKind::Local && !r.prefix.is_empty() {
+            return Err(format!(
+                "[remote] prefix {:?} applies to kind = \"s3\" only: for a directory, set path to the folder the gateway is to use",
+                r.prefix
+            ));
+        }
         if let Some(endpoint) = &r.endpoint
             && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
         {
@@ -759,6 +765,7 @@ mod tests {
             ),
             ("[nbd]\nmax_connections = 0", "max_connections"),
             ("[nbd]\nmemory = \"64MiB\"", "memory must be at least"),
+            ("[remote]\nprefix = \"site-7/\"", "applies to kind = \"s3\" only"),
             ("[nbd]\nsend_timeout_secs = 0", "send_timeout_secs"),
             ("[shares]\nread_timeout_secs = 0", "read_timeout_secs"),
             ("[shares]\nmax_file_size = \"6TiB\"", "max_file_size"),
