@@ -2705,6 +2705,35 @@ fn a_new_gateway_with_the_same_passphrase_restores_the_volume() {
     // A gateway that has the salt puts it back at its start.
     b.restart();
     assert_eq!(std::fs::read(&salt_object).expect("salt"), salt);
+
+    // Another passphrase: the volume is there, but does not open, and the takeover says so.
+    let e = dir.path().join("e");
+    std::fs::create_dir_all(&e).expect("dir");
+    let port = free_port();
+    let text = std::fs::read_to_string(&b.config)
+        .expect("config")
+        .replace(
+            &format!("127.0.0.1:{}\"", b.http),
+            &format!("127.0.0.1:{port}\""),
+        )
+        .replace(&format!("127.0.0.1:{}\"", b.nbd), "127.0.0.1:0\"");
+    std::fs::write(e.join("firn.toml"), text).expect("config");
+    let other = Daemon::try_start(
+        &e.join("firn.toml"),
+        port,
+        &[("FIRN_PASSPHRASE", "another passphrase altogether")],
+    )
+    .expect("starts");
+    let (ok, _, stderr) = firn(&[
+        "volume",
+        "takeover",
+        "db",
+        "--force",
+        "--config",
+        e.join("firn.toml").to_str().expect("utf-8"),
+    ]);
+    assert!(!ok && stderr.contains("do not open with it"), "{stderr}");
+    drop(other);
 }
 
 /// Overwrites three quarters of the volume, round after round, with kill -9 at random moments

@@ -2424,3 +2424,46 @@ fn the_store_is_reached_through_the_proxy_the_environment_names() {
     let keys = boto3_keys(&format!("{}/proxied/", options.prefix));
     assert_eq!(keys.len(), 3, "{keys:?}");
 }
+
+/// `firn remote get` of a prefix under which another tool planted a key with `..` refuses
+/// before it makes any file or directory, inside the destination or out of it.
+#[test]
+fn a_download_never_makes_anything_for_a_key_that_leads_out() {
+    let Some(options) = s3_options() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = s3_config(dir.path(), &options);
+    let planted = format!("{}/evil/a/../../../escape.txt", options.prefix);
+    common::boto3_put(&planted, b"x", &[]);
+    let dest = dir.path().join("down/dest");
+    std::fs::create_dir_all(&dest).expect("dest");
+    let before: Vec<_> = walk(dir.path());
+    let out = std::process::Command::new(common::FIRN)
+        .args(["remote", "--config", config.to_str().expect("utf-8")])
+        .args(["get", "evil/", dest.to_str().expect("utf-8")])
+        .env_remove("AWS_CA_BUNDLE")
+        .output()
+        .expect("run firn");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("leads out of"), "{stderr}");
+    assert_eq!(walk(dir.path()), before, "the refused download made files");
+}
+
+/// Every path below `dir`, sorted.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(at) = todo.pop() {
+        for entry in std::fs::read_dir(&at).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                todo.push(path.clone());
+            }
+            found.push(path);
+        }
+    }
+    found.sort();
+    found
+}

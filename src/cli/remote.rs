@@ -205,6 +205,20 @@ async fn get(
     if downloads.is_empty() {
         bail!("no objects under {key:?}");
     }
+    // A listed key names its file below the destination: one whose name would lead
+    // elsewhere (`..`, a leading `/`) is refused before anything is made.
+    for (key, file, _) in &downloads {
+        let below = file.strip_prefix(destination).is_ok_and(|rel| {
+            rel.components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+        });
+        if !below {
+            bail!(
+                "refusing to download {key:?}: its name leads out of {}",
+                destination.display()
+            );
+        }
+    }
     let count = downloads.len();
     let bytes = futures::stream::iter(downloads)
         .map(|(key, file, size)| {

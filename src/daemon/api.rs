@@ -699,7 +699,8 @@ async fn take_over_volume(
         Ok(Ok(info)) => (StatusCode::CREATED, Json(info)).into_response(),
         Ok(Err(
             e @ (crate::engines::volume::catalog::CatalogError::NotFound { .. }
-            | crate::engines::volume::catalog::CatalogError::NoSuchId { .. }),
+            | crate::engines::volume::catalog::CatalogError::NoSuchId { .. }
+            | crate::engines::volume::catalog::CatalogError::NotFoundUnreadable { .. }),
         )) => error(StatusCode::NOT_FOUND, e.to_string()),
         Ok(Err(e @ crate::engines::volume::catalog::CatalogError::Exists { .. })) => {
             error(StatusCode::CONFLICT, e.to_string())

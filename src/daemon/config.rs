@@ -765,7 +765,10 @@ mod tests {
             ),
             ("[nbd]\nmax_connections = 0", "max_connections"),
             ("[nbd]\nmemory = \"64MiB\"", "memory must be at least"),
-            ("[remote]\nprefix = \"site-7/\"", "applies to kind = \"s3\" only"),
+            (
+                "[remote]\nprefix = \"site-7/\"",
+                "applies to kind = \"s3\" only",
+            ),
             ("[nbd]\nsend_timeout_secs = 0", "send_timeout_secs"),
             ("[shares]\nread_timeout_secs = 0", "read_timeout_secs"),
             ("[shares]\nmax_file_size = \"6TiB\"", "max_file_size"),

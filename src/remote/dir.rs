@@ -732,7 +732,9 @@ impl DirStore {
         // unlinkat removes a symlink itself, never its target.
         match unlinkat(parent, OsStr::new(leaf), UnlinkatFlags::NoRemoveDir) {
             Ok(()) => {}
-            Err(Errno::ENOENT) => return Ok(()),
+            // No object has the key: as S3, deleting it is done. (A directory holds other
+            // objects' keys, and no object of its own.)
+            Err(Errno::ENOENT | Errno::EISDIR) => return Ok(()),
             Err(e) => return Err(local_error("delete", key, io_from(e))),
         }
         let _ = nix::unistd::fsync(parent);
@@ -1013,6 +1015,21 @@ mod tests {
             .expect("staging dir")
             .map(|e| e.expect("entry").file_name())
             .collect()
+    }
+
+    #[tokio::test]
+    async fn deleting_a_key_that_names_a_directory_deletes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = DirStore::open(dir.path()).expect("open");
+        store
+            .put("a/b", Bytes::from_static(b"x"), Meta::new())
+            .await
+            .expect("put");
+        store
+            .delete("a")
+            .await
+            .expect("no object at \"a\": nothing to do");
+        assert_eq!(store.get("a/b").await.expect("a/b stays").body, &b"x"[..]);
     }
 
     #[tokio::test]

@@ -169,6 +169,11 @@ pub enum CatalogError {
     #[error("the bucket holds no volume named {name:?} with id {id:?}")]
     NoSuchId { name: String, id: String },
 
+    #[error(
+        "the bucket holds no volume named {name:?} that this gateway's key opens; {unreadable} volume(s) there do not open with it (written under another key, or another passphrase or its salt)"
+    )]
+    NotFoundUnreadable { name: String, unreadable: usize },
+
     #[error("volume {name:?} has format version {format}; this firn reads version {LOCAL_FORMAT}")]
     Format { name: String, format: u32 },
 
@@ -1077,8 +1082,13 @@ impl Catalog {
     /// The cached volumes in the bucket that this gateway does not have, as their
     /// descriptors say (a volume whose descriptor cannot be read is skipped with a warning).
     pub fn bucket_volumes(&self) -> Result<Vec<cached::Descriptor>, CatalogError> {
+        self.bucket_volumes_counting().map(|(found, _)| found)
+    }
+
+    /// `bucket_volumes`, and how many descriptors did not open with this gateway's key.
+    fn bucket_volumes_counting(&self) -> Result<(Vec<cached::Descriptor>, usize), CatalogError> {
         let Some(bucket) = &self.bucket else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), 0));
         };
         let known: HashSet<String> = self.list()?.into_iter().map(|info| info.id).collect();
         let remote = bucket.remote.clone();
@@ -1086,6 +1096,7 @@ impl Catalog {
         let found = self.bucket_call(&bucket.runtime, None, async move {
             let listing = remote.list_dir("volumes/").await?;
             let mut found = Vec::new();
+            let mut unreadable = 0;
             for dir in listing.dirs {
                 let id = dir
                     .trim_start_matches("volumes/")
@@ -1098,13 +1109,16 @@ impl Catalog {
                 match remote.get(&key).await {
                     Ok(object) => match cached::open_descriptor(&sealer, &id, &object.body) {
                         Ok(descriptor) => found.push(descriptor),
-                        Err(e) => tracing::warn!("{key}: {e} (another key's volume?)"),
+                        Err(e) => {
+                            unreadable += 1;
+                            tracing::warn!("{key}: {e} (another key's volume?)")
+                        }
                     },
                     Err(crate::remote::Error::NotFound { .. }) => {}
                     Err(e) => return Err(e),
                 }
             }
-            Ok(found)
+            Ok((found, unreadable))
         });
         found
             .and_then(|found| found)
@@ -1138,8 +1152,8 @@ impl Catalog {
         let bucket = self.bucket.as_ref().ok_or_else(|| CatalogError::NoBucket {
             name: name.to_string(),
         })?;
-        let mut found: Vec<_> = self
-            .bucket_volumes()?
+        let (found, unreadable) = self.bucket_volumes_counting()?;
+        let mut found: Vec<_> = found
             .into_iter()
             .filter(|d| d.name == name && id.is_none_or(|id| d.id == id))
             .collect();
@@ -1156,6 +1170,10 @@ impl Catalog {
             Some(id) => CatalogError::NoSuchId {
                 name: name.to_string(),
                 id: id.to_string(),
+            },
+            None if unreadable > 0 => CatalogError::NotFoundUnreadable {
+                name: name.to_string(),
+                unreadable,
             },
             None => CatalogError::NotFound {
                 name: name.to_string(),
