@@ -633,16 +633,7 @@ impl Shares {
                 Ok(m) => m.len(),
                 Err(_) => share.ns.get(id).map_or(0, |inode| inode.size),
             };
-            lock(&share.dirty).insert(
-                id,
-                Dirty {
-                    generation: 1,
-                    writing: 0,
-                    last_change: long_ago,
-                    now: false,
-                    bytes,
-                },
-            );
+            lock(&share.dirty).insert(id, Dirty::found(bytes, long_ago));
         }
         *lock(&share.uploader) = Some(self.uploads.spawn(upload::run(share.clone())));
         lock(&self.open).insert(info.name.clone(), share);
@@ -740,6 +731,20 @@ struct Dirty {
     /// The file's size as of its last change: what its upload will send (status counts
     /// these rather than asking the file system about every dirty file).
     bytes: u64,
+}
+
+impl Dirty {
+    /// A file found dirty on disk (at a start, or after the metadata store was reopened),
+    /// `bytes` long, last changed `since`: no change under way, none seen by an upload.
+    fn found(bytes: u64, since: Instant) -> Dirty {
+        Dirty {
+            generation: 1,
+            writing: 0,
+            last_change: since,
+            now: false,
+            bytes,
+        }
+    }
 }
 
 /// What a change did to a file's size (`Share::end_change`).
@@ -1006,12 +1011,9 @@ impl Share {
                 );
                 let mut known = lock(&self.dirty);
                 for id in dirty {
-                    known.entry(id).or_insert_with(|| Dirty {
-                        generation: 1,
-                        writing: 0,
-                        last_change: Instant::now(),
-                        now: false,
-                        bytes: std::fs::metadata(self.content_path(id)).map_or(0, |m| m.len()),
+                    known.entry(id).or_insert_with(|| {
+                        let bytes = std::fs::metadata(self.content_path(id)).map_or(0, |m| m.len());
+                        Dirty::found(bytes, Instant::now())
                     });
                 }
                 drop(known);
