@@ -762,13 +762,25 @@ fn cached_on_small_ext4(
     log_max: &str,
     checkpoint_segments: u32,
 ) -> (PathBuf, common::Teardown, PathBuf, u16, u16) {
-    let (mnt, teardown) = small_ext4(dir);
+    cached_on_ext4(dir, 32, "0", log_max, checkpoint_segments)
+}
+
+/// A gateway's config for cached volumes with its data directory on an ext4 file system of
+/// `mib` MiB, `min_free` kept free: (mount point, its teardown, config, HTTP and NBD ports).
+fn cached_on_ext4(
+    dir: &Path,
+    mib: u64,
+    min_free: &str,
+    log_max: &str,
+    checkpoint_segments: u32,
+) -> (PathBuf, common::Teardown, PathBuf, u16, u16) {
+    let (mnt, teardown) = common::ext4_of(dir, mib);
     let bucket = dir.join("bucket");
     let (config, http_port, nbd_port) = write_nbd_config(dir, "mnt/data", "");
     let text = std::fs::read_to_string(&config).expect("config");
     std::fs::write(
         &config,
-        text.replace("[local]\n", "[local]\nmin_free = \"0\"\n")
+        text.replace("[local]\n", &format!("[local]\nmin_free = \"{min_free}\"\n"))
             + &format!(
                 "[remote]\nkind = \"local\"\npath = \"{}\"\n[volumes]\nsegment_size = \"1MiB\"\nlog_max = \"{log_max}\"\ncache_max = \"0\"\ncheckpoint_segments = {checkpoint_segments}\n",
                 bucket.display()
@@ -776,6 +788,100 @@ fn cached_on_small_ext4(
     )
     .expect("config");
     (mnt, teardown, config, http_port, nbd_port)
+}
+
+/// Free bytes of the file system under `path`.
+fn free_bytes(path: &Path) -> u64 {
+    let out = run(
+        "df",
+        &["--output=avail", "-B1", path.to_str().expect("utf-8")],
+    );
+    out.lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .expect("df printed the free bytes")
+}
+
+#[test]
+fn logs_never_take_the_room_min_free_keeps_whatever_the_limits_or_how_many_at_once() {
+    // The data directory on a 64 MiB ext4 file system, 16 MiB of it kept free.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mnt, _teardown, config, http_port, _) =
+        cached_on_ext4(dir.path(), 64, "16MiB", "4MiB", 64);
+    let _daemon = Daemon::start(&config, http_port, &[]);
+    let cfg = config.to_str().expect("utf-8");
+    // Room is checked against what stays free, with no wrap-around for absurd limits.
+    create_volume(&config, "v", "8M");
+    let huge = u64::MAX.to_string();
+    for args in [
+        vec!["volume", "limits", "v", "--log-max", &huge],
+        vec!["volume", "create", "w", "--size", "8M", "--log-max", &huge],
+    ] {
+        let mut full = args.clone();
+        full.extend(["--config", cfg]);
+        let (ok, _, err) = firn(&full);
+        assert!(
+            !ok && err.contains("not enough local space"),
+            "{args:?}: {err}"
+        );
+    }
+    let floor = 14 << 20;
+    assert!(free_bytes(&mnt) >= floor, "{} bytes free", free_bytes(&mnt));
+    // Creates at once, more than there is room for: each takes its room or is refused for
+    // want of it, and together they leave what min_free keeps.
+    let outcomes: Vec<(bool, String)> = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..10)
+            .map(|i| {
+                s.spawn(move || {
+                    let name = format!("p{i}");
+                    let (ok, _, err) = firn(&[
+                        "volume",
+                        "create",
+                        &name,
+                        "--size",
+                        "8M",
+                        "--log-max",
+                        "6MiB",
+                        "--config",
+                        cfg,
+                    ]);
+                    (ok, err)
+                })
+            })
+            .collect();
+        calls
+            .into_iter()
+            .map(|c| c.join().expect("thread"))
+            .collect()
+    });
+    let made = outcomes.iter().filter(|(ok, _)| *ok).count();
+    assert!((1..10).contains(&made), "{made} of 10 made");
+    for (ok, err) in &outcomes {
+        assert!(*ok || err.contains("not enough local space"), "{err}");
+    }
+    assert!(free_bytes(&mnt) >= floor, "{} bytes free", free_bytes(&mnt));
+    // Larger logs at once, the same.
+    let names: Vec<String> = (0..10)
+        .map(|i| format!("p{i}"))
+        .filter(|n| firn(&["volume", "show", n, "--config", cfg]).0)
+        .collect();
+    std::thread::scope(|s| {
+        for name in &names {
+            s.spawn(move || {
+                let (ok, _, err) = firn(&[
+                    "volume",
+                    "limits",
+                    name,
+                    "--log-max",
+                    "12MiB",
+                    "--config",
+                    cfg,
+                ]);
+                assert!(ok || err.contains("not enough local space"), "{err}");
+            });
+        }
+    });
+    assert!(free_bytes(&mnt) >= floor, "{} bytes free", free_bytes(&mnt));
 }
 
 #[test]

@@ -299,6 +299,10 @@ pub struct Catalog {
     /// takeover failed it after its commit and lease were in the bucket, which fenced the
     /// gateway serving the volume and left it served nowhere.
     claimed: Mutex<std::collections::HashSet<String>>,
+    /// Held from the check that the disk has room for a cached volume's log to the moment
+    /// the log takes it (its open, or a larger `log_max`): two at once would each find the
+    /// same free space.
+    room: Mutex<()>,
 }
 
 /// A create or takeover of a name under way here, until dropped.
@@ -409,6 +413,7 @@ impl Catalog {
             open_errors: Mutex::new(HashMap::new()),
             gate: Default::default(),
             claimed: Mutex::new(Default::default()),
+            room: Mutex::new(()),
         })
     }
 
@@ -484,6 +489,9 @@ impl Catalog {
             limits: options.limits,
         };
         let path = self.path(&info);
+        // Until the volume's open below has taken its log's room.
+        let _room = (mode == Mode::Cached)
+            .then(|| self.room.lock().unwrap_or_else(PoisonError::into_inner));
         if mode == Mode::Cached {
             self.check_room(&info)?;
         }
@@ -588,7 +596,7 @@ impl Catalog {
                 path: self.dir.clone(),
                 source: e.into(),
             })?;
-        if free < needed + min_free {
+        if free < needed.saturating_add(min_free) {
             return Err(CatalogError::NoSpace {
                 name: name.to_string(),
                 reserve: needed,
@@ -1278,7 +1286,12 @@ impl Catalog {
                 name: name.to_string(),
             });
         }
-        self.open(name)?;
+        {
+            // The log takes its room as the free space is now, not as it was checked before
+            // the restore, one volume at a time.
+            let _room = self.room.lock().unwrap_or_else(PoisonError::into_inner);
+            self.open(name)?;
+        }
         Ok(info)
     }
 
@@ -1543,6 +1556,8 @@ impl Catalog {
             self.check_limits(name, &info.limits)
         };
         change(&mut info)?;
+        // Until a larger log has taken its room.
+        let _room = self.room.lock().unwrap_or_else(PoisonError::into_inner);
         let open = self.pinned_volumes().get(&info.id).cloned();
         if let (Some(volume), Some(bucket)) = (&open, &self.bucket) {
             // A larger log takes its room at once: refused, as at open, if the disk has

@@ -123,7 +123,8 @@ impl Reserve {
 
     /// A new cap (`log_max`), the reserve to hold `keep` bytes (the cap less what segments
     /// hold): a smaller cap gives space back at once, and a larger one takes it at once, as
-    /// far as the disk gives, so that writes waiting for room go on without an upload.
+    /// far as the disk gives beside `keep_free` (as at open), so that writes waiting for
+    /// room go on without an upload.
     pub fn set_cap(&mut self, cap: u64, keep: u64) {
         self.cap = cap;
         if self.held > keep {
@@ -131,7 +132,13 @@ impl Reserve {
                 self.held = keep;
             }
         } else {
-            self.grow_to(keep.min(cap));
+            let free = nix::sys::statvfs::fstatvfs(&self.file)
+                .map(|s| s.blocks_available() * s.fragment_size())
+                .unwrap_or(0);
+            let beside = self
+                .held
+                .saturating_add(free.saturating_sub(self.keep_free));
+            self.grow_to(keep.min(cap).min(beside));
         }
     }
 
