@@ -127,6 +127,22 @@ async fn serve_status_api_and_clean_stop() {
     let (ok, out, err) = firn(&["bandwidth", "--config", config_arg, "--upload", "paused"]);
     assert!(ok, "{err}");
     assert!(out.contains("upload paused"), "{out}");
+    // A token sent where it does not go is refused, and kept out of the audit log; a body
+    // too large is refused, and recorded as refused.
+    let misplaced = http
+        .get(daemon.url(&format!("/api/v1/status?token={}", token.trim())))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(misplaced.status(), 401);
+    let huge = http
+        .post(daemon.url("/api/v1/volumes"))
+        .bearer_auth(token.trim())
+        .body(vec![b' '; 3 << 20])
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(huge.status(), 413);
 
     let metrics = http
         .get(daemon.url("/metrics"))
@@ -162,6 +178,16 @@ async fn serve_status_api_and_clean_stop() {
     drop(log); // it holds the log's writer lock
     assert!(
         records.iter().any(|r| r.contains("\"status\":401")),
+        "{records:?}"
+    );
+    assert!(
+        !records.iter().any(|r| r.contains(token.trim())),
+        "the token is in the audit log: {records:?}"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r.contains("\"refused\":\"body\"") && r.contains("\"status\":413")),
         "{records:?}"
     );
     assert!(

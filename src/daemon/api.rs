@@ -84,6 +84,20 @@ async fn audit(State(gateway): Shared, request: Request, next: Next) -> Response
         .extensions()
         .get::<ConnectInfo<super::capped::Peer>>()
         .map(|c| c.0.0.to_string());
+    if !token_ok(&gateway, &request) {
+        // Without the query: a caller without the token may have put a secret there (the
+        // token itself, as `?token=`), and the log is no place for it.
+        let call = Call::new(
+            request.method().as_str(),
+            &format!("/api/v1{}", request.uri().path()),
+            peer,
+        );
+        gateway.audit.refused("token", call, 401);
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token (it is in the data directory's api-token file)",
+        );
+    }
     // With the query: `?force=true` is part of what a call asks for.
     let call = Call::new(
         request.method().as_str(),
@@ -96,13 +110,6 @@ async fn audit(State(gateway): Shared, request: Request, next: Next) -> Response
         ),
         peer,
     );
-    if !token_ok(&gateway, &request) {
-        gateway.audit.refused("token", call, 401);
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token (it is in the data directory's api-token file)",
-        );
-    }
     let change = !matches!(*request.method(), Method::GET | Method::HEAD);
     let id = gateway.next_call();
     let (call, request) = if change {
@@ -114,6 +121,9 @@ async fn audit(State(gateway): Shared, request: Request, next: Next) -> Response
             Err(e) => {
                 let too_large = std::error::Error::source(&e)
                     .is_some_and(|e| e.is::<http_body_util::LengthLimitError>());
+                // Refused before its intent could be recorded: recorded as refused.
+                let status = if too_large { 413 } else { 400 };
+                gateway.audit.refused("body", call, status);
                 return if too_large {
                     error(
                         StatusCode::PAYLOAD_TOO_LARGE,
