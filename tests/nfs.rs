@@ -1343,65 +1343,6 @@ async fn a_name_taken_over_during_an_upload_holds_the_new_files_bytes() {
     }
 }
 
-/// A MiB of `file` from `offset`, or `None` if the server answered with an error.
-async fn read_some(c: &mut Client, file: &nfs_fh3, offset: u64) -> Option<Vec<u8>> {
-    let read = c
-        .read(&READ3args {
-            file: file.clone(),
-            offset,
-            count: 1 << 20,
-        })
-        .await
-        .expect("rpc");
-    match read {
-        Nfs3Result::Ok(read) => Some(read.data.as_ref().to_vec()),
-        Nfs3Result::Err(_) => None,
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_file_another_tool_replaces_is_never_read_as_a_mix_of_versions() {
-    // A 1 MiB cache: an 8 MiB object another tool put is read a block at a time. Refreshes
-    // only when asked.
-    let g = Gateway::start_with("cache_max = \"1MiB\"\nrefresh_secs = 0\n");
-    g.firn(&["share", "create", "media"]);
-    let object = g.bucket().join("media/big");
-    std::fs::create_dir_all(object.parent().expect("dir")).expect("dir");
-    std::fs::write(&object, vec![b'A'; 8 << 20]).expect("object");
-    g.firn(&["share", "refresh", "media"]);
-    let mut c = g.client("media", 0, 0).await;
-    let root = c.root_nfs_fh3();
-    let Nfs3Result::Ok(found) = common::nfs_lookup(&mut c, &root, "big").await else {
-        panic!("lookup big")
-    };
-    let file = found.object;
-    assert_eq!(read_some(&mut c, &file, 0).await, Some(vec![b'A'; 1 << 20]));
-    // Another version of the same size, put as tools put (a new file renamed in place).
-    let staged = g.dir.path().join("staged");
-    std::fs::write(&staged, vec![b'B'; 8 << 20]).expect("staged");
-    std::fs::rename(&staged, &object).expect("replace");
-    // Until a refresh takes the new version in, the file reads as the old one or not at
-    // all: never the new one's bytes after the old one's, also once what was fetched of it
-    // is evicted (a file a read fetched whole is counted at the next recount of the cache,
-    // within a minute).
-    let files = g.dir.path().join("data/shares");
-    let started = Instant::now();
-    while local_bytes(&files) > 1 << 20 {
-        assert!(started.elapsed() < Duration::from_secs(180), "not evicted");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let read = read_some(&mut c, &file, 6 << 20).await;
-    assert!(
-        read.as_ref().is_none_or(|r| r.iter().all(|&b| b == b'A')),
-        "the new version's bytes after the old one's"
-    );
-    g.firn(&["share", "refresh", "media"]);
-    assert_eq!(
-        read_some(&mut c, &file, 6 << 20).await,
-        Some(vec![b'B'; 1 << 20])
-    );
-}
-
 #[test]
 fn evicted_files_read_back_whole_through_store_errors() {
     // A 1 MiB cache, so every file is evicted once uploaded; then 30% of requests fail.

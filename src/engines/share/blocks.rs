@@ -463,16 +463,6 @@ impl Share {
                 info.size, uploaded.size
             )));
         }
-        // Blocks come from the version the share recorded, not whatever the bucket holds
-        // when this part file is made: one dropped and made again (evicted while read)
-        // would otherwise give a reader one version's blocks after another's.
-        if let (Some(recorded), Some(there)) = (&uploaded.etag, &info.etag)
-            && recorded != there
-        {
-            return Err(ShareError::Changed(format!(
-                "{key} changed in the bucket since the share took it in: a refresh takes the new version in"
-            )));
-        }
         let cvs = match info.meta.get(DIGEST_META) {
             None => None,
             Some(digest) => match self.ns.blocks(id)? {
@@ -511,7 +501,7 @@ impl Share {
         let part = Arc::new(Partial {
             uploaded: uploaded.clone(),
             key,
-            etag: uploaded.etag.clone().or(info.etag),
+            etag: info.etag,
             changed: Default::default(),
             size: info.size,
             block: block_size(info.size),
