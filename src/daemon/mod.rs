@@ -199,14 +199,23 @@ fn valid_salt(salt: &str) -> bool {
     salt.len() == 32 && salt.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// What the bucket needs of the salt in use, once the key is made (`share_passphrase_salt`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SaltPut {
+    /// The bucket has none: made only if still absent.
+    Create,
+    /// The bucket's is damaged: replaced.
+    Replace,
+}
+
 /// Before a passphrase is stretched: when the data directory has no salt yet, takes the
-/// bucket's, if the bucket answers within the probe timeout and has one. Returns whether the
-/// bucket lacks the salt (`Some(true)`), so that the one in use is put there after the key is
-/// made, or `None` when there is nothing to do. Refuses to start rather than make a salt of
+/// bucket's, if the bucket answers within the probe timeout and has one. Returns what the
+/// bucket needs of the salt in use once the key is made, or `None` when there is nothing to
+/// do. Refuses to start rather than make a salt of
 /// its own when the bucket holds volumes but not their salt (a new salt would never open
 /// them, and, put in the bucket, would lead every later gateway astray), or when the bucket's
 /// salt is damaged; a damaged salt is never copied here.
-async fn passphrase_salt(probe: &dyn Remote, data_dir: &Path) -> anyhow::Result<Option<bool>> {
+async fn passphrase_salt(probe: &dyn Remote, data_dir: &Path) -> anyhow::Result<Option<SaltPut>> {
     let local = data_dir.join(crate::seal::keys::SALT_FILE);
     let ours = match std::fs::read_to_string(&local) {
         Ok(ours) => Some(ours.trim().to_string()),
@@ -226,11 +235,11 @@ async fn passphrase_salt(probe: &dyn Remote, data_dir: &Path) -> anyhow::Result<
         Ok(Ok(object)) => {
             let theirs = String::from_utf8_lossy(&object.body).trim().to_string();
             match ours {
-                _ if !valid_salt(&theirs) && ours.is_some() => {
+                Some(_) if !valid_salt(&theirs) => {
                     tracing::warn!(
                         "the bucket's passphrase salt ({SALT_KEY}) is not 32 hex digits: putting this data directory's there"
                     );
-                    Some(true)
+                    Some(SaltPut::Replace)
                 }
                 None if !valid_salt(&theirs) => anyhow::bail!(
                     "the bucket's passphrase salt ({SALT_KEY}) is not 32 hex digits: it is damaged, and the bucket's volumes cannot be opened without it. Put back the {} of a gateway that wrote them",
@@ -263,9 +272,9 @@ async fn passphrase_salt(probe: &dyn Remote, data_dir: &Path) -> anyhow::Result<
                     local.display()
                 );
             }
-            Some(true)
+            Some(SaltPut::Create)
         }
-        Ok(Err(remote::Error::NotFound { .. })) => Some(true),
+        Ok(Err(remote::Error::NotFound { .. })) => Some(SaltPut::Create),
         Ok(Err(e)) => {
             tracing::warn!(
                 "cannot read the passphrase salt from the bucket ({e}); using this data directory's"
@@ -284,20 +293,13 @@ async fn passphrase_salt(probe: &dyn Remote, data_dir: &Path) -> anyhow::Result<
 /// Puts the salt in use in the bucket, which lacks it (or holds a damaged one). Made only if
 /// absent where the bucket had none, so that of two new gateways starting at once, the
 /// second does not replace the salt the first's volumes need.
-async fn share_passphrase_salt(remote: &remote::Stack, data_dir: &Path, missing: bool) {
-    if !missing {
-        return;
-    }
+async fn share_passphrase_salt(remote: &remote::Stack, data_dir: &Path, how: SaltPut) {
     let Ok(salt) = std::fs::read(data_dir.join(crate::seal::keys::SALT_FILE)) else {
         return;
     };
     let body = bytes::Bytes::from(salt);
-    let damaged = matches!(
-        tokio::time::timeout(PROBE_TIMEOUT, remote.probe.head(SALT_KEY)).await,
-        Ok(Ok(Some(_)))
-    );
     let put = async {
-        if damaged {
+        if how == SaltPut::Replace {
             remote
                 .probe
                 .put(SALT_KEY, body.clone(), remote::Meta::new())
@@ -432,8 +434,8 @@ impl Gateway {
             _ => None,
         };
         let master = MasterKey::load(&config.keys, &data_dir)?;
-        if let Some(missing) = salt_from_bucket {
-            share_passphrase_salt(&remote, &data_dir, missing).await;
+        if let Some(how) = salt_from_bucket {
+            share_passphrase_salt(&remote, &data_dir, how).await;
         }
         let sealer = Arc::new(Sealer::new(&master));
         drop(master);

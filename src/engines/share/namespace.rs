@@ -948,13 +948,11 @@ impl Namespace {
         }
         self.meta.transaction_lazy(|tx| {
             for (id, path, landed) in ended {
-                if tx.delete(&self.uploading, path)? && *landed {
-                    tx.put(&self.deletes, path, b"")?;
-                }
+                let was_uploading = tx.delete(&self.uploading, path)?;
                 if !*landed {
                     continue;
                 }
-                if tx.get(&self.deletes, path)?.is_some() {
+                if was_uploading || tx.get(&self.deletes, path)?.is_some() {
                     tx.put(&self.deletes, path, b"")?;
                 }
                 if let Some(mut inode) = tx.get_json::<Inode>(&self.inodes, &hex(*id))?
