@@ -124,6 +124,22 @@ async fn serve_status_api_and_clean_stop() {
         .await
         .expect("delete");
     assert_eq!(gone.status(), 404);
+    // A query that does not parse gets the API's JSON error, as every other refusal; the
+    // scheme of the Authorization header is case-insensitive.
+    let odd = http
+        .delete(daemon.url("/api/v1/volumes/nosuch?force=maybe"))
+        .header("authorization", format!("bearer {}", token.trim()))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(odd.status(), 400);
+    let message: serde_json::Value = odd.json().await.expect("a JSON error");
+    assert!(
+        message["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("force")),
+        "{message}"
+    );
     let (ok, out, err) = firn(&["bandwidth", "--config", config_arg, "--upload", "paused"]);
     assert!(ok, "{err}");
     assert!(out.contains("upload paused"), "{out}");

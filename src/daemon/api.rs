@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::http::request::Parts;
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -58,6 +59,36 @@ pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
+/// A path parameter (`axum`'s `Path`), refused with the API's JSON error when it does not
+/// decode.
+struct Path<T>(T);
+
+impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Path(value)),
+            Err(e) => Err(error(e.status(), e.body_text())),
+        }
+    }
+}
+
+/// A query string (`axum`'s `Query`), refused with the API's JSON error when it does not
+/// parse.
+struct Query<T>(T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(Query(value)),
+            Err(e) => Err(error(e.status(), e.body_text())),
+        }
+    }
+}
+
 async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "no such route")
 }
@@ -67,8 +98,10 @@ fn token_ok(gateway: &Gateway, request: &Request) -> bool {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .and_then(|v| v.split_once(' '))
+        // The scheme's case does not matter (RFC 9110, 11.1).
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token.trim_start_matches(' '));
     bool::from(presented.as_bytes().ct_eq(gateway.token.as_bytes()))
 }
 
@@ -551,10 +584,7 @@ struct ListQuery {
     bucket: bool,
 }
 
-async fn list_volumes(
-    State(gateway): Shared,
-    axum::extract::Query(query): axum::extract::Query<ListQuery>,
-) -> Response {
+async fn list_volumes(State(gateway): Shared, Query(query): Query<ListQuery>) -> Response {
     if query.bucket {
         let volumes = gateway.volumes.clone();
         return match tokio::task::spawn_blocking(move || volumes.bucket_volumes()).await {
@@ -811,7 +841,7 @@ struct DeleteQuery {
 async fn delete_volume(
     State(gateway): Shared,
     Path(name): Path<String>,
-    axum::extract::Query(query): axum::extract::Query<DeleteQuery>,
+    Query(query): Query<DeleteQuery>,
 ) -> Response {
     if !query.force && gateway.volumes.in_use(&name).unwrap_or(false) {
         return error(
@@ -931,7 +961,7 @@ async fn show_share(State(gateway): Shared, Path(name): Path<String>) -> Respons
 async fn delete_share(
     State(gateway): Shared,
     Path(name): Path<String>,
-    axum::extract::Query(query): axum::extract::Query<DeleteQuery>,
+    Query(query): Query<DeleteQuery>,
 ) -> Response {
     let share = match gateway.shares.share(&name) {
         Ok(share) => share,
@@ -966,7 +996,7 @@ struct UploadsQuery {
 async fn share_uploads(
     State(gateway): Shared,
     Path(name): Path<String>,
-    axum::extract::Query(query): axum::extract::Query<UploadsQuery>,
+    Query(query): Query<UploadsQuery>,
 ) -> Response {
     match gateway.shares.share(&name) {
         Ok(share) => Json(share.uploads(query.after, query.limit.unwrap_or(1000).min(10_000)))
@@ -985,7 +1015,7 @@ async fn share_events(
     State(gateway): Shared,
     Path(name): Path<String>,
     headers: axum::http::HeaderMap,
-    axum::extract::Query(query): axum::extract::Query<UploadsQuery>,
+    Query(query): Query<UploadsQuery>,
 ) -> Response {
     use axum::response::sse::{Event, KeepAlive, Sse};
     use futures::StreamExt;
