@@ -2422,6 +2422,101 @@ async fn a_listing_goes_on_after_its_last_entry_is_removed_or_renamed() {
     }
 }
 
+/// A client may go on from any entry of a page, not only its last (Linux does, from the
+/// last entry it handed to `getdents`): after that entry is renamed to a later name, or
+/// moved to another directory, the listing goes on after where it was, neither ending early
+/// nor starting over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_goes_on_from_any_entry_of_a_page_after_it_moves() {
+    let g = Gateway::start();
+    g.firn(&["share", "create", "list", "--squash", "none"]);
+    let mut c = g.client("list", 0, 0).await;
+    let root = c.root_nfs_fh3();
+    let dirop = |dir: &nfs_fh3, name: &str| diropargs3 {
+        dir: dir.clone(),
+        name: filename3::from(name.as_bytes().to_vec()),
+    };
+    let other = match c
+        .mkdir(&MKDIR3args {
+            where_: dirop(&root, "other"),
+            attributes: sattr3::default(),
+        })
+        .await
+        .expect("rpc")
+    {
+        Nfs3Result::Ok(ok) => ok.obj.unwrap(),
+        Nfs3Result::Err((e, _)) => panic!("mkdir: {e:?}"),
+    };
+    let all: Vec<String> = (0..100).map(|i| format!("f{i:03}")).collect();
+    for name in &all {
+        match c
+            .create(&CREATE3args {
+                where_: dirop(&root, name),
+                how: createhow3::UNCHECKED(sattr3::default()),
+            })
+            .await
+            .expect("rpc")
+        {
+            Nfs3Result::Ok(_) => {}
+            Nfs3Result::Err((e, _)) => panic!("create {name}: {e:?}"),
+        }
+    }
+    // The rest of the listing from `cookie` on, a page at a time.
+    async fn rest(c: &mut Client, dir: &nfs_fh3, mut cookie: u64) -> Vec<(String, u64)> {
+        let mut seen = Vec::new();
+        loop {
+            let reply = c
+                .readdir(&READDIR3args {
+                    dir: dir.clone(),
+                    cookie,
+                    cookieverf: cookieverf3::default(),
+                    count: 1024,
+                })
+                .await
+                .expect("rpc");
+            let ok = match reply {
+                Nfs3Result::Ok(ok) => ok,
+                Nfs3Result::Err((e, _)) => panic!("readdir from {cookie}: {e:?}"),
+            };
+            for e in &ok.reply.entries.0 {
+                seen.push((
+                    String::from_utf8_lossy(e.name.as_ref()).into_owned(),
+                    e.cookie,
+                ));
+                cookie = e.cookie;
+            }
+            if ok.reply.eof {
+                return seen;
+            }
+        }
+    }
+    let first = rest(&mut c, &root, 0).await;
+    let cookie_of = |name: &str| first.iter().find(|(n, _)| n == name).expect(name).1;
+    let names = |listed: Vec<(String, u64)>| listed.into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+    let rename = |from: &str, to_dir: &nfs_fh3, to: &str| RENAME3args {
+        from: dirop(&root, from),
+        to: dirop(to_dir, to),
+    };
+    // f010 (in the middle of the first page) renamed past the end.
+    let cookie = cookie_of("f010");
+    assert!(matches!(
+        c.rename(&rename("f010", &root, "zzz")).await.expect("rpc"),
+        Nfs3Result::Ok(_)
+    ));
+    let mut want: Vec<String> = all[11..].to_vec();
+    want.extend(["other".to_string(), "zzz".to_string()]);
+    assert_eq!(names(rest(&mut c, &root, cookie).await), want);
+    // f005 moved to another directory, under a name that sorts first there.
+    let cookie = cookie_of("f005");
+    assert!(matches!(
+        c.rename(&rename("f005", &other, "a00")).await.expect("rpc"),
+        Nfs3Result::Ok(_)
+    ));
+    let mut want: Vec<String> = all[6..].iter().filter(|n| *n != "f010").cloned().collect();
+    want.extend(["other".to_string(), "zzz".to_string()]);
+    assert_eq!(names(rest(&mut c, &root, cookie).await), want);
+}
+
 /// Clients that stall in the middle of a call, on every connection their address may have
 /// (32), lock nobody out for long: a call not sent whole within 30 s of its first byte
 /// costs its connection, and the address's clients get through again.

@@ -32,7 +32,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use crate::engines::share::{Share, ShareInfo, Shares};
+use crate::engines::share::{Attrs, Share, ShareInfo, Shares};
 
 pub const NFS_PROGRAM: u32 = 100_003;
 pub const MOUNT_PROGRAM: u32 = 100_005;
@@ -65,18 +65,21 @@ pub struct NfsServer {
     cookies: std::sync::Mutex<Cookies>,
 }
 
-/// The names that the last cookies of READDIR and READDIRPLUS replies stood for, newest
-/// `COOKIES` of them: a listing goes on after the name its cookie was given for, even once
-/// that entry is renamed or removed (iterate-and-delete, `rm -r`). A cookie is an entry's
-/// fileid; one forgotten here is looked up by the entry's name now.
+/// The names that the cookies of READDIR and READDIRPLUS replies stood for, every entry's
+/// (a client may go on from any of them: Linux does from the last it handed to `getdents`),
+/// newest `COOKIES` of them: a listing goes on after the name its cookie was given for, even
+/// once that entry is renamed or removed (iterate-and-delete, `rm -r`). A cookie is an
+/// entry's fileid; one forgotten here is looked up by the entry's name now, if it is still
+/// in that directory.
 #[derive(Default)]
 struct Cookies {
     names: std::collections::HashMap<(String, u64, u64), String>,
     order: std::collections::VecDeque<(String, u64, u64)>,
 }
 
-/// Cookies remembered, all shares together.
-const COOKIES: usize = 4096;
+/// Cookies remembered, all shares and clients together: tens of megabytes at most, and
+/// another client's listings push one out only after this many entries.
+const COOKIES: usize = 1 << 16;
 
 impl Cookies {
     fn remember(&mut self, key: (String, u64, u64), name: String) {
@@ -221,12 +224,16 @@ pub struct Caller {
 }
 
 impl NfsServer {
-    /// Notes that `cookie` of directory `dir` in share `share` stands for entry `name`.
-    fn remember_cookie(&self, share: &str, dir: u64, cookie: u64, name: &str) {
-        self.cookies
+    /// Notes that each entry's cookie (its fileid) of directory `dir` in share `share`
+    /// stands for its name.
+    fn remember_cookies(&self, share: &str, dir: u64, entries: &[(String, Attrs)]) {
+        let mut cookies = self
+            .cookies
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remember((share.to_string(), dir, cookie), name.to_string());
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (name, attrs) in entries {
+            cookies.remember((share.to_string(), dir, attrs.fileid), name.clone());
+        }
     }
 
     /// The name `cookie` of directory `dir` in share `share` stood for, if remembered.

@@ -839,7 +839,8 @@ fn entries(
 ) -> Result<(Vec<(String, Attrs)>, bool), nfsstat3> {
     let share_id = &share.info().id;
     // After the name the cookie was given for (the entry may have been renamed or removed
-    // since), else the entry's name now.
+    // since), else the entry's name now, if it is still in this directory: one that moved
+    // elsewhere would lead the listing astray.
     let after = if cookie == 0 {
         None
     } else if let Some(name) = server.cookie_name(share_id, dir, cookie) {
@@ -848,12 +849,15 @@ fn entries(
         let path = share
             .path(cookie)
             .map_err(|_| nfsstat3::NFS3ERR_BAD_COOKIE)?;
-        Some(path.rsplit('/').next().unwrap_or_default().to_string())
+        let dir_path = share.path(dir).map_err(|e| status(&e))?;
+        let (parent, name) = path.rsplit_once('/').unwrap_or(("", &path));
+        if parent != dir_path {
+            return Err(nfsstat3::NFS3ERR_BAD_COOKIE);
+        }
+        Some(name.to_string())
     };
     let listed = entries_after(share, dir, after, count, entry_size)?;
-    if let Some((name, attrs)) = listed.0.last() {
-        server.remember_cookie(share_id, dir, attrs.fileid, name);
-    }
+    server.remember_cookies(share_id, dir, &listed.0);
     Ok(listed)
 }
 
