@@ -1745,6 +1745,9 @@ fn writes_wait_for_room_in_a_full_log_during_an_outage() {
         cache["queued_writes"].as_u64().unwrap() > 0,
         "no write waits for room: {shown:#}"
     );
+    // And says why.
+    let why = cache["writes_waiting"].as_str().unwrap_or_default();
+    assert!(why.contains("fills the log"), "{shown:#}");
     assert!(
         cache["dirty_bytes"].as_u64().unwrap() <= 18 << 20,
         "the log outgrew log_max: {shown:#}"
@@ -1781,6 +1784,7 @@ fn writes_wait_for_room_in_a_full_log_during_an_outage() {
     // What stays is the open segment's header.
     assert!(metric(&metrics, "firn_gateway_upload_backlog_bytes") <= 64.0);
     assert_eq!(metric(&metrics, "firn_gateway_queued_writes"), 0.0);
+    assert!(g.show("v")["cache"].get("writes_waiting").is_none());
     let mut verify = job.clone();
     verify.push("--verify_only".to_string());
     fio(&g.uri("v"), &strs(&verify));

@@ -54,6 +54,7 @@ use super::{BlockDevice, BlockError, BlockResult, Extent, check_range};
 use crate::local::meta::MetaStore;
 use crate::remote::Remote;
 use crate::seal::Sealer;
+use crate::size::Human;
 
 /// The metadata-store table of each cached volume's upload progress.
 pub const PROGRESS_TABLE: &str = "cached-volumes";
@@ -934,6 +935,7 @@ impl Inner {
                 .len() as u64,
             pending_flushes: state.cuts.len() as u64,
             queued_writes: state.queued_writes,
+            writes_waiting: self.why_writes_wait(&state),
             cache_hits: self.cache_hits.load(Ordering::Relaxed),
             cache_misses: self.cache_misses.load(Ordering::Relaxed),
             bytes_written: state.bytes_written,
@@ -987,6 +989,27 @@ impl Inner {
             return Err(BlockError::ReadOnly);
         }
         Ok(())
+    }
+
+    /// Why writes wait, if they do (`CachedStatus::writes_waiting`).
+    fn why_writes_wait(&self, state: &state::State) -> Option<String> {
+        if state.queued_writes == 0 {
+            return None;
+        }
+        let log_max = self.log_max();
+        let what = if state.dirty_bytes + self.settings.segment_bytes > log_max {
+            format!(
+                "the upload backlog ({}) fills the log (log_max {}): writes go on as uploads free room",
+                Human(state.dirty_bytes),
+                Human(log_max)
+            )
+        } else {
+            "the local disk has no room for the log's next segment (beside min_free): writes go on as uploads free room".to_string()
+        };
+        Some(match &state.last_error {
+            Some(e) => format!("{what}; the uploads' last error: {e}"),
+            None => what,
+        })
     }
 
     /// Waits while the log holds `log_max` bytes that are not uploaded yet.

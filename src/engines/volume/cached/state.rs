@@ -82,6 +82,10 @@ pub struct CachedStatus {
     pub pending_flushes: u64,
     /// Writes waiting for room in the log.
     pub queued_writes: u64,
+    /// Why writes wait, while they do: what they wait for, and the uploader's last error
+    /// if there is one (the bucket unreachable or refusing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writes_waiting: Option<String>,
     /// Reads answered from local disk and from the bucket.
     pub cache_hits: u64,
     pub cache_misses: u64,
