@@ -528,6 +528,31 @@ fn empty_directories_persist_as_marker_objects() {
             head("m/theirs/").is_none(),
             "rmdir left the other tool's marker"
         );
+        // A marker with data (S3 lets `a/` hold bytes; the directory store does not) is
+        // another tool's object: a chmod here never puts an empty marker over it, and an
+        // rmdir leaves it.
+        let Some(prefix) = &rig.s3_prefix else {
+            continue;
+        };
+        common::boto3_put(&format!("{prefix}/m/data/"), b"notes", &[]);
+        share.refresh("").expect("refresh");
+        let data = share.lookup(root, "data").expect("data");
+        share
+            .setattr(
+                data,
+                firn::engines::share::SetAttrs {
+                    mode: Some(0o700),
+                    ..Default::default()
+                },
+            )
+            .expect("chmod");
+        rig.wait_clean("m");
+        assert_eq!(share.attrs(data).expect("attrs").mode, 0o700);
+        let size = |key: &str| head(key).map(|info| info.size);
+        assert_eq!(size("m/data/"), Some(5), "a chmod emptied the marker");
+        share.rmdir(root, "data").expect("rmdir");
+        rig.wait_clean("m");
+        assert_eq!(size("m/data/"), Some(5), "an rmdir deleted it");
     }
 }
 

@@ -661,6 +661,19 @@ async fn upload(share: &Arc<Share>, id: u64, generation: u64, key: &str) -> Resu
             return Ok(Ended::Nothing);
         }
     };
+    if inode.kind == Kind::Dir {
+        // A marker with data is another tool's object (S3 lets `a/` hold bytes): an empty
+        // one put over it would lose them. The directory's attributes then stay here.
+        match share.remote.head(&key).await {
+            Ok(Some(there)) if there.size > 0 => {
+                tracing::info!(share = %share.info.name, "{key} holds another tool's data: the directory's attributes are kept here, not written over it");
+                lock(&share.dirty).remove(&id);
+                return Ok(Ended::Nothing);
+            }
+            Ok(_) => {}
+            Err(e) => return Err(format!("uploading {key}: {e}")),
+        }
+    }
     let len = body.len();
     let stored = match share.remote.put_body(&key, body, object_meta(&attrs)).await {
         Ok(stored) => stored,
