@@ -1709,6 +1709,51 @@ fn fio_finish(child: std::process::Child) -> String {
     text
 }
 
+/// Uploaded segments kept for reads take on disk what they hold, not the whole segment
+/// preallocated at their creation: on ext4 a hole punched past a file's end frees nothing,
+/// so small flushed segments each kept a full segment's blocks that neither `cached_bytes`
+/// nor `cache_max` counted, and the disk filled far past the volume's limits.
+#[test]
+fn uploaded_segments_give_back_what_they_preallocated() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let g = Gateway::start(&dir.path().join("a"), &bucket, "");
+    g.firn(&[
+        "volume",
+        "create",
+        "v",
+        "--size",
+        "64M",
+        "--cache-max",
+        "256MiB",
+    ]);
+    // Small flushed writes, each its own small segment once committed.
+    for k in 0..12 {
+        qemu_io(&g.uri("v"), &[&format!("write -P 0x42 {} 64k", k * 65536)]);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let shown = g.wait_drained("v", false);
+    let id = shown["id"].as_str().expect("id");
+    let segments = dir.path().join(format!("a/data/volumes/{id}/segments"));
+    let (mut files, mut allocated, mut length) = (0, 0, 0);
+    for entry in std::fs::read_dir(&segments).expect("segments") {
+        let meta = entry.expect("entry").metadata().expect("metadata");
+        files += 1;
+        allocated += meta.blocks() * 512;
+        length += meta.len();
+    }
+    assert!(
+        files >= 8,
+        "{files} segments: the writes did not each close one"
+    );
+    // The open segment (and the spare, if one is made) keep their 1 MiB preallocation.
+    assert!(
+        allocated <= length + 2 * (1 << 20) + files * 4096,
+        "{files} segment files of {length} bytes take {allocated} bytes on disk"
+    );
+}
+
 /// The smallest log the config allows (two 1 MiB segments and a largest record) and an
 /// outage of the whole remote: writes beyond the log's room wait, they do not fail, and go
 /// on once the outage ends; the data verifies, then again from the bucket.

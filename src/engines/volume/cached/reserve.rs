@@ -266,7 +266,9 @@ pub(super) fn preallocate(file: &File, bytes: u64) {
     }
 }
 
-/// Releases what a segment preallocated past its end.
+/// Releases what a segment, `end` bytes long, preallocated past its end. ext4 punches no
+/// hole past a file's length (and says nothing), but frees what lies there when the file is
+/// cut to the length it has; tmpfs frees it on the punch.
 pub(super) fn release_tail(file: &File, end: u64, bytes: u64) {
     if bytes > end {
         let _ = fallocate(
@@ -275,6 +277,7 @@ pub(super) fn release_tail(file: &File, end: u64, bytes: u64) {
             end as i64,
             (bytes - end) as i64,
         );
+        let _ = file.set_len(end);
     }
 }
 
