@@ -254,13 +254,7 @@ fn the_api_takes_changes_on_a_disk_another_program_filled() {
     let daemon = Daemon::start(&config, port, &[]);
     let config_arg = config.to_str().expect("utf-8");
     let filler = mnt.join("filler");
-    {
-        let mut f = std::fs::File::create(&filler).expect("filler");
-        let chunk = vec![1u8; 1 << 20];
-        while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
-        while std::io::Write::write_all(&mut f, &chunk[..4096]).is_ok() {}
-        let _ = f.sync_all();
-    }
+    fill(&filler);
     for upload in ["paused", "unlimited", "paused", "unlimited"] {
         let (ok, out, err) = firn(&["bandwidth", "--config", config_arg, "--upload", upload]);
         assert!(ok, "bandwidth {upload} on a full disk: {out}{err}");
@@ -275,6 +269,62 @@ fn the_api_takes_changes_on_a_disk_another_program_filled() {
         .filter(|r| r.contains("/api/v1/bandwidth") && r.contains("\"phase\":\"outcome\""))
         .count();
     assert_eq!(outcomes, 4, "the bandwidth changes' outcomes");
+    drop(log);
+
+    // A record torn by a crash, and the disk full again without the log's reserve: there is
+    // no room to keep the damaged tail aside before cutting it. The daemon starts all the
+    // same, answers reads, refuses changes (503) until there is room, then takes them.
+    let audit = mnt.join("data/audit.log");
+    let mut torn = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&audit)
+        .expect("audit log");
+    std::io::Write::write_all(&mut torn, b"\xe1\0\0\0\x5f\x70\x60\0{\"call\":2,").expect("tear");
+    drop(torn);
+    let _ = std::fs::remove_file(mnt.join("data/audit.log.reserve"));
+    fill(&filler);
+    let daemon = Daemon::start(&config, port, &[]);
+    let (ok, out, err) = firn(&["status", "--config", config_arg]);
+    assert!(ok, "status on a full disk: {out}{err}");
+    let (ok, out, err) = firn(&["bandwidth", "--config", config_arg, "--upload", "paused"]);
+    assert!(
+        !ok && err.contains("503"),
+        "a change not recorded: {out}{err}"
+    );
+    std::fs::remove_file(&filler).expect("rm filler");
+    let (ok, out, err) = firn(&["bandwidth", "--config", config_arg, "--upload", "unlimited"]);
+    assert!(ok, "a change once there is room: {out}{err}");
+    assert!(daemon.stop().success());
+    let aside = std::fs::read_dir(mnt.join("data"))
+        .expect("data dir")
+        .filter(|e| {
+            e.as_ref().is_ok_and(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("audit.log.damaged-")
+            })
+        })
+        .count();
+    assert_eq!(aside, 1, "the torn tail kept aside");
+}
+
+/// Fills the file system `path` is on with `path`.
+fn fill(path: &std::path::Path) {
+    let mut f = std::fs::File::create(path).expect("filler");
+    let chunk = vec![1u8; 1 << 20];
+    while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
+    for size in [4096, 1024] {
+        while std::io::Write::write_all(&mut f, &chunk[..size]).is_ok() {}
+    }
+    let _ = f.sync_all();
+    // Blocks of a small file system may be 1 KiB: small files take what is left.
+    for n in 0..64 {
+        let small = path.with_extension(n.to_string());
+        if std::fs::write(&small, b"x").is_err() {
+            let _ = std::fs::remove_file(&small);
+            break;
+        }
+    }
 }
 
 /// A daemon on a config of its own with `extra` in it: its directory (to keep until the

@@ -127,14 +127,26 @@ impl Audit {
     /// Opens (or creates) the audit log. The recovery report says whether a damaged tail was
     /// set aside.
     pub fn open(path: &Path) -> Result<(Audit, Recovery), LogError> {
-        let (log, recovery) = Log::open(path)?;
+        let (log, recovery) = match Log::open(path) {
+            Ok((log, recovery)) => (Some(log), recovery),
+            // A full disk, with no room to keep a damaged tail aside before cutting it (or to
+            // make the log): the gateway starts all the same. Every change is refused (503)
+            // until a call finds the room to open the log; reads go on.
+            Err(e @ LogError::Io { .. }) if no_space(&e) => {
+                tracing::warn!(
+                    "{e}: changes through the API are refused until there is room to open the audit log"
+                );
+                (None, Recovery::default())
+            }
+            Err(e) => return Err(e),
+        };
         let mut reserve = path.as_os_str().to_owned();
         reserve.push(".reserve");
         let audit = Audit {
             path: path.to_path_buf(),
             reserve: PathBuf::from(reserve),
             reserve_missing: Mutex::new(None),
-            log: Mutex::new(Some(log)),
+            log: Mutex::new(log),
             refused: Mutex::new(HashMap::new()),
         };
         if !audit.make_reserve() {
@@ -296,6 +308,17 @@ impl Audit {
         }
         written
     }
+}
+
+/// Whether `e` is the disk (or the quota) being full.
+fn no_space(e: &LogError) -> bool {
+    let LogError::Io { source, .. } = e else {
+        return false;
+    };
+    matches!(
+        source.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 /// Says, loudly, that the log's tail did not check out and where it was kept.

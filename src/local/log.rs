@@ -90,7 +90,7 @@ pub enum LogError {
 }
 
 /// What [`Log::open`] found.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recovery {
     /// Valid records kept; the next append gets this sequence number.
     pub records: u64,
