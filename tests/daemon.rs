@@ -117,6 +117,17 @@ async fn serve_status_api_and_clean_stop() {
     assert_eq!(zero.status(), 400);
     let message = zero.text().await.expect("body");
     assert!(message.contains("paused"), "{message}");
+    // A body that is not an object is refused, and the policy stays.
+    let array = http
+        .put(daemon.url("/api/v1/bandwidth"))
+        .bearer_auth(token.trim())
+        .body("[]")
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(array.status(), 400);
+    let (_, out, _) = firn(&["status", "--config", config_arg, "--json"]);
+    assert!(out.contains("\"upload_limit\": \"20MiB/s\""), "{out}");
     let gone = http
         .delete(daemon.url("/api/v1/volumes/nosuch?force=true"))
         .bearer_auth(token.trim())

@@ -89,6 +89,19 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
     }
 }
 
+/// A request body: a JSON object (serde would take an array for a struct, field by field in
+/// order, so `[]` would pass as a body of defaults), refused with the API's JSON error.
+fn parse<T: serde::de::DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, Response> {
+    let refused = |e: String| error(StatusCode::BAD_REQUEST, format!("{what}: {e}"));
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(value @ serde_json::Value::Object(_)) => {
+            serde_json::from_value(value).map_err(|e| refused(e.to_string()))
+        }
+        Ok(_) => Err(refused("the body must be a JSON object".into())),
+        Err(e) => Err(refused(e.to_string())),
+    }
+}
+
 async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "no such route")
 }
@@ -533,13 +546,13 @@ async fn get_bandwidth(State(gateway): Shared) -> Json<Policy> {
 }
 
 async fn put_bandwidth(State(gateway): Shared, body: axum::body::Bytes) -> Response {
-    match serde_json::from_slice::<Policy>(&body) {
+    match parse::<Policy>("bandwidth policy", &body) {
         Ok(policy) => {
             gateway.remote.limiter.set_policy(policy.clone());
             tracing::info!(?policy, "bandwidth policy changed");
             Json(policy).into_response()
         }
-        Err(e) => error(StatusCode::BAD_REQUEST, format!("bandwidth policy: {e}")),
+        Err(refused) => refused,
     }
 }
 
@@ -621,9 +634,9 @@ async fn resize_volume(
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let request: Resize = match serde_json::from_slice(&body) {
+    let request: Resize = match parse("resize", &body) {
         Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("resize: {e}")),
+        Err(refused) => return refused,
     };
     let volumes = gateway.volumes.clone();
     change_volume(move || volumes.resize(&name, request.size.0)).await
@@ -680,9 +693,9 @@ async fn set_volume_limits(
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let request: SetLimits = match serde_json::from_slice(&body) {
+    let request: SetLimits = match parse("limits", &body) {
         Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("limits: {e}")),
+        Err(refused) => return refused,
     };
     let volumes = gateway.volumes.clone();
     change_volume(move || volumes.set_limits(&name, request.log_max, request.cache_max)).await
@@ -711,9 +724,9 @@ async fn take_over_volume(
     let request: TakeOver = if body.is_empty() {
         TakeOver::default()
     } else {
-        match serde_json::from_slice(&body) {
+        match parse("takeover", &body) {
             Ok(r) => r,
-            Err(e) => return error(StatusCode::BAD_REQUEST, format!("takeover: {e}")),
+            Err(refused) => return refused,
         }
     };
     let honoured = matches!(
@@ -761,9 +774,9 @@ async fn take_over_volume(
 }
 
 async fn create_volume(State(gateway): Shared, body: axum::body::Bytes) -> Response {
-    let request: CreateVolume = match serde_json::from_slice(&body) {
+    let request: CreateVolume = match parse("volume", &body) {
         Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("volume: {e}")),
+        Err(refused) => return refused,
     };
     for block in &request.allow {
         let checked = crate::daemon::config::Cidr::parse(block)
@@ -909,9 +922,9 @@ async fn list_shares(State(gateway): Shared) -> Response {
 }
 
 async fn create_share(State(gateway): Shared, body: axum::body::Bytes) -> Response {
-    let request: CreateShare = match serde_json::from_slice(&body) {
+    let request: CreateShare = match parse("share", &body) {
         Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("share: {e}")),
+        Err(refused) => return refused,
     };
     for block in &request.allow {
         if let Err(e) = crate::daemon::config::Cidr::parse(block) {
@@ -1090,9 +1103,9 @@ async fn refresh_share(
     let request: RefreshShare = if body.is_empty() {
         RefreshShare::default()
     } else {
-        match serde_json::from_slice(&body) {
+        match parse("refresh", &body) {
             Ok(r) => r,
-            Err(e) => return error(StatusCode::BAD_REQUEST, format!("refresh: {e}")),
+            Err(refused) => return refused,
         }
     };
     let share = match gateway.shares.share(&name) {
