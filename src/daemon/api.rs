@@ -90,15 +90,14 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
 }
 
 /// A request body: a JSON object (serde would take an array for a struct, field by field in
-/// order, so `[]` would pass as a body of defaults), refused with the API's JSON error.
-fn parse<T: serde::de::DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, Response> {
-    let refused = |e: String| error(StatusCode::BAD_REQUEST, format!("{what}: {e}"));
+/// order, so `[]` would pass as a body of defaults). `Err` is the message of a 400.
+fn parse<T: serde::de::DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, String> {
     match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(value @ serde_json::Value::Object(_)) => {
-            serde_json::from_value(value).map_err(|e| refused(e.to_string()))
+            serde_json::from_value(value).map_err(|e| format!("{what}: {e}"))
         }
-        Ok(_) => Err(refused("the body must be a JSON object".into())),
-        Err(e) => Err(refused(e.to_string())),
+        Ok(_) => Err(format!("{what}: the body must be a JSON object")),
+        Err(e) => Err(format!("{what}: {e}")),
     }
 }
 
@@ -552,7 +551,7 @@ async fn put_bandwidth(State(gateway): Shared, body: axum::body::Bytes) -> Respo
             tracing::info!(?policy, "bandwidth policy changed");
             Json(policy).into_response()
         }
-        Err(refused) => refused,
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
     }
 }
 
@@ -636,7 +635,7 @@ async fn resize_volume(
 ) -> Response {
     let request: Resize = match parse("resize", &body) {
         Ok(r) => r,
-        Err(refused) => return refused,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let volumes = gateway.volumes.clone();
     change_volume(move || volumes.resize(&name, request.size.0)).await
@@ -695,7 +694,7 @@ async fn set_volume_limits(
 ) -> Response {
     let request: SetLimits = match parse("limits", &body) {
         Ok(r) => r,
-        Err(refused) => return refused,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let volumes = gateway.volumes.clone();
     change_volume(move || volumes.set_limits(&name, request.log_max, request.cache_max)).await
@@ -726,7 +725,7 @@ async fn take_over_volume(
     } else {
         match parse("takeover", &body) {
             Ok(r) => r,
-            Err(refused) => return refused,
+            Err(e) => return error(StatusCode::BAD_REQUEST, e),
         }
     };
     let honoured = matches!(
@@ -776,7 +775,7 @@ async fn take_over_volume(
 async fn create_volume(State(gateway): Shared, body: axum::body::Bytes) -> Response {
     let request: CreateVolume = match parse("volume", &body) {
         Ok(r) => r,
-        Err(refused) => return refused,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     for block in &request.allow {
         let checked = crate::daemon::config::Cidr::parse(block)
@@ -924,7 +923,7 @@ async fn list_shares(State(gateway): Shared) -> Response {
 async fn create_share(State(gateway): Shared, body: axum::body::Bytes) -> Response {
     let request: CreateShare = match parse("share", &body) {
         Ok(r) => r,
-        Err(refused) => return refused,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     for block in &request.allow {
         if let Err(e) = crate::daemon::config::Cidr::parse(block) {
@@ -1105,7 +1104,7 @@ async fn refresh_share(
     } else {
         match parse("refresh", &body) {
             Ok(r) => r,
-            Err(refused) => return refused,
+            Err(e) => return error(StatusCode::BAD_REQUEST, e),
         }
     };
     let share = match gateway.shares.share(&name) {
