@@ -82,21 +82,24 @@ const LATEST_NS: u64 = (u32::MAX as u64 - 365 * 86_400) * 1_000_000_000;
 pub(super) fn attrs_from(meta: &Meta, defaults: NewAttrs) -> NewAttrs {
     let number = |key: &str, radix: u32| {
         meta.get(key)
-            .and_then(|v| u64::from_str_radix(v.trim().trim_end_matches("ns"), radix).ok())
+            .and_then(|v| u64::from_str_radix(v.trim(), radix).ok())
     };
+    // Times carry their unit: a bare number (seconds? milliseconds?) is no time of the
+    // convention, and would be taken as nanoseconds, in 1970.
+    let time = |key: &str| {
+        meta.get(key)
+            .and_then(|v| v.trim().strip_suffix("ns"))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|t| t.min(LATEST_NS))
+    };
+    // An id past 32 bits is no id: the default, as for one that does not parse.
+    let id = |key: &str| number(key, 10).and_then(|v| u32::try_from(v).ok());
     NewAttrs {
         mode: number("file-permissions", 8).map_or(defaults.mode, |m| (m & 0o7777) as u32),
-        // An id past 32 bits is no id: the default, as for one that does not parse.
-        uid: number("file-owner", 10)
-            .and_then(|v| u32::try_from(v).ok())
-            .unwrap_or(defaults.uid),
-        gid: number("file-group", 10)
-            .and_then(|v| u32::try_from(v).ok())
-            .unwrap_or(defaults.gid),
-        now_ns: number("file-mtime", 10).map_or(defaults.now_ns, |t| t.min(LATEST_NS)),
-        atime_ns: number("file-atime", 10)
-            .map(|t| t.min(LATEST_NS))
-            .or(defaults.atime_ns),
+        uid: id("file-owner").unwrap_or(defaults.uid),
+        gid: id("file-group").unwrap_or(defaults.gid),
+        now_ns: time("file-mtime").unwrap_or(defaults.now_ns),
+        atime_ns: time("file-atime").or(defaults.atime_ns),
     }
 }
 
@@ -756,6 +759,9 @@ mod tests {
         assert_eq!(times("5000000000000000000ns"), (latest, Some(latest)));
         let ordinary = 1_700_000_000_123_456_789;
         assert_eq!(times("1700000000123456789ns"), (ordinary, Some(ordinary)));
+        // Without its unit a number is no time of the convention: the defaults.
+        assert_eq!(times("1700000000"), (1, None));
+        assert_eq!(times("1700000000s"), (1, None));
         // A year of change times is left before NFS's last second.
         assert!(latest / 1_000_000_000 + 365 * 86_400 <= u64::from(u32::MAX));
     }
