@@ -2439,14 +2439,8 @@ fn a_download_never_makes_anything_for_a_key_that_leads_out() {
     let dest = dir.path().join("down/dest");
     std::fs::create_dir_all(&dest).expect("dest");
     let before: Vec<_> = walk(dir.path());
-    let out = std::process::Command::new(common::FIRN)
-        .args(["remote", "--config", config.to_str().expect("utf-8")])
-        .args(["get", "evil/", dest.to_str().expect("utf-8")])
-        .env_remove("AWS_CA_BUNDLE")
-        .output()
-        .expect("run firn");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    let (ok, stderr) = remote_cli(&config, &["get", "evil/", dest.to_str().expect("utf-8")]);
+    assert!(!ok, "{stderr}");
     assert!(stderr.contains("leads out of"), "{stderr}");
     assert_eq!(walk(dir.path()), before, "the refused download made files");
 }
@@ -2466,4 +2460,164 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     found.sort();
     found
+}
+
+/// `firn remote --config <config> <args>`: whether it succeeded, and its stderr.
+fn remote_cli(config: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(common::FIRN)
+        .args(["remote", "--config", config.to_str().expect("utf-8")])
+        .args(args)
+        .env_remove("AWS_CA_BUNDLE")
+        .output()
+        .expect("run firn");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A file written to while `firn remote put` sends it went up as no one version, and its
+/// object would never verify: the put fails and leaves no object. Left still, it goes up.
+#[test]
+fn a_file_written_during_its_put_is_refused_and_leaves_no_object() {
+    let Some(options) = s3_options() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = s3_config(dir.path(), &options);
+    let source = dir.path().join("busy.bin");
+    std::fs::write(&source, vec![7u8; 96 << 20]).expect("source");
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (source, done) = (source.clone(), done.clone());
+        std::thread::spawn(move || {
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&source)
+                .expect("open");
+            let mut n = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                file.write_all_at(&[n as u8], (n * 4096) % (96 << 20))
+                    .expect("write");
+                n += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let (ok, stderr) = remote_cli(&config, &["put", source.to_str().unwrap(), "busy.bin"]);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().expect("writer");
+    assert!(!ok, "a file written during its put was stored");
+    assert!(stderr.contains("changed while it was uploaded"), "{stderr}");
+    assert!(
+        boto3_keys(&format!("{}/busy.bin", options.prefix)).is_empty(),
+        "the object stayed"
+    );
+    let (ok, stderr) = remote_cli(&config, &["put", source.to_str().unwrap(), "busy.bin"]);
+    assert!(ok, "{stderr}");
+    let back = dir.path().join("back.bin");
+    let (ok, stderr) = remote_cli(&config, &["get", "busy.bin", back.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(std::fs::read(&back).expect("back") == std::fs::read(&source).expect("source"));
+}
+
+/// A prefix download makes directories of directory markers (`d/`, as shares and S3
+/// consoles write them); an interrupted download leaves no temporary file, and an
+/// interrupted put no multipart upload.
+#[test]
+fn downloads_take_markers_as_directories_and_interrupts_leave_nothing() {
+    let Some(options) = s3_options() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = s3_config(dir.path(), &options);
+    let prefix = &options.prefix;
+    common::boto3_put(&format!("{prefix}/m/d/"), b"", &[]);
+    common::boto3_put(&format!("{prefix}/m/empty/"), b"", &[]);
+    let x = dir.path().join("x");
+    std::fs::write(&x, b"x").expect("x");
+    let (ok, stderr) = remote_cli(&config, &["put", x.to_str().unwrap(), "m/d/x"]);
+    assert!(ok, "{stderr}");
+    let dest = dir.path().join("m");
+    let (ok, stderr) = remote_cli(&config, &["get", "m/", dest.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert_eq!(std::fs::read(dest.join("d/x")).expect("d/x"), b"x");
+    assert!(dest.join("empty").is_dir());
+
+    let big = dir.path().join("big.bin");
+    std::fs::write(&big, vec![3u8; 512 << 20]).expect("big");
+    // Each interrupted at the first sign of its transfer: a temporary file, a multipart
+    // upload.
+    let uploads = || {
+        let script = r#"
+import os, sys, boto3
+s3 = boto3.client("s3", endpoint_url=os.environ["FIRN_TEST_S3_ENDPOINT"],
+    region_name=os.environ.get("FIRN_TEST_S3_REGION", "garage"),
+    aws_access_key_id=os.environ["FIRN_TEST_S3_ACCESS_KEY_ID"],
+    aws_secret_access_key=os.environ["FIRN_TEST_S3_SECRET_ACCESS_KEY"])
+got = s3.list_multipart_uploads(Bucket=os.environ["FIRN_TEST_S3_BUCKET"], Prefix=sys.argv[1])
+print(len(got.get("Uploads", [])))
+"#;
+        let out = common::boto3(script, &[&format!("{prefix}/big")]);
+        String::from_utf8_lossy(&out)
+            .trim()
+            .parse::<usize>()
+            .expect("a count")
+    };
+    let interrupted = |args: &[&str], started: &dyn Fn() -> bool| {
+        let mut child = std::process::Command::new(common::FIRN)
+            .args(["remote", "--config", config.to_str().unwrap()])
+            .args(args)
+            .env_remove("AWS_CA_BUNDLE")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run firn");
+        let begun = Instant::now();
+        while !started() {
+            assert!(
+                child.try_wait().expect("wait").is_none(),
+                "{args:?} ended before it could be interrupted"
+            );
+            assert!(
+                begun.elapsed() < Duration::from_secs(60),
+                "{args:?} never began"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .expect("SIGINT");
+        let out = child.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains("interrupted"), "{args:?}: {stderr}");
+    };
+    interrupted(&["put", big.to_str().unwrap(), "big"], &|| uploads() > 0);
+    assert_eq!(
+        uploads(),
+        0,
+        "the interrupted put left its multipart upload"
+    );
+    assert!(boto3_keys(&format!("{prefix}/big")).is_empty());
+
+    let (ok, stderr) = remote_cli(&config, &["put", big.to_str().unwrap(), "big"]);
+    assert!(ok, "{stderr}");
+    let down = dir.path().join("down");
+    std::fs::create_dir_all(&down).expect("down");
+    let temporary = || {
+        std::fs::read_dir(&down).expect("down").any(|e| {
+            e.expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .contains(".firn-")
+        })
+    };
+    interrupted(
+        &["get", "big", down.join("big.bin").to_str().unwrap()],
+        &temporary,
+    );
+    assert!(walk(&down).is_empty(), "{:?}", walk(&down));
 }

@@ -47,13 +47,13 @@ pub async fn run(config: &Config, command: RemoteCommand) -> anyhow::Result<()> 
     let remote = stack.remote;
     match command {
         RemoteCommand::Put { source, key, jobs } => {
-            put(remote, &source, &key, jobs, &Budget::new(config)).await
+            interruptible(put(remote, &source, &key, jobs, &Budget::new(config))).await
         }
         RemoteCommand::Get {
             key,
             destination,
             jobs,
-        } => get(remote, &key, &destination, jobs, &Budget::new(config)).await,
+        } => interruptible(get(remote, &key, &destination, jobs, &Budget::new(config))).await,
         RemoteCommand::Ls { prefix } => {
             for object in remote.list(&prefix).await? {
                 println!("{:>14}  {}", object.size, object.key);
@@ -62,6 +62,24 @@ pub async fn run(config: &Config, command: RemoteCommand) -> anyhow::Result<()> 
         }
         RemoteCommand::Rm { key } => Ok(remote.delete(&key).await?),
     }
+}
+
+/// The regular files below `root`. Symlinks (not followed: one could lead out of the tree,
+/// or round it), FIFOs, sockets and devices have no object to be: each is named on stderr.
+/// `work`, or an error at Ctrl-C (SIGINT) or SIGTERM: the work is dropped, and with it the
+/// temporary files of downloads under way.
+async fn interruptible(
+    work: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let signal = tokio::select! {
+        done = work => return done,
+        _ = tokio::signal::ctrl_c() => "interrupted",
+        _ = term.recv() => "terminated",
+    };
+    // The multipart uploads of puts under way are aborted as they are dropped.
+    crate::remote::s3::aborts_settled(std::time::Duration::from_secs(5)).await;
+    bail!("{signal}: objects whose transfer had not ended are neither stored nor downloaded")
 }
 
 fn files_under(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
@@ -77,6 +95,11 @@ fn files_under(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
                 pending.push(entry.path());
             } else if kind.is_file() {
                 files.push(entry.path());
+            } else {
+                eprintln!(
+                    "skipped {}: not a regular file or directory",
+                    entry.path().display()
+                );
             }
         }
     }
@@ -166,11 +189,26 @@ async fn put(
             let remote = remote.clone();
             async move {
                 // Read a part at a time as the upload needs it, never whole.
-                let body = FileBody::open(&file)
-                    .with_context(|| format!("cannot read {}", file.display()))?;
+                let body = Arc::new(
+                    FileBody::open(&file)
+                        .with_context(|| format!("cannot read {}", file.display()))?,
+                );
                 let n = body.len();
                 let _memory = budget.admit(n).await;
-                remote.put_body(&key, Arc::new(body), Meta::new()).await?;
+                remote.put_body(&key, body.clone(), Meta::new()).await?;
+                // Its checksum was taken in a pass before the upload read it: a file written
+                // to meanwhile went up as no one version, and its object would never verify.
+                if !body.unchanged().unwrap_or(false) {
+                    let deleted = remote.delete(&key).await;
+                    bail!(
+                        "{} changed while it was uploaded, so {key:?} would not match it: {}; run again once it is still",
+                        file.display(),
+                        match deleted {
+                            Ok(()) => "the object was deleted".to_string(),
+                            Err(e) => format!("deleting the object failed too ({e})"),
+                        }
+                    );
+                }
                 anyhow::Ok(n)
             }
         })
@@ -189,25 +227,35 @@ async fn get(
     budget: &Budget,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
+    let mut markers = Vec::new();
     let downloads: Vec<(String, PathBuf, u64)> = if key.ends_with('/') || key.is_empty() {
         remote
             .list(key)
             .await?
             .into_iter()
-            .map(|object| {
+            .filter_map(|object| {
                 let rel = object.key[key.len()..].to_string();
-                (object.key, destination.join(rel), object.size)
+                // A directory marker (`a/b/`, as shares and S3 consoles make) is a directory.
+                if object.key.ends_with('/') {
+                    markers.push((object.key, destination.join(rel)));
+                    return None;
+                }
+                Some((object.key, destination.join(rel), object.size))
             })
             .collect()
     } else {
         vec![(key.to_string(), destination.to_path_buf(), u64::MAX)]
     };
-    if downloads.is_empty() {
+    if downloads.is_empty() && markers.is_empty() {
         bail!("no objects under {key:?}");
     }
     // A listed key names its file below the destination: one whose name would lead
     // elsewhere (`..`, a leading `/`) is refused before anything is made.
-    for (key, file, _) in &downloads {
+    let named = downloads
+        .iter()
+        .map(|(key, file, _)| (key, file))
+        .chain(markers.iter().map(|(key, dir)| (key, dir)));
+    for (key, file) in named {
         let below = file.strip_prefix(destination).is_ok_and(|rel| {
             rel.components()
                 .all(|c| matches!(c, std::path::Component::Normal(_)))
@@ -218,6 +266,11 @@ async fn get(
                 destination.display()
             );
         }
+    }
+    for (_, dir) in &markers {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .with_context(|| format!("cannot create {}", dir.display()))?;
     }
     let count = downloads.len();
     let bytes = futures::stream::iter(downloads)
@@ -250,10 +303,21 @@ async fn get(
 /// A download in progress: parts go straight into a temporary file beside the destination
 /// (positional writes, so a retry overwrites from the start), renamed into place only when
 /// the whole object has arrived and passed verification.
+/// Dropped unfinished (an error elsewhere in a tree, an interrupt), it removes its
+/// temporary file.
 struct FileSink {
     file: Arc<std::fs::File>,
     temporary: PathBuf,
     destination: PathBuf,
+    finished: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for FileSink {
+    fn drop(&mut self) {
+        if !self.finished.load(std::sync::atomic::Ordering::Relaxed) {
+            self.discard();
+        }
+    }
 }
 
 impl FileSink {
@@ -271,6 +335,7 @@ impl FileSink {
             file: Arc::new(file),
             temporary,
             destination: destination.to_path_buf(),
+            finished: Default::default(),
         })
     }
 
@@ -284,6 +349,8 @@ impl FileSink {
             self.discard();
             return Err(e).with_context(|| format!("cannot write {}", self.destination.display()));
         }
+        self.finished
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(size)
     }
 

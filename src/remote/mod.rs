@@ -109,17 +109,28 @@ pub struct FileBody {
     file: Arc<std::fs::File>,
     len: u64,
     path: std::path::PathBuf,
+    /// The file's modification time when opened (`unchanged`).
+    modified: Option<std::time::SystemTime>,
 }
 
 impl FileBody {
     pub fn open(path: &std::path::Path) -> std::io::Result<FileBody> {
         let file = std::fs::File::open(path)?;
-        let len = file.metadata()?.len();
+        let meta = file.metadata()?;
         Ok(FileBody {
             file: Arc::new(file),
-            len,
+            len: meta.len(),
             path: path.to_path_buf(),
+            modified: meta.modified().ok(),
         })
+    }
+
+    /// Whether the file has kept its length and modification time since it was opened: a
+    /// body read (and its checksum taken) while someone writes to it is no one version of
+    /// the file.
+    pub fn unchanged(&self) -> std::io::Result<bool> {
+        let meta = self.file.metadata()?;
+        Ok(meta.len() == self.len && meta.modified().ok() == self.modified)
     }
 }
 

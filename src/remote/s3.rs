@@ -500,11 +500,13 @@ impl S3Store {
             attributes: attributes(meta),
             ..Default::default()
         };
-        let mut upload = self
-            .store
-            .put_multipart_opts(path, options)
-            .await
-            .map_err(|e| s3_error("put", key, e))?;
+        let mut unfinished = Unfinished(Some(
+            self.store
+                .put_multipart_opts(path, options)
+                .await
+                .map_err(|e| s3_error("put", key, e))?,
+        ));
+        let upload = unfinished.0.as_mut().expect("the upload just begun");
         let len = body.len();
         let part = self.part_size as u64;
         let mut reads = futures::stream::iter((0..len).step_by(self.part_size))
@@ -535,20 +537,53 @@ impl S3Store {
         }
         .await;
         drop(in_flight);
-        match outcome {
-            Ok(()) => {
-                let done = upload
-                    .complete()
-                    .await
-                    .map_err(|e| s3_error("put", key, e))?;
-                Ok(Stored { etag: done.e_tag })
-            }
+        let ended = match outcome {
+            Ok(()) => upload
+                .complete()
+                .await
+                .map(|done| Stored { etag: done.e_tag })
+                .map_err(|e| s3_error("put", key, e)),
             Err(e) => {
                 // Leave no half-uploaded parts behind to be billed for.
                 let _ = upload.abort().await;
                 Err(e)
             }
+        };
+        unfinished.0 = None;
+        ended
+    }
+}
+
+/// Multipart uploads being aborted because their put was dropped (`Unfinished`).
+static ABORTING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A multipart upload under way. Dropped before it ends (its put cancelled: an interrupted
+/// `firn remote put`, a stopping daemon), it is aborted on a task of its own, so that no
+/// parts stay in the bucket to be billed for.
+struct Unfinished(Option<Box<dyn object_store::MultipartUpload>>);
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        let Some(mut upload) = self.0.take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            ABORTING.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            runtime.spawn(async move {
+                let _ = upload.abort().await;
+                ABORTING.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            });
         }
+    }
+}
+
+/// Waits, at most `within`, for the aborts of dropped multipart uploads to end.
+pub async fn aborts_settled(within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    while ABORTING.load(std::sync::atomic::Ordering::Acquire) > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
