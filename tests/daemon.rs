@@ -378,6 +378,19 @@ fn config_mistakes_get_one_clear_message() {
     }
     let (ok, _, err) = firn(&["status", "--config", "/nonexistent/firn.toml"]);
     assert!(!ok && err.contains("/nonexistent/firn.toml"), "{err}");
+    assert_eq!(err.matches("No such file").count(), 1, "said twice: {err}");
+    // `firn remote` before any `firn serve` makes the data directory (the embedded
+    // default's bucket is in it) as private as `serve` does.
+    let path = dir.path().join("firn.toml");
+    std::fs::write(&path, "[local]\ndata_dir = \"fresh\"\n").expect("write");
+    let (ok, _, err) = firn(&["remote", "--config", path.to_str().expect("utf-8"), "ls"]);
+    assert!(ok, "{err}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("fresh"))
+        .expect("data dir")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "data dir mode {mode:o}");
 }
 
 /// The nice value of each of a process's threads, by thread name.

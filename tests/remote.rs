@@ -2621,3 +2621,23 @@ print(len(got.get("Uploads", [])))
     );
     assert!(walk(&down).is_empty(), "{:?}", walk(&down));
 }
+
+/// A bucket that does not exist is named as such, at once, not taken for a missing object.
+#[test]
+fn a_put_to_a_bucket_that_does_not_exist_says_so() {
+    let Some(mut options) = s3_options() else {
+        return;
+    };
+    options.bucket = "firn-no-such-bucket".to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = s3_config(dir.path(), &options);
+    let file = dir.path().join("x");
+    std::fs::write(&file, b"x").expect("x");
+    let started = Instant::now();
+    let (ok, stderr) = remote_cli(&config, &["put", file.to_str().unwrap(), "x"]);
+    assert!(!ok && stderr.contains("bucket does not exist"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "retried for a missing bucket"
+    );
+}

@@ -587,6 +587,10 @@ async fn volume(client: &ApiClient, command: VolumeCommand) -> anyhow::Result<()
 
 /// The management API as the CLI sees it: address from the config, token from the data
 /// directory.
+/// How long a read through the API may take: the slowest, a listing of the bucket's
+/// volumes, waits at most for the bucket's probe.
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 struct ApiClient {
     base: String,
     token: String,
@@ -672,9 +676,15 @@ impl ApiClient {
         Ok(response)
     }
 
+    /// A read: answered within `READ_TIMEOUT`, or the daemon is named as not answering (a
+    /// stopped process's socket still takes the connection).
     async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        self.send(self.http.get(format!("{}/{path}", self.base)))
-            .await
+        self.send(
+            self.http
+                .get(format!("{}/{path}", self.base))
+                .timeout(READ_TIMEOUT),
+        )
+        .await
     }
 
     async fn put<B: serde::Serialize, T: serde::de::DeserializeOwned>(

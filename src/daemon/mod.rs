@@ -49,6 +49,19 @@ pub fn open_backend(config: &Config, limiter: Arc<Limiter>) -> anyhow::Result<Ar
     Ok(match r.kind {
         RemoteKind::Local => {
             let dir = config.bucket_dir();
+            // The embedded default's bucket is inside the data directory: made here first
+            // (`firn remote` may run before any `firn serve`), it is made private, as `serve`
+            // makes it.
+            let data_dir = &config.local.data_dir;
+            if dir.starts_with(data_dir) && !data_dir.exists() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(data_dir)
+                    .with_context(|| {
+                        format!("[local] data_dir: cannot create {}", data_dir.display())
+                    })?;
+            }
             Arc::new(
                 DirStore::open(&dir)
                     .with_context(|| format!("[remote] path: cannot use {}", dir.display()))?

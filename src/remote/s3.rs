@@ -663,6 +663,13 @@ fn attributes(meta: Meta) -> Attributes {
 fn s3_error(op: &'static str, key: &str, e: object_store::Error) -> Error {
     use object_store::Error as E;
     match e {
+        // A 404 for the bucket, not the object (where the answer has a body to say so):
+        // waiting will not fix it, and a delete must not pass for done.
+        E::NotFound { .. } if error_chain(&e).contains("NoSuchBucket") => Error::Permanent {
+            op,
+            key: key.to_string(),
+            message: "the bucket does not exist (NoSuchBucket)".to_string(),
+        },
         E::NotFound { .. } => Error::NotFound {
             key: key.to_string(),
         },
