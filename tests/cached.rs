@@ -1709,6 +1709,43 @@ fn fio_finish(child: std::process::Child) -> String {
     text
 }
 
+/// A log of two segments, the smallest allowed, with a checkpoint per segment: each
+/// checkpoint takes a few KiB from the log's reserve, and the reserve must get them back, or
+/// the next segment never finds its room and writes wait for good.
+#[test]
+fn a_log_of_two_segments_keeps_going_through_checkpoints() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = Bucket::Dir(dir.path().join("bucket"));
+    let least = 2 * firn::engines::volume::cached::record::max_segment(1 << 20);
+    let g = Gateway::start(&dir.path().join("a"), &bucket, "");
+    g.firn(&[
+        "volume",
+        "create",
+        "v",
+        "--size",
+        "64M",
+        "--log-max",
+        &least.to_string(),
+    ]);
+    // 24 MiB in 256 KiB writes, each flushed: many segments, each checkpointed.
+    let writer = fio_spawn(
+        &g.uri("v"),
+        &fio_verified("24M", "256k", &["--fsync=1", "--thread"]),
+    );
+    let started = Instant::now();
+    let mut writer = writer;
+    while writer.try_wait().expect("fio").is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "writes stopped: {:#}",
+            g.show("v")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    fio_finish(writer);
+    g.wait_drained("v", false);
+}
+
 /// Uploaded segments kept for reads take on disk what they hold, not the whole segment
 /// preallocated at their creation: on ext4 a hole punched past a file's end frees nothing,
 /// so small flushed segments each kept a full segment's blocks that neither `cached_bytes`

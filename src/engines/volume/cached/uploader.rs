@@ -723,8 +723,13 @@ async fn refill_reserve(inner: &Arc<Inner>) {
             .saturating_sub(held);
         (target, short)
     };
-    // Tried again after a shortfall even for less than a segment, which settles it.
-    if target >= inner.segment_alloc || short > 0 {
+    // Tried again after a shortfall even for less than a segment, which settles it; and
+    // whenever the reserve holds less than a segment, which the next segment needs. (A
+    // checkpoint takes its few KiB from the reserve: with a log of two segments, the
+    // smallest allowed, the open one full and none waiting for upload, nothing else gives
+    // them back, and writes waited for room for good.)
+    let held = lock(&inner.reserve).held();
+    if target >= inner.segment_alloc || short > 0 || (target > 0 && held < inner.segment_alloc) {
         let filler = inner.clone();
         blocking(move || lock(&filler.reserve).give(target)).await;
         inner.room.notify_all();
