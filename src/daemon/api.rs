@@ -378,14 +378,8 @@ fn volume_metrics(volumes: &[(String, crate::engines::volume::cached::CachedStat
         (
             "firn_volume_cache_percent_used",
             "gauge",
-            "Local bytes of the volume (log and cache), percent of cache_max.",
-            |s| {
-                if s.cache_max == 0 {
-                    0.0
-                } else {
-                    s.cached_bytes as f64 * 100.0 / s.cache_max as f64
-                }
-            },
+            "Local bytes of the volume (log and cache), percent of its local space (log_max + cache_max).",
+            |s| s.cached_bytes as f64 * 100.0 / (s.log_max + s.cache_max).max(1) as f64,
         ),
         (
             "firn_volume_cache_percent_dirty",
@@ -502,8 +496,8 @@ fn gateway_metrics(volumes: &[(String, crate::engines::volume::cached::CachedSta
         ),
         (
             "firn_gateway_cache_percent_used",
-            "Local bytes of all cached volumes (logs and caches), percent of their cache_max together.",
-            percent(sum(|s| s.cached_bytes), sum(|s| s.cache_max)),
+            "Local bytes of all cached volumes (logs and caches), percent of their local space (log_max + cache_max) together.",
+            percent(sum(|s| s.cached_bytes), sum(|s| s.log_max + s.cache_max)),
         ),
         (
             "firn_gateway_cache_percent_dirty",

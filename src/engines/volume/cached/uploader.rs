@@ -708,7 +708,7 @@ const KEEP_COMMITS: u64 = 16;
 /// Grows the reserve back to the log's room where an earlier attempt found the disk full
 /// (eviction may have freed space since).
 async fn refill_reserve(inner: &Arc<Inner>) {
-    let (target, short) = {
+    let (target, held, short) = {
         let (cap, held, pending, short) = {
             let reserve = lock(&inner.reserve);
             (
@@ -721,14 +721,13 @@ async fn refill_reserve(inner: &Arc<Inner>) {
         let target = cap
             .saturating_sub(inner.log_room_in_segments(pending))
             .saturating_sub(held);
-        (target, short)
+        (target, held, short)
     };
     // Tried again after a shortfall even for less than a segment, which settles it; and
     // whenever the reserve holds less than a segment, which the next segment needs. (A
     // checkpoint takes its few KiB from the reserve: with a log of two segments, the
     // smallest allowed, the open one full and none waiting for upload, nothing else gives
     // them back, and writes waited for room for good.)
-    let held = lock(&inner.reserve).held();
     if target >= inner.segment_alloc || short > 0 || (target > 0 && held < inner.segment_alloc) {
         let filler = inner.clone();
         blocking(move || lock(&filler.reserve).give(target)).await;
@@ -736,9 +735,6 @@ async fn refill_reserve(inner: &Arc<Inner>) {
     }
 }
 
-/// Deletes the oldest clean segment files while the cache is over its size, or while the disk
-/// is too full for the log's reserve to grow back (`Reserve::short`). Only segments a
-/// local checkpoint covers go: a restart never needs to replay them.
 /// How far the data directory's file system is under `[local] min_free` (0 when it is not,
 /// or cannot be measured).
 async fn below_min_free(inner: &Arc<Inner>) -> u64 {
@@ -755,6 +751,9 @@ async fn below_min_free(inner: &Arc<Inner>) -> u64 {
     .await
 }
 
+/// Deletes the oldest clean segment files while the cache is over its size, or while the disk
+/// is too full for the log's reserve to grow back (`Reserve::short`). Only segments a
+/// local checkpoint covers go: a restart never needs to replay them.
 async fn evict(inner: &Arc<Inner>) -> Result<bool, String> {
     // Accounted for first, deleted after: frames a read fetches meanwhile into a segment
     // being evicted are counted anew, in a file that a later eviction finds.
