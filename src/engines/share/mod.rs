@@ -1619,8 +1619,8 @@ impl Share {
                     now_ns: attrs.now_ns,
                 };
                 let file = self.new_content(id)?;
-                let json = serde_json::to_vec(&entry).unwrap_or_default();
-                if let Err(e) = xattr::FileExt::set_xattr(&*file, namespace::ENTRY_XATTR, &json) {
+                let value = entry.encode();
+                if let Err(e) = xattr::FileExt::set_xattr(&*file, namespace::ENTRY_XATTR, &value) {
                     // A file system without user attributes: the creation is made durable
                     // now instead (a grouped commit covers the lazy one).
                     tracing::debug!(share = %self.info.name, "no entry attribute on a new file ({e}): committing its creation at once");

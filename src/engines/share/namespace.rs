@@ -152,8 +152,8 @@ pub struct Namespace {
 }
 
 /// What a file's content carries of its entry, for a recovery after a crash that lost the
-/// lazy commit of its creation (the extended attribute `user.firn.entry`, JSON).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// lazy commit of its creation (the extended attribute `user.firn.entry`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     pub parent: u64,
     pub name: String,
@@ -161,6 +161,49 @@ pub struct Entry {
     pub uid: u32,
     pub gid: u32,
     pub now_ns: u64,
+}
+
+/// The first byte of an `Entry` in its binary form (a JSON one starts with `{`).
+const ENTRY_V1: u8 = 1;
+/// The binary form's bytes before the name.
+const ENTRY_FIXED: usize = 29;
+
+impl Entry {
+    /// Its attribute value: version 1, then parent, mode, uid, gid and now_ns little-endian,
+    /// then the name. 29 bytes and the name, so that with a name of up to about 30 bytes it
+    /// fits in an ext4 inode's own attribute space (256-byte inodes): the JSON form did not,
+    /// and took a 4 KiB block of its own per file, written by each file's first sync.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(ENTRY_FIXED + self.name.len());
+        v.push(ENTRY_V1);
+        v.extend_from_slice(&self.parent.to_le_bytes());
+        v.extend_from_slice(&self.mode.to_le_bytes());
+        v.extend_from_slice(&self.uid.to_le_bytes());
+        v.extend_from_slice(&self.gid.to_le_bytes());
+        v.extend_from_slice(&self.now_ns.to_le_bytes());
+        v.extend_from_slice(self.name.as_bytes());
+        v
+    }
+
+    /// An attribute value in either form (JSON, as earlier versions wrote it, or binary).
+    pub fn decode(value: &[u8]) -> Option<Entry> {
+        match value.first()? {
+            b'{' => serde_json::from_slice(value).ok(),
+            &ENTRY_V1 if value.len() > ENTRY_FIXED => {
+                let u64_at = |at: usize| u64::from_le_bytes(value[at..at + 8].try_into().unwrap());
+                let u32_at = |at: usize| u32::from_le_bytes(value[at..at + 4].try_into().unwrap());
+                Some(Entry {
+                    parent: u64_at(1),
+                    mode: u32_at(9),
+                    uid: u32_at(13),
+                    gid: u32_at(17),
+                    now_ns: u64_at(21),
+                    name: String::from_utf8(value[ENTRY_FIXED..].to_vec()).ok()?,
+                })
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The extended attribute of a content file that holds its `Entry`.
@@ -310,7 +353,7 @@ impl Namespace {
             let found: Option<Entry> = (id > durable)
                 .then(|| xattr::get(entry.path(), ENTRY_XATTR).ok().flatten())
                 .flatten()
-                .and_then(|json| serde_json::from_slice(&json).ok());
+                .and_then(|value| Entry::decode(&value));
             let size = entry.metadata().map_err(io)?.len();
             let entered = match found {
                 Some(found) => self.reenter(id, &found, size)?,
@@ -1182,6 +1225,36 @@ mod tests {
             gid: 0,
             now_ns: 1,
             atime_ns: None,
+        }
+    }
+
+    #[test]
+    fn an_entry_reads_back_from_either_form_and_the_binary_one_is_small() {
+        let entry = Entry {
+            parent: 0x0102_0304_0506_0708,
+            name: "f009999.dat".into(),
+            mode: 0o100644,
+            uid: 65534,
+            gid: 100,
+            now_ns: 1_796_680_024_662_144_111,
+        };
+        let value = entry.encode();
+        assert_eq!(value.len(), 29 + entry.name.len());
+        assert_eq!(Entry::decode(&value), Some(entry.clone()));
+        // What earlier versions wrote.
+        let json = serde_json::to_vec(&entry).unwrap();
+        assert_eq!(Entry::decode(&json), Some(entry.clone()));
+        // Nothing else is an entry: another version, a value cut short, a name not UTF-8,
+        // no name at all.
+        for bad in [
+            &b""[..],
+            &b"\x02"[..],
+            &value[..20],
+            &value[..29],
+            &[&value[..29], &[0xff, 0xfe][..]].concat()[..],
+            &b"{\"parent\": 1}"[..],
+        ] {
+            assert_eq!(Entry::decode(bad), None, "{bad:?}");
         }
     }
 
