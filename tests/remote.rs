@@ -2624,7 +2624,7 @@ print(len(got.get("Uploads", [])))
 
 /// A bucket that does not exist is named as such, at once, not taken for a missing object.
 #[test]
-fn a_put_to_a_bucket_that_does_not_exist_says_so() {
+fn a_put_get_or_rm_in_a_bucket_that_does_not_exist_says_so() {
     let Some(mut options) = s3_options() else {
         return;
     };
@@ -2636,6 +2636,16 @@ fn a_put_to_a_bucket_that_does_not_exist_says_so() {
     let started = Instant::now();
     let (ok, stderr) = remote_cli(&config, &["put", file.to_str().unwrap(), "x"]);
     assert!(!ok && stderr.contains("bucket does not exist"), "{stderr}");
+    // A delete or a get of one key hears a plain 404 (a HEAD's has no body to tell the
+    // bucket from the object): not done, not "no such object".
+    let dest = dir.path().join("got");
+    for args in [&["rm", "x"][..], &["get", "x", dest.to_str().unwrap()]] {
+        let (ok, stderr) = remote_cli(&config, args);
+        assert!(
+            !ok && stderr.contains("bucket does not exist"),
+            "{args:?}: {stderr}"
+        );
+    }
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "retried for a missing bucket"

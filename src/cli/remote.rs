@@ -60,8 +60,20 @@ pub async fn run(config: &Config, command: RemoteCommand) -> anyhow::Result<()> 
             }
             Ok(())
         }
-        RemoteCommand::Rm { key } => Ok(remote.delete(&key).await?),
+        RemoteCommand::Rm { key } => {
+            // A delete of what is not there succeeds: only a look at the bucket tells a
+            // removed object from a bucket that does not exist.
+            remote.delete(&key).await?;
+            bucket_is_there(remote.as_ref()).await
+        }
     }
+}
+
+/// An error if the bucket does not exist (or cannot be listed); for the answers that cannot
+/// tell it from a missing object (a delete's, a 404 without a body).
+async fn bucket_is_there(remote: &dyn Remote) -> anyhow::Result<()> {
+    remote.list_dir_page("", None).await?;
+    Ok(())
 }
 
 /// The regular files below `root`. Symlinks (not followed: one could lead out of the tree,
@@ -288,6 +300,9 @@ async fn get(
                     Ok(fetched) => sink.finish(fetched.size),
                     Err(e) => {
                         sink.discard();
+                        if matches!(e, Error::NotFound { .. }) {
+                            bucket_is_there(remote.as_ref()).await?;
+                        }
                         Err(e.into())
                     }
                 }

@@ -454,10 +454,15 @@ impl S3Store {
                     message: error_chain(&e),
                 })?;
             if status == http::StatusCode::NOT_FOUND {
+                let body = String::from_utf8_lossy(&body);
                 return Err(Error::Permanent {
                     op: "list",
                     key: prefix.to_string(),
-                    message: format!("404: {}", String::from_utf8_lossy(&body)),
+                    message: if body.contains("NoSuchBucket") {
+                        "the bucket does not exist (NoSuchBucket)".to_string()
+                    } else {
+                        format!("404: {body}")
+                    },
                 });
             }
             let page: Page =
