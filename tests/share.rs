@@ -3041,6 +3041,61 @@ fn a_directory_of_many_listing_pages_is_refreshed_whole() {
     }
 }
 
+/// A refresh under way shows in the share's status (`share show`): since when, where, and
+/// how far it has come; once it ends, it does not, and its end is the last refresh.
+#[test]
+fn a_refresh_under_way_shows_its_progress() {
+    for rig in rigs(Duration::from_secs(3600)) {
+        let (share, _) = rig.new_share("s");
+        for d in 0..6 {
+            rig.runtime
+                .block_on(rig.raw.put(
+                    &format!("s/d{d}/f"),
+                    bytes::Bytes::from_static(b"new"),
+                    remote::Meta::new(),
+                ))
+                .expect("put by another tool");
+        }
+        assert!(share.status().refreshing.is_none());
+        // Each listing page takes 300 ms: the refresh of 7 directories takes seconds.
+        rig.faults.set(firn::remote::faults::FaultSettings {
+            latency_ms: 300,
+            ..Default::default()
+        });
+        let refreshing = std::thread::spawn({
+            let share = share.clone();
+            move || share.refresh("")
+        });
+        let started = Instant::now();
+        let mut seen = Vec::new();
+        while !refreshing.is_finished() {
+            if let Some(progress) = share.status().refreshing {
+                seen.push(progress);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        rig.faults.set(Default::default());
+        let report = refreshing.join().expect("refresh").expect("refresh");
+        assert!(report.added >= 6, "{report:?}");
+        let (first, last) = (
+            seen.first().expect("no progress shown"),
+            seen.last().unwrap(),
+        );
+        assert!(
+            first.under.is_empty() && !first.since.is_empty(),
+            "{first:?}"
+        );
+        assert!(
+            last.directories > first.directories && last.added > first.added,
+            "no progress in {:?}: {seen:?}",
+            started.elapsed()
+        );
+        let status = share.status();
+        assert!(status.refreshing.is_none(), "{:?}", status.refreshing);
+        assert!(status.last_refresh.is_some());
+    }
+}
+
 /// A client's listing that refreshes its directory waits at most about `LISTING_WAIT` (2 s)
 /// however slow the bucket and however many objects are new (each costs a HEAD), and later
 /// listings take in the rest.

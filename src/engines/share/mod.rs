@@ -602,6 +602,7 @@ impl Shares {
             clean_bytes: AtomicU64::new(0),
             clean_files: AtomicU64::new(0),
             last_refresh: Mutex::new(None),
+            refresh_progress: Mutex::new(None),
             refreshing: Mutex::new(()),
             first_upload: (chrono::Utc::now().timestamp_micros().max(1)) as u64,
             counted: Mutex::new(None),
@@ -837,7 +838,24 @@ pub struct ShareStatus {
     /// When the last refresh from the bucket (periodic or asked for) completed (RFC 3339);
     /// absent if none has in this run.
     pub last_refresh: Option<String>,
+    /// The refresh under way, if one is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refreshing: Option<RefreshProgress>,
     pub last_error: Option<String>,
+}
+
+/// How far a refresh under way has come.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RefreshProgress {
+    /// When it began (RFC 3339).
+    pub since: String,
+    /// The directory it refreshes (share-relative; empty for the whole share).
+    pub under: String,
+    /// Directories refreshed so far, and files taken in, updated and dropped so far.
+    pub directories: u64,
+    pub added: u64,
+    pub updated: u64,
+    pub removed: u64,
 }
 
 /// One running share.
@@ -868,6 +886,8 @@ pub struct Share {
     clean_files: AtomicU64,
     /// When the last refresh completed.
     last_refresh: Mutex<Option<chrono::DateTime<chrono::Utc>>>,
+    /// The refresh under way (`ShareStatus::refreshing`).
+    refresh_progress: Mutex<Option<RefreshProgress>>,
     /// Held by a whole refresh: one at a time.
     refreshing: Mutex<()>,
     /// The sequence number of this run's first upload (`UploadRecord::seq`).
@@ -1996,6 +2016,7 @@ impl Share {
             cached_files: self.clean_files.load(Ordering::Relaxed) + dirty_files,
             last_refresh: lock(&self.last_refresh)
                 .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+            refreshing: lock(&self.refresh_progress).clone(),
             last_error: lock(&self.last_error).clone(),
         }
     }

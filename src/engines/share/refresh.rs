@@ -103,6 +103,15 @@ pub(super) fn attrs_from(meta: &Meta, defaults: NewAttrs) -> NewAttrs {
     }
 }
 
+/// Clears the progress of a refresh as it ends, however it ends.
+struct EndsProgress<'a>(&'a std::sync::Mutex<Option<super::RefreshProgress>>);
+
+impl Drop for EndsProgress<'_> {
+    fn drop(&mut self) {
+        *lock(self.0) = None;
+    }
+}
+
 impl Share {
     /// Brings the share in line with the bucket under `under` (a share-relative directory
     /// path; the whole share if empty). Directory by directory, depth first, a page of the
@@ -119,10 +128,20 @@ impl Share {
             return Err(ShareError::Stopping);
         }
         let under = under.trim_matches('/');
+        *lock(&self.refresh_progress) = Some(super::RefreshProgress {
+            since: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            under: under.to_string(),
+            directories: 0,
+            added: 0,
+            updated: 0,
+            removed: 0,
+        });
+        let _progress = EndsProgress(&self.refresh_progress);
         let mut report = Refreshed::default();
         let dirty: HashSet<u64> = lock(&self.dirty).keys().copied().collect();
         let root = self.resolve_refreshing(under, &dirty, &mut report)?;
         self.refresh_dir(root, under, &dirty, &mut report, None)?;
+        self.note_progress(&report);
         // (directory, its share-relative path, the subdirectory it goes on after, entries
         // removed before its own refresh): every directory below `root`, those the bucket
         // has (made by the refresh of their parent) and those only the share has.
@@ -145,6 +164,7 @@ impl Share {
             *after = Some(name);
             let removed = report.removed;
             self.refresh_dir(id, &sub, &dirty, &mut report, None)?;
+            self.note_progress(&report);
             stack.push((id, sub, None, removed));
         }
         *lock(&self.last_refresh) = Some(chrono::Utc::now());
@@ -156,6 +176,16 @@ impl Share {
             );
         }
         Ok(report)
+    }
+
+    /// A directory more refreshed, and the counts so far (`ShareStatus::refreshing`).
+    fn note_progress(&self, report: &Refreshed) {
+        if let Some(progress) = lock(&self.refresh_progress).as_mut() {
+            progress.directories += 1;
+            progress.added = report.added;
+            progress.updated = report.updated;
+            progress.removed = report.removed;
+        }
     }
 
     /// The directory at share-relative `path`. A level the share does not have yet (only the
